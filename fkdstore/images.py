@@ -1,0 +1,129 @@
+"""Listing and loading the images a store is built from.
+
+``list_images`` fixes the image order (and hence each image's index, which seeds its crops);
+``load_image`` decodes strictly, so a truncated file fails loudly instead of being labelled
+with grey padding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from fkdstore.errors import FkdstoreError, ValidationError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageList", "ImageReadError", "list_images", "load_image", "image_size"]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+)
+
+
+class ImageReadError(FkdstoreError):
+    """An image file exists but cannot be decoded (truncated, corrupt or unsupported)."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """An ordered set of images; position ``i`` is the image's index in the store.
+
+    ``root`` is the scanned folder, or None for an explicit file list. ``keys`` are relative
+    posix paths under ``root`` (sorted) or the paths exactly as given (given order).
+    ``paths`` are absolute. ``labels`` are class indices into ``classes`` (sorted names of the
+    class sub-folders of ``root``, as torchvision's ImageFolder), -1 when an image has no class.
+    """
+
+    root: str | None
+    keys: list[str]
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> ImageList:
+    """List images from a folder (recursive) or from an explicit sequence of file paths.
+
+    Folder: every file with an image extension (case-insensitive; see ``IMAGE_EXTENSIONS``)
+    below ``images``, sorted by its relative posix path. The first path component names the
+    class (sorted class names give the label, as ImageFolder); files directly in the root get
+    label -1. Sequence: keys are the paths as given, in the given order, labels -1; duplicates
+    are rejected. Raises FileNotFoundError for a missing path and ValidationError when no
+    image is found.
+    """
+    if isinstance(images, (str, os.PathLike)):
+        return _list_folder(Path(images))
+    if not isinstance(images, Sequence):
+        raise ValidationError(f"images must be a folder path or a list of file paths, got {type(images).__name__}")
+    keys = [os.fspath(p) for p in images]
+    if not keys:
+        raise ValidationError("no images found in the given (empty) file list")
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise ValidationError(f"file list must not repeat a path, got {key!r} twice")
+        seen.add(key)
+        if not os.path.isfile(key):
+            raise FileNotFoundError(f"image file not found: {key}")
+    paths = [os.path.abspath(k) for k in keys]
+    return ImageList(root=None, keys=keys, paths=paths, labels=[-1] * len(keys), classes=[])
+
+
+def _list_folder(root: Path) -> ImageList:
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise ValidationError(f"images must be a folder or a list of files, got the file {root}")
+    root = root.resolve()
+    keys: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        keys.extend((rel / name).as_posix() for name in filenames if _is_image(name))
+    if not keys:
+        raise ValidationError(f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    keys.sort()
+    classes = sorted({k.split("/", 1)[0] for k in keys if "/" in k})
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = [class_index[k.split("/", 1)[0]] if "/" in k else -1 for k in keys]
+    paths = [str(root.joinpath(*k.split("/"))) for k in keys]
+    return ImageList(root=str(root), keys=keys, paths=paths, labels=labels, classes=classes)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open, fully decode and convert an image to RGB.
+
+    Decoding is strict (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone): a truncated or
+    undecodable file raises :class:`ImageReadError` naming the path and the cause; a missing
+    file raises FileNotFoundError. EXIF orientation is not applied (as ImageFolder).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"cannot read image {os.fspath(path)}: {exc}") from exc
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image, read from its header without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"cannot read image header {os.fspath(path)}: {exc}") from exc
+    return int(height), int(width)

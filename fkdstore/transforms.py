@@ -1,0 +1,309 @@
+"""Crop sampling and the shared crop function of the fkdstore format.
+
+The teacher labels ``M`` random-resized crops per image once; training replays exactly those
+crops. :class:`CropSampler` draws the crop boxes and flips, and :func:`crop_resize` (or
+:func:`replay_crops`) is the single function both the teacher runner and the training dataset
+call, so the student sees pixel-identical inputs to the ones the teacher labelled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fkdstore.errors import ValidationError
+
+__all__ = [
+    "CropSampler",
+    "INTERPOLATIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "crop_resize",
+    "replay_crops",
+    "normalize",
+]
+
+ALGORITHM = "random_resized_crop"
+RNG_RULE = "numpy.random.default_rng(numpy.random.SeedSequence([seed, index]))"
+MAX_ATTEMPTS = 10
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValidationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValidationError(f"{name} must be a pair of numbers (min, max), got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValidationError(f"{name} must be finite, got {value!r}")
+    if lo > hi:
+        raise ValidationError(f"{name} must be ordered (min <= max), got {value!r}")
+    return lo, hi
+
+
+@dataclass(frozen=True, kw_only=True)
+class CropSampler:
+    """Draws RandomResizedCrop boxes and horizontal flips, deterministically per image.
+
+    The algorithm is torchvision's ``RandomResizedCrop.get_params`` (same distribution),
+    vectorised over crops: for each crop, up to 10 attempts draw
+    ``area = H*W*U(scale)`` and ``ratio = exp(U(log ratio))``, then
+    ``w = round(sqrt(area*ratio))``, ``h = round(sqrt(area/ratio))`` (round half to even, as
+    Python's ``round``); the first attempt with ``0 < w <= W`` and ``0 < h <= H`` is taken and
+    its position drawn as ``top ~ randint[0, H-h]``, ``left ~ randint[0, W-w]``. If all 10
+    attempts fail, the fallback is a centre crop with the aspect ratio clamped into ``ratio``
+    (whole image when the image ratio is inside the range); a fallback side that would round
+    to 0 is clamped to 1 (torchvision would return an empty crop). A crop is flipped when
+    ``U(0, 1) < flip_p``.
+
+    Determinism rule of the format: all draws for image ``index`` come from
+    ``numpy.random.default_rng(numpy.random.SeedSequence([seed, index]))`` (PCG64), in a fixed
+    order (scale ``(M, 10)``, log-ratio ``(M, 10)``, top ``(M,)``, left ``(M,)``, flip
+    ``(M,)``). They depend only on ``(seed, index)`` (and ``H, W, M``), never on batch size,
+    worker count or the order in which images are processed.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        scale = _pair("scale", self.scale)
+        if not (0.0 < scale[0] and scale[1] <= 1.0):
+            raise ValidationError(f"scale must lie in (0, 1], got {self.scale!r}")
+        ratio = _pair("ratio", self.ratio)
+        if not ratio[0] > 0.0:
+            raise ValidationError(f"ratio must be > 0, got {self.ratio!r}")
+        try:
+            flip_p = float(self.flip_p)
+        except (TypeError, ValueError):
+            raise ValidationError(f"flip_p must be a number in [0, 1], got {self.flip_p!r}") from None
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValidationError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
+        seed = _check_positive_int("seed", self.seed, minimum=0)
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "ratio", ratio)
+        object.__setattr__(self, "flip_p", flip_p)
+        object.__setattr__(self, "seed", seed)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator for image ``index``: ``default_rng(SeedSequence([seed, index]))``."""
+        index = _check_positive_int("index", index, minimum=0)
+        return np.random.default_rng(np.random.SeedSequence([self.seed, index]))
+
+    def sample(self, index: int, height: int, width: int, num_crops: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``num_crops`` crops for image ``index`` of size ``height x width``.
+
+        Returns ``(boxes, flips)``: ``boxes`` int32 ``(num_crops, 4)`` as
+        ``(top, left, height, width)`` integer pixels, non-empty and inside the image;
+        ``flips`` bool ``(num_crops,)``.
+        """
+        H = _check_positive_int("height", height)
+        W = _check_positive_int("width", width)
+        M = _check_positive_int("num_crops", num_crops)
+        rng = self.rng(index)
+
+        area = float(H) * float(W)
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        target_area = area * rng.uniform(self.scale[0], self.scale[1], size=(M, MAX_ATTEMPTS))
+        aspect = np.exp(rng.uniform(log_lo, log_hi, size=(M, MAX_ATTEMPTS)))
+        w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
+        h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
+        valid = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+        ok = valid.any(axis=1)
+        first = valid.argmax(axis=1)
+        rows = np.arange(M)
+        ch = np.where(ok, h[rows, first], 0)
+        cw = np.where(ok, w[rows, first], 0)
+
+        # Positions are always drawn (fallback rows draw from [0, 1)) so the draw count is fixed.
+        top = rng.integers(0, np.where(ok, H - ch + 1, 1))
+        left = rng.integers(0, np.where(ok, W - cw + 1, 1))
+        flips = rng.random(M) < self.flip_p
+
+        if not ok.all():
+            fh, fw = self._fallback(H, W)
+            ch = np.where(ok, ch, fh)
+            cw = np.where(ok, cw, fw)
+            top = np.where(ok, top, (H - fh) // 2)
+            left = np.where(ok, left, (W - fw) // 2)
+
+        boxes = np.stack([top, left, ch, cw], axis=1).astype(np.int32).reshape(M, 4)
+        return boxes, flips.astype(bool)
+
+    def _fallback(self, H: int, W: int) -> tuple[int, int]:
+        """Centre-crop size (h, w) with the aspect ratio clamped into ``ratio``."""
+        in_ratio = W / H
+        if in_ratio < self.ratio[0]:
+            w, h = W, round(W / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            h, w = H, round(H * self.ratio[1])
+        else:
+            h, w = H, W
+        return min(max(h, 1), H), min(max(w, 1), W)
+
+    def get_config(self) -> dict:
+        """JSON-serialisable description of the sampler (stored in the format's attributes)."""
+        return {
+            "algorithm": ALGORITHM,
+            "scale": list(self.scale),
+            "ratio": list(self.ratio),
+            "flip_p": self.flip_p,
+            "seed": self.seed,
+            "max_attempts": MAX_ATTEMPTS,
+            "rng": RNG_RULE,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> CropSampler:
+        """Rebuild a sampler from :meth:`get_config` output; rejects other algorithms/RNG rules."""
+        if not isinstance(cfg, dict):
+            raise ValidationError(f"sampler config must be a dict, got {type(cfg).__name__}")
+        algorithm = cfg.get("algorithm")
+        if algorithm != ALGORITHM:
+            raise ValidationError(f"sampler config algorithm must be {ALGORITHM!r}, got {algorithm!r}")
+        for key, expected in (("max_attempts", MAX_ATTEMPTS), ("rng", RNG_RULE)):
+            if key in cfg and cfg[key] != expected:
+                raise ValidationError(f"sampler config {key} must be {expected!r}, got {cfg[key]!r}")
+        try:
+            return cls(scale=tuple(cfg["scale"]), ratio=tuple(cfg["ratio"]), flip_p=cfg["flip_p"], seed=cfg["seed"])
+        except KeyError as exc:
+            raise ValidationError(f"sampler config is missing key {exc.args[0]!r}") from None
+
+
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if _is_int(size):
+        s = _check_positive_int("size", size)
+        return s, s
+    try:
+        h, w = size  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValidationError(f"size must be an int or a (height, width) pair, got {size!r}") from None
+    return _check_positive_int("size height", h), _check_positive_int("size width", w)
+
+
+def _resample(interpolation: str) -> Image.Resampling:
+    try:
+        return INTERPOLATIONS[interpolation]
+    except (KeyError, TypeError):
+        raise ValidationError(
+            f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}"
+        ) from None
+
+
+def crop_resize(
+    image: Image.Image,
+    box: Sequence[int],
+    flip: bool,
+    size: int | tuple[int, int],
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """Crop ``box`` = ``(top, left, height, width)`` from ``image``, resize, optionally flip.
+
+    This is the one crop function of the format: the teacher runner and the training dataset
+    both call it, so replayed crops are pixel-identical. The crop is an exact integer crop
+    (no float rounding) and only that region is resampled, with Pillow's ``resample`` filter;
+    the result equals torchvision's ``resized_crop`` on a PIL image followed by a horizontal
+    flip when ``flip``. ``size`` is an int (square) or ``(height, width)``.
+    Returns a uint8 tensor ``[3, height, width]`` (RGB, CHW).
+    """
+    out_h, out_w = _size_hw(size)
+    resample = _resample(interpolation)
+    try:
+        top, left, h, w = box
+    except (TypeError, ValueError):
+        raise ValidationError(f"box must be (top, left, height, width), got {box!r}") from None
+    if not all(_is_int(v) for v in (top, left, h, w)):
+        raise ValidationError(f"box must hold integers, got {box!r}")
+    top, left, h, w = int(top), int(left), int(h), int(w)
+    W, H = image.size
+    if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
+        raise ValidationError(
+            f"box (top={top}, left={left}, height={h}, width={w}) must be non-empty and inside "
+            f"the image of size (height={H}, width={W})"
+        )
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    # Crop first, then resize: Image.resize(box=...) would also read pixels just outside the
+    # box at its edges, which differs from torchvision's resized_crop.
+    out = image.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def replay_crops(
+    image: Image.Image,
+    boxes: np.ndarray | Sequence[Sequence[int]],
+    flips: np.ndarray | Sequence[bool],
+    size: int | tuple[int, int],
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """Apply :func:`crop_resize` for every ``(box, flip)``; returns uint8 ``[M, 3, height, width]``."""
+    boxes = np.asarray(boxes)
+    flips = np.asarray(flips)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4).astype(np.int32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.issubdtype(boxes.dtype, np.integer):
+        raise ValidationError(f"boxes must be an integer array of shape (M, 4), got shape {boxes.shape}")
+    if flips.shape != (boxes.shape[0],):
+        raise ValidationError(f"flips must have shape ({boxes.shape[0]},) to match boxes, got {flips.shape}")
+    out_h, out_w = _size_hw(size)
+    if boxes.shape[0] == 0:
+        return torch.empty((0, 3, out_h, out_w), dtype=torch.uint8)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.stack(
+        [crop_resize(image, tuple(b), bool(f), (out_h, out_w), interpolation) for b, f in zip(boxes, flips)]
+    )
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """``(x / 255 - mean) / std`` per channel for uint8 ``x`` of shape ``[..., 3, H, W]``.
+
+    Returns float32 on ``x``'s device (run it after moving the batch to the GPU to transfer
+    uint8 rather than float32).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+        raise ValidationError(f"normalize expects a uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValidationError(f"normalize expects shape [..., 3, H, W], got {tuple(x.shape)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValidationError(f"mean and std must have 3 values, got mean={mean!r}, std={std!r}")
+    if any(not float(s) > 0 for s in std):
+        raise ValidationError(f"std values must be > 0, got {std!r}")
+    m = torch.tensor([float(v) for v in mean], dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor([float(v) for v in std], dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.to(torch.float32) / 255.0 - m) / s

@@ -1,0 +1,262 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fkdstore.errors import ValidationError
+from fkdstore.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATIONS,
+    CropSampler,
+    crop_resize,
+    normalize,
+    replay_crops,
+)
+
+
+def reference_get_params(rng, H, W, scale, ratio):
+    """Scalar transcription of torchvision's RandomResizedCrop.get_params (numpy RNG)."""
+    area = H * W
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        w, h = W, int(round(W / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = H, int(round(H * max(ratio)))
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+def random_image(h, w, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    H=st.integers(1, 2000),
+    W=st.integers(1, 2000),
+    s=st.tuples(st.floats(0.001, 1.0), st.floats(0.001, 1.0)).map(sorted),
+    r=st.tuples(st.floats(0.05, 20.0), st.floats(0.05, 20.0)).map(sorted),
+    M=st.integers(1, 40),
+    index=st.integers(0, 2**40),
+)
+def test_boxes_inside_image(H, W, s, r, M, index):
+    sampler = CropSampler(scale=tuple(s), ratio=tuple(r), seed=3)
+    boxes, flips = sampler.sample(index, H, W, M)
+    assert boxes.dtype == np.int32 and boxes.shape == (M, 4)
+    assert flips.dtype == np.bool_ and flips.shape == (M,)
+    top, left, h, w = boxes.T
+    assert (h >= 1).all() and (w >= 1).all()
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+
+
+def test_determinism_per_seed_and_index():
+    sampler = CropSampler(seed=7)
+    a = sampler.sample(42, 480, 640, 16)
+    b = CropSampler(seed=7).sample(42, 480, 640, 16)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    c = sampler.sample(43, 480, 640, 16)
+    d = CropSampler(seed=8).sample(42, 480, 640, 16)
+    assert not np.array_equal(a[0], c[0])
+    assert not np.array_equal(a[0], d[0])
+
+
+def test_sample_independent_of_processing_order():
+    sampler = CropSampler(seed=1)
+    fresh = sampler.sample(5, 300, 200, 8)
+    for i in [9, 0, 3, 4, 6]:
+        sampler.sample(i, 300, 200, 8)
+    np.random.seed(123)  # global RNG state must not matter
+    torch.manual_seed(123)
+    again = sampler.sample(5, 300, 200, 8)
+    assert np.array_equal(fresh[0], again[0]) and np.array_equal(fresh[1], again[1])
+
+
+def test_rng_rule_is_seedsequence_of_seed_and_index():
+    sampler = CropSampler(seed=11)
+    expected = np.random.default_rng(np.random.SeedSequence([11, 4])).uniform(0.08, 1.0, size=(3, 10))
+    got = sampler.rng(4).uniform(0.08, 1.0, size=(3, 10))
+    assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize(
+    "H,W,scale,ratio",
+    [(224, 224, (0.08, 1.0), (3 / 4, 4 / 3)), (100, 400, (0.08, 1.0), (3 / 4, 4 / 3)), (500, 60, (0.5, 1.0), (0.2, 5.0))],
+)
+def test_distribution_matches_torchvision_reference(H, W, scale, ratio):
+    n_images, M = 400, 10
+    sampler = CropSampler(scale=scale, ratio=ratio, flip_p=0.3, seed=0)
+    ours = np.concatenate([sampler.sample(i, H, W, M)[0] for i in range(n_images)]).astype(float)
+    flips = np.concatenate([sampler.sample(i, H, W, M)[1] for i in range(n_images)])
+    rng = np.random.default_rng(99)
+    ref = np.array([reference_get_params(rng, H, W, scale, ratio) for _ in range(n_images * M)], dtype=float)
+    n = len(ref)
+    for name, f in [
+        ("area", lambda b: b[:, 2] * b[:, 3] / (H * W)),
+        ("h", lambda b: b[:, 2] / H),
+        ("w", lambda b: b[:, 3] / W),
+        ("top", lambda b: b[:, 0] / H),
+        ("left", lambda b: b[:, 1] / W),
+    ]:
+        x, y = f(ours), f(ref)
+        se = math.sqrt(x.var() / n + y.var() / n) + 1e-12
+        assert abs(x.mean() - y.mean()) < 5 * se, name
+        assert abs(np.median(x) - np.median(y)) < 0.05, name
+    area = ours[:, 2] * ours[:, 3] / (H * W)
+    assert area.min() >= 0 and area.max() <= 1.0
+    assert abs(flips.mean() - 0.3) < 0.03
+
+
+def test_flip_probability_extremes():
+    assert not CropSampler(flip_p=0.0).sample(0, 50, 50, 100)[1].any()
+    assert CropSampler(flip_p=1.0).sample(0, 50, 50, 100)[1].all()
+
+
+def test_fallback_wide_strip():
+    # H=1: every attempt needs h >= 7, so all fail -> centre crop with ratio clamped to 4/3.
+    boxes, _ = CropSampler().sample(0, 1, 1000, 5)
+    assert (boxes == np.array([0, 499, 1, 1], dtype=np.int32)).all()
+
+
+def test_fallback_tall_and_whole_image():
+    boxes, _ = CropSampler(scale=(1.0, 1.0), ratio=(2.0, 2.0)).sample(0, 1000, 10, 3)
+    # in_ratio 0.01 < 2 -> w = 10, h = round(10 / 2) = 5, centred.
+    assert (boxes == np.array([497, 0, 5, 10])).all()
+    # Tiny scale on a 2x2 image: every attempt rounds a side to 0; image ratio 1 is in range.
+    boxes, _ = CropSampler(scale=(0.01, 0.05), ratio=(0.5, 2.0)).sample(0, 2, 2, 3)
+    assert (boxes == np.array([0, 0, 2, 2])).all()
+
+
+def test_fallback_side_clamped_to_one():
+    boxes, _ = CropSampler(ratio=(100.0, 200.0)).sample(0, 10, 10, 4)
+    assert (boxes[:, 2] >= 1).all() and (boxes == np.array([4, 0, 1, 10])).all()
+
+
+def test_config_roundtrip_json():
+    sampler = CropSampler(scale=(0.25, 0.9), ratio=(0.5, 2.0), flip_p=0.1, seed=17)
+    cfg = json.loads(json.dumps(sampler.get_config()))
+    assert cfg["algorithm"] == "random_resized_crop"
+    again = CropSampler.from_config(cfg)
+    assert again == sampler
+    assert np.array_equal(again.sample(3, 64, 80, 5)[0], sampler.sample(3, 64, 80, 5)[0])
+    with pytest.raises(ValidationError, match="algorithm"):
+        CropSampler.from_config({**cfg, "algorithm": "center_crop"})
+    with pytest.raises(ValidationError, match="missing key"):
+        CropSampler.from_config({"algorithm": "random_resized_crop"})
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"scale": (0.5, 0.1)}, "scale must be ordered"),
+        ({"scale": (0.0, 1.0)}, r"scale must lie in \(0, 1\]"),
+        ({"scale": (0.1, 1.5)}, r"scale must lie in \(0, 1\]"),
+        ({"ratio": (2.0, 1.0)}, "ratio must be ordered"),
+        ({"ratio": (0.0, 1.0)}, "ratio must be > 0"),
+        ({"flip_p": 1.5}, r"flip_p must be in \[0, 1\], got 1.5"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ],
+)
+def test_sampler_validation(kwargs, match):
+    with pytest.raises(ValidationError, match=match):
+        CropSampler(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [((0, 0, 10, 1), "height must be an integer >= 1, got 0"), ((0, 10, 0, 1), "width"), ((0, 10, 10, 0), "num_crops"),
+     ((-1, 10, 10, 1), "index must be an integer >= 0")],
+)
+def test_sample_validation(args, match):
+    with pytest.raises(ValidationError, match=match):
+        CropSampler().sample(*args)
+
+
+# ---------------------------------------------------------------- crop function
+
+
+@pytest.mark.parametrize("interpolation", sorted(INTERPOLATIONS))
+def test_crop_resize_matches_crop_then_resize(interpolation):
+    img = random_image(120, 160)
+    box = (10, 25, 70, 90)
+    out = crop_resize(img, box, False, (48, 64), interpolation)
+    ref = img.crop((25, 10, 115, 80)).resize((64, 48), INTERPOLATIONS[interpolation])
+    assert out.dtype == torch.uint8 and out.shape == (3, 48, 64) and out.is_contiguous()
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), np.asarray(ref))
+    flipped = crop_resize(img, box, True, (48, 64), interpolation)
+    assert torch.equal(flipped, out.flip(-1))
+
+
+def test_crop_resize_int_size_and_upscale_and_grey():
+    img = random_image(30, 40, mode="L")
+    out = crop_resize(img, (0, 0, 30, 40), False, 56)
+    assert out.shape == (3, 56, 56)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    ref = img.convert("RGB").resize((56, 56), Image.Resampling.BILINEAR)
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), np.asarray(ref))
+
+
+def test_crop_resize_validation():
+    img = random_image(20, 30)
+    for box in [(0, 0, 0, 5), (0, 0, 5, 0), (-1, 0, 5, 5), (0, 26, 5, 5), (16, 0, 5, 5)]:
+        with pytest.raises(ValidationError, match=r"inside the image of size \(height=20, width=30\)"):
+            crop_resize(img, box, False, 8)
+    with pytest.raises(ValidationError, match="integers"):
+        crop_resize(img, (0.5, 0, 5, 5), False, 8)
+    with pytest.raises(ValidationError, match="interpolation"):
+        crop_resize(img, (0, 0, 5, 5), False, 8, "cubic")
+
+
+def test_replay_sampled_crops_is_identical_and_matches_crop_resize():
+    img = random_image(97, 131, seed=4)
+    boxes, flips = CropSampler(seed=2).sample(0, 97, 131, 6)
+    a = replay_crops(img, boxes, flips, 32)
+    b = replay_crops(img, boxes, flips, 32)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    for k in range(6):
+        assert torch.equal(a[k], crop_resize(img, tuple(boxes[k]), bool(flips[k]), 32))
+    twice = replay_crops(img, np.stack([boxes[0], boxes[0]]), np.array([False, False]), (16, 24))
+    assert torch.equal(twice[0], twice[1])
+    assert replay_crops(img, np.zeros((0, 4), np.int32), np.zeros(0, bool), 8).shape == (0, 3, 8, 8)
+    with pytest.raises(ValidationError, match="flips must have shape"):
+        replay_crops(img, boxes, flips[:3], 8)
+
+
+def test_normalize_numerics():
+    x = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    y = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    mean = np.array(IMAGENET_MEAN).reshape(3, 1, 1)
+    std = np.array(IMAGENET_STD).reshape(3, 1, 1)
+    ref = (x.numpy() / 255.0 - mean) / std
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+    single = normalize(x[0], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert single.min() >= -1 and single.max() <= 1
+    assert torch.allclose(normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8), (0, 0, 0), (1, 1, 1)), torch.ones(3, 1, 1))
+    with pytest.raises(ValidationError, match="uint8"):
+        normalize(x.float())
+    with pytest.raises(ValidationError, match="3 values"):
+        normalize(x, (0.5, 0.5), (1, 1, 1))
+    with pytest.raises(ValidationError, match=r"\[\.\.\., 3, H, W\]"):
+        normalize(torch.zeros(4, 4, 4, dtype=torch.uint8))
