@@ -382,12 +382,14 @@ class Writer:
         r = self.header.shard_range(s)
         sl = slice(r.start, r.stop)
         keep = self._written[sl] & ~mask  # images written earlier (resume) that this buffer lacks
-        for name, v in buf.items():
-            arr = self.group[name]
-            if keep.any():
-                old = arr[sl]
-                v[keep] = old[keep]
-            arr[sl] = v  # one whole-shard write: no read-modify-write of a shard file
+        # Every chunk is materialised (even all-zero ones), so a missing chunk always means damage.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name, v in buf.items():
+                arr = self.group[name]
+                if keep.any():
+                    old = arr[sl]
+                    v[keep] = old[keep]
+                arr[sl] = v  # one whole-shard write: no read-modify-write of a shard file
         flags = self._written[sl] | mask
         self.group[S.WRITTEN][sl] = flags.astype(np.uint8)  # after the data: a crash never over-claims
         self._written[sl] = flags
@@ -461,12 +463,12 @@ class _ShardedArray:
         self.dtype = np.dtype(str(arr.dtype))
         self.arr = arr
         self.root = root
-        self.fast = root is not None and self._supported(arr.metadata.to_dict())
-        if self.fast:
-            sh = arr.metadata.to_dict()["codecs"][0]["configuration"]
-            self.chunk = tuple(sh["chunk_shape"])
-            self.shard = tuple(arr.metadata.to_dict()["chunk_grid"]["configuration"]["chunk_shape"])
-            self.per_shard = self.shard[0] // self.chunk[0]
+        meta = arr.metadata.to_dict()
+        self.fast = root is not None and self._supported(meta)
+        self.shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])  # one file of the grid
+        codec0 = meta["codecs"][0]
+        self.chunk = tuple(codec0["configuration"]["chunk_shape"]) if codec0["name"] == "sharding_indexed" else self.shard
+        self.per_shard = self.shard[0] // self.chunk[0]
         self._fd: dict[int, int] = {}
         self._index: dict[int, np.ndarray] = {}
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -500,13 +502,20 @@ class _ShardedArray:
         fd = self._fd.get(s)
         if fd is None:
             key = "/".join(["c", str(s)] + ["0"] * (len(self.shape) - 1))
-            fd = self._fd[s] = os.open(os.path.join(self.root, self.name, key), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(self.root, self.name, key), os.O_RDONLY)
+            except FileNotFoundError:
+                fd = -1  # shard never written: every chunk reads as the fill value
+            self._fd[s] = fd
         return fd
 
     def _shard_index(self, s: int) -> np.ndarray:
         idx = self._index.get(s)
         if idx is None:
             fd = self._file(s)
+            if fd < 0:
+                idx = self._index[s] = np.full((self.per_shard, 2), _MISSING, dtype="<u8")
+                return idx
             n = self.per_shard * 16 + 4
             size = os.fstat(fd).st_size
             raw = os.pread(fd, n, size - n)
@@ -554,7 +563,7 @@ class _ShardedArray:
         present = index[:, 0] != _MISSING
         lo = int(index[present, 0].min()) if present.any() else 0
         hi = int((index[present, 0] + index[present, 1]).max()) if present.any() else 0
-        blob = os.pread(fd, hi - lo, lo)
+        blob = os.pread(fd, hi - lo, lo) if present.any() else b""
         ipc = self.chunk[0]
         for j in range(self.per_shard):
             off, nb = (int(x) for x in index[j])
@@ -581,6 +590,8 @@ class _ShardedArray:
 
     def close(self):
         for fd in self._fd.values():
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
