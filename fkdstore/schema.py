@@ -47,7 +47,7 @@ SOFT_GROUP = "soft"
 
 PER_IMAGE_ARRAYS = (IMAGE_KEY, IMAGE_SIZE, LABEL, WRITTEN)
 UNKNOWN_LABEL = -1
-VOLATILE_META = ("time_taken_s", "finished_at", "created_at", "history")  # meta keys a resumed run may change
+VOLATILE_META = ("time_taken_s", "finished_at", "created_at", "history", "skipped")  # meta keys a resumed run may change
 AUG_DTYPE = "float32"
 AUG_KINDS = ("float", "int", "bool")  # declared meaning of an aug column; all are stored as float32
 
