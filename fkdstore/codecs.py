@@ -139,8 +139,9 @@ def _filled(like, shape, value):
     """float32 array of ``shape`` filled with ``value`` (scalar or (..., 1) array), framework/device of ``like``."""
     if _is_torch(like):
         out = torch.empty(shape, dtype=torch.float32, device=like.device)
-        out[...] = value
-        return out
+        if _is_torch(value):  # copy_ of an expanded view: ~20x faster than out[...] = value on CPU
+            return out.copy_(value.to(torch.float32).expand(shape))
+        return out.fill_(float(value))
     out = np.empty(shape, dtype=np.float32)
     out[...] = value
     return out

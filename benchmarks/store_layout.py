@@ -1,0 +1,212 @@
+"""Store layout benchmark: write throughput, bytes per crop, files, and label read + decode throughput of
+fkdstore's layout against alternative Zarr layouts and FKD's one-``torch.save``-file-per-image format.
+
+All sides run in this process on the same teacher-like MS top-5 labels; speeds are reported as ratios to
+the per-image ``torch.load`` baseline measured in the same run.
+
+    python benchmarks/store_layout.py [--images 2048] [--crops 200] [--classes 1000] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+import fkdstore
+from fkdstore import schema as S
+from fkdstore.codecs import get_codec
+from fkdstore.store import storage_stats
+
+
+def teacher_like(rng, n, M, C):
+    """Peaked softmax rows: each image has a dominant class, crops vary around it (like a real teacher)."""
+    cls = rng.integers(0, C, n)
+    logits = rng.normal(0, 1.5, (n, M, C)).astype(np.float32)
+    logits[np.arange(n)[:, None], np.arange(M), cls[:, None]] += rng.normal(4, 2, (n, M)).astype(np.float32)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True), cls
+
+
+def boxes_for(rng, sizes, M):
+    from fkdstore.transforms import CropSampler
+
+    s = CropSampler(seed=0)
+    out = [s.sample(i, int(h), int(w), M) for i, (h, w) in enumerate(sizes)]
+    return np.stack([b for b, _ in out]), np.stack([f for _, f in out])
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--crops", type=int, default=200)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed after)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    a = ap.parse_args(argv)
+    N, M, C = a.images, a.crops, a.classes
+    work = Path(a.out or tempfile.mkdtemp(prefix="fkd-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sizes = np.stack([rng.integers(200, 600, N), rng.integers(200, 600, N)], 1)
+    boxes, flips = boxes_for(rng, sizes, M)
+    codec = get_codec("ms", k=a.k)
+    fields = {"indices": [], "probs": []}
+    labels = np.empty(N, np.int64)
+    t_teacher = time.perf_counter()
+    for s in range(0, N, 64):
+        p, cls = teacher_like(rng, min(64, N - s), M, C)
+        labels[s:s + len(cls)] = cls
+        for k, v in codec.encode(p).items():
+            fields[k].append(v)
+    fields = {k: np.concatenate(v) for k, v in fields.items()}
+    print(f"made {N} x {M} teacher-like labels in {time.perf_counter() - t_teacher:.1f}s")
+    keys = [f"n{i % 100:05d}/img_{i:07d}.JPEG" for i in range(N)]
+    res: dict = {"images": N, "crops": M, "classes": C, "codec": codec.get_config()}
+
+    # -- fkdstore (default layout)
+    path = work / "fkdstore.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+
+    def write_fkd():
+        with fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec, image_keys=keys,
+                            image_sizes=sizes, labels=labels) as w:
+            for s in range(0, N, 256):
+                i = np.arange(s, min(N, s + 256))
+                w.put_fields(i, boxes[i], flips[i], {k: v[i] for k, v in fields.items()})
+
+    t_write = timed(write_fkd)
+    st = storage_stats(path)["_total"]
+    r = fkdstore.open(path)
+    res["fkdstore"] = {
+        "layout": f"chunk {r.header.images_per_chunk} img, shard {r.header.images_per_shard} img",
+        "write_images_per_s": N / t_write, "bytes_per_crop": st["bytes"] / (N * M), "files": st["files"],
+        "bytes": st["bytes"],
+    }
+
+    # -- alternatives: zarr, one chunk per image unsharded; and big zstd chunks in shards
+    def zarr_layout(name, chunk, shard, compressors):
+        p = work / name
+        shutil.rmtree(p, ignore_errors=True)
+        g = zarr.open_group(str(p), mode="w")
+        arrays = {"box": boxes.astype(np.uint16), "flip": flips, **fields}
+        t = time.perf_counter()
+        for k, v in arrays.items():
+            arr = g.create_array(k.replace("/", "_"), shape=v.shape, dtype=v.dtype, chunks=(chunk, *v.shape[1:]),
+                                 shards=None if shard is None else (shard, *v.shape[1:]),
+                                 compressors=compressors(v.dtype))
+            arr[:] = v
+        dt = time.perf_counter() - t
+        stt = storage_stats(p)["_total"]
+        return g, {"write_images_per_s": N / dt, "bytes_per_crop": stt["bytes"] / (N * M), "files": stt["files"],
+                   "bytes": stt["bytes"]}
+
+    zstd = lambda dt: [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dt).itemsize), Crc32cCodec()]  # noqa: E731
+    g_img, res["zarr_chunk_per_image"] = zarr_layout("per_image.zarr", 1, None, zstd)
+    g_big, res["zarr_big_chunks_sharded"] = zarr_layout("big.zarr", 1024, 1024 * 8, zstd)
+    res["zarr_chunk_per_image"]["layout"] = "chunk 1 img, unsharded"
+    res["zarr_big_chunks_sharded"]["layout"] = "chunk 1024 img, shard 8192 img, zstd"
+
+    # -- FKD baseline: one torch.save file per image [coords f32 (M,4) normalised, flip, labels (M,2,K)]
+    fkd_dir = work / "fkd"
+    shutil.rmtree(fkd_dir, ignore_errors=True)
+    fkd_dir.mkdir()
+    t = time.perf_counter()
+    for i in range(N):
+        coords = (boxes[i] / np.r_[sizes[i], sizes[i]]).astype(np.float32)
+        lab = np.stack([fields["indices"][i].astype(np.float32), fields["probs"][i].astype(np.float32)], 1)
+        torch.save([coords, flips[i], lab], fkd_dir / f"{i}.tar")
+    t_fkd_w = time.perf_counter() - t
+    fkd_bytes = sum(f.stat().st_size for f in fkd_dir.iterdir())
+    res["fkd_torch_save"] = {"layout": "one torch.save file per image", "write_images_per_s": N / t_fkd_w,
+                             "bytes_per_crop": fkd_bytes / (N * M), "files": N, "bytes": fkd_bytes}
+
+    # -- reads (random images, labels decoded to dense)
+    order = np.random.default_rng(1).permutation(N)
+    n_single = min(N, 1000)
+
+    # Training reads m of the M stored slots of each image and decodes only those (FKD picks randperm(M)[:m]).
+    m = 4
+    slots = np.random.default_rng(2).integers(0, M, (N, m))
+
+    def fkd_read():
+        for i in order[:n_single]:
+            coords, fl, lab = torch.load(fkd_dir / f"{i}.tar", weights_only=False)
+            sel = slots[i]
+            idx = torch.from_numpy(lab[sel, 0].astype(np.int64))
+            p = torch.from_numpy(lab[sel, 1])
+            codec.decode({"indices": idx, "probs": p}, C)
+
+    base = n_single / timed(fkd_read, 2)
+    res["read_torch_load_images_per_s"] = base
+
+    def fkd_single():
+        for i in order[:n_single]:
+            rec = r.read(int(i), slots[i])
+            codec.decode({k: torch.from_numpy(v) for k, v in rec.fields.items()}, C)
+
+    def fkd_batch():
+        for s in range(0, N, 256):
+            b = order[s:s + 256]
+            rec = r.read_batch(b, slots[b])
+            codec.decode({k: torch.from_numpy(v) for k, v in rec.fields.items()}, C)
+
+    def fkd_epoch():
+        rec = r.read_all(slots)
+        for s in range(0, N, 256):  # decode per training batch, as a loop would
+            codec.decode({k: torch.from_numpy(v[order[s:s + 256]]) for k, v in rec.fields.items()}, C)
+
+    def zarr_single():
+        arrs = [g_img[k] for k in ("box", "flip", "indices", "probs")]
+        for i in order[: n_single // 4]:
+            [a_[int(i)] for a_ in arrs]
+
+    r2 = fkdstore.open(path)
+    read = {
+        f"fkdstore read(i, m={m} slots), random": n_single / timed(fkd_single, 2),
+        "fkdstore read_batch(256 random images)": N / timed(fkd_batch, 2),
+        f"fkdstore epoch preload read_all(slots m={m}) + batched decode": N / timed(fkd_epoch, 2),
+        "zarr arr[i] per image (chunk per image)": (n_single // 4) / timed(zarr_single, 1),
+        "torch.load per image (FKD format)": base,
+    }
+    del r2
+    res["read_images_per_s"] = read
+    res["read_ratio_vs_torch_load"] = {k: v / base for k, v in read.items()}
+
+    # ---- report
+    print(f"\n{N} images x {M} crops, C={C}, {codec!r}")
+    print(f"{'layout':42s} {'B/crop':>7s} {'files':>6s} {'write img/s':>12s}")
+    for k in ("fkdstore", "zarr_chunk_per_image", "zarr_big_chunks_sharded", "fkd_torch_save"):
+        v = res[k]
+        print(f"{k + ' (' + v['layout'] + ')':42.42s} {v['bytes_per_crop']:7.2f} {v['files']:6d} {v['write_images_per_s']:12.0f}")
+    print(f"\n{'label read + decode of m=4 slots per random image':62s} {'img/s':>9s} {'x torch.load':>12s}")
+    for k, v in read.items():
+        print(f"{k:62s} {v:9.0f} {v / base:12.1f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    if not a.out:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
