@@ -1,0 +1,482 @@
+"""What a store holds and what a store would cost: ``fkdstore inspect`` and ``fkdstore estimate``.
+
+:func:`inspect` returns one JSON-serialisable dict; ``fkdstore inspect --json`` prints exactly it.
+Keys (all sizes in bytes):
+
+``path``, ``format``, ``format_version``, ``library_version``
+    where the store is and which format/library wrote it.
+``codec``
+    the codec config, e.g. ``{"name": "ms", "k": 5, "dtype": "float16"}``.
+``num_images``, ``crops_per_image``, ``num_classes``, ``aug`` (list of ``{name, kind}``), ``has_labels``,
+``images_per_chunk``, ``images_per_shard``
+    the header's shape and layout fields.
+``images_written``, ``complete``, ``missing_ranges``
+    completion: images whose ``written`` flag is set, and half-open ``[start, stop)`` ranges of the rest.
+``arrays``
+    one entry per array: ``{name: {shape, dtype, chunks, shards, raw_bytes, stored_bytes, files,
+    compression_ratio}}``; ``shards`` is null for unsharded arrays, ``compression_ratio`` is
+    ``raw_bytes / stored_bytes`` (raw = every element of the array, written or not).
+``total_bytes``, ``total_files``
+    everything under the store folder, metadata included.
+``bytes_per_crop``
+    ``total_bytes / (images_written * crops_per_image)``; ``label_bytes_per_crop`` and
+    ``box_bytes_per_crop`` split the per-crop arrays into the codec's fields and box+flip+aug.
+``meta``
+    the provenance attribute as stored (sampler, teacher, history, ...); ``sampler`` and ``teacher``
+    repeat ``meta["sampler"]`` / ``meta["teacher"]`` (null when absent).
+``label_stats``
+    computed on a seeded sample of written crops: ``{sampled_crops, seed, kept_mass_mean (null for hard),
+    entropy_mean_nats, top1_agreement (null without ground-truth labels), distinct_top1}``.
+``imagenet_extrapolation``
+    ``{num_images: 1281167, crops_per_image, bytes (this library, from this store's measured bytes per
+    crop), paper_formula_bytes (Table 2's formula at the same shape), paper_table2 (the paper's printed
+    figure for this strategy at 1.2M x 200, or null)}``.
+
+Estimates. :func:`estimate_bytes` predicts the size of a store in this library's layout: raw bytes of every
+array (from the codec's fields, :func:`fkdstore.schema.default_layout` and the box dtype) times a measured
+compression ratio per array role (:data:`CALIBRATION`), plus shard-index, chunk-header and metadata overhead.
+:func:`calibrate` measures those ratios by writing stores with teacher-like distributions
+(:func:`teacher_like_probs`, a peaked softmax whose top classes repeat across an image's crops) and
+torchvision-style crop boxes on ImageNet-like image sizes; the constants below are its output for
+``calibrate(num_images=256, crops=200, classes=1000)`` (``python -m fkdstore.report`` re-runs it).
+Real teachers differ: expect the estimate within about 10-15% for the label fields.
+
+:func:`paper_bytes` is the paper's own accounting (Table 2, "+ Coordinate & Flip" row): every crop stores
+4 coordinates, 1 flip and the label values as float32, i.e. ``N * M * (5 + L) * 4`` bytes with
+``L = 1`` (hard), ``2`` (smoothing), ``2K`` (MS/MR top-K) or ``C`` (full). The paper prints GiB as "GB".
+At exactly 1.2M x 200 the formula gives 5.36 / 6.26 / 13.41 / 22.35 GiB (full: 0.88 TiB) against the
+printed 5.3 / 6.2 / 13.3 / 22.2 GB and ~0.9 TB: within 1.3%, every one slightly above. The printed
+figures are "Real Cons. on Disk" and all match the formula to the printed digit at N*M = 2.38e8 crops
+(e.g. 1.19M images), so they were most likely measured on a slightly smaller image count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import codecs as _codecs
+from . import schema as S
+
+__all__ = [
+    "IMAGENET_1K_IMAGES", "PAPER_TABLE2", "CALIBRATION", "inspect", "format_inspect", "label_stats",
+    "paper_bytes", "paper_table2", "estimate_bytes", "format_estimate", "teacher_like_probs", "calibrate",
+    "human_bytes",
+]
+
+IMAGENET_1K_IMAGES = 1_281_167
+PAPER_IMAGES, PAPER_CROPS, PAPER_CLASSES = 1_200_000, 200, 1000
+GIB, TIB = 2**30, 2**40
+
+# Table 2 of the paper, "Real Cons. on Disk" (1.2M images x 200 crops x 1000 classes, float32), as printed.
+PAPER_TABLE2: dict[tuple[str, int | None], str] = {
+    ("full", None): "~0.9 TB",
+    ("hard", None): "5.3 GB",
+    ("smoothing", None): "6.2 GB",
+    ("mr", 5): "13.3 GB",
+    ("ms", 5): "13.3 GB",
+    ("ms", 10): "22.2 GB",
+}
+PAPER_TABLE2_GIB: dict[tuple[str, int | None], float] = {
+    ("full", None): 0.9 * 1024, ("hard", None): 5.3, ("smoothing", None): 6.2,
+    ("mr", 5): 13.3, ("ms", 5): 13.3, ("ms", 10): 22.2,
+}
+
+# Stored/raw ratio per array role, measured by calibrate(num_images=256, crops=200, classes=1000) with
+# zarr 3.1.6 and the compressor of fkdstore.schema.COMPRESSOR. See the module docstring.
+CALIBRATION: dict[str, float] = {
+    "box": 0.579,
+    "flip": 0.253,
+    "aug": 1.0,  # not calibrated: augmentation parameters are arbitrary float32
+    "indices_topk": 0.634,
+    "probs_topk": 0.875,
+    "indices_top1": 0.561,
+    "probs_top1": 0.854,
+    "probs_full": 0.801,
+    "image_key": 0.234,  # per key character (zstd over sorted ImageNet-style paths)
+    "per_image": 0.445,  # image_size + label + written, per raw byte (13 B per image)
+}
+CHUNK_OVERHEAD = 16 + 4 + 16  # shard-index entry + crc32c + blosc header, per inner chunk per array
+METADATA_BYTES = 810  # one zarr.json (measured mean over a store's metadata files)
+AVG_KEY_BYTES = 32  # e.g. "n01440764/n01440764_10026.JPEG"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def human_bytes(n: float | None) -> str:
+    """``1536 -> '1.5 KiB'``; binary units, as the paper's "GB"."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} PiB"  # pragma: no cover
+
+
+def _codec_key(codec: _codecs.LabelCodec) -> tuple[str, int | None]:
+    return codec.name, getattr(codec, "k", None)
+
+
+def _as_codec(codec, k: int | None = None) -> _codecs.LabelCodec:
+    if isinstance(codec, _codecs.LabelCodec):
+        return codec
+    if isinstance(codec, dict):
+        return _codecs.from_config(codec)
+    name = _codecs.ALIASES.get(str(codec).strip().lower(), str(codec).strip().lower())
+    kwargs = {"k": k} if (k is not None and name in ("ms", "mr")) else {}
+    if k is not None and name not in ("ms", "mr"):
+        raise _codecs.ValidationError(f"--k applies to the ms and mr codecs only. Got codec {codec!r} with k={k}.")
+    return _codecs.get_codec(name, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- paper
+def paper_values_per_crop(codec, num_classes: int) -> int:
+    """Float32 values per crop in the paper's Table 2: 4 coordinates + 1 flip + the label values."""
+    codec = _as_codec(codec)
+    label = {"hard": 1, "smoothing": 2, "full": num_classes}.get(codec.name)
+    if label is None:
+        label = 2 * codec.k
+    return 5 + label
+
+
+def paper_bytes(num_images: int, crops: int, num_classes: int, codec, k: int | None = None) -> int:
+    """The paper's formula (Table 2): ``num_images * crops * (5 + L) * 4`` bytes (float32 values)."""
+    return int(num_images) * int(crops) * paper_values_per_crop(_as_codec(codec, k), num_classes) * 4
+
+
+def paper_table2(codec, k: int | None = None) -> str | None:
+    """The paper's printed Table 2 figure for this strategy (1.2M x 200 x 1000), or None if not in the table."""
+    return PAPER_TABLE2.get(_codec_key(_as_codec(codec, k)))
+
+
+# ------------------------------------------------------------------------------------------- estimate
+def _roles(codec: _codecs.LabelCodec) -> dict[str, str]:
+    top1 = codec.name in ("hard", "smoothing")
+    roles = {}
+    for f in codec.fields(getattr(codec, "k", 1)):
+        if codec.name == "full":
+            roles[f] = "probs_full"
+        else:
+            roles[f] = f"{f}_{'top1' if top1 else 'topk'}"
+    return roles
+
+
+def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int | None = None, *,
+                   max_side: int = 500, num_aug: int = 0, calibration: dict[str, float] | None = None) -> dict[str, Any]:
+    """Predicted size of a store in this library's layout.
+
+    Returns ``{bytes, bytes_per_crop, files, images_per_chunk, images_per_shard, arrays: {name: bytes}}``.
+    ``max_side`` (largest image side) picks the box dtype; ``calibration`` overrides :data:`CALIBRATION`.
+    """
+    cal = dict(CALIBRATION, **(calibration or {}))
+    codec = _as_codec(codec, k)
+    N, M, C = int(num_images), int(crops), int(num_classes)
+    if min(N, M, C) < 1:
+        raise _codecs.ValidationError(f"images, crops and classes must be >= 1. Got {N}, {M}, {C}.")
+    fields = codec.fields(C)
+    bdt = S.box_dtype(max_side)
+    per_crop = {S.BOX: (4 * np.dtype(bdt).itemsize, "box"), S.FLIP: (1, "flip")}
+    if num_aug:
+        per_crop[S.AUG] = (4 * num_aug, "aug")
+    roles = _roles(codec)
+    for name, spec in fields.items():
+        per_crop[S.soft_path(name)] = (spec.nbytes, roles[name])
+    row_bytes = max(M * b for b, _ in per_crop.values())
+    ipc, ips = S.default_layout(N, row_bytes)
+    n_chunks = math.ceil(N / ipc)
+    n_shards = math.ceil(N / ips)
+    arrays = {}
+    for name, (raw, role) in per_crop.items():
+        arrays[name] = int(N * M * raw * cal[role] + n_chunks * CHUNK_OVERHEAD + METADATA_BYTES)
+    per_image_chunks = math.ceil(N / S.PER_IMAGE_CHUNK)
+    arrays[S.IMAGE_KEY] = int(N * AVG_KEY_BYTES * cal["image_key"] + METADATA_BYTES)
+    arrays["per-image"] = int(N * 13 * cal["per_image"] + 3 * METADATA_BYTES)
+    total = sum(arrays.values()) + 2 * METADATA_BYTES  # + root and soft group zarr.json
+    # per-crop arrays: one file per shard; written: one chunk per shard; 3 per-image arrays; 2 groups
+    files = (len(per_crop) + 1) * (n_shards + 1) + 3 * (per_image_chunks + 1) + 2
+    return {
+        "codec": codec.get_config(), "num_images": N, "crops_per_image": M, "num_classes": C,
+        "bytes": int(total), "bytes_per_crop": total / (N * M), "files": int(files),
+        "images_per_chunk": ipc, "images_per_shard": ips, "arrays": arrays,
+        "paper_formula_bytes": paper_bytes(N, M, C, codec),
+    }
+
+
+def format_estimate(e: dict[str, Any], paper: bool = False) -> str:
+    cfg = e["codec"]
+    name = cfg["name"] + (f" K={cfg['k']}" if "k" in cfg else "")
+    shape = f"{e['num_images']:,} images x {e['crops_per_image']} crops x {e['num_classes']} classes, codec {name}"
+    if paper:
+        b = e["paper_formula_bytes"]
+        fig = paper_table2(cfg)
+        lines = [
+            f"paper formula (Table 2, float32): {shape}",
+            f"  N x M x (4 coords + 1 flip + {paper_values_per_crop(cfg, e['num_classes']) - 5} label values) x 4 B"
+            f" = {b:,} bytes = {human_bytes(b)} ({b / 1e9:.2f} GB decimal)",
+        ]
+        if fig:
+            lines.append(f"  paper's Table 2 figure for this strategy at 1.2M x 200 x 1000: {fig} (GiB)")
+        return "\n".join(lines)
+    return "\n".join([
+        f"fkdstore layout estimate: {shape}",
+        f"  {e['bytes']:,} bytes = {human_bytes(e['bytes'])}, {e['bytes_per_crop']:.2f} B/crop, "
+        f"{e['files']:,} files (shards of {e['images_per_shard']:,} images, chunks of {e['images_per_chunk']})",
+        *(f"    {n:<14} {human_bytes(b)}" for n, b in e["arrays"].items()),
+        f"  paper's float32 formula for the same shape: {human_bytes(e['paper_formula_bytes'])} "
+        f"({e['paper_formula_bytes'] / max(e['bytes'], 1):.1f}x this layout)",
+    ])
+
+
+# ------------------------------------------------------------------------------------------- teacher-like data
+def teacher_like_probs(rng: np.random.Generator, num_images: int, crops: int, classes: int,
+                       labels: np.ndarray | None = None) -> np.ndarray:
+    """(N, M, C) float32 softmax outputs that look like a strong teacher's on random crops.
+
+    Per image a true class and 4 confusable classes get logit boosts shared by all its crops (so top
+    classes repeat within an image); each crop scales the boosts by U(0.3, 1.2) (crops that miss the
+    object are less sure) and adds N(0, 1) noise over all classes.
+    """
+    N, M, C = num_images, crops, classes
+    if labels is None:
+        labels = rng.integers(0, C, N)
+    conf = rng.integers(0, C, (N, 4))
+    boost = np.zeros((N, C), np.float32)
+    boost[np.arange(N)[:, None], conf] = rng.uniform(2, 6, (N, 4))
+    boost[np.arange(N), labels] = rng.uniform(7, 11, N)
+    base = rng.normal(0, 0.7, (N, 1, C)).astype(np.float32)
+    out = np.empty((N, M, C), np.float32)
+    for i in range(N):
+        z = base[i] + boost[i][None] * rng.uniform(0.3, 1.2, (M, 1)).astype(np.float32)
+        z += rng.normal(0, 1.0, (M, C)).astype(np.float32)
+        z -= z.max(-1, keepdims=True)
+        e = np.exp(z)
+        out[i] = e / e.sum(-1, keepdims=True)
+    return out
+
+
+def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256, crops: int = 200,
+              classes: int = 1000, codecs: tuple = ("full", "hard", "smoothing", "ms5", "ms10"),
+              seed: int = 0) -> dict[str, float]:
+    """Measure stored/raw per array role on stores written from :func:`teacher_like_probs`.
+
+    Returns a dict with the keys of :data:`CALIBRATION` that the given codecs exercise.
+    """
+    import tempfile
+
+    from . import store as _store
+    from .transforms import CropSampler
+
+    rng = np.random.default_rng(seed)
+    N, M, C = num_images, crops, classes
+    sizes = np.stack([rng.integers(300, 501, N), rng.integers(375, 501, N)], 1)
+    sampler = CropSampler(seed=seed)
+    boxes, flips = zip(*(sampler.sample(i, int(sizes[i, 0]), int(sizes[i, 1]), M) for i in range(N)))
+    boxes, flips = np.stack(boxes), np.stack(flips)
+    labels = rng.integers(0, C, N)
+    probs = teacher_like_probs(rng, N, M, C, labels)
+    keys = [f"n{labels[i]:08d}/n{labels[i]:08d}_{i}.JPEG" for i in range(N)]
+    out: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(dir=tmpdir) as td:
+        for spec in codecs:
+            codec = _as_codec(spec[:2], int(spec[2:])) if spec[:2] in ("ms", "mr") else _as_codec(spec)
+            path = Path(td) / spec
+            with _store.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec,
+                              image_keys=keys, image_sizes=sizes, labels=labels) as w:
+                for a in range(0, N, 64):
+                    sl = slice(a, min(N, a + 64))
+                    w.put(np.arange(sl.start, sl.stop), boxes[sl], flips[sl], probs[sl])
+            stats = _store.storage_stats(path)
+            roles = {S.BOX: "box", S.FLIP: "flip"} | {S.soft_path(f): r for f, r in _roles(codec).items()}
+            raw = {S.BOX: 8, S.FLIP: 1} | {S.soft_path(f): s.nbytes for f, s in codec.fields(C).items()}
+            for name, role in roles.items():
+                out.setdefault(role, []).append(stats[name]["bytes"] / (N * M * raw[name]))
+            out.setdefault("image_key", []).append(stats[S.IMAGE_KEY]["bytes"] / sum(len(k) for k in keys))
+            out.setdefault("per_image", []).append(
+                sum(stats[n]["bytes"] for n in (S.IMAGE_SIZE, S.LABEL, S.WRITTEN)) / (N * 13))
+            out.setdefault("metadata_per_file", []).append(stats["."]["bytes"] / stats["."]["files"])
+    return {k: round(float(np.mean(v)), 3) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------- inspect
+def _entropy(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+
+
+def label_stats(reader, sample: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """Statistics on ``sample`` crops drawn (seeded) from the written images of ``reader``."""
+    written = np.flatnonzero(reader.written)
+    M, C = reader.crops_per_image, reader.num_classes
+    res = {"sampled_crops": 0, "seed": int(seed), "kept_mass_mean": None, "entropy_mean_nats": None,
+           "top1_agreement": None, "distinct_top1": 0}
+    if len(written) == 0 or sample <= 0:
+        return res
+    rng = np.random.default_rng(seed)
+    n = min(int(sample), len(written) * M)
+    flat = np.sort(rng.choice(len(written) * M, size=n, replace=False))
+    img, slot = written[flat // M], flat % M
+    uniq, inv = np.unique(img, return_inverse=True)
+    kept, ent, top1 = [], [], []
+    step = max(1, (32 * 2**20) // max(1, M * C * 4))  # decode at most ~32 MiB at once
+    for a in range(0, len(uniq), step):
+        sel = (inv >= a) & (inv < a + step)
+        rec = reader.read_batch(uniq[a:a + step])
+        rows, sl = inv[sel] - a, slot[sel]
+        fields = {k: v[rows, sl] for k, v in rec.fields.items()}
+        kept.append(np.asarray(reader.codec.kept_mass(fields), np.float64))
+        dist = reader.decode(fields)
+        ent.append(_entropy(dist.astype(np.float64)))
+        top1.append(np.argmax(dist, -1))
+    kept, ent, top1 = np.concatenate(kept), np.concatenate(ent), np.concatenate(top1)
+    res.update(sampled_crops=int(n), entropy_mean_nats=float(ent.mean()), distinct_top1=int(len(np.unique(top1))))
+    if not np.isnan(kept).all():
+        res["kept_mass_mean"] = float(np.nanmean(kept))
+    labels = reader.labels[img]
+    known = labels >= 0
+    if known.any():
+        res["top1_agreement"] = float((top1[known] == labels[known]).mean())
+        res["top1_agreement_crops"] = int(known.sum())
+    return res
+
+
+def _array_info(arr, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
+    md = arr.metadata.to_dict()
+    grid = list(md["chunk_grid"]["configuration"]["chunk_shape"])
+    codecs = md.get("codecs", ())
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        chunks, shards = list(codecs[0]["configuration"]["chunk_shape"]), grid
+    else:
+        chunks, shards = grid, None
+    dtype = str(arr.dtype)
+    if arr.dtype.kind in "OTU" or "str" in dtype.lower():
+        raw = None
+    else:
+        raw = int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    st = stats.get(arr.path, {"bytes": 0, "files": 0})
+    stored = st["bytes"]
+    return {
+        "shape": list(arr.shape), "dtype": dtype, "chunks": chunks, "shards": shards,
+        "raw_bytes": raw, "stored_bytes": stored, "files": st["files"],
+        "compression_ratio": (raw / stored) if (raw is not None and stored) else None,
+    }
+
+
+def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring)."""
+    from . import store as _store
+
+    r = _store.open(path)
+    h = r.header
+    stats = _store.storage_stats(path)
+    names = [S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, *r.per_crop_arrays]
+    arrays = {n: _array_info(r.array(n), stats) for n in names}
+    written = int(r.written.sum())
+    crops = written * h.crops_per_image
+    total = stats["_total"]["bytes"]
+    soft = sum(a["stored_bytes"] for n, a in arrays.items() if n.startswith(S.SOFT_GROUP + "/"))
+    geo = sum(arrays[n]["stored_bytes"] for n in r.per_crop_arrays if not n.startswith(S.SOFT_GROUP + "/"))
+    bpc = total / crops if crops else None
+    codec = r.codec
+    paper_fig = PAPER_TABLE2.get(_codec_key(codec))
+    ext_bytes = None
+    if crops:
+        # per-crop arrays scale with N*M; per-image arrays and metadata with N (or not at all).
+        per_crop_b = (soft + geo) / crops
+        per_image_b = sum(arrays[n]["stored_bytes"] for n in S.PER_IMAGE_ARRAYS) / h.num_images
+        ext_bytes = int(per_crop_b * IMAGENET_1K_IMAGES * h.crops_per_image + per_image_b * IMAGENET_1K_IMAGES)
+    out = {
+        "path": str(path), "format": h.format, "format_version": h.format_version,
+        "library_version": h.library_version, "codec": dict(h.codec),
+        "num_images": h.num_images, "crops_per_image": h.crops_per_image, "num_classes": h.num_classes,
+        "aug": [{"name": a.name, "kind": a.kind} for a in h.aug], "has_labels": h.has_labels,
+        "images_per_chunk": h.images_per_chunk, "images_per_shard": h.images_per_shard,
+        "images_written": written, "complete": written == h.num_images,
+        "missing_ranges": [list(x) for x in r.missing_ranges()],
+        "arrays": arrays, "total_bytes": int(total), "total_files": int(stats["_total"]["files"]),
+        "bytes_per_crop": bpc,
+        "label_bytes_per_crop": soft / crops if crops else None,
+        "box_bytes_per_crop": geo / crops if crops else None,
+        "meta": dict(h.meta), "sampler": h.meta.get("sampler"), "teacher": h.meta.get("teacher"),
+        "label_stats": label_stats(r, sample=sample, seed=seed),
+        "imagenet_extrapolation": {
+            "num_images": IMAGENET_1K_IMAGES, "crops_per_image": h.crops_per_image,
+            "bytes": ext_bytes,
+            "paper_formula_bytes": paper_bytes(IMAGENET_1K_IMAGES, h.crops_per_image, h.num_classes, codec),
+            "paper_table2": paper_fig,
+        },
+    }
+    r.close()
+    return out
+
+
+def _fmt_ranges(ranges: list, limit: int = 5) -> str:
+    s = ", ".join(f"[{a}, {b})" for a, b in ranges[:limit])
+    return s + (f" and {len(ranges) - limit} more" if len(ranges) > limit else "")
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def format_inspect(d: dict[str, Any]) -> str:
+    """Human-readable rendering of :func:`inspect`'s dict."""
+    cfg = d["codec"]
+    L = [
+        f"store      {d['path']}",
+        f"format     {d['format']} {d['format_version']} (written by fkdstore {d['library_version'] or '?'})",
+        f"codec      {cfg['name']}  config {cfg}",
+        f"shape      {d['num_images']:,} images x {d['crops_per_image']} crops, {d['num_classes']} classes"
+        + (f", aug {[a['name'] for a in d['aug']]}" if d["aug"] else ""),
+        f"written    {d['images_written']:,} / {d['num_images']:,} images"
+        + ("" if d["complete"] else f"; missing {_fmt_ranges(d['missing_ranges'])}"),
+        f"layout     {d['images_per_chunk']} images per chunk, {d['images_per_shard']} per shard",
+        "",
+        f"{'array':<14}{'shape':<18}{'dtype':<9}{'chunks':<16}{'shards':<16}{'stored':>12}{'ratio':>8}{'files':>7}",
+    ]
+    for n, a in d["arrays"].items():
+        L.append(
+            f"{n:<14}{str(tuple(a['shape'])):<18}{a['dtype'][:8]:<9}{str(tuple(a['chunks'])):<16}"
+            f"{str(tuple(a['shards'])) if a['shards'] else '-':<16}{human_bytes(a['stored_bytes']):>12}"
+            f"{_fmt(a['compression_ratio'], '.2f'):>8}{a['files']:>7}"
+        )
+    L += [
+        f"total      {human_bytes(d['total_bytes'])} ({d['total_bytes']:,} bytes) in {d['total_files']} files",
+        f"per crop   {_fmt(d['bytes_per_crop'], '.2f')} B (labels {_fmt(d['label_bytes_per_crop'], '.2f')} B, "
+        f"box/flip/aug {_fmt(d['box_bytes_per_crop'], '.2f')} B)",
+        "",
+        f"sampler    {d['sampler'] if d['sampler'] is not None else '-'}",
+        f"teacher    {d['teacher'] if d['teacher'] is not None else '-'}",
+    ]
+    other = {k: v for k, v in d["meta"].items() if k not in ("sampler", "teacher", "history")}
+    if other:
+        L.append(f"meta       {other}")
+    for h in d["meta"].get("history", []) or []:
+        L.append(f"history    {h}")
+    s = d["label_stats"]
+    L += [
+        "",
+        f"labels     on {s['sampled_crops']:,} sampled crops (seed {s['seed']}):",
+        f"  mass kept by stored entries  {_fmt(s['kept_mass_mean'])}",
+        f"  mean entropy (nats)          {_fmt(s['entropy_mean_nats'])}",
+        f"  teacher top-1 = ground truth {_fmt(s['top1_agreement'])}",
+        f"  distinct top-1 classes       {s['distinct_top1']}",
+    ]
+    e = d["imagenet_extrapolation"]
+    L += [
+        "",
+        f"ImageNet-1K ({e['num_images']:,} images x {e['crops_per_image']} crops, same codec):",
+        f"  this layout     {human_bytes(e['bytes'])}",
+        f"  paper formula   {human_bytes(e['paper_formula_bytes'])} (float32, Table 2's accounting)",
+        f"  paper Table 2   {e['paper_table2'] or 'not in the table'}"
+        + (" (at 1.2M x 200 crops)" if e["paper_table2"] else ""),
+    ]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":  # pragma: no cover - re-measure CALIBRATION
+    print(calibrate())
