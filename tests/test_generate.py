@@ -1,0 +1,398 @@
+"""Teacher runner (fkdstore.generate): end to end on real photographs and digits with a small CNN teacher,
+determinism, kill -9 and resume, two processes under torchrun, bad input, and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import fkdstore
+from fkdstore import schema as S
+from fkdstore.errors import SchemaMismatchError, ValidationError
+from fkdstore.generate import _clear_interrupted_creation, _dist_info, add_cli, file_sha256, generate, state_sha256
+from fkdstore.images import ImageReadError, image_size, load_image
+from fkdstore.store import array_names
+from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
+from fkdstore.transforms import CropSampler, normalize, replay_crops
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(crops_per_image=4, codec="ms", input_size=32, images_per_shard=4, batch_size=8, num_workers=0,
+            progress=False)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_photo_folder(tmp_path_factory.mktemp("photos"), tiles=4, size=96)  # 8 real JPEG tiles
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return make_digits_folder(tmp_path_factory.mktemp("digits"), size=32, per_class=2)  # 20 PNGs
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    r = fkdstore.open(path)
+    names = list(S.PER_IMAGE_ARRAYS) + array_names(r.codec, r.num_classes, len(r.header.aug))
+    return {n: r.array(n)[:] for n in names}
+
+
+def assert_same_arrays(a, b):
+    a, b = arrays(a), arrays(b)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].dtype == b[n].dtype and np.array_equal(a[n], b[n]), n
+
+
+def file_state(path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_photos_matches_teacher_on_replayed_crops(photos, tmp_path):
+    teacher = tiny_cnn(10)
+    out = tmp_path / "photos.fkd"
+    r = generate(teacher, photos, out, temperature=2.0, teacher_name="tiny", weights_sha256="abc", **FAST)
+    assert r.complete and len(r) == 8 and r.num_classes == 10
+    keys = r.image_keys
+    assert keys[0].startswith("china/") and keys[-1].startswith("flower/")
+    assert r.labels.tolist() == [0] * 4 + [1] * 4
+    assert [tuple(s) for s in r.image_sizes] == [image_size(photos / k) for k in keys]
+    m = r.meta
+    assert m["generator"] == "fkdstore.generate"
+    assert m["teacher"]["name"] == "tiny" and m["teacher"]["weights_sha256"] == "abc"
+    assert m["teacher"]["state_sha256"] == state_sha256(teacher)
+    assert m["input_size"] == 32 and m["temperature"] == 2.0 and m["interpolation"] == "bilinear"
+    assert m["mean"] == [0.485, 0.456, 0.406] and m["std"] == [0.229, 0.224, 0.225]
+    assert m["sampler"] == CropSampler(seed=0).get_config()
+    assert m["classes"] == ["china", "flower"] and m["skipped"] == []
+    assert m["time_taken_s"] > 0 and m["history"][-1]["images_labelled"] == 8
+    assert r.header.library_version == fkdstore.__version__
+
+    sampler = CropSampler(seed=0)
+    codec = fkdstore.get_codec("ms")
+    teacher.eval()
+    for i, k in enumerate(keys):
+        rec = r.read(i)
+        H, W = image_size(photos / k)
+        boxes, flips = sampler.sample(i, H, W, 4)
+        assert np.array_equal(rec.boxes, boxes) and np.array_equal(rec.flips, flips)
+        with torch.inference_mode():
+            x = normalize(replay_crops(load_image(photos / k), rec.boxes.astype(np.int64), rec.flips, 32))
+            p = torch.softmax(teacher(x) / 2.0, -1)
+        want = codec.encode(p.numpy())
+        assert np.array_equal(rec.fields["indices"], want["indices"])
+        np.testing.assert_allclose(rec.fields["probs"].astype(np.float32), want["probs"].astype(np.float32), atol=1e-3)
+
+
+def test_determinism_workers_and_rerun(digits, tmp_path):
+    a = generate(tiny_cnn(10), digits, tmp_path / "a", **FAST)
+    b = generate(tiny_cnn(10), digits, tmp_path / "b", **{**FAST, "num_workers": 2})
+    assert a.complete and b.complete and len(a) == 20
+    assert a.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert_same_arrays(tmp_path / "a", tmp_path / "b")
+    # Rerunning a finished store labels nothing and changes nothing but the volatile meta.
+    before = {k: v for k, v in file_state(tmp_path / "a").items() if k != "zarr.json"}
+    c = generate(tiny_cnn(10), digits, tmp_path / "a", **FAST)
+    assert c.meta["history"][-1]["images_labelled"] == 0 and len(c.meta["history"]) == 2
+    assert {k: v for k, v in file_state(tmp_path / "a").items() if k != "zarr.json"} == before
+
+
+def test_file_list_input_and_hard_codec(photos, tmp_path):
+    files = sorted(str(p) for p in photos.rglob("*.jpg"))[:3]
+    r = generate(tiny_cnn(10), files, tmp_path / "l", **{**FAST, "codec": "hard"})
+    assert r.complete and r.image_keys == files and (r.labels == -1).all()
+    assert r.read(0).fields["indices"].shape == (4,)
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+SLOW_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    from fkdstore.testing import tiny_cnn
+    from fkdstore.generate import generate
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = tiny_cnn(10)
+        def forward(self, x):
+            time.sleep(float(sys.argv[3]))
+            return self.m(x)
+
+    generate(Slow(), sys.argv[1], sys.argv[2], crops_per_image=4, codec="ms", input_size=32,
+             images_per_shard=4, batch_size=8, num_workers=0, progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_equals_uninterrupted_run(digits, tmp_path):
+    script = tmp_path / "slow_generate.py"
+    script.write_text(SLOW_SCRIPT)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), str(digits), str(out), "0.2"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until at least one shard (4 images) is on disk
+            try:
+                if fkdstore.open(out).written.sum() >= 4:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+        else:
+            pytest.fail("no shard was written within 60 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = int(fkdstore.open(out).written.sum())
+    assert 4 <= done < 20 and done % 4 == 0  # whole shards only
+    assert not fkdstore.open(out).complete
+
+    subprocess.run([sys.executable, str(script), str(digits), str(out), "0"], env=env, check=True)
+    r = fkdstore.open(out)
+    assert r.complete
+    assert r.meta["history"][-1]["images_labelled"] == 20 - done  # written images were not recomputed
+    ref = generate(tiny_cnn(10), digits, tmp_path / "ref", **FAST)  # same weights, no sleep, no kill
+    assert ref.complete
+    assert_same_arrays(out, tmp_path / "ref")
+
+
+def test_interrupted_creation_is_cleared_and_recreated(digits, tmp_path):
+    out = tmp_path / "half"
+    g = zarr.open_group(str(out), mode="w")  # killed after the group and one array, before the header
+    g.create_array(S.IMAGE_KEY, shape=(3,), dtype="int32")
+    _clear_interrupted_creation(out)
+    assert not out.exists()
+    other = tmp_path / "foreign"  # a Zarr group that is not ours is never removed
+    zarr.open_group(str(other), mode="w").create_array("x", shape=(3,), dtype="int32")
+    _clear_interrupted_creation(other)
+    assert (other / "x").exists()
+    zarr.open_group(str(out), mode="w").create_array(S.IMAGE_KEY, shape=(3,), dtype="int32")
+    assert generate(tiny_cnn(10), digits, out, **FAST).complete
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+DIST_SCRIPT = textwrap.dedent("""
+    import sys, torch.distributed as dist
+    from fkdstore.testing import tiny_cnn
+    from fkdstore.generate import generate, _dist_info
+    init = sys.argv[3] == "init"
+    if init:
+        dist.init_process_group("gloo")
+    r = generate(tiny_cnn(10), sys.argv[1], sys.argv[2], crops_per_image=4, codec="ms", input_size=32,
+                 images_per_shard=4, batch_size=8, num_workers=0, progress=False)
+    assert r.complete
+    if init:
+        assert _dist_info()[1] == 2
+        dist.destroy_process_group()
+    else:
+        assert not dist.is_initialized()  # the group generate() created is gone again
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["init", "env"])
+def test_two_processes_equal_one_process(digits, tmp_path, mode):
+    script = tmp_path / "dist_generate.py"
+    script.write_text(DIST_SCRIPT)
+    out = tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(script), str(digits), str(out), mode]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = fkdstore.open(out)
+    assert r.complete
+    run = r.meta["history"][-1]
+    assert run["world_size"] == 2 and run["images_labelled"] == 20
+    assert run["images_per_rank"] == [12, 8]  # 5 shards of 4 images: rank 0 takes shards 0, 2, 4
+    ref = generate(tiny_cnn(10), digits, tmp_path / "one", **FAST)
+    assert_same_arrays(out, tmp_path / "one")
+    meta2 = {k: v for k, v in r.meta.items() if k not in S.VOLATILE_META}
+    meta1 = {k: v for k, v in ref.meta.items() if k not in S.VOLATILE_META}
+    assert meta2 == meta1
+
+
+def test_dist_info_from_env(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _dist_info() == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert _dist_info() == (1, 3)
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ValidationError, match="RANK"):
+        _dist_info()
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValidationError, match="no images found"):
+        generate(tiny_cnn(10), tmp_path / "empty", tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_width_mismatch_writes_nothing(digits, tmp_path):
+    with pytest.raises(ValidationError, match="outputs 10 classes but num_classes=7"):
+        generate(tiny_cnn(10), digits, tmp_path / "w", num_classes=7, **FAST)
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValidationError, match="10 class folders but the teacher outputs 6"):
+        generate(tiny_cnn(6), digits, tmp_path / "w", **FAST)
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValidationError, match="logits"):
+        generate(torch.nn.Flatten(0), digits, tmp_path / "w", **FAST)  # returns a 1-D tensor
+    assert not (tmp_path / "w").exists()
+
+
+def test_existing_store_with_other_parameters_is_not_touched(photos, tmp_path):
+    out = tmp_path / "s"
+    generate(tiny_cnn(10), photos, out, **FAST)
+    before = file_state(out)
+    for kwargs, match in [
+        ({"seed": 1}, "sampler"),
+        ({"crops_per_image": 5}, "crops_per_image"),
+        ({"codec": "mr"}, "codec"),
+        ({"temperature": 3.0}, "temperature"),
+    ]:
+        with pytest.raises(SchemaMismatchError, match=match):
+            generate(tiny_cnn(10), photos, out, **{**FAST, **kwargs})
+    with pytest.raises(SchemaMismatchError, match="num_classes"):  # a teacher of another width
+        generate(tiny_cnn(12), photos, out, **FAST)
+    with pytest.raises(SchemaMismatchError, match="state_sha256"):  # same architecture, other weights
+        generate(tiny_cnn(10, seed=1), photos, out, **FAST)
+    assert file_state(out) == before
+    other = tmp_path / "not_a_store"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ValidationError, match="refusing to overwrite"):
+        generate(tiny_cnn(10), photos, other, **FAST)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def broken_photos(photos, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(photos, root)
+    victim = root / "china" / "china_1.jpg"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])  # truncated: header readable, pixels not
+    return root, victim, data
+
+
+def test_truncated_image_stop_names_the_path(broken_photos, tmp_path):
+    root, victim, _ = broken_photos
+    with pytest.raises(ImageReadError, match="china_1.jpg"):
+        generate(tiny_cnn(10), root, tmp_path / "stop", **FAST)
+    r = fkdstore.open(tmp_path / "stop")  # shards before the bad image may be written; never complete
+    assert not r.complete and not r.written[1]
+
+
+def test_truncated_image_skip_then_fix_and_resume(broken_photos, photos, tmp_path):
+    root, victim, data = broken_photos
+    out = tmp_path / "skip"
+    with pytest.warns(UserWarning, match="china_1.jpg"):
+        r = generate(tiny_cnn(10), root, out, on_error="skip", **FAST)
+    assert r.meta["skipped"] == ["china/china_1.jpg"]
+    assert not r.complete and r.written.tolist() == [True, False] + [True] * 6
+    with pytest.raises(fkdstore.IncompleteStoreError, match="china_1.jpg"):
+        r.read(1)
+    victim.write_bytes(data)  # the file is repaired: a rerun labels only that image
+    r = generate(tiny_cnn(10), root, out, on_error="skip", **FAST)
+    assert r.complete and r.meta["skipped"] == [] and r.meta["history"][-1]["images_labelled"] == 1
+    generate(tiny_cnn(10), photos, tmp_path / "ref", **FAST)
+    assert_same_arrays(out, tmp_path / "ref")
+
+
+def test_unreadable_header_skip(photos, tmp_path):
+    root = tmp_path / "garbage"
+    shutil.copytree(photos, root)
+    (root / "flower" / "zz.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(ImageReadError, match="zz.jpg"):
+        generate(tiny_cnn(10), root, tmp_path / "g0", **FAST)
+    assert not (tmp_path / "g0").exists()  # header scan fails before the store is created
+    with pytest.warns(UserWarning, match="zz.jpg"):
+        r = generate(tiny_cnn(10), root, tmp_path / "g", on_error="skip", **FAST)
+    assert r.meta["skipped"] == ["flower/zz.jpg"] and int((~r.written).sum()) == 1
+
+
+def test_bad_arguments(digits, tmp_path):
+    for kwargs in ({"on_error": "ignore"}, {"temperature": 0}, {"crops_per_image": 0}, {"interpolation": "x"},
+                   {"scale": (0.5, 0.1)}, {"batch_size": 0}, {"num_workers": -1}):
+        with pytest.raises(ValidationError):
+            generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="fkdstore")
+    add_cli(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_generate_with_weights(photos, tmp_path, capsys):
+    model = tiny_cnn(10, seed=3)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pt")
+    out = tmp_path / "cli.fkd"
+    argv = ["generate", "--images", str(photos), "--teacher", "fkdstore.testing:tiny_cnn",
+            "--teacher-kwargs", '{"num_classes": 10}', "--weights", str(tmp_path / "w.pt"), "--out", str(out),
+            "--crops", "4", "--codec", "ms", "--k", "3", "--input-size", "32", "--images-per-shard", "4",
+            "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 0
+    r = fkdstore.open(out)
+    assert r.complete and r.codec == fkdstore.get_codec("ms", k=3)
+    assert r.meta["teacher"]["weights_sha256"] == file_sha256(tmp_path / "w.pt")
+    assert r.meta["teacher"]["name"] == 'fkdstore.testing:tiny_cnn({"num_classes": 10})'
+    assert r.meta["teacher"]["state_sha256"] == state_sha256(model)
+    generate(model, photos, tmp_path / "api", **{**FAST, "codec": fkdstore.get_codec("ms", k=3)})
+    assert_same_arrays(out, tmp_path / "api")
+
+    # Errors become exit codes with a message, not tracebacks.
+    args = _parser().parse_args([*argv[:-1], "--seed", "5"])
+    assert args.func(args) == 2
+    assert "sampler" in capsys.readouterr().err
+    args = _parser().parse_args(["generate", "--images", str(photos), "--teacher", "no_such_mod:f",
+                                 "--out", str(tmp_path / "z"), "--crops", "2"])
+    assert args.func(args) == 2
+    assert "no_such_mod" in capsys.readouterr().err
+
+
+def test_cli_defaults_match_api_and_help(capsys):
+    import inspect
+
+    sig = inspect.signature(generate).parameters
+    args = _parser().parse_args(["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2"])
+    for name in ("input_size", "batch_size", "seed", "flip_p", "temperature", "interpolation", "device",
+                 "num_workers", "on_error", "images_per_shard", "num_classes", "amp", "progress", "teacher_name",
+                 "weights_sha256"):
+        assert getattr(args, name) == sig[name].default, name
+    for name in ("scale", "ratio", "mean", "std"):
+        assert tuple(getattr(args, name)) == tuple(sig[name].default), name
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "--input-size" in text and "--on-error" in text and "torchrun" in text
