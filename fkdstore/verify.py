@@ -272,7 +272,7 @@ def _check_records(block: dict[str, np.ndarray], w: np.ndarray, r: range, sizes,
         if bad.any():
             i, m = (int(x) for x in np.argwhere(bad)[0])
             problems.add("box", f"array 'box': {int(bad.sum())} boxes outside the image or empty in images "
-                         f"rows {r.start}..{r.stop}, first {where(bad)}: box {b[i, m].tolist()} in size "
+                         f"{r.start}..{r.stop}, first {where(bad)}: box {b[i, m].tolist()} in size "
                          f"{sz[i].tolist()}")
     flip = block.get(S.FLIP)
     if flip is not None and not np.isin(flip[rows].view(np.uint8), (0, 1)).all():

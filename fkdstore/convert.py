@@ -1,0 +1,436 @@
+"""Re-encode stores without the teacher (:func:`convert`) and import FKD's release files (:func:`import_fkd`).
+
+Conversions work on the *stored fields*, never on decoded distributions: decoding an ``mr`` store gives the
+renormalised top-K, and re-encoding that as ``ms`` would claim a residual of 0. Every codec that keeps a
+top-K stores the raw teacher probabilities of those classes, in descending order (``fkdstore.codecs``), so
+
+=============  =========================================================================================
+source         possible targets
+=============  =========================================================================================
+``full``       everything (``full`` with another dtype; the others by encoding the stored vector)
+``ms``/``mr``  ``ms``/``mr`` with K' <= K (the first K' stored entries), ``smoothing``, ``hard``
+``smoothing``  ``smoothing``, ``hard``, ``ms``/``mr`` with K = 1
+``hard``       ``hard``
+=============  =========================================================================================
+
+Anything else needs information the source does not hold and is refused with the reason
+(:class:`ConversionError`). The output copies boxes, flips, aug, image keys, sizes, labels and ``meta``,
+and appends a record to ``meta["history"]``. Conversion streams one source shard at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import codecs as _codecs
+from . import schema as S
+from .errors import FkdstoreError, ValidationError
+
+__all__ = ["ConversionError", "conversion_problem", "convert_fields", "convert", "import_fkd", "fkd_boxes",
+           "load_fkd_file", "FKD_SUFFIXES"]
+
+FKD_SUFFIXES = (".pth.tar", ".tar")
+
+
+class ConversionError(FkdstoreError):
+    """The requested conversion needs information the source does not hold."""
+
+
+def _k(codec) -> int | None:
+    return getattr(codec, "k", None)
+
+
+def _describe(codec) -> str:
+    return codec.name + (f" K={codec.k}" if _k(codec) is not None else "")
+
+
+def conversion_problem(src: _codecs.LabelCodec, dst: _codecs.LabelCodec) -> str | None:
+    """Why ``src -> dst`` is impossible, or None when it is possible."""
+    s, d = src.name, dst.name
+    if s == "full":
+        return None
+    if d == "full":
+        return (f"a {_describe(src)} store does not hold the full C-way distribution that the full codec "
+                f"stores; only a full store can be converted to full")
+    if s == "hard":
+        if d == "hard":
+            return None
+        return (f"a hard store keeps only the argmax class, not the teacher's probability that "
+                f"{_describe(dst)} needs")
+    if s == "smoothing":
+        if d in ("hard", "smoothing") or _k(dst) == 1:
+            return None
+        return (f"a smoothing store keeps only the top-1 class and its probability; {_describe(dst)} needs the "
+                f"top {_k(dst)}")
+    # s in ms/mr
+    if d in ("hard", "smoothing"):
+        return None
+    if _k(dst) is not None and _k(dst) > src.k:
+        return (f"a {_describe(src)} store keeps only the top {src.k} classes; {_describe(dst)} needs the "
+                f"top {dst.k}")
+    return None
+
+
+def convert_fields(src: _codecs.LabelCodec, dst: _codecs.LabelCodec, fields: dict[str, np.ndarray],
+                   num_classes: int) -> dict[str, np.ndarray]:
+    """Stored fields of ``src`` -> stored fields of ``dst`` (leading dims kept). Raises ConversionError."""
+    why = conversion_problem(src, dst)
+    if why:
+        raise ConversionError(f"cannot convert {_describe(src)} -> {_describe(dst)}: {why}")
+    specs = dst.fields(num_classes)
+    if src.name == "full":
+        out = dst.encode(np.asarray(fields["probs"], dtype=np.float32))
+    else:
+        idx = np.asarray(fields["indices"])
+        p = None if "probs" not in fields else np.asarray(fields["probs"])
+        if src.name in ("ms", "mr"):
+            # stored descending; a stable sort keeps the stored order of equal values (the encoder's tie rule)
+            order = np.argsort(-p.astype(np.float32), axis=-1, kind="stable")
+            idx, p = np.take_along_axis(idx, order, -1), np.take_along_axis(p, order, -1)
+        elif src.name == "smoothing":
+            idx, p = idx[..., None], p[..., None]  # -> (..., 1)
+        else:  # hard
+            idx = idx[..., None]
+        if dst.name == "hard":
+            out = {"indices": idx[..., 0]}
+        elif dst.name == "smoothing":
+            out = {"indices": idx[..., 0], "probs": p[..., 0]}
+        else:
+            out = {"indices": idx[..., :dst.k], "probs": p[..., :dst.k]}
+    return {n: np.asarray(out[n]).astype(spec.dtype, copy=False) for n, spec in specs.items()}
+
+
+def _history_record(op: str, **items) -> dict[str, Any]:
+    from . import __version__
+
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return {"op": op, **items, "at": now, "library_version": __version__}
+
+
+def _check_dst(dst: Path, src: Path | None = None) -> None:
+    if src is not None and dst.resolve() == src.resolve():
+        raise ValidationError(f"destination must differ from the source. Got {dst} for both.")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValidationError(f"destination {dst} exists and is not empty; choose a new path")
+
+
+@contextlib.contextmanager
+def _remove_on_error(dst: Path):
+    """Delete ``dst`` (which :func:`_check_dst` found absent or empty) if writing it fails."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+
+
+def _tqdm(it, progress: bool, **kw):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, **kw)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | None = None,
+            progress: bool = False) -> dict[str, Any]:
+    """Re-encode store ``src`` into a new store ``dst`` with ``codec`` (name, config dict or LabelCodec).
+
+    Only written images are converted (an incomplete source gives an equally incomplete output).
+    Returns ``{from, to, images, missing, bytes_before, bytes_after}``.
+    """
+    from . import store as _store
+
+    src, dst = Path(src), Path(dst)
+    reader = _store.open(src)
+    dst_codec = _target_codec(codec, k, default_k=_k(reader.codec))
+    why = conversion_problem(reader.codec, dst_codec)
+    if why:
+        raise ConversionError(f"cannot convert {_describe(reader.codec)} -> {_describe(dst_codec)}: {why}")
+    _check_dst(dst, src)
+    h = reader.header
+    meta = dict(h.meta)
+    written = reader.written
+    meta["history"] = list(meta.get("history") or []) + [_history_record(
+        "convert", source=str(src.resolve()), **{"from": dict(h.codec), "to": dst_codec.get_config()},
+        images=int(written.sum()))]
+    with _remove_on_error(dst), _store.write(
+        dst, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=h.num_classes,
+        codec=dst_codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels,
+        meta=meta, aug=h.aug,
+    ) as w:
+        for s in _tqdm(range(h.num_shards), progress, desc="converting", unit="shard"):
+            r = h.shard_range(s)
+            idx = r.start + np.flatnonzero(written[r.start:r.stop])
+            if len(idx) == 0:
+                continue
+            rec = reader.read_batch(idx)
+            fields = convert_fields(reader.codec, dst_codec, rec.fields, h.num_classes)
+            w.put_fields(idx, rec.boxes, rec.flips, fields, aug=rec.aug)
+    reader.close()
+    return {
+        "from": dict(h.codec), "to": dst_codec.get_config(), "images": int(written.sum()),
+        "missing": int((~written).sum()),
+        "bytes_before": _store.storage_stats(src)["_total"]["bytes"],
+        "bytes_after": _store.storage_stats(dst)["_total"]["bytes"],
+    }
+
+
+def _target_codec(codec, k: int | None, default_k: int | None = None) -> _codecs.LabelCodec:
+    if isinstance(codec, _codecs.LabelCodec):
+        return codec
+    if isinstance(codec, dict):
+        return _codecs.from_config(codec)
+    name = _codecs.ALIASES.get(str(codec).strip().lower(), str(codec).strip().lower())
+    if name in ("ms", "mr"):
+        return _codecs.get_codec(name, k=k if k is not None else (default_k or 5))
+    if k is not None:
+        raise ValidationError(f"k applies to the ms and mr codecs only. Got codec {codec!r} with k={k}.")
+    return _codecs.get_codec(name)
+
+
+# ============================================================================================ import-fkd
+def _numpy_safe_globals() -> list:
+    """What torch's weights-only unpickler needs to rebuild plain numpy arrays (no code execution)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    dtypes = [type(np.dtype(t)) for t in ("bool", "float16", "float32", "float64", "int8", "int16", "int32",
+                                          "int64", "uint8", "uint16", "uint32", "uint64")]
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtypes]
+
+
+def load_fkd_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> list:
+    """Load one FKD label file (``torch.save`` of ``[coords, flip, labels]``) as a list of numpy arrays.
+
+    By default with ``torch.load(weights_only=True)`` and only numpy's array-rebuilding globals allowed:
+    loading never executes code from the file. ``trust_pickle=True`` uses ``weights_only=False``, which
+    runs whatever the pickle says: only for files from a source you trust.
+    """
+    import torch
+
+    try:
+        if trust_pickle:
+            obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted input only: runs pickled code
+        else:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()
+        hint = "" if trust_pickle else "; if the files come from a source you trust, pass --trust-pickle"
+        detail = next((ln for ln in first if "Unsupported global" in ln), first[-1] if first else type(e).__name__)
+        raise FkdstoreError(f"cannot load FKD label file {path}: {detail.strip()}{hint}") from e
+    if not isinstance(obj, (list, tuple)) or len(obj) < 3:
+        raise ValidationError(f"FKD label file {path} must hold a list [coords, flip, labels]. Got {type(obj).__name__}.")
+    out = []
+    for x in obj[:3]:
+        out.append(x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x))
+    return out
+
+
+def fkd_boxes(coords: np.ndarray, height: int, width: int) -> np.ndarray:
+    """FKD's normalised ``(i/H, j/W, h/H, w/W)`` -> integer ``(top, left, height, width)``, FKD's replay rule.
+
+    FKD multiplies each coordinate (as a Python float) by the image size and calls torchvision's
+    ``resized_crop``, i.e. Pillow's ``crop((j, i, j + w, i + h))``, which rounds each edge with Python's
+    ``round`` (half to even): ``left = round(j)``, ``top = round(i)``, ``right = round(j + w)``,
+    ``bottom = round(i + h)``. ``numpy.rint`` on float64 is the same rounding.
+    """
+    c = np.asarray(coords).astype(np.float64)
+    i, j = c[..., 0] * height, c[..., 1] * width
+    h, w = c[..., 2] * height, c[..., 3] * width
+    top, left = np.rint(i), np.rint(j)
+    bottom, right = np.rint(i + h), np.rint(j + w)
+    return np.stack([top, left, bottom - top, right - left], -1).astype(np.int64)
+
+
+def _clamp_boxes(b: np.ndarray, H: int, W: int) -> tuple[np.ndarray, int]:
+    """Clip boxes into the image, keeping at least 1 pixel; returns (boxes, how many changed)."""
+    top = np.clip(b[:, 0], 0, H - 1)
+    left = np.clip(b[:, 1], 0, W - 1)
+    bottom = np.clip(b[:, 0] + b[:, 2], top + 1, H)
+    right = np.clip(b[:, 1] + b[:, 3], left + 1, W)
+    out = np.stack([top, left, bottom - top, right - left], -1)
+    return out, int((out != b).any(-1).sum())
+
+
+def _label_kind(labels: np.ndarray, path) -> tuple[str, int]:
+    if labels.ndim == 3 and labels.shape[1] == 2:
+        return "topk", int(labels.shape[2])
+    if labels.ndim == 2 and labels.shape[1] == 2:
+        return "smoothing", 1
+    if labels.ndim == 1:
+        return "hard", 1
+    raise ValidationError(f"FKD labels in {path} must have shape (M, 2, K), (M, 2) or (M,). Got {labels.shape}.")
+
+
+def _file_fields(labels: np.ndarray, kind: str, path) -> dict[str, np.ndarray]:
+    """FKD labels -> source-codec fields with float64 indices checked integral."""
+    if kind == "topk":
+        idx, p = labels[:, 0, :], labels[:, 1, :]
+    elif kind == "smoothing":
+        idx, p = labels[:, 0], labels[:, 1]
+    else:
+        idx, p = labels, None
+    idxf = np.asarray(idx, dtype=np.float64)
+    if not np.isfinite(idxf).all() or (idxf != np.round(idxf)).any() or (idxf < 0).any():
+        raise ValidationError(f"FKD labels in {path}: class indices must be non-negative integers. Got {idxf[(idxf != np.round(idxf)) | (idxf < 0)][:3].tolist()}.")
+    out = {"indices": idxf.astype(np.int64)}
+    if p is not None:
+        out["probs"] = np.asarray(p, dtype=np.float32)
+    return out
+
+
+def _source_codec(kind: str, k: int) -> _codecs.LabelCodec:
+    if kind == "topk":
+        return _codecs.MarginalSmoothing(k=k, dtype="float32")
+    if kind == "smoothing":
+        return _codecs.Smoothing(dtype="float32")
+    return _codecs.Hard()
+
+
+def _scan_fkd(src: Path) -> dict[tuple[str, str], Path]:
+    files: dict[tuple[str, str], Path] = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        for f in sorted(filenames):
+            suf = next((s for s in FKD_SUFFIXES if f.endswith(s)), None)
+            if suf is None:
+                continue
+            p = Path(dirpath) / f
+            key = (p.parent.name if p.parent != src else "", f[: -len(suf)])
+            if key in files:
+                raise ValidationError(
+                    f"label files {files[key]} and {p} both belong to image {key[0]}/{key[1]}; point SRC at one "
+                    f"split folder (e.g. <root>/train)")
+            files[key] = p
+    return files
+
+
+def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.PathLike, *,
+               codec: str | None = None, k: int | None = None, num_classes: int | None = None,
+               trust_pickle: bool = False, batch: int = 256, progress: bool = False,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Import FKD's release layout (``<src>/<class>/<stem>.tar`` or ``.pth.tar``) into a new store ``dst``.
+
+    ``images`` is the image folder the labels were made from (``<images>/<class>/<stem>.<ext>``); a label
+    file matches the image with the same class folder and stem. Images without a label file are left out
+    (counted in the result); a label file without an image is an error. ``codec`` defaults to what the files
+    hold (``ms`` for top-K, ``smoothing``, ``hard``); ``ms``/``mr`` take the files' K unless ``k`` is smaller.
+    ``num_classes`` defaults to the largest stored class index + 1, which costs an extra pass over the files
+    and is wrong when the top classes never reach the last one: pass it (1000 for ImageNet-1K).
+    Ground-truth labels are stored when the image folder has exactly ``num_classes`` class folders
+    (the ImageFolder order), else -1.
+
+    Returns ``{files, images, images_without_labels, crops_per_image, num_classes, codec, coords_dtype,
+    boxes_clamped, bytes_before, bytes_after}``.
+    """
+    from . import store as _store
+    from .images import image_size, list_images
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"FKD label folder not found: {src}")
+    files = _scan_fkd(src)
+    if not files:
+        raise ValidationError(f"no FKD label files ({', '.join(FKD_SUFFIXES)}) found under {src}")
+    imgs = list_images(images)
+    by_key = {}
+    for n, key in enumerate(imgs.keys):
+        kp = Path(key)
+        by_key[(kp.parent.name, kp.name[: -len(kp.suffix)] if kp.suffix else kp.name)] = n
+    orphans = [files[key] for key in files if key not in by_key]
+    if orphans:
+        raise ValidationError(
+            f"{len(orphans)} label files have no image in {images} (matched by class folder and stem), "
+            f"e.g. {[str(p) for p in orphans[:3]]}")
+    _check_dst(dst)
+    chosen = sorted(by_key[key] for key in files)
+    inv = {by_key[key]: files[key] for key in files}
+    label_files = [inv[n] for n in chosen]
+    keys = [imgs.keys[n] for n in chosen]
+    paths = [imgs.paths[n] for n in chosen]
+
+    coords0, flip0, labels0 = load_fkd_file(label_files[0], trust_pickle=trust_pickle)
+    M = int(coords0.shape[0])
+    kind, file_k = _label_kind(labels0, label_files[0])
+    src_codec = _source_codec(kind, file_k)
+    if codec is None:
+        dst_codec = {"topk": _target_codec("ms", k if k is not None else file_k), "smoothing": _codecs.Smoothing(),
+                     "hard": _codecs.Hard()}[kind]
+    else:
+        dst_codec = _target_codec(codec, k, default_k=file_k if kind == "topk" else 1)
+    why = conversion_problem(src_codec, dst_codec)
+    if why:
+        what = {"topk": f"top-{file_k} labels", "smoothing": "smoothing labels", "hard": "hard labels"}[kind]
+        raise ConversionError(f"cannot import FKD files holding {what} as {_describe(dst_codec)}: {why}")
+
+    def load(p):
+        coords, flip, labels = load_fkd_file(p, trust_pickle=trust_pickle)
+        if coords.shape != (M, 4):
+            raise ValidationError(f"FKD coords in {p} must have shape ({M}, 4) like the first file. Got {coords.shape}.")
+        if flip.shape != (M,):
+            raise ValidationError(f"FKD flip in {p} must have shape ({M},). Got {flip.shape}.")
+        kd = _label_kind(labels, p)
+        if kd != (kind, file_k) or labels.shape[0] != M:
+            raise ValidationError(f"FKD labels in {p} have shape {labels.shape}; the first file's are {labels0.shape}.")
+        return coords, flip, _file_fields(labels, kind, p)
+
+    if num_classes is None:
+        top = -1
+        for p in _tqdm(label_files, progress, desc="scanning classes", unit="file"):
+            top = max(top, int(load(p)[2]["indices"].max()))
+        num_classes = top + 1
+        if log:
+            log(f"num_classes = {num_classes} (largest stored class index + 1; pass --classes to set it)")
+    num_classes = int(num_classes)
+    sizes = np.array([image_size(p) for p in paths], dtype=np.int64)
+    labels_gt = None
+    if len(imgs.classes) == num_classes:
+        labels_gt = np.array([imgs.labels[n] for n in chosen], dtype=np.int64)
+    meta = {
+        "import": {"format": "fkd-release", "source": str(src.resolve()), "files": len(label_files),
+                   "label_kind": kind, "k_in_files": file_k if kind == "topk" else None,
+                   "coords_dtype": str(coords0.dtype), "box_rule": "pillow-crop-round"},
+        "history": [_history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
+                                    images=len(label_files))],
+    }
+    clamped = 0
+    N = len(label_files)
+    with _remove_on_error(dst), _store.write(
+        dst, num_images=N, crops_per_image=M, num_classes=num_classes, codec=dst_codec, image_keys=keys,
+        image_sizes=sizes, labels=labels_gt, meta=meta,
+    ) as w:
+        for a in _tqdm(range(0, N, batch), progress, desc="importing", unit="batch"):
+            b = range(a, min(N, a + batch))
+            boxes, flips, fields = [], [], []
+            for n in b:
+                coords, flip, f = load(label_files[n])
+                H, W = (int(x) for x in sizes[n])
+                bx, c = _clamp_boxes(fkd_boxes(coords, H, W), H, W)
+                clamped += c
+                if (f["indices"] >= num_classes).any():
+                    raise ValidationError(f"FKD labels in {label_files[n]} hold class index "
+                                          f"{int(f['indices'].max())} >= num_classes={num_classes}.")
+                boxes.append(bx)
+                flips.append(np.asarray(flip).astype(bool))
+                fields.append(f)
+            stacked = {name: np.stack([f[name] for f in fields]) for name in fields[0]}
+            out = convert_fields(src_codec, dst_codec, stacked, num_classes)
+            w.put_fields(np.arange(b.start, b.stop), np.stack(boxes), np.stack(flips), out)
+    return {
+        "files": N, "images": N, "images_without_labels": len(imgs) - N, "crops_per_image": M,
+        "num_classes": num_classes, "codec": dst_codec.get_config(), "coords_dtype": str(coords0.dtype),
+        "boxes_clamped": clamped,
+        "bytes_before": int(sum(os.path.getsize(p) for p in label_files)),
+        "bytes_after": _store.storage_stats(dst)["_total"]["bytes"],
+    }
