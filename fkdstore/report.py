@@ -354,7 +354,7 @@ def _array_info(arr, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
         chunks, shards = grid, None
     dtype = str(arr.dtype)
     if arr.dtype.kind in "OTU" or "str" in dtype.lower():
-        raw = None
+        dtype, raw = "string", None
     else:
         raw = int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     st = stats.get(arr.path, {"bytes": 0, "files": 0})
@@ -419,6 +419,11 @@ def _fmt_ranges(ranges: list, limit: int = 5) -> str:
     return s + (f" and {len(ranges) - limit} more" if len(ranges) > limit else "")
 
 
+def _short(v, limit: int = 200) -> str:
+    s = repr(v) if not isinstance(v, str) else v
+    return s if len(s) <= limit else s[: limit - 5] + " ...}"
+
+
 def _fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
 
@@ -449,14 +454,14 @@ def format_inspect(d: dict[str, Any]) -> str:
         f"per crop   {_fmt(d['bytes_per_crop'], '.2f')} B (labels {_fmt(d['label_bytes_per_crop'], '.2f')} B, "
         f"box/flip/aug {_fmt(d['box_bytes_per_crop'], '.2f')} B)",
         "",
-        f"sampler    {d['sampler'] if d['sampler'] is not None else '-'}",
-        f"teacher    {d['teacher'] if d['teacher'] is not None else '-'}",
+        f"sampler    {_short(d['sampler'], 320) if d['sampler'] is not None else '-'}",
+        f"teacher    {_short(d['teacher'], 320) if d['teacher'] is not None else '-'}",
     ]
     other = {k: v for k, v in d["meta"].items() if k not in ("sampler", "teacher", "history")}
     if other:
-        L.append(f"meta       {other}")
+        L.append(f"meta       {_short(other)}")
     for h in d["meta"].get("history", []) or []:
-        L.append(f"history    {h}")
+        L.append(f"history    {_short(h)}")
     s = d["label_stats"]
     L += [
         "",
