@@ -17,12 +17,15 @@ from .errors import (  # noqa: E402
 )
 from .store import CorruptChunkError, CropRecords, Reader, Writer, open, write  # noqa: E402,A004
 
-_LAZY = {  # torch-heavy entry points, imported on first use
+# The teacher-runner function shadows its module's name: bind the function here, after the submodule is
+# loaded, so ``import fkdstore.generate`` elsewhere can never rebind ``fkdstore.generate`` to the module.
+from .generate import generate  # noqa: E402
+
+_LAZY = {  # torch-data entry points, imported on first use
     "TorchDataset": "pytorch",
     "collate": "pytorch",
     "densify": "pytorch",
     "soft_cross_entropy": "pytorch",
-    "generate": "generate",
 }
 
 
@@ -37,5 +40,5 @@ def __getattr__(name):
 __all__ = [
     "__version__", "codecs", "schema", "from_config", "get_codec", "write", "open", "Reader", "Writer",
     "CropRecords", "FkdstoreError", "FormatError", "IncompleteStoreError", "SchemaMismatchError",
-    "ValidationError", "CorruptChunkError", *_LAZY,
+    "ValidationError", "CorruptChunkError", "generate", *_LAZY,
 ]

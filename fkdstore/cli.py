@@ -225,12 +225,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--progress", action="store_true", help="show a progress bar")
     q.set_defaults(func=_cmd_import_fkd)
 
-    try:
-        from . import generate as _generate
-    except ImportError:
-        _generate = None
-    if _generate is not None and hasattr(_generate, "add_cli"):
-        _generate.add_cli(sub)
+    from .generate import add_cli as _add_generate_cli  # the teacher-runner owns its flags
+
+    _add_generate_cli(sub)
     return p, sub
 
 
