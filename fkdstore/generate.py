@@ -16,6 +16,9 @@ then runs the teacher over ``M`` random-resized crops per image:
   ``written`` are skipped and the final store equals an uninterrupted run's, array for array;
 * under ``torchrun`` rank ``r`` of ``P`` takes shards ``r, r + P, ...``; rank 0 creates the store and is
   the only process that writes attributes; no two ranks touch the same file and there is no merge step.
+  With torchrun's environment (``MASTER_ADDR``) a gloo process group is created if the caller has none
+  (and destroyed at the end); with only ``RANK``/``WORLD_SIZE`` set, the other ranks poll until rank 0
+  has created the store, and rank 0's ``history`` entry then counts only its own images.
 
 Unreadable images: ``on_error="stop"`` (default) raises :class:`~fkdstore.images.ImageReadError` naming
 the file; ``on_error="skip"`` leaves the image **unwritten** (its ``written`` flag stays 0, so the store
@@ -572,9 +575,9 @@ def _existing_sizes(path: Path, keys: Sequence[str]) -> np.ndarray | None:
     if not (path / "zarr.json").exists():
         return None
     try:
-        r = _store.open(path)
-        stored = r.group[S.IMAGE_KEY][:]
-        sizes = r.group[S.IMAGE_SIZE][:]
+        with _store.open(path) as r:
+            stored = r.group[S.IMAGE_KEY][:]
+            sizes = r.group[S.IMAGE_SIZE][:]
     except FkdstoreError:
         return None
     if len(stored) != len(keys) or any(a != b for a, b in zip(stored, keys)):
