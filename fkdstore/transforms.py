@@ -257,7 +257,9 @@ def crop_resize(
     out = image.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    # HWC -> CHW copy in numpy: single-threaded, so no torch parallel region per small crop (those stall
+    # badly when the cores are shared, e.g. with DataLoader workers).
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def replay_crops(
@@ -281,9 +283,10 @@ def replay_crops(
         return torch.empty((0, 3, out_h, out_w), dtype=torch.uint8)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return torch.stack(
-        [crop_resize(image, tuple(b), bool(f), (out_h, out_w), interpolation) for b, f in zip(boxes, flips)]
-    )
+    out = np.empty((len(boxes), 3, out_h, out_w), dtype=np.uint8)  # filled in numpy, one torch wrap
+    for j, (b, f) in enumerate(zip(boxes, flips)):
+        out[j] = crop_resize(image, tuple(b), bool(f), (out_h, out_w), interpolation).numpy()
+    return torch.from_numpy(out)
 
 
 def normalize(
