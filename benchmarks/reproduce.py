@@ -1,0 +1,394 @@
+"""Small-scale reproduction of the FKD paper's central claims on CPU (scikit-learn digits, upscaled).
+
+A teacher CNN (``tiny_cnn``, wide) is trained on the digits train split; then a smaller student is trained
+several ways with the same number of *effective epochs* E (crops seen per image), the same crops per
+mini-batch, optimiser, learning-rate schedule and seeds:
+
+(a) ``no KD``: hard labels, a fresh random-resized crop per image per epoch;
+(b) ``vanilla KD``: same crops as (a), the teacher runs on every crop at every step (soft labels);
+(c) ``FKD``: labels made once by :func:`fkdstore.generate` (M = E stored crops per image, Full float32),
+    re-encoded into each codec (Full, MS-K, MR-K, Smoothing, Hard); training replays them with
+    :class:`fkdstore.TorchDataset` (m crops of one loaded image per mini-batch, so E/m passes, and the
+    cosine learning rate stepped once per pass: the serrated schedule);
+(d) ``global label``: the same replayed crops and m as (c) Full, but every crop gets the teacher's soft label
+    of the *whole* image (ReLabel-style global/region mismatch).
+
+m is varied for (c) Full (m = 1, 2, 4, 8). Test accuracy on the held-out split (whole images) and the
+training wall time (data loading + teacher forwards + steps; label generation is a one-off cost reported
+separately) are reported as mean ± std over seeds. Single-threaded torch; every variant runs in this one
+process, interleaved per seed, so time ratios are comparable.
+
+    python benchmarks/reproduce.py --fast            # the `make bench` subset (~5 min on 2 cores)
+    python benchmarks/reproduce.py                   # more epochs and seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import fkdstore
+from fkdstore.codecs import get_codec
+from fkdstore.images import list_images, load_image
+from fkdstore.testing import make_digits_folder, tiny_cnn
+from fkdstore.transforms import CropSampler, crop_resize, normalize
+
+NUM_CLASSES = 10
+CROPS_PER_BATCH = 64
+
+
+def lr_at(p: int, passes: int, base: float) -> float:
+    """Cosine over passes, constant within a pass (with m crops per image: the serrated schedule)."""
+    return 0.5 * base * (1 + math.cos(math.pi * p / passes))
+
+
+class RandomCrops(Dataset):
+    """Conventional loader: load the image, take a fresh random-resized crop + flip per image per epoch.
+
+    The crops of all epochs are drawn up front (one :class:`CropSampler` call per image, seeded by the run's
+    seed), so per-item cost is image decode + crop + resize, as with torchvision's RandomResizedCrop."""
+
+    def __init__(self, folder, size, scale, seed, epochs):
+        lst = list_images(folder)
+        self.paths, self.labels = lst.paths, np.asarray(lst.labels)
+        self.size, self.epoch = size, 0
+        s = CropSampler(scale=scale, seed=seed + 1_000_000)  # never the FKD store's crops (seed 0)
+        hw = [load_image(p).size[::-1] for p in self.paths]
+        drawn = [s.sample(i, h, w, epochs) for i, (h, w) in enumerate(hw)]
+        self.boxes = np.stack([b for b, _ in drawn]).astype(np.int64)
+        self.flips = np.stack([f for _, f in drawn])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = load_image(self.paths[i])
+        e = self.epoch
+        return crop_resize(img, tuple(int(v) for v in self.boxes[i, e]), bool(self.flips[i, e]), self.size), \
+            int(self.labels[i])
+
+
+def load_folder(folder, size):
+    lst = list_images(folder)
+    x = torch.stack([torch.from_numpy(np.array(load_image(p).resize((size, size), 2))).permute(2, 0, 1)
+                     for p in lst.paths])
+    return x, torch.tensor(lst.labels)
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    model.eval()
+    pred = torch.cat([model(normalize(x[s:s + 512])).argmax(-1) for s in range(0, len(x), 512)])
+    model.train()
+    return float((pred == y).float().mean())
+
+
+def train(model, batches, passes: int, lr: float, target_fn) -> float:
+    """SGD (momentum 0.9, wd 5e-4), lr by :func:`lr_at`; ``batches(p)`` yields (uint8 crops, info) of pass p;
+    ``target_fn(x, info)`` -> int targets (hard) or [n, C] soft targets. Returns (wall s, process CPU s)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    model.train()
+    t, c = time.perf_counter(), time.process_time()
+    for p in range(passes):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(p, passes, lr)
+        for x, info in batches(p):
+            xn = normalize(x)
+            target = target_fn(xn, info)
+            out = model(xn)
+            loss = F.cross_entropy(out, target) if target.dtype == torch.int64 else fkdstore.soft_cross_entropy(out, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def random_crop_batches(folder, size, scale, seed, epochs):
+    ds = RandomCrops(folder, size, scale, seed, epochs)
+    g = torch.Generator()
+
+    def batches(p):
+        ds.epoch = p
+        g.manual_seed(seed * 7919 + p)
+        yield from DataLoader(ds, batch_size=CROPS_PER_BATCH, shuffle=True, generator=g, num_workers=0)
+    return batches
+
+
+def fkd_batches(store, folder, m, seed):
+    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=m, labels="dense", normalize=False, seed=seed)
+    g = torch.Generator()
+    loader = DataLoader(ds, batch_size=max(1, CROPS_PER_BATCH // m), shuffle=True, generator=g, num_workers=0,
+                        collate_fn=fkdstore.collate)
+
+    def batches(p):
+        ds.set_epoch(p)
+        g.manual_seed(seed * 7919 + p)
+        for b in loader:
+            yield b["crops"], b
+    return batches
+
+
+def reencode(full_store: Path, codec, path: Path) -> Path:
+    """Write ``full_store``'s labels (same crops) with another codec."""
+    r = fkdstore.open(full_store)
+    rec = r.read_all()
+    probs = r.decode(rec.fields)
+    probs = probs / probs.sum(-1, keepdims=True)
+    with fkdstore.write(path, num_images=r.num_images, crops_per_image=r.crops_per_image, num_classes=r.num_classes,
+                        codec=codec, image_keys=r.image_keys, image_sizes=r.image_sizes, labels=r.labels,
+                        meta=r.meta) as w:
+        w.put(np.arange(r.num_images), rec.boxes.astype(np.int64), rec.flips, probs)
+    return path
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fast", action="store_true", help="the make-bench subset")
+    ap.add_argument("--epochs", type=int, default=None, help="effective epochs E (crops seen per image)")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--size", type=int, default=16, help="image / crop side in pixels")
+    ap.add_argument("--teacher-width", type=int, default=32)
+    ap.add_argument("--student-width", type=int, default=8)
+    ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--k", type=int, default=3, help="top-K of MS / MR (C = 10)")
+    ap.add_argument("--m", type=int, default=4, help="crops per image per mini-batch for the codec runs")
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8], help="m values of the ablation (Full)")
+    ap.add_argument("--scale", type=float, nargs=2, default=(0.25, 1.0), help="random-resized-crop scale range")
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    E = a.epochs or (16 if a.fast else 32)
+    seeds = list(range(a.seeds or (3 if a.fast else 5)))
+    t_epochs = a.teacher_epochs or (20 if a.fast else 40)
+    torch.set_num_threads(1)
+    t_all = time.perf_counter()
+    work = Path(a.work or tempfile.mkdtemp(prefix="fkd-repro-"))
+    work.mkdir(parents=True, exist_ok=True)
+    size, scale = a.size, tuple(a.scale)
+    train_dir, test_dir = work / "train", work / "test"
+    if not train_dir.exists():
+        make_digits_folder(train_dir, size=size, split="train")
+        make_digits_folder(test_dir, size=size, split="test")
+    x_test, y_test = load_folder(test_dir, size)
+    n_train = len(list_images(train_dir))
+
+    # ---- teacher
+    teacher = tiny_cnn(NUM_CLASSES, width=a.teacher_width, seed=1000)
+    t_teacher, _ = train(teacher, random_crop_batches(train_dir, size, scale, 1000, t_epochs), t_epochs, a.lr,
+                      lambda x, y: y)
+    teacher.eval()
+    res: dict = {"config": {"effective_epochs": E, "seeds": seeds, "size": size, "scale": scale, "k": a.k,
+                            "m": a.m, "ms": a.ms, "teacher_width": a.teacher_width, "student_width": a.student_width,
+                            "teacher_epochs": t_epochs, "train_images": n_train, "test_images": len(y_test),
+                            "crops_per_batch": CROPS_PER_BATCH, "lr": a.lr},
+                 "teacher": {"acc": accuracy(teacher, x_test, y_test), "train_s": t_teacher}}
+    print(f"teacher acc {res['teacher']['acc']:.4f} ({t_teacher:.0f}s)", file=sys.stderr, flush=True)
+
+    # ---- labels: generate once (Full float32, M = E), re-encode per codec
+    M = E
+    full = work / "labels_full.fkd"
+    shutil.rmtree(full, ignore_errors=True)
+    t, tc = time.perf_counter(), time.process_time()
+    fkdstore.generate(teacher, train_dir, full, crops_per_image=M, codec=get_codec("full", dtype="float32"),
+                      input_size=size, seed=0, scale=scale, num_workers=0, progress=False, batch_size=256)
+    gen_s, gen_cpu = time.perf_counter() - t, time.process_time() - tc
+    # teacher-only forward on the same number of crops, for the generation-cost row
+    xs = torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8)
+    tc = time.process_time()
+    with torch.inference_mode():
+        for _ in range(8):
+            teacher(normalize(xs))
+    fwd_crops_s = 8 * 256 / (time.process_time() - tc)
+    res["generation"] = {"images": n_train, "M": M, "seconds": gen_s, "cpu_seconds": gen_cpu,
+                         "crops_per_s": n_train * M / gen_cpu,
+                         "teacher_forward_crops_per_s": fwd_crops_s}
+    stores = {"Full": full}
+    codecs = {f"MS K={a.k}": get_codec("ms", k=a.k), f"MR K={a.k}": get_codec("mr", k=a.k),
+              "Smoothing": get_codec("smoothing"), "Hard": get_codec("hard")}
+    for name, c in codecs.items():
+        stores[name] = reencode(full, c, work / f"labels_{c.name}.fkd")
+    r_full = fkdstore.open(full)
+    res["store_bytes"] = {k: fkdstore.store.storage_stats(v)["_total"]["bytes"] for k, v in stores.items()}
+
+    # global soft label per image: teacher on the whole image (resized to the crop size)
+    x_train, _ = load_folder(train_dir, size)
+    with torch.inference_mode():
+        global_p = torch.softmax(teacher(normalize(x_train)), -1)
+    keys = list_images(train_dir).keys
+    assert keys == r_full.image_keys
+
+    # ---- variants
+    variants: dict[str, tuple] = {}  # name -> (batches factory, passes, target_fn factory)
+    hard = lambda x, y: y  # noqa: E731
+
+    def kd_target(x, y):
+        with torch.no_grad():
+            return torch.softmax(teacher(x), -1)
+
+    variants["(a) no KD"] = (lambda s: random_crop_batches(train_dir, size, scale, s, E), E, hard)
+    variants["(b) vanilla KD"] = (lambda s: random_crop_batches(train_dir, size, scale, s, E), E, kd_target)
+    for name, st in stores.items():
+        variants[f"(c) FKD {name}, m={a.m}"] = (lambda s, st=st: fkd_batches(st, train_dir, a.m, s), E // a.m,
+                                                 lambda x, b: b["soft_labels"])
+    for m in a.ms:
+        if m != a.m:
+            variants[f"(c) FKD Full, m={m}"] = (lambda s, m=m: fkd_batches(full, train_dir, m, s), E // m,
+                                                 lambda x, b: b["soft_labels"])
+    variants[f"(d) global label, m={a.m}"] = (lambda s: fkd_batches(full, train_dir, a.m, s), E // a.m,
+                                               lambda x, b: global_p[b["index"]])
+    if a.only:
+        variants = {k: v for k, v in variants.items() if any(o in k for o in a.only)}
+    runs = {k: [] for k in variants}
+    for s in seeds:
+        for name, (mk, passes, tfn) in variants.items():
+            student = tiny_cnn(NUM_CLASSES, width=a.student_width, seed=s)
+            secs, cpu = train(student, mk(s), passes, a.lr, tfn)
+            runs[name].append({"seed": s, "acc": accuracy(student, x_test, y_test), "train_s": secs, "cpu_s": cpu,
+                               "passes": passes, "final_lr": lr_at(passes - 1, passes, a.lr)})
+            print(f"seed {s} {name}: acc {runs[name][-1]['acc']:.4f} {secs:.1f}s wall {cpu:.1f}s cpu", file=sys.stderr,
+                  flush=True)
+    res["runs"] = runs
+    res["summary"] = {k: {"acc_mean": float(np.mean([r["acc"] for r in v])),
+                          "acc_std": float(np.std([r["acc"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
+                          "time_mean": float(np.mean([r["train_s"] for r in v])),
+                          "time_std": float(np.std([r["train_s"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
+                          "cpu_mean": float(np.mean([r["cpu_s"] for r in v])),
+                          "cpu_std": float(np.std([r["cpu_s"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
+                          "passes": v[0]["passes"], "final_lr": v[0]["final_lr"]}
+                      for k, v in runs.items()}
+    res["claims"] = claims(res)
+    res["wall_s"] = time.perf_counter() - t_all
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(to_markdown(res))
+    return res
+
+
+def _get(summary, prefix):
+    return next((v for k, v in summary.items() if k.startswith(prefix)), None)
+
+
+def claims(res: dict) -> dict:
+    s, cfg = res["summary"], res["config"]
+    out = {}
+    kd, fkd = _get(s, "(b)"), _get(s, f"(c) FKD Full, m={cfg['m']}")
+    fkd1 = _get(s, "(c) FKD Full, m=1")
+    glob, none = _get(s, "(d)"), _get(s, "(a)")
+    if kd and fkd:
+        # "matches": within the larger of the two seeds' spreads (or 1 point)
+        tol = max(0.01, kd["acc_std"] + fkd["acc_std"])
+        out["fkd_matches_vanilla_kd"] = {
+            "fkd_acc": fkd["acc_mean"], "kd_acc": kd["acc_mean"], "diff": fkd["acc_mean"] - kd["acc_mean"],
+            "tolerance": tol, "agrees": fkd["acc_mean"] >= kd["acc_mean"] - tol,
+            "time_ratio_fkd_over_kd": fkd["cpu_mean"] / kd["cpu_mean"],
+            "wall_ratio_fkd_over_kd": fkd["time_mean"] / kd["time_mean"],
+            "time_ratio_with_generation": (fkd["cpu_mean"] + res["generation"]["cpu_seconds"]) / kd["cpu_mean"]}
+        if fkd1:
+            out["fkd_matches_vanilla_kd"].update(
+                fkd_m1_acc=fkd1["acc_mean"], fkd_m1_diff=fkd1["acc_mean"] - kd["acc_mean"],
+                fkd_m1_agrees=fkd1["acc_mean"] >= kd["acc_mean"] - max(0.01, kd["acc_std"] + fkd1["acc_std"]),
+                fkd_m1_time_ratio=fkd1["cpu_mean"] / kd["cpu_mean"])
+    if fkd and glob:
+        out["region_beats_global"] = {"region_acc": fkd["acc_mean"], "global_acc": glob["acc_mean"],
+                                      "diff": fkd["acc_mean"] - glob["acc_mean"],
+                                      "agrees": fkd["acc_mean"] > glob["acc_mean"]}
+    ms = {m: _get(s, f"(c) FKD Full, m={m}") for m in cfg["ms"]}
+    ms = {m: v for m, v in ms.items() if v}
+    if 1 in ms and len(ms) > 1:
+        base = ms[1]
+        tol = max(0.01, base["acc_std"])
+        out["m_does_not_hurt"] = {str(m): {"acc": v["acc_mean"], "diff_vs_m1": v["acc_mean"] - base["acc_mean"],
+                                           "time_ratio_vs_m1": v["cpu_mean"] / base["cpu_mean"],
+                                           "passes": v["passes"], "final_lr_fraction": v["final_lr"] / cfg["lr"],
+                                           "agrees": v["acc_mean"] >= base["acc_mean"] - 2 * tol}
+                                  for m, v in ms.items() if m != 1}
+    if none and kd:
+        out["kd_beats_no_kd"] = {"diff": kd["acc_mean"] - none["acc_mean"], "agrees": kd["acc_mean"] > none["acc_mean"]}
+    return out
+
+
+def to_markdown(res: dict) -> str:
+    c, s = res["config"], res["summary"]
+    L = [f"Digits (scikit-learn, upscaled to {c['size']} px): {c['train_images']} train / {c['test_images']} test "
+         f"images, 10 classes. Teacher `tiny_cnn(width={c['teacher_width']})` trained {c['teacher_epochs']} epochs: "
+         f"test accuracy **{res['teacher']['acc']:.3f}**. Students `tiny_cnn(width={c['student_width']})`, "
+         f"E = {c['effective_epochs']} effective epochs (crops seen per image), {c['crops_per_batch']} crops per "
+         f"mini-batch, SGD + cosine lr stepped per pass, crop scale {tuple(c['scale'])}, seeds {c['seeds']}. "
+         f"FKD stores M = {res['generation']['M']} crops per image.\n",
+         "Times: process CPU seconds of the training loop (torch single-threaded, no DataLoader workers, so CPU "
+         "time is the work done; wall time on this shared machine is given as context). Passes = passes over "
+         "the data (m effective epochs each); final lr = learning rate of the last pass / base lr.\n",
+         "| variant | test accuracy, % (mean ± std) | training CPU s | CPU time vs vanilla KD | wall s | passes | final lr |",
+         "|---|---:|---:|---:|---:|---:|---:|"]
+    kd = _get(s, "(b)")
+    for k, v in s.items():
+        ratio = f"{v['cpu_mean'] / kd['cpu_mean']:.2f}x" if kd else ""
+        L.append(f"| {k} | {100 * v['acc_mean']:.2f} ± {100 * v['acc_std']:.2f} | {v['cpu_mean']:.1f} ± "
+                 f"{v['cpu_std']:.1f} | {ratio} | {v['time_mean']:.1f} | {v['passes']} | {v['final_lr'] / c['lr']:.2f} |")
+    g = res["generation"]
+    L.append(f"\nOne-off label generation (`fkdstore.generate`, Full float32, {g['images']} images x M = {g['M']}): "
+             f"{g['seconds']:.1f} s wall, {g['cpu_seconds']:.1f} s CPU = {g['crops_per_s']:,.0f} crops per CPU-second; "
+             f"teacher-only forward "
+             f"{g['teacher_forward_crops_per_s']:,.0f} crops/s. Store sizes: " +
+             ", ".join(f"{k} {v / 1e3:,.0f} KB" for k, v in res["store_bytes"].items()) + ".")
+    return "\n".join(L)
+
+
+def plot(res: dict, figdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figdir.mkdir(parents=True, exist_ok=True)
+    s = res["summary"]
+    names = list(s)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in names:
+        v = s[k]
+        ax.errorbar(v["cpu_mean"], 100 * v["acc_mean"], xerr=v["cpu_std"], yerr=100 * v["acc_std"], fmt="o", capsize=3,
+                    label=k)
+    ax.axhline(100 * res["teacher"]["acc"], color="grey", ls=":", label="teacher")
+    ax.set_xlabel("student training time, CPU s (1 thread)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title("Digits: accuracy vs training time (mean ± std over seeds)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    p1 = figdir / "reproduce_acc_time.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    ms = [m for m in res["config"]["ms"] if _get(s, f"(c) FKD Full, m={m}")]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if ms:
+        v = [_get(s, f"(c) FKD Full, m={m}") for m in ms]
+        ax.errorbar(ms, [100 * x["acc_mean"] for x in v], yerr=[100 * x["acc_std"] for x in v], fmt="o-", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xlabel("m crops per image per mini-batch")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title("FKD Full: crops per image (paper Table 7)")
+    fig.tight_layout()
+    p2 = figdir / "reproduce_m.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+if __name__ == "__main__":
+    main()

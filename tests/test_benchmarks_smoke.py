@@ -1,0 +1,75 @@
+"""Tiny runs of the benchmark scripts' core functions, so they cannot rot (< 30 s)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+formats = pytest.importorskip("formats")
+reproduce = pytest.importorskip("reproduce")
+pytest.importorskip("sklearn")
+
+
+def test_roi_align_matches_direct_bilinear_average():
+    # A linear ramp map: RoI-align over any box returns the ramp's value at the box centre (bilinear is exact).
+    h = w = formats.RELABEL_GRID
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    maps = torch.stack([yy, xx])[None]  # (1, 2, h, w): channel 0 = row index, 1 = column index
+    boxes = torch.tensor([[[0.2, 0.3, 0.4, 0.5], [0.1, 0.1, 0.6, 0.3]]])
+    out = formats.roi_align_1x1(maps, boxes)  # (1, 2, 2)
+    cy = (boxes[0, :, 0] + boxes[0, :, 2] / 2) * h - 0.5  # pixel centres at integer coordinates
+    cx = (boxes[0, :, 1] + boxes[0, :, 3] / 2) * w - 0.5
+    assert torch.allclose(out[0, :, 0], cy, atol=1e-5)
+    assert torch.allclose(out[0, :, 1], cx, atol=1e-5)
+
+
+def test_relabel_decode_is_a_distribution():
+    maps = torch.from_numpy(formats.relabel_maps(2, 50))
+    boxes = torch.rand(2, 3, 4) * 0.5
+    p = formats.relabel_decode(maps, boxes, 50)
+    assert p.shape == (6, 50)
+    assert torch.allclose(p.sum(-1), torch.ones(6), atol=1e-5)
+
+
+def test_formats_tiny_run(tmp_path):
+    out = formats.main(["--images", "8", "--crops", "4", "--classes", "40", "--random-reads", "4",
+                        "--full-crops", "16", "--sre2l-batch", "4", "--out", str(tmp_path)])
+    r = out["runs"][0]
+    assert {"fkdstore/ms5", "fkd/ms5", "sre2l/full", "relabel/top5map"} <= set(r["size"])
+    assert r["size"]["fkd/ms5"]["files"] == 8
+    assert all(v > 0 for v in r["speed"]["random_images_per_s"].values())
+    assert "files" in out["targets"]
+    md = formats.to_markdown(out)
+    assert "fkdstore" in md and "ReLabel" in md
+
+
+def test_fkdstore_file_count_rule_matches_a_written_store(tmp_path):
+    N, M, C = 40, 4, 30
+    sizes = formats.image_sizes(N)
+    boxes, flips = formats.crops(sizes, M)
+    idx10, p10, full_p, _ = formats.make_labels(N, M, C, 1)
+    p = tmp_path / "s"
+    formats.write_fkdstore(p, "ms5", formats.fields_for("ms5", idx10, p10, full_p), boxes, flips, sizes,
+                           formats.image_keys(N), C)
+    from fkdstore.store import storage_stats
+
+    st = storage_stats(p)
+    assert formats.fkdstore_files_at(N, M, C, "ms5", st["."]["files"]) == st["_total"]["files"]
+
+
+def test_reproduce_tiny_run(tmp_path):
+    torch.manual_seed(0)
+    res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "1", "2", "--size", "12",
+                          "--teacher-width", "8", "--student-width", "4", "--m", "2", "--only", "(a)", "(b)", "Full, m=1", "Full, m=2", "Hard", "(d)", "--work", str(tmp_path)])
+    s = res["summary"]
+    assert any(k.startswith("(c) FKD Full, m=2") for k in s) and any(k.startswith("(d)") for k in s)
+    assert all(0.0 <= v["acc_mean"] <= 1.0 and np.isfinite(v["time_mean"]) for v in s.values())
+    assert {"fkd_matches_vanilla_kd", "region_beats_global", "m_does_not_hurt"} <= set(res["claims"])
+    assert "vanilla KD" in reproduce.to_markdown(res)
