@@ -1,0 +1,410 @@
+"""PyTorch side of fkdstore: replay stored crops and soft labels in any training loop (FKD's training phase).
+
+:class:`TorchDataset` is a map-style dataset over the images of a store. Item ``i`` loads image ``i`` once
+and returns ``m`` of its ``M`` stored crops, replayed with the shared crop function
+(:func:`fkdstore.transforms.replay_crops`), together with their soft labels::
+
+    ds = fkdstore.TorchDataset("labels.fkd", "train/", crops_per_sample=4)
+    loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=8, collate_fn=fkdstore.collate)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)                      # before iter(loader)
+        for batch in loader:                     # batch["crops"] [64*4, 3, H, W], batch["soft_labels"] [256, C]
+            loss = fkdstore.soft_cross_entropy(model(batch["crops"]), batch["soft_labels"])
+
+Item ``i`` is a dict:
+
+=================  ============================  ===========================================================
+key                value                         meaning
+=================  ============================  ===========================================================
+``crops``          [m, 3, H, W] float32 / uint8  the replayed crops, normalised (``normalize=True``) or uint8
+``soft_labels``    [m, C] float32, or dict       decoded labels (``labels="dense"``) or the codec's fields
+                                                 ``{name: [m, ...]}`` (``labels="sparse"``; class indices
+                                                 as int32) for :func:`densify` on the GPU
+``target``         int                           ground-truth class, -1 if unknown
+``index``          int                           the image's index in the store
+``slots``          [m] int64                     which stored crop slots were used
+=================  ============================  ===========================================================
+
+Epoch-to-slot rule (:func:`epoch_slots`): image ``i`` walks its own sequence of permutations of the ``M``
+slots; permutation number ``c`` is ``default_rng(SeedSequence([seed, i, c])).permutation(M)``, and epoch
+``e`` uses positions ``e*m ... e*m + m - 1`` of the concatenated sequence. Consecutive epochs therefore use
+fresh slots until the pool is exhausted (``M // m`` epochs), and the choice depends on ``(seed, i, e)``
+only — never on batch size, ``num_workers``, DistributedSampler's world size or rank.
+
+Label reading: DataLoader calls :meth:`TorchDataset.__getitems__` with a whole batch, which reads the
+batch's labels with one :meth:`fkdstore.Reader.read_batch` (one decode per inner chunk) and decodes them
+in one vectorised call; images are the only per-item I/O. (A per-epoch preload with ``read_all(slots)``
+was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import codecs as _codecs
+from .errors import IncompleteStoreError, ValidationError
+from .images import list_images, load_image
+from .store import Reader
+from .store import open as _open_store
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize as _normalize, replay_crops
+
+__all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots"]
+
+DEFAULT_OUTPUT_SIZE = 224
+LABEL_MODES = ("dense", "sparse")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValidationError(f"{name} must be an integer >= {minimum}. Got {value!r}.")
+    return int(value)
+
+
+def epoch_slots(index: int, epoch: int, crops_per_sample: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
+    """The ``m`` slots (int64, in use order) image ``index`` uses in ``epoch``; see the module docstring.
+
+    Position ``p = epoch*m + j`` (``j < m``) is entry ``p % M`` of permutation ``p // M``, where
+    permutation ``c`` is ``numpy.random.default_rng(SeedSequence([seed, index, c])).permutation(M)``.
+    """
+    m, M = crops_per_sample, crops_per_image
+    pos = np.arange(epoch * m, epoch * m + m, dtype=np.int64)
+    cycles = pos // M
+    out = np.empty(m, np.int64)
+    for c in range(int(cycles[0]), int(cycles[-1]) + 1):  # one or two permutations (m <= M)
+        perm = np.random.default_rng(np.random.SeedSequence([seed, index, c])).permutation(M)
+        sel = cycles == c
+        out[sel] = perm[pos[sel] % M]
+    return out
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        s = _check_int("output_size", size, 1)
+        return s, s
+    try:
+        h, w = size
+    except (TypeError, ValueError):
+        raise ValidationError(f"output_size must be an int or a (height, width) pair. Got {size!r}.") from None
+    return _check_int("output_size height", h, 1), _check_int("output_size width", w, 1)
+
+
+class TorchDataset(torch.utils.data.Dataset):
+    """Replays a store's crops and soft labels; see the module docstring for the item layout and slot rule.
+
+    Args:
+        store: a store path or an opened :class:`fkdstore.Reader`.
+        images: the image folder (or file list) the store was made from. Its keys must equal the store's
+            ``image_keys`` in order: a store key missing from it raises FileNotFoundError naming the image,
+            any other difference raises :class:`ValidationError` naming the first mismatching key.
+        crops_per_sample: ``m``, crops per image per item (``1 <= m <= M``).
+        output_size: int or (height, width); default: the store's ``meta["input_size"]`` (the size the
+            teacher saw, so replay is exact), else 224.
+        epoch: initial epoch (see :meth:`set_epoch`).
+        transform: optional callable applied to each item's crops tensor [m, 3, H, W] (after normalising).
+        labels: ``"dense"`` ([m, C] float32) or ``"sparse"`` (codec fields, for :func:`densify`).
+        seed: seed of the epoch-to-slot rule.
+        allow_incomplete: an incomplete store raises :class:`IncompleteStoreError` unless True; then the
+            dataset covers only the images written when it was built (``len`` is their count, item ``j``
+            is image ``image_indices[j]``; slots still depend on the store index), unwritten images are
+            skipped.
+        interpolation: resampling filter; default ``meta["interpolation"]``, else ``"bilinear"``.
+        normalize: return float32 ``(x/255 - mean)/std`` (True) or the uint8 crops (False; normalise on
+            the GPU with :func:`fkdstore.transforms.normalize` to move 4x fewer bytes).
+        mean, std: default ``meta["mean"]`` / ``meta["std"]``, else ImageNet's.
+
+    The image's size is checked against the recorded one when it is loaded (a mismatch raises
+    :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
+    is reopened lazily in each worker) and DistributedSampler.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike | Reader,
+        images: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        crops_per_sample: int = 1,
+        output_size: int | tuple[int, int] | None = None,
+        epoch: int = 0,
+        transform=None,
+        labels: str = "dense",
+        seed: int = 0,
+        allow_incomplete: bool = False,
+        interpolation: str | None = None,
+        normalize: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        if isinstance(store, Reader):
+            reader, self._store_path = store, None
+        else:
+            reader, self._store_path = _open_store(store), os.fspath(store)
+        self._reader: Reader | None = reader
+        self.num_classes = reader.num_classes
+        self.crops_per_image = reader.crops_per_image
+        self.codec = reader.codec
+        meta = reader.meta or {}
+
+        self.crops_per_sample = _check_int("crops_per_sample", crops_per_sample, 1)
+        if self.crops_per_sample > self.crops_per_image:
+            raise ValidationError(
+                f"crops_per_sample must be <= the store's crops_per_image={self.crops_per_image}. "
+                f"Got {crops_per_sample}.")
+        if labels not in LABEL_MODES:
+            raise ValidationError(f"labels must be one of {list(LABEL_MODES)}. Got {labels!r}.")
+        self.labels = labels
+        self.seed = _check_int("seed", seed, 0)
+        if output_size is None:
+            output_size = meta.get("input_size", DEFAULT_OUTPUT_SIZE)
+        self.output_size = _pair(output_size)
+        interpolation = interpolation if interpolation is not None else meta.get("interpolation", "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            raise ValidationError(f"interpolation must be one of {sorted(INTERPOLATIONS)}. Got {interpolation!r}.")
+        self.interpolation = interpolation
+        self.normalize = bool(normalize)
+        self.mean = tuple(float(v) for v in (mean if mean is not None else meta.get("mean", IMAGENET_MEAN)))
+        self.std = tuple(float(v) for v in (std if std is not None else meta.get("std", IMAGENET_STD)))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValidationError(f"mean and std must have 3 values, std > 0. Got mean={self.mean}, std={self.std}.")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
+        self.transform = transform
+
+        listing = list_images(images)
+        self._paths = _match_images(reader.image_keys, listing)
+        self._sizes = np.asarray(reader.image_sizes, dtype=np.int64)
+        targets = np.asarray(reader.labels, dtype=np.int64)
+        if not (targets >= 0).any() and (np.asarray(listing.labels) >= 0).any():
+            targets = np.asarray(listing.labels, dtype=np.int64)  # store has no labels: use the folder's
+        self._targets = targets
+
+        written = reader.written
+        if not written.all() and not allow_incomplete:
+            first = int(np.flatnonzero(~written)[0])
+            raise IncompleteStoreError(
+                f"store {reader.path} is incomplete: {int((~written).sum())} of {reader.num_images} images are "
+                f"not written (first: image {first}, {os.path.basename(self._paths[first])!r}); finish "
+                f"generating it, or pass allow_incomplete=True to train on the written images only")
+        self.image_indices = np.flatnonzero(written).astype(np.int64)
+
+        # The epoch lives in shared memory so persistent DataLoader workers see set_epoch() too.
+        self._epoch = torch.zeros((), dtype=torch.int64)
+        try:
+            self._epoch.share_memory_()
+        except (RuntimeError, OSError):  # pragma: no cover - no shared memory: workers see it at (re)start
+            pass
+        self.set_epoch(epoch)
+
+    # ------------------------------------------------------------------ epochs
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the slots of ``epoch``. Call it before ``iter(loader)``; persistent workers see it too."""
+        self._epoch.fill_(_check_int("epoch", epoch, 0))
+
+    def slots(self, item: int, epoch: int | None = None) -> np.ndarray:
+        """The slots item ``item`` uses in ``epoch`` (default: the current epoch)."""
+        i = int(self.image_indices[item])
+        e = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
+        return epoch_slots(i, e, self.crops_per_sample, self.crops_per_image, self.seed)
+
+    # ------------------------------------------------------------------ store handle, pickling
+    @property
+    def reader(self) -> Reader:
+        if self._reader is None:
+            self._reader = _open_store(self._store_path)
+        return self._reader
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        if self._store_path is not None:
+            d["_reader"] = None  # reopened lazily in the worker
+        return d
+
+    # ------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self.image_indices)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of items; reads all their labels with one ``read_batch``. Used by DataLoader."""
+        items = np.asarray([int(k) for k in items], dtype=np.int64)
+        n = len(self)
+        if ((items < -n) | (items >= n)).any():
+            bad = int(items[(items < -n) | (items >= n)][0])
+            raise IndexError(f"item {bad} is out of range for a dataset of {n} images")
+        idx = self.image_indices[items]
+        slots, rec, soft = self._read_labels(idx)
+        out = []
+        for b, i in enumerate(idx):
+            crops = self._crops(int(i), rec.boxes[b], rec.flips[b])
+            out.append({"crops": crops, "soft_labels": soft[b], "target": int(self._targets[i]),
+                        "index": int(i), "slots": torch.from_numpy(slots[b])})
+        return out
+
+    def _read_labels(self, idx: np.ndarray):
+        """Slots (B, m), records and per-item soft labels of store images ``idx``: one ``read_batch``."""
+        e, m, M = self.epoch, self.crops_per_sample, self.crops_per_image
+        slots = np.stack([epoch_slots(int(i), e, m, M, self.seed) for i in idx]) if len(idx) else np.zeros((0, m), np.int64)
+        rec = self.reader.read_batch(idx, slots)
+        if self.labels == "dense":
+            dense = torch.from_numpy(np.ascontiguousarray(self.reader.decode(rec.fields)))
+            soft = [dense[b] for b in range(len(idx))]
+        else:
+            fields = {k: torch.from_numpy(_torch_friendly(v)) for k, v in rec.fields.items()}
+            soft = [{k: v[b] for k, v in fields.items()} for b in range(len(idx))]
+        return slots, rec, soft
+
+    def _crops(self, i: int, boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        path = self._paths[i]
+        image = load_image(path)
+        H, W = (int(v) for v in self._sizes[i])
+        if image.size != (W, H):
+            raise ValidationError(
+                f"image {i} ({path}) has size (height={image.size[1]}, width={image.size[0]}) but the store "
+                f"recorded (height={H}, width={W}); the images changed since the labels were generated")
+        crops = replay_crops(image, boxes.astype(np.int64), flips, self.output_size, self.interpolation)
+        if self.normalize:
+            crops = _normalize(crops, self.mean, self.std)
+        if self.transform is not None:
+            crops = self.transform(crops)
+        return crops
+
+    def __repr__(self) -> str:
+        return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
+                f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, labels={self.labels!r}, "
+                f"epoch={self.epoch}, seed={self.seed})")
+
+
+def _torch_friendly(v: np.ndarray) -> np.ndarray:
+    """uint16 class indices -> int32 (torch has few uint16 kernels); other dtypes unchanged."""
+    if v.dtype == np.uint16 or v.dtype == np.uint32:
+        return v.astype(np.int32)
+    return np.ascontiguousarray(v)
+
+
+def _match_images(store_keys: list[str], listing) -> list[str]:
+    """Paths of the store's images in store order; raise naming the first key that does not match."""
+    keys = listing.keys
+    if keys == store_keys:
+        return list(listing.paths)
+    where = listing.root if listing.root is not None else "the given file list"
+    listed = set(keys)
+    missing = [(i, k) for i, k in enumerate(store_keys) if k not in listed]
+    if missing:
+        i, k = missing[0]
+        raise FileNotFoundError(
+            f"image {k!r} (store index {i}) is missing from {where} ({len(missing)} of the store's "
+            f"{len(store_keys)} images are missing); the images must be the ones the store was made from")
+    known = set(store_keys)
+    extra = [k for k in keys if k not in known]
+    if extra:
+        raise ValidationError(
+            f"images do not match the store: {extra[0]!r} is in {where} but not in the store "
+            f"({len(extra)} extra images); pass the folder or file list the store was made from")
+    j = next(j for j, (a, b) in enumerate(zip(store_keys, keys)) if a != b)
+    raise ValidationError(
+        f"images do not match the store's order: position {j} is {store_keys[j]!r} in the store but "
+        f"{keys[j]!r} in {where}")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Flatten B items of m crops into one multi-crop mini-batch (``collate_fn`` for DataLoader).
+
+    Returns ``crops`` [B*m, 3, H, W]; ``soft_labels`` [B*m, C] (dense) or ``{name: [B*m, ...]}`` (sparse);
+    ``target``, ``index`` [B*m] int64 (each image's value repeated for its m crops); ``slots`` [B*m].
+    Row ``b*m + j`` is crop j of item b.
+    """
+    if not batch:
+        raise ValidationError("collate needs at least one item. Got an empty batch.")
+    m = int(batch[0]["crops"].shape[0])
+    out: dict[str, Any] = {"crops": _cat([b["crops"] for b in batch])}
+    first = batch[0]["soft_labels"]
+    if isinstance(first, Mapping):
+        out["soft_labels"] = {k: torch.cat([b["soft_labels"][k] for b in batch]) for k in first}
+    else:
+        out["soft_labels"] = _cat([b["soft_labels"] for b in batch])
+    for key in ("target", "index"):
+        out[key] = torch.tensor([int(b[key]) for b in batch], dtype=torch.int64).repeat_interleave(m)
+    out["slots"] = torch.cat([torch.as_tensor(b["slots"]) for b in batch])
+    return out
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat; in a DataLoader worker into shared memory (as default_collate), saving a copy on send."""
+    if torch.utils.data.get_worker_info() is None or tensors[0].device.type != "cpu":
+        return torch.cat(tensors)
+    shape = (sum(int(t.shape[0]) for t in tensors), *tensors[0].shape[1:])
+    storage = tensors[0]._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.cat(tensors, out=tensors[0].new(storage).resize_(shape))
+
+
+def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None) -> torch.Tensor:
+    """Decode sparse codec fields (``labels="sparse"`` batches) to [..., C] float32 on ``device``.
+
+    ``codec_or_store``: a :class:`fkdstore.codecs.LabelCodec`, codec name or config (then ``num_classes``
+    is required), or a :class:`fkdstore.Reader` / :class:`TorchDataset` (which know it). ``device``
+    defaults to the fields' device; fields are moved there first (non-blocking), so decoding runs on the GPU.
+    """
+    if isinstance(codec_or_store, (Reader, TorchDataset)):
+        codec, C = codec_or_store.codec, codec_or_store.num_classes
+        if num_classes is not None and int(num_classes) != C:
+            raise ValidationError(f"num_classes must match the store's {C}. Got {num_classes}.")
+    else:
+        if isinstance(codec_or_store, _codecs.LabelCodec):
+            codec = codec_or_store
+        elif isinstance(codec_or_store, str):
+            codec = _codecs.get_codec(codec_or_store)
+        elif isinstance(codec_or_store, Mapping):
+            codec = _codecs.from_config(dict(codec_or_store))
+        else:
+            raise TypeError(f"codec_or_store must be a codec, codec name/config, Reader or TorchDataset. "
+                            f"Got {type(codec_or_store).__name__}.")
+        if num_classes is None:
+            raise ValidationError("num_classes is required when densify is given a codec")
+        C = int(num_classes)
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"fields must be a mapping of name -> tensor. Got {type(fields).__name__}.")
+    tensors = {}
+    for k, v in fields.items():
+        t = torch.from_numpy(_torch_friendly(v)) if isinstance(v, np.ndarray) else v
+        tensors[k] = t.to(device, non_blocking=True) if device is not None else t
+    return codec.decode(tensors, C)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
+                       reduction: str = "mean") -> torch.Tensor:
+    """FKD's loss ``-sum_c target_c * log_softmax(logits / T)_c`` per row, averaged over rows (``"mean"``).
+
+    ``logits`` and ``target`` are [N, C] (any leading dims); ``target`` rows are probability
+    distributions (the stored teacher labels were already computed at the teacher's temperature). No
+    ``T**2`` factor is applied: multiply by ``temperature**2`` yourself for Hinton-style gradient scaling.
+    With a one-hot target and T = 1 this equals ``F.cross_entropy``. ``reduction``: mean | sum | none.
+    """
+    if logits.shape != target.shape:
+        raise ValidationError(f"logits and target must have the same shape. Got {tuple(logits.shape)} and "
+                              f"{tuple(target.shape)}.")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValidationError(f"temperature must be a finite number > 0. Got {temperature!r}.")
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    loss = -(target.to(logp.dtype) * logp).sum(-1)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValidationError(f"reduction must be one of ['mean', 'sum', 'none']. Got {reduction!r}.")
