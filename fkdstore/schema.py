@@ -56,6 +56,7 @@ PER_IMAGE_CHUNK = 65536  # images per chunk of the small per-image arrays (not s
 TARGET_CHUNK_BYTES = 8 * 1024  # raw bytes of the widest per-crop array in one inner chunk
 TARGET_SHARD_BYTES = 64 * 1024 * 1024  # raw bytes of the widest per-crop array in one shard file
 MAX_IMAGES_PER_CHUNK = 1024
+MAX_SHARDS = 2048  # wide rows (Full labels) get larger shards rather than more files
 COMPRESSOR = {"cname": "lz4hc", "clevel": 9, "shuffle": "bitshuffle"}  # inside blosc; crc32c after it
 
 
@@ -78,11 +79,13 @@ def default_layout(num_images: int, row_bytes: int) -> tuple[int, int]:
     ``row_bytes`` raw bytes per image.
 
     Inner chunks hold about :data:`TARGET_CHUNK_BYTES` (so one image read decompresses a few images, not
-    thousands) and shards about :data:`TARGET_SHARD_BYTES` (so 1.28M images make a few hundred files).
-    Both are powers of two; the shard is a multiple of the chunk.
+    thousands) and shards about :data:`TARGET_SHARD_BYTES` (so 1.28M images make a few hundred files),
+    but never more than :data:`MAX_SHARDS` shards (Full labels at M = 200 are 400 KB per image: their
+    shards grow instead of their file count). The chunk is a power of two; the shard a multiple of it.
     """
     chunk = min(MAX_IMAGES_PER_CHUNK, _pow2_floor(TARGET_CHUNK_BYTES / max(1, row_bytes)))
     shard = max(chunk, _pow2_floor(TARGET_SHARD_BYTES / max(1, row_bytes)))
+    shard = max(shard, chunk * math.ceil(num_images / MAX_SHARDS / chunk))
     shard = min(shard, chunk * math.ceil(num_images / chunk))  # never larger than the data
     shard = max(chunk, chunk * (shard // chunk))
     return chunk, shard

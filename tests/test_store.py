@@ -147,6 +147,8 @@ def test_default_layout_scales():
     ipc, ips = S.default_layout(1_281_167, 200 * 5 * 2)
     assert 1 <= ipc <= 16 and ips % ipc == 0
     assert 1_281_167 / ips < 1000  # a few hundred shard files per array, not millions
+    ipc, ips = S.default_layout(1_281_167, 200 * 1000 * 2)  # Full fp16 at M=200: 400 KB per image
+    assert -(-1_281_167 // ips) <= S.MAX_SHARDS and ips % ipc == 0
     assert S.default_layout(10, 100) == (S.default_layout(10, 100)[0],) * 2  # tiny store: one shard
 
 
