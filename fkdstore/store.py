@@ -581,12 +581,14 @@ class _ShardedArray:
             out = np.empty((len(rows), *self.shape[1:]), self.dtype)
             out[order] = self.arr.oindex[rows[order]] if len(rows) else out[order]
             return out
-        ipc = self.chunk[0]
-        chunks, inv = np.unique(rows // ipc, return_inverse=True)
+        return self.take_grouped(*_group_rows(rows, self.chunk[0]))
+
+    def take_grouped(self, chunks: np.ndarray, inv: np.ndarray, within: np.ndarray) -> np.ndarray:
+        """Rows given as (unique chunk ids, index into them per row, row within its chunk)."""
         if len(chunks) == 1:
-            return self.chunk_data(int(chunks[0]))[rows % ipc]
+            return self.chunk_data(int(chunks[0]))[within]
         stacked = np.stack([self.chunk_data(int(c)) for c in chunks])
-        return stacked[inv, rows % ipc]
+        return stacked[inv, within]
 
     def close(self):
         for fd in self._fd.values():
@@ -597,6 +599,15 @@ class _ShardedArray:
             except OSError:
                 pass
         self._fd, self._index, self._cache = {}, {}, OrderedDict()
+
+
+def _group_rows(rows: np.ndarray, ipc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group image rows by inner chunk: (unique chunk ids, position of each row's chunk, row in chunk)."""
+    c = rows // ipc
+    if len(rows) == 1:
+        return c, np.zeros(1, np.intp), rows % ipc
+    chunks, inv = np.unique(c, return_inverse=True)
+    return chunks, inv, rows % ipc
 
 
 class Reader:
@@ -708,7 +719,11 @@ class Reader:
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         self._check_written(idx)
-        data = {name: a.take(idx) for name, a in self._arrays.items()}
+        if all(a.fast for a in self._arrays.values()):  # group once: every per-crop array shares the chunking
+            groups = _group_rows(idx, self.header.images_per_chunk)
+            data = {name: a.take_grouped(*groups) for name, a in self._arrays.items()}
+        else:
+            data = {name: a.take(idx) for name, a in self._arrays.items()}
         if slots is not None:
             data = _select_slots(data, np.asarray(slots), self.crops_per_image)
         return self._records(data)
