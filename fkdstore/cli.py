@@ -231,24 +231,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     return p, sub
 
 
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Got {s!r}.") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Got {s!r}.")
-    return v
+def _int_at_least(minimum: int, what: str):
+    """argparse type: an integer >= ``minimum``, with the rule in the error message."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"must be a {what} integer. Got {s!r}.")
+        return v
+
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer. Got {s!r}.") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer. Got {s!r}.")
-    return v
+_pos_int = _int_at_least(1, "positive")
+_nonneg_int = _int_at_least(0, "non-negative")
 
 
 def _one_line(e: BaseException) -> str:
