@@ -62,28 +62,28 @@ def serrated_lr(base, pass_idx, passes):
     return 0.5 * base * (1 + math.cos(math.pi * pass_idx / passes))
 
 
-def train_teacher(train_dir, epochs, seed):
+def train_hard_labels(train_dir, model, epochs, seed, desc, batch_size=64):
+    """Conventional training: one fresh random-resized crop per image per epoch, ground-truth labels,
+    AdamW with a cosine learning rate stepped per epoch."""
     torch.manual_seed(seed)
     lst = list_images(train_dir)
     imgs = [load_image(p) for p in lst.paths]
     y = torch.tensor(lst.labels)
-    teacher = tiny_cnn(10, width=32, seed=seed)
-    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sampler = CropSampler(scale=SCALE, seed=seed + 100)
-    steps = epochs * math.ceil(len(imgs) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    for ep in tqdm(range(epochs), desc="teacher", unit="epoch"):
-        teacher.train()
+    for ep in tqdm(range(epochs), desc=desc, unit="epoch"):
+        for g in opt.param_groups:
+            g["lr"] = serrated_lr(3e-3, ep, epochs)
+        model.train()
         x = random_crops(imgs, sampler, ep)
         perm = torch.randperm(len(imgs))
-        for s in range(0, len(imgs), 64):
-            b = perm[s:s + 64]
-            loss = nn.functional.cross_entropy(teacher(x[b]), y[b])
+        for s in range(0, len(imgs), batch_size):
+            b = perm[s:s + batch_size]
+            loss = nn.functional.cross_entropy(model(x[b]), y[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
-    return teacher.eval()
+    return model.eval()
 
 
 def train_student_fkd(store_path, train_dir, passes, m, seed):
@@ -100,29 +100,6 @@ def train_student_fkd(store_path, train_dir, passes, m, seed):
         student.train()
         for batch in loader:
             loss = fkdstore.soft_cross_entropy(student(batch["crops"]), batch["soft_labels"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return student.eval()
-
-
-def train_student_hard(train_dir, epochs, seed):
-    torch.manual_seed(seed)
-    lst = list_images(train_dir)
-    imgs = [load_image(p) for p in lst.paths]
-    y = torch.tensor(lst.labels)
-    student = tiny_cnn(10, width=12, seed=seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=1e-4)
-    sampler = CropSampler(scale=SCALE, seed=seed + 1000)
-    for ep in tqdm(range(epochs), desc="student hard labels", unit="epoch"):
-        for g in opt.param_groups:
-            g["lr"] = serrated_lr(3e-3, ep, epochs)
-        student.train()
-        x = random_crops(imgs, sampler, ep)
-        perm = torch.randperm(len(imgs))
-        for s in range(0, len(imgs), 128):
-            b = perm[s:s + 128]
-            loss = nn.functional.cross_entropy(student(x[b]), y[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -151,7 +128,7 @@ def main(argv=None):
     print(f"image folder: {len(list_images(train_dir))} train / {len(y_test)} test digits, {SIZE}px, in {out / 'images'}")
 
     t = time.perf_counter()
-    teacher = train_teacher(train_dir, a.teacher_epochs, a.seed)
+    teacher = train_hard_labels(train_dir, tiny_cnn(10, width=32, seed=a.seed), a.teacher_epochs, a.seed, "teacher")
     times["teacher training"] = time.perf_counter() - t
     acc_teacher = accuracy(teacher, x_test, y_test)
 
@@ -170,7 +147,8 @@ def main(argv=None):
     acc_fkd = accuracy(student, x_test, y_test)
 
     t = time.perf_counter()
-    hard = train_student_hard(train_dir, a.passes * a.m, a.seed)
+    hard = train_hard_labels(train_dir, tiny_cnn(10, width=12, seed=a.seed), a.passes * a.m, a.seed,
+                             "student hard labels", batch_size=128)
     times[f"student hard labels, {a.passes * a.m} epochs"] = time.perf_counter() - t
     acc_hard = accuracy(hard, x_test, y_test)
 
@@ -178,6 +156,7 @@ def main(argv=None):
     print(f"teacher (tiny_cnn width 32)                 {acc_teacher:6.1%}")
     print(f"student (width 12), FKD soft labels         {acc_fkd:6.1%}")
     print(f"student (width 12), hard labels, same crops {acc_hard:6.1%}")
+    print("(one seed, small budget: benchmarks/reproduce.py compares the variants over 3 seeds)")
     print("\n== timings ==")
     for k, v in times.items():
         print(f"{k:45s} {v:7.1f} s")
