@@ -533,7 +533,7 @@ def _name(key: str) -> str:
 
 def to_markdown(out: dict) -> str:
     L = []
-    N, C = out["images"], out["classes"]
+    C = out["classes"]
     for r in out["runs"]:
         M, m = r["M"], r["m"]
         L.append(f"\n#### M = {M} stored crops per image (N = {r['images']} images; full-vector sets N = "

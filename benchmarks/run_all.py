@@ -108,14 +108,14 @@ def verdicts(fm: dict | None, rp: dict | None) -> list[str]:
             met = [formats.LABEL[k] for k, v in t["size_vs_table2"].items() if v["met"]]
             miss = {formats.LABEL[k]: v["ratio"] for k, v in t["size_vs_table2"].items() if not v["met"]}
             L.append(f"- **Size vs paper Table 2 (>= 2.5x smaller at M = 200):** met for {', '.join(met) or 'none'}"
-                     + (f"; **missed** for " + ", ".join(f"{k} ({v:.2f}x)" for k, v in miss.items()) if miss else "")
+                     + ("; **missed** for " + ", ".join(f"{k} ({v:.2f}x)" for k, v in miss.items()) if miss else "")
                      + ". Table 2 counts float32 values; fkdstore stores float16 probabilities and uint16 indices and "
                        "compresses them, so most of the gain is the narrower dtypes. Full vectors of float16 "
                        "probabilities barely compress, so Full cannot reach 2.5x below a float32 table without "
                        "lossy storage.")
         files = [(M, st, v["ratio"], v["met"]) for M, d in t["files"].items() for st, v in d.items()]
         fmiss = [f for f in files if not f[3]]
-        L.append(f"- **Files (>= 100x fewer than one file per image, at ImageNet-1K):** "
+        L.append("- **Files (>= 100x fewer than one file per image, at ImageNet-1K):** "
                  + ("met for every M and codec measured" if not fmiss else
                     "missed for " + ", ".join(f"M={M} {formats.LABEL[st]} ({r:,.0f}x)" for M, st, r, _ in fmiss))
                  + f" (ratios {min(f[2] for f in files):,.0f}x to {max(f[2] for f in files):,.0f}x)."

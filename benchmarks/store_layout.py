@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,7 +22,6 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 import fkdstore
-from fkdstore import schema as S
 from fkdstore.codecs import get_codec
 from fkdstore.store import storage_stats
 
@@ -180,7 +178,6 @@ def main(argv=None):
         for i in order[: n_single // 4]:
             [a_[int(i)] for a_ in arrs]
 
-    r2 = fkdstore.open(path)
     read = {
         f"fkdstore read(i, m={m} slots), random": n_single / timed(fkd_single, 2),
         "fkdstore read_batch(256 random images)": N / timed(fkd_batch, 2),
@@ -188,7 +185,6 @@ def main(argv=None):
         "zarr arr[i] per image (chunk per image)": (n_single // 4) / timed(zarr_single, 1),
         "torch.load per image (FKD format)": base,
     }
-    del r2
     res["read_images_per_s"] = read
     res["read_ratio_vs_torch_load"] = {k: v / base for k, v in read.items()}
 

@@ -30,7 +30,6 @@ from typing import Any, Callable
 import numpy as np
 
 from . import codecs as _codecs
-from . import schema as S
 from .errors import FkdstoreError, ValidationError
 
 __all__ = ["ConversionError", "conversion_problem", "convert_fields", "convert", "import_fkd", "fkd_boxes",

@@ -675,7 +675,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="crops per teacher forward")
     g.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
-    g.add_argument("--num-workers", type=int, default=None, help=f"decoding workers (default: min(8, cpus - 1))")
+    g.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: min(8, cpus - 1))")
     g.add_argument("--on-error", default="stop", choices=list(ON_ERROR),
                    help="unreadable image: stop with its path, or skip it (left unwritten, listed in meta['skipped'])")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")

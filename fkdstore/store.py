@@ -16,13 +16,11 @@ pipeline or store falls back to Zarr.
 
 from __future__ import annotations
 
-import builtins
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import crc32c as _crc32c
 import numcodecs
@@ -71,13 +69,18 @@ def array_names(codec: _codecs.LabelCodec, num_classes: int, num_aug: int) -> li
     return names + [S.soft_path(f) for f in codec.fields(num_classes)]
 
 
-def _per_crop_specs(header: S.Header, codec) -> dict[str, tuple[tuple[int, ...], str]]:
-    specs = {S.BOX: ((4,), header.box_dtype), S.FLIP: ((), "bool")}
-    if header.aug:
-        specs[S.AUG] = ((len(header.aug),), S.AUG_DTYPE)
-    for name, spec in codec.fields(header.num_classes).items():
+def _crop_specs(codec, num_classes: int, box_dtype: str, num_aug: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{array path: (trailing shape per crop, dtype)}`` of every per-crop array; validates k <= C."""
+    specs = {S.BOX: ((4,), box_dtype), S.FLIP: ((), "bool")}
+    if num_aug:
+        specs[S.AUG] = ((num_aug,), S.AUG_DTYPE)
+    for name, spec in codec.fields(num_classes).items():
         specs[S.soft_path(name)] = (tuple(spec.shape), spec.dtype)
     return specs
+
+
+def _per_crop_specs(header: S.Header, codec) -> dict[str, tuple[tuple[int, ...], str]]:
+    return _crop_specs(codec, header.num_classes, header.box_dtype, len(header.aug))
 
 
 def _compressors(dtype: str):
@@ -183,9 +186,9 @@ def _make_header(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, ipc
             raise ValidationError(f"labels must be in [-1, {C}). Image {i} has label {int(labels_arr[i])}.")
         labels_arr = labels_arr.astype(np.int32)
     aug_params = S.parse_aug(aug)
-    codec.fields(C)  # validates k <= C etc.
-    specs = {S.BOX: (4, 2)} | {n: (int(np.prod(f.shape, dtype=np.int64)), np.dtype(f.dtype).itemsize) for n, f in codec.fields(C).items()}
-    row_bytes = max(M * n * b for n, b in specs.values())
+    bdtype = S.box_dtype(int(sizes.max()))
+    specs = _crop_specs(codec, C, bdtype, len(aug_params))  # validates k <= C etc.
+    row_bytes = max(M * int(np.prod(t, dtype=np.int64)) * np.dtype(d).itemsize for t, d in specs.values())
     d_ipc, d_ips = S.default_layout(N, row_bytes)
     ipc = int(ipc or min(d_ipc, ips or d_ipc))
     ips = int(ips or max(d_ips, ipc) // ipc * ipc)
@@ -193,7 +196,7 @@ def _make_header(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, ipc
     _check_json(meta, "meta")
     header = S.Header(
         num_images=N, crops_per_image=M, num_classes=C, codec=codec.get_config(),
-        images_per_chunk=ipc, images_per_shard=ips, box_dtype=S.box_dtype(int(sizes.max())),
+        images_per_chunk=ipc, images_per_shard=ips, box_dtype=bdtype,
         aug=aug_params, has_labels=bool((labels_arr >= 0).any()), meta=meta,
         library_version=_library_version(),
     )
@@ -577,9 +580,10 @@ class _ShardedArray:
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows (images) ``rows`` in the given order, grouped by inner chunk: one decode per chunk."""
         if not self.fast:
-            order = np.argsort(rows, kind="stable")
             out = np.empty((len(rows), *self.shape[1:]), self.dtype)
-            out[order] = self.arr.oindex[rows[order]] if len(rows) else out[order]
+            if len(rows):
+                order = np.argsort(rows, kind="stable")  # Zarr reads sorted selections
+                out[order] = self.arr.oindex[rows[order]]
             return out
         return self.take_grouped(*_group_rows(rows, self.chunk[0]))
 

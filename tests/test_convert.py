@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 import fkdstore
 from fkdstore import codecs as K
 from fkdstore.cli import main
-from fkdstore.convert import ConversionError, convert, convert_fields, fkd_boxes, import_fkd, load_fkd_file
+from fkdstore.convert import ConversionError, convert_fields, fkd_boxes, import_fkd, load_fkd_file
 from fkdstore.verify import verify
 from test_cli import make_store
 

@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.transforms import CropSampler

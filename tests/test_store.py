@@ -226,7 +226,6 @@ def test_reopen_with_other_schema_refused(tmp_path, change, message):
     if "codec" in change:
         change = {**change}
         base["codec"] = change.pop("codec")
-        # k stays 5 > C=6? no: 5 <= 6, fine
     with pytest.raises(SchemaMismatchError, match=message):
         fkdstore.write(tmp_path / "s", **{**base, **change})
     np.testing.assert_array_equal(fkdstore.open(tmp_path / "s").array(S.BOX)[:], before)
@@ -237,10 +236,6 @@ def test_volatile_meta_may_change_on_resume(tmp_path):
     kw = dict(images_per_chunk=2, images_per_shard=4)
     create(tmp_path / "s", d, meta={"teacher": "t", "time_taken_s": 1.0}, **kw).close()
     create(tmp_path / "s", d, meta={"teacher": "t", "time_taken_s": 7.0}, **kw).close()
-
-
-def _bad(d, **over):
-    return {**d, **over}
 
 
 @pytest.mark.parametrize(
