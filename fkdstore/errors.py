@@ -1,4 +1,9 @@
-"""Exceptions raised by fkdstore. Every message names the array, attribute or argument and the rule broken."""
+"""Every exception fkdstore raises on purpose. Each message names the array, attribute, file or argument
+and the rule broken, then what was got ("<rule>. Got <value>.").
+
+Wrong *types* raise the built-in :class:`TypeError`; bad *values* raise :class:`ValidationError` (a
+:class:`ValueError`). Damage found in a store raises :class:`CorruptStoreError`.
+"""
 
 
 class FkdstoreError(Exception):
@@ -10,7 +15,7 @@ class FormatError(FkdstoreError):
 
 
 class ValidationError(FkdstoreError, ValueError):
-    """Input to a writer, codec or sampler breaks a rule of the format (shape, range, dtype, normalisation)."""
+    """Input to a writer, codec, policy or sampler breaks a rule of the format (shape, range, dtype, sum)."""
 
 
 class SchemaMismatchError(FkdstoreError):
@@ -19,3 +24,25 @@ class SchemaMismatchError(FkdstoreError):
 
 class IncompleteStoreError(FkdstoreError):
     """An image (or the whole store) was read before it was written."""
+
+
+class CorruptStoreError(FkdstoreError):
+    """A store's data is missing, misplaced or inconsistent with its header: a missing shard or chunk of a
+    written image, a chunk at the wrong position (manifest mismatch), a checksum failure, a header whose
+    checksum or layout disagrees with the arrays. The message names the array, the file/key and the images."""
+
+
+class CorruptChunkError(CorruptStoreError):
+    """A chunk's bytes fail their crc32c checksum or cannot be decoded (kept as its own class since 0.1)."""
+
+
+class ConcurrentWriterError(FkdstoreError):
+    """Another writer owns the shard this writer was about to write (two writers on one shard lose data)."""
+
+
+class ConversionError(FkdstoreError):
+    """A conversion or import cannot be done (e.g. a codec cannot be derived from another), with the reason."""
+
+
+class ImageReadError(FkdstoreError):
+    """An image file cannot be read or decoded."""

@@ -607,7 +607,7 @@ def _summary(reader, path, done, missing_after, elapsed, skipped) -> str:
     M = reader.crops_per_image
     written = int(reader.written.sum())
     stats = _store.storage_stats(path)
-    per_crop = sum(d["bytes"] for k, d in stats.items() if k not in ("_total", ".") and k not in S.PER_IMAGE_ARRAYS)
+    per_crop = sum(d["bytes"] for k, d in stats.items() if k not in ("_total", ".") and k not in reader.header.per_image_arrays)
     bpc = per_crop / max(1, written * M)
     rate = done / elapsed if elapsed > 0 else 0.0
     state = "complete" if reader.complete else f"INCOMPLETE ({len(reader) - written} missing, {len(skipped)} skipped)"

@@ -387,7 +387,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> di
     if crops:
         # per-crop arrays scale with N*M; per-image arrays and metadata with N (or not at all).
         per_crop_b = (soft + geo) / crops
-        per_image_b = sum(arrays[n]["stored_bytes"] for n in S.PER_IMAGE_ARRAYS) / h.num_images
+        per_image_b = sum(arrays[n]["stored_bytes"] for n in h.per_image_arrays) / h.num_images
         ext_bytes = int(per_crop_b * IMAGENET_1K_IMAGES * h.crops_per_image + per_image_b * IMAGENET_1K_IMAGES)
     out = {
         "path": str(path), "format": h.format, "format_version": h.format_version,

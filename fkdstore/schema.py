@@ -1,61 +1,76 @@
-"""The fkdstore format, version 1, in code. This module mirrors ``spec/format-v1.md`` section for section.
+"""The fkdstore format in code. This module mirrors ``spec/format-v2.md`` section for section; stores of
+format 1.0 (``spec/format-v1.md``, written by fkdstore 0.1) are still read.
 
-Everything that names an array, an attribute or a layout rule lives here; ``store``, ``cli`` and the
-other modules import these constants instead of repeating them.
+Everything that names an array, an attribute or a layout rule lives here; the writer, reader, verify and
+CLI import these constants and functions instead of repeating them. A store is a Zarr v3 group whose
+attribute ``"fkdstore"`` (:data:`ATTR_KEY`) holds the JSON object of :class:`Header`. Arrays (``N``
+images, ``M`` crop slots per image, ``C`` classes, ``L`` key bytes, ``P`` per-crop arrays):
 
-A store is a Zarr v3 group. Its attribute ``"fkdstore"`` (:data:`ATTR_KEY`) holds a JSON object with
-the fields of :class:`Header`. Arrays (``N`` images, ``M`` crop slots per image, ``C`` classes):
-
-=================  =================  ==========  ======================================================
-array              shape              dtype       meaning
-=================  =================  ==========  ======================================================
-``image_key``      (N,)               string      relative path or id of each image, unique
-``image_size``     (N, 2)             int32       (height, width) of the original image in pixels
-``label``          (N,)               int32       ground-truth class, -1 if unknown
-``written``        (N,)               uint8       1 once every slot of the image is stored, else 0
-``box``            (N, M, 4)          uint16/i32  crop (top, left, height, width), integer pixels
-``flip``           (N, M)             bool        horizontal flip applied after cropping
-``aug``            (N, M, A)          float32     named augmentation parameters (only when A > 0)
-``soft/<field>``   (N, M, ...)        per codec   the label codec's fields (see ``fkdstore.codecs``)
-=================  =================  ==========  ======================================================
+=================  ==================  ==========  ====================================================
+array              shape               dtype       meaning
+=================  ==================  ==========  ====================================================
+``key``            (N, L)              uint8       zero-padded UTF-8 key of each image (2.0)
+``image_key``      (N,)                string      key of each image (1.0 only; needs zarr's vlen-utf8)
+``image_size``     (N, 2)              int32       (height, width) of the original image in pixels
+``label``          (N,)                int32       ground-truth class, -1 if unknown
+``written``        (N,)                uint8       1 once every slot of the image is stored, else 0
+``box``            (N, M, 4)           uint16/i32  crop (top, left, height, width), integer pixels
+``flip``           (N, M)              bool        horizontal flip applied after cropping
+``aug/<name>``     (N, M, *shape)      per column  one augmentation parameter column (2.0)
+``aug``            (N, M, A)           float32     all augmentation parameters (1.0 only)
+``soft/<field>``   (N, M, ...)         per codec   the label codec's fields (see ``fkdstore.codecs``)
+``manifest``       (chunks, P)         uint32      position-bound tag of every inner chunk (2.0)
+=================  ==================  ==========  ====================================================
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
+import crc32c as _crc32c
 import numpy as np
 
-from .errors import FormatError, ValidationError
+from .errors import CorruptStoreError, FormatError, ValidationError
 
 FORMAT_NAME = "fkdstore"
-FORMAT_VERSION = "1.0"  # major.minor: readers refuse a newer major; a newer minor only adds optional things
+FORMAT_VERSION = "2.0"  # what this library writes; readers refuse a newer major, accept a newer minor
+READ_MAJORS = (1, 2)  # majors this library reads
 ATTR_KEY = "fkdstore"
 
 # Array names (invariant 3 of the spec).
-IMAGE_KEY = "image_key"
+KEY = "key"
+IMAGE_KEY = "image_key"  # 1.0
 IMAGE_SIZE = "image_size"
 LABEL = "label"
 WRITTEN = "written"
 BOX = "box"
 FLIP = "flip"
-AUG = "aug"
+AUG = "aug"  # 2.0: a group of per-column arrays; 1.0: one (N, M, A) float32 array
 SOFT_GROUP = "soft"
+MANIFEST = "manifest"
 
-PER_IMAGE_ARRAYS = (IMAGE_KEY, IMAGE_SIZE, LABEL, WRITTEN)
+PER_IMAGE_ARRAYS = (KEY, IMAGE_SIZE, LABEL, WRITTEN)
 UNKNOWN_LABEL = -1
-VOLATILE_META = ("time_taken_s", "finished_at", "created_at", "history", "skipped")  # meta keys a resumed run may change
-AUG_DTYPE = "float32"
-AUG_KINDS = ("float", "int", "bool")  # declared meaning of an aug column; all are stored as float32
+FILL_VALUE = 0  # fill value of every per-crop array (and of rows past N in a partial last chunk)
+# meta keys a resumed run may change; every other meta key must match for a writer to re-open a store
+VOLATILE_META = ("time_taken_s", "finished_at", "created_at", "history", "skipped")
+CHECKSUM_EXCLUDES = ("checksum", "meta", "library_version")  # header fields the checksum does not cover
 
-# Layout defaults, chosen by measurement (benchmarks/README.md, spec section "Chunking").
+AUG_KINDS = ("float", "int", "bool", "index")  # declared meaning of an aug column
+AUG_DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32")
+V1_AUG_DTYPE = "float32"  # 1.0 stored every aug column as float32 in one array
+BOX_DTYPES = ("uint16", "int32")
+
+# Layout defaults, chosen by measurement (benchmarks/README.md, spec section "Layout").
 PER_IMAGE_CHUNK = 65536  # images per chunk of the small per-image arrays (not sharded)
 TARGET_CHUNK_BYTES = 8 * 1024  # raw bytes of the widest per-crop array in one inner chunk
 TARGET_SHARD_BYTES = 64 * 1024 * 1024  # raw bytes of the widest per-crop array in one shard file
 MAX_IMAGES_PER_CHUNK = 1024
+MAX_SLOTS_PER_SHARD = 2**20  # a shard is buffered whole: this bounds the teacher work a kill can lose
 MAX_SHARDS = 2048  # wide rows (Full labels) get larger shards rather than more files
 COMPRESSOR = {"cname": "lz4hc", "clevel": 9, "shuffle": "bitshuffle"}  # inside blosc; crc32c after it
 
@@ -63,6 +78,11 @@ COMPRESSOR = {"cname": "lz4hc", "clevel": 9, "shuffle": "bitshuffle"}  # inside 
 def soft_path(field_name: str) -> str:
     """Path of a codec field's array inside the group, e.g. ``soft/indices``."""
     return f"{SOFT_GROUP}/{field_name}"
+
+
+def aug_path(column: str) -> str:
+    """Path of an augmentation column's array (format 2.0), e.g. ``aug/ra_ops``."""
+    return f"{AUG}/{column}"
 
 
 def box_dtype(max_side: int) -> str:
@@ -74,58 +94,211 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
 
 
-def default_layout(num_images: int, row_bytes: int) -> tuple[int, int]:
-    """Return ``(images_per_chunk, images_per_shard)`` for a store whose widest per-crop array takes
-    ``row_bytes`` raw bytes per image.
+def default_layout(num_images: int, row_bytes: int, crops_per_image: int = 1) -> tuple[int, int]:
+    """Return ``(images_per_chunk, images_per_shard)``: the layout rule of spec section 5, as an algorithm.
 
-    Inner chunks hold about :data:`TARGET_CHUNK_BYTES` (so one image read decompresses a few images, not
-    thousands) and shards about :data:`TARGET_SHARD_BYTES` (so 1.28M images make a few hundred files),
-    but never more than :data:`MAX_SHARDS` shards (Full labels at M = 200 are 400 KB per image: their
-    shards grow instead of their file count). The chunk is a power of two; the shard a multiple of it.
+    ``row_bytes`` is the raw size of one image's row in the widest per-crop array (``M * bytes per slot``).
+
+    1. ``chunk = min(MAX_IMAGES_PER_CHUNK, pow2_floor(TARGET_CHUNK_BYTES / row_bytes))`` (at least 1): one
+       image read decompresses a few images, not thousands.
+    2. ``shard = max(chunk, pow2_floor(TARGET_SHARD_BYTES / row_bytes))``: about 64 MiB per shard file.
+    3. ``shard = min(shard, max(chunk, pow2_floor(MAX_SLOTS_PER_SHARD / M)))``: a shard holds at most
+       2**20 slots, so a writer killed mid-shard loses a bounded amount of teacher work.
+    4. ``shard = max(shard, chunk * ceil(N / MAX_SHARDS / chunk))``: at most 2048 shards per array (wide
+       rows such as Full labels grow their shards instead of their file count; this wins over step 3).
+    5. ``shard = min(shard, chunk * ceil(N / chunk))`` (never larger than the data), then rounded down to
+       a multiple of ``chunk`` (at least ``chunk``).
     """
-    chunk = min(MAX_IMAGES_PER_CHUNK, _pow2_floor(TARGET_CHUNK_BYTES / max(1, row_bytes)))
-    shard = max(chunk, _pow2_floor(TARGET_SHARD_BYTES / max(1, row_bytes)))
+    row_bytes = max(1, int(row_bytes))
+    chunk = min(MAX_IMAGES_PER_CHUNK, _pow2_floor(TARGET_CHUNK_BYTES / row_bytes))
+    shard = max(chunk, _pow2_floor(TARGET_SHARD_BYTES / row_bytes))
+    shard = min(shard, max(chunk, _pow2_floor(MAX_SLOTS_PER_SHARD / max(1, int(crops_per_image)))))
     shard = max(shard, chunk * math.ceil(num_images / MAX_SHARDS / chunk))
-    shard = min(shard, chunk * math.ceil(num_images / chunk))  # never larger than the data
+    shard = min(shard, chunk * math.ceil(num_images / chunk))
     shard = max(chunk, chunk * (shard // chunk))
     return chunk, shard
 
 
+# ------------------------------------------------------------------------------------------------ keys
+
+
+def encode_keys(keys: Sequence[str]) -> np.ndarray:
+    """Image keys -> the ``key`` array: ``(N, L)`` uint8 of zero-padded UTF-8, ``L`` = longest key (>= 1).
+
+    Keys must be non-empty strings without NUL characters (NUL is the padding), unique (checked by the
+    writer, which knows N)."""
+    raw = []
+    for i, k in enumerate(keys):
+        if not isinstance(k, str):
+            raise TypeError(f"image keys must be str. Key {i} is {type(k).__name__}.")
+        if not k or "\x00" in k:
+            raise ValidationError(f"image keys must be non-empty and contain no NUL character. Key {i} is {k!r}.")
+        raw.append(k.encode("utf-8"))
+    length = max((len(b) for b in raw), default=1)
+    out = np.zeros((len(raw), length), np.uint8)
+    flat = np.frombuffer(b"".join(raw), np.uint8)
+    lens = np.fromiter((len(b) for b in raw), np.int64, len(raw))
+    rows = np.repeat(np.arange(len(raw)), lens)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    out[rows, cols] = flat
+    return out
+
+
+def decode_keys(arr: np.ndarray, *, start: int = 0) -> list[str]:
+    """The ``key`` array (or rows of it) -> list of str. ``start`` is the first row's image index, for errors."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    if arr.ndim != 2:
+        raise CorruptStoreError(f"array {KEY!r} must be 2-D (N, L). Got shape {arr.shape}.")
+    fixed = arr.view(f"S{arr.shape[1]}").reshape(-1) if arr.shape[1] else np.zeros(len(arr), "S1")
+    out = []
+    for i, b in enumerate(fixed.tolist()):  # numpy's S dtype drops the trailing NUL padding
+        try:
+            out.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CorruptStoreError(f"array {KEY!r}: image {start + i} is not valid UTF-8") from None
+    return out
+
+
+# -------------------------------------------------------------------------------------------- manifest
+
+
+def manifest_tag(path: str, chunk_index: int, chunk: np.ndarray) -> int:
+    """The manifest value binding inner chunk ``chunk_index`` of per-crop array ``path`` to its content:
+    ``crc32c(utf8(path) + b"\\0" + uint64_le(chunk_index) + bytes)``, where ``bytes`` is the decoded chunk
+    (full inner-chunk shape, C order, little-endian, bool as one byte; rows past N hold the fill value)."""
+    head = _crc32c.crc32c(path.encode("utf-8") + b"\0" + int(chunk_index).to_bytes(8, "little"))
+    data = np.ascontiguousarray(chunk)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    return _crc32c.crc32c(data.reshape(-1).view(np.uint8), head)
+
+
+def manifest_tags(path: str, first_chunk: int, data: np.ndarray, images_per_chunk: int) -> np.ndarray:
+    """Tags of consecutive inner chunks ``first_chunk, first_chunk + 1, ...`` covering ``data`` (rows =
+    images). A partial last chunk is padded with the fill value to ``images_per_chunk`` rows."""
+    n = math.ceil(len(data) / images_per_chunk)
+    out = np.empty(n, np.uint32)
+    for j in range(n):
+        part = data[j * images_per_chunk:(j + 1) * images_per_chunk]
+        if len(part) < images_per_chunk:
+            pad = np.full((images_per_chunk - len(part), *part.shape[1:]), FILL_VALUE, part.dtype)
+            part = np.concatenate([part, pad])
+        out[j] = manifest_tag(path, first_chunk + j, part)
+    return out
+
+
+# ------------------------------------------------------------------------------------- augment columns
+
+
 @dataclass(frozen=True, kw_only=True)
-class AugParam:
-    """One named augmentation parameter stored per crop slot in the ``aug`` array (as float32)."""
+class AugColumn:
+    """One named augmentation parameter stored per crop slot: array ``aug/<name>`` (2.0) of shape
+    ``(N, M, *shape)`` and storage ``dtype``. ``kind`` says what it means (float, int, bool, index)."""
 
     name: str
     kind: str = "float"
+    dtype: str = V1_AUG_DTYPE
+    shape: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValidationError(f"aug parameter names must be identifiers. Got {self.name!r}.")
+            raise ValidationError(f"aug column names must be identifiers. Got {self.name!r}.")
         if self.kind not in AUG_KINDS:
-            raise ValidationError(f"aug parameter kind must be one of {list(AUG_KINDS)}. Got {self.kind!r}.")
+            raise ValidationError(f"aug column kind must be one of {list(AUG_KINDS)}. Got {self.kind!r}.")
+        if self.dtype not in AUG_DTYPES:
+            raise ValidationError(f"aug column dtype must be one of {list(AUG_DTYPES)}. Got {self.dtype!r}.")
+        shape = tuple(self.shape)
+        if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
+            raise ValidationError(f"aug column shape must be positive integers. Got {self.shape!r}.")
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-def parse_aug(aug) -> tuple[AugParam, ...]:
-    """Accept ``None``, names, ``(name, kind)`` pairs, dicts or :class:`AugParam` and return AugParams."""
+AugParam = AugColumn  # 0.1 name
+
+
+def parse_aug(aug) -> tuple[AugColumn, ...]:
+    """Accept ``None``, names, ``(name, kind[, dtype[, shape]])`` tuples, dicts or :class:`AugColumn`s."""
     out = []
     for a in aug or ():
-        if isinstance(a, AugParam):
+        if isinstance(a, AugColumn):
             out.append(a)
         elif isinstance(a, str):
-            out.append(AugParam(name=a))
-        elif isinstance(a, dict):
-            out.append(AugParam(**a))
+            out.append(AugColumn(name=a))
+        elif isinstance(a, Mapping):
+            unknown = set(a) - {"name", "kind", "dtype", "shape"}
+            if unknown:
+                raise ValidationError(f"aug column keys must be name, kind, dtype, shape. Got {sorted(unknown)}.")
+            out.append(AugColumn(**{k: (tuple(v) if k == "shape" else v) for k, v in a.items()}))
+        elif isinstance(a, (tuple, list)) and 1 <= len(a) <= 4:
+            names = ("name", "kind", "dtype", "shape")
+            out.append(AugColumn(**{k: (tuple(v) if k == "shape" else v) for k, v in zip(names, a)}))
         else:
-            out.append(AugParam(name=a[0], kind=a[1]))
+            raise TypeError(f"aug columns must be names, tuples, dicts or AugColumn. Got {a!r}.")
     names = [a.name for a in out]
     if len(set(names)) != len(names):
-        raise ValidationError(f"aug parameter names must be unique. Got {names}.")
+        raise ValidationError(f"aug column names must be unique. Got {names}.")
     return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------ invariants
+
+
+def bad_boxes(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Invariant 5, the one home of the box rule: mask ``(..., M)`` of boxes that are NOT inside their
+    image. ``boxes`` (B, M, 4) (top, left, height, width); ``sizes`` (B, 2) (height, width). Computed in
+    int64 (Python ints for anything wider), so no value overflows."""
+    b = np.asarray(boxes)
+    if b.dtype.kind == "u" and b.dtype.itemsize >= 8 or b.dtype.kind not in "iub":
+        b = b.astype(object)
+    else:
+        b = b.astype(np.int64)
+    top, left, hh, ww = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+    s = np.asarray(sizes).astype(np.int64)
+    H, W = s[:, 0:1], s[:, 1:2]
+    bad = (top < 0) | (left < 0) | (hh < 1) | (ww < 1) | (top + hh > H) | (left + ww > W)
+    return np.asarray(bad, dtype=bool)
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON spelling used for checksums and comparisons: sorted keys, no spaces, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def check_json(obj: Any, what: str) -> None:
+    """Raise :class:`ValidationError` unless ``obj`` is standard JSON (no NaN/inf, str keys, lists not tuples
+    after a round trip)."""
+    try:
+        text = json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f"{what} must be standard JSON (no NaN/inf, str keys). Got an error: {e}.") from None
+    if json.loads(text) != obj:
+        raise ValidationError(f"{what} must round-trip through JSON unchanged (use lists, not tuples). Got {obj!r}.")
+
+
+# -------------------------------------------------------------------------------------------- header
+
+_REQUIRED = ("num_images", "crops_per_image", "num_classes", "codec", "images_per_chunk", "images_per_shard",
+             "box_dtype")
+_REQUIRED_2 = _REQUIRED + ("key_length", "aug", "augment", "has_labels", "checksum")
+
+
+def _parse_positive_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int. Got {type(v).__name__}.")
+    if v < 1:
+        raise ValidationError(f"{name} must be a positive integer. Got {v!r}.")
+    return int(v)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Header:
-    """The JSON object stored under the group attribute ``"fkdstore"``."""
+    """The JSON object stored under the group attribute ``"fkdstore"`` (spec section 1).
+
+    Build one with keyword arguments (the writer does); read one with :meth:`from_json`, which raises
+    :class:`FormatError` for anything malformed and :class:`CorruptStoreError` for a checksum mismatch."""
 
     num_images: int
     crops_per_image: int
@@ -134,68 +307,161 @@ class Header:
     images_per_chunk: int
     images_per_shard: int
     box_dtype: str
-    aug: tuple[AugParam, ...] = ()
+    key_length: int = 0
+    aug: tuple[AugColumn, ...] = ()
+    augment: tuple[dict[str, Any], ...] = ()
     has_labels: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     library_version: str = ""
     format_version: str = FORMAT_VERSION
     format: str = FORMAT_NAME
+    checksum: str = field(default="", compare=False)
 
     def __post_init__(self):
         for name in ("num_images", "crops_per_image", "num_classes", "images_per_chunk", "images_per_shard"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValidationError(f"{name} must be a positive integer. Got {v!r}.")
+            object.__setattr__(self, name, _parse_positive_int(name, getattr(self, name)))
         if self.images_per_shard % self.images_per_chunk:
             raise ValidationError(
                 f"images_per_shard must be a multiple of images_per_chunk. "
                 f"Got {self.images_per_shard} and {self.images_per_chunk}."
             )
-        if self.box_dtype not in ("uint16", "int32"):
-            raise ValidationError(f"box_dtype must be 'uint16' or 'int32'. Got {self.box_dtype!r}.")
+        if self.box_dtype not in BOX_DTYPES:
+            raise ValidationError(f"box_dtype must be one of {list(BOX_DTYPES)}. Got {self.box_dtype!r}.")
+        if not isinstance(self.codec, Mapping) or not isinstance(self.codec.get("name"), str):
+            raise ValidationError(f"codec must be a config object with a 'name'. Got {self.codec!r}.")
+        if not isinstance(self.meta, Mapping):
+            raise ValidationError(f"meta must be a JSON object. Got {type(self.meta).__name__}.")
+        if isinstance(self.key_length, bool) or not isinstance(self.key_length, (int, np.integer)) or self.key_length < 0:
+            raise ValidationError(f"key_length must be an integer >= 0. Got {self.key_length!r}.")
+        if self.major >= 2 and self.key_length < 1:
+            raise ValidationError(f"key_length must be >= 1 in format 2. Got {self.key_length!r}.")
+        augment = tuple(self.augment)
+        if not all(isinstance(p, Mapping) and isinstance(p.get("name"), str) for p in augment):
+            raise ValidationError(f"augment must be a list of policy configs with a 'name'. Got {self.augment!r}.")
+        object.__setattr__(self, "augment", tuple(dict(p) for p in augment))
+        object.__setattr__(self, "aug", parse_aug(self.aug))
+        if self.major < 2 and any(a.dtype != V1_AUG_DTYPE or a.shape for a in self.aug):
+            raise ValidationError("format 1 stores aug columns as scalar float32 only.")
+
+    # -- layout
+    @property
+    def major(self) -> int:
+        return check_version(self.format_version)[0]
 
     @property
     def num_shards(self) -> int:
         return math.ceil(self.num_images / self.images_per_shard)
 
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.images_per_shard // self.images_per_chunk
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_images / self.images_per_chunk)
+
     def shard_range(self, shard: int) -> range:
-        """Image indices stored in one shard (and in one chunk of ``written``)."""
+        """Image indices stored in one shard (and in one chunk of ``written`` and of ``manifest``)."""
         start = shard * self.images_per_shard
         return range(start, min(self.num_images, start + self.images_per_shard))
 
+    @property
+    def key_array(self) -> str:
+        """Name of the array holding image keys: ``key`` (2.0) or ``image_key`` (1.0)."""
+        return KEY if self.major >= 2 else IMAGE_KEY
+
+    @property
+    def per_image_arrays(self) -> tuple[str, ...]:
+        """The unsharded per-image arrays of this store's format version."""
+        return (self.key_array, IMAGE_SIZE, LABEL, WRITTEN)
+
+    def per_crop_specs(self, codec) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``{array path: (trailing shape per slot, dtype)}`` of every per-crop array, in manifest order
+        (box, flip, aug columns, codec fields). ``codec`` is the store's codec object (it knows its fields)."""
+        specs: dict[str, tuple[tuple[int, ...], str]] = {BOX: ((4,), self.box_dtype), FLIP: ((), "bool")}
+        if self.aug and self.major < 2:
+            specs[AUG] = ((len(self.aug),), V1_AUG_DTYPE)
+        else:
+            for a in self.aug:
+                specs[aug_path(a.name)] = (a.shape, a.dtype)
+        for name, spec in codec.fields(self.num_classes).items():
+            specs[soft_path(name)] = (tuple(spec.shape), spec.dtype)
+        return specs
+
+    def row_bytes(self, codec) -> int:
+        """Raw bytes of one image's row in the widest per-crop array (input of :func:`default_layout`)."""
+        M = self.crops_per_image
+        return max(M * math.prod(t) * np.dtype(d).itemsize for t, d in self.per_crop_specs(codec).values())
+
+    # -- JSON
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["aug"] = [dataclasses.asdict(a) for a in self.aug]
+        """The attribute object, with ``checksum`` computed (format 2) over the non-volatile fields."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["aug"] = [a.to_json() for a in self.aug]
+        d["augment"] = [dict(p) for p in self.augment]
+        d["meta"] = dict(self.meta)
+        d["codec"] = dict(self.codec)
+        if self.major < 2:  # 1.0 had neither field
+            for k in ("key_length", "augment", "checksum"):
+                d.pop(k)
+            d["aug"] = [{"name": a.name, "kind": a.kind} for a in self.aug]
+        else:
+            d["checksum"] = header_checksum(d)
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Header:
-        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+    def from_json(cls, d: Any) -> Header:
+        """Parse and check the attribute object: :class:`FormatError` if it is not a readable fkdstore
+        header (wrong format, newer major version, missing or malformed field); :class:`CorruptStoreError`
+        if a format-2 checksum does not match (the header was edited or damaged)."""
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT_NAME:
             raise FormatError(f"not an fkdstore store: group attribute {ATTR_KEY!r} is missing or malformed")
-        check_version(d.get("format_version"))
+        major, _ = check_version(d.get("format_version"))
+        required = _REQUIRED_2 if major >= 2 else _REQUIRED
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise FormatError(f"fkdstore header (format {d.get('format_version')}) lacks required keys {missing}")
+        if major >= 2:
+            expected = header_checksum(d)
+            if d.get("checksum") != expected:
+                raise CorruptStoreError(
+                    f"fkdstore header checksum mismatch: stored {d.get('checksum')!r}, computed {expected!r} "
+                    f"(the group attribute {ATTR_KEY!r} in zarr.json was edited or damaged)"
+                )
         known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}  # a newer minor version may add keys
-        d["aug"] = parse_aug(d.get("aug"))
-        return cls(**d)
+        kw = {k: v for k, v in d.items() if k in known}  # a newer minor version may add keys: ignore them
+        try:
+            return cls(**kw)
+        except (TypeError, ValidationError) as e:
+            raise FormatError(f"malformed fkdstore header: {e}") from None
 
     def schema_key(self) -> dict[str, Any]:
         """The fields two runs must agree on to write into the same store (resume, several processes)."""
         d = self.to_json()
-        for volatile in ("library_version", "meta"):
-            d.pop(volatile)
+        for volatile in ("library_version", "meta", "checksum"):
+            d.pop(volatile, None)
         return d
 
 
+def header_checksum(d: Mapping[str, Any]) -> str:
+    """``"crc32c:%08x"`` of the canonical JSON of a header object without ``checksum``, ``meta`` and
+    ``library_version`` (spec 1.2): an edit of N, M, C, the codec, the layout or the augment columns is
+    detected; provenance may change (a resumed run updates ``meta``)."""
+    body = {k: v for k, v in d.items() if k not in CHECKSUM_EXCLUDES}
+    return "crc32c:%08x" % _crc32c.crc32c(canonical_json(body).encode("utf-8"))
+
+
 def check_version(version) -> tuple[int, int]:
-    """Parse ``"major.minor"``; raise :class:`FormatError` for a newer major version than this library reads."""
+    """Parse ``"major.minor"``; raise :class:`FormatError` for a major version this library cannot read."""
     try:
         major, minor = (int(x) for x in str(version).split("."))
     except ValueError:
         raise FormatError(f"format_version must be 'major.minor'. Got {version!r}.") from None
-    ours = int(FORMAT_VERSION.split(".")[0])
-    if major > ours:
+    if major > max(READ_MAJORS):
         raise FormatError(
             f"store has format version {version}, newer than this library reads ({FORMAT_VERSION}); "
             f"upgrade fkdstore"
         )
+    if major not in READ_MAJORS:
+        raise FormatError(f"format_version major must be one of {list(READ_MAJORS)}. Got {version!r}.")
     return major, minor

@@ -73,7 +73,7 @@ def _crop_specs(codec, num_classes: int, box_dtype: str, num_aug: int) -> dict[s
     """``{array path: (trailing shape per crop, dtype)}`` of every per-crop array; validates k <= C."""
     specs = {S.BOX: ((4,), box_dtype), S.FLIP: ((), "bool")}
     if num_aug:
-        specs[S.AUG] = ((num_aug,), S.AUG_DTYPE)
+        specs[S.AUG] = ((num_aug,), S.V1_AUG_DTYPE)
     for name, spec in codec.fields(num_classes).items():
         specs[S.soft_path(name)] = (tuple(spec.shape), spec.dtype)
     return specs
@@ -198,7 +198,7 @@ def _make_header(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, ipc
         num_images=N, crops_per_image=M, num_classes=C, codec=codec.get_config(),
         images_per_chunk=ipc, images_per_shard=ips, box_dtype=bdtype,
         aug=aug_params, has_labels=bool((labels_arr >= 0).any()), meta=meta,
-        library_version=_library_version(),
+        library_version=_library_version(), format_version="1.0",  # until writer.py writes 2.0
     )
     return header, keys, sizes.astype(np.int32), labels_arr
 

@@ -44,7 +44,7 @@ def digits(tmp_path_factory):
 
 def arrays(path) -> dict[str, np.ndarray]:
     r = fkdstore.open(path)
-    names = list(S.PER_IMAGE_ARRAYS) + array_names(r.codec, r.num_classes, len(r.header.aug))
+    names = list(r.header.per_image_arrays) + array_names(r.codec, r.num_classes, len(r.header.aug))
     return {n: r.array(n)[:] for n in names}
 
 

@@ -134,13 +134,13 @@ def test_layout_is_standard_zarr_with_crc32c_and_few_files(tmp_path):
         assert [c["name"] for c in shard["configuration"]["codecs"]][-1] == "crc32c"
         assert shard["configuration"]["chunk_shape"][0] == 4
         assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 32
-    for name in S.PER_IMAGE_ARRAYS:
+    for name in fkdstore.open(tmp_path / "s").header.per_image_arrays:
         assert g[name].metadata.to_dict()["codecs"][-1]["name"] == "crc32c"
     stats = store_mod.storage_stats(tmp_path / "s")
     assert stats[S.BOX]["files"] == 2  # 64 images / 32 per shard
     assert stats["_total"]["files"] < 30
     attrs = json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"][S.ATTR_KEY]
-    assert attrs["format_version"] == S.FORMAT_VERSION and attrs["codec"] == {"name": "ms", "k": 5, "dtype": "float16"}
+    assert attrs["format_version"] == "1.0" and attrs["codec"] == {"name": "ms", "k": 5, "dtype": "float16"}
 
 
 def test_default_layout_scales():
@@ -187,7 +187,7 @@ def test_resume_gives_identical_store(tmp_path):
     w.close()
     a, b = fkdstore.open(tmp_path / "a"), fkdstore.open(tmp_path / "b")
     assert b.complete
-    for name in a.per_crop_arrays + list(S.PER_IMAGE_ARRAYS):
+    for name in a.per_crop_arrays + list(a.header.per_image_arrays):
         np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
 
 
@@ -334,7 +334,7 @@ def test_open_refuses_non_stores_and_newer_versions(tmp_path):
         fill(w, d)
     g = zarr.open_group(str(tmp_path / "s"), mode="r+")
     attrs = g.attrs[S.ATTR_KEY]
-    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "2.0"}
+    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "3.0"}
     with pytest.raises(FormatError, match="newer than this library"):
         fkdstore.open(tmp_path / "s")
     g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "1.7", "future_optional_key": 1}
