@@ -279,5 +279,5 @@ def check_range(column: str, values: np.ndarray, lo: float, hi: float) -> None:
     v = np.asarray(values)
     bad = ~((v >= lo) & (v <= hi))
     if bad.any():
-        got = v[bad].flat[0]
+        got = v[bad].flat[0].item()
         raise ValidationError(f"augment column {column!r} values must be in [{lo:g}, {hi:g}]. Got {got!r}.")
