@@ -42,39 +42,13 @@ class ConversionError(FkdstoreError):
     """The requested conversion needs information the source does not hold."""
 
 
-def _k(codec) -> int | None:
-    return getattr(codec, "k", None)
-
-
 def _describe(codec) -> str:
-    return codec.name + (f" K={codec.k}" if _k(codec) is not None else "")
+    return codec.describe()
 
 
 def conversion_problem(src: _codecs.LabelCodec, dst: _codecs.LabelCodec) -> str | None:
-    """Why ``src -> dst`` is impossible, or None when it is possible."""
-    s, d = src.name, dst.name
-    if s == "full":
-        return None
-    if d == "full":
-        return (f"a {_describe(src)} store does not hold the full C-way distribution that the full codec "
-                f"stores; only a full store can be converted to full")
-    if s == "hard":
-        if d == "hard":
-            return None
-        return (f"a hard store keeps only the argmax class, not the teacher's probability that "
-                f"{_describe(dst)} needs")
-    if s == "smoothing":
-        if d in ("hard", "smoothing") or _k(dst) == 1:
-            return None
-        return (f"a smoothing store keeps only the top-1 class and its probability; {_describe(dst)} needs the "
-                f"top {_k(dst)}")
-    # s in ms/mr
-    if d in ("hard", "smoothing"):
-        return None
-    if _k(dst) is not None and _k(dst) > src.k:
-        return (f"a {_describe(src)} store keeps only the top {src.k} classes; {_describe(dst)} needs the "
-                f"top {dst.k}")
-    return None
+    """Why ``src -> dst`` is impossible, or None when it is possible (``dst.conversion_problem(src)``)."""
+    return dst.conversion_problem(src)
 
 
 def convert_fields(src: _codecs.LabelCodec, dst: _codecs.LabelCodec, fields: dict[str, np.ndarray],
@@ -83,27 +57,8 @@ def convert_fields(src: _codecs.LabelCodec, dst: _codecs.LabelCodec, fields: dic
     why = conversion_problem(src, dst)
     if why:
         raise ConversionError(f"cannot convert {_describe(src)} -> {_describe(dst)}: {why}")
-    specs = dst.fields(num_classes)
-    if src.name == "full":
-        out = dst.encode(np.asarray(fields["probs"], dtype=np.float32))
-    else:
-        idx = np.asarray(fields["indices"])
-        p = None if "probs" not in fields else np.asarray(fields["probs"])
-        if src.name in ("ms", "mr"):
-            # stored descending; a stable sort keeps the stored order of equal values (the encoder's tie rule)
-            order = np.argsort(-p.astype(np.float32), axis=-1, kind="stable")
-            idx, p = np.take_along_axis(idx, order, -1), np.take_along_axis(p, order, -1)
-        elif src.name == "smoothing":
-            idx, p = idx[..., None], p[..., None]  # -> (..., 1)
-        else:  # hard
-            idx = idx[..., None]
-        if dst.name == "hard":
-            out = {"indices": idx[..., 0]}
-        elif dst.name == "smoothing":
-            out = {"indices": idx[..., 0], "probs": p[..., 0]}
-        else:
-            out = {"indices": idx[..., :dst.k], "probs": p[..., :dst.k]}
-    return {n: np.asarray(out[n]).astype(spec.dtype, copy=False) for n, spec in specs.items()}
+    idx, p = src.sorted_probs(fields, num_classes)
+    return dst.from_sorted(idx, p, num_classes)
 
 
 def _history_record(op: str, **items) -> dict[str, Any]:
@@ -149,7 +104,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
 
     src, dst = Path(src), Path(dst)
     reader = _store.open(src)
-    dst_codec = _target_codec(codec, k, default_k=_k(reader.codec))
+    dst_codec = _codecs.as_codec(codec, k=k, default_k=reader.codec.k)
     why = conversion_problem(reader.codec, dst_codec)
     if why:
         raise ConversionError(f"cannot convert {_describe(reader.codec)} -> {_describe(dst_codec)}: {why}")
@@ -180,19 +135,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
         "bytes_before": _store.storage_stats(src)["_total"]["bytes"],
         "bytes_after": _store.storage_stats(dst)["_total"]["bytes"],
     }
-
-
-def _target_codec(codec, k: int | None, default_k: int | None = None) -> _codecs.LabelCodec:
-    if isinstance(codec, _codecs.LabelCodec):
-        return codec
-    if isinstance(codec, dict):
-        return _codecs.from_config(codec)
-    name = _codecs.ALIASES.get(str(codec).strip().lower(), str(codec).strip().lower())
-    if name in ("ms", "mr"):
-        return _codecs.get_codec(name, k=k if k is not None else (default_k or 5))
-    if k is not None:
-        raise ValidationError(f"k applies to the ms and mr codecs only. Got codec {codec!r} with k={k}.")
-    return _codecs.get_codec(name)
 
 
 # ============================================================================================ import-fkd
@@ -364,10 +306,10 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     kind, file_k = _label_kind(labels0, label_files[0])
     src_codec = _source_codec(kind, file_k)
     if codec is None:
-        dst_codec = {"topk": _target_codec("ms", k if k is not None else file_k), "smoothing": _codecs.Smoothing(),
+        dst_codec = {"topk": _codecs.as_codec("ms", k=k, default_k=file_k), "smoothing": _codecs.Smoothing(),
                      "hard": _codecs.Hard()}[kind]
     else:
-        dst_codec = _target_codec(codec, k, default_k=file_k if kind == "topk" else 1)
+        dst_codec = _codecs.as_codec(codec, k=k, default_k=file_k if kind == "topk" else 1)
     why = conversion_problem(src_codec, dst_codec)
     if why:
         what = {"topk": f"top-{file_k} labels", "smoothing": "smoothing labels", "hard": "hard labels"}[kind]

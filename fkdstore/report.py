@@ -119,53 +119,26 @@ def human_bytes(n: float | None) -> str:
 
 
 def _codec_key(codec: _codecs.LabelCodec) -> tuple[str, int | None]:
-    return codec.name, getattr(codec, "k", None)
-
-
-def _as_codec(codec, k: int | None = None) -> _codecs.LabelCodec:
-    if isinstance(codec, _codecs.LabelCodec):
-        return codec
-    if isinstance(codec, dict):
-        return _codecs.from_config(codec)
-    name = _codecs.ALIASES.get(str(codec).strip().lower(), str(codec).strip().lower())
-    kwargs = {"k": k} if (k is not None and name in ("ms", "mr")) else {}
-    if k is not None and name not in ("ms", "mr"):
-        raise _codecs.ValidationError(f"--k applies to the ms and mr codecs only. Got codec {codec!r} with k={k}.")
-    return _codecs.get_codec(name, **kwargs)
+    return codec.name, codec.k
 
 
 # ------------------------------------------------------------------------------------------- paper
 def paper_values_per_crop(codec, num_classes: int) -> int:
     """Float32 values per crop in the paper's Table 2: 4 coordinates + 1 flip + the label values."""
-    codec = _as_codec(codec)
-    label = {"hard": 1, "smoothing": 2, "full": num_classes}.get(codec.name)
-    if label is None:
-        label = 2 * codec.k
-    return 5 + label
+    return _codecs.as_codec(codec).paper_values_per_crop(num_classes)
 
 
 def paper_bytes(num_images: int, crops: int, num_classes: int, codec, k: int | None = None) -> int:
     """The paper's formula (Table 2): ``num_images * crops * (5 + L) * 4`` bytes (float32 values)."""
-    return int(num_images) * int(crops) * paper_values_per_crop(_as_codec(codec, k), num_classes) * 4
+    return int(num_images) * int(crops) * paper_values_per_crop(_codecs.as_codec(codec, k=k), num_classes) * 4
 
 
 def paper_table2(codec, k: int | None = None) -> str | None:
     """The paper's printed Table 2 figure for this strategy (1.2M x 200 x 1000), or None if not in the table."""
-    return PAPER_TABLE2.get(_codec_key(_as_codec(codec, k)))
+    return PAPER_TABLE2.get(_codec_key(_codecs.as_codec(codec, k=k)))
 
 
 # ------------------------------------------------------------------------------------------- estimate
-def _roles(codec: _codecs.LabelCodec) -> dict[str, str]:
-    top1 = codec.name in ("hard", "smoothing")
-    roles = {}
-    for f in codec.fields(getattr(codec, "k", 1)):
-        if codec.name == "full":
-            roles[f] = "probs_full"
-        else:
-            roles[f] = f"{f}_{'top1' if top1 else 'topk'}"
-    return roles
-
-
 def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int | None = None, *,
                    max_side: int = 500, num_aug: int = 0, calibration: dict[str, float] | None = None) -> dict[str, Any]:
     """Predicted size of a store in this library's layout.
@@ -174,7 +147,7 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
     ``max_side`` (largest image side) picks the box dtype; ``calibration`` overrides :data:`CALIBRATION`.
     """
     cal = dict(CALIBRATION, **(calibration or {}))
-    codec = _as_codec(codec, k)
+    codec = _codecs.as_codec(codec, k=k)
     N, M, C = int(num_images), int(crops), int(num_classes)
     if min(N, M, C) < 1:
         raise _codecs.ValidationError(f"images, crops and classes must be >= 1. Got {N}, {M}, {C}.")
@@ -183,7 +156,7 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
     per_crop = {S.BOX: (4 * np.dtype(bdt).itemsize, "box"), S.FLIP: (1, "flip")}
     if num_aug:
         per_crop[S.AUG] = (4 * num_aug, "aug")
-    roles = _roles(codec)
+    roles = codec.roles()
     for name, spec in fields.items():
         per_crop[S.soft_path(name)] = (spec.nbytes, roles[name])
     row_bytes = max(M * b for b, _ in per_crop.values())
@@ -260,7 +233,7 @@ def teacher_like_probs(rng: np.random.Generator, num_images: int, crops: int, cl
 
 
 def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256, crops: int = 200,
-              classes: int = 1000, codecs: tuple = ("full", "hard", "smoothing", "ms5", "ms10"),
+              classes: int = 1000, codecs: tuple = ("full", "hard", "smoothing", "ms:k=5", "ms:k=10"),
               seed: int = 0) -> dict[str, float]:
     """Measure stored/raw per array role on stores written from :func:`teacher_like_probs`.
 
@@ -283,15 +256,15 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
     out: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(dir=tmpdir) as td:
         for spec in codecs:
-            codec = _as_codec(spec[:2], int(spec[2:])) if spec[:2] in ("ms", "mr") else _as_codec(spec)
-            path = Path(td) / spec
+            codec = _codecs.as_codec(spec)
+            path = Path(td) / spec.replace(":", "_").replace("=", "").replace(",", "_")
             with _store.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec,
                               image_keys=keys, image_sizes=sizes, labels=labels) as w:
                 for a in range(0, N, 64):
                     sl = slice(a, min(N, a + 64))
                     w.put(np.arange(sl.start, sl.stop), boxes[sl], flips[sl], probs[sl])
             stats = _store.storage_stats(path)
-            roles = {S.BOX: "box", S.FLIP: "flip"} | {S.soft_path(f): r for f, r in _roles(codec).items()}
+            roles = {S.BOX: "box", S.FLIP: "flip"} | {S.soft_path(f): r for f, r in codec.roles().items()}
             raw = {S.BOX: 8, S.FLIP: 1} | {S.soft_path(f): s.nbytes for f, s in codec.fields(C).items()}
             for name, role in roles.items():
                 out.setdefault(role, []).append(stats[name]["bytes"] / (N * M * raw[name]))

@@ -14,9 +14,10 @@
 4. Per-image arrays: keys unique and non-empty, sizes >= 1, labels in ``[-1, C)``, ``written`` in {0, 1},
    and every image written (the missing ranges are listed).
 5. Per written image: boxes have height, width >= 1 and lie inside the recorded image size; flips are 0/1;
-   aug values finite; codec fields valid (indices in ``[0, C)``, probabilities finite in ``[0, 1]``,
-   top-K probabilities non-increasing and summing to at most 1 + 1e-2) and decoded distributions finite,
-   non-negative and summing to 1 within 1e-2.
+   aug values finite; codec fields valid (``codec.field_problems``: indices in ``[0, C)`` and distinct,
+   probabilities finite in ``[0, 1 + PROB_ATOL]``, top-K non-increasing, stored mass at most
+   ``1 + codec.sum_atol(C)``) and decoded distributions finite, non-negative and summing to 1 within
+   ``codec.sum_atol(C)`` (``fkdstore.codecs.base``: one tolerance for writer, codecs and verify).
 
 Reading everything costs one pass over the files (shards are read whole, one ``read`` each).
 """
@@ -36,7 +37,6 @@ __all__ = ["verify", "MAX_PER_CHECK"]
 
 _MISSING = 2**64 - 1
 MAX_PER_CHECK = 20  # problems of one kind listed before summarising the rest
-SUM_TOL = 1e-2
 
 
 class _Problems(list):
@@ -287,40 +287,18 @@ def _check_records(block: dict[str, np.ndarray], w: np.ndarray, r: range, sizes,
             return
         fields[name] = v[rows]
     known_bad = np.zeros((len(rows), h.crops_per_image), bool)  # reported once, not again when decoded
-    idx = fields.get("indices")
-    if idx is not None:
-        bad = idx.astype(np.int64) >= C
-        bad = bad.reshape(*bad.shape[:2], -1).any(-1)
-        if bad.any():
-            problems.add("labels", f"array 'soft/indices': {int(bad.sum())} crops with a class index >= {C}, "
-                         f"first at {where(bad)}")
-            return  # cannot decode
-    p = fields.get("probs")
-    if p is not None:
-        pf = p.astype(np.float32)
-        bad = ~np.isfinite(pf) | (pf < 0) | (pf > 1)
-        bad = bad.reshape(*bad.shape[:2], -1).any(-1)
-        if bad.any():
-            problems.add("labels", f"array 'soft/probs': {int(bad.sum())} crops with probabilities outside "
-                         f"[0, 1] or not finite, first at {where(bad)}")
-            known_bad |= bad
-        if codec.name in ("ms", "mr"):
-            inc = (np.diff(pf, axis=-1) > 0).any(-1) & ~known_bad
-            if inc.any():
-                problems.add("labels", f"array 'soft/probs': top-K probabilities not in descending order in "
-                             f"{int(inc.sum())} crops, first at {where(inc)}")
-            over = (pf.sum(-1) > 1 + SUM_TOL) & ~known_bad
-            if over.any():
-                problems.add("labels", f"array 'soft/probs': top-K mass above 1 + {SUM_TOL} in {int(over.sum())} "
-                             f"crops, first at {where(over)}")
-                known_bad |= over
+    for rule, bad in codec.field_problems(fields, C):  # the codec's stored-field rules (one home)
+        problems.add("labels", f"label fields must hold {rule}: broken in {int(bad.sum())} crops, first at {where(bad)}")
+        known_bad |= bad
+    if "indices" in fields and (fields["indices"].astype(np.int64) >= C).any():
+        return  # cannot decode
     # decoded distributions, in blocks of at most ~32 MiB
     nb = max(1, (32 * 2**20) // max(1, h.crops_per_image * C * 4))
     for a in range(0, len(rows), nb):
         with np.errstate(invalid="ignore"):
             dist = codec.decode({k: v[a:a + nb] for k, v in fields.items()}, C)
             s = dist.sum(-1, dtype=np.float64)
-            bad = ~np.isfinite(dist).all(-1) | (dist < 0).any(-1) | (np.abs(s - 1) > SUM_TOL)
+            bad = ~np.isfinite(dist).all(-1) | (dist < 0).any(-1) | (np.abs(s - 1) > codec.sum_atol(C))
         bad &= ~known_bad[a:a + nb]
         if bad.any():
             bb, m = (int(x) for x in np.argwhere(bad)[0])

@@ -184,7 +184,7 @@ def test_estimate_matches_real_store(tmp_path):
     keys = [f"n{labels[i]:08d}/n{labels[i]:08d}_{i}.JPEG" for i in range(N)]
     for codec, k in (("ms", 5), ("smoothing", None)):
         p = tmp_path / f"{codec}.fkd"
-        with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C, codec=report._as_codec(codec, k),
+        with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C, codec=fkdstore.codecs.as_codec(codec, k=k),
                             image_keys=keys, image_sizes=sizes, labels=labels) as w:
             w.put(np.arange(N), np.stack([b for b, _ in bf]), np.stack([f for _, f in bf]), probs)
         st = storage_stats(p)

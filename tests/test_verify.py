@@ -100,8 +100,9 @@ def test_box_outside_recorded_size_and_bad_labels(tmp_path):
     g[S.soft_path("probs")][:] = probs
     problems = verify(p)
     assert any("array 'box'" in x and "image 3 slot 2" in x for x in problems), problems
-    assert any("not in descending order in 1 crops, first at image 5 slot 1" in x for x in problems), problems
-    assert any("image 6 slot 0" in x and "outside [0, 1]" in x for x in problems), problems
+    assert any("top-K probabilities in descending order: broken in 1 crops, first at image 5 slot 1" in x
+               for x in problems), problems
+    assert any("image 6 slot 0" in x and "probabilities finite in [0, 1 + 0.001]" in x for x in problems), problems
 
 
 def test_attributes_inconsistent(tmp_path):
