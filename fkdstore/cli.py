@@ -191,8 +191,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--images", type=_pos_int, required=True, help="number of images N")
     q.add_argument("--crops", type=_pos_int, required=True, help="crops per image M")
     q.add_argument("--classes", type=_pos_int, required=True, help="number of classes C")
-    q.add_argument("--codec", required=True, help="full, hard, smoothing, ms or mr")
-    q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr (default 5)")
+    q.add_argument("--codec", required=True,
+                   help="codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. ms:k=5,dtype=q8")
+    q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
     q.add_argument("--max-side", type=_pos_int, default=500, help="largest image side in pixels (box dtype; default 500)")
     q.add_argument("--paper", action="store_true", help="use the paper's float32 formula (Table 2)")
     q.add_argument("--json", action="store_true", help="print the estimate as JSON (both figures)")
@@ -207,7 +208,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q = add("convert", "re-encode a store into a leaner codec without the teacher", CONVERT_HELP)
     q.add_argument("src", help="source store")
     q.add_argument("dst", help="new store (must not exist)")
-    q.add_argument("--codec", required=True, help="target codec: full, ms, mr, smoothing or hard")
+    q.add_argument("--codec", required=True,
+                   help="target codec name or spec: full, ms, mr, smoothing, hard, logits; e.g. ms:k=5,dtype=q8")
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr (default: the source's K, else 5)")
     q.add_argument("--progress", action="store_true", help="show a progress bar")
     q.set_defaults(func=_cmd_convert)

@@ -97,6 +97,15 @@ CALIBRATION: dict[str, float] = {
     "indices_top1": 0.561,
     "probs_top1": 0.854,
     "probs_full": 0.801,
+    # q8 roles: calibrate(num_images=64, codecs=("full:dtype=q8", "smoothing:dtype=q8", "ms:k=5,dtype=q8"))
+    "probs_full_q8": 0.76,
+    "probs_top1_q8": 1.045,
+    "probs_topk_q8": 0.957,
+    # logits q8 stores the q8 codes of the same probabilities: byte-identical arrays (benchmarks/codec_fidelity.py)
+    "logits_full_q8": 0.76,
+    "logits_topk_q8": 0.957,
+    "logits_topk": 1.0,  # not calibrated: float log-probabilities
+    "logits_full": 1.0,  # not calibrated
     "image_key": 0.234,  # per key character (zstd over sorted ImageNet-style paths)
     "per_image": 0.445,  # image_size + label + written, per raw byte (13 B per image)
 }

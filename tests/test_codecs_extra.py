@@ -272,3 +272,14 @@ def test_codecs_import_and_work_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1, 3) (1, 3)"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_codec_has_calibrated_roles_for_estimate(name):
+    from fkdstore import report
+
+    dtypes = REGISTRY[name].DTYPES if "dtype" in REGISTRY[name].__dataclass_fields__ else (None,)
+    for dtype in dtypes:
+        codec = REGISTRY[name](**({"dtype": dtype} if dtype else {}))
+        e = report.estimate_bytes(1000, 10, 100, codec)
+        assert e["bytes"] > 0 and set(codec.roles()) <= set(codec.fields(100))
