@@ -6,6 +6,9 @@ replay crops and labels in training with :class:`TorchDataset`. The format is ``
 
 __version__ = "0.1.0"
 
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
 from . import codecs, schema  # noqa: E402
 from .codecs import from_config, get_codec  # noqa: E402
 from .errors import (  # noqa: E402
@@ -17,11 +20,8 @@ from .errors import (  # noqa: E402
 )
 from .store import CorruptChunkError, CropRecords, Reader, Writer, open, write  # noqa: E402,A004
 
-# The teacher-runner function shadows its module's name: bind the function here, after the submodule is
-# loaded, so ``import fkdstore.generate`` elsewhere can never rebind ``fkdstore.generate`` to the module.
-from .generate import generate  # noqa: E402
-
-_LAZY = {  # torch-data entry points, imported on first use
+_LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
+    "generate": "generate",
     "TorchDataset": "pytorch",
     "collate": "pytorch",
     "densify": "pytorch",
@@ -37,8 +37,26 @@ def __getattr__(name):
     raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
 
 
+class _Package(_types.ModuleType):
+    """``fkdstore.generate`` is the teacher-runner *function*, although a submodule has the same name.
+
+    Importing a submodule makes Python set it as an attribute of its package (``setattr(fkdstore,
+    "generate", <module fkdstore.generate>)``), whether ``fkdstore.generate`` is first touched through
+    :func:`__getattr__` above, ``import fkdstore.generate`` or ``from fkdstore.generate import ...``. This
+    hook binds the module's function instead, so the attribute is the function in every import order.
+    The module itself stays available as ``sys.modules["fkdstore.generate"]``.
+    """
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, _types.ModuleType):
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
 __all__ = [
     "__version__", "codecs", "schema", "from_config", "get_codec", "write", "open", "Reader", "Writer",
     "CropRecords", "FkdstoreError", "FormatError", "IncompleteStoreError", "SchemaMismatchError",
-    "ValidationError", "CorruptChunkError", "generate", *_LAZY,
+    "ValidationError", "CorruptChunkError", *_LAZY,
 ]

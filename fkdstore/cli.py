@@ -1,22 +1,39 @@
 """The ``fkdstore`` command line. It only parses arguments and calls the library.
 
-Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd`` (and ``generate`` when
-:mod:`fkdstore.generate` is installed: it registers itself through ``add_cli(subparsers)``, which must add
-one parser and ``set_defaults(func=handler)`` with ``handler(args) -> int``).
+Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``generate``. Every
+command's code is here; the library modules hold no argparse code. Only ``generate`` needs torch, and
+it imports the teacher-runner when it runs (or shows its ``--help``), so ``fkdstore --version``,
+``inspect``, ``estimate``, ``verify``, ``convert`` and ``import-fkd`` start without importing torch.
 
-Exit codes: 0 success; 1 an error, or ``verify`` found problems; 2 bad command-line usage.
+Exit codes (every command):
+
+* ``0``: success.
+* ``1``: the command ran and failed or found problems: a library error (bad store, schema mismatch,
+  a value the library rejects, a missing file, ...), ``verify`` found problems, or ``generate`` left
+  the store incomplete (skipped images).
+* ``2``: usage or bad input on the command line, rejected before anything runs: an unknown option, a
+  missing argument, or a value of the wrong form (not an integer, an integer out of range, not a JSON
+  object). Integer options are checked by the same functions as the library's keyword arguments
+  (:mod:`fkdstore.validation`).
+* ``130``: interrupted (Ctrl-C).
+
 Errors print as one line, ``fkdstore: error: <message>``; ``--debug`` (anywhere on the line) prints the
-traceback instead.
+traceback instead. Deprecated spellings still work and print ``fkdstore: warning: ...`` to stderr:
+``--classes`` (use ``--num-classes``) and, in ``estimate``, ``--images N`` (use ``--num-images N``;
+``--images`` names an image folder everywhere else).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
 from . import __version__
+from .errors import ValidationError
+from .validation import non_negative_int, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -47,7 +64,8 @@ def _cmd_inspect(args) -> int:
 def _cmd_estimate(args) -> int:
     from . import report
 
-    e = report.estimate_bytes(args.images, args.crops, args.classes, args.codec, args.k, max_side=args.max_side)
+    e = report.estimate_bytes(args.num_images, args.crops, args.num_classes, args.codec, args.k,
+                              max_side=args.max_side)
     if args.json:
         e["paper_table2"] = report.paper_table2(e["codec"])
         _out(json.dumps(e, indent=2))
@@ -80,7 +98,7 @@ def _cmd_convert(args) -> int:
 def _cmd_import_fkd(args) -> int:
     from . import convert, report
 
-    r = convert.import_fkd(args.src, args.dst, args.images, codec=args.codec, k=args.k, num_classes=args.classes,
+    r = convert.import_fkd(args.src, args.dst, args.images, codec=args.codec, k=args.k, num_classes=args.num_classes,
                            trust_pickle=args.trust_pickle, progress=args.progress, log=_err)
     _out(f"imported {r['files']:,} FKD label files ({r['crops_per_image']} crops each, {r['num_classes']} classes, "
          f"coords {r['coords_dtype']}) as {_cfg(r['codec'])}: "
@@ -90,6 +108,46 @@ def _cmd_import_fkd(args) -> int:
     if r["boxes_clamped"]:
         _out(f"  {r['boxes_clamped']:,} boxes reached outside their image after FKD's rounding and were clipped")
     return EXIT_OK
+
+
+def _cmd_generate(args) -> int:
+    from .codecs import get_codec
+    from .generate import generate  # torch: imported only when this command runs
+    from .teacher import file_sha256, load_teacher
+
+    kwargs = args.teacher_kwargs
+    codec = get_codec(args.codec, **{k: v for k, v in (("k", args.k), ("dtype", args.dtype)) if v is not None})
+    teacher = load_teacher(args.teacher, args.weights, kwargs)
+    options = generate_options(args)
+    options.setdefault("teacher_name", args.teacher + (f"({json.dumps(kwargs, sort_keys=True)})" if kwargs else ""))
+    if args.weights and "weights_sha256" not in options:
+        options["weights_sha256"] = file_sha256(args.weights)
+    images = args.images[0] if len(args.images) == 1 and os.path.isdir(args.images[0]) else args.images
+    reader = generate(teacher, images, args.out, crops_per_image=args.crops_per_image, codec=codec, **options)
+    if not reader.complete:
+        _err(f"fkdstore generate: store {args.out} is incomplete: {int((~reader.written).sum())} images missing "
+             f"(skipped: {len(reader.meta.get('skipped', []))})")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# generate's options passed through to fkdstore.generate() under the same name, only when given: the
+# library's signature is the one home of their defaults (shown in ``fkdstore generate --help``).
+GENERATE_OPTIONS = (
+    "input_size", "batch_size", "seed", "scale", "ratio", "flip_p", "temperature", "mean", "std",
+    "interpolation", "device", "num_workers", "on_error", "images_per_shard", "num_classes", "amp",
+    "progress", "teacher_name", "weights_sha256",
+)
+
+
+def generate_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`fkdstore.generate` given on the command line (sequences as tuples)."""
+    out = {}
+    for name in GENERATE_OPTIONS:
+        if hasattr(args, name):
+            v = getattr(args, name)
+            out[name] = tuple(v) if isinstance(v, list) else v
+    return out
 
 
 def _cfg(cfg: dict) -> str:
@@ -123,8 +181,8 @@ images x crops x (4 coordinates + 1 flip + L label values) x 4 bytes, L = 1 hard
 C full. The paper prints GiB as "GB".
 
 examples:
-  fkdstore estimate --images 1281167 --crops 200 --classes 1000 --codec ms --k 5
-  fkdstore estimate --images 1200000 --crops 200 --classes 1000 --codec smoothing --paper
+  fkdstore estimate --num-images 1281167 --crops 200 --num-classes 1000 --codec ms --k 5
+  fkdstore estimate --num-images 1200000 --crops 200 --num-classes 1000 --codec smoothing --paper
 """
 
 VERIFY_HELP = """\
@@ -155,14 +213,14 @@ Import FKD's release layout: one torch.save file per image at SRC/<class>/<stem>
 also be the root above the split folder), each [coords (M,4) normalised (top/H, left/W, h/H, w/W),
 flip (M,), labels ((M,2,K) top-K, (M,2) smoothing or (M,) hard)]. Each file is matched to the image
 IMAGES/<class>/<stem>.* whose size turns the coordinates into integer pixel boxes with FKD's own replay
-rule (Pillow crop rounding). Pass --classes 1000 for ImageNet-1K: without it the class count is the largest
+rule (Pillow crop rounding). Pass --num-classes 1000 for ImageNet-1K: without it the class count is the largest
 stored index + 1, found by an extra pass. Files are loaded with torch.load(weights_only=True), which
 executes no code; --trust-pickle allows arbitrary pickles (runs code from the files: trusted input only).
 
 examples:
   fkdstore import-fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.fkd \\
-      --images /data/imagenet/train --classes 1000
-  fkdstore import-fkd fkd_labels/ labels-mr.fkd --images imgs/ --codec mr --k 3 --classes 1000
+      --images /data/imagenet/train --num-classes 1000
+  fkdstore import-fkd fkd_labels/ labels-mr.fkd --images imgs/ --codec mr --k 3 --num-classes 1000
 """
 
 
@@ -188,9 +246,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.set_defaults(func=_cmd_inspect)
 
     q = add("estimate", "predict a store's size (this layout, or the paper's formula)", ESTIMATE_HELP)
-    q.add_argument("--images", type=_pos_int, required=True, help="number of images N")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--num-images", type=_pos_int, metavar="N", help="number of images N")
+    g.add_argument("--images", dest="num_images", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
+                   use="--num-images N (--images names an image folder in the other commands)")
     q.add_argument("--crops", type=_pos_int, required=True, help="crops per image M")
-    q.add_argument("--classes", type=_pos_int, required=True, help="number of classes C")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--num-classes", type=_pos_int, metavar="C", help="number of classes C")
+    g.add_argument("--classes", dest="num_classes", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
+                   use="--num-classes")
     q.add_argument("--codec", required=True,
                    help="codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. ms:k=5,dtype=q8")
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
@@ -221,35 +285,168 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--codec", choices=["ms", "mr", "hard", "smoothing"], default=None,
                    help="codec to store (default: what the files hold; top-K files -> ms)")
     q.add_argument("--k", type=_pos_int, default=None, help="keep the top K <= the files' K (ms/mr)")
-    q.add_argument("--classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--num-classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
+    g.add_argument("--classes", dest="num_classes", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
+                   use="--num-classes")
     q.add_argument("--trust-pickle", action="store_true",
                    help="load with weights_only=False: executes code in the files, trusted input only")
     q.add_argument("--progress", action="store_true", help="show a progress bar")
     q.set_defaults(func=_cmd_import_fkd)
 
-    from .generate import add_cli as _add_generate_cli  # the teacher-runner owns its flags
-
-    _add_generate_cli(sub)
+    _add_generate(sub, common)
     return p, sub
 
 
-def _int_at_least(minimum: int, what: str):
-    """argparse type: an integer >= ``minimum``, with the rule in the error message."""
+GENERATE_HELP = """\
+Run a teacher on M random-resized crops per image and write an fkdstore label store. Resumable (rerun the
+same command after a crash: written images are kept, the rest are labelled) and multi-process under
+torchrun (rank r of P labels shards r, r+P, ...). Options left out take fkdstore.generate()'s defaults.
+Exit code 0 when the store is complete; 1 on an error or when images were skipped (--on-error skip).
+
+examples:
+  # top-5 marginal-smoothing labels for 200 crops per image with a torchvision ResNet-50
+  fkdstore generate --images /data/imagenet/train --teacher torchvision.models:resnet50 \\
+      --teacher-kwargs '{"weights": "IMAGENET1K_V2"}' --out in1k_r50.fkd --crops 200 --codec ms --k 5
+
+  # a local factory and a state dict; 8 GPUs (rank r labels shards r, r+8, ...)
+  torchrun --nproc_per_node=8 -m fkdstore generate --images train/ --teacher mymodels:teacher \\
+      --weights teacher.safetensors --out labels.fkd --crops 500 --codec ms --k 10 --input-size 224
+
+  # rerun the same command after a crash: written images are kept, the rest are labelled
+  fkdstore generate --images digits/ --teacher fkdstore.testing:tiny_cnn --out d.fkd --crops 8 \\
+      --codec ms --k 3 --input-size 32 --device cpu
+"""
+
+
+class _GenerateHelp(_Formatter):
+    """Shows fkdstore.generate()'s defaults next to the options that feed it (imports it: help only)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.help is argparse.SUPPRESS:
+            return text
+        if isinstance(action.type, _Choice):
+            text += f"; one of {', '.join(action.type.names())}"
+        if action.dest in GENERATE_OPTIONS and action.dest not in ("teacher_name", "weights_sha256"):
+            import inspect
+
+            from .generate import generate
+
+            default = inspect.signature(generate).parameters[action.dest].default
+            text += f" (default: {default!r})"
+        return text.replace("%", "%%")
+
+
+class _Choice:
+    """argparse type: one of the names in ``module.attr``, looked up when an option is parsed (or its help
+    shown), so that the library's list stays the one home and building the parser imports nothing."""
+
+    def __init__(self, module: str, attr: str):
+        self.module, self.attr = module, attr
+
+    def names(self) -> list[str]:
+        import importlib
+
+        return sorted(getattr(importlib.import_module(self.module), self.attr))
+
+    def __call__(self, s: str) -> str:
+        if s not in self.names():
+            raise argparse.ArgumentTypeError(f"must be one of {self.names()}. Got {s!r}.")
+        return s
+
+
+def _add_generate(sub, common) -> None:
+    q = sub.add_parser("generate", help="label images with a teacher and write a label store",
+                       description=GENERATE_HELP, formatter_class=_GenerateHelp, parents=[common],
+                       argument_default=argparse.SUPPRESS)
+    g = q.add_argument_group("inputs and output")
+    g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
+                   help="an image folder (class sub-folders give labels) or a list of image files")
+    g.add_argument("--teacher", required=True, metavar="MODULE:FACTORY",
+                   help="importable callable returning the teacher module, e.g. fkdstore.testing:tiny_cnn")
+    g.add_argument("--teacher-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="keyword arguments for the factory (a JSON object)")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="state dict to load (.pt/.pth; .safetensors if the package is installed); its sha256 is stored")
+    g.add_argument("--out", required=True, metavar="PATH", help="the store to create or resume")
+    g = q.add_argument_group("crops and labels")
+    g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int, required=True,
+                   metavar="M", help="crops per image")
+    g.add_argument("--codec", default="ms", help="label codec: full, hard, smoothing, ms, mr (default: ms)")
+    g.add_argument("--k", type=_pos_int, default=None, help="top-k for ms/mr (codec default: 5)")
+    g.add_argument("--dtype", default=None, choices=["float16", "float32"],
+                   help="stored probability dtype (codec default)")
+    g.add_argument("--num-classes", type=_pos_int, metavar="C", help="expected teacher output width (None: measured)")
+    g.add_argument("--classes", dest="num_classes", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
+                   use="--num-classes")
+    g.add_argument("--input-size", type=_pos_int, metavar="S", help="side of the square crops fed to the teacher")
+    g.add_argument("--seed", type=_nonneg_int, metavar="N", help="crop sampler seed")
+    g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop area range")
+    g.add_argument("--ratio", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop aspect ratio range")
+    g.add_argument("--flip-p", type=float, metavar="P", help="horizontal flip probability")
+    g.add_argument("--temperature", type=float, metavar="T", help="labels are softmax(logits / temperature)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation mean")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation std")
+    g.add_argument("--interpolation", type=_Choice("fkdstore.transforms", "INTERPOLATIONS"), metavar="NAME",
+                   help="crop resampling filter")
+    g.add_argument("--images-per-shard", type=_pos_int, metavar="N", help="storage layout override")
+    g = q.add_argument_group("execution")
+    g.add_argument("--batch-size", type=_pos_int, metavar="N", help="crops per teacher forward")
+    g.add_argument("--device", help="None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    g.add_argument("--num-workers", type=_nonneg_int, metavar="N", help="decoding workers (None: min(8, cpus - 1))")
+    g.add_argument("--on-error", type=_Choice("fkdstore.generate", "ON_ERROR"), metavar="WHAT",
+                   help="unreadable image: stop with its path, or skip it (left unwritten, listed in meta['skipped'])")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="autocast on CUDA")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar and summary line")
+    g.add_argument("--teacher-name", metavar="NAME",
+                   help="provenance name (default: the --teacher spec and its kwargs)")
+    g.add_argument("--weights-sha256", metavar="HEX", help="provenance (default: sha256 of --weights)")
+    q.set_defaults(func=_cmd_generate)
+
+
+class _Deprecated(argparse.Action):
+    """A hidden old spelling of an option: stores like the new one and warns on stderr."""
+
+    def __init__(self, option_strings, dest, use: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.use = use
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _err(f"fkdstore: warning: {option_string} is deprecated; use {self.use}")
+        setattr(namespace, self.dest, values)
+
+
+def _int_type(check):
+    """argparse type: an integer accepted by ``check`` (a :mod:`fkdstore.validation` function), so the
+    option and the keyword argument it feeds share one rule and one message."""
 
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
-            v = None
-        if v is None or v < minimum:
-            raise argparse.ArgumentTypeError(f"must be a {what} integer. Got {s!r}.")
-        return v
+            v = s
+        try:
+            return check("value", v)
+        except (TypeError, ValidationError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 
 
-_pos_int = _int_at_least(1, "positive")
-_nonneg_int = _int_at_least(0, "non-negative")
+_pos_int = _int_type(positive_int)
+_nonneg_int = _int_type(non_negative_int)
+
+
+def _json_object(s: str) -> dict:
+    """argparse type: a JSON object."""
+    try:
+        v = json.loads(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object. Got {s!r} ({e}).") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object. Got {s!r}.")
+    return v
 
 
 def _one_line(e: BaseException) -> str:

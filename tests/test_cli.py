@@ -1,9 +1,11 @@
-"""The fkdstore command line and the inspect / estimate reports."""
+"""The fkdstore command line (exit codes, deprecated spellings, a torch-free start) and the inspect /
+estimate reports."""
 
 from __future__ import annotations
 
 import json
 import os
+import textwrap
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +54,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"fkdstore {fkdstore.__version__}"
 
 
-@pytest.mark.parametrize("cmd", ["inspect", "estimate", "verify", "convert", "import-fkd"])
+@pytest.mark.parametrize("cmd", ["inspect", "estimate", "verify", "convert", "import-fkd", "generate"])
 def test_every_command_has_help_with_examples(cmd, capsys):
     assert main([cmd, "--help"]) == 0
     out = capsys.readouterr().out
@@ -62,7 +64,7 @@ def test_every_command_has_help_with_examples(cmd, capsys):
 def test_no_command_is_a_usage_error(capsys):
     assert main([]) == 2
     assert main(["inspect"]) == 2  # missing PATH
-    assert main(["estimate", "--images", "0", "--crops", "1", "--classes", "2", "--codec", "hard"]) == 2
+    assert main(["estimate", "--num-images", "0", "--crops", "1", "--num-classes", "2", "--codec", "hard"]) == 2
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
@@ -72,7 +74,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert "not a Zarr v3 group" in err
     assert main(["inspect", str(tmp_path / "missing"), "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
-    assert main(["estimate", "--images", "5", "--crops", "2", "--classes", "3", "--codec", "bogus"]) == 1
+    assert main(["estimate", "--num-images", "5", "--crops", "2", "--num-classes", "3", "--codec", "bogus"]) == 1
     assert "codec name must be one of" in capsys.readouterr().err
 
 
@@ -158,7 +160,7 @@ def test_paper_formula_reproduces_table2(codec, k):
 
 
 def test_estimate_cli_paper(capsys):
-    base = ["estimate", "--images", "1200000", "--crops", "200", "--classes", "1000"]
+    base = ["estimate", "--num-images", "1200000", "--crops", "200", "--num-classes", "1000"]
     assert main(base + ["--codec", "hard", "--paper"]) == 0
     out = capsys.readouterr().out
     assert "5.36 GiB" in out and "5.3 GB" in out and "(4 coords + 1 flip + 1 label values)" in out
@@ -212,3 +214,118 @@ def test_console_script_subprocess(store):
     assert "OK" in r.stdout
     r = subprocess.run(cmd + ["inspect", str(p) + "-nope"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("fkdstore: error:") and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- conventions
+
+
+def test_exit_code_convention(store, tmp_path, capsys):
+    """0 success; 1 the command ran and failed or found problems; 2 usage or bad input on the command line."""
+    p, _ = store
+    assert main(["verify", str(p)]) == 0
+    assert main(["estimate", "--num-images", "5", "--crops", "2", "--num-classes", "3", "--codec", "hard"]) == 0
+    capsys.readouterr()
+    # 1: ran and found problems (verify), or ran and failed (a library error)
+    bad = tmp_path / "bad.fkd"
+    make_store(bad, n=12, write=[0, 1, 2, 3], ipc=4, ips=4)
+    assert main(["verify", str(bad)]) == 1
+    assert main(["convert", str(p), str(tmp_path / "full.fkd"), "--codec", "full"]) == 1  # needs the teacher
+    assert "fkdstore: error: " in capsys.readouterr().err
+    # 2: usage or bad input, rejected before anything runs
+    for argv in (["no-such-command"], ["inspect", str(p), "--sample", "-1"], ["inspect", str(p), "--bogus"],
+                 ["convert", str(p), str(tmp_path / "x.fkd"), "--codec", "ms", "--k", "0"],
+                 ["estimate", "--num-images", "five", "--crops", "2", "--num-classes", "3", "--codec", "hard"]):
+        assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert "--sample: value must be a non-negative integer. Got -1." in err
+    assert "--k: value must be a positive integer. Got 0." in err
+    assert "--num-images: value must be a positive integer. Got 'five' (str)." in err
+    assert not (tmp_path / "x.fkd").exists()
+
+
+def test_deprecated_spellings_still_work_and_warn(capsys):
+    new = ["estimate", "--num-images", "1000", "--crops", "10", "--num-classes", "100", "--codec", "ms", "--json"]
+    old = ["estimate", "--images", "1000", "--crops", "10", "--classes", "100", "--codec", "ms", "--json"]
+    assert main(new) == 0
+    want = capsys.readouterr()
+    assert want.err == ""
+    assert main(old) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out) == json.loads(want.out)
+    assert "fkdstore: warning: --images is deprecated; use --num-images N" in got.err
+    assert "fkdstore: warning: --classes is deprecated; use --num-classes" in got.err
+    assert main(["estimate", "--images", "5", "--num-images", "5", "--crops", "2", "--num-classes", "3",
+                 "--codec", "hard"]) == 2  # both spellings at once: usage error
+    assert "not allowed with" in capsys.readouterr().err
+    assert main(["estimate", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--num-images" in text and "--images" not in text and "--classes" not in text  # aliases are hidden
+    parser, _ = main.__globals__["build_parser"]()
+    args = parser.parse_args(["import-fkd", "src", "dst", "--images", "imgs", "--classes", "6"])
+    assert args.num_classes == 6 and args.images == "imgs"
+    assert "--classes is deprecated" in capsys.readouterr().err
+    assert parser.parse_args(["import-fkd", "src", "dst", "--images", "imgs", "--num-classes", "6"]).num_classes == 6
+
+
+def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_cli_imports_neither_the_runner_nor_the_teacher_code(store):
+    """Only ``generate`` imports the teacher-runner; the other commands and --version never do."""
+    p, _ = store
+    res = _run_python("""
+        import sys
+        from fkdstore.cli import main
+        assert main(["--version"]) == 0
+        assert main(["inspect", sys.argv[1]]) == 0 and main(["verify", sys.argv[1]]) == 0
+        loaded = sorted(m for m in ("fkdstore.generate", "fkdstore.teacher", "fkdstore.distributed",
+                                    "fkdstore.pytorch") if m in sys.modules)
+        assert not loaded, loaded
+    """, str(p))
+    assert res.returncode == 0, res.stderr
+
+
+TORCH_BLOCKED = """
+    import sys
+    sys.modules["torch"] = None  # any "import torch" now raises ImportError, as if torch were not installed
+    import numpy as np
+    import fkdstore
+    from fkdstore.cli import main
+    r = fkdstore.open(sys.argv[1])
+    rec = r.read(0)
+    assert rec.boxes.shape == (5, 4) and r.decode(rec.fields).shape == (5, 30)
+    assert np.allclose(r.soft_labels(0).sum(-1), 1, atol=1e-2)
+    for argv in (["--version"], ["inspect", sys.argv[1]], ["verify", sys.argv[1]],
+                 ["estimate", "--num-images", "10", "--crops", "2", "--num-classes", "30", "--codec", "ms"],
+                 ["convert", sys.argv[1], sys.argv[1] + "-hard", "--codec", "hard"]):
+        assert main(argv) == 0, argv
+    try:
+        fkdstore.generate
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("fkdstore.generate needs torch")
+"""
+
+
+def test_core_works_without_torch(store):
+    """``import fkdstore``, reading, decoding and the torch-free commands work when torch cannot be imported."""
+    p, _ = store
+    res = _run_python(TORCH_BLOCKED, str(p))
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.xfail(strict=False, reason="fkdstore.codecs (and so fkdstore.store) still imports torch when it is "
+                   "installed; passes once the torch-free codecs land (issue 10)")
+def test_version_and_inspect_do_not_import_torch(store):
+    p, _ = store
+    res = _run_python("""
+        import sys
+        from fkdstore.cli import main
+        assert main(["--version"]) == 0 and main(["inspect", sys.argv[1]]) == 0
+        assert "torch" not in sys.modules, "torch was imported"
+    """, str(p))
+    assert res.returncode == 0, res.stderr

@@ -1,9 +1,10 @@
-"""Teacher runner (fkdstore.generate): end to end on real photographs and digits with a small CNN teacher,
-determinism, kill -9 and resume, two processes under torchrun, bad input, and the CLI."""
+"""Teacher runner (fkdstore.generate, with fkdstore.teacher and fkdstore.distributed): end to end on real
+photographs and digits with a small CNN teacher, determinism, kill -9 and resume, two processes under
+torchrun, bad input, the package attribute ``fkdstore.generate``, and the ``generate`` command line."""
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import os
 import shutil
 import signal
@@ -20,8 +21,11 @@ import zarr
 
 import fkdstore
 from fkdstore import schema as S
+from fkdstore.cli import GENERATE_OPTIONS, build_parser, generate_options, main
+from fkdstore.distributed import World
 from fkdstore.errors import SchemaMismatchError, ValidationError
-from fkdstore.generate import _clear_interrupted_creation, _dist_info, add_cli, file_sha256, generate, state_sha256
+from fkdstore.generate import _clear_interrupted_creation, generate
+from fkdstore.teacher import file_sha256, load_teacher, state_sha256
 from fkdstore.images import ImageReadError, image_size, load_image
 from fkdstore.store import array_names
 from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
@@ -192,7 +196,8 @@ def test_interrupted_creation_is_cleared_and_recreated(digits, tmp_path):
 DIST_SCRIPT = textwrap.dedent("""
     import sys, torch.distributed as dist
     from fkdstore.testing import tiny_cnn
-    from fkdstore.generate import generate, _dist_info
+    from fkdstore.generate import generate
+    from fkdstore.distributed import World
     init = sys.argv[3] == "init"
     if init:
         dist.init_process_group("gloo")
@@ -200,7 +205,7 @@ DIST_SCRIPT = textwrap.dedent("""
                  images_per_shard=4, batch_size=8, num_workers=0, progress=False)
     assert r.complete
     if init:
-        assert _dist_info()[1] == 2
+        assert World.detect().world_size == 2
         dist.destroy_process_group()
     else:
         assert not dist.is_initialized()  # the group generate() created is gone again
@@ -231,16 +236,42 @@ def test_two_processes_equal_one_process(digits, tmp_path, mode):
     assert meta2 == meta1
 
 
-def test_dist_info_from_env(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert _dist_info() == (0, 1)
+def test_world_from_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert World.detect() == World(0, 1, 0) and World.detect().is_leader
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert _dist_info() == (1, 3)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    w = World.detect()
+    assert (w.rank, w.world_size, w.local_rank) == (1, 3, 1) and not w.is_leader
     monkeypatch.setenv("RANK", "3")
-    with pytest.raises(ValidationError, match="RANK"):
-        _dist_info()
+    with pytest.raises(ValidationError, match="0 <= RANK < WORLD_SIZE. Got RANK=3, WORLD_SIZE=3."):
+        World.detect()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValidationError, match="RANK must be an integer. Got 'x'."):
+        World.detect()
+
+
+def test_package_attribute_is_the_function_in_every_import_order():
+    """``fkdstore.generate`` is bound lazily (no torch at ``import fkdstore``) and stays the function when
+    the submodule of the same name is imported, before or after the attribute is first used."""
+    orders = [
+        "import fkdstore; assert 'fkdstore.generate' not in sys.modules; f = fkdstore.generate; "
+        "import fkdstore.generate",
+        "import fkdstore.generate; import fkdstore; f = fkdstore.generate",
+        "from fkdstore.generate import generate as f; import fkdstore",
+        "import fkdstore; from fkdstore import generate as f; import importlib; "
+        "importlib.import_module('fkdstore.generate')",
+    ]
+    for code in orders:
+        script = (f"import sys, types; {code}; mod = sys.modules['fkdstore.generate']; "
+                  "assert isinstance(mod, types.ModuleType); "
+                  "assert fkdstore.generate is mod.generate is f, fkdstore.generate; "
+                  "assert isinstance(f, types.FunctionType)")
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert res.returncode == 0, (code, res.stderr)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -337,20 +368,52 @@ def test_unreadable_header_skip(photos, tmp_path):
 
 
 def test_bad_arguments(digits, tmp_path):
-    for kwargs in ({"on_error": "ignore"}, {"temperature": 0}, {"crops_per_image": 0}, {"interpolation": "x"},
-                   {"scale": (0.5, 0.1)}, {"batch_size": 0}, {"num_workers": -1}):
-        with pytest.raises(ValidationError):
+    for kwargs, match in [
+        ({"on_error": "ignore"}, r"on_error must be one of \['stop', 'skip'\]. Got 'ignore'."),
+        ({"temperature": 0}, "temperature must be a finite number > 0. Got 0."),
+        ({"crops_per_image": 0}, "crops_per_image must be a positive integer. Got 0."),
+        ({"interpolation": "x"}, "interpolation must be one of"),
+        ({"scale": (0.5, 0.1)}, "scale"),
+        ({"batch_size": 0}, "batch_size must be a positive integer. Got 0."),
+        ({"num_workers": -1}, "num_workers must be a non-negative integer. Got -1."),
+        ({"input_size": 0}, "input_size must be a positive integer. Got 0."),
+        ({"num_classes": 0}, "num_classes must be a positive integer. Got 0."),
+        ({"std": (1.0, 0.0, 1.0)}, "std must be 3 numbers > 0"),
+        ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers. Got"),
+    ]:
+        with pytest.raises(ValidationError, match=match):
             generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
+    # wrong types are TypeError (the library-wide convention), with the same message style
+    for kwargs, match in [
+        ({"crops_per_image": "4"}, r"crops_per_image must be a positive integer. Got '4' \(str\)."),
+        ({"batch_size": True}, r"batch_size must be a positive integer. Got True \(bool\)."),
+        ({"num_workers": 1.0}, "num_workers must be a non-negative integer"),
+        ({"temperature": "2"}, "temperature must be a number > 0. Got '2'."),
+        ({"mean": "rgb"}, "mean must be a sequence of 3 numbers. Got str."),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
+    with pytest.raises(TypeError, match="teacher must be a torch.nn.Module. Got function."):
+        generate(lambda x: x, digits, tmp_path / "x", **FAST)
     assert not (tmp_path / "x").exists()
 
 
+def test_load_teacher_errors(tmp_path):
+    with pytest.raises(ValidationError, match="teacher must be 'MODULE:FACTORY'"):
+        load_teacher("fkdstore.testing.tiny_cnn")
+    with pytest.raises(ValidationError, match="cannot import teacher module 'no_such_mod'"):
+        load_teacher("no_such_mod:f")
+    with pytest.raises(ValidationError, match="has no attribute 'nope'"):
+        load_teacher("fkdstore.testing:nope")
+    torch.save({"model": {"module.x": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(ValidationError, match="unexpected keys \\['x'\\]"):  # wrapper and DDP prefix removed
+        load_teacher("fkdstore.testing:tiny_cnn", tmp_path / "bad.pt", {"num_classes": 10})
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValidationError, match="must hold a state dict. Got list."):
+        load_teacher("fkdstore.testing:tiny_cnn", tmp_path / "list.pt")
+
+
 # --------------------------------------------------------------------------------------------- CLI
-
-
-def _parser():
-    parser = argparse.ArgumentParser(prog="fkdstore")
-    add_cli(parser.add_subparsers(dest="command"))
-    return parser
 
 
 def test_cli_generate_with_weights(photos, tmp_path, capsys):
@@ -361,8 +424,7 @@ def test_cli_generate_with_weights(photos, tmp_path, capsys):
             "--teacher-kwargs", '{"num_classes": 10}', "--weights", str(tmp_path / "w.pt"), "--out", str(out),
             "--crops", "4", "--codec", "ms", "--k", "3", "--input-size", "32", "--images-per-shard", "4",
             "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress"]
-    args = _parser().parse_args(argv)
-    assert args.func(args) == 0
+    assert main(argv) == 0
     r = fkdstore.open(out)
     assert r.complete and r.codec == fkdstore.get_codec("ms", k=3)
     assert r.meta["teacher"]["weights_sha256"] == file_sha256(tmp_path / "w.pt")
@@ -371,28 +433,77 @@ def test_cli_generate_with_weights(photos, tmp_path, capsys):
     generate(model, photos, tmp_path / "api", **{**FAST, "codec": fkdstore.get_codec("ms", k=3)})
     assert_same_arrays(out, tmp_path / "api")
 
-    # Errors become exit codes with a message, not tracebacks.
-    args = _parser().parse_args([*argv[:-1], "--seed", "5"])
-    assert args.func(args) == 2
-    assert "sampler" in capsys.readouterr().err
-    args = _parser().parse_args(["generate", "--images", str(photos), "--teacher", "no_such_mod:f",
-                                 "--out", str(tmp_path / "z"), "--crops", "2"])
-    assert args.func(args) == 2
+    # Failures after parsing exit 1 with a one-line message, not a traceback.
+    capsys.readouterr()
+    assert main([*argv[:-1], "--seed", "5"]) == 1  # the store exists with another sampler
+    err = capsys.readouterr().err
+    assert err.startswith("fkdstore: error: ") and "sampler" in err and "Traceback" not in err
+    assert main(["generate", "--images", str(photos), "--teacher", "no_such_mod:f", "--out", str(tmp_path / "z"),
+                 "--crops", "2"]) == 1
     assert "no_such_mod" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
-def test_cli_defaults_match_api_and_help(capsys):
-    import inspect
+def test_cli_generate_exit_codes(broken_photos, tmp_path, capsys):
+    root, _, _ = broken_photos
+    base = ["generate", "--images", str(root), "--teacher", "fkdstore.testing:tiny_cnn", "--crops", "4",
+            "--input-size", "32", "--images-per-shard", "4", "--batch-size", "8", "--num-workers", "0",
+            "--device", "cpu", "--no-progress"]
+    # 2: usage or bad input on the command line; nothing runs, nothing is written
+    for extra, needle in [
+        (["--teacher-kwargs", "[1]"], "--teacher-kwargs: must be a JSON object. Got '[1]'."),
+        (["--teacher-kwargs", "{x"], "--teacher-kwargs: must be a JSON object"),
+        (["--on-error", "ignore"], "--on-error: must be one of ['skip', 'stop']. Got 'ignore'."),
+        (["--interpolation", "cubic"], "--interpolation: must be one of"),
+        (["--batch-size", "0"], "--batch-size: value must be a positive integer. Got 0."),
+        (["--num-workers", "-1"], "--num-workers: value must be a non-negative integer. Got -1."),
+        (["--num-classes", "ten"], "--num-classes: value must be a positive integer. Got 'ten' (str)."),
+        (["--no-such-option"], "unrecognized arguments"),
+    ]:
+        assert main([*base, "--out", str(tmp_path / "u"), *extra]) == 2, extra
+        assert needle in capsys.readouterr().err, extra
+    assert main(["generate", "--images", str(root), "--out", str(tmp_path / "u")]) == 2  # --teacher, --crops
+    assert "required" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
+    # 1: ran, and the store is incomplete (a skipped image)
+    with pytest.warns(UserWarning, match="china_1.jpg"):
+        assert main([*base, "--out", str(tmp_path / "s"), "--on-error", "skip"]) == 1
+    assert "is incomplete: 1 images missing (skipped: 1)" in capsys.readouterr().err
+    # 1: a library error (an unreadable image with --on-error stop)
+    assert main([*base, "--out", str(tmp_path / "t")]) == 1
+    assert "fkdstore: error: " in capsys.readouterr().err
 
-    sig = inspect.signature(generate).parameters
-    args = _parser().parse_args(["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2"])
-    for name in ("input_size", "batch_size", "seed", "flip_p", "temperature", "interpolation", "device",
-                 "num_workers", "on_error", "images_per_shard", "num_classes", "amp", "progress", "teacher_name",
-                 "weights_sha256"):
-        assert getattr(args, name) == sig[name].default, name
-    for name in ("scale", "ratio", "mean", "std"):
-        assert tuple(getattr(args, name)) == tuple(sig[name].default), name
-    with pytest.raises(SystemExit):
-        _parser().parse_args(["generate", "--help"])
+
+def test_cli_generate_options_map_to_the_api(capsys):
+    params = inspect.signature(generate).parameters
+    keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"crops_per_image", "codec"}
+    assert set(GENERATE_OPTIONS) == keyword  # every keyword argument has an option, and no option is stray
+    parser, _ = build_parser()
+    required = ["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2"]
+    assert generate_options(parser.parse_args(required)) == {}  # left out: the library's defaults apply
+    given = parser.parse_args([
+        *required, "--input-size", "32", "--batch-size", "8", "--seed", "3", "--scale", "0.2", "0.9",
+        "--ratio", "0.5", "2", "--flip-p", "0", "--temperature", "2", "--mean", "0", "0", "0", "--std", "1", "1", "1",
+        "--interpolation", "bicubic", "--device", "cpu", "--num-workers", "0", "--on-error", "skip",
+        "--images-per-shard", "4", "--num-classes", "10", "--no-amp", "--no-progress", "--teacher-name", "t",
+        "--weights-sha256", "ab"])
+    assert generate_options(given) == dict(
+        input_size=32, batch_size=8, seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0, temperature=2.0,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu", num_workers=0,
+        on_error="skip", images_per_shard=4, num_classes=10, amp=False, progress=False, teacher_name="t",
+        weights_sha256="ab")
+    assert main(["generate", "--help"]) == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "--input-size" in text and "--on-error" in text and "torchrun" in text
+    for name in ("input_size", "batch_size", "flip_p", "interpolation", "on_error"):  # defaults shown from the API
+        assert f"(default: {params[name].default!r})" in " ".join(text.split()), name
+
+
+def test_cli_generate_deprecated_classes(capsys):
+    parser, _ = build_parser()
+    args = parser.parse_args(["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2",
+                              "--classes", "10"])
+    assert generate_options(args) == {"num_classes": 10}
+    assert "--classes is deprecated; use --num-classes" in capsys.readouterr().err
+    assert main(["generate", "--help"]) == 0
+    assert "--classes" not in capsys.readouterr().out  # hidden
