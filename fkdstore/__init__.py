@@ -18,7 +18,9 @@ from .errors import (  # noqa: E402
     SchemaMismatchError,
     ValidationError,
 )
-from .store import CorruptChunkError, CropRecords, Reader, Writer, open, write  # noqa: E402,A004
+from .errors import CorruptChunkError  # noqa: E402
+from .store import CropRecords, Reader, open  # noqa: E402,A004
+from .writer import Writer, write  # noqa: E402,A004
 
 _LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
     "generate": "generate",

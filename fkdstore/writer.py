@@ -1,0 +1,922 @@
+"""Create and write fkdstore stores (format 2.0, ``spec/format-v2.md``; the layout is :mod:`fkdstore.schema`).
+
+``write(location, ...)`` creates a store (or re-opens one with an identical schema, to resume) and returns a
+:class:`Writer`. ``location`` is a folder or a URL (``s3://``, ``gs://``, ``memory://``, ...; see
+:func:`fkdstore.storage.as_store`).
+
+Creation (invariant 1): every array is created and the per-image arrays filled first; the header attribute
+``"fkdstore"`` is written last, so a folder or prefix without it is not a store. A creation killed before
+the header is removed by :func:`clear_interrupted_creation` (``write`` calls it); nothing else is ever
+deleted.
+
+Writing one shard (images ``shard_range(s)``), in this order:
+
+1. every per-crop array's shard, one whole-shard write each (every inner chunk materialised, even all-zero
+   ones, so a missing chunk always means damage);
+2. the shard's ``manifest`` chunk: the position-bound tag (:func:`fkdstore.schema.manifest_tags`) of every
+   inner chunk just written;
+3. the shard's ``written`` chunk (flags of the images now stored).
+
+On a local store every file of steps 1 and 2 (and its directory) is fsync'ed before the next step starts, so
+after a power loss a flag never reaches the disk before the data and manifest it vouches for. On an object
+store each chunk is one PUT, which is atomic and durable when it returns, and steps run in order.
+
+Buffering: a writer buffers partially filled shards in memory (at most ``max_buffered_shards``; the least
+recently used one is written early, with flags for the images it holds, when more are needed) and writes a
+shard as soon as all its images are put. A shard written early is later rewritten whole with its stored
+images kept (read-modify-write). A failed write keeps the buffer: :meth:`Writer.flush` / :meth:`Writer.close`
+retry it, and the error is raised.
+
+Ownership (one writer per shard): a writer records itself in the store object ``owners/<shard>.json``
+(:data:`OWNERS`) before it buffers a shard, re-reads the record before writing the shard's data and again
+before its flags, and raises :class:`~fkdstore.errors.ConcurrentWriterError` if another writer owns the shard.
+Writers of disjoint shards never touch each other's records. See :func:`_claim_rule` for when a record left by
+a killed writer may be taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import socket
+import time
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from . import codecs as _codecs
+from . import schema as S
+from . import storage
+from .errors import ConcurrentWriterError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+
+__all__ = ["write", "Writer", "clear_interrupted_creation", "storage_stats", "OWNERS", "OWNER_LEASE_S"]
+
+OWNERS = "owners"  # store prefix of the ownership records: owners/<shard>.json (not a Zarr node)
+OWNER_LEASE_S = 900.0  # a record not renewed for this long may be taken over from any host
+MAX_BUFFERED_SHARDS = 4
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _as_codec(codec) -> _codecs.LabelCodec:
+    """Codec object, name or config -> codec (until ``fkdstore.codecs.as_codec`` replaces it)."""
+    if isinstance(codec, _codecs.LabelCodec):
+        return codec
+    if isinstance(codec, str):
+        return _codecs.get_codec(codec)
+    if isinstance(codec, Mapping):
+        return _codecs.from_config(dict(codec))
+    raise TypeError(f"codec must be a LabelCodec, a name or a config dict. Got {type(codec).__name__}.")
+
+
+def _compressors(dtype: str):
+    return [BloscCodec(typesize=np.dtype(dtype).itemsize, **S.COMPRESSOR), Crc32cCodec()]
+
+
+def _small_compressors():
+    return [ZstdCodec(level=3), Crc32cCodec()]
+
+
+# ------------------------------------------------------------------------------------------- store I/O
+
+
+def _sync(coro):
+    from zarr.core.sync import sync
+
+    return sync(coro)
+
+
+def _get(store, key: str) -> bytes | None:
+    from zarr.core.buffer import default_buffer_prototype
+
+    buf = _sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _buffer(data: bytes):
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+def _list_dir(store, prefix: str) -> list[str]:
+    async def collect():
+        return [k async for k in store.list_dir(prefix)]
+
+    return _sync(collect())
+
+
+def _list_prefix(store, prefix: str) -> list[str]:
+    async def collect():
+        return [k async for k in store.list_prefix(prefix)]
+
+    return _sync(collect())
+
+
+def _read_group_json(store) -> dict | None:
+    """The root ``zarr.json`` as a dict, None if absent; FormatError naming the location if unreadable."""
+    try:
+        raw = _get(store, "zarr.json")
+    except OSError as e:
+        raise OSError(e.errno, f"{storage.describe(store)}/zarr.json: cannot read ({e.strerror or e})") from e
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"{storage.describe(store)}/zarr.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{storage.describe(store)}/zarr.json must hold a JSON object. Got {type(meta).__name__}.")
+    return meta
+
+
+def _fsync_local(store, keys: Sequence[str]) -> None:
+    """fsync the files of ``keys`` and their directories (local stores only; object-store PUTs are durable)."""
+    root = storage.local_root(store)
+    if root is None:
+        return
+    dirs = set()
+    for key in keys:
+        path = os.path.join(root, key)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        d = os.path.dirname(path)
+        while len(d) >= len(root):  # new directories of a first write must reach the disk too
+            dirs.add(d)
+            d = os.path.dirname(d)
+    for d in sorted(dirs, key=len, reverse=True):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- interrupted creation
+
+_OURS = {S.KEY, S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, S.BOX, S.FLIP, S.AUG, S.SOFT_GROUP, S.MANIFEST,
+         OWNERS, "zarr.json"}
+
+
+def clear_interrupted_creation(location, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Remove a store whose creation was killed before its header attribute was written, so a rerun can
+    create it again; return True if something was removed.
+
+    Only an interrupted fkdstore creation is removed: the root ``zarr.json`` is a Zarr group with no
+    attributes at all (an fkdstore writer writes its header last and nothing else), every top-level entry
+    is a name fkdstore creates, and ``written`` holds no chunk (no image was ever marked written). Anything
+    else, a store or foreign data, is left alone. (This is the one home of the rule; ``generate`` calls it.)
+    """
+    store = storage.as_store(location, read_only=False, storage_options=storage_options)
+    meta = _read_group_json(store)
+    if meta is None or meta.get("node_type") != "group" or meta.get("attributes"):
+        return False
+    entries = set(_list_dir(store, ""))
+    if not entries <= _OURS:
+        return False
+    if any(not k.endswith("zarr.json") for k in _list_prefix(store, S.WRITTEN + "/")):
+        return False
+    for name in sorted(entries - {"zarr.json"}):
+        _sync(store.delete_dir(name))
+    _sync(store.delete("zarr.json"))
+    root = storage.local_root(store)
+    if root is not None:
+        for name in sorted(entries - {"zarr.json"}):
+            _remove_empty_dirs(os.path.join(root, name))
+    return True
+
+
+def _remove_empty_dirs(path: str) -> None:
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda t: len(t[0]), reverse=True):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ write
+
+
+def write(
+    location,
+    *,
+    num_images: int,
+    crops_per_image: int,
+    num_classes: int,
+    codec: _codecs.LabelCodec | str | Mapping,
+    image_keys: Sequence[str],
+    image_sizes,
+    labels=None,
+    meta: Mapping[str, Any] | None = None,
+    aug: Sequence | None = None,
+    augment: Sequence[Mapping[str, Any]] | None = None,
+    images_per_chunk: int | None = None,
+    images_per_shard: int | None = None,
+    primary: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+    max_buffered_shards: int = MAX_BUFFERED_SHARDS,
+) -> Writer:
+    """Create a label store at ``location`` (or re-open an existing one with the identical schema) for writing.
+
+    Args:
+        location: a folder or a URL (with ``storage_options`` for fsspec).
+        num_images, crops_per_image, num_classes: N, M and C.
+        codec: a :class:`fkdstore.codecs.LabelCodec`, a codec name, or a codec config dict.
+        image_keys: N unique non-empty strings without NUL (relative paths or ids) binding labels to images.
+        image_sizes: (N, 2) integer (height, width) of each original image, each in [1, 2**31 - 1].
+        labels: optional (N,) ground-truth classes, -1 where unknown.
+        meta: JSON provenance (sampler, teacher, ...); tuples become lists, NaN/inf are refused. On re-open it
+            must match, except the keys listed in :data:`fkdstore.schema.VOLATILE_META`.
+        aug: augmentation columns stored per crop (names, ``(name, kind[, dtype[, shape]])`` tuples, dicts or
+            :class:`fkdstore.schema.AugColumn`); each becomes the array ``aug/<name>``.
+        augment: the augmentation policy configs the teacher saw (stored in the header as given).
+        images_per_chunk, images_per_shard: layout override. Defaults: :func:`fkdstore.schema.default_layout`
+            for a new store, the store's own layout on re-open (a different explicit value is refused).
+        primary: only the primary writer (rank 0) creates the store and writes attributes; others require
+            the store to exist.
+        max_buffered_shards: at most this many partially filled shards are held in memory.
+
+    Returns a :class:`Writer`. Raises :class:`ValidationError` / :class:`TypeError` for bad input and
+    :class:`SchemaMismatchError` if an existing store differs; nothing is written in either case.
+    """
+    max_buffered_shards = S._parse_positive_int("max_buffered_shards", max_buffered_shards)
+    codec = _as_codec(codec)
+    inputs = _parse_inputs(num_images, crops_per_image, num_classes, codec, image_keys, image_sizes, labels,
+                           meta, aug, augment)
+    header = _make_header(inputs, codec, images_per_chunk, images_per_shard, existing=None)  # all checks first
+    store = storage.as_store(location, read_only=False, storage_options=storage_options)
+    where = storage.describe(store)
+    if primary:
+        clear_interrupted_creation(store)
+    group_meta = _read_group_json(store)
+    if group_meta is not None:
+        if S.ATTR_KEY not in group_meta.get("attributes", {}):
+            raise ValidationError(f"{where} exists and is not an fkdstore store; refusing to overwrite it")
+        old = S.Header.from_json(group_meta["attributes"][S.ATTR_KEY])
+        header = _make_header(inputs, codec, images_per_chunk, images_per_shard, existing=old)
+        group = zarr.open_group(store=store, mode="r+")
+        _check_same_schema(group, old, header, inputs, where)
+    elif not primary:
+        raise FormatError(f"{where}: no store to join; the primary writer must create it first")
+    else:
+        if _list_dir(store, ""):
+            raise ValidationError(f"{where} exists and is not an fkdstore store; refusing to overwrite it")
+        group = _create(store, header, codec, inputs)
+    return Writer(group, header, codec, primary=primary, max_buffered_shards=max_buffered_shards)
+
+
+def _normalised_json(obj: Any, what: str) -> Any:
+    """``obj`` after one JSON round trip (tuples -> lists), refusing NaN/inf and non-JSON values."""
+    try:
+        text = json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f"{what} must be standard JSON (no NaN or inf, str keys). Got an error: {e}.") from None
+    out = json.loads(text)
+    S.check_json(out, what)
+    return out
+
+
+def _parse_inputs(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, augment) -> dict[str, Any]:
+    N = S._parse_positive_int("num_images", N)
+    M = S._parse_positive_int("crops_per_image", M)
+    C = S._parse_positive_int("num_classes", C)
+    if isinstance(image_keys, (str, bytes)):
+        raise TypeError(f"image_keys must be a sequence of str. Got {type(image_keys).__name__}.")
+    keys = list(image_keys)
+    if len(keys) != N:
+        raise ValidationError(f"image_keys must have num_images={N} entries. Got {len(keys)}.")
+    key_arr = S.encode_keys(keys)
+    if len(set(keys)) != N:
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise ValidationError(f"image_keys must be unique. {dup!r} appears more than once.")
+    sizes = np.asarray(image_sizes)
+    if sizes.shape != (N, 2):
+        raise ValidationError(f"image_sizes must be an integer array of shape ({N}, 2). Got shape {sizes.shape}.")
+    if not np.issubdtype(sizes.dtype, np.integer):
+        raise TypeError(f"image_sizes must be an integer array of shape ({N}, 2). Got dtype {sizes.dtype}.")
+    bad = ((sizes < 1) | (sizes > _INT32_MAX)).any(1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValidationError(
+            f"image_sizes must be in [1, {_INT32_MAX}] (stored as int32). Image {i} ({keys[i]!r}) has size "
+            f"{sizes[i].tolist()}."
+        )
+    if labels is None:
+        labels_arr = np.full(N, S.UNKNOWN_LABEL, dtype=np.int32)
+    else:
+        labels_arr = np.asarray(labels)
+        if labels_arr.shape != (N,):
+            raise ValidationError(f"labels must be an integer array of shape ({N},). Got shape {labels_arr.shape}.")
+        if not np.issubdtype(labels_arr.dtype, np.integer):
+            raise TypeError(f"labels must be an integer array of shape ({N},). Got dtype {labels_arr.dtype}.")
+        bad = (labels_arr < S.UNKNOWN_LABEL) | (labels_arr >= C)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValidationError(f"labels must be in [-1, {C}). Image {i} has label {int(labels_arr[i])}.")
+        labels_arr = labels_arr.astype(np.int32)
+    meta = _normalised_json(dict(meta or {}), "meta")
+    augment = _normalised_json([dict(p) for p in (augment or ())], "augment")
+    return dict(N=N, M=M, C=C, keys=keys, key_arr=key_arr, sizes=sizes.astype(np.int32), labels=labels_arr,
+                meta=meta, aug=S.parse_aug(aug), augment=augment)
+
+
+def _make_header(inputs, codec, ipc, ips, *, existing: S.Header | None) -> S.Header:
+    N, M = inputs["N"], inputs["M"]
+    ipc = None if ipc is None else S._parse_positive_int("images_per_chunk", ipc)
+    ips = None if ips is None else S._parse_positive_int("images_per_shard", ips)
+    common = dict(
+        num_images=N, crops_per_image=M, num_classes=inputs["C"], codec=codec.get_config(),
+        box_dtype=S.box_dtype(int(inputs["sizes"].max())), key_length=int(inputs["key_arr"].shape[1]),
+        aug=inputs["aug"], augment=inputs["augment"], has_labels=bool((inputs["labels"] >= 0).any()),
+        meta=inputs["meta"], library_version=_library_version(), format_version=S.FORMAT_VERSION,
+    )
+    if existing is not None:  # resume adopts the store's layout; an explicit different one is refused below
+        ipc = existing.images_per_chunk if ipc is None else ipc
+        ips = existing.images_per_shard if ips is None else ips
+    else:
+        probe = S.Header(images_per_chunk=1, images_per_shard=1, **common)
+        d_ipc, d_ips = S.default_layout(N, probe.row_bytes(codec), M)  # also checks k <= C etc.
+        if ipc is None:
+            ipc = d_ipc if ips is None or ips % d_ipc == 0 else math.gcd(ips, d_ipc)
+        if ips is None:
+            ips = max(d_ips, ipc) // ipc * ipc
+    return S.Header(images_per_chunk=ipc, images_per_shard=ips, **common)
+
+
+def _create(store, header: S.Header, codec, inputs) -> zarr.Group:
+    """Create every array, fill the per-image ones, and write the header attribute last (invariant 1)."""
+    group = zarr.open_group(store=store, mode="w")
+    N, M = header.num_images, header.crops_per_image
+    pc = min(N, S.PER_IMAGE_CHUNK)
+    L = header.key_length
+    group.create_array(S.KEY, shape=(N, L), dtype="uint8", chunks=(pc, L), compressors=_small_compressors(),
+                       fill_value=0)[:] = inputs["key_arr"]
+    group.create_array(S.IMAGE_SIZE, shape=(N, 2), dtype="int32", chunks=(pc, 2),
+                       compressors=_small_compressors(), fill_value=0)[:] = inputs["sizes"]
+    group.create_array(S.LABEL, shape=(N,), dtype="int32", chunks=(pc,), compressors=_small_compressors(),
+                       fill_value=S.UNKNOWN_LABEL)[:] = inputs["labels"]
+    # One chunk of `written` (and of `manifest`) per storage shard: disjoint shards never share a file.
+    group.create_array(S.WRITTEN, shape=(N,), dtype="uint8", chunks=(header.images_per_shard,),
+                       compressors=_small_compressors(), fill_value=0)
+    specs = header.per_crop_specs(codec)
+    group.create_array(S.MANIFEST, shape=(header.num_chunks, len(specs)), dtype="uint32",
+                       chunks=(header.chunks_per_shard, len(specs)), compressors=_small_compressors(), fill_value=0)
+    group.create_group(S.SOFT_GROUP)
+    if header.aug:
+        group.create_group(S.AUG)
+    for name, (trail, dtype) in specs.items():
+        group.create_array(
+            name, shape=(N, M, *trail), dtype=dtype,
+            chunks=(header.images_per_chunk, M, *trail), shards=(header.images_per_shard, M, *trail),
+            compressors=_compressors(dtype), fill_value=S.FILL_VALUE, write_data=False,
+        )
+    group.attrs[S.ATTR_KEY] = header.to_json()  # last: a group without it is not a store
+    return group
+
+
+def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) -> None:
+    if old.major != new.major:
+        raise SchemaMismatchError(
+            f"{where} has format {old.format_version}; this library writes {new.format_version} and cannot add "
+            f"to it (convert the store, or write a new one)"
+        )
+    new_key, old_key = new.schema_key(), old.schema_key()
+    for k in new_key:
+        if k == "key_length":
+            continue  # compared below with the keys themselves, for a clearer message
+        if new_key[k] != old_key.get(k):
+            raise SchemaMismatchError(
+                f"existing store {where} has {k}={old_key.get(k)!r}, this run asks for {new_key[k]!r}; "
+                f"use another location or the original parameters"
+            )
+    old_meta = {k: v for k, v in old.meta.items() if k not in S.VOLATILE_META}
+    new_meta = {k: v for k, v in new.meta.items() if k not in S.VOLATILE_META}
+    for k in sorted(set(old_meta) | set(new_meta)):
+        if old_meta.get(k) != new_meta.get(k):
+            raise SchemaMismatchError(
+                f"existing store {where} has meta[{k!r}]={old_meta.get(k)!r}, this run asks for {new_meta.get(k)!r}"
+            )
+    try:
+        old_keys = S.decode_keys(group[S.KEY][:])
+        old_arrays = {"image_sizes": group[S.IMAGE_SIZE][:], "labels": group[S.LABEL][:]}
+    except KeyError as e:
+        raise FormatError(f"{where}: array {e} is missing") from None
+    if old_keys != inputs["keys"]:
+        i = next((i for i, (a, b) in enumerate(zip(old_keys, inputs["keys"])) if a != b), 0)
+        raise SchemaMismatchError(f"existing store {where} has image_keys[{i}]={old_keys[i]!r}, this run has "
+                                  f"{inputs['keys'][i]!r}")
+    for what, arr in (("image_sizes", inputs["sizes"]), ("labels", inputs["labels"])):
+        had = old_arrays[what]
+        if not np.array_equal(had, arr):
+            i = int(np.argmax((had != arr).reshape(len(arr), -1).any(1)))
+            raise SchemaMismatchError(f"existing store {where} has {what}[{i}]={had[i].tolist()!r}, this run has "
+                                      f"{arr[i].tolist()!r}")
+
+
+# ------------------------------------------------------------------------------------------- ownership
+
+
+def _claim_rule(record: Mapping[str, Any] | None, token: str, now: float) -> str:
+    """What a writer holding ``token`` may do with a shard's ownership record at time ``now``:
+
+    * ``"ours"``: the record carries our token;
+    * ``"free"``: there is no record, or it is unreadable (a writer killed while writing it), or it is stale:
+      written on this host by a process that is no longer running, or not renewed for :data:`OWNER_LEASE_S`
+      seconds (owners renew on every put into the shard at least every quarter lease; clocks of hosts
+      sharing a store are assumed to agree within minutes);
+    * ``"taken"``: another live writer owns it.
+    """
+    if not isinstance(record, Mapping) or not isinstance(record.get("token"), str):
+        return "free"
+    if record["token"] == token:
+        return "ours"
+    renewed = record.get("renewed")
+    if not isinstance(renewed, (int, float)) or now - renewed > OWNER_LEASE_S:
+        return "free"
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+        try:
+            os.kill(record["pid"], 0)
+        except ProcessLookupError:
+            return "free"
+        except (PermissionError, OSError):
+            pass
+    return "taken"
+
+
+class _Owners:
+    """Ownership records ``owners/<shard>.json`` of one writer: ``{"token", "host", "pid", "since", "renewed"}``."""
+
+    def __init__(self, store, where: str):
+        self.store, self.where = store, where
+        self.token = secrets.token_hex(16)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.held: dict[int, float] = {}  # shard -> time we last wrote our record
+
+    def key(self, s: int) -> str:
+        return f"{OWNERS}/{s}.json"
+
+    def _read(self, s: int) -> dict | None:
+        raw = _get(self.store, self.key(s))
+        if raw is None:
+            return None
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def _record(self, since: float, now: float) -> bytes:
+        return json.dumps({"token": self.token, "host": self.host, "pid": self.pid, "since": since,
+                           "renewed": now}).encode()
+
+    def _refuse(self, s: int, rec: Mapping, doing: str) -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"shard {s} of {self.where} is owned by another writer (host {rec.get('host')!r}, pid "
+            f"{rec.get('pid')!r}, record {self.key(s)}); refusing to {doing}. Two writers on one shard lose data: "
+            f"give each process disjoint shards. If that writer is dead, its record expires {OWNER_LEASE_S:.0f} s "
+            f"after its last renewal, or delete {self.key(s)}."
+        )
+
+    def claim(self, s: int) -> None:
+        """Own shard ``s`` (create, renew or take over our record) or raise ConcurrentWriterError."""
+        now = time.time()
+        last = self.held.get(s)
+        if last is not None and now - last < OWNER_LEASE_S / 4:
+            return
+        for _ in range(3):
+            rec = self._read(s)
+            state = _claim_rule(rec, self.token, now)
+            if state == "taken":
+                raise self._refuse(s, rec, "buffer images for it")
+            if state == "ours":
+                since = rec.get("since", now)
+                _sync(self.store.set(self.key(s), _buffer(self._record(since, now))))
+                self.held[s] = now
+                return
+            if rec is not None:  # stale: remove, then race any other taker through an exclusive create
+                _sync(self.store.delete(self.key(s)))
+            _sync(self.store.set_if_not_exists(self.key(s), _buffer(self._record(now, now))))
+            now = time.time()
+        rec = self._read(s) or {}
+        if _claim_rule(rec, self.token, now) != "ours":
+            raise self._refuse(s, rec, "buffer images for it")
+        self.held[s] = now
+
+    def check(self, s: int, doing: str) -> None:
+        """Raise ConcurrentWriterError unless our record still owns shard ``s`` (re-created if it vanished)."""
+        rec = self._read(s)
+        if rec is None:
+            _sync(self.store.set_if_not_exists(self.key(s), _buffer(self._record(time.time(), time.time()))))
+            rec = self._read(s)
+        if _claim_rule(rec, self.token, time.time()) != "ours" or rec.get("token") != self.token:
+            raise self._refuse(s, rec or {}, doing)
+
+    def release(self, s: int) -> None:
+        """Delete our record of shard ``s`` (after it is complete, or at close)."""
+        if self.held.pop(s, None) is None:
+            return
+        rec = self._read(s)
+        if rec is not None and rec.get("token") == self.token:
+            _sync(self.store.delete(self.key(s)))
+
+    def release_all(self) -> None:
+        for s in sorted(self.held):
+            self.release(s)
+        root = storage.local_root(self.store)
+        if root is not None:
+            try:
+                os.rmdir(os.path.join(root, OWNERS))  # only if empty: other writers' records stay
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+def _fault_point(step: str, shard: int) -> None:
+    """Called between the steps of a shard write (``"array"`` after each data array, ``"data"``,
+    ``"manifest"``, ``"flags"``). A no-op; fault-injection tests replace it to kill the process there."""
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        return x.detach().cpu().numpy()
+    return x
+
+
+class Writer:
+    """Writes whole images into a store; see :func:`write`. Use as a context manager or call :meth:`close`.
+
+    Attributes: ``group`` (the Zarr group), ``header`` (:class:`fkdstore.schema.Header`), ``codec``,
+    ``primary``, ``max_buffered_shards``; :attr:`written` (flags on storage)."""
+
+    def __init__(self, group: zarr.Group, header: S.Header, codec, *, primary: bool = True,
+                 max_buffered_shards: int = MAX_BUFFERED_SHARDS):
+        self.group, self.header, self.codec, self.primary = group, header, codec, primary
+        self.max_buffered_shards = S._parse_positive_int("max_buffered_shards", max_buffered_shards)
+        self.store = group.store
+        self._where = storage.describe(self.store)
+        self._specs = header.per_crop_specs(codec)
+        self._sizes = group[S.IMAGE_SIZE][:]
+        self._written = group[S.WRITTEN][:].astype(bool)
+        self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
+        self._owners = _Owners(self.store, self._where)
+        self._closed = False
+
+    # -- properties
+    @property
+    def num_images(self) -> int:
+        return self.header.num_images
+
+    @property
+    def written(self) -> np.ndarray:
+        """(N,) bool: images whose labels are on storage (buffered images are not yet written)."""
+        return self._written.copy()
+
+    @property
+    def buffered_shards(self) -> list[int]:
+        """Shards held in memory, least recently used first."""
+        return list(self._buffers)
+
+    # -- input
+    def put(self, image_indices, boxes, flips, probs, aug=None) -> None:
+        """Encode ``probs`` (B, M, C) with the store's codec and write images ``image_indices`` (B,).
+
+        ``boxes`` (B, M, 4) integer (top, left, height, width) inside each image; ``flips`` (B, M) bool;
+        ``aug`` when the store declares augmentation columns: a dict ``{name: (B, M, *shape)}``, or one
+        (B, M, A) array when every column is a scalar. Rows of ``probs`` must be finite, non-negative and sum
+        to 1 within 1e-3 (see :func:`fkdstore.codecs.validate_probs`). Everything is validated before
+        anything is buffered. An image put again before its shard is written replaces the earlier put.
+        """
+        idx = self._check_indices(image_indices)
+        probs = _to_numpy(probs)
+        B, M, C = len(idx), self.header.crops_per_image, self.header.num_classes
+        if tuple(np.shape(probs)) != (B, M, C):
+            raise ValidationError(f"probs must have shape (B, M, C) = ({B}, {M}, {C}). Got {np.shape(probs)}.")
+        probs = np.asarray(probs)
+        _codecs.validate_probs(probs, C)
+        fields = self.codec.encode(probs.astype(np.float32, copy=False))
+        self._put(idx, boxes, flips, fields, aug)
+
+    def put_fields(self, image_indices, boxes, flips, fields: Mapping[str, Any], aug=None) -> None:
+        """Write already-encoded codec fields (used by convert and importers); validated like :meth:`put`
+        (shapes, dtypes, class indices in [0, C) and distinct, probabilities finite in [0, 1])."""
+        idx = self._check_indices(image_indices)
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"fields must be a mapping of field name -> array. Got {type(fields).__name__}.")
+        self._put(idx, boxes, flips, {k: np.asarray(_to_numpy(v)) for k, v in fields.items()}, aug,
+                  validate_values=True)
+
+    def _check_indices(self, image_indices) -> np.ndarray:
+        self._check_open()
+        idx = np.asarray(_to_numpy(image_indices))
+        if idx.dtype == bool or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise TypeError(f"image_indices must be integers. Got dtype {idx.dtype}.")
+        if idx.ndim != 1:
+            raise ValidationError(f"image_indices must be a 1-D array. Got shape {idx.shape}.")
+        idx = idx.astype(np.int64)
+        out = (idx < 0) | (idx >= self.num_images)
+        if out.any():
+            raise ValidationError(f"image index {int(idx[out][0])} is out of range [0, {self.num_images}).")
+        if len(np.unique(idx)) != len(idx):
+            raise ValidationError("image_indices must not repeat an image within one put().")
+        return idx
+
+    def _put(self, idx, boxes, flips, fields, aug, *, validate_values: bool = False) -> None:
+        h = self.header
+        B, M, C = len(idx), h.crops_per_image, h.num_classes
+        boxes, flips = np.asarray(_to_numpy(boxes)), np.asarray(_to_numpy(flips))
+        if boxes.shape != (B, M, 4):
+            raise ValidationError(f"boxes must be an integer array of shape ({B}, {M}, 4). Got shape {boxes.shape}.")
+        if not np.issubdtype(boxes.dtype, np.integer):
+            raise TypeError(f"boxes must be an integer array of shape ({B}, {M}, 4). Got dtype {boxes.dtype}.")
+        bad = S.bad_boxes(boxes, self._sizes[idx])
+        if bad.any():
+            b, m = (int(x) for x in np.argwhere(bad)[0])
+            i = int(idx[b])
+            key = S.decode_keys(self.group[S.KEY][i:i + 1], start=i)[0]
+            raise ValidationError(
+                f"box must have height, width >= 1 and lie inside the image. Image {i} ({key!r}, "
+                f"size {self._sizes[i].tolist()}) slot {m} has box (top, left, height, width)={boxes[b, m].tolist()}."
+            )
+        if flips.shape != (B, M):
+            raise ValidationError(f"flips must be a bool array of shape ({B}, {M}). Got shape {flips.shape}.")
+        if not (flips.dtype == bool or (np.issubdtype(flips.dtype, np.integer) and np.isin(flips, (0, 1)).all())):
+            raise TypeError(f"flips must be a bool array of shape ({B}, {M}). Got dtype {flips.dtype}.")
+        data = {S.BOX: boxes.astype(h.box_dtype), S.FLIP: flips.astype(bool)}
+        data.update(self._aug_columns(aug, B))
+        expected = self.codec.fields(C)
+        if set(fields) != set(expected):
+            raise ValidationError(f"codec {self.codec.name!r} stores fields {list(expected)}. Got {sorted(fields)}.")
+        for name, spec in expected.items():
+            v = fields[name]
+            if v.shape != (B, M, *spec.shape):
+                raise ValidationError(f"field {name!r} must have shape {(B, M, *spec.shape)}. Got {v.shape}.")
+        if validate_values:
+            _validate_fields(self.codec, fields, C)
+        for name, spec in expected.items():
+            data[S.soft_path(name)] = np.asarray(fields[name]).astype(spec.dtype, copy=False)
+        self._buffer_rows(idx, data)
+
+    def _aug_columns(self, aug, B: int) -> dict[str, np.ndarray]:
+        cols, M = self.header.aug, self.header.crops_per_image
+        if not cols:
+            if aug is not None:
+                raise ValidationError("this store declares no aug columns; pass aug=None.")
+            return {}
+        names = [a.name for a in cols]
+        if aug is None:
+            raise ValidationError(f"this store declares aug columns {names}; pass aug={{name: (B, M, ...)}}.")
+        if isinstance(aug, Mapping):
+            if set(aug) != set(names):
+                raise ValidationError(f"aug must have the columns {names}. Got {sorted(aug)}.")
+            values = {a.name: np.asarray(_to_numpy(aug[a.name])) for a in cols}
+        else:
+            arr = np.asarray(_to_numpy(aug))
+            if any(a.shape for a in cols) or arr.shape != (B, M, len(cols)):
+                raise ValidationError(
+                    f"aug must be a dict {{name: (B, M, *shape)}} for columns {names}, or one (B, M, {len(cols)}) "
+                    f"array when every column is a scalar. Got shape {arr.shape}."
+                )
+            values = {a.name: arr[..., j] for j, a in enumerate(cols)}
+        return {S.aug_path(a.name): _column_values(a, values[a.name], (B, M, *a.shape)) for a in cols}
+
+    # -- buffering
+    def _buffer_rows(self, idx: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        ips = self.header.images_per_shard
+        shards = idx // ips
+        order = np.argsort(shards, kind="stable")
+        uniq, starts = np.unique(shards[order], return_index=True)
+        for s in uniq:  # own every shard of this put before buffering any of it
+            if int(s) not in self._buffers:
+                self._owners.claim(int(s))
+        for s, sel in zip(uniq.tolist(), np.split(order, starts[1:])):
+            self._owners.claim(s)  # renews a held record at most every quarter lease
+            buf = self._buffer(s)
+            rows = idx[sel] - s * ips
+            for name, v in data.items():
+                buf[name][rows] = v[sel]
+            buf["_mask"][rows] = True
+            r = self.header.shard_range(s)
+            if (buf["_mask"] | self._written[r.start:r.stop]).all():
+                self._flush_shard(s)
+            while len(self._buffers) > self.max_buffered_shards:
+                self._flush_shard(next(iter(self._buffers)))  # least recently used partial shard
+
+    def _buffer(self, s: int) -> dict[str, np.ndarray]:
+        buf = self._buffers.get(s)
+        if buf is None:
+            n = len(self.header.shard_range(s))
+            M = self.header.crops_per_image
+            buf = {name: np.zeros((n, M, *trail), dtype=dtype) for name, (trail, dtype) in self._specs.items()}
+            buf["_mask"] = np.zeros(n, dtype=bool)
+            self._buffers[s] = buf
+        self._buffers.move_to_end(s)
+        return buf
+
+    def _flush_shard(self, s: int) -> None:
+        """Write shard ``s``: data, then manifest, then flags. On error the buffer is kept for a retry."""
+        buf = self._buffers[s]
+        h = self.header
+        r = h.shard_range(s)
+        sl = slice(r.start, r.stop)
+        mask = buf["_mask"]
+        keep = self._written[sl] & ~mask  # images stored earlier (resume, early flush) that this buffer lacks
+        self._owners.check(s, "write its data")
+        data = {}
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name in self._specs:
+                v = buf[name]
+                if keep.any():
+                    v = v.copy()  # the buffer stays as put, for a retry
+                    v[keep] = self._io(s, name, "read", lambda: self.group[name][sl])[keep]
+                self._io(s, name, "write", lambda: self.group[name].__setitem__(sl, v))  # one whole-shard write
+                data[name] = v
+                _fault_point("array", s)
+        self._io(s, "data", "fsync", lambda: _fsync_local(self.store, [self._chunk_key(n, s) for n in data]))
+        _fault_point("data", s)
+        first = s * h.chunks_per_shard
+        tags = np.stack([S.manifest_tags(name, first, v, h.images_per_chunk) for name, v in data.items()], 1)
+        self._io(s, S.MANIFEST, "write", lambda: self.group[S.MANIFEST].__setitem__(
+            slice(first, first + len(tags)), tags))
+        self._io(s, S.MANIFEST, "fsync", lambda: _fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
+        _fault_point("manifest", s)
+        self._owners.check(s, "mark its images written")
+        flags = self._written[sl] | mask
+        self._io(s, S.WRITTEN, "write", lambda: self.group[S.WRITTEN].__setitem__(sl, flags.astype(np.uint8)))
+        self._io(s, S.WRITTEN, "fsync", lambda: _fsync_local(self.store, [self._chunk_key(S.WRITTEN, s)]))
+        _fault_point("flags", s)
+        self._written[sl] = flags
+        del self._buffers[s]
+        if flags.all():
+            self._owners.release(s)  # complete: no writer needs it again
+
+    def _chunk_key(self, name: str, s: int) -> str:
+        arr = self.group[name]
+        return f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
+
+    def _io(self, s: int, name: str, op: str, fn):
+        try:
+            return fn()
+        except OSError as e:
+            key = self._chunk_key(name, s) if name in self.group else name
+            msg = f"{self._where}: cannot {op} shard {s} of array {name!r} ({key}): {e.strerror or e}"
+            raise type(e)(e.errno, msg) if e.errno is not None else OSError(msg) from e
+
+    def flush(self) -> None:
+        """Write every buffered (partially filled) shard now. A shard that fails stays buffered; the first
+        error is raised after every shard was tried."""
+        self._check_open()
+        self._flush_all()
+
+    def _flush_all(self) -> None:
+        first_error = None
+        for s in sorted(self._buffers):
+            try:
+                self._flush_shard(s)
+            except Exception as e:  # noqa: BLE001 - kept, retried, re-raised below
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+
+    def update_meta(self, **items) -> None:
+        """Merge ``items`` into the store's ``meta`` attribute (primary writer only)."""
+        if not self.primary:
+            return
+        items = _normalised_json(items, "meta")
+        attrs = self.group.attrs[S.ATTR_KEY]
+        attrs["meta"] = {**attrs.get("meta", {}), **items}
+        header = S.Header.from_json(attrs)
+        self.group.attrs[S.ATTR_KEY] = header.to_json()
+        self.header = header
+
+    def close(self) -> None:
+        """Flush buffered shards and release this writer's ownership records. Idempotent; if a flush fails
+        the error is raised and the writer stays open, so ``close`` can be called again."""
+        if self._closed:
+            return
+        self._flush_all()
+        self._owners.release_all()
+        self._closed = True
+
+    def _check_open(self):
+        if self._closed:
+            raise FkdstoreError("writer is closed")
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"fkdstore.Writer({self._where!r}, images={self.num_images}, written={int(self._written.sum())}, "
+                f"buffered_shards={len(self._buffers)})")
+
+
+def _column_values(col: S.AugColumn, v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """One aug column's values, checked against its declared dtype and cast to it."""
+    if v.shape != shape:
+        raise ValidationError(f"aug column {col.name!r} must have shape {shape}. Got {v.shape}.")
+    dt = np.dtype(col.dtype)
+    if v.dtype.kind not in "biuf":
+        raise TypeError(f"aug column {col.name!r} must be numeric. Got dtype {v.dtype}.")
+    if dt.kind == "f":
+        out = v.astype(dt)
+        if not np.isfinite(out).all():
+            raise ValidationError(f"aug column {col.name!r} must be finite in {col.dtype}. Got a value out of range.")
+        return out
+    if v.dtype.kind == "f" and (not np.isfinite(v).all() or (v != np.round(v)).any()):
+        raise ValidationError(f"aug column {col.name!r} ({col.dtype}) must hold integers. Got non-integral values.")
+    lo, hi = (0, 1) if dt.kind == "b" else (np.iinfo(dt).min, np.iinfo(dt).max)
+    if v.size and (v.min() < lo or v.max() > hi):
+        raise ValidationError(
+            f"aug column {col.name!r} ({col.dtype}) must be in [{lo}, {hi}]. Got values in [{v.min()}, {v.max()}]."
+        )
+    return v.astype(dt)
+
+
+def _validate_fields(codec, fields: Mapping[str, np.ndarray], num_classes: int) -> None:
+    """Check encoded fields' values as :meth:`Writer.put` guarantees them (one helper; the codec's own
+    ``validate_fields`` replaces it where the codec defines one)."""
+    own = getattr(codec, "validate_fields", None)
+    if own is not None:
+        own(fields, num_classes)
+        return
+    specs = codec.fields(num_classes)
+    for name, spec in specs.items():
+        v = fields[name]
+        if np.issubdtype(np.dtype(spec.dtype), np.integer):
+            if not np.issubdtype(v.dtype, np.integer):
+                raise TypeError(f"field {name!r} must hold integer class indices. Got dtype {v.dtype}.")
+            bad = (v < 0) | (v >= num_classes)
+            if bad.any():
+                raise ValidationError(f"field {name!r} must hold class indices in [0, {num_classes}). "
+                                      f"Got {int(v[bad][0])} at {tuple(int(x) for x in np.argwhere(bad)[0])}.")
+            if spec.shape and spec.shape[-1] > 1:
+                srt = np.sort(v, -1)
+                dup = (srt[..., 1:] == srt[..., :-1]).any(-1)
+                if dup.any():
+                    raise ValidationError(f"field {name!r} must hold distinct class indices per crop. Got a repeat "
+                                          f"at {tuple(int(x) for x in np.argwhere(dup)[0])}.")
+        else:
+            if not np.issubdtype(v.dtype, np.floating):
+                raise TypeError(f"field {name!r} must hold floating probabilities. Got dtype {v.dtype}.")
+            x = v.astype(np.float32)
+            bad = ~np.isfinite(x) | (x < 0) | (x > 1 + 1e-3)
+            if bad.any():
+                raise ValidationError(f"field {name!r} must hold probabilities finite in [0, 1]. Got "
+                                      f"{float(x[bad][0])} at {tuple(int(i) for i in np.argwhere(bad)[0])}.")
+            if spec.shape and spec.shape[-1] > 1:
+                sums = x.sum(-1, dtype=np.float32)
+                bad = sums > 1 + 1e-3
+                if bad.any():
+                    raise ValidationError(f"field {name!r} must sum to at most 1 per crop. Got "
+                                          f"{float(sums[bad][0]):.6g} at {tuple(int(i) for i in np.argwhere(bad)[0])}.")
+                if "indices" in specs and (np.diff(x, axis=-1) > 0).any():
+                    where = tuple(int(i) for i in np.argwhere((np.diff(x, axis=-1) > 0).any(-1))[0])
+                    raise ValidationError(f"field {name!r} must be sorted descending (top-K order). Got an "
+                                          f"ascending pair at {where}.")
+
+
+# ---------------------------------------------------------------------------------------------- stats
+
+
+def storage_stats(location) -> dict[str, dict[str, int]]:
+    """Bytes and files on storage per array of a local store (metadata files under ``"."``, ownership
+    records under ``"owners"``), plus ``"_total"``."""
+    root = os.fspath(location)
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    if storage.is_url(root):
+        raise FormatError(f"storage_stats reads local folders only. Got the URL {root!r}.")
+    out: dict[str, dict[str, int]] = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if "/c/" in "/" + rel:
+                name = ("/" + rel).split("/c/")[0].lstrip("/")
+            elif rel.startswith(OWNERS + "/"):
+                name = OWNERS
+            else:
+                name = "."
+            d = out.setdefault(name, {"bytes": 0, "files": 0})
+            d["bytes"] += os.path.getsize(full)
+            d["files"] += 1
+    out["_total"] = {k: sum(d[k] for d in out.values()) for k in ("bytes", "files")}
+    return out
