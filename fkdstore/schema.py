@@ -249,16 +249,22 @@ def parse_aug(aug) -> tuple[AugColumn, ...]:
 def bad_boxes(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Invariant 5, the one home of the box rule: mask ``(..., M)`` of boxes that are NOT inside their
     image. ``boxes`` (B, M, 4) (top, left, height, width); ``sizes`` (B, 2) (height, width). Computed in
-    int64 (Python ints for anything wider), so no value overflows."""
+    int64 with every coordinate bounded before any sum, so no overflow hides a bad box (e.g. top = 2**63 - 1)."""
     b = np.asarray(boxes)
-    if b.dtype.kind == "u" and b.dtype.itemsize >= 8 or b.dtype.kind not in "iub":
+    if b.dtype.kind not in "iub":
         b = b.astype(object)
+    elif b.dtype.kind == "u" and b.dtype.itemsize >= 8:
+        b = np.where(b > np.iinfo(np.int64).max, -1, b.astype(np.int64))  # too large: as bad as negative
     else:
         b = b.astype(np.int64)
     top, left, hh, ww = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
     s = np.asarray(sizes).astype(np.int64)
     H, W = s[:, 0:1], s[:, 1:2]
-    bad = (top < 0) | (left < 0) | (hh < 1) | (ww < 1) | (top + hh > H) | (left + ww > W)
+    # Each term alone is bounded by the image side first, so a sum that overflows int64 only occurs in a
+    # box already marked bad.
+    with np.errstate(over="ignore"):
+        bad = (top < 0) | (left < 0) | (hh < 1) | (ww < 1) | (top > H) | (left > W) | (hh > H) | (ww > W) \
+            | (top + hh > H) | (left + ww > W)
     return np.asarray(bad, dtype=bool)
 
 

@@ -52,7 +52,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from . import codecs as _codecs
 from . import schema as S
 from . import storage
-from .errors import ConcurrentWriterError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+from .errors import ConcurrentWriterError, CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
 
 __all__ = ["write", "Writer", "clear_interrupted_creation", "storage_stats", "OWNERS", "OWNER_LEASE_S"]
 
@@ -737,19 +737,21 @@ class Writer:
         mask = buf["_mask"]
         keep = self._written[sl] & ~mask  # images stored earlier (resume, early flush) that this buffer lacks
         self._owners.check(s, "write its data")
+        first = s * h.chunks_per_shard
+        old_tags = self._io(s, S.MANIFEST, "read", lambda: self.group[S.MANIFEST][first:first + h.chunks_per_shard]) \
+            if keep.any() else None
         data = {}
         with zarr.config.set({"array.write_empty_chunks": True}):
-            for name in self._specs:
+            for p, name in enumerate(self._specs):
                 v = buf[name]
                 if keep.any():
                     v = v.copy()  # the buffer stays as put, for a retry
-                    v[keep] = self._io(s, name, "read", lambda: self.group[name][sl])[keep]
+                    v[keep] = self._stored_rows(s, name, p, old_tags, keep)
                 self._io(s, name, "write", lambda: self.group[name].__setitem__(sl, v))  # one whole-shard write
                 data[name] = v
                 _fault_point("array", s)
         self._io(s, "data", "fsync", lambda: _fsync_local(self.store, [self._chunk_key(n, s) for n in data]))
         _fault_point("data", s)
-        first = s * h.chunks_per_shard
         tags = np.stack([S.manifest_tags(name, first, v, h.images_per_chunk) for name, v in data.items()], 1)
         self._io(s, S.MANIFEST, "write", lambda: self.group[S.MANIFEST].__setitem__(
             slice(first, first + len(tags)), tags))
@@ -764,6 +766,25 @@ class Writer:
         del self._buffers[s]
         if flags.all():
             self._owners.release(s)  # complete: no writer needs it again
+
+    def _stored_rows(self, s: int, name: str, p: int, old_tags: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Array ``name``'s stored shard ``s``, checked against its manifest in every chunk holding a ``keep``
+        row: rewriting a shard never re-tags damaged or missing data as good."""
+        h = self.header
+        r = h.shard_range(s)
+        old = self._io(s, name, "read", lambda: self.group[name][r.start:r.stop])
+        ipc = h.images_per_chunk
+        tags = S.manifest_tags(name, s * h.chunks_per_shard, old, ipc)
+        needed = np.flatnonzero(np.add.reduceat(keep, np.arange(0, len(keep), ipc)) > 0)
+        bad = needed[tags[needed] != old_tags[needed, p]]
+        if len(bad):
+            j = int(bad[0])
+            raise CorruptStoreError(
+                f"{self._where}: array {name!r} shard {s} ({self._chunk_key(name, s)}) chunk {s * h.chunks_per_shard + j} "
+                f"(images {r.start + j * ipc}..{min(r.stop, r.start + (j + 1) * ipc) - 1}, marked written) does not "
+                f"match its manifest entry; refusing to rewrite the shard over damaged data (run fkdstore verify)"
+            )
+        return old[keep]
 
     def _chunk_key(self, name: str, s: int) -> str:
         arr = self.group[name]
