@@ -533,6 +533,15 @@ class _Owners:
         if rec is not None and rec.get("token") == self.token:
             _sync(self.store.delete(self.key(s)))
 
+    def drop_stale(self, complete: set[int]) -> None:
+        """Delete stale records (see :func:`_claim_rule`) of complete shards: a writer killed after a shard's
+        flags but before releasing its record leaves one that no resume would otherwise touch."""
+        now = time.time()
+        for key in _list_dir(self.store, OWNERS):
+            stem = key[:-len(".json")] if key.endswith(".json") else ""
+            if stem.isdigit() and int(stem) in complete and _claim_rule(self._read(int(stem)), self.token, now) == "free":
+                _sync(self.store.delete(self.key(int(stem))))
+
     def release_all(self) -> None:
         for s in sorted(self.held):
             self.release(s)
@@ -575,7 +584,12 @@ class Writer:
         self._written = group[S.WRITTEN][:].astype(bool)
         self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
         self._owners = _Owners(self.store, self._where)
+        self._owners.drop_stale(self._complete_shards())
         self._closed = False
+
+    def _complete_shards(self) -> set[int]:
+        h = self.header
+        return {s for s in range(h.num_shards) if self._written[h.shard_range(s).start:h.shard_range(s).stop].all()}
 
     # -- properties
     @property
@@ -774,9 +788,17 @@ class Writer:
         r = h.shard_range(s)
         old = self._io(s, name, "read", lambda: self.group[name][r.start:r.stop])
         ipc = h.images_per_chunk
-        tags = S.manifest_tags(name, s * h.chunks_per_shard, old, ipc)
+        first = s * h.chunks_per_shard
+        # A writer killed mid-flush leaves either the new data with the old manifest (killed before the
+        # manifest: the old version is the data with the rows not marked written reset to the fill value) or
+        # new data and manifest (killed before the flags); both are consistent, anything else is damage.
+        as_is = S.manifest_tags(name, first, old, ipc)
+        reset = old.copy()
+        reset[~self._written[r.start:r.stop]] = S.FILL_VALUE
+        before = S.manifest_tags(name, first, reset, ipc)
         needed = np.flatnonzero(np.add.reduceat(keep, np.arange(0, len(keep), ipc)) > 0)
-        bad = needed[tags[needed] != old_tags[needed, p]]
+        ok = (as_is[needed] == old_tags[needed, p]) | (before[needed] == old_tags[needed, p])
+        bad = needed[~ok]
         if len(bad):
             j = int(bad[0])
             raise CorruptStoreError(
