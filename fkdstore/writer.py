@@ -68,15 +68,7 @@ def _library_version() -> str:
     return __version__
 
 
-def _as_codec(codec) -> _codecs.LabelCodec:
-    """Codec object, name or config -> codec (until ``fkdstore.codecs.as_codec`` replaces it)."""
-    if isinstance(codec, _codecs.LabelCodec):
-        return codec
-    if isinstance(codec, str):
-        return _codecs.get_codec(codec)
-    if isinstance(codec, Mapping):
-        return _codecs.from_config(dict(codec))
-    raise TypeError(f"codec must be a LabelCodec, a name or a config dict. Got {type(codec).__name__}.")
+_as_codec = _codecs.as_codec  # 0.1 name (fkdstore.store._as_codec); the one codec coercion is as_codec
 
 
 def _compressors(dtype: str):
@@ -609,11 +601,12 @@ class Writer:
     # -- input
     def put(self, image_indices, boxes, flips, probs, aug=None) -> None:
         """Encode ``probs`` (B, M, C) with the store's codec and write images ``image_indices`` (B,).
+        (``probs`` holds what the codec takes, ``codec.input``: probabilities, or logits for ``logits``.)
 
         ``boxes`` (B, M, 4) integer (top, left, height, width) inside each image; ``flips`` (B, M) bool;
         ``aug`` when the store declares augmentation columns: a dict ``{name: (B, M, *shape)}``, or one
         (B, M, A) array when every column is a scalar. Rows of ``probs`` must be finite, non-negative and sum
-        to 1 within 1e-3 (see :func:`fkdstore.codecs.validate_probs`). Everything is validated before
+        to 1 within ``PROB_ATOL`` (``codec.validate_input``). Everything is validated before
         anything is buffered. An image put again before its shard is written replaces the earlier put.
         """
         idx = self._check_indices(image_indices)
@@ -622,13 +615,14 @@ class Writer:
         if tuple(np.shape(probs)) != (B, M, C):
             raise ValidationError(f"probs must have shape (B, M, C) = ({B}, {M}, {C}). Got {np.shape(probs)}.")
         probs = np.asarray(probs)
-        _codecs.validate_probs(probs, C)
+        self.codec.validate_input(probs, C)
         fields = self.codec.encode(probs.astype(np.float32, copy=False))
         self._put(idx, boxes, flips, fields, aug)
 
     def put_fields(self, image_indices, boxes, flips, fields: Mapping[str, Any], aug=None) -> None:
         """Write already-encoded codec fields (used by convert and importers); validated like :meth:`put`
-        (shapes, dtypes, class indices in [0, C) and distinct, probabilities finite in [0, 1])."""
+        (shapes, then ``codec.validate_fields``: class indices in [0, C) and distinct, probabilities finite in
+        [0, 1], top-K values non-increasing, stored mass at most 1)."""
         idx = self._check_indices(image_indices)
         if not isinstance(fields, Mapping):
             raise TypeError(f"fields must be a mapping of field name -> array. Got {type(fields).__name__}.")
@@ -681,7 +675,7 @@ class Writer:
             if v.shape != (B, M, *spec.shape):
                 raise ValidationError(f"field {name!r} must have shape {(B, M, *spec.shape)}. Got {v.shape}.")
         if validate_values:
-            _validate_fields(self.codec, fields, C)
+            self.codec.validate_fields(fields, C)
         for name, spec in expected.items():
             data[S.soft_path(name)] = np.asarray(fields[name]).astype(spec.dtype, copy=False)
         self._buffer_rows(idx, data)
@@ -891,49 +885,6 @@ def _column_values(col: S.AugColumn, v: np.ndarray, shape: tuple[int, ...]) -> n
             f"aug column {col.name!r} ({col.dtype}) must be in [{lo}, {hi}]. Got values in [{v.min()}, {v.max()}]."
         )
     return v.astype(dt)
-
-
-def _validate_fields(codec, fields: Mapping[str, np.ndarray], num_classes: int) -> None:
-    """Check encoded fields' values as :meth:`Writer.put` guarantees them (one helper; the codec's own
-    ``validate_fields`` replaces it where the codec defines one)."""
-    own = getattr(codec, "validate_fields", None)
-    if own is not None:
-        own(fields, num_classes)
-        return
-    specs = codec.fields(num_classes)
-    for name, spec in specs.items():
-        v = fields[name]
-        if np.issubdtype(np.dtype(spec.dtype), np.integer):
-            if not np.issubdtype(v.dtype, np.integer):
-                raise TypeError(f"field {name!r} must hold integer class indices. Got dtype {v.dtype}.")
-            bad = (v < 0) | (v >= num_classes)
-            if bad.any():
-                raise ValidationError(f"field {name!r} must hold class indices in [0, {num_classes}). "
-                                      f"Got {int(v[bad][0])} at {tuple(int(x) for x in np.argwhere(bad)[0])}.")
-            if spec.shape and spec.shape[-1] > 1:
-                srt = np.sort(v, -1)
-                dup = (srt[..., 1:] == srt[..., :-1]).any(-1)
-                if dup.any():
-                    raise ValidationError(f"field {name!r} must hold distinct class indices per crop. Got a repeat "
-                                          f"at {tuple(int(x) for x in np.argwhere(dup)[0])}.")
-        else:
-            if not np.issubdtype(v.dtype, np.floating):
-                raise TypeError(f"field {name!r} must hold floating probabilities. Got dtype {v.dtype}.")
-            x = v.astype(np.float32)
-            bad = ~np.isfinite(x) | (x < 0) | (x > 1 + 1e-3)
-            if bad.any():
-                raise ValidationError(f"field {name!r} must hold probabilities finite in [0, 1]. Got "
-                                      f"{float(x[bad][0])} at {tuple(int(i) for i in np.argwhere(bad)[0])}.")
-            if spec.shape and spec.shape[-1] > 1:
-                sums = x.sum(-1, dtype=np.float32)
-                bad = sums > 1 + 1e-3
-                if bad.any():
-                    raise ValidationError(f"field {name!r} must sum to at most 1 per crop. Got "
-                                          f"{float(sums[bad][0]):.6g} at {tuple(int(i) for i in np.argwhere(bad)[0])}.")
-                if "indices" in specs and (np.diff(x, axis=-1) > 0).any():
-                    where = tuple(int(i) for i in np.argwhere((np.diff(x, axis=-1) > 0).any(-1))[0])
-                    raise ValidationError(f"field {name!r} must be sorted descending (top-K order). Got an "
-                                          f"ascending pair at {where}.")
 
 
 # ---------------------------------------------------------------------------------------------- stats
