@@ -53,6 +53,7 @@ from . import codecs as _codecs
 from . import schema as S
 from . import storage
 from .errors import ConcurrentWriterError, CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+from .validation import positive_int
 
 __all__ = ["write", "Writer", "clear_interrupted_creation", "storage_stats", "OWNERS", "OWNER_LEASE_S"]
 
@@ -244,7 +245,7 @@ def write(
     Returns a :class:`Writer`. Raises :class:`ValidationError` / :class:`TypeError` for bad input and
     :class:`SchemaMismatchError` if an existing store differs; nothing is written in either case.
     """
-    max_buffered_shards = S._parse_positive_int("max_buffered_shards", max_buffered_shards)
+    max_buffered_shards = positive_int("max_buffered_shards", max_buffered_shards)
     codec = _as_codec(codec)
     inputs = _parse_inputs(num_images, crops_per_image, num_classes, codec, image_keys, image_sizes, labels,
                            meta, aug, augment)
@@ -282,9 +283,9 @@ def _normalised_json(obj: Any, what: str) -> Any:
 
 
 def _parse_inputs(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, augment) -> dict[str, Any]:
-    N = S._parse_positive_int("num_images", N)
-    M = S._parse_positive_int("crops_per_image", M)
-    C = S._parse_positive_int("num_classes", C)
+    N = positive_int("num_images", N)
+    M = positive_int("crops_per_image", M)
+    C = positive_int("num_classes", C)
     if isinstance(image_keys, (str, bytes)):
         raise TypeError(f"image_keys must be a sequence of str. Got {type(image_keys).__name__}.")
     keys = list(image_keys)
@@ -328,8 +329,8 @@ def _parse_inputs(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, au
 
 def _make_header(inputs, codec, ipc, ips, *, existing: S.Header | None) -> S.Header:
     N, M = inputs["N"], inputs["M"]
-    ipc = None if ipc is None else S._parse_positive_int("images_per_chunk", ipc)
-    ips = None if ips is None else S._parse_positive_int("images_per_shard", ips)
+    ipc = None if ipc is None else positive_int("images_per_chunk", ipc)
+    ips = None if ips is None else positive_int("images_per_shard", ips)
     common = dict(
         num_images=N, crops_per_image=M, num_classes=inputs["C"], codec=codec.get_config(),
         box_dtype=S.box_dtype(int(inputs["sizes"].max())), key_length=int(inputs["key_arr"].shape[1]),
@@ -568,7 +569,7 @@ class Writer:
     def __init__(self, group: zarr.Group, header: S.Header, codec, *, primary: bool = True,
                  max_buffered_shards: int = MAX_BUFFERED_SHARDS):
         self.group, self.header, self.codec, self.primary = group, header, codec, primary
-        self.max_buffered_shards = S._parse_positive_int("max_buffered_shards", max_buffered_shards)
+        self.max_buffered_shards = positive_int("max_buffered_shards", max_buffered_shards)
         self.store = group.store
         self._where = storage.describe(self.store)
         self._specs = header.per_crop_specs(codec)
