@@ -1,8 +1,7 @@
-"""Store layer: round trips, layout, resume, validation (nothing written on error), corruption, fast path."""
+"""Reader (0.1 store module): round trips, slots, fast path vs Zarr, refusals, corruption, pickling. Writer tests
+are in test_writer.py (shared helpers make_data/create/fill live here)."""
 
-import json
 import multiprocessing as mp
-import os
 import pickle
 
 import numpy as np
@@ -15,7 +14,7 @@ import fkdstore
 from fkdstore import schema as S
 from fkdstore import store as store_mod
 from fkdstore.codecs import REGISTRY, get_codec
-from fkdstore.errors import FormatError, IncompleteStoreError, SchemaMismatchError, ValidationError
+from fkdstore.errors import FormatError, ValidationError
 
 
 def make_data(N, M, C, seed=0, max_side=300):
