@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from optional_torch import HAVE_TORCH, cuda_available, torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
