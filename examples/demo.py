@@ -1,170 +1,169 @@
 """The main job, end to end, on real images that ship with scikit-learn (offline, ~2 minutes on 2 cores):
 
-1. build an image folder from scikit-learn's digits (upscaled to 32 px, tinted RGB), train/test split;
-2. train a small teacher CNN;
+1. build an image folder from scikit-learn's digits (upscaled to 16 px, tinted RGB), train/test split;
+2. train a wide teacher CNN (``tiny_cnn(width=48)``, ~97 % on the held-out digits);
 3. generate a label store with the teacher-runner (``fkdstore.generate``: M random-resized crops per image,
-   Marginal Smoothing top-3 labels);
-4. train a smaller student from the store with ``fkdstore.TorchDataset`` (m crops per image per batch,
-   serrated cosine schedule), and the same student on hard labels with random crops for comparison;
-5. print accuracies, timings, ``fkdstore inspect`` and ``fkdstore verify`` of the store.
+   their boxes and flips, and the teacher's Marginal Smoothing top-3 soft labels);
+4. train a narrow student (``tiny_cnn(width=4)``) three ways on the same crop budget (E crops of every
+   image, 64 crops per step, same optimiser, schedule and seed):
+   - hard labels: a fresh random-resized crop per image per epoch, ground-truth class;
+   - vanilla KD: the same crops, the teacher run on every crop at every step (online soft labels);
+   - FKD: the stored crops and labels replayed with ``fkdstore.TorchDataset`` (m crops of each loaded image
+     per step, E/m passes, cosine learning rate stepped per pass: the paper's serrated schedule);
+5. print accuracies and training times side by side (label generation reported separately), then
+   ``fkdstore inspect`` and ``fkdstore verify`` of the store.
 
-    python examples/demo.py [--out demo-out] [--crops 24] [--passes 10]
+    python examples/demo.py [--out demo-out] [--seed 0] [--epochs 32] [--m 2]
+
+Threads: torch runs single-threaded (see ``fkdstore.testing.limit_threads``) and no DataLoader workers are
+used. The models are tiny, so a second thread gains ~20 % on a quiet 2-core machine, but thread pools on
+cores shared with other jobs stall at every parallel region (the demo once took 22 minutes that way); one
+thread also keeps every result bit-identical from the seed. ``--threads`` overrides it.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 import fkdstore
 from fkdstore import cli
-from fkdstore.images import list_images, load_image
-from fkdstore.testing import make_digits_folder, tiny_cnn
-from fkdstore.transforms import CropSampler, crop_resize, normalize
+from fkdstore.images import list_images
+from fkdstore.testing import (
+    RandomCropDataset, accuracy, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn, train_classifier,
+)
 
-SIZE = 32
-MEAN, STD = (0.3, 0.3, 0.3), (0.3, 0.3, 0.3)
-SCALE = (0.25, 1.0)  # random-resized-crop area range: 8x8 digits upscaled lose the digit below ~1/4
-
-
-def load_folder(root):
-    """All images of a folder as a normalised tensor [N, 3, SIZE, SIZE] and labels (for evaluation)."""
-    lst = list_images(root)
-    x = torch.stack([torch.from_numpy(np.asarray(load_image(p))).permute(2, 0, 1) for p in lst.paths])
-    return normalize(x, MEAN, STD), torch.tensor(lst.labels)
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    model.eval()
-    return (model(x).argmax(1) == y).float().mean().item()
+SIZE = 16  # the digits are 8x8: 16 px keeps every stroke and costs a quarter of 32 px
+# Random-resized-crop area range, close to ImageNet's (0.08, 1): many crops hold only part of a digit, so
+# their ground-truth class is partly wrong for them; the teacher's label of each crop says what is visible
+# (the region-level labels FKD stores). At (0.25, 1) crops keep the whole digit and the students tie.
+SCALE = (0.1, 1.0)
+CROPS_PER_STEP = 64
+LR = 0.1
+TEACHER_WIDTH, STUDENT_WIDTH = 48, 4
 
 
-def random_crops(images_u8, sampler, epoch):
-    """Conventional augmentation: one fresh random-resized crop + flip per image (baseline student)."""
-    out = []
-    for i, img in enumerate(images_u8):
-        (box,), (flip,) = sampler.sample(epoch * len(images_u8) + i, img.height, img.width, 1)
-        out.append(crop_resize(img, box, bool(flip), SIZE))
-    return normalize(torch.stack(out), MEAN, STD)
+def random_crop_batches(train_dir, seed, epochs):
+    """Conventional loader: a fresh random-resized crop + flip of every image per epoch (hard / vanilla KD)."""
+    ds = RandomCropDataset(train_dir, SIZE, SCALE, seed=seed + 1_000_000, epochs=epochs)  # never the store's crops
+    g = torch.Generator()
+
+    def batches(p):
+        ds.epoch = p
+        g.manual_seed(seed * 7919 + p)
+        yield from torch.utils.data.DataLoader(ds, batch_size=CROPS_PER_STEP, shuffle=True, generator=g, num_workers=0)
+    return batches
 
 
-def serrated_lr(base, pass_idx, passes):
-    """Cosine over passes: every crop of a pass shares one rate, so with m crops/image it is a staircase."""
-    return 0.5 * base * (1 + math.cos(math.pi * pass_idx / passes))
+def fkd_batches(store_path, train_dir, m, seed):
+    """FKD loader: ``fkdstore.TorchDataset`` replays m stored crops of each loaded image with their soft labels;
+    ``set_epoch`` picks fresh stored slots every pass."""
+    ds = fkdstore.TorchDataset(store_path, train_dir, crops_per_sample=m, normalize=False, seed=seed)
+    g = torch.Generator()
+    loader = torch.utils.data.DataLoader(ds, batch_size=CROPS_PER_STEP // m, shuffle=True, generator=g,
+                                         num_workers=0, collate_fn=fkdstore.collate)
 
-
-def train_hard_labels(train_dir, model, epochs, seed, desc, batch_size=64):
-    """Conventional training: one fresh random-resized crop per image per epoch, ground-truth labels,
-    AdamW with a cosine learning rate stepped per epoch."""
-    torch.manual_seed(seed)
-    lst = list_images(train_dir)
-    imgs = [load_image(p) for p in lst.paths]
-    y = torch.tensor(lst.labels)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sampler = CropSampler(scale=SCALE, seed=seed + 100)
-    for ep in tqdm(range(epochs), desc=desc, unit="epoch"):
-        for g in opt.param_groups:
-            g["lr"] = serrated_lr(3e-3, ep, epochs)
-        model.train()
-        x = random_crops(imgs, sampler, ep)
-        perm = torch.randperm(len(imgs))
-        for s in range(0, len(imgs), batch_size):
-            b = perm[s:s + batch_size]
-            loss = nn.functional.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-def train_student_fkd(store_path, train_dir, passes, m, seed):
-    torch.manual_seed(seed)
-    ds = fkdstore.TorchDataset(store_path, train_dir, crops_per_sample=m, seed=seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, collate_fn=fkdstore.collate,
-                                         num_workers=0, generator=torch.Generator().manual_seed(seed))
-    student = tiny_cnn(10, width=12, seed=seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=1e-4)
-    for p in tqdm(range(passes), desc=f"student FKD (m={m})", unit="pass"):
+    def batches(p):
         ds.set_epoch(p)
-        for g in opt.param_groups:
-            g["lr"] = serrated_lr(3e-3, p, passes)
-        student.train()
-        for batch in loader:
-            loss = fkdstore.soft_cross_entropy(student(batch["crops"]), batch["soft_labels"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return student.eval()
+        g.manual_seed(seed * 7919 + p)
+        for b in loader:  # crops [B*m, 3, H, W] uint8, soft_labels [B*m, C]
+            yield b["crops"], b
+    return batches
+
+
+def phase(n, total, text):
+    print(f"[{n}/{total}] {text}", flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo-out", help="work folder (recreated)")
-    ap.add_argument("--crops", type=int, default=24, help="M: crops stored per image")
-    ap.add_argument("--m", type=int, default=4, help="crops per image per batch in FKD training")
-    ap.add_argument("--passes", type=int, default=10, help="FKD passes over the data (each = m epochs)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the students, their crops and the FKD slots")
+    ap.add_argument("--epochs", type=int, default=32, help="E: crops seen per image by every student")
+    ap.add_argument("--m", type=int, default=2, help="FKD: crops per loaded image per step (E/m passes)")
     ap.add_argument("--teacher-epochs", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    if a.epochs % a.m:
+        ap.error(f"--epochs must be a multiple of --m. Got --epochs {a.epochs} --m {a.m}.")
+    limit_threads(a.threads)
+    t_start = time.perf_counter()
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
-    times = {}
+    E, m, M = a.epochs, a.m, a.epochs  # M = E stored crops: every stored crop is seen once
+    steps = 7
 
-    t = time.perf_counter()
-    train_dir = make_digits_folder(out / "images" / "train", size=SIZE, split="train", seed=a.seed)
-    test_dir = make_digits_folder(out / "images" / "test", size=SIZE, split="test", seed=a.seed)
-    x_test, y_test = load_folder(test_dir)
-    times["image folder"] = time.perf_counter() - t
-    print(f"image folder: {len(list_images(train_dir))} train / {len(y_test)} test digits, {SIZE}px, in {out / 'images'}")
+    phase(1, steps, "image folders from scikit-learn's digits")
+    train_dir = make_digits_folder(out / "images" / "train", size=SIZE, split="train", seed=0)
+    test_dir = make_digits_folder(out / "images" / "test", size=SIZE, split="test", seed=0)
+    x_test, y_test = load_eval_folder(test_dir, SIZE)
+    n_train = len(list_images(train_dir))
+    print(f"      {n_train} train / {len(y_test)} test digits, {SIZE} px, in {out / 'images'}", flush=True)
 
-    t = time.perf_counter()
-    teacher = train_hard_labels(train_dir, tiny_cnn(10, width=32, seed=a.seed), a.teacher_epochs, a.seed, "teacher")
-    times["teacher training"] = time.perf_counter() - t
+    phase(2, steps, f"teacher tiny_cnn(width={TEACHER_WIDTH}), {a.teacher_epochs} epochs of hard-label random crops")
+    teacher = tiny_cnn(10, width=TEACHER_WIDTH, seed=1000)  # the teacher is fixed: --seed varies the students
+    t_teacher, _ = train_classifier(teacher, random_crop_batches(train_dir, 1000, a.teacher_epochs), a.teacher_epochs,
+                                    LR, lambda x, y: y, progress="teacher")
     acc_teacher = accuracy(teacher, x_test, y_test)
+    print(f"      held-out accuracy {acc_teacher:.1%} ({t_teacher:.0f} s)", flush=True)
 
-    t = time.perf_counter()
+    phase(3, steps, f"label store: fkdstore.generate, M = {M} crops per image, MS top-3")
     store_path = out / "labels.zarr"
-    fkdstore.generate(
-        teacher, train_dir, store_path, crops_per_image=a.crops, codec=fkdstore.get_codec("ms", k=3),
-        input_size=SIZE, mean=MEAN, std=STD, seed=a.seed, scale=SCALE, batch_size=512, num_workers=0,
-        teacher_name="tiny_cnn(width=32)",
-    )
-    times["label generation (teacher-runner)"] = time.perf_counter() - t
+    t, c = time.perf_counter(), time.process_time()
+    fkdstore.generate(teacher, train_dir, store_path, crops_per_image=M, codec=fkdstore.get_codec("ms", k=3),
+                      input_size=SIZE, seed=0, scale=SCALE, batch_size=512, num_workers=0, progress=True,
+                      teacher_name=f"tiny_cnn(width={TEACHER_WIDTH})")
+    t_gen, c_gen = time.perf_counter() - t, time.process_time() - c
 
-    t = time.perf_counter()
-    student = train_student_fkd(store_path, train_dir, a.passes, a.m, a.seed)
-    times[f"student FKD, {a.passes} passes x m={a.m}"] = time.perf_counter() - t
-    acc_fkd = accuracy(student, x_test, y_test)
+    results = {}
 
-    t = time.perf_counter()
-    hard = train_hard_labels(train_dir, tiny_cnn(10, width=12, seed=a.seed), a.passes * a.m, a.seed,
-                             "student hard labels", batch_size=128)
-    times[f"student hard labels, {a.passes * a.m} epochs"] = time.perf_counter() - t
-    acc_hard = accuracy(hard, x_test, y_test)
+    def student(name, batches, passes, target_fn, n):
+        phase(n, steps, f"student tiny_cnn(width={STUDENT_WIDTH}), {name}")
+        model = tiny_cnn(10, width=STUDENT_WIDTH, seed=a.seed)
+        wall, cpu = train_classifier(model, batches, passes, LR, target_fn, progress=name)
+        results[name] = (accuracy(model, x_test, y_test), wall, cpu, passes)
+        print(f"      held-out accuracy {results[name][0]:.1%}, training {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
 
-    print("\n== accuracy on held-out digits ==")
-    print(f"teacher (tiny_cnn width 32)                 {acc_teacher:6.1%}")
-    print(f"student (width 12), FKD soft labels         {acc_fkd:6.1%}")
-    print(f"student (width 12), hard labels, same crops {acc_hard:6.1%}")
-    print("(one seed, small budget: benchmarks/reproduce.py compares the variants over 3 seeds)")
-    print("\n== timings ==")
-    for k, v in times.items():
-        print(f"{k:45s} {v:7.1f} s")
-    print("\n== fkdstore inspect ==")
+    @torch.no_grad()
+    def teacher_labels(x, _):
+        return torch.softmax(teacher(x), -1)
+
+    student("hard labels", random_crop_batches(train_dir, a.seed, E), E, lambda x, y: y, 4)
+    student("vanilla KD", random_crop_batches(train_dir, a.seed, E), E, teacher_labels, 5)
+    student(f"FKD, m={m}", fkd_batches(store_path, train_dir, m, a.seed), E // m, lambda x, b: b["soft_labels"], 6)
+
+    kd_cpu = results["vanilla KD"][2]
+    print(f"\n== held-out digits ({len(y_test)} images), seed {a.seed}, every student sees E = {E} crops per image, "
+          f"{CROPS_PER_STEP} crops per step ==")
+    print(f"{'model':44s} {'accuracy':>8s} {'train wall s':>12s} {'train CPU s':>11s} {'CPU vs KD':>9s} {'passes':>6s}")
+    print(f"{f'teacher tiny_cnn(width={TEACHER_WIDTH})':44s} {acc_teacher:8.1%} {t_teacher:12.1f} {'':>11s} {'':>9s} "
+          f"{a.teacher_epochs:6d}")
+    for name, (acc, wall, cpu, passes) in results.items():
+        label = f"student tiny_cnn(width={STUDENT_WIDTH}), {name}"
+        print(f"{label:44s} {acc:8.1%} {wall:12.1f} {cpu:11.1f} {cpu / kd_cpu:8.2f}x {passes:6d}")
+    print(f"{'FKD label generation (once, fkdstore.generate)':44s} {'':>8s} {t_gen:12.1f} {c_gen:11.1f}")
+    acc_hard, acc_fkd = results["hard labels"][0], results[f"FKD, m={m}"][0]
+    fkd_cpu, fkd_wall = results[f"FKD, m={m}"][2], results[f"FKD, m={m}"][1]
+    print(f"FKD vs hard labels: {100 * (acc_fkd - acc_hard):+.1f} points; FKD training time {fkd_cpu / kd_cpu:.2f}x "
+          f"of vanilla KD's CPU time ({fkd_wall / results['vanilla KD'][1]:.2f}x wall; "
+          f"{(fkd_cpu + c_gen) / kd_cpu:.2f}x CPU counting the one-off generation).")
+    print("One seed: benchmarks/reproduce.py runs the same comparison over 3 seeds (mean ± std).")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"Demo wall time {time.perf_counter() - t_start:.0f} s, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, load average {load}.")
+
+    phase(7, steps, "fkdstore inspect / verify")
+    print("\n== fkdstore inspect ==", flush=True)
     cli.main(["inspect", str(store_path)])
-    print("\n== fkdstore verify ==")
-    rc = cli.main(["verify", str(store_path)])
-    return rc
+    print("\n== fkdstore verify ==", flush=True)
+    sys.stdout.flush()
+    return cli.main(["verify", str(store_path)])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import time
 
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 
 import fkdstore
 from fkdstore.images import list_images, load_image
+from fkdstore.testing import cosine_lr
 from fkdstore.transforms import normalize
 
 
@@ -57,7 +57,7 @@ def build_model(spec: str, num_classes: int) -> torch.nn.Module:
 
 def lr_at(pass_index: int, passes: int, base_lr: float) -> float:
     """Cosine over the run, constant within a pass (stepped once per pass: the serrated schedule)."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * pass_index / passes))
+    return cosine_lr(base_lr, pass_index, passes)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ images that ship inside the package.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -81,3 +82,141 @@ def tiny_cnn(num_classes: int = 10, width: int = 16, seed: int | None = 0):
         nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
     )
+
+
+# --------------------------------------------------------------------------- small training kit
+# Shared by examples/demo.py and benchmarks/reproduce.py so that the teacher, every student variant and the
+# benchmark run the same loop, loader and schedule (torch is imported lazily: this module stays torch-free
+# at import).
+
+
+def limit_threads(n: int = 1) -> None:
+    """Pin torch (intra- and inter-op) and the OpenMP/MKL/BLAS pools to ``n`` threads.
+
+    The models here are tiny (a few MFLOP per crop): one thread runs them within ~20 % of two on a quiet
+    2-core machine, while a pool of several threads on cores shared with other jobs spends its time in
+    spin-waits at every parallel region (measured: 18 s instead of ~1 s per teacher epoch). Call it before
+    torch does any work; the environment variables reach pools that start later (numexpr, BLAS, workers).
+    """
+    import os
+
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # already set, or inter-op work already ran: the intra-op limit is what matters
+        pass
+
+
+def cosine_lr(base: float, pass_index: int, passes: int) -> float:
+    """Cosine learning rate over ``passes``, constant within a pass.
+
+    With ``m`` crops of each image per pass this is the FKD paper's serrated schedule (a staircase over the
+    effective epochs); with ``m = 1`` it is a cosine stepped per epoch."""
+    return 0.5 * base * (1.0 + math.cos(math.pi * pass_index / passes))
+
+
+def load_eval_folder(folder: str | os.PathLike, size: int):
+    """Every image of an ImageFolder, resized whole to ``size`` (bilinear): uint8 ``[N, 3, size, size]``
+    and int64 labels ``[N]``, for :func:`accuracy`."""
+    import torch
+
+    from .images import list_images, load_image
+
+    lst = list_images(folder)
+    x = torch.stack([torch.from_numpy(np.array(load_image(p).resize((size, size), 2))).permute(2, 0, 1)
+                     for p in lst.paths])
+    return x, torch.tensor(lst.labels, dtype=torch.int64)
+
+
+def accuracy(model, x, y, mean=None, std=None, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images ``x`` (normalised with ``mean``/``std``, default
+    ImageNet's, as :func:`fkdstore.transforms.normalize`); the model is left in train mode afterwards."""
+    import torch
+
+    from .transforms import normalize
+
+    kw = {} if mean is None else {"mean": mean, "std": std}
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([model(normalize(x[s:s + batch_size], **kw)).argmax(-1) for s in range(0, len(x), batch_size)])
+    model.train()
+    return float((pred == y).float().mean())
+
+
+class RandomCropDataset:
+    """The conventional loader FKD is compared with: load an image, take a fresh random-resized crop + flip
+    of it per epoch, return ``(uint8 crop [3, size, size], label)``.
+
+    Crops of all ``epochs`` are drawn up front from :class:`fkdstore.transforms.CropSampler` (seeded by
+    ``seed``), so the per-item work is decode + crop + resize, as with torchvision's RandomResizedCrop, and a
+    run is reproducible. Set ``.epoch`` before iterating an epoch. A map-style torch dataset.
+    """
+
+    def __init__(self, folder, size: int, scale=(0.08, 1.0), seed: int = 0, epochs: int = 1):
+        from .images import list_images, load_image
+        from .transforms import CropSampler
+
+        lst = list_images(folder)
+        self.paths, self.labels = lst.paths, np.asarray(lst.labels, dtype=np.int64)
+        self.size, self.epoch, self.epochs = int(size), 0, int(epochs)
+        sampler = CropSampler(scale=tuple(scale), seed=seed)
+        drawn = [sampler.sample(i, *load_image(p).size[::-1], self.epochs) for i, p in enumerate(self.paths)]
+        self.boxes = np.stack([b for b, _ in drawn]).astype(np.int64)  # (N, epochs, 4)
+        self.flips = np.stack([f for _, f in drawn])  # (N, epochs)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .images import load_image
+        from .transforms import crop_resize
+
+        e = self.epoch
+        crop = crop_resize(load_image(self.paths[i]), tuple(int(v) for v in self.boxes[i, e]), bool(self.flips[i, e]),
+                           self.size)
+        return crop, int(self.labels[i])
+
+
+def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=None, std=None,
+                     progress: str | None = None) -> tuple[float, float]:
+    """Train ``model`` for ``passes`` passes; return (wall seconds, process CPU seconds) of the loop.
+
+    ``batches(p)`` yields ``(uint8 crops [n, 3, H, W], info)`` for pass ``p``; ``target_fn(x, info)`` returns
+    int64 class targets (cross-entropy) or ``[n, C]`` soft targets (:func:`fkdstore.soft_cross_entropy`) for
+    the normalised crops ``x``. SGD (momentum 0.9, Nesterov, weight decay 5e-4), :func:`cosine_lr` per pass.
+    ``progress``: a tqdm bar with that description (on stderr), or None.
+    """
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from .pytorch import soft_cross_entropy
+    from .transforms import normalize
+
+    kw = {} if mean is None else {"mean": mean, "std": std}
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = range(passes)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=progress, unit="pass", leave=False, mininterval=0.5)
+    model.train()
+    t, c = time.perf_counter(), time.process_time()
+    for p in steps:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, p, passes)
+        for x, info in batches(p):
+            xn = normalize(x, **kw)
+            target = target_fn(xn, info)
+            out = model(xn)
+            loss = F.cross_entropy(out, target) if target.dtype == torch.int64 else soft_cross_entropy(out, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return time.perf_counter() - t, time.process_time() - c
