@@ -100,9 +100,10 @@ class Reader:
     :meth:`read_batch`, :meth:`read_all`, :meth:`soft_labels`, :meth:`decode`, :meth:`refresh`.
     Picklable (file handles and caches are rebuilt lazily in each process); a context manager."""
 
-    def __init__(self, location, *, storage_options=None, cache_dir=None, cache_bytes=None):
+    def __init__(self, location, *, storage_options=None, cache_dir=None, cache_bytes=None, _problems=None):
         import zarr
 
+        self._problems = _problems  # verify: collect metadata problems (and skip those arrays) instead of raising
         group = None
         if isinstance(location, zarr.Group):
             group, store = location, location.store
@@ -146,30 +147,45 @@ class Reader:
         self._specs = specs
         names = list(specs) + list(h.per_image_arrays) + ([S.MANIFEST] if h.major >= 2 else [])
         raws = [self._source.read(f"{n}/zarr.json") for n in names]
-        metas = {n: parse_array_meta(n, r) for n, r in zip(names, raws)}
-        for name, (trail, dtype) in specs.items():
-            _expect(metas[name], (N, M, *trail), dtype, shard=(h.images_per_shard, M, *trail),
-                    inner=(h.images_per_chunk, M, *trail))
-        key_shape = (N, h.key_length) if h.major >= 2 else (N,)
-        _expect(metas[h.key_array], key_shape, "uint8" if h.major >= 2 else None)
-        _expect(metas[S.IMAGE_SIZE], (N, 2), "int32")
-        _expect(metas[S.LABEL], (N,), "int32")
-        _expect(metas[S.WRITTEN], (N,), "uint8", grid=(h.images_per_shard,))
-        manifest = None
+        metas: dict[str, ArrayMeta] = {}
+        for n, raw in zip(names, raws):
+            try:
+                metas[n] = parse_array_meta(n, raw)
+            except CorruptStoreError as e:
+                self._problem(e)
+        expect = {name: dict(shape=(N, M, *trail), dtype=dtype, shard=(h.images_per_shard, M, *trail),
+                             inner=(h.images_per_chunk, M, *trail)) for name, (trail, dtype) in specs.items()}
+        expect[h.key_array] = dict(shape=(N, h.key_length) if h.major >= 2 else (N,),
+                                   dtype="uint8" if h.major >= 2 else None)
+        expect[S.IMAGE_SIZE] = dict(shape=(N, 2), dtype="int32")
+        expect[S.LABEL] = dict(shape=(N,), dtype="int32")
+        expect[S.WRITTEN] = dict(shape=(N,), dtype="uint8", grid=(h.images_per_shard,))
         if h.major >= 2:
-            P = len(specs)
-            mm = metas[S.MANIFEST]
-            _expect(mm, (h.num_chunks, P), "uint32", grid=(h.chunks_per_shard, P))
-            manifest = Manifest(mm, _Rows(self, S.MANIFEST), self._source.exists,
+            expect[S.MANIFEST] = dict(shape=(h.num_chunks, len(specs)), dtype="uint32",
+                                      grid=(h.chunks_per_shard, len(specs)))
+        for name in list(metas):
+            bad = mismatches(metas[name], **expect[name])
+            if bad:
+                self._problem(CorruptStoreError(bad[0]), more=bad[1:])
+                del metas[name]
+        manifest = None
+        if S.MANIFEST in metas:
+            manifest = Manifest(metas[S.MANIFEST], _Rows(self, S.MANIFEST), self._source.exists,
                                 h.chunks_per_shard, h.num_chunks)
         self._manifest = manifest
         self._metas = metas
         self._arrays: dict[str, ShardedArray] = {
             name: ShardedArray(metas[name], self._source, num_images=N, dtype=dtype, manifest=manifest,
                                column=p, zarr_array=_GroupArray(self, name))
-            for p, (name, (trail, dtype)) in enumerate(specs.items())
+            for p, (name, (trail, dtype)) in enumerate(specs.items()) if name in metas
         }
         self._written = None
+
+    def _problem(self, error: CorruptStoreError, more=()) -> None:
+        if self._problems is None:
+            raise error
+        self._problems.append(str(error))
+        self._problems.extend(more)
 
     @property
     def group(self):
@@ -417,14 +433,13 @@ class _Rows:
         return self.reader._small(self.name, a, b)
 
 
-def _expect(meta: ArrayMeta, shape, dtype, *, shard=None, inner=None, grid=None) -> None:
-    """Compare an array's Zarr metadata with what the header implies; CorruptStoreError naming both."""
-    name = meta.path
+def mismatches(meta: ArrayMeta, shape, dtype=None, *, shard=None, inner=None, grid=None) -> list[str]:
+    """Differences between an array's Zarr metadata and what the header implies, one message each."""
+    name, out = meta.path, []
 
     def bad(what, got, want):
-        raise CorruptStoreError(
-            f"array {name!r}: {what} is {got} in {name}/zarr.json but the store header implies {want} "
-            f"(the array was re-chunked or edited, or the header was)")
+        out.append(f"array {name!r}: {what} is {got} in {name}/zarr.json but the store header implies {want} "
+                   f"(the array was re-chunked or edited, or the header was)")
 
     if tuple(meta.shape) != tuple(shape):
         bad("shape", tuple(meta.shape), tuple(shape))
@@ -433,12 +448,14 @@ def _expect(meta: ArrayMeta, shape, dtype, *, shard=None, inner=None, grid=None)
     if shard is not None:
         if meta.inner is None:
             bad("sharding", "absent", f"shards of {tuple(shard)}")
-        if tuple(meta.grid) != tuple(shard):
-            bad("shard shape", tuple(meta.grid), tuple(shard))
-        if tuple(meta.inner) != tuple(inner):
-            bad("inner chunk shape", tuple(meta.inner), tuple(inner))
+        else:
+            if tuple(meta.grid) != tuple(shard):
+                bad("shard shape", tuple(meta.grid), tuple(shard))
+            if tuple(meta.inner) != tuple(inner):
+                bad("inner chunk shape", tuple(meta.inner), tuple(inner))
     if grid is not None and tuple(meta.grid) != tuple(grid):
         bad("chunk shape", tuple(meta.grid), tuple(grid))
+    return out
 
 
 def _codec_of(header: S.Header):

@@ -66,8 +66,9 @@ def test_corrupt_shard_index_and_per_image_chunk(tmp_path):
     raw[len(raw) // 2] ^= 1
     g.write_bytes(bytes(raw))
     problems = verify(p)
-    assert any("array 'box' shard 0" in x and "shard index" in x for x in problems), problems
-    assert any("array 'image_size' chunk 0" in x for x in problems), problems
+    assert any("array 'box' shard file box/c/0/0/0 (images 0-7): the shard index fails its crc32c" in x
+               for x in problems), problems
+    assert any("array 'image_size' chunk 0 (images 0-7)" in x for x in problems), problems
 
 
 def test_incomplete_store_lists_missing_ranges(tmp_path):
@@ -83,7 +84,10 @@ def test_missing_shard_file_of_written_images(tmp_path):
     make_store(p, n=16, ipc=4, ips=8)
     _shard_file(p, S.FLIP, shard=1).unlink()
     problems = verify(p)
-    assert len(problems) == 1 and "array 'flip' shard 1" in problems[0] and "file missing" in problems[0]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("array 'flip' chunk 2 (images 8-11, shard file flip/c/1/0): the shard file is "
+                                  "missing but the chunk holds images marked written"), problems
+    assert "(and 1 more chunks of this shard)" in problems[0]
 
 
 def test_box_outside_recorded_size_and_bad_labels(tmp_path):
@@ -115,7 +119,8 @@ def test_attributes_inconsistent(tmp_path):
     g.attrs[S.ATTR_KEY] = attrs
     problems = verify(p)
     assert any("has_labels=True" in x for x in problems), problems
-    assert any("array 'box': chunk shape (4, 5, 4), header implies (2, 5, 4)" in x for x in problems), problems
+    assert any("array 'box': inner chunk shape is (4, 5, 4) in box/zarr.json but the store header implies "
+               "(2, 5, 4)" in x for x in problems), problems
 
 
 def test_not_a_store(tmp_path):
