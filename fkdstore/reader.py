@@ -292,6 +292,10 @@ class Reader:
     # -- data
     def _check_written(self, idx: np.ndarray) -> None:
         N = self.num_images
+        if len(idx) == 1:  # read(i): scalar checks
+            i = int(idx[0])
+            if 0 <= i < N and self.written[i]:
+                return
         out = (idx < 0) | (idx >= N)
         if out.any():
             raise IndexError(f"image index must be in [0, {N}). Got {int(idx[out][0])}.")
@@ -309,7 +313,7 @@ class Reader:
         if sl.ndim != 2 or sl.shape[0] != B:
             raise ValidationError(f"slots must have shape ({B}, m). Got {sl.shape}.")
         M = self.crops_per_image
-        if sl.size and (sl.min() < 0 or sl.max() >= M):
+        if sl.size and not ((sl >= 0) & (sl < M)).all():
             raise ValidationError(f"slots must be in [0, {M}). Got values in [{sl.min()}, {sl.max()}].")
         return sl
 
@@ -342,7 +346,10 @@ class Reader:
         chunks, inv, within = group_rows(idx, self.header.images_per_chunk)
         arrays = list(self._arrays.values())
         stacks = take_many(arrays, chunks)
-        if sl is None:
+        if len(idx) == 1:  # read(i): basic indexing of the one chunk
+            w = int(within[0])
+            data = {a.path: st[0, w][None] if sl is None else st[0, w][sl[0]][None] for a, st in zip(arrays, stacks)}
+        elif sl is None:
             data = {a.path: st[inv, within] for a, st in zip(arrays, stacks)}
         else:
             inv2, within2 = inv[:, None], within[:, None]

@@ -390,6 +390,13 @@ class ShardedArray:
     def lookup(self, cs: np.ndarray) -> tuple[list, list[int]]:
         """Cache lookup of chunks ``cs``: (hit per chunk or None, positions to load)."""
         cache = self._cache
+        if len(cs) == 1:  # read(i): one chunk per array
+            c = int(cs[0])
+            h = cache.get(c)
+            if h is None:
+                return [None], [0]
+            cache.move_to_end(c)
+            return [h], []
         hits = [cache.get(c) for c in cs.tolist()]
         todo = [j for j, h in enumerate(hits) if h is None]
         for j, h in enumerate(hits):
