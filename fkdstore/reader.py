@@ -64,13 +64,11 @@ class CropRecords:
                            {k: v[i] for k, v in self.fields.items()})
 
 
-def open(location, *, storage_options: Mapping[str, Any] | None = None,  # noqa: A001 - mirrors zarr.open
-         cache_dir=None, cache_bytes: int | None = None) -> Reader:
+def open(location, *, storage_options: Mapping[str, Any] | None = None) -> Reader:  # noqa: A001 - as zarr.open
     """Open a store for reading: a local path, a URL (``s3://...``, with ``storage_options`` for fsspec), a
     :class:`zarr.Group` or a Zarr store. Raises :class:`FormatError` for something that is not a readable
-    fkdstore store and :class:`CorruptStoreError` when its header or array metadata is damaged or edited.
-    ``cache_dir``/``cache_bytes``: reserved for a local cache of remote shard indexes and chunks."""
-    return Reader(location, storage_options=storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes)
+    fkdstore store and :class:`CorruptStoreError` when its header or array metadata is damaged or edited."""
+    return Reader(location, storage_options=storage_options)
 
 
 def _check_index(i) -> int:
@@ -100,7 +98,7 @@ class Reader:
     :meth:`read_batch`, :meth:`read_all`, :meth:`soft_labels`, :meth:`decode`, :meth:`refresh`.
     Picklable (file handles and caches are rebuilt lazily in each process); a context manager."""
 
-    def __init__(self, location, *, storage_options=None, cache_dir=None, cache_bytes=None, _problems=None):
+    def __init__(self, location, *, storage_options=None, _problems=None):
         import zarr
 
         self._problems = _problems  # verify: collect metadata problems (and skip those arrays) instead of raising
@@ -110,8 +108,6 @@ class Reader:
             prefix = f"{location.path}/" if location.path else ""
         else:
             store, prefix = _storage.as_store(location, read_only=True, storage_options=storage_options), ""
-        if cache_dir is not None or cache_bytes is not None:
-            raise NotImplementedError("cache_dir/cache_bytes: the local cache of remote chunks is not built yet")
         self._store, self._prefix, self._group = store, prefix, group
         self.path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")
         self._source = _storage.byte_source(store, prefix)

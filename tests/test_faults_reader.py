@@ -16,7 +16,7 @@ from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, I
 from fkdstore.shard import MISSING
 from fkdstore.verify import verify
 from test_cli import make_store
-from v2util import set_header, shard_file, shard_index, to_v2, use_dot_separator, write_shard_index
+from v2util import set_header, shard_file, shard_index, to_v1, use_dot_separator, write_shard_index
 
 N, M, C, IPC, IPS = 16, 5, 30, 4, 8  # shards of 8 images = 2 inner chunks; 2 shards
 PROBS = S.soft_path("probs")
@@ -26,8 +26,8 @@ PROBS = S.soft_path("probs")
 def store(request, tmp_path):
     p = tmp_path / "s.fkd"
     data = make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
-    if request.param == "2.0":
-        to_v2(p)
+    if request.param == "1.0":
+        to_v1(p)
     return p, data, request.param
 
 
@@ -120,8 +120,7 @@ def test_payload_byte_flipped(store):
                                   {"images_per_chunk": 2}])
 def test_header_edited(tmp_path, edit):
     p = tmp_path / "s.fkd"
-    make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
-    to_v2(p)
+    make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)  # the writer writes 2.0 (checksummed header)
     set_header(p, **edit)
     with pytest.raises(CorruptStoreError, match="header checksum mismatch"):
         R.open(p)
@@ -132,6 +131,7 @@ def test_header_edited(tmp_path, edit):
 def test_header_edit_of_v1_layout_caught_by_metadata_check(tmp_path):
     p = tmp_path / "s.fkd"
     make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
+    to_v1(p)
     set_header(p, images_per_chunk=2)  # 1.0 has no checksum: the array metadata disagree with it
     with pytest.raises(CorruptStoreError, match=r"array 'box': inner chunk shape is \(4, 5, 4\) in box/zarr.json "
                                                 r"but the store header implies \(2, 5, 4\)"):
@@ -203,6 +203,7 @@ def test_dot_separator_store_is_read_and_verified(store):
 def test_unknown_codec_name_is_named(tmp_path):
     p = tmp_path / "s.fkd"
     make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
+    to_v1(p)
     set_header(p, codec={"name": "wavelet9"})  # 1.0: no checksum, so the codec check is what refuses it
     with pytest.raises(FormatError, match="label codec 'wavelet9'"):
         R.open(p)
@@ -224,7 +225,6 @@ def test_torch_dataset_propagates_the_error(tmp_path, monkeypatch):
                         image_sizes=np.full((n, 2), 16), images_per_chunk=2, images_per_shard=4) as w:
         w.put(np.arange(n), np.tile([0, 0, 8, 8], (n, 2, 1)), np.zeros((n, 2), bool),
               rng.dirichlet(np.ones(10), (n, 2)).astype(np.float32))
-    to_v2(p)
     # until store.py re-exports fkdstore.reader, point TorchDataset at it (a no-op afterwards)
     monkeypatch.setattr(pytorch, "_open_store", R.open)
     monkeypatch.setattr(pytorch, "Reader", R.Reader)

@@ -20,7 +20,7 @@ from fkdstore import storage
 from fkdstore.codecs import REGISTRY, get_codec
 from fkdstore.errors import CorruptChunkError, FormatError, IncompleteStoreError, ValidationError
 from test_store import create, fill, make_data
-from v2util import shard_file, to_v2
+from v2util import shard_file, to_v1
 
 GOLDEN = Path(__file__).parent / "golden" / "v1.0"
 
@@ -33,8 +33,8 @@ def _store(tmp_path, version, N=40, M=6, C=12, codec="ms", aug=None, ipc=4, ips=
         for s in range(0, N, 7):
             i = np.arange(s, min(N, s + 7))
             w.put(i, d["boxes"][i], d["flips"][i], d["probs"][i], aug=aug_vals[i] if aug else None)
-    if version == "2.0":
-        to_v2(p)
+    if version == "1.0":
+        to_v1(p)
     return p, d, aug_vals
 
 
@@ -234,8 +234,8 @@ def test_decode_temperature_passthrough(tmp_path):
     p, _, _ = _store(tmp_path, "1.0", N=4)
     r = R.open(p)
     f = r.read(0).fields
-    with pytest.raises(TypeError, match="does not support temperature"):
-        r.decode(f, temperature=2.0)
+    np.testing.assert_array_equal(r.decode(f, temperature=2.0), r.codec.decode(f, 12, temperature=2.0))
+    assert not np.allclose(r.decode(f, temperature=2.0), r.decode(f))
     np.testing.assert_array_equal(r.decode(f), r.soft_labels(0))
 
 

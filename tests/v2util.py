@@ -1,6 +1,6 @@
-"""Test helpers that turn a format-1.0 store (what the writer on main writes until writer.py lands) into a
-format-2.0 store, and that re-encode chunk keys. Delete ``to_v2`` when the 2.0 writer lands; the tests that
-use it can then write 2.0 stores directly."""
+"""Test helpers that convert stores between format 1.0 and 2.0 (the writer writes 2.0; ``to_v1`` makes the
+1.0 stores fkdstore 0.1 wrote, so every reader rule is tested on both), edit headers, re-encode chunk keys
+and rewrite shard indexes."""
 
 from __future__ import annotations
 
@@ -17,48 +17,40 @@ from fkdstore import codecs as _codecs
 from fkdstore import schema as S
 
 
-def to_v2(path) -> S.Header:
-    """Rewrite the 1.0 store at ``path`` in place as format 2.0: ``key`` (uint8, zero-padded UTF-8) instead of
-    ``image_key``, one ``aug/<name>`` float32 array per aug column instead of ``aug``, the ``manifest`` of
-    every chunk, and a checksummed 2.0 header. Returns the new header."""
+def to_v1(path) -> S.Header:
+    """Rewrite the 2.0 store at ``path`` in place as fkdstore 0.1 wrote format 1.0: ``image_key`` (string)
+    instead of ``key``, one float32 ``aug`` array (N, M, A) instead of ``aug/<name>``, no manifest, no
+    checksum. Returns the 1.0 header."""
     path = Path(path)
     g = zarr.open_group(str(path), mode="r+")
-    old = S.Header.from_json(g.attrs[S.ATTR_KEY])
-    assert old.major == 1
-    codec = _codecs.from_config(dict(old.codec))
-    N, M = old.num_images, old.crops_per_image
+    new = S.Header.from_json(g.attrs[S.ATTR_KEY])
+    if new.major < 2:
+        return new
+    N, M = new.num_images, new.crops_per_image
     small = [ZstdCodec(level=3), Crc32cCodec()]
-    pc = min(N, S.PER_IMAGE_CHUNK)
-    keys = S.encode_keys([str(k) for k in g[S.IMAGE_KEY][:]])
-    g.create_array(S.KEY, shape=keys.shape, dtype="uint8", chunks=(pc, keys.shape[1]), compressors=small)[:] = keys
-    shutil.rmtree(path / S.IMAGE_KEY)
-    if old.aug:
-        block = g[S.AUG][:]
+    keys = S.decode_keys(g[S.KEY][:])
+    g.create_array(S.IMAGE_KEY, shape=(N,), dtype=str, chunks=(min(N, S.PER_IMAGE_CHUNK),),
+                   compressors=small)[:] = np.asarray(keys, dtype=object)
+    shutil.rmtree(path / S.KEY)
+    shutil.rmtree(path / S.MANIFEST)
+    if new.aug:
+        block = np.stack([g[S.aug_path(a.name)][:].astype(np.float32) for a in new.aug], -1)
         shutil.rmtree(path / S.AUG)
         g = zarr.open_group(str(path), mode="r+")
-        g.create_group(S.AUG)
-        for j, a in enumerate(old.aug):
-            arr = g.create_array(
-                S.aug_path(a.name), shape=(N, M), dtype="float32", chunks=(old.images_per_chunk, M),
-                shards=(old.images_per_shard, M), fill_value=0, write_data=False,
-                compressors=[BloscCodec(typesize=4, **S.COMPRESSOR), Crc32cCodec()],
-            )
-            with zarr.config.set({"array.write_empty_chunks": True}):
-                arr[:] = block[..., j]
-    new = S.Header(
-        num_images=N, crops_per_image=M, num_classes=old.num_classes, codec=dict(old.codec),
-        images_per_chunk=old.images_per_chunk, images_per_shard=old.images_per_shard, box_dtype=old.box_dtype,
-        key_length=int(keys.shape[1]), aug=[a.to_json() for a in old.aug], augment=[], has_labels=old.has_labels,
-        meta=dict(old.meta), library_version=old.library_version, format_version="2.0",
+        arr = g.create_array(S.AUG, shape=(N, M, len(new.aug)), dtype="float32",
+                             chunks=(new.images_per_chunk, M, len(new.aug)),
+                             shards=(new.images_per_shard, M, len(new.aug)), fill_value=0, write_data=False,
+                             compressors=[BloscCodec(typesize=4, **S.COMPRESSOR), Crc32cCodec()])
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            arr[:] = block
+    old = S.Header(
+        num_images=N, crops_per_image=M, num_classes=new.num_classes, codec=dict(new.codec),
+        images_per_chunk=new.images_per_chunk, images_per_shard=new.images_per_shard, box_dtype=new.box_dtype,
+        aug=[{"name": a.name, "kind": a.kind} for a in new.aug], has_labels=new.has_labels,
+        meta=dict(new.meta), library_version="0.1.0", format_version="1.0",
     )
-    specs = new.per_crop_specs(codec)
-    tags = np.zeros((new.num_chunks, len(specs)), np.uint32)
-    for p, name in enumerate(specs):
-        tags[:, p] = S.manifest_tags(name, 0, g[name][:], new.images_per_chunk)
-    g.create_array(S.MANIFEST, shape=tags.shape, dtype="uint32", chunks=(new.chunks_per_shard, len(specs)),
-                   compressors=small, fill_value=0)[:] = tags
-    g.attrs[S.ATTR_KEY] = new.to_json()
-    return new
+    g.attrs[S.ATTR_KEY] = old.to_json()
+    return old
 
 
 def set_header(path, **changes) -> None:
