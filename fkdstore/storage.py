@@ -9,12 +9,14 @@ the scheme (environment, profiles) or through ``storage_options`` (passed to fss
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import FormatError
 
-__all__ = ["as_store", "is_url", "local_root", "describe"]
+__all__ = ["as_store", "is_url", "local_root", "describe", "ByteSource", "LocalSource", "StoreSource", "byte_source",
+           "coalesce"]
 
 
 def is_url(location: Any) -> bool:
@@ -59,3 +61,194 @@ def describe(store) -> str:
     proto = getattr(fs, "protocol", None)
     proto = proto[0] if isinstance(proto, (tuple, list)) else proto
     return f"{proto}://{path}" if proto else str(store)
+
+
+# ------------------------------------------------------------------------------------- byte-range layer
+
+COALESCE_GAP = 64 * 1024  # neighbouring ranges of one object closer than this are fetched as one request
+MAX_OPEN_FILES = 256  # file descriptors a local source keeps open (least recently used are closed)
+
+
+def coalesce(requests, gap: int) -> list[tuple[str, int, int, list[int]]]:
+    """Merge byte ranges ``[(key, start, stop), ...]`` of the same object whose gap is below ``gap``.
+
+    Returns ``[(key, start, stop, [request numbers]), ...]``: one entry per request actually issued."""
+    order = sorted(range(len(requests)), key=lambda i: (requests[i][0], requests[i][1]))
+    out: list[tuple[str, int, int, list[int]]] = []
+    for i in order:
+        key, a, b = requests[i]
+        if out and out[-1][0] == key and a - out[-1][2] < gap:
+            k, s, e, members = out[-1]
+            out[-1] = (k, s, max(e, b), members + [i])
+        else:
+            out.append((key, a, b, [i]))
+    return out
+
+
+class ByteSource:
+    """Byte access to the objects (files) of one store by key (``"soft/probs/c/0/0/0"``), relative to the
+    store's group. The reader's shard layer reads through this interface only; :func:`byte_source` picks
+    the implementation: :class:`LocalSource` (``os.pread``) for a local folder, :class:`StoreSource`
+    (Zarr's async store API, concurrent requests) for anything else."""
+
+    def read(self, key: str) -> bytes | None:
+        """The whole object, or None if it does not exist."""
+        raise NotImplementedError
+
+    def read_suffixes(self, requests: Sequence[tuple[str, int]]) -> list[bytes | None]:
+        """The last ``n`` bytes (fewer if the object is shorter) of each ``(key, n)``; None where missing."""
+        raise NotImplementedError
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes | None]:
+        """Bytes ``[start, stop)`` of each ``(key, start, stop)`` (shorter if the object is); None where the
+        object is missing. Neighbouring ranges are coalesced into one request."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        return self.read_suffixes([(key, 1)])[0] is not None
+
+    def clear(self) -> None:
+        """Forget cached handles (``Reader.refresh``)."""
+
+    def close(self) -> None:
+        self.clear()
+
+
+class LocalSource(ByteSource):
+    """Files under a local folder, read with ``os.pread`` on cached descriptors (a bounded LRU). Fork-safe:
+    a child process reopens its own descriptors; pickling drops them."""
+
+    def __init__(self, root: str, prefix: str = ""):
+        self.root, self.prefix = str(root), prefix
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        return {"root": self.root, "prefix": self.prefix}
+
+    def __setstate__(self, d):
+        self.__init__(d["root"], d["prefix"])
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *(self.prefix + key).split("/"))
+
+    def _fd(self, key: str) -> int:
+        """Descriptor of ``key``, -1 if the file does not exist."""
+        if self._pid != os.getpid():  # forked: the parent's descriptors share offsets/lifetimes; use ours
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            fd = -1
+        self._fds[key] = fd
+        while len(self._fds) > MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            if old >= 0:
+                os.close(old)
+        return fd
+
+    def read(self, key):
+        fd = self._fd(key)
+        if fd < 0:
+            return None
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+
+    def read_suffixes(self, requests):
+        out = []
+        for key, n in requests:
+            fd = self._fd(key)
+            if fd < 0:
+                out.append(None)
+                continue
+            size = os.fstat(fd).st_size
+            out.append(os.pread(fd, min(n, size), max(0, size - n)))
+        return out
+
+    def read_ranges(self, requests):
+        out: list = [None] * len(requests)
+        for key, a, b, members in coalesce(requests, COALESCE_GAP):
+            fd = self._fd(key)
+            if fd < 0:
+                continue
+            blob = os.pread(fd, b - a, a)
+            if len(members) == 1:
+                out[members[0]] = blob
+                continue
+            view = memoryview(blob)
+            for i in members:
+                out[i] = view[requests[i][1] - a:requests[i][2] - a]
+        return out
+
+    def clear(self):
+        fds, self._fds = self._fds, OrderedDict()
+        if self._pid != os.getpid():
+            return  # a forked child must not close the parent's descriptors
+        for fd in fds.values():
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def __del__(self):
+        try:
+            self.clear()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+class StoreSource(ByteSource):
+    """Any Zarr store (object storage through fsspec/obstore, memory, ...): byte ranges through
+    ``store.get(key, prototype, byte_range=...)``, all requests of one call issued concurrently
+    (``asyncio.gather`` on Zarr's event loop), neighbouring ranges coalesced (``COALESCE_GAP``)."""
+
+    def __init__(self, store, prefix: str = ""):
+        self.store, self.prefix = store, prefix
+
+    async def _get(self, key, byte_range=None):
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = await self.store.get(self.prefix + key, prototype=default_buffer_prototype(), byte_range=byte_range)
+        return None if buf is None else buf.to_bytes()
+
+    def _gather(self, calls):
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        async def run():
+            return await asyncio.gather(*calls)
+
+        return list(sync(run())) if calls else []
+
+    def read(self, key):
+        return self._gather([self._get(key)])[0]
+
+    def read_suffixes(self, requests):
+        from zarr.abc.store import SuffixByteRequest
+
+        return self._gather([self._get(k, SuffixByteRequest(int(n))) for k, n in requests])
+
+    def read_ranges(self, requests):
+        from zarr.abc.store import RangeByteRequest
+
+        merged = coalesce(requests, COALESCE_GAP)
+        blobs = self._gather([self._get(k, RangeByteRequest(int(a), int(b))) for k, a, b, _ in merged])
+        out: list = [None] * len(requests)
+        for (key, a, b, members), blob in zip(merged, blobs):
+            if blob is None:
+                continue
+            view = memoryview(blob)
+            for i in members:
+                out[i] = view[requests[i][1] - a:requests[i][2] - a]
+        return out
+
+
+def byte_source(store, prefix: str = "") -> ByteSource:
+    """The byte-range source of a Zarr store (``prefix``: the group's path inside it, ``""`` or ``"a/b/"``)."""
+    root = local_root(store)
+    return LocalSource(root, prefix) if root is not None else StoreSource(store, prefix)

@@ -2,41 +2,41 @@
 
 :func:`verify` returns a list of one-line problem strings (empty when the store is clean). Checks, in order:
 
-1. The group is an fkdstore store this library can read (header attribute, version, codec config).
+1. The group is an fkdstore store this library can read (header attribute, version, codec config; format
+   2.0: the header checksum).
 2. Attributes agree with the arrays: every array of the format exists with the shape, dtype, chunk and
-   shard shape the header implies (``N``, ``M``, ``C``, codec fields, aug, ``images_per_chunk/shard``,
-   ``box_dtype``); ``has_labels`` matches the ``label`` array.
-3. Every chunk is read and its crc32c checked. Sharded per-crop arrays are read file by file: the shard
-   index checksum, then each inner chunk's checksum and decompression; a problem names the array, the
-   shard file and the inner chunk (``chunk c`` = images ``c*ipc .. (c+1)*ipc``, the numbering of
-   :class:`fkdstore.store.CorruptChunkError`). Unsharded arrays are read chunk by chunk through Zarr.
-   A written image whose inner chunk or shard file is missing (it would read back as zeros) is a problem.
-4. Per-image arrays: keys unique and non-empty, sizes >= 1, labels in ``[-1, C)``, ``written`` in {0, 1},
-   and every image written (the missing ranges are listed).
-5. Per written image: boxes have height, width >= 1 and lie inside the recorded image size; flips are 0/1;
-   aug values finite; codec fields valid (``codec.field_problems``: indices in ``[0, C)`` and distinct,
-   probabilities finite in ``[0, 1 + PROB_ATOL]``, top-K non-increasing, stored mass at most
+   shard shape the header implies (:func:`fkdstore.reader.mismatches`, the reader's own open-time check);
+   ``has_labels`` matches the ``label`` array.
+3. Every chunk is read through :mod:`fkdstore.shard`, the reader's checked decoder: shard index checksum,
+   then each inner chunk's presence (a written image's chunk or shard file missing is damage), crc32c,
+   decoding and (2.0) its manifest tag. A problem names the array, the chunk (``chunk c`` = images
+   ``c*ipc .. (c+1)*ipc - 1``), the images and the shard file. Unsharded arrays are read chunk by chunk
+   through Zarr.
+4. Per-image arrays: keys unique, non-empty, valid UTF-8 without NUL (2.0 ``key``), sizes >= 1, labels in
+   ``[-1, C)``, ``written`` in {0, 1}, and every image written (the missing ranges are listed).
+5. Per written image: boxes inside the recorded image size (:func:`fkdstore.schema.bad_boxes`, invariant
+   5); flips 0/1; aug values finite; codec fields valid (``codec.field_problems``: indices in ``[0, C)`` and
+   distinct, probabilities finite in ``[0, 1 + PROB_ATOL]``, top-K non-increasing, stored mass at most
    ``1 + codec.sum_atol(C)``) and decoded distributions finite, non-negative and summing to 1 within
    ``codec.sum_atol(C)`` (``fkdstore.codecs.base``: one tolerance for writer, codecs and verify).
 
-Reading everything costs one pass over the files (shards are read whole, one ``read`` each).
+Memory is bounded by one shard of every per-crop array plus the per-image arrays (O(N)); sizes in the
+metadata are compared with the header before anything is allocated from them.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-import crc32c as _crc32c
-import numcodecs
+
 import numpy as np
 
 from . import schema as S
-from .errors import FkdstoreError
+from .errors import CorruptChunkError, CorruptStoreError, FkdstoreError
+from .shard import load_many
 
-__all__ = ["verify", "MAX_PER_CHECK"]
+__all__ = ["verify", "MAX_PER_CHECK", "MAX_IMAGES"]
 
-_MISSING = 2**64 - 1
 MAX_PER_CHECK = 20  # problems of one kind listed before summarising the rest
+MAX_IMAGES = 2**31  # verify holds the per-image arrays in memory: refuse headers claiming more images
 
 
 class _Problems(list):
@@ -57,87 +57,42 @@ class _Problems(list):
                 self.append(f"... and {n - MAX_PER_CHECK} more problems of kind {kind!r}")
 
 
-def verify(path: str | os.PathLike, *, progress: bool = False) -> list[str]:
+def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
     """Check a store completely; return every problem as a one-line string (``[]`` when clean)."""
-    from . import store as _store
+    from .reader import Reader
 
     problems = _Problems()
+    meta_problems: list[str] = []
     try:
-        reader = _store.open(path)
-    except (FkdstoreError, ValueError, KeyError, TypeError) as e:
+        reader = Reader(path, storage_options=storage_options, _problems=meta_problems)
+    except (FkdstoreError, ValueError, KeyError, TypeError, OSError) as e:
         return [f"cannot open store: {e}"]
+    for msg in meta_problems:
+        problems.add("array", msg)
     h, codec = reader.header, reader.codec
     N, M, C = h.num_images, h.crops_per_image, h.num_classes
-    root = Path(path)
-
-    # 2. attributes vs arrays
-    expected = _store._per_crop_specs(h, codec)
-    present = {}
-    for name, (trail, dtype) in expected.items():
-        try:
-            arr = reader.array(name)
-        except (KeyError, FileNotFoundError, Exception) as e:  # zarr raises several types
-            problems.add("array", f"array {name!r}: missing ({type(e).__name__})")
-            continue
-        present[name] = arr
-        want_shape = (N, M, *trail)
-        if tuple(arr.shape) != want_shape:
-            problems.add("array", f"array {name!r}: shape {tuple(arr.shape)}, header implies {want_shape}")
-        if str(arr.dtype) != dtype:
-            problems.add("array", f"array {name!r}: dtype {arr.dtype}, header implies {dtype}")
-        md = arr.metadata.to_dict()
-        grid = tuple(md["chunk_grid"]["configuration"]["chunk_shape"])
-        cod = md.get("codecs", ())
-        if tuple(grid) != (h.images_per_shard, M, *trail):
-            problems.add("array", f"array {name!r}: shard shape {grid}, header implies {(h.images_per_shard, M, *trail)}")
-        if not cod or cod[0]["name"] != "sharding_indexed":
-            problems.add("array", f"array {name!r}: not sharded")
-        elif tuple(cod[0]["configuration"]["chunk_shape"]) != (h.images_per_chunk, M, *trail):
-            problems.add("array", f"array {name!r}: chunk shape {tuple(cod[0]['configuration']['chunk_shape'])}, "
-                         f"header implies {(h.images_per_chunk, M, *trail)}")
-        elif "crc32c" not in [c["name"] for c in cod[0]["configuration"]["codecs"]]:
-            problems.add("array", f"array {name!r}: chunks carry no crc32c checksum")
-    for name, shape in ((S.IMAGE_KEY, (N,)), (S.IMAGE_SIZE, (N, 2)), (S.LABEL, (N,)), (S.WRITTEN, (N,))):
-        try:
-            arr = reader.array(name)
-        except Exception as e:
-            problems.add("array", f"array {name!r}: missing ({type(e).__name__})")
-            continue
-        present[name] = arr
-        if tuple(arr.shape) != shape:
-            problems.add("array", f"array {name!r}: shape {tuple(arr.shape)}, header implies {shape}")
+    if N > MAX_IMAGES:
+        return list(problems) + [f"header declares num_images={N}, more than verify checks (at most {MAX_IMAGES})"]
+    metas = reader._metas
 
     # 3 + 4. per-image arrays, chunk by chunk
-    per_image = {}
-    for name in (S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN):
-        if name in present and tuple(present[name].shape)[:1] == (N,):
-            per_image[name] = _read_unsharded(present[name], problems)
+    per_image = {name: _read_unsharded(reader.array(name), problems) for name in h.per_image_arrays
+                 if name in metas}
     written = per_image.get(S.WRITTEN)
     if written is not None:
         bad = ~np.isin(written, (0, 1))
         if bad.any():
             problems.add("written", f"array 'written': values other than 0/1 at images {np.flatnonzero(bad)[:5].tolist()}")
-        written = written == 1
-        missing = reader.missing_ranges() if not bad.any() else []
+        written = written != 0
         if not written.all():
-            n = int((~written).sum())
-            problems.add("incomplete", f"store incomplete: {n} of {N} images not written, ranges "
+            w = np.concatenate([[True], written, [True]])
+            edges = np.flatnonzero(np.diff(w.astype(np.int8)))
+            missing = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+            problems.add("incomplete", f"store incomplete: {int((~written).sum())} of {N} images not written, ranges "
                          + ", ".join(f"[{a}, {b})" for a, b in missing[:10]) + (" ..." if len(missing) > 10 else ""))
     else:
         written = np.zeros(N, bool)
-    keys = per_image.get(S.IMAGE_KEY)
-    if keys is not None:
-        ks = [str(k) for k in keys]
-        if len(set(ks)) != len(ks):
-            seen, dup = set(), []
-            for k in ks:
-                if k in seen:
-                    dup.append(k)
-                seen.add(k)
-            problems.add("keys", f"array 'image_key': {len(dup)} duplicate keys, e.g. {dup[:3]}")
-        empty = [i for i, k in enumerate(ks) if not k]
-        if empty:
-            problems.add("keys", f"array 'image_key': empty key at images {empty[:5]}")
+    _check_keys(h, per_image.get(h.key_array), problems)
     sizes = per_image.get(S.IMAGE_SIZE)
     if sizes is not None and (sizes < 1).any():
         problems.add("sizes", f"array 'image_size': sizes < 1 at images {np.flatnonzero((sizes < 1).any(1))[:5].tolist()}")
@@ -150,27 +105,64 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> list[str]:
             problems.add("attrs", f"attribute has_labels={h.has_labels} but the label array "
                          f"{'holds' if (labels >= 0).any() else 'holds no'} known labels")
 
-    # 3 + 5. per-crop arrays, shard by shard
+    # 3 + 5. per-crop arrays, shard by shard, every chunk through the reader's checked decoder
     shards = range(h.num_shards)
     if progress:
         from tqdm.auto import tqdm
 
         shards = tqdm(shards, desc="verifying shards", unit="shard")
-    pc_names = [n for n in expected if n in present and tuple(present[n].shape)[:2] == (N, M)]
+    arrays = [reader.sharded(n) for n in reader.per_crop_arrays]
+    ipc = h.images_per_chunk
     for s in shards:
         r = h.shard_range(s)
         w = written[r.start:r.stop]
         block: dict[str, np.ndarray] = {}
-        for name in pc_names:
-            data = _read_shard(root, present[name], s, r, w, h, problems)
-            if data is not None:
-                block[name] = data
-        if not w.any():
-            continue
-        _check_records(block, w, r, sizes, h, codec, problems)
+        items = []
+        for a in arrays:
+            cs = a.shard_chunks(s)
+            pad = np.zeros(len(cs) * ipc, bool)
+            pad[:len(w)] = w
+            items.append((a, cs, pad.reshape(len(cs), ipc).any(1)))
+        for a, (data, errors) in zip(arrays, load_many(items)):
+            bad = list({id(e): e for e in errors if e is not None}.values())  # a bad index fails all its chunks
+            if bad:
+                more = f" (and {len(bad) - 1} more chunks of this shard)" if len(bad) > 1 else ""
+                kind = "chunk" if isinstance(bad[0], CorruptChunkError) else "missing"
+                problems.add(kind, f"{bad[0]}{more}")
+                continue
+            block[a.path] = data.reshape(-1, *a.chunk_shape[1:])[:len(r)]
+        if w.any():
+            _check_records(block, w, r, sizes, h, codec, problems)
     reader.close()
     problems.summarise()
     return list(problems)
+
+
+def _check_keys(h: S.Header, keys, problems: _Problems) -> None:
+    if keys is None:
+        return
+    name = h.key_array
+    if h.major >= 2:
+        try:
+            ks = S.decode_keys(keys)
+        except CorruptStoreError as e:
+            problems.add("keys", str(e))
+            return
+        nul = [i for i, k in enumerate(ks) if "\x00" in k]
+        if nul:
+            problems.add("keys", f"array {name!r}: NUL inside the key of images {nul[:5]}")
+    else:
+        ks = [str(k) for k in keys]
+    if len(set(ks)) != len(ks):
+        seen, dup = set(), []
+        for k in ks:
+            if k in seen:
+                dup.append(k)
+            seen.add(k)
+        problems.add("keys", f"array {name!r}: {len(dup)} duplicate keys, e.g. {dup[:3]}")
+    empty = [i for i, k in enumerate(ks) if not k]
+    if empty:
+        problems.add("keys", f"array {name!r}: empty key at images {empty[:5]}")
 
 
 def _read_unsharded(arr, problems: _Problems):
@@ -182,75 +174,10 @@ def _read_unsharded(arr, problems: _Problems):
         try:
             parts.append(arr[a:min(n, a + step)])
         except Exception as e:
-            problems.add("chunk", f"array {arr.path!r} chunk {c}: cannot be read ({type(e).__name__}: {e})")
+            problems.add("chunk", f"array {arr.path!r} chunk {c} (images {a}-{min(n, a + step) - 1}): cannot be "
+                         f"read ({type(e).__name__}: {e})")
             ok = False
     return np.concatenate(parts) if ok and parts else None
-
-
-def _read_shard(root: Path, arr, s: int, r: range, w: np.ndarray, h: S.Header, problems: _Problems):
-    """Decode every inner chunk of shard ``s`` of a per-crop array; None when it cannot be read."""
-    md = arr.metadata.to_dict()
-    cod = md.get("codecs", ())
-    trail = tuple(arr.shape[1:])
-    dtype = np.dtype(str(arr.dtype)).newbyteorder("<")
-    ipc = h.images_per_chunk
-    per_shard = h.images_per_shard // ipc
-    fast = (cod and cod[0]["name"] == "sharding_indexed"
-            and [c["name"] for c in cod[0]["configuration"]["codecs"]] == ["bytes", "blosc", "crc32c"]
-            and [c["name"] for c in cod[0]["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
-            and cod[0]["configuration"].get("index_location", "end") == "end")
-    if not fast:  # another pipeline: let Zarr read (and checksum) it
-        try:
-            return arr[r.start:r.stop]
-        except Exception as e:
-            problems.add("chunk", f"array {arr.path!r} shard {s}: cannot be read ({type(e).__name__}: {e})")
-            return None
-    key = "/".join(["c", str(s)] + ["0"] * (len(arr.shape) - 1))
-    fpath = root / arr.path / key
-    if not fpath.exists():
-        if w.any():
-            problems.add("missing", f"array {arr.path!r} shard {s} ({arr.path}/{key}): file missing but "
-                         f"{int(w.sum())} of its images are marked written (they would read as zeros)")
-        return None
-    blob = fpath.read_bytes()
-    n_idx = per_shard * 16 + 4
-    if len(blob) < n_idx:
-        problems.add("chunk", f"array {arr.path!r} shard {s} ({arr.path}/{key}): file truncated ({len(blob)} bytes)")
-        return None
-    raw_idx = blob[-n_idx:]
-    if _crc32c.crc32c(raw_idx[:-4]) != int.from_bytes(raw_idx[-4:], "little"):
-        problems.add("chunk", f"array {arr.path!r} shard {s} ({arr.path}/{key}): shard index fails its crc32c checksum")
-        return None
-    index = np.frombuffer(raw_idx[:-4], "<u8").reshape(-1, 2)
-    out = np.zeros((per_shard * ipc, *trail), dtype)
-    ok = True
-    for j in range(per_shard):
-        c = s * per_shard + j
-        rows = slice(j * ipc, (j + 1) * ipc)
-        off, nb = (int(x) for x in index[j])
-        in_range = w[rows]
-        if off == _MISSING:
-            if in_range.any():
-                problems.add("missing", f"array {arr.path!r} chunk {c} (shard {s}, inner {j}): not stored but "
-                             f"{int(in_range.sum())} of its images are marked written (they would read as zeros)")
-            continue
-        where = f"array {arr.path!r} chunk {c} (shard file {arr.path}/{key}, inner chunk {j}, bytes {off}..{off + nb})"
-        if off + nb > len(blob) - n_idx:
-            problems.add("chunk", f"{where}: extends past the data area")
-            ok = False
-            continue
-        body, crc = blob[off:off + nb - 4], blob[off + nb - 4:off + nb]
-        if _crc32c.crc32c(body) != int.from_bytes(crc, "little"):
-            problems.add("chunk", f"{where}: crc32c checksum mismatch (data corrupted)")
-            ok = False
-            continue
-        try:
-            buf = numcodecs.blosc.decompress(body)
-            out[rows] = np.frombuffer(buf, dtype).reshape((ipc, *trail))
-        except Exception as e:
-            problems.add("chunk", f"{where}: cannot decompress ({type(e).__name__}: {e})")
-            ok = False
-    return out[: len(r)] if ok else None
 
 
 def _check_records(block: dict[str, np.ndarray], w: np.ndarray, r: range, sizes, h: S.Header, codec,
@@ -265,21 +192,20 @@ def _check_records(block: dict[str, np.ndarray], w: np.ndarray, r: range, sizes,
 
     box = block.get(S.BOX)
     if box is not None and sizes is not None:
-        b = box[rows].astype(np.int64)
-        sz = sizes[first + rows].astype(np.int64)
-        H, W = sz[:, None, 0], sz[:, None, 1]
-        bad = (b[..., 2] < 1) | (b[..., 3] < 1) | (b[..., 0] + b[..., 2] > H) | (b[..., 1] + b[..., 3] > W)
+        b = box[rows]
+        sz = sizes[first + rows]
+        bad = S.bad_boxes(b, sz)
         if bad.any():
             i, m = (int(x) for x in np.argwhere(bad)[0])
             problems.add("box", f"array 'box': {int(bad.sum())} boxes outside the image or empty in images "
-                         f"{r.start}..{r.stop}, first {where(bad)}: box {b[i, m].tolist()} in size "
+                         f"{r.start}..{r.stop - 1}, first {where(bad)}: box {b[i, m].tolist()} in size "
                          f"{sz[i].tolist()}")
     flip = block.get(S.FLIP)
     if flip is not None and not np.isin(flip[rows].view(np.uint8), (0, 1)).all():
         problems.add("flip", f"array 'flip': values other than 0/1 in images {r.start}..{r.stop}")
-    aug = block.get(S.AUG)
-    if aug is not None and not np.isfinite(aug[rows]).all():
-        problems.add("aug", f"array 'aug': non-finite values in images {r.start}..{r.stop}")
+    for name, v in block.items():
+        if (name == S.AUG or name.startswith(S.AUG + "/")) and v.dtype.kind == "f" and not np.isfinite(v[rows]).all():
+            problems.add("aug", f"array {name!r}: non-finite values in images {r.start}..{r.stop - 1}")
     fields = {}
     for name in codec.fields(C):
         v = block.get(S.soft_path(name))

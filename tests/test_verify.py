@@ -12,6 +12,7 @@ from fkdstore import schema as S
 from fkdstore.cli import main
 from fkdstore.verify import verify
 from test_cli import make_store
+from v2util import to_v1
 
 
 def _shard_file(p, name, shard=0):
@@ -66,8 +67,9 @@ def test_corrupt_shard_index_and_per_image_chunk(tmp_path):
     raw[len(raw) // 2] ^= 1
     g.write_bytes(bytes(raw))
     problems = verify(p)
-    assert any("array 'box' shard 0" in x and "shard index" in x for x in problems), problems
-    assert any("array 'image_size' chunk 0" in x for x in problems), problems
+    assert any("array 'box' shard file box/c/0/0/0 (images 0-7): the shard index fails its crc32c" in x
+               for x in problems), problems
+    assert any("array 'image_size' chunk 0 (images 0-7)" in x for x in problems), problems
 
 
 def test_incomplete_store_lists_missing_ranges(tmp_path):
@@ -83,12 +85,16 @@ def test_missing_shard_file_of_written_images(tmp_path):
     make_store(p, n=16, ipc=4, ips=8)
     _shard_file(p, S.FLIP, shard=1).unlink()
     problems = verify(p)
-    assert len(problems) == 1 and "array 'flip' shard 1" in problems[0] and "file missing" in problems[0]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("array 'flip' chunk 2 (images 8-11, shard file flip/c/1/0): the shard file is "
+                                  "missing but the chunk holds images marked written"), problems
+    assert "(and 1 more chunks of this shard)" in problems[0]
 
 
 def test_box_outside_recorded_size_and_bad_labels(tmp_path):
     p = tmp_path / "s.fkd"
     data = make_store(p, n=8, ipc=4, ips=8, codec="ms")
+    to_v1(p)  # edits through Zarr below: in 2.0 the manifest would flag them first (tested in test_faults_reader)
     g = zarr.open_group(str(p), mode="r+")
     sizes = data["sizes"].copy()
     b = data["boxes"][3, 2]
@@ -108,6 +114,7 @@ def test_box_outside_recorded_size_and_bad_labels(tmp_path):
 def test_attributes_inconsistent(tmp_path):
     p = tmp_path / "s.fkd"
     make_store(p, n=8, ipc=4, ips=8, labels=False)
+    to_v1(p)  # a 2.0 header edit is a checksum error (tested in test_faults_reader)
     g = zarr.open_group(str(p), mode="r+")
     attrs = g.attrs[S.ATTR_KEY]
     attrs["has_labels"] = True
@@ -115,8 +122,28 @@ def test_attributes_inconsistent(tmp_path):
     g.attrs[S.ATTR_KEY] = attrs
     problems = verify(p)
     assert any("has_labels=True" in x for x in problems), problems
-    assert any("array 'box': chunk shape (4, 5, 4), header implies (2, 5, 4)" in x for x in problems), problems
+    assert any("array 'box': inner chunk shape is (4, 5, 4) in box/zarr.json but the store header implies "
+               "(2, 5, 4)" in x for x in problems), problems
 
 
 def test_not_a_store(tmp_path):
     assert verify(tmp_path) == [f"cannot open store: {tmp_path}: not a Zarr v3 group (no zarr.json)"]
+
+
+def test_negative_top_in_int32_boxes_is_found(tmp_path):
+    """Invariant 5 through schema.bad_boxes: top >= 0 and left >= 0 too (an int32-box store can hold -5)."""
+    p = tmp_path / "s.fkd"
+    n, m = 4, 2
+    sizes = np.array([[70000, 40], [50, 50], [50, 50], [50, 50]])
+    boxes = np.tile([0, 0, 10, 10], (n, m, 1))
+    probs = np.random.default_rng(0).dirichlet(np.ones(6), (n, m)).astype(np.float32)
+    with fkdstore.write(p, num_images=n, crops_per_image=m, num_classes=6, codec="ms:k=2",
+                        image_keys=[f"k{i}" for i in range(n)], image_sizes=sizes) as w:
+        w.put(np.arange(n), boxes, np.zeros((n, m), bool), probs)
+    to_v1(p)  # edit through Zarr (a 2.0 manifest would also flag the edit)
+    g = zarr.open_group(str(p), mode="r+")
+    assert g[S.BOX].dtype == np.int32
+    g[S.BOX][2, 1, 0] = -5
+    problems = verify(p)
+    assert len(problems) == 1 and "array 'box': 1 boxes outside the image" in problems[0], problems
+    assert "image 2 slot 1: box [-5, 0, 10, 10]" in problems[0]

@@ -1,0 +1,496 @@
+"""Read fkdstore stores (format 1.0 and 2.0): :func:`open` returns a :class:`Reader`.
+
+At open the reader parses the header (format 2.0: its checksum is verified) and checks, cheaply, that every
+array exists with the Zarr metadata the header implies (shape, dtype, inner chunk and shard shape, the
+``written`` and ``manifest`` chunking); a mismatch raises :class:`CorruptStoreError` naming the array. Every
+chunk it returns data from is then checked by :mod:`fkdstore.shard` (present when its images are written,
+crc32c, manifest tag), so damage raises instead of returning wrong labels.
+
+Per-crop arrays are read through :mod:`fkdstore.storage`'s byte-range layer: ``os.pread`` on cached file
+descriptors for a local folder, concurrent coalesced range requests for object storage. Zarr's array API
+(~0.5 ms of Python per call) is used only for the small per-image arrays and for pipelines other than the
+one this library writes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import operator
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import codecs as _codecs
+from . import schema as S
+from . import storage as _storage
+from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
+from .shard import ArrayMeta, Manifest, ShardedArray, group_rows, load_many, parse_array_meta, raise_first, take_many
+
+__all__ = ["open", "Reader", "CropRecords"]
+
+READ_ALL_BATCH_BYTES = 64 * 2**20  # decoded bytes of shards fetched together by read_all (overlaps latency)
+
+
+@dataclass
+class CropRecords:
+    """Stored records for a set of images: leading dims ``(B, m)`` (or ``(m,)`` for one image).
+
+    ``box`` (..., 4) integer (top, left, height, width); ``flip`` (...,) bool; ``aug`` maps each augmentation
+    column name to its values (empty when the store has none); ``fields`` are the codec's stored label
+    fields (:meth:`Reader.decode` turns them into distributions). ``boxes``/``flips`` are 0.1 aliases."""
+
+    box: np.ndarray
+    flip: np.ndarray
+    aug: dict[str, np.ndarray] = field(default_factory=dict)
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self.box
+
+    @property
+    def flips(self) -> np.ndarray:
+        return self.flip
+
+    def __len__(self) -> int:
+        return len(self.box)
+
+    def __getitem__(self, i) -> CropRecords:
+        """Records of one image (or a slice of images) of a batch."""
+        return CropRecords(self.box[i], self.flip[i], {k: v[i] for k, v in self.aug.items()},
+                           {k: v[i] for k, v in self.fields.items()})
+
+
+def open(location, *, storage_options: Mapping[str, Any] | None = None) -> Reader:  # noqa: A001 - as zarr.open
+    """Open a store for reading: a local path, a URL (``s3://...``, with ``storage_options`` for fsspec), a
+    :class:`zarr.Group` or a Zarr store. Raises :class:`FormatError` for something that is not a readable
+    fkdstore store and :class:`CorruptStoreError` when its header or array metadata is damaged or edited."""
+    return Reader(location, storage_options=storage_options)
+
+
+def _check_index(i) -> int:
+    if isinstance(i, (bool, np.bool_)):
+        raise TypeError(f"image index must be an integer, not a bool. Got {i!r}.")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"image index must be an integer. Got {type(i).__name__} {i!r}.") from None
+
+
+def _int_array(x, what: str) -> np.ndarray:
+    """``x`` as an int64 array; bool and float input are refused (TypeError), not cast."""
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.size == 0 and arr.dtype.kind == "f":  # np.asarray([]) is float64
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers (bool and float are not indices). Got dtype {arr.dtype}.")
+    return arr.astype(np.int64, copy=False)
+
+
+class Reader:
+    """Read access to a store; see :func:`open`. Attributes: ``num_images``, ``crops_per_image``,
+    ``num_classes``, ``codec``, ``meta``, ``header``, ``complete``, ``path``; methods :meth:`read`,
+    :meth:`read_batch`, :meth:`read_all`, :meth:`soft_labels`, :meth:`decode`, :meth:`refresh`.
+    Picklable (file handles and caches are rebuilt lazily in each process); a context manager."""
+
+    def __init__(self, location, *, storage_options=None, _problems=None):
+        import zarr
+
+        self._problems = _problems  # verify: collect metadata problems (and skip those arrays) instead of raising
+        group = None
+        if isinstance(location, zarr.Group):
+            group, store = location, location.store
+            prefix = f"{location.path}/" if location.path else ""
+        else:
+            store, prefix = _storage.as_store(location, read_only=True, storage_options=storage_options), ""
+        self._store, self._prefix, self._group = store, prefix, group
+        self.path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")
+        self._source = _storage.byte_source(store, prefix)
+        self.header = self._read_header()
+        self.codec = _codec_of(self.header)
+        _check_augment(self.header)
+        self._build()
+
+    # -- opening
+    def _read_header(self) -> S.Header:
+        raw = self._source.read("zarr.json")
+        if raw is None:
+            raise FormatError(f"{self.path}: not a Zarr v3 group (no zarr.json)")
+        try:
+            doc = json.loads(bytes(raw))
+        except ValueError as e:
+            raise FormatError(f"{self.path}: zarr.json is not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("node_type") != "group":
+            raise FormatError(f"{self.path}: not a Zarr v3 group (zarr.json node_type is "
+                              f"{doc.get('node_type') if isinstance(doc, dict) else None!r})")
+        attrs = doc.get("attributes") or {}
+        if S.ATTR_KEY not in attrs:
+            raise FormatError(
+                f"{self.path}: not an fkdstore store (no {S.ATTR_KEY!r} attribute; a store whose creation was "
+                f"interrupted also lacks it)")
+        return S.Header.from_json(attrs[S.ATTR_KEY])
+
+    def _build(self) -> None:
+        """Read every array's zarr.json and check it against the header (issue 14.3: cheap, at open)."""
+        h = self.header
+        N, M = h.num_images, h.crops_per_image
+        specs = h.per_crop_specs(self.codec)
+        self._specs = specs
+        names = list(specs) + list(h.per_image_arrays) + ([S.MANIFEST] if h.major >= 2 else [])
+        raws = [self._source.read(f"{n}/zarr.json") for n in names]
+        metas: dict[str, ArrayMeta] = {}
+        for n, raw in zip(names, raws):
+            try:
+                metas[n] = parse_array_meta(n, raw)
+            except CorruptStoreError as e:
+                self._problem(e)
+        expect = {name: dict(shape=(N, M, *trail), dtype=dtype, shard=(h.images_per_shard, M, *trail),
+                             inner=(h.images_per_chunk, M, *trail)) for name, (trail, dtype) in specs.items()}
+        expect[h.key_array] = dict(shape=(N, h.key_length) if h.major >= 2 else (N,),
+                                   dtype="uint8" if h.major >= 2 else None)
+        expect[S.IMAGE_SIZE] = dict(shape=(N, 2), dtype="int32")
+        expect[S.LABEL] = dict(shape=(N,), dtype="int32")
+        expect[S.WRITTEN] = dict(shape=(N,), dtype="uint8", grid=(h.images_per_shard,))
+        if h.major >= 2:
+            expect[S.MANIFEST] = dict(shape=(h.num_chunks, len(specs)), dtype="uint32",
+                                      grid=(h.chunks_per_shard, len(specs)))
+        for name in list(metas):
+            bad = mismatches(metas[name], **expect[name])
+            if bad:
+                self._problem(CorruptStoreError(bad[0]), more=bad[1:])
+                del metas[name]
+        manifest = None
+        if S.MANIFEST in metas:
+            manifest = Manifest(metas[S.MANIFEST], _Rows(self, S.MANIFEST), self._source.exists,
+                                h.chunks_per_shard, h.num_chunks)
+        self._manifest = manifest
+        self._metas = metas
+        self._arrays: dict[str, ShardedArray] = {
+            name: ShardedArray(metas[name], self._source, num_images=N, dtype=dtype, manifest=manifest,
+                               column=p, zarr_array=_GroupArray(self, name))
+            for p, (name, (trail, dtype)) in enumerate(specs.items()) if name in metas
+        }
+        self._written = None
+
+    def _problem(self, error: CorruptStoreError, more=()) -> None:
+        if self._problems is None:
+            raise error
+        self._problems.append(str(error))
+        self._problems.extend(more)
+
+    @property
+    def group(self):
+        """The store's Zarr group (opened on first use; for tools and the Zarr fallback path)."""
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(store=self._store, path=self._prefix.rstrip("/") or None, mode="r")
+        return self._group
+
+    def _small(self, name: str, a: int | None = None, b: int | None = None) -> np.ndarray:
+        """Rows ``[a, b)`` of an unsharded array through Zarr; damage becomes CorruptStoreError naming it."""
+        try:
+            return self.group[name][a:b]
+        except Exception as e:  # zarr raises several types (checksum, decode, missing)
+            raise CorruptStoreError(f"array {name!r} (rows {a or 0}..{b if b is not None else 'end'}) cannot be "
+                                    f"read: {type(e).__name__}: {e}") from e
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_group"] = None  # reopened lazily; sources and arrays drop handles/caches themselves
+        return d
+
+    # -- metadata
+    num_images = property(lambda self: self.header.num_images)
+    crops_per_image = property(lambda self: self.header.crops_per_image)
+    num_classes = property(lambda self: self.header.num_classes)
+    meta = property(lambda self: self.header.meta)
+    aug_names = property(lambda self: [a.name for a in self.header.aug])
+
+    @property
+    def image_keys(self) -> list[str]:
+        """The N image keys (``key`` array of format 2.0 decoded as UTF-8; ``image_key`` of 1.0)."""
+        if self.header.major >= 2:
+            return S.decode_keys(self._small(S.KEY))
+        return [str(k) for k in self._small(S.IMAGE_KEY)]
+
+    def image_key(self, i: int) -> str:
+        """Key of image ``i``."""
+        i = _check_index(i)
+        if self.header.major >= 2:
+            return S.decode_keys(self._small(S.KEY, i, i + 1), start=i)[0]
+        return str(self._small(S.IMAGE_KEY, i, i + 1)[0])
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """(N, 2) int32 (height, width)."""
+        return self._small(S.IMAGE_SIZE)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int32 ground-truth classes, -1 where unknown."""
+        return self._small(S.LABEL)
+
+    @property
+    def written(self) -> np.ndarray:
+        """(N,) bool completion flags (read once and cached; :meth:`refresh` re-reads them)."""
+        if self._written is None:
+            self._written = self._small(S.WRITTEN) != 0
+        return self._written
+
+    def refresh(self) -> None:
+        """Re-read the header and the ``written`` flags, and drop every cache the new flags can invalidate
+        (shard indexes, file handles, decoded chunks, manifest chunks): a long-lived reader sees images
+        written since it opened. Raises :class:`CorruptStoreError` if the store's schema changed."""
+        old = self.header
+        new = self._read_header()
+        if new.schema_key() != old.schema_key():
+            raise CorruptStoreError(f"{self.path}: the store header changed since it was opened (another store "
+                                    f"was written at this location); open it again")
+        self.header = new
+        self._source.clear()
+        for a in self._arrays.values():
+            a.clear()
+        if self._manifest is not None:
+            self._manifest.clear()
+        self._group = None  # zarr caches nothing we rely on, but a fresh group is cheap
+        self._written = None
+
+    @property
+    def complete(self) -> bool:
+        """True when every image is written."""
+        return bool(self.written.all())
+
+    def missing_ranges(self) -> list[tuple[int, int]]:
+        """Half-open ``[start, stop)`` ranges of images not yet written."""
+        w = np.concatenate([[True], self.written, [True]])
+        edges = np.flatnonzero(np.diff(w.astype(np.int8)))
+        return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+    def array(self, name: str):
+        """The underlying Zarr array (for tools such as ``inspect``)."""
+        return self.group[name]
+
+    @property
+    def per_crop_arrays(self) -> list[str]:
+        """Paths of the per-crop arrays, in manifest order."""
+        return list(self._arrays)
+
+    def sharded(self, name: str) -> ShardedArray:
+        """The checked chunk reader of per-crop array ``name`` (used by ``verify``)."""
+        return self._arrays[name]
+
+    # -- data
+    def _check_written(self, idx: np.ndarray) -> None:
+        N = self.num_images
+        if len(idx) == 1:  # read(i): scalar checks
+            i = int(idx[0])
+            if 0 <= i < N and self.written[i]:
+                return
+        out = (idx < 0) | (idx >= N)
+        if out.any():
+            raise IndexError(f"image index must be in [0, {N}). Got {int(idx[out][0])}.")
+        w = self.written[idx]
+        if not w.all():
+            i = int(idx[~w][0])
+            raise IncompleteStoreError(
+                f"image {i} ({self.image_key(i)!r}) has not been written; the store is incomplete "
+                f"({int((~self.written).sum())} of {N} images missing)")
+
+    def _slots(self, slots, B: int) -> np.ndarray | None:
+        if slots is None:
+            return None
+        sl = _int_array(slots, "slots")
+        if sl.ndim != 2 or sl.shape[0] != B:
+            raise ValidationError(f"slots must have shape ({B}, m). Got {sl.shape}.")
+        M = self.crops_per_image
+        if sl.size and not ((sl >= 0) & (sl < M)).all():
+            raise ValidationError(f"slots must be in [0, {M}). Got values in [{sl.min()}, {sl.max()}].")
+        return sl
+
+    def _records(self, data: dict[str, np.ndarray]) -> CropRecords:
+        h = self.header
+        if h.major < 2 and h.aug:
+            block = data[S.AUG]
+            aug = {a.name: block[..., j] for j, a in enumerate(h.aug)}
+        else:
+            aug = {a.name: data[S.aug_path(a.name)] for a in h.aug}
+        n = len(S.SOFT_GROUP) + 1
+        fields = {k[n:]: v for k, v in data.items() if k.startswith(S.SOFT_GROUP + "/")}
+        return CropRecords(data[S.BOX], data[S.FLIP], aug, fields)
+
+    def read(self, i: int, slots=None) -> CropRecords:
+        """Records of image ``i``: leading dim ``(M,)``, or ``(len(slots),)`` when slots are given."""
+        i = _check_index(i)
+        sl = None if slots is None else _int_array(slots, "slots").reshape(1, -1)
+        return self.read_batch(np.array([i], np.int64), sl)[0]
+
+    def read_batch(self, indices, slots=None) -> CropRecords:
+        """Records of images ``indices`` (B,): leading dims ``(B, M)``, or ``(B, m)`` for ``slots`` (B, m).
+
+        One decode per inner chunk touched (recently used chunks are cached), the chunks of every array
+        fetched in one batch of reads. Raises :class:`IncompleteStoreError` if an image is not written,
+        :class:`CorruptStoreError` if its data is missing, misplaced or damaged."""
+        idx = _int_array(indices, "indices").reshape(-1)
+        self._check_written(idx)
+        sl = self._slots(slots, len(idx))
+        chunks, inv, within = group_rows(idx, self.header.images_per_chunk)
+        arrays = list(self._arrays.values())
+        stacks = take_many(arrays, chunks)
+        if len(idx) == 1:  # read(i): basic indexing of the one chunk
+            w = int(within[0])
+            data = {a.path: st[0, w][None] if sl is None else st[0, w][sl[0]][None] for a, st in zip(arrays, stacks)}
+        elif sl is None:
+            data = {a.path: st[inv, within] for a, st in zip(arrays, stacks)}
+        else:
+            inv2, within2 = inv[:, None], within[:, None]
+            data = {a.path: st[inv2, within2, sl] for a, st in zip(arrays, stacks)}
+        return self._records(data)
+
+    def read_all(self, slots=None, *, progress: bool = False) -> CropRecords:
+        """Every image's records, shard by shard (a few shards per batch of reads). ``slots`` (N, m) keeps
+        only the slots an epoch uses, so memory is N*m records. Requires a complete store."""
+        h = self.header
+        if not self.complete:
+            self._check_written(np.flatnonzero(~self.written)[:1])
+        N, M = h.num_images, h.crops_per_image
+        sl = self._slots(slots, N)
+        m = M if sl is None else sl.shape[1]
+        out = {name: np.empty((N, m, *trail), np.dtype(dtype)) for name, (trail, dtype) in self._specs.items()}
+        shard_bytes = sum(a.chunk_nbytes * a.per_shard for a in self._arrays.values())
+        step = max(1, READ_ALL_BATCH_BYTES // max(1, shard_bytes))
+        batches = range(0, h.num_shards, step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="reading shards", unit=f"{step} shards")
+        arrays = list(self._arrays.values())
+        for s0 in batches:
+            shards = range(s0, min(h.num_shards, s0 + step))
+            items = [(a, np.concatenate([a.shard_chunks(s) for s in shards]), None) for a in arrays]
+            for a, (data, errors) in zip(arrays, load_many(items)):
+                raise_first(errors)
+                n0 = shards.start * h.images_per_shard
+                n1 = min(N, shards.stop * h.images_per_shard)
+                rows = data.reshape(-1, *a.chunk_shape[1:])[: n1 - n0]
+                if sl is not None:
+                    rows = rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
+                out[a.path][n0:n1] = rows
+        return self._records(out)
+
+    def decode(self, fields: Mapping[str, Any], temperature: float | None = None):
+        """Decode codec fields (numpy or torch, any device) to distributions (..., C). ``temperature`` is
+        passed to codecs that support it (a codec that does not raises TypeError if one is given)."""
+        if temperature is None:
+            return self.codec.decode(fields, self.num_classes)
+        if "temperature" not in inspect.signature(self.codec.decode).parameters:
+            raise TypeError(f"codec {self.codec.name!r} does not support temperature. Got temperature={temperature!r}.")
+        return self.codec.decode(fields, self.num_classes, temperature=temperature)
+
+    def soft_labels(self, i: int, slots=None) -> np.ndarray:
+        """Decoded soft labels of image ``i``: (M, C) float32, or (len(slots), C)."""
+        return self.decode(self.read(i, slots).fields)
+
+    def close(self) -> None:
+        """Close file handles and drop caches (the reader reopens them if used again)."""
+        self._source.close()
+        for a in self._arrays.values():
+            a.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __repr__(self) -> str:
+        return (f"fkdstore.Reader({self.path!r}, images={self.num_images}, crops_per_image={self.crops_per_image}, "
+                f"classes={self.num_classes}, codec={self.codec!r}, format={self.header.format_version})")
+
+
+class _GroupArray:
+    """Picklable ``() -> reader.group[name]`` (the Zarr fallback of a sharded array)."""
+
+    def __init__(self, reader: Reader, name: str):
+        self.reader, self.name = reader, name
+
+    def __call__(self):
+        return self.reader.group[self.name]
+
+
+class _Rows:
+    """Picklable ``(a, b) -> rows [a, b) of an unsharded array`` (manifest chunks)."""
+
+    def __init__(self, reader: Reader, name: str):
+        self.reader, self.name = reader, name
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        return self.reader._small(self.name, a, b)
+
+
+def mismatches(meta: ArrayMeta, shape, dtype=None, *, shard=None, inner=None, grid=None) -> list[str]:
+    """Differences between an array's Zarr metadata and what the header implies, one message each."""
+    name, out = meta.path, []
+
+    def bad(what, got, want):
+        out.append(f"array {name!r}: {what} is {got} in {name}/zarr.json but the store header implies {want} "
+                   f"(the array was re-chunked or edited, or the header was)")
+
+    if tuple(meta.shape) != tuple(shape):
+        bad("shape", tuple(meta.shape), tuple(shape))
+    if dtype is not None and meta.data_type != dtype:
+        bad("dtype", meta.data_type, dtype)
+    if shard is not None:
+        if meta.inner is None:
+            bad("sharding", "absent", f"shards of {tuple(shard)}")
+        else:
+            if tuple(meta.grid) != tuple(shard):
+                bad("shard shape", tuple(meta.grid), tuple(shard))
+            if tuple(meta.inner) != tuple(inner):
+                bad("inner chunk shape", tuple(meta.inner), tuple(inner))
+    if grid is not None and tuple(meta.grid) != tuple(grid):
+        bad("chunk shape", tuple(meta.grid), tuple(grid))
+    return out
+
+
+def _codec_of(header: S.Header):
+    cfg = dict(header.codec)
+    name = cfg.get("name")
+    known = set(_codecs.REGISTRY) | set(getattr(_codecs, "ALIASES", {}))
+    if name not in known:
+        raise FormatError(f"store uses label codec {name!r}, which this version of fkdstore does not know "
+                          f"(known: {sorted(_codecs.REGISTRY)}); upgrade fkdstore")
+    try:
+        return _codecs.from_config(cfg)
+    except (ValidationError, TypeError) as e:
+        raise FormatError(f"store's codec config {cfg} is not valid for codec {name!r}: {e}") from None
+
+
+def _check_augment(header: S.Header) -> None:
+    """Refuse an augmentation policy this library does not know (hook for the ``fkdstore.augment`` package:
+    it is checked when that package exists and offers ``check_config(config)`` or a ``REGISTRY``)."""
+    if not header.augment:
+        return
+    try:
+        from . import augment as _augment  # type: ignore[attr-defined]
+    except ImportError:
+        return  # no augment package in this version: the columns are still readable as plain data
+    check = getattr(_augment, "check_config", None)
+    registry = getattr(_augment, "REGISTRY", None)
+    for cfg in header.augment:
+        if check is not None:
+            try:
+                check(cfg)
+            except Exception as e:
+                raise FormatError(f"store's augment policy {cfg.get('name')!r} cannot be used: {e}") from None
+        elif registry is not None and cfg.get("name") not in registry:
+            raise FormatError(f"store uses augment policy {cfg.get('name')!r}, which this version of fkdstore "
+                              f"does not know (known: {sorted(registry)}); upgrade fkdstore")

@@ -1,0 +1,506 @@
+"""Sharded per-crop arrays, read chunk by chunk with every check the spec asks of a reader. Shared by
+:class:`fkdstore.reader.Reader` and :func:`fkdstore.verify.verify` (one decoder, one set of rules).
+
+For each inner chunk a caller asks for, :meth:`ShardedArray.load`:
+
+1. finds its shard file (key from the array's own ``chunk_key_encoding``: ``c/3/0/0``, ``c.3.0.0``, ...) and
+   its entry in the shard index (fetched once per shard, crc32c-checked, cached in a bounded LRU);
+2. treats a missing shard file or a missing index entry as damage when the chunk holds a written image
+   (:class:`CorruptStoreError` naming array, shard file and images; never fill values);
+3. fetches the chunk bytes (all chunks of one call in one batch of byte-range requests through
+   :mod:`fkdstore.storage`: ``os.pread`` locally, concurrent coalesced requests remotely), checks crc32c
+   (:class:`CorruptChunkError`) and blosc-decodes into one preallocated array;
+4. format 2.0: compares :func:`fkdstore.schema.manifest_tag` of the decoded chunk with the store's
+   ``manifest`` (a mismatch is a misplaced or stale chunk: :class:`CorruptStoreError`).
+
+The fast path applies to the codec pipeline this library writes (``sharding_indexed`` with inner
+``bytes`` [+ ``blosc``] + ``crc32c`` and index ``bytes`` + ``crc32c`` at the end); any other pipeline is
+read through Zarr, still with the missing-file and manifest checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import crc32c as _crc32c
+import numcodecs.blosc as _blosc
+import numpy as np
+
+from . import schema as S
+from .errors import CorruptChunkError, CorruptStoreError
+
+__all__ = ["MISSING", "ArrayMeta", "parse_array_meta", "ShardedArray", "Manifest", "group_rows", "load_many",
+           "take_many", "raise_first"]
+
+MISSING = 2**64 - 1  # shard-index offset/nbytes of an inner chunk that is not stored
+INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
+CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per array (random reads revisit chunks)
+MANIFEST_CACHE_SHARDS = 1024
+
+
+# ----------------------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """The parts of an array's ``zarr.json`` the reader relies on, checked for type (never trusted for
+    allocation before the caller compared them with the header)."""
+
+    path: str
+    shape: tuple[int, ...]
+    data_type: str
+    grid: tuple[int, ...]  # chunk shape of the grid: the shard shape for a sharded array
+    inner: tuple[int, ...] | None  # inner chunk shape of a sharded array, else None
+    fast: bool  # the pipeline this library writes (direct decoding applies)
+    blosc: bool  # inner pipeline has blosc between bytes and crc32c
+    doc: dict[str, Any] = field(repr=False, compare=False)
+
+    def chunk_key(self, coords) -> str:
+        """Key (relative to the group) of the grid chunk / shard file at ``coords``."""
+        return f"{self.path}/{chunk_key(self.doc, coords)}"
+
+
+def chunk_key(doc: dict, coords) -> str:
+    """A chunk's key from the array's ``chunk_key_encoding`` (Zarr v3: ``default`` with ``/`` or ``.``
+    separator, ``c`` prefix; ``v2`` without it)."""
+    enc = doc.get("chunk_key_encoding") or {"name": "default"}
+    name = enc.get("name") if isinstance(enc, dict) else enc
+    conf = enc.get("configuration", {}) if isinstance(enc, dict) else {}
+    parts = [str(int(c)) for c in coords]
+    if name == "default":
+        return conf.get("separator", "/").join(["c", *parts])
+    if name == "v2":
+        return conf.get("separator", ".").join(parts) or "0"
+    raise CorruptStoreError(f"unknown chunk_key_encoding {name!r}")
+
+
+def _names(codecs) -> list[str]:
+    return [c.get("name") if isinstance(c, dict) else c for c in codecs]
+
+
+def _little(codec) -> bool:
+    return not isinstance(codec, dict) or codec.get("configuration", {}).get("endian", "little") == "little"
+
+
+def parse_array_meta(path: str, raw: bytes | None) -> ArrayMeta:
+    """Parse ``<path>/zarr.json``; :class:`CorruptStoreError` naming the array when missing or malformed."""
+    if raw is None:
+        raise CorruptStoreError(f"array {path!r} is missing (no {path}/zarr.json)")
+    try:
+        doc = json.loads(bytes(raw))
+        if doc.get("node_type") != "array":
+            raise ValueError(f"node_type is {doc.get('node_type')!r}, not 'array'")
+        shape = tuple(doc["shape"])
+        grid = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
+        for what, t in (("shape", shape), ("chunk shape", grid)):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in t):
+                raise ValueError(f"{what} must be non-negative integers, got {list(t)}")
+        data_type = doc["data_type"]
+        data_type = data_type if isinstance(data_type, str) else json.dumps(data_type)
+        codecs = doc.get("codecs", [])
+        inner = None
+        fast = blosc = False
+        if codecs and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed":
+            conf = codecs[0].get("configuration", {})
+            inner = tuple(conf["chunk_shape"])
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in inner):
+                raise ValueError(f"inner chunk shape must be positive integers, got {list(inner)}")
+            names = _names(conf.get("codecs", []))
+            blosc = names == ["bytes", "blosc", "crc32c"]
+            fast = (
+                len(codecs) == 1
+                and (blosc or names == ["bytes", "crc32c"])
+                and _little(conf["codecs"][0])
+                and _names(conf.get("index_codecs", [])) == ["bytes", "crc32c"]
+                and _little(conf["index_codecs"][0])
+                and conf.get("index_location", "end") == "end"
+            )
+        chunk_key(doc, [0])  # unknown encodings are refused here, not at the first read
+    except CorruptStoreError as e:
+        raise CorruptStoreError(f"array {path!r}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CorruptStoreError(f"array {path!r}: malformed {path}/zarr.json ({type(e).__name__}: {e})") from None
+    return ArrayMeta(path, shape, data_type, grid, inner, fast, blosc, doc)
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+
+class Manifest:
+    """The format-2.0 ``manifest`` array: ``(num_chunks, P)`` uint32 tags, one Zarr chunk per shard, read per
+    shard on first use and cached. ``read_rows(a, b)`` returns its rows ``[a, b)`` (Zarr reads)."""
+
+    def __init__(self, meta: ArrayMeta, read_rows: Callable[[int, int], np.ndarray], exists: Callable[[str], bool],
+                 chunks_per_shard: int, num_chunks: int):
+        self.meta, self._read_rows, self._exists = meta, read_rows, exists
+        self.cps, self.num_chunks = chunks_per_shard, num_chunks
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def shard(self, s: int) -> np.ndarray:
+        """Tags of the chunks of shard ``s``: ``(chunks in shard, P)``."""
+        hit = self._cache.get(s)
+        if hit is not None:
+            self._cache.move_to_end(s)
+            return hit
+        a = s * self.cps
+        tags = np.asarray(self._read_rows(a, min(self.num_chunks, a + self.cps)), dtype=np.uint32)
+        self._cache[s] = tags
+        while len(self._cache) > MANIFEST_CACHE_SHARDS:
+            self._cache.popitem(last=False)
+        return tags
+
+    def missing_note(self, s: int) -> str:
+        """A hint for a mismatch message when the manifest chunk of shard ``s`` itself is absent."""
+        key = self.meta.chunk_key((s, 0))
+        return "" if self._exists(key) else f"; the manifest chunk {key} itself is missing"
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+# ------------------------------------------------------------------------------------------- arrays
+
+
+def group_rows(rows: np.ndarray, ipc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group image rows by inner chunk: (unique chunk ids, position of each row's chunk, row in chunk)."""
+    c = rows // ipc
+    within = rows - c * ipc
+    if len(rows) <= 1:
+        return c, np.zeros(len(rows), np.intp), within
+    if len(rows) <= 64:  # small batches: a sort of a few items beats np.unique's machinery
+        order = np.argsort(c, kind="stable")
+        sc = c[order]
+        first = np.empty(len(sc), bool)
+        first[0] = True
+        np.not_equal(sc[1:], sc[:-1], out=first[1:])
+        chunks = sc[first]
+        inv = np.empty(len(rows), np.intp)
+        inv[order] = np.cumsum(first) - 1
+        return chunks, inv, within
+    chunks, inv = np.unique(c, return_inverse=True)
+    return chunks, inv.reshape(-1), within
+
+
+class ShardedArray:
+    """One per-crop array ``(N, M, ...)`` stored in shards of ``ips`` images and inner chunks of ``ipc``.
+
+    ``source`` is a :class:`fkdstore.storage.ByteSource`; ``zarr_array`` a callable returning the Zarr array
+    (fallback path only); ``manifest``/``column`` bind chunks to positions (format 2.0, else None)."""
+
+    def __init__(self, meta: ArrayMeta, source, *, num_images: int, dtype: str, manifest: Manifest | None = None,
+                 column: int = 0, zarr_array: Callable[[], Any] | None = None,
+                 cache_bytes: int = CHUNK_CACHE_BYTES):
+        self.meta, self.source, self.path = meta, source, meta.path
+        self.num_images = int(num_images)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.shape = meta.shape
+        self.ipc = meta.inner[0] if meta.inner else meta.grid[0]
+        self.chunk_shape = (self.ipc, *meta.shape[1:])
+        self.per_shard = meta.grid[0] // self.ipc
+        self.num_chunks = math.ceil(self.num_images / self.ipc)
+        self.chunk_nbytes = math.prod(self.chunk_shape) * self.dtype.itemsize
+        self.fast = meta.fast and meta.grid[0] % self.ipc == 0 and tuple(meta.inner[1:]) == tuple(meta.shape[1:]) \
+            and tuple(meta.grid[1:]) == tuple(meta.shape[1:])
+        self.manifest, self.column = manifest, column
+        self._zarr_factory, self._zarr = zarr_array, None
+        self._path_bytes = self.path.encode("utf-8")
+        self._cache_limit = max(0, int(cache_bytes))
+        self.clear()
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_zarr"] = None
+        d["_index"], d["_cache"], d["_cache_used"], d["_exists"] = OrderedDict(), OrderedDict(), 0, {}
+        return d
+
+    def clear(self) -> None:
+        """Drop cached shard indexes, decoded chunks and file-existence answers."""
+        self._index: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_used = 0
+        self._exists: dict[int, bool] = {}
+
+    # -- naming
+    def shard_key(self, s: int) -> str:
+        return self.meta.chunk_key((s,) + (0,) * (len(self.shape) - 1))
+
+    def where(self, c: int) -> str:
+        a = c * self.ipc
+        b = min(self.num_images, a + self.ipc) - 1
+        return (f"array {self.path!r} chunk {c} (images {a}-{b}, shard file "
+                f"{self.shard_key(c // self.per_shard)})")
+
+    # -- shard indexes
+    def _indexes(self, shards) -> tuple[dict[int, np.ndarray | None], dict[int, Exception]]:
+        """Fetch (one batch of suffix reads) and cache the indexes of ``shards``. Returns ``({shard: index or
+        None for a missing file}, {shard: error})``; damaged indexes are not cached."""
+        got: dict[int, np.ndarray | None] = {}
+        todo = []
+        for s in shards:
+            if s in self._index:
+                self._index.move_to_end(s)
+                got[s] = self._index[s]
+            else:
+                todo.append(s)
+        bad: dict[int, Exception] = {}
+        if not todo:
+            return got, bad
+        n = self.per_shard * 16 + 4
+        raws = self.source.read_suffixes([(self.shard_key(s), n) for s in todo])
+        for s, raw in zip(todo, raws):
+            if raw is None:
+                self._index[s] = got[s] = None
+                continue
+            raw = bytes(raw)
+            images = f"images {s * self.per_shard * self.ipc}-" \
+                     f"{min(self.num_images, (s + 1) * self.per_shard * self.ipc) - 1}"
+            if len(raw) < n:
+                bad[s] = CorruptChunkError(f"array {self.path!r} shard file {self.shard_key(s)} ({images}): "
+                                           f"truncated ({len(raw)} bytes; the shard index alone needs {n})")
+            elif _crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                bad[s] = CorruptChunkError(f"array {self.path!r} shard file {self.shard_key(s)} ({images}): the "
+                                           f"shard index fails its crc32c checksum")
+            else:
+                self._index[s] = got[s] = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
+        limit = max(8, INDEX_CACHE_BYTES // (self.per_shard * 16))
+        while len(self._index) > limit:
+            self._index.popitem(last=False)
+        return got, bad
+
+    # -- loading
+    def load(self, cs, need=None) -> tuple[np.ndarray, list[Exception | None]]:
+        """Decode inner chunks ``cs`` (unique) into one array ``(len(cs), ipc, M, ...)``.
+
+        ``need[j]`` says chunk ``cs[j]`` holds a written image (default: all do): a missing chunk is then an
+        error, otherwise it reads as the fill value. Returns the data and, per chunk, None or the error
+        found (the caller raises or lists them); nothing is cached here."""
+        return load_many([(self, cs, need)])[0]
+
+    def _plan(self, cs, need) -> _Plan:
+        cs = np.asarray(cs, dtype=np.int64).reshape(-1)
+        need = np.ones(len(cs), bool) if need is None else np.asarray(need, bool).reshape(-1)
+        plan = _Plan(self, cs, need, np.zeros((len(cs), *self.chunk_shape), self.dtype), [None] * len(cs))
+        if not len(cs) or not self.fast:
+            return plan
+        errors = plan.errors
+        shards = cs // self.per_shard
+        got, bad = self._indexes(sorted(set(shards.tolist())))
+        for j, (c, s) in enumerate(zip(cs.tolist(), shards.tolist())):
+            if s in bad:
+                errors[j] = bad[s]
+                continue
+            index = got.get(s)
+            if index is None:
+                if need[j]:
+                    errors[j] = CorruptStoreError(
+                        f"{self.where(c)}: the shard file is missing but the chunk holds images marked "
+                        f"written (a lost or partly copied file)")
+                continue
+            off, nb = index[c - s * self.per_shard].tolist()
+            if off == MISSING:
+                if need[j]:
+                    errors[j] = CorruptStoreError(
+                        f"{self.where(c)}: the chunk is missing from the shard index but holds images marked "
+                        f"written")
+                continue
+            plan.requests.append((self.shard_key(s), off, off + nb))
+            plan.slots.append(j)
+        return plan
+
+    def _finish(self, plan: _Plan, blobs) -> None:
+        cs, out, errors = plan.cs, plan.out, plan.errors
+        if not self.fast:
+            self._load_zarr(plan)
+        crc, decompress, sizes = _crc32c.crc32c, _blosc.decompress, _blosc._cbuffer_sizes
+        expect, blosc = self.chunk_nbytes, self.meta.blosc
+        for j, (key, a, b), raw in zip(plan.slots, plan.requests, blobs):
+            if raw is None:  # the file vanished between the index read and now
+                errors[j] = CorruptStoreError(f"{self.where(int(cs[j]))}: the shard file is missing")
+                continue
+            if len(raw) != b - a or b - a < 4:
+                errors[j] = CorruptChunkError(f"{self.where(int(cs[j]))}: truncated (bytes {a}..{b} of the file "
+                                              f"are not all there)")
+                continue
+            body = raw[:-4]
+            if crc(body) != int.from_bytes(raw[-4:], "little"):
+                errors[j] = CorruptChunkError(f"{self.where(int(cs[j]))}: crc32c checksum mismatch (data "
+                                              f"corrupted)")
+                continue
+            try:
+                if blosc:
+                    n = sizes(body)[0]
+                    if n != expect:
+                        raise ValueError(f"decodes to {n} bytes, expected {expect}")
+                    decompress(body, out[j])
+                elif len(body) == expect:
+                    out[j] = np.frombuffer(body, self.dtype).reshape(self.chunk_shape)
+                else:
+                    raise ValueError(f"{len(body)} bytes, expected {expect}")
+            except Exception as e:  # blosc raises several types for damaged input
+                errors[j] = CorruptChunkError(f"{self.where(int(cs[j]))}: cannot decode ({e})")
+        if self.manifest is not None:
+            self._check_manifest(plan)
+
+    def _zarr_array(self):
+        if self._zarr is None:
+            self._zarr = self._zarr_factory()
+        return self._zarr
+
+    def _load_zarr(self, plan: _Plan) -> None:
+        arr = self._zarr_array()
+        for j, c in enumerate(plan.cs.tolist()):
+            s = c // self.per_shard
+            if plan.need[j]:
+                ok = self._exists.get(s)
+                if ok is None:
+                    ok = self._exists[s] = self.source.exists(self.shard_key(s))
+                if not ok:
+                    plan.errors[j] = CorruptStoreError(
+                        f"{self.where(c)}: the shard file is missing but the chunk holds images marked written")
+                    continue
+            a = c * self.ipc
+            b = min(self.num_images, a + self.ipc)
+            try:
+                plan.out[j, :b - a] = arr[a:b]
+            except Exception as e:  # zarr raises several types for damaged chunks
+                plan.errors[j] = CorruptChunkError(f"{self.where(c)}: cannot be read ({type(e).__name__}: {e})")
+
+    def _check_manifest(self, plan: _Plan) -> None:
+        m, errors, out = self.manifest, plan.errors, plan.out
+        tag = S.manifest_tag
+        for j, c in enumerate(plan.cs.tolist()):
+            if errors[j] is not None or not plan.need[j]:
+                continue
+            s = c // self.per_shard
+            try:
+                want = int(m.shard(s)[c - s * self.per_shard, self.column])
+            except Exception as e:  # the manifest chunk itself cannot be read
+                errors[j] = CorruptStoreError(f"{self.where(c)}: its manifest entry cannot be read "
+                                              f"({type(e).__name__}: {e})")
+                continue
+            if tag(self.path, c, out[j]) != want:
+                errors[j] = CorruptStoreError(
+                    f"{self.where(c)} does not match the manifest: misplaced or stale data{m.missing_note(s)}")
+
+    # -- cached access (Reader)
+    def lookup(self, cs: np.ndarray) -> tuple[list, list[int]]:
+        """Cache lookup of chunks ``cs``: (hit per chunk or None, positions to load)."""
+        cache = self._cache
+        if len(cs) == 1:  # read(i): one chunk per array
+            c = int(cs[0])
+            h = cache.get(c)
+            if h is None:
+                return [None], [0]
+            cache.move_to_end(c)
+            return [h], []
+        hits = [cache.get(c) for c in cs.tolist()]
+        todo = [j for j, h in enumerate(hits) if h is None]
+        for j, h in enumerate(hits):
+            if h is not None:
+                cache.move_to_end(int(cs[j]))
+        return hits, todo
+
+    def assemble(self, cs: np.ndarray, hits: list, todo: list[int], data: np.ndarray | None) -> np.ndarray:
+        """Stack cached ``hits`` and freshly loaded ``data`` (for positions ``todo``) in the order of ``cs``,
+        remembering the new chunks in the LRU cache."""
+        if todo:
+            self._remember(cs[todo], data)
+            if len(todo) == len(cs):
+                return data
+        if len(cs) == 1:
+            return hits[0][None]
+        out = np.empty((len(cs), *self.chunk_shape), self.dtype)
+        if todo:
+            out[todo] = data
+        for j, h in enumerate(hits):
+            if h is not None:
+                out[j] = h
+        return out
+
+    def _remember(self, cs: np.ndarray, data: np.ndarray) -> None:
+        if self._cache_limit < self.chunk_nbytes:
+            return
+        cache = self._cache
+        for c, d in zip(cs.tolist(), data):
+            if c not in cache:
+                cache[c] = d
+                self._cache_used += self.chunk_nbytes
+        while self._cache_used > self._cache_limit:
+            cache.popitem(last=False)
+            self._cache_used -= self.chunk_nbytes
+
+    def chunks(self, cs: np.ndarray) -> np.ndarray:
+        """Decoded chunks ``cs`` (unique) stacked ``(len(cs), ipc, M, ...)`` through the LRU cache; raises the
+        first error. Every requested chunk must hold a written image (the reader checked)."""
+        return take_many([self], cs)[0]
+
+    def take(self, chunks: np.ndarray, inv: np.ndarray, within: np.ndarray) -> np.ndarray:
+        """Rows given as (unique chunk ids, index into them per row, row within its chunk)."""
+        return self.chunks(chunks)[inv, within]
+
+    def shard_chunks(self, s: int) -> np.ndarray:
+        """Chunk ids of shard ``s`` (the last shard may hold fewer)."""
+        a = s * self.per_shard
+        return np.arange(a, min(self.num_chunks, a + self.per_shard))
+
+    def shard_rows(self, s: int) -> np.ndarray:
+        """Every image row of shard ``s`` (one batch of reads, not cached); all must be written images."""
+        (data, errors), = load_many([(self, self.shard_chunks(s), None)])
+        raise_first(errors)
+        n0 = s * self.per_shard * self.ipc
+        return data.reshape(-1, *self.chunk_shape[1:])[: min(self.num_images, n0 + self.per_shard * self.ipc) - n0]
+
+
+@dataclass
+class _Plan:
+    array: ShardedArray
+    cs: np.ndarray
+    need: np.ndarray
+    out: np.ndarray
+    errors: list
+    requests: list = field(default_factory=list)
+    slots: list = field(default_factory=list)
+
+
+def raise_first(errors) -> None:
+    for e in errors:
+        if e is not None:
+            raise e
+
+
+def load_many(items) -> list[tuple[np.ndarray, list[Exception | None]]]:
+    """Load chunks of several arrays of one store at once: ``items`` = ``[(array, chunk ids, need), ...]``.
+    The byte ranges of all of them go to the source in ONE call (concurrent and coalesced for a remote
+    store, so a batch costs one round of latency, not one per array). Returns ``[(data, errors), ...]``."""
+    plans = [a._plan(cs, need) for a, cs, need in items]
+    if not plans:
+        return []
+    source = plans[0].array.source
+    requests = [r for p in plans for r in p.requests]
+    blobs = source.read_ranges(requests) if requests else []
+    k = 0
+    for p in plans:
+        n = len(p.requests)
+        p.array._finish(p, blobs[k:k + n])
+        k += n
+    return [(p.out, p.errors) for p in plans]
+
+
+def take_many(arrays, cs: np.ndarray) -> list[np.ndarray]:
+    """Chunks ``cs`` (unique) of every array in ``arrays`` (all with the same inner chunking), through each
+    array's cache, misses fetched in one :func:`load_many`; raises the first error."""
+    looked = [a.lookup(cs) for a in arrays]
+    misses = [(a, cs[todo], None) for a, (_, todo) in zip(arrays, looked) if todo]
+    loaded = iter(load_many(misses))
+    out = []
+    for a, (hits, todo) in zip(arrays, looked):
+        data = None
+        if todo:
+            data, errors = next(loaded)
+            raise_first(errors)
+        out.append(a.assemble(cs, hits, todo, data))
+    return out

@@ -1,0 +1,260 @@
+"""fkdstore.reader: round trips on format 1.0 and 2.0, the direct shard path vs Zarr, remote (store API)
+sources, index types, pickling and child processes. Faults are in test_faults_reader.py."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fkdstore import reader as R
+from fkdstore import schema as S
+from fkdstore import storage
+from fkdstore.codecs import REGISTRY, get_codec
+from fkdstore.errors import CorruptChunkError, FormatError, IncompleteStoreError, ValidationError
+from test_store import create, fill, make_data
+from v2util import shard_file, to_v1
+
+GOLDEN = Path(__file__).parent / "golden" / "v1.0"
+
+
+def _store(tmp_path, version, N=40, M=6, C=12, codec="ms", aug=None, ipc=4, ips=16, seed=0):
+    d = make_data(N, M, C, seed=seed)
+    p = tmp_path / f"s{version}"
+    aug_vals = np.random.default_rng(seed).random((N, M, len(aug or ()))).astype(np.float32)
+    with create(p, d, codec, images_per_chunk=ipc, images_per_shard=ips, aug=aug) as w:
+        for s in range(0, N, 7):
+            i = np.arange(s, min(N, s + 7))
+            w.put(i, d["boxes"][i], d["flips"][i], d["probs"][i], aug=aug_vals[i] if aug else None)
+    if version == "1.0":
+        to_v1(p)
+    return p, d, aug_vals
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_round_trip_every_codec(tmp_path, version, name):
+    codec = get_codec(name, **({"k": 3} if name in ("ms", "mr") else {}))
+    p, d, _ = _store(tmp_path, version, codec=codec)
+    r = R.open(p)
+    assert r.complete and r.codec == codec and r.header.format_version == version
+    assert r.image_keys == d["keys"] and r.image_key(17) == d["keys"][17]
+    np.testing.assert_array_equal(r.image_sizes, d["sizes"])
+    np.testing.assert_array_equal(r.labels, d["labels"])
+    enc = codec.encode(d["probs"])
+    for i in (0, 17, 39):
+        rec = r.read(i)
+        np.testing.assert_array_equal(rec.box, d["boxes"][i])
+        np.testing.assert_array_equal(rec.boxes, d["boxes"][i])
+        np.testing.assert_array_equal(rec.flips, d["flips"][i])
+        for k, v in enc.items():
+            np.testing.assert_array_equal(rec.fields[k], v[i])
+        np.testing.assert_array_equal(r.soft_labels(i), codec.decode({k: v[i] for k, v in enc.items()}, 12))
+    everything = r.read_all()
+    for k, v in enc.items():
+        np.testing.assert_array_equal(everything.fields[k], v)
+    np.testing.assert_array_equal(everything.box, d["boxes"])
+
+
+@pytest.mark.parametrize("codec", ["full", "hard", "smoothing", "ms", "mr"])
+def test_golden_v1_0_reads_identically(codec):
+    e = dict(np.load(GOLDEN / "expected.npz"))
+    with R.open(GOLDEN / f"{codec}.zarr") as r:
+        assert r.image_keys == json.loads((GOLDEN / "keys.json").read_text())
+        rec = r.read_batch(np.arange(r.num_images))
+        np.testing.assert_array_equal(rec.box, e["boxes"])
+        np.testing.assert_array_equal(rec.flip, e["flips"])
+        for name, v in rec.fields.items():
+            np.testing.assert_array_equal(v, e[f"{codec}/{name}"])
+        np.testing.assert_array_equal(r.decode(rec.fields), e[f"{codec}/decoded"])
+        np.testing.assert_array_equal(r.read_all().fields[next(iter(rec.fields))], next(iter(rec.fields.values())))
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_aug_columns_are_a_dict(tmp_path, version):
+    p, d, aug = _store(tmp_path, version, N=12, aug=["brightness", ("erase", "bool")], ipc=2, ips=4)
+    r = R.open(p)
+    assert r.aug_names == ["brightness", "erase"]
+    rec = r.read(4, [5, 0])
+    assert set(rec.aug) == {"brightness", "erase"}
+    np.testing.assert_array_equal(rec.aug["erase"], aug[4, [5, 0], 1])
+    np.testing.assert_array_equal(r.read_all().aug["brightness"], aug[..., 0])
+    assert R.open(_store(tmp_path / "x", version, N=4)[0]).read(1).aug == {}
+
+
+def test_read_batch_order_slots_and_read_all_slots(tmp_path):
+    p, d, _ = _store(tmp_path, "2.0", N=50, M=8, C=10, ipc=4, ips=8)
+    r = R.open(p)
+    idx = np.array([49, 3, 3, 20, 0])
+    slots = np.array([[7, 0], [1, 2], [3, 3], [5, 6], [0, 7]])
+    b = r.read_batch(idx, slots)
+    np.testing.assert_array_equal(b.box, d["boxes"][idx[:, None], slots])
+    np.testing.assert_array_equal(b.flip, d["flips"][idx[:, None], slots])
+    all_slots = np.random.default_rng(0).integers(0, 8, (50, 3))
+    np.testing.assert_array_equal(r.read_all(all_slots).box, d["boxes"][np.arange(50)[:, None], all_slots])
+    with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\)"):
+        r.read_batch([0], [[8]])
+    with pytest.raises(ValidationError, match=r"slots must have shape \(2, m\)"):
+        r.read_batch([0, 1], [[1]])
+    assert r.read_batch([]).box.shape == (0, 8, 4)
+
+
+def test_bool_and_float_indices_are_refused(tmp_path):
+    p, d, _ = _store(tmp_path, "1.0", N=8)
+    r = R.open(p)
+    for bad in (1.7, True, np.float32(2), "3"):
+        with pytest.raises(TypeError, match="image index must be an integer"):
+            r.read(bad)
+    with pytest.raises(TypeError, match="indices must be integers"):
+        r.read_batch([True, False])
+    with pytest.raises(TypeError, match="indices must be integers"):
+        r.read_batch(np.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match="slots must be integers"):
+        r.read_batch([1], [[0.5]])
+    with pytest.raises(IndexError, match=r"image index must be in \[0, 8\). Got -1."):
+        r.read(-1)
+    np.testing.assert_array_equal(r.read(np.int64(3)).box, d["boxes"][3])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(N=st.integers(1, 40), M=st.integers(1, 5), ipc=st.sampled_from([1, 2, 4, 8]), mult=st.integers(1, 3),
+       data=st.data())
+def test_direct_shard_path_equals_zarr(tmp_path_factory, N, M, ipc, mult, data):
+    """The direct shard reader returns exactly what Zarr's own array API returns (2.0 stores)."""
+    p, d, _ = _store(tmp_path_factory.mktemp("fast"), "2.0", N=N, M=M, C=7, codec=get_codec("ms", k=2),
+                     ipc=ipc, ips=ipc * mult, seed=N * 31 + M)
+    r = R.open(p)
+    idx = np.asarray(data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=12)))
+    rec = r.read_batch(idx)
+    assert all(r.sharded(n).fast for n in r.per_crop_arrays)
+    np.testing.assert_array_equal(rec.box, r.array(S.BOX).oindex[np.sort(idx)][np.argsort(np.argsort(idx, kind="stable"), kind="stable")])
+    for name in r.per_crop_arrays:
+        np.testing.assert_array_equal(np.concatenate([r.sharded(name).shard_rows(s) for s in range(r.header.num_shards)]),
+                                      r.array(name)[:])
+
+
+def test_zarr_fallback_keeps_the_checks(tmp_path):
+    p, d, _ = _store(tmp_path, "2.0", N=12, M=3, C=5, ipc=2, ips=4)
+    r = R.open(p)
+    a = r.sharded(S.BOX)
+    a.fast = False  # force the Zarr path for this array
+    np.testing.assert_array_equal(r.read_batch([11, 0, 5, 5]).box, d["boxes"][[11, 0, 5, 5]])
+    shard_file(p, S.BOX, 1).unlink()
+    r.refresh()
+    with pytest.raises(R.CorruptStoreError, match=r"array 'box' chunk 2 \(images 4-5, shard file box/c/1/0/0\)"):
+        r.read(5)
+
+
+def test_remote_store_source_is_concurrent_coalesced_and_equal(tmp_path):
+    """A store read through Zarr's store API (here a MemoryStore, as for s3://) returns the same records;
+    all chunks of a batch go out in one gather, neighbours coalesced."""
+    p, d, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=16)
+    local = zarr.storage.LocalStore(str(p), read_only=True)
+    mem = zarr.storage.MemoryStore()
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def copy():
+        async for key in local.list():
+            await mem.set(key, await local.get(key, prototype=default_buffer_prototype()))
+
+    sync(copy())
+    calls = []
+    original = storage.StoreSource.read_ranges
+
+    def spy(self, requests):
+        calls.append(len(requests))
+        return original(self, requests)
+
+    r = R.open(mem)
+    assert isinstance(r._source, storage.StoreSource)
+    storage.StoreSource.read_ranges = spy
+    try:
+        idx = np.array([39, 0, 17, 5, 22])
+        rec = r.read_batch(idx)
+    finally:
+        storage.StoreSource.read_ranges = original
+    assert len(calls) == 1 and calls[0] == 4 * len({int(i) // 4 for i in idx})  # one call for all arrays
+    np.testing.assert_array_equal(rec.box, d["boxes"][idx])
+    np.testing.assert_array_equal(r.read_all().flip, d["flips"])
+    assert storage.coalesce([("a", 0, 10), ("a", 20, 30), ("b", 0, 5), ("a", 10**6, 10**6 + 1)], 100) == [
+        ("a", 0, 30, [0, 1]), ("a", 10**6, 10**6 + 1, [3]), ("b", 0, 5, [2])]
+
+
+def test_open_refuses_non_stores_and_newer_versions(tmp_path):
+    with pytest.raises(FormatError, match="no zarr.json"):
+        R.open(tmp_path)
+    zarr.open_group(str(tmp_path / "plain"), mode="w").attrs["x"] = 1
+    with pytest.raises(FormatError, match="not an fkdstore store"):
+        R.open(tmp_path / "plain")
+    p, _, _ = _store(tmp_path, "1.0", N=4)
+    g = zarr.open_group(str(p), mode="r+")
+    attrs = g.attrs[S.ATTR_KEY]
+    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "3.0"}
+    with pytest.raises(FormatError, match="newer than this library"):
+        R.open(p)
+    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "1.7", "future_optional_key": 1}
+    assert R.open(p).num_images == 4  # newer minor: readable
+    assert R.open(zarr.open_group(str(p), mode="r")).num_images == 4  # a zarr Group works too
+
+
+def test_incomplete_images_raise(tmp_path):
+    d = make_data(20, 2, 6)
+    w = create(tmp_path / "s", d, images_per_chunk=2, images_per_shard=8)
+    w.put(np.arange(8), d["boxes"][:8], d["flips"][:8], d["probs"][:8])
+    w.close()
+    r = R.open(tmp_path / "s")
+    assert r.missing_ranges() == [(8, 20)] and not r.complete
+    with pytest.raises(IncompleteStoreError, match=r"image 9 \('class0/img_00009.jpg'\) has not been written"):
+        r.read(9)
+    with pytest.raises(IncompleteStoreError):
+        r.read_all()
+
+
+def test_corrupted_chunk_is_detected_not_decoded(tmp_path):
+    p, d, _ = _store(tmp_path, "1.0", N=16, M=4, C=6, ipc=2, ips=16)
+    f = shard_file(p, S.BOX, 0)
+    raw = bytearray(f.read_bytes())
+    raw[20] ^= 0xFF  # inside the first inner chunk
+    f.write_bytes(bytes(raw))
+    r = R.open(p)
+    with pytest.raises(CorruptChunkError, match=r"'box' chunk 0 \(images 0-1, shard file box/c/0/0/0\): crc32c"):
+        r.read(0)
+    np.testing.assert_array_equal(r.read(15).box, d["boxes"][15])  # other chunks still read
+
+
+def test_decode_temperature_passthrough(tmp_path):
+    p, _, _ = _store(tmp_path, "1.0", N=4)
+    r = R.open(p)
+    f = r.read(0).fields
+    np.testing.assert_array_equal(r.decode(f, temperature=2.0), r.codec.decode(f, 12, temperature=2.0))
+    assert not np.allclose(r.decode(f, temperature=2.0), r.decode(f))
+    np.testing.assert_array_equal(r.decode(f), r.soft_labels(0))
+
+
+def _read_in_child(reader, q):
+    q.put(reader.read(3).box.tolist())
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_reader_pickles_and_works_in_child_processes(tmp_path, method):
+    p, d, _ = _store(tmp_path, "2.0", N=10, M=2, C=6, ipc=2, ips=4)
+    r = R.open(p)
+    r.read(0)  # open handles in the parent first
+    r2 = pickle.loads(pickle.dumps(r))
+    np.testing.assert_array_equal(r2.read(3).box, d["boxes"][3])
+    ctx = mp.get_context(method)
+    q = ctx.Queue()
+    proc = ctx.Process(target=_read_in_child, args=(r, q))
+    proc.start()
+    got = q.get(timeout=60)
+    proc.join()
+    assert got == d["boxes"][3].tolist()
+    np.testing.assert_array_equal(r.read(3).box, d["boxes"][3])  # the parent's handles still work
