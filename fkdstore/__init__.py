@@ -1,25 +1,31 @@
 """fkdstore: a versioned, chunked Zarr v3 format for Fast Knowledge Distillation soft labels.
 
 Write labels once with :func:`write` (or :func:`generate` from a teacher), read them with :func:`open`,
-replay crops and labels in training with :class:`TorchDataset`. The format is ``spec/format-v1.md``.
+replay crops and labels in training with :class:`TorchDataset`. The format is ``spec/format-v2.md``
+(stores of format 1.0, ``spec/format-v1.md``, are still read).
+
+``import fkdstore`` needs numpy and zarr only: reading, decoding, verify, inspect and convert work without
+torch; :func:`generate` and :class:`TorchDataset` import torch on first use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import sys as _sys  # noqa: E402
 import types as _types  # noqa: E402
 
-from . import codecs, schema  # noqa: E402
-from .codecs import from_config, get_codec  # noqa: E402
+from . import augment, codecs, schema  # noqa: E402
+from .codecs import as_codec, from_config, get_codec  # noqa: E402
 from .errors import (  # noqa: E402
+    ConcurrentWriterError,
+    CorruptChunkError,
+    CorruptStoreError,
     FkdstoreError,
     FormatError,
     IncompleteStoreError,
     SchemaMismatchError,
     ValidationError,
 )
-from .errors import CorruptChunkError  # noqa: E402
-from .store import CropRecords, Reader, open  # noqa: E402,A004
+from .reader import CropRecords, Reader, open  # noqa: E402,A004
 from .writer import Writer, write  # noqa: E402,A004
 
 _LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
@@ -58,7 +64,8 @@ class _Package(_types.ModuleType):
 _sys.modules[__name__].__class__ = _Package
 
 __all__ = [
-    "__version__", "codecs", "schema", "from_config", "get_codec", "write", "open", "Reader", "Writer",
-    "CropRecords", "FkdstoreError", "FormatError", "IncompleteStoreError", "SchemaMismatchError",
-    "ValidationError", "CorruptChunkError", *_LAZY,
+    "__version__", "augment", "codecs", "schema", "as_codec", "from_config", "get_codec", "write", "open",
+    "Reader", "Writer", "CropRecords", "FkdstoreError", "FormatError", "IncompleteStoreError",
+    "SchemaMismatchError", "ValidationError", "CorruptStoreError", "CorruptChunkError", "ConcurrentWriterError",
+    *_LAZY,
 ]

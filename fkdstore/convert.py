@@ -100,10 +100,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     Only written images are converted (an incomplete source gives an equally incomplete output).
     Returns ``{from, to, images, missing, bytes_before, bytes_after}``.
     """
-    from . import store as _store
+    from . import reader as _reader
+    from . import writer as _writer
 
     src, dst = Path(src), Path(dst)
-    reader = _store.open(src)
+    reader = _reader.open(src)
     dst_codec = _codecs.as_codec(codec, k=k, default_k=reader.codec.k)
     why = conversion_problem(reader.codec, dst_codec)
     if why:
@@ -115,7 +116,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     meta["history"] = list(meta.get("history") or []) + [_history_record(
         "convert", source=str(src.resolve()), **{"from": dict(h.codec), "to": dst_codec.get_config()},
         images=int(written.sum()))]
-    with _remove_on_error(dst), _store.write(
+    with _remove_on_error(dst), _writer.write(
         dst, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=h.num_classes,
         codec=dst_codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels,
         meta=meta, aug=h.aug,
@@ -132,8 +133,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     return {
         "from": dict(h.codec), "to": dst_codec.get_config(), "images": int(written.sum()),
         "missing": int((~written).sum()),
-        "bytes_before": _store.storage_stats(src)["_total"]["bytes"],
-        "bytes_after": _store.storage_stats(dst)["_total"]["bytes"],
+        "bytes_before": _writer.storage_stats(src)["_total"]["bytes"],
+        "bytes_after": _writer.storage_stats(dst)["_total"]["bytes"],
     }
 
 
@@ -275,7 +276,8 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     Returns ``{files, images, images_without_labels, crops_per_image, num_classes, codec, coords_dtype,
     boxes_clamped, bytes_before, bytes_after}``.
     """
-    from . import store as _store
+    from . import reader as _reader
+    from . import writer as _writer
     from .images import image_size, list_images
 
     src, dst = Path(src), Path(dst)
@@ -347,7 +349,7 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     }
     clamped = 0
     N = len(label_files)
-    with _remove_on_error(dst), _store.write(
+    with _remove_on_error(dst), _writer.write(
         dst, num_images=N, crops_per_image=M, num_classes=num_classes, codec=dst_codec, image_keys=keys,
         image_sizes=sizes, labels=labels_gt, meta=meta,
     ) as w:
@@ -373,5 +375,5 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
         "num_classes": num_classes, "codec": dst_codec.get_config(), "coords_dtype": str(coords0.dtype),
         "boxes_clamped": clamped,
         "bytes_before": int(sum(os.path.getsize(p) for p in label_files)),
-        "bytes_after": _store.storage_stats(dst)["_total"]["bytes"],
+        "bytes_after": _writer.storage_stats(dst)["_total"]["bytes"],
     }

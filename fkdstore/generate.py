@@ -75,7 +75,8 @@ import torch
 
 from . import codecs as _codecs
 from . import schema as S
-from . import store as _store
+from . import reader as _reader
+from . import writer as _writer
 from .distributed import Collectives, World, pick_device
 from .errors import FkdstoreError, SchemaMismatchError, ValidationError
 from .images import ImageList, ImageReadError, image_size, list_images, load_image
@@ -204,7 +205,7 @@ def generate(
     progress: bool = True,
     teacher_name: str | None = None,
     weights_sha256: str | None = None,
-) -> _store.Reader:
+) -> _reader.Reader:
     """Label ``images`` with ``teacher`` and write (or finish) the store at ``path``; return it opened.
 
     Args:
@@ -246,7 +247,7 @@ def generate(
     return _run(teacher, images, Path(path), job, t_start)
 
 
-def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float) -> _store.Reader:
+def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float) -> _reader.Reader:
     """The steps listed in the module docstring, in order."""
     listing = resolve_images(images)
     forward = TeacherForward(teacher, job.inputs, pick_device(job.execution.device, World.detect()),
@@ -261,7 +262,7 @@ def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float)
                             show_progress=job.execution.progress and comm.world.is_leader, name=out.name)
         writer.close()
         done_all, all_skipped, elapsed = record_run(writer, comm, job, forward, done, skipped, t_start)
-        reader = _store.open(out)
+        reader = _reader.open(out)
         if job.execution.progress and comm.world.is_leader:
             print(summary(reader, out, done_all, elapsed, all_skipped), file=sys.stderr, flush=True)
         return reader
@@ -323,7 +324,7 @@ def scan_sizes(paths: Sequence[str], keys: Sequence[str], on_error: str, skipped
 
 
 def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: int, meta: dict,
-                         comm: Collectives) -> tuple[_store.Writer, np.ndarray, list[str]]:
+                         comm: Collectives) -> tuple[_writer.Writer, np.ndarray, list[str]]:
     """Rank 0 creates (or re-opens, to resume) the store; the other ranks join once it exists.
 
     Returns ``(writer, image sizes, keys skipped so far)``. A failure on rank 0 is broadcast, so every
@@ -348,7 +349,7 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
             sizes = _existing_sizes(out, listing.keys)
             if sizes is None:
                 sizes = scan_sizes(listing.paths, listing.keys, job.execution.on_error, skipped)
-            writer = _store.write(out, image_sizes=sizes, primary=True, **common)
+            writer = _writer.write(out, image_sizes=sizes, primary=True, **common)
         except BaseException as e:  # tell the other ranks, then raise here
             comm.broadcast(f"{type(e).__name__}: {e}")
             raise
@@ -361,7 +362,7 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
         sizes = _existing_sizes(out, listing.keys)
         if sizes is None:
             raise SchemaMismatchError(f"store {out} exists but lists other images than this run")
-        writer = _store.write(out, image_sizes=sizes, primary=False, **common)
+        writer = _writer.write(out, image_sizes=sizes, primary=False, **common)
     return writer, np.asarray(sizes), skipped
 
 
@@ -391,7 +392,7 @@ def _existing_sizes(path: Path, keys: Sequence[str]) -> np.ndarray | None:
     if not (path / "zarr.json").exists():
         return None
     try:
-        with _store.open(path) as r:
+        with _reader.open(path) as r:
             stored = r.group[S.IMAGE_KEY][:]
             sizes = r.group[S.IMAGE_SIZE][:]
     except FkdstoreError:
@@ -502,7 +503,7 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers run Pillow; torch threads would only fight the teacher
 
 
-def label_shards(forward: TeacherForward, writer: _store.Writer, dataset: _CropDataset, plan: ShardPlan,
+def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _CropDataset, plan: ShardPlan,
                  keys: Sequence[str], job: _Job, num_classes: int, skipped: list[str], *,
                  show_progress: bool, name: str) -> int:
     """Label every batch of ``plan`` and write it; returns the number of images labelled here.
@@ -576,7 +577,7 @@ def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_cla
 # --------------------------------------------------------------------------------------------- 6 the record
 
 
-def record_run(writer: _store.Writer, comm: Collectives, job: _Job, forward: TeacherForward, done: int,
+def record_run(writer: _writer.Writer, comm: Collectives, job: _Job, forward: TeacherForward, done: int,
                skipped: list[str], t_start: float) -> tuple[int, list[str], float]:
     """After every rank finished: gather counts and skipped keys; rank 0 appends the run to
     ``meta["history"]`` and refreshes the volatile meta. Returns ``(images labelled by all ranks,
@@ -587,7 +588,7 @@ def record_run(writer: _store.Writer, comm: Collectives, job: _Job, forward: Tea
     done_all = sum(per_rank)
     elapsed = time.perf_counter() - t_start
     if comm.world.is_leader:
-        old = _store.read_header(writer.group).meta  # the stored meta (history of earlier runs)
+        old = S.Header.from_json(writer.group.attrs[S.ATTR_KEY]).meta  # the stored meta (history of earlier runs)
         amp = forward.amp_dtype
         run = {
             "finished_at": _now(), "time_taken_s": round(elapsed, 3), "images_labelled": done_all,
@@ -608,11 +609,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def summary(reader: _store.Reader, path, done: int, elapsed: float, skipped: list[str]) -> str:
+def summary(reader: _reader.Reader, path, done: int, elapsed: float, skipped: list[str]) -> str:
     """One line: images labelled, store state, crops, bytes per crop on disk, time and throughput."""
     M = reader.crops_per_image
     written = int(reader.written.sum())
-    stats = _store.storage_stats(path)
+    stats = _writer.storage_stats(path)
     per_crop = sum(d["bytes"] for k, d in stats.items() if k not in ("_total", ".") and k not in reader.header.per_image_arrays)
     bpc = per_crop / max(1, written * M)
     rate = done / elapsed if elapsed > 0 else 0.0

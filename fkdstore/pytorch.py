@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from . import codecs as _codecs
 from .errors import IncompleteStoreError, ValidationError
 from .images import list_images, load_image
-from .store import Reader
-from .store import open as _open_store
+from .reader import Reader
+from .reader import open as _open_store
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize as _normalize, replay_crops
 
 __all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots"]

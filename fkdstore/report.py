@@ -250,7 +250,8 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
     """
     import tempfile
 
-    from . import store as _store
+    from . import reader as _reader
+    from . import writer as _writer
     from .transforms import CropSampler
 
     rng = np.random.default_rng(seed)
@@ -267,12 +268,12 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
         for spec in codecs:
             codec = _codecs.as_codec(spec)
             path = Path(td) / spec.replace(":", "_").replace("=", "").replace(",", "_")
-            with _store.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec,
+            with _writer.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec,
                               image_keys=keys, image_sizes=sizes, labels=labels) as w:
                 for a in range(0, N, 64):
                     sl = slice(a, min(N, a + 64))
                     w.put(np.arange(sl.start, sl.stop), boxes[sl], flips[sl], probs[sl])
-            stats = _store.storage_stats(path)
+            stats = _writer.storage_stats(path)
             roles = {S.BOX: "box", S.FLIP: "flip"} | {S.soft_path(f): r for f, r in codec.roles().items()}
             raw = {S.BOX: 8, S.FLIP: 1} | {S.soft_path(f): s.nbytes for f, s in codec.fields(C).items()}
             for name, role in roles.items():
@@ -350,11 +351,12 @@ def _array_info(arr, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
 
 def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> dict[str, Any]:
     """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring)."""
-    from . import store as _store
+    from . import reader as _reader
+    from . import writer as _writer
 
-    r = _store.open(path)
+    r = _reader.open(path)
     h = r.header
-    stats = _store.storage_stats(path)
+    stats = _writer.storage_stats(path)
     names = [S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, *r.per_crop_arrays]
     arrays = {n: _array_info(r.array(n), stats) for n in names}
     written = int(r.written.sum())
