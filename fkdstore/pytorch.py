@@ -250,12 +250,13 @@ class TorchDataset(torch.utils.data.Dataset):
             raise IndexError(f"item {bad} is out of range for a dataset of {n} images")
         idx = self.image_indices[items]
         slots, rec, soft = self._read_labels(idx)
-        slots_t = torch.from_numpy(slots)
         dtype = torch.float32 if self.normalize else torch.uint8
-        buf = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype)
-        return [{"crops": self._crops(int(i), rec.boxes[b], rec.flips[b], out=buf[b]), "soft_labels": soft[b],
-                 "target": int(self._targets[i]), "index": int(i), "slots": slots_t[b]}
-                for b, i in enumerate(idx)]
+        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
+        return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
+                 "index": i, "slots": sl}
+                for i, target, boxes, flips, buf, lab, sl in zip(
+                    idx.tolist(), self._targets[idx].tolist(), rec.boxes, rec.flips, bufs, soft,
+                    torch.from_numpy(slots).unbind(0))]
 
     def _read_labels(self, idx: np.ndarray):
         """Slots (B, m), records and per-item soft labels of store images ``idx``: one ``read_batch`` and one
@@ -264,18 +265,17 @@ class TorchDataset(torch.utils.data.Dataset):
         slots = np.stack([epoch_slots(int(i), e, m, M, self.seed) for i in idx]) if len(idx) else np.zeros((0, m), np.int64)
         rec = self.reader.read_batch(idx, slots)
         if self.labels == "dense":
-            dense = torch.from_numpy(np.ascontiguousarray(self.reader.decode(rec.fields)))
-            soft = [dense[b] for b in range(len(idx))]
+            soft = torch.from_numpy(np.ascontiguousarray(self.reader.decode(rec.fields))).unbind(0)
         else:
-            fields = {k: torch.from_numpy(_torch_friendly(v)) for k, v in rec.fields.items()}
-            soft = [{k: v[b] for k, v in fields.items()} for b in range(len(idx))]
+            fields = {k: torch.from_numpy(_torch_friendly(v)).unbind(0) for k, v in rec.fields.items()}
+            soft = [dict(zip(fields, row)) for row in zip(*fields.values())] if fields else [{} for _ in idx]
         return slots, rec, soft
 
     def _crops(self, i: int, boxes: np.ndarray, flips: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """Image ``i``'s crops ``boxes``/``flips`` replayed ([m, 3, H, W]), written into ``out`` when given."""
         path = self._paths[i]
         image = load_image(path)
-        H, W = (int(v) for v in self._sizes[i])
+        H, W = self._sizes[i].tolist()
         if image.size != (W, H):
             raise ValidationError(
                 f"image {i} ({path}) has size (height={image.size[1]}, width={image.size[0]}) but the store "

@@ -327,7 +327,7 @@ def replay_crops(
     flips = np.asarray(flips)
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4).astype(np.int32)
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.issubdtype(boxes.dtype, np.integer):
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.dtype.kind not in "iu":
         raise ValidationError(f"boxes must be an integer array of shape (M, 4), got shape {boxes.shape}")
     if flips.shape != (boxes.shape[0],):
         raise ValidationError(f"flips must have shape ({boxes.shape[0]},) to match boxes, got {flips.shape}")
@@ -345,14 +345,15 @@ def replay_crops(
         raise ValidationError(f"out must be a contiguous CPU {dtype} tensor of shape {shape}, got "
                               f"{out.dtype} {tuple(out.shape)} on {out.device}")
     W, H = image.size
-    top, left, h, w = boxes.astype(np.int64).T
-    bad = (h < 1) | (w < 1) | (top < 0) | (left < 0) | (top + h > H) | (left + w > W)
-    if bad.any():
-        _check_box(tuple(boxes[int(np.argmax(bad))]), H, W)  # raises, naming the first bad box
+    box_list = boxes.tolist()  # plain ints: a few boxes are checked faster in Python than with numpy
+    for box in box_list:
+        top, left, h, w = box
+        if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
+            _check_box(box, H, W)  # raises, naming the first bad box
     if image.mode != "RGB":
         image = image.convert("RGB")
     dst = out.numpy()
-    for j, (box, flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
+    for j, (box, flip) in enumerate(zip(box_list, flips.tolist())):
         _to_chw(_resized(image, box, shape[2:], resample), bool(flip), dst[j], norm)
     return out
 
