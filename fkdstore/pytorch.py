@@ -33,7 +33,12 @@ only — never on batch size, ``num_workers``, DistributedSampler's world size o
 
 Label reading: DataLoader calls :meth:`TorchDataset.__getitems__` with a whole batch, which reads the
 batch's labels with one :meth:`fkdstore.Reader.read_batch` (one decode per inner chunk) and decodes them
-in one vectorised call; images are the only per-item I/O. (A per-epoch preload with ``read_all(slots)``
+in one vectorised call; images are the only per-item I/O. Each image is decoded once and its m crops are
+written straight into one batch buffer (in shared memory inside a worker) by the shared crop function, with
+flip, HWC -> CHW and normalisation fused into one pass per crop, bit-identical to
+``normalize(replay_crops(...))``, which the teacher-runner saw; :func:`collate` hands that buffer on without
+copying. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
+fastest path (``benchmarks/dataset_profile.py``). (A per-epoch preload with ``read_all(slots)``
 was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
 """
 

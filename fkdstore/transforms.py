@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from fkdstore.errors import ValidationError
+
+if TYPE_CHECKING:  # torch is imported by the functions that return tensors: CropSampler needs no torch
+    import torch
 
 __all__ = [
     "CropSampler",
@@ -295,6 +297,8 @@ def crop_resize(
     on a PIL image followed by a horizontal flip when ``flip``. ``size`` is an int (square) or
     ``(height, width)``. Returns a uint8 tensor ``[3, height, width]`` (RGB, CHW).
     """
+    import torch
+
     out = np.empty((3, *_size_hw(size)), dtype=np.uint8)
     resample = _resample(interpolation)
     W, H = image.size
@@ -323,6 +327,8 @@ def replay_crops(
     uint8 intermediate and the extra passes. ``out``: a contiguous CPU tensor of that shape and dtype
     to write into (e.g. a slice of a batch buffer); it is returned.
     """
+    import torch
+
     boxes = np.asarray(boxes)
     flips = np.asarray(flips)
     if boxes.size == 0:
@@ -368,6 +374,8 @@ def normalize(
     Returns float32 on ``x``'s device (run it after moving the batch to the GPU to transfer
     uint8 rather than float32).
     """
+    import torch
+
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
         raise ValidationError(f"normalize expects a uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 3 or x.shape[-3] != 3:
