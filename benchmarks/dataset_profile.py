@@ -9,10 +9,12 @@ ImageNet-like MS top-5 labels (C = 1000). Output: 224 px crops, bilinear.
    timed *inside* the item (decode, crop+resize, flip+layout+normalise, slot choice, label read, label decode,
    collate, and the rest = per-item Python) against the same parts measured *alone* on the same images/boxes.
 2. The limit: ``decode + m x (crop+resize)`` per image, measured alone; crops per CPU-second m / limit.
-3. Crops/s through a DataLoader (2 fork workers, 128 crops per batch, persistent workers, timed epochs after a
-   warm one) of TorchDataset (m = 1, 2, 4, 8) and of a plain PIL loader (open -> RandomResizedCrop via
-   ``Image.resize(box=...)`` -> flip -> ToTensor + Normalize, in place) in the same run, float32 and uint8
-   outputs; runs interleaved, median of ``--runs``. Also crops per CPU-second in-process (workers = 0).
+3. Through a DataLoader (2 fork workers, 128 crops per batch, workers restarted each epoch) for TorchDataset
+   (m = 1, 2, 4, 8) and a plain PIL loader (open -> RandomResizedCrop via ``Image.resize(box=...)`` -> flip ->
+   ToTensor + Normalize in place, or PILToTensor for uint8; default_collate) in the same run, float32 and uint8
+   outputs, runs interleaved, median of ``--runs``: crops per wall second, and crops per CPU-second of the main
+   process + its workers (``getrusage``; far steadier than wall time when other jobs share the cores).
+   ``--quick`` (what ``make bench`` runs): 96 images, 1024 crops per epoch.
 
     python benchmarks/dataset_profile.py [--images 256 --crops 2048 --runs 3 --workers 2] [--quick]
 """
@@ -25,6 +27,7 @@ import math
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -237,28 +240,21 @@ def profile(ds, B: int, n_items: int) -> dict:
     return {"m": m, "normalize": ds.normalize, "item_us": total / n * 1e6, "inside_us": inside, "alone_us": alone}
 
 
-def cpu_rate(ds, crops_per_batch: int, n_crops: int) -> float:
-    """Crops per CPU-second in this process (workers = 0, collation included)."""
-    if isinstance(ds, PlainPIL):
-        batches = batches_of(ds, crops_per_batch, n_crops, 2)
-        run = lambda b: default_collate([ds[i] for i in b])  # noqa: E731
-        per = 1
-    else:
-        per = ds.crops_per_sample
-        batches = batches_of(ds, max(1, crops_per_batch // per), max(1, n_crops // per), 2)
-        run = lambda b: fkdstore.collate(ds.__getitems__(b))  # noqa: E731
-    run(batches[0][:2])
-    t0 = time.process_time()
-    for b in batches:
-        run(b)
-    return sum(len(b) for b in batches) * per / (time.process_time() - t0)
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its waited-for children (DataLoader workers)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def epoch_rate(loader) -> float:
-    t0, n = time.perf_counter(), 0
+def epoch_rate(loader) -> tuple[float, float]:
+    """(crops per wall second, crops per CPU-second of the main process and its workers) of one epoch.
+
+    Workers are not persistent, so they exit (and are waited for) at the end of the epoch and their CPU
+    time is counted; their start-up is counted too, alike for every loader."""
+    c0, t0, n = _cpu_seconds(), time.perf_counter(), 0
     for batch in loader:
         n += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch["crops"])
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (_cpu_seconds() - c0)
 
 
 def make_loader(ds, crops_per_batch, n_crops, workers):
@@ -267,9 +263,9 @@ def make_loader(ds, crops_per_batch, n_crops, workers):
     sampler = np.random.default_rng(1).permutation(np.resize(np.arange(len(ds)), n_items)).tolist()
     kw = dict(num_workers=workers)
     if workers:
-        kw.update(multiprocessing_context="fork", prefetch_factor=2, persistent_workers=True)
+        kw.update(multiprocessing_context="fork", prefetch_factor=2, persistent_workers=False)
     return DataLoader(ds, batch_size=max(1, crops_per_batch // per), sampler=sampler,
-                      collate_fn=None if per == 1 and isinstance(ds, PlainPIL) else fkdstore.collate, **kw)
+                      collate_fn=None if isinstance(ds, PlainPIL) else fkdstore.collate, **kw)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -284,12 +280,11 @@ def main(argv=None):
     p.add_argument("--crops-per-batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--runs", type=int, default=3, help="interleaved timed epochs per loader; the median is reported")
-    p.add_argument("--cpu-crops", type=int, default=768, help="crops per loader for the in-process CPU-time rate")
     p.add_argument("--quick", action="store_true", help="small sizes for `make bench`")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     if a.quick:
-        a.images, a.crops, a.cpu_crops = min(a.images, 96), min(a.crops, 1024), min(a.cpu_crops, 384)
+        a.images, a.crops = min(a.images, 96), min(a.crops, 1024)
     torch.set_num_threads(1)
     random.seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="fkd_profile_"))
@@ -314,38 +309,37 @@ def main(argv=None):
         for m in (1, 4):
             ds = sets[True][m]
             res["profiles"].append(profile(ds, max(1, a.crops_per_batch // m), max(16, min(len(ds), 512 // m))))
-        # in-process CPU rates
-        cpu = {(n, k): cpu_rate(ds, a.crops_per_batch, a.cpu_crops) for n, d in sets.items() for k, ds in d.items()}
         limit_us = {}
         for m in MS:
-            prof = profile(sets[True][m], max(1, a.crops_per_batch // m), 32) if m not in (1, 4) else \
-                res["profiles"][(1, 4).index(m)]
+            prof = res["profiles"][(1, 4).index(m)] if m in (1, 4) else \
+                profile(sets[True][m], max(1, a.crops_per_batch // m), 32)
             limit_us[m] = prof["alone_us"]["limit: decode + m x crop+resize"]
-        # 3. DataLoader crops/s, interleaved runs
+        # 3. DataLoader crops/s and crops per CPU-second, interleaved runs
         loaders = {(n, k): make_loader(ds, a.crops_per_batch, a.crops, a.workers) for n, d in sets.items()
                    for k, ds in d.items()}
-        for dl in loaders.values():  # warm: worker start-up, page cache
-            epoch_rate(dl)
+        epoch_rate(loaders[(True, 0)])  # warm the page cache
         wall = {key: [] for key in loaders}
+        cpu = {key: [] for key in loaders}
         for _ in range(a.runs):
             for key, dl in loaders.items():
-                wall[key].append(epoch_rate(dl))
-        del loaders
+                w, c = epoch_rate(dl)
+                wall[key].append(w)
+                cpu[key].append(c)
         res["load_at_end"] = os.getloadavg()
         for norm in (True, False):
-            base = statistics.median(wall[(norm, 0)])
+            base, cbase = statistics.median(wall[(norm, 0)]), statistics.median(cpu[(norm, 0)])
             for k in (0, *MS):
-                med = statistics.median(wall[(norm, k)])
+                med, cmed = statistics.median(wall[(norm, k)]), statistics.median(cpu[(norm, k)])
                 row = {"output": "float32" if norm else "uint8", "loader": "plain PIL" if k == 0 else "TorchDataset",
                        "m": max(k, 1), "crops_per_s_runs": [round(x) for x in wall[(norm, k)]],
                        "crops_per_s": round(med), "ratio": round(med / base, 3),
                        "ratio_runs": [round(x / y, 3) for x, y in zip(wall[(norm, k)], wall[(norm, 0)])],
-                       "cpu_crops_per_s": round(cpu[(norm, k)]),
-                       "cpu_ratio": round(cpu[(norm, k)] / cpu[(norm, 0)], 3)}
+                       "cpu_crops_per_s_runs": [round(x) for x in cpu[(norm, k)]],
+                       "cpu_crops_per_s": round(cmed), "cpu_ratio": round(cmed / cbase, 3)}
                 if k:
                     row["limit_crops_per_cpu_s"] = round(k / limit_us[k] * 1e6)
-                    row["of_limit"] = round(cpu[(norm, k)] / row["limit_crops_per_cpu_s"], 3)
-                    row["limit_ratio"] = round(row["limit_crops_per_cpu_s"] / cpu[(norm, 0)], 3)
+                    row["of_limit"] = round(cmed / row["limit_crops_per_cpu_s"], 3)
+                    row["limit_ratio"] = round(row["limit_crops_per_cpu_s"] / cbase, 3)
                 res["rows"].append(row)
         print(json.dumps(res, indent=1))
         print(to_markdown(res))
@@ -374,9 +368,10 @@ def to_markdown(res: dict) -> str:
                      f"| {'-' if share is None else f'{100 * share / item:.1f} %'} |")
         lab = sum(prof["inside_us"].get(k, 0) for k in ("slot choice", "label read", "label decode"))
         L += ["", f"Label path (slot choice + read + decode): {100 * lab / item:.1f} % of the item.", ""]
-    L += [f"Crops/s, {res['workers']} DataLoader workers, {res['crops_per_batch']} crops per batch (median of "
-          f"{res['runs']} interleaved runs; every run's ratio in brackets), and crops per CPU-second in one process; "
-          "limit = m / (decode + m x crop+resize), measured alone:", "",
+    L += [f"Through a DataLoader ({res['workers']} fork workers, {res['crops_per_batch']} crops per batch), median "
+          f"of {res['runs']} interleaved runs: crops per wall second (each run's ratio listed) and crops per "
+          "CPU-second of the main process + its workers (steadier on a shared machine); limit = "
+          "m / (decode + m x crop+resize) per CPU-second, measured alone:", "",
           "| output | loader | m | crops/s | vs plain | runs' ratios | crops per CPU-s | vs plain | limit per CPU-s "
           "| vs plain at limit | % of limit |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
