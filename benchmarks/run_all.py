@@ -5,7 +5,8 @@
 
 Runs, in this order: ``formats.py`` (storage and access against FKD / SRe2L / ReLabel layouts),
 ``reproduce.py --fast`` (the paper's claims on digits), then the other engineers' scripts as subprocesses
-with small sizes (``generate_overhead.py``, ``dataset_throughput.py --quick``, ``store_layout.py``), whose
+with small sizes (``generate_overhead.py``, ``dataset_throughput.py --quick``, ``dataset_profile.py --quick``,
+``store_layout.py``), whose
 output is collected verbatim. A script that is missing or fails is reported as such in RESULTS.md.
 """
 
@@ -33,6 +34,8 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("generate_overhead.py", ["--images", "8", "--repeats", "1"], 150, False, "label generation throughput vs teacher-only forward"),
     ("dataset_throughput.py", ["--quick", "--label-store-images", "4000"], 180, True,
      "TorchDataset crops/s vs a conventional loader"),
+    ("dataset_profile.py", ["--quick"], 300, True,
+     "TorchDataset item profile, limit, and crops/s vs a plain PIL loader on photo-sized JPEGs"),
     ("store_layout.py", ["--images", "512"], 120, True, "fkdstore layout vs other Zarr layouts and per-image files"),
 ]
 FORMATS_TEXT = """\

@@ -110,7 +110,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            # An RGB image is returned as decoded (convert would copy it); the file is closed on exit,
+            # the decoded pixels stay.
+            return img if img.mode == "RGB" else img.convert("RGB")
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

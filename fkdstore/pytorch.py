@@ -33,7 +33,12 @@ only — never on batch size, ``num_workers``, DistributedSampler's world size o
 
 Label reading: DataLoader calls :meth:`TorchDataset.__getitems__` with a whole batch, which reads the
 batch's labels with one :meth:`fkdstore.Reader.read_batch` (one decode per inner chunk) and decodes them
-in one vectorised call; images are the only per-item I/O. (A per-epoch preload with ``read_all(slots)``
+in one vectorised call; images are the only per-item I/O. Each image is decoded once and its m crops are
+written straight into one batch buffer (in shared memory inside a worker) by the shared crop function, with
+flip, HWC -> CHW and normalisation fused into one pass per crop, bit-identical to
+``normalize(replay_crops(...))``, which the teacher-runner saw; :func:`collate` hands that buffer on without
+copying. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
+fastest path (``benchmarks/dataset_profile.py``). (A per-epoch preload with ``read_all(slots)``
 was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
 """
 
@@ -237,7 +242,12 @@ class TorchDataset(torch.utils.data.Dataset):
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
-        """A batch of items; reads all their labels with one ``read_batch``. Used by DataLoader."""
+        """A batch of items; used by DataLoader.
+
+        Labels: one ``read_batch`` and one decode for the whole batch. Crops: every item's crops are written
+        (in one fused crop/flip/layout/normalise pass per crop) into one batch buffer, in shared memory inside
+        a DataLoader worker, so :func:`collate` returns that buffer without copying.
+        """
         items = np.asarray([int(k) for k in items], dtype=np.int64)
         n = len(self)
         if ((items < -n) | (items >= n)).any():
@@ -245,37 +255,38 @@ class TorchDataset(torch.utils.data.Dataset):
             raise IndexError(f"item {bad} is out of range for a dataset of {n} images")
         idx = self.image_indices[items]
         slots, rec, soft = self._read_labels(idx)
-        out = []
-        for b, i in enumerate(idx):
-            crops = self._crops(int(i), rec.boxes[b], rec.flips[b])
-            out.append({"crops": crops, "soft_labels": soft[b], "target": int(self._targets[i]),
-                        "index": int(i), "slots": torch.from_numpy(slots[b])})
-        return out
+        dtype = torch.float32 if self.normalize else torch.uint8
+        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
+        return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
+                 "index": i, "slots": sl}
+                for i, target, boxes, flips, buf, lab, sl in zip(
+                    idx.tolist(), self._targets[idx].tolist(), rec.boxes, rec.flips, bufs, soft,
+                    torch.from_numpy(slots).unbind(0))]
 
     def _read_labels(self, idx: np.ndarray):
-        """Slots (B, m), records and per-item soft labels of store images ``idx``: one ``read_batch``."""
+        """Slots (B, m), records and per-item soft labels of store images ``idx``: one ``read_batch`` and one
+        decode; item ``b``'s labels are views of the batch's (so :func:`collate` does not copy them)."""
         e, m, M = self.epoch, self.crops_per_sample, self.crops_per_image
         slots = np.stack([epoch_slots(int(i), e, m, M, self.seed) for i in idx]) if len(idx) else np.zeros((0, m), np.int64)
         rec = self.reader.read_batch(idx, slots)
         if self.labels == "dense":
-            dense = torch.from_numpy(np.ascontiguousarray(self.reader.decode(rec.fields)))
-            soft = [dense[b] for b in range(len(idx))]
+            soft = torch.from_numpy(np.ascontiguousarray(self.reader.decode(rec.fields))).unbind(0)
         else:
-            fields = {k: torch.from_numpy(_torch_friendly(v)) for k, v in rec.fields.items()}
-            soft = [{k: v[b] for k, v in fields.items()} for b in range(len(idx))]
+            fields = {k: torch.from_numpy(_torch_friendly(v)).unbind(0) for k, v in rec.fields.items()}
+            soft = [dict(zip(fields, row)) for row in zip(*fields.values())] if fields else [{} for _ in idx]
         return slots, rec, soft
 
-    def _crops(self, i: int, boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+    def _crops(self, i: int, boxes: np.ndarray, flips: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Image ``i``'s crops ``boxes``/``flips`` replayed ([m, 3, H, W]), written into ``out`` when given."""
         path = self._paths[i]
         image = load_image(path)
-        H, W = (int(v) for v in self._sizes[i])
+        H, W = self._sizes[i].tolist()
         if image.size != (W, H):
             raise ValidationError(
                 f"image {i} ({path}) has size (height={image.size[1]}, width={image.size[0]}) but the store "
                 f"recorded (height={H}, width={W}); the images changed since the labels were generated")
-        crops = replay_crops(image, boxes.astype(np.int64), flips, self.output_size, self.interpolation)
-        if self.normalize:
-            crops = _normalize(crops, self.mean, self.std)
+        norm = {"mean": self.mean, "std": self.std} if self.normalize else {}
+        crops = replay_crops(image, boxes, flips, self.output_size, self.interpolation, out=out, **norm)
         if self.transform is not None:
             crops = self.transform(crops)
         return crops
@@ -334,22 +345,42 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"crops": _cat([b["crops"] for b in batch])}
     first = batch[0]["soft_labels"]
     if isinstance(first, Mapping):
-        out["soft_labels"] = {k: torch.cat([b["soft_labels"][k] for b in batch]) for k in first}
+        out["soft_labels"] = {k: _cat([b["soft_labels"][k] for b in batch]) for k in first}
     else:
         out["soft_labels"] = _cat([b["soft_labels"] for b in batch])
     for key in ("target", "index"):
         out[key] = torch.tensor([int(b[key]) for b in batch], dtype=torch.int64).repeat_interleave(m)
-    out["slots"] = torch.cat([torch.as_tensor(b["slots"]) for b in batch])
+    out["slots"] = _cat([torch.as_tensor(b["slots"]) for b in batch])
     return out
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor; in a DataLoader worker in shared memory (as default_collate does), so
+    sending it to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    t = torch.empty(0, dtype=dtype)
+    return t.new(t._typed_storage()._new_shared(math.prod(shape), device="cpu")).resize_(shape)
+
+
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat; in a DataLoader worker into shared memory (as default_collate), saving a copy on send."""
-    if torch.utils.data.get_worker_info() is None or tensors[0].device.type != "cpu":
-        return torch.cat(tensors)
+    """torch.cat along dim 0. When the tensors are the consecutive rows of one contiguous tensor (the batch
+    buffers ``__getitems__`` fills) that tensor is returned, reshaped, without a copy; otherwise the result
+    is allocated with :func:`_empty`."""
+    base = tensors[0]._base
     shape = (sum(int(t.shape[0]) for t in tensors), *tensors[0].shape[1:])
-    storage = tensors[0]._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return torch.cat(tensors, out=tensors[0].new(storage).resize_(shape))
+    if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
+        offset = base.storage_offset()
+        for t in tensors:
+            if t._base is not base or not t.is_contiguous() or t.storage_offset() != offset \
+                    or t.shape[1:] != tensors[0].shape[1:]:
+                break
+            offset += t.numel()
+        else:
+            return base.view(shape)
+    if tensors[0].device.type != "cpu":
+        return torch.cat(tensors)
+    return torch.cat(tensors, out=_empty(shape, tensors[0].dtype))
 
 
 def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None) -> torch.Tensor:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from fkdstore.errors import ValidationError
+
+if TYPE_CHECKING:  # torch is imported by the functions that return tensors: CropSampler needs no torch
+    import torch
 
 __all__ = [
     "CropSampler",
@@ -219,6 +221,66 @@ def _resample(interpolation: str) -> Image.Resampling:
         ) from None
 
 
+def _check_box(box: Sequence[int], H: int, W: int) -> tuple[int, int, int, int]:
+    try:
+        top, left, h, w = box
+    except (TypeError, ValueError):
+        raise ValidationError(f"box must be (top, left, height, width), got {box!r}") from None
+    if not all(_is_int(v) for v in (top, left, h, w)):
+        raise ValidationError(f"box must hold integers, got {box!r}")
+    top, left, h, w = int(top), int(left), int(h), int(w)
+    if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
+        raise ValidationError(
+            f"box (top={top}, left={left}, height={h}, width={w}) must be non-empty and inside "
+            f"the image of size (height={H}, width={W})"
+        )
+    return top, left, h, w
+
+
+def _resized(image: Image.Image, box: tuple[int, int, int, int], out_hw: tuple[int, int],
+             resample: Image.Resampling) -> Image.Image:
+    """The pixels of the format: exact integer crop of ``box``, then ``resize`` of that region only.
+
+    ``Image.resize(box=...)`` is not used: at the box's edges its filter also reads pixels just outside
+    the box, so it differs from crop-then-resize (and from torchvision's ``resized_crop``) for every
+    filter; stores written by fkdstore 0.1 replay only with crop-then-resize.
+    """
+    top, left, h, w = box
+    return image.crop((left, top, left + w, top + h)).resize((out_hw[1], out_hw[0]), resample)
+
+
+def _normalizer(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``mean`` and ``std`` as float32 ``(3, 1, 1)`` arrays, checked as :func:`normalize` checks them."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValidationError(f"mean and std must have 3 values, got mean={mean!r}, std={std!r}")
+    if any(not float(s) > 0 for s in std):
+        raise ValidationError(f"std values must be > 0, got {std!r}")
+    m = np.array([float(v) for v in mean], dtype=np.float32).reshape(3, 1, 1)
+    s = np.array([float(v) for v in std], dtype=np.float32).reshape(3, 1, 1)
+    return m, s
+
+
+def _to_chw(pixels: Image.Image, flip: bool, dst: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Write one resized crop into ``dst`` ``[3, H, W]`` in one strided pass: HWC -> CHW, the horizontal
+    flip as a reversed view, and for float32 ``dst`` the normalisation ``(x / 255 - mean) / std``.
+
+    The float path does the same float32 operations in the same order as :func:`normalize` (convert,
+    divide by 255, subtract, divide; each IEEE-exact), so it is bit-identical to ``normalize`` of the
+    uint8 crop.
+    """
+    hwc = np.asarray(pixels)
+    if flip:
+        hwc = hwc[:, ::-1]
+    src = hwc.transpose(2, 0, 1)
+    if norm is None:
+        np.copyto(dst, src)
+        return
+    mean, std = norm
+    np.divide(src, np.float32(255.0), out=dst, dtype=np.float32)
+    np.subtract(dst, mean, out=dst)
+    np.divide(dst, std, out=dst)
+
+
 def crop_resize(
     image: Image.Image,
     box: Sequence[int],
@@ -229,37 +291,22 @@ def crop_resize(
     """Crop ``box`` = ``(top, left, height, width)`` from ``image``, resize, optionally flip.
 
     This is the one crop function of the format: the teacher runner and the training dataset
-    both call it, so replayed crops are pixel-identical. The crop is an exact integer crop
-    (no float rounding) and only that region is resampled, with Pillow's ``resample`` filter;
-    the result equals torchvision's ``resized_crop`` on a PIL image followed by a horizontal
-    flip when ``flip``. ``size`` is an int (square) or ``(height, width)``.
-    Returns a uint8 tensor ``[3, height, width]`` (RGB, CHW).
+    both call it (or :func:`replay_crops`, which applies it to many boxes), so replayed crops are
+    pixel-identical. The crop is an exact integer crop (no float rounding) and only that region is
+    resampled, with Pillow's ``resample`` filter; the result equals torchvision's ``resized_crop``
+    on a PIL image followed by a horizontal flip when ``flip``. ``size`` is an int (square) or
+    ``(height, width)``. Returns a uint8 tensor ``[3, height, width]`` (RGB, CHW).
     """
-    out_h, out_w = _size_hw(size)
+    import torch
+
+    out = np.empty((3, *_size_hw(size)), dtype=np.uint8)
     resample = _resample(interpolation)
-    try:
-        top, left, h, w = box
-    except (TypeError, ValueError):
-        raise ValidationError(f"box must be (top, left, height, width), got {box!r}") from None
-    if not all(_is_int(v) for v in (top, left, h, w)):
-        raise ValidationError(f"box must hold integers, got {box!r}")
-    top, left, h, w = int(top), int(left), int(h), int(w)
     W, H = image.size
-    if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
-        raise ValidationError(
-            f"box (top={top}, left={left}, height={h}, width={w}) must be non-empty and inside "
-            f"the image of size (height={H}, width={W})"
-        )
+    box = _check_box(box, H, W)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    # Crop first, then resize: Image.resize(box=...) would also read pixels just outside the
-    # box at its edges, which differs from torchvision's resized_crop.
-    out = image.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
-    if flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    # HWC -> CHW copy in numpy: single-threaded, so no torch parallel region per small crop (those stall
-    # badly when the cores are shared, e.g. with DataLoader workers).
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
+    _to_chw(_resized(image, box, out.shape[1:], resample), bool(flip), out, None)
+    return torch.from_numpy(out)
 
 
 def replay_crops(
@@ -268,25 +315,53 @@ def replay_crops(
     flips: np.ndarray | Sequence[bool],
     size: int | tuple[int, int],
     interpolation: str = "bilinear",
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply :func:`crop_resize` for every ``(box, flip)``; returns uint8 ``[M, 3, height, width]``."""
+    """:func:`crop_resize` for every ``(box, flip)``: uint8 ``[M, 3, height, width]``.
+
+    With ``mean`` and ``std`` it returns float32 crops normalised in the same pass, bit-identical to
+    ``normalize(replay_crops(image, boxes, flips, size, interpolation), mean, std)`` but without the
+    uint8 intermediate and the extra passes. ``out``: a contiguous CPU tensor of that shape and dtype
+    to write into (e.g. a slice of a batch buffer); it is returned.
+    """
+    import torch
+
     boxes = np.asarray(boxes)
     flips = np.asarray(flips)
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4).astype(np.int32)
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.issubdtype(boxes.dtype, np.integer):
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.dtype.kind not in "iu":
         raise ValidationError(f"boxes must be an integer array of shape (M, 4), got shape {boxes.shape}")
     if flips.shape != (boxes.shape[0],):
         raise ValidationError(f"flips must have shape ({boxes.shape[0]},) to match boxes, got {flips.shape}")
-    out_h, out_w = _size_hw(size)
-    if boxes.shape[0] == 0:
-        return torch.empty((0, 3, out_h, out_w), dtype=torch.uint8)
+    if (mean is None) != (std is None):
+        raise ValidationError("mean and std must be given together (normalised output) or both omitted (uint8)")
+    norm = None if mean is None else _normalizer(mean, std)
+    shape = (len(boxes), 3, *_size_hw(size))
+    resample = _resample(interpolation)
+    dtype = torch.uint8 if norm is None else torch.float32
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    elif tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValidationError(f"out must be a contiguous CPU {dtype} tensor of shape {shape}, got "
+                              f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    W, H = image.size
+    box_list = boxes.tolist()  # plain ints: a few boxes are checked faster in Python than with numpy
+    for box in box_list:
+        top, left, h, w = box
+        if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
+            _check_box(box, H, W)  # raises, naming the first bad box
     if image.mode != "RGB":
         image = image.convert("RGB")
-    out = np.empty((len(boxes), 3, out_h, out_w), dtype=np.uint8)  # filled in numpy, one torch wrap
-    for j, (b, f) in enumerate(zip(boxes, flips)):
-        out[j] = crop_resize(image, tuple(b), bool(f), (out_h, out_w), interpolation).numpy()
-    return torch.from_numpy(out)
+    dst = out.numpy()
+    for j, (box, flip) in enumerate(zip(box_list, flips.tolist())):
+        _to_chw(_resized(image, box, shape[2:], resample), bool(flip), dst[j], norm)
+    return out
 
 
 def normalize(
@@ -299,14 +374,11 @@ def normalize(
     Returns float32 on ``x``'s device (run it after moving the batch to the GPU to transfer
     uint8 rather than float32).
     """
+    import torch
+
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
         raise ValidationError(f"normalize expects a uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 3 or x.shape[-3] != 3:
         raise ValidationError(f"normalize expects shape [..., 3, H, W], got {tuple(x.shape)}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValidationError(f"mean and std must have 3 values, got mean={mean!r}, std={std!r}")
-    if any(not float(s) > 0 for s in std):
-        raise ValidationError(f"std values must be > 0, got {std!r}")
-    m = torch.tensor([float(v) for v in mean], dtype=torch.float32, device=x.device).view(3, 1, 1)
-    s = torch.tensor([float(v) for v in std], dtype=torch.float32, device=x.device).view(3, 1, 1)
+    m, s = (torch.from_numpy(v).to(x.device) for v in _normalizer(mean, std))
     return (x.to(torch.float32) / 255.0 - m) / s

@@ -288,6 +288,28 @@ def test_collate_and_densify(data, tmp_path):
     np.testing.assert_allclose(bd["soft_labels"].sum(-1).numpy(), 1, atol=2e-3)
 
 
+def test_collate_returns_batch_buffers_without_copy(data):
+    """__getitems__ writes every item's crops (and decodes every label) into one batch tensor; collate hands
+    those back as the batch. Items from separate calls are concatenated as before."""
+    folder, store = data
+    for normalize_ in (True, False):
+        ds = fkdstore.TorchDataset(store, folder, crops_per_sample=3, normalize=normalize_, epoch=1)
+        items = ds.__getitems__([4, 0, 17])
+        batch = fkdstore.collate(items)
+        assert batch["crops"].data_ptr() == items[0]["crops"].data_ptr()
+        assert batch["soft_labels"].data_ptr() == items[0]["soft_labels"].data_ptr()
+        separate = fkdstore.collate([ds[4], ds[0], ds[17]])
+        assert separate["crops"].data_ptr() != batch["crops"].data_ptr()
+        for key in ("crops", "soft_labels", "slots", "index", "target"):
+            assert torch.equal(batch[key], separate[key]), key
+        assert batch["crops"].dtype == (torch.float32 if normalize_ else torch.uint8)
+        assert batch["crops"].shape == (9, 3, SIZE, SIZE) and batch["slots"].shape == (9,)
+        # a subset or reordering of one call's items is not the buffer: it is concatenated
+        part = fkdstore.collate([items[2], items[0]])
+        assert torch.equal(part["crops"], torch.cat([items[2]["crops"], items[0]["crops"]]))
+        assert part["crops"].data_ptr() != batch["crops"].data_ptr()
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 6), c=st.integers(2, 20), seed=st.integers(0, 2**31), scale=st.floats(0.1, 30))
 def test_soft_ce_with_one_hot_equals_cross_entropy(n, c, seed, scale):

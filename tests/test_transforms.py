@@ -260,3 +260,85 @@ def test_normalize_numerics():
         normalize(x, (0.5, 0.5), (1, 1, 1))
     with pytest.raises(ValidationError, match=r"\[\.\.\., 3, H, W\]"):
         normalize(torch.zeros(4, 4, 4, dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------- exact replay of 0.1 stores
+
+
+def crop_resize_v01(image, box, flip, size, interpolation="bilinear"):
+    """fkdstore 0.1.0's crop path, verbatim: crop, resize, PIL flip, HWC -> CHW (the pixels 0.1 teachers saw)."""
+    top, left, h, w = box
+    out = image.convert("RGB").crop((left, top, left + w, top + h)).resize((size[1], size[0]), INTERPOLATIONS[interpolation])
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def smooth_image(h, w, seed):
+    """Photo-like (smooth + fine noise) so resampling filters see gradients, not only white noise."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8))
+    arr = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+    return Image.fromarray(np.clip(arr + rng.integers(-8, 9, arr.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("interpolation", sorted(INTERPOLATIONS))
+def test_replay_bit_identical_to_v01_crop_path(interpolation):
+    """Random boxes, output sizes (down- and upscaling, non-square) and flips: every crop equals 0.1's path."""
+    rng = np.random.default_rng(sorted(INTERPOLATIONS).index(interpolation))
+    for trial in range(6):
+        H, W = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        img = smooth_image(H, W, trial)
+        boxes, flips = CropSampler(seed=trial, scale=(0.01, 1.0)).sample(trial, H, W, 12)
+        size = (int(rng.integers(1, 96)), int(rng.integers(1, 96)))
+        got = replay_crops(img, boxes, flips, size, interpolation)
+        ref = np.stack([crop_resize_v01(img, tuple(b), f, size, interpolation) for b, f in zip(boxes, flips)])
+        assert np.array_equal(got.numpy(), ref)
+        norm = replay_crops(img, boxes, flips, size, interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        assert torch.equal(norm, normalize(torch.from_numpy(ref), IMAGENET_MEAN, IMAGENET_STD))
+        k = int(rng.integers(0, 12))
+        assert np.array_equal(crop_resize(img, tuple(boxes[k]), bool(flips[k]), size, interpolation).numpy(), ref[k])
+
+
+def test_resize_box_is_not_crop_then_resize():
+    """Why the crop path keeps crop() + resize(): Image.resize(box=...) reads outside the box at its edges,
+    so it differs from the format's pixels (for bilinear on almost every box)."""
+    img = smooth_image(120, 160, 0)
+    box = (17, 23, 61, 77)
+    ours = crop_resize(img, box, False, 32).numpy().transpose(1, 2, 0)
+    with_box = np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR, box=(23, 17, 100, 78)))
+    assert not np.array_equal(ours, with_box)
+
+
+@pytest.mark.parametrize("mean,std", [(IMAGENET_MEAN, IMAGENET_STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                      ((0.1, 0.9, 0.33), (0.07, 1.3, 0.61)), ((0, 0, 0), (1, 1, 1))])
+def test_fused_normalisation_bit_identical_for_every_value(mean, std):
+    """Every uint8 value in every channel: the fused pass equals normalize() exactly (float32, same op order)."""
+    arr = ((np.arange(256)[:, None] + np.array([0, 7, 99])) % 256).astype(np.uint8).reshape(16, 16, 3)
+    img = Image.fromarray(arr)
+    for flip in (False, True):
+        got = replay_crops(img, [[0, 0, 16, 16]], [flip], 16, "nearest", mean=mean, std=std)
+        u8 = replay_crops(img, [[0, 0, 16, 16]], [flip], 16, "nearest")
+        assert np.array_equal(u8[0].numpy().transpose(1, 2, 0), arr[:, ::-1] if flip else arr)
+        assert got.dtype == torch.float32 and torch.equal(got, normalize(u8, mean, std))
+
+
+def test_replay_into_out_and_argument_errors():
+    img = smooth_image(40, 50, 1)
+    boxes, flips = CropSampler(seed=1).sample(0, 40, 50, 3)
+    buf = torch.zeros(2, 3, 3, 8, 8)
+    got = replay_crops(img, boxes, flips, 8, mean=IMAGENET_MEAN, std=IMAGENET_STD, out=buf[1])
+    assert got.data_ptr() == buf[1].data_ptr() and (buf[0] == 0).all()
+    assert torch.equal(buf[1], normalize(replay_crops(img, boxes, flips, 8), IMAGENET_MEAN, IMAGENET_STD))
+    with pytest.raises(ValidationError, match=r"out must be a contiguous CPU torch.uint8 tensor of shape \(3, 3, 8, 8\)"):
+        replay_crops(img, boxes, flips, 8, out=buf[1])
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        replay_crops(img, boxes, flips, 8, out=np.zeros((3, 3, 8, 8), np.uint8))
+    with pytest.raises(ValidationError, match="mean and std must be given together"):
+        replay_crops(img, boxes, flips, 8, mean=IMAGENET_MEAN)
+    with pytest.raises(ValidationError, match="std values must be > 0"):
+        replay_crops(img, boxes, flips, 8, mean=IMAGENET_MEAN, std=(1, 0, 1))
+    bad = boxes.copy()
+    bad[2] = (35, 0, 10, 10)
+    with pytest.raises(ValidationError, match=r"box \(top=35, left=0, height=10, width=10\) must be non-empty and inside"):
+        replay_crops(img, bad, flips, 8)
