@@ -248,7 +248,7 @@ def fkdstore_layout_at(N: int, M: int, C: int, strategy: str) -> tuple[int, int]
     codec = codec_of(strategy)
     specs = {S.BOX: (4, 2)} | {n: (int(np.prod(f.shape)), np.dtype(f.dtype).itemsize)
                                 for n, f in codec.fields(C).items()}
-    return S.default_layout(N, max(M * n * b for n, b in specs.values()))
+    return S.default_layout(N, max(M * n * b for n, b in specs.values()), M)
 
 
 def fkdstore_files_at(N: int, M: int, C: int, strategy: str, n_meta_files: int) -> int:
@@ -257,7 +257,7 @@ def fkdstore_files_at(N: int, M: int, C: int, strategy: str, n_meta_files: int) 
     _, ips = fkdstore_layout_at(N, M, C, strategy)
     shards = math.ceil(N / ips)
     per_crop_arrays = 2 + len(codec.fields(C))
-    small = 3 * math.ceil(N / S.PER_IMAGE_CHUNK) + shards  # image_key, image_size, label; written
+    small = 3 * math.ceil(N / S.PER_IMAGE_CHUNK) + 2 * shards  # key, image_size, label; written, manifest
     return per_crop_arrays * shards + small + n_meta_files
 
 

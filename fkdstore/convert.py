@@ -119,7 +119,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     with _remove_on_error(dst), _writer.write(
         dst, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=h.num_classes,
         codec=dst_codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels,
-        meta=meta, aug=h.aug,
+        meta=meta, aug=h.aug, augment=list(h.augment),
     ) as w:
         for s in _tqdm(range(h.num_shards), progress, desc="converting", unit="shard"):
             r = h.shard_range(s)
@@ -128,7 +128,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
                 continue
             rec = reader.read_batch(idx)
             fields = convert_fields(reader.codec, dst_codec, rec.fields, h.num_classes)
-            w.put_fields(idx, rec.boxes, rec.flips, fields, aug=rec.aug)
+            w.put_fields(idx, rec.box, rec.flip, fields, aug=rec.aug or None)
     reader.close()
     return {
         "from": dict(h.codec), "to": dst_codec.get_config(), "images": int(written.sum()),

@@ -57,10 +57,8 @@ The command line (``fkdstore generate``) lives in :mod:`fkdstore.cli`.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -331,8 +329,7 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
     rank raises instead of waiting. An existing store must list the same images and parameters
     (:class:`SchemaMismatchError` otherwise, nothing written).
 
-    Local-file helpers used here (the seam for a URL ``out``): :func:`_clear_interrupted_creation`,
-    :func:`_existing_sizes`, :func:`_wait_for_store`.
+    An interrupted creation (killed before the header was written) is cleared by :func:`fkdstore.write`.
     """
     labels = np.asarray(listing.labels, dtype=np.int64)
     spec = job.labels
@@ -345,8 +342,7 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
     writer = sizes = None
     if comm.world.is_leader:
         try:
-            _clear_interrupted_creation(out)
-            sizes = _existing_sizes(out, listing.keys)
+            sizes = _existing_sizes(out, listing.keys)  # write() below clears an interrupted creation
             if sizes is None:
                 sizes = scan_sizes(listing.paths, listing.keys, job.execution.on_error, skipped)
             writer = _writer.write(out, image_sizes=sizes, primary=True, **common)
@@ -366,35 +362,11 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
     return writer, np.asarray(sizes), skipped
 
 
-def _clear_interrupted_creation(path: Path) -> None:
-    """Remove a store whose creation was killed before its header attribute was written (it holds only
-    the group, our array names and no written flag), so a rerun can create it again. Anything else is
-    left alone (and :func:`fkdstore.write` reports it)."""
-    meta = path / "zarr.json"
-    if not meta.exists():
-        return
+def _existing_sizes(out, keys: Sequence[str]) -> np.ndarray | None:
+    """Stored image sizes when ``out`` is a store listing exactly ``keys`` (skip the header scan)."""
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return
-    if S.ATTR_KEY in attrs:
-        return
-    ours = {S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, S.BOX, S.FLIP, S.AUG, S.SOFT_GROUP, "zarr.json"}
-    if not {p.name for p in path.iterdir()} <= ours:
-        return
-    if (path / S.WRITTEN / "c").exists():
-        return
-    shutil.rmtree(path)
-
-
-def _existing_sizes(path: Path, keys: Sequence[str]) -> np.ndarray | None:
-    """Stored image sizes when ``path`` is a store listing exactly ``keys`` (skip the header scan)."""
-    if not (path / "zarr.json").exists():
-        return None
-    try:
-        with _reader.open(path) as r:
-            stored = r.group[S.IMAGE_KEY][:]
-            sizes = r.group[S.IMAGE_SIZE][:]
+        with _reader.open(out) as r:
+            stored, sizes = r.image_keys, r.image_sizes
     except FkdstoreError:
         return None
     if len(stored) != len(keys) or any(a != b for a, b in zip(stored, keys)):
@@ -402,17 +374,17 @@ def _existing_sizes(path: Path, keys: Sequence[str]) -> np.ndarray | None:
     return np.asarray(sizes)
 
 
-def _wait_for_store(path: Path, timeout: float = 3600.0) -> None:
+def _wait_for_store(out, timeout: float = 3600.0) -> None:
     """Without a process group, non-zero ranks poll until rank 0 has written the store's header."""
     t0 = time.monotonic()
     while True:
         try:
-            if S.ATTR_KEY in json.loads((path / "zarr.json").read_text()).get("attributes", {}):
-                return
-        except (OSError, ValueError):
+            _reader.open(out).close()
+            return
+        except FkdstoreError:
             pass
         if time.monotonic() - t0 > timeout:
-            raise FkdstoreError(f"timed out waiting for rank 0 to create the store {path}")
+            raise FkdstoreError(f"timed out waiting for rank 0 to create the store {out}")
         time.sleep(0.5)
 
 

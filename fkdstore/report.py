@@ -20,7 +20,10 @@ Keys (all sizes in bytes):
     everything under the store folder, metadata included.
 ``bytes_per_crop``
     ``total_bytes / (images_written * crops_per_image)``; ``label_bytes_per_crop`` and
-    ``box_bytes_per_crop`` split the per-crop arrays into the codec's fields and box+flip+aug.
+    ``box_bytes_per_crop`` and ``aug_bytes_per_crop`` split the per-crop arrays into the codec's fields,
+    box+flip, and the augmentation columns.
+``aug``, ``augment``
+    the augmentation columns (name, kind, dtype, shape) and the pipeline the teacher saw (policy configs).
 ``meta``
     the provenance attribute as stored (sampler, teacher, history, ...); ``sampler`` and ``teacher``
     repeat ``meta["sampler"]`` / ``meta["teacher"]`` (null when absent).
@@ -163,24 +166,26 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
     fields = codec.fields(C)
     bdt = S.box_dtype(max_side)
     per_crop = {S.BOX: (4 * np.dtype(bdt).itemsize, "box"), S.FLIP: (1, "flip")}
-    if num_aug:
-        per_crop[S.AUG] = (4 * num_aug, "aug")
+    for a in range(num_aug):  # format 2: one array per column; float32 unless a policy declares less
+        per_crop[S.aug_path(f"a{a}")] = (4, "aug")
     roles = codec.roles()
     for name, spec in fields.items():
         per_crop[S.soft_path(name)] = (spec.nbytes, roles[name])
     row_bytes = max(M * b for b, _ in per_crop.values())
-    ipc, ips = S.default_layout(N, row_bytes)
+    ipc, ips = S.default_layout(N, row_bytes, M)
     n_chunks = math.ceil(N / ipc)
     n_shards = math.ceil(N / ips)
     arrays = {}
     for name, (raw, role) in per_crop.items():
         arrays[name] = int(N * M * raw * cal[role] + n_chunks * CHUNK_OVERHEAD + METADATA_BYTES)
     per_image_chunks = math.ceil(N / S.PER_IMAGE_CHUNK)
-    arrays[S.IMAGE_KEY] = int(N * AVG_KEY_BYTES * cal["image_key"] + METADATA_BYTES)
+    arrays[S.KEY] = int(N * AVG_KEY_BYTES * cal["image_key"] + METADATA_BYTES)
     arrays["per-image"] = int(N * 13 * cal["per_image"] + 3 * METADATA_BYTES)
-    total = sum(arrays.values()) + 2 * METADATA_BYTES  # + root and soft group zarr.json
-    # per-crop arrays: one file per shard; written: one chunk per shard; 3 per-image arrays; 2 groups
-    files = (len(per_crop) + 1) * (n_shards + 1) + 3 * (per_image_chunks + 1) + 2
+    arrays[S.MANIFEST] = int(n_chunks * len(per_crop) * 4 + n_shards * 8 + METADATA_BYTES)  # crc32c tags: incompressible
+    groups = 2 + (1 if num_aug else 0)  # root, soft (and aug) zarr.json
+    total = sum(arrays.values()) + groups * METADATA_BYTES
+    # per-crop arrays, written and manifest: one file per shard each; 3 per-image arrays; the groups
+    files = (len(per_crop) + 2) * (n_shards + 1) + 3 * (per_image_chunks + 1) + groups
     return {
         "codec": codec.get_config(), "num_images": N, "crops_per_image": M, "num_classes": C,
         "bytes": int(total), "bytes_per_crop": total / (N * M), "files": int(files),
@@ -278,7 +283,7 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
             raw = {S.BOX: 8, S.FLIP: 1} | {S.soft_path(f): s.nbytes for f, s in codec.fields(C).items()}
             for name, role in roles.items():
                 out.setdefault(role, []).append(stats[name]["bytes"] / (N * M * raw[name]))
-            out.setdefault("image_key", []).append(stats[S.IMAGE_KEY]["bytes"] / sum(len(k) for k in keys))
+            out.setdefault("image_key", []).append(stats[S.KEY]["bytes"] / sum(len(k) for k in keys))
             out.setdefault("per_image", []).append(
                 sum(stats[n]["bytes"] for n in (S.IMAGE_SIZE, S.LABEL, S.WRITTEN)) / (N * 13))
             out.setdefault("metadata_per_file", []).append(stats["."]["bytes"] / stats["."]["files"])
@@ -357,27 +362,28 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> di
     r = _reader.open(path)
     h = r.header
     stats = _writer.storage_stats(path)
-    names = [S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, *r.per_crop_arrays]
+    names = [*h.per_image_arrays, *r.per_crop_arrays] + ([S.MANIFEST] if h.major >= 2 else [])
     arrays = {n: _array_info(r.array(n), stats) for n in names}
     written = int(r.written.sum())
     crops = written * h.crops_per_image
     total = stats["_total"]["bytes"]
     soft = sum(a["stored_bytes"] for n, a in arrays.items() if n.startswith(S.SOFT_GROUP + "/"))
-    geo = sum(arrays[n]["stored_bytes"] for n in r.per_crop_arrays if not n.startswith(S.SOFT_GROUP + "/"))
+    geo = sum(arrays[n]["stored_bytes"] for n in (S.BOX, S.FLIP))
+    aug = sum(arrays[n]["stored_bytes"] for n in r.per_crop_arrays if n == S.AUG or n.startswith(S.AUG + "/"))
     bpc = total / crops if crops else None
     codec = r.codec
     paper_fig = PAPER_TABLE2.get(_codec_key(codec))
     ext_bytes = None
     if crops:
         # per-crop arrays scale with N*M; per-image arrays and metadata with N (or not at all).
-        per_crop_b = (soft + geo) / crops
+        per_crop_b = (soft + geo + aug) / crops
         per_image_b = sum(arrays[n]["stored_bytes"] for n in h.per_image_arrays) / h.num_images
         ext_bytes = int(per_crop_b * IMAGENET_1K_IMAGES * h.crops_per_image + per_image_b * IMAGENET_1K_IMAGES)
     out = {
         "path": str(path), "format": h.format, "format_version": h.format_version,
         "library_version": h.library_version, "codec": dict(h.codec),
         "num_images": h.num_images, "crops_per_image": h.crops_per_image, "num_classes": h.num_classes,
-        "aug": [{"name": a.name, "kind": a.kind} for a in h.aug], "has_labels": h.has_labels,
+        "aug": [a.to_json() for a in h.aug], "augment": [dict(p) for p in h.augment], "has_labels": h.has_labels,
         "images_per_chunk": h.images_per_chunk, "images_per_shard": h.images_per_shard,
         "images_written": written, "complete": written == h.num_images,
         "missing_ranges": [list(x) for x in r.missing_ranges()],
@@ -385,6 +391,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> di
         "bytes_per_crop": bpc,
         "label_bytes_per_crop": soft / crops if crops else None,
         "box_bytes_per_crop": geo / crops if crops else None,
+        "aug_bytes_per_crop": aug / crops if crops else None,
         "meta": dict(h.meta), "sampler": h.meta.get("sampler"), "teacher": h.meta.get("teacher"),
         "label_stats": label_stats(r, sample=sample, seed=seed),
         "imagenet_extrapolation": {
@@ -424,19 +431,23 @@ def format_inspect(d: dict[str, Any]) -> str:
         f"written    {d['images_written']:,} / {d['num_images']:,} images"
         + ("" if d["complete"] else f"; missing {_fmt_ranges(d['missing_ranges'])}"),
         f"layout     {d['images_per_chunk']} images per chunk, {d['images_per_shard']} per shard",
+    ]
+    if d.get("augment"):
+        L.append(f"augment    {_short(d['augment'], 320)}")
+    L += [
         "",
-        f"{'array':<14}{'shape':<18}{'dtype':<9}{'chunks':<16}{'shards':<16}{'stored':>12}{'ratio':>8}{'files':>7}",
+        f"{'array':<18}{'shape':<18}{'dtype':<9}{'chunks':<16}{'shards':<16}{'stored':>12}{'ratio':>8}{'files':>7}",
     ]
     for n, a in d["arrays"].items():
         L.append(
-            f"{n:<14}{str(tuple(a['shape'])):<18}{a['dtype'][:8]:<9}{str(tuple(a['chunks'])):<16}"
+            f"{n:<18}{str(tuple(a['shape'])):<18}{a['dtype'][:8]:<9}{str(tuple(a['chunks'])):<16}"
             f"{str(tuple(a['shards'])) if a['shards'] else '-':<16}{human_bytes(a['stored_bytes']):>12}"
             f"{_fmt(a['compression_ratio'], '.2f'):>8}{a['files']:>7}"
         )
     L += [
         f"total      {human_bytes(d['total_bytes'])} ({d['total_bytes']:,} bytes) in {d['total_files']} files",
         f"per crop   {_fmt(d['bytes_per_crop'], '.2f')} B (labels {_fmt(d['label_bytes_per_crop'], '.2f')} B, "
-        f"box/flip/aug {_fmt(d['box_bytes_per_crop'], '.2f')} B)",
+        f"box/flip {_fmt(d['box_bytes_per_crop'], '.2f')} B, aug {_fmt(d.get('aug_bytes_per_crop'), '.2f')} B)",
         "",
         f"sampler    {_short(d['sampler'], 320) if d['sampler'] is not None else '-'}",
         f"teacher    {_short(d['teacher'], 320) if d['teacher'] is not None else '-'}",

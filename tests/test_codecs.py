@@ -268,8 +268,12 @@ def test_numpy_and_torch_agree(codec, p):
         (lambda a, b, **kw: np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-30, **kw))
     for name in fn:
         assert isinstance(ft[name], torch.Tensor)
-        if ft[name].dtype.is_floating_point or codec.input == "probs":
+        if codec.input == "probs":
             same(ft[name].numpy(), fn[name])
+        elif ft[name].dtype.is_floating_point:  # float32 log-softmax 1 ulp apart may round 1 ulp apart in storage
+            a, b = ft[name].numpy(), fn[name]
+            np.testing.assert_array_less(np.abs(a.astype(np.float64) - b), np.spacing(np.abs(b)).astype(np.float64) * 1.01 + 1e-30)
+            ft[name] = torch.from_numpy(fn[name])
         else:  # a q8 code may differ by one step where exp differs at a grid boundary
             assert np.abs(ft[name].numpy().astype(int) - fn[name].astype(int)).max(initial=0) <= 1
             ft[name] = torch.from_numpy(fn[name])

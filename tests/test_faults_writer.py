@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from fkdstore import schema as S
-from test_store import make_data
+from storeutil import make_data
 
 REPO = Path(__file__).resolve().parents[1]
 N, M, C = 40, 3, 7
@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import fkdstore
     from fkdstore import writer as W
-    from test_store import make_data
+    from storeutil import make_data
 
     def run(path, step, count):
         if step != "none":

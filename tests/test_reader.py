@@ -19,7 +19,7 @@ from fkdstore import schema as S
 from fkdstore import storage
 from fkdstore.codecs import REGISTRY, get_codec
 from fkdstore.errors import CorruptChunkError, FormatError, IncompleteStoreError, ValidationError
-from test_store import create, fill, make_data
+from storeutil import create, fill, make_data
 from v2util import shard_file, to_v1
 
 GOLDEN = Path(__file__).parent / "golden" / "v1.0"

@@ -22,7 +22,7 @@ from fkdstore.codecs import get_codec
 from fkdstore.errors import (
     ConcurrentWriterError, FormatError, IncompleteStoreError, SchemaMismatchError, ValidationError,
 )
-from test_store import create, fill, make_data
+from storeutil import create, fill, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -466,7 +466,7 @@ def test_stale_records_do_not_block_a_resume(tmp_path):
 DISJOINT = textwrap.dedent("""
     import sys, numpy as np, fkdstore
     sys.path.insert(0, sys.argv[3])
-    from test_store import make_data
+    from storeutil import make_data
     d = make_data(32, 2, 6)
     lo, hi = (0, 16) if sys.argv[2] == "0" else (16, 32)
     w = fkdstore.write(sys.argv[1], num_images=32, crops_per_image=2, num_classes=6, codec="ms",
