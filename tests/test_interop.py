@@ -13,9 +13,6 @@ party would do with the spec alone, implemented here without fkdstore's helpers:
   decoded bytes of the partial chunk (rows past N hold the fill value, as the tag formula assumes);
 * flip one payload byte of one inner chunk: TensorStore refuses that chunk (DATA_LOSS, digest mismatch)
   and still reads the others; fkdstore raises CorruptStoreError.
-
-``fkd_reader.open`` is the format-2.0 reader (what ``fkdstore.open`` is once the package entry point
-moves off the 0.1 shim in ``store.py``).
 """
 import json
 import math
@@ -33,7 +30,7 @@ ts = pytest.importorskip(
 import crc32c  # noqa: E402
 import numcodecs  # noqa: E402
 
-from fkdstore import reader as fkd_reader  # noqa: E402
+import fkdstore  # noqa: E402
 from fkdstore.codecs import PROB_DTYPES, REGISTRY  # noqa: E402
 from fkdstore.errors import CorruptStoreError  # noqa: E402
 
@@ -106,7 +103,7 @@ def store(request, tmp_path_factory):
 
 def ours(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
     """What fkdstore's reader returns for every array: ({path: values}, image keys, per-crop paths)."""
-    with fkd_reader.open(path) as r:
+    with fkdstore.open(path) as r:
         rec = r.read_all()
         out = {"image_size": r.image_sizes, "label": r.labels, "written": r.written,
                "box": rec.box, "flip": rec.flip}
@@ -227,7 +224,7 @@ def test_flipped_byte_is_refused_by_tensorstore(store, tmp_path, target, where):
     good = ts_read(path, name)
     assert_bits_equal(t[:a].read().result(), good[:a], "chunks before the damaged one")  # damage stays local
     assert_bits_equal(t[b:].read().result(), good[b:], "chunks after the damaged one")
-    with fkd_reader.open(copy) as r:
+    with fkdstore.open(copy) as r:
         with pytest.raises(CorruptStoreError):
             r.read(a + 1)
         rec = r.read(a - 1)  # the image just before the damaged data still reads

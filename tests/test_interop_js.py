@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from fkdstore import reader as fkd_reader
+import fkdstore
 from fkdstore.errors import CorruptStoreError
 from interop_stores import IPC, IPS, make_store
 
@@ -48,7 +48,7 @@ def test_zarrita_reads_every_array_like_fkdstore(store):
     out = json.loads(res.stdout)
     assert out["manifest_ok"] is True  # every tag recomputed in JavaScript matched
     g = zarr.open_group(str(path), mode="r")
-    with fkd_reader.open(path) as r:
+    with fkdstore.open(path) as r:
         assert out["keys"] == r.image_keys == inputs["keys"]
         rec = r.read_all()
         ours = {"key": g["key"][:], "manifest": g["manifest"][:], "image_size": r.image_sizes, "label": r.labels,
@@ -71,7 +71,7 @@ def test_zarrita_check_refuses_a_flipped_byte(store, tmp_path):
     shard_file.write_bytes(bytes(blob))
     res = run(copy)
     assert res.returncode == 1 and "crc32c mismatch" in res.stderr, (res.returncode, res.stderr)
-    with fkd_reader.open(copy) as r, pytest.raises(CorruptStoreError):
+    with fkdstore.open(copy) as r, pytest.raises(CorruptStoreError):
         r.read_batch(np.arange(IPS, 2 * IPS, IPC))
 
 
