@@ -30,6 +30,9 @@ Keys (all sizes in bytes):
 ``label_stats``
     computed on a seeded sample of written crops: ``{sampled_crops, seed, kept_mass_mean (null for hard),
     entropy_mean_nats, top1_agreement (null without ground-truth labels), distinct_top1}``.
+``compatibility``
+    data types of this store that some Zarr v3 readers lack (:func:`reader_compatibility`): a list of
+    ``{dtype, arrays, note}``, empty when the store uses core Zarr v3 types any reader has.
 ``imagenet_extrapolation``
     ``{num_images: 1281167, crops_per_image, bytes (this library, from this store's measured bytes per
     crop), paper_formula_bytes (Table 2's formula at the same shape), paper_table2 (the paper's printed
@@ -68,7 +71,7 @@ from . import schema as S
 __all__ = [
     "IMAGENET_1K_IMAGES", "PAPER_TABLE2", "CALIBRATION", "inspect", "format_inspect", "label_stats",
     "paper_bytes", "paper_table2", "estimate_bytes", "format_estimate", "teacher_like_probs", "calibrate",
-    "human_bytes",
+    "human_bytes", "READER_GAPS", "reader_compatibility",
 ]
 
 IMAGENET_1K_IMAGES = 1_281_167
@@ -354,6 +357,26 @@ def _array_info(arr, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
     }
 
 
+# Data types a store may use that some Zarr v3 readers lack (spec/format-v2.md section 3), with what to do.
+READER_GAPS: dict[str, str] = {
+    "float16": "JavaScript readers need Float16Array (ES2025; Node.js 20 lacks it) or a bit-exact polyfill, "
+               "else they refuse (zarrita); float32 or q8 fields avoid it",
+    "string": "a zarr-python extension, not core Zarr v3: TensorStore and other core readers cannot open it; "
+              "`fkdstore convert` rewrites the store as format 2.0 (uint8 keys)",
+}
+
+
+def reader_compatibility(arrays: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries of :data:`READER_GAPS` this store hits: ``[{dtype, arrays, note}]`` from :func:`inspect`'s
+    ``arrays`` dict (``{name: {"dtype": ...}}``); empty when every array has a type every reader has."""
+    out = []
+    for dtype, note in READER_GAPS.items():
+        names = [n for n, a in arrays.items() if a["dtype"] == dtype]
+        if names:
+            out.append({"dtype": dtype, "arrays": names, "note": note})
+    return out
+
+
 def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> dict[str, Any]:
     """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring)."""
     from . import reader as _reader
@@ -394,6 +417,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> di
         "aug_bytes_per_crop": aug / crops if crops else None,
         "meta": dict(h.meta), "sampler": h.meta.get("sampler"), "teacher": h.meta.get("teacher"),
         "label_stats": label_stats(r, sample=sample, seed=seed),
+        "compatibility": reader_compatibility(arrays),
         "imagenet_extrapolation": {
             "num_images": IMAGENET_1K_IMAGES, "crops_per_image": h.crops_per_image,
             "bytes": ext_bytes,
@@ -448,6 +472,8 @@ def format_inspect(d: dict[str, Any]) -> str:
         f"total      {human_bytes(d['total_bytes'])} ({d['total_bytes']:,} bytes) in {d['total_files']} files",
         f"per crop   {_fmt(d['bytes_per_crop'], '.2f')} B (labels {_fmt(d['label_bytes_per_crop'], '.2f')} B, "
         f"box/flip {_fmt(d['box_bytes_per_crop'], '.2f')} B, aug {_fmt(d.get('aug_bytes_per_crop'), '.2f')} B)",
+        *([f"readers    {c['dtype']} in {', '.join(c['arrays'])}: {c['note']}" for c in d["compatibility"]]
+          or ["readers    core Zarr v3 data types only: any Zarr v3 reader with the spec's codecs reads it"]),
         "",
         f"sampler    {_short(d['sampler'], 320) if d['sampler'] is not None else '-'}",
         f"teacher    {_short(d['teacher'], 320) if d['teacher'] is not None else '-'}",
