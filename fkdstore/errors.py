@@ -40,6 +40,12 @@ class ConcurrentWriterError(FkdstoreError):
     """Another writer owns the shard this writer was about to write (two writers on one shard lose data)."""
 
 
+class StorageError(FkdstoreError):
+    """A store's location cannot be reached: a URL whose scheme no installed filesystem handles or that
+    names no bucket, a missing bucket, credentials the server refuses (or none found), an endpoint that does
+    not answer. The one-line message names the URL and the cause (:func:`fkdstore.storage.check_reachable`)."""
+
+
 class ConversionError(FkdstoreError):
     """A conversion or import cannot be done (e.g. a codec cannot be derived from another), with the reason."""
 

@@ -153,6 +153,22 @@ class Manifest:
             self._cache.popitem(last=False)
         return tags
 
+    def prefetch(self, shards) -> None:
+        """Read the uncached manifest chunks of ``shards`` in one Zarr read of the rows they span (its chunks
+        are fetched concurrently); damage is left for :meth:`shard` to report, shard by shard."""
+        todo = sorted(s for s in shards if s not in self._cache)[:MANIFEST_CACHE_SHARDS]
+        if len(todo) < 2 or todo[-1] - todo[0] + 1 > 2 * len(todo):  # only nearly contiguous runs of shards
+            return
+        a, b = todo[0] * self.cps, min(self.num_chunks, (todo[-1] + 1) * self.cps)
+        try:
+            rows = np.asarray(self._read_rows(a, b), dtype=np.uint32)
+        except Exception:  # pragma: no cover - reported per shard by shard()
+            return
+        for s in todo:
+            self._cache[s] = rows[s * self.cps - a:min(self.num_chunks, (s + 1) * self.cps) - a]
+        while len(self._cache) > MANIFEST_CACHE_SHARDS:
+            self._cache.popitem(last=False)
+
     def missing_note(self, s: int) -> str:
         """A hint for a mismatch message when the manifest chunk of shard ``s`` itself is absent."""
         key = self.meta.chunk_key((s, 0))
@@ -235,9 +251,10 @@ class ShardedArray:
                 f"{self.shard_key(c // self.per_shard)})")
 
     # -- shard indexes
-    def _indexes(self, shards) -> tuple[dict[int, np.ndarray | None], dict[int, Exception]]:
+    def _indexes(self, shards, raws=None) -> tuple[dict[int, np.ndarray | None], dict[int, Exception]]:
         """Fetch (one batch of suffix reads) and cache the indexes of ``shards``. Returns ``({shard: index or
-        None for a missing file}, {shard: error})``; damaged indexes are not cached."""
+        None for a missing file}, {shard: error})``; damaged indexes are not cached. ``raws``: the suffixes
+        of the uncached ones, already fetched (:func:`load_many` fetches several arrays' at once)."""
         got: dict[int, np.ndarray | None] = {}
         todo = []
         for s in shards:
@@ -250,7 +267,8 @@ class ShardedArray:
         if not todo:
             return got, bad
         n = self.per_shard * 16 + 4
-        raws = self.source.read_suffixes([(self.shard_key(s), n) for s in todo])
+        if raws is None:
+            raws = self.source.read_suffixes([(self.shard_key(s), n) for s in todo])
         for s, raw in zip(todo, raws):
             if raw is None:
                 self._index[s] = got[s] = None
@@ -476,9 +494,10 @@ def load_many(items) -> list[tuple[np.ndarray, list[Exception | None]]]:
     """Load chunks of several arrays of one store at once: ``items`` = ``[(array, chunk ids, need), ...]``.
     The byte ranges of all of them go to the source in ONE call (concurrent and coalesced for a remote
     store, so a batch costs one round of latency, not one per array). Returns ``[(data, errors), ...]``."""
-    plans = [a._plan(cs, need) for a, cs, need in items]
-    if not plans:
+    if not items:
         return []
+    _prefetch(items)
+    plans = [a._plan(cs, need) for a, cs, need in items]
     source = plans[0].array.source
     requests = [r for p in plans for r in p.requests]
     blobs = source.read_ranges(requests) if requests else []
@@ -488,6 +507,27 @@ def load_many(items) -> list[tuple[np.ndarray, list[Exception | None]]]:
         p.array._finish(p, blobs[k:k + n])
         k += n
     return [(p.out, p.errors) for p in plans]
+
+
+def _prefetch(items) -> None:
+    """Fetch the uncached shard indexes of every array in ``items`` in ONE suffix-read call, then the
+    uncached manifest chunks of their shards in one Zarr read: on a remote store this is one round of
+    latency for all arrays, not one per array (and one per shard for the manifest)."""
+    wants = []
+    for a, cs, _ in items:
+        if a.fast and len(cs):
+            todo = [s for s in sorted(set((np.asarray(cs) // a.per_shard).tolist())) if s not in a._index]
+            if todo:
+                wants.append((a, todo))
+    if len(wants) > 1:
+        raws = wants[0][0].source.read_suffixes([(a.shard_key(s), a.per_shard * 16 + 4) for a, t in wants for s in t])
+        k = 0
+        for a, todo in wants:
+            a._indexes(todo, raws[k:k + len(todo)])
+            k += len(todo)
+    manifest = next((a.manifest for a, _, _ in items if a.manifest is not None), None)
+    if manifest is not None:
+        manifest.prefetch({int(s) for a, cs, _ in items for s in (np.asarray(cs) // a.per_shard).tolist()})
 
 
 def take_many(arrays, cs: np.ndarray) -> list[np.ndarray]:

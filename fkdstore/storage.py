@@ -4,19 +4,37 @@ own store layer (:class:`zarr.storage.LocalStore` for paths, :class:`zarr.storag
 Every entry point that takes a store location (``open``, ``write``, ``generate``, ``TorchDataset``, the CLI)
 calls :func:`as_store`; nothing else in fkdstore parses paths or URLs. Credentials come the usual way for
 the scheme (environment, profiles) or through ``storage_options`` (passed to fsspec).
+
+Unreachable locations: :func:`as_store` checks a URL with one request (:func:`check_reachable`) and turns
+every way of not reaching it (unknown scheme, no bucket in the URL, missing bucket, refused or missing
+credentials, an endpoint that does not answer) into one :class:`~fkdstore.errors.StorageError` whose
+one-line message names the URL and the cause; :func:`storage_error` does the same mapping for an error
+raised later, mid-read or mid-write.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import FormatError
+from .errors import StorageError
 
-__all__ = ["as_store", "is_url", "local_root", "describe", "ByteSource", "LocalSource", "StoreSource", "byte_source",
-           "coalesce"]
+__all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "ByteSource",
+           "LocalSource", "StoreSource", "byte_source", "coalesce"]
+
+# Schemes whose first path component is a bucket (container) that must exist before a store is written.
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+_CREDENTIALS_HINT = {
+    "s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or storage_options key/secret/profile",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS or storage_options token",
+    "az": "AZURE_STORAGE_* variables or storage_options account_name/account_key/sas_token",
+}
+_CREDENTIALS_HINT |= {"s3a": _CREDENTIALS_HINT["s3"], "gcs": _CREDENTIALS_HINT["gs"],
+                      "abfs": _CREDENTIALS_HINT["az"], "abfss": _CREDENTIALS_HINT["az"]}
+_HALF_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")  # "s3:/bucket": a URL with a slash missing
 
 
 def is_url(location: Any) -> bool:
@@ -24,8 +42,18 @@ def is_url(location: Any) -> bool:
     return isinstance(location, str) and "://" in location and not location.startswith("file://")
 
 
-def as_store(location: str | os.PathLike, *, read_only: bool, storage_options: Mapping[str, Any] | None = None):
-    """A Zarr v3 store for a local path or a URL. ``storage_options`` are only valid with a URL."""
+def as_store(
+    location: str | os.PathLike,
+    *,
+    read_only: bool,
+    storage_options: Mapping[str, Any] | None = None,
+    check: bool = True,
+):
+    """A Zarr v3 store for a local path or a URL. ``storage_options`` are only valid with a URL.
+
+    With ``check`` (default) a URL is probed once (:func:`check_reachable`), so a bad URL, a missing bucket,
+    wrong credentials or a dead endpoint raise :class:`StorageError` here, before anything else is done.
+    """
     import zarr.abc.store
     import zarr.storage
 
@@ -33,15 +61,41 @@ def as_store(location: str | os.PathLike, *, read_only: bool, storage_options: M
         return location
     if is_url(location):
         try:
-            return zarr.storage.FsspecStore.from_url(
-                str(location), storage_options=dict(storage_options or {}), read_only=read_only
+            store = zarr.storage.FsspecStore.from_url(
+                str(location), storage_options=_with_defaults(str(location), storage_options), read_only=read_only
             )
         except ImportError as e:
-            raise FormatError(f"{location}: reading this URL needs an fsspec filesystem package ({e})") from None
+            raise StorageError(f"{location}: this URL needs an fsspec filesystem package that is not "
+                               f"installed ({_one_line(e)}); for s3:// install fkdstore[s3]") from None
+        except ValueError as e:  # fsspec: "Protocol not known: s4"
+            scheme = str(location).split("://", 1)[0]
+            raise StorageError(f"{location}: no installed filesystem handles the URL scheme {scheme!r} "
+                               f"({_one_line(e)})") from None
+        if check:
+            check_reachable(store)
+        return store
+    if isinstance(location, str) and _HALF_URL.match(location):
+        raise StorageError(f"{location}: not a valid URL (a URL is SCHEME://BUCKET/PATH; a local path "
+                           f"never starts with 'SCHEME:/')")
     if storage_options:
         raise TypeError(f"storage_options apply to URLs only. Got a local path {str(location)!r}.")
     path = str(location)[len("file://"):] if str(location).startswith("file://") else location
     return zarr.storage.LocalStore(Path(path), read_only=read_only)
+
+
+# s3fs defaults that cost round trips on the small objects of a store: a whole-object read with
+# max_concurrency > 1 first asks for the size (a HEAD before every GET), and botocore keeps at most 10
+# connections, which caps the concurrent range requests of one read_batch/read_all round.
+S3_DEFAULTS = {"max_concurrency": 1, "config_kwargs": {"max_pool_connections": 64}}
+
+
+def _with_defaults(url: str, storage_options: Mapping[str, Any] | None) -> dict:
+    """``storage_options`` plus :data:`S3_DEFAULTS` for ``s3://`` URLs (the caller's values win)."""
+    opts = dict(storage_options or {})
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        opts.setdefault("max_concurrency", S3_DEFAULTS["max_concurrency"])
+        opts["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **dict(opts.get("config_kwargs") or {})}
+    return opts
 
 
 def local_root(store) -> str | None:
@@ -57,10 +111,72 @@ def describe(store) -> str:
     if root is not None:
         return root
     path = getattr(store, "path", "")
-    fs = getattr(store, "fs", None)
-    proto = getattr(fs, "protocol", None)
-    proto = proto[0] if isinstance(proto, (tuple, list)) else proto
+    proto = _protocol(getattr(store, "fs", None))
     return f"{proto}://{path}" if proto else str(store)
+
+
+def _protocol(fs) -> str | None:
+    proto = getattr(fs, "protocol", None)
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def check_reachable(store) -> None:
+    """Probe a remote store once; raise :class:`StorageError` (one line) when it cannot be reached.
+
+    Probes ``<store>/zarr.json`` (an object a reader needs anyway); when that is absent and the scheme has
+    buckets, probes the bucket, so "no such bucket" is told apart from "no store here yet" (which is fine
+    for a writer; a reader then raises :class:`~fkdstore.errors.FormatError`). Local stores: no-op (a
+    missing folder is reported by the reader).
+    """
+    fs = getattr(store, "fs", None)
+    if fs is None or local_root(store) is not None:
+        return
+    from zarr.core.sync import sync
+
+    proto = _protocol(fs)
+    root = str(store.path).strip("/")
+    bucket = root.split("/", 1)[0]
+    if proto in BUCKET_PROTOCOLS and not bucket:
+        raise StorageError(f"{describe(store)}: the URL names no bucket (expected {proto}://BUCKET/PATH)")
+    try:
+        sync(fs._info(f"{root}/zarr.json" if root else "zarr.json"))
+        return
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        raise storage_error(e, store) from None
+    if proto not in BUCKET_PROTOCOLS:
+        return
+    try:
+        sync(fs._info(bucket))
+    except FileNotFoundError:
+        raise StorageError(f"{describe(store)}: bucket {bucket!r} does not exist") from None
+    except Exception as e:
+        raise storage_error(e, store) from None
+
+
+def storage_error(e: BaseException, store) -> StorageError:
+    """The :class:`StorageError` (one line naming the store and the cause) for an exception raised by a
+    remote filesystem: refused credentials, no credentials, an endpoint that does not answer, else the
+    original message. An existing :class:`StorageError` is returned unchanged."""
+    if isinstance(e, StorageError):
+        return e
+    where = describe(store)
+    proto = _protocol(getattr(store, "fs", None))
+    names = {c.__name__ for c in type(e).__mro__}
+    hint = _CREDENTIALS_HINT.get(proto or "", "the filesystem's credential settings or storage_options")
+    if "NoCredentialsError" in names:
+        return StorageError(f"{where}: no credentials found; set {hint}")
+    if isinstance(e, PermissionError) or names & {"ClientAuthenticationError", "Forbidden", "Unauthorized"}:
+        return StorageError(f"{where}: access denied ({_one_line(e)}); check the credentials ({hint})")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError"} \
+            or isinstance(e, (ConnectionError, TimeoutError)):
+        return StorageError(f"{where}: cannot connect to the storage endpoint ({_one_line(e)})")
+    return StorageError(f"{where}: {type(e).__name__}: {_one_line(e)}")
 
 
 # ------------------------------------------------------------------------------------- byte-range layer

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import schema as S
-from .errors import CorruptChunkError, CorruptStoreError, FkdstoreError
+from .errors import CorruptChunkError, CorruptStoreError, FkdstoreError, StorageError
 from .shard import load_many
 
 __all__ = ["verify", "MAX_PER_CHECK", "MAX_IMAGES"]
@@ -65,6 +65,8 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
     meta_problems: list[str] = []
     try:
         reader = Reader(path, storage_options=storage_options, _problems=meta_problems)
+    except StorageError:  # the location cannot be reached: not a problem of the store (one line, exit 1)
+        raise
     except (FkdstoreError, ValueError, KeyError, TypeError, OSError) as e:
         return [f"cannot open store: {e}"]
     for msg in meta_problems:

@@ -1,0 +1,188 @@
+"""Reading labels from S3-compatible object storage vs local disk, at an added per-request latency.
+
+    python benchmarks/remote_read.py                      # 20,000 images x 32 crops, MS top-5, C = 1000
+    python benchmarks/remote_read.py --num-images 100000 --delay-ms 20 --json out.json
+
+One ImageNet-shaped store (image sizes 200..500 px, teacher-like top-5 labels) is written once to a local
+folder and once to a moto S3 server on 127.0.0.1 (``tests/s3util.py``: the server runs in a child
+process), both through :func:`fkdstore.write`. Reads from S3 go through a latency proxy in that child
+process, which holds every HTTP request for ``--delay-ms`` before forwarding it (a stand-in for a network
+round trip; moto itself answers in well under a millisecond of network time) and counts requests. Both
+sides are measured in the same run, cold (a fresh :func:`fkdstore.open` each time, so no shard index or
+chunk is cached):
+
+* open: requests and seconds for :func:`fkdstore.open`;
+* epoch preload: ``read_all(slots)`` with ``m`` slots per image (what an epoch of ``TorchDataset`` needs);
+* random batches: ``read_batch(indices, slots)`` of ``--batch`` random images, throughput and requests
+  per batch.
+
+The local side reads from the page cache (the store was just written), the fastest local disk there is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # this checkout; the S3 server lives with the tests
+
+import fkdstore  # noqa: E402
+from fkdstore.reader import open as open_store  # noqa: E402
+
+from s3util import S3Server  # noqa: E402
+
+TARGET_RATIO = 3.0  # epoch preload from S3 within 3x of local disk
+
+
+def make_labels(N: int, M: int, C: int, k: int, seed: int):
+    """Image sizes, boxes, flips and MS top-``k`` fields like a teacher's (distinct indices, decreasing
+    probabilities summing to < 1), generated directly (no (N, M, C) tensor)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(200, 501, size=(N, 2))
+    H, W = sizes[:, None, 0], sizes[:, None, 1]
+    h = (8 + rng.random((N, M)) * (H - 8)).astype(np.int64)
+    w = (8 + rng.random((N, M)) * (W - 8)).astype(np.int64)
+    top = (rng.random((N, M)) * (H - h + 1)).astype(np.int64)
+    left = (rng.random((N, M)) * (W - w + 1)).astype(np.int64)
+    boxes = np.stack([top, left, h, w], -1)
+    flips = rng.random((N, M)) < 0.5
+    steps = np.concatenate([np.zeros((N, M, 1), np.int64), rng.integers(1, C // (2 * k), (N, M, k - 1))], -1)
+    indices = (rng.integers(0, C, (N, M, 1)) + np.cumsum(steps, -1)) % C
+    p1 = 0.3 + 0.65 * rng.random((N, M, 1))
+    r = 0.05 + 0.45 * rng.random((N, M, 1))
+    probs = p1 * r ** np.arange(k)
+    probs = probs / np.maximum(1.0, probs.sum(-1, keepdims=True) / 0.999)
+    return sizes, boxes, flips, {"indices": indices.astype(np.uint16), "probs": probs.astype(np.float16)}
+
+
+def write_store(location, data, N, M, C, k, storage_options=None) -> float:
+    sizes, boxes, flips, fields = data
+    t = time.perf_counter()
+    w = fkdstore.write(location, num_images=N, crops_per_image=M, num_classes=C, codec={"name": "ms", "k": k},
+                       image_keys=[f"n{i // 1300:08d}/img_{i:08d}.JPEG" for i in range(N)], image_sizes=sizes,
+                       storage_options=storage_options)
+    step = 4096
+    for a in range(0, N, step):
+        sl = slice(a, min(N, a + step))
+        w.put_fields(np.arange(sl.start, sl.stop), boxes[sl], flips[sl], {n: v[sl] for n, v in fields.items()})
+    w.close()
+    return time.perf_counter() - t
+
+
+def measure(open_fn, stats_fn, N: int, M: int, m: int, batch: int, batches: int, seed: int, repeats: int) -> dict:
+    """Cold open, epoch preload and random batches; ``stats_fn(reset)`` returns request counts (or None)."""
+    rng = np.random.default_rng(seed)
+    slots = np.argsort(rng.random((N, M)), axis=1)[:, :m]
+    out: dict = {}
+    stats_fn(True)
+    t = time.perf_counter()
+    r = open_fn()
+    out["open_s"] = time.perf_counter() - t
+    out["open_requests"] = (stats_fn(True) or {}).get("requests")
+    best = None
+    for _ in range(repeats):
+        r = open_fn()
+        stats_fn(True)
+        t = time.perf_counter()
+        recs = r.read_all(slots)
+        dt = time.perf_counter() - t
+        req = (stats_fn(True) or {}).get("requests")
+        if best is None or dt < best[0]:
+            best = (dt, req)
+        r.close()
+    out["read_all_s"], out["read_all_requests"] = best
+    out["read_all_records"] = int(np.prod(recs.box.shape[:2]))
+    r = open_fn()
+    order = [np.sort(rng.choice(N, batch, replace=False)) for _ in range(batches)]
+    stats_fn(True)
+    t = time.perf_counter()
+    for idx in order:
+        r.read_batch(idx, slots[idx])
+    dt = time.perf_counter() - t
+    req = (stats_fn(True) or {}).get("requests")
+    out["batch_s"] = dt / batches
+    out["batch_images_per_s"] = batch * batches / dt
+    out["batch_requests"] = None if req is None else req / batches
+    r.close()
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-images", type=int, default=20_000)
+    ap.add_argument("--crops", type=int, default=32, help="stored crops per image M")
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--m", type=int, default=4, help="slots per image an epoch uses")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--delay-ms", type=float, default=20.0, help="added latency per S3 request")
+    ap.add_argument("--repeats", type=int, default=2, help="epoch preloads per side (best is reported)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    a = ap.parse_args(argv)
+    N, M, C, k = a.num_images, a.crops, a.classes, a.k
+    data = make_labels(N, M, C, k, a.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="fkd-remote-"))
+    res: dict = {"num_images": N, "crops_per_image": M, "num_classes": C, "codec": f"ms k={k}", "m": a.m,
+                 "batch": a.batch, "delay_ms": a.delay_ms}
+    try:
+        with S3Server(delay_ms=a.delay_ms, auth=False) as s3:
+            url = s3.make_bucket("bench") + "/labels.fkd"
+            res["write_local_s"] = write_store(tmp / "labels.fkd", data, N, M, C, k)
+            res["write_s3_s"] = write_store(url, data, N, M, C, k, storage_options=s3.storage_options())
+            so = s3.storage_options(proxy=True)
+            with open_store(tmp / "labels.fkd") as r:
+                res["store_bytes"] = sum(f.stat().st_size for f in (tmp / "labels.fkd").rglob("*") if f.is_file())
+                res["layout"] = {"images_per_chunk": r.header.images_per_chunk,
+                                 "images_per_shard": r.header.images_per_shard, "shards": r.header.num_shards}
+            args = (N, M, a.m, a.batch, a.batches, a.seed, a.repeats)
+            res["local"] = measure(lambda: open_store(tmp / "labels.fkd"), lambda reset: None, *args)
+            res["s3"] = measure(lambda: open_store(url, storage_options=so), lambda reset: s3.proxy_stats(reset), *args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lo, s = res["local"], res["s3"]
+    res["read_all_ratio"] = s["read_all_s"] / lo["read_all_s"]
+    res["target_met"] = res["read_all_ratio"] <= TARGET_RATIO
+    print(report(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+def report(res: dict) -> str:
+    lo, s = res["local"], res["s3"]
+    n = res["read_all_records"] if "read_all_records" in res else s["read_all_records"]
+    L = [f"store: {res['num_images']:,} images x {res['crops_per_image']} crops, {res['num_classes']} classes, "
+         f"{res['codec']}, {res['store_bytes'] / 2**20:.1f} MiB, {res['layout']['shards']} shards of "
+         f"{res['layout']['images_per_shard']} images (chunks of {res['layout']['images_per_chunk']}); "
+         f"S3 = moto on 127.0.0.1 + {res['delay_ms']:g} ms per request; written in {res['write_local_s']:.1f} s "
+         f"(local) / {res['write_s3_s']:.1f} s (S3, no added latency)",
+         "",
+         "| what | local disk | S3 (+latency) | S3 / local |",
+         "|---|---:|---:|---:|",
+         f"| open: seconds (requests) | {lo['open_s']:.3f} | {s['open_s']:.3f} ({s['open_requests']}) | "
+         f"{s['open_s'] / lo['open_s']:.1f}x |",
+         f"| epoch preload read_all(m={res['m']}): seconds (requests) | {lo['read_all_s']:.3f} | "
+         f"{s['read_all_s']:.3f} ({s['read_all_requests']}) | **{res['read_all_ratio']:.2f}x** |",
+         f"| epoch preload: records per second | {n / lo['read_all_s']:,.0f} | {n / s['read_all_s']:,.0f} | |",
+         f"| random read_batch({res['batch']}): ms per batch (requests per batch) | {1e3 * lo['batch_s']:.1f} | "
+         f"{1e3 * s['batch_s']:.1f} ({s['batch_requests']:.1f}) | {s['batch_s'] / lo['batch_s']:.1f}x |",
+         f"| random read_batch({res['batch']}): images per second | {lo['batch_images_per_s']:,.0f} | "
+         f"{s['batch_images_per_s']:,.0f} | |",
+         "",
+         f"Epoch preload from S3 within {TARGET_RATIO:g}x of local disk: "
+         f"{'met' if res['target_met'] else 'MISSED'} ({res['read_all_ratio']:.2f}x)."]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
