@@ -86,9 +86,19 @@ def _list_folder(root: Path) -> ImageList:
         raise ValidationError(f"images must be a folder or a list of files, got the file {root}")
     root = root.resolve()
     keys: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    seen_dirs: set[tuple[int, int]] = set()  # (device, inode) of every folder entered: symlinked folders are
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # followed, each at most once
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            raise ValidationError(
+                f"image folder {root} contains a symlink loop (or two links to one folder): "
+                f"{dirpath} was already listed; remove the link"
+            )
+        seen_dirs.add((st.st_dev, st.st_ino))
         dirnames.sort()
         rel = Path(dirpath).relative_to(root)
+        for name in (*dirnames, *filenames):
+            _check_utf8_name(Path(dirpath) / name)
         keys.extend((rel / name).as_posix() for name in filenames if _is_image(name))
     if not keys:
         raise ValidationError(f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -98,6 +108,19 @@ def _list_folder(root: Path) -> ImageList:
     labels = [class_index[k.split("/", 1)[0]] if "/" in k else -1 for k in keys]
     paths = [str(root.joinpath(*k.split("/"))) for k in keys]
     return ImageList(root=str(root), keys=keys, paths=paths, labels=labels, classes=classes)
+
+
+def _check_utf8_name(path: Path) -> None:
+    """Image keys are UTF-8 (spec 2.0): a file or folder name that is not valid UTF-8 (Python shows its
+    undecodable bytes as surrogate escapes) is refused before anything is written, naming its raw bytes."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(path.name)
+        raise ValidationError(
+            f"image file and folder names must be valid UTF-8 (they become the store's keys). "
+            f"Got {raw!r} in {os.fsencode(path.parent)!r}; rename it"
+        ) from None
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

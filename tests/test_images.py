@@ -124,3 +124,21 @@ def test_image_size_does_not_decode(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", boom)
     assert image_size(path) == (31, 17)
     assert image_size(str(path)) == (31, 17)
+
+
+def test_symlink_loop_is_refused_not_followed_forever(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "x.png")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")  # a/loop -> a
+    with pytest.raises(ValidationError, match="symlink loop"):
+        list_images(tmp_path)
+
+
+def test_non_utf8_file_name_is_refused_naming_its_bytes(tmp_path):
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "c" / "ok.png")
+    bad = os.path.join(os.fsencode(tmp_path / "c"), b"caf\xe9.png")  # Latin-1, not UTF-8
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    with pytest.raises(ValidationError, match=r"valid UTF-8.*caf\\xe9\.png"):
+        list_images(tmp_path)
