@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import augment as _augment
 from . import codecs as _codecs
 from . import schema as S
 from . import reader as _reader
@@ -168,6 +169,7 @@ class _Job:
     inputs: TeacherInputs
     execution: Execution
     provenance: Provenance = field(default_factory=Provenance)
+    augment: _augment.Pipeline = field(default_factory=_augment.Pipeline)
 
     @property
     def images_per_batch(self) -> int:
@@ -203,6 +205,7 @@ def generate(
     progress: bool = True,
     teacher_name: str | None = None,
     weights_sha256: str | None = None,
+    augment: Any = None,
 ) -> _reader.Reader:
     """Label ``images`` with ``teacher`` and write (or finish) the store at ``path``; return it opened.
 
@@ -228,6 +231,12 @@ def generate(
         amp: on CUDA run the teacher under autocast (bf16 where supported, else fp16). Ignored on CPU.
         progress: show a tqdm bar (images/s, crops/s) and print a one-line summary (rank 0 only).
         teacher_name, weights_sha256: provenance; ``teacher_name`` defaults to the module's class path.
+        augment: augmentation policies applied after the crop (:func:`fkdstore.augment.parse_augment`: a
+            :class:`~fkdstore.augment.Pipeline`, a spec string such as ``"randaugment:num_ops=2;mixup"`` or a
+            list of policy configs). Each slot's params are sampled from ``(seed, image, slot)`` only, stored
+            as the store's ``aug/<column>`` arrays, and the teacher labels the augmented (for Mixup/CutMix:
+            mixed, with the partner's crop and params) pixels; the pipeline config is the header's
+            ``augment``. ``None``: crop and flip only.
 
     Returns the :class:`fkdstore.Reader` of the store (``complete`` unless images were skipped).
 
@@ -241,6 +250,7 @@ def generate(
         inputs=TeacherInputs(input_size, mean, std, interpolation),
         execution=Execution(batch_size, device, num_workers, on_error, amp, progress),
         provenance=Provenance(teacher_name, weights_sha256),
+        augment=_augment.parse_augment(augment),
     )
     return _run(teacher, images, Path(path), job, t_start)
 
@@ -255,7 +265,8 @@ def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float)
     with Collectives() as comm:
         writer, sizes, skipped = open_or_create_store(out, listing, job, num_classes, meta, comm)
         plan = plan_shards(writer.header, writer.written, comm.world, job.images_per_batch)
-        dataset = _CropDataset(listing.paths, sizes, job.sampler, job.labels.crops_per_image, job.inputs)
+        dataset = _CropDataset(listing.paths, sizes, job.sampler, job.labels.crops_per_image, job.inputs,
+                               augment=job.augment, seed=job.sampler.seed)
         done = label_shards(forward, writer, dataset, plan, listing.keys, job, num_classes, skipped,
                             show_progress=job.execution.progress and comm.world.is_leader, name=out.name)
         writer.close()
@@ -336,6 +347,7 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
     common = dict(
         num_images=len(listing), crops_per_image=spec.crops_per_image, num_classes=num_classes, codec=spec.codec,
         image_keys=listing.keys, labels=labels, meta=meta, images_per_shard=spec.images_per_shard,
+        aug=[c.to_json() for c in job.augment.columns()], augment=job.augment.get_config(),
     )
     skipped: list[str] = []
     err = None
@@ -434,9 +446,11 @@ class _CropDataset(torch.utils.data.Dataset):
     augmentation pipeline (whose per-crop columns would travel next to boxes and flips) later.
     """
 
-    def __init__(self, paths, sizes, crops, M: int, inputs: TeacherInputs):
+    def __init__(self, paths, sizes, crops, M: int, inputs: TeacherInputs, augment=None, seed: int = 0):
         self.paths, self.sizes, self.crops = list(paths), np.asarray(sizes), crops
         self.M, self.inputs = M, inputs
+        self.augment = augment if augment is not None and len(augment) else None
+        self.seed = seed  # of the augmentation params (the crop sampler's seed)
 
     def __len__(self):
         return len(self.paths)
@@ -454,21 +468,63 @@ class _CropDataset(torch.utils.data.Dataset):
             msg = f"{e}" if isinstance(e, ImageReadError) else f"cannot read image {self.paths[i]}: {e}"
             return i, None, None, None, msg
         boxes, flips = self.crops.sample(i, H, W, self.M)
-        crops = replay_crops(img, boxes, flips, self.inputs.size, self.inputs.interpolation)
-        return i, boxes, flips, crops, None
+        if self.augment is None:
+            crops = replay_crops(img, boxes, flips, self.inputs.size, self.inputs.interpolation)
+            return i, boxes, flips, crops, None
+        try:
+            params, crops = self._augmented(i, img, boxes, flips)
+        except (ImageReadError, OSError) as e:
+            return i, None, None, None, f"image {self.paths[i]}: {e}"
+        return i, boxes, flips, (crops, params), None
+
+    def _params(self, i: int, slots) -> dict[str, np.ndarray]:
+        """Slot params of image ``i``, sampled from ``(seed, i, slot)`` (the crop sampler's seed)."""
+        size = (self.inputs.size, self.inputs.size)
+        return self.augment.sample(self.seed, i, slots, image_size=size, num_images=len(self.paths),
+                                   crops_per_image=self.M)
+
+    def _augmented(self, i: int, img, boxes, flips):
+        """``(params, uint8 [M, 3, S, S])``: every slot replayed by :func:`fkdstore.augment.replay.replay_slots`;
+        a mixing partner ``(j, t)`` is image ``j`` decoded, its slot ``t``'s box/flip and sampled params."""
+        from .augment.replay import Partner, replay_slots
+
+        params = self._params(i, np.arange(self.M))
+        decoded = {i: img}
+
+        def partner(j: int, t: int) -> Partner:
+            if j not in decoded:
+                pimg = load_image(self.paths[j])
+                Hj, Wj = (int(v) for v in self.sizes[j])
+                if pimg.size != (Wj, Hj):
+                    raise ImageReadError(f"mixing partner {self.paths[j]} decodes to height x width "
+                                         f"{pimg.size[1]} x {pimg.size[0]}, but the store says {Hj} x {Wj}")
+                decoded[j] = pimg
+            Hj, Wj = (int(v) for v in self.sizes[j])
+            pboxes, pflips = self.crops.sample(j, Hj, Wj, self.M)
+            return Partner(decoded[j], pboxes[t], bool(pflips[t]), _augment.slot_params(self._params(j, [t]), 0))
+
+        size = (self.inputs.size, self.inputs.size)
+        hwc = replay_slots(self.augment, img, boxes, flips, params, size, self.inputs.interpolation, partner)
+        return params, torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
 
 
 def _collate(items):
-    """``(indices, boxes, flips, crops, [(index, error message)])`` of one batch of images."""
+    """``(indices, boxes, flips, crops, [(index, error message)], aug)`` of one batch of images; ``aug`` is
+    ``{column: (B, M, *shape)}`` for an augmentation pipeline, else None."""
     ok = [it for it in items if it[4] is None]
     errors = [(it[0], it[4]) for it in items if it[4] is not None]
     if not ok:
-        return np.zeros(0, np.int64), None, None, None, errors
+        return np.zeros(0, np.int64), None, None, None, errors, None
     idx = np.asarray([it[0] for it in ok], dtype=np.int64)
     boxes = np.stack([it[1] for it in ok])
     flips = np.stack([it[2] for it in ok])
-    crops = torch.stack([it[3] for it in ok])
-    return idx, boxes, flips, crops, errors
+    aug = None
+    if isinstance(ok[0][3], tuple):  # augmented items carry (crops, params)
+        aug = {k: np.stack([it[3][1][k] for it in ok]) for k in ok[0][3][1]}
+        crops = torch.stack([it[3][0] for it in ok])
+    else:
+        crops = torch.stack([it[3] for it in ok])
+    return idx, boxes, flips, crops, errors, aug
 
 
 def _worker_init(_):
@@ -499,11 +555,11 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for b, (idx, boxes, flips, crops, errors) in enumerate(loader):
+            for b, (idx, boxes, flips, crops, errors, aug) in enumerate(loader):
                 _handle_read_errors(errors, keys, ex.on_error, skipped)
                 if len(idx):
                     fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]])
-                    writer.put_fields(idx, boxes, flips, fields)
+                    writer.put_fields(idx, boxes, flips, fields, aug=aug)
                     done += len(idx)
                 if b in plan.shard_ends:
                     writer.flush()

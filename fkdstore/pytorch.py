@@ -25,6 +25,20 @@ key                value                         meaning
 ``slots``          [m] int64                     which stored crop slots were used
 =================  ============================  ===========================================================
 
+A store made with augmentation policies (``generate(augment=...)``, header ``augment``) is replayed
+pixel-exactly from its stored ``aug`` columns by :func:`fkdstore.augment.replay.replay_slots`, the
+function the teacher-runner called (a mixed slot also loads its partner image and reads the partner
+slot's box, flip and params). Its items hold four more keys (P = number of mixing policies):
+
+=================  ============================  ===========================================================
+``mixed``          [m] bool                      the slot was mixed by at least one policy
+``lam``            [m] float32                   weight of the image's own ``target`` in the mixed pixels
+``partner_target`` [m, P] int64                  ground-truth class of each policy's partner (-1: not mixed)
+``partner_weight`` [m, P] float32                its weight; ``lam + partner_weight.sum(-1) == 1``
+=================  ============================  ===========================================================
+
+(for a hard-label term: ``lam * CE(target) + sum_p partner_weight[:, p] * CE(partner_target[:, p])``).
+
 Epoch-to-slot rule (:func:`epoch_slots`): image ``i`` walks its own sequence of permutations of the ``M``
 slots; permutation number ``c`` is ``default_rng(SeedSequence([seed, i, c])).permutation(M)``, and epoch
 ``e`` uses positions ``e*m ... e*m + m - 1`` of the concatenated sequence. Consecutive epochs therefore use
@@ -53,14 +67,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import augment as _augment
 from . import codecs as _codecs
-from .errors import IncompleteStoreError, ValidationError
+from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
 from .images import list_images, load_image
 from .reader import Reader
 from .reader import open as _open_store
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize as _normalize, replay_crops
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize as _normalize, replay_crops, write_crops
 
-__all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots"]
+__all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch", "BatchMix"]
 
 DEFAULT_OUTPUT_SIZE = 224
 LABEL_MODES = ("dense", "sparse")
@@ -197,6 +212,9 @@ class TorchDataset(torch.utils.data.Dataset):
                 f"not written (first: image {first}, {os.path.basename(self._paths[first])!r}); finish "
                 f"generating it, or pass allow_incomplete=True to train on the written images only")
         self.image_indices = np.flatnonzero(written).astype(np.int64)
+        # Validated at open (fkdstore.reader refuses unknown policies); None = crop and flip only (fast path).
+        pipeline = _augment.parse_augment(list(reader.header.augment))
+        self.augment = pipeline if len(pipeline) else None
 
         # The epoch lives in shared memory so persistent DataLoader workers see set_epoch() too.
         self._epoch = torch.zeros((), dtype=torch.int64)
@@ -255,6 +273,8 @@ class TorchDataset(torch.utils.data.Dataset):
             raise IndexError(f"item {bad} is out of range for a dataset of {n} images")
         idx = self.image_indices[items]
         slots, rec, soft = self._read_labels(idx)
+        if self.augment is not None:
+            return self._augmented_items(idx, slots, rec, soft)
         dtype = torch.float32 if self.normalize else torch.uint8
         bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
         return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
@@ -290,6 +310,80 @@ class TorchDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             crops = self.transform(crops)
         return crops
+
+    # ------------------------------------------------------------------ augmented stores
+    def _augmented_items(self, idx: np.ndarray, slots: np.ndarray, rec, soft) -> list[dict[str, Any]]:
+        """Items of a store with an augmentation pipeline: every slot replayed from its stored params."""
+        from .augment.replay import mix_weights
+
+        self._check_params(idx, slots, rec.aug)
+        dtype = torch.float32 if self.normalize else torch.uint8
+        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
+        out = []
+        for b, i in enumerate(idx.tolist()):
+            params = {k: v[b] for k, v in rec.aug.items()}
+            crops = self._augmented_crops(i, rec.box[b], rec.flip[b], params, bufs[b])
+            lam, pidx, pw = mix_weights(self.augment, params, self.output_size)
+            ptarget = np.where(pidx >= 0, self._targets[np.maximum(pidx, 0)], -1)
+            out.append({"crops": crops, "soft_labels": soft[b], "target": int(self._targets[i]), "index": i,
+                        "slots": torch.from_numpy(slots[b]), "mixed": torch.from_numpy((pidx >= 0).any(1)),
+                        "lam": torch.from_numpy(lam.astype(np.float32)),
+                        "partner_target": torch.from_numpy(ptarget.astype(np.int64)),
+                        "partner_weight": torch.from_numpy(pw.astype(np.float32))})
+        return out
+
+    def _check_params(self, idx: np.ndarray, slots: np.ndarray, aug: Mapping[str, np.ndarray]) -> None:
+        """Stored params of a batch checked by the pipeline (ranges, partner indices); a bad value raises
+        :class:`CorruptStoreError` naming the array, the image and the slot."""
+        r = self.reader
+        kw = dict(num_images=r.num_images, crops_per_image=self.crops_per_image, image_size=self.output_size)
+        try:
+            self.augment.validate(aug, **kw)
+            return
+        except ValidationError:
+            pass
+        for b, i in enumerate(idx.tolist()):
+            for k, s in enumerate(slots[b].tolist()):
+                for pol in self.augment.policies:
+                    cols = [c.name for c in pol.columns()]
+                    try:
+                        pol.validate({c: aug[c][b, k] for c in cols}, **kw)
+                    except ValidationError as e:
+                        named = [c for c in cols if f"'{c}" in str(e)] or cols
+                        raise CorruptStoreError(
+                            f"store {r.path}: array {', '.join('aug/' + c for c in named)} (policy {pol.name!r}), "
+                            f"image {i} ({r.image_key(i)!r}), slot {s}: {e}") from None
+        raise CorruptStoreError(f"store {r.path}: the augment params of images {idx.tolist()} are not valid")
+
+    def _augmented_crops(self, i: int, boxes, flips, params, out: torch.Tensor) -> torch.Tensor:
+        from .augment.replay import Partner, replay_slots
+
+        image = self._load(i)
+        decoded = {i: image}
+        r = self.reader
+
+        def partner(j: int, t: int) -> Partner:
+            if j not in decoded:
+                decoded[j] = self._load(j)
+            rec = r.read(j, [t])
+            return Partner(decoded[j], rec.box[0], bool(rec.flip[0]), {k: v[0] for k, v in rec.aug.items()})
+
+        hwc = replay_slots(self.augment, image, boxes, flips, params, self.output_size, self.interpolation, partner)
+        write_crops(hwc, out, **({"mean": self.mean, "std": self.std} if self.normalize else {}))
+        if self.transform is not None:
+            out = self.transform(out)
+        return out
+
+    def _load(self, i: int):
+        """Image ``i`` decoded and its size checked against the store's."""
+        path = self._paths[i]
+        image = load_image(path)
+        H, W = self._sizes[i].tolist()
+        if image.size != (W, H):
+            raise ValidationError(
+                f"image {i} ({path}) has size (height={image.size[1]}, width={image.size[0]}) but the store "
+                f"recorded (height={H}, width={W}); the images changed since the labels were generated")
+        return image
 
     def __repr__(self) -> str:
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
@@ -336,7 +430,8 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Flatten B items of m crops into one multi-crop mini-batch (``collate_fn`` for DataLoader).
 
     Returns ``crops`` [B*m, 3, H, W]; ``soft_labels`` [B*m, C] (dense) or ``{name: [B*m, ...]}`` (sparse);
-    ``target``, ``index`` [B*m] int64 (each image's value repeated for its m crops); ``slots`` [B*m].
+    ``target``, ``index`` [B*m] int64 (each image's value repeated for its m crops); ``slots`` [B*m];
+    for augmented stores also ``mixed``, ``lam`` [B*m] and ``partner_target``, ``partner_weight`` [B*m, P].
     Row ``b*m + j`` is crop j of item b.
     """
     if not batch:
@@ -351,6 +446,9 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for key in ("target", "index"):
         out[key] = torch.tensor([int(b[key]) for b in batch], dtype=torch.int64).repeat_interleave(m)
     out["slots"] = _cat([torch.as_tensor(b["slots"]) for b in batch])
+    for key in ("mixed", "lam", "partner_target", "partner_weight"):  # augmented stores
+        if key in batch[0]:
+            out[key] = torch.cat([b[key] for b in batch])
     return out
 
 

@@ -475,22 +475,25 @@ def _codec_of(header: S.Header):
 
 
 def _check_augment(header: S.Header) -> None:
-    """Refuse an augmentation policy this library does not know (hook for the ``fkdstore.augment`` package:
-    it is checked when that package exists and offers ``check_config(config)`` or a ``REGISTRY``)."""
+    """Refuse an augmentation pipeline this library cannot replay: a policy name the registry of
+    :mod:`fkdstore.augment` does not know (named in the message), an invalid policy config, or declared
+    ``aug`` columns that differ from the pipeline's (format 2.0). numpy-only: no torch import."""
     if not header.augment:
         return
-    try:
-        from . import augment as _augment  # type: ignore[attr-defined]
-    except ImportError:
-        return  # no augment package in this version: the columns are still readable as plain data
-    check = getattr(_augment, "check_config", None)
-    registry = getattr(_augment, "REGISTRY", None)
+    from . import augment as _augment
+    from .augment.registry import registered_policies
+
+    known = registered_policies()
     for cfg in header.augment:
-        if check is not None:
-            try:
-                check(cfg)
-            except Exception as e:
-                raise FormatError(f"store's augment policy {cfg.get('name')!r} cannot be used: {e}") from None
-        elif registry is not None and cfg.get("name") not in registry:
+        if cfg.get("name") not in known:
             raise FormatError(f"store uses augment policy {cfg.get('name')!r}, which this version of fkdstore "
-                              f"does not know (known: {sorted(registry)}); upgrade fkdstore")
+                              f"does not know (known: {sorted(known)}); upgrade fkdstore")
+    try:
+        pipeline = _augment.Pipeline.from_config(list(header.augment))
+    except (ValidationError, TypeError) as e:
+        raise FormatError(f"store's augment pipeline {list(header.augment)} is not valid: {e}") from None
+    if header.major >= 2:
+        want = [c.to_json() for c in pipeline.columns()]
+        have = [a.to_json() for a in header.aug]
+        if want != have:
+            raise FormatError(f"store's aug columns {have} do not match its augment pipeline's columns {want}")

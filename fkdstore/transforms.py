@@ -28,6 +28,7 @@ __all__ = [
     "IMAGENET_STD",
     "crop_resize",
     "replay_crops",
+    "write_crops",
     "normalize",
 ]
 
@@ -361,6 +362,22 @@ def replay_crops(
     dst = out.numpy()
     for j, (box, flip) in enumerate(zip(box_list, flips.tolist())):
         _to_chw(_resized(image, box, shape[2:], resample), bool(flip), dst[j], norm)
+    return out
+
+
+def write_crops(pixels: np.ndarray, out: torch.Tensor, *, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> torch.Tensor:
+    """Write final uint8 crops ``pixels`` ``(m, H, W, 3)`` (e.g. augmented, already flipped) into ``out``
+    ``[m, 3, H, W]``: uint8, or float32 normalised with ``mean``/``std`` in the same pass, bit-identical to
+    :func:`normalize` (the fused layout/normalise step of :func:`replay_crops`). Returns ``out``."""
+    if (mean is None) != (std is None):
+        raise ValidationError("mean and std must be given together (normalised output) or both omitted (uint8)")
+    norm = None if mean is None else _normalizer(mean, std)
+    dst = out.numpy()
+    if pixels.ndim != 4 or pixels.shape[3] != 3 or dst.shape != (pixels.shape[0], 3, *pixels.shape[1:3]):
+        raise ValidationError(f"pixels (m, H, W, 3) must match out [m, 3, H, W]. Got {pixels.shape} and {dst.shape}.")
+    for j in range(len(pixels)):
+        _to_chw(pixels[j], False, dst[j], norm)
     return out
 
 

@@ -51,8 +51,19 @@ class RandomResizedCrop:
 
 
 def crop(image, box: Sequence[int], flip: bool, size: int | tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
-    """:func:`fkdstore.transforms.crop_resize` as a uint8 ``(H, W, 3)`` numpy image (the policies' input)."""
-    from fkdstore.transforms import crop_resize
+    """:func:`fkdstore.transforms.crop_resize` as a uint8 ``(H, W, 3)`` numpy image (the policies' input).
 
-    chw = np.asarray(crop_resize(image, box, flip, size, interpolation))
-    return np.ascontiguousarray(chw.transpose(1, 2, 0))
+    The same Pillow crop-then-resize (:func:`fkdstore.transforms._resized`) and mirror, without torch.
+    """
+    from fkdstore.transforms import _check_box, _resample, _resized, _size_hw
+
+    out_hw = _size_hw(size)
+    resample = _resample(interpolation)
+    W, H = image.size
+    box = _check_box(box, H, W)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    hwc = np.asarray(_resized(image, box, out_hw, resample))
+    if flip:
+        hwc = hwc[:, ::-1]
+    return np.ascontiguousarray(hwc)
