@@ -485,7 +485,8 @@ class _CropDataset(torch.utils.data.Dataset):
 
     def _augmented(self, i: int, img, boxes, flips):
         """``(params, uint8 [M, 3, S, S])``: every slot replayed by :func:`fkdstore.augment.replay.replay_slots`;
-        a mixing partner ``(j, t)`` is image ``j`` decoded, its slot ``t``'s box/flip and sampled params."""
+        a mixing partner ``(j, t)`` (``t`` = the mixed slot) is image ``j`` decoded, its slot ``t``'s box/flip
+        and sampled params."""
         from .augment.replay import Partner, replay_slots
 
         params = self._params(i, np.arange(self.M))
@@ -504,7 +505,8 @@ class _CropDataset(torch.utils.data.Dataset):
             return Partner(decoded[j], pboxes[t], bool(pflips[t]), _augment.slot_params(self._params(j, [t]), 0))
 
         size = (self.inputs.size, self.inputs.size)
-        hwc = replay_slots(self.augment, img, boxes, flips, params, size, self.inputs.interpolation, partner)
+        hwc = replay_slots(self.augment, img, np.arange(self.M), boxes, flips, params, size,
+                           self.inputs.interpolation, partner)
         return params, torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
 
 

@@ -322,7 +322,7 @@ class TorchDataset(torch.utils.data.Dataset):
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
-            crops = self._augmented_crops(i, rec.box[b], rec.flip[b], params, bufs[b])
+            crops = self._augmented_crops(i, slots[b], rec.box[b], rec.flip[b], params, bufs[b])
             lam, pidx, pw = mix_weights(self.augment, params, self.output_size)
             ptarget = np.where(pidx >= 0, self._targets[np.maximum(pidx, 0)], -1)
             out.append({"crops": crops, "soft_labels": soft[b], "target": int(self._targets[i]), "index": i,
@@ -355,7 +355,7 @@ class TorchDataset(torch.utils.data.Dataset):
                             f"image {i} ({r.image_key(i)!r}), slot {s}: {e}") from None
         raise CorruptStoreError(f"store {r.path}: the augment params of images {idx.tolist()} are not valid")
 
-    def _augmented_crops(self, i: int, boxes, flips, params, out: torch.Tensor) -> torch.Tensor:
+    def _augmented_crops(self, i: int, slots, boxes, flips, params, out: torch.Tensor) -> torch.Tensor:
         from .augment.replay import Partner, replay_slots
 
         image = self._load(i)
@@ -368,7 +368,8 @@ class TorchDataset(torch.utils.data.Dataset):
             rec = r.read(j, [t])
             return Partner(decoded[j], rec.box[0], bool(rec.flip[0]), {k: v[0] for k, v in rec.aug.items()})
 
-        hwc = replay_slots(self.augment, image, boxes, flips, params, self.output_size, self.interpolation, partner)
+        hwc = replay_slots(self.augment, image, slots, boxes, flips, params, self.output_size, self.interpolation,
+                           partner)
         write_crops(hwc, out, **({"mean": self.mean, "std": self.std} if self.normalize else {}))
         if self.transform is not None:
             out = self.transform(out)

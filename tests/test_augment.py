@@ -122,8 +122,10 @@ def test_float16_values_are_what_apply_uses():
         np.testing.assert_array_equal(apply_slot(cj, params, j, x), expected)
     mix = A.Mixup(alpha=0.5)
     p = sample(mix)
-    lam = float(p["mixup_lam"][0])
-    assert lam == float(np.float16(lam))
+    q = int(p["mixup_lam"][0])
+    assert p["mixup_lam"].dtype == np.uint8
+    lam = q / 255  # the stored uint8 code is what apply uses
+    assert mix.mix_info(A.slot_params(p, 0)).lam == lam
     x, y = image(4), image(5)
     want = np.clip(np.floor(lam * x.astype(float) + (1 - lam) * y.astype(float) + 0.5), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(apply_slot(mix, p, 0, x, y), want)
@@ -224,12 +226,12 @@ def test_random_erasing_box_and_reproducible_noise():
 def test_mixup_lambda_one_keeps_own_pixels_and_zero_takes_partner():
     mix = A.Mixup()
     x, y = image(10), image(11)
-    one = {"mixup_partner": np.int32(3), "mixup_pslot": np.uint16(1), "mixup_lam": np.float16(1.0)}
+    one = {"mixup_partner": np.int32(3), "mixup_lam": np.uint8(255)}
     np.testing.assert_array_equal(mix.apply(x, one, partner=y), x)
-    np.testing.assert_array_equal(mix.apply(x, one | {"mixup_lam": np.float16(0.0)}, partner=y), y)
-    none = {"mixup_partner": np.int32(-1), "mixup_pslot": np.uint16(0), "mixup_lam": np.float16(1.0)}
+    np.testing.assert_array_equal(mix.apply(x, one | {"mixup_lam": np.uint8(0)}, partner=y), y)
+    none = {"mixup_partner": np.int32(-1), "mixup_lam": np.uint8(255)}
     np.testing.assert_array_equal(mix.apply(x, none), x)  # unmixed slots need no partner
-    with pytest.raises(ValidationError, match=r"mixed with image 3 \(slot 1\)"):
+    with pytest.raises(ValidationError, match=r"mixed with image 3 \(the same slot\)"):
         mix.apply(x, one)
 
 
@@ -247,7 +249,8 @@ def test_cutmix_box_area_matches_lambda():
             continue
         taken = (out == y).all(axis=2)
         assert 1 - taken.mean() == pytest.approx(info.lam)
-        y1, x1, y2, x2 = prm["cutmix_box"].tolist()
+        y1, x1, y2, x2 = cut.box(prm, SIZE)
+        assert (y1, x1, y2, x2) == A.cutmix_box(int(prm["cutmix_lam"]) / 255, tuple(prm["cutmix_center"].tolist()), SIZE)
         assert taken[y1:y2, x1:x2].all() and info.lam == 1 - (y2 - y1) * (x2 - x1) / (SIZE[0] * SIZE[1])
     assert A.cutmix_box(0.0, (0, 0), (10, 10)) == (0, 0, 5, 5)
     assert A.cutmix_lambda((0, 0, 5, 5), (10, 10)) == 0.75
@@ -258,8 +261,8 @@ def test_cutmix_box_area_matches_lambda():
 def test_partners_are_other_images_and_valid_slots(seed, index, slot):
     for policy in (A.Mixup(p=1.0), A.CutMix(p=1.0)):
         prm = A.slot_params(policy.sample(seed, index, [slot], image_size=SIZE, num_images=N, crops_per_image=M), 0)
-        partner, pslot = policy.partner_of(prm)
-        assert partner != index and 0 <= partner < N and 0 <= pslot < M
+        partner = policy.partner_of(prm)
+        assert partner != index and 0 <= partner < N
     single = A.Mixup(p=1.0).sample(seed, 0, [slot], image_size=SIZE, num_images=1, crops_per_image=M)
     assert single["mixup_partner"][0] == 0
 
@@ -270,15 +273,14 @@ def test_pipeline_replay_equation_with_partners():
     params = {i: pipe.sample(5, i, range(M), image_size=SIZE, num_images=N, crops_per_image=M) for i in range(N)}
     i, s = 4, 2
     prm = A.slot_params(params[i], s)
-    partners = {name: pipe.premix(images[j], A.slot_params(params[j], t)) for name, (j, t) in pipe.partners(prm).items()}
+    partners = {name: pipe.premix(images[j], A.slot_params(params[j], s)) for name, j in pipe.partners(prm).items()}
     got = pipe.apply(images[i], prm, partners=partners)
     ra, mixup, cutmix = pipe.policies
     x = ra.apply(images[i], prm)
     for pol in (mixup, cutmix):
-        pair = pol.partner_of(prm)
-        if pair is not None:
-            j, t = pair
-            x = pol.apply(x, prm, partner=ra.apply(images[j], A.slot_params(params[j], t)))
+        j = pol.partner_of(prm)
+        if j is not None:  # the partner's pixels are its own slot s (same slot)
+            x = pol.apply(x, prm, partner=ra.apply(images[j], A.slot_params(params[j], s)))
     np.testing.assert_array_equal(got, x)
     assert set(pipe.mix_info(prm, SIZE)) == {"mixup", "cutmix"}
 
@@ -299,8 +301,8 @@ def test_pipeline_columns_unique_and_compact():
     pipe = A.parse_augment("randaugment:num_ops=2;mixup")
     cols = pipe.columns()
     assert len({c.name for c in cols}) == len(cols)
-    assert sum(c.nbytes for c in cols) == 12  # ra 2+2, mixup partner 4 + slot 2 + lam 2
-    assert sum(c.nbytes for c in A.parse_augment("randaugment:num_ops=2;cutmix").columns()) == 18
+    assert sum(c.nbytes for c in cols) == 9  # ra 2+2, mixup partner 4 + lam 1 (partner slot = own slot)
+    assert sum(c.nbytes for c in A.parse_augment("randaugment:num_ops=2;cutmix").columns()) == 13  # + centre 2x2
 
 
 # ------------------------------------------------------------------ errors with exact messages
@@ -346,16 +348,16 @@ def test_validate_stored_columns():
     bad = dict(cols, mixup_partner=np.where(cols["mixup_partner"] >= 0, N, -1).astype(np.int32))
     with pytest.raises(ValidationError, match=rf"'mixup_partner' values must be in \[-1, {N - 1}\]\. Got {N}\."):
         pipe.validate(bad, num_images=N, crops_per_image=M)
-    bad = dict(cols, cutmix_pslot=np.full_like(cols["cutmix_pslot"], M))
-    with pytest.raises(ValidationError, match=rf"'cutmix_pslot' values must be in \[0, {M - 1}\]\. Got {M}\."):
-        pipe.validate(bad, num_images=N, crops_per_image=M)
+    bad = dict(cols, cutmix_center=np.full_like(cols["cutmix_center"], SIZE[0]))
+    with pytest.raises(ValidationError, match=rf"'cutmix_center r_y' values must be in \[0, {SIZE[0] - 1}\]\. Got {SIZE[0]}\."):
+        pipe.validate(bad, num_images=N, crops_per_image=M, image_size=SIZE)
     bad = dict(cols, ra_ops=np.full_like(cols["ra_ops"], 20))
     with pytest.raises(ValidationError, match=r"'ra_ops' values must be in \[0, 13\]\. Got 20\."):
         pipe.validate(bad, num_images=N, crops_per_image=M)
-    with pytest.raises(ValidationError, match=r"'mixup_lam' must have dtype float16\. Got float32\."):
+    with pytest.raises(ValidationError, match=r"'mixup_lam' must have dtype uint8\. Got float32\."):
         pipe.validate(dict(cols, mixup_lam=cols["mixup_lam"].astype(np.float32)), num_images=N, crops_per_image=M)
-    with pytest.raises(ValidationError, match=r"column 'cutmix_box' of policy 'cutmix' is missing\."):
-        pipe.validate({k: v for k, v in cols.items() if k != "cutmix_box"}, num_images=N, crops_per_image=M)
+    with pytest.raises(ValidationError, match=r"column 'cutmix_center' of policy 'cutmix' is missing\."):
+        pipe.validate({k: v for k, v in cols.items() if k != "cutmix_center"}, num_images=N, crops_per_image=M)
     with pytest.raises(ValidationError, match=r"Got unknown \['extra'\]\."):
         pipe.validate(dict(cols, extra=cols["ra_ops"]), num_images=N, crops_per_image=M)
 

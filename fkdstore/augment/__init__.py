@@ -17,7 +17,7 @@ from fkdstore.augment.batch import BatchMix, mix_batch
 from fkdstore.augment.color import ColorJitter
 from fkdstore.augment.crop import RandomResizedCrop, crop
 from fkdstore.augment.erasing import RandomErasing
-from fkdstore.augment.mixing import CutMix, MixInfo, Mixup, cutmix_box, cutmix_lambda
+from fkdstore.augment.mixing import CutMix, MixInfo, Mixup, cutmix_box, cutmix_lambda, window_stride
 from fkdstore.augment.pipeline import Pipeline, slot_params
 from fkdstore.augment.randaugment import RandAugment
 from fkdstore.augment.registry import get_policy, register_policy, registered_policies
@@ -29,7 +29,7 @@ for _cls in (ColorJitter, RandAugment, RandomErasing, Mixup, CutMix):
 __all__ = [
     "Column", "Policy", "Pipeline", "ColorJitter", "RandAugment", "RandomErasing", "Mixup", "CutMix", "MixInfo",
     "RandomResizedCrop", "BatchMix", "crop", "cutmix_box", "cutmix_lambda", "get_policy", "mix_batch",
-    "parse_augment", "register_policy", "registered_policies", "slot_params", "slot_rng",
+    "parse_augment", "register_policy", "registered_policies", "slot_params", "slot_rng", "window_stride",
 ]
 
 
@@ -46,7 +46,8 @@ def parse_augment(spec: str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | 
     Example: ``"randaugment:num_ops=2,magnitude=9;mixup:alpha=0.2,p=0.5;cutmix:alpha=1.0"``.
     Names: ``color_jitter`` (brightness, contrast, saturation, hue), ``randaugment`` (num_ops, magnitude,
     num_magnitude_bins, interpolation, fill), ``random_erasing`` (p, scale, ratio, value), ``mixup``
-    (alpha, p), ``cutmix`` (alpha, p). Mixing policies must come last. A string starting with ``[`` or ``{``
+    (alpha, p, window), ``cutmix`` (alpha, p, window); ``window``: partners are drawn among about that many
+    images spread over the dataset (default 4096; 0 = all images). Mixing policies must come last. A string starting with ``[`` or ``{``
     is JSON: a list of policy configs (``[{"name": "mixup", "alpha": 0.2}]``) or one config.
     """
     if spec is None:

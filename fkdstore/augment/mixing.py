@@ -1,9 +1,17 @@
 """Mixup and CutMix with a stored partner: the teacher labels the mixed pixels, training replays them.
 
-Each mixed slot stores its partner image index (int32) and partner slot (uint16). The partner's pixels are
-the partner image's crop for the partner slot (its stored box and flip) followed by every *non-mixing*
-policy of the pipeline with the partner slot's stored params (see :meth:`Pipeline.premix`); the partner's own
-mixing params are not applied (no recursion). A slot that is not mixed stores partner ``-1``.
+Each mixed slot ``(i, s)`` stores its partner image ``j`` (int32); the partner slot is ``s`` itself (the
+partner's crop in the same slot, so no column is needed). The partner's pixels are image ``j``'s crop for
+slot ``s`` (its stored box and flip) followed by every *non-mixing* policy of the pipeline with slot
+``(j, s)``'s stored params (see :meth:`Pipeline.premix`); the partner's own mixing params are not applied
+(no recursion). A slot that is not mixed stores partner ``-1``.
+
+Size choices (``spec/augment.md`` section 6): partners are drawn within a *strided window* of about
+``window`` images (the images ``j = i mod S`` for a power of two ``S``), so the stored absolute index of
+the images of one chunk differs only in its high bits and compresses to ~1.4 B with bitshuffle (uniform
+over ImageNet: 2.6 B); the window spans the whole dataset (every ``S``-th image), so partners come from
+every class of a class-sorted folder. ``lam`` is stored as uint8 ``q`` (``lam = q / 255``), and CutMix
+stores its box centre and ``q`` (the box is recomputed from them): apply uses the stored values only.
 """
 
 from __future__ import annotations
@@ -16,39 +24,58 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fkdstore.augment import ops
-from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float
+from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float, parse_int
 from fkdstore.errors import ValidationError
 
-__all__ = ["Mixup", "CutMix", "MixInfo", "cutmix_box", "cutmix_lambda"]
+__all__ = ["Mixup", "CutMix", "MixInfo", "cutmix_box", "cutmix_lambda", "window_stride"]
 
 NO_PARTNER = -1
+LAM_SCALE = 255  # stored lam = q / 255, q uint8
+DEFAULT_WINDOW = 4096
+MAX_WINDOW = 2**31 - 1
 
 
 class MixInfo(NamedTuple):
-    """What a training loop needs of a mixed slot: partner image and slot (-1, 0 if unmixed) and the weight
-    ``lam`` of the slot's own image (1.0 if unmixed)."""
+    """What a training loop needs of a mixed slot: partner image (-1 if unmixed) and the weight ``lam`` of
+    the slot's own image (1.0 if unmixed). The partner's slot is the slot itself."""
 
     partner: int
-    partner_slot: int
     lam: float
 
 
-def _draw_partner(rng: np.random.Generator, image_index: int, num_images: int, crops_per_image: int):
-    """Partner image uniform over the other images (itself only when N == 1), partner slot uniform in [0, M)."""
-    if num_images > 1:
-        r = int(rng.integers(0, num_images - 1))
-        partner = r + 1 if r >= image_index else r
-    else:
-        int(rng.integers(0, 1))  # keep the draw count fixed
-        partner = image_index
-    return partner, int(rng.integers(0, crops_per_image))
+def window_stride(num_images: int, window: int) -> int:
+    """The stride ``S`` of the partner window: the smallest power of two with ``ceil(N / S) <= window``
+    (1 when ``window`` is 0 or ``>= N``: the whole dataset)."""
+    if window == 0 or window >= num_images:
+        return 1
+    stride = 1
+    while -(-num_images // stride) > window:
+        stride *= 2
+    return stride
 
 
-def _check_partner(prefix: str, columns, num_images: int, crops_per_image: int) -> np.ndarray:
+def _draw_partner(rng: np.random.Generator, image_index: int, num_images: int, window: int) -> int:
+    """Partner image uniform over the other images of image ``i``'s window ``{j < N : j = i mod S}``
+    (``S`` = :func:`window_stride`): ``n`` = window size, ``q = i // S``, ``r = integers(0, n - 1)``,
+    ``j = i mod S + S * (r + (r >= q))``; when ``n == 1``, ``integers(0, 1)`` is drawn and ``j = i``."""
+    stride = window_stride(num_images, window)
+    c, q = image_index % stride, image_index // stride
+    n = (num_images - 1 - c) // stride + 1
+    if n > 1:
+        r = int(rng.integers(0, n - 1))
+        return c + stride * (r + 1 if r >= q else r)
+    int(rng.integers(0, 1))  # keep the draw count fixed
+    return image_index
+
+
+def _lam_code(lam: float) -> int:
+    """``lam`` as its stored uint8 code ``q = round_half_even(lam * 255)``."""
+    return int(np.rint(lam * LAM_SCALE))
+
+
+def _check_partner(prefix: str, columns, num_images: int) -> np.ndarray:
     partner = columns[f"{prefix}_partner"].astype(np.int64)
     check_range(f"{prefix}_partner", partner, NO_PARTNER, num_images - 1)
-    pslot = columns[f"{prefix}_pslot"].astype(np.int64)
-    check_range(f"{prefix}_pslot", pslot, 0, crops_per_image - 1)
     return partner
 
 
@@ -58,8 +85,7 @@ def _partner_pixels(prefix: str, pixels: np.ndarray, params, partner: np.ndarray
         return None
     if partner is None:
         raise ValidationError(
-            f"{prefix} slot is mixed with image {p} (slot {int(param(params, f'{prefix}_pslot'))}): pass that "
-            "slot's pre-mix pixels as partner."
+            f"{prefix} slot is mixed with image {p} (the same slot): pass that slot's pre-mix pixels as partner."
         )
     check_pixels(partner, "partner")
     if partner.shape != pixels.shape:
@@ -69,48 +95,47 @@ def _partner_pixels(prefix: str, pixels: np.ndarray, params, partner: np.ndarray
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _MixingPolicy(Policy):
-    """Shared part of the mixing policies: columns ``<name>_partner`` and ``<name>_pslot``."""
+    """Shared part of the mixing policies: column ``<name>_partner``, fields ``alpha``, ``p``, ``window``."""
 
     mixing = True
 
-    def partner_of(self, params: Mapping[str, Any]) -> tuple[int, int] | None:
-        """``(partner image, partner slot)`` of one slot, or None when the slot is not mixed."""
+    def partner_of(self, params: Mapping[str, Any]) -> int | None:
+        """The partner image of one slot (its partner slot is the same slot), or None when not mixed."""
         partner = int(param(params, f"{self.name}_partner"))
-        if partner == NO_PARTNER:
-            return None
-        return partner, int(param(params, f"{self.name}_pslot"))
+        return None if partner == NO_PARTNER else partner
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Mixup(_MixingPolicy):
     """Mixup with a stored partner: ``out = floor(lam * x + (1 - lam) * partner + 0.5)``.
 
-    ``lam ~ Beta(alpha, alpha)`` (torchvision v2 ``MixUp``), applied with probability ``p``. Columns:
-    ``mixup_partner`` int32 (-1 = not mixed), ``mixup_pslot`` uint16, ``mixup_lam`` float16 (1.0 when not
-    mixed); apply uses the float16 value.
+    ``lam ~ Beta(alpha, alpha)`` (torchvision v2 ``MixUp``), applied with probability ``p``; the partner is
+    drawn within a strided ``window`` of images (0 = all images; see the module docstring). Columns:
+    ``mixup_partner`` int32 (-1 = not mixed), ``mixup_lam`` uint8 ``q`` with ``lam = q / 255`` (255 when not
+    mixed); apply uses the stored ``q / 255``.
     """
 
     name = "mixup"
     alpha: float = 0.2
     p: float = 1.0
+    window: int = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", _parse_alpha(self.alpha))
         object.__setattr__(self, "p", parse_float("p", self.p, 0.0, 1.0))
+        object.__setattr__(self, "window", _parse_window(self.window))
 
     def columns(self) -> tuple[Column, ...]:
-        return (Column("mixup_partner", "index", "int32", ()), Column("mixup_pslot", "index", "uint16", ()),
-                Column("mixup_lam", "float", "float16", ()))
+        return (Column("mixup_partner", "index", "int32", ()), Column("mixup_lam", "int", "uint8", ()))
 
-    def _draw(self, rng: np.random.Generator, *, image_index: int, num_images: int, crops_per_image: int,
-              **_: Any) -> dict[str, Any]:
-        # Draw order: apply = random() < p; lam = beta(alpha, alpha); partner; partner slot.
+    def _draw(self, rng: np.random.Generator, *, image_index: int, num_images: int, **_: Any) -> dict[str, Any]:
+        # Draw order: apply = random() < p; lam = beta(alpha, alpha); partner.
         applied = bool(rng.random() < self.p)
         lam = float(rng.beta(self.alpha, self.alpha))
-        partner, pslot = _draw_partner(rng, image_index, num_images, crops_per_image)
+        partner = _draw_partner(rng, image_index, num_images, self.window)
         if not applied:
-            return {"mixup_partner": NO_PARTNER, "mixup_pslot": 0, "mixup_lam": 1.0}
-        return {"mixup_partner": partner, "mixup_pslot": pslot, "mixup_lam": lam}
+            return {"mixup_partner": NO_PARTNER, "mixup_lam": LAM_SCALE}
+        return {"mixup_partner": partner, "mixup_lam": _lam_code(lam)}
 
     def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
         check_pixels(pixels)
@@ -120,16 +145,14 @@ class Mixup(_MixingPolicy):
         return ops.blend(pixels, other, self.mix_info(params).lam)
 
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
-        """Partner, partner slot and ``lam`` (the float16 value as a float) of one slot."""
-        lam = float(np.float16(param(params, "mixup_lam")))
-        return MixInfo(int(param(params, "mixup_partner")), int(param(params, "mixup_pslot")), lam)
+        """Partner and ``lam = q / 255`` (the stored code) of one slot."""
+        return MixInfo(int(param(params, "mixup_partner")), int(param(params, "mixup_lam")) / LAM_SCALE)
 
-    def _check_values(self, columns, *, num_images, crops_per_image, **_: Any) -> None:
-        partner = _check_partner("mixup", columns, num_images, crops_per_image)
-        lam = columns["mixup_lam"].astype(np.float64)
-        check_range("mixup_lam", lam, 0.0, 1.0)
-        if (lam[partner == NO_PARTNER] != 1.0).any():
-            raise ValidationError("augment column 'mixup_lam' must be 1 for a slot that is not mixed.")
+    def _check_values(self, columns, *, num_images, **_: Any) -> None:
+        partner = _check_partner("mixup", columns, num_images)
+        lam = columns["mixup_lam"].astype(np.int64)
+        if (lam[partner == NO_PARTNER] != LAM_SCALE).any():
+            raise ValidationError("augment column 'mixup_lam' must be 255 (lam = 1) for a slot that is not mixed.")
 
 
 def cutmix_box(lam: float, center: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -152,38 +175,41 @@ def cutmix_lambda(box, image_size: tuple[int, int]) -> float:
 class CutMix(_MixingPolicy):
     """CutMix with a stored partner: the box ``y1:y2, x1:x2`` of the crop comes from the partner.
 
-    ``lam ~ Beta(alpha, alpha)``, centre uniform over the pixels, box by :func:`cutmix_box` (torchvision v2
-    ``CutMix``), applied with probability ``p``. Columns: ``cutmix_partner`` int32 (-1 = not mixed),
-    ``cutmix_pslot`` uint16, ``cutmix_box`` uint16 (4,) = (y1, x1, y2, x2), all 0 when not mixed. The label
-    weight is recomputed from the integer box by :func:`cutmix_lambda`, as torchvision does.
+    ``lam ~ Beta(alpha, alpha)``, centre ``(r_y, r_x)`` uniform over the pixels, applied with probability
+    ``p``, partner within a strided ``window`` (as :class:`Mixup`). Columns: ``cutmix_partner`` int32 (-1 =
+    not mixed), ``cutmix_center`` uint16 (2,) = (r_y, r_x) (0 when not mixed), ``cutmix_lam`` uint8 ``q``
+    (255 when not mixed). Replay: box = :func:`cutmix_box` ``(q / 255, centre, crop size)`` (torchvision v2
+    ``CutMix``); the label weight is recomputed from the integer box by :func:`cutmix_lambda`, as torchvision
+    does.
     """
 
     name = "cutmix"
     alpha: float = 1.0
     p: float = 1.0
+    window: int = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", _parse_alpha(self.alpha))
         object.__setattr__(self, "p", parse_float("p", self.p, 0.0, 1.0))
+        object.__setattr__(self, "window", _parse_window(self.window))
 
     def columns(self) -> tuple[Column, ...]:
-        return (Column("cutmix_partner", "index", "int32", ()), Column("cutmix_pslot", "index", "uint16", ()),
-                Column("cutmix_box", "int", "uint16", (4,)))
+        return (Column("cutmix_partner", "index", "int32", ()), Column("cutmix_center", "int", "uint16", (2,)),
+                Column("cutmix_lam", "int", "uint8", ()))
 
     def _draw(self, rng: np.random.Generator, *, image_index: int, image_size: tuple[int, int], num_images: int,
-              crops_per_image: int, **_: Any) -> dict[str, Any]:
+              **_: Any) -> dict[str, Any]:
         # Draw order: apply = random() < p; lam = beta(alpha, alpha); r_x integers(0, W); r_y integers(0, H);
-        # partner; partner slot.
+        # partner.
         H, W = image_size
         applied = bool(rng.random() < self.p)
         lam = float(rng.beta(self.alpha, self.alpha))
         r_x = int(rng.integers(0, W))
         r_y = int(rng.integers(0, H))
-        partner, pslot = _draw_partner(rng, image_index, num_images, crops_per_image)
+        partner = _draw_partner(rng, image_index, num_images, self.window)
         if not applied:
-            return {"cutmix_partner": NO_PARTNER, "cutmix_pslot": 0, "cutmix_box": [0, 0, 0, 0]}
-        box = cutmix_box(lam, (r_y, r_x), image_size)
-        return {"cutmix_partner": partner, "cutmix_pslot": pslot, "cutmix_box": list(box)}
+            return {"cutmix_partner": NO_PARTNER, "cutmix_center": [0, 0], "cutmix_lam": LAM_SCALE}
+        return {"cutmix_partner": partner, "cutmix_center": [r_y, r_x], "cutmix_lam": _lam_code(lam)}
 
     def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
         check_pixels(pixels)
@@ -194,37 +220,44 @@ class CutMix(_MixingPolicy):
         return ops.paste_box(pixels, other, (y1, x1, y2, x2))
 
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
-        """Partner, partner slot and ``lam`` = :func:`cutmix_lambda` of the stored box (needs ``image_size``)."""
+        """Partner and ``lam`` = :func:`cutmix_lambda` of the replayed box (needs ``image_size``)."""
         partner = int(param(params, "cutmix_partner"))
         if partner == NO_PARTNER:
-            return MixInfo(NO_PARTNER, 0, 1.0)
+            return MixInfo(NO_PARTNER, 1.0)
         if image_size is None:
             raise ValidationError("cutmix mix_info needs image_size (height, width) of the crop.")
-        return MixInfo(partner, int(param(params, "cutmix_pslot")), cutmix_lambda(_box(params, image_size),
-                                                                                 image_size))
+        return MixInfo(partner, cutmix_lambda(_box(params, image_size), image_size))
 
-    def _check_values(self, columns, *, num_images, crops_per_image, image_size, **_: Any) -> None:
-        partner = _check_partner("cutmix", columns, num_images, crops_per_image)
-        box = columns["cutmix_box"].astype(np.int64)
-        if (box[partner == NO_PARTNER] != 0).any():
-            raise ValidationError("augment column 'cutmix_box' must be all 0 for a slot that is not mixed.")
-        if ((box[..., 2] < box[..., 0]) | (box[..., 3] < box[..., 1])).any():
-            raise ValidationError("augment column 'cutmix_box' must satisfy y1 <= y2 and x1 <= x2.")
+    def box(self, params: Mapping[str, Any], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The pasted box ``(y1, x1, y2, x2)`` of one slot: :func:`cutmix_box` of the stored centre and
+        ``q / 255`` (empty when the slot is not mixed)."""
+        return _box(params, image_size)
+
+    def _check_values(self, columns, *, num_images, image_size, **_: Any) -> None:
+        partner = _check_partner("cutmix", columns, num_images)
+        center = columns["cutmix_center"].astype(np.int64)
+        lam = columns["cutmix_lam"].astype(np.int64)
+        unmixed = partner == NO_PARTNER
+        if (center[unmixed] != 0).any() or (lam[unmixed] != LAM_SCALE).any():
+            raise ValidationError("augment columns 'cutmix_center' and 'cutmix_lam' must be 0 and 255 for a slot "
+                                  "that is not mixed.")
         if image_size is not None:
-            check_range("cutmix_box y2", box[..., 2], 0, image_size[0])
-            check_range("cutmix_box x2", box[..., 3], 0, image_size[1])
+            check_range("cutmix_center r_y", center[..., 0], 0, image_size[0] - 1)
+            check_range("cutmix_center r_x", center[..., 1], 0, image_size[1] - 1)
 
 
 def _box(params, image_size) -> tuple[int, int, int, int]:
-    y1, x1, y2, x2 = (int(v) for v in param(params, "cutmix_box").reshape(4))
+    r_y, r_x = (int(v) for v in param(params, "cutmix_center").reshape(2))
     H, W = image_size
-    if not (0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W):
-        raise ValidationError(
-            f"cutmix_box (y1={y1}, x1={x1}, y2={y2}, x2={x2}) must lie inside the crop of size "
-            f"(height={H}, width={W})."
-        )
-    return y1, x1, y2, x2
+    if not (0 <= r_y < H and 0 <= r_x < W):
+        raise ValidationError(f"cutmix_center (r_y={r_y}, r_x={r_x}) must lie inside the crop of size "
+                              f"(height={H}, width={W}).")
+    return cutmix_box(int(param(params, "cutmix_lam")) / LAM_SCALE, (r_y, r_x), (H, W))
 
 
 def _parse_alpha(value: Any) -> float:
     return parse_float("alpha", value, 0.0, 1e3, lo_open=True)
+
+
+def _parse_window(value: Any) -> int:
+    return parse_int("window", value, 0, MAX_WINDOW)

@@ -27,8 +27,8 @@ class Pipeline:
 
         x = crop(image_i, box[i, s], flip[i, s])              # fkdstore.transforms.crop_resize
         x = premix(x, params[i, s])                           # every non-mixing policy, in order
-        for each mixing policy P (in order), with (j, t) = P's partner of (i, s), if j != -1:
-            y = premix(crop(image_j, box[j, t], flip[j, t]), params[j, t])
+        for each mixing policy P (in order), with j = P's partner of (i, s), if j != -1:
+            y = premix(crop(image_j, box[j, s], flip[j, s]), params[j, s])    # the partner's SAME slot s
             x = P.apply(x, params[i, s], partner=y)
 
     Config: ``[policy.get_config() for policy in policies]`` (``[]`` = crop and flip only).
@@ -104,13 +104,13 @@ class Pipeline:
                 pixels = p.apply(pixels, params)
         return pixels
 
-    def partners(self, params: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-        """``{policy name: (partner image, partner slot)}`` of the mixing policies that mix this slot."""
+    def partners(self, params: Mapping[str, Any]) -> dict[str, int]:
+        """``{policy name: partner image}`` of the mixing policies that mix this slot (partner slot = this slot)."""
         out = {}
         for p in self.mixing:
-            pair = p.partner_of(params)
-            if pair is not None:
-                out[p.name] = pair
+            j = p.partner_of(params)
+            if j is not None:
+                out[p.name] = j
         return out
 
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, MixInfo]:

@@ -4,8 +4,8 @@
 into the final uint8 pixels, following the replay equation of ``spec/augment.md`` section 1::
 
     x = crop(image_i, box[i, s], flip[i, s]); x = premix(x, params[i, s])
-    for each mixing policy P with partner (j, t) != -1:
-        x = P.apply(x, params[i, s], premix(crop(image_j, box[j, t], flip[j, t]), params[j, t]))
+    for each mixing policy P with partner j != -1 (the partner's slot is s itself):
+        x = P.apply(x, params[i, s], premix(crop(image_j, box[j, s], flip[j, s]), params[j, s]))
 
 The partners' inputs come from a caller-supplied ``partner`` callable, so the runner can *sample* them and
 the dataset can *read* them from the store. :func:`mix_weights` gives the label weights of the result.
@@ -34,14 +34,15 @@ class Partner(NamedTuple):
     params: Mapping[str, Any]
 
 
-def replay_slots(pipeline: Pipeline, image, boxes: np.ndarray, flips: np.ndarray, params: Mapping[str, np.ndarray],
-                 size: tuple[int, int], interpolation: str,
+def replay_slots(pipeline: Pipeline, image, slots: Sequence[int], boxes: np.ndarray, flips: np.ndarray,
+                 params: Mapping[str, np.ndarray], size: tuple[int, int], interpolation: str,
                  partner: Callable[[int, int], Partner] | None = None) -> np.ndarray:
-    """The final pixels of ``len(boxes)`` slots of one image: uint8 ``(m, H, W, 3)``.
+    """The final pixels of slots ``slots`` of one image: uint8 ``(m, H, W, 3)``.
 
-    ``params`` holds every pipeline column with leading dim ``m`` (row ``k`` = slot ``k``'s params);
-    ``partner(j, t)`` returns a :class:`Partner` for a mixed slot's partner image ``j``, slot ``t`` (called
-    once per distinct ``(j, t)``; the caller may cache decoded images). ``size`` is ``(H, W)``.
+    ``boxes``, ``flips`` and every pipeline column of ``params`` have leading dim ``m`` (row ``k`` = slot
+    ``slots[k]``); ``partner(j, s)`` returns a :class:`Partner` for slot ``s`` of a mixed slot's partner
+    image ``j`` (called once per distinct ``(j, s)``; the caller may cache decoded images). ``size`` is
+    ``(H, W)``.
     """
     m = len(boxes)
     out = np.empty((m, size[0], size[1], 3), dtype=np.uint8)
@@ -50,8 +51,9 @@ def replay_slots(pipeline: Pipeline, image, boxes: np.ndarray, flips: np.ndarray
         prm = slot_params(params, k)
         x = crop(image, [int(v) for v in boxes[k]], bool(flips[k]), size, interpolation)
         pairs = pipeline.partners(prm) if pipeline.mixing else {}
+        t = int(slots[k])
         ys = {}
-        for name, (j, t) in pairs.items():
+        for name, j in pairs.items():
             if (j, t) not in cache:
                 if partner is None:
                     raise ValueError("replay_slots needs a partner callable for a pipeline with mixing policies")
