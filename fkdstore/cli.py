@@ -136,7 +136,7 @@ def _cmd_generate(args) -> int:
 GENERATE_OPTIONS = (
     "input_size", "batch_size", "seed", "scale", "ratio", "flip_p", "temperature", "mean", "std",
     "interpolation", "device", "num_workers", "on_error", "images_per_shard", "num_classes", "amp",
-    "progress", "teacher_name", "weights_sha256",
+    "progress", "teacher_name", "weights_sha256", "augment",
 )
 
 
@@ -316,7 +316,21 @@ examples:
   # rerun the same command after a crash: written images are kept, the rest are labelled
   fkdstore generate --images digits/ --teacher fkdstore.testing:tiny_cnn --out d.fkd --crops 8 \\
       --codec ms --k 3 --input-size 32 --device cpu
+
+  # RandAugment + a Mixup partner per crop: the teacher labels the mixed pixels, training replays them
+  fkdstore generate --images train/ --teacher torchvision.models:resnet50 --out aug.fkd --crops 200 \\
+      --augment "randaugment:num_ops=2,magnitude=9;mixup:alpha=0.2"
 """
+
+
+def _augment_help() -> str:
+    """The ``--augment`` grammar: :func:`fkdstore.augment.parse_augment`'s docstring (one home)."""
+    import inspect
+
+    from .augment import parse_augment
+
+    doc = inspect.getdoc(parse_augment) or ""
+    return "augment SPEC (--augment):\n" + "\n".join("  " + line for line in doc.splitlines())
 
 
 class _GenerateHelp(_Formatter):
@@ -358,7 +372,7 @@ class _Choice:
 
 def _add_generate(sub, common) -> None:
     q = sub.add_parser("generate", help="label images with a teacher and write a label store",
-                       description=GENERATE_HELP, formatter_class=_GenerateHelp, parents=[common],
+                       description=GENERATE_HELP, epilog=_augment_help(), formatter_class=_GenerateHelp, parents=[common],
                        argument_default=argparse.SUPPRESS)
     g = q.add_argument_group("inputs and output")
     g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
@@ -391,6 +405,9 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--interpolation", type=_Choice("fkdstore.transforms", "INTERPOLATIONS"), metavar="NAME",
                    help="crop resampling filter")
     g.add_argument("--images-per-shard", type=_pos_int, metavar="N", help="storage layout override")
+    g.add_argument("--augment", metavar="SPEC",
+                   help="augmentation policies after the crop; the teacher labels the augmented (mixed) pixels, "
+                        "params are stored per crop. SPEC grammar: see 'augment SPEC' below")
     g = q.add_argument_group("execution")
     g.add_argument("--batch-size", type=_pos_int, metavar="N", help="crops per teacher forward")
     g.add_argument("--device", help="None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")

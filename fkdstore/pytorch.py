@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -513,6 +513,60 @@ def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None =
         t = torch.from_numpy(_torch_friendly(v)) if isinstance(v, np.ndarray) else v
         tensors[k] = t.to(device, non_blocking=True) if device is not None else t
     return codec.decode(tensors, C)
+
+
+class BatchMix(NamedTuple):
+    """Result of :func:`mix_batch`: mixed ``images`` and ``soft_labels``, the weight ``lam`` of each crop's
+    own image/label, ``index`` (crop ``b``'s partner is crop ``index[b]``; use it for the hard-label term
+    ``lam * CE(target) + (1 - lam) * CE(target[index])``) and the CutMix ``box`` (None for Mixup)."""
+
+    images: torch.Tensor
+    soft_labels: torch.Tensor
+    lam: float
+    index: torch.Tensor
+    box: tuple[int, int, int, int] | None
+
+
+def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixup", alpha: float = 1.0,
+              seed: int = 0, step: int = 0) -> BatchMix:
+    """Training-time Mixup / CutMix of a batch of crops AND their stored soft labels (FKD's way), on any device.
+
+    ``images`` [B, C, H, W] (uint8 or float), ``soft_labels`` [B, K] float (dense, e.g. from
+    :func:`densify`). The draws are :func:`fkdstore.augment.batch.mix_params` ``(seed, step)`` (so the
+    result depends only on the seed, the step and the batch), identical to the numpy
+    :func:`fkdstore.augment.mix_batch`: ``x' = lam x + (1 - lam) x[index]`` (uint8 rounded as the numpy
+    version, in float64) or the CutMix box pasted from ``x[index]``; ``y' = lam y + (1 - lam) y[index]``.
+    Inputs are not modified.
+    """
+    from .augment.batch import mix_params
+
+    if not isinstance(images, torch.Tensor) or not isinstance(soft_labels, torch.Tensor):
+        raise TypeError(f"images and soft_labels must be torch tensors. Got {type(images).__name__} and "
+                        f"{type(soft_labels).__name__}.")
+    if images.dim() != 4:
+        raise ValidationError(f"images must have shape [B, C, H, W]. Got {tuple(images.shape)}.")
+    if soft_labels.dim() != 2 or soft_labels.shape[0] != images.shape[0]:
+        raise ValidationError(f"soft_labels must have shape [B={images.shape[0]}, K]. Got {tuple(soft_labels.shape)}.")
+    if not soft_labels.is_floating_point():
+        raise TypeError(f"soft_labels must be floating point. Got {soft_labels.dtype}.")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating point. Got {images.dtype}.")
+    B, _, H, W = images.shape
+    lam, index_np, box = mix_params(B, (H, W), mode=mode, alpha=alpha, seed=seed, step=step)
+    index = torch.from_numpy(index_np).to(images.device)
+    partner = images[index]
+    if box is None:
+        if images.dtype == torch.uint8:
+            mixed = torch.floor(lam * images.double() + (1.0 - lam) * partner.double() + 0.5)
+            out = mixed.clamp_(0, 255).to(torch.uint8)
+        else:
+            out = (lam * images + (1.0 - lam) * partner).to(images.dtype)
+    else:
+        y1, x1, y2, x2 = box
+        out = images.clone()
+        out[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]
+    labels = (lam * soft_labels + (1.0 - lam) * soft_labels[index.to(soft_labels.device)]).to(soft_labels.dtype)
+    return BatchMix(out, labels, lam, index, box)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
