@@ -6,7 +6,7 @@
 Runs, in this order: ``formats.py`` (storage and access against FKD / SRe2L / ReLabel layouts),
 ``reproduce.py --fast`` (the paper's claims on digits), then the other engineers' scripts as subprocesses
 with small sizes (``generate_overhead.py``, ``dataset_throughput.py --quick``, ``dataset_profile.py --quick``,
-``store_layout.py``, ``remote_read.py``), whose
+``store_layout.py``, ``remote_read.py``, ``augment_size.py``), whose
 output is collected verbatim. A script that is missing or fails is reported as such in RESULTS.md.
 """
 
@@ -39,6 +39,8 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("store_layout.py", ["--images", "512"], 120, True, "fkdstore layout vs other Zarr layouts and per-image files"),
     ("remote_read.py", ["--num-images", "20000", "--batches", "5"], 300, True,
      "reading from S3 (moto + 20 ms per request) vs local disk"),
+    ("augment_size.py", ["--images", "256"], 300, True,
+     "bytes per crop with augmentation records (RandAugment + Mixup/CutMix partner) at M = 200, C = 1000, MS top-5"),
 ]
 FORMATS_TEXT = """\
 Equivalent label sets: same images (ImageNet-like sizes and keys), same crops (`CropSampler`), same

@@ -411,3 +411,19 @@ def test_crop_stage_keeps_existing_crops():
     pil = Image.fromarray(image(30, (60, 80)))
     hwc = A.crop(pil, tuple(boxes[0]), bool(flips[0]), 16)
     np.testing.assert_array_equal(hwc, crop_resize(pil, tuple(boxes[0]), bool(flips[0]), 16).numpy().transpose(1, 2, 0))
+
+
+def test_partner_window_is_strided_and_spans_the_dataset():
+    assert A.window_stride(1_281_167, 4096) == 512 and A.window_stride(100, 4096) == 1 and A.window_stride(100, 0) == 1
+    N, window = 1000, 64  # stride 16: image i's partners are the other images j = i mod 16
+    stride = A.window_stride(N, window)
+    assert stride == 16 and -(-N // stride) <= window
+    seen = set()
+    for i in (0, 7, 999):
+        p = A.Mixup(p=1.0, window=window).sample(1, i, range(50), image_size=SIZE, num_images=N, crops_per_image=50)
+        j = p["mixup_partner"].astype(np.int64)
+        assert ((j % stride) == (i % stride)).all() and (j != i).all() and (j < N).all()
+        seen |= set(j.tolist())
+    assert max(seen) - min(seen) > N // 2  # spread over the whole dataset, not a block of neighbours
+    whole = A.Mixup(p=1.0, window=0).sample(1, 3, range(20), image_size=SIZE, num_images=N, crops_per_image=20)
+    assert (whole["mixup_partner"] != 3).all()
