@@ -1,5 +1,6 @@
 """Tests of fkdstore.codecs: every property is parametrised over REGISTRY, so a new codec is covered for free."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -78,7 +79,12 @@ def q(x, dtype):
 def ref_full(c, row):
     v = [q(x, c.dtype) for x in row]
     if c.dtype == "q8":
-        return {"probs": v}, (np.asarray(v) / sum(v)).tolist()  # q8 full rows are renormalised
+        # zero codes get the missing mass, evenly, clipped to [Q8_PMIN / 1024, Q8_PMIN / 2]; then renormalised
+        s = math.fsum(v)
+        n0 = sum(1 for x in v if x == 0)
+        e = min(max((max(1 - s, 0.0) / n0) if n0 else 0.0, codecs.Q8_PMIN / 1024), codecs.Q8_PMIN / 2)
+        w = [x if x else e for x in v]
+        return {"probs": v}, (np.asarray(w) / (s + n0 * e)).tolist()
     return {"probs": v}, v
 
 

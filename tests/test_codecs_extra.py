@@ -82,7 +82,8 @@ def test_topk_logits_at_T1_equal_ms_of_the_same_probs(z):
     np.testing.assert_allclose(lg, ms, rtol=1e-5, atol=2e-7)
 
 
-@pytest.mark.parametrize("codec", [Logits(), Logits(k=4), Logits(k=4, dtype="q8"), MarginalSmoothing(), Full()],
+@pytest.mark.parametrize("codec", [Logits(), Logits(k=4), Logits(k=4, dtype="q8"), MarginalSmoothing(), Full(),
+                                   Full(dtype="q8")],
                          ids=repr)
 @pytest.mark.parametrize("T", [0.5, 3.0])
 def test_numpy_and_torch_agree_at_temperature(codec, T):
@@ -165,6 +166,42 @@ def test_q8_keeps_the_ms_tail_of_a_confident_teacher():
     p = np.array([[0.995, 0.003, 0.001, 0.0005, 0.0005]], np.float32)
     d = MarginalSmoothing(k=2, dtype="q8").decode(MarginalSmoothing(k=2, dtype="q8").encode(p), 5)
     assert (d[0, 2:] > 0).all() and abs(d[0, 0] - 0.995) <= codecs.Q8_REL * 0.005
+
+
+@HSET
+@given(z=logit_cases)
+def test_full_q8_decodes_every_class_positive_within_its_bound(z):
+    """Full q8: zero-coded classes share the missing mass, so KL(teacher || decoded) is finite for every row."""
+    p = softmax(z, 1).astype(np.float32)
+    C = p.shape[-1]
+    codec = Full(dtype="q8")
+    f = codec.encode(p)
+    d = codec.decode(f, C).astype(np.float64)
+    assert (d > 0).all()
+    np.testing.assert_allclose(d.sum(-1), 1, atol=1e-6)
+    p64 = p.astype(np.float64)
+    kl = (p64 * (np.log(np.maximum(p64, 1e-300)) - np.log(d))).sum(-1)
+    assert np.isfinite(kl).all()
+    ph = codecs.Q8_TABLE[f["probs"]].astype(np.float64)
+    S = ph.sum(-1, keepdims=True)
+    zero = f["probs"] == 0
+    coded_lo = (p64 - codecs.q8_bound(p64)) / (1 + C * codecs.Q8_PMIN * 2**-10)
+    assert (d[~zero] >= (coded_lo * (1 - 1e-6))[~zero]).all()
+    assert (d <= np.where(zero, codecs.Q8_PMIN / (2 * S), p64 / S) * (1 + 1e-6)).all()
+
+
+def test_full_q8_kl_is_finite_on_a_confident_1000_class_teacher():
+    from fkdstore.report import teacher_like_probs
+
+    rng = np.random.default_rng(0)
+    p = teacher_like_probs(rng, 4, 50, 1000, rng.integers(0, 1000, 4))
+    codec = Full(dtype="q8")
+    f = codec.encode(p)
+    assert (f["probs"] == 0).any(-1).mean() > 0.5  # most crops have classes below Q8_PMIN
+    d = codec.decode(f, 1000).astype(np.float64)
+    p64 = p.astype(np.float64)
+    kl = np.where(p64 > 0, p64 * (np.log(np.where(p64 > 0, p64, 1)) - np.log(d)), 0).sum(-1)
+    assert np.isfinite(kl).all() and kl.mean() < 0.01
 
 
 # ----------------------------------------------------------------------------- stored-field rules

@@ -118,6 +118,10 @@ def clamp0(x):
     return x.clamp(min=0) if is_torch(x) else np.maximum(x, np.zeros((), x.dtype))
 
 
+def clip(x, lo: float, hi: float):
+    return x.clamp(lo, hi) if is_torch(x) else np.clip(x, lo, hi)
+
+
 def exp(x):
     return torch_module().exp(x) if is_torch(x) else np.exp(x)
 

@@ -8,15 +8,33 @@ import numpy as np
 
 from . import _array as A
 from .base import FieldSpec, LabelCodec, check_num_classes
+from .quant import Q8_PMIN
+
+#: what a zero-coded class of a q8 ``full`` row decodes to, before normalising, is clipped to this range
+Q8_ZERO_MIN, Q8_ZERO_MAX = Q8_PMIN * 2.0**-10, Q8_PMIN / 2
 
 
 @dataclass(frozen=True, kw_only=True)
 class Full(LabelCodec):
     """Store the whole probability vector in ``dtype``; decode = the stored vector as float32.
 
-    With ``dtype="q8"`` each value is rounded down to the q8 grid (:mod:`fkdstore.codecs.quant`) and decode
-    renormalises the row (``p_hat / sum(p_hat)``; the float64 sum of float32 table values is exact, so numpy
-    and torch agree bit for bit); a row whose values all round to 0 decodes uniform.
+    With ``dtype="q8"`` each value is rounded down to the q8 grid (:mod:`fkdstore.codecs.quant`), so a class
+    below ``Q8_PMIN`` is stored as code 0. Decoding gives those classes back a share of the missing mass, so
+    ``KL(teacher || decoded)`` stays finite (rounding to 0 and renormalising would make it infinite for
+    nearly every crop of a 1000-class teacher). With ``S`` the sum of the stored values, ``r = max(1 - S, 0)``
+    the missing mass and ``n0`` the number of zero-coded classes, each zero-coded class decodes to::
+
+        e = clip(r / n0, Q8_PMIN * 2**-10, Q8_PMIN / 2)      (before normalising)
+
+    i.e. the missing mass spread evenly over the zero-coded classes (as ``ms`` spreads its tail), but never
+    more than half of ``Q8_PMIN`` (the midpoint of the interval ``[0, Q8_PMIN)`` their true values lie in;
+    the rest of the missing mass is rounding of the coded classes, which the normalisation gives back to
+    them in proportion) and never 0. The row is then normalised: ``d = (p_hat + e * [code == 0]) / (S + n0 * e)``.
+    Error bound for a teacher row summing to at most 1 (``D = S + n0 * e``, ``S <= D <= max(1, S + n0 * Q8_ZERO_MIN)``): a coded class decodes to
+    ``d_i = p_hat_i / D``, so ``(p_i - q8_bound(p_i)) / (1 + C * Q8_ZERO_MIN) <= d_i <= p_i / S``; a
+    zero-coded class (``p_j < Q8_PMIN``) decodes to ``0 < e / D <= Q8_PMIN / (2 * S)``. Every ``d > 0``, so
+    ``KL(teacher || decoded)`` is finite for every row. Every sum is exact in float64 (float32 table
+    values), so numpy and torch agree bit for bit. A row whose values all round to 0 decodes uniform.
     """
 
     name: ClassVar[str] = "full"
@@ -37,8 +55,12 @@ class Full(LabelCodec):
         if not self.quantized:
             return p
         p64 = A.f64(p)
+        zero = A.f64(p64 == 0)
         s = A.sum_last(p64)[..., None]
-        return A.f32(A.where(s > 0, p64 / A.where(s > 0, s, s * 0 + 1), p64 * 0 + 1.0 / num_classes))
+        n0 = A.sum_last(zero)[..., None]
+        r = A.clamp0(1.0 - s)
+        e = A.clip(r / A.where(n0 > 0, n0, n0 * 0 + 1), Q8_ZERO_MIN, Q8_ZERO_MAX)
+        return A.f32((p64 + e * zero) / (s + n0 * e))
 
     def _value_problems(self, f, num_classes, add):
         super()._value_problems(f, num_classes, add)
