@@ -15,6 +15,7 @@ import types as _types  # noqa: E402
 
 from . import augment, codecs, schema  # noqa: E402
 from .codecs import as_codec, from_config, get_codec  # noqa: E402
+from .convert import ensemble, prune  # noqa: E402
 from .errors import (  # noqa: E402
     ConcurrentWriterError,
     CorruptChunkError,
@@ -65,7 +66,7 @@ _sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "__version__", "augment", "codecs", "schema", "as_codec", "from_config", "get_codec", "write", "open",
-    "Reader", "Writer", "CropRecords", "FkdstoreError", "FormatError", "IncompleteStoreError",
+    "Reader", "Writer", "CropRecords", "prune", "ensemble", "FkdstoreError", "FormatError", "IncompleteStoreError",
     "SchemaMismatchError", "ValidationError", "CorruptStoreError", "CorruptChunkError", "ConcurrentWriterError",
     *_LAZY,
 ]

@@ -1,9 +1,10 @@
 """The ``fkdstore`` command line. It only parses arguments and calls the library.
 
-Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``generate``. Every
-command's code is here; the library modules hold no argparse code. Only ``generate`` needs torch, and
-it imports the teacher-runner when it runs (or shows its ``--help``), so ``fkdstore --version``,
-``inspect``, ``estimate``, ``verify``, ``convert`` and ``import-fkd`` start without importing torch.
+Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune``, ``ensemble``,
+``generate``. Every command's code is here; the library modules hold no argparse code. Only ``generate``
+needs torch, and it imports the teacher-runner when it runs (or shows its ``--help``), so ``fkdstore
+--version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune`` and ``ensemble``
+start without importing torch.
 
 Exit codes (every command):
 
@@ -131,12 +132,36 @@ def _cmd_generate(args) -> int:
     return EXIT_OK
 
 
+def _cmd_prune(args) -> int:
+    from . import convert, report
+
+    r = convert.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress)
+    _out(f"pruned {r['images']:,} images to {r['crops_per_image']} of {r['crops_per_image_before']} slots each "
+         f"(rule {r['rule']}" + (f", seed {r['seed']}" if r["rule"] == "random" else "") + "): "
+         f"{report.human_bytes(r['bytes_before'])} -> {report.human_bytes(r['bytes_after'])}"
+         + (f" ({r['missing']:,} images were not written in the source)" if r["missing"] else ""))
+    return EXIT_OK
+
+
+def _cmd_ensemble(args) -> int:
+    from . import convert, report
+
+    if len(args.stores) < 3:
+        _err(f"fkdstore ensemble: error: give at least two stores and then OUT. Got {len(args.stores)} path(s).")
+        return EXIT_USAGE
+    r = convert.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress)
+    _out(f"ensembled {len(r['sources'])} stores over {r['images']:,} images as {_cfg(r['codec'])}: "
+         f"{report.human_bytes(r['bytes_after'])} -> {args.stores[-1]}"
+         + (f" ({r['missing']:,} images were not written in the sources)" if r["missing"] else ""))
+    return EXIT_OK
+
+
 # generate's options passed through to fkdstore.generate() under the same name, only when given: the
 # library's signature is the one home of their defaults (shown in ``fkdstore generate --help``).
 GENERATE_OPTIONS = (
     "input_size", "batch_size", "seed", "scale", "ratio", "flip_p", "temperature", "mean", "std",
     "interpolation", "device", "num_workers", "on_error", "images_per_shard", "num_classes", "amp",
-    "progress", "teacher_name", "weights_sha256", "augment",
+    "progress", "teacher_name", "weights_sha256", "augment", "crops_from",
 )
 
 
@@ -224,6 +249,34 @@ examples:
 """
 
 
+PRUNE_HELP = """\
+Write a smaller store keeping M' = max(1, round(M * KEEP)) of each image's M crop slots: boxes, flips, aug
+columns and label fields of the kept slots are copied bit for bit (in slot order); keys, sizes, labels,
+codec and provenance are copied and the prune is appended to meta["history"]. TorchDataset on the result
+samples among the M' kept slots. Rules: random (seeded per image from (--seed, image index) only) or
+confident (the slots whose decoded soft label has the lowest entropy, ties by slot index). Only written
+images are copied. Refused (exit 1, nothing written): KEEP not in (0, 1], a store whose augment pipeline
+mixes slots (mixup, cutmix), a destination that exists and is not empty.
+
+examples:
+  fkdstore prune labels.fkd labels-quarter.fkd --keep 0.25 --seed 0
+  fkdstore prune labels.fkd labels-confident.fkd --keep 0.5 --rule confident
+"""
+
+ENSEMBLE_HELP = """\
+Average the decoded soft labels of stores that share crops (the same image keys, sizes, M, boxes, flips and
+aug columns: e.g. a store and its relabelling by another teacher, made with fkdstore generate --crops-from)
+and write the mean, re-encoded with --codec (default: the first store's codec), to OUT (the last argument).
+Stores whose crops differ are refused (exit 1, nothing written), naming the first differing image index,
+key, slot and array (box, flip or aug/<name>). The ensemble is appended to meta["history"] with the sources
+and their teachers.
+
+examples:
+  fkdstore generate --images train/ --teacher m:teacher2 --out b.fkd --crops-from a.fkd --crops 200 --codec full
+  fkdstore ensemble a.fkd b.fkd ab.fkd --codec ms:k=10
+"""
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -293,6 +346,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                    help="load with weights_only=False: executes code in the files, trusted input only")
     q.add_argument("--progress", action="store_true", help="show a progress bar")
     q.set_defaults(func=_cmd_import_fkd)
+
+    q = add("prune", "keep a fraction of each image's crop slots (a smaller store)", PRUNE_HELP)
+    q.add_argument("src", help="source store")
+    q.add_argument("dst", help="new store (must not exist)")
+    q.add_argument("--keep", type=_fraction, required=True, metavar="FRACTION",
+                   help="fraction of the slots to keep, in (0, 1]: M' = max(1, round(M * FRACTION))")
+    q.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the random rule (default 0)")
+    q.add_argument("--rule", choices=["random", "confident"], default="random",
+                   help="which slots: random (seeded per image) or confident (lowest entropy); default random")
+    q.add_argument("--progress", action="store_true", help="show a progress bar")
+    q.set_defaults(func=_cmd_prune)
+
+    q = add("ensemble", "average the soft labels of stores that share crops", ENSEMBLE_HELP)
+    q.add_argument("stores", nargs="+", metavar="STORE", help="two or more source stores, then the new store OUT")
+    q.add_argument("--codec", default=None,
+                   help="codec of OUT, a name or spec (e.g. full, ms:k=5,dtype=q8); default: the first store's")
+    q.add_argument("--progress", action="store_true", help="show a progress bar")
+    q.set_defaults(func=_cmd_ensemble)
 
     _add_generate(sub, common)
     return p, sub
@@ -384,12 +455,14 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--weights", default=None, metavar="FILE",
                    help="state dict to load (.pt/.pth; .safetensors if the package is installed); its sha256 is stored")
     g.add_argument("--out", required=True, metavar="PATH", help="the store to create or resume")
+    g.add_argument("--crops-from", metavar="STORE",
+                   help="relabel: label the crops stored in STORE (same images and --crops) instead of sampling")
     g = q.add_argument_group("crops and labels")
     g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int, required=True,
                    metavar="M", help="crops per image")
     g.add_argument("--codec", default="ms", help="label codec: full, hard, smoothing, ms, mr (default: ms)")
     g.add_argument("--k", type=_pos_int, default=None, help="top-k for ms/mr (codec default: 5)")
-    g.add_argument("--dtype", default=None, choices=["float16", "float32"],
+    g.add_argument("--dtype", default=None, choices=["float16", "float32", "q8"],
                    help="stored probability dtype (codec default)")
     g.add_argument("--num-classes", type=_pos_int, metavar="C", help="expected teacher output width (None: measured)")
     g.add_argument("--classes", dest="num_classes", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
@@ -452,6 +525,17 @@ def _int_type(check):
 
 
 _pos_int = _int_type(positive_int)
+
+
+def _fraction(s: str) -> float:
+    """argparse type: a number in (0, 1] (``prune --keep``)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]. Got {s!r}.") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]. Got {s!r}.")
+    return v
 _nonneg_int = _int_type(non_negative_int)
 
 

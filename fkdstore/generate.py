@@ -48,7 +48,8 @@ construction: :class:`~fkdstore.transforms.CropSampler` (which crops), :class:`~
 (what the teacher sees), :class:`LabelSpec` (what the store holds), :class:`Execution` (how this run
 executes; never changes the stored values) and :class:`Provenance`. Seams for later work: the crops of an
 image come from :class:`_CropDataset`'s ``crops`` object (anything with ``sample(index, H, W, M)``), where
-an augmentation pipeline or crops replayed from another store plug in; every access to the output location
+an augmentation pipeline plugs in and where crops replayed from another store do (:class:`StoredCrops`,
+``generate(..., crops_from=STORE)``: relabelling with a new teacher); every access to the output location
 goes through :func:`open_or_create_store` and its three local-file helpers.
 
 The command line (``fkdstore generate``) lives in :mod:`fkdstore.cli`.
@@ -83,7 +84,7 @@ from .teacher import TeacherForward, TeacherInputs, state_sha256
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler, replay_crops
 from .validation import non_negative_int, positive_int
 
-__all__ = ["generate", "LabelSpec", "Execution", "Provenance", "DEFAULT_BATCH_SIZE", "ON_ERROR"]
+__all__ = ["generate", "LabelSpec", "Execution", "Provenance", "StoredCrops", "DEFAULT_BATCH_SIZE", "ON_ERROR"]
 
 DEFAULT_BATCH_SIZE = 256  # crops per teacher forward
 ON_ERROR = ("stop", "skip")
@@ -96,7 +97,8 @@ GENERATOR = "fkdstore.generate"
 @dataclass(frozen=True)
 class LabelSpec:
     """What the store holds: ``crops_per_image`` (M) soft labels per image, ``softmax(logits / temperature)``
-    stored with ``codec`` (a codec, a name or a config dict); ``num_classes`` is the expected teacher width
+    stored with ``codec`` (a codec, a name or a config dict; a codec with ``input == "logits"`` gets the
+    logits, and then ``temperature`` must be 1); ``num_classes`` is the expected teacher width
     (``None``: measured), ``images_per_shard`` a storage layout override."""
 
     crops_per_image: int
@@ -114,6 +116,11 @@ class LabelSpec:
         if not (math.isfinite(t) and t > 0):
             raise ValidationError(f"temperature must be a finite number > 0. Got {self.temperature!r}.")
         object.__setattr__(self, "temperature", t)
+        if self.codec.input == "logits" and t != 1.0:
+            raise ValidationError(
+                f"temperature must be 1 with the {self.codec.name!r} codec: it stores the teacher's logits and the "
+                f"temperature is chosen when decoding (decode(..., temperature=T), TorchDataset(..., temperature=T)). "
+                f"Got {self.temperature!r}.")
         if self.num_classes is not None:
             object.__setattr__(self, "num_classes", positive_int("num_classes", self.num_classes))
         if self.images_per_shard is not None:
@@ -206,6 +213,7 @@ def generate(
     teacher_name: str | None = None,
     weights_sha256: str | None = None,
     augment: Any = None,
+    crops_from: str | os.PathLike | None = None,
 ) -> _reader.Reader:
     """Label ``images`` with ``teacher`` and write (or finish) the store at ``path``; return it opened.
 
@@ -220,7 +228,8 @@ def generate(
         batch_size: crops per teacher forward. Images are grouped ``max(1, batch_size // M)`` at a time,
             in groups aligned to storage shards.
         seed, scale, ratio, flip_p: the crop sampler (:class:`fkdstore.transforms.CropSampler`).
-        temperature: labels are ``softmax(logits / temperature)``.
+        temperature: labels are ``softmax(logits / temperature)``. Must be 1 for a codec that stores logits
+            (``codec.input == "logits"``, e.g. ``"logits:k=5"``), whose temperature is chosen at load time.
         mean, std, interpolation: input normalisation and the resampling filter of the crops.
         device: default ``"cuda"`` when available (``cuda:LOCAL_RANK`` under torchrun), else ``"cpu"``.
         num_workers: DataLoader workers decoding and cropping (default ``min(8, cpus - 1)``).
@@ -237,6 +246,13 @@ def generate(
             as the store's ``aug/<column>`` arrays, and the teacher labels the augmented (for Mixup/CutMix:
             mixed, with the partner's crop and params) pixels; the pipeline config is the header's
             ``augment``. ``None``: crop and flip only.
+        crops_from: relabel: an existing store whose stored crops (boxes, flips, aug columns, augment
+            pipeline) are labelled instead of sampled ones (:class:`StoredCrops`); ``seed``, ``scale``,
+            ``ratio`` and ``flip_p`` are then unused. ``images`` must list the source's image keys in its
+            order and ``crops_per_image`` equal its ``M``; the source must be complete; image sizes come
+            from the source (an image that changed since is an :class:`ImageReadError`). The new store
+            carries the source's aug columns and augment pipeline, and the teacher sees each slot replayed
+            from the source's stored params (``augment`` must then be None).
 
     Returns the :class:`fkdstore.Reader` of the store (``complete`` unless images were skipped).
 
@@ -252,21 +268,30 @@ def generate(
         provenance=Provenance(teacher_name, weights_sha256),
         augment=_augment.parse_augment(augment),
     )
-    return _run(teacher, images, Path(path), job, t_start)
+    return _run(teacher, images, Path(path), job, t_start, crops_from)
 
 
-def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float) -> _reader.Reader:
+def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float,
+         crops_from=None) -> _reader.Reader:
     """The steps listed in the module docstring, in order."""
     listing = resolve_images(images)
+    if crops_from is not None and len(job.augment):
+        raise ValidationError("augment must be None with crops_from: the crops, their augmentation params and the "
+                              f"pipeline come from the source store. Got augment={job.augment.get_config()}.")
+    stored = None if crops_from is None else StoredCrops.open(crops_from, listing.keys, job.labels.crops_per_image)
     forward = TeacherForward(teacher, job.inputs, pick_device(job.execution.device, World.detect()),
                              job.execution.amp)
     num_classes = check_num_classes(forward, job.labels.num_classes, listing)
     meta = provenance_meta(teacher, listing, job)
+    if stored is not None:
+        meta.update(stored.meta())
     with Collectives() as comm:
-        writer, sizes, skipped = open_or_create_store(out, listing, job, num_classes, meta, comm)
+        writer, sizes, skipped = open_or_create_store(out, listing, job, num_classes, meta, comm,
+                                                      stored=stored)
         plan = plan_shards(writer.header, writer.written, comm.world, job.images_per_batch)
-        dataset = _CropDataset(listing.paths, sizes, job.sampler, job.labels.crops_per_image, job.inputs,
-                               augment=job.augment, seed=job.sampler.seed)
+        dataset = _CropDataset(listing.paths, sizes, job.sampler if stored is None else stored,
+                               job.labels.crops_per_image, job.inputs,
+                               augment=job.augment if stored is None else stored.pipeline, seed=job.sampler.seed)
         done = label_shards(forward, writer, dataset, plan, listing.keys, job, num_classes, skipped,
                             show_progress=job.execution.progress and comm.world.is_leader, name=out.name)
         writer.close()
@@ -333,7 +358,8 @@ def scan_sizes(paths: Sequence[str], keys: Sequence[str], on_error: str, skipped
 
 
 def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: int, meta: dict,
-                         comm: Collectives) -> tuple[_writer.Writer, np.ndarray, list[str]]:
+                         comm: Collectives, *, stored: StoredCrops | None = None
+                         ) -> tuple[_writer.Writer, np.ndarray, list[str]]:
     """Rank 0 creates (or re-opens, to resume) the store; the other ranks join once it exists.
 
     Returns ``(writer, image sizes, keys skipped so far)``. A failure on rank 0 is broadcast, so every
@@ -341,6 +367,7 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
     (:class:`SchemaMismatchError` otherwise, nothing written).
 
     An interrupted creation (killed before the header was written) is cleared by :func:`fkdstore.write`.
+    ``stored`` (relabelling): the image sizes, aug columns and augment pipeline come from the source store.
     """
     labels = np.asarray(listing.labels, dtype=np.int64)
     spec = job.labels
@@ -349,6 +376,8 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
         image_keys=listing.keys, labels=labels, meta=meta, images_per_shard=spec.images_per_shard,
         aug=[c.to_json() for c in job.augment.columns()], augment=job.augment.get_config(),
     )
+    if stored is not None:
+        common.update(aug=stored.aug_columns, augment=stored.augment)
     skipped: list[str] = []
     err = None
     writer = sizes = None
@@ -356,7 +385,8 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
         try:
             sizes = _existing_sizes(out, listing.keys)  # write() below clears an interrupted creation
             if sizes is None:
-                sizes = scan_sizes(listing.paths, listing.keys, job.execution.on_error, skipped)
+                sizes = stored.sizes if stored is not None else \
+                    scan_sizes(listing.paths, listing.keys, job.execution.on_error, skipped)
             writer = _writer.write(out, image_sizes=sizes, primary=True, **common)
         except BaseException as e:  # tell the other ranks, then raise here
             comm.broadcast(f"{type(e).__name__}: {e}")
@@ -478,7 +508,10 @@ class _CropDataset(torch.utils.data.Dataset):
         return i, boxes, flips, (crops, params), None
 
     def _params(self, i: int, slots) -> dict[str, np.ndarray]:
-        """Slot params of image ``i``, sampled from ``(seed, i, slot)`` (the crop sampler's seed)."""
+        """Slot params of image ``i``, sampled from ``(seed, i, slot)`` (the crop sampler's seed), or the
+        stored ones when the crops come from a store (:meth:`StoredCrops.params`)."""
+        if isinstance(self.crops, StoredCrops):
+            return self.crops.params(i, slots)
         size = (self.inputs.size, self.inputs.size)
         return self.augment.sample(self.seed, i, slots, image_size=size, num_images=len(self.paths),
                                    crops_per_image=self.M)
@@ -508,6 +541,66 @@ class _CropDataset(torch.utils.data.Dataset):
         hwc = replay_slots(self.augment, img, np.arange(self.M), boxes, flips, params, size,
                            self.inputs.interpolation, partner)
         return params, torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
+
+
+class StoredCrops:
+    """The crops of an existing store, for relabelling (``generate(..., crops_from=STORE)``): the
+    ``crops`` object of :class:`_CropDataset`. ``sample(i, H, W, M)`` returns image ``i``'s stored boxes
+    and flips; :meth:`aug` its stored aug columns. Built with :meth:`open`, which checks the source."""
+
+    def __init__(self, reader: _reader.Reader):
+        self.reader = reader
+        self.path = reader.path
+        h = reader.header
+        self.sizes = np.asarray(reader.image_sizes, dtype=np.int64)
+        self.aug_columns = list(h.aug)
+        self.augment = [dict(p) for p in h.augment]
+        self.pipeline = _augment.Pipeline.from_config(self.augment) if self.augment else None
+
+    @classmethod
+    def open(cls, location, keys: Sequence[str], crops_per_image: int) -> StoredCrops:
+        """Open the source store and refuse (:class:`ValidationError`, before anything is written) one whose
+        image keys differ from ``keys`` (naming the first differing key), whose ``M`` differs, that is
+        incomplete."""
+        if isinstance(location, _reader.Reader):
+            reader = location
+        elif isinstance(location, (str, os.PathLike)):
+            reader = _reader.open(location)
+        else:
+            raise TypeError(f"crops_from must be a store path or a Reader. Got {type(location).__name__}.")
+        src = reader.image_keys
+        if list(src) != list(keys):
+            j = next((j for j, (a, b) in enumerate(zip(src, keys)) if a != b), min(len(src), len(keys)))
+            a = repr(src[j]) if j < len(src) else "nothing (the source has only %d images)" % len(src)
+            b = repr(keys[j]) if j < len(keys) else "nothing (the images list only %d)" % len(keys)
+            raise ValidationError(f"images must be the crops_from store's images in its order: position {j} is "
+                                  f"{a} in {reader.path} but {b} in the images given.")
+        if reader.crops_per_image != crops_per_image:
+            raise ValidationError(f"crops_per_image must equal the crops_from store's M={reader.crops_per_image}. "
+                                  f"Got {crops_per_image}.")
+        if not reader.complete:
+            raise ValidationError(f"crops_from store {reader.path} is incomplete ({int((~reader.written).sum())} of "
+                                  f"{reader.num_images} images not written); finish it first.")
+        return cls(reader)
+
+    def sample(self, index: int, height: int, width: int, num_crops: int) -> tuple[np.ndarray, np.ndarray]:
+        rec = self.reader.read(index)
+        return rec.box.astype(np.int64), rec.flip.astype(bool)
+
+    def params(self, index: int, slots) -> dict[str, np.ndarray]:
+        """Stored augmentation params of image ``index`` at ``slots`` ({column: (len(slots), ...)})."""
+        return dict(self.reader.read(index, np.asarray(slots, dtype=np.int64)).aug)
+
+    def aug(self, indices) -> dict[str, np.ndarray] | None:
+        """The stored aug columns of images ``indices`` ({name: (B, M, ...)}), None when the store has none."""
+        if not self.aug_columns:
+            return None
+        return dict(self.reader.read_batch(np.asarray(indices, dtype=np.int64)).aug)
+
+    def meta(self) -> dict[str, Any]:
+        """What the new store's ``meta`` records about the source (replaces the unused sampler config)."""
+        m = self.reader.meta or {}
+        return {"sampler": m.get("sampler"), "crops_from": {"path": str(self.path), "teacher": m.get("teacher")}}
 
 
 def _collate(items):
@@ -561,6 +654,8 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
                 _handle_read_errors(errors, keys, ex.on_error, skipped)
                 if len(idx):
                     fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]])
+                    if aug is None and isinstance(dataset.crops, StoredCrops):
+                        aug = dataset.crops.aug(idx)  # a source's aug columns without an augment pipeline
                     writer.put_fields(idx, boxes, flips, fields, aug=aug)
                     done += len(idx)
                 if b in plan.shard_ends:
@@ -588,7 +683,8 @@ def _handle_read_errors(errors: list[tuple[int, str]], keys: Sequence[str], on_e
 def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_classes: int,
                 some_keys: Sequence[str]) -> dict[str, Any]:
     """Codec fields for a batch of images' crops ``[B, M, 3, S, S]`` (uint8): the teacher runs on at most
-    ``batch_size`` crops at a time; labels are ``softmax(logits / temperature)``, encoded by the codec.
+    ``batch_size`` crops at a time; labels are ``softmax(logits / temperature)``, encoded by the codec, or,
+    for a codec whose ``input`` is ``"logits"``, the teacher's logits themselves (float32).
     ``some_keys`` name the batch in errors (non-finite or wrongly shaped teacher output)."""
     B, M = crops.shape[:2]
     bs, C = job.execution.batch_size, num_classes
@@ -600,8 +696,11 @@ def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_cla
         )
     if not torch.isfinite(logits).all():
         raise ValidationError(f"teacher returned non-finite logits for a batch of images {list(some_keys)}...")
+    codec = job.labels.codec
+    if codec.input == "logits":  # the temperature is chosen at load time (LabelSpec refuses one here)
+        return codec.encode(logits.float().reshape(B, M, C))
     probs = torch.softmax(logits / job.labels.temperature, dim=-1).reshape(B, M, C)
-    return job.labels.codec.encode(probs)
+    return codec.encode(probs)
 
 
 # --------------------------------------------------------------------------------------------- 6 the record

@@ -138,6 +138,9 @@ class TorchDataset(torch.utils.data.Dataset):
         normalize: return float32 ``(x/255 - mean)/std`` (True) or the uint8 crops (False; normalise on
             the GPU with :func:`fkdstore.transforms.normalize` to move 4x fewer bytes).
         mean, std: default ``meta["mean"]`` / ``meta["std"]``, else ImageNet's.
+        temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
+            ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
+            checked here (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
@@ -160,6 +163,7 @@ class TorchDataset(torch.utils.data.Dataset):
         normalize: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        temperature: float = 1.0,
     ):
         if isinstance(store, Reader):
             reader, self._store_path = store, None
@@ -195,6 +199,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform
+        self.temperature = _codecs.parse_temperature(temperature)
 
         listing = list_images(images)
         self._paths = _match_images(reader.image_keys, listing)
@@ -290,7 +295,8 @@ class TorchDataset(torch.utils.data.Dataset):
         slots = np.stack([epoch_slots(int(i), e, m, M, self.seed) for i in idx]) if len(idx) else np.zeros((0, m), np.int64)
         rec = self.reader.read_batch(idx, slots)
         if self.labels == "dense":
-            soft = torch.from_numpy(np.ascontiguousarray(self.reader.decode(rec.fields))).unbind(0)
+            soft = torch.from_numpy(np.ascontiguousarray(
+                self.codec.decode(rec.fields, self.num_classes, temperature=self.temperature))).unbind(0)
         else:
             fields = {k: torch.from_numpy(_torch_friendly(v)).unbind(0) for k, v in rec.fields.items()}
             soft = [dict(zip(fields, row)) for row in zip(*fields.values())] if fields else [{} for _ in idx]
@@ -482,13 +488,19 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, out=_empty(shape, tensors[0].dtype))
 
 
-def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None) -> torch.Tensor:
+def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None,
+            temperature: float | None = None) -> torch.Tensor:
     """Decode sparse codec fields (``labels="sparse"`` batches) to [..., C] float32 on ``device``.
 
     ``codec_or_store``: a :class:`fkdstore.codecs.LabelCodec`, codec name or config (then ``num_classes``
     is required), or a :class:`fkdstore.Reader` / :class:`TorchDataset` (which know it). ``device``
     defaults to the fields' device; fields are moved there first (non-blocking), so decoding runs on the GPU.
+    ``temperature``: passed to ``codec.decode`` (a finite number > 0, else :class:`ValidationError`); default
+    the :class:`TorchDataset`'s ``temperature`` when given one, else 1.
     """
+    if temperature is None:
+        temperature = codec_or_store.temperature if isinstance(codec_or_store, TorchDataset) else 1.0
+    temperature = _codecs.parse_temperature(temperature)
     if isinstance(codec_or_store, (Reader, TorchDataset)):
         codec, C = codec_or_store.codec, codec_or_store.num_classes
         if num_classes is not None and int(num_classes) != C:
@@ -512,7 +524,7 @@ def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None =
     for k, v in fields.items():
         t = torch.from_numpy(_torch_friendly(v)) if isinstance(v, np.ndarray) else v
         tensors[k] = t.to(device, non_blocking=True) if device is not None else t
-    return codec.decode(tensors, C)
+    return codec.decode(tensors, C, temperature=temperature)
 
 
 class BatchMix(NamedTuple):
