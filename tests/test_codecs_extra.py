@@ -202,6 +202,12 @@ def test_full_q8_kl_is_finite_on_a_confident_1000_class_teacher():
     p64 = p.astype(np.float64)
     kl = np.where(p64 > 0, p64 * (np.log(np.where(p64 > 0, p64, 1)) - np.log(d)), 0).sum(-1)
     assert np.isfinite(kl).all() and kl.mean() < 0.01
+    # logits with k=None and q8 stores the same codes and decodes the same way (at T = 1)
+    lg = Logits(k=None, dtype="q8")
+    fl = lg.encode(np.log(np.maximum(p, 1e-30)))
+    np.testing.assert_array_equal(fl["logits"], f["probs"])
+    np.testing.assert_allclose(lg.decode(fl, 1000), d, rtol=1e-6, atol=1e-12)
+    assert (lg.decode(fl, 1000, temperature=2.0) > 0).all()
 
 
 # ----------------------------------------------------------------------------- stored-field rules

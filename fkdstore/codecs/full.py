@@ -8,10 +8,7 @@ import numpy as np
 
 from . import _array as A
 from .base import FieldSpec, LabelCodec, check_num_classes
-from .quant import Q8_PMIN
-
-#: what a zero-coded class of a q8 ``full`` row decodes to, before normalising, is clipped to this range
-Q8_ZERO_MIN, Q8_ZERO_MAX = Q8_PMIN * 2.0**-10, Q8_PMIN / 2
+from . import quant
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,11 +27,12 @@ class Full(LabelCodec):
     more than half of ``Q8_PMIN`` (the midpoint of the interval ``[0, Q8_PMIN)`` their true values lie in;
     the rest of the missing mass is rounding of the coded classes, which the normalisation gives back to
     them in proportion) and never 0. The row is then normalised: ``d = (p_hat + e * [code == 0]) / (S + n0 * e)``.
-    Error bound for a teacher row summing to at most 1 (``D = S + n0 * e``, ``S <= D <= max(1, S + n0 * Q8_ZERO_MIN)``): a coded class decodes to
-    ``d_i = p_hat_i / D``, so ``(p_i - q8_bound(p_i)) / (1 + C * Q8_ZERO_MIN) <= d_i <= p_i / S``; a
+    Error bound for a teacher row summing to at most 1 (``D = S + n0 * e``, so
+    ``S <= D <= max(1, S + n0 * Q8_ZERO_MIN)``): a coded class decodes to ``d_i = p_hat_i / D``, so ``(p_i - q8_bound(p_i)) / (1 + C * Q8_ZERO_MIN) <= d_i <= p_i / S``; a
     zero-coded class (``p_j < Q8_PMIN``) decodes to ``0 < e / D <= Q8_PMIN / (2 * S)``. Every ``d > 0``, so
     ``KL(teacher || decoded)`` is finite for every row. Every sum is exact in float64 (float32 table
     values), so numpy and torch agree bit for bit. A row whose values all round to 0 decodes uniform.
+    (:func:`fkdstore.codecs.quant.dequantize_row`, shared with ``logits`` with ``k=None``.)
     """
 
     name: ClassVar[str] = "full"
@@ -54,13 +52,7 @@ class Full(LabelCodec):
         p = self._load_probs(f["probs"])
         if not self.quantized:
             return p
-        p64 = A.f64(p)
-        zero = A.f64(p64 == 0)
-        s = A.sum_last(p64)[..., None]
-        n0 = A.sum_last(zero)[..., None]
-        r = A.clamp0(1.0 - s)
-        e = A.clip(r / A.where(n0 > 0, n0, n0 * 0 + 1), Q8_ZERO_MIN, Q8_ZERO_MAX)
-        return A.f32((p64 + e * zero) / (s + n0 * e))
+        return A.f32(quant.dequantize_row(f["probs"]))
 
     def _value_problems(self, f, num_classes, add):
         super()._value_problems(f, num_classes, add)

@@ -30,7 +30,9 @@ keeps tiny probabilities that a float16 probability store would flush to 0 (they
 
 Dtypes: ``float16`` (default: ``l`` within ``|l| * 2**-11``, i.e. a relative probability error below
 ``|l| * 2**-11``: 0.5 % at ``l = -10``), ``float32``, and ``q8`` (the q8 code of ``exp(l)``, one byte; the
-bound of :mod:`fkdstore.codecs.quant` applies to each ``exp(l_i)``).
+bound of :mod:`fkdstore.codecs.quant` applies to each ``exp(l_i)``; with ``k=None`` a code 0 (``exp(l) <
+Q8_PMIN``) decodes as in q8 ``full``, :func:`fkdstore.codecs.quant.dequantize_row`, so every class keeps a
+probability > 0 and ``KL(teacher || decoded)`` stays finite).
 """
 from __future__ import annotations
 
@@ -84,7 +86,10 @@ class Logits(LabelCodec):
         return {"indices": idx, "logits": self._store_logp(A.gather(logp, idx))}
 
     def _decode(self, f, num_classes, temperature):
-        lp = self._load_logp(f["logits"])
+        if self.k is None and self.quantized:  # zero codes get a share of the missing mass, as q8 ``full``
+            lp = A.log(quant.dequantize_row(f["logits"]))
+        else:
+            lp = self._load_logp(f["logits"])
         if self.k is None or self.k == num_classes:
             m = A.amax_last(lp)
             w = A.exp((lp - A.where(m > -math.inf, m, m * 0)) / temperature)

@@ -48,6 +48,8 @@ Q8_LOG_TABLE = np.log(Q8_TABLE.astype(np.float64), where=Q8_TABLE > 0,
 Q8_LOG_TABLE.setflags(write=False)
 Q8_PMIN = float(Q8_TABLE[1])
 Q8_REL = math.expm1(Q8_STEP)
+#: what a zero-coded class of a whole q8 row decodes to, before normalising, is clipped to this range
+Q8_ZERO_MIN, Q8_ZERO_MAX = Q8_PMIN * 2.0**-10, Q8_PMIN / 2
 assert (np.diff(Q8_TABLE) > 0).all()
 
 
@@ -73,6 +75,23 @@ def quantize(p, atol: float):
 def dequantize(codes):
     """uint8 codes -> float32 probabilities (a table lookup: bit-identical in numpy and torch)."""
     return A.table_lookup(Q8_TABLE, codes)
+
+
+def dequantize_row(codes):
+    """A whole q8 row (every class: ``full``, ``logits`` with ``k=None``) -> float64 distribution, > 0 everywhere.
+
+    ``S = sum(Q8_TABLE[codes])``, ``r = max(1 - S, 0)``, ``n0`` = number of zero codes; each zero-coded class
+    gets ``e = clip(r / n0, Q8_ZERO_MIN, Q8_ZERO_MAX)``, then the row is normalised (rule and bound:
+    :class:`fkdstore.codecs.full.Full`). Sums of float32 table values are exact in float64, so numpy and
+    torch agree bit for bit.
+    """
+    p64 = A.f64(dequantize(codes))
+    zero = A.f64(p64 == 0)
+    s = A.sum_last(p64)[..., None]
+    n0 = A.sum_last(zero)[..., None]
+    r = A.clamp0(1.0 - s)
+    e = A.clip(r / A.where(n0 > 0, n0, n0 * 0 + 1), Q8_ZERO_MIN, Q8_ZERO_MAX)
+    return (p64 + e * zero) / (s + n0 * e)
 
 
 def dequantize_log(codes):
