@@ -13,6 +13,11 @@ mini-batch, optimiser, learning-rate schedule and seeds:
 (d) ``global label``: the same replayed crops and m as (c) Full, but every crop gets the teacher's soft label
     of the *whole* image (ReLabel-style global/region mismatch).
 
+(e) ``pruned``: the Full store pruned to a fraction ``keep`` of its M slots per image
+    (:func:`fkdstore.prune`, random rule, seed 0), trained with the same E and m, so the M' kept crops are
+    reused E/M' times (the accuracy vs label-size curve; keep = 1 is (c) Full);
+(f) ``q8``: (c) MS K with 8-bit labels (``dtype="q8"``) next to (c) MS K in float16.
+
 m is varied for (c) Full (m = 1, 2, 4). Defaults: teacher `tiny_cnn(width=48)` (~97 %), student
 `tiny_cnn(width=4)`, E = 32, m = 2, crop scale (0.1, 1) (the same setting as `examples/demo.py`). Test accuracy on the held-out split (whole images) and the
 training wall time (data loading + teacher forwards + steps; label generation is a one-off cost reported
@@ -45,6 +50,7 @@ from fkdstore.testing import (
     train_classifier,
 )
 from fkdstore.transforms import normalize
+from fkdstore.writer import storage_stats
 
 NUM_CLASSES = 10
 CROPS_PER_BATCH = 64
@@ -116,6 +122,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4], help="m values of the ablation (Full)")
     ap.add_argument("--scale", type=float, nargs=2, default=(0.1, 1.0), help="random-resized-crop scale range")
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--keeps", type=float, nargs="*", default=[0.5, 0.25, 0.125],
+                    help="prune fractions of the accuracy vs size curve (e); none to skip")
+    ap.add_argument("--prune-seeds", type=int, default=None,
+                    help="seeds of the pruned variants (e) (default: 1 with --fast, else all seeds)")
+    ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip (f) MS K with q8 labels")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
@@ -143,6 +154,7 @@ def main(argv=None) -> dict:
     res: dict = {"config": {"effective_epochs": E, "seeds": seeds, "size": size, "scale": scale, "k": a.k,
                             "m": a.m, "ms": a.ms, "teacher_width": a.teacher_width, "student_width": a.student_width,
                             "teacher_epochs": t_epochs, "train_images": n_train, "test_images": len(y_test),
+                            "keeps": list(a.keeps), "q8": a.q8,
                             "crops_per_batch": CROPS_PER_BATCH, "lr": a.lr},
                  "teacher": {"acc": accuracy(teacher, x_test, y_test), "train_s": t_teacher}}
     print(f"teacher acc {res['teacher']['acc']:.4f} ({t_teacher:.0f}s)", file=sys.stderr, flush=True)
@@ -168,10 +180,20 @@ def main(argv=None) -> dict:
     stores = {"Full": full}
     codecs = {f"MS K={a.k}": get_codec("ms", k=a.k), f"MR K={a.k}": get_codec("mr", k=a.k),
               "Smoothing": get_codec("smoothing"), "Hard": get_codec("hard")}
+    if a.q8:
+        codecs[f"MS K={a.k} q8"] = get_codec("ms", k=a.k, dtype="q8")
     for name, c in codecs.items():
-        stores[name] = reencode(full, c, work / f"labels_{c.name}.fkd")
+        stores[name] = reencode(full, c, work / f"labels_{c.name}{'_q8' if c.quantized else ''}.fkd")
+    pruned = {}
+    for keep in a.keeps:
+        if fkdstore.convert.pruned_slots(keep, M) in {fkdstore.convert.pruned_slots(k, M) for k in pruned}:
+            continue  # same M' as a larger keep: the same store
+        pruned[keep] = work / f"labels_full_keep{keep}.fkd"
+        shutil.rmtree(pruned[keep], ignore_errors=True)
+        fkdstore.prune(full, pruned[keep], keep=keep, seed=0)
+        stores[f"Full keep={keep:g}"] = pruned[keep]
     r_full = fkdstore.open(full)
-    res["store_bytes"] = {k: fkdstore.store.storage_stats(v)["_total"]["bytes"] for k, v in stores.items()}
+    res["store_bytes"] = {k: storage_stats(v)["_total"]["bytes"] for k, v in stores.items()}
 
     # global soft label per image: teacher on the whole image (resized to the crop size)
     x_train, _ = load_folder(train_dir, size)
@@ -191,19 +213,32 @@ def main(argv=None) -> dict:
     variants["(a) no KD"] = (lambda s: random_crop_batches(train_dir, size, scale, s, E), E, hard)
     variants["(b) vanilla KD"] = (lambda s: random_crop_batches(train_dir, size, scale, s, E), E, kd_target)
     for name, st in stores.items():
-        variants[f"(c) FKD {name}, m={a.m}"] = (lambda s, st=st: fkd_batches(st, train_dir, a.m, s), E // a.m,
-                                                 lambda x, b: b["soft_labels"])
+        if st in pruned.values():
+            continue
+        tag = "(f)" if name.endswith(" q8") else "(c)"
+        variants[f"{tag} FKD {name}, m={a.m}"] = (lambda s, st=st: fkd_batches(st, train_dir, a.m, s), E // a.m,
+                                                   lambda x, b: b["soft_labels"])
     for m in a.ms:
         if m != a.m:
             variants[f"(c) FKD Full, m={m}"] = (lambda s, m=m: fkd_batches(full, train_dir, m, s), E // m,
                                                  lambda x, b: b["soft_labels"])
     variants[f"(d) global label, m={a.m}"] = (lambda s: fkd_batches(full, train_dir, a.m, s), E // a.m,
                                                lambda x, b: global_p[b["index"]])
+    for keep, st in pruned.items():
+        Mk = fkdstore.convert.pruned_slots(keep, M)
+        if Mk < a.m:
+            continue  # fewer kept slots than crops per item
+        variants[f"(e) FKD Full pruned keep={keep:g} (M'={Mk}), m={a.m}"] = (
+            lambda s, st=st: fkd_batches(st, train_dir, a.m, s), E // a.m, lambda x, b: b["soft_labels"])
     if a.only:
         variants = {k: v for k, v in variants.items() if any(o in k for o in a.only)}
     runs = {k: [] for k in variants}
-    for s in seeds:
+    prune_seeds = a.prune_seeds if a.prune_seeds is not None else (1 if a.fast else len(seeds))
+    res["config"]["prune_seeds"] = prune_seeds
+    for si, s in enumerate(seeds):
         for name, (mk, passes, tfn) in variants.items():
+            if name.startswith("(e) ") and si >= prune_seeds:
+                continue
             student = tiny_cnn(NUM_CLASSES, width=a.student_width, seed=s)
             secs, cpu = train(student, mk(s), passes, a.lr, tfn)
             runs[name].append({"seed": s, "acc": accuracy(student, x_test, y_test), "train_s": secs, "cpu_s": cpu,
@@ -217,7 +252,7 @@ def main(argv=None) -> dict:
                           "time_std": float(np.std([r["train_s"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
                           "cpu_mean": float(np.mean([r["cpu_s"] for r in v])),
                           "cpu_std": float(np.std([r["cpu_s"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
-                          "passes": v[0]["passes"], "final_lr": v[0]["final_lr"]}
+                          "passes": v[0]["passes"], "final_lr": v[0]["final_lr"], "seeds": len(v)}
                       for k, v in runs.items()}
     res["claims"] = claims(res)
     res["wall_s"] = time.perf_counter() - t_all
@@ -274,6 +309,21 @@ def claims(res: dict) -> dict:
                                   "diff": v["acc_mean"] - none["acc_mean"], "agrees": v["acc_mean"] >= none["acc_mean"],
                                   "time_ratio_vs_kd": v["cpu_mean"] / kd["cpu_mean"] if kd else None}
             for k, v in fkd_any.items()}
+    q8, f16 = _get(s, f"(f) FKD MS K={cfg['k']} q8"), _get(s, f"(c) FKD MS K={cfg['k']}, m=")
+    if q8 and f16:
+        spread = q8["acc_std"] + f16["acc_std"]
+        out["q8_within_seed_spread"] = {"q8_acc": q8["acc_mean"], "q8_std": q8["acc_std"], "f16_acc": f16["acc_mean"],
+                                        "f16_std": f16["acc_std"], "diff": q8["acc_mean"] - f16["acc_mean"],
+                                        "spread": spread, "agrees": abs(q8["acc_mean"] - f16["acc_mean"]) <= spread}
+    full_m = _get(s, f"(c) FKD Full, m={cfg['m']}")
+    curve = {k: v for k, v in s.items() if k.startswith("(e) ")}
+    if full_m and curve:
+        out["prune_curve"] = [{"keep": 1.0, "acc": full_m["acc_mean"], "std": full_m["acc_std"],
+                               "bytes": res["store_bytes"]["Full"]}]
+        for k, v in curve.items():
+            keep = float(k.split("keep=")[1].split(" ")[0])
+            out["prune_curve"].append({"keep": keep, "acc": v["acc_mean"], "std": v["acc_std"],
+                                       "bytes": res["store_bytes"][f"Full keep={keep:g}"]})
     if none and kd:
         out["kd_beats_no_kd"] = {"diff": kd["acc_mean"] - none["acc_mean"], "agrees": kd["acc_mean"] > none["acc_mean"]}
     return out
@@ -303,6 +353,18 @@ def to_markdown(res: dict) -> str:
             f"{k}: {100 * v['diff']:+.2f} points ({'FKD >= hard labels' if v['agrees'] else '**FKD < hard labels**'}"
             + (f", {v['time_ratio_vs_kd']:.2f}x vanilla KD's CPU time" if v["time_ratio_vs_kd"] else "") + ")"
             for k, v in fb.items()) + ".")
+    cl = res.get("claims", {})
+    if "prune_curve" in cl:
+        L.append(f"\nLabel pruning (`fkdstore.prune`, random rule, seed 0; same E and m, so the kept crops are reused; "
+                 f"pruned variants over {c.get('prune_seeds', len(c['seeds']))} seed(s)): "
+                 "accuracy vs store size: " + "; ".join(
+                     f"keep {p['keep']:g}: {100 * p['acc']:.2f} ± {100 * p['std']:.2f} % at {p['bytes'] / 1e3:,.0f} KB"
+                     for p in cl["prune_curve"]) + ".")
+    if "q8_within_seed_spread" in cl:
+        v = cl["q8_within_seed_spread"]
+        L.append(f"\n8-bit labels: MS K={c['k']} q8 {100 * v['q8_acc']:.2f} ± {100 * v['q8_std']:.2f} % vs float16 "
+                 f"{100 * v['f16_acc']:.2f} ± {100 * v['f16_std']:.2f} % (difference {100 * v['diff']:+.2f} points, seed "
+                 f"spread ±{100 * v['spread']:.2f}: {'within' if v['agrees'] else '**outside**'} the seed spread).")
     g = res["generation"]
     L.append(f"\nOne-off label generation (`fkdstore.generate`, Full float32, {g['images']} images x M = {g['M']}): "
              f"{g['seconds']:.1f} s wall, {g['cpu_seconds']:.1f} s CPU = {g['crops_per_s']:,.0f} crops per CPU-second; "
