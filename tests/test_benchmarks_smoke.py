@@ -73,3 +73,17 @@ def test_reproduce_tiny_run(tmp_path):
     assert all(0.0 <= v["acc_mean"] <= 1.0 and np.isfinite(v["time_mean"]) for v in s.values())
     assert {"fkd_matches_vanilla_kd", "region_beats_global", "m_does_not_hurt"} <= set(res["claims"])
     assert "vanilla KD" in reproduce.to_markdown(res)
+
+
+def test_codec_fidelity_tiny_run():
+    codec_fidelity = pytest.importorskip("codec_fidelity")
+    run_all = pytest.importorskip("run_all")
+    rows = codec_fidelity.run(2, 4, 50, 0, specs=["full:dtype=float16", "full:dtype=q8", "ms:k=5", "ms:k=5,dtype=q8",
+                                                  "mr:k=5"])
+    by = {r["codec"]: r for r in rows}
+    assert by["full:dtype=q8"]["kl_inf_crops"] == 0 and by["mr:k=5"]["kl_inf_crops"] == 8  # mr drops the tail
+    assert all(np.isfinite(r["kl_floored_mean"]) for r in rows)
+    assert by["ms:k=5,dtype=q8"]["raw_label_bytes"] == 15
+    table = codec_fidelity.table(rows)
+    assert "crops with KL = inf" in table and "`mr:k=5`" in table
+    assert any("Full q8 <= 60 %" in line for line in run_all.fidelity_verdict(rows))
