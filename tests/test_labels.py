@@ -389,3 +389,19 @@ def test_ensemble_refuses_stores_whose_crops_differ(tmp_path, capsys):
     ra = fkdstore.open(a)
     np.testing.assert_allclose(fkdstore.open(tmp_path / "ok.fkd").read_all().fields["probs"],
                                ra.decode(ra.read_all().fields), atol=1e-7)
+
+
+def test_cli_generate_crops_from(digits, tmp_path, capsys):
+    common = ["--images", str(digits), "--teacher", "fkdstore.testing:tiny_cnn", "--crops", "3", "--input-size", "32",
+              "--device", "cpu", "--num-workers", "0", "--no-progress", "--images-per-shard", "4"]
+    assert main(["generate", *common, "--out", str(tmp_path / "a.fkd"), "--codec", "ms", "--k", "3",
+                 "--teacher-kwargs", '{"seed": 1}']) == 0
+    assert main(["generate", *common, "--out", str(tmp_path / "b.fkd"), "--codec", "logits", "--k", "3",
+                 "--dtype", "q8", "--teacher-kwargs", '{"seed": 2}', "--crops-from", str(tmp_path / "a.fkd")]) == 0
+    a, b = fkdstore.open(tmp_path / "a.fkd"), fkdstore.open(tmp_path / "b.fkd")
+    assert b.codec == K.Logits(k=3, dtype="q8")
+    np.testing.assert_array_equal(a.read_all().box, b.read_all().box)
+    assert main(["generate", *common, "--out", str(tmp_path / "c.fkd"), "--crops", "4",
+                 "--crops-from", str(tmp_path / "a.fkd")]) == 1
+    assert "crops_per_image must equal the crops_from store's M=3. Got 4." in capsys.readouterr().err
+    assert not (tmp_path / "c.fkd").exists()
