@@ -190,15 +190,18 @@ def coalesce(requests, gap: int) -> list[tuple[str, int, int, list[int]]]:
 
     Returns ``[(key, start, stop, [request numbers]), ...]``: one entry per request actually issued."""
     order = sorted(range(len(requests)), key=lambda i: (requests[i][0], requests[i][1]))
-    out: list[tuple[str, int, int, list[int]]] = []
+    out: list = []
+    last = None
     for i in order:
         key, a, b = requests[i]
-        if out and out[-1][0] == key and a - out[-1][2] < gap:
-            k, s, e, members = out[-1]
-            out[-1] = (k, s, max(e, b), members + [i])
+        if last is not None and last[0] == key and a - last[2] < gap:
+            if b > last[2]:
+                last[2] = b
+            last[3].append(i)  # linear in the number of requests (one read_batch makes hundreds)
         else:
-            out.append((key, a, b, [i]))
-    return out
+            last = [key, a, b, [i]]
+            out.append(last)
+    return [tuple(x) for x in out]
 
 
 class ByteSource:
