@@ -40,6 +40,7 @@ MISSING = 2**64 - 1  # shard-index offset/nbytes of an inner chunk that is not s
 INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
 CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per array (random reads revisit chunks)
 MANIFEST_CACHE_SHARDS = 1024
+DIRECT_DECODE_BYTES = 64 * 1024  # decoded chunks at least this big are decoded in place, not joined
 
 
 # ----------------------------------------------------------------------------------------- metadata
@@ -181,6 +182,17 @@ class Manifest:
 # ------------------------------------------------------------------------------------------- arrays
 
 
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    """``n`` zero bytes (the fill value of a chunk that is not stored), shared per size."""
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
+
+
 def group_rows(rows: np.ndarray, ipc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Group image rows by inner chunk: (unique chunk ids, position of each row's chunk, row in chunk)."""
     c = rows // ipc
@@ -209,7 +221,7 @@ class ShardedArray:
 
     def __init__(self, meta: ArrayMeta, source, *, num_images: int, dtype: str, manifest: Manifest | None = None,
                  column: int = 0, zarr_array: Callable[[], Any] | None = None,
-                 cache_bytes: int = CHUNK_CACHE_BYTES):
+                 cache_bytes: int | None = None):
         self.meta, self.source, self.path = meta, source, meta.path
         self.num_images = int(num_images)
         self.dtype = np.dtype(dtype).newbyteorder("<")
@@ -224,7 +236,8 @@ class ShardedArray:
         self.manifest, self.column = manifest, column
         self._zarr_factory, self._zarr = zarr_array, None
         self._path_bytes = self.path.encode("utf-8")
-        self._cache_limit = max(0, int(cache_bytes))
+        self._cache_limit = max(0, int(CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes))
+        self._keys: dict[int, str] = {}  # shard file keys (at most MAX_SHARDS per array)
         self.clear()
 
     def __getstate__(self):
@@ -242,7 +255,10 @@ class ShardedArray:
 
     # -- naming
     def shard_key(self, s: int) -> str:
-        return self.meta.chunk_key((s,) + (0,) * (len(self.shape) - 1))
+        key = self._keys.get(s)
+        if key is None:
+            key = self._keys[s] = self.meta.chunk_key((s,) + (0,) * (len(self.shape) - 1))
+        return key
 
     def where(self, c: int) -> str:
         a = c * self.ipc
@@ -299,69 +315,178 @@ class ShardedArray:
         return load_many([(self, cs, need)])[0]
 
     def _plan(self, cs, need) -> _Plan:
+        """Locate chunks ``cs`` in their shard indexes (vectorised per shard) and list the byte ranges to
+        fetch; missing files/entries of chunks that hold written images become errors here."""
         cs = np.asarray(cs, dtype=np.int64).reshape(-1)
-        need = np.ones(len(cs), bool) if need is None else np.asarray(need, bool).reshape(-1)
-        plan = _Plan(self, cs, need, np.zeros((len(cs), *self.chunk_shape), self.dtype), [None] * len(cs))
-        if not len(cs) or not self.fast:
+        n = len(cs)
+        need = np.ones(n, bool) if need is None else np.asarray(need, bool).reshape(-1)
+        plan = _Plan(self, cs, need, None, [None] * n)
+        if not n or not self.fast:
+            plan.out = np.zeros((n, *self.chunk_shape), self.dtype)
             return plan
-        errors = plan.errors
-        shards = cs // self.per_shard
-        got, bad = self._indexes(sorted(set(shards.tolist())))
-        for j, (c, s) in enumerate(zip(cs.tolist(), shards.tolist())):
-            if s in bad:
-                errors[j] = bad[s]
-                continue
+        ps = self.per_shard
+        if n == 1:  # read(i): scalar path (numpy calls cost more than the work for one chunk)
+            c = int(cs[0])
+            s = c // ps
+            got, bad = self._indexes([s])
             index = got.get(s)
-            if index is None:
-                if need[j]:
-                    errors[j] = CorruptStoreError(
-                        f"{self.where(c)}: the shard file is missing but the chunk holds images marked "
-                        f"written (a lost or partly copied file)")
-                continue
-            off, nb = index[c - s * self.per_shard].tolist()
-            if off == MISSING:
-                if need[j]:
-                    errors[j] = CorruptStoreError(
+            if s in bad:
+                plan.errors[0] = bad[s]
+            elif index is None:
+                if need[0]:
+                    plan.errors[0] = CorruptStoreError(
+                        f"{self.where(c)}: the shard file is missing but the chunk holds images marked written "
+                        f"(a lost or partly copied file)")
+            else:
+                off, nb = index[c - s * ps].tolist()
+                if off != MISSING:
+                    plan.requests, plan.slots = [(self.shard_key(s), off, off + nb)], [0]
+                elif need[0]:
+                    plan.errors[0] = CorruptStoreError(
                         f"{self.where(c)}: the chunk is missing from the shard index but holds images marked "
                         f"written")
+            return plan
+        shards = cs // ps
+        if shards[0] == shards[-1] and (n < 3 or (shards == shards[0]).all()):
+            groups = [(int(shards[0]), None)]  # one shard (read(i), read_all, verify): no grouping needed
+        else:
+            order = np.argsort(shards, kind="stable")
+            ss = shards[order]
+            cut = np.flatnonzero(ss[1:] != ss[:-1]) + 1
+            groups = [(int(ss[a]), order[a:b]) for a, b in zip([0, *cut.tolist()], [*cut.tolist(), n])]
+        got, bad = self._indexes([s for s, _ in groups])
+        offs = np.empty(n, np.uint64)
+        sizes = np.empty(n, np.uint64)
+        keys: list = [None] * n
+        ok = np.zeros(n, bool)
+        errors = plan.errors
+        for s, pos in groups:
+            where = np.arange(n) if pos is None else pos
+            index = got.get(s)
+            if s in bad or index is None:
+                for j in where.tolist():
+                    if s in bad:
+                        errors[j] = bad[s]  # one object per shard: verify reports a bad index once
+                    elif need[j]:
+                        errors[j] = CorruptStoreError(
+                            f"{self.where(int(cs[j]))}: the shard file is missing but the chunk holds images "
+                            f"marked written (a lost or partly copied file)")
                 continue
-            plan.requests.append((self.shard_key(s), off, off + nb))
-            plan.slots.append(j)
+            entry = index[cs[where] - s * ps]
+            offs[where], sizes[where] = entry[:, 0], entry[:, 1]
+            ok[where] = True
+            key = self.shard_key(s)
+            for j in where.tolist():
+                keys[j] = key
+        absent = ok & (offs == MISSING)
+        if absent.any():
+            for j in np.flatnonzero(absent).tolist():
+                if need[j]:
+                    errors[j] = CorruptStoreError(
+                        f"{self.where(int(cs[j]))}: the chunk is missing from the shard index but holds images "
+                        f"marked written")
+            ok &= ~absent
+        slots = np.flatnonzero(ok)
+        a = offs[slots].tolist()
+        b = (offs[slots] + sizes[slots]).tolist()
+        plan.requests = list(zip([keys[j] for j in slots.tolist()], a, b))
+        plan.slots = slots.tolist()
         return plan
 
+    def _wanted_tags(self, plan: _Plan) -> list:
+        """Manifest tag expected for each chunk of ``plan`` to be fetched (None: no check, because the chunk
+        holds no written image; an exception: the manifest chunk cannot be read)."""
+        m, cs, ps = self.manifest, plan.cs, self.per_shard
+        col = self.column
+        if len(cs) == 1:
+            s = int(cs[0]) // ps
+            try:
+                return [int(m.shard(s)[int(cs[0]) - s * ps, col])] if plan.need[0] else [None]
+            except Exception as e:  # the manifest chunk itself cannot be read
+                return [e]
+        want: list = [None] * len(cs)
+        shards = cs // ps
+        for s in np.unique(shards).tolist():
+            pos = np.flatnonzero(shards == s) if shards[0] != shards[-1] else np.arange(len(cs))
+            try:
+                vals = m.shard(s)[cs[pos] - s * ps, col].tolist()
+            except Exception as e:  # the manifest chunk itself cannot be read
+                vals = [e] * len(pos)
+            for j, v in zip(pos.tolist(), vals):
+                want[j] = v if plan.need[j] else None
+        return want
+
     def _finish(self, plan: _Plan, blobs) -> None:
-        cs, out, errors = plan.cs, plan.out, plan.errors
+        """Check and decode the fetched chunks: crc32c of the stored bytes, blosc (or raw) decoding, and the
+        manifest tag computed once on the decoded bytes. Small chunks are decompressed to bytes and joined
+        into the output with one copy (cheaper per chunk than decoding into array views); big ones are
+        decoded in place into a preallocated array."""
         if not self.fast:
             self._load_zarr(plan)
-        crc, decompress, sizes = _crc32c.crc32c, _blosc.decompress, _blosc._cbuffer_sizes
+            if self.manifest is not None:
+                self._check_manifest(plan)
+            return
+        cs, errors = plan.cs, plan.errors
+        n = len(cs)
         expect, blosc = self.chunk_nbytes, self.meta.blosc
+        direct = expect >= DIRECT_DECODE_BYTES
+        out = np.zeros((n, *self.chunk_shape), self.dtype) if direct else None
+        flat = out.reshape(n, -1).view(np.uint8) if direct else None
+        parts = None if direct else [_zeros(expect)] * n
+        crc, decompress, sizes = _crc32c.crc32c, _blosc.decompress, _blosc._cbuffer_sizes
+        want = self._wanted_tags(plan) if self.manifest is not None else None
+        head = self._path_bytes + b"\0"
+        cl = cs.tolist()
         for j, (key, a, b), raw in zip(plan.slots, plan.requests, blobs):
             if raw is None:  # the file vanished between the index read and now
-                errors[j] = CorruptStoreError(f"{self.where(int(cs[j]))}: the shard file is missing")
+                errors[j] = CorruptStoreError(f"{self.where(cl[j])}: the shard file is missing")
                 continue
             if len(raw) != b - a or b - a < 4:
-                errors[j] = CorruptChunkError(f"{self.where(int(cs[j]))}: truncated (bytes {a}..{b} of the file "
+                errors[j] = CorruptChunkError(f"{self.where(cl[j])}: truncated (bytes {a}..{b} of the file "
                                               f"are not all there)")
                 continue
             body = raw[:-4]
             if crc(body) != int.from_bytes(raw[-4:], "little"):
-                errors[j] = CorruptChunkError(f"{self.where(int(cs[j]))}: crc32c checksum mismatch (data "
+                errors[j] = CorruptChunkError(f"{self.where(cl[j])}: crc32c checksum mismatch (data "
                                               f"corrupted)")
                 continue
             try:
                 if blosc:
-                    n = sizes(body)[0]
-                    if n != expect:
-                        raise ValueError(f"decodes to {n} bytes, expected {expect}")
-                    decompress(body, out[j])
+                    nb = sizes(body)[0]
+                    if nb != expect:
+                        raise ValueError(f"decodes to {nb} bytes, expected {expect}")
+                    if direct:
+                        decompress(body, flat[j])
+                        dec = flat[j]
+                    else:
+                        dec = decompress(body)
                 elif len(body) == expect:
-                    out[j] = np.frombuffer(body, self.dtype).reshape(self.chunk_shape)
+                    dec = body
+                    if direct:
+                        flat[j] = np.frombuffer(body, np.uint8)
                 else:
                     raise ValueError(f"{len(body)} bytes, expected {expect}")
             except Exception as e:  # blosc raises several types for damaged input
-                errors[j] = CorruptChunkError(f"{self.where(int(cs[j]))}: cannot decode ({e})")
-        if self.manifest is not None:
-            self._check_manifest(plan)
+                errors[j] = CorruptChunkError(f"{self.where(cl[j])}: cannot decode ({e})")
+                continue
+            if want is not None:
+                w = want[j]
+                if isinstance(w, Exception):
+                    errors[j] = CorruptStoreError(f"{self.where(cl[j])}: its manifest entry cannot be read "
+                                                  f"({type(w).__name__}: {w})")
+                    continue
+                # schema.manifest_tag's rule, on the decoded little-endian bytes: crc32c(path \0 uint64_le(c)
+                # + bytes), the header's crc continued over the data (tests pin it to schema.manifest_tag)
+                if w is not None and crc(dec, crc(head + cl[j].to_bytes(8, "little"))) != w:
+                    s = cl[j] // self.per_shard
+                    errors[j] = CorruptStoreError(f"{self.where(cl[j])} does not match the manifest: misplaced or "
+                                                  f"stale data{self.manifest.missing_note(s)}")
+                    continue
+            if not direct:
+                parts[j] = dec
+        if not direct:
+            out = np.frombuffer(bytearray().join(parts), self.dtype).reshape(n, *self.chunk_shape)
+        plan.out = out
 
     def _zarr_array(self):
         if self._zarr is None:
@@ -514,9 +639,11 @@ def _prefetch(items) -> None:
     uncached manifest chunks of their shards in one Zarr read: on a remote store this is one round of
     latency for all arrays, not one per array (and one per shard for the manifest)."""
     wants = []
+    single = all(len(cs) == 1 for _, cs, _ in items)
     for a, cs, _ in items:
         if a.fast and len(cs):
-            todo = [s for s in sorted(set((np.asarray(cs) // a.per_shard).tolist())) if s not in a._index]
+            shards = [int(cs[0]) // a.per_shard] if single else sorted(set((np.asarray(cs) // a.per_shard).tolist()))
+            todo = [s for s in shards if s not in a._index]
             if todo:
                 wants.append((a, todo))
     if len(wants) > 1:
@@ -526,7 +653,7 @@ def _prefetch(items) -> None:
             a._indexes(todo, raws[k:k + len(todo)])
             k += len(todo)
     manifest = next((a.manifest for a, _, _ in items if a.manifest is not None), None)
-    if manifest is not None:
+    if manifest is not None and not single:  # one chunk per array: one manifest chunk, read by shard()
         manifest.prefetch({int(s) for a, cs, _ in items for s in (np.asarray(cs) // a.per_shard).tolist()})
 
 
