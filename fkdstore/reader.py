@@ -327,8 +327,15 @@ class Reader:
     def read(self, i: int, slots=None) -> CropRecords:
         """Records of image ``i``: leading dim ``(M,)``, or ``(len(slots),)`` when slots are given."""
         i = _check_index(i)
-        sl = None if slots is None else _int_array(slots, "slots").reshape(1, -1)
-        return self.read_batch(np.array([i], np.int64), sl)[0]
+        idx = np.array([i], np.int64)
+        self._check_written(idx)
+        sl = None if slots is None else self._slots(_int_array(slots, "slots").reshape(1, -1), 1)[0]
+        c, w = divmod(i, self.header.images_per_chunk)
+        arrays = list(self._arrays.values())
+        stacks = take_many(arrays, np.array([c], np.int64))
+        # a copy (not a view of a cached chunk): callers may modify what they get
+        data = {a.path: st[0, w].copy() if sl is None else st[0, w][sl] for a, st in zip(arrays, stacks)}
+        return self._records(data)
 
     def read_batch(self, indices, slots=None) -> CropRecords:
         """Records of images ``indices`` (B,): leading dims ``(B, M)``, or ``(B, m)`` for ``slots`` (B, m).
@@ -342,10 +349,7 @@ class Reader:
         chunks, inv, within = group_rows(idx, self.header.images_per_chunk)
         arrays = list(self._arrays.values())
         stacks = take_many(arrays, chunks)
-        if len(idx) == 1:  # read(i): basic indexing of the one chunk
-            w = int(within[0])
-            data = {a.path: st[0, w][None] if sl is None else st[0, w][sl[0]][None] for a, st in zip(arrays, stacks)}
-        elif sl is None:
+        if sl is None:
             data = {a.path: st[inv, within] for a, st in zip(arrays, stacks)}
         else:
             inv2, within2 = inv[:, None], within[:, None]
