@@ -27,13 +27,13 @@ def check_array(x: Any, what: str) -> None:
 
 
 def is_float(x) -> bool:
-    return x.is_floating_point() if is_torch(x) else np.issubdtype(x.dtype, np.floating)
+    return x.is_floating_point() if is_torch(x) else x.dtype.kind == "f"  # == np.issubdtype(.., np.floating)
 
 
 def is_int(x) -> bool:
     if is_torch(x):
         return not x.is_floating_point() and not x.is_complex() and x.dtype != torch_module().bool
-    return np.issubdtype(x.dtype, np.integer)
+    return x.dtype.kind in "iu"  # == np.issubdtype(x.dtype, np.integer)
 
 
 def numel(x) -> int:
@@ -81,6 +81,15 @@ def scatter_into(base, idx, vals):
     """Write ``vals`` at class positions ``idx`` (shape (..., n)) of ``base`` (..., C); returns it."""
     if is_torch(base):
         return base.scatter_(-1, idx.to(torch_module().int64), vals.to(base.dtype))
+    idx = np.asarray(idx)
+    if base.flags.c_contiguous and idx.shape[:-1] == base.shape[:-1] and idx.ndim == base.ndim:
+        # one flat fancy assignment (about 4x cheaper than put_along_axis for a few rows); indices must be in
+        # [0, C), which decode checks before calling this (a flat index would otherwise spill into a neighbour row)
+        c, n = base.shape[-1], idx.shape[-1]
+        pos = idx.reshape(-1, n).astype(np.intp) + np.arange(0, base.size, c, dtype=np.intp)[:, None]
+        v = vals if getattr(vals, "shape", None) == idx.shape else np.broadcast_to(vals, idx.shape)
+        base.reshape(-1)[pos.reshape(-1)] = v.reshape(-1)
+        return base
     np.put_along_axis(base, idx.astype(np.intp), vals, axis=-1)
     return base
 
@@ -100,6 +109,11 @@ def filled(like, shape, value, dtype: str = "float32"):
 
 def copy(x):
     return x.clone() if is_torch(x) else np.array(x, copy=True)
+
+
+def f32_copy(x):
+    """A float32 copy that never aliases ``x`` (one allocation for numpy input)."""
+    return x.to(torch_module().float32, copy=True) if is_torch(x) else np.array(x, dtype=np.float32, copy=True)
 
 
 def sum_last(x):

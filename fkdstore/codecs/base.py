@@ -60,6 +60,7 @@ labels; decoded rows then sum to 1 within ``codec.sum_atol(C)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -206,6 +207,13 @@ def validate_logits(logits, num_classes: int) -> None:
         _first_bad(x, bad, shape, "logits", "finite")
 
 
+@functools.lru_cache(maxsize=256)
+def _specs(codec: "LabelCodec", num_classes: int) -> dict[str, FieldSpec]:
+    """``codec.fields(num_classes)`` memoised for decode's per-call field check (codecs are frozen and
+    hashable; only called with a plain ``int``, so ``True`` never hits the entry of ``1``). Read-only."""
+    return codec.fields(num_classes)
+
+
 # ----------------------------------------------------------------------------- base class
 @dataclass(frozen=True, kw_only=True)
 class LabelCodec:
@@ -271,7 +279,7 @@ class LabelCodec:
 
     def _load_probs(self, v):
         """Stored values -> float32 probabilities."""
-        return quant.dequantize(v) if self.quantized else A.copy(A.f32(v))
+        return quant.dequantize(v) if self.quantized else A.f32_copy(v)
 
     # -- encode / decode
     def validate_input(self, x, num_classes: int) -> None:
@@ -311,7 +319,7 @@ class LabelCodec:
     def _check_fields(self, fields: Mapping, num_classes: int) -> None:
         if not isinstance(fields, Mapping):
             raise TypeError(f"fields must be a mapping of name -> array, got {type(fields).__name__}")
-        specs = self.fields(num_classes)
+        specs = _specs(self, num_classes) if type(num_classes) is int else self.fields(num_classes)
         missing = [n for n in specs if n not in fields]
         if missing:
             raise ValidationError(f"{self.name} fields must contain {list(specs)}, missing {missing}")
@@ -333,12 +341,12 @@ class LabelCodec:
                 if not A.is_int(arr):
                     raise ValidationError(f"field 'indices' must have an integer dtype, got {arr.dtype}")
                 if A.numel(arr) > 0:
-                    a = A.i64(arr)  # torch has no min/max for uint16
+                    a = A.i64(arr) if A.is_torch(arr) else arr  # torch has no min/max for uint16
                     lo, hi = int(a.min()), int(a.max())
                     if lo < 0 or hi >= num_classes:
                         raise ValidationError(
                             f"field 'indices' must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
-            elif np.issubdtype(np.dtype(spec.dtype), np.floating):
+            elif np.dtype(spec.dtype).kind == "f":
                 if not A.is_float(arr):
                     raise ValidationError(f"field {n!r} must have a floating dtype, got {arr.dtype}")
             elif not A.is_int(arr):
