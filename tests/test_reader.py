@@ -258,3 +258,47 @@ def test_reader_pickles_and_works_in_child_processes(tmp_path, method):
     proc.join()
     assert got == d["boxes"][3].tolist()
     np.testing.assert_array_equal(r.read(3).box, d["boxes"][3])  # the parent's handles still work
+
+
+# ----------------------------------------------------------------------------- hot path (issue 13.4)
+
+
+def test_cold_and_direct_decode_paths_read_identically(tmp_path, monkeypatch):
+    """Uncached reads (CHUNK_CACHE_BYTES = 0, the benchmark's cold case) and in-place decoding of big chunks
+    (DIRECT_DECODE_BYTES = 0) return what the default path returns, and still check the manifest."""
+    from fkdstore import shard
+
+    p, d, _ = _store(tmp_path, "2.0")
+    with R.open(p) as r:
+        want = r.read_batch(np.arange(40))
+    for knob in ("CHUNK_CACHE_BYTES", "DIRECT_DECODE_BYTES"):
+        monkeypatch.setattr(shard, knob, 0)
+        with R.open(p) as r:
+            got = r.read_batch(np.arange(40)[::-1])
+            for k, v in want.fields.items():
+                np.testing.assert_array_equal(got.fields[k], v[::-1])
+            np.testing.assert_array_equal(r.read(17).box, want.box[17])
+            np.testing.assert_array_equal(r.read_all().fields["probs"], want.fields["probs"])
+    # a manifest entry that does not match is caught on the in-place path too
+    m = zarr.open_group(str(p), mode="r+")[S.MANIFEST]
+    m[1, 0] = int(m[1, 0]) ^ 1
+    with R.open(p) as r, pytest.raises(R.CorruptStoreError, match="does not match the manifest"):
+        r.read(5)
+
+
+def test_read_returns_copies_not_cached_chunks(tmp_path):
+    p, d, _ = _store(tmp_path, "2.0")
+    with R.open(p) as r:
+        first = r.read(3)
+        first.box[...] = 0
+        first.fields["probs"][...] = 0
+        again = r.read(3)
+        np.testing.assert_array_equal(again.box, d["boxes"][3])
+        assert again.fields["probs"].any()
+
+
+def test_coalesce_merges_many_neighbouring_ranges_in_order():
+    reqs = [("k", 10 * i, 10 * i + 8) for i in range(500)][::-1] + [("j", 0, 4), ("k", 10**6, 10**6 + 1)]
+    merged = storage.coalesce(reqs, 64)
+    assert [(k, a, b) for k, a, b, _ in merged] == [("j", 0, 4), ("k", 0, 4998), ("k", 10**6, 10**6 + 1)]
+    assert merged[1][3] == list(range(499, -1, -1)) and merged[0][3] == [500] and merged[2][3] == [501]
