@@ -27,7 +27,8 @@ from . import codecs as _codecs
 from . import schema as S
 from . import storage as _storage
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
-from .shard import ArrayMeta, Manifest, ShardedArray, group_rows, load_many, parse_array_meta, raise_first, take_many
+from .shard import ArrayMeta, Manifest, ShardedArray, group_rows, load_many, parse_array_meta, raise_first, take_many, \
+    take_one
 
 __all__ = ["open", "Reader", "CropRecords"]
 
@@ -332,9 +333,9 @@ class Reader:
         sl = None if slots is None else self._slots(_int_array(slots, "slots").reshape(1, -1), 1)[0]
         c, w = divmod(i, self.header.images_per_chunk)
         arrays = list(self._arrays.values())
-        stacks = take_many(arrays, np.array([c], np.int64))
+        chunks = take_one(arrays, c)
         # a copy (not a view of a cached chunk): callers may modify what they get
-        data = {a.path: st[0, w].copy() if sl is None else st[0, w][sl] for a, st in zip(arrays, stacks)}
+        data = {a.path: ch[w].copy() if sl is None else ch[w][sl] for a, ch in zip(arrays, chunks)}
         return self._records(data)
 
     def read_batch(self, indices, slots=None) -> CropRecords:

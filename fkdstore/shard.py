@@ -34,7 +34,7 @@ from . import schema as S
 from .errors import CorruptChunkError, CorruptStoreError
 
 __all__ = ["MISSING", "ArrayMeta", "parse_array_meta", "ShardedArray", "Manifest", "group_rows", "load_many",
-           "take_many", "raise_first"]
+           "take_many", "take_one", "raise_first"]
 
 MISSING = 2**64 - 1  # shard-index offset/nbytes of an inner chunk that is not stored
 INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
@@ -428,65 +428,66 @@ class ShardedArray:
             return
         cs, errors = plan.cs, plan.errors
         n = len(cs)
-        expect, blosc = self.chunk_nbytes, self.meta.blosc
+        expect = self.chunk_nbytes
         direct = expect >= DIRECT_DECODE_BYTES
         out = np.zeros((n, *self.chunk_shape), self.dtype) if direct else None
         flat = out.reshape(n, -1).view(np.uint8) if direct else None
         parts = None if direct else [_zeros(expect)] * n
-        crc, decompress, sizes = _crc32c.crc32c, _blosc.decompress, _blosc._cbuffer_sizes
         want = self._wanted_tags(plan) if self.manifest is not None else None
-        head = self._path_bytes + b"\0"
         cl = cs.tolist()
-        for j, (key, a, b), raw in zip(plan.slots, plan.requests, blobs):
-            if raw is None:  # the file vanished between the index read and now
-                errors[j] = CorruptStoreError(f"{self.where(cl[j])}: the shard file is missing")
-                continue
-            if len(raw) != b - a or b - a < 4:
-                errors[j] = CorruptChunkError(f"{self.where(cl[j])}: truncated (bytes {a}..{b} of the file "
-                                              f"are not all there)")
-                continue
-            body = raw[:-4]
-            if crc(body) != int.from_bytes(raw[-4:], "little"):
-                errors[j] = CorruptChunkError(f"{self.where(cl[j])}: crc32c checksum mismatch (data "
-                                              f"corrupted)")
-                continue
-            try:
-                if blosc:
-                    nb = sizes(body)[0]
-                    if nb != expect:
-                        raise ValueError(f"decodes to {nb} bytes, expected {expect}")
-                    if direct:
-                        decompress(body, flat[j])
-                        dec = flat[j]
-                    else:
-                        dec = decompress(body)
-                elif len(body) == expect:
-                    dec = body
-                    if direct:
-                        flat[j] = np.frombuffer(body, np.uint8)
-                else:
-                    raise ValueError(f"{len(body)} bytes, expected {expect}")
-            except Exception as e:  # blosc raises several types for damaged input
-                errors[j] = CorruptChunkError(f"{self.where(cl[j])}: cannot decode ({e})")
-                continue
-            if want is not None:
-                w = want[j]
-                if isinstance(w, Exception):
-                    errors[j] = CorruptStoreError(f"{self.where(cl[j])}: its manifest entry cannot be read "
-                                                  f"({type(w).__name__}: {w})")
-                    continue
-                # schema.manifest_tag's rule, on the decoded little-endian bytes: crc32c(path \0 uint64_le(c)
-                # + bytes), the header's crc continued over the data (tests pin it to schema.manifest_tag)
-                if w is not None and crc(dec, crc(head + cl[j].to_bytes(8, "little"))) != w:
-                    s = cl[j] // self.per_shard
-                    errors[j] = CorruptStoreError(f"{self.where(cl[j])} does not match the manifest: misplaced or "
-                                                  f"stale data{self.manifest.missing_note(s)}")
-                    continue
-            if not direct:
-                parts[j] = dec
+        for j, (_, a, b), raw in zip(plan.slots, plan.requests, blobs):
+            got = self._check_chunk(cl[j], raw, a, b, None if want is None else want[j],
+                                    flat[j] if direct else None)
+            if isinstance(got, Exception):
+                errors[j] = got
+            elif not direct:
+                parts[j] = got
         if not direct:
             out = np.frombuffer(bytearray().join(parts), self.dtype).reshape(n, *self.chunk_shape)
         plan.out = out
+
+    def _check_chunk(self, c: int, raw, a: int, b: int, want, dest=None):
+        """Every check the spec asks for one fetched chunk ``c`` (bytes ``[a, b)`` of its shard file, ``raw``):
+        present, complete, crc32c of the stored bytes, decodes to the full chunk size, and, when ``want`` is
+        its manifest tag (an int; None: not checked; an exception: the manifest could not be read), the tag
+        of the decoded bytes. Returns the decoded bytes (decoded into ``dest`` when given) or the error."""
+        if raw is None:  # the file vanished between the index read and now
+            return CorruptStoreError(f"{self.where(c)}: the shard file is missing")
+        if len(raw) != b - a or b - a < 4:
+            return CorruptChunkError(f"{self.where(c)}: truncated (bytes {a}..{b} of the file are not all there)")
+        body = raw[:-4]
+        if _crc32c.crc32c(body) != int.from_bytes(raw[-4:], "little"):
+            return CorruptChunkError(f"{self.where(c)}: crc32c checksum mismatch (data corrupted)")
+        expect = self.chunk_nbytes
+        try:
+            if self.meta.blosc:
+                nb = _blosc._cbuffer_sizes(body)[0]
+                if nb != expect:
+                    raise ValueError(f"decodes to {nb} bytes, expected {expect}")
+                if dest is None:
+                    dec = _blosc.decompress(body)
+                else:
+                    _blosc.decompress(body, dest)
+                    dec = dest
+            elif len(body) == expect:
+                dec = body
+                if dest is not None:
+                    dest[:] = np.frombuffer(body, np.uint8)
+            else:
+                raise ValueError(f"{len(body)} bytes, expected {expect}")
+        except Exception as e:  # blosc raises several types for damaged input
+            return CorruptChunkError(f"{self.where(c)}: cannot decode ({e})")
+        if want is not None:
+            if isinstance(want, Exception):
+                return CorruptStoreError(f"{self.where(c)}: its manifest entry cannot be read "
+                                         f"({type(want).__name__}: {want})")
+            # schema.manifest_tag's rule on the decoded little-endian bytes: crc32c(path + b"\0" + uint64_le(c)
+            # + bytes), i.e. the crc of the header continued over the data (tests pin it to schema.manifest_tag)
+            crc = _crc32c.crc32c
+            if crc(dec, crc(self._path_bytes + b"\0" + c.to_bytes(8, "little"))) != want:
+                return CorruptStoreError(f"{self.where(c)} does not match the manifest: misplaced or stale "
+                                         f"data{self.manifest.missing_note(c // self.per_shard)}")
+        return dec
 
     def _zarr_array(self):
         if self._zarr is None:
@@ -655,6 +656,47 @@ def _prefetch(items) -> None:
     manifest = next((a.manifest for a, _, _ in items if a.manifest is not None), None)
     if manifest is not None and not single:  # one chunk per array: one manifest chunk, read by shard()
         manifest.prefetch({int(s) for a, cs, _ in items for s in (np.asarray(cs) // a.per_shard).tolist()})
+
+
+def take_one(arrays, c: int) -> list[np.ndarray]:
+    """Chunk ``c`` of every array in ``arrays`` (``Reader.read``): like ``take_many(arrays, [c])`` with the
+    same checks (:meth:`ShardedArray._check_chunk`), minus the batch machinery. Anything off the common path
+    (a shard index not cached yet, a chunk not stored, the Zarr fallback pipeline, an unreadable manifest)
+    goes through :func:`take_many`, which reports it. Returns ``[(ipc, M, ...) array per array]``."""
+    got: list = [None] * len(arrays)
+    requests, todo = [], []
+    for k, a in enumerate(arrays):
+        hit = a._cache.get(c)
+        if hit is not None:
+            a._cache.move_to_end(c)
+            got[k] = hit
+            continue
+        s = c // a.per_shard
+        index = a._index.get(s) if a.fast else None
+        if index is None:
+            return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
+        a._index.move_to_end(s)
+        off, nb = index[c - s * a.per_shard].tolist()
+        want = None
+        if a.manifest is not None:
+            try:
+                want = int(a.manifest.shard(s)[c - s * a.per_shard, a.column])
+            except Exception:  # reported by take_many
+                want = MISSING
+        if off == MISSING or want == MISSING:
+            return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
+        requests.append((a.shard_key(s), off, off + nb))
+        todo.append((k, a, want))
+    if requests:
+        blobs = arrays[0].source.read_ranges(requests)
+        for (k, a, want), (_, off, end), raw in zip(todo, requests, blobs):
+            dec = a._check_chunk(c, raw, off, end, want)
+            if isinstance(dec, Exception):
+                raise dec
+            data = np.frombuffer(dec, a.dtype).reshape(a.chunk_shape)  # read-only: cached and shared
+            a._remember(np.array([c]), data[None])
+            got[k] = data
+    return got
 
 
 def take_many(arrays, cs: np.ndarray) -> list[np.ndarray]:
