@@ -5,6 +5,11 @@ All sides run in this process on the same teacher-like MS top-5 labels; speeds a
 the per-image ``torch.load`` baseline measured in the same run.
 
     python benchmarks/store_layout.py [--images 2048] [--crops 200] [--classes 1000] [--out DIR]
+        [--decode numpy|torch] [--repeat 3]
+
+Reads are measured cold (a fresh reader with the decoded-chunk cache off: every chunk touched is fetched,
+crc32c-checked, decompressed and manifest-checked, as in random access over a store much larger than the
+cache; the headline) and warm (the cache already holds this small store), interleaved with the baseline.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 import fkdstore
+import fkdstore.shard
 from fkdstore.codecs import get_codec
 from fkdstore.store import storage_stats
 
@@ -60,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed after)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--decode", choices=("numpy", "torch"), default="numpy",
+                    help="framework both sides decode the labels they read in (default numpy)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved read runs; medians are reported")
     a = ap.parse_args(argv)
     N, M, C = a.images, a.crops, a.classes
     work = Path(a.out or tempfile.mkdtemp(prefix="fkd-bench-"))
@@ -145,48 +154,84 @@ def main(argv=None):
     # Training reads m of the M stored slots of each image and decodes only those (FKD picks randperm(M)[:m]).
     m = 4
     slots = np.random.default_rng(2).integers(0, M, (N, m))
+    # Both sides decode what they read with the same codec.decode, in the same framework (--decode): numpy
+    # arrays as read, or torch tensors made from them (torch's per-op overhead dominates a 4-row decode).
+    as_in = (lambda v: v) if a.decode == "numpy" else torch.from_numpy
 
-    def fkd_read():
+    def decode(fields):
+        codec.decode({k: as_in(np.asarray(v)) for k, v in fields.items()}, C)
+
+    def fkd_read(_r=None):
         for i in order[:n_single]:
             coords, fl, lab = torch.load(fkd_dir / f"{i}.tar", weights_only=False)
             sel = slots[i]
-            idx = torch.from_numpy(lab[sel, 0].astype(np.int64))
-            p = torch.from_numpy(lab[sel, 1])
-            codec.decode({"indices": idx, "probs": p}, C)
+            decode({"indices": lab[sel, 0].astype(np.int64), "probs": lab[sel, 1]})
 
-    base = n_single / timed(fkd_read, 2)
-    res["read_torch_load_images_per_s"] = base
-
-    def fkd_single():
+    def fkd_single(rd):
         for i in order[:n_single]:
-            rec = r.read(int(i), slots[i])
-            codec.decode({k: torch.from_numpy(v) for k, v in rec.fields.items()}, C)
+            decode(rd.read(int(i), slots[i]).fields)
 
-    def fkd_batch():
+    def fkd_batch(rd):
         for s in range(0, N, 256):
             b = order[s:s + 256]
-            rec = r.read_batch(b, slots[b])
-            codec.decode({k: torch.from_numpy(v) for k, v in rec.fields.items()}, C)
+            decode(rd.read_batch(b, slots[b]).fields)
 
-    def fkd_epoch():
-        rec = r.read_all(slots)
+    def fkd_epoch(rd):
+        rec = rd.read_all(slots)
         for s in range(0, N, 256):  # decode per training batch, as a loop would
-            codec.decode({k: torch.from_numpy(v[order[s:s + 256]]) for k, v in rec.fields.items()}, C)
+            decode({k: v[order[s:s + 256]] for k, v in rec.fields.items()})
 
-    def zarr_single():
+    def zarr_single(_r=None):
         arrs = [g_img[k] for k in ("box", "flip", "indices", "probs")]
         for i in order[: n_single // 4]:
             [a_[int(i)] for a_ in arrs]
 
-    read = {
-        f"fkdstore read(i, m={m} slots), random": n_single / timed(fkd_single, 2),
-        "fkdstore read_batch(256 random images)": N / timed(fkd_batch, 2),
-        f"fkdstore epoch preload read_all(slots m={m}) + batched decode": N / timed(fkd_epoch, 2),
-        "zarr arr[i] per image (chunk per image)": (n_single // 4) / timed(zarr_single, 1),
-        "torch.load per image (FKD format)": base,
-    }
+    def reader(cold):
+        """cold: a fresh reader with the decoded-chunk cache off, so every chunk a read touches is fetched,
+        crc32c-checked, decompressed and manifest-checked (random access over a store far larger than the
+        cache); warm: one reader whose 32 MiB chunk cache already holds this whole (small) store."""
+        if not cold:
+            return warm
+        old = fkdstore.shard.CHUNK_CACHE_BYTES
+        fkdstore.shard.CHUNK_CACHE_BYTES = 0
+        try:
+            return fkdstore.open(path)
+        finally:
+            fkdstore.shard.CHUNK_CACHE_BYTES = old
+
+    warm = fkdstore.open(path)
+    for s in range(0, N, 256):
+        warm.read_batch(np.arange(s, min(N, s + 256)))
+    cases = [  # (name, function, images per call, cold)
+        ("torch.load per image (FKD format)", fkd_read, n_single, None),
+        (f"fkdstore read(i, m={m} slots), cold", fkd_single, n_single, True),
+        (f"fkdstore read(i, m={m} slots), warm cache", fkd_single, n_single, False),
+        ("fkdstore read_batch(256 random images), cold", fkd_batch, N, True),
+        ("fkdstore read_batch(256 random images), warm cache", fkd_batch, N, False),
+        (f"fkdstore epoch preload read_all(slots m={m}) + batched decode", fkd_epoch, N, True),
+    ]
+    speeds: dict[str, list] = {name: [] for name, *_ in cases}
+    ratios: dict[str, list] = {name: [] for name, *_ in cases}
+    for _ in range(a.repeat):  # interleaved, so load changes hit every side alike; medians reported
+        base_rep = None
+        for name, fn, count, cold in cases:
+            rd = reader(cold) if cold is not None else None
+            t = time.perf_counter()
+            fn(rd)
+            v = count / (time.perf_counter() - t)
+            base_rep = v if base_rep is None else base_rep
+            speeds[name].append(v)
+            ratios[name].append(v / base_rep)
+    read = {name: float(np.median(v)) for name, v in speeds.items()}
+    read["zarr arr[i] per image (chunk per image)"] = (n_single // 4) / timed(zarr_single, 1)
+    base = read["torch.load per image (FKD format)"]
+    res["read_decode"] = a.decode
+    res["read_repeats"] = a.repeat
+    res["read_torch_load_images_per_s"] = base
     res["read_images_per_s"] = read
-    res["read_ratio_vs_torch_load"] = {k: v / base for k, v in read.items()}
+    ratio = {name: float(np.median(v)) for name, v in ratios.items()}
+    ratio["zarr arr[i] per image (chunk per image)"] = read["zarr arr[i] per image (chunk per image)"] / base
+    res["read_ratio_vs_torch_load"] = ratio  # median over repeats of the same-repeat ratio
 
     # ---- report
     print(f"\n{N} images x {M} crops, C={C}, {codec!r}")
@@ -194,9 +239,10 @@ def main(argv=None):
     for k in ("fkdstore", "zarr_chunk_per_image", "zarr_big_chunks_sharded", "fkd_torch_save"):
         v = res[k]
         print(f"{k + ' (' + v['layout'] + ')':42.42s} {v['bytes_per_crop']:7.2f} {v['files']:6d} {v['write_images_per_s']:12.0f}")
-    print(f"\n{'label read + decode of m=4 slots per random image':62s} {'img/s':>9s} {'x torch.load':>12s}")
+    print(f"\nlabel read + {a.decode} decode of m=4 slots per random image; medians of {a.repeat} interleaved runs")
+    print(f"{'':62s} {'img/s':>9s} {'x torch.load':>12s}")
     for k, v in read.items():
-        print(f"{k:62s} {v:9.0f} {v / base:12.1f}")
+        print(f"{k:62s} {v:9.0f} {ratio[k]:12.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     if not a.out:
