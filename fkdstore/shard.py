@@ -9,9 +9,18 @@ For each inner chunk a caller asks for, :meth:`ShardedArray.load`:
    (:class:`CorruptStoreError` naming array, shard file and images; never fill values);
 3. fetches the chunk bytes (all chunks of one call in one batch of byte-range requests through
    :mod:`fkdstore.storage`: ``os.pread`` locally, concurrent coalesced requests remotely), checks crc32c
-   (:class:`CorruptChunkError`) and blosc-decodes into one preallocated array;
-4. format 2.0: compares :func:`fkdstore.schema.manifest_tag` of the decoded chunk with the store's
-   ``manifest`` (a mismatch is a misplaced or stale chunk: :class:`CorruptStoreError`).
+   (:class:`CorruptChunkError`) and blosc-decodes (small chunks to bytes joined with one copy, big ones in
+   place into a preallocated array);
+4. format 2.0: compares :func:`fkdstore.schema.manifest_tag` of the decoded chunk (computed once on the
+   decoded bytes) with the store's ``manifest`` (a mismatch is a misplaced or stale chunk:
+   :class:`CorruptStoreError`).
+
+Steps 1-4 for one chunk live in :meth:`ShardedArray._check_chunk`, used by the batch path
+(:func:`load_many`) and by ``Reader.read``'s one-chunk path (:func:`take_one`). Hot-path costs: the chunk
+location is vectorised per shard, each fetched chunk costs one Python iteration (about 3 C calls of crc32c
+and one blosc call), shard keys and indexes are cached. Decoded chunks are cached per array up to
+``CHUNK_CACHE_BYTES`` (read when an array is created; 0 turns the cache off, which is what random access
+over a store much larger than the cache amounts to, and what ``benchmarks/store_layout.py`` calls cold).
 
 The fast path applies to the codec pipeline this library writes (``sharding_indexed`` with inner
 ``bytes`` [+ ``blosc``] + ``crc32c`` and index ``bytes`` + ``crc32c`` at the end); any other pipeline is
@@ -217,7 +226,8 @@ class ShardedArray:
     """One per-crop array ``(N, M, ...)`` stored in shards of ``ips`` images and inner chunks of ``ipc``.
 
     ``source`` is a :class:`fkdstore.storage.ByteSource`; ``zarr_array`` a callable returning the Zarr array
-    (fallback path only); ``manifest``/``column`` bind chunks to positions (format 2.0, else None)."""
+    (fallback path only); ``manifest``/``column`` bind chunks to positions (format 2.0, else None);
+    ``cache_bytes``: decoded chunks kept (default :data:`CHUNK_CACHE_BYTES` at creation; 0 = no cache)."""
 
     def __init__(self, meta: ArrayMeta, source, *, num_images: int, dtype: str, manifest: Manifest | None = None,
                  column: int = 0, zarr_array: Callable[[], Any] | None = None,
