@@ -57,7 +57,7 @@ def _err(text: str) -> None:
 def _cmd_inspect(args) -> int:
     from . import report
 
-    d = report.inspect(args.path, sample=args.sample, seed=args.seed)
+    d = report.inspect(args.path, sample=args.sample, seed=args.seed, storage_options=args.storage_options)
     _out(json.dumps(d, indent=2, sort_keys=False) if args.json else report.format_inspect(d))
     return EXIT_OK
 
@@ -78,7 +78,7 @@ def _cmd_estimate(args) -> int:
 def _cmd_verify(args) -> int:
     from . import verify
 
-    problems = verify.verify(args.path, progress=args.progress)
+    problems = verify.verify(args.path, progress=args.progress, storage_options=args.storage_options)
     if args.json:
         _out(json.dumps({"path": args.path, "ok": not problems, "problems": problems}, indent=2))
     else:
@@ -89,7 +89,8 @@ def _cmd_verify(args) -> int:
 def _cmd_convert(args) -> int:
     from . import convert, report
 
-    r = convert.convert(args.src, args.dst, args.codec, k=args.k, progress=args.progress)
+    r = convert.convert(args.src, args.dst, args.codec, k=args.k, progress=args.progress,
+                        storage_options=args.storage_options)
     _out(f"converted {r['images']:,} images {_cfg(r['from'])} -> {_cfg(r['to'])}: "
          f"{report.human_bytes(r['bytes_before'])} -> {report.human_bytes(r['bytes_after'])}"
          + (f" ({r['missing']:,} images were not written in the source)" if r["missing"] else ""))
@@ -100,7 +101,8 @@ def _cmd_import_fkd(args) -> int:
     from . import convert, report
 
     r = convert.import_fkd(args.src, args.dst, args.images, codec=args.codec, k=args.k, num_classes=args.num_classes,
-                           trust_pickle=args.trust_pickle, progress=args.progress, log=_err)
+                           trust_pickle=args.trust_pickle, progress=args.progress, log=_err,
+                           storage_options=args.storage_options)
     _out(f"imported {r['files']:,} FKD label files ({r['crops_per_image']} crops each, {r['num_classes']} classes, "
          f"coords {r['coords_dtype']}) as {_cfg(r['codec'])}: "
          f"{report.human_bytes(r['bytes_before'])} in {r['files']:,} files -> {report.human_bytes(r['bytes_after'])}")
@@ -162,6 +164,7 @@ GENERATE_OPTIONS = (
     "input_size", "batch_size", "seed", "scale", "ratio", "flip_p", "temperature", "mean", "std",
     "interpolation", "device", "num_workers", "on_error", "images_per_shard", "num_classes", "amp",
     "progress", "teacher_name", "weights_sha256", "augment", "crops_from",
+    "storage_options",
 )
 
 
@@ -277,6 +280,29 @@ examples:
 """
 
 
+STORAGE_HELP = """
+stores on object storage:
+  Every store argument may be a URL instead of a folder: s3://BUCKET/PATH (installed with fkdstore[s3]),
+  or gs://, az://, ... with the fsspec package for that scheme. Credentials come from the environment,
+  as for the cloud's own tools, and are best kept there (not on the command line, where ps and the shell
+  history show them):
+    s3://  AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN), or AWS_PROFILE; an
+           S3-compatible server (MinIO, Ceph, ...) via AWS_ENDPOINT_URL
+    gs://  GOOGLE_APPLICATION_CREDENTIALS
+    az://  AZURE_STORAGE_ACCOUNT_NAME + AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_TOKEN)
+  --storage-options JSON passes fsspec options for the URL(s), e.g. '{"endpoint_url": "http://minio:9000",
+  "profile": "labels"}'. A bad URL, a missing bucket or refused credentials end with one error line.
+"""
+
+
+def _add_storage_options(q) -> None:
+    """``--storage-options JSON``: the one spelling of fsspec options for every command that takes a store
+    (no explicit default: None, or absent under ``generate``'s ``argument_default=SUPPRESS``)."""
+    q.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                   help="fsspec options for store URLs, a JSON object (endpoint_url, profile, ...); "
+                        "credentials: see 'stores on object storage' above")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -291,8 +317,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     def add(name, help_, desc):
         return sub.add_parser(name, help=help_, description=desc, formatter_class=_Formatter, parents=[common])
 
-    q = add("inspect", "show a store's arrays, sizes, provenance and label statistics", INSPECT_HELP)
-    q.add_argument("path", help="store folder")
+    q = add("inspect", "show a store's arrays, sizes, provenance and label statistics", INSPECT_HELP + STORAGE_HELP)
+    q.add_argument("path", help="store folder or URL")
+    _add_storage_options(q)
     q.add_argument("--json", action="store_true", help="print one JSON object (keys above)")
     q.add_argument("--sample", type=_nonneg_int, default=4096, help="crops sampled for label statistics (default 4096)")
     q.add_argument("--seed", type=int, default=0, help="seed of the crop sample (default 0)")
@@ -316,24 +343,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--json", action="store_true", help="print the estimate as JSON (both figures)")
     q.set_defaults(func=_cmd_estimate)
 
-    q = add("verify", "read and check every chunk; exit 1 with the problems found", VERIFY_HELP)
-    q.add_argument("path", help="store folder")
+    q = add("verify", "read and check every chunk; exit 1 with the problems found", VERIFY_HELP + STORAGE_HELP)
+    q.add_argument("path", help="store folder or URL")
+    _add_storage_options(q)
     q.add_argument("--json", action="store_true", help="print {path, ok, problems} as JSON")
     q.add_argument("--progress", action="store_true", help="show a progress bar")
     q.set_defaults(func=_cmd_verify)
 
-    q = add("convert", "re-encode a store into a leaner codec without the teacher", CONVERT_HELP)
-    q.add_argument("src", help="source store")
-    q.add_argument("dst", help="new store (must not exist)")
+    q = add("convert", "re-encode a store into a leaner codec without the teacher", CONVERT_HELP + STORAGE_HELP)
+    q.add_argument("src", help="source store (folder or URL)")
+    q.add_argument("dst", help="new store, folder or URL (must not exist or be empty)")
+    _add_storage_options(q)
     q.add_argument("--codec", required=True,
                    help="target codec name or spec: full, ms, mr, smoothing, hard, logits; e.g. ms:k=5,dtype=q8")
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr (default: the source's K, else 5)")
     q.add_argument("--progress", action="store_true", help="show a progress bar")
     q.set_defaults(func=_cmd_convert)
 
-    q = add("import-fkd", "import FKD's per-image torch.save label files", IMPORT_HELP)
+    q = add("import-fkd", "import FKD's per-image torch.save label files", IMPORT_HELP + STORAGE_HELP)
     q.add_argument("src", help="FKD label folder (<split> folder or the root above it)")
-    q.add_argument("dst", help="new store (must not exist)")
+    q.add_argument("dst", help="new store, folder or URL (must not exist or be empty)")
+    _add_storage_options(q)
     q.add_argument("--images", required=True, help="image folder the labels were made from (<class>/<stem>.<ext>)")
     q.add_argument("--codec", choices=["ms", "mr", "hard", "smoothing"], default=None,
                    help="codec to store (default: what the files hold; top-K files -> ms)")
@@ -443,7 +473,7 @@ class _Choice:
 
 def _add_generate(sub, common) -> None:
     q = sub.add_parser("generate", help="label images with a teacher and write a label store",
-                       description=GENERATE_HELP, epilog=_augment_help(), formatter_class=_GenerateHelp, parents=[common],
+                       description=GENERATE_HELP + STORAGE_HELP, epilog=_augment_help(), formatter_class=_GenerateHelp, parents=[common],
                        argument_default=argparse.SUPPRESS)
     g = q.add_argument_group("inputs and output")
     g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
@@ -454,9 +484,11 @@ def _add_generate(sub, common) -> None:
                    help="keyword arguments for the factory (a JSON object)")
     g.add_argument("--weights", default=None, metavar="FILE",
                    help="state dict to load (.pt/.pth; .safetensors if the package is installed); its sha256 is stored")
-    g.add_argument("--out", required=True, metavar="PATH", help="the store to create or resume")
+    g.add_argument("--out", required=True, metavar="PATH|URL",
+                   help="the store to create or resume: a folder or a URL (every torchrun rank: the same one)")
     g.add_argument("--crops-from", metavar="STORE",
                    help="relabel: label the crops stored in STORE (same images and --crops) instead of sampling")
+    _add_storage_options(g)
     g = q.add_argument_group("crops and labels")
     g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int, required=True,
                    metavar="M", help="crops per image")

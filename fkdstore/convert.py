@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from . import codecs as _codecs
+from . import storage as _storage
 from .errors import FkdstoreError, ValidationError
 
 __all__ = ["ConversionError", "conversion_problem", "convert_fields", "convert", "import_fkd", "fkd_boxes",
@@ -70,20 +70,25 @@ def _history_record(op: str, **items) -> dict[str, Any]:
     return {"op": op, **items, "at": now, "library_version": __version__}
 
 
-def _check_dst(dst: Path, src: Path | None = None) -> None:
-    if src is not None and dst.resolve() == src.resolve():
+def _location_name(location) -> str:
+    """A location as recorded in ``meta["history"]``: the URL, or the absolute path."""
+    return str(location) if _storage.is_url(location) else str(Path(location).resolve())
+
+
+def _check_dst(dst, dst_store, src=None) -> None:
+    if src is not None and _location_name(dst).rstrip("/") == _location_name(src).rstrip("/"):
         raise ValidationError(f"destination must differ from the source. Got {dst} for both.")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if not _storage.is_empty(dst_store):
         raise ValidationError(f"destination {dst} exists and is not empty; choose a new path")
 
 
 @contextlib.contextmanager
-def _remove_on_error(dst: Path):
-    """Delete ``dst`` (which :func:`_check_dst` found absent or empty) if writing it fails."""
+def _remove_on_error(dst_store):
+    """Delete the new output ``dst_store`` (which :func:`_check_dst` found absent or empty) if writing it fails."""
     try:
         yield
     except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)
+        _storage.remove_all(dst_store)
         raise
 
 
@@ -96,30 +101,34 @@ def _tqdm(it, progress: bool, **kw):
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | None = None,
-            progress: bool = False) -> dict[str, Any]:
+            progress: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-encode store ``src`` into a new store ``dst`` with ``codec`` (name, config dict or LabelCodec).
 
-    Only written images are converted (an incomplete source gives an equally incomplete output).
-    Returns ``{from, to, images, missing, bytes_before, bytes_after}``.
+    ``src`` and ``dst`` are folders or URLs (``s3://...``); ``storage_options`` apply to whichever of them
+    is a URL (:func:`fkdstore.storage.options_for`). Only written images are converted (an incomplete
+    source gives an equally incomplete output). Returns ``{from, to, images, missing, bytes_before,
+    bytes_after}``.
     """
     from . import reader as _reader
     from . import writer as _writer
 
-    src, dst = Path(src), Path(dst)
-    reader = _reader.open(src)
+    _check_options(storage_options, src, dst)
+    src_options, dst_options = _storage.options_for(src, storage_options), _storage.options_for(dst, storage_options)
+    reader = _reader.open(src, storage_options=src_options)
     dst_codec = _codecs.as_codec(codec, k=k, default_k=reader.codec.k)
     why = conversion_problem(reader.codec, dst_codec)
     if why:
         raise ConversionError(f"cannot convert {_describe(reader.codec)} -> {_describe(dst_codec)}: {why}")
-    _check_dst(dst, src)
+    dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
+    _check_dst(dst, dst_store, src)
     h = reader.header
     meta = dict(h.meta)
     written = reader.written
     meta["history"] = list(meta.get("history") or []) + [_history_record(
-        "convert", source=str(src.resolve()), **{"from": dict(h.codec), "to": dst_codec.get_config()},
+        "convert", source=_location_name(src), **{"from": dict(h.codec), "to": dst_codec.get_config()},
         images=int(written.sum()))]
-    with _remove_on_error(dst), _writer.write(
-        dst, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=h.num_classes,
+    with _remove_on_error(dst_store), _writer.write(
+        dst_store, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=h.num_classes,
         codec=dst_codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels,
         meta=meta, aug=h.aug, augment=list(h.augment),
     ) as w:
@@ -135,9 +144,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     return {
         "from": dict(h.codec), "to": dst_codec.get_config(), "images": int(written.sum()),
         "missing": int((~written).sum()),
-        "bytes_before": _writer.storage_stats(src)["_total"]["bytes"],
-        "bytes_after": _writer.storage_stats(dst)["_total"]["bytes"],
+        "bytes_before": _writer.storage_stats(src, storage_options=src_options)["_total"]["bytes"],
+        "bytes_after": _writer.storage_stats(dst_store)["_total"]["bytes"],
     }
+
+
+def _check_options(storage_options, *locations) -> None:
+    """``storage_options`` need at least one URL among ``locations`` (as :func:`fkdstore.storage.as_store`)."""
+    if storage_options and not any(_storage.is_url(x) for x in locations):
+        raise TypeError(f"storage_options apply to URLs only. Got local paths {[str(x) for x in locations]}.")
 
 
 # ============================================================================================ import-fkd
@@ -263,8 +278,10 @@ def _scan_fkd(src: Path) -> dict[tuple[str, str], Path]:
 def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.PathLike, *,
                codec: str | None = None, k: int | None = None, num_classes: int | None = None,
                trust_pickle: bool = False, batch: int = 256, progress: bool = False,
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Import FKD's release layout (``<src>/<class>/<stem>.tar`` or ``.pth.tar``) into a new store ``dst``.
+               log: Callable[[str], None] | None = None,
+               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Import FKD's release layout (``<src>/<class>/<stem>.tar`` or ``.pth.tar``) into a new store ``dst``
+    (a folder, or a URL with ``storage_options``; ``src`` and ``images`` are local folders).
 
     ``images`` is the image folder the labels were made from (``<images>/<class>/<stem>.<ext>``); a label
     file matches the image with the same class folder and stem. Images without a label file are left out
@@ -282,7 +299,8 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     from . import writer as _writer
     from .images import image_size, list_images
 
-    src, dst = Path(src), Path(dst)
+    _check_options(storage_options, dst)
+    src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"FKD label folder not found: {src}")
     files = _scan_fkd(src)
@@ -298,7 +316,8 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
         raise ValidationError(
             f"{len(orphans)} label files have no image in {images} (matched by class folder and stem), "
             f"e.g. {[str(p) for p in orphans[:3]]}")
-    _check_dst(dst)
+    dst_store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
+    _check_dst(dst, dst_store)
     chosen = sorted(by_key[key] for key in files)
     inv = {by_key[key]: files[key] for key in files}
     label_files = [inv[n] for n in chosen]
@@ -351,8 +370,8 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     }
     clamped = 0
     N = len(label_files)
-    with _remove_on_error(dst), _writer.write(
-        dst, num_images=N, crops_per_image=M, num_classes=num_classes, codec=dst_codec, image_keys=keys,
+    with _remove_on_error(dst_store), _writer.write(
+        dst_store, num_images=N, crops_per_image=M, num_classes=num_classes, codec=dst_codec, image_keys=keys,
         image_sizes=sizes, labels=labels_gt, meta=meta,
     ) as w:
         for a in _tqdm(range(0, N, batch), progress, desc="importing", unit="batch"):
@@ -377,7 +396,7 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
         "num_classes": num_classes, "codec": dst_codec.get_config(), "coords_dtype": str(coords0.dtype),
         "boxes_clamped": clamped,
         "bytes_before": int(sum(os.path.getsize(p) for p in label_files)),
-        "bytes_after": _writer.storage_stats(dst)["_total"]["bytes"],
+        "bytes_after": _writer.storage_stats(dst_store)["_total"]["bytes"],
     }
 
 

@@ -76,6 +76,7 @@ from . import augment as _augment
 from . import codecs as _codecs
 from . import schema as S
 from . import reader as _reader
+from . import storage as _storage
 from . import writer as _writer
 from .distributed import Collectives, World, pick_device
 from .errors import FkdstoreError, SchemaMismatchError, ValidationError
@@ -214,6 +215,7 @@ def generate(
     weights_sha256: str | None = None,
     augment: Any = None,
     crops_from: str | os.PathLike | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> _reader.Reader:
     """Label ``images`` with ``teacher`` and write (or finish) the store at ``path``; return it opened.
 
@@ -221,8 +223,11 @@ def generate(
         teacher: a :class:`torch.nn.Module` returning logits ``(B, C)``; put in eval mode and moved to
             ``device`` (in place, as ``Module.to`` does).
         images: an image folder (class sub-folders give ``label``, as ImageFolder) or a list of files.
-        path: the store. If it exists it must have been created by the same call (else
-            :class:`SchemaMismatchError`, nothing written); its written images are kept (resume).
+        path: the store: a folder or a URL (``s3://bucket/labels.fkd``, any fsspec scheme). If it exists it
+            must have been created by the same call (else :class:`SchemaMismatchError`, nothing written);
+            its written images are kept (resume). Under torchrun every rank passes the same location: rank 0
+            creates the store, each rank writes its own shards (whole objects), so ranks on several nodes
+            need no shared filesystem, only the same URL and credentials.
         crops_per_image: ``M``. codec: a codec, name or config (``"ms"``, ``get_codec("ms", k=5)``).
         input_size: side of the square crops fed to the teacher.
         batch_size: crops per teacher forward. Images are grouped ``max(1, batch_size // M)`` at a time,
@@ -253,11 +258,15 @@ def generate(
             from the source (an image that changed since is an :class:`ImageReadError`). The new store
             carries the source's aug columns and augment pipeline, and the teacher sees each slot replayed
             from the source's stored params (``augment`` must then be None).
+        storage_options: for a URL ``path``, passed to fsspec (``{"endpoint_url": ..., "key": ...}``);
+            credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
 
     Returns the :class:`fkdstore.Reader` of the store (``complete`` unless images were skipped).
 
     Raises :class:`TypeError` for an argument of the wrong type and
-    :class:`~fkdstore.errors.ValidationError` for a bad value, before anything is written.
+    :class:`~fkdstore.errors.ValidationError` for a bad value, before anything is written;
+    :class:`~fkdstore.errors.StorageError` (one line) for a URL that cannot be reached (bad URL, missing
+    bucket, refused credentials), before the teacher runs.
     """
     t_start = time.perf_counter()
     job = _Job(
@@ -268,12 +277,14 @@ def generate(
         provenance=Provenance(teacher_name, weights_sha256),
         augment=_augment.parse_augment(augment),
     )
-    return _run(teacher, images, Path(path), job, t_start, crops_from)
+    out = _storage.as_store(path, read_only=False, storage_options=storage_options)  # StorageError here
+    return _run(teacher, images, out, job, t_start, crops_from, location=(path, storage_options))
 
 
-def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float,
-         crops_from=None) -> _reader.Reader:
-    """The steps listed in the module docstring, in order."""
+def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops_from=None, *,
+         location) -> _reader.Reader:
+    """The steps listed in the module docstring, in order. ``out`` is the store (:func:`fkdstore.storage.as_store`),
+    ``location`` the ``(path or URL, storage_options)`` it came from."""
     listing = resolve_images(images)
     if crops_from is not None and len(job.augment):
         raise ValidationError("augment must be None with crops_from: the crops, their augmentation params and the "
@@ -293,10 +304,11 @@ def _run(teacher: torch.nn.Module, images, out: Path, job: _Job, t_start: float,
                                job.labels.crops_per_image, job.inputs,
                                augment=job.augment if stored is None else stored.pipeline, seed=job.sampler.seed)
         done = label_shards(forward, writer, dataset, plan, listing.keys, job, num_classes, skipped,
-                            show_progress=job.execution.progress and comm.world.is_leader, name=out.name)
+                            show_progress=job.execution.progress and comm.world.is_leader,
+                            name=_storage.describe(out).rstrip("/").rsplit("/", 1)[-1])
         writer.close()
         done_all, all_skipped, elapsed = record_run(writer, comm, job, forward, done, skipped, t_start)
-        reader = _reader.open(out)
+        reader = _reader.open(location[0], storage_options=location[1])  # picklable: reopens by URL in workers
         if job.execution.progress and comm.world.is_leader:
             print(summary(reader, out, done_all, elapsed, all_skipped), file=sys.stderr, flush=True)
         return reader
@@ -357,10 +369,13 @@ def scan_sizes(paths: Sequence[str], keys: Sequence[str], on_error: str, skipped
 # --------------------------------------------------------------------------------------------- 3 the store
 
 
-def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: int, meta: dict,
+def open_or_create_store(out, listing: ImageList, job: _Job, num_classes: int, meta: dict,
                          comm: Collectives, *, stored: StoredCrops | None = None
                          ) -> tuple[_writer.Writer, np.ndarray, list[str]]:
     """Rank 0 creates (or re-opens, to resume) the store; the other ranks join once it exists.
+
+    ``out`` is a Zarr store (a folder's or a URL's, :func:`fkdstore.storage.as_store`): every rank reaches
+    it through the store API only, so ranks need no shared filesystem.
 
     Returns ``(writer, image sizes, keys skipped so far)``. A failure on rank 0 is broadcast, so every
     rank raises instead of waiting. An existing store must list the same images and parameters
@@ -393,19 +408,20 @@ def open_or_create_store(out: Path, listing: ImageList, job: _Job, num_classes: 
             raise
     err = comm.broadcast(err)
     if err is not None:
-        raise FkdstoreError(f"rank 0 could not create the store {out}: {err}")
+        raise FkdstoreError(f"rank 0 could not create the store {_storage.describe(out)}: {err}")
     if not comm.world.is_leader:
         if not comm.active:
             _wait_for_store(out)
         sizes = _existing_sizes(out, listing.keys)
         if sizes is None:
-            raise SchemaMismatchError(f"store {out} exists but lists other images than this run")
+            raise SchemaMismatchError(f"store {_storage.describe(out)} exists but lists other images than this run")
         writer = _writer.write(out, image_sizes=sizes, primary=False, **common)
     return writer, np.asarray(sizes), skipped
 
 
 def _existing_sizes(out, keys: Sequence[str]) -> np.ndarray | None:
-    """Stored image sizes when ``out`` is a store listing exactly ``keys`` (skip the header scan)."""
+    """Stored image sizes when ``out`` (a Zarr store, local or remote) is a store listing exactly ``keys``
+    (skip the header scan)."""
     try:
         with _reader.open(out) as r:
             stored, sizes = r.image_keys, r.image_sizes
@@ -417,7 +433,8 @@ def _existing_sizes(out, keys: Sequence[str]) -> np.ndarray | None:
 
 
 def _wait_for_store(out, timeout: float = 3600.0) -> None:
-    """Without a process group, non-zero ranks poll until rank 0 has written the store's header."""
+    """Without a process group, non-zero ranks poll until rank 0 has written the store's header (``out``: a
+    Zarr store, local or remote; one small GET of ``zarr.json`` per poll)."""
     t0 = time.monotonic()
     while True:
         try:
@@ -426,7 +443,7 @@ def _wait_for_store(out, timeout: float = 3600.0) -> None:
         except FkdstoreError:
             pass
         if time.monotonic() - t0 > timeout:
-            raise FkdstoreError(f"timed out waiting for rank 0 to create the store {out}")
+            raise FkdstoreError(f"timed out waiting for rank 0 to create the store {_storage.describe(out)}")
         time.sleep(0.5)
 
 
@@ -739,7 +756,8 @@ def _now() -> str:
 
 
 def summary(reader: _reader.Reader, path, done: int, elapsed: float, skipped: list[str]) -> str:
-    """One line: images labelled, store state, crops, bytes per crop on disk, time and throughput."""
+    """One line: images labelled, store state, crops, bytes per crop on storage, time and throughput.
+    ``path``: a folder or a Zarr store (local or remote: sizes from one listing through the store API)."""
     M = reader.crops_per_image
     written = int(reader.written.sum())
     stats = _writer.storage_stats(path)
@@ -750,5 +768,5 @@ def summary(reader: _reader.Reader, path, done: int, elapsed: float, skipped: li
     return (
         f"fkdstore generate: {done} images labelled ({written}/{len(reader)} in store, {state}), "
         f"{done * M} crops, {bpc:.1f} B/crop on disk, {elapsed:.1f} s ({rate:.1f} img/s, {rate * M:.0f} crops/s) "
-        f"-> {path}"
+        f"-> {_storage.describe(path) if not isinstance(path, (str, os.PathLike)) else path}"
     )

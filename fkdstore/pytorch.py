@@ -119,7 +119,8 @@ class TorchDataset(torch.utils.data.Dataset):
     """Replays a store's crops and soft labels; see the module docstring for the item layout and slot rule.
 
     Args:
-        store: a store path or an opened :class:`fkdstore.Reader`.
+        store: a store folder, a URL (``s3://bucket/labels.fkd``; with ``storage_options``) or an opened
+            :class:`fkdstore.Reader`.
         images: the image folder (or file list) the store was made from. Its keys must equal the store's
             ``image_keys`` in order: a store key missing from it raises FileNotFoundError naming the image,
             any other difference raises :class:`ValidationError` naming the first mismatching key.
@@ -141,10 +142,15 @@ class TorchDataset(torch.utils.data.Dataset):
         temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
             ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
             checked here (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
+        storage_options: for a URL ``store``, passed to fsspec (endpoint, credentials, ...); credentials may
+            instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
-    is reopened lazily in each worker) and DistributedSampler.
+    is reopened lazily in each worker: pickling carries the location and ``storage_options``, never open
+    files or connections, and a forked worker builds its own remote filesystem) and DistributedSampler.
+    An unreachable URL (bad URL, missing bucket, refused credentials) raises
+    :class:`~fkdstore.errors.StorageError` with a one-line message when the dataset is built.
     """
 
     def __init__(
@@ -164,11 +170,15 @@ class TorchDataset(torch.utils.data.Dataset):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         temperature: float = 1.0,
+        storage_options: Mapping[str, Any] | None = None,
     ):
         if isinstance(store, Reader):
+            if storage_options:
+                raise TypeError("storage_options apply when store is a path or URL, not an opened Reader.")
             reader, self._store_path = store, None
         else:
-            reader, self._store_path = _open_store(store), os.fspath(store)
+            reader, self._store_path = _open_store(store, storage_options=storage_options), os.fspath(store)
+        self._storage_options = dict(storage_options) if storage_options else None
         self._reader: Reader | None = reader
         self.num_classes = reader.num_classes
         self.crops_per_image = reader.crops_per_image
@@ -248,7 +258,7 @@ class TorchDataset(torch.utils.data.Dataset):
     @property
     def reader(self) -> Reader:
         if self._reader is None:
-            self._reader = _open_store(self._store_path)
+            self._reader = _open_store(self._store_path, storage_options=self._storage_options)
         return self._reader
 
     def __getstate__(self):

@@ -109,9 +109,12 @@ class Reader:
             prefix = f"{location.path}/" if location.path else ""
         else:
             store, prefix = _storage.as_store(location, read_only=True, storage_options=storage_options), ""
-        self._store, self._prefix, self._group = store, prefix, group
+        self._prefix, self._group = prefix, group
         self.path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")
-        self._source = _storage.byte_source(store, prefix)
+        # The source owns the store: another process (DataLoader worker, fork or spawn) rebuilds it from the
+        # URL and storage_options, never from the parent's connections.
+        self._source = _storage.byte_source(store, prefix, location=None if group is not None else location,
+                                            storage_options=storage_options)
         self.header = self._read_header()
         self.codec = _codec_of(self.header)
         _check_augment(self.header)
@@ -187,10 +190,11 @@ class Reader:
     @property
     def group(self):
         """The store's Zarr group (opened on first use; for tools and the Zarr fallback path)."""
-        if self._group is None:
+        store = self._source.store  # this process's store (rebuilt after a fork)
+        if self._group is None or self._group.store is not store:
             import zarr
 
-            self._group = zarr.open_group(store=self._store, path=self._prefix.rstrip("/") or None, mode="r")
+            self._group = zarr.open_group(store=store, path=self._prefix.rstrip("/") or None, mode="r")
         return self._group
 
     def _small(self, name: str, a: int | None = None, b: int | None = None) -> np.ndarray:

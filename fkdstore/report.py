@@ -17,7 +17,9 @@ Keys (all sizes in bytes):
     compression_ratio}}``; ``shards`` is null for unsharded arrays, ``compression_ratio`` is
     ``raw_bytes / stored_bytes`` (raw = every element of the array, written or not).
 ``total_bytes``, ``total_files``
-    everything under the store folder, metadata included.
+    everything under the store folder (or URL prefix), metadata included. For a remote store (``s3://``...)
+    these come from one recursive listing through the store API (object sizes, nothing downloaded), so
+    they are the same numbers a local copy of the store gives.
 ``bytes_per_crop``
     ``total_bytes / (images_written * crops_per_image)``; ``label_bytes_per_crop`` and
     ``box_bytes_per_crop`` and ``aug_bytes_per_crop`` split the per-crop arrays into the codec's fields,
@@ -377,14 +379,19 @@ def reader_compatibility(arrays: dict[str, dict[str, Any]]) -> list[dict[str, An
     return out
 
 
-def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0) -> dict[str, Any]:
-    """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring)."""
+def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
+            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring).
+
+    ``path`` is a folder or a URL (with ``storage_options``). Stored bytes and file counts of a remote store
+    come from one recursive listing through the store API (object sizes; no object is downloaded for them),
+    so they equal what a local copy of the store holds."""
     from . import reader as _reader
     from . import writer as _writer
 
-    r = _reader.open(path)
+    r = _reader.open(path, storage_options=storage_options)
     h = r.header
-    stats = _writer.storage_stats(path)
+    stats = _writer.storage_stats(path, storage_options=storage_options)
     names = [*h.per_image_arrays, *r.per_crop_arrays] + ([S.MANIFEST] if h.major >= 2 else [])
     arrays = {n: _array_info(r.array(n), stats) for n in names}
     written = int(r.written.sum())

@@ -22,8 +22,9 @@ from typing import Any, Mapping, Sequence
 
 from .errors import StorageError
 
-__all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "ByteSource",
-           "LocalSource", "StoreSource", "byte_source", "coalesce"]
+__all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "options_for",
+           "object_sizes", "is_empty", "remove_all", "ByteSource", "LocalSource", "StoreSource", "byte_source",
+           "coalesce"]
 
 # Schemes whose first path component is a bucket (container) that must exist before a store is written.
 BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
@@ -96,6 +97,80 @@ def _with_defaults(url: str, storage_options: Mapping[str, Any] | None) -> dict:
         opts.setdefault("max_concurrency", S3_DEFAULTS["max_concurrency"])
         opts["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **dict(opts.get("config_kwargs") or {})}
     return opts
+
+
+def options_for(location, storage_options: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """``storage_options`` where ``location`` is a URL, else None: for commands with two locations (``convert``
+    SRC DST, ``import-fkd``) where one ``--storage-options`` serves whichever of them is remote."""
+    return storage_options if is_url(location) else None
+
+
+def object_sizes(store) -> dict[str, int]:
+    """Every object (file) of a store and its size in bytes, keyed relative to the store root.
+
+    A local folder is walked; an fsspec store is listed with one recursive listing (``find``; S3 returns
+    sizes with the listing, 1,000 keys per request); any other Zarr store through ``list_prefix`` and
+    ``getsize``. Errors of a remote store become :class:`StorageError`."""
+    root = local_root(store)
+    if root is not None:
+        out = {}
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                full = os.path.join(dirpath, f)
+                out[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
+        return out
+    from zarr.core.sync import sync
+
+    fs = getattr(store, "fs", None)
+    try:
+        if fs is not None:
+            base = str(store.path).rstrip("/")
+            fs.invalidate_cache(base)  # a listing cached before this process wrote would miss objects
+            found = sync(fs._find(base, detail=True, withdirs=False))
+            return {k[len(base) + 1:] if base else k: int(v.get("size") or 0) for k, v in found.items()
+                    if v.get("type", "file") != "directory"}
+
+        async def collect():
+            keys = [k async for k in store.list_prefix("")]
+            return {k: await store.getsize(k) for k in keys}
+
+        return sync(collect())
+    except Exception as e:
+        raise storage_error(e, store) from None
+
+
+def is_empty(store) -> bool:
+    """True when the store holds no object (a missing folder or prefix counts as empty)."""
+    root = local_root(store)
+    if root is not None:
+        return not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))
+    from zarr.core.sync import sync
+
+    async def first():
+        async for _ in store.list_dir(""):
+            return False
+        return True
+
+    try:
+        return sync(first())
+    except Exception as e:
+        raise storage_error(e, store) from None
+
+
+def remove_all(store) -> None:
+    """Delete every object of a store (a new output that failed half-way; never called on a user's store)."""
+    root = local_root(store)
+    if root is not None:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    from zarr.core.sync import sync
+
+    try:
+        sync(store.delete_dir(""))
+    except Exception as e:
+        raise storage_error(e, store) from None
 
 
 def local_root(store) -> str | None:
@@ -223,6 +298,8 @@ class ByteSource:
         object is missing. Neighbouring ranges are coalesced into one request."""
         raise NotImplementedError
 
+    store = None  # the Zarr store (subclasses: a property)
+
     def exists(self, key: str) -> bool:
         return self.read_suffixes([(key, 1)])[0] is not None
 
@@ -241,6 +318,16 @@ class LocalSource(ByteSource):
         self.root, self.prefix = str(root), prefix
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._pid = os.getpid()
+        self._zarr_store = None
+
+    @property
+    def store(self):
+        """A read-only :class:`zarr.storage.LocalStore` of the folder (for Zarr's array API)."""
+        if self._zarr_store is None:
+            import zarr.storage
+
+            self._zarr_store = zarr.storage.LocalStore(self.root, read_only=True)
+        return self._zarr_store
 
     def __getstate__(self):
         return {"root": self.root, "prefix": self.prefix}
@@ -323,10 +410,43 @@ class LocalSource(ByteSource):
 class StoreSource(ByteSource):
     """Any Zarr store (object storage through fsspec/obstore, memory, ...): byte ranges through
     ``store.get(key, prototype, byte_range=...)``, all requests of one call issued concurrently
-    (``asyncio.gather`` on Zarr's event loop), neighbouring ranges coalesced (``COALESCE_GAP``)."""
+    (``asyncio.gather`` on Zarr's event loop), neighbouring ranges coalesced (``COALESCE_GAP``).
 
-    def __init__(self, store, prefix: str = ""):
-        self.store, self.prefix = store, prefix
+    Process-safe: an fsspec filesystem (its event loop, its HTTP sessions) belongs to the process that made
+    it, so the store is rebuilt in any other process. With ``location`` (the URL and ``storage_options`` it
+    was opened from) pickling carries that recipe, not the store, and a forked or unpickled copy calls
+    :func:`as_store` again (no probe: the parent already reached it); without one (a store object given by
+    the caller) the store is copied through pickle, which for fsspec makes a new filesystem from its
+    arguments in this process."""
+
+    def __init__(self, store, prefix: str = "", *, location: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None):
+        self._store, self.prefix = store, prefix
+        self._recipe = None if location is None else (str(location), dict(storage_options or {}),
+                                                      bool(getattr(store, "read_only", True)))
+        self._pid = os.getpid()
+
+    @property
+    def store(self):
+        """The Zarr store, rebuilt first when this process did not make it (fork, unpickling)."""
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = self._reopen(), os.getpid()
+        return self._store
+
+    def _reopen(self):
+        if self._recipe is not None:
+            url, options, read_only = self._recipe
+            return as_store(url, read_only=read_only, storage_options=options or None, check=False)
+        import pickle
+
+        return pickle.loads(pickle.dumps(self._store))
+
+    def __getstate__(self):
+        return {"_store": None if self._recipe is not None else self._store, "prefix": self.prefix,
+                "_recipe": self._recipe, "_pid": None}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
 
     async def _get(self, key, byte_range=None):
         from zarr.core.buffer import default_buffer_prototype
@@ -338,6 +458,8 @@ class StoreSource(ByteSource):
         import asyncio
 
         from zarr.core.sync import sync
+
+        _ = self.store  # rebuilt here, in the caller's thread, if this process did not make it
 
         async def run():
             return await asyncio.gather(*calls)
@@ -367,7 +489,13 @@ class StoreSource(ByteSource):
         return out
 
 
-def byte_source(store, prefix: str = "") -> ByteSource:
-    """The byte-range source of a Zarr store (``prefix``: the group's path inside it, ``""`` or ``"a/b/"``)."""
+def byte_source(store, prefix: str = "", *, location=None,
+                storage_options: Mapping[str, Any] | None = None) -> ByteSource:
+    """The byte-range source of a Zarr store (``prefix``: the group's path inside it, ``""`` or ``"a/b/"``).
+    ``location``/``storage_options``: the URL the store was opened from, so another process can reopen it
+    (:class:`StoreSource`)."""
     root = local_root(store)
-    return LocalSource(root, prefix) if root is not None else StoreSource(store, prefix)
+    if root is not None:
+        return LocalSource(root, prefix)
+    return StoreSource(store, prefix, location=location if is_url(location) else None,
+                       storage_options=storage_options)

@@ -891,27 +891,24 @@ def _column_values(col: S.AugColumn, v: np.ndarray, shape: tuple[int, ...]) -> n
 # ---------------------------------------------------------------------------------------------- stats
 
 
-def storage_stats(location) -> dict[str, dict[str, int]]:
-    """Bytes and files on storage per array of a local store (metadata files under ``"."``, ownership
-    records under ``"owners"``), plus ``"_total"``."""
-    root = os.fspath(location)
-    if root.startswith("file://"):
-        root = root[len("file://"):]
-    if storage.is_url(root):
-        raise FormatError(f"storage_stats reads local folders only. Got the URL {root!r}.")
+def storage_stats(location, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, int]]:
+    """Bytes and objects (files) on storage per array of a store (metadata objects under ``"."``, ownership
+    records under ``"owners"``), plus ``"_total"``.
+
+    ``location``: a folder, a URL (with ``storage_options``) or a Zarr store. A local folder is walked; a
+    remote store is listed through its store API (:func:`fkdstore.storage.object_sizes`: one recursive
+    listing, sizes included, no object is read)."""
+    store = storage.as_store(location, read_only=True, storage_options=storage_options)
     out: dict[str, dict[str, int]] = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            full = os.path.join(dirpath, f)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            if "/c/" in "/" + rel:
-                name = ("/" + rel).split("/c/")[0].lstrip("/")
-            elif rel.startswith(OWNERS + "/"):
-                name = OWNERS
-            else:
-                name = "."
-            d = out.setdefault(name, {"bytes": 0, "files": 0})
-            d["bytes"] += os.path.getsize(full)
-            d["files"] += 1
+    for rel, size in storage.object_sizes(store).items():
+        if "/c/" in "/" + rel:
+            name = ("/" + rel).split("/c/")[0].lstrip("/")
+        elif rel.startswith(OWNERS + "/"):
+            name = OWNERS
+        else:
+            name = "."
+        d = out.setdefault(name, {"bytes": 0, "files": 0})
+        d["bytes"] += size
+        d["files"] += 1
     out["_total"] = {k: sum(d[k] for d in out.values()) for k in ("bytes", "files")}
     return out
