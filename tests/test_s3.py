@@ -471,3 +471,28 @@ def test_ranks_without_a_process_group_wait_for_the_header_on_s3(s3, digits, tmp
     from fkdstore.testing import tiny_cnn
 
     _assert_same_store(r, fkdstore.generate(tiny_cnn(10), digits, tmp_path / "one.fkd", **GEN))
+
+
+def test_cli_import_fkd_to_s3(s3, s3_server, tmp_path, capsys):
+    """import-fkd writes its new store to a URL (--storage-options); a failed import leaves nothing there."""
+    import json
+
+    pytest.importorskip("torch")
+    from test_convert import C as FKD_C, _fkd_tree
+
+    from fkdstore.cli import main
+    from fkdstore.reader import open as open_store
+
+    url, so = s3
+    root, images, _ = _fkd_tree(tmp_path)
+    dst, opts = url + "/imp.fkd", ["--storage-options", json.dumps(so)]
+    assert main(["import-fkd", str(root), dst, "--images", str(images), "--num-classes", "6", *opts]) == 1
+    assert "class index" in capsys.readouterr().err
+    assert _objects(s3_server.filesystem(), dst) == {}  # the half-written output was removed
+    assert main(["import-fkd", str(root), dst, "--images", str(images), "--num-classes", str(FKD_C), *opts]) == 0
+    assert "imported 6 FKD label files" in capsys.readouterr().out
+    assert main(["import-fkd", str(root), str(tmp_path / "imp.fkd"), "--images", str(images),
+                 "--num-classes", str(FKD_C)]) == 0
+    with open_store(dst, storage_options=so) as r, open_store(tmp_path / "imp.fkd") as lo:
+        assert r.complete
+        _assert_same_store(r, lo)
