@@ -483,13 +483,14 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
             raise ValidationError(
                 f"prune cannot drop slots of a store whose augment pipeline mixes slots ({', '.join(mixing)}): a kept "
                 f"slot's partner slot could be dropped. Got a store with augment {[p['name'] for p in h.augment]}.")
-    _check_dst(dst, src)
+    dst_store = _storage.as_store(dst, read_only=False)
+    _check_dst(dst, dst_store, src)
     written = reader.written
     meta = dict(h.meta)
     meta["history"] = list(meta.get("history") or []) + [_history_record(
         "prune", source=str(src.resolve()), keep=keep, rule=rule, seed=seed, crops_per_image_before=M,
         slots_kept=kept, images=int(written.sum()))]
-    with _remove_on_error(dst), _writer.write(
+    with _remove_on_error(dst_store), _writer.write(
         dst, num_images=h.num_images, crops_per_image=kept, num_classes=h.num_classes, codec=reader.codec,
         image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels, meta=meta,
         aug=h.aug, augment=list(h.augment),
@@ -634,13 +635,14 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
                 i, m, arr = d
                 raise ValidationError(f"stores must share crops: image {i} ({a.image_keys[i]!r}) slot {m} has a "
                                       f"different {arr} in {nb} than in {names[0]}.")
-    _check_dst(dst)
+    dst_store = _storage.as_store(dst, read_only=False)
+    _check_dst(dst, dst_store)
     meta = dict(h.meta)
     meta["history"] = list(meta.get("history") or []) + [_history_record(
         "ensemble", sources=[str(s.resolve()) for s in srcs], codecs=[dict(r.header.codec) for r in readers],
         teachers=[(r.meta or {}).get("teacher") for r in readers], to=out_codec.get_config(),
         images=int(written.sum()))]
-    with _remove_on_error(dst), _writer.write(
+    with _remove_on_error(dst_store), _writer.write(
         dst, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=C, codec=out_codec,
         image_keys=a.image_keys, image_sizes=a.image_sizes, labels=a.labels, meta=meta, aug=h.aug,
         augment=list(h.augment),
