@@ -82,7 +82,7 @@ def random_crop_batches(folder, size, scale, seed, epochs):
 
 
 def fkd_batches(store, folder, m, seed):
-    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=m, labels="dense", normalize=False, seed=seed)
+    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=m, soft_labels="dense", normalize=False, seed=seed)
     g = torch.Generator()
     loader = DataLoader(ds, batch_size=max(1, CROPS_PER_BATCH // m), shuffle=True, generator=g, num_workers=0,
                         collate_fn=fkdstore.collate)

@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     ds = fkdstore.TorchDataset(args.store, args.images, crops_per_sample=args.crops_per_sample,
-                               labels="sparse", normalize=False, seed=args.seed)
+                               soft_labels="sparse", normalize=False, seed=args.seed)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         collate_fn=fkdstore.collate, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed),

@@ -114,12 +114,14 @@ def _cmd_import_fkd(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .codecs import get_codec
+    from .codecs import as_codec
     from .generate import generate  # torch: imported only when this command runs
     from .teacher import file_sha256, load_teacher
 
     kwargs = args.teacher_kwargs
-    codec = get_codec(args.codec, **{k: v for k, v in (("k", args.k), ("dtype", args.dtype)) if v is not None})
+    codec = as_codec(args.codec, k=args.k)  # a name or a spec such as "ms:k=5,dtype=q8"
+    if args.dtype is not None:
+        codec = as_codec({**codec.get_config(), "dtype": args.dtype})
     teacher = load_teacher(args.teacher, args.weights, kwargs)
     options = generate_options(args)
     options.setdefault("teacher_name", args.teacher + (f"({json.dumps(kwargs, sort_keys=True)})" if kwargs else ""))
@@ -137,7 +139,8 @@ def _cmd_generate(args) -> int:
 def _cmd_prune(args) -> int:
     from . import convert, report
 
-    r = convert.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress)
+    r = convert.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress,
+                      storage_options=args.storage_options)
     _out(f"pruned {r['images']:,} images to {r['crops_per_image']} of {r['crops_per_image_before']} slots each "
          f"(rule {r['rule']}" + (f", seed {r['seed']}" if r["rule"] == "random" else "") + "): "
          f"{report.human_bytes(r['bytes_before'])} -> {report.human_bytes(r['bytes_after'])}"
@@ -151,7 +154,8 @@ def _cmd_ensemble(args) -> int:
     if len(args.stores) < 3:
         _err(f"fkdstore ensemble: error: give at least two stores and then OUT. Got {len(args.stores)} path(s).")
         return EXIT_USAGE
-    r = convert.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress)
+    r = convert.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress,
+                         storage_options=args.storage_options)
     _out(f"ensembled {len(r['sources'])} stores over {r['images']:,} images as {_cfg(r['codec'])}: "
          f"{report.human_bytes(r['bytes_after'])} -> {args.stores[-1]}"
          + (f" ({r['missing']:,} images were not written in the sources)" if r["missing"] else ""))
@@ -386,6 +390,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--rule", choices=["random", "confident"], default="random",
                    help="which slots: random (seeded per image) or confident (lowest entropy); default random")
     q.add_argument("--progress", action="store_true", help="show a progress bar")
+    _add_storage_options(q)
     q.set_defaults(func=_cmd_prune)
 
     q = add("ensemble", "average the soft labels of stores that share crops", ENSEMBLE_HELP)
@@ -393,6 +398,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--codec", default=None,
                    help="codec of OUT, a name or spec (e.g. full, ms:k=5,dtype=q8); default: the first store's")
     q.add_argument("--progress", action="store_true", help="show a progress bar")
+    _add_storage_options(q)
     q.set_defaults(func=_cmd_ensemble)
 
     _add_generate(sub, common)
@@ -492,7 +498,9 @@ def _add_generate(sub, common) -> None:
     g = q.add_argument_group("crops and labels")
     g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int, required=True,
                    metavar="M", help="crops per image")
-    g.add_argument("--codec", default="ms", help="label codec: full, hard, smoothing, ms, mr (default: ms)")
+    g.add_argument("--codec", default="ms",
+                   help="label codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. ms:k=5,dtype=q8 "
+                        "(default: ms)")
     g.add_argument("--k", type=_pos_int, default=None, help="top-k for ms/mr (codec default: 5)")
     g.add_argument("--dtype", default=None, choices=["float16", "float32", "q8"],
                    help="stored probability dtype (codec default)")

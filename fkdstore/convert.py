@@ -444,7 +444,7 @@ def _check_int_seed(seed: Any) -> int:
 
 
 def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: int = 0, rule: str = "random",
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``dst``: store ``src`` with ``M' = max(1, round(M * keep))`` of each image's ``M`` slots.
 
     ``rule``: ``"random"`` keeps :func:`random_slots` ``(seed, image)`` (independent of everything else, so
@@ -455,6 +455,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
     images are copied (an incomplete source gives an equally incomplete output, as :func:`convert`).
     :class:`fkdstore.TorchDataset` on the result samples among the ``M'`` kept slots.
 
+    ``src`` and ``dst`` are folders or URLs; ``storage_options`` apply to whichever is a URL.
     Refused (:class:`ValidationError`, nothing written): ``keep`` not in ``(0, 1]`` (NaN too), an unknown
     rule, a negative seed, ``dst`` equal to ``src`` or not empty, and a store whose augment pipeline mixes
     slots (Mixup/CutMix store partner *slots*, which pruning would drop or renumber).
@@ -470,8 +471,9 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
         raise TypeError(f"rule must be a str. Got {type(rule).__name__}.")
     if rule not in PRUNE_RULES:
         raise ValidationError(f"rule must be one of {list(PRUNE_RULES)}. Got {rule!r}.")
-    src, dst = Path(src), Path(dst)
-    reader = _reader.open(src)
+    _check_options(storage_options, src, dst)
+    src_options, dst_options = _storage.options_for(src, storage_options), _storage.options_for(dst, storage_options)
+    reader = _reader.open(src, storage_options=src_options)
     h = reader.header
     M = h.crops_per_image
     kept = pruned_slots(keep, M)
@@ -483,15 +485,15 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
             raise ValidationError(
                 f"prune cannot drop slots of a store whose augment pipeline mixes slots ({', '.join(mixing)}): a kept "
                 f"slot's partner slot could be dropped. Got a store with augment {[p['name'] for p in h.augment]}.")
-    dst_store = _storage.as_store(dst, read_only=False)
+    dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
     _check_dst(dst, dst_store, src)
     written = reader.written
     meta = dict(h.meta)
     meta["history"] = list(meta.get("history") or []) + [_history_record(
-        "prune", source=str(src.resolve()), keep=keep, rule=rule, seed=seed, crops_per_image_before=M,
+        "prune", source=_location_name(src), keep=keep, rule=rule, seed=seed, crops_per_image_before=M,
         slots_kept=kept, images=int(written.sum()))]
     with _remove_on_error(dst_store), _writer.write(
-        dst, num_images=h.num_images, crops_per_image=kept, num_classes=h.num_classes, codec=reader.codec,
+        dst_store, num_images=h.num_images, crops_per_image=kept, num_classes=h.num_classes, codec=reader.codec,
         image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels, meta=meta,
         aug=h.aug, augment=list(h.augment),
     ) as w:
@@ -511,8 +513,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
     reader.close()
     return {"images": int(written.sum()), "missing": int((~written).sum()), "crops_per_image_before": M,
             "crops_per_image": kept, "rule": rule, "seed": seed, "keep": keep,
-            "bytes_before": _writer.storage_stats(src)["_total"]["bytes"],
-            "bytes_after": _writer.storage_stats(dst)["_total"]["bytes"]}
+            "bytes_before": _writer.storage_stats(src, storage_options=src_options)["_total"]["bytes"],
+            "bytes_after": _writer.storage_stats(dst, storage_options=dst_options)["_total"]["bytes"]}
 
 
 def _take_slots(rec, slots: np.ndarray):
@@ -586,7 +588,8 @@ def _first_crop_diff(ra, rb, idx: np.ndarray) -> tuple[int, int, str] | None:
     return int(idx[first[0]]), first[1], first[2]
 
 
-def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool = False) -> dict[str, Any]:
+def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool = False,
+             storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Average the decoded soft labels (T = 1) of stores that share crops and write them to ``dst``.
 
     Every crop of ``dst`` holds ``mean_s decode_s(crop)`` (float64 mean of the float32 decoded rows),
@@ -598,7 +601,8 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
 
     Refused (nothing written): fewer than 2 stores; stores that do not share crops
     (:func:`check_same_crops`; box/flip/aug compared per image and slot, the message names the first
-    differing image index, key, slot and array); ``dst`` equal to a source or not empty.
+    differing image index, key, slot and array); ``dst`` equal to a source or not empty. Stores and ``dst``
+    are folders or URLs; ``storage_options`` apply to those that are URLs.
     Returns ``{images, missing, sources, codec, bytes_after}``.
     """
     from . import reader as _reader
@@ -608,12 +612,12 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
         raise TypeError(f"stores must be a list of store paths. Got {type(stores).__name__}.")
     if len(stores) < 2:
         raise ValidationError(f"ensemble needs at least 2 stores. Got {len(stores)}.")
-    srcs = [Path(s) for s in stores]
-    dst = Path(dst)
+    srcs = list(stores)
+    _check_options(storage_options, *srcs, dst)
     for s in srcs:
-        if dst.resolve() == s.resolve():
+        if _location_name(dst) == _location_name(s):
             raise ValidationError(f"destination must differ from the sources. Got {dst} for both.")
-    readers = [_reader.open(s) for s in srcs]
+    readers = [_reader.open(s, storage_options=_storage.options_for(s, storage_options)) for s in srcs]
     names = [str(s) for s in srcs]
     out_codec = readers[0].codec if codec is None else _codecs.as_codec(codec)
     check_same_crops(readers, names)
@@ -635,15 +639,16 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
                 i, m, arr = d
                 raise ValidationError(f"stores must share crops: image {i} ({a.image_keys[i]!r}) slot {m} has a "
                                       f"different {arr} in {nb} than in {names[0]}.")
-    dst_store = _storage.as_store(dst, read_only=False)
+    dst_options = _storage.options_for(dst, storage_options)
+    dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
     _check_dst(dst, dst_store)
     meta = dict(h.meta)
     meta["history"] = list(meta.get("history") or []) + [_history_record(
-        "ensemble", sources=[str(s.resolve()) for s in srcs], codecs=[dict(r.header.codec) for r in readers],
+        "ensemble", sources=[_location_name(s) for s in srcs], codecs=[dict(r.header.codec) for r in readers],
         teachers=[(r.meta or {}).get("teacher") for r in readers], to=out_codec.get_config(),
         images=int(written.sum()))]
     with _remove_on_error(dst_store), _writer.write(
-        dst, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=C, codec=out_codec,
+        dst_store, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=C, codec=out_codec,
         image_keys=a.image_keys, image_sizes=a.image_sizes, labels=a.labels, meta=meta, aug=h.aug,
         augment=list(h.augment),
     ) as w:
@@ -664,4 +669,5 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
     for r in readers:
         r.close()
     return {"images": int(written.sum()), "missing": int((~written).sum()), "sources": names,
-            "codec": out_codec.get_config(), "bytes_after": _writer.storage_stats(dst)["_total"]["bytes"]}
+            "codec": out_codec.get_config(),
+            "bytes_after": _writer.storage_stats(dst, storage_options=dst_options)["_total"]["bytes"]}

@@ -258,8 +258,8 @@ def generate(
             from the source (an image that changed since is an :class:`ImageReadError`). The new store
             carries the source's aug columns and augment pipeline, and the teacher sees each slot replayed
             from the source's stored params (``augment`` must then be None).
-        storage_options: for a URL ``path``, passed to fsspec (``{"endpoint_url": ..., "key": ...}``);
-            credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
+        storage_options: for a URL ``path`` and/or ``crops_from``, passed to fsspec (``{"endpoint_url": ...,
+            "key": ...}``); credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
 
     Returns the :class:`fkdstore.Reader` of the store (``complete`` unless images were skipped).
 
@@ -277,19 +277,24 @@ def generate(
         provenance=Provenance(teacher_name, weights_sha256),
         augment=_augment.parse_augment(augment),
     )
-    out = _storage.as_store(path, read_only=False, storage_options=storage_options)  # StorageError here
-    return _run(teacher, images, out, job, t_start, crops_from, location=(path, storage_options))
+    if storage_options and not any(_storage.is_url(x) for x in (path, crops_from) if isinstance(x, (str, os.PathLike))):
+        raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
+    # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
+    out = _storage.as_store(path, read_only=False, storage_options=_storage.options_for(path, storage_options))
+    return _run(teacher, images, out, job, t_start, crops_from,
+                location=(path, _storage.options_for(path, storage_options)), crops_options=storage_options)
 
 
 def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops_from=None, *,
-         location) -> _reader.Reader:
+         location, crops_options=None) -> _reader.Reader:
     """The steps listed in the module docstring, in order. ``out`` is the store (:func:`fkdstore.storage.as_store`),
     ``location`` the ``(path or URL, storage_options)`` it came from."""
     listing = resolve_images(images)
     if crops_from is not None and len(job.augment):
         raise ValidationError("augment must be None with crops_from: the crops, their augmentation params and the "
                               f"pipeline come from the source store. Got augment={job.augment.get_config()}.")
-    stored = None if crops_from is None else StoredCrops.open(crops_from, listing.keys, job.labels.crops_per_image)
+    stored = None if crops_from is None else StoredCrops.open(crops_from, listing.keys, job.labels.crops_per_image,
+                                                               crops_options)
     forward = TeacherForward(teacher, job.inputs, pick_device(job.execution.device, World.detect()),
                              job.execution.amp)
     num_classes = check_num_classes(forward, job.labels.num_classes, listing)
@@ -575,14 +580,15 @@ class StoredCrops:
         self.pipeline = _augment.Pipeline.from_config(self.augment) if self.augment else None
 
     @classmethod
-    def open(cls, location, keys: Sequence[str], crops_per_image: int) -> StoredCrops:
-        """Open the source store and refuse (:class:`ValidationError`, before anything is written) one whose
+    def open(cls, location, keys: Sequence[str], crops_per_image: int, storage_options=None) -> StoredCrops:
+        """Open the source store (a path, a URL with ``storage_options``, or a Reader) and refuse
+        (:class:`ValidationError`, before anything is written) one whose
         image keys differ from ``keys`` (naming the first differing key), whose ``M`` differs, that is
         incomplete."""
         if isinstance(location, _reader.Reader):
             reader = location
         elif isinstance(location, (str, os.PathLike)):
-            reader = _reader.open(location)
+            reader = _reader.open(location, storage_options=_storage.options_for(location, storage_options))
         else:
             raise TypeError(f"crops_from must be a store path or a Reader. Got {type(location).__name__}.")
         src = reader.image_keys

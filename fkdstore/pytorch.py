@@ -17,8 +17,8 @@ Item ``i`` is a dict:
 key                value                         meaning
 =================  ============================  ===========================================================
 ``crops``          [m, 3, H, W] float32 / uint8  the replayed crops, normalised (``normalize=True``) or uint8
-``soft_labels``    [m, C] float32, or dict       decoded labels (``labels="dense"``) or the codec's fields
-                                                 ``{name: [m, ...]}`` (``labels="sparse"``; class indices
+``soft_labels``    [m, C] float32, or dict       decoded labels (``soft_labels="dense"``) or the codec's fields
+                                                 ``{name: [m, ...]}`` (``soft_labels="sparse"``; class indices
                                                  as int32) for :func:`densify` on the GPU
 ``target``         int                           ground-truth class, -1 if unknown
 ``index``          int                           the image's index in the store
@@ -78,6 +78,7 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize a
 __all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch", "BatchMix"]
 
 DEFAULT_OUTPUT_SIZE = 224
+MAX_STORED_OUTPUT_SIDE = 4096  # an output size read from a store's meta above this is refused (crafted meta)
 LABEL_MODES = ("dense", "sparse")
 
 
@@ -126,10 +127,12 @@ class TorchDataset(torch.utils.data.Dataset):
             any other difference raises :class:`ValidationError` naming the first mismatching key.
         crops_per_sample: ``m``, crops per image per item (``1 <= m <= M``).
         output_size: int or (height, width); default: the store's ``meta["input_size"]`` (the size the
-            teacher saw, so replay is exact), else 224.
+            teacher saw, so replay is exact), else 224. A stored size above 4096 px per side is refused (a
+            crafted store must not make every item allocate gigabytes); pass ``output_size`` to override.
         epoch: initial epoch (see :meth:`set_epoch`).
         transform: optional callable applied to each item's crops tensor [m, 3, H, W] (after normalising).
-        labels: ``"dense"`` ([m, C] float32) or ``"sparse"`` (codec fields, for :func:`densify`).
+        soft_labels: ``"dense"`` ([m, C] float32) or ``"sparse"`` (codec fields, for :func:`densify`).
+            (``labels=`` is its deprecated 0.1 name: "labels" means ground-truth classes everywhere else.)
         seed: seed of the epoch-to-slot rule.
         allow_incomplete: an incomplete store raises :class:`IncompleteStoreError` unless True; then the
             dataset covers only the images written when it was built (``len`` is their count, item ``j``
@@ -162,7 +165,7 @@ class TorchDataset(torch.utils.data.Dataset):
         output_size: int | tuple[int, int] | None = None,
         epoch: int = 0,
         transform=None,
-        labels: str = "dense",
+        soft_labels: str = "dense",
         seed: int = 0,
         allow_incomplete: bool = False,
         interpolation: str | None = None,
@@ -171,6 +174,7 @@ class TorchDataset(torch.utils.data.Dataset):
         std: Sequence[float] | None = None,
         temperature: float = 1.0,
         storage_options: Mapping[str, Any] | None = None,
+        labels: str | None = None,
     ):
         if isinstance(store, Reader):
             if storage_options:
@@ -190,12 +194,23 @@ class TorchDataset(torch.utils.data.Dataset):
             raise ValidationError(
                 f"crops_per_sample must be <= the store's crops_per_image={self.crops_per_image}. "
                 f"Got {crops_per_sample}.")
-        if labels not in LABEL_MODES:
-            raise ValidationError(f"labels must be one of {list(LABEL_MODES)}. Got {labels!r}.")
-        self.labels = labels
+        if labels is not None:
+            import warnings
+
+            warnings.warn("TorchDataset(labels=...) is deprecated; use soft_labels=... ('labels' means "
+                          "ground-truth classes in fkdstore)", DeprecationWarning, stacklevel=2)
+            soft_labels = labels
+        if soft_labels not in LABEL_MODES:
+            raise ValidationError(f"soft_labels must be one of {list(LABEL_MODES)}. Got {soft_labels!r}.")
+        self.soft_labels = soft_labels
         self.seed = _check_int("seed", seed, 0)
         if output_size is None:
-            output_size = meta.get("input_size", DEFAULT_OUTPUT_SIZE)
+            stored = _pair(meta.get("input_size", DEFAULT_OUTPUT_SIZE))
+            if max(stored) > MAX_STORED_OUTPUT_SIDE:
+                raise ValidationError(
+                    f"the store's meta['input_size'] must be at most {MAX_STORED_OUTPUT_SIDE} px per side to be "
+                    f"used as the default output_size. Got {meta.get('input_size')!r}; pass output_size= explicitly.")
+            output_size = stored
         self.output_size = _pair(output_size)
         interpolation = interpolation if interpolation is not None else meta.get("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:
@@ -304,7 +319,7 @@ class TorchDataset(torch.utils.data.Dataset):
         e, m, M = self.epoch, self.crops_per_sample, self.crops_per_image
         slots = np.stack([epoch_slots(int(i), e, m, M, self.seed) for i in idx]) if len(idx) else np.zeros((0, m), np.int64)
         rec = self.reader.read_batch(idx, slots)
-        if self.labels == "dense":
+        if self.soft_labels == "dense":
             soft = torch.from_numpy(np.ascontiguousarray(
                 self.codec.decode(rec.fields, self.num_classes, temperature=self.temperature))).unbind(0)
         else:
@@ -404,7 +419,7 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
-                f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, labels={self.labels!r}, "
+                f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, soft_labels={self.soft_labels!r}, "
                 f"epoch={self.epoch}, seed={self.seed})")
 
 

@@ -437,6 +437,13 @@ def test_cli_generate_with_weights(photos, tmp_path, capsys):
     assert "no_such_mod" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
 
+    # --codec takes a spec string too (one parser: fkdstore.as_codec); --dtype overrides the spec's dtype
+    spec_out = tmp_path / "spec.fkd"
+    spec_argv = [a if a != str(out) else str(spec_out) for a in argv if a not in ("--k", "3")]
+    spec_argv[spec_argv.index("ms")] = "ms:k=2,dtype=q8"
+    assert main(spec_argv) == 0
+    assert fkdstore.open(spec_out).codec == fkdstore.as_codec("ms:k=2,dtype=q8")
+
 
 def test_cli_generate_exit_codes(broken_photos, tmp_path, capsys):
     root, _, _ = broken_photos

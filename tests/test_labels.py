@@ -108,7 +108,7 @@ def test_dataset_and_densify_decode_at_their_temperature(logits_store, digits):
         item = ds[3]
         np.testing.assert_allclose(item["soft_labels"].numpy(), softmax(z[3][item["slots"].numpy()], T),
                                    rtol=1e-4, atol=1e-6)
-        sp = fkdstore.TorchDataset(r, digits, crops_per_sample=2, labels="sparse", temperature=T)
+        sp = fkdstore.TorchDataset(r, digits, crops_per_sample=2, soft_labels="sparse", temperature=T)
         b = fkdstore.collate([sp[3], sp[4]])
         want = np.concatenate([softmax(z[i][sp.slots(i)], T) for i in (3, 4)])
         np.testing.assert_allclose(fkdstore.densify(b["soft_labels"], sp).numpy(), want, rtol=1e-4, atol=1e-6)

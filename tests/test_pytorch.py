@@ -253,8 +253,8 @@ def test_argument_errors(data):
     folder, store = data
     with pytest.raises(ValidationError, match="crops_per_sample must be <= the store's crops_per_image=8"):
         fkdstore.TorchDataset(store, folder, crops_per_sample=9)
-    with pytest.raises(ValidationError, match="labels must be one of"):
-        fkdstore.TorchDataset(store, folder, labels="soft")
+    with pytest.raises(ValidationError, match="soft_labels must be one of"):
+        fkdstore.TorchDataset(store, folder, soft_labels="soft")
     with pytest.raises(ValidationError, match="interpolation"):
         fkdstore.TorchDataset(store, folder, interpolation="cubic")
     with pytest.raises(ValidationError, match="epoch"):
@@ -268,7 +268,7 @@ def test_collate_and_densify(data, tmp_path):
     folder, _ = data
     store = _build(tmp_path / "ms.fkd", folder, codec={"name": "ms", "k": 3})
     dense = fkdstore.TorchDataset(store, folder, crops_per_sample=3, output_size=16)
-    sparse = fkdstore.TorchDataset(store, folder, crops_per_sample=3, output_size=16, labels="sparse")
+    sparse = fkdstore.TorchDataset(store, folder, crops_per_sample=3, output_size=16, soft_labels="sparse")
     items = [2, 9, 11, 0]
     bd = DataLoader(dense, batch_size=4, sampler=items, collate_fn=fkdstore.collate)
     bs = DataLoader(sparse, batch_size=4, sampler=items, collate_fn=fkdstore.collate)
@@ -357,3 +357,30 @@ def test_train_fkd_example_with_resume(data, tmp_path, capsys):
     assert first["epoch"] == 1 and second["epoch"] == 2 and np.isfinite(second["loss"])
     state = torch.load(ckpt, weights_only=False)
     assert state["epoch"] == 2 and "optimizer" in state and "model" in state
+
+
+def test_labels_argument_is_the_deprecated_name_of_soft_labels(data, tmp_path):
+    folder, _ = data
+    store = _build(tmp_path / "s.fkd", folder)
+    with pytest.warns(DeprecationWarning, match="soft_labels"):
+        ds = fkdstore.TorchDataset(store, folder, output_size=16, labels="sparse")
+    assert ds.soft_labels == "sparse"
+    with pytest.raises(ValidationError, match=r"soft_labels must be one of \['dense', 'sparse'\]. Got 'x'"):
+        fkdstore.TorchDataset(store, folder, soft_labels="x")
+
+
+def test_crafted_input_size_in_meta_is_refused_not_allocated(data, tmp_path):
+    """A store whose meta claims input_size = 40000 must not make every item allocate gigabytes."""
+    import zarr
+
+    from fkdstore import schema as S
+
+    folder, _ = data
+    store = _build(tmp_path / "s.fkd", folder)
+    g = zarr.open_group(str(store), mode="r+")
+    attrs = dict(g.attrs[S.ATTR_KEY])
+    attrs["meta"] = {**attrs["meta"], "input_size": 40000}  # meta is outside the header checksum
+    g.attrs[S.ATTR_KEY] = attrs
+    with pytest.raises(ValidationError, match=r"meta\['input_size'\] must be at most 4096 px.*Got 40000"):
+        fkdstore.TorchDataset(store, folder)
+    assert fkdstore.TorchDataset(store, folder, output_size=16).output_size == (16, 16)  # explicit size wins
