@@ -44,7 +44,10 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
      "reading from S3 (moto + 20 ms per request) vs local disk"),
     ("augment_size.py", ["--images", "256"], 300, True,
      "bytes per crop with augmentation records (RandAugment + Mixup/CutMix partner) at M = 200, C = 1000, MS top-5"),
+    ("scale.py", ["--sizes", "10000,100000"], 900, True,
+     "cost growth with N (write, verify, inspect, read_all, read_batch, label path), peak memory per operation"),
 ]
+SCALE_FULL = HERE / "scale_full.json"  # the ImageNet-1K run (`scale.py --full`), too long for make bench
 FORMATS_TEXT = """\
 Equivalent label sets: same images (ImageNet-like sizes and keys), same crops (`CropSampler`), same
 teacher-like outputs (C = 1000). **fkdstore**: one store per codec, default layout. **FKD**: one `torch.save`
@@ -247,11 +250,28 @@ def write_results(out: Path, fm, rp, others, cmds, figs, t_total, fd=None) -> No
     for name, r in others.items():
         L += ["", f"### {name}", "", f"Command: `{_cmd(r['cmd'])}` — {r['status']}"
               + (f" ({r['seconds']:.0f} s)" if "seconds" in r else ""), ""]
-        if r["output"]:
+        if "markdown" in r.get("json", {}):  # the script renders its own tables
+            L += [r["json"]["description"], "", r["json"]["markdown"]]
+        elif r["output"]:
             L += ["```text", _drop_json(r["output"])[-6000:], "```"]
+        if name.startswith("scale.py"):
+            L += scale_full_section()
     if figs:
         L += ["", "## Figures", ""] + [f"![{p.stem}]({rel(p)})" for p in figs]
     out.write_text("\n".join(L) + "\n")
+
+
+def scale_full_section() -> list[str]:
+    """The recorded ImageNet-1K scale run (benchmarks/scale_full.json), which make bench does not repeat."""
+    if not SCALE_FULL.exists():
+        return ["", "ImageNet-1K size: not recorded yet (`python benchmarks/scale.py --full`)."]
+    try:
+        d = json.loads(SCALE_FULL.read_text())
+    except ValueError as e:
+        return ["", f"ImageNet-1K size: {SCALE_FULL.name} unreadable ({e})."]
+    return ["", "#### Recorded run up to ImageNet-1K size (not repeated by make bench)", "",
+            f"Command: `{d['command']}` (recorded in `benchmarks/{SCALE_FULL.name}`).", "", d["description"], "",
+            d["markdown"]]
 
 
 def _torch_version():
