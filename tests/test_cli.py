@@ -105,6 +105,7 @@ def test_inspect_json_keys_and_values(store, capsys):
     stats = storage_stats(p)
     assert d["total_bytes"] == stats["_total"]["bytes"] and d["total_files"] == stats["_total"]["files"]
     assert d["bytes_per_crop"] == pytest.approx(d["total_bytes"] / 60)
+    assert {S.KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, S.MANIFEST} <= set(d["arrays"])  # format 2.0 arrays
     a = d["arrays"][S.soft_path("probs")]
     assert a["shape"] == [12, 5, 5] and a["dtype"] == "float16" and a["chunks"] == [4, 5, 5] and a["shards"] == [8, 5, 5]
     assert a["raw_bytes"] == 12 * 5 * 5 * 2 and a["compression_ratio"] == pytest.approx(a["raw_bytes"] / a["stored_bytes"])
