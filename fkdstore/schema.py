@@ -135,13 +135,9 @@ def encode_keys(keys: Sequence[str]) -> np.ndarray:
             raise ValidationError(f"image keys must be non-empty and contain no NUL character. Key {i} is {k!r}.")
         raw.append(k.encode("utf-8"))
     length = max((len(b) for b in raw), default=1)
-    out = np.zeros((len(raw), length), np.uint8)
-    flat = np.frombuffer(b"".join(raw), np.uint8)
-    lens = np.fromiter((len(b) for b in raw), np.int64, len(raw))
-    rows = np.repeat(np.arange(len(raw)), lens)
-    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
-    out[rows, cols] = flat
-    return out
+    # numpy's fixed-width bytes dtype pads with NUL: N*L bytes, no per-byte index arrays (those took 32 B per key
+    # byte, ~0.9 GiB for ImageNet's keys)
+    return np.array(raw, dtype=f"S{length}").view(np.uint8).reshape(len(raw), length)
 
 
 def decode_keys(arr: np.ndarray, *, start: int = 0) -> list[str]:

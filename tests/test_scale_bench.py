@@ -58,3 +58,17 @@ def test_operations_on_a_tiny_store(tmp_path):
               (("write", w), ("read_all", ra), ("read_batch", rb), ("label_path", lp))}}
     md = scale.table([row])
     assert "| 600 |" in md and md.count("\n|") >= 4
+
+
+def test_encode_keys_pads_utf8_with_nul_and_round_trips():
+    from fkdstore import schema as S
+
+    keys = ["a", "n01440764/n01440764_10026.JPEG", "été/ø.png", "x" * 7]
+    arr = S.encode_keys(keys)
+    L = max(len(k.encode("utf-8")) for k in keys)
+    assert arr.dtype == np.uint8 and arr.shape == (4, L) and arr.flags.writeable
+    for row, k in zip(arr, keys):
+        b = k.encode("utf-8")
+        assert bytes(row[:len(b)]) == b and not row[len(b):].any()
+    assert S.decode_keys(arr) == keys
+    assert S.encode_keys([]).shape == (0, 1)
