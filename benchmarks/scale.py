@@ -388,8 +388,9 @@ def describe(res: dict) -> str:
             f"({layouts}). M = {res['M']}, C = {res['C']}, MS top-{res['k']} float16, m = {res['m']}, "
             f"{res['batches']} batches of {BATCH} per read_batch / label-path figure. A bare `import fkdstore, zarr` "
             f"process peaks at {res['baseline_mib']:.0f} MiB (included in every peak) and takes "
-            f"{res['baseline_seconds']:.1f} s to start and exit. Warm page cache (each store is read right "
-            f"after it is written). Measured under load on shared cores: times are context.")
+            f"{res['baseline_seconds']:.1f} s to start and exit. Page cache as the OS left it after the write "
+            f"(not dropped, not pre-warmed): a store larger than what the machine keeps cached is read partly from "
+            f"disk. Measured under load on shared cores: times are context.")
 
 
 def main(argv=None):
