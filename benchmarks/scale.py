@@ -25,7 +25,8 @@ read_all     ``Reader.read_all(slots)`` of one epoch, m = 4 random slots per ima
 read_batch   ``Reader.read_batch(idx, slots)`` of 256 random images x m = 4 slots, read only; images/s over
              the batches after the first (the first one loads shard indexes; reported apart)
 label path   what ``TorchDataset`` does per batch without images: epoch slots of 256 random images,
-             one ``read_batch``, decode to dense [256*4, C] float32 (``TorchDataset._read_labels``)
+             one ``read_batch``, decode to dense [256*4, C] float32 (``TorchDataset._read_labels`` of a real
+             dataset whose folder listing is the store's keys; its construction time is reported as well)
 
 ``--json PATH`` writes every number; ``--record PATH`` (default ``benchmarks/scale_full.json`` with
 ``--full``) keeps the results so ``run_all.py`` can show the ImageNet row next to the fresh small ones.
@@ -203,26 +204,34 @@ def op_read_batch(a) -> dict:
 
 
 def op_label_path(a) -> dict:
-    from types import SimpleNamespace
-
     import fkdstore
-    from fkdstore.pytorch import TorchDataset
+    from fkdstore import images, pytorch
 
     r = fkdstore.open(a.store)
-    # TorchDataset needs the image files to be constructed; its per-batch label step is a method that only
-    # uses these attributes, so it is called on a stand-in with the dataset's fields.
-    ds = SimpleNamespace(epoch=0, crops_per_sample=a.m, crops_per_image=r.crops_per_image, seed=a.seed, reader=r,
-                         labels="dense")
+    # A real TorchDataset, built without image files: its folder listing is replaced by the store's own keys under
+    # a root that is never read (the label path does not open images). The constructor's cost is reported too.
+    keys = r.image_keys
+    root = "/nonexistent-scale-bench-images"
+    listing = images.ImageList(root=root, keys=keys, paths=[f"{root}/{k}" for k in keys], labels=[-1] * len(keys),
+                               classes=[])
+    real_list_images, pytorch.list_images = pytorch.list_images, lambda _: listing
+    try:
+        t = time.perf_counter()
+        ds = pytorch.TorchDataset(r, root, crops_per_sample=a.m, seed=a.seed, labels="dense")
+        construct = time.perf_counter() - t
+    finally:
+        pytorch.list_images = real_list_images
+    del keys, listing
     batches = _random_batches(r.num_images, a.batches + 1, a.seed + 1)
-    TorchDataset._read_labels(ds, batches[0])  # shard indexes, torch warm-up
+    ds._read_labels(batches[0])  # shard indexes, torch warm-up
     times = []
     for idx in batches[1:]:
         t = time.perf_counter()
-        _, _, soft = TorchDataset._read_labels(ds, idx)
+        _, _, soft = ds._read_labels(idx)  # what __getitems__ does for a batch, before the images
         times.append(time.perf_counter() - t)
-    assert soft[0].shape == (a.m, r.num_classes)
+    assert tuple(soft[0].shape) == (a.m, r.num_classes)
     return {"ms_per_batch": 1e3 * float(np.median(times)), "ms_per_batch_mean": 1e3 * float(np.mean(times)),
-            "batches": len(times)}
+            "batches": len(times), "construct_seconds": construct}
 
 
 def op_baseline(a) -> dict:
@@ -356,8 +365,8 @@ def table(rows: list[dict]) -> str:
           "crops, so it should stay flat itself). verify and inspect times are the CLI's wall time, process start-up "
           "included.", "",
           "| N | write us/img | verify us/img | inspect s | read_all us/img | write peak B/img | verify peak B/img "
-          "| read_all peak B/img | read_batch first batch ms | image_keys s | image_keys MiB |",
-          "|" + "---:|" * 11]
+          "| read_all peak B/img | read_batch first batch ms | image_keys s | image_keys MiB | TorchDataset init s |",
+          "|" + "---:|" * 12]
     for r in rows:
         N = r["N"]
         base = r.get("baseline_mib", 0.0)
@@ -374,7 +383,8 @@ def table(rows: list[dict]) -> str:
                  f"| {_f(_get(r, 'inspect', 'wall_seconds'), '.1f')} "
                  f"| {_f(per('read_all', 'seconds', 1e6), '.1f')} | {_f(mem('write'), ',.0f')} | {_f(mem('verify'), ',.0f')} "
                  f"| {_f(mem('read_all'), ',.0f')} | {_f(_get(r, 'read_batch', 'first_batch_ms'), '.0f')} "
-                 f"| {_f(_get(r, 'keys', 'seconds'), '.2f')} | {_f(_get(r, 'keys', 'peak_mib'), '.0f')} |")
+                 f"| {_f(_get(r, 'keys', 'seconds'), '.2f')} | {_f(_get(r, 'keys', 'peak_mib'), '.0f')} "
+                 f"| {_f(_get(r, 'label_path', 'construct_seconds'), '.2f')} |")
     return "\n".join(L)
 
 
