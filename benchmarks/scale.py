@@ -217,7 +217,7 @@ def op_label_path(a) -> dict:
     real_list_images, pytorch.list_images = pytorch.list_images, lambda _: listing
     try:
         t = time.perf_counter()
-        ds = pytorch.TorchDataset(r, root, crops_per_sample=a.m, seed=a.seed, labels="dense")
+        ds = pytorch.TorchDataset(r, root, crops_per_sample=a.m, seed=a.seed, soft_labels="dense")
         construct = time.perf_counter() - t
     finally:
         pytorch.list_images = real_list_images
