@@ -48,6 +48,7 @@ __all__ = ["MISSING", "ArrayMeta", "parse_array_meta", "ShardedArray", "Manifest
 MISSING = 2**64 - 1  # shard-index offset/nbytes of an inner chunk that is not stored
 INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
 CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per array (random reads revisit chunks)
+CACHE_MAX_BLOCK_CHUNKS = 64  # a decoded block of more chunks than this is not cached (see ShardedArray._remember)
 MANIFEST_CACHE_SHARDS = 1024
 DIRECT_DECODE_BYTES = 64 * 1024  # decoded chunks at least this big are decoded in place, not joined
 
@@ -576,12 +577,16 @@ class ShardedArray:
         return out
 
     def _remember(self, cs: np.ndarray, data: np.ndarray) -> None:
-        if self._cache_limit < self.chunk_nbytes:
+        """Cache decoded chunks as *copies*: a view would keep its whole decoded batch alive after the LRU
+        evicts its neighbours, so memory would exceed what the cache accounts. Blocks of more than
+        :data:`CACHE_MAX_BLOCK_CHUNKS` chunks (large random batches, whose chunks are rarely read again)
+        are not cached at all, so they pay no copy."""
+        if self._cache_limit < self.chunk_nbytes or len(cs) > CACHE_MAX_BLOCK_CHUNKS:
             return
         cache = self._cache
         for c, d in zip(cs.tolist(), data):
             if c not in cache:
-                cache[c] = d
+                cache[c] = d.copy()
                 self._cache_used += self.chunk_nbytes
         while self._cache_used > self._cache_limit:
             cache.popitem(last=False)

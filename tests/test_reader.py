@@ -302,3 +302,21 @@ def test_coalesce_merges_many_neighbouring_ranges_in_order():
     merged = storage.coalesce(reqs, 64)
     assert [(k, a, b) for k, a, b, _ in merged] == [("j", 0, 4), ("k", 0, 4998), ("k", 10**6, 10**6 + 1)]
     assert merged[1][3] == list(range(499, -1, -1)) and merged[0][3] == [500] and merged[2][3] == [501]
+
+
+def test_chunk_cache_holds_copies_so_memory_stays_within_its_limit(tmp_path):
+    """Cached chunks must not be views of their decoded batch: a view keeps the whole batch alive after the
+    LRU evicts its neighbours (memory above the accounted limit). Large random batches are not cached."""
+    from fkdstore import shard
+
+    p, d, _ = _store(tmp_path, "2.0", N=100, ipc=1, ips=50)  # 100 chunks per array
+    assert 100 > shard.CACHE_MAX_BLOCK_CHUNKS
+    with R.open(p) as r:
+        r.read_batch(np.arange(0, 40, 3))  # 14 chunks: cached, as owned copies
+        for a in r._arrays.values():
+            assert len(a._cache) == 14
+            assert all(chunk.base is None for chunk in a._cache.values())
+    with R.open(p) as r:
+        got = r.read_batch(np.arange(100)[::-1])  # 100 chunks: not cached
+        np.testing.assert_array_equal(got.box, d["boxes"][::-1])
+        assert all(not a._cache for a in r._arrays.values())
