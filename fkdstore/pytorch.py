@@ -329,13 +329,7 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def _crops(self, i: int, boxes: np.ndarray, flips: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """Image ``i``'s crops ``boxes``/``flips`` replayed ([m, 3, H, W]), written into ``out`` when given."""
-        path = self._paths[i]
-        image = load_image(path)
-        H, W = self._sizes[i].tolist()
-        if image.size != (W, H):
-            raise ValidationError(
-                f"image {i} ({path}) has size (height={image.size[1]}, width={image.size[0]}) but the store "
-                f"recorded (height={H}, width={W}); the images changed since the labels were generated")
+        image = self._load(i)
         norm = {"mean": self.mean, "std": self.std} if self.normalize else {}
         crops = replay_crops(image, boxes, flips, self.output_size, self.interpolation, out=out, **norm)
         if self.transform is not None:

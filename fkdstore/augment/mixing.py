@@ -121,9 +121,7 @@ class Mixup(_MixingPolicy):
     window: int = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha", _parse_alpha(self.alpha))
-        object.__setattr__(self, "p", parse_float("p", self.p, 0.0, 1.0))
-        object.__setattr__(self, "window", _parse_window(self.window))
+        _parse_mix_fields(self)
 
     def columns(self) -> tuple[Column, ...]:
         return (Column("mixup_partner", "index", "int32", ()), Column("mixup_lam", "int", "uint8", ()))
@@ -189,9 +187,7 @@ class CutMix(_MixingPolicy):
     window: int = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha", _parse_alpha(self.alpha))
-        object.__setattr__(self, "p", parse_float("p", self.p, 0.0, 1.0))
-        object.__setattr__(self, "window", _parse_window(self.window))
+        _parse_mix_fields(self)
 
     def columns(self) -> tuple[Column, ...]:
         return (Column("cutmix_partner", "index", "int32", ()), Column("cutmix_center", "int", "uint16", (2,)),
@@ -257,6 +253,13 @@ def _box(params, image_size) -> tuple[int, int, int, int]:
 
 def _parse_alpha(value: Any) -> float:
     return parse_float("alpha", value, 0.0, 1e3, lo_open=True)
+
+
+def _parse_mix_fields(policy) -> None:
+    """The fields Mixup and CutMix share (``alpha``, ``p``, ``window``), parsed in place on the frozen policy."""
+    object.__setattr__(policy, "alpha", _parse_alpha(policy.alpha))
+    object.__setattr__(policy, "p", parse_float("p", policy.p, 0.0, 1.0))
+    object.__setattr__(policy, "window", _parse_window(policy.window))
 
 
 def _parse_window(value: Any) -> int:
