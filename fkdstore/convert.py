@@ -31,17 +31,13 @@ import numpy as np
 
 from . import codecs as _codecs
 from . import storage as _storage
-from .errors import FkdstoreError, ValidationError
+from .errors import ConversionError, FkdstoreError, ValidationError
 
 __all__ = ["ConversionError", "conversion_problem", "convert_fields", "convert", "import_fkd", "fkd_boxes",
            "load_fkd_file", "FKD_SUFFIXES", "prune", "pruned_slots", "random_slots", "confident_slots",
            "PRUNE_RULES", "ensemble", "check_same_crops"]
 
 FKD_SUFFIXES = (".pth.tar", ".tar")
-
-
-class ConversionError(FkdstoreError):
-    """The requested conversion needs information the source does not hold."""
 
 
 def _describe(codec) -> str:

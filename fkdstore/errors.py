@@ -47,8 +47,9 @@ class StorageError(FkdstoreError):
 
 
 class ConversionError(FkdstoreError):
-    """A conversion or import cannot be done (e.g. a codec cannot be derived from another), with the reason."""
+    """The requested conversion needs information the source does not hold (e.g. a codec cannot be derived
+    from another), with the reason."""
 
 
 class ImageReadError(FkdstoreError):
-    """An image file cannot be read or decoded."""
+    """An image file exists but cannot be decoded (truncated, corrupt or unsupported)."""

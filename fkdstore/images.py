@@ -14,17 +14,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from fkdstore.errors import FkdstoreError, ValidationError
+from .errors import ImageReadError, ValidationError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageList", "ImageReadError", "list_images", "load_image", "image_size"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 )
-
-
-class ImageReadError(FkdstoreError):
-    """An image file exists but cannot be decoded (truncated, corrupt or unsupported)."""
 
 
 @dataclass(frozen=True)
