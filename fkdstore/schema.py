@@ -60,6 +60,7 @@ FILL_VALUE = 0  # fill value of every per-crop array (and of rows past N in a pa
 VOLATILE_META = ("time_taken_s", "finished_at", "created_at", "history", "skipped")
 CHECKSUM_EXCLUDES = ("checksum", "meta", "library_version")  # header fields the checksum does not cover
 
+AUG_COLUMN_KEYS = ("name", "kind", "dtype", "shape")  # the keys of one entry of the header's ``aug`` list
 AUG_KINDS = ("float", "int", "bool", "index")  # declared meaning of an aug column
 AUG_DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32")
 V1_AUG_DTYPE = "float32"  # 1.0 stored every aug column as float32 in one array
@@ -152,6 +153,8 @@ def decode_keys(arr: np.ndarray, *, start: int = 0) -> list[str]:
             out.append(b.decode("utf-8"))
         except UnicodeDecodeError:
             raise CorruptStoreError(f"array {KEY!r}: image {start + i} is not valid UTF-8") from None
+        if b"\0" in b:  # invariant 4: NUL only as padding (the spec's recipe would cut the key here)
+            raise CorruptStoreError(f"array {KEY!r}: image {start + i} has a NUL byte inside its key. Got {b!r}.")
     return out
 
 
@@ -224,9 +227,9 @@ def parse_aug(aug) -> tuple[AugColumn, ...]:
         elif isinstance(a, str):
             out.append(AugColumn(name=a))
         elif isinstance(a, Mapping):
-            unknown = set(a) - {"name", "kind", "dtype", "shape"}
+            unknown = set(a) - set(AUG_COLUMN_KEYS)
             if unknown:
-                raise ValidationError(f"aug column keys must be name, kind, dtype, shape. Got {sorted(unknown)}.")
+                raise ValidationError(f"aug column keys must be {', '.join(AUG_COLUMN_KEYS)}. Got {sorted(unknown)}.")
             out.append(AugColumn(**{k: (tuple(v) if k == "shape" else v) for k, v in a.items()}))
         elif isinstance(a, (tuple, list)) and 1 <= len(a) <= 4:
             names = ("name", "kind", "dtype", "shape")
@@ -416,8 +419,15 @@ class Header:
         """Parse and check the attribute object: :class:`FormatError` if it is not a readable fkdstore
         header (wrong format, newer major version, missing or malformed field); :class:`CorruptStoreError`
         if a format-2 checksum does not match (the header was edited or damaged)."""
-        if not isinstance(d, Mapping) or d.get("format") != FORMAT_NAME:
-            raise FormatError(f"not an fkdstore store: group attribute {ATTR_KEY!r} is missing or malformed")
+        if not isinstance(d, Mapping):
+            raise FormatError(f"not an fkdstore store: group attribute {ATTR_KEY!r} must be a JSON object. "
+                              f"Got {type(d).__name__}.")
+        if d.get("format") != FORMAT_NAME:
+            got = "it is missing" if "format" not in d else f"Got {d['format']!r}"
+            raise FormatError(f"not an fkdstore store: header key 'format' must be {FORMAT_NAME!r}; {got}.")
+        if not isinstance(d.get("format_version"), str):
+            raise FormatError(f"fkdstore header key 'format_version' must be a string 'major.minor'. "
+                              f"Got {d.get('format_version')!r}.")
         major, _ = check_version(d.get("format_version"))
         required = _REQUIRED_2 if major >= 2 else _REQUIRED
         missing = [k for k in required if k not in d]
@@ -430,8 +440,14 @@ class Header:
                     f"fkdstore header checksum mismatch: stored {d.get('checksum')!r}, computed {expected!r} "
                     f"(the group attribute {ATTR_KEY!r} in zarr.json was edited or damaged)"
                 )
+        for key, kind, what in (("aug", list, "a list"), ("augment", list, "a list"), ("has_labels", bool, "a bool")):
+            if key in d and not isinstance(d[key], kind):
+                raise FormatError(f"fkdstore header key {key!r} must be {what}. Got {d[key]!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}  # a newer minor version may add keys: ignore them
+        if "aug" in kw:  # ... at every level except codec and augment entries (spec section 1)
+            kw["aug"] = [{k: v for k, v in a.items() if k in AUG_COLUMN_KEYS} if isinstance(a, Mapping) else a
+                         for a in kw["aug"]]
         try:
             return cls(**kw)
         except (TypeError, ValidationError) as e:
