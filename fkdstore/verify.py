@@ -15,7 +15,8 @@
 4. Per-image arrays: keys unique, non-empty, valid UTF-8 without NUL (2.0 ``key``), sizes >= 1, labels in
    ``[-1, C)``, ``written`` in {0, 1}, and every image written (the missing ranges are listed).
 5. Per written image: boxes inside the recorded image size (:func:`fkdstore.schema.bad_boxes`, invariant
-   5); flips 0/1; aug values finite; codec fields valid (``codec.field_problems``: indices in ``[0, C)`` and
+   5); flips 0/1; aug values finite and (2.0) within their augment policy's rules (invariant 11:
+   ``Pipeline.validate``, e.g. partners in ``[-1, N)``); codec fields valid (``codec.field_problems``: indices in ``[0, C)`` and
    distinct, probabilities finite in ``[0, 1 + PROB_ATOL]``, top-K non-increasing, stored mass at most
    ``1 + codec.sum_atol(C)``) and decoded distributions finite, non-negative and summing to 1 within
    ``codec.sum_atol(C)`` (``fkdstore.codecs.base``: one tolerance for writer, codecs and verify).
@@ -30,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import schema as S
-from .errors import CorruptChunkError, CorruptStoreError, FkdstoreError, StorageError
+from .errors import CorruptChunkError, CorruptStoreError, FkdstoreError, StorageError, ValidationError
 from .shard import load_many
 
 __all__ = ["verify", "MAX_PER_CHECK", "MAX_IMAGES"]
@@ -114,6 +115,11 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
 
         shards = tqdm(shards, desc="verifying shards", unit="shard")
     arrays = [reader.sharded(n) for n in reader.per_crop_arrays]
+    pipeline = None
+    if h.augment and h.major >= 2:  # the reader checked at open that every policy is known and valid
+        from .augment import Pipeline
+
+        pipeline = Pipeline.from_config(list(h.augment))
     ipc = h.images_per_chunk
     for s in shards:
         r = h.shard_range(s)
@@ -134,7 +140,7 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
                 continue
             block[a.path] = data.reshape(-1, *a.chunk_shape[1:])[:len(r)]
         if w.any():
-            _check_records(block, w, r, sizes, h, codec, problems)
+            _check_records(block, w, r, sizes, h, codec, problems, pipeline)
     reader.close()
     problems.summarise()
     return list(problems)
@@ -150,9 +156,6 @@ def _check_keys(h: S.Header, keys, problems: _Problems) -> None:
         except CorruptStoreError as e:
             problems.add("keys", str(e))
             return
-        nul = [i for i, k in enumerate(ks) if "\x00" in k]
-        if nul:
-            problems.add("keys", f"array {name!r}: NUL inside the key of images {nul[:5]}")
     else:
         ks = [str(k) for k in keys]
     if len(set(ks)) != len(ks):
@@ -183,7 +186,7 @@ def _read_unsharded(arr, problems: _Problems):
 
 
 def _check_records(block: dict[str, np.ndarray], w: np.ndarray, r: range, sizes, h: S.Header, codec,
-                   problems: _Problems) -> None:
+                   problems: _Problems, pipeline=None) -> None:
     C = h.num_classes
     rows = np.flatnonzero(w)
     first = r.start
@@ -208,6 +211,14 @@ def _check_records(block: dict[str, np.ndarray], w: np.ndarray, r: range, sizes,
     for name, v in block.items():
         if (name == S.AUG or name.startswith(S.AUG + "/")) and v.dtype.kind == "f" and not np.isfinite(v[rows]).all():
             problems.add("aug", f"array {name!r}: non-finite values in images {r.start}..{r.stop - 1}")
+    if pipeline is not None:  # invariant 11: every column within its policy's rules (partners in [-1, N), ...)
+        prefix = S.AUG + "/"
+        cols = {n[len(prefix):]: v[rows] for n, v in block.items() if n.startswith(prefix)}
+        if len(cols) == len(h.aug):  # an unreadable column was reported above
+            try:
+                pipeline.validate(cols, num_images=h.num_images, crops_per_image=h.crops_per_image)
+            except ValidationError as e:
+                problems.add("aug", f"augment columns of images {r.start}..{r.stop - 1}: {e}")
     fields = {}
     for name in codec.fields(C):
         v = block.get(S.soft_path(name))
