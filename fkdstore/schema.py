@@ -40,6 +40,9 @@ FORMAT_NAME = "fkdstore"
 FORMAT_VERSION = "2.0"  # what this library writes; readers refuse a newer major, accept a newer minor
 READ_MAJORS = (1, 2)  # majors this library reads
 ATTR_KEY = "fkdstore"
+# The root group's only attribute while a writer creates a store (invariant 1): a group holding exactly this
+# attribute and no header is an interrupted creation, which a writer may delete; nothing else ever is.
+CREATING_KEY = "fkdstore_creating"
 
 # Array names (invariant 3 of the spec).
 KEY = "key"

@@ -168,14 +168,16 @@ def clear_interrupted_creation(location, *, storage_options: Mapping[str, Any] |
     """Remove a store whose creation was killed before its header attribute was written, so a rerun can
     create it again; return True if something was removed.
 
-    Only an interrupted fkdstore creation is removed: the root ``zarr.json`` is a Zarr group with no
-    attributes at all (an fkdstore writer writes its header last and nothing else), every top-level entry
-    is a name fkdstore creates, and ``written`` holds no chunk (no image was ever marked written). Anything
-    else, a store or foreign data, is left alone. (This is the one home of the rule; ``generate`` calls it.)
+    Only an interrupted fkdstore creation is removed: the root ``zarr.json`` is a Zarr group whose only
+    attribute is the creation marker :data:`fkdstore.schema.CREATING_KEY` (a writer creates the group with
+    it and replaces it by the header last, spec invariant 1), every top-level entry is a name fkdstore
+    creates, and ``written`` holds no chunk (no image was ever marked written). Anything else — a store, a
+    user's attribute-less Zarr group with the same array names, foreign data — is left alone. (This is the
+    one home of the rule; ``write`` and so ``generate`` call it.)
     """
     store = storage.as_store(location, read_only=False, storage_options=storage_options)
     meta = _read_group_json(store)
-    if meta is None or meta.get("node_type") != "group" or meta.get("attributes"):
+    if meta is None or meta.get("node_type") != "group" or set(meta.get("attributes") or {}) != {S.CREATING_KEY}:
         return False
     entries = set(_list_dir(store, ""))
     if not entries <= _OURS:
@@ -352,7 +354,8 @@ def _make_header(inputs, codec, ipc, ips, *, existing: S.Header | None) -> S.Hea
 
 def _create(store, header: S.Header, codec, inputs) -> zarr.Group:
     """Create every array, fill the per-image ones, and write the header attribute last (invariant 1)."""
-    group = zarr.open_group(store=store, mode="w")
+    marker = {S.CREATING_KEY: {"library_version": header.library_version, "started": time.time()}}
+    group = zarr.open_group(store=store, mode="w", attributes=marker)  # replaced by the header, last
     N, M = header.num_images, header.crops_per_image
     pc = min(N, S.PER_IMAGE_CHUNK)
     L = header.key_length
@@ -377,7 +380,7 @@ def _create(store, header: S.Header, codec, inputs) -> zarr.Group:
             chunks=(header.images_per_chunk, M, *trail), shards=(header.images_per_shard, M, *trail),
             compressors=_compressors(dtype), fill_value=S.FILL_VALUE, write_data=False,
         )
-    group.attrs[S.ATTR_KEY] = header.to_json()  # last: a group without it is not a store
+    group.attrs.put({S.ATTR_KEY: header.to_json()})  # last, replacing the creation marker: now a store
     return group
 
 

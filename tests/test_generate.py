@@ -181,7 +181,8 @@ def test_interrupted_creation_is_cleared_and_recreated(digits, tmp_path):
     """The rule itself (what counts as an interrupted creation, never a foreign group) is tested in
     test_writer.py; here generate reruns over a creation killed before the header was written."""
     out = tmp_path / "half"
-    zarr.open_group(str(out), mode="w").create_array(S.KEY, shape=(3, 4), dtype="uint8")
+    g = zarr.open_group(str(out), mode="w", attributes={S.CREATING_KEY: {"started": 0}})  # as a killed writer
+    g.create_array(S.KEY, shape=(3, 4), dtype="uint8")
     assert generate(tiny_cnn(10), digits, out, **FAST).complete
 
 

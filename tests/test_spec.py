@@ -193,8 +193,6 @@ def test_invariant_01_header_written_last_interrupted_creation_is_not_a_store(tm
     assert fkdstore.open(p).complete
 
 
-@pytest.mark.xfail(strict=True, reason="clear_interrupted_creation deletes a foreign Zarr group whose entries "
-                   "all carry fkdstore names (reported to the lead)")
 def test_invariant_01_writer_deletes_an_interrupted_creation_and_nothing_else(tmp_path):
     """"writers MAY delete such an interrupted creation (and nothing else) before creating a store there." """
     d = make_data(N, M, C)

@@ -522,8 +522,8 @@ def test_object_store_round_trip_with_ownership():
 def test_write_clears_an_interrupted_creation_and_nothing_else(tmp_path):
     d = make_data(5, 2, 6)
     half = tmp_path / "half"
-    g = zarr.open_group(str(half), mode="w")  # killed after the group and two arrays, before the header
-    g.create_array(S.KEY, shape=(5, 3), dtype="uint8")
+    g = zarr.open_group(str(half), mode="w", attributes={S.CREATING_KEY: {"started": 0}})  # killed after the
+    g.create_array(S.KEY, shape=(5, 3), dtype="uint8")  # group (with its creation marker) and two arrays
     g.create_array(S.BOX, shape=(5, 2, 4), dtype="uint16")[:] = 1
     with create(half, d) as w:
         fill(w, d)
