@@ -14,7 +14,9 @@ chunk is cached):
 * open: requests and seconds for :func:`fkdstore.open`;
 * epoch preload: ``read_all(slots)`` with ``m`` slots per image (what an epoch of ``TorchDataset`` needs);
 * random batches: ``read_batch(indices, slots)`` of ``--batch`` random images, throughput and requests
-  per batch.
+  per batch;
+* S3 + local cache (``open(url, cache_dir=...)``): the epoch preload twice, each after a fresh open; the
+  first fills the cache folder, the second is served from it (requests and seconds).
 
 The local side reads from the page cache (the store was just written), the fastest local disk there is.
 """
@@ -115,6 +117,28 @@ def measure(open_fn, stats_fn, N: int, M: int, m: int, batch: int, batches: int,
     return out
 
 
+def measure_cache(url, so, s3, cache_dir, N: int, M: int, m: int, seed: int) -> dict:
+    """Epoch preload through a local cache folder (``open(url, cache_dir=...)``): the first epoch fills it,
+    the second (a fresh open, as a new training process would) is served from it. Requests and seconds of
+    each; the open is counted separately."""
+    rng = np.random.default_rng(seed)
+    slots = np.argsort(rng.random((N, M)), axis=1)[:, :m]
+    out: dict = {}
+    for epoch in ("first", "second"):
+        s3.proxy_stats(True)
+        t = time.perf_counter()
+        r = open_store(url, storage_options=so, cache_dir=cache_dir)
+        out[f"{epoch}_open_s"] = time.perf_counter() - t
+        out[f"{epoch}_open_requests"] = s3.proxy_stats(True)["requests"]
+        t = time.perf_counter()
+        r.read_all(slots)
+        out[f"{epoch}_read_all_s"] = time.perf_counter() - t
+        out[f"{epoch}_read_all_requests"] = s3.proxy_stats(True)["requests"]
+        r.close()
+    out["cache_bytes_on_disk"] = sum(f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file())
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-images", type=int, default=20_000)
@@ -147,6 +171,7 @@ def main(argv=None) -> dict:
             args = (N, M, a.m, a.batch, a.batches, a.seed, a.repeats)
             res["local"] = measure(lambda: open_store(tmp / "labels.fkd"), lambda reset: None, *args)
             res["s3"] = measure(lambda: open_store(url, storage_options=so), lambda reset: s3.proxy_stats(reset), *args)
+            res["s3_cache"] = measure_cache(url, so, s3, tmp / "cache", N, M, a.m, a.seed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lo, s = res["local"], res["s3"]
@@ -178,10 +203,25 @@ def report(res: dict) -> str:
          f"{1e3 * s['batch_s']:.1f} ({s['batch_requests']:.1f}) | {s['batch_s'] / lo['batch_s']:.1f}x |",
          f"| random read_batch({res['batch']}): images per second | {lo['batch_images_per_s']:,.0f} | "
          f"{s['batch_images_per_s']:,.0f} | |",
+         *_cache_rows(res, lo),
          "",
          f"Epoch preload from S3 within {TARGET_RATIO:g}x of local disk: "
          f"{'met' if res['target_met'] else 'MISSED'} ({res['read_all_ratio']:.2f}x)."]
     return "\n".join(L)
+
+
+def _cache_rows(res: dict, lo: dict) -> list[str]:
+    c = res.get("s3_cache")
+    if not c:
+        return []
+    return [f"| S3 + local cache, first epoch read_all(m={res['m']}): seconds (requests) | {lo['read_all_s']:.3f} | "
+            f"{c['first_read_all_s']:.3f} ({c['first_read_all_requests']}) | "
+            f"{c['first_read_all_s'] / lo['read_all_s']:.2f}x |",
+            f"| S3 + local cache, second epoch read_all(m={res['m']}): seconds (requests) | {lo['read_all_s']:.3f} | "
+            f"{c['second_read_all_s']:.3f} ({c['second_read_all_requests']}) | "
+            f"**{c['second_read_all_s'] / lo['read_all_s']:.2f}x** |",
+            f"| S3 + local cache, second open: seconds (requests) | {lo['open_s']:.3f} | "
+            f"{c['second_open_s']:.3f} ({c['second_open_requests']}) | |"]
 
 
 if __name__ == "__main__":

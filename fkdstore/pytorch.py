@@ -147,6 +147,8 @@ class TorchDataset(torch.utils.data.Dataset):
             checked here (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
         storage_options: for a URL ``store``, passed to fsspec (endpoint, credentials, ...); credentials may
             instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
+        cache_dir, cache_bytes: for a URL ``store``, a local folder caching the bytes read from it (bounded
+            by ``cache_bytes``, default 10 GiB), shared by the DataLoader workers; see :func:`fkdstore.open`.
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
@@ -174,14 +176,19 @@ class TorchDataset(torch.utils.data.Dataset):
         std: Sequence[float] | None = None,
         temperature: float = 1.0,
         storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int | None = None,
         labels: str | None = None,
     ):
+        self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
         if isinstance(store, Reader):
-            if storage_options:
-                raise TypeError("storage_options apply when store is a path or URL, not an opened Reader.")
+            if storage_options or cache_dir is not None or cache_bytes is not None:
+                raise TypeError("storage_options, cache_dir and cache_bytes apply when store is a path or URL, "
+                                "not an opened Reader (pass them to fkdstore.open).")
             reader, self._store_path = store, None
         else:
-            reader, self._store_path = _open_store(store, storage_options=storage_options), os.fspath(store)
+            reader = _open_store(store, storage_options=storage_options, **self._cache)
+            self._store_path = os.fspath(store)
         self._storage_options = dict(storage_options) if storage_options else None
         self._reader: Reader | None = reader
         self.num_classes = reader.num_classes
@@ -273,7 +280,7 @@ class TorchDataset(torch.utils.data.Dataset):
     @property
     def reader(self) -> Reader:
         if self._reader is None:
-            self._reader = _open_store(self._store_path, storage_options=self._storage_options)
+            self._reader = _open_store(self._store_path, storage_options=self._storage_options, **self._cache)
         return self._reader
 
     def __getstate__(self):

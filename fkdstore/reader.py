@@ -65,11 +65,17 @@ class CropRecords:
                            {k: v[i] for k, v in self.fields.items()})
 
 
-def open(location, *, storage_options: Mapping[str, Any] | None = None) -> Reader:  # noqa: A001 - as zarr.open
+def open(location, *, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+         cache_bytes: int | None = None) -> Reader:  # noqa: A001 - as zarr.open
     """Open a store for reading: a local path, a URL (``s3://...``, with ``storage_options`` for fsspec), a
     :class:`zarr.Group` or a Zarr store. Raises :class:`FormatError` for something that is not a readable
-    fkdstore store and :class:`CorruptStoreError` when its header or array metadata is damaged or edited."""
-    return Reader(location, storage_options=storage_options)
+    fkdstore store and :class:`CorruptStoreError` when its header or array metadata is damaged or edited.
+
+    ``cache_dir``: a local folder caching the raw bytes read from a remote store (metadata, shard indexes,
+    chunks), shared by processes and readers, bounded by ``cache_bytes`` (default 10 GiB) with LRU eviction;
+    cached bytes get every check fetched ones get. See :class:`fkdstore.storage.CachedSource` for the key
+    rule (object ETag from one listing per process). Ignored for a local store (already on local disk)."""
+    return Reader(location, storage_options=storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes)
 
 
 def _check_index(i) -> int:
@@ -99,7 +105,7 @@ class Reader:
     :meth:`read_batch`, :meth:`read_all`, :meth:`soft_labels`, :meth:`decode`, :meth:`refresh`.
     Picklable (file handles and caches are rebuilt lazily in each process); a context manager."""
 
-    def __init__(self, location, *, storage_options=None, _problems=None):
+    def __init__(self, location, *, storage_options=None, cache_dir=None, cache_bytes=None, _problems=None):
         import zarr
 
         self._problems = _problems  # verify: collect metadata problems (and skip those arrays) instead of raising
@@ -114,7 +120,8 @@ class Reader:
         # The source owns the store: another process (DataLoader worker, fork or spawn) rebuilds it from the
         # URL and storage_options, never from the parent's connections.
         self._source = _storage.byte_source(store, prefix, location=None if group is not None else location,
-                                            storage_options=storage_options)
+                                            storage_options=storage_options, cache_dir=cache_dir,
+                                            cache_bytes=cache_bytes)
         self.header = self._read_header()
         self.codec = _codec_of(self.header)
         _check_augment(self.header)
@@ -194,7 +201,8 @@ class Reader:
         if self._group is None or self._group.store is not store:
             import zarr
 
-            self._group = zarr.open_group(store=store, path=self._prefix.rstrip("/") or None, mode="r")
+            # zarr_format=3: a store is Zarr v3; without it Zarr first probes .zgroup/.zattrs/.zmetadata (3 requests)
+            self._group = zarr.open_group(store=store, path=self._prefix.rstrip("/") or None, mode="r", zarr_format=3)
         return self._group
 
     def _small(self, name: str, a: int | None = None, b: int | None = None) -> np.ndarray:

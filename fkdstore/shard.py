@@ -15,6 +15,10 @@ For each inner chunk a caller asks for, :meth:`ShardedArray.load`:
    decoded bytes) with the store's ``manifest`` (a mismatch is a misplaced or stale chunk:
    :class:`CorruptStoreError`).
 
+Through a local disk cache (:class:`fkdstore.storage.CachedSource`) the same checks apply to cached bytes;
+an index or chunk that fails them is forgotten by the cache and fetched from the store once more, and only
+a failure of the store's own bytes is raised.
+
 Steps 1-4 for one chunk live in :meth:`ShardedArray._check_chunk`, used by the batch path
 (:func:`load_many`) and by ``Reader.read``'s one-chunk path (:func:`take_one`). Hot-path costs: the chunk
 location is vectorised per shard, each fetched chunk costs one Python iteration (about 3 C calls of crc32c
@@ -298,6 +302,22 @@ class ShardedArray:
         n = self.per_shard * 16 + 4
         if raws is None:
             raws = self.source.read_suffixes([(self.shard_key(s), n) for s in todo])
+        self._parse_indexes(todo, raws, got, bad)
+        # A local cache (storage.CachedSource) may have served a damaged or stale index: forget it and ask the
+        # store once more; an index the store itself serves damaged stays an error.
+        again = sorted(bad)
+        if again and self.source.invalidate(suffixes=[(self.shard_key(s), n) for s in again]):
+            for s in again:
+                del bad[s]
+            self._parse_indexes(again, self.source.read_suffixes([(self.shard_key(s), n) for s in again]), got, bad)
+        limit = max(8, INDEX_CACHE_BYTES // (self.per_shard * 16))
+        while len(self._index) > limit:
+            self._index.popitem(last=False)
+        return got, bad
+
+    def _parse_indexes(self, todo, raws, got: dict, bad: dict) -> None:
+        """Check (size, crc32c) and remember the fetched index suffixes ``raws`` of shards ``todo``."""
+        n = self.per_shard * 16 + 4
         for s, raw in zip(todo, raws):
             if raw is None:
                 self._index[s] = got[s] = None
@@ -313,10 +333,6 @@ class ShardedArray:
                                            f"shard index fails its crc32c checksum")
             else:
                 self._index[s] = got[s] = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
-        limit = max(8, INDEX_CACHE_BYTES // (self.per_shard * 16))
-        while len(self._index) > limit:
-            self._index.popitem(last=False)
-        return got, bad
 
     # -- loading
     def load(self, cs, need=None) -> tuple[np.ndarray, list[Exception | None]]:
@@ -655,7 +671,24 @@ def load_many(items) -> list[tuple[np.ndarray, list[Exception | None]]]:
         n = len(p.requests)
         p.array._finish(p, blobs[k:k + n])
         k += n
+    _heal(source, plans)
     return [(p.out, p.errors) for p in plans]
+
+
+def _heal(source, plans) -> None:
+    """Chunks that failed their checks after being fetched through a local cache (storage.CachedSource): the
+    cached bytes are forgotten and the plan is finished again with those chunks fetched from the store once
+    more (the others come from the cache); an error that remains is the store's own."""
+    if not source.caching:
+        return
+    failed = [(p, [i for i, j in enumerate(p.slots) if p.errors[j] is not None]) for p in plans if p.requests]
+    failed = [(p, bad) for p, bad in failed if bad]
+    if not failed or not source.invalidate(ranges=[p.requests[i] for p, bad in failed for i in bad]):
+        return
+    for p, bad in failed:
+        for i in bad:
+            p.errors[p.slots[i]] = None
+        p.array._finish(p, source.read_ranges(p.requests))
 
 
 def _prefetch(items) -> None:
@@ -715,6 +748,8 @@ def take_one(arrays, c: int) -> list[np.ndarray]:
         for (k, a, want), (_, off, end), raw in zip(todo, requests, blobs):
             dec = a._check_chunk(c, raw, off, end, want)
             if isinstance(dec, Exception):
+                if a.source.invalidate(ranges=[(a.shard_key(c // a.per_shard), off, end)]):
+                    return [x[0] for x in take_many(arrays, np.array([c], np.int64))]  # heals or raises
                 raise dec
             data = np.frombuffer(dec, a.dtype).reshape(a.chunk_shape)  # read-only: cached and shared
             a._remember(np.array([c]), data[None])

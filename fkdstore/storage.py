@@ -14,6 +14,7 @@ raised later, mid-read or mid-write.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import OrderedDict
@@ -23,8 +24,8 @@ from typing import Any, Mapping, Sequence
 from .errors import StorageError
 
 __all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "options_for",
-           "object_sizes", "is_empty", "remove_all", "ByteSource", "LocalSource", "StoreSource", "byte_source",
-           "coalesce"]
+           "object_sizes", "is_empty", "remove_all", "ByteSource", "LocalSource", "StoreSource", "CachedSource",
+           "byte_source", "coalesce"]
 
 # Schemes whose first path component is a bucket (container) that must exist before a store is written.
 BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
@@ -124,11 +125,7 @@ def object_sizes(store) -> dict[str, int]:
     fs = getattr(store, "fs", None)
     try:
         if fs is not None:
-            base = str(store.path).rstrip("/")
-            fs.invalidate_cache(base)  # a listing cached before this process wrote would miss objects
-            found = sync(fs._find(base, detail=True, withdirs=False))
-            return {k[len(base) + 1:] if base else k: int(v.get("size") or 0) for k, v in found.items()
-                    if v.get("type", "file") != "directory"}
+            return {k: int(v.get("size") or 0) for k, v in _listing(store).items()}
 
         async def collect():
             keys = [k async for k in store.list_prefix("")]
@@ -137,6 +134,25 @@ def object_sizes(store) -> dict[str, int]:
         return sync(collect())
     except Exception as e:
         raise storage_error(e, store) from None
+
+
+def _listing(store, under: str = "") -> dict[str, dict]:
+    """Every object of an fsspec store (under the store-relative prefix ``under``) with the details its
+    listing gives (size, ETag, ...), keyed relative to the store root: one recursive listing (``find``;
+    S3: 1,000 keys per request), never a cached one."""
+    from zarr.core.sync import sync
+
+    return sync(_alisting(store, under))
+
+
+async def _alisting(store, under: str = "") -> dict[str, dict]:
+    """:func:`_listing` for a caller already on Zarr's event loop."""
+    fs = store.fs
+    base = str(store.path).rstrip("/")
+    top = "/".join(p for p in (base, under.strip("/")) if p)
+    fs.invalidate_cache(top)  # a listing cached before this process (or another) wrote would miss objects
+    found = await fs._find(top, detail=True, withdirs=False)
+    return {k[len(base) + 1:] if base else k: v for k, v in found.items() if v.get("type", "file") != "directory"}
 
 
 def is_empty(store) -> bool:
@@ -299,6 +315,12 @@ class ByteSource:
         raise NotImplementedError
 
     store = None  # the Zarr store (subclasses: a property)
+    caching = False  # True for CachedSource: fkdstore.shard retries failed reads once through invalidate()
+
+    def invalidate(self, ranges: Sequence[tuple[str, int, int]] = (), suffixes: Sequence[tuple[str, int]] = ()) -> bool:
+        """Forget what a cache holds for these reads (they failed a check), so that reading them again asks
+        the store. False (nothing to forget) except for :class:`CachedSource`."""
+        return False
 
     def exists(self, key: str) -> bool:
         return self.read_suffixes([(key, 1)])[0] is not None
@@ -489,13 +511,354 @@ class StoreSource(ByteSource):
         return out
 
 
+
+# ------------------------------------------------------------------------------------- local disk cache
+
+DEFAULT_CACHE_BYTES = 10 * 2**30  # cache_dir without cache_bytes
+# Listing fields that identify an object's content (S3/minio ETag; GCS md5Hash/generation; Azure etag; ...).
+IDENTITY_FIELDS = ("ETag", "etag", "md5Hash", "generation", "VersionId", "version_id", "LastModified",
+                   "last_modified", "updated", "mtime")
+_MAGIC = b"FKDC\x01"
+_HEAD = len(_MAGIC) + 4 + 8  # magic, crc32c of the content, content length
+_TMP = ".tmp-"
+_SCAN_FRACTION = 16  # a process rescans the folder after writing cache_bytes / 16 since its last scan
+_EVICT_TO = 0.9  # eviction frees down to this fraction of cache_bytes
+_STALE_TMP_S = 3600.0  # temp files older than this (a process killed mid-write) are removed by a scan
+
+
+class CachedSource(ByteSource):
+    """A bounded on-disk cache of the raw bytes a remote :class:`ByteSource` fetches: whole objects
+    (``zarr.json``), suffixes (shard indexes) and byte ranges (chunks). ``fkdstore.open(url, cache_dir=...,
+    cache_bytes=...)`` wraps the store's :class:`StoreSource` in one; local folders are never cached.
+
+    **Key rule.** An entry is keyed by (store URL and group path, object key, read kind and byte range, the
+    object's *identity*): its ETag (or md5Hash / generation / version / modification time: whatever content
+    identity the listing gives) and its size, taken from ONE recursive listing of the store per process
+    (S3: one request per 1,000 objects), made at the first read and again after :meth:`clear`
+    (``Reader.refresh``). A rewritten object has a new identity, so its old entries are never served (they
+    age out). An object absent from the listing (written since) or whose listing gives no content identity
+    is read from the store and not cached. Within one listing a reader sees a snapshot of the objects.
+
+    **Never trusted blindly.** Each entry file holds its content's crc32c; an entry that fails it (torn,
+    truncated, bit rot) is deleted and read from the store. The bytes then go through the reader's usual
+    checks (chunk crc32c, decoding, manifest tag, shard-index crc32c); a chunk or index that fails them
+    is :meth:`invalidate`d and fetched from the store once more by :mod:`fkdstore.shard`; only when the
+    store's own bytes fail too is the error (``CorruptChunkError`` / ``CorruptStoreError``) raised. Objects
+    read through Zarr's array API (``zarr.json`` metadata, ``written`` flags, manifest chunks, keys) are
+    protected by the entry crc32c only: an entry that is intact as a file yet holds other bytes (possible
+    only by editing the cache) makes that read fail; delete the folder then.
+
+    **Bound.** Entries are files ``<cache_dir>/<2 hex>/<62 hex>.<kind>`` (sha256 of the key; kind ``all``,
+    ``suffix``, ``range`` or ``offset``); a hit sets the
+    file's mtime (the LRU clock). A process that has written more than ``cache_bytes / 16`` since its last
+    scan, or believes the folder holds more than ``cache_bytes``, scans the folder and deletes the least
+    recently used entries down to 90 % of ``cache_bytes``, so with one process the folder never exceeds
+    ``cache_bytes`` after a read returns; with P processes sharing it (DataLoader workers) it may exceed it
+    by what the others wrote since their last scan (at most P x ``cache_bytes`` / 16). An entry larger than
+    the bound is not cached. The bound covers the whole folder (several stores may share one).
+
+    **Several processes.** Entries are written to a temp file in the same folder and ``os.replace``d in,
+    so a reader sees a whole entry or none; a file deleted by another process's eviction is a miss.
+    Errors of the cache itself (disk full, read-only folder) never fail a read: the bytes come from the
+    store. Picklable: the copy keeps ``cache_dir``/``cache_bytes`` and lists the store again."""
+
+    caching = True
+
+    def __init__(self, inner: ByteSource, cache_dir, cache_bytes: int | None = None, *, url: str | None = None):
+        from .validation import positive_int
+
+        if not isinstance(cache_dir, (str, os.PathLike)):
+            raise TypeError(f"cache_dir must be a folder path (str or os.PathLike). Got {cache_dir!r} "
+                            f"({type(cache_dir).__name__}).")
+        self.inner = inner
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir))
+        self.cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else positive_int("cache_bytes", cache_bytes)
+        self.url = url if url is not None else describe(inner.store).rstrip("/") + "/" + inner.prefix
+        self._ids: dict[str, str] | None = None
+        self._zarr_store = None
+        self._pid = os.getpid()
+        self._used: int | None = None  # bytes in the folder at the last scan plus what this process wrote since
+        self._since_scan = 0
+        self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "invalidated": 0, "evicted": 0}
+
+    def __getstate__(self):
+        return {"inner": self.inner, "cache_dir": self.cache_dir, "cache_bytes": self.cache_bytes, "url": self.url}
+
+    def __setstate__(self, d):
+        self.__init__(d["inner"], d["cache_dir"], d["cache_bytes"], url=d["url"])
+
+    @property
+    def store(self):
+        """The wrapped Zarr store behind this cache (a Zarr ``WrapperStore``): reads of the Zarr array API
+        (``written`` flags, manifest chunks, keys) go through the same entries and rules."""
+        inner = self.inner.store  # rebuilt first in a new process
+        if self._zarr_store is None or self._zarr_store._store is not inner:
+            self._zarr_store = _caching_store_class()(inner, self)
+        return self._zarr_store
+
+    @property
+    def prefix(self) -> str:
+        return self.inner.prefix
+
+    # -- identity and entry files
+    def _listed(self) -> bool:
+        return self._ids is not None and self._pid == os.getpid()
+
+    def _identity(self, key: str) -> str | None:
+        if not self._listed():
+            from zarr.core.sync import sync
+
+            sync(self._list())
+        return self._ids.get(self.inner.prefix + key)
+
+    async def _list(self) -> None:
+        """List the store once (see the key rule) and keep each object's identity."""
+        store = self.inner.store
+        try:
+            found = await _alisting(store, self.inner.prefix)
+        except Exception as e:
+            raise StorageError(f"{describe(store)}: cache_dir needs to list the store's objects (their ETags "
+                               f"tell a rewritten object from a cached one): {storage_error(e, store)}") from None
+        ids = {}
+        for k, info in found.items():
+            tag = [f"{f}={info[f]}" for f in IDENTITY_FIELDS if info.get(f) not in (None, "")]
+            if tag:
+                ids[k] = ";".join([f"size={info.get('size')}", *tag])
+        self._ids, self._pid = ids, os.getpid()
+
+    def _path(self, ident: str, key: str, kind: str, a: int, b: int) -> str:
+        import hashlib
+
+        h = hashlib.sha256(json.dumps([self.url, key, ident, kind, a, b]).encode()).hexdigest()
+        return os.path.join(self.cache_dir, h[:2], f"{h[2:]}.{kind}")
+
+    def _load(self, path: str):
+        """An entry's content, or None (absent, or failed its crc32c: then deleted)."""
+        import crc32c
+
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError:  # absent, evicted by another process, unreadable
+            return None
+        body = memoryview(raw)[_HEAD:]
+        if (raw[:len(_MAGIC)] != _MAGIC or int.from_bytes(raw[len(_MAGIC) + 4:_HEAD], "little") != len(body)
+                or crc32c.crc32c(body) != int.from_bytes(raw[len(_MAGIC):len(_MAGIC) + 4], "little")):
+            self.stats["corrupt"] += 1
+            _remove(path)
+            return None
+        try:
+            os.utime(path)  # the LRU clock
+        except OSError:
+            pass
+        return body
+
+    def _save(self, path: str, data) -> None:
+        import crc32c
+        import tempfile
+
+        size = _HEAD + len(data)
+        if size > self.cache_bytes:
+            return
+        folder = os.path.dirname(path)
+        tmp = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_MAGIC + crc32c.crc32c(data).to_bytes(4, "little") + len(data).to_bytes(8, "little"))
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:  # the cache is an optimisation: a full or read-only disk never fails a read
+            if tmp is not None:
+                _remove(tmp)
+            return
+        if self._used is None:
+            self._scan(evict=False)
+        else:
+            self._used += size
+        self._since_scan += size
+        if self._used > self.cache_bytes or self._since_scan > self.cache_bytes // _SCAN_FRACTION:
+            self._scan(evict=True)
+
+    def _scan(self, evict: bool) -> None:
+        """Measure the folder; with ``evict``, delete least recently used entries down to 90 % of the bound
+        once it is over (and temp files left by killed processes)."""
+        import time
+
+        entries, total, now = [], 0, time.time()
+        try:
+            subs = [e.path for e in os.scandir(self.cache_dir) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            subs = []
+        for sub in subs:
+            try:
+                files = list(os.scandir(sub))
+            except OSError:
+                continue
+            for e in files:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:  # deleted meanwhile
+                    continue
+                if e.name.startswith(_TMP):
+                    if now - st.st_mtime > _STALE_TMP_S:
+                        _remove(e.path)
+                    continue
+                entries.append((st.st_mtime, st.st_size, e.path))
+                total += st.st_size
+        if evict and total > self.cache_bytes:
+            entries.sort()
+            goal = int(self.cache_bytes * _EVICT_TO)
+            for _, size, path in entries:
+                if total <= goal:
+                    break
+                _remove(path)
+                total -= size
+                self.stats["evicted"] += 1
+        self._used, self._since_scan = total, 0
+
+    # -- reads
+    def _cached(self, kind: str, requests, fetch):
+        """Serve ``requests`` (``(key, a, b)``) from the cache; the misses from ``fetch(sub-list)`` in one
+        call, then saved. Objects without an identity go to the store and are not saved."""
+        out: list = [None] * len(requests)
+        miss, paths = [], []
+        for i, (key, a, b) in enumerate(requests):
+            ident = self._identity(key)
+            path = None if ident is None else self._path(ident, key, kind, a, b)
+            hit = None if path is None else self._load(path)
+            if hit is not None:
+                out[i] = hit
+                self.stats["hits"] += 1
+            else:
+                miss.append(i)
+                paths.append(path)
+        if miss:
+            self.stats["misses"] += len(miss)
+            for i, path, blob in zip(miss, paths, fetch([requests[i] for i in miss])):
+                out[i] = blob
+                if blob is not None and path is not None:
+                    self._save(path, blob)
+        return out
+
+    async def _aget(self, store, key: str, prototype, byte_range):
+        """Zarr's ``store.get`` through the cache (see :attr:`store`); ``key`` is relative to the store."""
+        from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+        p = self.inner.prefix
+        rel = key[len(p):] if key.startswith(p) else None
+        if byte_range is None:
+            kind, a, b = "all", 0, 0
+        elif isinstance(byte_range, RangeByteRequest):
+            kind, a, b = "range", int(byte_range.start), int(byte_range.end)
+        elif isinstance(byte_range, SuffixByteRequest):
+            kind, a, b = "suffix", int(byte_range.suffix), 0
+        elif isinstance(byte_range, OffsetByteRequest):
+            kind, a, b = "offset", int(byte_range.offset), 0
+        else:
+            rel = None
+        if rel is not None and not self._listed():
+            await self._list()
+        ident = None if rel is None else self._identity(rel)
+        if ident is None:
+            return await store.get(key, prototype, byte_range)
+        path = self._path(ident, rel, kind, a, b)
+        hit = self._load(path)
+        if hit is not None:
+            self.stats["hits"] += 1
+            return prototype.buffer.from_bytes(bytes(hit))
+        self.stats["misses"] += 1
+        buf = await store.get(key, prototype, byte_range)
+        if buf is not None:
+            self._save(path, buf.to_bytes())
+        return buf
+
+    def read(self, key):
+        return self._cached("all", [(key, 0, 0)], lambda rs: [self.inner.read(rs[0][0])])[0]
+
+    def read_suffixes(self, requests):
+        return self._cached("suffix", [(k, int(n), 0) for k, n in requests],
+                            lambda rs: self.inner.read_suffixes([(k, n) for k, n, _ in rs]))
+
+    def read_ranges(self, requests):
+        return self._cached("range", [(k, int(a), int(b)) for k, a, b in requests], self.inner.read_ranges)
+
+    def invalidate(self, ranges=(), suffixes=()) -> bool:
+        for kind, reqs in (("range", [(k, int(a), int(b)) for k, a, b in ranges]),
+                           ("suffix", [(k, int(n), 0) for k, n in suffixes])):
+            for key, a, b in reqs:
+                ident = self._identity(key)
+                if ident is not None:
+                    _remove(self._path(ident, key, kind, a, b))
+                    self.stats["invalidated"] += 1
+        return True
+
+    def clear(self) -> None:
+        """Forget the listing (the next read lists the store again: ``Reader.refresh`` sees rewritten
+        objects) and the wrapped source's handles. The entries on disk stay."""
+        self._ids = None
+        self.inner.clear()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+_CACHING_STORE = None
+
+
+def _caching_store_class():
+    """:class:`zarr.storage.WrapperStore` whose ``get`` goes through a :class:`CachedSource` (defined on first
+    use: this module imports Zarr lazily)."""
+    global _CACHING_STORE
+    if _CACHING_STORE is None:
+        from zarr.storage import WrapperStore
+
+        class CachingStore(WrapperStore):
+            def __init__(self, store, cache: CachedSource):
+                super().__init__(store)
+                self.cache = cache
+
+            def _with_store(self, store):
+                return type(self)(store, self.cache)
+
+            async def get(self, key, prototype, byte_range=None):
+                return await self.cache._aget(self._store, key, prototype, byte_range)
+
+            def __getattr__(self, name):  # path, fs, ... of the wrapped store (describe(), messages)
+                if name.startswith("__") or name in ("_store", "cache"):
+                    raise AttributeError(name)
+                return getattr(self._store, name)
+
+        _CACHING_STORE = CachingStore
+    return _CACHING_STORE
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:  # already gone (another process evicted it)
+        pass
+
+
 def byte_source(store, prefix: str = "", *, location=None,
-                storage_options: Mapping[str, Any] | None = None) -> ByteSource:
+                storage_options: Mapping[str, Any] | None = None, cache_dir=None,
+                cache_bytes: int | None = None) -> ByteSource:
     """The byte-range source of a Zarr store (``prefix``: the group's path inside it, ``""`` or ``"a/b/"``).
     ``location``/``storage_options``: the URL the store was opened from, so another process can reopen it
-    (:class:`StoreSource`)."""
+    (:class:`StoreSource`). ``cache_dir``/``cache_bytes``: wrap a remote source in a :class:`CachedSource`;
+    ignored for a local folder (its files are already on local disk; caching them would only copy them)."""
+    if cache_dir is None and cache_bytes is not None:
+        raise TypeError(f"cache_bytes applies with cache_dir only. Got cache_bytes={cache_bytes!r} without cache_dir.")
     root = local_root(store)
     if root is not None:
+        if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+            raise TypeError(f"cache_dir must be a folder path (str or os.PathLike). Got {cache_dir!r} "
+                            f"({type(cache_dir).__name__}).")
         return LocalSource(root, prefix)
-    return StoreSource(store, prefix, location=location if is_url(location) else None,
-                       storage_options=storage_options)
+    source = StoreSource(store, prefix, location=location if is_url(location) else None,
+                         storage_options=storage_options)
+    if cache_dir is None:
+        return source
+    url = str(location).rstrip("/") + "/" + prefix if is_url(location) else None
+    return CachedSource(source, cache_dir, cache_bytes, url=url)
