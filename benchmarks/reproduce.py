@@ -16,7 +16,13 @@ mini-batch, optimiser, learning-rate schedule and seeds:
 (e) ``pruned``: the Full store pruned to a fraction ``keep`` of its M slots per image
     (:func:`fkdstore.prune`, random rule, seed 0), trained with the same E and m, so the M' kept crops are
     reused E/M' times (the accuracy vs label-size curve; keep = 1 is (c) Full);
-(f) ``q8``: (c) MS K with 8-bit labels (``dtype="q8"``) next to (c) MS K in float16.
+(f) ``q8``: (c) MS K with 8-bit labels (``dtype="q8"``) next to (c) MS K in float16;
+(g) ``mixing stored``: a store generated with RandAugment(2) + Mixup/CutMix (``generate(augment=...)``: the
+    teacher labelled the mixed pixels), replayed by TorchDataset, loss on the stored label of the mixed crop;
+(h) ``mixing at training time`` (FKD's way): the (c) Full store, crops and stored labels mixed per batch by
+    :func:`fkdstore.pytorch.mix_batch` with the same Mixup/CutMix parameters; without ``--fast`` also
+(i) the same RandAugment stored, mixing at training time. (g)-(i) use ``--augment-epochs`` (8 with ``--fast``:
+    replaying a mixed slot costs ~1 ms of CPU here, several times the student's step).
 
 m is varied for (c) Full (m = 1, 2, 4). Defaults: teacher `tiny_cnn(width=48)` (~97 %), student
 `tiny_cnn(width=4)`, E = 32, m = 2, crop scale (0.1, 1) (the same setting as `examples/demo.py`). Test accuracy on the held-out split (whole images) and the
@@ -127,6 +133,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prune-seeds", type=int, default=None,
                     help="seeds of the pruned variants (e) (default: 1 with --fast, else all seeds)")
     ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip (f) MS K with q8 labels")
+    ap.add_argument("--augment-epochs", type=int, default=None,
+                    help="effective epochs of the augmentation rows (g, h, i); default 8 with --fast, else E")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
@@ -230,6 +238,7 @@ def main(argv=None) -> dict:
             continue  # fewer kept slots than crops per item
         variants[f"(e) FKD Full pruned keep={keep:g} (M'={Mk}), m={a.m}"] = (
             lambda s, st=st: fkd_batches(st, train_dir, a.m, s), E // a.m, lambda x, b: b["soft_labels"])
+    variants.update(augment_variants(a, teacher, train_dir, full, work, size, scale, E, res))
     if a.only:
         variants = {k: v for k, v in variants.items() if any(o in k for o in a.only)}
     runs = {k: [] for k in variants}
@@ -324,6 +333,7 @@ def claims(res: dict) -> dict:
             keep = float(k.split("keep=")[1].split(" ")[0])
             out["prune_curve"].append({"keep": keep, "acc": v["acc_mean"], "std": v["acc_std"],
                                        "bytes": res["store_bytes"][f"Full keep={keep:g}"]})
+    out.update(augment_claims(res))
     if none and kd:
         out["kd_beats_no_kd"] = {"diff": kd["acc_mean"] - none["acc_mean"], "agrees": kd["acc_mean"] > none["acc_mean"]}
     return out
@@ -371,7 +381,118 @@ def to_markdown(res: dict) -> str:
              f"teacher-only forward "
              f"{g['teacher_forward_crops_per_s']:,.0f} crops/s. Store sizes: " +
              ", ".join(f"{k} {v / 1e3:,.0f} KB" for k, v in res["store_bytes"].items()) + ".")
+    L += augment_markdown(res)
     return "\n".join(L)
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+# Issue 9: Mixup / CutMix stored in the labels (the teacher labelled the mixed pixels, generate(augment=...))
+# against FKD's way (the store holds plain crops; training mixes crops and their stored labels per batch).
+
+AUGMENT_MIX = (("mixup", 0.2, 0.5), ("cutmix", 1.0, 0.5))  # (policy, alpha, p), applied in this order
+AUGMENT_RA = "randaugment:num_ops=2,magnitude=9"
+AUGMENT_STORED = AUGMENT_RA + "".join(f";{n}:alpha={al},p={p}" for n, al, p in AUGMENT_MIX)
+
+
+def train_time_mix_batches(store, folder, m, seed, mix=AUGMENT_MIX):
+    """:func:`fkd_batches` with FKD's training-time mixing: per batch, each ``(mode, alpha, p)`` of ``mix`` is
+    applied with probability ``p`` (in order, as the stored pipeline applies its policies) by
+    :func:`fkdstore.pytorch.mix_batch`, which mixes the crops and their stored soft labels alike. Draws depend
+    on ``(seed, pass, batch)`` only."""
+    from fkdstore.pytorch import mix_batch
+
+    inner = fkd_batches(store, folder, m, seed)
+
+    def batches(p):
+        for b_idx, (x, info) in enumerate(inner(p)):
+            y = info["soft_labels"]
+            for k, (mode, alpha, prob) in enumerate(mix):
+                step = (p * 1_000_000 + b_idx) * len(mix) + k
+                if np.random.default_rng([seed, step]).random() < prob:
+                    x, y = mix_batch(x, y, mode=mode, alpha=alpha, seed=seed, step=step)[:2]
+            yield x, {**info, "soft_labels": y}
+    return batches
+
+
+def augment_variants(a, teacher, train_dir, full_store, work, size, scale, E, res) -> dict:
+    """Rows (g) RandAugment(2) + Mixup/CutMix stored, (h) FKD Full store + training-time Mixup/CutMix, and
+    without ``--fast`` (i) RandAugment(2) stored + training-time Mixup/CutMix (same RandAugment as (g): only
+    where the mixing happens differs). Same effective epochs, m, schedule and seeds for all three; the loss is
+    the soft cross-entropy on the (stored or training-time mixed) soft label. Stores are generated when a row
+    first needs them; their generation cost goes to ``res["augment"]``."""
+    Ea = a.augment_epochs or (min(E, 8) if a.fast else E)
+    m = min(a.m, Ea)
+    res["augment"] = {"effective_epochs": Ea, "m": m, "stored": AUGMENT_STORED, "mix": [list(x) for x in AUGMENT_MIX],
+                      "randaugment": AUGMENT_RA, "generation": {}}
+    made: dict[str, Path] = {}
+
+    def store(spec: str) -> Path:
+        if spec not in made:
+            path = work / f"labels_aug{len(made)}.fkd"
+            shutil.rmtree(path, ignore_errors=True)
+            t, c = time.perf_counter(), time.process_time()
+            fkdstore.generate(teacher, train_dir, path, crops_per_image=Ea, codec=get_codec("full", dtype="float32"),
+                              input_size=size, seed=0, scale=scale, num_workers=0, progress=False, batch_size=256,
+                              augment=spec)
+            res["augment"]["generation"][spec] = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
+                                                  "M": Ea, "bytes": storage_stats(path)["_total"]["bytes"]}
+            made[spec] = path
+        return made[spec]
+
+    soft = lambda x, b: b["soft_labels"]  # noqa: E731
+    rows = {f"(g) RandAugment(2) + Mixup/CutMix stored, E={Ea}, m={m}":
+            (lambda s: fkd_batches(store(AUGMENT_STORED), train_dir, m, s), Ea // m, soft),
+            f"(h) FKD Full + train-time Mixup/CutMix, E={Ea}, m={m}":
+            (lambda s: train_time_mix_batches(full_store, train_dir, m, s), Ea // m, soft)}
+    if not a.fast:
+        rows[f"(i) RandAugment(2) stored + train-time Mixup/CutMix, E={Ea}, m={m}"] = (
+            lambda s: train_time_mix_batches(store(AUGMENT_RA), train_dir, m, s), Ea // m, soft)
+    return rows
+
+
+def augment_claims(res: dict) -> dict:
+    """``stored_mix_vs_train_time_mix``: accuracy and CPU time of (g) against (h) (and (i) when run)."""
+    s = res["summary"]
+    stored, fkd_way, ra_way = _get(s, "(g)"), _get(s, "(h)"), _get(s, "(i)")
+    if not (stored and fkd_way):
+        return {}
+    tol = max(0.01, stored["acc_std"] + fkd_way["acc_std"])
+    diff = stored["acc_mean"] - fkd_way["acc_mean"]
+    out = {"stored_acc": stored["acc_mean"], "stored_std": stored["acc_std"], "train_time_acc": fkd_way["acc_mean"],
+           "train_time_std": fkd_way["acc_std"], "diff": diff, "tolerance": tol,
+           "verdict": "tie" if abs(diff) <= tol else ("stored" if diff > 0 else "train-time"),
+           "cpu_ratio_stored_over_train_time": stored["cpu_mean"] / fkd_way["cpu_mean"],
+           "effective_epochs": res.get("augment", {}).get("effective_epochs")}
+    if ra_way:
+        out.update(ra_train_time_acc=ra_way["acc_mean"], ra_train_time_std=ra_way["acc_std"],
+                   diff_vs_ra_train_time=stored["acc_mean"] - ra_way["acc_mean"],
+                   cpu_ratio_stored_over_ra_train_time=stored["cpu_mean"] / ra_way["cpu_mean"])
+    return {"stored_mix_vs_train_time_mix": out}
+
+
+def augment_markdown(res: dict) -> list[str]:
+    """The paragraph under the table for rows (g)-(i)."""
+    v = res.get("claims", {}).get("stored_mix_vs_train_time_mix")
+    if not v:
+        return []
+    aug = res["augment"]
+    words = {"tie": "no difference beyond the seeds' spread", "stored": "stored mixing is better",
+             "train-time": "training-time mixing is better"}[v["verdict"]]
+    gen = "; ".join(f"`{spec}`: {g['cpu_seconds']:.1f} s CPU for M = {g['M']}, {g['bytes'] / 1e3:,.0f} KB"
+                    for spec, g in aug["generation"].items())
+    line = (f"\nMixing stored vs mixing at training time (E = {aug['effective_epochs']}, m = {aug['m']}; Mixup "
+            f"alpha 0.2 then CutMix alpha 1.0, each with p = 0.5; RandAugment(2, magnitude 9)): (g) the teacher "
+            f"labelled the mixed pixels of `{aug['stored']}` and training replays them, "
+            f"{100 * v['stored_acc']:.2f} ± {100 * v['stored_std']:.2f} %; (h) FKD's way, plain crop + flip store "
+            f"and `fkdstore.pytorch.mix_batch` on crops and stored labels per batch, {100 * v['train_time_acc']:.2f} ± "
+            f"{100 * v['train_time_std']:.2f} %: {100 * v['diff']:+.2f} points, {words} (tolerance ±"
+            f"{100 * v['tolerance']:.2f}). CPU time (g)/(h) {v['cpu_ratio_stored_over_train_time']:.2f}x: replaying a "
+            "mixed slot decodes the partner image and replays its crop and RandAugment.")
+    if "ra_train_time_acc" in v:
+        line += (f" (i) the same RandAugment stored, mixing at training time: {100 * v['ra_train_time_acc']:.2f} ± "
+                 f"{100 * v['ra_train_time_std']:.2f} % ((g) {100 * v['diff_vs_ra_train_time']:+.2f} points; CPU "
+                 f"{v['cpu_ratio_stored_over_ra_train_time']:.2f}x).")
+    return [line + f" Generation of the augmented stores (one-off): {gen}."]
 
 
 def plot(res: dict, figdir: Path) -> list[Path]:

@@ -7,7 +7,7 @@ Runs, in this order: ``formats.py`` (storage and access against FKD / SRe2L / Re
 ``reproduce.py --fast`` (the paper's claims on digits), ``codec_fidelity.py`` (size and KL per codec and
 dtype, small default), then the other engineers' scripts as subprocesses
 with small sizes (``generate_overhead.py``, ``dataset_throughput.py --quick``, ``dataset_profile.py --quick``,
-``store_layout.py``, ``remote_read.py``, ``augment_size.py``), whose
+``store_layout.py``, ``remote_read.py``, ``augment_size.py``, ``augment_throughput.py``), whose
 output is collected verbatim. A script that is missing or fails is reported as such in RESULTS.md.
 """
 
@@ -46,6 +46,9 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
      "bytes per crop with augmentation records (RandAugment + Mixup/CutMix partner) at M = 200, C = 1000, MS top-5"),
     ("scale.py", ["--sizes", "10000,100000"], 900, True,
      "cost growth with N (write, verify, inspect, read_all, read_batch, label path), peak memory per operation"),
+    ("augment_throughput.py", ["--baseline", "a478b4e"], 240, True,
+     "TorchDataset replay crops/s with RandAugment / Mixup / CutMix records vs crop+flip only, and the crop+flip "
+     "path against the TorchDataset before augmentation landed (a478b4e)"),
 ]
 SCALE_FULL = HERE / "scale_full.json"  # the ImageNet-1K run (`scale.py --full`), too long for make bench
 FORMATS_TEXT = """\
@@ -181,6 +184,15 @@ def verdicts(fm: dict | None, rp: dict | None) -> list[str]:
                        "serrated cosine (constant within a pass, as in the paper) then never anneals far when E/m is "
                        "small (the last pass keeps the lr shown). The paper's 300+ epochs make this negligible; here "
                        "it confounds large m.")
+        if "stored_mix_vs_train_time_mix" in c:
+            v = c["stored_mix_vs_train_time_mix"]
+            L.append(f"- **Mixup/CutMix stored (teacher labels the mixed pixels) vs mixed at training time (FKD's way), "
+                     f"E = {v['effective_epochs']}:** "
+                     + {"tie": "no difference beyond the seeds' spread", "stored": "stored mixing wins",
+                        "train-time": "training-time mixing wins"}[v["verdict"]]
+                     + f" ({_pct(v['stored_acc'])}% vs {_pct(v['train_time_acc'])}%, {100 * v['diff']:+.2f} points, "
+                     f"tolerance ±{100 * v['tolerance']:.2f}); stored mixing costs {v['cpu_ratio_stored_over_train_time']:.2f}x "
+                     "the training CPU time (each mixed slot decodes and replays its partner).")
         if "kd_beats_no_kd" in c:
             v = c["kd_beats_no_kd"]
             L.append(f"- Context: vanilla KD vs no KD at this budget: {100 * v['diff']:+.2f} points "

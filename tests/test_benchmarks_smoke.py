@@ -87,3 +87,48 @@ def test_codec_fidelity_tiny_run():
     table = codec_fidelity.table(rows)
     assert "crops with KL = inf" in table and "`mr:k=5`" in table
     assert any("Full q8 <= 60 %" in line for line in run_all.fidelity_verdict(rows))
+
+
+def test_train_time_mix_batches_mix_crops_and_stored_labels(tmp_path):
+    import fkdstore
+    from fkdstore.augment.batch import mix_params
+    from fkdstore.testing import make_digits_folder, tiny_cnn
+
+    folder = make_digits_folder(tmp_path / "d", size=8, per_class=2)
+    store = tmp_path / "s.fkd"
+    fkdstore.generate(tiny_cnn(10, width=4, seed=0).eval(), folder, store, crops_per_image=2, input_size=8,
+                      codec={"name": "full", "dtype": "float32"}, num_workers=0, progress=False)
+    plain = list(reproduce.fkd_batches(store, folder, 1, seed=3)(0))
+    mix = (("mixup", 1.0, 1.0),)  # always applied: the result must be the documented mix of the plain batch
+    mixed = list(reproduce.train_time_mix_batches(store, folder, 1, seed=3, mix=mix)(0))
+    again = list(reproduce.train_time_mix_batches(store, folder, 1, seed=3, mix=mix)(0))
+    assert len(plain) == len(mixed) > 0
+    for (x0, i0), (x1, i1), (x2, i2) in zip(plain, mixed, again):
+        lam, index, _ = mix_params(len(x0), tuple(x0.shape[2:]), mode="mixup", alpha=1.0, seed=3, step=0)
+        y0 = i0["soft_labels"]
+        assert torch.allclose(i1["soft_labels"], lam * y0 + (1 - lam) * y0[torch.from_numpy(index)], atol=1e-6)
+        assert torch.allclose(i1["soft_labels"].sum(-1), torch.ones(len(x0)), atol=1e-5)
+        assert torch.equal(x1, x2) and torch.equal(i1["soft_labels"], i2["soft_labels"])
+        break
+    assert not torch.equal(plain[0][0], mixed[0][0])
+    off = list(reproduce.train_time_mix_batches(store, folder, 1, seed=3, mix=(("cutmix", 1.0, 0.0),))(0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, off))  # p = 0: never mixed
+
+
+def test_augment_throughput_tiny_run():
+    import shutil
+    import subprocess
+
+    augment_throughput = pytest.importorskip("augment_throughput")
+    git = shutil.which("git") and subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True)
+    args = ["--images", "3", "--slots", "2", "--m", "2", "--crops", "4", "--runs", "1", "--output-size", "24"]
+    if git and git.returncode == 0:
+        args += ["--baseline", "HEAD"]  # committed fkdstore under another module name: same crops, a ratio
+    res = augment_throughput.main(args)
+    rows = {r["store"]: r for r in res["rows"]}
+    assert set(augment_throughput.PIPELINES) <= set(rows)
+    assert rows[augment_throughput.BASE_ROW]["ratio"] == 1.0
+    assert all(r["crops_per_cpu_s"] > 0 for r in rows.values())
+    if "--baseline" in args:
+        assert res["current_over_baseline"]["cpu"] > 0
+        assert "baseline" in augment_throughput.to_markdown(res)
