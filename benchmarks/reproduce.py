@@ -20,9 +20,10 @@ mini-batch, optimiser, learning-rate schedule and seeds:
 (g) ``mixing stored``: a store generated with RandAugment(2) + Mixup/CutMix (``generate(augment=...)``: the
     teacher labelled the mixed pixels), replayed by TorchDataset, loss on the stored label of the mixed crop;
 (h) ``mixing at training time`` (FKD's way): the (c) Full store, crops and stored labels mixed per batch by
-    :func:`fkdstore.pytorch.mix_batch` with the same Mixup/CutMix parameters; without ``--fast`` also
-(i) the same RandAugment stored, mixing at training time. (g)-(i) use ``--augment-epochs`` (8 with ``--fast``:
-    replaying a mixed slot costs ~1 ms of CPU here, several times the student's step).
+    :func:`fkdstore.pytorch.mix_batch` with the same Mixup/CutMix parameters;
+(i) the same RandAugment as (g) stored, mixing at training time; (j) Mixup/CutMix stored without RandAugment
+    ((g)/(i) and (j)/(h) differ only in where the mixing happens). (g)-(j) use ``--augment-epochs`` (8 with
+    ``--fast``: replaying a mixed slot costs ~1 ms of CPU here, several times the student's step).
 
 m is varied for (c) Full (m = 1, 2, 4). Defaults: teacher `tiny_cnn(width=48)` (~97 %), student
 `tiny_cnn(width=4)`, E = 32, m = 2, crop scale (0.1, 1) (the same setting as `examples/demo.py`). Test accuracy on the held-out split (whole images) and the
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
                     help="seeds of the pruned variants (e) (default: 1 with --fast, else all seeds)")
     ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip (f) MS K with q8 labels")
     ap.add_argument("--augment-epochs", type=int, default=None,
-                    help="effective epochs of the augmentation rows (g, h, i); default 8 with --fast, else E")
+                    help="effective epochs of the augmentation rows (g)-(j); default 8 with --fast, else E")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
@@ -415,12 +416,14 @@ def train_time_mix_batches(store, folder, m, seed, mix=AUGMENT_MIX):
 
 
 def augment_variants(a, teacher, train_dir, full_store, work, size, scale, E, res) -> dict:
-    """Rows (g) RandAugment(2) + Mixup/CutMix stored, (h) FKD Full store + training-time Mixup/CutMix, and
-    without ``--fast`` (i) RandAugment(2) stored + training-time Mixup/CutMix (same RandAugment as (g): only
-    where the mixing happens differs). Same effective epochs, m, schedule and seeds for all three; the loss is
-    the soft cross-entropy on the (stored or training-time mixed) soft label. Stores are generated when a row
+    """Rows (g) RandAugment(2) + Mixup/CutMix stored, (h) FKD Full store + training-time Mixup/CutMix (FKD's way),
+    (i) RandAugment(2) stored + training-time Mixup/CutMix, (j) Mixup/CutMix stored on crop + flip. (g)/(i) and
+    (j)/(h) differ only in where the mixing happens. Same effective epochs, m, schedule and seeds for all; the loss
+    is the soft cross-entropy on the (stored or training-time mixed) soft label. Stores are generated when a row
     first needs them; their generation cost goes to ``res["augment"]``."""
     Ea = a.augment_epochs or (min(E, 8) if a.fast else E)
+    if Ea < 1:
+        raise SystemExit(f"--augment-epochs must be >= 1. Got {Ea}.")
     m = min(a.m, Ea)
     res["augment"] = {"effective_epochs": Ea, "m": m, "stored": AUGMENT_STORED, "mix": [list(x) for x in AUGMENT_MIX],
                       "randaugment": AUGMENT_RA, "generation": {}}
@@ -440,59 +443,72 @@ def augment_variants(a, teacher, train_dir, full_store, work, size, scale, E, re
         return made[spec]
 
     soft = lambda x, b: b["soft_labels"]  # noqa: E731
-    rows = {f"(g) RandAugment(2) + Mixup/CutMix stored, E={Ea}, m={m}":
+    mix_only = AUGMENT_STORED[len(AUGMENT_RA) + 1:]
+    return {
+        f"(g) RandAugment(2) + Mixup/CutMix stored, E={Ea}, m={m}":
             (lambda s: fkd_batches(store(AUGMENT_STORED), train_dir, m, s), Ea // m, soft),
-            f"(h) FKD Full + train-time Mixup/CutMix, E={Ea}, m={m}":
-            (lambda s: train_time_mix_batches(full_store, train_dir, m, s), Ea // m, soft)}
-    if not a.fast:
-        rows[f"(i) RandAugment(2) stored + train-time Mixup/CutMix, E={Ea}, m={m}"] = (
-            lambda s: train_time_mix_batches(store(AUGMENT_RA), train_dir, m, s), Ea // m, soft)
-    return rows
+        f"(h) FKD Full + train-time Mixup/CutMix, E={Ea}, m={m}":
+            (lambda s: train_time_mix_batches(full_store, train_dir, m, s), Ea // m, soft),
+        f"(i) RandAugment(2) stored + train-time Mixup/CutMix, E={Ea}, m={m}":
+            (lambda s: train_time_mix_batches(store(AUGMENT_RA), train_dir, m, s), Ea // m, soft),
+        f"(j) Mixup/CutMix stored, E={Ea}, m={m}":
+            (lambda s: fkd_batches(store(mix_only), train_dir, m, s), Ea // m, soft),
+    }
+
+
+def _mix_pair(stored: dict, train_time: dict) -> dict:
+    tol = max(0.01, stored["acc_std"] + train_time["acc_std"])
+    diff = stored["acc_mean"] - train_time["acc_mean"]
+    return {"stored_acc": stored["acc_mean"], "stored_std": stored["acc_std"], "train_time_acc": train_time["acc_mean"],
+            "train_time_std": train_time["acc_std"], "diff": diff, "tolerance": tol,
+            "verdict": "tie" if abs(diff) <= tol else ("stored" if diff > 0 else "train-time"),
+            "cpu_ratio_stored_over_train_time": stored["cpu_mean"] / train_time["cpu_mean"]}
 
 
 def augment_claims(res: dict) -> dict:
-    """``stored_mix_vs_train_time_mix``: accuracy and CPU time of (g) against (h) (and (i) when run)."""
+    """``stored_mix_vs_train_time_mix``: (g) against (h) (the pairing FKD users face: RandAugment + mixing stored
+    vs their plain store mixed at training time), plus ``same_augmentation``: (g) vs (i) and (j) vs (h), where
+    only the place of the mixing differs."""
     s = res["summary"]
-    stored, fkd_way, ra_way = _get(s, "(g)"), _get(s, "(h)"), _get(s, "(i)")
-    if not (stored and fkd_way):
+    g, h, i, j = (_get(s, t) for t in ("(g)", "(h)", "(i)", "(j)"))
+    if not (g and h):
         return {}
-    tol = max(0.01, stored["acc_std"] + fkd_way["acc_std"])
-    diff = stored["acc_mean"] - fkd_way["acc_mean"]
-    out = {"stored_acc": stored["acc_mean"], "stored_std": stored["acc_std"], "train_time_acc": fkd_way["acc_mean"],
-           "train_time_std": fkd_way["acc_std"], "diff": diff, "tolerance": tol,
-           "verdict": "tie" if abs(diff) <= tol else ("stored" if diff > 0 else "train-time"),
-           "cpu_ratio_stored_over_train_time": stored["cpu_mean"] / fkd_way["cpu_mean"],
-           "effective_epochs": res.get("augment", {}).get("effective_epochs")}
-    if ra_way:
-        out.update(ra_train_time_acc=ra_way["acc_mean"], ra_train_time_std=ra_way["acc_std"],
-                   diff_vs_ra_train_time=stored["acc_mean"] - ra_way["acc_mean"],
-                   cpu_ratio_stored_over_ra_train_time=stored["cpu_mean"] / ra_way["cpu_mean"])
+    out = {**_mix_pair(g, h), "effective_epochs": res.get("augment", {}).get("effective_epochs"),
+           "same_augmentation": {}}
+    if i:
+        out["same_augmentation"]["RandAugment(2)"] = _mix_pair(g, i)
+    if j:
+        out["same_augmentation"]["crop + flip only"] = _mix_pair(j, h)
     return {"stored_mix_vs_train_time_mix": out}
 
 
 def augment_markdown(res: dict) -> list[str]:
-    """The paragraph under the table for rows (g)-(i)."""
+    """The paragraph under the table for rows (g)-(j)."""
     v = res.get("claims", {}).get("stored_mix_vs_train_time_mix")
     if not v:
         return []
     aug = res["augment"]
     words = {"tie": "no difference beyond the seeds' spread", "stored": "stored mixing is better",
-             "train-time": "training-time mixing is better"}[v["verdict"]]
+             "train-time": "training-time mixing is better"}
+
+    def pair(p):
+        return (f"{100 * p['stored_acc']:.2f} ± {100 * p['stored_std']:.2f} % stored vs {100 * p['train_time_acc']:.2f} "
+                f"± {100 * p['train_time_std']:.2f} % at training time, {100 * p['diff']:+.2f} points: "
+                f"{words[p['verdict']]} (tolerance ±{100 * p['tolerance']:.2f}), CPU time "
+                f"{p['cpu_ratio_stored_over_train_time']:.2f}x")
+
+    line = (f"\nMixing stored vs mixing at training time (rows (g)-(j); E = {aug['effective_epochs']}, m = {aug['m']}; "
+            f"Mixup alpha 0.2 then CutMix alpha 1.0, each with p = 0.5, per slot when stored (`{aug['stored']}`: the "
+            "teacher labelled the mixed pixels, the loss uses that stored label) and per batch at training time "
+            "(`fkdstore.pytorch.mix_batch` on the crops and their stored labels, FKD's way). "
+            f"(g) RandAugment(2) + mixing stored vs (h) plain crop + flip store mixed at training time: {pair(v)}.")
+    for name, p in v["same_augmentation"].items():
+        rows = "(g) vs (i)" if name.startswith("RandAugment") else "(j) vs (h)"
+        line += f" Same augmentation ({name}), {rows}: {pair(p)}."
     gen = "; ".join(f"`{spec}`: {g['cpu_seconds']:.1f} s CPU for M = {g['M']}, {g['bytes'] / 1e3:,.0f} KB"
                     for spec, g in aug["generation"].items())
-    line = (f"\nMixing stored vs mixing at training time (E = {aug['effective_epochs']}, m = {aug['m']}; Mixup "
-            f"alpha 0.2 then CutMix alpha 1.0, each with p = 0.5; RandAugment(2, magnitude 9)): (g) the teacher "
-            f"labelled the mixed pixels of `{aug['stored']}` and training replays them, "
-            f"{100 * v['stored_acc']:.2f} ± {100 * v['stored_std']:.2f} %; (h) FKD's way, plain crop + flip store "
-            f"and `fkdstore.pytorch.mix_batch` on crops and stored labels per batch, {100 * v['train_time_acc']:.2f} ± "
-            f"{100 * v['train_time_std']:.2f} %: {100 * v['diff']:+.2f} points, {words} (tolerance ±"
-            f"{100 * v['tolerance']:.2f}). CPU time (g)/(h) {v['cpu_ratio_stored_over_train_time']:.2f}x: replaying a "
-            "mixed slot decodes the partner image and replays its crop and RandAugment.")
-    if "ra_train_time_acc" in v:
-        line += (f" (i) the same RandAugment stored, mixing at training time: {100 * v['ra_train_time_acc']:.2f} ± "
-                 f"{100 * v['ra_train_time_std']:.2f} % ((g) {100 * v['diff_vs_ra_train_time']:+.2f} points; CPU "
-                 f"{v['cpu_ratio_stored_over_ra_train_time']:.2f}x).")
-    return [line + f" Generation of the augmented stores (one-off): {gen}."]
+    return [line + " Stored mixing costs training time because replaying a mixed slot decodes the partner image "
+            f"and replays its crop (and RandAugment). One-off generation of the augmented stores: {gen}."]
 
 
 def plot(res: dict, figdir: Path) -> list[Path]:

@@ -186,13 +186,18 @@ def verdicts(fm: dict | None, rp: dict | None) -> list[str]:
                        "it confounds large m.")
         if "stored_mix_vs_train_time_mix" in c:
             v = c["stored_mix_vs_train_time_mix"]
-            L.append(f"- **Mixup/CutMix stored (teacher labels the mixed pixels) vs mixed at training time (FKD's way), "
-                     f"E = {v['effective_epochs']}:** "
-                     + {"tie": "no difference beyond the seeds' spread", "stored": "stored mixing wins",
-                        "train-time": "training-time mixing wins"}[v["verdict"]]
-                     + f" ({_pct(v['stored_acc'])}% vs {_pct(v['train_time_acc'])}%, {100 * v['diff']:+.2f} points, "
-                     f"tolerance ±{100 * v['tolerance']:.2f}); stored mixing costs {v['cpu_ratio_stored_over_train_time']:.2f}x "
-                     "the training CPU time (each mixed slot decodes and replays its partner).")
+            won = {"tie": "no difference beyond the seeds' spread", "stored": "stored mixing wins",
+                   "train-time": "training-time mixing wins"}
+
+            def mixpair(p):
+                return (f"{won[p['verdict']]} ({_pct(p['stored_acc'])}% vs {_pct(p['train_time_acc'])}%, "
+                        f"{100 * p['diff']:+.2f} points, tolerance ±{100 * p['tolerance']:.2f}; stored costs "
+                        f"{p['cpu_ratio_stored_over_train_time']:.2f}x the training CPU time)")
+            L.append(f"- **Mixup/CutMix stored (the teacher labels the mixed pixels) vs mixed at training time "
+                     f"(FKD's way), E = {v['effective_epochs']}:** RandAugment(2) + mixing stored vs a plain store "
+                     f"mixed at training time: {mixpair(v)}"
+                     + "".join(f"; same augmentation ({k}): {mixpair(p)}" for k, p in v["same_augmentation"].items())
+                     + ". Each stored mixed slot decodes and replays its partner, hence the time.")
         if "kd_beats_no_kd" in c:
             v = c["kd_beats_no_kd"]
             L.append(f"- Context: vanilla KD vs no KD at this budget: {100 * v['diff']:+.2f} points "

@@ -132,3 +132,20 @@ def test_augment_throughput_tiny_run():
     if "--baseline" in args:
         assert res["current_over_baseline"]["cpu"] > 0
         assert "baseline" in augment_throughput.to_markdown(res)
+
+
+def test_reproduce_mixing_rows_tiny_run(tmp_path):
+    run_all = pytest.importorskip("run_all")
+    torch.manual_seed(0)
+    res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "2", "--size", "12",
+                          "--teacher-width", "8", "--student-width", "4", "--m", "2", "--keeps", "--no-q8",
+                          "--only", "(g)", "(h)", "(i)", "(j)", "--work", str(tmp_path)])
+    assert sorted(k[:3] for k in res["summary"]) == ["(g)", "(h)", "(i)", "(j)"]
+    v = res["claims"]["stored_mix_vs_train_time_mix"]
+    assert set(v["same_augmentation"]) == {"RandAugment(2)", "crop + flip only"}
+    g = next(s for k, s in res["summary"].items() if k.startswith("(g)"))
+    assert v["stored_acc"] == g["acc_mean"] and v["verdict"] in ("tie", "stored", "train-time")
+    assert set(res["augment"]["generation"]) == {reproduce.AUGMENT_STORED, reproduce.AUGMENT_RA,
+                                                 reproduce.AUGMENT_STORED[len(reproduce.AUGMENT_RA) + 1:]}
+    assert "Mixing stored vs mixing at training time" in reproduce.to_markdown(res)
+    assert any("Mixup/CutMix stored" in line for line in run_all.verdicts(None, res))
