@@ -32,6 +32,7 @@ import numpy as np
 from . import codecs as _codecs
 from . import storage as _storage
 from .errors import ConversionError, FkdstoreError, ValidationError
+from .validation import non_negative_int
 
 __all__ = ["ConversionError", "conversion_problem", "convert_fields", "convert", "import_fkd", "fkd_boxes",
            "load_fkd_file", "FKD_SUFFIXES", "prune", "pruned_slots", "random_slots", "confident_slots",
@@ -432,11 +433,7 @@ def confident_slots(codec, fields: dict[str, np.ndarray], num_classes: int, kept
 
 
 def _check_int_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int. Got {type(seed).__name__} {seed!r}.")
-    if seed < 0:
-        raise ValidationError(f"seed must be >= 0. Got {seed}.")
-    return int(seed)
+    return non_negative_int("seed", seed)
 
 
 def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: int = 0, rule: str = "random",

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from . import augment as _augment
 from . import codecs as _codecs
 from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
+from .validation import int_in_range
 from .images import list_images, load_image
 from .reader import Reader
 from .reader import open as _open_store
@@ -83,9 +84,7 @@ LABEL_MODES = ("dense", "sparse")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValidationError(f"{name} must be an integer >= {minimum}. Got {value!r}.")
-    return int(value)
+    return int_in_range(name, value, minimum)
 
 
 def epoch_slots(index: int, epoch: int, crops_per_sample: int, crops_per_image: int, seed: int = 0) -> np.ndarray:

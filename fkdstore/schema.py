@@ -35,6 +35,7 @@ import crc32c as _crc32c
 import numpy as np
 
 from .errors import CorruptStoreError, FormatError, ValidationError
+from .validation import positive_int
 
 FORMAT_NAME = "fkdstore"
 FORMAT_VERSION = "2.0"  # what this library writes; readers refuse a newer major, accept a newer minor
@@ -294,11 +295,7 @@ _REQUIRED_2 = _REQUIRED + ("key_length", "aug", "augment", "has_labels", "checks
 
 
 def _parse_positive_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int. Got {type(v).__name__}.")
-    if v < 1:
-        raise ValidationError(f"{name} must be a positive integer. Got {v!r}.")
-    return int(v)
+    return positive_int(name, v)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
 if TYPE_CHECKING:  # torch is imported by the functions that return tensors: CropSampler needs no torch
     import torch
@@ -54,9 +55,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if not _is_int(value) or value < minimum:
-        raise ValidationError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return int_in_range(name, value, minimum)
 
 
 def _pair(name: str, value: Any) -> tuple[float, float]:

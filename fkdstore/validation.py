@@ -20,14 +20,20 @@ from typing import Any
 
 from .errors import ValidationError
 
-__all__ = ["positive_int", "non_negative_int"]
+__all__ = ["positive_int", "non_negative_int", "int_in_range"]
 
 
-def _int_at_least(name: str, value: Any, minimum: int, rule: str) -> int:
-    # bool is an int subclass, and numpy integers register as numbers.Integral.
+def int_in_range(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """``value`` as a Python ``int`` when it is an integer in ``[lo, hi]`` (``hi=None``: no upper bound).
+
+    The one integer check of the library; :func:`positive_int` and :func:`non_negative_int` are its
+    common cases. ``bool`` is refused (it is an ``int`` subclass); numpy integers are accepted.
+    """
+    rule = ("a positive integer" if lo == 1 else "a non-negative integer" if lo == 0 else f"an integer >= {lo}") \
+        if hi is None else f"an integer in [{lo}, {hi}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {rule}. Got {value!r} ({type(value).__name__}).")
-    if value < minimum:
+    if value < lo or (hi is not None and value > hi):
         raise ValidationError(f"{name} must be {rule}. Got {int(value)}.")  # "-3", not "np.int32(-3)"
     return int(value)
 
@@ -39,9 +45,9 @@ def positive_int(name: str, value: Any) -> int:
     included) and :class:`~fkdstore.errors.ValidationError` for an integer ``< 1``, e.g.
     ``"num_images must be a positive integer. Got 0."``.
     """
-    return _int_at_least(name, value, 1, "a positive integer")
+    return int_in_range(name, value, 1)
 
 
 def non_negative_int(name: str, value: Any) -> int:
     """``value`` as a Python ``int`` when it is an integer ``>= 0``; errors as :func:`positive_int`."""
-    return _int_at_least(name, value, 0, "a non-negative integer")
+    return int_in_range(name, value, 0)

@@ -309,8 +309,8 @@ def test_pipeline_columns_unique_and_compact():
 @pytest.mark.parametrize(
     "spec, exc, message",
     [
-        ("randaugment:magnitude=31", ValidationError, "magnitude must be in [0, 30]. Got 31."),
-        ("randaugment:magnitude=2.5", TypeError, "magnitude must be an int. Got float 2.5."),
+        ("randaugment:magnitude=31", ValidationError, "magnitude must be an integer in [0, 30]. Got 31."),
+        ("randaugment:magnitude=2.5", TypeError, "magnitude must be an integer in [0, 30]. Got 2.5 (float)."),
         ("randaugment:interpolation=cubic", ValidationError,
          "interpolation must be one of ['nearest', 'bilinear']. Got 'cubic'."),
         ("mixup:p=1.5", ValidationError, "p must be in [0, 1]. Got 1.5."),
@@ -364,7 +364,7 @@ def test_validate_stored_columns():
 
 def test_sample_argument_errors():
     mix = A.Mixup()
-    with pytest.raises(ValidationError, match=r"image_index must be in \[0, 6\]\. Got 7\."):
+    with pytest.raises(ValidationError, match=r"image_index must be an integer in \[0, 6\]\. Got 7\."):
         mix.sample(0, 7, [0], image_size=SIZE, num_images=N, crops_per_image=M)
     with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\]\. Got 9\."):
         mix.sample(0, 0, [9], image_size=SIZE, num_images=N, crops_per_image=M)

@@ -226,7 +226,7 @@ def test_cli_generate_augment(digits, tmp_path, capsys):
     assert [p["name"] for p in r.header.augment] == ["randaugment", "mixup"]
     bad = tmp_path / "bad.fkd"
     assert cli_main([*args[:6], str(bad), *args[7:-1], "randaugment:magnitude=99"]) != 0
-    assert "magnitude must be in [0, 30]. Got 99." in capsys.readouterr().err
+    assert "magnitude must be an integer in [0, 30]. Got 99." in capsys.readouterr().err
     assert not bad.exists()
 
 
@@ -242,12 +242,12 @@ def test_generate_help_documents_the_grammar(capsys):
 # ------------------------------------------------------------------ bad input: clear errors, nothing written
 @pytest.mark.parametrize("spec, exc, message", [
     ("autoaugment", ValidationError, "augment policy name must be one of"),  # unknown op / policy
-    ("randaugment:magnitude=31", ValidationError, "magnitude must be in [0, 30]. Got 31."),
+    ("randaugment:magnitude=31", ValidationError, "magnitude must be an integer in [0, 30]. Got 31."),
     ("mixup:p=1.5", ValidationError, "p must be in [0, 1]. Got 1.5."),
     ("random_erasing:p=-0.1", ValidationError, "p must be in [0, 1]. Got -0.1."),
     ("cutmix:alpha=1,beta=2", ValidationError, "cutmix config keys must be in ['alpha', 'p', 'window']. Got unknown ['beta']."),
     ([{"name": "mixup", "alpha": 0.2, "lam": 0.5}], ValidationError, "mixup config keys must be in"),
-    ("mixup:window=-1", ValidationError, "window must be in [0, 2147483647]. Got -1."),
+    ("mixup:window=-1", ValidationError, "window must be an integer in [0, 2147483647]. Got -1."),
     (3, TypeError, "augment spec must be a str, a list of configs or a Pipeline. Got int."),
 ])
 def test_bad_augment_is_refused_before_anything_is_written(digits, tmp_path, spec, exc, message):

@@ -463,7 +463,7 @@ def test_decode_input_errors():
         c.decode({"indices": good["indices"], "probs": good["indices"].astype(np.int32)}, 6)
     with pytest.raises(TypeError, match=r"must all be numpy or all torch, got a mix"):
         c.decode({"indices": good["indices"], "probs": torch.from_numpy(good["probs"])}, 6)
-    with pytest.raises(TypeError, match=r"num_classes must be an int"):
+    with pytest.raises(TypeError, match=r"num_classes must be a positive integer. Got 6.0 \(float\)"):
         c.decode(good, 6.0)
     with pytest.raises(TypeError, match=r"probs must be a numpy.ndarray or torch.Tensor, got list"):
         c.encode([[0.5, 0.5]])

@@ -174,7 +174,7 @@ def test_config_roundtrip_json():
         ({"ratio": (2.0, 1.0)}, "ratio must be ordered"),
         ({"ratio": (0.0, 1.0)}, "ratio must be > 0"),
         ({"flip_p": 1.5}, r"flip_p must be in \[0, 1\], got 1.5"),
-        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"seed": -1}, "seed must be a non-negative integer. Got -1."),
     ],
 )
 def test_sampler_validation(kwargs, match):
@@ -184,8 +184,8 @@ def test_sampler_validation(kwargs, match):
 
 @pytest.mark.parametrize(
     "args,match",
-    [((0, 0, 10, 1), "height must be an integer >= 1, got 0"), ((0, 10, 0, 1), "width"), ((0, 10, 10, 0), "num_crops"),
-     ((-1, 10, 10, 1), "index must be an integer >= 0")],
+    [((0, 0, 10, 1), "height must be a positive integer. Got 0."), ((0, 10, 0, 1), "width"), ((0, 10, 10, 0), "num_crops"),
+     ((-1, 10, 10, 1), "index must be a non-negative integer")],
 )
 def test_sample_validation(args, match):
     with pytest.raises(ValidationError, match=match):

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
 __all__ = ["Column", "Policy", "slot_rng", "KINDS"]
 
@@ -76,14 +77,8 @@ def _is_number(value: Any) -> bool:
 
 
 def parse_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in ``[lo, hi]`` (TypeError for a non-int, ValidationError when out of range)."""
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int. Got {type(value).__name__} {value!r}.")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        rule = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValidationError(f"{name} must be {rule}. Got {value}.")
-    return value
+    """``value`` as an int in ``[lo, hi]`` (:func:`fkdstore.validation.int_in_range`)."""
+    return int_in_range(name, value, lo, hi)
 
 
 def parse_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:

@@ -70,6 +70,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import ValidationError
+from ..validation import positive_int
 from . import _array as A
 from . import quant
 
@@ -120,11 +121,7 @@ class FieldSpec:
 
 
 def check_num_classes(num_classes: Any) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValidationError(f"num_classes must be >= 1, got {num_classes}")
-    return int(num_classes)
+    return positive_int("num_classes", num_classes)
 
 
 def index_dtype(num_classes: int) -> str:
