@@ -91,7 +91,7 @@ def make_store(path: Path, folder: Path, M: int, C: int = 1000, k: int = 5) -> P
             bf = [sampler.sample(int(i), *sizes[i], M) for i in idx]
             probs = np.sort(rng.dirichlet(np.ones(k), (len(idx), M)) * 0.9, -1)[..., ::-1].astype(np.float16)
             w.put_fields(idx, np.stack([b for b, _ in bf]), np.stack([f for _, f in bf]),
-                         {"indices": rng.integers(0, C, (len(idx), M, k)).astype(np.uint16),
+                         {"indices": np.argsort(rng.random((len(idx), M, C)), -1)[..., :k].astype(np.uint16),  # distinct
                           "probs": np.ascontiguousarray(probs)})
     return path
 

@@ -40,7 +40,7 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("dataset_profile.py", ["--quick"], 300, True,
      "TorchDataset item profile, limit, and crops/s vs a plain PIL loader on photo-sized JPEGs"),
     ("store_layout.py", ["--images", "512"], 120, True, "fkdstore layout vs other Zarr layouts and per-image files"),
-    ("remote_read.py", ["--num-images", "20000", "--batches", "5"], 300, True,
+    ("remote_read.py", ["--num-images", "100000", "--batches", "5"], 300, True,
      "reading from S3 (moto + 20 ms per request) vs local disk"),
     ("augment_size.py", ["--images", "256"], 300, True,
      "bytes per crop with augmentation records (RandAugment + Mixup/CutMix partner) at M = 200, C = 1000, MS top-5"),
