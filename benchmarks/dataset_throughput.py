@@ -164,6 +164,14 @@ def label_share(ds, batch_images: int, rounds: int = 1) -> float:
     return t_lab / t_all
 
 
+def _distinct_top_k(rng, lead: tuple[int, ...], C: int, k: int) -> np.ndarray:
+    """Random top-k class indices, distinct per crop (the writer refuses repeated indices): a random start
+    plus strictly increasing offsets below C, modulo C."""
+    offsets = np.concatenate([np.zeros((*lead, 1), np.int64),
+                              np.cumsum(rng.integers(1, max(2, C // k), (*lead, k - 1)), -1)], -1)
+    return ((rng.integers(0, C, (*lead, 1)) + offsets) % C).astype(np.uint16)
+
+
 def label_paths(tmp: Path, N: int, M: int = 200, C: int = 1000, k: int = 5, m: int = 4, B: int = 256) -> dict:
     """Per-image cost of the per-batch read_batch path vs a per-epoch read_all(slots) preload."""
     path = tmp / "big.fkd"
@@ -177,7 +185,7 @@ def label_paths(tmp: Path, N: int, M: int = 200, C: int = 1000, k: int = 5, m: i
             boxes[..., 2:] = rng.integers(50, 400, (b, M, 2))
             probs = np.sort(rng.dirichlet(np.ones(k), (b, M)) * 0.9, -1)[..., ::-1].astype(np.float16)
             w.put_fields(np.arange(s, s + b), boxes, rng.random((b, M)) < 0.5,
-                         {"indices": rng.integers(0, C, (b, M, k)).astype(np.uint16),
+                         {"indices": _distinct_top_k(rng, (b, M), C, k),
                           "probs": np.ascontiguousarray(probs)})
     r = fkdstore.open(path)
     order = rng.permutation(N)
