@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed
 COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python) $(shell command -v python3.13))
 COMPAT_VENV   := .venv-compat
 COMPAT_STAMP  := $(COMPAT_VENV)/.installed
-COMPAT_TESTS  := tests/test_golden.py tests/test_schema.py tests/test_codecs.py tests/test_reader.py \
-                 tests/test_writer.py tests/test_verify.py tests/test_faults_reader.py tests/test_torch_free.py
+COMPAT_TESTS  := tests/test_golden.py tests/test_spec.py tests/test_codecs.py tests/test_reader.py \
+                 tests/test_writer.py tests/test_verify.py tests/test_faults_reader.py tests/test_interop.py
 
 .PHONY: install demo test test-main test-compat bench clean
 

@@ -64,6 +64,7 @@ def test_fkdstore_file_count_rule_matches_a_written_store(tmp_path):
     assert formats.fkdstore_files_at(N, M, C, "ms5", st["."]["files"]) == st["_total"]["files"]
 
 
+@pytest.mark.slow
 def test_reproduce_tiny_run(tmp_path):
     torch.manual_seed(0)
     res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "1", "2", "--size", "12",
@@ -134,6 +135,7 @@ def test_augment_throughput_tiny_run():
         assert "baseline" in augment_throughput.to_markdown(res)
 
 
+@pytest.mark.slow
 def test_reproduce_mixing_rows_tiny_run(tmp_path):
     run_all = pytest.importorskip("run_all")
     torch.manual_seed(0)

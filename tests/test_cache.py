@@ -19,6 +19,8 @@ from fkdstore.errors import CorruptChunkError, CorruptStoreError, ValidationErro
 from s3util import s3, s3_server  # noqa: F401 - fixtures
 from test_s3 import N, _same_records, _write
 
+pytestmark = pytest.mark.slow  # every test talks to the S3 server (moto) these tests start in a child process
+
 IDX = [np.array([39, 3, 17, 16, 0]), np.array([1, 2, 30]), np.arange(8, 24)]
 
 

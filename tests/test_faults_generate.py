@@ -24,6 +24,8 @@ from fkdstore.testing import make_digits_folder
 from fkdstore.verify import verify
 from genkill import WRAPPER, assert_same_objects, run_generate
 
+pytestmark = pytest.mark.slow  # each test kills and reruns `fkdstore generate` in child processes
+
 pytest.importorskip("torch")
 
 

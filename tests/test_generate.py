@@ -248,6 +248,7 @@ def test_world_from_env(monkeypatch):
         World.detect()
 
 
+@pytest.mark.slow
 def test_package_attribute_is_the_function_in_every_import_order():
     """``fkdstore.generate`` is bound lazily (no torch at ``import fkdstore``) and stays the function when
     the submodule of the same name is imported, before or after the attribute is first used."""

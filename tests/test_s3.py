@@ -17,6 +17,8 @@ from fkdstore.errors import StorageError
 
 from s3util import s3, s3_server, S3Server  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.slow  # every test talks to the S3 server (moto) these tests start in a child process
+
 
 def test_zarr_round_trip_through_as_store(s3):
     url, so = s3
@@ -369,6 +371,7 @@ DIST_S3 = """
 import json, sys
 from fkdstore.testing import tiny_cnn
 from fkdstore.generate import generate
+
 r = generate(tiny_cnn(10), sys.argv[1], sys.argv[2], storage_options=json.loads(sys.argv[3]), crops_per_image=4,
              codec={"name": "ms", "k": 3}, input_size=32, images_per_shard=4, batch_size=8, num_workers=0,
              progress=False, device="cpu")
