@@ -68,7 +68,9 @@ def test_topk_logits_on_kept_classes_equal_softmax_at_T(T, z, k):
 def test_topk_logits_exact_when_the_tail_is_flat(T):
     z = np.array([[5.0, 3.0, 1.0, 1.0, 1.0, 1.0], [-1.0, 2.0, -1.0, -1.0, 4.0, -1.0]], np.float32)
     c = Logits(k=2, dtype="float32")
-    np.testing.assert_allclose(c.decode(c.encode(z), 6, temperature=T), softmax(z, T), rtol=1e-6)
+    # stored log-probs are rounded toward -inf (1 float32 ulp, not half: the tail is never lost to rounding);
+    # the flat tail's share then deviates by up to ~|l| * 2**-23 / T relative: 3e-6 at T = 0.5 here
+    np.testing.assert_allclose(c.decode(c.encode(z), 6, temperature=T), softmax(z, T), rtol=5e-6)
 
 
 @HSET

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import math
+
 import numpy as np
 
 
@@ -44,6 +46,18 @@ def cast(x, dtype: str):
     if is_torch(x):
         return x.to(getattr(torch_module(), dtype))
     return np.asarray(x).astype(dtype, copy=False)
+
+
+def cast_down(x, dtype: str):
+    """``x`` (float64) cast to ``dtype`` rounded toward -inf (never above ``x``): the round-to-nearest cast,
+    stepped one ulp down where it rounded up. numpy and torch give identical bits."""
+    y = cast(x, dtype)
+    if is_torch(x):
+        t = torch_module()
+        up = y.to(t.float64) > x
+        return t.where(up, t.nextafter(y, t.full_like(y, -math.inf)), y)
+    up = y.astype(np.float64) > x
+    return np.where(up, np.nextafter(y, np.asarray(-np.inf, y.dtype)), y).astype(dtype, copy=False)
 
 
 def f32(x):

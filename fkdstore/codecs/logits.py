@@ -23,7 +23,8 @@ Decoding at temperature ``T`` (``decode(fields, C, temperature=T)``), with kept 
   So ``d_i / d_j = exp((z_i - z_j) / T)`` exactly for kept ``i, j`` (softmax(z / T) restricted to the kept
   classes and renormalised equals ``d`` restricted and renormalised), at T = 1 ``d`` is MS's distribution
   (eq. (5)) on the stored log-probabilities, and for ``T > 1`` the tail mass is over-estimated (Jensen).
-  When rounding makes ``sum exp(l_i) > 1``, ``r = 0`` and ``d`` is the kept part renormalised.
+  Stored ``l`` are rounded toward -inf in the storage dtype, so ``sum exp(l_i)`` never exceeds the
+  teacher's kept mass and ``r`` is never lost to rounding (``r = 0`` only when the teacher's tail is 0).
 
 This is the general temperature rule of :mod:`fkdstore.codecs.base` applied to the log domain, where it
 keeps tiny probabilities that a float16 probability store would flush to 0 (they matter at large T).
@@ -71,7 +72,9 @@ class Logits(LabelCodec):
 
     # -- stored values <-> log-probabilities (float64)
     def _store_logp(self, lp):
-        return quant.quantize(A.exp(lp), PROB_ATOL) if self.quantized else A.cast(lp, self.dtype)
+        # rounded toward -inf, as q8 rounds down: sum(exp(stored)) never exceeds the teacher's kept mass, so
+        # the tail residual r of a top-K row is never lost to rounding (it would be 0 with round-to-nearest)
+        return quant.quantize(A.exp(lp), PROB_ATOL) if self.quantized else A.cast_down(lp, self.dtype)
 
     def _load_logp(self, v):
         return quant.dequantize_log(v) if self.quantized else A.f64(v)
