@@ -97,6 +97,28 @@ def _tqdm(it, progress: bool, **kw):
     return tqdm(it, **kw)
 
 
+def _written_batches(reader) -> list[np.ndarray]:
+    """The written images of ``reader``, one index array per shard (shards with none left out): the unit in
+    which convert, prune and ensemble read a source and write their output (one whole-shard put each)."""
+    h, written = reader.header, reader.written
+    batches = (h.shard_range(s).start + np.flatnonzero(written[h.shard_range(s).start:h.shard_range(s).stop])
+               for s in range(h.num_shards))
+    return [idx for idx in batches if len(idx)]
+
+
+def _write_like(dst_store, reader, *, codec, meta, crops_per_image: int | None = None):
+    """A writer for a new store with ``reader``'s images (keys, sizes, labels), aug columns and augment
+    pipeline, and the given codec, ``meta`` and (default: the source's) crops per image."""
+    from . import writer as _writer
+
+    h = reader.header
+    return _writer.write(
+        dst_store, num_images=h.num_images, crops_per_image=crops_per_image or h.crops_per_image,
+        num_classes=h.num_classes, codec=codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes,
+        labels=reader.labels, meta=meta, aug=h.aug, augment=list(h.augment),
+    )
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | None = None,
             progress: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-encode store ``src`` into a new store ``dst`` with ``codec`` (name, config dict or LabelCodec).
@@ -124,16 +146,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     meta["history"] = list(meta.get("history") or []) + [_history_record(
         "convert", source=_location_name(src), **{"from": dict(h.codec), "to": dst_codec.get_config()},
         images=int(written.sum()))]
-    with _remove_on_error(dst_store), _writer.write(
-        dst_store, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=h.num_classes,
-        codec=dst_codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels,
-        meta=meta, aug=h.aug, augment=list(h.augment),
-    ) as w:
-        for s in _tqdm(range(h.num_shards), progress, desc="converting", unit="shard"):
-            r = h.shard_range(s)
-            idx = r.start + np.flatnonzero(written[r.start:r.stop])
-            if len(idx) == 0:
-                continue
+    with _remove_on_error(dst_store), _write_like(dst_store, reader, codec=dst_codec, meta=meta) as w:
+        for idx in _tqdm(_written_batches(reader), progress, desc="converting", unit="shard"):
             rec = reader.read_batch(idx)
             fields = convert_fields(reader.codec, dst_codec, rec.fields, h.num_classes)
             w.put_fields(idx, rec.box, rec.flip, fields, aug=rec.aug or None)
@@ -485,16 +499,9 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
     meta["history"] = list(meta.get("history") or []) + [_history_record(
         "prune", source=_location_name(src), keep=keep, rule=rule, seed=seed, crops_per_image_before=M,
         slots_kept=kept, images=int(written.sum()))]
-    with _remove_on_error(dst_store), _writer.write(
-        dst_store, num_images=h.num_images, crops_per_image=kept, num_classes=h.num_classes, codec=reader.codec,
-        image_keys=reader.image_keys, image_sizes=reader.image_sizes, labels=reader.labels, meta=meta,
-        aug=h.aug, augment=list(h.augment),
-    ) as w:
-        for s in _tqdm(range(h.num_shards), progress, desc="pruning", unit="shard"):
-            r = h.shard_range(s)
-            idx = r.start + np.flatnonzero(written[r.start:r.stop])
-            if len(idx) == 0:
-                continue
+    with _remove_on_error(dst_store), _write_like(dst_store, reader, codec=reader.codec, meta=meta,
+                                                  crops_per_image=kept) as w:
+        for idx in _tqdm(_written_batches(reader), progress, desc="pruning", unit="shard"):
             if rule == "random":
                 slots = np.stack([random_slots(seed, int(i), M, kept) for i in idx])
                 rec = reader.read_batch(idx, slots)
@@ -620,11 +627,8 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
     out_codec.fields(C)  # refuses a codec that cannot store C classes (k > C) before anything is written
     written = a.written
     # crops: compare every written image's box/flip/aug before writing anything
-    shards = [(s, h.shard_range(s).start + np.flatnonzero(written[h.shard_range(s).start:h.shard_range(s).stop]))
-              for s in range(h.num_shards)]
-    for _, idx in shards:
-        if len(idx) == 0:
-            continue
+    shards = _written_batches(a)
+    for idx in shards:
         ra = a.read_batch(idx)
         for b, nb in zip(readers[1:], names[1:]):
             d = _first_crop_diff(ra, b.read_batch(idx), idx)
@@ -640,14 +644,8 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
         "ensemble", sources=[_location_name(s) for s in srcs], codecs=[dict(r.header.codec) for r in readers],
         teachers=[(r.meta or {}).get("teacher") for r in readers], to=out_codec.get_config(),
         images=int(written.sum()))]
-    with _remove_on_error(dst_store), _writer.write(
-        dst_store, num_images=h.num_images, crops_per_image=h.crops_per_image, num_classes=C, codec=out_codec,
-        image_keys=a.image_keys, image_sizes=a.image_sizes, labels=a.labels, meta=meta, aug=h.aug,
-        augment=list(h.augment),
-    ) as w:
-        for _, idx in _tqdm(shards, progress, desc="ensembling", unit="shard"):
-            if len(idx) == 0:
-                continue
+    with _remove_on_error(dst_store), _write_like(dst_store, a, codec=out_codec, meta=meta) as w:
+        for idx in _tqdm(shards, progress, desc="ensembling", unit="shard"):
             recs = [r.read_batch(idx) for r in readers]
             mean = np.zeros(recs[0].box.shape[:2] + (C,), np.float64)
             for r, rec in zip(readers, recs):
