@@ -306,7 +306,6 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     Returns ``{files, images, images_without_labels, crops_per_image, num_classes, codec, coords_dtype,
     boxes_clamped, bytes_before, bytes_after}``.
     """
-    from . import reader as _reader
     from . import writer as _writer
     from .images import image_size, list_images
 

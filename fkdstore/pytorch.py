@@ -74,7 +74,7 @@ from .validation import int_in_range
 from .images import list_images, load_image
 from .reader import Reader
 from .reader import open as _open_store
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize as _normalize, replay_crops, write_crops
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, replay_crops, write_crops
 
 __all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch", "BatchMix"]
 

@@ -260,7 +260,6 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
     """
     import tempfile
 
-    from . import reader as _reader
     from . import writer as _writer
     from .transforms import CropSampler
 

@@ -73,7 +73,7 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
     for msg in meta_problems:
         problems.add("array", msg)
     h, codec = reader.header, reader.codec
-    N, M, C = h.num_images, h.crops_per_image, h.num_classes
+    N, C = h.num_images, h.num_classes
     if N > MAX_IMAGES:
         return list(problems) + [f"header declares num_images={N}, more than verify checks (at most {MAX_IMAGES})"]
     metas = reader._metas
