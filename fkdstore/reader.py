@@ -27,12 +27,13 @@ from . import codecs as _codecs
 from . import schema as S
 from . import storage as _storage
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
-from .shard import ArrayMeta, Manifest, ShardedArray, group_rows, load_many, parse_array_meta, raise_first, take_many, \
-    take_one
+from .shard import ArrayMeta, Manifest, ShardedArray, fetch_many, finish_many, group_rows, load_many, \
+    parse_array_meta, prefetch_metadata, raise_first, take_many, take_one
 
 __all__ = ["open", "Reader", "CropRecords"]
 
 READ_ALL_BATCH_BYTES = 64 * 2**20  # decoded bytes of shards fetched together by read_all (overlaps latency)
+READ_AHEAD = 2  # read_all on a remote store: batches being fetched while the oldest is decoded
 
 
 @dataclass
@@ -379,25 +380,69 @@ class Reader:
         sl = self._slots(slots, N)
         m = M if sl is None else sl.shape[1]
         out = {name: np.empty((N, m, *trail), np.dtype(dtype)) for name, (trail, dtype) in self._specs.items()}
-        shard_bytes = sum(a.chunk_nbytes * a.per_shard for a in self._arrays.values())
-        step = max(1, READ_ALL_BATCH_BYTES // max(1, shard_bytes))
-        batches = range(0, h.num_shards, step)
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="reading shards", unit=f"{step} shards")
         arrays = list(self._arrays.values())
-        for s0 in batches:
-            shards = range(s0, min(h.num_shards, s0 + step))
-            items = [(a, np.concatenate([a.shard_chunks(s) for s in shards]), None) for a in arrays]
-            for a, (data, errors) in zip(arrays, load_many(items)):
+        shard_bytes = sum(a.chunk_nbytes * a.per_shard for a in arrays)
+        # A remote store is read ahead: READ_AHEAD batches are being fetched (their latency overlapping)
+        # while this thread decodes the oldest; smaller batches keep that pipeline full.
+        ahead = READ_AHEAD if self._source.remote and all(a.fast for a in arrays) else 0
+        budget = READ_ALL_BATCH_BYTES // (ahead + 1) if ahead else READ_ALL_BATCH_BYTES
+        step = max(1, budget // max(1, shard_bytes))
+        batches = [range(s0, min(h.num_shards, s0 + step)) for s0 in range(0, h.num_shards, step)]
+
+        def items(shards):
+            return [(a, np.concatenate([a.shard_chunks(s) for s in shards]), None) for a in arrays]
+
+        def keep(shards, loaded):
+            n0 = shards.start * h.images_per_shard
+            n1 = min(N, shards.stop * h.images_per_shard)
+            for a, (data, errors) in zip(arrays, loaded):
                 raise_first(errors)
-                n0 = shards.start * h.images_per_shard
-                n1 = min(N, shards.stop * h.images_per_shard)
                 rows = data.reshape(-1, *a.chunk_shape[1:])[: n1 - n0]
                 if sl is not None:
                     rows = rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
                 out[a.path][n0:n1] = rows
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(batches), desc="reading shards", unit=f"{step} shards")
+        try:
+            if not ahead:
+                for shards in batches:
+                    keep(shards, load_many(items(shards)))
+                    if bar is not None:
+                        bar.update()
+            else:
+                import collections
+                import threading
+                from concurrent.futures import ThreadPoolExecutor
+
+                lock = threading.Lock()  # the shard-index and manifest caches, shared by the fetching threads
+                todo = iter(batches)
+                with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fkdstore-read-all") as pool:
+                    prefetch_metadata(arrays, range(h.num_shards), pool)  # one round, not two per batch
+                    pending: collections.deque = collections.deque()
+                    try:
+                        for shards in todo:
+                            pending.append((shards, pool.submit(fetch_many, items(shards), lock)))
+                            if len(pending) == ahead:
+                                break
+                        while pending:
+                            shards, fut = pending.popleft()
+                            plans = fut.result()
+                            nxt = next(todo, None)
+                            if nxt is not None:
+                                pending.append((nxt, pool.submit(fetch_many, items(nxt), lock)))
+                            keep(shards, finish_many(plans))
+                            if bar is not None:
+                                bar.update()
+                    finally:
+                        for _, fut in pending:  # an error stops the read: fetches not started are dropped
+                            fut.cancel()
+        finally:
+            if bar is not None:
+                bar.close()
         return self._records(out)
 
     def decode(self, fields: Mapping[str, Any], temperature: float | None = None):

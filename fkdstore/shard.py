@@ -33,6 +33,7 @@ read through Zarr, still with the missing-file and manifest checks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import OrderedDict
@@ -462,7 +463,10 @@ class ShardedArray:
         out = np.zeros((n, *self.chunk_shape), self.dtype) if direct else None
         flat = out.reshape(n, -1).view(np.uint8) if direct else None
         parts = None if direct else [_zeros(expect)] * n
-        want = self._wanted_tags(plan) if self.manifest is not None else None
+        if plan.tagged:
+            want = plan.want
+        else:
+            want = self._wanted_tags(plan) if self.manifest is not None else None
         cl = cs.tolist()
         for j, (_, a, b), raw in zip(plan.slots, plan.requests, blobs):
             got = self._check_chunk(cl[j], raw, a, b, None if want is None else want[j],
@@ -647,6 +651,9 @@ class _Plan:
     errors: list
     requests: list = field(default_factory=list)
     slots: list = field(default_factory=list)
+    blobs: list = field(default_factory=list)  # fetched bytes of ``requests`` (fetch_many)
+    want: list | None = None  # expected manifest tag per chunk, when ``tagged`` (fetch_many)
+    tagged: bool = False
 
 
 def raise_first(errors) -> None:
@@ -659,19 +666,40 @@ def load_many(items) -> list[tuple[np.ndarray, list[Exception | None]]]:
     """Load chunks of several arrays of one store at once: ``items`` = ``[(array, chunk ids, need), ...]``.
     The byte ranges of all of them go to the source in ONE call (concurrent and coalesced for a remote
     store, so a batch costs one round of latency, not one per array). Returns ``[(data, errors), ...]``."""
+    return finish_many(fetch_many(items))
+
+
+def fetch_many(items, lock=None) -> list[_Plan]:
+    """The I/O half of :func:`load_many`: shard indexes, manifest tags and the chunks' stored bytes of
+    ``items``, as plans for :func:`finish_many` (which does no I/O and touches no cache for sharded arrays,
+    so it can decode one batch while another thread fetches the next). ``lock``: held while the shared
+    caches (shard indexes, manifest chunks) are consulted and filled, released for the chunk transfer."""
     if not items:
         return []
-    _prefetch(items)
-    plans = [a._plan(cs, need) for a, cs, need in items]
-    source = plans[0].array.source
+    with lock if lock is not None else contextlib.nullcontext():
+        _prefetch(items)
+        plans = [a._plan(cs, need) for a, cs, need in items]
+        for p in plans:
+            if p.array.fast:
+                p.want = p.array._wanted_tags(p) if p.array.manifest is not None else None
+                p.tagged = True
     requests = [r for p in plans for r in p.requests]
-    blobs = source.read_ranges(requests) if requests else []
+    blobs = plans[0].array.source.read_ranges(requests) if requests else []
     k = 0
     for p in plans:
         n = len(p.requests)
-        p.array._finish(p, blobs[k:k + n])
+        p.blobs = blobs[k:k + n]
         k += n
-    _heal(source, plans)
+    return plans
+
+
+def finish_many(plans: list[_Plan]) -> list[tuple[np.ndarray, list[Exception | None]]]:
+    """The decode half of :func:`load_many`: check and decode the fetched chunks of ``plans``."""
+    if not plans:
+        return []
+    for p in plans:
+        p.array._finish(p, p.blobs)
+    _heal(plans[0].array.source, plans)
     return [(p.out, p.errors) for p in plans]
 
 
@@ -712,6 +740,40 @@ def _prefetch(items) -> None:
     manifest = next((a.manifest for a, _, _ in items if a.manifest is not None), None)
     if manifest is not None and not single:  # one chunk per array: one manifest chunk, read by shard()
         manifest.prefetch({int(s) for a, cs, _ in items for s in (np.asarray(cs) // a.per_shard).tolist()})
+
+
+def prefetch_metadata(arrays, shards, pool=None) -> None:
+    """Cache the shard indexes of ``arrays`` and the manifest chunks of ``shards`` ahead of a long read
+    (``Reader.read_all`` on a remote store): the uncached indexes in ONE suffix-read call and the manifest
+    chunks in one Zarr read, the two concurrently when ``pool`` (an executor) is given. At most as many
+    shards as the caches hold; damage is left for the reads to report, shard by shard."""
+    shards = sorted(set(int(s) for s in shards))
+    fast = [a for a in arrays if a.fast]
+    if not shards or not fast:
+        return
+    cap = min([MANIFEST_CACHE_SHARDS] + [max(8, INDEX_CACHE_BYTES // (a.per_shard * 16)) for a in fast])
+    shards = shards[:cap]
+    manifest = next((a.manifest for a in fast if a.manifest is not None), None)
+    job = None
+    if manifest is not None:
+        job = pool.submit(manifest.prefetch, shards) if pool is not None else None
+    wants = [(a, [s for s in shards if s not in a._index]) for a in fast]
+    wants = [(a, t) for a, t in wants if t]
+    if wants:
+        try:
+            raws = wants[0][0].source.read_suffixes([(a.shard_key(s), a.per_shard * 16 + 4) for a, t in wants
+                                                     for s in t])
+        except Exception:  # pragma: no cover - the reads that need these indexes report it
+            raws = None
+        k = 0
+        for a, todo in wants:
+            if raws is not None:
+                a._indexes(todo, raws[k:k + len(todo)])
+            k += len(todo)
+    if job is not None:
+        job.result()
+    elif manifest is not None:
+        manifest.prefetch(shards)
 
 
 def take_one(arrays, c: int) -> list[np.ndarray]:

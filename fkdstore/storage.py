@@ -316,6 +316,7 @@ class ByteSource:
 
     store = None  # the Zarr store (subclasses: a property)
     caching = False  # True for CachedSource: fkdstore.shard retries failed reads once through invalidate()
+    remote = True  # reads wait on a network: Reader.read_all fetches ahead while it decodes (False: local disk)
 
     def invalidate(self, ranges: Sequence[tuple[str, int, int]] = (), suffixes: Sequence[tuple[str, int]] = ()) -> bool:
         """Forget what a cache holds for these reads (they failed a check), so that reading them again asks
@@ -335,6 +336,8 @@ class ByteSource:
 class LocalSource(ByteSource):
     """Files under a local folder, read with ``os.pread`` on cached descriptors (a bounded LRU). Fork-safe:
     a child process reopens its own descriptors; pickling drops them."""
+
+    remote = False
 
     def __init__(self, root: str, prefix: str = ""):
         self.root, self.prefix = str(root), prefix

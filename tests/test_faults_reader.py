@@ -12,6 +12,7 @@ import pytest
 
 from fkdstore import reader as R
 from fkdstore import schema as S
+from fkdstore import storage
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, IncompleteStoreError
 from fkdstore.shard import MISSING
 from fkdstore.verify import verify
@@ -20,6 +21,16 @@ from v2util import set_header, shard_file, shard_index, to_v1, use_dot_separator
 
 N, M, C, IPC, IPS = 16, 5, 30, 4, 8  # shards of 8 images = 2 inner chunks; 2 shards
 PROBS = S.soft_path("probs")
+
+
+@pytest.fixture(params=["sequential", "read-ahead"], autouse=True)
+def read_all_mode(request, monkeypatch):
+    """read_all runs twice per damage: as on local disk, and with the read-ahead pipeline of a remote store
+    (forced on local files, one shard per batch, so a later batch is fetched while an earlier one decodes)."""
+    if request.param == "read-ahead":
+        monkeypatch.setattr(storage.LocalSource, "remote", True)
+        monkeypatch.setattr(R, "READ_ALL_BATCH_BYTES", 1)
+    return request.param
 
 
 @pytest.fixture(params=["1.0", "2.0"])

@@ -156,16 +156,7 @@ def test_remote_store_source_is_concurrent_coalesced_and_equal(tmp_path):
     """A store read through Zarr's store API (here a MemoryStore, as for s3://) returns the same records;
     all chunks of a batch go out in one gather, neighbours coalesced."""
     p, d, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=16)
-    local = zarr.storage.LocalStore(str(p), read_only=True)
-    mem = zarr.storage.MemoryStore()
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    async def copy():
-        async for key in local.list():
-            await mem.set(key, await local.get(key, prototype=default_buffer_prototype()))
-
-    sync(copy())
+    mem = _memory_copy(p)
     calls = []
     original = storage.StoreSource.read_ranges
 
@@ -186,6 +177,60 @@ def test_remote_store_source_is_concurrent_coalesced_and_equal(tmp_path):
     np.testing.assert_array_equal(r.read_all().flip, d["flips"])
     assert storage.coalesce([("a", 0, 10), ("a", 20, 30), ("b", 0, 5), ("a", 10**6, 10**6 + 1)], 100) == [
         ("a", 0, 30, [0, 1]), ("a", 10**6, 10**6 + 1, [3]), ("b", 0, 5, [2])]
+
+
+def _memory_copy(p):
+    """The store at ``p`` copied into a zarr MemoryStore (read through StoreSource, like s3://)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    local = zarr.storage.LocalStore(str(p), read_only=True)
+    mem = zarr.storage.MemoryStore()
+
+    async def copy():
+        async for key in local.list():
+            await mem.set(key, await local.get(key, prototype=default_buffer_prototype()))
+
+    sync(copy())
+    return mem
+
+
+def test_remote_read_all_reads_ahead(tmp_path, monkeypatch):
+    """read_all on a remote store: every shard index in one suffix-read call up front, then one batch per
+    shard fetched ahead while the previous decodes; records equal the local read, with and without slots."""
+    p, d, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=8)  # 5 shards
+    mem = _memory_copy(p)
+    monkeypatch.setattr(R, "READ_ALL_BATCH_BYTES", 1)  # one shard per batch
+    suffix_calls, range_calls = [], []
+    orig_suffixes, orig_ranges = storage.StoreSource.read_suffixes, storage.StoreSource.read_ranges
+    monkeypatch.setattr(storage.StoreSource, "read_suffixes", lambda self, q: suffix_calls.append(len(q)) or orig_suffixes(self, q))
+    monkeypatch.setattr(storage.StoreSource, "read_ranges", lambda self, q: range_calls.append(len(q)) or orig_ranges(self, q))
+    slots = np.random.default_rng(0).integers(0, 6, (40, 3))
+    with R.open(mem) as r, R.open(p) as lo:
+        assert r._source.remote and not lo._source.remote
+        whole = r.read_all(progress=True)
+        assert suffix_calls == [4 * 5]  # 4 arrays x 5 shards, one call
+        assert len(range_calls) == 5  # one per batch (shard)
+        for got, want in ((whole, lo.read_all()), (r.read_all(slots), lo.read_all(slots))):
+            np.testing.assert_array_equal(got.box, want.box)
+            np.testing.assert_array_equal(got.flip, want.flip)
+            for k in want.fields:
+                np.testing.assert_array_equal(got.fields[k], want.fields[k])
+    np.testing.assert_array_equal(whole.box, d["boxes"])
+
+
+def test_remote_read_all_stops_at_a_damaged_shard(tmp_path, monkeypatch):
+    """A chunk damaged in the 4th of 5 shards: read_all through the read-ahead pipeline raises the error
+    naming array, chunk, images and shard file (not a hang, not zeros)."""
+    p, _, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=8)
+    f = p / "box" / "c" / "3" / "0" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[5] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    monkeypatch.setattr(R, "READ_ALL_BATCH_BYTES", 1)
+    with R.open(_memory_copy(p)) as r:
+        with pytest.raises(R.CorruptStoreError, match=r"array 'box' chunk 6 \(images 24-27, shard file box/c/3/0/0\)"):
+            r.read_all()
 
 
 def test_open_refuses_non_stores_and_newer_versions(tmp_path):
