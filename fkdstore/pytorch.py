@@ -544,7 +544,7 @@ def _fresh_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 # The counters are two int64 in a page after the data. Only a worker writes ``sent``, only the main
 # process writes ``released``. A pickled batch that is never unpickled (a loader shut down with batches in
 # flight) keeps its buffer busy: the pool then allocates fresh buffers instead (it never waits and never
-# takes a busy buffer).
+# takes a busy buffer); the main process marks such a buffer released once no live worker owns it (below).
 #
 # Workers that are not persistent exit after each epoch. So that the next epoch's workers do not start with
 # fresh buffers, the main process keeps a mapping of each pooled buffer it received from a worker it forked
@@ -556,8 +556,10 @@ def _fresh_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 _PAGE = mmap.PAGESIZE
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 _OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
+_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
 _WRITE_LOCK = struct.pack("hhqqixxxx", fcntl.F_WRLCK, 0, 0, 0, 0) if fcntl is not None else b""  # struct flock
-_RELEASE_LOCK = threading.Lock()
+_RELEASE_LOCK = threading.RLock()  # an RLock: a finalizer may run (garbage collection) while it is held
+_LIVE: dict[tuple[int, int], int] = {}  # main process: buffer (st_dev, st_ino) -> rebuilt storages still alive
 _IMPORT_PID = os.getpid()  # in a forked worker: the pid of the process it was forked from
 _DATASETS: weakref.WeakValueDictionary[str, TorchDataset] = weakref.WeakValueDictionary()  # token -> dataset
 
@@ -591,6 +593,10 @@ class _PooledBuffer:
             return False
         self.lock_fd = own
         return True
+
+    def unclaim(self) -> None:
+        os.close(self.lock_fd)
+        self.lock_fd = None
 
     def free(self) -> bool:
         return self.counters[0] == self.counters[1] and _USE_COUNT(self.storage._cdata) == self.idle_refs
@@ -650,6 +656,9 @@ class _BatchPool:
                 buf = candidates.pop()
                 if not buf.claim():
                     continue  # a buffer the main process kept, owned by another live worker
+                if not buf.free():  # still held in the main process, or its batches were lost (_lost)
+                    buf.unclaim()
+                    continue
             else:
                 buf = _PooledBuffer.new(nbytes)
                 buf.claim()  # nobody else knows it yet
@@ -678,28 +687,51 @@ def _rebuild_pooled(rebuild, args, nbytes: int, retain: tuple | None) -> torch.T
     t = rebuild(*args)
     storage = t.untyped_storage()
     fd, _ = storage._share_fd_cpu_()  # the rebuilt storage's own descriptor (it is already fd-backed)
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
     counters = mmap.mmap(fd, _PAGE, offset=_trailer(nbytes))
-    weakref.finalize(storage, _release, counters).atexit = False
+    with _RELEASE_LOCK:
+        _LIVE[key] = _LIVE.get(key, 0) + 1
+    weakref.finalize(storage, _release, counters, key).atexit = False
     if retain is not None:
         token, bound, parent = retain
         dataset = _DATASETS.get(token)
         if dataset is not None and parent == os.getpid():
-            _retain(dataset._retained.setdefault(nbytes, []), fd, nbytes, bound)
+            _retain(dataset._retained.setdefault(nbytes, []), fd, key, nbytes, bound)
     return t
 
 
-def _retain(kept: list[_PooledBuffer], fd: int, nbytes: int, bound: int) -> None:
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
+def _retain(kept: list[_PooledBuffer], fd: int, key: tuple[int, int], nbytes: int, bound: int) -> None:
+    """Keep buffer ``key`` for the workers forked later (at most ``bound`` of this size), and mark released
+    the kept buffers whose batches were lost (see :func:`_lost`)."""
+    with _RELEASE_LOCK:
+        for buf in kept:
+            if buf.counters[0] != buf.counters[1] and _lost(buf):
+                buf.counters[1] = buf.counters[0]
     if len(kept) < bound and all(b.key != key for b in kept):
         buf = _PooledBuffer(torch.UntypedStorage._new_shared_fd_cpu(fd, _trailer(nbytes) + _PAGE), nbytes)
         buf.key = key
         kept.append(buf)
 
 
-def _release(counters: mmap.mmap) -> None:
+def _lost(buf: _PooledBuffer) -> bool:
+    """A kept buffer with batches sent but not released, no live user in the main process and no live worker
+    owning it: its last batches were dropped unread (a loader shut down with batches in flight, e.g. after
+    ``break``). A worker exits only after the main process read all it sent or dropped the loader, so nothing
+    can still arrive on it."""
+    if _LIVE.get(buf.key):
+        return False
+    fd, _ = buf.storage._share_fd_cpu_()
+    probe = struct.unpack("hhqqixxxx", fcntl.fcntl(fd, _OFD_GETLK, _WRITE_LOCK))
+    return probe[0] == fcntl.F_UNLCK
+
+
+def _release(counters: mmap.mmap, key: tuple[int, int]) -> None:
     with _RELEASE_LOCK:  # finalizers may run in the pin-memory thread and the main thread
         struct.pack_into("=q", counters, 8, struct.unpack_from("=q", counters, 8)[0] + 1)
+        left = _LIVE.pop(key) - 1
+        if left:
+            _LIVE[key] = left
     counters.close()
 
 

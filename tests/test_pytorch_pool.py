@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import weakref
 
 import numpy as np
@@ -164,3 +165,24 @@ def test_no_workers_and_bad_argument(data):
     for bad in (-1, 1.5, "4"):
         with pytest.raises((ValidationError, TypeError)):
             fkdstore.TorchDataset(store, folder, batch_pool=bad)
+
+
+def test_batches_dropped_unread_do_not_keep_buffers_busy(data, reference):
+    """Leaving a loop early (non-persistent workers) drops the prefetched batches unread; the main process marks
+    their kept buffers released once no worker owns them, so later epochs still reuse buffers."""
+    ds, dl = _loader(data, 4)
+    for batch in dl:  # a whole epoch: the main process keeps buffers
+        pass
+    for e in range(3):
+        ds.set_epoch(e)
+        for batch in dl:
+            time.sleep(0.3)  # the workers fill their prefetched batches, in kept buffers
+            break
+        del batch
+        gc.collect()
+    stale = [b for kept in ds._retained.values() for b in kept if b.counters[0] != b.counters[1]]
+    out, ids = _epochs(ds, dl, 3, lambda b: b["crops"].clone())
+    assert all(torch.equal(x, ref["crops"]) for x, ref in zip(out, reference)) and len(out) == 21
+    kept = {b.key for bufs in ds._retained.values() for b in bufs}
+    assert sum(i in kept for i in ids[-7:]) >= 4  # the last epoch's workers reuse the buffers the main process kept
+    assert stale and all(b.counters[0] == b.counters[1] for b in stale)  # there were lost batches; released now
