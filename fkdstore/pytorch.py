@@ -51,7 +51,16 @@ in one vectorised call; images are the only per-item I/O. Each image is decoded 
 written straight into one batch buffer (in shared memory inside a worker) by the shared crop function, with
 flip, HWC -> CHW and normalisation fused into one pass per crop, bit-identical to
 ``normalize(replay_crops(...))``, which the teacher-runner saw; :func:`collate` hands that buffer on without
-copying. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
+copying.
+
+Memory: a fresh shared-memory batch buffer costs about as much as filling it (its pages are allocated, zeroed
+and mapped on first touch, then freed), so each DataLoader worker keeps up to ``batch_pool`` (default 4)
+buffers per batch size and refills one only once the main process has dropped every reference to the
+batch's memory (views, ``numpy()`` and ``detach()`` included: holding batches is safe, the worker then
+allocates fresh buffers). With non-persistent fork workers the main process keeps up to
+``num_workers * batch_pool`` buffers per batch size for the dataset's lifetime, so the next epoch's workers
+start on them; they are freed with the dataset. ``batch_pool=0``: a fresh buffer per batch, freed with the
+batch. Details: the comment above ``_BatchPool`` in this module. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
 fastest path (``benchmarks/dataset_profile.py``). (A per-epoch preload with ``read_all(slots)``
 was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
 """
@@ -159,12 +168,15 @@ class TorchDataset(torch.utils.data.Dataset):
         cache_dir, cache_bytes: for a URL ``store``, a local folder caching the bytes read from it (bounded
             by ``cache_bytes``, default 10 GiB), shared by the DataLoader workers; see :func:`fkdstore.open`.
         batch_pool: how many shared-memory batch buffers each DataLoader worker keeps per batch size and
-            refills (default 4: ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``). A buffer is refilled
-            only after the main process has dropped every reference to the batch's crops (views, ``numpy()``
-            and ``detach()`` included), so holding batches is safe: when all are busy the worker allocates a
-            fresh buffer. ``0``: a fresh buffer per batch (the memory is freed with the batch). Without
-            workers (``num_workers=0``) it has no effect. Send the crops of a batch on to another process
-            only as a copy (``clone()``): the pool cannot see references held by a third process.
+            refills (default 4 = DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``).
+            A buffer is refilled only after the main process has dropped every reference to the batch's
+            crops (views, ``numpy()`` and ``detach()`` included), so holding batches is safe: when all are
+            busy the worker allocates a fresh buffer (it never waits). With fork workers that are not
+            persistent, the main process keeps up to ``num_workers * batch_pool`` of them per batch size
+            (in /dev/shm) until the dataset is freed, for the next epoch's workers. ``0``: a fresh buffer
+            per batch, freed with the batch. No effect without workers (``num_workers=0``) or with the
+            ``file_system`` sharing strategy. Send a batch's crops on to another process only as a copy
+            (``clone()``): the pool cannot see references held by a third process.
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
