@@ -323,6 +323,11 @@ class TorchDataset(torch.utils.data.Dataset):
             d["_reader"] = None  # reopened lazily in the worker
         return d
 
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._pool_token = os.urandom(8).hex()  # a copy keeps buffers of its own
+        _DATASETS[self._pool_token] = self
+
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
         return len(self.image_indices)
@@ -716,14 +721,14 @@ def _rebuild_pooled(rebuild, args, nbytes: int, retain: tuple | None) -> torch.T
 def _retain(kept: list[_PooledBuffer], fd: int, key: tuple[int, int], nbytes: int, bound: int) -> None:
     """Keep buffer ``key`` for the workers forked later (at most ``bound`` of this size), and mark released
     the kept buffers whose batches were lost (see :func:`_lost`)."""
-    with _RELEASE_LOCK:
+    with _RELEASE_LOCK:  # the pin-memory thread unpickles too
         for buf in kept:
             if buf.counters[0] != buf.counters[1] and _lost(buf):
                 buf.counters[1] = buf.counters[0]
-    if len(kept) < bound and all(b.key != key for b in kept):
-        buf = _PooledBuffer(torch.UntypedStorage._new_shared_fd_cpu(fd, _trailer(nbytes) + _PAGE), nbytes)
-        buf.key = key
-        kept.append(buf)
+        if len(kept) < bound and all(b.key != key for b in kept):
+            buf = _PooledBuffer(torch.UntypedStorage._new_shared_fd_cpu(fd, _trailer(nbytes) + _PAGE), nbytes)
+            buf.key = key
+            kept.append(buf)
 
 
 def _lost(buf: _PooledBuffer) -> bool:

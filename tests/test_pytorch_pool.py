@@ -186,3 +186,24 @@ def test_batches_dropped_unread_do_not_keep_buffers_busy(data, reference):
     kept = {b.key for bufs in ds._retained.values() for b in bufs}
     assert sum(i in kept for i in ids[-7:]) >= 4  # the last epoch's workers reuse the buffers the main process kept
     assert stale and all(b.counters[0] == b.counters[1] for b in stale)  # there were lost batches; released now
+
+
+def test_spawn_workers_reuse_their_own_buffers(data, reference):
+    """A spawned worker inherits nothing: it keeps its own buffers (the main process keeps none for it)."""
+    folder, store = data
+    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=m, batch_pool=2)
+    dl = DataLoader(ds, batch_size=B, num_workers=1, collate_fn=fkdstore.collate, multiprocessing_context="spawn",
+                    persistent_workers=True)
+    out, ids = _epochs(ds, dl, 2, lambda b: b["crops"].clone())
+    assert all(torch.equal(x, ref["crops"]) for x, ref in zip(out, reference)) and len(out) == 14
+    assert len(set(ids)) < len(ids) // 2 and not ds._retained
+
+
+def test_a_copy_of_the_dataset_keeps_its_own_buffers(data):
+    import copy
+
+    ds, dl = _loader(data, 2)
+    for _ in dl:
+        pass
+    twin = copy.deepcopy(ds)
+    assert twin._pool_token != ds._pool_token and not twin._retained and ds._retained
