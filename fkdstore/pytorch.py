@@ -75,7 +75,7 @@ import struct
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 try:
     import fcntl
@@ -584,7 +584,7 @@ _DATASETS: weakref.WeakValueDictionary[str, TorchDataset] = weakref.WeakValueDic
 class _PooledBuffer:
     """One shared batch buffer: ``nbytes`` of data, then a page holding the int64 counters (sent, released)."""
 
-    __slots__ = ("storage", "nbytes", "trailer", "counters", "idle_refs", "key", "lock_fd")
+    __slots__ = ("counters", "idle_refs", "key", "lock_fd", "nbytes", "storage", "trailer")
 
     def __init__(self, storage: torch.UntypedStorage, nbytes: int):
         self.storage, self.nbytes, self.trailer = storage, nbytes, _trailer(nbytes)
@@ -629,9 +629,10 @@ def _trailer(nbytes: int) -> int:
 class _BatchPool:
     """The batch buffers one DataLoader worker process uses for one dataset (see the comment above)."""
 
-    pools: dict[str, _BatchPool] = {}
-    by_ptr: dict[int, tuple[_PooledBuffer, tuple | None]] = {}  # data_ptr -> (buffer, retain info)
-    pid: int | None = None
+    # this process's pools (dataset token -> pool) and its pooled buffers (data_ptr -> (buffer, retain info))
+    pools: ClassVar[dict[str, _BatchPool]] = {}
+    by_ptr: ClassVar[dict[int, tuple[_PooledBuffer, tuple | None]]] = {}
+    pid: ClassVar[int | None] = None
 
     def __init__(self, retained: Mapping[int, list[_PooledBuffer]], retain: tuple | None):
         self.buffers: dict[int, list[_PooledBuffer]] = {}

@@ -11,14 +11,13 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from test_pytorch import _build
 from torch.utils.data import DataLoader
 
 import fkdstore
 import fkdstore.pytorch as fp
 from fkdstore.errors import ValidationError
 from fkdstore.testing import make_digits_folder
-
-from test_pytorch import _build
 
 pytestmark = pytest.mark.skipif(not fp._BatchPool.usable(), reason="needs Linux shared memory (file_descriptor)")
 
@@ -132,9 +131,9 @@ def test_two_live_loaders_over_one_dataset_never_share_a_buffer(data, reference)
 
 
 def test_sparse_labels_and_uint8_use_the_pool_too(data):
-    ds, dl = _loader(data, 3, persistent=True, normalize=False, soft_labels="sparse")
-    ds0, dl0 = _loader(data, 0, normalize=False, soft_labels="sparse")
-    got = [b["crops"].clone() for b in dl for _ in (0,)]
+    _, dl = _loader(data, 3, persistent=True, normalize=False, soft_labels="sparse")
+    _, dl0 = _loader(data, 0, normalize=False, soft_labels="sparse")
+    got = [b["crops"].clone() for b in dl]
     ref = [b["crops"].clone() for b in dl0]
     assert all(torch.equal(x, y) for x, y in zip(got, ref)) and len(got) == len(ref) == 7
     assert got[0].dtype == torch.uint8
