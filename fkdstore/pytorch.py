@@ -263,6 +263,7 @@ class TorchDataset(torch.utils.data.Dataset):
         self.temperature = _codecs.parse_temperature(temperature)
         self.batch_pool = _check_int("batch_pool", batch_pool, 0)
         self._pool_token = os.urandom(8).hex()  # names this dataset's batch buffers across processes
+        self._owner_pid = os.getpid()  # a worker whose parent this is inherited _retained by fork
         self._retained: dict[int, list[_PooledBuffer]] = {}  # nbytes -> buffers kept for later workers
         _DATASETS[self._pool_token] = self
 
@@ -325,7 +326,8 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def __setstate__(self, d):
         self.__dict__.update(d)
-        self._pool_token = os.urandom(8).hex()  # a copy keeps buffers of its own
+        self._pool_token = os.urandom(8).hex()  # a copy (or a spawned worker's dataset) keeps buffers of its own
+        self._owner_pid = os.getpid()
         _DATASETS[self._pool_token] = self
 
     # ------------------------------------------------------------------ items
@@ -577,7 +579,6 @@ _OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
 _WRITE_LOCK = struct.pack("hhqqixxxx", fcntl.F_WRLCK, 0, 0, 0, 0) if fcntl is not None else b""  # struct flock
 _RELEASE_LOCK = threading.RLock()  # an RLock: a finalizer may run (garbage collection) while it is held
 _LIVE: dict[tuple[int, int], int] = {}  # main process: buffer (st_dev, st_ino) -> rebuilt storages still alive
-_IMPORT_PID = os.getpid()  # in a forked worker: the pid of the process it was forked from
 _DATASETS: weakref.WeakValueDictionary[str, TorchDataset] = weakref.WeakValueDictionary()  # token -> dataset
 
 
@@ -655,7 +656,7 @@ class _BatchPool:
         pool = cls.pools.get(dataset._pool_token)
         if pool is None:
             info = torch.utils.data.get_worker_info()
-            forked = _IMPORT_PID == os.getppid()  # inherited the main process's memory (not spawn/forkserver)
+            forked = dataset._owner_pid == os.getppid()  # forked from the dataset's process (not spawn/forkserver)
             retain = (dataset._pool_token, dataset.batch_pool * info.num_workers, os.getppid()) if forked else None
             pool = cls.pools[dataset._pool_token] = cls(dataset._retained, retain)
         return pool
