@@ -51,17 +51,36 @@ in one vectorised call; images are the only per-item I/O. Each image is decoded 
 written straight into one batch buffer (in shared memory inside a worker) by the shared crop function, with
 flip, HWC -> CHW and normalisation fused into one pass per crop, bit-identical to
 ``normalize(replay_crops(...))``, which the teacher-runner saw; :func:`collate` hands that buffer on without
-copying. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
+copying.
+
+Memory: a fresh shared-memory batch buffer costs about as much as filling it (its pages are allocated, zeroed
+and mapped on first touch, then freed), so each DataLoader worker keeps up to ``batch_pool`` (default 4)
+buffers per batch size and refills one only once the main process has dropped every reference to the
+batch's memory (views, ``numpy()`` and ``detach()`` included: holding batches is safe, the worker then
+allocates fresh buffers). With non-persistent fork workers the main process keeps up to
+``num_workers * batch_pool`` buffers per batch size for the dataset's lifetime, so the next epoch's workers
+start on them; they are freed with the dataset. ``batch_pool=0``: a fresh buffer per batch, freed with the
+batch. Details: the comment above ``_BatchPool`` in this module. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
 fastest path (``benchmarks/dataset_profile.py``). (A per-epoch preload with ``read_all(slots)``
 was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import mmap
 import os
+import struct
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no batch pool
+    fcntl = None
 
 import numpy as np
 import torch
@@ -148,6 +167,16 @@ class TorchDataset(torch.utils.data.Dataset):
             instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
         cache_dir, cache_bytes: for a URL ``store``, a local folder caching the bytes read from it (bounded
             by ``cache_bytes``, default 10 GiB), shared by the DataLoader workers; see :func:`fkdstore.open`.
+        batch_pool: how many shared-memory batch buffers each DataLoader worker keeps per batch size and
+            refills (default 4 = DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``).
+            A buffer is refilled only after the main process has dropped every reference to the batch's
+            crops (views, ``numpy()`` and ``detach()`` included), so holding batches is safe: when all are
+            busy the worker allocates a fresh buffer (it never waits). With fork workers that are not
+            persistent, the main process keeps up to ``num_workers * batch_pool`` of them per batch size
+            (in /dev/shm) until the dataset is freed, for the next epoch's workers. ``0``: a fresh buffer
+            per batch, freed with the batch. No effect without workers (``num_workers=0``) or with the
+            ``file_system`` sharing strategy. Send a batch's crops on to another process only as a copy
+            (``clone()``): the pool cannot see references held by a third process.
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
@@ -178,6 +207,7 @@ class TorchDataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
         labels: str | None = None,
+        batch_pool: int = 4,
     ):
         self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
         if isinstance(store, Reader):
@@ -231,6 +261,11 @@ class TorchDataset(torch.utils.data.Dataset):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform
         self.temperature = _codecs.parse_temperature(temperature)
+        self.batch_pool = _check_int("batch_pool", batch_pool, 0)
+        self._pool_token = os.urandom(8).hex()  # names this dataset's batch buffers across processes
+        self._owner_pid = os.getpid()  # a worker whose parent this is inherited _retained by fork
+        self._retained: dict[int, list[_PooledBuffer]] = {}  # nbytes -> buffers kept for later workers
+        _DATASETS[self._pool_token] = self
 
         listing = list_images(images)
         self._paths = _match_images(reader.image_keys, listing)
@@ -284,9 +319,16 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         d = self.__dict__.copy()
+        d["_retained"] = {}  # shared memory reaches a spawned worker by fork only
         if self._store_path is not None:
             d["_reader"] = None  # reopened lazily in the worker
         return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._pool_token = os.urandom(8).hex()  # a copy (or a spawned worker's dataset) keeps buffers of its own
+        self._owner_pid = os.getpid()
+        _DATASETS[self._pool_token] = self
 
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
@@ -312,7 +354,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             return self._augmented_items(idx, slots, rec, soft)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
+        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype, self).unbind(0)
         return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
                  "index": i, "slots": sl}
                 for i, target, boxes, flips, buf, lab, sl in zip(
@@ -349,7 +391,7 @@ class TorchDataset(torch.utils.data.Dataset):
 
         self._check_params(idx, slots, rec.aug)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
+        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype, self).unbind(0)
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
@@ -484,13 +526,232 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, dataset: TorchDataset | None = None) -> torch.Tensor:
     """An uninitialised CPU tensor; in a DataLoader worker in shared memory (as default_collate does), so
-    sending it to the main process copies nothing."""
+    sending it to the main process copies nothing. With ``dataset`` (``batch_pool > 0``), inside a worker,
+    a buffer of the worker's :class:`_BatchPool` for that dataset, reused once free."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
+    if dataset is not None and dataset.batch_pool > 0 and _BatchPool.usable():
+        return _BatchPool.of(dataset).empty(shape, dtype, dataset.batch_pool)
+    return _fresh_shared(shape, dtype)
+
+
+def _fresh_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     t = torch.empty(0, dtype=dtype)
     return t.new(t._typed_storage()._new_shared(math.prod(shape), device="cpu")).resize_(shape)
+
+
+# --------------------------------------------------------------------- pool of shared batch buffers
+#
+# A fresh shared-memory batch buffer costs more than filling it: every page of it is allocated, zeroed
+# and mapped on first touch in the worker, then freed after the main process drops the batch (about
+# 0.4 ms per 224-px float32 crop, a third of the crop's whole cost). A worker therefore keeps its batch
+# buffers and refills one only when every process is done with it:
+#
+# * the worker's own references are counted by the buffer's StorageImpl use count (the pool holds a
+#   fixed number of them);
+# * each time a tensor on a pooled buffer is pickled for the main process, the worker adds one to the
+#   buffer's ``sent`` counter (a reducer for torch.Tensor installed in the worker's ForkingPickler, which
+#   otherwise defers to torch's); the main process rebuilds it with :func:`_rebuild_pooled`, which puts a
+#   finalizer on the rebuilt *storage*. PyTorch keeps a storage's Python object alive for as long as its
+#   C++ storage lives (views, ``detach()``, ``numpy()``, ``from_numpy(t.numpy())`` and slices all keep it),
+#   so the finalizer runs only once nothing in the main process uses the memory; it then adds one to the
+#   buffer's ``released`` counter, through a separate one-page mapping of the counters;
+# * a buffer is free when ``released == sent`` and the pool holds the only references in the worker.
+#
+# The counters are two int64 in a page after the data. Only a worker writes ``sent``, only the main
+# process writes ``released``. A pickled batch that is never unpickled (a loader shut down with batches in
+# flight) keeps its buffer busy: the pool then allocates fresh buffers instead (it never waits and never
+# takes a busy buffer); the main process marks such a buffer released once no live worker owns it (below).
+#
+# Workers that are not persistent exit after each epoch. So that the next epoch's workers do not start with
+# fresh buffers, the main process keeps a mapping of each pooled buffer it received from a worker it forked
+# (``TorchDataset._retained``, at most num_workers x batch_pool per batch size, freed with the dataset);
+# workers forked later inherit these mappings and claim them. A worker owns every buffer it uses through an
+# open-file-description lock (F_OFD_SETLK) held until it exits, so two live workers (of two loaders over one
+# dataset) never share one. Used only with the "file_descriptor" sharing strategy (Linux's default).
+
+_PAGE = mmap.PAGESIZE
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
+_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
+_WRITE_LOCK = struct.pack("hhqqixxxx", fcntl.F_WRLCK, 0, 0, 0, 0) if fcntl is not None else b""  # struct flock
+_RELEASE_LOCK = threading.RLock()  # an RLock: a finalizer may run (garbage collection) while it is held
+_LIVE: dict[tuple[int, int], int] = {}  # main process: buffer (st_dev, st_ino) -> rebuilt storages still alive
+_DATASETS: weakref.WeakValueDictionary[str, TorchDataset] = weakref.WeakValueDictionary()  # token -> dataset
+
+
+class _PooledBuffer:
+    """One shared batch buffer: ``nbytes`` of data, then a page holding the int64 counters (sent, released)."""
+
+    __slots__ = ("counters", "idle_refs", "key", "lock_fd", "nbytes", "storage", "trailer")
+
+    def __init__(self, storage: torch.UntypedStorage, nbytes: int):
+        self.storage, self.nbytes, self.trailer = storage, nbytes, _trailer(nbytes)
+        self.counters = torch.empty(0, dtype=torch.int64).set_(storage, self.trailer // 8, (2,)).numpy()
+        self.idle_refs = _USE_COUNT(storage._cdata)  # the references this object holds
+        self.key: tuple[int, int] | None = None
+        self.lock_fd: int | None = None
+
+    @classmethod
+    def new(cls, nbytes: int) -> _PooledBuffer:
+        buf = cls(torch.UntypedStorage._new_shared(_trailer(nbytes) + _PAGE), nbytes)
+        buf.counters[:] = 0
+        return buf
+
+    def claim(self) -> bool:
+        """Own the buffer for the rest of this process's life (False: another live process owns it)."""
+        fd, _ = self.storage._share_fd_cpu_()
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)  # a file description of our own
+        try:
+            fcntl.fcntl(own, _OFD_SETLK, _WRITE_LOCK)
+        except OSError:
+            os.close(own)
+            return False
+        self.lock_fd = own
+        return True
+
+    def unclaim(self) -> None:
+        os.close(self.lock_fd)
+        self.lock_fd = None
+
+    def free(self) -> bool:
+        return self.counters[0] == self.counters[1] and _USE_COUNT(self.storage._cdata) == self.idle_refs
+
+    def view(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(0, dtype=dtype).set_(self.storage, 0, (math.prod(shape),)).view(shape)
+
+
+def _trailer(nbytes: int) -> int:
+    return -(-nbytes // _PAGE) * _PAGE  # the counters get a page of their own (mapped alone by the main process)
+
+
+class _BatchPool:
+    """The batch buffers one DataLoader worker process uses for one dataset (see the comment above)."""
+
+    # this process's pools (dataset token -> pool) and its pooled buffers (data_ptr -> (buffer, retain info))
+    pools: ClassVar[dict[str, _BatchPool]] = {}
+    by_ptr: ClassVar[dict[int, tuple[_PooledBuffer, tuple | None]]] = {}
+    pid: ClassVar[int | None] = None
+
+    def __init__(self, retained: Mapping[int, list[_PooledBuffer]], retain: tuple | None):
+        self.buffers: dict[int, list[_PooledBuffer]] = {}
+        self.candidates = {k: list(v) for k, v in retained.items()} if retain is not None else {}
+        self.retain = retain
+
+    @staticmethod
+    def usable() -> bool:
+        return (_USE_COUNT is not None and _OFD_SETLK is not None and os.path.isdir("/proc/self/fd")
+                and torch.multiprocessing.get_sharing_strategy() == "file_descriptor")
+
+    @classmethod
+    def of(cls, dataset: TorchDataset) -> _BatchPool:
+        if cls.pid != os.getpid():  # first use in this process (a worker)
+            from multiprocessing.reduction import ForkingPickler
+
+            cls.pools, cls.by_ptr, cls.pid = {}, {}, os.getpid()
+            torch_reduce = ForkingPickler._extra_reducers[torch.Tensor]
+            ForkingPickler.register(torch.Tensor, functools.partial(_reduce_pooled, torch_reduce))
+        pool = cls.pools.get(dataset._pool_token)
+        if pool is None:
+            info = torch.utils.data.get_worker_info()
+            forked = dataset._owner_pid == os.getppid()  # forked from the dataset's process (not spawn/forkserver)
+            retain = (dataset._pool_token, dataset.batch_pool * info.num_workers, os.getppid()) if forked else None
+            pool = cls.pools[dataset._pool_token] = cls(dataset._retained, retain)
+        return pool
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, limit: int) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        same = self.buffers.setdefault(nbytes, [])
+        for buf in same:
+            if buf.free():
+                return buf.view(shape, dtype)
+        candidates = self.candidates.get(nbytes, [])
+        while len(same) < limit:
+            if candidates:
+                buf = candidates.pop()
+                if not buf.claim():
+                    continue  # a buffer the main process kept, owned by another live worker
+                if not buf.free():  # still held in the main process, or its batches were lost (_lost)
+                    buf.unclaim()
+                    continue
+            else:
+                buf = _PooledBuffer.new(nbytes)
+                buf.claim()  # nobody else knows it yet
+            same.append(buf)
+            type(self).by_ptr[buf.storage.data_ptr()] = (buf, self.retain)
+            if buf.free():
+                return buf.view(shape, dtype)
+        return _fresh_shared(shape, dtype)
+
+
+def _reduce_pooled(torch_reduce, t: torch.Tensor):
+    """ForkingPickler reducer for torch.Tensor in a worker: torch's, plus a release hook for pooled buffers."""
+    rebuild, args = torch_reduce(t)
+    plain = t.device.type == "cpu" and t.layout == torch.strided
+    entry = _BatchPool.by_ptr.get(t.untyped_storage().data_ptr()) if plain else None
+    if entry is None:
+        return rebuild, args
+    buf, retain = entry
+    buf.counters[0] += 1  # sent; counted before the bytes leave the worker
+    return _rebuild_pooled, (rebuild, args, buf.nbytes, retain)
+
+
+def _rebuild_pooled(rebuild, args, nbytes: int, retain: tuple | None) -> torch.Tensor:
+    """Unpickle a tensor on a worker's pooled buffer (main process): torch's rebuild, then a finalizer on its
+    storage that marks the buffer released when the storage dies; keeps the buffer for later workers."""
+    t = rebuild(*args)
+    storage = t.untyped_storage()
+    fd, _ = storage._share_fd_cpu_()  # the rebuilt storage's own descriptor (it is already fd-backed)
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    counters = mmap.mmap(fd, _PAGE, offset=_trailer(nbytes))
+    with _RELEASE_LOCK:
+        _LIVE[key] = _LIVE.get(key, 0) + 1
+    weakref.finalize(storage, _release, counters, key).atexit = False
+    if retain is not None:
+        token, bound, parent = retain
+        dataset = _DATASETS.get(token)
+        if dataset is not None and parent == os.getpid():
+            _retain(dataset._retained.setdefault(nbytes, []), fd, key, nbytes, bound)
+    return t
+
+
+def _retain(kept: list[_PooledBuffer], fd: int, key: tuple[int, int], nbytes: int, bound: int) -> None:
+    """Keep buffer ``key`` for the workers forked later (at most ``bound`` of this size), and mark released
+    the kept buffers whose batches were lost (see :func:`_lost`)."""
+    with _RELEASE_LOCK:  # the pin-memory thread unpickles too
+        for buf in kept:
+            if buf.counters[0] != buf.counters[1] and _lost(buf):
+                buf.counters[1] = buf.counters[0]
+        if len(kept) < bound and all(b.key != key for b in kept):
+            buf = _PooledBuffer(torch.UntypedStorage._new_shared_fd_cpu(fd, _trailer(nbytes) + _PAGE), nbytes)
+            buf.key = key
+            kept.append(buf)
+
+
+def _lost(buf: _PooledBuffer) -> bool:
+    """A kept buffer with batches sent but not released, no live user in the main process and no live worker
+    owning it: its last batches were dropped unread (a loader shut down with batches in flight, e.g. after
+    ``break``). A worker exits only after the main process read all it sent or dropped the loader, so nothing
+    can still arrive on it."""
+    if _LIVE.get(buf.key):
+        return False
+    fd, _ = buf.storage._share_fd_cpu_()
+    probe = struct.unpack("hhqqixxxx", fcntl.fcntl(fd, _OFD_GETLK, _WRITE_LOCK))
+    return probe[0] == fcntl.F_UNLCK
+
+
+def _release(counters: mmap.mmap, key: tuple[int, int]) -> None:
+    with _RELEASE_LOCK:  # finalizers may run in the pin-memory thread and the main thread
+        struct.pack_into("=q", counters, 8, struct.unpack_from("=q", counters, 8)[0] + 1)
+        left = _LIVE.pop(key) - 1
+        if left:
+            _LIVE[key] = left
+    counters.close()
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
