@@ -55,6 +55,11 @@ INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
 CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per array (random reads revisit chunks)
 CACHE_MAX_BLOCK_CHUNKS = 64  # a decoded block of more chunks than this is not cached (see ShardedArray._remember)
 MANIFEST_CACHE_SHARDS = 1024
+# crc32c of any bytes followed by their own crc32c (4 bytes, little-endian): checking a stored chunk is one
+# crc32c call over the whole chunk (equivalent: crc(body + x) equals this for exactly one x, crc(body))
+CRC32C_RESIDUE = 0x48674BC7
+_crc = _crc32c.crc32c
+_blosc_sizes, _blosc_decompress = _blosc._cbuffer_sizes, _blosc.decompress
 DIRECT_DECODE_BYTES = 64 * 1024  # decoded chunks at least this big are decoded in place, not joined
 
 
@@ -252,8 +257,12 @@ class ShardedArray:
         self.manifest, self.column = manifest, column
         self._zarr_factory, self._zarr = zarr_array, None
         self._path_bytes = self.path.encode("utf-8")
+        self._tag_head = _crc32c.crc32c(self._path_bytes + b"\0")  # manifest tag: crc continued over uint64_le(c)
         # bytes of the last inner chunk that hold images < N (the rest is taken as the fill value)
         self._tail_bytes = (self.num_images - (self.num_chunks - 1) * self.ipc) * (self.chunk_nbytes // self.ipc)
+        # the chunk whose rows past N are tagged as fill values (-1: the last chunk is full)
+        self._partial = self.num_chunks - 1 if self._tail_bytes < self.chunk_nbytes else -1
+        self._blosc = meta.blosc
         self._cache_limit = max(0, int(CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes))
         self._keys: dict[int, str] = {}  # shard file keys (at most MAX_SHARDS per array)
         self.clear()
@@ -467,10 +476,12 @@ class ShardedArray:
             want = plan.want
         else:
             want = self._wanted_tags(plan) if self.manifest is not None else None
+        if want is None:
+            want = [None] * n
         cl = cs.tolist()
+        check = self._check_chunk
         for j, (_, a, b), raw in zip(plan.slots, plan.requests, blobs):
-            got = self._check_chunk(cl[j], raw, a, b, None if want is None else want[j],
-                                    flat[j] if direct else None)
+            got = check(cl[j], raw, a, b, want[j], flat[j] if direct else None)
             if isinstance(got, Exception):
                 errors[j] = got
             elif not direct:
@@ -486,28 +497,29 @@ class ShardedArray:
         of the decoded bytes. Returns the decoded bytes (decoded into ``dest`` when given) or the error."""
         if raw is None:  # the file vanished between the index read and now
             return CorruptStoreError(f"{self.where(c)}: the shard file is missing")
-        if len(raw) != b - a or b - a < 4:
+        n = len(raw)
+        if n != b - a or n < 4:
             return CorruptChunkError(f"{self.where(c)}: truncated (bytes {a}..{b} of the file are not all there)")
-        body = raw[:-4]
-        if _crc32c.crc32c(body) != int.from_bytes(raw[-4:], "little"):
+        if _crc(raw) != CRC32C_RESIDUE:  # i.e. crc32c(body) != the stored trailer
             return CorruptChunkError(f"{self.where(c)}: crc32c checksum mismatch (data corrupted)")
+        body = memoryview(raw)[:-4]
         expect = self.chunk_nbytes
         try:
-            if self.meta.blosc:
-                nb = _blosc._cbuffer_sizes(body)[0]
+            if self._blosc:
+                nb = _blosc_sizes(body)[0]
                 if nb != expect:
                     raise ValueError(f"decodes to {nb} bytes, expected {expect}")
                 if dest is None:
-                    dec = _blosc.decompress(body)
+                    dec = _blosc_decompress(body)
                 else:
-                    _blosc.decompress(body, dest)
+                    _blosc_decompress(body, dest)
                     dec = dest
-            elif len(body) == expect:
+            elif n - 4 == expect:
                 dec = body
                 if dest is not None:
                     dest[:] = np.frombuffer(body, np.uint8)
             else:
-                raise ValueError(f"{len(body)} bytes, expected {expect}")
+                raise ValueError(f"{n - 4} bytes, expected {expect}")
         except Exception as e:  # blosc raises several types for damaged input
             return CorruptChunkError(f"{self.where(c)}: cannot decode ({e})")
         if want is not None:
@@ -516,13 +528,12 @@ class ShardedArray:
                                          f"({type(want).__name__}: {want})")
             # schema.manifest_tag's rule on the decoded little-endian bytes: crc32c(path + b"\0" + uint64_le(c)
             # + bytes), i.e. the crc of the header continued over the data (tests pin it to schema.manifest_tag)
-            crc = _crc32c.crc32c
-            head = crc(self._path_bytes + b"\0" + c.to_bytes(8, "little"))
-            if c == self.num_chunks - 1 and self._tail_bytes < expect:
+            head = _crc(c.to_bytes(8, "little"), self._tag_head)
+            if c == self._partial:
                 # rows past N count as the fill value whatever the stored chunk holds there (invariant 9)
-                tag = crc(bytes(expect - self._tail_bytes), crc(memoryview(dec)[:self._tail_bytes], head))
+                tag = _crc(_zeros(expect - self._tail_bytes), _crc(memoryview(dec)[:self._tail_bytes], head))
             else:
-                tag = crc(dec, head)
+                tag = _crc(dec, head)
             if tag != want:
                 return CorruptStoreError(f"{self.where(c)} does not match the manifest: misplaced or stale "
                                          f"data{self.manifest.missing_note(c // self.per_shard)}")
@@ -573,6 +584,8 @@ class ShardedArray:
     def lookup(self, cs: np.ndarray) -> tuple[list, list[int]]:
         """Cache lookup of chunks ``cs``: (hit per chunk or None, positions to load)."""
         cache = self._cache
+        if not cache:  # nothing cached (or the cache is off: random access over a large store)
+            return [None] * len(cs), list(range(len(cs)))
         if len(cs) == 1:  # read(i): one chunk per array
             c = int(cs[0])
             h = cache.get(c)
@@ -778,52 +791,66 @@ def prefetch_metadata(arrays, shards, pool=None) -> None:
 
 def take_one(arrays, c: int) -> list[np.ndarray]:
     """Chunk ``c`` of every array in ``arrays`` (``Reader.read``): like ``take_many(arrays, [c])`` with the
-    same checks (:meth:`ShardedArray._check_chunk`), minus the batch machinery. Anything off the common path
-    (a shard index not cached yet, a chunk not stored, the Zarr fallback pipeline, an unreadable manifest)
-    goes through :func:`take_many`, which reports it. Returns ``[(ipc, M, ...) array per array]``."""
+    same checks (:meth:`ShardedArray._check_chunk`), minus the batch machinery: scalar index and manifest
+    lookups (the manifest row of ``c`` is read once for arrays sharing a manifest), one byte range per array
+    fetched in one call. Anything off the common path (a shard index not cached yet, a chunk not stored,
+    the Zarr fallback pipeline, an unreadable manifest) goes through :func:`take_many`, which reports it.
+    Returns ``[(ipc, M, ...) array per array]``."""
     got: list = [None] * len(arrays)
     requests, todo = [], []
+    tags = None  # (manifest, shard, row of tags of chunk c) of the last array that needed it
     for k, a in enumerate(arrays):
-        hit = a._cache.get(c)
-        if hit is not None:
-            a._cache.move_to_end(c)
-            got[k] = hit
-            continue
-        s = c // a.per_shard
+        cache = a._cache
+        if cache:
+            hit = cache.get(c)
+            if hit is not None:
+                cache.move_to_end(c)
+                got[k] = hit
+                continue
+        ps = a.per_shard
+        s = c // ps
         index = a._index.get(s) if a.fast else None
         if index is None:
-            return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
+            return _take_one_slow(arrays, c)
         a._index.move_to_end(s)
-        off, nb = index[c - s * a.per_shard].tolist()
+        off, nb = index[c - s * ps].tolist()
+        if off == MISSING:
+            return _take_one_slow(arrays, c)
         want = None
-        if a.manifest is not None:
-            try:
-                want = int(a.manifest.shard(s)[c - s * a.per_shard, a.column])
-            except Exception:  # reported by take_many
-                want = MISSING
-        if off == MISSING or want == MISSING:
-            return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
+        m = a.manifest
+        if m is not None:
+            if tags is None or tags[0] is not m or tags[1] != s:
+                try:
+                    tags = (m, s, m.shard(s)[c - s * ps].tolist())
+                except Exception:  # reported by take_many
+                    return _take_one_slow(arrays, c)
+            want = tags[2][a.column]
         requests.append((a.shard_key(s), off, off + nb))
         todo.append((k, a, want))
     if requests:
         blobs = arrays[0].source.read_ranges(requests)
-        for (k, a, want), (_, off, end), raw in zip(todo, requests, blobs):
+        for (k, a, want), (key, off, end), raw in zip(todo, requests, blobs):
             dec = a._check_chunk(c, raw, off, end, want)
             if isinstance(dec, Exception):
-                if a.source.invalidate(ranges=[(a.shard_key(c // a.per_shard), off, end)]):
-                    return [x[0] for x in take_many(arrays, np.array([c], np.int64))]  # heals or raises
+                if a.source.invalidate(ranges=[(key, off, end)]):
+                    return _take_one_slow(arrays, c)  # heals or raises
                 raise dec
             data = np.frombuffer(dec, a.dtype).reshape(a.chunk_shape)  # read-only: cached and shared
-            a._remember(np.array([c]), data[None])
+            if a._cache_limit >= a.chunk_nbytes:
+                a._remember(np.array([c]), data[None])
             got[k] = data
     return got
+
+
+def _take_one_slow(arrays, c: int) -> list[np.ndarray]:
+    return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
 
 
 def take_many(arrays, cs: np.ndarray) -> list[np.ndarray]:
     """Chunks ``cs`` (unique) of every array in ``arrays`` (all with the same inner chunking), through each
     array's cache, misses fetched in one :func:`load_many`; raises the first error."""
     looked = [a.lookup(cs) for a in arrays]
-    misses = [(a, cs[todo], None) for a, (_, todo) in zip(arrays, looked) if todo]
+    misses = [(a, cs if len(todo) == len(cs) else cs[todo], None) for a, (_, todo) in zip(arrays, looked) if todo]
     loaded = iter(load_many(misses))
     out = []
     for a, (hits, todo) in zip(arrays, looked):
