@@ -106,6 +106,49 @@ def test_read_batch_order_slots_and_read_all_slots(tmp_path):
     assert r.read_batch([]).box.shape == (0, 8, 4)
 
 
+def test_slots_out_of_range_are_refused_by_every_read(tmp_path):
+    """read(i) checks a few slots in Python, read_batch many with one unsigned reduction: both refuse negative
+    slots (which numpy would otherwise wrap around) and slots >= M, naming the range."""
+    p, d, _ = _store(tmp_path, "2.0", N=20, M=8, C=10, ipc=4, ips=8)
+    r = R.open(p)
+    big = np.zeros((6, 3), np.int64)  # 18 slots: the vectorised check
+    for bad in (-1, 8, np.iinfo(np.int64).min):
+        with pytest.raises(ValidationError, match=rf"slots must be in \[0, 8\). Got values in \[{min(bad, 0)}, "):
+            r.read(3, [0, bad])
+        with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\)"):
+            r.read_batch([3], [[bad]])
+        b = big.copy()
+        b[4, 1] = bad
+        with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\)"):
+            r.read_batch(np.arange(6), b)
+    with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\)"):
+        r.read(3, np.array([2**63], np.uint64))  # wraps to negative as int64: still refused
+    np.testing.assert_array_equal(r.read(3, [7, 0, 7]).box, d["boxes"][3, [7, 0, 7]])
+    np.testing.assert_array_equal(r.read(3, []).box, d["boxes"][3, []])
+
+
+def test_crc32c_residue_is_the_trailer_check():
+    """shard.py checks a stored chunk (body + crc32c trailer) with one crc32c call over all of it: that equals
+    CRC32C_RESIDUE exactly when the trailer is crc32c(body)."""
+    import crc32c
+
+    from fkdstore.shard import CRC32C_RESIDUE
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 3, 100, 5000):
+        body = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        good = crc32c.crc32c(body).to_bytes(4, "little")
+        assert crc32c.crc32c(body + good) == CRC32C_RESIDUE
+        for k in range(4):
+            bad = bytearray(good)
+            bad[k] ^= 1 << int(rng.integers(0, 8))
+            assert crc32c.crc32c(body + bytes(bad)) != CRC32C_RESIDUE
+        if n:
+            flipped = bytearray(body)
+            flipped[n // 2] ^= 0x10
+            assert crc32c.crc32c(bytes(flipped) + good) != CRC32C_RESIDUE
+
+
 def test_bool_and_float_indices_are_refused(tmp_path):
     p, d, _ = _store(tmp_path, "1.0", N=8)
     r = R.open(p)
