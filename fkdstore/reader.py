@@ -204,6 +204,7 @@ class Reader:
         n = len(S.SOFT_GROUP) + 1
         self._field_paths = [(p, p[n:]) for p in specs if p.startswith(S.SOFT_GROUP + "/")]
         self._aug_paths = [(a.name, S.aug_path(a.name)) for a in h.aug]
+        self._v1_aug = h.major < 2 and bool(h.aug)  # 1.0 kept every aug column in one array
 
     def _problem(self, error: CorruptStoreError, more=()) -> None:
         if self._problems is None:
@@ -342,10 +343,9 @@ class Reader:
         return sl
 
     def _records(self, data: dict[str, np.ndarray]) -> CropRecords:
-        h = self.header
-        if h.major < 2 and h.aug:
+        if self._v1_aug:
             block = data[S.AUG]
-            aug = {a.name: block[..., j] for j, a in enumerate(h.aug)}
+            aug = {a.name: block[..., j] for j, a in enumerate(self.header.aug)}
         else:
             aug = {name: data[p] for name, p in self._aug_paths}
         return CropRecords(data[S.BOX], data[S.FLIP], aug, {name: data[p] for p, name in self._field_paths})

@@ -403,10 +403,14 @@ class LocalSource(ByteSource):
     def read_ranges(self, requests):
         if len(requests) <= 8 and len({r[0] for r in requests}) == len(requests):
             # one range per file (Reader.read: one chunk of each array): nothing to coalesce, one pread each
-            fd_of = self._fd
+            fds = self._fds if self._pid == os.getpid() else None  # forked: _fd reopens
             out = []
             for key, a, b in requests:
-                fd = fd_of(key)
+                fd = fds.get(key) if fds is not None else None
+                if fd is None:
+                    fd = self._fd(key)
+                else:
+                    fds.move_to_end(key)
                 out.append(None if fd < 0 else os.pread(fd, b - a, a))
             return out
         out: list = [None] * len(requests)
