@@ -60,6 +60,7 @@ MANIFEST_CACHE_SHARDS = 1024
 CRC32C_RESIDUE = 0x48674BC7
 _crc = _crc32c.crc32c
 _blosc_sizes, _blosc_decompress = _blosc._cbuffer_sizes, _blosc.decompress
+_BLOSC_HEADER = 16  # bytes of a blosc 1 header (version, flags, typesize, nbytes, blocksize, cbytes)
 DIRECT_DECODE_BYTES = 64 * 1024  # decoded chunks at least this big are decoded in place, not joined
 
 
@@ -526,25 +527,31 @@ class ShardedArray:
                 out.append(CorruptChunkError(f"{self.where(c)}: truncated (bytes {a}..{b} of the file are not "
                                              f"all there)"))
                 continue
+            if raw.__class__ is not bytes:  # numcodecs' blosc takes bytes ~0.5 us faster than a view
+                raw = bytes(raw)
             if crc(raw) != CRC32C_RESIDUE:  # i.e. crc32c(body) != the stored trailer
                 out.append(CorruptChunkError(f"{self.where(c)}: crc32c checksum mismatch (data corrupted)"))
                 continue
-            # bytes, not a memoryview: numcodecs' blosc takes bytes ~0.5 us faster than a view (more than the copy)
-            body = raw[:-4] if raw.__class__ is bytes else bytes(memoryview(raw)[:-4])
             try:
                 if blosc:
-                    nb = sizes(body)[0]
+                    # blosc reads its input up to the compressed size its header states (it is given no length):
+                    # that must be the body exactly, so the trailer can stay on (no copy) and nothing past it is read
+                    if n - 4 < _BLOSC_HEADER:
+                        raise ValueError(f"{n - 4} bytes, shorter than a blosc header")
+                    nb, cb, _ = sizes(raw)
                     if nb != expect:
                         raise ValueError(f"decodes to {nb} bytes, expected {expect}")
+                    if cb != n - 4:
+                        raise ValueError(f"its blosc header states {cb} compressed bytes, the chunk holds {n - 4}")
                     if dest is None:
-                        dec = decompress(body)
+                        dec = decompress(raw)
                     else:
-                        decompress(body, dest[j])
+                        decompress(raw, dest[j])
                         dec = dest[j]
                 elif n - 4 == expect:
-                    dec = body
+                    dec = raw[:-4]
                     if dest is not None:
-                        dest[j][:] = np.frombuffer(body, np.uint8)
+                        dest[j][:] = np.frombuffer(dec, np.uint8)
                 else:
                     raise ValueError(f"{n - 4} bytes, expected {expect}")
             except Exception as e:  # blosc raises several types for damaged input

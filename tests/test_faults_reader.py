@@ -337,3 +337,34 @@ def test_cached_and_cold_reads_equal_the_data(tmp_path, monkeypatch, cold):
             rec = r.read_batch(b, slots[b])
             np.testing.assert_array_equal(rec.box, data["boxes"][b[:, None], slots[b]])
         assert verify(p) == []
+
+
+@pytest.mark.parametrize("edit", ["cbytes_short", "cbytes_long", "tiny"])
+def test_blosc_header_lying_about_its_size_is_refused(tmp_path, edit):
+    """blosc is given no input length (it trusts its header): a chunk whose header states another compressed
+    size than the chunk holds must fail before decompression, even with a valid crc32c (re-computed here)."""
+    import crc32c
+
+    p = tmp_path / "s.fkd"
+    make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
+    f = shard_file(p, PROBS, 0)
+    index = shard_index(f, IPS // IPC)
+    off, nb = (int(x) for x in index[1])
+    raw = bytearray(f.read_bytes())
+    body = bytearray(raw[off:off + nb - 4])
+    if edit == "tiny":
+        body = body[:10]
+    else:
+        cb = int.from_bytes(body[12:16], "little")
+        body[12:16] = (cb + (-1 if edit == "cbytes_short" else 1000)).to_bytes(4, "little")
+    chunk = bytes(body) + crc32c.crc32c(bytes(body)).to_bytes(4, "little")
+    raw[off:off + nb] = chunk
+    assert index[0, 0] < off  # chunk 1 is the last before the index: resizing it moves nothing else
+    index[1] = (off, len(chunk))
+    f.write_bytes(bytes(raw))
+    write_shard_index(f, index)
+    what = "shorter than a blosc header" if edit == "tiny" else "its blosc header states"
+    _assert_raises(p, 5, CorruptChunkError, "array 'soft/probs' chunk 1 (images 4-7, shard file soft/probs/c/0/0/0)",
+                   "cannot decode", what)
+    with R.open(p) as r:
+        r.read(3)  # chunk 0 still reads
