@@ -408,3 +408,31 @@ def test_chunk_cache_holds_copies_so_memory_stays_within_its_limit(tmp_path):
         got = r.read_batch(np.arange(100)[::-1])  # 100 chunks: not cached
         np.testing.assert_array_equal(got.box, d["boxes"][::-1])
         assert all(not a._cache for a in r._arrays.values())
+
+
+def test_local_read_ranges_in_order_and_shuffled_agree_with_coalesce(tmp_path):
+    """LocalSource merges requests that come by object and offset (the shard layer's order) in one pass, and
+    sorts (storage.coalesce) otherwise; both return every range's bytes, and merge like coalesce."""
+    rng = np.random.default_rng(0)
+    blobs = {}
+    for name in ("a", "b", "c"):
+        blobs[name] = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+        (tmp_path / name).write_bytes(blobs[name])
+    src = storage.LocalSource(str(tmp_path))
+    for trial in range(30):
+        reqs = []
+        for name in ("b", "a", "c")[: 1 + trial % 3]:
+            starts = np.sort(rng.choice(290_000, int(rng.integers(1, 40)), replace=False))
+            reqs += [(name, int(s), int(s + rng.integers(0, 9000))) for s in starts]
+        if trial % 5 == 0:
+            reqs.append(("missing", 0, 10))
+        runs = storage._ascending_runs(reqs, storage.COALESCE_GAP)
+        merged = storage.coalesce(reqs, storage.COALESCE_GAP)
+        assert sorted((reqs[i0][0], a, b) for i0, _, a, b in runs) == [(k, a, b) for k, a, b, _ in merged]
+        for order in (np.arange(len(reqs)), rng.permutation(len(reqs))):
+            asked = [reqs[i] for i in order]
+            got = src.read_ranges(asked)
+            want = [blobs[k][a:b] if k in blobs else None for k, a, b in asked]
+            assert [None if g is None else bytes(g) for g in got] == want
+    assert storage._ascending_runs([("a", 5, 9), ("a", 1, 3)], 64) is None
+    src.close()
