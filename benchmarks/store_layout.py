@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +27,12 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-import fkdstore
-import fkdstore.shard
-from fkdstore.codecs import get_codec
-from fkdstore.store import storage_stats
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout's fkdstore
+
+import fkdstore  # noqa: E402
+import fkdstore.shard  # noqa: E402
+from fkdstore.codecs import get_codec  # noqa: E402
+from fkdstore.store import storage_stats  # noqa: E402
 
 
 def teacher_like(rng, n, M, C):
