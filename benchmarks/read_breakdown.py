@@ -30,17 +30,18 @@ import time
 from pathlib import Path
 
 import crc32c
-import numcodecs.blosc as blosc
 import numpy as np
 import torch
+from numcodecs import blosc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout's fkdstore
 
-import fkdstore  # noqa: E402
-import fkdstore.shard as shard  # noqa: E402
-import fkdstore.store  # noqa: E402
-from fkdstore.codecs import get_codec  # noqa: E402
-from store_layout import boxes_for, teacher_like  # noqa: E402
+from store_layout import boxes_for, teacher_like
+
+import fkdstore
+import fkdstore.store
+from fkdstore import shard
+from fkdstore.codecs import get_codec
 
 
 def _best(fn, count, repeat):

@@ -29,10 +29,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout's fkdstore
 
-import fkdstore  # noqa: E402
-import fkdstore.shard  # noqa: E402
-from fkdstore.codecs import get_codec  # noqa: E402
-from fkdstore.store import storage_stats  # noqa: E402
+import fkdstore
+import fkdstore.shard
+from fkdstore.codecs import get_codec
+from fkdstore.store import storage_stats
 
 
 def teacher_like(rng, n, M, C):

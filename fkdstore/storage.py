@@ -309,8 +309,7 @@ def _ascending_runs(requests, gap: int) -> list[tuple[int, int, int, int]] | Non
                 return None
             if a - end < gap:
                 start = a
-                if b > end:
-                    end = b
+                end = max(end, b)
                 continue
         if i:
             runs.append((i0, i, a0, end))
