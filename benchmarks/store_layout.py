@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout's fkdstore
 
 import fkdstore
 import fkdstore.shard

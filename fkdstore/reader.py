@@ -100,6 +100,18 @@ def _int_array(x, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def _check_slot_range(sl: np.ndarray, M: int) -> None:
+    """ValidationError unless every slot of ``sl`` (int64) is in ``[0, M)``. Many slots: one reduction
+    (negative slots read as unsigned are larger than any ``M``)."""
+    if sl.size <= 16:  # read(i): a few slots; Python's min/max beat numpy's per-call cost
+        vals = sl.ravel().tolist()
+        if not vals or (min(vals) >= 0 and max(vals) < M):
+            return
+    elif sl.view(np.uint64).max() < M:
+        return
+    raise ValidationError(f"slots must be in [0, {M}). Got values in [{sl.min()}, {sl.max()}].")
+
+
 class Reader:
     """Read access to a store; see :func:`open`. Attributes: ``num_images``, ``crops_per_image``,
     ``num_classes``, ``codec``, ``meta``, ``header``, ``complete``, ``path``; methods :meth:`read`,
@@ -188,6 +200,11 @@ class Reader:
             for p, (name, (trail, dtype)) in enumerate(specs.items()) if name in metas
         }
         self._written = None
+        # CropRecords keys of the arrays, computed once (read(i) builds one CropRecords per image)
+        n = len(S.SOFT_GROUP) + 1
+        self._field_paths = [(p, p[n:]) for p in specs if p.startswith(S.SOFT_GROUP + "/")]
+        self._aug_paths = [(a.name, S.aug_path(a.name)) for a in h.aug]
+        self._v1_aug = h.major < 2 and bool(h.aug)  # 1.0 kept every aug column in one array
 
     def _problem(self, error: CorruptStoreError, more=()) -> None:
         if self._problems is None:
@@ -322,33 +339,31 @@ class Reader:
         sl = _int_array(slots, "slots")
         if sl.ndim != 2 or sl.shape[0] != B:
             raise ValidationError(f"slots must have shape ({B}, m). Got {sl.shape}.")
-        M = self.crops_per_image
-        if sl.size and not ((sl >= 0) & (sl < M)).all():
-            raise ValidationError(f"slots must be in [0, {M}). Got values in [{sl.min()}, {sl.max()}].")
+        _check_slot_range(sl, self.crops_per_image)
         return sl
 
     def _records(self, data: dict[str, np.ndarray]) -> CropRecords:
-        h = self.header
-        if h.major < 2 and h.aug:
+        if self._v1_aug:
             block = data[S.AUG]
-            aug = {a.name: block[..., j] for j, a in enumerate(h.aug)}
+            aug = {a.name: block[..., j] for j, a in enumerate(self.header.aug)}
         else:
-            aug = {a.name: data[S.aug_path(a.name)] for a in h.aug}
-        n = len(S.SOFT_GROUP) + 1
-        fields = {k[n:]: v for k, v in data.items() if k.startswith(S.SOFT_GROUP + "/")}
-        return CropRecords(data[S.BOX], data[S.FLIP], aug, fields)
+            aug = {name: data[p] for name, p in self._aug_paths}
+        return CropRecords(data[S.BOX], data[S.FLIP], aug, {name: data[p] for p, name in self._field_paths})
 
     def read(self, i: int, slots=None) -> CropRecords:
         """Records of image ``i``: leading dim ``(M,)``, or ``(len(slots),)`` when slots are given."""
         i = _check_index(i)
-        idx = np.array([i], np.int64)
-        self._check_written(idx)
-        sl = None if slots is None else self._slots(_int_array(slots, "slots").reshape(1, -1), 1)[0]
+        written = self._written if self._written is not None else self.written
+        if not (0 <= i < self.header.num_images and written[i]):
+            self._check_written(np.array([i], np.int64))  # raises the error that applies
+        if slots is not None:
+            slots = _int_array(slots, "slots").reshape(-1)
+            _check_slot_range(slots, self.header.crops_per_image)
         c, w = divmod(i, self.header.images_per_chunk)
-        arrays = list(self._arrays.values())
-        chunks = take_one(arrays, c)
+        arrays = self._arrays.values()
+        chunks = take_one(list(arrays), c)
         # a copy (not a view of a cached chunk): callers may modify what they get
-        data = {a.path: ch[w].copy() if sl is None else ch[w][sl] for a, ch in zip(arrays, chunks)}
+        data = {a.path: ch[w].copy() if slots is None else ch[w].take(slots, 0) for a, ch in zip(arrays, chunks)}
         return self._records(data)
 
     def read_batch(self, indices, slots=None) -> CropRecords:

@@ -19,7 +19,7 @@ Through a local disk cache (:class:`fkdstore.storage.CachedSource`) the same che
 an index or chunk that fails them is forgotten by the cache and fetched from the store once more, and only
 a failure of the store's own bytes is raised.
 
-Steps 1-4 for one chunk live in :meth:`ShardedArray._check_chunk`, used by the batch path
+Steps 1-4 for fetched chunks live in :meth:`ShardedArray._check_chunks`, used by the batch path
 (:func:`load_many`) and by ``Reader.read``'s one-chunk path (:func:`take_one`). Hot-path costs: the chunk
 location is vectorised per shard, each fetched chunk costs one Python iteration (about 3 C calls of crc32c
 and one blosc call), shard keys and indexes are cached. Decoded chunks are cached per array up to
@@ -55,6 +55,12 @@ INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
 CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per array (random reads revisit chunks)
 CACHE_MAX_BLOCK_CHUNKS = 64  # a decoded block of more chunks than this is not cached (see ShardedArray._remember)
 MANIFEST_CACHE_SHARDS = 1024
+# crc32c of any bytes followed by their own crc32c (4 bytes, little-endian): checking a stored chunk is one
+# crc32c call over the whole chunk (equivalent: crc(body + x) equals this for exactly one x, crc(body))
+CRC32C_RESIDUE = 0x48674BC7
+_crc = _crc32c.crc32c
+_blosc_sizes, _blosc_decompress = _blosc._cbuffer_sizes, _blosc.decompress
+_BLOSC_HEADER = 16  # bytes of a blosc 1 header (version, flags, typesize, nbytes, blocksize, cbytes)
 DIRECT_DECODE_BYTES = 64 * 1024  # decoded chunks at least this big are decoded in place, not joined
 
 
@@ -252,8 +258,12 @@ class ShardedArray:
         self.manifest, self.column = manifest, column
         self._zarr_factory, self._zarr = zarr_array, None
         self._path_bytes = self.path.encode("utf-8")
+        self._tag_head = _crc32c.crc32c(self._path_bytes + b"\0")  # manifest tag: crc continued over uint64_le(c)
         # bytes of the last inner chunk that hold images < N (the rest is taken as the fill value)
         self._tail_bytes = (self.num_images - (self.num_chunks - 1) * self.ipc) * (self.chunk_nbytes // self.ipc)
+        # the chunk whose rows past N are tagged as fill values (-1: the last chunk is full)
+        self._partial = self.num_chunks - 1 if self._tail_bytes < self.chunk_nbytes else -1
+        self._blosc = meta.blosc
         self._cache_limit = max(0, int(CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes))
         self._keys: dict[int, str] = {}  # shard file keys (at most MAX_SHARDS per array)
         self.clear()
@@ -385,6 +395,14 @@ class ShardedArray:
             cut = np.flatnonzero(ss[1:] != ss[:-1]) + 1
             groups = [(int(ss[a]), order[a:b]) for a, b in zip([0, *cut.tolist()], [*cut.tolist(), n])]
         got, bad = self._indexes([s for s, _ in groups])
+        if len(groups) == 1 and got.get(groups[0][0]) is not None:  # one shard, its index read and sound
+            s = groups[0][0]
+            entry = got[s][cs - s * ps]
+            offs = entry[:, 0]
+            if not (offs == MISSING).any():  # every chunk stored: the requests in one go
+                plan.requests = list(zip([self.shard_key(s)] * n, offs.tolist(), (offs + entry[:, 1]).tolist()))
+                plan.slots = list(range(n))
+                return plan
         offs = np.empty(n, np.uint64)
         sizes = np.empty(n, np.uint64)
         keys: list = [None] * n
@@ -434,16 +452,26 @@ class ShardedArray:
                 return [int(m.shard(s)[int(cs[0]) - s * ps, col])] if plan.need[0] else [None]
             except Exception as e:  # the manifest chunk itself cannot be read
                 return [e]
-        want: list = [None] * len(cs)
+        n = len(cs)
         shards = cs // ps
+        one = shards[0] == shards[-1] and bool((shards == shards[0]).all())
+        need = plan.need
+        if one and need.all():  # the common case: one shard, every chunk holds written images
+            s = int(shards[0])
+            try:
+                return m.shard(s)[cs - s * ps, col].tolist()
+            except Exception as e:  # the manifest chunk itself cannot be read
+                return [e] * n
+        want: list = [None] * n
+        need = need.tolist()
         for s in np.unique(shards).tolist():
-            pos = np.flatnonzero(shards == s) if shards[0] != shards[-1] else np.arange(len(cs))
+            pos = np.arange(n) if one else np.flatnonzero(shards == s)
             try:
                 vals = m.shard(s)[cs[pos] - s * ps, col].tolist()
             except Exception as e:  # the manifest chunk itself cannot be read
                 vals = [e] * len(pos)
             for j, v in zip(pos.tolist(), vals):
-                want[j] = v if plan.need[j] else None
+                want[j] = v if need[j] else None
         return want
 
     def _finish(self, plan: _Plan, blobs) -> None:
@@ -462,71 +490,95 @@ class ShardedArray:
         direct = expect >= DIRECT_DECODE_BYTES
         out = np.zeros((n, *self.chunk_shape), self.dtype) if direct else None
         flat = out.reshape(n, -1).view(np.uint8) if direct else None
-        parts = None if direct else [_zeros(expect)] * n
-        if plan.tagged:
+        if plan.tagged:  # fetch_many looked the tags up (the decode half touches no shared cache)
             want = plan.want
         else:
             want = self._wanted_tags(plan) if self.manifest is not None else None
-        cl = cs.tolist()
-        for j, (_, a, b), raw in zip(plan.slots, plan.requests, blobs):
-            got = self._check_chunk(cl[j], raw, a, b, None if want is None else want[j],
-                                    flat[j] if direct else None)
-            if isinstance(got, Exception):
-                errors[j] = got
+        got = self._check_chunks(plan.slots, cs.tolist(), plan.requests, blobs, want, flat)
+        parts = None if direct else [_zeros(expect)] * n
+        for j, g in zip(plan.slots, got):
+            if isinstance(g, Exception):
+                errors[j] = g
             elif not direct:
-                parts[j] = got
+                parts[j] = g
         if not direct:
             out = np.frombuffer(bytearray().join(parts), self.dtype).reshape(n, *self.chunk_shape)
         plan.out = out
 
-    def _check_chunk(self, c: int, raw, a: int, b: int, want, dest=None):
-        """Every check the spec asks for one fetched chunk ``c`` (bytes ``[a, b)`` of its shard file, ``raw``):
-        present, complete, crc32c of the stored bytes, decodes to the full chunk size, and, when ``want`` is
-        its manifest tag (an int; None: not checked; an exception: the manifest could not be read), the tag
-        of the decoded bytes. Returns the decoded bytes (decoded into ``dest`` when given) or the error."""
-        if raw is None:  # the file vanished between the index read and now
-            return CorruptStoreError(f"{self.where(c)}: the shard file is missing")
-        if len(raw) != b - a or b - a < 4:
-            return CorruptChunkError(f"{self.where(c)}: truncated (bytes {a}..{b} of the file are not all there)")
-        body = raw[:-4]
-        if _crc32c.crc32c(body) != int.from_bytes(raw[-4:], "little"):
-            return CorruptChunkError(f"{self.where(c)}: crc32c checksum mismatch (data corrupted)")
-        expect = self.chunk_nbytes
-        try:
-            if self.meta.blosc:
-                nb = _blosc._cbuffer_sizes(body)[0]
-                if nb != expect:
-                    raise ValueError(f"decodes to {nb} bytes, expected {expect}")
-                if dest is None:
-                    dec = _blosc.decompress(body)
+    def _check_chunks(self, slots, cl, requests, blobs, want, dest=None) -> list:
+        """Every check the spec asks for of fetched chunks; the one home of these rules. For each ``j`` of
+        ``slots``, chunk ``cl[j]`` was fetched as ``blobs[i]`` (bytes ``[a, b)`` of its shard file, from
+        ``requests[i] = (key, a, b)``): it must be present, complete, pass crc32c of the stored bytes, decode
+        to the full chunk size and, when ``want[j]`` is its manifest tag (an int; None: not checked, or
+        ``want`` None for none; an exception: the manifest could not be read), carry that tag. Returns, per
+        chunk, the decoded bytes (decoded into ``dest[j]`` when ``dest`` is given) or the error.
+
+        One loop per batch with the array's constants in locals: this is the reader's per-chunk cost."""
+        expect, blosc, head0, partial = self.chunk_nbytes, self._blosc, self._tag_head, self._partial
+        crc, sizes, decompress = _crc, _blosc_sizes, _blosc_decompress
+        out = []
+        for j, (_, a, b), raw in zip(slots, requests, blobs):
+            c = cl[j]
+            if raw is None:  # the file vanished between the index read and now
+                out.append(CorruptStoreError(f"{self.where(c)}: the shard file is missing"))
+                continue
+            n = len(raw)
+            if n != b - a or n < 4:
+                out.append(CorruptChunkError(f"{self.where(c)}: truncated (bytes {a}..{b} of the file are not "
+                                             f"all there)"))
+                continue
+            if raw.__class__ is not bytes:  # numcodecs' blosc takes bytes ~0.5 us faster than a view
+                raw = bytes(raw)
+            if crc(raw) != CRC32C_RESIDUE:  # i.e. crc32c(body) != the stored trailer
+                out.append(CorruptChunkError(f"{self.where(c)}: crc32c checksum mismatch (data corrupted)"))
+                continue
+            try:
+                if blosc:
+                    # blosc reads its input up to the compressed size its header states (it is given no length):
+                    # that must be the body exactly, so the trailer can stay on (no copy) and nothing past it is read
+                    if n - 4 < _BLOSC_HEADER:
+                        raise ValueError(f"{n - 4} bytes, shorter than a blosc header")
+                    nb, cb, _ = sizes(raw)
+                    if nb != expect:
+                        raise ValueError(f"decodes to {nb} bytes, expected {expect}")
+                    if cb != n - 4:
+                        raise ValueError(f"its blosc header states {cb} compressed bytes, the chunk holds {n - 4}")
+                    if dest is None:
+                        dec = decompress(raw)
+                    else:
+                        decompress(raw, dest[j])
+                        dec = dest[j]
+                elif n - 4 == expect:
+                    dec = raw[:-4]
+                    if dest is not None:
+                        dest[j][:] = np.frombuffer(dec, np.uint8)
                 else:
-                    _blosc.decompress(body, dest)
-                    dec = dest
-            elif len(body) == expect:
-                dec = body
-                if dest is not None:
-                    dest[:] = np.frombuffer(body, np.uint8)
-            else:
-                raise ValueError(f"{len(body)} bytes, expected {expect}")
-        except Exception as e:  # blosc raises several types for damaged input
-            return CorruptChunkError(f"{self.where(c)}: cannot decode ({e})")
-        if want is not None:
-            if isinstance(want, Exception):
-                return CorruptStoreError(f"{self.where(c)}: its manifest entry cannot be read "
-                                         f"({type(want).__name__}: {want})")
-            # schema.manifest_tag's rule on the decoded little-endian bytes: crc32c(path + b"\0" + uint64_le(c)
-            # + bytes), i.e. the crc of the header continued over the data (tests pin it to schema.manifest_tag)
-            crc = _crc32c.crc32c
-            head = crc(self._path_bytes + b"\0" + c.to_bytes(8, "little"))
-            if c == self.num_chunks - 1 and self._tail_bytes < expect:
-                # rows past N count as the fill value whatever the stored chunk holds there (invariant 9)
-                tag = crc(bytes(expect - self._tail_bytes), crc(memoryview(dec)[:self._tail_bytes], head))
-            else:
-                tag = crc(dec, head)
-            if tag != want:
-                return CorruptStoreError(f"{self.where(c)} does not match the manifest: misplaced or stale "
-                                         f"data{self.manifest.missing_note(c // self.per_shard)}")
-        return dec
+                    raise ValueError(f"{n - 4} bytes, expected {expect}")
+            except Exception as e:  # blosc raises several types for damaged input
+                out.append(CorruptChunkError(f"{self.where(c)}: cannot decode ({e})"))
+                continue
+            w = None if want is None else want[j]
+            if w is not None:
+                if isinstance(w, Exception):
+                    out.append(CorruptStoreError(f"{self.where(c)}: its manifest entry cannot be read "
+                                                 f"({type(w).__name__}: {w})"))
+                    continue
+                # schema.manifest_tag's rule on the decoded little-endian bytes: crc32c(path + b"\0" +
+                # uint64_le(c) + bytes), i.e. the crc of the header continued over the data (tests pin it to
+                # schema.manifest_tag)
+                head = crc(c.to_bytes(8, "little"), head0)
+                if c == partial:
+                    # rows past N count as the fill value whatever the stored chunk holds there (invariant 9)
+                    tail = self._tail_bytes
+                    tag = crc(_zeros(expect - tail), crc(memoryview(dec)[:tail], head))
+                else:
+                    tag = crc(dec, head)
+                if tag != w:
+                    out.append(CorruptStoreError(f"{self.where(c)} does not match the manifest: misplaced or "
+                                                 f"stale data{self.manifest.missing_note(c // self.per_shard)}"))
+                    continue
+            out.append(dec)
+        return out
 
     def _zarr_array(self):
         if self._zarr is None:
@@ -573,6 +625,8 @@ class ShardedArray:
     def lookup(self, cs: np.ndarray) -> tuple[list, list[int]]:
         """Cache lookup of chunks ``cs``: (hit per chunk or None, positions to load)."""
         cache = self._cache
+        if not cache:  # nothing cached (or the cache is off: random access over a large store)
+            return [None] * len(cs), list(range(len(cs)))
         if len(cs) == 1:  # read(i): one chunk per array
             c = int(cs[0])
             h = cache.get(c)
@@ -778,52 +832,66 @@ def prefetch_metadata(arrays, shards, pool=None) -> None:
 
 def take_one(arrays, c: int) -> list[np.ndarray]:
     """Chunk ``c`` of every array in ``arrays`` (``Reader.read``): like ``take_many(arrays, [c])`` with the
-    same checks (:meth:`ShardedArray._check_chunk`), minus the batch machinery. Anything off the common path
-    (a shard index not cached yet, a chunk not stored, the Zarr fallback pipeline, an unreadable manifest)
-    goes through :func:`take_many`, which reports it. Returns ``[(ipc, M, ...) array per array]``."""
+    same checks (:meth:`ShardedArray._check_chunks`), minus the batch machinery: scalar index and manifest
+    lookups (the manifest row of ``c`` is read once for arrays sharing a manifest), one byte range per array
+    fetched in one call. Anything off the common path (a shard index not cached yet, a chunk not stored,
+    the Zarr fallback pipeline, an unreadable manifest) goes through :func:`take_many`, which reports it.
+    Returns ``[(ipc, M, ...) array per array]``."""
     got: list = [None] * len(arrays)
     requests, todo = [], []
+    tags = None  # (manifest, shard, row of tags of chunk c) of the last array that needed it
     for k, a in enumerate(arrays):
-        hit = a._cache.get(c)
-        if hit is not None:
-            a._cache.move_to_end(c)
-            got[k] = hit
-            continue
-        s = c // a.per_shard
+        cache = a._cache
+        if cache:
+            hit = cache.get(c)
+            if hit is not None:
+                cache.move_to_end(c)
+                got[k] = hit
+                continue
+        ps = a.per_shard
+        s = c // ps
         index = a._index.get(s) if a.fast else None
         if index is None:
-            return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
+            return _take_one_slow(arrays, c)
         a._index.move_to_end(s)
-        off, nb = index[c - s * a.per_shard].tolist()
+        off, nb = index[c - s * ps].tolist()
+        if off == MISSING:
+            return _take_one_slow(arrays, c)
         want = None
-        if a.manifest is not None:
-            try:
-                want = int(a.manifest.shard(s)[c - s * a.per_shard, a.column])
-            except Exception:  # reported by take_many
-                want = MISSING
-        if off == MISSING or want == MISSING:
-            return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
+        m = a.manifest
+        if m is not None:
+            if tags is None or tags[0] is not m or tags[1] != s:
+                try:
+                    tags = (m, s, m.shard(s)[c - s * ps].tolist())
+                except Exception:  # reported by take_many
+                    return _take_one_slow(arrays, c)
+            want = tags[2][a.column]
         requests.append((a.shard_key(s), off, off + nb))
         todo.append((k, a, want))
     if requests:
         blobs = arrays[0].source.read_ranges(requests)
-        for (k, a, want), (_, off, end), raw in zip(todo, requests, blobs):
-            dec = a._check_chunk(c, raw, off, end, want)
+        for (k, a, want), req, raw in zip(todo, requests, blobs):
+            dec, = a._check_chunks((0,), (c,), (req,), (raw,), (want,))
             if isinstance(dec, Exception):
-                if a.source.invalidate(ranges=[(a.shard_key(c // a.per_shard), off, end)]):
-                    return [x[0] for x in take_many(arrays, np.array([c], np.int64))]  # heals or raises
+                if a.source.invalidate(ranges=[req]):
+                    return _take_one_slow(arrays, c)  # heals or raises
                 raise dec
             data = np.frombuffer(dec, a.dtype).reshape(a.chunk_shape)  # read-only: cached and shared
-            a._remember(np.array([c]), data[None])
+            if a._cache_limit >= a.chunk_nbytes:
+                a._remember(np.array([c]), data[None])
             got[k] = data
     return got
+
+
+def _take_one_slow(arrays, c: int) -> list[np.ndarray]:
+    return [x[0] for x in take_many(arrays, np.array([c], np.int64))]
 
 
 def take_many(arrays, cs: np.ndarray) -> list[np.ndarray]:
     """Chunks ``cs`` (unique) of every array in ``arrays`` (all with the same inner chunking), through each
     array's cache, misses fetched in one :func:`load_many`; raises the first error."""
     looked = [a.lookup(cs) for a in arrays]
-    misses = [(a, cs[todo], None) for a, (_, todo) in zip(arrays, looked) if todo]
+    misses = [(a, cs if len(todo) == len(cs) else cs[todo], None) for a, (_, todo) in zip(arrays, looked) if todo]
     loaded = iter(load_many(misses))
     out = []
     for a, (hits, todo) in zip(arrays, looked):

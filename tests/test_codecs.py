@@ -453,6 +453,13 @@ def test_decode_input_errors():
         c.decode({"indices": good["indices"]}, 6)
     with pytest.raises(ValidationError, match=r"must lie in \[0, 6\), got values in \[6, 6\]"):
         c.decode({"indices": np.full((3, 2), 6, np.uint16), "probs": good["probs"]}, 6)
+    for dt in (np.int64, np.int8, ">i4", np.int32):  # signed: negatives are out of range too (one reduction)
+        bad = good["indices"].astype(dt)
+        bad[1, 0] = -3
+        with pytest.raises(ValidationError, match=r"must lie in \[0, 6\), got values in \[-3, "):
+            c.decode({"indices": bad, "probs": good["probs"]}, 6)
+    with pytest.raises(ValidationError, match=r"got values in \[0, 70000\]"):
+        c.decode({"indices": np.array([[0, 70000]] * 3, ">u4"), "probs": good["probs"]}, 6)
     with pytest.raises(ValidationError, match=r"trailing shape \(2,\), got shape \(3, 3\)"):
         c.decode({"indices": good["indices"], "probs": np.zeros((3, 3), np.float16)}, 6)
     with pytest.raises(ValidationError, match=r"share leading shape"):
@@ -518,3 +525,26 @@ def test_mr_zero_mass_rows_are_uniform_over_topk():
     np.testing.assert_array_equal(MarginalReNorm(k=2).decode(f, 4), [[0.5, 0, 0.5, 0]])
     ft = {k: torch.from_numpy(v) for k, v in f.items()}
     np.testing.assert_array_equal(MarginalReNorm(k=2).decode(ft, 4).numpy(), [[0.5, 0, 0.5, 0]])
+
+
+def test_decode_of_numpy_subclasses_and_empty_leads_equals_plain_arrays(tmp_path):
+    """decode's fast path takes plain ndarrays; subclasses (a memory-mapped field) take the general checks and
+    give the same rows; the scatter helper agrees with put_along_axis for any leading shape, empty included."""
+    from fkdstore.codecs import _array as A
+
+    c = MarginalSmoothing(k=3)
+    f = c.encode(make_probs(1, (2, 4), 12))
+    mm = np.lib.format.open_memmap(tmp_path / "i.npy", mode="w+", dtype=f["indices"].dtype, shape=f["indices"].shape)
+    mm[...] = f["indices"]
+    np.testing.assert_array_equal(c.decode({"indices": mm, "probs": f["probs"]}, 12), c.decode(f, 12))
+    mm[0, 0, 0] = 12
+    with pytest.raises(ValidationError, match=r"must lie in \[0, 12\)"):
+        c.decode({"indices": mm, "probs": f["probs"]}, 12)
+    rng = np.random.default_rng(0)
+    for lead in ((), (5,), (2, 3), (0,), (0, 4)):
+        idx = np.argsort(rng.random(lead + (12,)), -1)[..., :3].astype(np.uint16)
+        vals = rng.random(lead + (3,)).astype(np.float32)
+        want = np.zeros(lead + (12,), np.float32)
+        np.put_along_axis(want, idx.astype(np.intp), vals, -1)
+        np.testing.assert_array_equal(A.scatter_into(np.zeros(lead + (12,), np.float32), idx, vals), want)
+    assert c.decode({k: v[:0] for k, v in f.items()}, 12).shape == (0, 4, 12)

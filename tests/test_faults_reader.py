@@ -247,3 +247,124 @@ def test_torch_dataset_propagates_the_error(tmp_path, monkeypatch):
                                                 r"soft/probs/c/1/0/0\)"):
         ds[5]
     shutil.rmtree(p)
+
+
+# -- damage found by the fast paths: read(i) once the shard's index and manifest are cached (shard.take_one),
+#    and a reader with the decoded-chunk cache off (benchmarks/store_layout.py's "cold"), read and read_batch
+
+
+def _flip_byte(p, name, shard, k):
+    f = shard_file(p, name, shard)
+    off, nb = (int(x) for x in shard_index(f, IPS // IPC)[k])
+    raw = bytearray(f.read_bytes())
+    raw[off + nb // 2] ^= 0x40
+    f.write_bytes(bytes(raw))
+
+
+def _point_at_neighbour(p, name, shard, k):
+    """Inner chunk ``k`` of the shard becomes a copy of chunk ``k - 1`` (valid bytes, wrong position)."""
+    f = shard_file(p, name, shard)
+    index = shard_index(f, IPS // IPC)
+    index[k] = index[k - 1]
+    write_shard_index(f, index)
+
+
+def _drop_from_index(p, name, shard, k):
+    f = shard_file(p, name, shard)
+    index = shard_index(f, IPS // IPC)
+    index[k] = MISSING
+    write_shard_index(f, index)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["cache", "cold"])
+@pytest.mark.parametrize("damage, cls, what", [
+    (_flip_byte, CorruptChunkError, "crc32c checksum mismatch"),
+    (_point_at_neighbour, CorruptStoreError, "does not match the manifest: misplaced or stale data"),
+    (_drop_from_index, CorruptStoreError, "missing from the shard index but holds images marked written"),
+])
+def test_damage_found_after_the_shard_is_cached(tmp_path, monkeypatch, cold, damage, cls, what):
+    """Chunk 3 (images 12-15, shard 1) of one array is damaged; the reader first reads image 8 (chunk 2 of the
+    same shard, intact: its index and manifest get cached, so read(12) takes the one-chunk fast path)."""
+    from fkdstore import shard
+
+    if cold:
+        monkeypatch.setattr(shard, "CHUNK_CACHE_BYTES", 0)
+    slow = []  # chunks that read(i) hands to the batch path
+    monkeypatch.setattr(shard, "_take_one_slow", lambda arrays, c, f=shard._take_one_slow: slow.append(c) or
+                        f(arrays, c))
+    p = tmp_path / "s.fkd"
+    data = make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
+    for name in (S.BOX, PROBS):
+        d = tmp_path / "copy"
+        shutil.copytree(p, d)
+        damage(d, name, 1, 1)
+        with R.open(d) as r:
+            np.testing.assert_array_equal(r.read(8).box, data["boxes"][8])  # caches shard 1's index
+            slow.clear()
+            with pytest.raises(cls):
+                r.read(12)
+            # the fast path itself finds a bad checksum or position; a chunk that is not stored goes the batch way
+            assert slow == ([3] if damage is _drop_from_index else [])
+            where = f"array '{name}' chunk 3 (images 12-15, shard file {name}/c/1/0/0)"
+            for call in (lambda: r.read(12), lambda: r.read(13, [0, 4]), lambda: r.read_batch([12, 0]),
+                         lambda: r.read_batch([3, 14], [[1], [2]])):
+                with pytest.raises(cls) as e:
+                    call()
+                assert where in str(e.value) and what in str(e.value), str(e.value)
+            np.testing.assert_array_equal(r.read(9).box, data["boxes"][9])  # the rest still reads
+            np.testing.assert_array_equal(r.read_batch([1, 10]).flip, data["flips"][[1, 10]])
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["cache", "cold"])
+def test_cached_and_cold_reads_equal_the_data(tmp_path, monkeypatch, cold):
+    from fkdstore import shard
+
+    if cold:
+        monkeypatch.setattr(shard, "CHUNK_CACHE_BYTES", 0)
+    p = tmp_path / "s.fkd"
+    n = N - 3  # a partial last chunk: its rows past N are tagged as fill values
+    data = make_store(p, n=n, m=M, c=C, ipc=IPC, ips=IPS)
+    slots = np.random.default_rng(0).integers(0, M, (n, 2))
+    with R.open(p) as r:
+        for _ in range(2):  # the second pass reads through cached indexes (and chunks, unless cold)
+            for i in np.random.default_rng(1).permutation(n).tolist():
+                rec = r.read(i, slots[i])
+                np.testing.assert_array_equal(rec.box, data["boxes"][i, slots[i]])
+                np.testing.assert_array_equal(rec.flip, data["flips"][i, slots[i]])
+                np.testing.assert_array_equal(r.read(i).box, data["boxes"][i])
+            b = np.array([12, 0, 5, 12, 7])
+            rec = r.read_batch(b, slots[b])
+            np.testing.assert_array_equal(rec.box, data["boxes"][b[:, None], slots[b]])
+        assert verify(p) == []
+
+
+@pytest.mark.parametrize("edit", ["cbytes_short", "cbytes_long", "tiny"])
+def test_blosc_header_lying_about_its_size_is_refused(tmp_path, edit):
+    """blosc is given no input length (it trusts its header): a chunk whose header states another compressed
+    size than the chunk holds must fail before decompression, even with a valid crc32c (re-computed here)."""
+    import crc32c
+
+    p = tmp_path / "s.fkd"
+    make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
+    f = shard_file(p, PROBS, 0)
+    index = shard_index(f, IPS // IPC)
+    off, nb = (int(x) for x in index[1])
+    raw = bytearray(f.read_bytes())
+    body = bytearray(raw[off:off + nb - 4])
+    if edit == "tiny":
+        body = body[:10]
+    else:
+        cb = int.from_bytes(body[12:16], "little")
+        body[12:16] = (cb + (-1 if edit == "cbytes_short" else 1000)).to_bytes(4, "little")
+    chunk = bytes(body) + crc32c.crc32c(bytes(body)).to_bytes(4, "little")
+    raw[off:off + nb] = chunk
+    assert index[0, 0] < off  # chunk 1 is the last before the index: resizing it moves nothing else
+    index[1] = (off, len(chunk))
+    f.write_bytes(bytes(raw))
+    write_shard_index(f, index)
+    what = "shorter than a blosc header" if edit == "tiny" else "its blosc header states"
+    _assert_raises(p, 5, CorruptChunkError, "array 'soft/probs' chunk 1 (images 4-7, shard file soft/probs/c/0/0/0)",
+                   "cannot decode", what)
+    with R.open(p) as r:
+        r.read(3)  # chunk 0 still reads

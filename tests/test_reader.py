@@ -106,6 +106,49 @@ def test_read_batch_order_slots_and_read_all_slots(tmp_path):
     assert r.read_batch([]).box.shape == (0, 8, 4)
 
 
+def test_slots_out_of_range_are_refused_by_every_read(tmp_path):
+    """read(i) checks a few slots in Python, read_batch many with one unsigned reduction: both refuse negative
+    slots (which numpy would otherwise wrap around) and slots >= M, naming the range."""
+    p, d, _ = _store(tmp_path, "2.0", N=20, M=8, C=10, ipc=4, ips=8)
+    r = R.open(p)
+    big = np.zeros((6, 3), np.int64)  # 18 slots: the vectorised check
+    for bad in (-1, 8, np.iinfo(np.int64).min):
+        with pytest.raises(ValidationError, match=rf"slots must be in \[0, 8\). Got values in \[{min(bad, 0)}, "):
+            r.read(3, [0, bad])
+        with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\)"):
+            r.read_batch([3], [[bad]])
+        b = big.copy()
+        b[4, 1] = bad
+        with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\)"):
+            r.read_batch(np.arange(6), b)
+    with pytest.raises(ValidationError, match=r"slots must be in \[0, 8\)"):
+        r.read(3, np.array([2**63], np.uint64))  # wraps to negative as int64: still refused
+    np.testing.assert_array_equal(r.read(3, [7, 0, 7]).box, d["boxes"][3, [7, 0, 7]])
+    np.testing.assert_array_equal(r.read(3, []).box, d["boxes"][3, []])
+
+
+def test_crc32c_residue_is_the_trailer_check():
+    """shard.py checks a stored chunk (body + crc32c trailer) with one crc32c call over all of it: that equals
+    CRC32C_RESIDUE exactly when the trailer is crc32c(body)."""
+    import crc32c
+
+    from fkdstore.shard import CRC32C_RESIDUE
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 3, 100, 5000):
+        body = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        good = crc32c.crc32c(body).to_bytes(4, "little")
+        assert crc32c.crc32c(body + good) == CRC32C_RESIDUE
+        for k in range(4):
+            bad = bytearray(good)
+            bad[k] ^= 1 << int(rng.integers(0, 8))
+            assert crc32c.crc32c(body + bytes(bad)) != CRC32C_RESIDUE
+        if n:
+            flipped = bytearray(body)
+            flipped[n // 2] ^= 0x10
+            assert crc32c.crc32c(bytes(flipped) + good) != CRC32C_RESIDUE
+
+
 def test_bool_and_float_indices_are_refused(tmp_path):
     p, d, _ = _store(tmp_path, "1.0", N=8)
     r = R.open(p)
@@ -365,3 +408,31 @@ def test_chunk_cache_holds_copies_so_memory_stays_within_its_limit(tmp_path):
         got = r.read_batch(np.arange(100)[::-1])  # 100 chunks: not cached
         np.testing.assert_array_equal(got.box, d["boxes"][::-1])
         assert all(not a._cache for a in r._arrays.values())
+
+
+def test_local_read_ranges_in_order_and_shuffled_agree_with_coalesce(tmp_path):
+    """LocalSource merges requests that come by object and offset (the shard layer's order) in one pass, and
+    sorts (storage.coalesce) otherwise; both return every range's bytes, and merge like coalesce."""
+    rng = np.random.default_rng(0)
+    blobs = {}
+    for name in ("a", "b", "c"):
+        blobs[name] = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+        (tmp_path / name).write_bytes(blobs[name])
+    src = storage.LocalSource(str(tmp_path))
+    for trial in range(30):
+        reqs = []
+        for name in ("b", "a", "c")[: 1 + trial % 3]:
+            starts = np.sort(rng.choice(290_000, int(rng.integers(1, 40)), replace=False))
+            reqs += [(name, int(s), int(s + rng.integers(0, 9000))) for s in starts]
+        if trial % 5 == 0:
+            reqs.append(("missing", 0, 10))
+        runs = storage._ascending_runs(reqs, storage.COALESCE_GAP)
+        merged = storage.coalesce(reqs, storage.COALESCE_GAP)
+        assert sorted((reqs[i0][0], a, b) for i0, _, a, b in runs) == [(k, a, b) for k, a, b, _ in merged]
+        for order in (np.arange(len(reqs)), rng.permutation(len(reqs))):
+            asked = [reqs[i] for i in order]
+            got = src.read_ranges(asked)
+            want = [blobs[k][a:b] if k in blobs else None for k, a, b in asked]
+            assert [None if g is None else bytes(g) for g in got] == want
+    assert storage._ascending_runs([("a", 5, 9), ("a", 1, 3)], 64) is None
+    src.close()

@@ -131,6 +131,8 @@ def index_dtype(num_classes: int) -> str:
 
 def parse_temperature(temperature: Any) -> float:
     """A temperature as float; ValidationError unless a finite number > 0 (bools and strings refused)."""
+    if temperature.__class__ is float and temperature == 1.0:  # decode's default, checked per call
+        return 1.0
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValidationError(f"temperature must be a finite number > 0. Got {temperature!r}.")
     t = float(temperature)
@@ -209,6 +211,11 @@ def _specs(codec: "LabelCodec", num_classes: int) -> dict[str, FieldSpec]:
     """``codec.fields(num_classes)`` memoised for decode's per-call field check (codecs are frozen and
     hashable; only called with a plain ``int``, so ``True`` never hits the entry of ``1``). Read-only."""
     return codec.fields(num_classes)
+
+
+def _unsigned(a: np.ndarray) -> np.ndarray:
+    """A view of integer array ``a`` as the unsigned type of its width (negative values become >= 2**63)."""
+    return a if a.dtype.kind == "u" else a.view(a.dtype.str.replace("i", "u"))
 
 
 # ----------------------------------------------------------------------------- base class
@@ -320,13 +327,16 @@ class LabelCodec:
         missing = [n for n in specs if n not in fields]
         if missing:
             raise ValidationError(f"{self.name} fields must contain {list(specs)}, missing {missing}")
-        for n in specs:
-            A.check_array(fields[n], f"field {n!r}")
-        if len({A.is_torch(fields[n]) for n in specs}) > 1:
-            raise TypeError(f"{self.name} fields must all be numpy or all torch, got a mix")
+        arrs = [fields[n] for n in specs]
+        plain = all(type(a) is np.ndarray for a in arrs)  # the common case: skip the framework checks
+        if not plain:
+            for n, a in zip(specs, arrs):
+                A.check_array(a, f"field {n!r}")
+            if len({A.is_torch(a) for a in arrs}) > 1:
+                raise TypeError(f"{self.name} fields must all be numpy or all torch, got a mix")
+        numpy_in = plain or not A.is_torch(arrs[0])
         lead = None
-        for n, spec in specs.items():
-            arr = fields[n]
+        for (n, spec), arr in zip(specs.items(), arrs):
             shape = tuple(arr.shape)
             nt = len(spec.shape)
             if shape[len(shape) - nt:] != spec.shape or len(shape) < nt:
@@ -335,18 +345,19 @@ class LabelCodec:
             if shape[: len(shape) - nt] != lead:
                 raise ValidationError(f"{self.name} fields must share leading shape {lead}, field {n!r} has {shape}")
             if n == "indices":
-                if not A.is_int(arr):
+                if not (arr.dtype.kind in "iu" if numpy_in else A.is_int(arr)):
                     raise ValidationError(f"field 'indices' must have an integer dtype, got {arr.dtype}")
-                if A.numel(arr) > 0:
+                if A.numel(arr) > 0 and (not numpy_in or _unsigned(arr).max() >= num_classes):
+                    # numpy: one reduction found a value out of range (negatives read as unsigned are >= C)
                     a = A.i64(arr) if A.is_torch(arr) else arr  # torch has no min/max for uint16
                     lo, hi = int(a.min()), int(a.max())
                     if lo < 0 or hi >= num_classes:
                         raise ValidationError(
                             f"field 'indices' must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
             elif np.dtype(spec.dtype).kind == "f":
-                if not A.is_float(arr):
+                if not (arr.dtype.kind == "f" if numpy_in else A.is_float(arr)):
                     raise ValidationError(f"field {n!r} must have a floating dtype, got {arr.dtype}")
-            elif not A.is_int(arr):
+            elif not (arr.dtype.kind in "iu" if numpy_in else A.is_int(arr)):
                 raise ValidationError(f"field {n!r} must have an integer dtype ({spec.dtype}), got {arr.dtype}")
 
     def field_problems(self, fields: Mapping, num_classes: int) -> list[tuple[str, np.ndarray]]:
