@@ -28,7 +28,7 @@ from . import schema as S
 from . import storage as _storage
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
 from .shard import ArrayMeta, Manifest, ShardedArray, fetch_many, finish_many, group_rows, load_many, \
-    parse_array_meta, prefetch_metadata, raise_first, take_many, take_one
+    parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
 
 __all__ = ["open", "Reader", "CropRecords"]
 
@@ -398,7 +398,8 @@ class Reader:
         arrays = list(self._arrays.values())
         shard_bytes = sum(a.chunk_nbytes * a.per_shard for a in arrays)
         # A remote store is read ahead: READ_AHEAD batches are being fetched (their latency overlapping)
-        # while this thread decodes the oldest; smaller batches keep that pipeline full.
+        # while this thread decodes the oldest; smaller batches keep that pipeline full. Its shard files are
+        # fetched whole (one request per array and shard, index included: read_all needs every chunk).
         ahead = READ_AHEAD if self._source.remote and all(a.fast for a in arrays) else 0
         budget = READ_ALL_BATCH_BYTES // (ahead + 1) if ahead else READ_ALL_BATCH_BYTES
         step = max(1, budget // max(1, shard_bytes))
@@ -435,12 +436,16 @@ class Reader:
 
                 lock = threading.Lock()  # the shard-index and manifest caches, shared by the fetching threads
                 todo = iter(batches)
-                with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fkdstore-read-all") as pool:
-                    prefetch_metadata(arrays, range(h.num_shards), pool)  # one round, not two per batch
+                def manifests():
+                    with lock:  # taken before any fetch needs a tag: every manifest chunk in one round
+                        prefetch_manifests(arrays, range(h.num_shards))
+
+                with ThreadPoolExecutor(max_workers=ahead + 1, thread_name_prefix="fkdstore-read-all") as pool:
+                    pool.submit(manifests)
                     pending: collections.deque = collections.deque()
                     try:
                         for shards in todo:
-                            pending.append((shards, pool.submit(fetch_many, items(shards), lock)))
+                            pending.append((shards, pool.submit(fetch_many, items(shards), lock, True)))
                             if len(pending) == ahead:
                                 break
                         while pending:
@@ -448,7 +453,7 @@ class Reader:
                             plans = fut.result()
                             nxt = next(todo, None)
                             if nxt is not None:
-                                pending.append((nxt, pool.submit(fetch_many, items(nxt), lock)))
+                                pending.append((nxt, pool.submit(fetch_many, items(nxt), lock, True)))
                             keep(shards, finish_many(plans))
                             if bar is not None:
                                 bar.update()

@@ -708,6 +708,7 @@ class _Plan:
     blobs: list = field(default_factory=list)  # fetched bytes of ``requests`` (fetch_many)
     want: list | None = None  # expected manifest tag per chunk, when ``tagged`` (fetch_many)
     tagged: bool = False
+    whole: bool = False  # ``blobs`` were cut from whole shard objects (fetch_many(whole=True))
 
 
 def raise_first(errors) -> None:
@@ -723,14 +724,38 @@ def load_many(items) -> list[tuple[np.ndarray, list[Exception | None]]]:
     return finish_many(fetch_many(items))
 
 
-def fetch_many(items, lock=None) -> list[_Plan]:
+def fetch_many(items, lock=None, whole: bool = False) -> list[_Plan]:
     """The I/O half of :func:`load_many`: shard indexes, manifest tags and the chunks' stored bytes of
     ``items``, as plans for :func:`finish_many` (which does no I/O and touches no cache for sharded arrays,
     so it can decode one batch while another thread fetches the next). ``lock``: held while the shared
-    caches (shard indexes, manifest chunks) are consulted and filled, released for the chunk transfer."""
+    caches (shard indexes, manifest chunks) are consulted and filled, released for the transfers.
+
+    ``whole``: fetch the shard files the chunks live in as whole objects (one request per array and shard,
+    index included, instead of an index round and then the ranges): for reads that need (nearly) every
+    chunk of their shards, ``Reader.read_all`` on a remote store. The index is taken from the object's tail
+    with the usual checks, and each chunk is the byte range of the object its index names."""
     if not items:
         return []
-    with lock if lock is not None else contextlib.nullcontext():
+    guard = lock if lock is not None else contextlib.nullcontext()
+    source = items[0][0].source
+    objects: dict[str, Any] = {}
+    if whole:
+        pairs = {}
+        for a, cs, _ in items:
+            if a.fast and len(cs):
+                for s in np.unique(np.asarray(cs, np.int64) // a.per_shard).tolist():
+                    pairs[a.shard_key(s)] = (a, s)
+        objects = _fetch_objects(source, list(pairs))
+        with guard:
+            for key, (a, s) in pairs.items():
+                if s in a._index:
+                    continue
+                got, bad = {}, {}
+                a._parse_indexes([s], [_tail(objects[key], a)], got, bad)
+                if bad and source.invalidate(objects=[key]):  # a damaged object served by a local cache
+                    objects.update(_fetch_objects(source, [key]))
+                    a._indexes([s], [_tail(objects[key], a)])
+    with guard:
         _prefetch(items)
         plans = [a._plan(cs, need) for a, cs, need in items]
         for p in plans:
@@ -738,13 +763,34 @@ def fetch_many(items, lock=None) -> list[_Plan]:
                 p.want = p.array._wanted_tags(p) if p.array.manifest is not None else None
                 p.tagged = True
     requests = [r for p in plans for r in p.requests]
-    blobs = plans[0].array.source.read_ranges(requests) if requests else []
+    if objects:
+        blobs = [_range_of(objects, key, a, b) for key, a, b in requests]
+    else:
+        blobs = source.read_ranges(requests) if requests else []
     k = 0
     for p in plans:
         n = len(p.requests)
         p.blobs = blobs[k:k + n]
+        p.whole = bool(objects)
         k += n
     return plans
+
+
+def _fetch_objects(source, keys: list[str]) -> dict[str, Any]:
+    """``{key: the whole object as a memoryview, or None where missing}``, fetched in one call."""
+    return {k: None if obj is None else memoryview(obj) for k, obj in zip(keys, source.read_objects(keys))}
+
+
+def _tail(obj, a: ShardedArray):
+    """The shard index suffix of shard object ``obj`` (all of it when shorter: then reported truncated)."""
+    return None if obj is None else obj[-(a.per_shard * 16 + 4):]
+
+
+def _range_of(objects: dict, key: str, a: int, b: int):
+    """Bytes ``[a, b)`` of the fetched object ``key`` (shorter when the object is: the checks call that
+    truncated); None when the object is missing."""
+    obj = objects.get(key)
+    return None if obj is None else obj[a:b]
 
 
 def finish_many(plans: list[_Plan]) -> list[tuple[np.ndarray, list[Exception | None]]]:
@@ -765,12 +811,20 @@ def _heal(source, plans) -> None:
         return
     failed = [(p, [i for i, j in enumerate(p.slots) if p.errors[j] is not None]) for p in plans if p.requests]
     failed = [(p, bad) for p, bad in failed if bad]
-    if not failed or not source.invalidate(ranges=[p.requests[i] for p, bad in failed for i in bad]):
+    ranges = [p.requests[i] for p, bad in failed for i in bad]
+    objects = sorted({key for p, bad in failed if p.whole for key, _, _ in (p.requests[i] for i in bad)})
+    if not failed or not source.invalidate(ranges=ranges, objects=objects):
         return
+    again = _fetch_objects(source, objects) if objects else {}  # whole again, so the cache holds them whole
     for p, bad in failed:
         for i in bad:
             p.errors[p.slots[i]] = None
-        p.array._finish(p, source.read_ranges(p.requests))
+        if p.whole:
+            blobs = [_range_of(again, key, a, b) if key in again else blob
+                     for (key, a, b), blob in zip(p.requests, p.blobs)]
+        else:
+            blobs = source.read_ranges(p.requests)
+        p.array._finish(p, blobs)
 
 
 def _prefetch(items) -> None:
@@ -796,38 +850,13 @@ def _prefetch(items) -> None:
         manifest.prefetch({int(s) for a, cs, _ in items for s in (np.asarray(cs) // a.per_shard).tolist()})
 
 
-def prefetch_metadata(arrays, shards, pool=None) -> None:
-    """Cache the shard indexes of ``arrays`` and the manifest chunks of ``shards`` ahead of a long read
-    (``Reader.read_all`` on a remote store): the uncached indexes in ONE suffix-read call and the manifest
-    chunks in one Zarr read, the two concurrently when ``pool`` (an executor) is given. At most as many
-    shards as the caches hold; damage is left for the reads to report, shard by shard."""
-    shards = sorted(set(int(s) for s in shards))
-    fast = [a for a in arrays if a.fast]
-    if not shards or not fast:
-        return
-    cap = min([MANIFEST_CACHE_SHARDS] + [max(8, INDEX_CACHE_BYTES // (a.per_shard * 16)) for a in fast])
-    shards = shards[:cap]
-    manifest = next((a.manifest for a in fast if a.manifest is not None), None)
-    job = None
+def prefetch_manifests(arrays, shards) -> None:
+    """Cache the manifest chunks of ``shards`` (of the manifest ``arrays`` share) in one Zarr read, ahead of a
+    long read (``Reader.read_all`` on a remote store); at most as many as the cache holds. Damage is left
+    for the reads to report, shard by shard."""
+    manifest = next((a.manifest for a in arrays if a.fast and a.manifest is not None), None)
     if manifest is not None:
-        job = pool.submit(manifest.prefetch, shards) if pool is not None else None
-    wants = [(a, [s for s in shards if s not in a._index]) for a in fast]
-    wants = [(a, t) for a, t in wants if t]
-    if wants:
-        try:
-            raws = wants[0][0].source.read_suffixes([(a.shard_key(s), a.per_shard * 16 + 4) for a, t in wants
-                                                     for s in t])
-        except Exception:  # pragma: no cover - the reads that need these indexes report it
-            raws = None
-        k = 0
-        for a, todo in wants:
-            if raws is not None:
-                a._indexes(todo, raws[k:k + len(todo)])
-            k += len(todo)
-    if job is not None:
-        job.result()
-    elif manifest is not None:
-        manifest.prefetch(shards)
+        manifest.prefetch(sorted(set(int(s) for s in shards)))
 
 
 def take_one(arrays, c: int) -> list[np.ndarray]:

@@ -338,11 +338,16 @@ class ByteSource:
         object is missing. Neighbouring ranges are coalesced into one request."""
         raise NotImplementedError
 
+    def read_objects(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Each whole object (None where missing); a remote source fetches them concurrently."""
+        return [self.read(k) for k in keys]
+
     store = None  # the Zarr store (subclasses: a property)
     caching = False  # True for CachedSource: fkdstore.shard retries failed reads once through invalidate()
     remote = True  # reads wait on a network: Reader.read_all fetches ahead while it decodes (False: local disk)
 
-    def invalidate(self, ranges: Sequence[tuple[str, int, int]] = (), suffixes: Sequence[tuple[str, int]] = ()) -> bool:
+    def invalidate(self, ranges: Sequence[tuple[str, int, int]] = (), suffixes: Sequence[tuple[str, int]] = (),
+                   objects: Sequence[str] = ()) -> bool:
         """Forget what a cache holds for these reads (they failed a check), so that reading them again asks
         the store. False (nothing to forget) except for :class:`CachedSource`."""
         return False
@@ -539,6 +544,9 @@ class StoreSource(ByteSource):
 
     def read(self, key):
         return self._gather([self._get(key)])[0]
+
+    def read_objects(self, keys):
+        return self._gather([self._get(k) for k in keys])
 
     def read_suffixes(self, requests):
         from zarr.abc.store import SuffixByteRequest
@@ -823,7 +831,10 @@ class CachedSource(ByteSource):
         return buf
 
     def read(self, key):
-        return self._cached("all", [(key, 0, 0)], lambda rs: [self.inner.read(rs[0][0])])[0]
+        return self.read_objects([key])[0]
+
+    def read_objects(self, keys):
+        return self._cached("all", [(k, 0, 0) for k in keys], lambda rs: self.inner.read_objects([k for k, _, _ in rs]))
 
     def read_suffixes(self, requests):
         return self._cached("suffix", [(k, int(n), 0) for k, n in requests],
@@ -832,9 +843,10 @@ class CachedSource(ByteSource):
     def read_ranges(self, requests):
         return self._cached("range", [(k, int(a), int(b)) for k, a, b in requests], self.inner.read_ranges)
 
-    def invalidate(self, ranges=(), suffixes=()) -> bool:
+    def invalidate(self, ranges=(), suffixes=(), objects=()) -> bool:
         for kind, reqs in (("range", [(k, int(a), int(b)) for k, a, b in ranges]),
-                           ("suffix", [(k, int(n), 0) for k, n in suffixes])):
+                           ("suffix", [(k, int(n), 0) for k, n in suffixes]),
+                           ("all", [(k, 0, 0) for k in objects])):
             for key, a, b in reqs:
                 ident = self._identity(key)
                 if ident is not None:

@@ -103,9 +103,14 @@ def test_corrupted_cache_entries_are_detected_and_healed(remote, tmp_path):
 
     from fkdstore.storage import _HEAD, _MAGIC
 
+    with fkdstore.open(url, storage_options=so, cache_dir=cache) as r:  # whole shard objects (read_all's)
+        src = r._source
+        shard_objects = {Path(src._path(src._identity(k), k, "all", 0, 0)) for a in r._arrays.values()
+                         for s in range(r.header.num_shards) for k in [a.shard_key(s)]}
+    assert shard_objects <= set(_entries(cache))
     for p in _entries(cache):
-        if p.suffix not in (".range", ".suffix"):  # chunks and shard indexes: the reader's own checks apply
-            continue
+        if p.suffix not in (".range", ".suffix") and p not in shard_objects:  # chunks, shard indexes, shard
+            continue  # files: the reader's own checks apply
         raw = p.read_bytes()
         body = bytearray(raw[_HEAD:])
         if len(body) > 40:

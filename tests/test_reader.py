@@ -239,21 +239,24 @@ def _memory_copy(p):
 
 
 def test_remote_read_all_reads_ahead(tmp_path, monkeypatch):
-    """read_all on a remote store: every shard index in one suffix-read call up front, then one batch per
-    shard fetched ahead while the previous decodes; records equal the local read, with and without slots."""
+    """read_all on a remote store: one batch per shard fetched ahead while the previous decodes, each shard
+    file fetched whole in one request per array (no separate index round, no range requests); records equal
+    the local read, with and without slots."""
     p, d, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=8)  # 5 shards
     mem = _memory_copy(p)
     monkeypatch.setattr(R, "READ_ALL_BATCH_BYTES", 1)  # one shard per batch
-    suffix_calls, range_calls = [], []
-    orig_suffixes, orig_ranges = storage.StoreSource.read_suffixes, storage.StoreSource.read_ranges
-    monkeypatch.setattr(storage.StoreSource, "read_suffixes", lambda self, q: suffix_calls.append(len(q)) or orig_suffixes(self, q))
-    monkeypatch.setattr(storage.StoreSource, "read_ranges", lambda self, q: range_calls.append(len(q)) or orig_ranges(self, q))
+    calls = {"suffixes": [], "ranges": [], "objects": []}
+    for name in calls:
+        orig = getattr(storage.StoreSource, "read_" + name)
+        monkeypatch.setattr(storage.StoreSource, "read_" + name,
+                            lambda self, q, orig=orig, seen=calls[name]: seen.append(sorted(q)) or orig(self, q))
     slots = np.random.default_rng(0).integers(0, 6, (40, 3))
     with R.open(mem) as r, R.open(p) as lo:
         assert r._source.remote and not lo._source.remote
         whole = r.read_all(progress=True)
-        assert suffix_calls == [4 * 5]  # 4 arrays x 5 shards, one call
-        assert len(range_calls) == 5  # one per batch (shard)
+        assert calls["suffixes"] == [] and calls["ranges"] == []
+        assert sorted(calls["objects"]) == [sorted(a.shard_key(s) for a in r._arrays.values()) for s in range(5)]
+        assert len(r._arrays) == 4 and r._arrays["flip"].shard_key(3) == "flip/c/3/0"
         for got, want in ((whole, lo.read_all()), (r.read_all(slots), lo.read_all(slots))):
             np.testing.assert_array_equal(got.box, want.box)
             np.testing.assert_array_equal(got.flip, want.flip)
