@@ -175,7 +175,12 @@ def test_batches_dropped_unread_do_not_keep_buffers_busy(data, reference):
     for e in range(3):
         ds.set_epoch(e)
         for batch in dl:
-            time.sleep(0.3)  # the workers fill their prefetched batches, in kept buffers
+            # wait (not a fixed sleep: a loaded machine is slow) until the workers have sent prefetched batches
+            # in kept buffers besides this one, which the main process will now drop unread
+            deadline = time.monotonic() + 60
+            while sum(int(b.counters[0] - b.counters[1]) for kept in ds._retained.values() for b in kept) < 2:
+                assert time.monotonic() < deadline, "the workers sent no prefetched batch in a kept buffer"
+                time.sleep(0.02)
             break
         del batch
         gc.collect()
