@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import crc32c
@@ -36,7 +35,7 @@ from numcodecs import blosc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout's fkdstore
 
-from store_layout import boxes_for, teacher_like
+from store_layout import boxes_for, teacher_like, timed
 
 import fkdstore
 import fkdstore.store
@@ -45,12 +44,8 @@ from fkdstore.codecs import get_codec
 
 
 def _best(fn, count, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best / count * 1e6
+    """Best of ``repeat`` timings of ``fn``, in µs per one of its ``count`` operations."""
+    return timed(fn, repeat) / count * 1e6
 
 
 def main(argv=None):

@@ -401,8 +401,7 @@ class Reader:
         # while this thread decodes the oldest; smaller batches keep that pipeline full. Its shard files are
         # fetched whole (one request per array and shard, index included: read_all needs every chunk).
         ahead = READ_AHEAD if self._source.remote and all(a.fast for a in arrays) else 0
-        budget = READ_ALL_BATCH_BYTES // (ahead + 1) if ahead else READ_ALL_BATCH_BYTES
-        step = max(1, budget // max(1, shard_bytes))
+        step = max(1, READ_ALL_BATCH_BYTES // (ahead + 1) // max(1, shard_bytes))
         batches = [range(s0, min(h.num_shards, s0 + step)) for s0 in range(0, h.num_shards, step)]
 
         def items(shards):
@@ -431,11 +430,13 @@ class Reader:
                         bar.update()
             else:
                 import collections
+                import itertools
                 import threading
                 from concurrent.futures import ThreadPoolExecutor
 
                 lock = threading.Lock()  # the shard-index and manifest caches, shared by the fetching threads
                 todo = iter(batches)
+
                 def manifests():
                     with lock:  # taken before any fetch needs a tag: every manifest chunk in one round
                         prefetch_manifests(arrays, range(h.num_shards))
@@ -444,10 +445,8 @@ class Reader:
                     pool.submit(manifests)
                     pending: collections.deque = collections.deque()
                     try:
-                        for shards in todo:
+                        for shards in itertools.islice(todo, ahead):
                             pending.append((shards, pool.submit(fetch_many, items(shards), lock, True)))
-                            if len(pending) == ahead:
-                                break
                         while pending:
                             shards, fut = pending.popleft()
                             plans = fut.result()

@@ -845,18 +845,18 @@ def _prefetch(items) -> None:
         for a, todo in wants:
             a._indexes(todo, raws[k:k + len(todo)])
             k += len(todo)
-    manifest = next((a.manifest for a, _, _ in items if a.manifest is not None), None)
-    if manifest is not None and not single:  # one chunk per array: one manifest chunk, read by shard()
-        manifest.prefetch({int(s) for a, cs, _ in items for s in (np.asarray(cs) // a.per_shard).tolist()})
+    if not single:  # one chunk per array: one manifest chunk, read by shard()
+        prefetch_manifests([a for a, _, _ in items],
+                           {s for a, cs, _ in items for s in (np.asarray(cs) // a.per_shard).tolist()})
 
 
 def prefetch_manifests(arrays, shards) -> None:
     """Cache the manifest chunks of ``shards`` (of the manifest ``arrays`` share) in one Zarr read, ahead of a
     long read (``Reader.read_all`` on a remote store); at most as many as the cache holds. Damage is left
     for the reads to report, shard by shard."""
-    manifest = next((a.manifest for a in arrays if a.fast and a.manifest is not None), None)
+    manifest = next((a.manifest for a in arrays if a.manifest is not None), None)
     if manifest is not None:
-        manifest.prefetch(sorted(set(int(s) for s in shards)))
+        manifest.prefetch(shards)
 
 
 def take_one(arrays, c: int) -> list[np.ndarray]:
