@@ -108,7 +108,9 @@ def _written_batches(reader) -> list[np.ndarray]:
 
 def _write_like(dst_store, reader, *, codec, meta, crops_per_image: int | None = None):
     """A writer for a new store with ``reader``'s images (keys, sizes, labels), aug columns and augment
-    pipeline, and the given codec, ``meta`` and (default: the source's) crops per image."""
+    pipeline, and the given codec, ``meta`` and (default: the source's) crops per image. A seeded-crops source
+    (format 3.0) gives a seeded output with the same sampler, unless ``crops_per_image`` selects slots
+    (pruning): slot j of the output is then not the sampler's slot j, so its crops are stored (2.0)."""
     from . import writer as _writer
 
     h = reader.header
@@ -116,6 +118,7 @@ def _write_like(dst_store, reader, *, codec, meta, crops_per_image: int | None =
         dst_store, num_images=h.num_images, crops_per_image=crops_per_image or h.crops_per_image,
         num_classes=h.num_classes, codec=codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes,
         labels=reader.labels, meta=meta, aug=h.aug, augment=list(h.augment),
+        crop_sampler=h.crop_sampler if crops_per_image is None else None,
     )
 
 

@@ -82,7 +82,7 @@ from .errors import FkdstoreError, SchemaMismatchError, ValidationError
 from .images import ImageList, ImageReadError, image_size, list_images, load_image
 from .teacher import TeacherForward, TeacherInputs, state_sha256
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler, replay_crops
-from .validation import non_negative_int, positive_int
+from .validation import boolean, non_negative_int, positive_int
 
 __all__ = ["generate", "LabelSpec", "Execution", "Provenance", "StoredCrops", "DEFAULT_BATCH_SIZE", "ON_ERROR"]
 
@@ -177,6 +177,7 @@ class _Job:
     execution: Execution
     provenance: Provenance = field(default_factory=Provenance)
     augment: _augment.Pipeline = field(default_factory=_augment.Pipeline)
+    seeded_crops: bool = False
 
     @property
     def images_per_batch(self) -> int:
@@ -215,6 +216,7 @@ def generate(
     augment: Any = None,
     crops_from: str | os.PathLike | None = None,
     storage_options: dict[str, Any] | None = None,
+    seeded_crops: bool = False,
 ) -> _reader.Reader:
     """Label ``images`` with ``teacher`` and write (or finish) the store at ``path``; return it opened.
 
@@ -259,6 +261,11 @@ def generate(
             from the source's stored params (``augment`` must then be None).
         storage_options: for a URL ``path`` and/or ``crops_from``, passed to fsspec (``{"endpoint_url": ...,
             "key": ...}``); credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
+        seeded_crops: write a seeded-crops store (format 3.0, :mod:`fkdstore.seeded`): boxes and flips are
+            not stored but derived from the sampler config in the header (``seed``, ``scale``, ``ratio``,
+            ``flip_p``), about 4.8 B per crop less at M = 200; reads derive them (one sampler call per image).
+            With ``crops_from`` the output has seeded crops exactly when the source has (this flag must then
+            stay False).
 
     Returns the :class:`fkdstore.Reader` of the store (``complete`` unless images were skipped).
 
@@ -275,7 +282,11 @@ def generate(
         execution=Execution(batch_size, device, num_workers, on_error, amp, progress),
         provenance=Provenance(teacher_name, weights_sha256),
         augment=_augment.parse_augment(augment),
+        seeded_crops=boolean("seeded_crops", seeded_crops),
     )
+    if crops_from is not None and job.seeded_crops:
+        raise ValidationError("seeded_crops must be False with crops_from: the output has seeded crops exactly when "
+                              "the source store has (its crops cannot be re-drawn otherwise).")
     if storage_options and not any(_storage.is_url(x) for x in (path, crops_from) if isinstance(x, (str, os.PathLike))):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
     # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
@@ -395,8 +406,9 @@ def open_or_create_store(out, listing: ImageList, job: _Job, num_classes: int, m
         image_keys=listing.keys, labels=labels, meta=meta, images_per_shard=spec.images_per_shard,
         aug=[c.to_json() for c in job.augment.columns()], augment=job.augment.get_config(),
     )
+    common["crop_sampler"] = job.sampler if job.seeded_crops else None
     if stored is not None:
-        common.update(aug=stored.aug_columns, augment=stored.augment)
+        common.update(aug=stored.aug_columns, augment=stored.augment, crop_sampler=stored.crop_sampler)
     skipped: list[str] = []
     err = None
     writer = sizes = None
@@ -577,6 +589,7 @@ class StoredCrops:
         self.aug_columns = list(h.aug)
         self.augment = [dict(p) for p in h.augment]
         self.pipeline = _augment.Pipeline.from_config(self.augment) if self.augment else None
+        self.crop_sampler = h.crop_sampler  # a seeded source gives a seeded output with the same sampler
 
     @classmethod
     def open(cls, location, keys: Sequence[str], crops_per_image: int, storage_options=None) -> StoredCrops:

@@ -27,6 +27,7 @@ from . import codecs as _codecs
 from . import schema as S
 from . import storage as _storage
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
+from .seeded import SeededCrops
 from .shard import ArrayMeta, Manifest, ShardedArray, fetch_many, finish_many, group_rows, load_many, \
     parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
 
@@ -163,8 +164,10 @@ class Reader:
         """Read every array's zarr.json and check it against the header (issue 14.3: cheap, at open)."""
         h = self.header
         N, M = h.num_images, h.crops_per_image
-        specs = h.per_crop_specs(self.codec)
-        self._specs = specs
+        all_specs = h.per_crop_specs(self.codec)  # manifest order, derived arrays (seeded crops) included
+        columns = {name: p for p, name in enumerate(all_specs)}
+        specs = h.stored_specs(self.codec)
+        self._specs = all_specs
         names = list(specs) + list(h.per_image_arrays) + ([S.MANIFEST] if h.major >= 2 else [])
         raws = [self._source.read(f"{n}/zarr.json") for n in names]
         metas: dict[str, ArrayMeta] = {}
@@ -181,13 +184,19 @@ class Reader:
         expect[S.LABEL] = dict(shape=(N,), dtype="int32")
         expect[S.WRITTEN] = dict(shape=(N,), dtype="uint8", grid=(h.images_per_shard,))
         if h.major >= 2:
-            expect[S.MANIFEST] = dict(shape=(h.num_chunks, len(specs)), dtype="uint32",
-                                      grid=(h.chunks_per_shard, len(specs)))
+            expect[S.MANIFEST] = dict(shape=(h.num_chunks, len(all_specs)), dtype="uint32",
+                                      grid=(h.chunks_per_shard, len(all_specs)))
         for name in list(metas):
             bad = mismatches(metas[name], **expect[name])
             if bad:
                 self._problem(CorruptStoreError(bad[0]), more=bad[1:])
                 del metas[name]
+        for name in h.derived_arrays:  # seeded crops: a stored box/flip would be another writer's or a stale copy
+            if self._source.read(f"{name}/zarr.json") is not None:
+                self._problem(CorruptStoreError(
+                    f"array {name!r} exists in {self.path}, but the store has seeded crops (format "
+                    f"{h.format_version}): its {name} values are derived from the header's crop_sampler and "
+                    f"must not be stored (the store was mixed with another one)"))
         manifest = None
         if S.MANIFEST in metas:
             manifest = Manifest(metas[S.MANIFEST], _Rows(self, S.MANIFEST), self._source.exists,
@@ -196,9 +205,11 @@ class Reader:
         self._metas = metas
         self._arrays: dict[str, ShardedArray] = {
             name: ShardedArray(metas[name], self._source, num_images=N, dtype=dtype, manifest=manifest,
-                               column=p, zarr_array=_GroupArray(self, name))
-            for p, (name, (trail, dtype)) in enumerate(specs.items()) if name in metas
+                               column=columns[name], zarr_array=_GroupArray(self, name))
+            for name, (trail, dtype) in specs.items() if name in metas
         }
+        self._columns = columns
+        self._seeded = SeededCrops(h, _Sizes(self), self.path) if h.seeded else None
         self._written = None
         # CropRecords keys of the arrays, computed once (read(i) builds one CropRecords per image)
         n = len(S.SOFT_GROUP) + 1
@@ -342,6 +353,38 @@ class Reader:
         _check_slot_range(sl, self.crops_per_image)
         return sl
 
+    def _derive(self, idx: np.ndarray, slots=None) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded crops: boxes and flips of images ``idx`` (slots as :meth:`SeededCrops.rows`). The first call
+        of a reader compares the derived chunk of ``idx[0]`` with its manifest tags (spec: before any derived
+        data is returned), so a sampler that cannot replay the store fails here, not silently."""
+        if not self._seeded.checked:
+            c = int(idx[0]) // self.header.images_per_chunk
+            self._check_derived(c, c + 1)
+        return self._seeded.rows(idx, slots)
+
+    def _check_derived(self, c0: int, c1: int, data: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Derive chunks ``[c0, c1)`` of box and flip (unless ``data`` already holds them) and compare their
+        tags with the manifest in every chunk holding a written image; returns the derived rows (whole chunks)."""
+        h, sc = self.header, self._seeded
+        ipc, cps = h.images_per_chunk, h.chunks_per_shard
+        if data is None:
+            data = sc.chunk_rows(c0 * ipc, c1 * ipc)
+        if self._manifest is None:
+            raise CorruptStoreError(f"{self.path}: the manifest cannot be read, so the seeded crops cannot be checked")
+        rows = []
+        for s in range(c0 // cps, (c1 - 1) // cps + 1):
+            a, b = max(c0, s * cps), min(c1, (s + 1) * cps)
+            try:
+                rows.append(self._manifest.shard(s)[a - s * cps:b - s * cps])
+            except Exception as e:  # the manifest chunk itself cannot be read
+                raise CorruptStoreError(f"{self.path}: manifest chunk of shard {s} cannot be read "
+                                        f"({type(e).__name__}: {e}); the seeded crops cannot be checked") from e
+        w = np.zeros((c1 - c0) * ipc, bool)
+        seen = self.written[c0 * ipc:c1 * ipc]
+        w[:len(seen)] = seen
+        sc.check_or_raise(c0, data, np.concatenate(rows), self._columns, w.reshape(-1, ipc).any(1))
+        return data
+
     def _records(self, data: dict[str, np.ndarray]) -> CropRecords:
         if self._v1_aug:
             block = data[S.AUG]
@@ -364,6 +407,9 @@ class Reader:
         chunks = take_one(list(arrays), c)
         # a copy (not a view of a cached chunk): callers may modify what they get
         data = {a.path: ch[w].copy() if slots is None else ch[w].take(slots, 0) for a, ch in zip(arrays, chunks)}
+        if self._seeded is not None:
+            box, flip = self._derive(np.array([i]), slots)
+            data[S.BOX], data[S.FLIP] = box[0], flip[0]
         return self._records(data)
 
     def read_batch(self, indices, slots=None) -> CropRecords:
@@ -383,6 +429,12 @@ class Reader:
         else:
             inv2, within2 = inv[:, None], within[:, None]
             data = {a.path: st[inv2, within2, sl] for a, st in zip(arrays, stacks)}
+        if self._seeded is not None and len(idx):
+            data[S.BOX], data[S.FLIP] = self._derive(idx, sl)
+        elif self._seeded is not None:
+            m = self.crops_per_image if sl is None else sl.shape[1]
+            data[S.BOX] = np.empty((0, m, 4), self.header.box_dtype)
+            data[S.FLIP] = np.empty((0, m), bool)
         return self._records(data)
 
     def read_all(self, slots=None, *, progress: bool = False) -> CropRecords:
@@ -410,6 +462,14 @@ class Reader:
         def keep(shards, loaded):
             n0 = shards.start * h.images_per_shard
             n1 = min(N, shards.stop * h.images_per_shard)
+            if self._seeded is not None:  # derived here, every chunk checked against its manifest tags
+                c0 = shards.start * h.chunks_per_shard
+                derived = self._seeded.chunk_rows(n0, n1)
+                with lock:  # the manifest cache is shared with the fetching threads
+                    self._check_derived(c0, min(h.num_chunks, shards.stop * h.chunks_per_shard), derived)
+                for name, rows in derived.items():
+                    rows = rows[: n1 - n0]
+                    out[name][n0:n1] = rows if sl is None else rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
             for a, (data, errors) in zip(arrays, loaded):
                 raise_first(errors)
                 rows = data.reshape(-1, *a.chunk_shape[1:])[: n1 - n0]
@@ -417,6 +477,9 @@ class Reader:
                     rows = rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
                 out[a.path][n0:n1] = rows
 
+        import threading
+
+        lock = threading.Lock()  # the shard-index and manifest caches, shared with the fetching threads
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -431,10 +494,8 @@ class Reader:
             else:
                 import collections
                 import itertools
-                import threading
                 from concurrent.futures import ThreadPoolExecutor
 
-                lock = threading.Lock()  # the shard-index and manifest caches, shared by the fetching threads
                 todo = iter(batches)
 
                 def manifests():
@@ -495,6 +556,16 @@ class Reader:
     def __repr__(self) -> str:
         return (f"fkdstore.Reader({self.path!r}, images={self.num_images}, crops_per_image={self.crops_per_image}, "
                 f"classes={self.num_classes}, codec={self.codec!r}, format={self.header.format_version})")
+
+
+class _Sizes:
+    """Picklable ``() -> reader.image_sizes`` (what seeded crops are derived from)."""
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+
+    def __call__(self) -> np.ndarray:
+        return self.reader.image_sizes
 
 
 class _GroupArray:

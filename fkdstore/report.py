@@ -7,6 +7,9 @@ Keys (all sizes in bytes):
     where the store is and which format/library wrote it.
 ``codec``
     the codec config, e.g. ``{"name": "ms", "k": 5, "dtype": "float16"}``.
+``crops``, ``crop_sampler``
+    ``"stored"`` (box and flip arrays) or ``"seeded"`` (format 3.0: derived from ``crop_sampler``, the
+    sampler config in the header; null for stored crops).
 ``num_images``, ``crops_per_image``, ``num_classes``, ``aug`` (list of ``{name, kind}``), ``has_labels``,
 ``images_per_chunk``, ``images_per_shard``
     the header's shape and layout fields.
@@ -397,7 +400,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
     crops = written * h.crops_per_image
     total = stats["_total"]["bytes"]
     soft = sum(a["stored_bytes"] for n, a in arrays.items() if n.startswith(S.SOFT_GROUP + "/"))
-    geo = sum(arrays[n]["stored_bytes"] for n in (S.BOX, S.FLIP))
+    geo = sum(arrays[n]["stored_bytes"] for n in (S.BOX, S.FLIP) if n in arrays)  # 0: seeded crops
     aug = sum(arrays[n]["stored_bytes"] for n in r.per_crop_arrays if n == S.AUG or n.startswith(S.AUG + "/"))
     bpc = total / crops if crops else None
     codec = r.codec
@@ -411,6 +414,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
     out = {
         "path": str(path), "format": h.format, "format_version": h.format_version,
         "library_version": h.library_version, "codec": dict(h.codec),
+        "crops": "seeded" if h.seeded else "stored", "crop_sampler": h.crop_sampler,
         "num_images": h.num_images, "crops_per_image": h.crops_per_image, "num_classes": h.num_classes,
         "aug": [a.to_json() for a in h.aug], "augment": [dict(p) for p in h.augment], "has_labels": h.has_labels,
         "images_per_chunk": h.images_per_chunk, "images_per_shard": h.images_per_shard,
@@ -462,6 +466,10 @@ def format_inspect(d: dict[str, Any]) -> str:
         + ("" if d["complete"] else f"; missing {_fmt_ranges(d['missing_ranges'])}"),
         f"layout     {d['images_per_chunk']} images per chunk, {d['images_per_shard']} per shard",
     ]
+    if d.get("crops") == "seeded":
+        c = d["crop_sampler"]
+        L.append(f"crops      seeded (box and flip derived, not stored): seed {c['seed']}, scale {c['scale']}, "
+                 f"ratio {[round(x, 4) for x in c['ratio']]}, flip_p {c['flip_p']}")
     if d.get("augment"):
         L.append(f"augment    {_short(d['augment'], 320)}")
     L += [

@@ -38,8 +38,9 @@ from .errors import CorruptStoreError, FormatError, ValidationError
 from .validation import positive_int
 
 FORMAT_NAME = "fkdstore"
-FORMAT_VERSION = "2.0"  # what this library writes; readers refuse a newer major, accept a newer minor
-READ_MAJORS = (1, 2)  # majors this library reads
+FORMAT_VERSION = "2.0"  # what this library writes for stored crops; readers refuse a newer major, accept a newer minor
+SEEDED_FORMAT_VERSION = "3.0"  # what it writes for seeded crops (box and flip derived from `crop_sampler`)
+READ_MAJORS = (1, 2, 3)  # majors this library reads
 ATTR_KEY = "fkdstore"
 # The root group's only attribute while a writer creates a store (invariant 1): a group holding exactly this
 # attribute and no header is an interrupted creation, which a writer may delete; nothing else ever is.
@@ -292,6 +293,7 @@ def check_json(obj: Any, what: str) -> None:
 _REQUIRED = ("num_images", "crops_per_image", "num_classes", "codec", "images_per_chunk", "images_per_shard",
              "box_dtype")
 _REQUIRED_2 = _REQUIRED + ("key_length", "aug", "augment", "has_labels", "checksum")
+_REQUIRED_3 = _REQUIRED_2 + ("crop_sampler",)
 
 
 def _parse_positive_int(name: str, v: Any) -> int:
@@ -321,6 +323,7 @@ class Header:
     format_version: str = FORMAT_VERSION
     format: str = FORMAT_NAME
     checksum: str = field(default="", compare=False)
+    crop_sampler: dict[str, Any] | None = None  # 3.0: the seeded crop sampler's config (box/flip derived)
 
     def __post_init__(self):
         for name in ("num_images", "crops_per_image", "num_classes", "images_per_chunk", "images_per_shard"):
@@ -347,6 +350,11 @@ class Header:
         object.__setattr__(self, "aug", parse_aug(self.aug))
         if self.major < 2 and any(a.dtype != V1_AUG_DTYPE or a.shape for a in self.aug):
             raise ValidationError("format 1 stores aug columns as scalar float32 only.")
+        if self.major >= 3:
+            object.__setattr__(self, "crop_sampler", parse_crop_sampler(self.crop_sampler))
+        elif self.crop_sampler is not None:
+            raise ValidationError(f"crop_sampler (seeded crops) needs format {SEEDED_FORMAT_VERSION}; this header "
+                                  f"is format {self.format_version}.")
 
     # -- layout
     @property
@@ -380,9 +388,26 @@ class Header:
         """The unsharded per-image arrays of this store's format version."""
         return (self.key_array, IMAGE_SIZE, LABEL, WRITTEN)
 
+    @property
+    def seeded(self) -> bool:
+        """Format 3.0: box and flip are derived from :attr:`crop_sampler`, not stored."""
+        return self.crop_sampler is not None
+
+    @property
+    def derived_arrays(self) -> tuple[str, ...]:
+        """Per-crop arrays that are derived, not stored: ``(box, flip)`` for seeded crops (3.0), else none.
+        They keep their manifest columns (tags of the derived chunks)."""
+        return (BOX, FLIP) if self.seeded else ()
+
+    def stored_specs(self, codec) -> dict[str, tuple[tuple[int, ...], str]]:
+        """:meth:`per_crop_specs` without the derived arrays: the per-crop arrays that exist on storage."""
+        derived = self.derived_arrays
+        return {k: v for k, v in self.per_crop_specs(codec).items() if k not in derived}
+
     def per_crop_specs(self, codec) -> dict[str, tuple[tuple[int, ...], str]]:
         """``{array path: (trailing shape per slot, dtype)}`` of every per-crop array, in manifest order
-        (box, flip, aug columns, codec fields). ``codec`` is the store's codec object (it knows its fields)."""
+        (box, flip, aug columns, codec fields), derived ones included (:meth:`stored_specs` leaves them out).
+        ``codec`` is the store's codec object (it knows its fields)."""
         specs: dict[str, tuple[tuple[int, ...], str]] = {BOX: ((4,), self.box_dtype), FLIP: ((), "bool")}
         if self.aug and self.major < 2:
             specs[AUG] = ((len(self.aug),), V1_AUG_DTYPE)
@@ -406,6 +431,10 @@ class Header:
         d["augment"] = [dict(p) for p in self.augment]
         d["meta"] = dict(self.meta)
         d["codec"] = dict(self.codec)
+        if d["crop_sampler"] is None:  # 1.0 and 2.0 headers have no such key
+            del d["crop_sampler"]
+        else:
+            d["crop_sampler"] = dict(d["crop_sampler"])
         if self.major < 2:  # 1.0 had neither field
             for k in ("key_length", "augment", "checksum"):
                 d.pop(k)
@@ -429,7 +458,7 @@ class Header:
             raise FormatError(f"fkdstore header key 'format_version' must be a string 'major.minor'. "
                               f"Got {d.get('format_version')!r}.")
         major, _ = check_version(d.get("format_version"))
-        required = _REQUIRED_2 if major >= 2 else _REQUIRED
+        required = _REQUIRED_3 if major >= 3 else _REQUIRED_2 if major >= 2 else _REQUIRED
         missing = [k for k in required if k not in d]
         if missing:
             raise FormatError(f"fkdstore header (format {d.get('format_version')}) lacks required keys {missing}")
@@ -467,6 +496,28 @@ def header_checksum(d: Mapping[str, Any]) -> str:
     detected; provenance may change (a resumed run updates ``meta``)."""
     body = {k: v for k, v in d.items() if k not in CHECKSUM_EXCLUDES}
     return "crc32c:%08x" % _crc32c.crc32c(canonical_json(body).encode("utf-8"))
+
+
+def parse_crop_sampler(cfg: Any) -> dict[str, Any]:
+    """The ``crop_sampler`` header object of a seeded-crops store (format 3.0), checked strictly: every key of
+    :meth:`fkdstore.transforms.CropSampler.get_config` present with a valid value and no other key (a
+    reader that ignored a sampler parameter would replay other crops than the teacher saw). Returns the
+    canonical config (as ``get_config`` writes it)."""
+    from .transforms import CropSampler
+
+    if not isinstance(cfg, Mapping):
+        raise ValidationError(f"crop_sampler must be a sampler config object. Got {cfg!r}.")
+    want = set(CropSampler().get_config())
+    unknown, missing = sorted(set(cfg) - want), sorted(want - set(cfg))
+    if unknown or missing:
+        raise ValidationError(f"crop_sampler must have exactly the keys {sorted(want)}: "
+                              f"unknown {unknown}, missing {missing}. Got {dict(cfg)!r}.")
+    sampler = CropSampler.from_config(dict(cfg))  # algorithm, rng rule, max_attempts and the values
+    canonical = sampler.get_config()
+    if canonical != {**cfg, "scale": list(cfg["scale"]), "ratio": list(cfg["ratio"])}:
+        raise ValidationError(f"crop_sampler values must be as CropSampler.get_config writes them "
+                              f"({canonical}). Got {dict(cfg)!r}.")
+    return canonical
 
 
 def check_version(version) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ValidationError
 
-__all__ = ["positive_int", "non_negative_int", "int_in_range"]
+__all__ = ["positive_int", "non_negative_int", "int_in_range", "boolean"]
 
 
 def int_in_range(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -51,3 +51,10 @@ def positive_int(name: str, value: Any) -> int:
 def non_negative_int(name: str, value: Any) -> int:
     """``value`` as a Python ``int`` when it is an integer ``>= 0``; errors as :func:`positive_int`."""
     return int_in_range(name, value, 0)
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` when it is a ``bool`` (numpy bools accepted); anything else (``0``, ``"yes"``) is a TypeError."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be True or False. Got {value!r} ({type(value).__name__}).")
+    return bool(value)

@@ -121,6 +121,7 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
 
         pipeline = Pipeline.from_config(list(h.augment))
     ipc = h.images_per_chunk
+    seeded = reader._seeded if sizes is not None else None  # without sizes nothing can be derived (reported)
     for s in shards:
         r = h.shard_range(s)
         w = written[r.start:r.stop]
@@ -139,11 +140,33 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
                 problems.add(kind, f"{bad[0]}{more}")
                 continue
             block[a.path] = data.reshape(-1, *a.chunk_shape[1:])[:len(r)]
+        if seeded is not None and w.any():  # seeded crops: derived, every chunk against its manifest tags
+            block.update(_check_seeded(reader, seeded, s, w, problems))
         if w.any():
             _check_records(block, w, r, sizes, h, codec, problems, pipeline)
     reader.close()
     problems.summarise()
     return list(problems)
+
+
+def _check_seeded(reader, seeded, s: int, w: np.ndarray, problems: _Problems) -> dict[str, np.ndarray]:
+    """Seeded crops of shard ``s``: derive box and flip, compare every chunk holding a written image with its
+    manifest tags (:meth:`fkdstore.seeded.SeededCrops.check`); returns the derived rows for the record checks."""
+    h = reader.header
+    r = h.shard_range(s)
+    data = seeded.chunk_rows(r.start, r.stop)
+    try:
+        tags = reader._manifest.shard(s)
+    except Exception as e:  # noqa: BLE001 - reported, the rest of the store is still checked
+        problems.add("missing", f"manifest chunk of shard {s} cannot be read ({type(e).__name__}: {e}); "
+                     f"seeded crops of images {r.start}..{r.stop - 1} not checked")
+        return {}
+    ipc = h.images_per_chunk
+    pad = np.zeros(len(tags) * ipc, bool)
+    pad[:len(w)] = w
+    for msg in seeded.check(s * h.chunks_per_shard, data, tags, reader._columns, pad.reshape(-1, ipc).any(1)):
+        problems.add("chunk", msg)
+    return {name: v[:len(r)] for name, v in data.items()}
 
 
 def _check_keys(h: S.Header, keys, problems: _Problems) -> None:

@@ -53,6 +53,7 @@ from . import codecs as _codecs
 from . import schema as S
 from . import storage
 from .errors import ConcurrentWriterError, CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+from .seeded import SeededCrops
 from .validation import positive_int
 
 __all__ = ["write", "Writer", "clear_interrupted_creation", "storage_stats", "OWNERS", "OWNER_LEASE_S"]
@@ -223,6 +224,7 @@ def write(
     primary: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     max_buffered_shards: int = MAX_BUFFERED_SHARDS,
+    crop_sampler=None,
 ) -> Writer:
     """Create a label store at ``location`` (or re-open an existing one with the identical schema) for writing.
 
@@ -243,6 +245,10 @@ def write(
         primary: only the primary writer (rank 0) creates the store and writes attributes; others require
             the store to exist.
         max_buffered_shards: at most this many partially filled shards are held in memory.
+        crop_sampler: seeded crops (format 3.0): a :class:`fkdstore.transforms.CropSampler` (or its config).
+            The store then holds no ``box``/``flip`` arrays: every image's boxes and flips are the sampler's
+            (:mod:`fkdstore.seeded`), and :meth:`Writer.put` takes ``boxes=None, flips=None`` or refuses boxes
+            and flips that differ from the sampler's. ``None`` (default): boxes and flips are stored (2.0).
 
     Returns a :class:`Writer`. Raises :class:`ValidationError` / :class:`TypeError` for bad input and
     :class:`SchemaMismatchError` if an existing store differs; nothing is written in either case.
@@ -251,6 +257,7 @@ def write(
     codec = _as_codec(codec)
     inputs = _parse_inputs(num_images, crops_per_image, num_classes, codec, image_keys, image_sizes, labels,
                            meta, aug, augment)
+    inputs["crop_sampler"] = _sampler_config(crop_sampler)
     header = _make_header(inputs, codec, images_per_chunk, images_per_shard, existing=None)  # all checks first
     store = storage.as_store(location, read_only=False, storage_options=storage_options)
     where = storage.describe(store)
@@ -271,6 +278,17 @@ def write(
             raise ValidationError(f"{where} exists and is not an fkdstore store; refusing to overwrite it")
         group = _create(store, header, codec, inputs)
     return Writer(group, header, codec, primary=primary, max_buffered_shards=max_buffered_shards)
+
+
+def _sampler_config(crop_sampler) -> dict[str, Any] | None:
+    """The header's ``crop_sampler`` object for ``write(crop_sampler=...)`` (None: stored crops)."""
+    if crop_sampler is None:
+        return None
+    if hasattr(crop_sampler, "get_config"):
+        crop_sampler = crop_sampler.get_config()
+    if not isinstance(crop_sampler, Mapping):
+        raise TypeError(f"crop_sampler must be a CropSampler, its config dict or None. Got {type(crop_sampler).__name__}.")
+    return S.parse_crop_sampler(_normalised_json(dict(crop_sampler), "crop_sampler"))
 
 
 def _normalised_json(obj: Any, what: str) -> Any:
@@ -337,7 +355,8 @@ def _make_header(inputs, codec, ipc, ips, *, existing: S.Header | None) -> S.Hea
         num_images=N, crops_per_image=M, num_classes=inputs["C"], codec=codec.get_config(),
         box_dtype=S.box_dtype(int(inputs["sizes"].max())), key_length=int(inputs["key_arr"].shape[1]),
         aug=inputs["aug"], augment=inputs["augment"], has_labels=bool((inputs["labels"] >= 0).any()),
-        meta=inputs["meta"], library_version=_library_version(), format_version=S.FORMAT_VERSION,
+        meta=inputs["meta"], library_version=_library_version(), crop_sampler=inputs["crop_sampler"],
+        format_version=S.FORMAT_VERSION if inputs["crop_sampler"] is None else S.SEEDED_FORMAT_VERSION,
     )
     if existing is not None:  # resume adopts the store's layout; an explicit different one is refused below
         ipc = existing.images_per_chunk if ipc is None else ipc
@@ -368,13 +387,13 @@ def _create(store, header: S.Header, codec, inputs) -> zarr.Group:
     # One chunk of `written` (and of `manifest`) per storage shard: disjoint shards never share a file.
     group.create_array(S.WRITTEN, shape=(N,), dtype="uint8", chunks=(header.images_per_shard,),
                        compressors=_small_compressors(), fill_value=0)
-    specs = header.per_crop_specs(codec)
-    group.create_array(S.MANIFEST, shape=(header.num_chunks, len(specs)), dtype="uint32",
-                       chunks=(header.chunks_per_shard, len(specs)), compressors=_small_compressors(), fill_value=0)
+    P = len(header.per_crop_specs(codec))  # derived arrays (seeded crops) keep their manifest columns
+    group.create_array(S.MANIFEST, shape=(header.num_chunks, P), dtype="uint32",
+                       chunks=(header.chunks_per_shard, P), compressors=_small_compressors(), fill_value=0)
     group.create_group(S.SOFT_GROUP)
     if header.aug:
         group.create_group(S.AUG)
-    for name, (trail, dtype) in specs.items():
+    for name, (trail, dtype) in header.stored_specs(codec).items():
         group.create_array(
             name, shape=(N, M, *trail), dtype=dtype,
             chunks=(header.images_per_chunk, M, *trail), shards=(header.images_per_shard, M, *trail),
@@ -386,9 +405,13 @@ def _create(store, header: S.Header, codec, inputs) -> zarr.Group:
 
 def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) -> None:
     if old.major != new.major:
+        def crops(h):
+            return "seeded" if h.seeded else "stored"
+
         raise SchemaMismatchError(
-            f"{where} has format {old.format_version}; this library writes {new.format_version} and cannot add "
-            f"to it (convert the store, or write a new one)"
+            f"{where} has format {old.format_version} ({crops(old)} crops); this run writes format "
+            f"{new.format_version} ({crops(new)} crops) and cannot add to it (use the store's own crop sampler "
+            f"setting, convert the store, or write a new one)"
         )
     new_key, old_key = new.schema_key(), old.schema_key()
     for k in new_key:
@@ -575,8 +598,10 @@ class Writer:
         self.max_buffered_shards = positive_int("max_buffered_shards", max_buffered_shards)
         self.store = group.store
         self._where = storage.describe(self.store)
-        self._specs = header.per_crop_specs(codec)
+        self._specs = header.per_crop_specs(codec)  # buffers hold derived arrays too (their manifest tags)
+        self._derived = header.derived_arrays
         self._sizes = group[S.IMAGE_SIZE][:]
+        self._seeded = SeededCrops(header, lambda: self._sizes, self._where) if header.seeded else None
         self._written = group[S.WRITTEN][:].astype(bool)
         self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
         self._owners = _Owners(self.store, self._where)
@@ -651,6 +676,8 @@ class Writer:
     def _put(self, idx, boxes, flips, fields, aug, *, validate_values: bool = False) -> None:
         h = self.header
         B, M, C = len(idx), h.crops_per_image, h.num_classes
+        if self._seeded is not None:
+            boxes, flips = self._seeded_crops(idx, boxes, flips)
         boxes, flips = np.asarray(_to_numpy(boxes)), np.asarray(_to_numpy(flips))
         if boxes.shape != (B, M, 4):
             raise ValidationError(f"boxes must be an integer array of shape ({B}, {M}, 4). Got shape {boxes.shape}.")
@@ -683,6 +710,26 @@ class Writer:
         for name, spec in expected.items():
             data[S.soft_path(name)] = np.asarray(fields[name]).astype(spec.dtype, copy=False)
         self._buffer_rows(idx, data)
+
+    def _seeded_crops(self, idx: np.ndarray, boxes, flips) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded crops: the sampler's boxes and flips of images ``idx``; boxes/flips given by the caller
+        (the crops the teacher saw) must equal them, or nothing is buffered."""
+        box, flip = self._seeded.rows(idx)
+        for what, given, want in (("boxes", boxes, box), ("flips", flips, flip)):
+            if given is None:
+                continue
+            given = np.asarray(_to_numpy(given))
+            if given.shape != want.shape:
+                raise ValidationError(f"{what} must have shape {want.shape} (or be None: seeded crops). "
+                                      f"Got shape {given.shape}.")
+            diff = given.astype(np.int64) != want.astype(np.int64)
+            if diff.any():
+                b, m = (int(x) for x in np.argwhere(diff.reshape(len(idx), self.header.crops_per_image, -1).any(-1))[0])
+                raise ValidationError(
+                    f"this store has seeded crops (format {self.header.format_version}): {what} must be the crop "
+                    f"sampler's ({self.header.crop_sampler}) or None. Image {int(idx[b])} slot {m} has "
+                    f"{given[b, m].tolist()}, the sampler gives {want[b, m].tolist()}.")
+        return box, flip
 
     def _aug_columns(self, aug, B: int) -> dict[str, np.ndarray]:
         cols, M = self.header.aug, self.header.crops_per_image
@@ -756,13 +803,21 @@ class Writer:
         with zarr.config.set({"array.write_empty_chunks": True}):
             for p, name in enumerate(self._specs):
                 v = buf[name]
+                if name in self._derived:  # seeded crops: not stored; tagged over every row's derived value
+                    rest = np.flatnonzero(~mask)
+                    if len(rest):
+                        v = v.copy()
+                        v[rest] = self._seeded.rows(rest + r.start)[self._derived.index(name)]
+                    data[name] = v
+                    continue
                 if keep.any():
                     v = v.copy()  # the buffer stays as put, for a retry
                     v[keep] = self._stored_rows(s, name, p, old_tags, keep)
                 self._io(s, name, "write", lambda: self.group[name].__setitem__(sl, v))  # one whole-shard write
                 data[name] = v
                 _fault_point("array", s)
-        self._io(s, "data", "fsync", lambda: _fsync_local(self.store, [self._chunk_key(n, s) for n in data]))
+        stored = [n for n in data if n not in self._derived]
+        self._io(s, "data", "fsync", lambda: _fsync_local(self.store, [self._chunk_key(n, s) for n in stored]))
         _fault_point("data", s)
         tags = np.stack([S.manifest_tags(name, first, v, h.images_per_chunk) for name, v in data.items()], 1)
         self._io(s, S.MANIFEST, "write", lambda: self.group[S.MANIFEST].__setitem__(

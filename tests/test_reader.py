@@ -288,7 +288,7 @@ def test_open_refuses_non_stores_and_newer_versions(tmp_path):
     p, _, _ = _store(tmp_path, "1.0", N=4)
     g = zarr.open_group(str(p), mode="r+")
     attrs = g.attrs[S.ATTR_KEY]
-    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "3.0"}
+    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "4.0"}
     with pytest.raises(FormatError, match="newer than this library"):
         R.open(p)
     g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "1.7", "future_optional_key": 1}

@@ -1,0 +1,252 @@
+"""Seeded crops (format 3.0, issue 12's whole-store size): box and flip derived from the header's crop sampler
+instead of stored. The records equal a stored-crop twin's, the store is smaller, bad input writes nothing,
+and every way the derivation or the header can go wrong is an error, never other crops."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fkdstore
+from fkdstore import schema as S
+from fkdstore.convert import convert, ensemble, prune
+from fkdstore.errors import CorruptStoreError, FormatError, SchemaMismatchError, ValidationError
+from fkdstore.report import inspect
+from fkdstore.transforms import CropSampler
+from fkdstore.verify import verify
+from storeutil import make_data
+
+N, M, C, IPC, IPS = 22, 6, 9, 4, 8  # 3 shards, the last inner chunk partial
+SAMPLER = CropSampler(seed=11, scale=(0.2, 1.0), flip_p=0.4)
+
+
+def _data(seed=0):
+    d = make_data(N, M, C, seed=seed)
+    crops = [SAMPLER.sample(i, *d["sizes"][i], M) for i in range(N)]
+    d["boxes"], d["flips"] = np.stack([b for b, _ in crops]), np.stack([f for _, f in crops])
+    return d
+
+
+def _write(path, d, *, seeded=True, boxes=True, **kw):
+    with fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C, codec="ms:k=3", image_keys=d["keys"],
+                        image_sizes=d["sizes"], labels=d["labels"], images_per_chunk=IPC, images_per_shard=IPS,
+                        crop_sampler=SAMPLER if seeded else None, **kw) as w:
+        for a in range(0, N, 5):
+            i = np.arange(a, min(N, a + 5))
+            w.put(i, d["boxes"][i] if boxes else None, d["flips"][i] if boxes else None, d["probs"][i])
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path):
+    d = _data()
+    return _write(tmp_path / "stored", d, seeded=False), _write(tmp_path / "seeded", d, boxes=False), d
+
+
+def _same(a, b):
+    assert a.box.dtype == b.box.dtype and a.flip.dtype == b.flip.dtype
+    np.testing.assert_array_equal(a.box, b.box)
+    np.testing.assert_array_equal(a.flip, b.flip)
+    assert a.fields.keys() == b.fields.keys()
+    for k in a.fields:
+        np.testing.assert_array_equal(a.fields[k], b.fields[k])
+
+
+def _rewrite_header(path, **changes):
+    zj = Path(path) / "zarr.json"
+    doc = json.loads(zj.read_text())
+    h = {**doc["attributes"][S.ATTR_KEY], **changes}
+    h = {k: v for k, v in h.items() if v is not None}
+    h["checksum"] = S.header_checksum(h)
+    doc["attributes"][S.ATTR_KEY] = h
+    zj.write_text(json.dumps(doc))
+
+
+def test_seeded_store_reads_like_its_stored_twin_and_is_smaller(pair):
+    stored, seeded, d = pair
+    a, b = fkdstore.open(stored), fkdstore.open(seeded)
+    assert (a.header.format_version, b.header.format_version) == ("2.0", "3.0")
+    assert b.header.crop_sampler == SAMPLER.get_config() and not (seeded / "box").exists() and not (seeded / "flip").exists()
+    assert b.header.per_crop_specs(b.codec).keys() == a.header.per_crop_specs(a.codec).keys()  # manifest columns
+    np.testing.assert_array_equal(b.read_all().box, d["boxes"])
+    _same(a.read_all(), b.read_all())
+    slots = np.random.default_rng(0).integers(0, M, (N, 2))
+    _same(a.read_all(slots), b.read_all(slots))
+    idx = np.array([21, 3, 3, 17, 0])
+    _same(a.read_batch(idx), b.read_batch(idx))
+    _same(a.read_batch(idx, slots[idx]), b.read_batch(idx, slots[idx]))
+    _same(a.read_batch([]), b.read_batch([]))
+    for i, sl in ((0, None), (21, None), (9, [5, 0, 5])):
+        _same(a.read(i, sl), b.read(i, sl))
+    _same(pickle.loads(pickle.dumps(b)).read(13), a.read(13))  # DataLoader workers get a pickled reader
+    assert verify(seeded) == [] and verify(stored) == []
+    size = {p: sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file()) for p in (stored, seeded)}
+    box_bytes = sum(f.stat().st_size for n in ("box", "flip") for f in (stored / n).rglob("*") if f.is_file())
+    # the box and flip files are gone; the header's sampler config (~250 B) is what comes back
+    assert box_bytes - 500 < size[stored] - size[seeded] <= box_bytes
+    info = inspect(seeded)
+    assert info["crops"] == "seeded" and info["crop_sampler"]["seed"] == 11 and info["box_bytes_per_crop"] == 0
+
+
+def test_given_boxes_must_be_the_samplers(tmp_path):
+    d = _data()
+    bad = d["boxes"].copy()
+    bad[3, 2, 1] += 1
+    for boxes, flips, what in ((bad, d["flips"], "boxes"), (d["boxes"], ~d["flips"], "flips")):
+        p = tmp_path / what
+        with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C, codec="ms:k=3", image_keys=d["keys"],
+                            image_sizes=d["sizes"], images_per_chunk=IPC, images_per_shard=IPS,
+                            crop_sampler=SAMPLER) as w:
+            with pytest.raises(ValidationError, match=rf"{what} must be the crop sampler's.*Image 3 slot 2"
+                               if what == "boxes" else rf"{what} must be the crop sampler's.*Image 0 slot 0"):
+                w.put(np.arange(N), boxes, flips, d["probs"])
+            assert not w.buffered_shards
+        assert not fkdstore.open(p).written.any() and not list((p / "soft").rglob("c"))
+
+
+def test_resume_needs_the_same_sampler(tmp_path):
+    d = _data()
+    p = tmp_path / "s"
+    with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C, codec="ms:k=3", image_keys=d["keys"],
+                        image_sizes=d["sizes"], images_per_chunk=IPC, images_per_shard=IPS, crop_sampler=SAMPLER) as w:
+        w.put(np.arange(10), None, None, d["probs"][:10])  # shard 0 complete, shard 1 partial (flushed at close)
+    common = dict(num_images=N, crops_per_image=M, num_classes=C, codec="ms:k=3", image_keys=d["keys"],
+                  image_sizes=d["sizes"])
+    with pytest.raises(SchemaMismatchError, match="seeded crops.*stored crops"):
+        fkdstore.write(p, **common)
+    with pytest.raises(SchemaMismatchError, match="crop_sampler"):
+        fkdstore.write(p, **common, crop_sampler=CropSampler(seed=12, scale=(0.2, 1.0), flip_p=0.4))
+    with fkdstore.write(p, **common, crop_sampler=SAMPLER.get_config()) as w:
+        w.put(np.arange(10, N), d["boxes"][10:], d["flips"][10:], d["probs"][10:])
+    r = fkdstore.open(p)
+    assert r.complete and verify(p) == []
+    np.testing.assert_array_equal(r.read_all().box, d["boxes"])
+
+
+def test_header_rules(pair):
+    _, seeded, _ = pair
+    zj = seeded / "zarr.json"
+    pristine = zj.read_text()
+    doc = json.loads(pristine)
+    doc["attributes"][S.ATTR_KEY]["crop_sampler"]["seed"] = 12  # an edit without a new checksum
+    zj.write_text(json.dumps(doc))
+    with pytest.raises(CorruptStoreError, match="checksum"):
+        fkdstore.open(seeded)
+    cases = [
+        (dict(crop_sampler=None), "lacks required keys.*crop_sampler"),
+        (dict(crop_sampler={**SAMPLER.get_config(), "max_crop": 3}), "unknown.*max_crop"),
+        (dict(crop_sampler={**SAMPLER.get_config(), "algorithm": "center_crop"}), "algorithm"),
+        (dict(crop_sampler={**SAMPLER.get_config(), "flip_p": 1.5}), "flip_p"),
+        (dict(format_version="2.0"), "crop_sampler .*needs format 3.0"),
+    ]
+    for changes, msg in cases:
+        zj.write_text(pristine)
+        _rewrite_header(seeded, **changes)
+        with pytest.raises(FormatError, match=msg):
+            fkdstore.open(seeded)
+        assert any("cannot open store" in p for p in verify(seeded))
+
+
+def test_a_stored_box_array_in_a_seeded_store_is_refused(pair):
+    stored, seeded, _ = pair
+    import shutil
+
+    shutil.copytree(stored / "box", seeded / "box")
+    with pytest.raises(CorruptStoreError, match="array 'box' exists.*seeded crops"):
+        fkdstore.open(seeded)
+    assert any("array 'box' exists" in p for p in verify(seeded))
+
+
+@pytest.fixture
+def drifted(monkeypatch):
+    """A sampler that no longer reproduces image 13's draws (as another numpy's streams could)."""
+    original = CropSampler.sample
+
+    def sample(self, index, height, width, num_crops):
+        boxes, flips = original(self, index, height, width, num_crops)
+        if index == 13:
+            flips = flips.copy()
+            flips[4] = not flips[4]
+        return boxes, flips
+
+    monkeypatch.setattr(CropSampler, "sample", sample)
+
+
+def test_a_sampler_that_cannot_replay_the_store_raises(pair, drifted):
+    _, seeded, _ = pair
+    where = r"array 'flip' \(seeded crops\) chunk 3 \(images 12\.\.15\).*cannot replay"
+    for read in (lambda r: r.read(13), lambda r: r.read_batch([14, 2]), lambda r: r.read_all(),
+                 lambda r: r.read_all(np.zeros((N, 1), np.int64))):
+        with pytest.raises(CorruptStoreError, match=where):
+            read(fkdstore.open(seeded))
+    r = fkdstore.open(seeded)
+    assert r.read(2).box.shape == (M, 4)  # the first derived read checked chunk 0, which still matches
+    problems = verify(seeded)
+    assert len(problems) == 1 and "array 'flip' (seeded crops) chunk 3" in problems[0]
+
+
+def test_damaged_manifest_of_derived_columns_is_caught(pair):
+    _, seeded, _ = pair
+    import zarr
+
+    m = zarr.open_array(str(seeded / "manifest"), mode="r+")
+    tags = m[:]
+    tags[5, 0] ^= 1  # chunk 5 (images 20-21), column 0 = box
+    m[:] = tags
+    with pytest.raises(CorruptStoreError, match=r"array 'box' \(seeded crops\) chunk 5 \(images 20\.\.21\)"):
+        fkdstore.open(seeded).read(21)
+    assert fkdstore.open(seeded).read(0).box.shape == (M, 4)
+    assert any("chunk 5" in p for p in verify(seeded))
+
+
+def test_convert_ensemble_keep_and_prune_materialises_the_seeded_crops(pair, tmp_path):
+    stored, seeded, d = pair
+    convert(seeded, tmp_path / "q8", "ms:k=3,dtype=q8")
+    ensemble([seeded, stored], tmp_path / "ens")
+    for p in (tmp_path / "q8", tmp_path / "ens"):
+        r = fkdstore.open(p)
+        assert r.header.crop_sampler == SAMPLER.get_config() and r.header.format_version == "3.0"
+        np.testing.assert_array_equal(r.read_all().box, d["boxes"])
+    out = prune(seeded, tmp_path / "pruned", keep=0.5, seed=3)
+    r = fkdstore.open(tmp_path / "pruned")
+    assert r.header.format_version == "2.0" and r.header.crop_sampler is None and out["crops_per_image"] == 3
+    from fkdstore.convert import random_slots
+
+    slots = np.stack([random_slots(3, i, M, 3) for i in range(N)])
+    np.testing.assert_array_equal(r.read_all().box, np.take_along_axis(d["boxes"], slots[..., None], 1))
+    assert verify(tmp_path / "pruned") == []
+
+
+def test_generate_seeded_crops_and_relabel(tmp_path):
+    pytest.importorskip("torch")
+    from fkdstore.generate import generate
+    from fkdstore.testing import make_digits_folder, tiny_cnn
+
+    digits = make_digits_folder(tmp_path / "digits", size=32, per_class=1)  # 10 PNGs
+    fast = dict(crops_per_image=4, codec="ms:k=3,dtype=q8", input_size=32, images_per_shard=4, batch_size=8,
+                num_workers=0, progress=False, seed=5)
+    a = generate(tiny_cnn(10), digits, tmp_path / "a", **fast)
+    b = generate(tiny_cnn(10), digits, tmp_path / "b", **fast, seeded_crops=True)
+    assert (a.header.format_version, b.header.format_version) == ("2.0", "3.0")
+    assert b.header.crop_sampler == CropSampler(seed=5).get_config()
+    _same(a.read_all(), b.read_all())  # same teacher, same crops, same labels
+    assert verify(tmp_path / "b") == []
+    with pytest.raises(ValidationError, match="seeded_crops must be False with crops_from"):
+        generate(tiny_cnn(10, seed=1), digits, tmp_path / "c", **fast, seeded_crops=True, crops_from=tmp_path / "b")
+    with pytest.raises(TypeError, match="seeded_crops must be True or False"):
+        generate(tiny_cnn(10), digits, tmp_path / "c", **fast, seeded_crops=1)
+    assert not (tmp_path / "c").exists()
+    c = generate(tiny_cnn(10, seed=1), digits, tmp_path / "c", **fast, crops_from=tmp_path / "b")
+    assert c.header.crop_sampler == b.header.crop_sampler
+    np.testing.assert_array_equal(c.read_all().box, b.read_all().box)
+    from fkdstore.cli import main
+
+    assert main(["generate", "--images", str(digits), "--teacher", "fkdstore.testing:tiny_cnn", "--out",
+                 str(tmp_path / "cli"), "--crops", "4", "--codec", "ms:k=3,dtype=q8", "--input-size", "32",
+                 "--seed", "5", "--images-per-shard", "4", "--num-workers", "0", "--no-progress",
+                 "--seeded-crops"]) == 0
+    assert fkdstore.open(tmp_path / "cli").header.format_version == "3.0"
