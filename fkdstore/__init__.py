@@ -1,7 +1,7 @@
 """fkdstore: a versioned, chunked Zarr v3 format for Fast Knowledge Distillation soft labels.
 
 Write labels once with :func:`write` (or :func:`generate` from a teacher), read them with :func:`open`,
-replay crops and labels in training with :class:`TorchDataset`. The format is ``spec/format-v2.md``
+replay crops and labels in training with :class:`TorchDataset`. The format is ``spec/format-v3.md``
 (stores of format 1.0, ``spec/format-v1.md``, are still read).
 
 ``import fkdstore`` needs numpy and zarr only: reading, decoding, verify, inspect and convert work without

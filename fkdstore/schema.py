@@ -1,4 +1,4 @@
-"""The fkdstore format in code. This module mirrors ``spec/format-v2.md`` section for section; stores of
+"""The fkdstore format in code. This module mirrors ``spec/format-v3.md`` section for section; stores of
 format 1.0 (``spec/format-v1.md``, written by fkdstore 0.1) are still read.
 
 Everything that names an array, an attribute or a layout rule lives here; the writer, reader, verify and

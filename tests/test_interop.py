@@ -1,4 +1,4 @@
-"""Interoperability (issue 15, spec/format-v2.md sections 2-4): a store is readable without fkdstore or
+"""Interoperability (issue 15, spec/format-v3.md sections 2-4): a store is readable without fkdstore or
 zarr-python.
 
 Google TensorStore's ``zarr3`` driver (an independent C++ Zarr v3 implementation) opens EVERY array of a

@@ -1,4 +1,4 @@
-"""spec/format-v2.md, one named test per rule: each numbered invariant of section 4 and every other normative
+"""spec/format-v3.md, one named test per rule: each numbered invariant of section 4 and every other normative
 statement a second implementation must follow (sections 1, 1.2, 2, 3, 7, 8, 11). Each docstring quotes the
 sentence it checks. Where the spec defines a computation (canonical JSON and its checksum, the manifest tag,
 the key recipe, the layout algorithm) the test re-implements it from the spec text, not from ``fkdstore``,

@@ -2,7 +2,7 @@
 
 numpy + Pillow only (no torch import). Built in (registry names): ``color_jitter``, ``randaugment``,
 ``random_erasing``, ``mixup``, ``cutmix``; the crop stage (RandomResizedCrop + flip) is
-:class:`RandomResizedCrop` and always runs first. See ``spec/format-v2.md`` section 6 for the columns and the replay
+:class:`RandomResizedCrop` and always runs first. See ``spec/format-v3.md`` section 6 for the columns and the replay
 equations, and :mod:`fkdstore.augment.base` for the policy contract.
 """
 
