@@ -4,6 +4,7 @@ ImageNet-1K (1,281,167 images x 200 slots, C = 1000, MS top-5 float16).
     python benchmarks/scale.py                         # N = 10,000 and 100,000 (what `make bench` runs)
     python benchmarks/scale.py --full                  # adds N = 1,281,167 (~5 GB on disk, tens of minutes)
     python benchmarks/scale.py --sizes 2000 --keep --out /tmp/scale
+    python benchmarks/scale.py --seeded-crops          # format 3.0: no box/flip arrays, derived on read
 
 The stores hold synthetic but valid, ImageNet-shaped content, made vectorised from a seed (no teacher):
 image sizes drawn like ImageNet's (mostly 500x375 / 375x500, a log-normal tail from ~100 px up to a few
@@ -27,6 +28,11 @@ read_batch   ``Reader.read_batch(idx, slots)`` of 256 random images x m = 4 slot
 label path   what ``TorchDataset`` does per batch without images: epoch slots of 256 random images,
              one ``read_batch``, decode to dense [256*4, C] float32 (``TorchDataset._read_labels`` of a real
              dataset whose folder listing is the store's keys; its construction time is reported as well)
+
+``--seeded-crops`` writes seeded-crop stores (format 3.0, ``write(crop_sampler=CropSampler(seed))``): the
+writer derives every image's boxes and flips from the sampler (the synthetic ones are not used) and stores
+none; every read derives them again (one ``CropSampler.sample`` per image) and checks them against the
+manifest, so the table shows what that costs next to the bytes it saves.
 
 ``--json PATH`` writes every number; ``--record PATH`` (default ``benchmarks/scale_full.json`` with
 ``--full``) keeps the results so ``run_all.py`` can show the ImageNet row next to the fresh small ones.
@@ -149,9 +155,14 @@ def op_write(a) -> dict:
     offsets = _offsets_table(C, a.seed)
     t_setup = time.perf_counter() - t0
     t_synth = 0.0  # label synthesis inside the timed loop, subtracted from the write time
+    sampler = None
+    if a.seeded_crops:
+        from fkdstore.transforms import CropSampler
+
+        sampler = CropSampler(seed=a.seed)
     t_start = time.perf_counter()
     with fkdstore.write(a.store, num_images=N, crops_per_image=M, num_classes=C, codec=get_codec("ms", k=a.k),
-                        image_keys=keys, image_sizes=sizes, labels=labels,
+                        image_keys=keys, image_sizes=sizes, labels=labels, crop_sampler=sampler,
                         meta={"benchmark": "benchmarks/scale.py", "seed": a.seed}) as w:
         t_create = time.perf_counter() - t_start
         for s in range(0, N, WRITE_BATCH):
@@ -159,6 +170,8 @@ def op_write(a) -> dict:
             t = time.perf_counter()
             boxes, flips, fields = synth_batch(s, sizes[s:e], labels[s:e], M, C, a.k, offsets, a.seed)
             t_synth += time.perf_counter() - t
+            if sampler is not None:  # seeded crops: the writer derives them (its cost is part of the write)
+                boxes = flips = None
             w.put_fields(np.arange(s, e), boxes, flips, fields)
     total = time.perf_counter() - t_start
     r = fkdstore.open(a.store)
@@ -308,7 +321,8 @@ def measure(N: int, a, work: Path) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--store", str(store), "--n", str(N), "--crops", str(a.crops), "--classes", str(a.classes),
-              "--k", str(a.k), "--m", str(a.m), "--seed", str(a.seed), "--batches", str(a.batches)]
+              "--k", str(a.k), "--m", str(a.m), "--seed", str(a.seed), "--batches", str(a.batches)] \
+        + (["--seeded-crops"] if a.seeded_crops else [])
     if a.profile:
         common += ["--profile", a.profile]
     row: dict = {"N": N, "M": a.crops, "C": a.classes}
@@ -395,7 +409,7 @@ def describe(res: dict) -> str:
         for r in rows if r.get("write", {}).get("rc") == 0)
     return (f"{res['when']}, {res['machine']}, load average at start {res['load']}, format "
             f"{next((r['write'].get('format_version') for r in rows if r.get('write', {}).get('rc') == 0), '?')} "
-            f"({layouts}). M = {res['M']}, C = {res['C']}, MS top-{res['k']} float16, m = {res['m']}, "
+            f"({layouts}){', seeded crops (box and flip derived, not stored)' if res.get('seeded_crops') else ''}. M = {res['M']}, C = {res['C']}, MS top-{res['k']} float16, m = {res['m']}, "
             f"{res['batches']} batches of {BATCH} per read_batch / label-path figure. A bare `import fkdstore, zarr` "
             f"process peaks at {res['baseline_mib']:.0f} MiB (included in every peak) and takes "
             f"{res['baseline_seconds']:.1f} s to start and exit. Page cache as the OS left it after the write "
@@ -413,6 +427,7 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=4, help="slots per image per epoch (read_all, read_batch, label path)")
     ap.add_argument("--batches", type=int, default=100, help="timed batches of 256 for read_batch / label path")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeded-crops", action="store_true", help="seeded-crop stores (format 3.0): no box/flip arrays")
     ap.add_argument("--out", default=None, help="work folder (default: a new folder under /work/bench-out or $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the stores (default: delete each after measuring)")
     ap.add_argument("--json", default=None, help="write every number here")
@@ -441,7 +456,7 @@ def main(argv=None):
     baseline = run_child(me + ["--op", "baseline", "--n", "0"], work / "baseline.log")
     res = {"when": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "M": a.crops, "C": a.classes, "k": a.k, "m": a.m,
-           "batches": a.batches, "baseline_mib": baseline["peak_mib"], "baseline_seconds": baseline["wall_seconds"],
+           "batches": a.batches, "seeded_crops": a.seeded_crops, "baseline_mib": baseline["peak_mib"], "baseline_seconds": baseline["wall_seconds"],
            "command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": []}
     for N in sizes:
         row = measure(N, a, work)
