@@ -33,6 +33,8 @@ import reproduce  # noqa: E402
 FORMATS_ARGS = ["--images", "512", "--crops", "8", "32", "200"]
 REPRODUCE_ARGS = ["--fast"]
 FIDELITY_ARGS = ["--images", "32", "--crops", "200", "--classes", "1000"]
+SEEDED_SCALE = ("seeded crops (format 3.0: box and flip derived from the seed, not stored): the same scale table, "
+                "what deriving them on every read costs")
 READ_AT_32 = "cold random label reads at M = 32, 4,096 images, against FKD's per-image torch.load (issue 13)"
 OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("generate_overhead.py", ["--images", "8", "--repeats", "1"], 150, False, "label generation throughput vs teacher-only forward"),
@@ -48,11 +50,13 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
      "bytes per crop with augmentation records (RandAugment + Mixup/CutMix partner) at M = 200, C = 1000, MS top-5"),
     ("scale.py", ["--sizes", "10000,100000"], 900, True,
      "cost growth with N (write, verify, inspect, read_all, read_batch, label path), peak memory per operation"),
+    ("scale.py", ["--sizes", "10000", "--seeded-crops"], 600, True, SEEDED_SCALE),
     ("augment_throughput.py", ["--baseline", "a478b4e"], 240, True,
      "TorchDataset replay crops/s with RandAugment / Mixup / CutMix records vs crop+flip only, and the crop+flip "
      "path against the TorchDataset before augmentation landed (a478b4e)"),
 ]
 SCALE_FULL = HERE / "scale_full.json"  # the ImageNet-1K run (`scale.py --full`), too long for make bench
+SCALE_FULL_SEEDED = HERE / "scale_full_seeded.json"  # the same with `--seeded-crops`
 FORMATS_TEXT = """\
 Equivalent label sets: same images (ImageNet-like sizes and keys), same crops (`CropSampler`), same
 teacher-like outputs (C = 1000). **fkdstore**: one store per codec, default layout. **FKD**: one `torch.save`
@@ -318,22 +322,23 @@ def write_results(out: Path, fm, rp, others, cmds, figs, t_total, fd=None) -> No
         elif r["output"]:
             L += ["```text", _drop_json(r["output"])[-6000:], "```"]
         if name.startswith("scale.py"):
-            L += scale_full_section()
+            L += scale_full_section(SCALE_FULL_SEEDED if SEEDED_SCALE in name else SCALE_FULL)
     if figs:
         L += ["", "## Figures", ""] + [f"![{p.stem}]({rel(p)})" for p in figs]
     out.write_text("\n".join(L) + "\n")
 
 
-def scale_full_section() -> list[str]:
-    """The recorded ImageNet-1K scale run (benchmarks/scale_full.json), which make bench does not repeat."""
-    if not SCALE_FULL.exists():
-        return ["", "ImageNet-1K size: not recorded yet (`python benchmarks/scale.py --full`)."]
+def scale_full_section(path: Path = SCALE_FULL) -> list[str]:
+    """A recorded ImageNet-1K scale run (benchmarks/scale_full.json, or scale_full_seeded.json for seeded
+    crops), which make bench does not repeat."""
+    if not path.exists():
+        return ["", f"ImageNet-1K size: not recorded yet (`python benchmarks/scale.py --full`, kept in {path.name})."]
     try:
-        d = json.loads(SCALE_FULL.read_text())
+        d = json.loads(path.read_text())
     except ValueError as e:
-        return ["", f"ImageNet-1K size: {SCALE_FULL.name} unreadable ({e})."]
+        return ["", f"ImageNet-1K size: {path.name} unreadable ({e})."]
     return ["", "#### Recorded run up to ImageNet-1K size (not repeated by make bench)", "",
-            f"Command: `{d['command']}` (recorded in `benchmarks/{SCALE_FULL.name}`).", "", d["description"], "",
+            f"Command: `{d['command']}` (recorded in `benchmarks/{path.name}`).", "", d["description"], "",
             d["markdown"]]
 
 

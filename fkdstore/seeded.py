@@ -53,7 +53,14 @@ class SeededCrops:
     @property
     def sizes(self) -> np.ndarray:
         if self._sizes is None:
-            self._sizes = np.asarray(self._sizes_fn(), dtype=np.int64)
+            sizes = np.asarray(self._sizes_fn(), dtype=np.int64)
+            limit = np.iinfo(self.header.box_dtype).max
+            if sizes.size and sizes.max() > limit:  # a derived box must cast exactly (spec 10.2)
+                i = int(np.argmax(sizes.max(1)))
+                raise CorruptStoreError(
+                    f"{self.where}: image {i} has size {sizes[i].tolist()}, beyond the store's box_dtype "
+                    f"{self.header.box_dtype!r} (at most {limit}): its seeded crops cannot be derived exactly")
+            self._sizes = sizes
         return self._sizes
 
     def rows(self, idx: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -502,6 +502,66 @@ def test_invariant_11_codec_fields_and_augment_columns_follow_their_rules(tmp_pa
     assert any("mixup_partner" in x and "images 0..7" in x for x in problems), problems
 
 
+def spec_sample(cfg: dict, i: int, H: int, W: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Section 10.1, line by line: the crop sampler of image ``i`` (boxes (m, 4) int64, flips (m,))."""
+    (s_lo, s_hi), (r_lo, r_hi) = cfg["scale"], cfg["ratio"]
+    g = np.random.default_rng(np.random.SeedSequence([cfg["seed"], i]))
+    target = (float(H) * float(W)) * g.uniform(s_lo, s_hi, size=(m, 10))
+    aspect = np.exp(g.uniform(math.log(r_lo), math.log(r_hi), size=(m, 10)))
+    w, h = np.rint(np.sqrt(target * aspect)), np.rint(np.sqrt(target / aspect))
+    valid = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    ok, a = valid.any(1), valid.argmax(1)
+    ch = np.where(ok, h[np.arange(m), a], 0).astype(np.int64)
+    cw = np.where(ok, w[np.arange(m), a], 0).astype(np.int64)
+    top = g.integers(0, np.where(ok, H - ch + 1, 1))
+    left = g.integers(0, np.where(ok, W - cw + 1, 1))
+    f = g.random(m) < cfg["flip_p"]
+    r = W / H
+    fh, fw = (round(W / r_lo), W) if r < r_lo else (H, round(H * r_hi)) if r > r_hi else (H, W)
+    fh, fw = min(max(fh, 1), H), min(max(fw, 1), W)
+    box = np.stack([np.where(ok, top, (H - fh) // 2), np.where(ok, left, (W - fw) // 2),
+                    np.where(ok, ch, fh), np.where(ok, cw, fw)], 1)
+    return box, f
+
+
+def test_invariant_12_seeded_crops_are_the_samplers_and_tagged(tmp_path):
+    """"`box` and `flip` MUST NOT be stored" in 3.0; "`(box[i, :], flip[i, :]) = sample(i, image_size[i][0],
+    image_size[i][1], M)` (section 10.1), the box cast to `box_dtype`"; "The manifest keeps its `P` columns
+    ... their tags follow invariant 9 over the derived chunk (rows past `N` the fill value)"; a reader MUST
+    refuse a `crop_sampler` with "a missing or unknown key" (section 10.2)."""
+    from fkdstore.transforms import CropSampler
+
+    d = make_data(N, M, C, seed=3)
+    d["sizes"][0] = (1, 900)  # an image whose every attempt fails: the fallback
+    cfg = CropSampler(seed=4, scale=(0.3, 0.9), ratio=(0.5, 2.0), flip_p=0.3).get_config()
+    crops = [spec_sample(cfg, i, int(d["sizes"][i, 0]), int(d["sizes"][i, 1]), M) for i in range(N)]
+    boxes, flips = np.stack([b for b, _ in crops]), np.stack([f for _, f in crops])
+    p = tmp_path / "seeded"
+    with create(p, d, images_per_chunk=IPC, images_per_shard=IPS, crop_sampler=cfg) as w:
+        w.put(np.arange(N), boxes, flips, d["probs"])
+    h = _header(p)
+    assert h["format_version"] == "3.0" and h["crop_sampler"] == cfg and h["checksum"] == spec_checksum(h)
+    assert not (p / "box").exists() and not (p / "flip").exists()
+    tags = zarr.open_array(str(p / "manifest"), mode="r")[:]
+    bt = np.dtype(h["box_dtype"])
+    for col, (path, data) in enumerate((("box", boxes.astype(bt)), ("flip", flips))):
+        for c in range(-(-N // IPC)):
+            chunk = np.zeros((IPC, *data.shape[1:]), data.dtype)
+            part = data[c * IPC:(c + 1) * IPC]
+            chunk[:len(part)] = part
+            assert tags[c, col] == spec_manifest_tag(path, c, chunk), (path, c)
+    with R.open(p) as r:
+        rec = r.read_all()
+        np.testing.assert_array_equal(rec.box, boxes)
+        np.testing.assert_array_equal(rec.flip, flips)
+    assert verify(p) == []
+    pristine = (p / "zarr.json").read_text()
+    for changes in ({"crop_sampler": {**cfg, "extra": 1}}, {"crop_sampler": {k: v for k, v in cfg.items() if k != "seed"}}):
+        _rewrite_header(p, **changes)
+        _raises(FormatError, lambda: R.open(p), "crop_sampler")
+        (p / "zarr.json").write_text(pristine)
+
+
 # ----------------------------------------------------------------------------- section 1: the header
 
 
