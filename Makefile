@@ -9,7 +9,8 @@ COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python
 COMPAT_VENV   := .venv-compat
 COMPAT_STAMP  := $(COMPAT_VENV)/.installed
 COMPAT_TESTS  := tests/test_golden.py tests/test_spec.py tests/test_codecs.py tests/test_reader.py \
-                 tests/test_writer.py tests/test_verify.py tests/test_faults_reader.py tests/test_interop.py
+                 tests/test_writer.py tests/test_verify.py tests/test_faults_reader.py tests/test_interop.py \
+                 tests/test_seeded.py
 
 .PHONY: install demo test test-main test-compat bench clean
 

@@ -66,7 +66,7 @@ def _cmd_estimate(args) -> int:
     from . import report
 
     e = report.estimate_bytes(args.num_images, args.crops, args.num_classes, args.codec, args.k,
-                              max_side=args.max_side)
+                              max_side=args.max_side, seeded_crops=args.seeded_crops)
     if args.json:
         e["paper_table2"] = report.paper_table2(e["codec"])
         _out(json.dumps(e, indent=2))
@@ -344,6 +344,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
     q.add_argument("--max-side", type=_pos_int, default=500, help="largest image side in pixels (box dtype; default 500)")
     q.add_argument("--paper", action="store_true", help="use the paper's float32 formula (Table 2)")
+    q.add_argument("--seeded-crops", action="store_true", help="a seeded-crops store (format 3.0: no box/flip arrays)")
     q.add_argument("--json", action="store_true", help="print the estimate as JSON (both figures)")
     q.set_defaults(func=_cmd_estimate)
 

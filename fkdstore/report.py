@@ -160,11 +160,14 @@ def paper_table2(codec, k: int | None = None) -> str | None:
 
 # ------------------------------------------------------------------------------------------- estimate
 def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int | None = None, *,
-                   max_side: int = 500, num_aug: int = 0, calibration: dict[str, float] | None = None) -> dict[str, Any]:
+                   max_side: int = 500, num_aug: int = 0, calibration: dict[str, float] | None = None,
+                   seeded_crops: bool = False) -> dict[str, Any]:
     """Predicted size of a store in this library's layout.
 
     Returns ``{bytes, bytes_per_crop, files, images_per_chunk, images_per_shard, arrays: {name: bytes}}``.
-    ``max_side`` (largest image side) picks the box dtype; ``calibration`` overrides :data:`CALIBRATION`.
+    ``max_side`` (largest image side) picks the box dtype; ``calibration`` overrides :data:`CALIBRATION`;
+    ``seeded_crops``: a format-3.0 store, whose box and flip are derived, not stored (they keep their
+    manifest columns).
     """
     cal = dict(CALIBRATION, **(calibration or {}))
     codec = _codecs.as_codec(codec, k=k)
@@ -183,13 +186,16 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
     ipc, ips = S.default_layout(N, row_bytes, M)
     n_chunks = math.ceil(N / ipc)
     n_shards = math.ceil(N / ips)
+    columns = len(per_crop)  # manifest columns (derived arrays keep theirs)
+    if seeded_crops:
+        per_crop = {k: v for k, v in per_crop.items() if k not in (S.BOX, S.FLIP)}
     arrays = {}
     for name, (raw, role) in per_crop.items():
         arrays[name] = int(N * M * raw * cal[role] + n_chunks * CHUNK_OVERHEAD + METADATA_BYTES)
     per_image_chunks = math.ceil(N / S.PER_IMAGE_CHUNK)
     arrays[S.KEY] = int(N * AVG_KEY_BYTES * cal["image_key"] + METADATA_BYTES)
     arrays["per-image"] = int(N * 13 * cal["per_image"] + 3 * METADATA_BYTES)
-    arrays[S.MANIFEST] = int(n_chunks * len(per_crop) * 4 + n_shards * 8 + METADATA_BYTES)  # crc32c tags: incompressible
+    arrays[S.MANIFEST] = int(n_chunks * columns * 4 + n_shards * 8 + METADATA_BYTES)  # crc32c tags: incompressible
     groups = 2 + (1 if num_aug else 0)  # root, soft (and aug) zarr.json
     total = sum(arrays.values()) + groups * METADATA_BYTES
     # per-crop arrays, written and manifest: one file per shard each; 3 per-image arrays; the groups

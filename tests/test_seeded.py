@@ -15,7 +15,7 @@ import fkdstore
 from fkdstore import schema as S
 from fkdstore.convert import convert, ensemble, prune
 from fkdstore.errors import CorruptStoreError, FormatError, SchemaMismatchError, ValidationError
-from fkdstore.report import inspect
+from fkdstore.report import estimate_bytes, inspect
 from fkdstore.transforms import CropSampler
 from fkdstore.verify import verify
 from storeutil import make_data
@@ -90,6 +90,9 @@ def test_seeded_store_reads_like_its_stored_twin_and_is_smaller(pair):
     assert box_bytes - 500 < size[stored] - size[seeded] <= box_bytes
     info = inspect(seeded)
     assert info["crops"] == "seeded" and info["crop_sampler"]["seed"] == 11 and info["box_bytes_per_crop"] == 0
+    est = {m: estimate_bytes(10**6, 200, 1000, "ms:k=5,dtype=q8", seeded_crops=m) for m in (False, True)}
+    assert "box" in est[False]["arrays"] and "box" not in est[True]["arrays"]
+    assert est[False]["bytes"] - est[True]["bytes"] == est[False]["arrays"]["box"] + est[False]["arrays"]["flip"]
 
 
 def test_given_boxes_must_be_the_samplers(tmp_path):
