@@ -243,6 +243,15 @@ def test_generate_seeded_crops_and_relabel(tmp_path):
     with pytest.raises(TypeError, match="seeded_crops must be True or False"):
         generate(tiny_cnn(10), digits, tmp_path / "c", **fast, seeded_crops=1)
     assert not (tmp_path / "c").exists()
+    import torch
+
+    # training replays the same pixels and labels from either store
+    da, db = (fkdstore.TorchDataset(p, digits, crops_per_sample=2, seed=3) for p in (tmp_path / "a", tmp_path / "b"))
+    for x, y in zip(da.__getitems__(range(10)), db.__getitems__(range(10))):
+        assert x.keys() == y.keys() and len(x) >= 3
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert torch.equal(x[k], y[k]), k
     c = generate(tiny_cnn(10, seed=1), digits, tmp_path / "c", **fast, crops_from=tmp_path / "b")
     assert c.header.crop_sampler == b.header.crop_sampler
     np.testing.assert_array_equal(c.read_all().box, b.read_all().box)
