@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -39,11 +40,13 @@ def test_synthetic_sizes_keys_and_labels_are_valid():
     assert np.array_equal(again[0], boxes) and np.array_equal(again[2]["probs"], f["probs"])  # seeded
 
 
-def test_operations_on_a_tiny_store(tmp_path):
+@pytest.mark.parametrize("seeded", [False, True])
+def test_operations_on_a_tiny_store(tmp_path, seeded):
     store = tmp_path / "s.zarr"
-    a = argparse.Namespace(store=str(store), n=600, crops=8, classes=50, k=5, m=2, seed=0, batches=2)
+    a = argparse.Namespace(store=str(store), n=600, crops=8, classes=50, k=5, m=2, seed=0, batches=2,
+                           seeded_crops=seeded)
     w = scale.op_write(a)
-    assert w["complete"] and w["seconds"] > 0
+    assert w["complete"] and w["seconds"] > 0 and w["format_version"] == ("3.0" if seeded else "2.0")
     assert verify.verify(store) == []
     r = fkdstore.open(store)
     assert r.num_images == 600 and r.image_keys[0].endswith(".JPEG")
