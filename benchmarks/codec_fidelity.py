@@ -31,7 +31,7 @@ import numpy as np
 
 import fkdstore
 from fkdstore import codecs, report
-from fkdstore.transforms import CropSampler
+from fkdstore.seeded import SlotCropSampler
 
 SPECS = [
     "full:dtype=float16", "full:dtype=q8", "hard", "smoothing", "smoothing:dtype=q8",
@@ -57,7 +57,7 @@ def run(num_images: int, crops: int, classes: int, seed: int, specs=SPECS, fidel
     rng = np.random.default_rng(seed)
     N, M, C = num_images, crops, classes
     sizes = np.stack([rng.integers(300, 501, N), rng.integers(375, 501, N)], 1)
-    sampler = CropSampler(seed=seed)
+    sampler = SlotCropSampler(seed=seed)  # the seeded-crop sampler; both twins store its crops
     boxes, flips = map(np.stack, zip(*(sampler.sample(i, int(sizes[i, 0]), int(sizes[i, 1]), M) for i in range(N))))
     labels = rng.integers(0, C, N)
     probs = report.teacher_like_probs(rng, N, M, C, labels)

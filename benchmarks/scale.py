@@ -29,10 +29,10 @@ label path   what ``TorchDataset`` does per batch without images: epoch slots of
              one ``read_batch``, decode to dense [256*4, C] float32 (``TorchDataset._read_labels`` of a real
              dataset whose folder listing is the store's keys; its construction time is reported as well)
 
-``--seeded-crops`` writes seeded-crop stores (format 3.0, ``write(crop_sampler=CropSampler(seed))``): the
-writer derives every image's boxes and flips from the sampler (the synthetic ones are not used) and stores
-none; every read derives them again (one ``CropSampler.sample`` per image) and checks them against the
-manifest, so the table shows what that costs next to the bytes it saves.
+``--seeded-crops`` writes seeded-crop stores (format 3.0, ``write(crop_sampler=SlotCropSampler(seed))``):
+the writer derives every slot's box and flip from the sampler (the synthetic ones are not used) and stores
+none; every read derives the slots it returns (``read_all`` and ``verify`` derive every slot, to check the
+manifest), so the table shows what that costs next to the bytes it saves.
 
 ``--json PATH`` writes every number; ``--record PATH`` (default ``benchmarks/scale_full.json`` with
 ``--full``) keeps the results so ``run_all.py`` can show the ImageNet row next to the fresh small ones.
@@ -157,9 +157,9 @@ def op_write(a) -> dict:
     t_synth = 0.0  # label synthesis inside the timed loop, subtracted from the write time
     sampler = None
     if getattr(a, "seeded_crops", False):  # (callers that build the namespace themselves may leave it out)
-        from fkdstore.transforms import CropSampler
+        from fkdstore.seeded import SlotCropSampler
 
-        sampler = CropSampler(seed=a.seed)
+        sampler = SlotCropSampler(seed=a.seed)
     t_start = time.perf_counter()
     with fkdstore.write(a.store, num_images=N, crops_per_image=M, num_classes=C, codec=get_codec("ms", k=a.k),
                         image_keys=keys, image_sizes=sizes, labels=labels, crop_sampler=sampler,

@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
     ValidationError,
 )
 from .reader import CropRecords, Reader, open  # noqa: E402,A004
+from .seeded import SlotCropSampler  # noqa: E402
 from .writer import Writer, write  # noqa: E402,A004
 
 _LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
@@ -66,7 +67,7 @@ _sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "__version__", "augment", "codecs", "schema", "as_codec", "from_config", "get_codec", "write", "open",
-    "Reader", "Writer", "CropRecords", "prune", "ensemble", "FkdstoreError", "FormatError", "IncompleteStoreError",
+    "Reader", "Writer", "CropRecords", "SlotCropSampler", "prune", "ensemble", "FkdstoreError", "FormatError", "IncompleteStoreError",
     "SchemaMismatchError", "ValidationError", "CorruptStoreError", "CorruptChunkError", "ConcurrentWriterError",
     *_LAZY,
 ]

@@ -81,6 +81,7 @@ from .distributed import Collectives, World, pick_device
 from .errors import FkdstoreError, SchemaMismatchError, ValidationError
 from .images import ImageList, ImageReadError, image_size, list_images, load_image
 from .teacher import TeacherForward, TeacherInputs, state_sha256
+from .seeded import SlotCropSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler, replay_crops
 from .validation import boolean, non_negative_int, positive_int
 
@@ -172,7 +173,7 @@ class _Job:
     """Everything :func:`generate` was asked for, validated."""
 
     labels: LabelSpec
-    sampler: CropSampler
+    sampler: CropSampler | SlotCropSampler
     inputs: TeacherInputs
     execution: Execution
     provenance: Provenance = field(default_factory=Provenance)
@@ -261,9 +262,11 @@ def generate(
             from the source's stored params (``augment`` must then be None).
         storage_options: for a URL ``path`` and/or ``crops_from``, passed to fsspec (``{"endpoint_url": ...,
             "key": ...}``); credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
-        seeded_crops: write a seeded-crops store (format 3.0, :mod:`fkdstore.seeded`): boxes and flips are
-            not stored but derived from the sampler config in the header (``seed``, ``scale``, ``ratio``,
-            ``flip_p``), about 4.8 B per crop less at M = 200; reads derive them (one sampler call per image).
+        seeded_crops: write a seeded-crops store (format 3.0, :mod:`fkdstore.seeded`): the crops are drawn by
+            :class:`~fkdstore.seeded.SlotCropSampler` (RandomResizedCrop from a counter-based generator, so
+            other crops than ``CropSampler``'s for the same seed) and not stored: reads derive them from the
+            sampler config in the header (``seed``, ``scale``, ``ratio``, ``flip_p``). About 4.8 B per crop
+            less at M = 200.
             With ``crops_from`` the output has seeded crops exactly when the source has (this flag must then
             stay False).
 
@@ -277,7 +280,8 @@ def generate(
     t_start = time.perf_counter()
     job = _Job(
         labels=LabelSpec(crops_per_image, codec, temperature, num_classes, images_per_shard),
-        sampler=CropSampler(scale=tuple(scale), ratio=tuple(ratio), flip_p=flip_p, seed=seed),
+        sampler=(SlotCropSampler if seeded_crops is True else CropSampler)(
+            scale=tuple(scale), ratio=tuple(ratio), flip_p=flip_p, seed=seed),
         inputs=TeacherInputs(input_size, mean, std, interpolation),
         execution=Execution(batch_size, device, num_workers, on_error, amp, progress),
         provenance=Provenance(teacher_name, weights_sha256),

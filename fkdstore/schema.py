@@ -499,23 +499,15 @@ def header_checksum(d: Mapping[str, Any]) -> str:
 
 
 def parse_crop_sampler(cfg: Any) -> dict[str, Any]:
-    """The ``crop_sampler`` header object of a seeded-crops store (format 3.0), checked strictly: every key of
-    :meth:`fkdstore.transforms.CropSampler.get_config` present with a valid value and no other key (a
-    reader that ignored a sampler parameter would replay other crops than the teacher saw). Returns the
-    canonical config (as ``get_config`` writes it)."""
-    from .transforms import CropSampler
+    """The ``crop_sampler`` header object of a seeded-crops store (format 3.0), checked strictly by
+    :meth:`fkdstore.seeded.SlotCropSampler.from_config` (every key present with a valid value, no other key:
+    a reader that ignored a sampler parameter would replay other crops than the teacher saw). Returns the
+    canonical config (as ``get_config`` writes it); values it would write differently are refused."""
+    from .seeded import SlotCropSampler
 
-    if not isinstance(cfg, Mapping):
-        raise ValidationError(f"crop_sampler must be a sampler config object. Got {cfg!r}.")
-    want = set(CropSampler().get_config())
-    unknown, missing = sorted(set(cfg) - want), sorted(want - set(cfg))
-    if unknown or missing:
-        raise ValidationError(f"crop_sampler must have exactly the keys {sorted(want)}: "
-                              f"unknown {unknown}, missing {missing}. Got {dict(cfg)!r}.")
-    sampler = CropSampler.from_config(dict(cfg))  # algorithm, rng rule, max_attempts and the values
-    canonical = sampler.get_config()
+    canonical = SlotCropSampler.from_config(cfg).get_config()
     if canonical != {**cfg, "scale": list(cfg["scale"]), "ratio": list(cfg["ratio"])}:
-        raise ValidationError(f"crop_sampler values must be as CropSampler.get_config writes them "
+        raise ValidationError(f"crop_sampler values must be as SlotCropSampler.get_config writes them "
                               f"({canonical}). Got {dict(cfg)!r}.")
     return canonical
 

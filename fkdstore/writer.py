@@ -245,8 +245,8 @@ def write(
         primary: only the primary writer (rank 0) creates the store and writes attributes; others require
             the store to exist.
         max_buffered_shards: at most this many partially filled shards are held in memory.
-        crop_sampler: seeded crops (format 3.0): a :class:`fkdstore.transforms.CropSampler` (or its config).
-            The store then holds no ``box``/``flip`` arrays: every image's boxes and flips are the sampler's
+        crop_sampler: seeded crops (format 3.0): a :class:`fkdstore.seeded.SlotCropSampler` (or its config).
+            The store then holds no ``box``/``flip`` arrays: every slot's box and flip are the sampler's
             (:mod:`fkdstore.seeded`), and :meth:`Writer.put` takes ``boxes=None, flips=None`` or refuses boxes
             and flips that differ from the sampler's. ``None`` (default): boxes and flips are stored (2.0).
 
@@ -284,10 +284,17 @@ def _sampler_config(crop_sampler) -> dict[str, Any] | None:
     """The header's ``crop_sampler`` object for ``write(crop_sampler=...)`` (None: stored crops)."""
     if crop_sampler is None:
         return None
+    from .transforms import CropSampler
+
+    if isinstance(crop_sampler, CropSampler):
+        raise TypeError("crop_sampler must be a fkdstore.seeded.SlotCropSampler (a counter-based sampler any "
+                        "implementation replays bit for bit), its config dict or None. Got a CropSampler, whose "
+                        "crops depend on numpy's generator streams.")
     if hasattr(crop_sampler, "get_config"):
         crop_sampler = crop_sampler.get_config()
     if not isinstance(crop_sampler, Mapping):
-        raise TypeError(f"crop_sampler must be a CropSampler, its config dict or None. Got {type(crop_sampler).__name__}.")
+        raise TypeError(f"crop_sampler must be a SlotCropSampler, its config dict or None. "
+                        f"Got {type(crop_sampler).__name__}.")
     return S.parse_crop_sampler(_normalised_json(dict(crop_sampler), "crop_sampler"))
 
 

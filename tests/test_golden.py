@@ -39,8 +39,8 @@ V3_0 = Path(__file__).parent / "golden" / "v3.0"
 
 @pytest.mark.parametrize("name,version", [("seeded", "3.0"), ("stored", "2.0")])
 def test_v3_0_seeded_store_and_its_v2_0_twin_read_identically(name, version):
-    """Seeded crops (format 3.0) are derived by today's sampler on every read: a change of the sampler or of
-    numpy's generator streams that would replay other crops than the writer was given fails here."""
+    """Seeded crops (format 3.0) are derived by today's slot sampler on every read: a change of the sampler
+    that would replay other crops than the writer was given fails here."""
     from fkdstore.verify import verify
 
     expected = dict(np.load(V3_0 / "expected.npz"))

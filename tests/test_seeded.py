@@ -16,12 +16,13 @@ from fkdstore import schema as S
 from fkdstore.convert import convert, ensemble, prune
 from fkdstore.errors import CorruptStoreError, FormatError, SchemaMismatchError, ValidationError
 from fkdstore.report import estimate_bytes, inspect
+from fkdstore.seeded import SlotCropSampler, exp_poly
 from fkdstore.transforms import CropSampler
 from fkdstore.verify import verify
 from storeutil import make_data
 
 N, M, C, IPC, IPS = 22, 6, 9, 4, 8  # 3 shards, the last inner chunk partial
-SAMPLER = CropSampler(seed=11, scale=(0.2, 1.0), flip_p=0.4)
+SAMPLER = SlotCropSampler(seed=11, scale=(0.2, 1.0), flip_p=0.4)
 
 
 def _data(seed=0):
@@ -122,7 +123,9 @@ def test_resume_needs_the_same_sampler(tmp_path):
     with pytest.raises(SchemaMismatchError, match="seeded crops.*stored crops"):
         fkdstore.write(p, **common)
     with pytest.raises(SchemaMismatchError, match="crop_sampler"):
-        fkdstore.write(p, **common, crop_sampler=CropSampler(seed=12, scale=(0.2, 1.0), flip_p=0.4))
+        fkdstore.write(p, **common, crop_sampler=SlotCropSampler(seed=12, scale=(0.2, 1.0), flip_p=0.4))
+    with pytest.raises(TypeError, match="SlotCropSampler.*Got a CropSampler"):
+        fkdstore.write(p, **common, crop_sampler=CropSampler(seed=11, scale=(0.2, 1.0), flip_p=0.4))
     with fkdstore.write(p, **common, crop_sampler=SAMPLER.get_config()) as w:
         w.put(np.arange(10, N), d["boxes"][10:], d["flips"][10:], d["probs"][10:])
     r = fkdstore.open(p)
@@ -143,6 +146,7 @@ def test_header_rules(pair):
         (dict(crop_sampler=None), "lacks required keys.*crop_sampler"),
         (dict(crop_sampler={**SAMPLER.get_config(), "max_crop": 3}), "unknown.*max_crop"),
         (dict(crop_sampler={**SAMPLER.get_config(), "algorithm": "center_crop"}), "algorithm"),
+        (dict(crop_sampler=CropSampler(seed=11).get_config()), "rng"),
         (dict(crop_sampler={**SAMPLER.get_config(), "flip_p": 1.5}), "flip_p"),
         (dict(format_version="2.0"), "crop_sampler .*needs format 3.0"),
     ]
@@ -167,22 +171,20 @@ def test_a_stored_box_array_in_a_seeded_store_is_refused(pair):
 @pytest.fixture
 def drifted(monkeypatch):
     """A sampler that no longer reproduces image 13's draws (as another numpy's streams could)."""
-    original = CropSampler.sample
+    original = SlotCropSampler.sample_slots
 
-    def sample(self, index, height, width, num_crops):
-        boxes, flips = original(self, index, height, width, num_crops)
-        if index == 13:
-            flips = flips.copy()
-            flips[4] = not flips[4]
-        return boxes, flips
+    def sample_slots(self, images, slots, heights, widths):
+        boxes, flips = original(self, images, slots, heights, widths)
+        hit = (np.broadcast_to(images, flips.shape) == 13) & (np.broadcast_to(slots, flips.shape) == 4)
+        return boxes, flips ^ hit
 
-    monkeypatch.setattr(CropSampler, "sample", sample)
+    monkeypatch.setattr(SlotCropSampler, "sample_slots", sample_slots)
 
 
 def test_a_sampler_that_cannot_replay_the_store_raises(pair, drifted):
     _, seeded, _ = pair
     where = r"array 'flip' \(seeded crops\) chunk 3 \(images 12\.\.15\).*cannot replay"
-    for read in (lambda r: r.read(13), lambda r: r.read_batch([14, 2]), lambda r: r.read_all(),
+    for read in (lambda r: r.read(13), lambda r: r.read_batch([14, 2], [[0], [1]]), lambda r: r.read_all(),
                  lambda r: r.read_all(np.zeros((N, 1), np.int64))):
         with pytest.raises(CorruptStoreError, match=where):
             read(fkdstore.open(seeded))
@@ -225,26 +227,45 @@ def test_convert_ensemble_keep_and_prune_materialises_the_seeded_crops(pair, tmp
 
 
 def test_generate_seeded_crops_and_relabel(tmp_path):
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from fkdstore.generate import generate
     from fkdstore.testing import make_digits_folder, tiny_cnn
 
     digits = make_digits_folder(tmp_path / "digits", size=32, per_class=1)  # 10 PNGs
     fast = dict(crops_per_image=4, codec="ms:k=3,dtype=q8", input_size=32, images_per_shard=4, batch_size=8,
                 num_workers=0, progress=False, seed=5)
-    a = generate(tiny_cnn(10), digits, tmp_path / "a", **fast)
-    b = generate(tiny_cnn(10), digits, tmp_path / "b", **fast, seeded_crops=True)
-    assert (a.header.format_version, b.header.format_version) == ("2.0", "3.0")
-    assert b.header.crop_sampler == CropSampler(seed=5).get_config()
-    _same(a.read_all(), b.read_all())  # same teacher, same crops, same labels
+    teacher = tiny_cnn(10)
+    b = generate(teacher, digits, tmp_path / "b", **fast, seeded_crops=True)
+    assert b.header.format_version == "3.0" and not (tmp_path / "b" / "box").exists()
+    sampler = SlotCropSampler(seed=5)
+    assert b.header.crop_sampler == sampler.get_config() == b.meta["sampler"]
     assert verify(tmp_path / "b") == []
+    # the teacher labelled the sampler's crops: replay them and compare with the stored labels
+    from fkdstore.images import load_image
+    from fkdstore.transforms import normalize, replay_crops
+
+    codec = b.codec
+    teacher.eval()
+    for i, k in enumerate(b.image_keys):
+        rec = b.read(i)
+        H, W = b.image_sizes[i]
+        boxes, flips = sampler.sample(i, int(H), int(W), 4)
+        assert np.array_equal(rec.box, boxes) and np.array_equal(rec.flip, flips)
+        with torch.inference_mode():
+            x = normalize(replay_crops(load_image(digits / k), boxes.astype(np.int64), flips, 32))
+            want = codec.encode(torch.softmax(teacher(x), -1).numpy())
+        assert np.array_equal(rec.fields["indices"], want["indices"])
+        assert np.abs(rec.fields["probs"].astype(int) - want["probs"].astype(int)).max() <= 1  # q8 codes
+    # a stored-crop twin (same crops and labels, format 2.0) replays identical training items
+    rb = b.read_all()
+    with fkdstore.write(tmp_path / "a", num_images=len(b), crops_per_image=4, num_classes=10, codec=codec,
+                        image_keys=b.image_keys, image_sizes=b.image_sizes, labels=b.labels, meta=b.meta) as w:
+        w.put_fields(np.arange(len(b)), rb.box, rb.flip, rb.fields)
     with pytest.raises(ValidationError, match="seeded_crops must be False with crops_from"):
         generate(tiny_cnn(10, seed=1), digits, tmp_path / "c", **fast, seeded_crops=True, crops_from=tmp_path / "b")
     with pytest.raises(TypeError, match="seeded_crops must be True or False"):
         generate(tiny_cnn(10), digits, tmp_path / "c", **fast, seeded_crops=1)
     assert not (tmp_path / "c").exists()
-    import torch
-
     # training replays the same pixels and labels from either store
     da, db = (fkdstore.TorchDataset(p, digits, crops_per_sample=2, seed=3) for p in (tmp_path / "a", tmp_path / "b"))
     for x, y in zip(da.__getitems__(range(10)), db.__getitems__(range(10))):
@@ -262,3 +283,41 @@ def test_generate_seeded_crops_and_relabel(tmp_path):
                  "--seed", "5", "--images-per-shard", "4", "--num-workers", "0", "--no-progress",
                  "--seeded-crops"]) == 0
     assert fkdstore.open(tmp_path / "cli").header.format_version == "3.0"
+
+
+def test_slot_sampler_rules():
+    """The counter-based sampler: any subset of slots equals the same slots of a whole image; boxes inside the
+    image; RandomResizedCrop's distribution (area fraction, aspect, flip rate); the fallback; exp_poly."""
+    s = SlotCropSampler(seed=3)
+    box, flip = s.sample(7, 375, 500, 200)
+    sub_b, sub_f = s.sample_slots([7, 7, 7], [199, 0, 42], [375] * 3, [500] * 3)
+    np.testing.assert_array_equal(sub_b, box[[199, 0, 42]])
+    np.testing.assert_array_equal(sub_f, flip[[199, 0, 42]])
+    np.testing.assert_array_equal(s.sample(7, 375, 500, 200)[0], box)  # deterministic
+    assert not np.array_equal(SlotCropSampler(seed=4).sample(7, 375, 500, 200)[0], box)
+    assert not np.array_equal(s.sample(8, 375, 500, 200)[0], box)
+    rng = np.random.default_rng(0)
+    n = 40000
+    H, W = rng.integers(1, 2000, n), rng.integers(1, 2000, n)
+    H[:50], W[:50] = 1, 1900  # no valid attempt: the fallback
+    b, f = s.sample_slots(rng.integers(0, 10**9, n), rng.integers(0, 1000, n), H, W)
+    top, left, h, w = b.T.astype(np.int64)
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+    np.testing.assert_array_equal(b[:50], np.tile([0, (1900 - 1) // 2, 1, 1], (50, 1)))  # centre, w = rint(1 * 4/3)
+    assert abs(f.mean() - 0.5) < 0.02
+    # the same distribution as the reference RandomResizedCrop sampler (CropSampler), per image shape
+    ref = CropSampler(seed=3)
+    for hh, ww in ((375, 500), (500, 375), (120, 900)):
+        mine = s.sample_slots(np.arange(20000) // 100, np.arange(20000) % 100, hh, ww)[0].astype(np.int64)
+        theirs = np.concatenate([ref.sample(i, hh, ww, 100)[0] for i in range(200)]).astype(np.int64)
+        for stat in (lambda x: x[:, 2] * x[:, 3] / (hh * ww), lambda x: x[:, 3] / x[:, 2],
+                     lambda x: x[:, 0] / hh, lambda x: x[:, 1] / ww):
+            q = np.linspace(0.05, 0.95, 19)
+            np.testing.assert_allclose(np.quantile(stat(mine), q), np.quantile(stat(theirs), q), atol=0.03, rtol=0.03)
+    x = np.linspace(-8, 8, 100001)
+    np.testing.assert_allclose(exp_poly(x), np.exp(x), rtol=1e-13)
+    with pytest.raises(ValidationError, match="ratio"):
+        SlotCropSampler(ratio=(1e-5, 1.0))
+    with pytest.raises(ValidationError, match="seed"):
+        SlotCropSampler(seed=2**64)

@@ -502,40 +502,94 @@ def test_invariant_11_codec_fields_and_augment_columns_follow_their_rules(tmp_pa
     assert any("mixup_partner" in x and "images 0..7" in x for x in problems), problems
 
 
-def spec_sample(cfg: dict, i: int, H: int, W: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Section 10.1, line by line: the crop sampler of image ``i`` (boxes (m, 4) int64, flips (m,))."""
+_MASK = 2**64 - 1
+_G = 0x9E3779B97F4A7C15
+
+
+def _mix(z: int) -> int:
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & _MASK
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def _exp_poly(x: float) -> float:
+    y = x / 256
+    p = 1.0
+    for n in range(8, 0, -1):
+        p = 1.0 + (y / n) * p
+    for _ in range(8):
+        p = p * p
+    return p
+
+
+def _log_poly(x: float) -> float:
+    m, e = math.frexp(x)
+    if m < 0.75:
+        m, e = 2 * m, e - 1
+    t = (m - 1) / (m + 1)
+    q = 1 / 59
+    for n in range(28, -1, -1):
+        q = 1 / (2 * n + 1) + t * t * q
+    return e * float.fromhex("0x1.62e42fefa39efp-1") + 2 * t * q
+
+
+def spec_slot_sample(cfg: dict, i: int, s: int, H: int, W: int) -> tuple[tuple[int, int, int, int], bool]:
+    """Section 10.3, line by line, in Python integers and floats (no numpy): the crop of slot ``s`` of
+    image ``i``."""
     (s_lo, s_hi), (r_lo, r_hi) = cfg["scale"], cfg["ratio"]
-    g = np.random.default_rng(np.random.SeedSequence([cfg["seed"], i]))
-    target = (float(H) * float(W)) * g.uniform(s_lo, s_hi, size=(m, 10))
-    aspect = np.exp(g.uniform(math.log(r_lo), math.log(r_hi), size=(m, 10)))
-    w, h = np.rint(np.sqrt(target * aspect)), np.rint(np.sqrt(target / aspect))
-    valid = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    ok, a = valid.any(1), valid.argmax(1)
-    ch = np.where(ok, h[np.arange(m), a], 0).astype(np.int64)
-    cw = np.where(ok, w[np.arange(m), a], 0).astype(np.int64)
-    top = g.integers(0, np.where(ok, H - ch + 1, 1))
-    left = g.integers(0, np.where(ok, W - cw + 1, 1))
-    f = g.random(m) < cfg["flip_p"]
+    key = _mix((_mix((_mix((cfg["seed"] + _G) & _MASK) + (i + 1) * _G) & _MASK) + (s + 1) * _G) & _MASK)
+
+    def draw(d):
+        return _mix((key + (d + 1) * _G) & _MASK)
+
+    def u(d):
+        return float(draw(d) >> 11) * 2.0 ** -53
+
+    l_lo, l_hi = _log_poly(r_lo), _log_poly(r_hi)
+    A = float(H) * float(W)
+    for a in range(10):
+        target = A * (s_lo + (s_hi - s_lo) * u(2 * a))
+        aspect = _exp_poly(l_lo + (l_hi - l_lo) * (((draw(2 * a + 1) >> 48) + 0.5) / 65536))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            top = ((draw(20) >> 32) * (H - h + 1)) >> 32
+            left = ((draw(21) >> 32) * (W - w + 1)) >> 32
+            return (top, left, h, w), u(22) < cfg["flip_p"]
     r = W / H
-    fh, fw = (round(W / r_lo), W) if r < r_lo else (H, round(H * r_hi)) if r > r_hi else (H, W)
-    fh, fw = min(max(fh, 1), H), min(max(fw, 1), W)
-    box = np.stack([np.where(ok, top, (H - fh) // 2), np.where(ok, left, (W - fw) // 2),
-                    np.where(ok, ch, fh), np.where(ok, cw, fw)], 1)
-    return box, f
+    h, w = (round(W / r_lo), W) if r < r_lo else (H, round(H * r_hi)) if r > r_hi else (H, W)
+    h, w = min(max(h, 1), H), min(max(w, 1), W)
+    return ((H - h) // 2, (W - w) // 2, h, w), u(22) < cfg["flip_p"]
 
 
 def test_invariant_12_seeded_crops_are_the_samplers_and_tagged(tmp_path):
-    """"`box` and `flip` MUST NOT be stored" in 3.0; "`(box[i, :], flip[i, :]) = sample(i, image_size[i][0],
-    image_size[i][1], M)` (section 10.1), the box cast to `box_dtype`"; "The manifest keeps its `P` columns
+    """"`box` and `flip` MUST NOT be stored" in 3.0; "`(box[i, s], flip[i, s]) = sample(seed, i, s,
+    image_size[i][0], image_size[i][1])` ... (the slot sampler, section 10.3), the box cast to `box_dtype`"; "The manifest keeps its `P` columns
     ... their tags follow invariant 9 over the derived chunk (rows past `N` the fill value)"; a reader MUST
     refuse a `crop_sampler` with "a missing or unknown key" (section 10.2)."""
-    from fkdstore.transforms import CropSampler
+    from fkdstore.seeded import SlotCropSampler
 
     d = make_data(N, M, C, seed=3)
     d["sizes"][0] = (1, 900)  # an image whose every attempt fails: the fallback
-    cfg = CropSampler(seed=4, scale=(0.3, 0.9), ratio=(0.5, 2.0), flip_p=0.3).get_config()
-    crops = [spec_sample(cfg, i, int(d["sizes"][i, 0]), int(d["sizes"][i, 1]), M) for i in range(N)]
-    boxes, flips = np.stack([b for b, _ in crops]), np.stack([f for _, f in crops])
+    cfg = SlotCropSampler(seed=2**64 - 5, scale=(0.3, 0.9), ratio=(0.5, 2.0), flip_p=0.3).get_config()
+    crops = [[spec_slot_sample(cfg, i, s, int(d["sizes"][i, 0]), int(d["sizes"][i, 1])) for s in range(M)]
+             for i in range(N)]
+    boxes = np.array([[b for b, _ in row] for row in crops])
+    flips = np.array([[f for _, f in row] for row in crops])
+    assert tuple(boxes[0, 0]) == (0, (900 - 2) // 2, 1, 2)  # the fallback: h = 1, w = rint(1 * 2.0)
+    rng = np.random.default_rng(12)
+    for _ in range(6):  # the reference implementation equals this file's, bit for bit, on random configs
+        lo, hi = sorted(rng.uniform(0.01, 1, 2))
+        rlo, rhi = sorted(np.exp(rng.uniform(-3, 3, 2)))
+        c = SlotCropSampler(seed=int(rng.integers(0, 2**63)), scale=(lo, hi), ratio=(rlo, rhi),
+                            flip_p=float(rng.random())).get_config()
+        ii, ss = rng.integers(0, 2**40, 300), rng.integers(0, 1000, 300)
+        hh, ww = rng.integers(1, 3000, 300), rng.integers(1, 3000, 300)
+        got_b, got_f = SlotCropSampler.from_config(c).sample_slots(ii, ss, hh, ww)
+        for j in range(300):
+            want_b, want_f = spec_slot_sample(c, int(ii[j]), int(ss[j]), int(hh[j]), int(ww[j]))
+            assert tuple(got_b[j].tolist()) == want_b and bool(got_f[j]) == want_f, (c, j)
     p = tmp_path / "seeded"
     with create(p, d, images_per_chunk=IPC, images_per_shard=IPS, crop_sampler=cfg) as w:
         w.put(np.arange(N), boxes, flips, d["probs"])

@@ -5,6 +5,7 @@ stored-crop twin ``stored.zarr`` (format 2.0), with ``expected.npz`` holding the
 was given, were written by fkdstore 0.2 (the commit that added seeded crops). ``tests/test_golden.py`` reads
 them with today's reader: a change of the crop sampler, of the reader or of numpy's generator streams that
 would replay other crops fails there (for the seeded store, as a ``CorruptStoreError`` from the manifest tags).
+The seeded store's crops come from ``fkdstore.seeded.SlotCropSampler`` (spec section 10.3).
 Usage: python tests/golden/make_v3_0.py tests/golden/v3.0
 """
 import json
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 import fkdstore
-from fkdstore.transforms import CropSampler
+from fkdstore.seeded import SlotCropSampler
 
 N, M, C = 11, 5, 7  # ipc=2, ips=4: three shards, the last one partial
 CODEC = {"name": "ms", "k": 3, "dtype": "q8"}
-SAMPLER = CropSampler(seed=20261127, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5)
+SAMPLER = SlotCropSampler(seed=20261127, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5)
 
 
 def main(out: Path) -> None:
