@@ -53,6 +53,7 @@ EXP_DEGREE = 8
 LOG_TERMS = 30  # log_poly: 2 * atanh(t) = 2 * (t + t**3/3 + ... + t**59/59)
 LN2 = 0.6931471805599453  # float64 nearest to ln 2 (0x3FE62E42FEFA39EF)
 MAX_LOG_RATIO = 8.0  # |log ratio| bound of a config (ratios within [e**-8, e**8]); exp_poly is checked there
+DERIVE_PAIRS = 2**17  # SeededCrops derives at most this many (image, slot) pairs per sampler call
 ASPECT_BITS = 16  # the aspect ratio's draw: 2**16 log-uniform levels (a table of exp_poly values)
 
 
@@ -288,8 +289,14 @@ class SeededCrops:
         if sl.ndim == 1:
             sl = np.broadcast_to(sl, (len(idx), len(sl)))
         hw = self.sizes[idx]
-        box, flip = self.sampler.sample_slots(idx[:, None], sl, hw[:, 0:1], hw[:, 1:2])
-        return box.astype(self.header.box_dtype), flip
+        m = sl.shape[1]
+        box = np.empty((len(idx), m, 4), self.header.box_dtype)
+        flip = np.empty((len(idx), m), bool)
+        step = max(1, DERIVE_PAIRS // max(m, 1))  # bounded temporaries (the sampler's are ~100 B per pair)
+        for a in range(0, len(idx), step):
+            b = slice(a, a + step)
+            box[b], flip[b] = self.sampler.sample_slots(idx[b, None], sl[b], hw[b, 0:1], hw[b, 1:2])
+        return box, flip
 
     def chunk_rows(self, first: int, stop: int) -> dict[str, np.ndarray]:
         """``{box, flip}`` rows of images ``[first, stop)`` padded with the fill value to whole inner chunks
