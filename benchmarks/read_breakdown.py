@@ -12,8 +12,14 @@ best of ``--repeat`` passes, interleaved, per image:
 - ``read_batch(256 random images)`` cold: the whole call, its chunk step (``shard.take_many``) and the floor
   of the same calls per chunk touched.
 
-The bound printed last: ``(torch.load + decode) / (floor + decode)``, the best ratio a single-image read can
+The bound printed: ``(torch.load + decode) / (floor + decode)``, the best ratio a single-image read can
 reach against the baseline with this layout and these libraries, whatever the reader's own code costs.
+
+Last, a *what-if* that no format has: every inner chunk of the four arrays packed into ONE chunk (each
+array's bytes as byte planes, blosc lz4hc + bitshuffle, a crc32c), in one file: its size against the four
+typed arrays, and the floor of a single-image read from it (one pread, one crc32c check, one blosc call,
+one tag, then the four fields of the image unpacked from the planes): the bound a per-image record layout
+would give.
 
     python benchmarks/read_breakdown.py [--images 4096] [--crops 32] [--repeat 7] [--images-per-chunk K]
         [--out DIR]
@@ -189,11 +195,64 @@ def main(argv=None):
           f"{base / (best['read(i) floor: pread + crc32c + blosc + tag, no other Python'] + D):8.2f}x")
     print(f"{'read_batch ratio (whole call, batched decode not counted)':66s} "
           f"{base / best['read_batch(256) cold: whole call']:8.2f}x")
+    record_bound(arrays, ipc, N, M, fetch_check, single, slots, base, D, a.repeat, work)
     for fds, _, _, _ in info:
         for fd in fds:
             os.close(fd)
     if not a.out:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def record_bound(arrays, ipc, N, M, fetch_check, single, slots, base, D, repeat, work) -> None:
+    """The per-image record what-if of the module docstring: size and single-read floor."""
+    from numcodecs import Blosc
+
+    codec = Blosc(cname="lz4hc", clevel=9, shuffle=Blosc.BITSHUFFLE, typesize=1)
+    sizes = [a.dtype.itemsize for a in arrays]
+    rows = [int(np.prod(a.chunk_shape[1:])) for a in arrays]  # items per image row of each array
+    blobs, typed = [], 0
+    for c in range(-(-N // ipc)):
+        planes = []
+        for d, it in zip(fetch_check(c), sizes):
+            planes.append(np.frombuffer(d, np.uint8).reshape(-1, it).T.ravel())
+        comp = codec.encode(np.concatenate(planes))
+        blobs.append(comp + crc32c.crc32c(comp).to_bytes(4, "little"))
+    for arr in arrays:  # the four typed arrays' chunk bytes (their shard files, indexes included)
+        typed += sum((Path(work) / "fkdstore.zarr" / arr.shard_key(s)).stat().st_size
+                     for s in range(-(-N // (arr.per_shard * ipc))))
+    path = Path(work) / "records.bin"
+    path.write_bytes(b"".join(blobs))
+    offs = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    fd = os.open(path, os.O_RDONLY)
+    crc, dec = crc32c.crc32c, blosc.decompress
+    head = crc(b"record\0")
+    bounds = []  # (offset, length) of each array's planes in a decoded record chunk
+    o = 0
+    for it, n in zip(sizes, rows):
+        bounds.append((o, it, n))
+        o += it * n * ipc
+
+    def floor_record():
+        for i in single:
+            c, w = divmod(i, ipc)
+            raw = os.pread(fd, offs[c + 1] - offs[c], offs[c])
+            if crc(raw) != shard.CRC32C_RESIDUE:
+                raise RuntimeError("record fails its checksum")
+            d = dec(raw)
+            crc(d, crc(c.to_bytes(8, "little"), head))
+            u8 = np.frombuffer(d, np.uint8)
+            for (start, it, n), arr in zip(bounds, arrays):
+                planes = u8[start:start + it * n * ipc].reshape(it, ipc, n)[:, w]
+                row = planes.T.copy().view(arr.dtype).reshape(arr.chunk_shape[1:])
+                row.take(slots[i], 0)
+
+    best = min(_best(floor_record, len(single), 1) for _ in range(repeat))
+    os.close(fd)
+    print(f"what-if record layout (one byte-plane chunk per inner chunk, all 4 arrays): "
+          f"{sum(len(b) for b in blobs) / (N * M):.2f} B/crop vs {typed / (N * M):.2f} for the 4 typed arrays "
+          f"({sum(len(b) for b in blobs) / typed - 1:+.1%})")
+    print(f"{'record read(i) floor: one pread + crc32c + blosc + tag + unpack':66s} {best:8.2f}")
+    print(f"{'record read(i) bound: (torch.load + decode) / (floor + decode)':66s} {base / (best + D):8.2f}x")
 
 
 if __name__ == "__main__":

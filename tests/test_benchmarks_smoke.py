@@ -151,3 +151,22 @@ def test_reproduce_mixing_rows_tiny_run(tmp_path):
                                                  reproduce.AUGMENT_STORED[len(reproduce.AUGMENT_RA) + 1:]}
     assert "Mixing stored vs mixing at training time" in reproduce.to_markdown(res)
     assert any("Mixup/CutMix stored" in line for line in run_all.verdicts(None, res))
+
+
+def test_read_breakdown_tiny_run(capsys, tmp_path):
+    """benchmarks/read_breakdown.py (issue 13's read(i) analysis, with the per-image record what-if) runs."""
+    read_breakdown = pytest.importorskip("read_breakdown")
+    read_breakdown.main(["--images", "96", "--crops", "8", "--repeat", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "read(i) bound" in out and "what-if record layout" in out and "record read(i) bound" in out
+
+
+def test_codec_fidelity_whole_store_rows_and_verdict():
+    codec_fidelity = pytest.importorskip("codec_fidelity")
+    run_all = pytest.importorskip("run_all")
+    rows = codec_fidelity.run(2, 4, 50, 0, specs=["ms:k=5", "ms:k=5,dtype=q8"])
+    rows += codec_fidelity.run(3, 4, 50, 0, codec_fidelity.WHOLE_STORE_SPECS, fidelity=False)
+    assert all(r["seeded_bytes_per_crop"] < r["bytes_per_crop"] for r in rows)  # no box/flip arrays
+    assert "whole store, seeded crops (3.0)" in codec_fidelity.table(rows)
+    line = run_all.fidelity_verdict(rows)[0]
+    assert "whole store at N = 3" in line and "seeded crops (format 3.0)" in line
