@@ -2,7 +2,8 @@
 
 Write labels once with :func:`write` (or :func:`generate` from a teacher), read them with :func:`open`,
 replay crops and labels in training with :class:`TorchDataset`. The format is ``spec/format-v3.md``
-(stores of format 1.0, ``spec/format-v1.md``, are still read).
+(format 2.0, and 3.0 for seeded crops, :mod:`fkdstore.seeded`; stores of format 1.0, ``spec/format-v1.md``,
+are still read).
 
 ``import fkdstore`` needs numpy and zarr only: reading, decoding, verify, inspect and convert work without
 torch; :func:`generate` and :class:`TorchDataset` import torch on first use.

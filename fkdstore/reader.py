@@ -1,10 +1,12 @@
-"""Read fkdstore stores (format 1.0 and 2.0): :func:`open` returns a :class:`Reader`.
+"""Read fkdstore stores (format 1.0, 2.0 and 3.0): :func:`open` returns a :class:`Reader`.
 
-At open the reader parses the header (format 2.0: its checksum is verified) and checks, cheaply, that every
+At open the reader parses the header (format 2.0 and 3.0: its checksum is verified) and checks, cheaply, that every
 array exists with the Zarr metadata the header implies (shape, dtype, inner chunk and shard shape, the
 ``written`` and ``manifest`` chunking); a mismatch raises :class:`CorruptStoreError` naming the array. Every
 chunk it returns data from is then checked by :mod:`fkdstore.shard` (present when its images are written,
-crc32c, manifest tag), so damage raises instead of returning wrong labels.
+crc32c, manifest tag), so damage raises instead of returning wrong labels. A seeded-crops store (3.0) has no
+``box``/``flip`` arrays: the reader derives the slots it returns with :mod:`fkdstore.seeded`, after comparing
+one derived chunk with the manifest (every chunk in :meth:`Reader.read_all`).
 
 Per-crop arrays are read through :mod:`fkdstore.storage`'s byte-range layer: ``os.pread`` on cached file
 descriptors for a local folder, concurrent coalesced range requests for object storage. Zarr's array API

@@ -1,4 +1,5 @@
-"""Create and write fkdstore stores (format 2.0, ``spec/format-v3.md``; the layout is :mod:`fkdstore.schema`).
+"""Create and write fkdstore stores (format 2.0, or 3.0 for seeded crops: ``spec/format-v3.md``; the layout is
+:mod:`fkdstore.schema`).
 
 ``write(location, ...)`` creates a store (or re-opens one with an identical schema, to resume) and returns a
 :class:`Writer`. ``location`` is a folder or a URL (``s3://``, ``gs://``, ``memory://``, ...; see
