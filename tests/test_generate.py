@@ -260,14 +260,18 @@ def test_package_attribute_is_the_function_in_every_import_order():
         "import fkdstore; from fkdstore import generate as f; import importlib; "
         "importlib.import_module('fkdstore.generate')",
     ]
-    for code in orders:
+    procs = []
+    for code in orders:  # one fresh interpreter per order, started together (each imports torch)
         script = (f"import sys, types; {code}; mod = sys.modules['fkdstore.generate']; "
                   "assert isinstance(mod, types.ModuleType); "
                   "assert fkdstore.generate is mod.generate is f, fkdstore.generate; "
                   "assert isinstance(f, types.FunctionType)")
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert res.returncode == 0, (code, res.stderr)
+        procs.append((code, subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True,
+                                             env={**os.environ, "PYTHONPATH": str(REPO)})))
+    for code, p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, (code, err)
 
 
 # --------------------------------------------------------------------------------------------- errors
