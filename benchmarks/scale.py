@@ -156,7 +156,7 @@ def op_write(a) -> dict:
     t_setup = time.perf_counter() - t0
     t_synth = 0.0  # label synthesis inside the timed loop, subtracted from the write time
     sampler = None
-    if getattr(a, "seeded_crops", False):  # (callers that build the namespace themselves may leave it out)
+    if a.seeded_crops:
         from fkdstore.seeded import SlotCropSampler
 
         sampler = SlotCropSampler(seed=a.seed)

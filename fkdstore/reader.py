@@ -359,18 +359,28 @@ class Reader:
         """Seeded crops: boxes and flips of images ``idx`` (slots as :meth:`SeededCrops.rows`). The first call
         of a reader compares the derived chunk of ``idx[0]`` with its manifest tags (spec: before any derived
         data is returned), so a sampler that cannot replay the store fails here, not silently."""
-        if not self._seeded.checked:
+        if not self._seeded.checked and len(idx):
             c = int(idx[0]) // self.header.images_per_chunk
-            self._check_derived(c, c + 1)
+            self._check_derived(c, c + 1, self._seeded.chunk_rows(c * self.header.images_per_chunk,
+                                                                  (c + 1) * self.header.images_per_chunk))
         return self._seeded.rows(idx, slots)
 
-    def _check_derived(self, c0: int, c1: int, data: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Derive chunks ``[c0, c1)`` of box and flip (unless ``data`` already holds them) and compare their
-        tags with the manifest in every chunk holding a written image; returns the derived rows (whole chunks)."""
+    def _check_derived(self, c0: int, c1: int, data: dict[str, np.ndarray]) -> None:
+        """Compare the tags of the derived chunks ``[c0, c1)`` (``data`` from :meth:`SeededCrops.chunk_rows`)
+        with the manifest; raises :class:`CorruptStoreError` with the first mismatch."""
+        problems = self._derived_mismatches(c0, c1, data)
+        if problems:
+            raise CorruptStoreError(problems[0])
+        self._seeded.checked = True
+
+    def _derived_mismatches(self, c0: int, c1: int, data: dict[str, np.ndarray],
+                            written: np.ndarray | None = None) -> list[str]:
+        """:meth:`SeededCrops.check` of the derived chunks ``[c0, c1)`` against the manifest, in every chunk
+        holding a written image (``written``: the flags to use, default the store's): one message per
+        mismatching array. Raises :class:`CorruptStoreError` when the manifest itself cannot be read (used by
+        ``verify`` too, with the flags it read itself)."""
         h, sc = self.header, self._seeded
         ipc, cps = h.images_per_chunk, h.chunks_per_shard
-        if data is None:
-            data = sc.chunk_rows(c0 * ipc, c1 * ipc)
         if self._manifest is None:
             raise CorruptStoreError(f"{self.path}: the manifest cannot be read, so the seeded crops cannot be checked")
         rows = []
@@ -382,10 +392,9 @@ class Reader:
                 raise CorruptStoreError(f"{self.path}: manifest chunk of shard {s} cannot be read "
                                         f"({type(e).__name__}: {e}); the seeded crops cannot be checked") from e
         w = np.zeros((c1 - c0) * ipc, bool)
-        seen = self.written[c0 * ipc:c1 * ipc]
+        seen = (self.written if written is None else written)[c0 * ipc:c1 * ipc]
         w[:len(seen)] = seen
-        sc.check_or_raise(c0, data, np.concatenate(rows), self._columns, w.reshape(-1, ipc).any(1))
-        return data
+        return sc.check(c0, data, np.concatenate(rows), self._columns, w.reshape(-1, ipc).any(1))
 
     def _records(self, data: dict[str, np.ndarray]) -> CropRecords:
         if self._v1_aug:
@@ -431,12 +440,8 @@ class Reader:
         else:
             inv2, within2 = inv[:, None], within[:, None]
             data = {a.path: st[inv2, within2, sl] for a, st in zip(arrays, stacks)}
-        if self._seeded is not None and len(idx):
+        if self._seeded is not None:
             data[S.BOX], data[S.FLIP] = self._derive(idx, sl)
-        elif self._seeded is not None:
-            m = self.crops_per_image if sl is None else sl.shape[1]
-            data[S.BOX] = np.empty((0, m, 4), self.header.box_dtype)
-            data[S.FLIP] = np.empty((0, m), bool)
         return self._records(data)
 
     def read_all(self, slots=None, *, progress: bool = False) -> CropRecords:

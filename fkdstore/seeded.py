@@ -32,6 +32,7 @@ import numpy as np
 
 from . import schema as S
 from .errors import CorruptStoreError, ValidationError
+from .transforms import CropSampler, fallback_sides
 from .validation import int_in_range
 
 __all__ = ["SlotCropSampler", "SeededCrops", "splitmix64", "exp_poly", "log_poly"]
@@ -47,7 +48,7 @@ _2M53 = 2.0 ** -53
 # draws of a slot: attempt a uses draws 2a (area) and 2a + 1 (aspect); then top, left, flip
 DRAW_TOP, DRAW_LEFT, DRAW_FLIP = 2 * MAX_ATTEMPTS, 2 * MAX_ATTEMPTS + 1, 2 * MAX_ATTEMPTS + 2
 # (d + 1) * G mod 2**64 of every draw d, as uint64 constants (numpy scalar arithmetic would warn on the wrap)
-_DRAW_OFFSET = [np.uint64(((d + 1) * GOLDEN_INT) % 2**64) for d in range(DRAW_FLIP + 1)]
+_DRAW_OFFSET = np.array([((d + 1) * GOLDEN_INT) % 2**64 for d in range(DRAW_FLIP + 1)], np.uint64)
 EXP_HALVINGS = 8  # exp_poly: x / 2**8, a degree-8 Taylor polynomial, squared 8 times
 EXP_DEGREE = 8
 LOG_TERMS = 30  # log_poly: 2 * atanh(t) = 2 * (t + t**3/3 + ... + t**59/59)
@@ -114,9 +115,7 @@ class SlotCropSampler:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .transforms import CropSampler  # the parameter rules live there: one home
-
-        ref = CropSampler(scale=self.scale, ratio=self.ratio, flip_p=self.flip_p, seed=self.seed)
+        ref = CropSampler(scale=self.scale, ratio=self.ratio, flip_p=self.flip_p, seed=self.seed)  # its rules
         seed = int_in_range("seed", ref.seed, 0, 2**64 - 1)
         if abs(math.log(ref.ratio[0])) > MAX_LOG_RATIO or abs(math.log(ref.ratio[1])) > MAX_LOG_RATIO:
             raise ValidationError(f"ratio must lie within [e**-{MAX_LOG_RATIO:g}, e**{MAX_LOG_RATIO:g}]. "
@@ -182,12 +181,13 @@ class SlotCropSampler:
         return splitmix64(k + (s.astype(np.uint64) + one) * GOLDEN)
 
     @staticmethod
-    def _draw(key: np.ndarray, d: int) -> np.ndarray:
-        """Draw ``d`` of each pair: ``mix(key + (d + 1) G)`` (uint64)."""
+    def _draw(key: np.ndarray, d) -> np.ndarray:
+        """Draw ``d`` (an int, or an array of draw indices broadcast against ``key``) of each pair:
+        ``mix(key + (d + 1) G)`` (uint64)."""
         return splitmix64(key + _DRAW_OFFSET[d])
 
-    def _uniform(self, key: np.ndarray, d: int) -> np.ndarray:
-        """``(draw >> 11) * 2**-53``: a float64 in [0, 1)."""
+    def _uniform(self, key: np.ndarray, d) -> np.ndarray:
+        """``(draw(d) >> 11) * 2**-53``: a float64 in [0, 1)."""
         return (self._draw(key, d) >> _S11).astype(np.float64) * _2M53
 
     def aspect_table(self) -> np.ndarray:
@@ -203,12 +203,11 @@ class SlotCropSampler:
 
     def _attempts(self, key, area, H, W, attempts: range):
         """Sides of ``attempts`` for each pair (rows): ``(h, w, valid)`` of shape (pairs, len(attempts))."""
-        d = np.array([2 * a for a in attempts])
+        d = 2 * np.asarray(attempts)  # attempt a: area from draw 2a, aspect from draw 2a + 1
         k = key[:, None]
         s_lo, s_hi = self.scale
-        u = (splitmix64(k + np.array([_DRAW_OFFSET[x] for x in d])) >> _S11).astype(np.float64) * _2M53
-        target = area[:, None] * (s_lo + (s_hi - s_lo) * u)
-        aspect = self.aspect_table()[splitmix64(k + np.array([_DRAW_OFFSET[x + 1] for x in d])) >> _S48]
+        target = area[:, None] * (s_lo + (s_hi - s_lo) * self._uniform(k, d))
+        aspect = self.aspect_table()[self._draw(k, d + 1) >> _S48]
         w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
         h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
         return h, w, (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
@@ -216,7 +215,6 @@ class SlotCropSampler:
     def _sample(self, i, s, H, W) -> tuple[np.ndarray, np.ndarray]:
         key = self._key(i, s)
         area = H.astype(np.float64) * W.astype(np.float64)
-        r_lo, r_hi = self.ratio
         # attempt 0 for every pair, then attempts 1-9 (at once) for the pairs whose attempt 0 failed: the
         # first valid attempt is what the rule takes, so later attempts of a pair never matter once one is valid
         h, w, ok = self._attempts(key, area, H, W, range(1))
@@ -232,12 +230,7 @@ class SlotCropSampler:
             ok[todo] = found
             todo = todo[~found]
         if len(todo):  # no valid attempt: centre crop, aspect ratio clamped into `ratio`
-            Hf, Wf = H[todo], W[todo]
-            in_ratio = Wf / Hf
-            below = in_ratio < r_lo
-            above = ~below & (in_ratio > r_hi)
-            ch[todo] = np.clip(np.where(below, np.rint(Wf / r_lo), Hf), 1, Hf)
-            cw[todo] = np.clip(np.where(above, np.rint(Hf * r_hi), Wf), 1, Wf)
+            ch[todo], cw[todo] = fallback_sides(H[todo], W[todo], self.ratio)
         # positions: the high 32 bits times the number of positions, shifted down 32 (exact integers)
         top = ((self._draw(key, DRAW_TOP) >> _S32) * (H - ch + 1).astype(np.uint64)) >> _S32
         left = ((self._draw(key, DRAW_LEFT) >> _S32) * (W - cw + 1).astype(np.uint64)) >> _S32
@@ -260,7 +253,7 @@ class SeededCrops:
         self.header, self.where = header, where
         self.sampler = SlotCropSampler.from_config(header.crop_sampler)
         self._sizes_fn, self._sizes = sizes, None
-        self.checked = False  # set once a derived chunk matched its manifest tags
+        self.checked = False  # set by the reader once a derived chunk matched its manifest tags
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -339,10 +332,3 @@ class SeededCrops:
                     f"the teacher saw ({int(bad.sum())} of {len(bad)} chunks checked differ); this fkdstore "
                     f"cannot replay this store's crops (sampler {self.header.crop_sampler})")
         return out
-
-    def check_or_raise(self, first_chunk: int, data, manifest_rows, columns, need=None) -> None:
-        """:meth:`check`, raising :class:`CorruptStoreError` with the first message; marks the reader checked."""
-        problems = self.check(first_chunk, data, manifest_rows, columns, need)
-        if problems:
-            raise CorruptStoreError(problems[0])
-        self.checked = True

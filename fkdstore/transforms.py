@@ -70,6 +70,22 @@ def _pair(name: str, value: Any) -> tuple[float, float]:
     return lo, hi
 
 
+def fallback_sides(H, W, ratio: tuple[float, float]):
+    """RandomResizedCrop's fallback when no attempt is valid: the centre crop's ``(h, w)`` with the aspect
+    ratio clamped into ``ratio`` (whole image when the image's ratio is inside it): ``w = W``,
+    ``h = rint(W / r_lo)`` for a too tall image, ``h = H``, ``w = rint(H * r_hi)`` for a too wide one (float64,
+    round half to even), each side clamped to ``[1, side]`` (torchvision would return an empty crop there).
+    Elementwise over integer arrays ``H``, ``W``; shared by :class:`CropSampler` and
+    :class:`fkdstore.seeded.SlotCropSampler`."""
+    r_lo, r_hi = ratio
+    in_ratio = W / H
+    below = in_ratio < r_lo
+    above = ~below & (in_ratio > r_hi)
+    h = np.where(below, np.rint(W / r_lo), H)
+    w = np.where(above, np.rint(H * r_hi), W)
+    return np.clip(h, 1, H).astype(np.int64), np.clip(w, 1, W).astype(np.int64)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CropSampler:
     """Draws RandomResizedCrop boxes and horizontal flips, deterministically per image.
@@ -152,7 +168,7 @@ class CropSampler:
         flips = rng.random(M) < self.flip_p
 
         if not ok.all():
-            fh, fw = self._fallback(H, W)
+            fh, fw = fallback_sides(np.int64(H), np.int64(W), self.ratio)
             ch = np.where(ok, ch, fh)
             cw = np.where(ok, cw, fw)
             top = np.where(ok, top, (H - fh) // 2)
@@ -160,17 +176,6 @@ class CropSampler:
 
         boxes = np.stack([top, left, ch, cw], axis=1).astype(np.int32).reshape(M, 4)
         return boxes, flips.astype(bool)
-
-    def _fallback(self, H: int, W: int) -> tuple[int, int]:
-        """Centre-crop size (h, w) with the aspect ratio clamped into ``ratio``."""
-        in_ratio = W / H
-        if in_ratio < self.ratio[0]:
-            w, h = W, round(W / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            h, w = H, round(H * self.ratio[1])
-        else:
-            h, w = H, W
-        return min(max(h, 1), H), min(max(w, 1), W)
 
     def get_config(self) -> dict:
         """JSON-serialisable description of the sampler (stored in the format's attributes)."""

@@ -141,7 +141,7 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
                 continue
             block[a.path] = data.reshape(-1, *a.chunk_shape[1:])[:len(r)]
         if seeded is not None and w.any():  # seeded crops: derived, every chunk against its manifest tags
-            block.update(_check_seeded(reader, seeded, s, w, problems))
+            block.update(_check_seeded(reader, seeded, s, written, problems))
         if w.any():
             _check_records(block, w, r, sizes, h, codec, problems, pipeline)
     reader.close()
@@ -149,22 +149,19 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
     return list(problems)
 
 
-def _check_seeded(reader, seeded, s: int, w: np.ndarray, problems: _Problems) -> dict[str, np.ndarray]:
-    """Seeded crops of shard ``s``: derive box and flip, compare every chunk holding a written image with its
-    manifest tags (:meth:`fkdstore.seeded.SeededCrops.check`); returns the derived rows for the record checks."""
+def _check_seeded(reader, seeded, s: int, written: np.ndarray, problems: _Problems) -> dict[str, np.ndarray]:
+    """Seeded crops of shard ``s``: derive box and flip and compare every chunk holding a written image with
+    its manifest tags (the reader's check); returns the derived rows for the record checks."""
     h = reader.header
     r = h.shard_range(s)
     data = seeded.chunk_rows(r.start, r.stop)
+    c0 = s * h.chunks_per_shard
     try:
-        tags = reader._manifest.shard(s)
-    except Exception as e:  # noqa: BLE001 - reported, the rest of the store is still checked
-        problems.add("missing", f"manifest chunk of shard {s} cannot be read ({type(e).__name__}: {e}); "
-                     f"seeded crops of images {r.start}..{r.stop - 1} not checked")
+        mismatches = reader._derived_mismatches(c0, min(h.num_chunks, c0 + h.chunks_per_shard), data, written)
+    except CorruptStoreError as e:  # the manifest chunk cannot be read: reported, the rest is still checked
+        problems.add("missing", f"{e}; seeded crops of images {r.start}..{r.stop - 1} not checked")
         return {}
-    ipc = h.images_per_chunk
-    pad = np.zeros(len(tags) * ipc, bool)
-    pad[:len(w)] = w
-    for msg in seeded.check(s * h.chunks_per_shard, data, tags, reader._columns, pad.reshape(-1, ipc).any(1)):
+    for msg in mismatches:
         problems.add("chunk", msg)
     return {name: v[:len(r)] for name, v in data.items()}
 

@@ -296,7 +296,7 @@ def _sampler_config(crop_sampler) -> dict[str, Any] | None:
     if not isinstance(crop_sampler, Mapping):
         raise TypeError(f"crop_sampler must be a SlotCropSampler, its config dict or None. "
                         f"Got {type(crop_sampler).__name__}.")
-    return S.parse_crop_sampler(_normalised_json(dict(crop_sampler), "crop_sampler"))
+    return _normalised_json(dict(crop_sampler), "crop_sampler")  # checked by the Header (parse_crop_sampler)
 
 
 def _normalised_json(obj: Any, what: str) -> Any:
@@ -808,14 +808,15 @@ class Writer:
         old_tags = self._io(s, S.MANIFEST, "read", lambda: self.group[S.MANIFEST][first:first + h.chunks_per_shard]) \
             if keep.any() else None
         data = {}
+        rest = np.flatnonzero(~mask)  # seeded crops: rows not put are tagged over their derived values too
+        derived = dict(zip(self._derived, self._seeded.rows(rest + r.start))) if self._derived and len(rest) else {}
         with zarr.config.set({"array.write_empty_chunks": True}):
             for p, name in enumerate(self._specs):
                 v = buf[name]
-                if name in self._derived:  # seeded crops: not stored; tagged over every row's derived value
-                    rest = np.flatnonzero(~mask)
-                    if len(rest):
+                if name in self._derived:  # seeded crops: not stored, only tagged
+                    if name in derived:
                         v = v.copy()
-                        v[rest] = self._seeded.rows(rest + r.start)[self._derived.index(name)]
+                        v[rest] = derived[name]
                     data[name] = v
                     continue
                 if keep.any():
