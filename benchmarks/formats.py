@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import fkdstore
 from fkdstore import schema as S
 from fkdstore.codecs import get_codec
-from fkdstore.store import storage_stats
+from fkdstore.report import storage_stats
 from fkdstore.transforms import CropSampler
 
 IMAGENET_N = 1_281_167

@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fkdstore.generate import generate  # noqa: E402
+from fkdstore.runner import generate  # noqa: E402
 from fkdstore.images import image_size, list_images, load_image  # noqa: E402
 from fkdstore.testing import make_photo_folder  # noqa: E402
 from fkdstore.transforms import CropSampler, normalize, replay_crops  # noqa: E402

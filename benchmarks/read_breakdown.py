@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this 
 from store_layout import boxes_for, teacher_like, timed
 
 import fkdstore
-import fkdstore.store
+import fkdstore.report
 from fkdstore import shard
 from fkdstore.codecs import get_codec
 
@@ -183,7 +183,7 @@ def main(argv=None):
             fresh["r"] = cold()
             fresh["r"].read_batch(np.arange(N))  # indexes cached, as in a long run (the cache stays off)
             best[name] = min(best[name], _best(fn, count, 1))
-    st = fkdstore.store.storage_stats(path)["_total"]["bytes"]
+    st = fkdstore.report.storage_stats(path)["_total"]["bytes"]
     print(f"{N} images x {M} crops, C={C}, ms k=5, {ipc} images per inner chunk, {st / (N * M):.2f} B/crop; "
           f"best of {a.repeat}; us per image")
     for name, v in best.items():

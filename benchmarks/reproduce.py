@@ -57,7 +57,7 @@ from fkdstore.testing import (
     train_classifier,
 )
 from fkdstore.transforms import normalize
-from fkdstore.writer import storage_stats
+from fkdstore.report import storage_stats
 
 NUM_CLASSES = 10
 CROPS_PER_BATCH = 64

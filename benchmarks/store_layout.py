@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this 
 import fkdstore
 import fkdstore.shard
 from fkdstore.codecs import get_codec
-from fkdstore.store import storage_stats
+from fkdstore.report import storage_stats
 
 
 def teacher_like(rng, n, M, C):

@@ -11,9 +11,6 @@ torch; :func:`generate` and :class:`TorchDataset` import torch on first use.
 
 __version__ = "0.2.0"
 
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
-
 from . import augment, codecs, schema  # noqa: E402
 from .codecs import as_codec, from_config, get_codec  # noqa: E402
 from .convert import ensemble, prune  # noqa: E402
@@ -32,7 +29,7 @@ from .seeded import SlotCropSampler  # noqa: E402
 from .writer import Writer, write  # noqa: E402,A004
 
 _LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
-    "generate": "generate",
+    "generate": "runner",
     "TorchDataset": "pytorch",
     "collate": "pytorch",
     "densify": "pytorch",
@@ -47,24 +44,6 @@ def __getattr__(name):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
 
-
-class _Package(_types.ModuleType):
-    """``fkdstore.generate`` is the teacher-runner *function*, although a submodule has the same name.
-
-    Importing a submodule makes Python set it as an attribute of its package (``setattr(fkdstore,
-    "generate", <module fkdstore.generate>)``), whether ``fkdstore.generate`` is first touched through
-    :func:`__getattr__` above, ``import fkdstore.generate`` or ``from fkdstore.generate import ...``. This
-    hook binds the module's function instead, so the attribute is the function in every import order.
-    The module itself stays available as ``sys.modules["fkdstore.generate"]``.
-    """
-
-    def __setattr__(self, name, value):
-        if name == "generate" and isinstance(value, _types.ModuleType):
-            value = value.generate
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "__version__", "augment", "codecs", "schema", "as_codec", "from_config", "get_codec", "write", "open",

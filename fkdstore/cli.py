@@ -19,9 +19,7 @@ Exit codes (every command):
 * ``130``: interrupted (Ctrl-C).
 
 Errors print as one line, ``fkdstore: error: <message>``; ``--debug`` (anywhere on the line) prints the
-traceback instead. Deprecated spellings still work and print ``fkdstore: warning: ...`` to stderr:
-``--classes`` (use ``--num-classes``) and, in ``estimate``, ``--images N`` (use ``--num-images N``;
-``--images`` names an image folder everywhere else).
+traceback instead.
 """
 
 from __future__ import annotations
@@ -98,9 +96,9 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_import_fkd(args) -> int:
-    from . import convert, report
+    from . import importers, report
 
-    r = convert.import_fkd(args.src, args.dst, args.images, codec=args.codec, k=args.k, num_classes=args.num_classes,
+    r = importers.import_fkd(args.src, args.dst, args.images, codec=args.codec, k=args.k, num_classes=args.num_classes,
                            trust_pickle=args.trust_pickle, progress=args.progress, log=_err,
                            storage_options=args.storage_options)
     _out(f"imported {r['files']:,} FKD label files ({r['crops_per_image']} crops each, {r['num_classes']} classes, "
@@ -115,7 +113,7 @@ def _cmd_import_fkd(args) -> int:
 
 def _cmd_generate(args) -> int:
     from .codecs import as_codec
-    from .generate import generate  # torch: imported only when this command runs
+    from .runner import generate  # torch: imported only when this command runs
     from .teacher import file_sha256, load_teacher
 
     kwargs = args.teacher_kwargs
@@ -330,15 +328,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.set_defaults(func=_cmd_inspect)
 
     q = add("estimate", "predict a store's size (this layout, or the paper's formula)", ESTIMATE_HELP)
-    g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--num-images", type=_pos_int, metavar="N", help="number of images N")
-    g.add_argument("--images", dest="num_images", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
-                   use="--num-images N (--images names an image folder in the other commands)")
+    q.add_argument("--num-images", type=_pos_int, metavar="N", required=True, help="number of images N")
     q.add_argument("--crops", type=_pos_int, required=True, help="crops per image M")
-    g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--num-classes", type=_pos_int, metavar="C", help="number of classes C")
-    g.add_argument("--classes", dest="num_classes", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
-                   use="--num-classes")
+    q.add_argument("--num-classes", type=_pos_int, metavar="C", required=True, help="number of classes C")
     q.add_argument("--codec", required=True,
                    help="codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. ms:k=5,dtype=q8")
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
@@ -352,7 +344,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("path", help="store folder or URL")
     _add_storage_options(q)
     q.add_argument("--json", action="store_true", help="print {path, ok, problems} as JSON")
-    q.add_argument("--progress", action="store_true", help="show a progress bar")
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
     q.set_defaults(func=_cmd_verify)
 
     q = add("convert", "re-encode a store into a leaner codec without the teacher", CONVERT_HELP + STORAGE_HELP)
@@ -362,7 +355,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--codec", required=True,
                    help="target codec name or spec: full, ms, mr, smoothing, hard, logits; e.g. ms:k=5,dtype=q8")
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr (default: the source's K, else 5)")
-    q.add_argument("--progress", action="store_true", help="show a progress bar")
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
     q.set_defaults(func=_cmd_convert)
 
     q = add("import-fkd", "import FKD's per-image torch.save label files", IMPORT_HELP + STORAGE_HELP)
@@ -373,13 +367,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--codec", choices=["ms", "mr", "hard", "smoothing"], default=None,
                    help="codec to store (default: what the files hold; top-K files -> ms)")
     q.add_argument("--k", type=_pos_int, default=None, help="keep the top K <= the files' K (ms/mr)")
-    g = q.add_mutually_exclusive_group()
-    g.add_argument("--num-classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
-    g.add_argument("--classes", dest="num_classes", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
-                   use="--num-classes")
+    q.add_argument("--num-classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
     q.add_argument("--trust-pickle", action="store_true",
                    help="load with weights_only=False: executes code in the files, trusted input only")
-    q.add_argument("--progress", action="store_true", help="show a progress bar")
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
     q.set_defaults(func=_cmd_import_fkd)
 
     q = add("prune", "keep a fraction of each image's crop slots (a smaller store)", PRUNE_HELP)
@@ -390,7 +382,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the random rule (default 0)")
     q.add_argument("--rule", choices=["random", "confident"], default="random",
                    help="which slots: random (seeded per image) or confident (lowest entropy); default random")
-    q.add_argument("--progress", action="store_true", help="show a progress bar")
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
     _add_storage_options(q)
     q.set_defaults(func=_cmd_prune)
 
@@ -398,7 +391,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("stores", nargs="+", metavar="STORE", help="two or more source stores, then the new store OUT")
     q.add_argument("--codec", default=None,
                    help="codec of OUT, a name or spec (e.g. full, ms:k=5,dtype=q8); default: the first store's")
-    q.add_argument("--progress", action="store_true", help="show a progress bar")
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
     _add_storage_options(q)
     q.set_defaults(func=_cmd_ensemble)
 
@@ -453,7 +447,7 @@ class _GenerateHelp(_Formatter):
         if action.dest in GENERATE_OPTIONS and action.dest not in ("teacher_name", "weights_sha256"):
             import inspect
 
-            from .generate import generate
+            from .runner import generate
 
             default = inspect.signature(generate).parameters[action.dest].default
             text += f" (default: {default!r})"
@@ -506,8 +500,6 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--dtype", default=None, choices=["float16", "float32", "q8"],
                    help="stored probability dtype (codec default)")
     g.add_argument("--num-classes", type=_pos_int, metavar="C", help="expected teacher output width (None: measured)")
-    g.add_argument("--classes", dest="num_classes", type=_pos_int, help=argparse.SUPPRESS, action=_Deprecated,
-                   use="--num-classes")
     g.add_argument("--input-size", type=_pos_int, metavar="S", help="side of the square crops fed to the teacher")
     g.add_argument("--seed", type=_nonneg_int, metavar="N", help="crop sampler seed")
     g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop area range")
@@ -529,7 +521,7 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--batch-size", type=_pos_int, metavar="N", help="crops per teacher forward")
     g.add_argument("--device", help="None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     g.add_argument("--num-workers", type=_nonneg_int, metavar="N", help="decoding workers (None: min(8, cpus - 1))")
-    g.add_argument("--on-error", type=_Choice("fkdstore.generate", "ON_ERROR"), metavar="WHAT",
+    g.add_argument("--on-error", type=_Choice("fkdstore.runner", "ON_ERROR"), metavar="WHAT",
                    help="unreadable image: stop with its path, or skip it (left unwritten, listed in meta['skipped'])")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="autocast on CUDA")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar and summary line")
@@ -537,18 +529,6 @@ def _add_generate(sub, common) -> None:
                    help="provenance name (default: the --teacher spec and its kwargs)")
     g.add_argument("--weights-sha256", metavar="HEX", help="provenance (default: sha256 of --weights)")
     q.set_defaults(func=_cmd_generate)
-
-
-class _Deprecated(argparse.Action):
-    """A hidden old spelling of an option: stores like the new one and warns on stderr."""
-
-    def __init__(self, option_strings, dest, use: str, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.use = use
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        _err(f"fkdstore: warning: {option_string} is deprecated; use {self.use}")
-        setattr(namespace, self.dest, values)
 
 
 def _int_type(check):

@@ -150,7 +150,6 @@ class TorchDataset(torch.utils.data.Dataset):
         epoch: initial epoch (see :meth:`set_epoch`).
         transform: optional callable applied to each item's crops tensor [m, 3, H, W] (after normalising).
         soft_labels: ``"dense"`` ([m, C] float32) or ``"sparse"`` (codec fields, for :func:`densify`).
-            (``labels=`` is its deprecated 0.1 name: "labels" means ground-truth classes everywhere else.)
         seed: seed of the epoch-to-slot rule.
         allow_incomplete: an incomplete store raises :class:`IncompleteStoreError` unless True; then the
             dataset covers only the images written when it was built (``len`` is their count, item ``j``
@@ -206,7 +205,6 @@ class TorchDataset(torch.utils.data.Dataset):
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
-        labels: str | None = None,
         batch_pool: int = 4,
     ):
         self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
@@ -230,12 +228,6 @@ class TorchDataset(torch.utils.data.Dataset):
             raise ValidationError(
                 f"crops_per_sample must be <= the store's crops_per_image={self.crops_per_image}. "
                 f"Got {crops_per_sample}.")
-        if labels is not None:
-            import warnings
-
-            warnings.warn("TorchDataset(labels=...) is deprecated; use soft_labels=... ('labels' means "
-                          "ground-truth classes in fkdstore)", DeprecationWarning, stacklevel=2)
-            soft_labels = labels
         if soft_labels not in LABEL_MODES:
             raise ValidationError(f"soft_labels must be one of {list(LABEL_MODES)}. Got {soft_labels!r}.")
         self.soft_labels = soft_labels
@@ -776,7 +768,7 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None,
             temperature: float | None = None) -> torch.Tensor:
-    """Decode sparse codec fields (``labels="sparse"`` batches) to [..., C] float32 on ``device``.
+    """Decode sparse codec fields (``soft_labels="sparse"`` batches) to [..., C] float32 on ``device``.
 
     ``codec_or_store``: a :class:`fkdstore.codecs.LabelCodec`, codec name or config (then ``num_classes``
     is required), or a :class:`fkdstore.Reader` / :class:`TorchDataset` (which know it). ``device``

@@ -66,12 +66,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import codecs as _codecs
 from . import schema as S
+from . import storage as _storage
+from . import writer as _writer
+from .ownership import OWNERS
 
 __all__ = [
     "IMAGENET_1K_IMAGES", "PAPER_TABLE2", "CALIBRATION", "inspect", "format_inspect", "label_stats",
@@ -269,7 +272,6 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
     """
     import tempfile
 
-    from . import writer as _writer
     from .transforms import CropSampler
 
     rng = np.random.default_rng(seed)
@@ -291,7 +293,7 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
                 for a in range(0, N, 64):
                     sl = slice(a, min(N, a + 64))
                     w.put(np.arange(sl.start, sl.stop), boxes[sl], flips[sl], probs[sl])
-            stats = _writer.storage_stats(path)
+            stats = storage_stats(path)
             roles = {S.BOX: "box", S.FLIP: "flip"} | {S.soft_path(f): r for f, r in codec.roles().items()}
             raw = {S.BOX: 8, S.FLIP: 1} | {S.soft_path(f): s.nbytes for f, s in codec.fields(C).items()}
             for name, role in roles.items():
@@ -395,11 +397,10 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
     come from one recursive listing through the store API (object sizes; no object is downloaded for them),
     so they equal what a local copy of the store holds."""
     from . import reader as _reader
-    from . import writer as _writer
 
     r = _reader.open(path, storage_options=storage_options)
     h = r.header
-    stats = _writer.storage_stats(path, storage_options=storage_options)
+    stats = storage_stats(path, storage_options=storage_options)
     names = [*h.per_image_arrays, *r.per_crop_arrays] + ([S.MANIFEST] if h.major >= 2 else [])
     arrays = {n: _array_info(r.array(n), stats) for n in names}
     written = int(r.written.sum())
@@ -526,3 +527,26 @@ def format_inspect(d: dict[str, Any]) -> str:
 
 if __name__ == "__main__":  # pragma: no cover - re-measure CALIBRATION
     print(calibrate())
+
+
+def storage_stats(location, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, int]]:
+    """Bytes and objects (files) on storage per array of a store (metadata objects under ``"."``, ownership
+    records under ``"owners"``), plus ``"_total"``.
+
+    ``location``: a folder, a URL (with ``storage_options``) or a Zarr store. A local folder is walked; a
+    remote store is listed through its store API (:func:`fkdstore._storage.object_sizes`: one recursive
+    listing, sizes included, no object is read)."""
+    store = _storage.as_store(location, read_only=True, storage_options=storage_options)
+    out: dict[str, dict[str, int]] = {}
+    for rel, size in _storage.object_sizes(store).items():
+        if "/c/" in "/" + rel:
+            name = ("/" + rel).split("/c/")[0].lstrip("/")
+        elif rel.startswith(OWNERS + "/"):
+            name = OWNERS
+        else:
+            name = "."
+        d = out.setdefault(name, {"bytes": 0, "files": 0})
+        d["bytes"] += size
+        d["files"] += 1
+    out["_total"] = {k: sum(d[k] for d in out.values()) for k in ("bytes", "files")}
+    return out

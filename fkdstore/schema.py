@@ -220,9 +220,6 @@ class AugColumn:
         return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-AugParam = AugColumn  # 0.1 name
-
-
 def parse_aug(aug) -> tuple[AugColumn, ...]:
     """Accept ``None``, names, ``(name, kind[, dtype[, shape]])`` tuples, dicts or :class:`AugColumn`s."""
     out = []

@@ -14,18 +14,34 @@ raised later, mid-read or mid-write.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
+import pickle
 import re
+import shutil
+import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import StorageError
+import crc32c
+import zarr.abc.store
+import zarr.storage
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import WrapperStore
+
+from .errors import FormatError, StorageError
+from .validation import positive_int
 
 __all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "options_for",
            "object_sizes", "is_empty", "remove_all", "ByteSource", "LocalSource", "StoreSource", "CachedSource",
-           "byte_source", "coalesce"]
+           "byte_source", "coalesce", "get_bytes", "as_buffer", "list_dir", "list_prefix",
+           "read_group_json", "fsync_local"]
 
 # Schemes whose first path component is a bucket (container) that must exist before a store is written.
 BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
@@ -56,8 +72,6 @@ def as_store(
     With ``check`` (default) a URL is probed once (:func:`check_reachable`), so a bad URL, a missing bucket,
     wrong credentials or a dead endpoint raise :class:`StorageError` here, before anything else is done.
     """
-    import zarr.abc.store
-    import zarr.storage
 
     if isinstance(location, zarr.abc.store.Store):
         return location
@@ -120,7 +134,6 @@ def object_sizes(store) -> dict[str, int]:
                 full = os.path.join(dirpath, f)
                 out[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
         return out
-    from zarr.core.sync import sync
 
     fs = getattr(store, "fs", None)
     try:
@@ -140,7 +153,6 @@ def _listing(store, under: str = "") -> dict[str, dict]:
     """Every object of an fsspec store (under the store-relative prefix ``under``) with the details its
     listing gives (size, ETag, ...), keyed relative to the store root: one recursive listing (``find``;
     S3: 1,000 keys per request), never a cached one."""
-    from zarr.core.sync import sync
 
     return sync(_alisting(store, under))
 
@@ -160,7 +172,6 @@ def is_empty(store) -> bool:
     root = local_root(store)
     if root is not None:
         return not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))
-    from zarr.core.sync import sync
 
     async def first():
         async for _ in store.list_dir(""):
@@ -177,11 +188,9 @@ def remove_all(store) -> None:
     """Delete every object of a store (a new output that failed half-way; never called on a user's store)."""
     root = local_root(store)
     if root is not None:
-        import shutil
 
         shutil.rmtree(root, ignore_errors=True)
         return
-    from zarr.core.sync import sync
 
     try:
         sync(store.delete_dir(""))
@@ -191,7 +200,6 @@ def remove_all(store) -> None:
 
 def local_root(store) -> str | None:
     """The folder of a local store (where the fast ``os.pread`` path applies), else None."""
-    import zarr.storage
 
     return str(store.root) if isinstance(store, zarr.storage.LocalStore) else None
 
@@ -226,7 +234,6 @@ def check_reachable(store) -> None:
     fs = getattr(store, "fs", None)
     if fs is None or local_root(store) is not None:
         return
-    from zarr.core.sync import sync
 
     proto = _protocol(fs)
     root = str(store.path).strip("/")
@@ -378,7 +385,6 @@ class LocalSource(ByteSource):
     def store(self):
         """A read-only :class:`zarr.storage.LocalStore` of the folder (for Zarr's array API)."""
         if self._zarr_store is None:
-            import zarr.storage
 
             self._zarr_store = zarr.storage.LocalStore(self.root, read_only=True)
         return self._zarr_store
@@ -513,7 +519,6 @@ class StoreSource(ByteSource):
         if self._recipe is not None:
             url, options, read_only = self._recipe
             return as_store(url, read_only=read_only, storage_options=options or None, check=False)
-        import pickle
 
         return pickle.loads(pickle.dumps(self._store))
 
@@ -525,15 +530,12 @@ class StoreSource(ByteSource):
         self.__dict__.update(d)
 
     async def _get(self, key, byte_range=None):
-        from zarr.core.buffer import default_buffer_prototype
 
         buf = await self.store.get(self.prefix + key, prototype=default_buffer_prototype(), byte_range=byte_range)
         return None if buf is None else buf.to_bytes()
 
     def _gather(self, calls):
-        import asyncio
 
-        from zarr.core.sync import sync
 
         _ = self.store  # rebuilt here, in the caller's thread, if this process did not make it
 
@@ -549,12 +551,10 @@ class StoreSource(ByteSource):
         return self._gather([self._get(k) for k in keys])
 
     def read_suffixes(self, requests):
-        from zarr.abc.store import SuffixByteRequest
 
         return self._gather([self._get(k, SuffixByteRequest(int(n))) for k, n in requests])
 
     def read_ranges(self, requests):
-        from zarr.abc.store import RangeByteRequest
 
         merged = coalesce(requests, COALESCE_GAP)
         blobs = self._gather([self._get(k, RangeByteRequest(int(a), int(b))) for k, a, b, _ in merged])
@@ -621,7 +621,6 @@ class CachedSource(ByteSource):
     caching = True
 
     def __init__(self, inner: ByteSource, cache_dir, cache_bytes: int | None = None, *, url: str | None = None):
-        from .validation import positive_int
 
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise TypeError(f"cache_dir must be a folder path (str or os.PathLike). Got {cache_dir!r} "
@@ -662,7 +661,6 @@ class CachedSource(ByteSource):
 
     def _identity(self, key: str) -> str | None:
         if not self._listed():
-            from zarr.core.sync import sync
 
             sync(self._list())
         return self._ids.get(self.inner.prefix + key)
@@ -683,14 +681,12 @@ class CachedSource(ByteSource):
         self._ids, self._pid = ids, os.getpid()
 
     def _path(self, ident: str, key: str, kind: str, a: int, b: int) -> str:
-        import hashlib
 
         h = hashlib.sha256(json.dumps([self.url, key, ident, kind, a, b]).encode()).hexdigest()
         return os.path.join(self.cache_dir, h[:2], f"{h[2:]}.{kind}")
 
     def _load(self, path: str):
         """An entry's content, or None (absent, or failed its crc32c: then deleted)."""
-        import crc32c
 
         try:
             with open(path, "rb") as f:
@@ -710,8 +706,6 @@ class CachedSource(ByteSource):
         return body
 
     def _save(self, path: str, data) -> None:
-        import crc32c
-        import tempfile
 
         size = _HEAD + len(data)
         if size > self.cache_bytes:
@@ -740,7 +734,6 @@ class CachedSource(ByteSource):
     def _scan(self, evict: bool) -> None:
         """Measure the folder; with ``evict``, delete least recently used entries down to 90 % of the bound
         once it is over (and temp files left by killed processes)."""
-        import time
 
         entries, total, now = [], 0, time.time()
         try:
@@ -800,7 +793,6 @@ class CachedSource(ByteSource):
 
     async def _aget(self, store, key: str, prototype, byte_range):
         """Zarr's ``store.get`` through the cache (see :attr:`store`); ``key`` is relative to the store."""
-        from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
         p = self.inner.prefix
         rel = key[len(p):] if key.startswith(p) else None
@@ -872,7 +864,6 @@ def _caching_store_class():
     use: this module imports Zarr lazily)."""
     global _CACHING_STORE
     if _CACHING_STORE is None:
-        from zarr.storage import WrapperStore
 
         class CachingStore(WrapperStore):
             def __init__(self, store, cache: CachedSource):
@@ -922,3 +913,75 @@ def byte_source(store, prefix: str = "", *, location=None,
         return source
     url = str(location).rstrip("/") + "/" + prefix if is_url(location) else None
     return CachedSource(source, cache_dir, cache_bytes, url=url)
+
+
+# ------------------------------------------------------------------------------------------- store I/O
+
+
+def get_bytes(store, key: str) -> bytes | None:
+    """The whole object ``key`` of a Zarr store, None when absent."""
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def as_buffer(data: bytes):
+    """``data`` as a Zarr buffer (what ``store.set`` takes)."""
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+def list_dir(store, prefix: str) -> list[str]:
+    """Names directly under ``prefix`` of a Zarr store."""
+    async def collect():
+        return [k async for k in store.list_dir(prefix)]
+
+    return sync(collect())
+
+
+def list_prefix(store, prefix: str) -> list[str]:
+    """Every key starting with ``prefix`` of a Zarr store."""
+    async def collect():
+        return [k async for k in store.list_prefix(prefix)]
+
+    return sync(collect())
+
+
+def read_group_json(store) -> dict | None:
+    """The root ``zarr.json`` as a dict, None if absent; FormatError naming the location if unreadable."""
+    try:
+        raw = get_bytes(store, "zarr.json")
+    except OSError as e:
+        raise OSError(e.errno, f"{describe(store)}/zarr.json: cannot read ({e.strerror or e})") from e
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"{describe(store)}/zarr.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{describe(store)}/zarr.json must hold a JSON object. Got {type(meta).__name__}.")
+    return meta
+
+
+def fsync_local(store, keys: Sequence[str]) -> None:
+    """fsync the files of ``keys`` and their directories (local stores only; object-store PUTs are durable)."""
+    root = local_root(store)
+    if root is None:
+        return
+    dirs = set()
+    for key in keys:
+        path = os.path.join(root, key)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        d = os.path.dirname(path)
+        while len(d) >= len(root):  # new directories of a first write must reach the disk too
+            dirs.add(d)
+            d = os.path.dirname(d)
+    for d in sorted(dirs, key=len, reverse=True):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -31,7 +31,7 @@ retry it, and the error is raised.
 Ownership (one writer per shard): a writer records itself in the store object ``owners/<shard>.json``
 (:data:`OWNERS`) before it buffers a shard, re-reads the record before writing the shard's data and again
 before its flags, and raises :class:`~fkdstore.errors.ConcurrentWriterError` if another writer owns the shard.
-Writers of disjoint shards never touch each other's records. See :func:`_claim_rule` for when a record left by
+Writers of disjoint shards never touch each other's records. See :func:`fkdstore.ownership.claim_rule` for when a record left by
 a killed writer may be taken over.
 """
 
@@ -40,8 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
-import socket
 import time
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
@@ -49,18 +47,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from . import codecs as _codecs
 from . import schema as S
 from . import storage
-from .errors import ConcurrentWriterError, CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+from .errors import CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+from .ownership import OWNERS, Owners
 from .seeded import SeededCrops
 from .validation import positive_int
 
-__all__ = ["write", "Writer", "clear_interrupted_creation", "storage_stats", "OWNERS", "OWNER_LEASE_S"]
+__all__ = ["write", "Writer", "clear_interrupted_creation"]
 
-OWNERS = "owners"  # store prefix of the ownership records: owners/<shard>.json (not a Zarr node)
-OWNER_LEASE_S = 900.0  # a record not renewed for this long may be taken over from any host
 MAX_BUFFERED_SHARDS = 4
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -82,84 +80,6 @@ def _small_compressors():
     return [ZstdCodec(level=3), Crc32cCodec()]
 
 
-# ------------------------------------------------------------------------------------------- store I/O
-
-
-def _sync(coro):
-    from zarr.core.sync import sync
-
-    return sync(coro)
-
-
-def _get(store, key: str) -> bytes | None:
-    from zarr.core.buffer import default_buffer_prototype
-
-    buf = _sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
-
-
-def _buffer(data: bytes):
-    from zarr.core.buffer import default_buffer_prototype
-
-    return default_buffer_prototype().buffer.from_bytes(data)
-
-
-def _list_dir(store, prefix: str) -> list[str]:
-    async def collect():
-        return [k async for k in store.list_dir(prefix)]
-
-    return _sync(collect())
-
-
-def _list_prefix(store, prefix: str) -> list[str]:
-    async def collect():
-        return [k async for k in store.list_prefix(prefix)]
-
-    return _sync(collect())
-
-
-def _read_group_json(store) -> dict | None:
-    """The root ``zarr.json`` as a dict, None if absent; FormatError naming the location if unreadable."""
-    try:
-        raw = _get(store, "zarr.json")
-    except OSError as e:
-        raise OSError(e.errno, f"{storage.describe(store)}/zarr.json: cannot read ({e.strerror or e})") from e
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"{storage.describe(store)}/zarr.json is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise FormatError(f"{storage.describe(store)}/zarr.json must hold a JSON object. Got {type(meta).__name__}.")
-    return meta
-
-
-def _fsync_local(store, keys: Sequence[str]) -> None:
-    """fsync the files of ``keys`` and their directories (local stores only; object-store PUTs are durable)."""
-    root = storage.local_root(store)
-    if root is None:
-        return
-    dirs = set()
-    for key in keys:
-        path = os.path.join(root, key)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        d = os.path.dirname(path)
-        while len(d) >= len(root):  # new directories of a first write must reach the disk too
-            dirs.add(d)
-            d = os.path.dirname(d)
-    for d in sorted(dirs, key=len, reverse=True):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # ---------------------------------------------------------------------------------- interrupted creation
 
 _OURS = {S.KEY, S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, S.BOX, S.FLIP, S.AUG, S.SOFT_GROUP, S.MANIFEST,
@@ -178,17 +98,17 @@ def clear_interrupted_creation(location, *, storage_options: Mapping[str, Any] |
     one home of the rule; ``write`` and so ``generate`` call it.)
     """
     store = storage.as_store(location, read_only=False, storage_options=storage_options)
-    meta = _read_group_json(store)
+    meta = storage.read_group_json(store)
     if meta is None or meta.get("node_type") != "group" or set(meta.get("attributes") or {}) != {S.CREATING_KEY}:
         return False
-    entries = set(_list_dir(store, ""))
+    entries = set(storage.list_dir(store, ""))
     if not entries <= _OURS:
         return False
-    if any(not k.endswith("zarr.json") for k in _list_prefix(store, S.WRITTEN + "/")):
+    if any(not k.endswith("zarr.json") for k in storage.list_prefix(store, S.WRITTEN + "/")):
         return False
     for name in sorted(entries - {"zarr.json"}):
-        _sync(store.delete_dir(name))
-    _sync(store.delete("zarr.json"))
+        sync(store.delete_dir(name))
+    sync(store.delete("zarr.json"))
     root = storage.local_root(store)
     if root is not None:
         for name in sorted(entries - {"zarr.json"}):
@@ -264,7 +184,7 @@ def write(
     where = storage.describe(store)
     if primary:
         clear_interrupted_creation(store)
-    group_meta = _read_group_json(store)
+    group_meta = storage.read_group_json(store)
     if group_meta is not None:
         if S.ATTR_KEY not in group_meta.get("attributes", {}):
             raise ValidationError(f"{where} exists and is not an fkdstore store; refusing to overwrite it")
@@ -275,7 +195,7 @@ def write(
     elif not primary:
         raise FormatError(f"{where}: no store to join; the primary writer must create it first")
     else:
-        if _list_dir(store, ""):
+        if storage.list_dir(store, ""):
             raise ValidationError(f"{where} exists and is not an fkdstore store; refusing to overwrite it")
         group = _create(store, header, codec, inputs)
     return Writer(group, header, codec, primary=primary, max_buffered_shards=max_buffered_shards)
@@ -454,132 +374,6 @@ def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) 
                                       f"{arr[i].tolist()!r}")
 
 
-# ------------------------------------------------------------------------------------------- ownership
-
-
-def _claim_rule(record: Mapping[str, Any] | None, token: str, now: float) -> str:
-    """What a writer holding ``token`` may do with a shard's ownership record at time ``now``:
-
-    * ``"ours"``: the record carries our token;
-    * ``"free"``: there is no record, or it is unreadable (a writer killed while writing it), or it is stale:
-      written on this host by a process that is no longer running, or not renewed for :data:`OWNER_LEASE_S`
-      seconds (owners renew on every put into the shard at least every quarter lease; clocks of hosts
-      sharing a store are assumed to agree within minutes);
-    * ``"taken"``: another live writer owns it.
-    """
-    if not isinstance(record, Mapping) or not isinstance(record.get("token"), str):
-        return "free"
-    if record["token"] == token:
-        return "ours"
-    renewed = record.get("renewed")
-    if not isinstance(renewed, (int, float)) or now - renewed > OWNER_LEASE_S:
-        return "free"
-    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-        try:
-            os.kill(record["pid"], 0)
-        except ProcessLookupError:
-            return "free"
-        except (PermissionError, OSError):
-            pass
-    return "taken"
-
-
-class _Owners:
-    """Ownership records ``owners/<shard>.json`` of one writer: ``{"token", "host", "pid", "since", "renewed"}``."""
-
-    def __init__(self, store, where: str):
-        self.store, self.where = store, where
-        self.token = secrets.token_hex(16)
-        self.host, self.pid = socket.gethostname(), os.getpid()
-        self.held: dict[int, float] = {}  # shard -> time we last wrote our record
-
-    def key(self, s: int) -> str:
-        return f"{OWNERS}/{s}.json"
-
-    def _read(self, s: int) -> dict | None:
-        raw = _get(self.store, self.key(s))
-        if raw is None:
-            return None
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            return {}
-        return rec if isinstance(rec, dict) else {}
-
-    def _record(self, since: float, now: float) -> bytes:
-        return json.dumps({"token": self.token, "host": self.host, "pid": self.pid, "since": since,
-                           "renewed": now}).encode()
-
-    def _refuse(self, s: int, rec: Mapping, doing: str) -> ConcurrentWriterError:
-        return ConcurrentWriterError(
-            f"shard {s} of {self.where} is owned by another writer (host {rec.get('host')!r}, pid "
-            f"{rec.get('pid')!r}, record {self.key(s)}); refusing to {doing}. Two writers on one shard lose data: "
-            f"give each process disjoint shards. If that writer is dead, its record expires {OWNER_LEASE_S:.0f} s "
-            f"after its last renewal, or delete {self.key(s)}."
-        )
-
-    def claim(self, s: int) -> None:
-        """Own shard ``s`` (create, renew or take over our record) or raise ConcurrentWriterError."""
-        now = time.time()
-        last = self.held.get(s)
-        if last is not None and now - last < OWNER_LEASE_S / 4:
-            return
-        for _ in range(3):
-            rec = self._read(s)
-            state = _claim_rule(rec, self.token, now)
-            if state == "taken":
-                raise self._refuse(s, rec, "buffer images for it")
-            if state == "ours":
-                since = rec.get("since", now)
-                _sync(self.store.set(self.key(s), _buffer(self._record(since, now))))
-                self.held[s] = now
-                return
-            if rec is not None:  # stale: remove, then race any other taker through an exclusive create
-                _sync(self.store.delete(self.key(s)))
-            _sync(self.store.set_if_not_exists(self.key(s), _buffer(self._record(now, now))))
-            now = time.time()
-        rec = self._read(s) or {}
-        if _claim_rule(rec, self.token, now) != "ours":
-            raise self._refuse(s, rec, "buffer images for it")
-        self.held[s] = now
-
-    def check(self, s: int, doing: str) -> None:
-        """Raise ConcurrentWriterError unless our record still owns shard ``s`` (re-created if it vanished)."""
-        rec = self._read(s)
-        if rec is None:
-            _sync(self.store.set_if_not_exists(self.key(s), _buffer(self._record(time.time(), time.time()))))
-            rec = self._read(s)
-        if _claim_rule(rec, self.token, time.time()) != "ours" or rec.get("token") != self.token:
-            raise self._refuse(s, rec or {}, doing)
-
-    def release(self, s: int) -> None:
-        """Delete our record of shard ``s`` (after it is complete, or at close)."""
-        if self.held.pop(s, None) is None:
-            return
-        rec = self._read(s)
-        if rec is not None and rec.get("token") == self.token:
-            _sync(self.store.delete(self.key(s)))
-
-    def drop_stale(self, complete: set[int]) -> None:
-        """Delete stale records (see :func:`_claim_rule`) of complete shards: a writer killed after a shard's
-        flags but before releasing its record leaves one that no resume would otherwise touch."""
-        now = time.time()
-        for key in _list_dir(self.store, OWNERS):
-            stem = key[:-len(".json")] if key.endswith(".json") else ""
-            if stem.isdigit() and int(stem) in complete and _claim_rule(self._read(int(stem)), self.token, now) == "free":
-                _sync(self.store.delete(self.key(int(stem))))
-
-    def release_all(self) -> None:
-        for s in sorted(self.held):
-            self.release(s)
-        root = storage.local_root(self.store)
-        if root is not None:
-            try:
-                os.rmdir(os.path.join(root, OWNERS))  # only if empty: other writers' records stay
-            except OSError:
-                pass
-
-
 # ---------------------------------------------------------------------------------------------- writer
 
 
@@ -612,7 +406,7 @@ class Writer:
         self._seeded = SeededCrops(header, lambda: self._sizes, self._where) if header.seeded else None
         self._written = group[S.WRITTEN][:].astype(bool)
         self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
-        self._owners = _Owners(self.store, self._where)
+        self._owners = Owners(self.store, self._where)
         self._owners.drop_stale(self._complete_shards())
         self._closed = False
 
@@ -826,17 +620,17 @@ class Writer:
                 data[name] = v
                 _fault_point("array", s)
         stored = [n for n in data if n not in self._derived]
-        self._io(s, "data", "fsync", lambda: _fsync_local(self.store, [self._chunk_key(n, s) for n in stored]))
+        self._io(s, "data", "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(n, s) for n in stored]))
         _fault_point("data", s)
         tags = np.stack([S.manifest_tags(name, first, v, h.images_per_chunk) for name, v in data.items()], 1)
         self._io(s, S.MANIFEST, "write", lambda: self.group[S.MANIFEST].__setitem__(
             slice(first, first + len(tags)), tags))
-        self._io(s, S.MANIFEST, "fsync", lambda: _fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
+        self._io(s, S.MANIFEST, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
         _fault_point("manifest", s)
         self._owners.check(s, "mark its images written")
         flags = self._written[sl] | mask
         self._io(s, S.WRITTEN, "write", lambda: self.group[S.WRITTEN].__setitem__(sl, flags.astype(np.uint8)))
-        self._io(s, S.WRITTEN, "fsync", lambda: _fsync_local(self.store, [self._chunk_key(S.WRITTEN, s)]))
+        self._io(s, S.WRITTEN, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.WRITTEN, s)]))
         _fault_point("flags", s)
         self._written[sl] = flags
         del self._buffers[s]
@@ -953,29 +747,3 @@ def _column_values(col: S.AugColumn, v: np.ndarray, shape: tuple[int, ...]) -> n
             f"aug column {col.name!r} ({col.dtype}) must be in [{lo}, {hi}]. Got values in [{v.min()}, {v.max()}]."
         )
     return v.astype(dt)
-
-
-# ---------------------------------------------------------------------------------------------- stats
-
-
-def storage_stats(location, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, int]]:
-    """Bytes and objects (files) on storage per array of a store (metadata objects under ``"."``, ownership
-    records under ``"owners"``), plus ``"_total"``.
-
-    ``location``: a folder, a URL (with ``storage_options``) or a Zarr store. A local folder is walked; a
-    remote store is listed through its store API (:func:`fkdstore.storage.object_sizes`: one recursive
-    listing, sizes included, no object is read)."""
-    store = storage.as_store(location, read_only=True, storage_options=storage_options)
-    out: dict[str, dict[str, int]] = {}
-    for rel, size in storage.object_sizes(store).items():
-        if "/c/" in "/" + rel:
-            name = ("/" + rel).split("/c/")[0].lstrip("/")
-        elif rel.startswith(OWNERS + "/"):
-            name = OWNERS
-        else:
-            name = "."
-        d = out.setdefault(name, {"bytes": 0, "files": 0})
-        d["bytes"] += size
-        d["files"] += 1
-    out["_total"] = {k: sum(d[k] for d in out.values()) for k in ("bytes", "files")}
-    return out

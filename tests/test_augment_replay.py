@@ -21,7 +21,7 @@ import fkdstore
 from fkdstore import augment as A
 from fkdstore.cli import main as cli_main
 from fkdstore.errors import CorruptStoreError, FormatError, ValidationError
-from fkdstore.generate import generate
+from fkdstore.runner import generate
 from fkdstore.pytorch import TorchDataset, collate, mix_batch
 from fkdstore.testing import make_digits_folder, tiny_cnn
 
@@ -165,7 +165,7 @@ def test_world_size_does_not_change_params(stores, digits, tmp_path, monkeypatch
 SLOW_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     from fkdstore.testing import tiny_cnn
-    from fkdstore.generate import generate
+    from fkdstore.runner import generate
 
     class Slow(torch.nn.Module):
         def __init__(self):

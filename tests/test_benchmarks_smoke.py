@@ -58,7 +58,7 @@ def test_fkdstore_file_count_rule_matches_a_written_store(tmp_path):
     p = tmp_path / "s"
     formats.write_fkdstore(p, "ms5", formats.fields_for("ms5", idx10, p10, full_p), boxes, flips, sizes,
                            formats.image_keys(N), C)
-    from fkdstore.store import storage_stats
+    from fkdstore.report import storage_stats
 
     st = storage_stats(p)
     assert formats.fkdstore_files_at(N, M, C, "ms5", st["."]["files"]) == st["_total"]["files"]

@@ -16,7 +16,7 @@ import pytest
 import fkdstore
 from fkdstore import report, schema as S
 from fkdstore.cli import main
-from fkdstore.store import storage_stats
+from fkdstore.report import storage_stats
 
 
 def make_store(path, *, n=12, m=5, c=30, codec="ms", labels=True, meta=None, seed=0, write=None,
@@ -246,30 +246,6 @@ def test_exit_code_convention(store, tmp_path, capsys):
     assert not (tmp_path / "x.fkd").exists()
 
 
-def test_deprecated_spellings_still_work_and_warn(capsys):
-    new = ["estimate", "--num-images", "1000", "--crops", "10", "--num-classes", "100", "--codec", "ms", "--json"]
-    old = ["estimate", "--images", "1000", "--crops", "10", "--classes", "100", "--codec", "ms", "--json"]
-    assert main(new) == 0
-    want = capsys.readouterr()
-    assert want.err == ""
-    assert main(old) == 0
-    got = capsys.readouterr()
-    assert json.loads(got.out) == json.loads(want.out)
-    assert "fkdstore: warning: --images is deprecated; use --num-images N" in got.err
-    assert "fkdstore: warning: --classes is deprecated; use --num-classes" in got.err
-    assert main(["estimate", "--images", "5", "--num-images", "5", "--crops", "2", "--num-classes", "3",
-                 "--codec", "hard"]) == 2  # both spellings at once: usage error
-    assert "not allowed with" in capsys.readouterr().err
-    assert main(["estimate", "--help"]) == 0
-    text = capsys.readouterr().out
-    assert "--num-images" in text and "--images" not in text and "--classes" not in text  # aliases are hidden
-    parser, _ = main.__globals__["build_parser"]()
-    args = parser.parse_args(["import-fkd", "src", "dst", "--images", "imgs", "--classes", "6"])
-    assert args.num_classes == 6 and args.images == "imgs"
-    assert "--classes is deprecated" in capsys.readouterr().err
-    assert parser.parse_args(["import-fkd", "src", "dst", "--images", "imgs", "--num-classes", "6"]).num_classes == 6
-
-
 def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
@@ -284,7 +260,7 @@ def test_cli_imports_neither_the_runner_nor_the_teacher_code(store):
         from fkdstore.cli import main
         assert main(["--version"]) == 0
         assert main(["inspect", sys.argv[1]]) == 0 and main(["verify", sys.argv[1]]) == 0
-        loaded = sorted(m for m in ("fkdstore.generate", "fkdstore.teacher", "fkdstore.distributed",
+        loaded = sorted(m for m in ("fkdstore.runner", "fkdstore.teacher", "fkdstore.distributed",
                                     "fkdstore.pytorch") if m in sys.modules)
         assert not loaded, loaded
     """, str(p))

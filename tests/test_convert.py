@@ -11,7 +11,8 @@ from PIL import Image
 import fkdstore
 from fkdstore import codecs as K
 from fkdstore.cli import main
-from fkdstore.convert import ConversionError, convert_fields, fkd_boxes, import_fkd, load_fkd_file
+from fkdstore.convert import ConversionError, convert_fields
+from fkdstore.importers.fkd import fkd_boxes, import_fkd, load_fkd_file
 from fkdstore.verify import verify
 from test_cli import make_store
 
@@ -162,9 +163,9 @@ def _pillow_rule(coords, H, W):
 def test_import_fkd_round_trips_every_value(tmp_path, fp16, suffix, capsys):
     root, images, expect = _fkd_tree(tmp_path, fp16=fp16, suffix=suffix)
     dst = tmp_path / "imp.fkd"
-    assert main(["import-fkd", str(root), str(dst), "--images", str(images), "--classes", "6"]) == 1  # idx up to 29
+    assert main(["import-fkd", str(root), str(dst), "--images", str(images), "--num-classes", "6"]) == 1  # idx up to 29
     assert "class index" in capsys.readouterr().err and not dst.exists()
-    assert main(["import-fkd", str(root), str(dst), "--images", str(images), "--classes", str(C)]) == 0
+    assert main(["import-fkd", str(root), str(dst), "--images", str(images), "--num-classes", str(C)]) == 0
     out = capsys.readouterr().out
     assert "imported 6 FKD label files (6 crops each, 30 classes" in out
     r = fkdstore.open(dst)

@@ -1,6 +1,6 @@
 """Teacher runner (fkdstore.generate, with fkdstore.teacher and fkdstore.distributed): end to end on real
 photographs and digits with a small CNN teacher, determinism, kill -9 and resume, two processes under
-torchrun, bad input, the package attribute ``fkdstore.generate``, and the ``generate`` command line."""
+torchrun, bad input, and the ``generate`` command line."""
 
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ from fkdstore import schema as S
 from fkdstore.cli import GENERATE_OPTIONS, build_parser, generate_options, main
 from fkdstore.distributed import World
 from fkdstore.errors import SchemaMismatchError, ValidationError
-from fkdstore.generate import generate
+from fkdstore.runner import generate
 from fkdstore.teacher import file_sha256, load_teacher, state_sha256
 from fkdstore.images import ImageReadError, image_size, load_image
-from fkdstore.store import array_names
 from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
 from fkdstore.transforms import CropSampler, normalize, replay_crops
 
@@ -48,7 +47,7 @@ def digits(tmp_path_factory):
 
 def arrays(path) -> dict[str, np.ndarray]:
     r = fkdstore.open(path)
-    names = list(r.header.per_image_arrays) + array_names(r.codec, r.num_classes, len(r.header.aug))
+    names = list(r.header.per_image_arrays) + list(r.header.stored_specs(r.codec))
     return {n: r.array(n)[:] for n in names}
 
 
@@ -127,7 +126,7 @@ def test_file_list_input_and_hard_codec(photos, tmp_path):
 SLOW_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     from fkdstore.testing import tiny_cnn
-    from fkdstore.generate import generate
+    from fkdstore.runner import generate
 
     class Slow(torch.nn.Module):
         def __init__(self):
@@ -191,7 +190,7 @@ def test_interrupted_creation_is_cleared_and_recreated(digits, tmp_path):
 DIST_SCRIPT = textwrap.dedent("""
     import sys, torch.distributed as dist
     from fkdstore.testing import tiny_cnn
-    from fkdstore.generate import generate
+    from fkdstore.runner import generate
     from fkdstore.distributed import World
     init = sys.argv[3] == "init"
     if init:
@@ -246,32 +245,6 @@ def test_world_from_env(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValidationError, match="RANK must be an integer. Got 'x'."):
         World.detect()
-
-
-@pytest.mark.slow
-def test_package_attribute_is_the_function_in_every_import_order():
-    """``fkdstore.generate`` is bound lazily (no torch at ``import fkdstore``) and stays the function when
-    the submodule of the same name is imported, before or after the attribute is first used."""
-    orders = [
-        "import fkdstore; assert 'fkdstore.generate' not in sys.modules; f = fkdstore.generate; "
-        "import fkdstore.generate",
-        "import fkdstore.generate; import fkdstore; f = fkdstore.generate",
-        "from fkdstore.generate import generate as f; import fkdstore",
-        "import fkdstore; from fkdstore import generate as f; import importlib; "
-        "importlib.import_module('fkdstore.generate')",
-    ]
-    procs = []
-    for code in orders:  # one fresh interpreter per order, started together (each imports torch)
-        script = (f"import sys, types; {code}; mod = sys.modules['fkdstore.generate']; "
-                  "assert isinstance(mod, types.ModuleType); "
-                  "assert fkdstore.generate is mod.generate is f, fkdstore.generate; "
-                  "assert isinstance(f, types.FunctionType)")
-        procs.append((code, subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True,
-                                             env={**os.environ, "PYTHONPATH": str(REPO)})))
-    for code, p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, (code, err)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -506,11 +479,11 @@ def test_cli_generate_options_map_to_the_api(capsys):
         assert f"(default: {params[name].default!r})" in " ".join(text.split()), name
 
 
-def test_cli_generate_deprecated_classes(capsys):
+def test_cli_generate_num_classes_option():
     parser, _ = build_parser()
     args = parser.parse_args(["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2",
-                              "--classes", "10"])
+                              "--num-classes", "10"])
     assert generate_options(args) == {"num_classes": 10}
-    assert "--classes is deprecated; use --num-classes" in capsys.readouterr().err
-    assert main(["generate", "--help"]) == 0
-    assert "--classes" not in capsys.readouterr().out  # hidden
+    with pytest.raises(SystemExit):  # the 0.1 spelling --classes is gone
+        parser.parse_args(["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2",
+                           "--classes", "10"])

@@ -14,7 +14,7 @@ from fkdstore import codecs as K
 from fkdstore.cli import main
 from fkdstore.convert import confident_slots, pruned_slots, random_slots
 from fkdstore.errors import ValidationError
-from fkdstore.generate import generate
+from fkdstore.runner import generate
 from fkdstore.images import list_images, load_image
 from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.transforms import normalize, replay_crops

@@ -95,7 +95,7 @@ def test_replay_matches_teacher_and_pixels(data):
         assert item["target"] == int(reader.labels[i]) and item["index"] == i
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fkdstore.generate") is None, reason="fkdstore.generate not yet present")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 def test_replay_matches_generate(data, tmp_path):
     folder, _ = data
     teacher = _teacher()
@@ -359,12 +359,9 @@ def test_train_fkd_example_with_resume(data, tmp_path, capsys):
     assert state["epoch"] == 2 and "optimizer" in state and "model" in state
 
 
-def test_labels_argument_is_the_deprecated_name_of_soft_labels(data, tmp_path):
+def test_soft_labels_mode_is_checked(data, tmp_path):
     folder, _ = data
     store = _build(tmp_path / "s.fkd", folder)
-    with pytest.warns(DeprecationWarning, match="soft_labels"):
-        ds = fkdstore.TorchDataset(store, folder, output_size=16, labels="sparse")
-    assert ds.soft_labels == "sparse"
     with pytest.raises(ValidationError, match=r"soft_labels must be one of \['dense', 'sparse'\]. Got 'x'"):
         fkdstore.TorchDataset(store, folder, soft_labels="x")
 

@@ -310,7 +310,7 @@ def test_cli_inspect_verify_convert_on_s3_with_storage_options(s3, monkeypatch, 
 
     from fkdstore.cli import main
     from fkdstore.reader import open as open_store
-    from fkdstore.writer import storage_stats
+    from fkdstore.report import storage_stats
 
     url, so = s3
     src, dst = url + "/ms3.fkd", url + "/hard.fkd"
@@ -394,7 +394,7 @@ def test_cli_generate_prints_one_line_for_unreachable_urls(s3, digits, capsys, u
 DIST_S3 = """
 import json, sys
 from fkdstore.testing import tiny_cnn
-from fkdstore.generate import generate
+from fkdstore.runner import generate
 
 r = generate(tiny_cnn(10), sys.argv[1], sys.argv[2], storage_options=json.loads(sys.argv[3]), crops_per_image=4,
              codec={"name": "ms", "k": 3}, input_size=32, images_per_shard=4, batch_size=8, num_workers=0,

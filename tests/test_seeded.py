@@ -228,7 +228,7 @@ def test_convert_ensemble_keep_and_prune_materialises_the_seeded_crops(pair, tmp
 
 def test_generate_seeded_crops_and_relabel(tmp_path):
     torch = pytest.importorskip("torch")
-    from fkdstore.generate import generate
+    from fkdstore.runner import generate
     from fkdstore.testing import make_digits_folder, tiny_cnn
 
     digits = make_digits_folder(tmp_path / "digits", size=32, per_class=1)  # 10 PNGs

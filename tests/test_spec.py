@@ -20,6 +20,7 @@ import zarr
 from numcodecs import Blosc, blosc
 
 import fkdstore
+from fkdstore import ownership, storage
 from fkdstore import reader as R
 from fkdstore import schema as S
 from fkdstore import writer as W
@@ -458,7 +459,7 @@ def test_invariant_10_shards_are_whole_chunks_and_shard_objects_are_disjoint(tmp
     i = np.arange(IPS, N)
     w.put(i, d["boxes"][i], d["flips"][i], d["probs"][i])  # completes shard 1 only
     new = {x.relative_to(p).as_posix() for x in p.rglob("*") if x.is_file()} - {x.relative_to(p).as_posix() for x in before}
-    new -= {x for x in new if x.startswith(W.OWNERS + "/")}
+    new -= {x for x in new if x.startswith(ownership.OWNERS + "/")}
     assert new == {"box/c/1/0/0", "flip/c/1/0", "soft/indices/c/1/0/0", "soft/probs/c/1/0/0", "manifest/c/1/0",
                    "written/c/1"}, new
     w.close()
@@ -859,9 +860,9 @@ def test_section8_shard_data_then_manifest_then_flags(tmp_path, monkeypatch):
         exists = lambda k: (p / k.format(s=s)).exists()
         events.append((step, s, tuple(exists(k) for k in data), exists("manifest/c/{s}/0"), exists("written/c/{s}")))
 
-    real_fsync = W._fsync_local
+    real_fsync = storage.fsync_local
     monkeypatch.setattr(W, "_fault_point", seen)
-    monkeypatch.setattr(W, "_fsync_local", lambda store, keys: (events.append(("fsync", tuple(keys))),
+    monkeypatch.setattr(storage, "fsync_local", lambda store, keys: (events.append(("fsync", tuple(keys))),
                                                                 real_fsync(store, keys)))
     with create(p, d, images_per_chunk=IPC, images_per_shard=IPS) as w:
         i = np.arange(IPS, N)
@@ -892,7 +893,7 @@ def test_section8_two_writers_must_not_write_the_same_shard(tmp_path):
     p = tmp_path / "s"
     w1 = create(p, d, images_per_chunk=IPC, images_per_shard=IPS)
     w1.put([0], d["boxes"][:1], d["flips"][:1], d["probs"][:1])
-    rec = json.loads((p / W.OWNERS / "0.json").read_text())
+    rec = json.loads((p / ownership.OWNERS / "0.json").read_text())
     assert set(rec) == {"token", "host", "pid", "since", "renewed"} and len(rec["token"]) == 32
     int(rec["token"], 16)
     w2 = create(p, d)
@@ -900,7 +901,7 @@ def test_section8_two_writers_must_not_write_the_same_shard(tmp_path):
             "shard 0", socket.gethostname(), f"pid {os.getpid()}")
     i = np.arange(IPS, N)
     w2.put(i, d["boxes"][i], d["flips"][i], d["probs"][i])  # a disjoint shard needs no coordination
-    assert not (p / W.OWNERS / "1.json").exists()  # complete shard: record removed
+    assert not (p / ownership.OWNERS / "1.json").exists()  # complete shard: record removed
     w2.close()
     with R.open(p) as r:  # owners/0.json is still there: readers ignore it
         np.testing.assert_array_equal(r.read(9).box, d["boxes"][9])
@@ -908,7 +909,7 @@ def test_section8_two_writers_must_not_write_the_same_shard(tmp_path):
     i = np.arange(1, IPS)
     w1.put(i, d["boxes"][i], d["flips"][i], d["probs"][i])
     w1.close()
-    assert not (p / W.OWNERS).exists() or not any((p / W.OWNERS).iterdir())
+    assert not (p / ownership.OWNERS).exists() or not any((p / ownership.OWNERS).iterdir())
     assert fkdstore.open(p).complete
 
 

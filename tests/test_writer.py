@@ -15,8 +15,8 @@ import pytest
 import zarr
 
 import fkdstore
+from fkdstore import ownership, report, storage
 from fkdstore import schema as S
-from fkdstore import store as store_mod
 from fkdstore import writer as W
 from fkdstore.codecs import get_codec
 from fkdstore.errors import (
@@ -62,7 +62,7 @@ def test_layout_is_standard_zarr_with_crc32c_and_few_files(tmp_path):
         assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 32
     for name in fkdstore.open(tmp_path / "s").header.per_image_arrays:
         assert g[name].metadata.to_dict()["codecs"][-1]["name"] == "crc32c"
-    stats = store_mod.storage_stats(tmp_path / "s")
+    stats = report.storage_stats(tmp_path / "s")
     assert stats[S.BOX]["files"] == 2  # 64 images / 32 per shard
     assert stats["_total"]["files"] < 30
     attrs = json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"][S.ATTR_KEY]
@@ -92,7 +92,7 @@ def test_bytes_per_crop_ms5_under_24(tmp_path):
     d["labels"] = cls
     with create(tmp_path / "s", d, codec=get_codec("ms", k=5)) as w:
         fill(w, d, step=64)
-    per_crop = store_mod.storage_stats(tmp_path / "s")["_total"]["bytes"] / (N * M)
+    per_crop = report.storage_stats(tmp_path / "s")["_total"]["bytes"] / (N * M)
     assert per_crop <= 24, per_crop
 
 
@@ -294,7 +294,7 @@ def test_format_2_arrays_header_and_manifest(tmp_path):
     assert man.metadata.to_dict()["chunk_grid"]["configuration"]["chunk_shape"] in ([2, 6], (2, 6))  # one chunk per shard
     np.testing.assert_array_equal(man[:], expected_manifest(g, h, codec))
     assert g[S.WRITTEN][:].all()
-    assert not (tmp_path / "s" / W.OWNERS).exists()  # records released at close
+    assert not (tmp_path / "s" / ownership.OWNERS).exists()  # records released at close
 
 
 def test_every_inner_chunk_is_materialised(tmp_path):
@@ -397,8 +397,8 @@ def test_writes_fsync_data_then_manifest_then_flags(tmp_path, monkeypatch):
     d = make_data(4, 2, 6)
     w = create(tmp_path / "s", d, images_per_chunk=2, images_per_shard=4)
     calls = []
-    real = W._fsync_local
-    monkeypatch.setattr(W, "_fsync_local", lambda store, keys: (calls.append(list(keys)), real(store, keys)))
+    real = storage.fsync_local
+    monkeypatch.setattr(storage, "fsync_local", lambda store, keys: (calls.append(list(keys)), real(store, keys)))
     fill(w, d)
     w.close()
     assert calls == [["box/c/0/0/0", "flip/c/0/0", "soft/indices/c/0/0/0", "soft/probs/c/0/0/0"],
@@ -426,7 +426,7 @@ def test_owner_is_rechecked_before_data_and_before_flags(tmp_path, monkeypatch):
     d = make_data(8, 2, 6)
     w = create(tmp_path / "s", d, images_per_chunk=2, images_per_shard=8)
     w.put([0], d["boxes"][:1], d["flips"][:1], d["probs"][:1])
-    record = tmp_path / "s" / W.OWNERS / "0.json"
+    record = tmp_path / "s" / ownership.OWNERS / "0.json"
     mine = record.read_bytes()
     other = {"token": "f" * 32, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
              "renewed": time.time()}
@@ -444,14 +444,14 @@ def test_owner_is_rechecked_before_data_and_before_flags(tmp_path, monkeypatch):
 def test_stale_records_do_not_block_a_resume(tmp_path):
     d = make_data(16, 2, 6)
     create(tmp_path / "s", d, images_per_chunk=2, images_per_shard=8).close()
-    owners = tmp_path / "s" / W.OWNERS
+    owners = tmp_path / "s" / ownership.OWNERS
     owners.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     now = time.time()
     (owners / "0.json").write_text(json.dumps(  # a killed writer on this host
         {"token": "a" * 32, "host": socket.gethostname(), "pid": int(dead.stdout), "since": now, "renewed": now}))
     (owners / "1.json").write_text(json.dumps(  # another host, lease expired
-        {"token": "b" * 32, "host": "elsewhere", "pid": 1, "since": 0, "renewed": now - W.OWNER_LEASE_S - 1}))
+        {"token": "b" * 32, "host": "elsewhere", "pid": 1, "since": 0, "renewed": now - ownership.OWNER_LEASE_S - 1}))
     w = create(tmp_path / "s", d)
     fill(w, d)
     w.close()
@@ -503,7 +503,7 @@ def test_object_store_round_trip_with_ownership():
     w = fkdstore.write(url, num_images=10, crops_per_image=2, num_classes=6, codec="ms", image_keys=d["keys"],
                        image_sizes=d["sizes"], images_per_chunk=2, images_per_shard=4)
     w.put([0], d["boxes"][:1], d["flips"][:1], d["probs"][:1])
-    assert W._list_dir(w.store, W.OWNERS) == ["0.json"]
+    assert storage.list_dir(w.store, ownership.OWNERS) == ["0.json"]
     other = fkdstore.write(url, num_images=10, crops_per_image=2, num_classes=6, codec="ms", image_keys=d["keys"],
                            image_sizes=d["sizes"])
     with pytest.raises(ConcurrentWriterError, match="shard 0"):
@@ -512,7 +512,7 @@ def test_object_store_round_trip_with_ownership():
     w.close()
     g = zarr.open_group(store=w.store, mode="r")
     h = S.Header.from_json(g.attrs[S.ATTR_KEY])
-    assert g[S.WRITTEN][:].all() and W._list_dir(w.store, W.OWNERS) == []
+    assert g[S.WRITTEN][:].all() and storage.list_dir(w.store, ownership.OWNERS) == []
     np.testing.assert_array_equal(g[S.MANIFEST][:], expected_manifest(g, h, get_codec("ms")))
 
 
@@ -628,8 +628,7 @@ def test_storage_stats_counts_files_per_array(tmp_path):
     d = make_data(16, 2, 6)
     with create(tmp_path / "s", d, images_per_chunk=2, images_per_shard=8) as w:
         fill(w, d)
-    st = W.storage_stats(tmp_path / "s")
-    assert store_mod.storage_stats is W.storage_stats
+    st = report.storage_stats(tmp_path / "s")
     assert st[S.BOX]["files"] == 2 and st[S.MANIFEST]["files"] == 2 and st[S.WRITTEN]["files"] == 2
     total = sum(p.stat().st_size for p in (tmp_path / "s").rglob("*") if p.is_file())
     assert st["_total"]["bytes"] == total

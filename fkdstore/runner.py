@@ -75,6 +75,7 @@ from . import augment as _augment
 from . import codecs as _codecs
 from . import schema as S
 from . import reader as _reader
+from . import report as _report
 from . import storage as _storage
 from . import writer as _writer
 from .distributed import Collectives, World, pick_device
@@ -782,7 +783,7 @@ def summary(reader: _reader.Reader, path, done: int, elapsed: float, skipped: li
     ``path``: a folder or a Zarr store (local or remote: sizes from one listing through the store API)."""
     M = reader.crops_per_image
     written = int(reader.written.sum())
-    stats = _writer.storage_stats(path)
+    stats = _report.storage_stats(path)
     per_crop = sum(d["bytes"] for k, d in stats.items() if k not in ("_total", ".") and k not in reader.header.per_image_arrays)
     bpc = per_crop / max(1, written * M)
     rate = done / elapsed if elapsed > 0 else 0.0

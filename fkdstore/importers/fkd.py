@@ -1,0 +1,240 @@
+"""Import FKD's release files (szq0214/FKD: one ``torch.save`` per image, ``<root>/<class>/<stem>.tar``
+holding ``[coords, flip, labels]``) into a store, with FKD's own crop replay rule (:func:`fkd_boxes`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import codecs as _codecs
+from .. import progress as _progress
+from .. import storage as _storage
+from .. import writer as _writer
+from ..convert import conversion_problem, convert_fields
+from ..errors import ConversionError, ValidationError
+from ..images import image_size, list_images
+from ..output import check_destination, check_options, history_record, remove_on_error
+from ..report import storage_stats
+from . import safe_pickle
+
+__all__ = ["import_fkd", "load_fkd_file", "fkd_boxes", "FKD_SUFFIXES"]
+
+FKD_SUFFIXES = (".pth.tar", ".tar")
+
+
+def load_fkd_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> list:
+    """Load one FKD label file (``torch.save`` of ``[coords, flip, labels]``) as a list of numpy arrays, through
+    :func:`fkdstore.importers.safe_pickle.load` (no code from the file runs unless ``trust_pickle``)."""
+    obj = safe_pickle.load(path, what="FKD label file", trust_pickle=trust_pickle)
+    if not isinstance(obj, (list, tuple)) or len(obj) < 3:
+        raise ValidationError(f"FKD label file {path} must hold a list [coords, flip, labels]. "
+                              f"Got {type(obj).__name__}.")
+    return [x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in obj[:3]]
+
+
+def fkd_boxes(coords: np.ndarray, height: int, width: int) -> np.ndarray:
+    """FKD's normalised ``(i/H, j/W, h/H, w/W)`` -> integer ``(top, left, height, width)``, FKD's replay rule.
+
+    FKD multiplies each coordinate (as a Python float) by the image size and calls torchvision's
+    ``resized_crop``, i.e. Pillow's ``crop((j, i, j + w, i + h))``, which rounds each edge with Python's
+    ``round`` (half to even): ``left = round(j)``, ``top = round(i)``, ``right = round(j + w)``,
+    ``bottom = round(i + h)``. ``numpy.rint`` on float64 is the same rounding.
+    """
+    c = np.asarray(coords).astype(np.float64)
+    i, j = c[..., 0] * height, c[..., 1] * width
+    h, w = c[..., 2] * height, c[..., 3] * width
+    top, left = np.rint(i), np.rint(j)
+    bottom, right = np.rint(i + h), np.rint(j + w)
+    return np.stack([top, left, bottom - top, right - left], -1).astype(np.int64)
+
+
+def _clamp_boxes(b: np.ndarray, H: int, W: int) -> tuple[np.ndarray, int]:
+    """Clip boxes into the image, keeping at least 1 pixel; returns (boxes, how many changed)."""
+    top = np.clip(b[:, 0], 0, H - 1)
+    left = np.clip(b[:, 1], 0, W - 1)
+    bottom = np.clip(b[:, 0] + b[:, 2], top + 1, H)
+    right = np.clip(b[:, 1] + b[:, 3], left + 1, W)
+    out = np.stack([top, left, bottom - top, right - left], -1)
+    return out, int((out != b).any(-1).sum())
+
+
+def _label_kind(labels: np.ndarray, path) -> tuple[str, int]:
+    if labels.ndim == 3 and labels.shape[1] == 2:
+        return "topk", int(labels.shape[2])
+    if labels.ndim == 2 and labels.shape[1] == 2:
+        return "smoothing", 1
+    if labels.ndim == 1:
+        return "hard", 1
+    raise ValidationError(f"FKD labels in {path} must have shape (M, 2, K), (M, 2) or (M,). Got {labels.shape}.")
+
+
+def _file_fields(labels: np.ndarray, kind: str, path) -> dict[str, np.ndarray]:
+    """FKD labels -> source-codec fields with float64 indices checked integral."""
+    if kind == "topk":
+        idx, p = labels[:, 0, :], labels[:, 1, :]
+    elif kind == "smoothing":
+        idx, p = labels[:, 0], labels[:, 1]
+    else:
+        idx, p = labels, None
+    idxf = np.asarray(idx, dtype=np.float64)
+    if not np.isfinite(idxf).all() or (idxf != np.round(idxf)).any() or (idxf < 0).any():
+        raise ValidationError(f"FKD labels in {path}: class indices must be non-negative integers. Got {idxf[(idxf != np.round(idxf)) | (idxf < 0)][:3].tolist()}.")
+    out = {"indices": idxf.astype(np.int64)}
+    if p is not None:
+        out["probs"] = np.asarray(p, dtype=np.float32)
+    return out
+
+
+def _source_codec(kind: str, k: int) -> _codecs.LabelCodec:
+    if kind == "topk":
+        return _codecs.MarginalSmoothing(k=k, dtype="float32")
+    if kind == "smoothing":
+        return _codecs.Smoothing(dtype="float32")
+    return _codecs.Hard()
+
+
+def _scan_fkd(src: Path) -> dict[tuple[str, str], Path]:
+    files: dict[tuple[str, str], Path] = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        for f in sorted(filenames):
+            suf = next((s for s in FKD_SUFFIXES if f.endswith(s)), None)
+            if suf is None:
+                continue
+            p = Path(dirpath) / f
+            key = (p.parent.name if p.parent != src else "", f[: -len(suf)])
+            if key in files:
+                raise ValidationError(
+                    f"label files {files[key]} and {p} both belong to image {key[0]}/{key[1]}; point SRC at one "
+                    f"split folder (e.g. <root>/train)")
+            files[key] = p
+    return files
+
+
+def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.PathLike, *,
+               codec: str | None = None, k: int | None = None, num_classes: int | None = None,
+               trust_pickle: bool = False, batch: int = 256, progress: bool | None = None,
+               log: Callable[[str], None] | None = None,
+               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Import FKD's release layout (``<src>/<class>/<stem>.tar`` or ``.pth.tar``) into a new store ``dst``
+    (a folder, or a URL with ``storage_options``; ``src`` and ``images`` are local folders).
+
+    ``images`` is the image folder the labels were made from (``<images>/<class>/<stem>.<ext>``); a label
+    file matches the image with the same class folder and stem. Images without a label file are left out
+    (counted in the result); a label file without an image is an error. ``codec`` defaults to what the files
+    hold (``ms`` for top-K, ``smoothing``, ``hard``); ``ms``/``mr`` take the files' K unless ``k`` is smaller.
+    ``num_classes`` defaults to the largest stored class index + 1, which costs an extra pass over the files
+    and is wrong when the top classes never reach the last one: pass it (1000 for ImageNet-1K).
+    Ground-truth labels are stored when the image folder has exactly ``num_classes`` class folders
+    (the ImageFolder order), else -1.
+
+    Returns ``{files, images, images_without_labels, crops_per_image, num_classes, codec, coords_dtype,
+    boxes_clamped, bytes_before, bytes_after}``.
+    """
+    check_options(storage_options, dst)
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"FKD label folder not found: {src}")
+    files = _scan_fkd(src)
+    if not files:
+        raise ValidationError(f"no FKD label files ({', '.join(FKD_SUFFIXES)}) found under {src}")
+    imgs = list_images(images)
+    by_key = {}
+    for n, key in enumerate(imgs.keys):
+        kp = Path(key)
+        by_key[(kp.parent.name, kp.name[: -len(kp.suffix)] if kp.suffix else kp.name)] = n
+    orphans = [files[key] for key in files if key not in by_key]
+    if orphans:
+        raise ValidationError(
+            f"{len(orphans)} label files have no image in {images} (matched by class folder and stem), "
+            f"e.g. {[str(p) for p in orphans[:3]]}")
+    dst_store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
+    check_destination(dst, dst_store)
+    chosen = sorted(by_key[key] for key in files)
+    inv = {by_key[key]: files[key] for key in files}
+    label_files = [inv[n] for n in chosen]
+    keys = [imgs.keys[n] for n in chosen]
+    paths = [imgs.paths[n] for n in chosen]
+
+    coords0, flip0, labels0 = load_fkd_file(label_files[0], trust_pickle=trust_pickle)
+    M = int(coords0.shape[0])
+    kind, file_k = _label_kind(labels0, label_files[0])
+    src_codec = _source_codec(kind, file_k)
+    if codec is None:
+        dst_codec = {"topk": _codecs.as_codec("ms", k=k, default_k=file_k), "smoothing": _codecs.Smoothing(),
+                     "hard": _codecs.Hard()}[kind]
+    else:
+        dst_codec = _codecs.as_codec(codec, k=k, default_k=file_k if kind == "topk" else 1)
+    why = conversion_problem(src_codec, dst_codec)
+    if why:
+        what = {"topk": f"top-{file_k} labels", "smoothing": "smoothing labels", "hard": "hard labels"}[kind]
+        raise ConversionError(f"cannot import FKD files holding {what} as {dst_codec.describe()}: {why}")
+
+    def load(p):
+        coords, flip, labels = load_fkd_file(p, trust_pickle=trust_pickle)
+        if coords.shape != (M, 4):
+            raise ValidationError(f"FKD coords in {p} must have shape ({M}, 4) like the first file. Got {coords.shape}.")
+        if flip.shape != (M,):
+            raise ValidationError(f"FKD flip in {p} must have shape ({M},). Got {flip.shape}.")
+        kd = _label_kind(labels, p)
+        if kd != (kind, file_k) or labels.shape[0] != M:
+            raise ValidationError(f"FKD labels in {p} have shape {labels.shape}; the first file's are {labels0.shape}.")
+        return coords, flip, _file_fields(labels, kind, p)
+
+    if num_classes is None:
+        top = -1
+        for p in _progress.progress(progress, total=len(label_files), desc="scanning classes", unit="file").wrap(
+                label_files):
+            top = max(top, int(load(p)[2]["indices"].max()))
+        num_classes = top + 1
+        if log:
+            log(f"num_classes = {num_classes} (largest stored class index + 1; pass --num-classes to set it)")
+    num_classes = int(num_classes)
+    sizes = np.array([image_size(p) for p in paths], dtype=np.int64)
+    labels_gt = None
+    if len(imgs.classes) == num_classes:
+        labels_gt = np.array([imgs.labels[n] for n in chosen], dtype=np.int64)
+    meta = {
+        "import": {"format": "fkd-release", "source": str(src.resolve()), "files": len(label_files),
+                   "label_kind": kind, "k_in_files": file_k if kind == "topk" else None,
+                   "coords_dtype": str(coords0.dtype), "box_rule": "pillow-crop-round"},
+        "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
+                                    images=len(label_files))],
+    }
+    clamped = 0
+    N = len(label_files)
+    with remove_on_error(dst_store), _writer.write(
+        dst_store, num_images=N, crops_per_image=M, num_classes=num_classes, codec=dst_codec, image_keys=keys,
+        image_sizes=sizes, labels=labels_gt, meta=meta,
+    ) as w:
+        steps = range(0, N, batch)
+        for a in _progress.progress(progress, total=len(steps), desc="importing", unit="batch").wrap(steps):
+            b = range(a, min(N, a + batch))
+            boxes, flips, fields = [], [], []
+            for n in b:
+                coords, flip, f = load(label_files[n])
+                H, W = (int(x) for x in sizes[n])
+                bx, c = _clamp_boxes(fkd_boxes(coords, H, W), H, W)
+                clamped += c
+                if (f["indices"] >= num_classes).any():
+                    raise ValidationError(f"FKD labels in {label_files[n]} hold class index "
+                                          f"{int(f['indices'].max())} >= num_classes={num_classes}.")
+                boxes.append(bx)
+                flips.append(np.asarray(flip).astype(bool))
+                fields.append(f)
+            stacked = {name: np.stack([f[name] for f in fields]) for name in fields[0]}
+            out = convert_fields(src_codec, dst_codec, stacked, num_classes)
+            w.put_fields(np.arange(b.start, b.stop), np.stack(boxes), np.stack(flips), out)
+    return {
+        "files": N, "images": N, "images_without_labels": len(imgs) - N, "crops_per_image": M,
+        "num_classes": num_classes, "codec": dst_codec.get_config(), "coords_dtype": str(coords0.dtype),
+        "boxes_clamped": clamped,
+        "bytes_before": int(sum(os.path.getsize(p) for p in label_files)),
+        "bytes_after": storage_stats(dst_store)["_total"]["bytes"],
+    }
+
+
