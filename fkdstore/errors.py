@@ -53,3 +53,9 @@ class ConversionError(FkdstoreError):
 
 class ImageReadError(FkdstoreError):
     """An image file exists but cannot be decoded (truncated, corrupt or unsupported)."""
+
+
+class LabelFileError(ValidationError):
+    """A label file of another system (e.g. a ReLabel ``.pt`` map) cannot be loaded (truncated, not a torch
+    file, unsafe to unpickle) or breaks that system's layout (shape, dtype, index rule). The message names
+    the file and the rule."""
