@@ -1,53 +1,52 @@
 """fkdstore: a versioned, chunked Zarr v3 format for Fast Knowledge Distillation soft labels.
 
 Write labels once with :func:`write` (or :func:`generate` from a teacher), read them with :func:`open`,
-replay crops and labels in training with :class:`TorchDataset`. The format is ``spec/format-v3.md``
-(format 2.0, and 3.0 for seeded crops, :mod:`fkdstore.seeded`; stores of format 1.0, ``spec/format-v1.md``,
-are still read).
+replay crops and labels in training with :class:`TorchDataset`. The format is ``spec/format-v4.md``
+(this library writes 4.0 and reads 4.0, and 3.0 / 2.0 written by fkdstore 0.2).
 
-``import fkdstore`` needs numpy and zarr only: reading, decoding, verify, inspect and convert work without
-torch; :func:`generate` and :class:`TorchDataset` import torch on first use.
+``import fkdstore`` is cheap: every name below is imported on first use (PEP 562), so ``fkdstore --version``
+imports neither zarr nor torch. Reading, decoding, verify, inspect and convert need numpy and zarr only;
+:func:`generate` and :class:`TorchDataset` need torch (``fkdstore[torch]``).
 """
 
-__version__ = "0.2.0"
+from __future__ import annotations
 
-from . import augment, codecs, schema  # noqa: E402
-from .codecs import as_codec, from_config, get_codec  # noqa: E402
-from .convert import ensemble, prune  # noqa: E402
-from .errors import (  # noqa: E402
-    ConcurrentWriterError,
-    CorruptChunkError,
-    CorruptStoreError,
-    FkdstoreError,
-    FormatError,
-    IncompleteStoreError,
-    SchemaMismatchError,
-    ValidationError,
-)
-from .reader import CropRecords, Reader, open  # noqa: E402,A004
-from .seeded import SlotCropSampler  # noqa: E402
-from .writer import Writer, write  # noqa: E402,A004
+import importlib
+from typing import Any
 
-_LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
+__version__ = "0.3.0"
+
+# public name -> module that defines it (one table: the API, its lazy import and __all__)
+_API = {
+    "write": "writer", "Writer": "writer",
+    "open": "reader", "Reader": "reader", "CropRecords": "reader", "MapRecords": "reader",
+    "verify": "verify", "inspect": "report", "storage_stats": "report",
+    "convert": "convert", "prune": "convert", "ensemble": "convert",
+    "import_fkd": "importers",
+    "SlotCropSampler": "seeded", "LabelMapSpec": "labelmap", "Replay": "transforms",
+    "as_codec": "codecs", "from_config": "codecs", "get_codec": "codecs",
     "generate": "runner",
-    "TorchDataset": "pytorch",
-    "collate": "pytorch",
-    "densify": "pytorch",
-    "soft_cross_entropy": "pytorch",
+    "TorchDataset": "pytorch", "collate": "pytorch", "densify": "pytorch", "soft_cross_entropy": "pytorch",
+    "FkdstoreError": "errors", "FormatError": "errors", "ValidationError": "errors",
+    "CorruptStoreError": "errors", "CorruptChunkError": "errors", "IncompleteStoreError": "errors",
+    "SchemaMismatchError": "errors", "ConcurrentWriterError": "errors", "StorageError": "errors",
+    "ConversionError": "errors", "ImageReadError": "errors", "LabelFileError": "errors",
 }
+_MODULES = ("augment", "codecs", "schema")
+
+__all__ = ["__version__", *_MODULES, *_API]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
 
-
-__all__ = [
-    "__version__", "augment", "codecs", "schema", "as_codec", "from_config", "get_codec", "write", "open",
-    "Reader", "Writer", "CropRecords", "SlotCropSampler", "prune", "ensemble", "FkdstoreError", "FormatError", "IncompleteStoreError",
-    "SchemaMismatchError", "ValidationError", "CorruptStoreError", "CorruptChunkError", "ConcurrentWriterError",
-    *_LAZY,
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

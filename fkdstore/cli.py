@@ -64,7 +64,7 @@ def _cmd_estimate(args) -> int:
     from . import report
 
     e = report.estimate_bytes(args.num_images, args.crops, args.num_classes, args.codec, args.k,
-                              max_side=args.max_side, seeded_crops=args.seeded_crops)
+                              max_side=args.max_side, store_crops=args.store_crops)
     if args.json:
         e["paper_table2"] = report.paper_table2(e["codec"])
         _out(json.dumps(e, indent=2))
@@ -163,20 +163,27 @@ def _cmd_ensemble(args) -> int:
 # generate's options passed through to fkdstore.generate() under the same name, only when given: the
 # library's signature is the one home of their defaults (shown in ``fkdstore generate --help``).
 GENERATE_OPTIONS = (
-    "input_size", "batch_size", "seed", "scale", "ratio", "flip_p", "temperature", "mean", "std",
-    "interpolation", "device", "num_workers", "on_error", "images_per_shard", "num_classes", "amp",
-    "progress", "teacher_name", "weights_sha256", "augment", "crops_from",
-    "storage_options", "seeded_crops",
+    "input_size", "batch_size", "temperature", "mean", "std", "interpolation", "device", "num_workers",
+    "on_error", "images_per_shard", "num_classes", "amp", "progress", "teacher_name", "weights_sha256",
+    "augment", "crops_from", "storage_options", "store_crops",
 )
+SAMPLER_OPTIONS = ("seed", "scale", "ratio", "flip_p")  # fields of the crop sampler (SlotCropSampler)
 
 
 def generate_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of :func:`fkdstore.generate` given on the command line (sequences as tuples)."""
+    """The keyword arguments of :func:`fkdstore.generate` given on the command line (sequences as tuples);
+    ``--seed``, ``--scale``, ``--ratio``, ``--flip-p`` build its ``crop_sampler``."""
     out = {}
     for name in GENERATE_OPTIONS:
-        if hasattr(args, name):
+        if hasattr(args, name):  # given (generate's options default to SUPPRESS)
             v = getattr(args, name)
             out[name] = tuple(v) if isinstance(v, list) else v
+    sampler = {n: tuple(v) if isinstance(v, list) else v for n in SAMPLER_OPTIONS
+               if (v := getattr(args, n, None)) is not None}
+    if sampler:
+        from .seeded import SlotCropSampler
+
+        out["crop_sampler"] = SlotCropSampler(**sampler)
     return out
 
 
@@ -336,7 +343,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
     q.add_argument("--max-side", type=_pos_int, default=500, help="largest image side in pixels (box dtype; default 500)")
     q.add_argument("--paper", action="store_true", help="use the paper's float32 formula (Table 2)")
-    q.add_argument("--seeded-crops", action="store_true", help="a seeded-crops store (format 3.0: no box/flip arrays)")
+    q.add_argument("--store-crops", action="store_true",
+                   help="box and flip stored (default: derived from the crop sampler, not stored)")
     q.add_argument("--json", action="store_true", help="print the estimate as JSON (both figures)")
     q.set_defaults(func=_cmd_estimate)
 
@@ -505,9 +513,9 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop area range")
     g.add_argument("--ratio", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop aspect ratio range")
     g.add_argument("--flip-p", type=float, metavar="P", help="horizontal flip probability")
-    g.add_argument("--seeded-crops", action="store_true",
-                   help="store no boxes and flips: derive them from the seed (format 3.0; about 4.8 B per crop "
-                        "smaller at M = 200)")
+    g.add_argument("--store-crops", action="store_true",
+                   help="store the boxes and flips (default: derived from the sampler on read, about 4.8 B per crop "
+                        "smaller at M = 200); for readers that cannot run the slot sampler")
     g.add_argument("--temperature", type=float, metavar="T", help="labels are softmax(logits / temperature)")
     g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation mean")
     g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation std")

@@ -26,35 +26,20 @@ from typing import Any
 import numpy as np
 
 from . import codecs as _codecs
+from .codecs import conversion_problem, convert_fields
 from . import progress as _progress
 from . import storage as _storage
+from . import reader as _reader
 from . import writer as _writer
 from .errors import ConversionError, ValidationError
-from .report import storage_stats
+from .importers.fkdstore_v1 import is_v1, open_v1
 from .output import check_destination, check_options, history_record, location_name, remove_on_error
+from .reader import CropRecords
+from .report import storage_stats
 from .validation import non_negative_int
 
-__all__ = ["ConversionError", "conversion_problem", "convert_fields", "convert", "prune", "pruned_slots",
-           "random_slots", "confident_slots", "PRUNE_RULES", "ensemble", "check_same_crops"]
-
-
-def _describe(codec) -> str:
-    return codec.describe()
-
-
-def conversion_problem(src: _codecs.LabelCodec, dst: _codecs.LabelCodec) -> str | None:
-    """Why ``src -> dst`` is impossible, or None when it is possible (``dst.conversion_problem(src)``)."""
-    return dst.conversion_problem(src)
-
-
-def convert_fields(src: _codecs.LabelCodec, dst: _codecs.LabelCodec, fields: dict[str, np.ndarray],
-                   num_classes: int) -> dict[str, np.ndarray]:
-    """Stored fields of ``src`` -> stored fields of ``dst`` (leading dims kept). Raises ConversionError."""
-    why = conversion_problem(src, dst)
-    if why:
-        raise ConversionError(f"cannot convert {_describe(src)} -> {_describe(dst)}: {why}")
-    idx, p = src.sorted_probs(fields, num_classes)
-    return dst.from_sorted(idx, p, num_classes)
+__all__ = ["convert", "prune", "pruned_slots", "random_slots", "confident_slots", "PRUNE_RULES", "ensemble",
+           "check_same_crops"]
 
 
 def _written_batches(reader) -> list[np.ndarray]:
@@ -68,16 +53,16 @@ def _written_batches(reader) -> list[np.ndarray]:
 
 def _write_like(dst_store, reader, *, codec, meta, crops_per_image: int | None = None):
     """A writer for a new store with ``reader``'s images (keys, sizes, labels), aug columns and augment
-    pipeline, and the given codec, ``meta`` and (default: the source's) crops per image. A seeded-crops source
-    (format 3.0) gives a seeded output with the same sampler, unless ``crops_per_image`` selects slots
-    (pruning): slot j of the output is then not the sampler's slot j, so its crops are stored (2.0)."""
+    pipeline, replay parameters, and the given codec, ``meta`` and (default: the source's) crops per image. A
+    seeded-crops source gives a seeded output with the same sampler, unless ``crops_per_image`` selects slots
+    (pruning): slot j of the output is then not the sampler's slot j, so its crops are stored."""
 
     h = reader.header
     return _writer.write(
         dst_store, num_images=h.num_images, crops_per_image=crops_per_image or h.crops_per_image,
         num_classes=h.num_classes, codec=codec, image_keys=reader.image_keys, image_sizes=reader.image_sizes,
-        labels=reader.labels, meta=meta, aug=h.aug, augment=list(h.augment),
-        crop_sampler=h.crop_sampler if crops_per_image is None else None,
+        labels=reader.labels, meta=meta, aug=h.aug, augment=h.augment, replay=h.replay,
+        crop_sampler=h.sampler if crops_per_image is None else None,
     )
 
 
@@ -88,24 +73,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     ``src`` and ``dst`` are folders or URLs (``s3://...``); ``storage_options`` apply to whichever of them
     is a URL (:func:`fkdstore.storage.options_for`). Only written images are converted (an incomplete
     source gives an equally incomplete output). Returns ``{from, to, images, missing, bytes_before,
-    bytes_after}``.
+    bytes_after}``. A source of format 1.0 (fkdstore 0.1) is migrated: this is the one place 1.0 is read
+    (:mod:`fkdstore.importers.fkdstore_v1`).
     """
-    from . import reader as _reader
-
     check_options(storage_options, src, dst)
     src_options, dst_options = _storage.options_for(src, storage_options), _storage.options_for(dst, storage_options)
-    reader = _reader.open(src, storage_options=src_options)
+    reader = open_v1(src, storage_options=src_options) if is_v1(src, src_options) \
+        else _reader.open(src, storage_options=src_options)
     dst_codec = _codecs.as_codec(codec, k=k, default_k=reader.codec.k)
     why = conversion_problem(reader.codec, dst_codec)
     if why:
-        raise ConversionError(f"cannot convert {_describe(reader.codec)} -> {_describe(dst_codec)}: {why}")
+        raise ConversionError(f"cannot convert {reader.codec.describe()} -> {dst_codec.describe()}: {why}")
     dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
     check_destination(dst, dst_store, src)
     h = reader.header
     meta = dict(h.meta)
     written = reader.written
     meta["history"] = list(meta.get("history") or []) + [history_record(
-        "convert", source=location_name(src), **{"from": dict(h.codec), "to": dst_codec.get_config()},
+        "convert", source=location_name(src), **{"from": h.codec.get_config(), "to": dst_codec.get_config()},
         images=int(written.sum()))]
     with remove_on_error(dst_store), _write_like(dst_store, reader, codec=dst_codec, meta=meta) as w:
         batches = _written_batches(reader)
@@ -115,7 +100,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
             w.put_fields(idx, rec.box, rec.flip, fields, aug=rec.aug or None)
     reader.close()
     return {
-        "from": dict(h.codec), "to": dst_codec.get_config(), "images": int(written.sum()),
+        "from": h.codec.get_config(), "to": dst_codec.get_config(), "images": int(written.sum()),
         "missing": int((~written).sum()),
         "bytes_before": storage_stats(src, storage_options=src_options)["_total"]["bytes"],
         "bytes_after": storage_stats(dst_store)["_total"]["bytes"],
@@ -180,8 +165,6 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
     Returns ``{images, missing, crops_per_image_before, crops_per_image, rule, seed, keep, bytes_before,
     bytes_after}``.
     """
-    from . import reader as _reader
-
     keep = _check_keep(keep)
     seed = _check_int_seed(seed)
     if not isinstance(rule, str):
@@ -194,14 +177,11 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
     h = reader.header
     M = h.crops_per_image
     kept = pruned_slots(keep, M)
-    if h.augment:
-        from .augment import Pipeline
-
-        mixing = [p.name for p in Pipeline.from_config(list(h.augment)).mixing]
-        if mixing:
-            raise ValidationError(
-                f"prune cannot drop slots of a store whose augment pipeline mixes slots ({', '.join(mixing)}): a kept "
-                f"slot's partner slot could be dropped. Got a store with augment {[p['name'] for p in h.augment]}.")
+    mixing = [p.name for p in h.augment.mixing]
+    if mixing:
+        raise ValidationError(
+            f"prune cannot drop slots of a store whose augment pipeline mixes slots ({', '.join(mixing)}): a kept "
+            f"slot's partner slot could be dropped. Got a store with augment {[p.name for p in h.augment.policies]}.")
     dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
     check_destination(dst, dst_store, src)
     written = reader.written
@@ -230,7 +210,6 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
 
 def _take_slots(rec, slots: np.ndarray):
     """Records (B, M, ...) -> (B, m, ...) at ``slots`` (B, m)."""
-    from .reader import CropRecords
 
     def take(v):
         return np.take_along_axis(v, slots.reshape(slots.shape + (1,) * (v.ndim - 2)), axis=1)
@@ -260,7 +239,7 @@ def check_same_crops(readers: list, names: list[str]) -> None:
                            ("crops_per_image", ha.crops_per_image, hb.crops_per_image),
                            ("num_classes", ha.num_classes, hb.num_classes),
                            ("aug columns", [c.to_json() for c in ha.aug], [c.to_json() for c in hb.aug]),
-                           ("augment pipeline", list(ha.augment), list(hb.augment))):
+                           ("augment pipeline", ha.augment.get_config(), hb.augment.get_config())):
             if x != y:
                 raise ValidationError(f"stores must share crops: {what} is {x!r} in {na} but {y!r} in {nb}.")
         j = _first_diff(a.image_keys, b.image_keys)
@@ -316,8 +295,6 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
     are folders or URLs; ``storage_options`` apply to those that are URLs.
     Returns ``{images, missing, sources, codec, bytes_after}``.
     """
-    from . import reader as _reader
-
     if isinstance(stores, (str, bytes, os.PathLike)) or not isinstance(stores, (list, tuple)):
         raise TypeError(f"stores must be a list of store paths. Got {type(stores).__name__}.")
     if len(stores) < 2:
@@ -351,7 +328,7 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
     check_destination(dst, dst_store)
     meta = dict(h.meta)
     meta["history"] = list(meta.get("history") or []) + [history_record(
-        "ensemble", sources=[location_name(s) for s in srcs], codecs=[dict(r.header.codec) for r in readers],
+        "ensemble", sources=[location_name(s) for s in srcs], codecs=[r.header.codec.get_config() for r in readers],
         teachers=[(r.meta or {}).get("teacher") for r in readers], to=out_codec.get_config(),
         images=int(written.sum()))]
     with remove_on_error(dst_store), _write_like(dst_store, a, codec=out_codec, meta=meta) as w:

@@ -46,7 +46,7 @@ import numpy as np
 from .codecs import _array as A
 from .codecs.base import check_num_classes, index_dtype, parse_temperature
 from .errors import ValidationError
-from .schema import bad_boxes
+from .transforms import bad_boxes
 from .validation import boolean, int_in_range
 
 __all__ = ["LabelMapSpec", "MAX_SIZE", "MAX_K", "MAX_GRID", "MAX_SAMPLING_RATIO", "BOX_ORDERS", "MAP_DTYPES",

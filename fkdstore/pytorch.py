@@ -93,12 +93,10 @@ from .validation import int_in_range
 from .images import list_images, load_image
 from .reader import Reader
 from .reader import open as _open_store
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, replay_crops, write_crops
+from .transforms import Replay, replay_crops, write_crops
 
 __all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch", "BatchMix"]
 
-DEFAULT_OUTPUT_SIZE = 224
-MAX_STORED_OUTPUT_SIDE = 4096  # an output size read from a store's meta above this is refused (crafted meta)
 LABEL_MODES = ("dense", "sparse")
 
 
@@ -123,17 +121,6 @@ def epoch_slots(index: int, epoch: int, crops_per_sample: int, crops_per_image: 
     return out
 
 
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        s = _check_int("output_size", size, 1)
-        return s, s
-    try:
-        h, w = size
-    except (TypeError, ValueError):
-        raise ValidationError(f"output_size must be an int or a (height, width) pair. Got {size!r}.") from None
-    return _check_int("output_size height", h, 1), _check_int("output_size width", w, 1)
-
-
 class TorchDataset(torch.utils.data.Dataset):
     """Replays a store's crops and soft labels; see the module docstring for the item layout and slot rule.
 
@@ -144,9 +131,9 @@ class TorchDataset(torch.utils.data.Dataset):
             ``image_keys`` in order: a store key missing from it raises FileNotFoundError naming the image,
             any other difference raises :class:`ValidationError` naming the first mismatching key.
         crops_per_sample: ``m``, crops per image per item (``1 <= m <= M``).
-        output_size: int or (height, width); default: the store's ``meta["input_size"]`` (the size the
-            teacher saw, so replay is exact), else 224. A stored size above 4096 px per side is refused (a
-            crafted store must not make every item allocate gigabytes); pass ``output_size`` to override.
+        output_size: int or (height, width); default: the store's replay ``input_size`` (the size the
+            teacher saw, so replay is exact; checksummed in the header and at most
+            :data:`fkdstore.transforms.MAX_INPUT_SIDE` per side), else 224.
         epoch: initial epoch (see :meth:`set_epoch`).
         transform: optional callable applied to each item's crops tensor [m, 3, H, W] (after normalising).
         soft_labels: ``"dense"`` ([m, C] float32) or ``"sparse"`` (codec fields, for :func:`densify`).
@@ -155,10 +142,10 @@ class TorchDataset(torch.utils.data.Dataset):
             dataset covers only the images written when it was built (``len`` is their count, item ``j``
             is image ``image_indices[j]``; slots still depend on the store index), unwritten images are
             skipped.
-        interpolation: resampling filter; default ``meta["interpolation"]``, else ``"bilinear"``.
+        interpolation: resampling filter; default the store's replay ``interpolation``, else ``"bilinear"``.
         normalize: return float32 ``(x/255 - mean)/std`` (True) or the uint8 crops (False; normalise on
             the GPU with :func:`fkdstore.transforms.normalize` to move 4x fewer bytes).
-        mean, std: default ``meta["mean"]`` / ``meta["std"]``, else ImageNet's.
+        mean, std: default the store's replay ``mean`` / ``std``, else ImageNet's.
         temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
             ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
             checked here (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
@@ -221,7 +208,7 @@ class TorchDataset(torch.utils.data.Dataset):
         self.num_classes = reader.num_classes
         self.crops_per_image = reader.crops_per_image
         self.codec = reader.codec
-        meta = reader.meta or {}
+        stored = reader.header.replay or Replay()  # checksummed in the header (4.0), validated at open
 
         self.crops_per_sample = _check_int("crops_per_sample", crops_per_sample, 1)
         if self.crops_per_sample > self.crops_per_image:
@@ -232,23 +219,16 @@ class TorchDataset(torch.utils.data.Dataset):
             raise ValidationError(f"soft_labels must be one of {list(LABEL_MODES)}. Got {soft_labels!r}.")
         self.soft_labels = soft_labels
         self.seed = _check_int("seed", seed, 0)
-        if output_size is None:
-            stored = _pair(meta.get("input_size", DEFAULT_OUTPUT_SIZE))
-            if max(stored) > MAX_STORED_OUTPUT_SIDE:
-                raise ValidationError(
-                    f"the store's meta['input_size'] must be at most {MAX_STORED_OUTPUT_SIDE} px per side to be "
-                    f"used as the default output_size. Got {meta.get('input_size')!r}; pass output_size= explicitly.")
-            output_size = stored
-        self.output_size = _pair(output_size)
-        interpolation = interpolation if interpolation is not None else meta.get("interpolation", "bilinear")
-        if interpolation not in INTERPOLATIONS:
-            raise ValidationError(f"interpolation must be one of {sorted(INTERPOLATIONS)}. Got {interpolation!r}.")
-        self.interpolation = interpolation
+        try:
+            replay = Replay(input_size=stored.input_size if output_size is None else output_size,
+                            interpolation=stored.interpolation if interpolation is None else interpolation,
+                            mean=stored.mean if mean is None else mean, std=stored.std if std is None else std)
+        except TypeError as e:
+            raise TypeError(f"TorchDataset: {e}") from None
+        self.replay = replay
+        self.output_size, self.interpolation = replay.input_size, replay.interpolation
+        self.mean, self.std = replay.mean, replay.std
         self.normalize = bool(normalize)
-        self.mean = tuple(float(v) for v in (mean if mean is not None else meta.get("mean", IMAGENET_MEAN)))
-        self.std = tuple(float(v) for v in (std if std is not None else meta.get("std", IMAGENET_STD)))
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValidationError(f"mean and std must have 3 values, std > 0. Got mean={self.mean}, std={self.std}.")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform

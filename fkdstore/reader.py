@@ -1,39 +1,47 @@
-"""Read fkdstore stores (format 1.0, 2.0 and 3.0): :func:`open` returns a :class:`Reader`.
+"""Read fkdstore stores: :func:`open` parses the header once and returns the reader of its record kind,
+:class:`RegionReader` (FKD crop regions) or :class:`LabelMapReader` (ReLabel label maps), both
+:class:`Reader` subclasses.
 
-At open the reader parses the header (format 2.0 and 3.0: its checksum is verified) and checks, cheaply, that every
-array exists with the Zarr metadata the header implies (shape, dtype, inner chunk and shard shape, the
-``written`` and ``manifest`` chunking); a mismatch raises :class:`CorruptStoreError` naming the array. Every
-chunk it returns data from is then checked by :mod:`fkdstore.shard` (present when its images are written,
-crc32c, manifest tag), so damage raises instead of returning wrong labels. A seeded-crops store (3.0) has no
-``box``/``flip`` arrays: the reader derives the slots it returns with :mod:`fkdstore.seeded`, after comparing
-one derived chunk with the manifest (every chunk in :meth:`Reader.read_all`).
+At open the reader parses the header (:func:`fkdstore.schema.parse_header`: checksum, caps, every codec,
+policy, sampler and extension known) and checks, cheaply, that every array exists with the Zarr metadata
+the header implies (shape, dtype, inner chunk and shard shape, the per-image, ``written`` and ``manifest``
+chunking); a mismatch raises :class:`CorruptStoreError` naming the array. Every chunk it returns data from
+is then checked by :mod:`fkdstore.shard` (present when its images are written, crc32c, manifest tag), and
+the per-image arrays (keys, sizes, labels) against their manifest tags (4.0), so damage raises instead of
+returning wrong data. A seeded-crops store has no ``box``/``flip`` arrays: the reader derives the slots it
+returns with :mod:`fkdstore.derived`, after comparing one derived chunk with the manifest (every chunk in
+:meth:`RegionReader.read_all`).
 
-Per-crop arrays are read through :mod:`fkdstore.storage`'s byte-range layer: ``os.pread`` on cached file
-descriptors for a local folder, concurrent coalesced range requests for object storage. Zarr's array API
-(~0.5 ms of Python per call) is used only for the small per-image arrays and for pipelines other than the
-one this library writes.
+Record arrays are read through :mod:`fkdstore.storage`'s byte-range layer: ``os.pread`` on cached file
+descriptors for a local folder, concurrent coalesced range requests for object storage. Zarr's array API is
+used only for the small per-image arrays and for pipelines other than the one this library writes.
 """
 
 from __future__ import annotations
 
-import inspect
+import collections
+import itertools
 import json
 import operator
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+import zarr
 
-from . import codecs as _codecs
+from . import labelmap as _labelmap
+from . import progress as _progress
 from . import schema as S
 from . import storage as _storage
+from .derived import SeededCrops
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
-from .seeded import SeededCrops
 from .shard import ArrayMeta, Manifest, ShardedArray, fetch_many, finish_many, group_rows, load_many, \
     parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
 
-__all__ = ["open", "Reader", "CropRecords"]
+__all__ = ["open", "Reader", "RegionReader", "LabelMapReader", "CropRecords", "MapRecords"]
 
 READ_ALL_BATCH_BYTES = 64 * 2**20  # decoded bytes of shards fetched together by read_all (overlaps latency)
 READ_AHEAD = 2  # read_all on a remote store: batches being fetched while the oldest is decoded
@@ -69,17 +77,81 @@ class CropRecords:
                            {k: v[i] for k, v in self.fields.items()})
 
 
+@dataclass
+class MapRecords:
+    """Stored label maps of a set of images: ``indices`` and ``scores`` of shape ``(B, K, S, S)`` (or
+    ``(K, S, S)`` for one image): the top-K class ids and raw scores of every map cell."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i) -> MapRecords:
+        return MapRecords(self.indices[i], self.scores[i])
+
+
 def open(location, *, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
-         cache_bytes: int | None = None) -> Reader:  # noqa: A001 - as zarr.open
+         cache_bytes: int | None = None, _problems: list[str] | None = None) -> Reader:  # noqa: A001 - as zarr.open
     """Open a store for reading: a local path, a URL (``s3://...``, with ``storage_options`` for fsspec), a
-    :class:`zarr.Group` or a Zarr store. Raises :class:`FormatError` for something that is not a readable
-    fkdstore store and :class:`CorruptStoreError` when its header or array metadata is damaged or edited.
+    :class:`zarr.Group` or a Zarr store. Returns the reader of the store's record kind:
+    :class:`RegionReader` (crop regions, FKD) or :class:`LabelMapReader` (label maps, ReLabel).
+
+    Raises :class:`FormatError` for something that is not a readable fkdstore store and
+    :class:`CorruptStoreError` when its header or array metadata is damaged or edited.
 
     ``cache_dir``: a local folder caching the raw bytes read from a remote store (metadata, shard indexes,
     chunks), shared by processes and readers, bounded by ``cache_bytes`` (default 10 GiB) with LRU eviction;
     cached bytes get every check fetched ones get. See :class:`fkdstore.storage.CachedSource` for the key
-    rule (object ETag from one listing per process). Ignored for a local store (already on local disk)."""
-    return Reader(location, storage_options=storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes)
+    rule. Ignored for a local store (already on local disk)."""
+    where = _Where.of(location, storage_options, cache_dir, cache_bytes)
+    header = _read_header(where.source, where.path)
+    return KIND_READERS[header.kind](where, header, _problems)
+
+
+@dataclass
+class _Where:
+    """Where a reader reads from: its byte source, Zarr group (if given one), prefix and printable path."""
+
+    source: Any
+    group: Any
+    prefix: str
+    path: str
+
+    @classmethod
+    def of(cls, location, storage_options, cache_dir, cache_bytes) -> _Where:
+        group = None
+        if isinstance(location, zarr.Group):
+            group, store = location, location.store
+            prefix = f"{location.path}/" if location.path else ""
+        else:
+            store, prefix = _storage.as_store(location, read_only=True, storage_options=storage_options), ""
+        path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")
+        # The source owns the store: another process (DataLoader worker, fork or spawn) rebuilds it from the
+        # URL and storage_options, never from the parent's connections.
+        source = _storage.byte_source(store, prefix, location=None if group is not None else location,
+                                      storage_options=storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes)
+        return cls(source, group, prefix, path)
+
+
+def _read_header(source, path: str) -> S.Header:
+    raw = source.read("zarr.json")
+    if raw is None:
+        raise FormatError(f"{path}: not a Zarr v3 group (no zarr.json)")
+    try:
+        doc = json.loads(bytes(raw))
+    except ValueError as e:
+        raise FormatError(f"{path}: zarr.json is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("node_type") != "group":
+        raise FormatError(f"{path}: not a Zarr v3 group (zarr.json node_type is "
+                          f"{doc.get('node_type') if isinstance(doc, dict) else None!r})")
+    attrs = doc.get("attributes") or {}
+    if S.ATTR_KEY not in attrs:
+        raise FormatError(
+            f"{path}: not an fkdstore store (no {S.ATTR_KEY!r} attribute; a store whose creation was "
+            f"interrupted also lacks it)")
+    return S.parse_header(attrs[S.ATTR_KEY])
 
 
 def _check_index(i) -> int:
@@ -116,108 +188,72 @@ def _check_slot_range(sl: np.ndarray, M: int) -> None:
 
 
 class Reader:
-    """Read access to a store; see :func:`open`. Attributes: ``num_images``, ``crops_per_image``,
-    ``num_classes``, ``codec``, ``meta``, ``header``, ``complete``, ``path``; methods :meth:`read`,
-    :meth:`read_batch`, :meth:`read_all`, :meth:`soft_labels`, :meth:`decode`, :meth:`refresh`.
-    Picklable (file handles and caches are rebuilt lazily in each process); a context manager."""
+    """Read access to a store, whatever its record kind; :func:`open` returns the kind's subclass.
 
-    def __init__(self, location, *, storage_options=None, cache_dir=None, cache_bytes=None, _problems=None):
-        import zarr
+    Attributes: ``header`` (:class:`fkdstore.schema.Header`), ``num_images``, ``num_classes``, ``meta``,
+    ``path``, ``complete``; the per-image arrays (:attr:`image_keys`, :attr:`image_sizes`, :attr:`labels`,
+    :attr:`written`), each checked against its manifest tags (4.0). Picklable (file handles and caches are
+    rebuilt lazily in each process); a context manager."""
 
+    def __init__(self, where: _Where, header: S.Header, _problems: list[str] | None = None):
         self._problems = _problems  # verify: collect metadata problems (and skip those arrays) instead of raising
-        group = None
-        if isinstance(location, zarr.Group):
-            group, store = location, location.store
-            prefix = f"{location.path}/" if location.path else ""
-        else:
-            store, prefix = _storage.as_store(location, read_only=True, storage_options=storage_options), ""
-        self._prefix, self._group = prefix, group
-        self.path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")
-        # The source owns the store: another process (DataLoader worker, fork or spawn) rebuilds it from the
-        # URL and storage_options, never from the parent's connections.
-        self._source = _storage.byte_source(store, prefix, location=None if group is not None else location,
-                                            storage_options=storage_options, cache_dir=cache_dir,
-                                            cache_bytes=cache_bytes)
-        self.header = self._read_header()
-        self.codec = _codec_of(self.header)
-        _check_augment(self.header)
+        self._source, self._group, self._prefix, self.path = where.source, where.group, where.prefix, where.path
+        self.header = header
         self._build()
 
     # -- opening
-    def _read_header(self) -> S.Header:
-        raw = self._source.read("zarr.json")
-        if raw is None:
-            raise FormatError(f"{self.path}: not a Zarr v3 group (no zarr.json)")
-        try:
-            doc = json.loads(bytes(raw))
-        except ValueError as e:
-            raise FormatError(f"{self.path}: zarr.json is not valid JSON ({e})") from None
-        if not isinstance(doc, dict) or doc.get("node_type") != "group":
-            raise FormatError(f"{self.path}: not a Zarr v3 group (zarr.json node_type is "
-                              f"{doc.get('node_type') if isinstance(doc, dict) else None!r})")
-        attrs = doc.get("attributes") or {}
-        if S.ATTR_KEY not in attrs:
-            raise FormatError(
-                f"{self.path}: not an fkdstore store (no {S.ATTR_KEY!r} attribute; a store whose creation was "
-                f"interrupted also lacks it)")
-        return S.Header.from_json(attrs[S.ATTR_KEY])
+    def _expected(self) -> dict[str, dict[str, Any]]:
+        """The Zarr metadata every array must have, from the header (invariant 3)."""
+        h = self.header
+        N, ips = h.num_images, h.images_per_shard
+        out = {name: dict(shape=(N, *row), dtype=dtype, shard=(ips, *row), inner=(h.images_per_chunk, *row))
+               for name, (row, dtype) in h.stored_specs().items()}
+        per = h.per_image_chunk
+        out[S.KEY] = dict(shape=(N, h.key_length), dtype="uint8", grid=None if per is None else (per, h.key_length))
+        out[S.IMAGE_SIZE] = dict(shape=(N, 2), dtype="int32", grid=None if per is None else (per, 2))
+        out[S.LABEL] = dict(shape=(N,), dtype="int32", grid=None if per is None else (per,))
+        out[S.WRITTEN] = dict(shape=(N,), dtype="uint8", grid=(ips,))
+        out[S.MANIFEST] = dict(shape=h.manifest_shape, dtype="uint32", grid=h.manifest_chunk)
+        return out
 
     def _build(self) -> None:
-        """Read every array's zarr.json and check it against the header (issue 14.3: cheap, at open)."""
+        """Read every array's zarr.json and check it against the header (cheap, at open)."""
         h = self.header
-        N, M = h.num_images, h.crops_per_image
-        all_specs = h.per_crop_specs(self.codec)  # manifest order, derived arrays (seeded crops) included
-        columns = {name: p for p, name in enumerate(all_specs)}
-        specs = h.stored_specs(self.codec)
-        self._specs = all_specs
-        names = list(specs) + list(h.per_image_arrays) + ([S.MANIFEST] if h.major >= 2 else [])
-        raws = [self._source.read(f"{n}/zarr.json") for n in names]
+        expect = self._expected()
+        names = list(expect)
+        raws = self._source.read_objects([f"{n}/zarr.json" for n in names])
         metas: dict[str, ArrayMeta] = {}
         for n, raw in zip(names, raws):
             try:
                 metas[n] = parse_array_meta(n, raw)
             except CorruptStoreError as e:
                 self._problem(e)
-        expect = {name: dict(shape=(N, M, *trail), dtype=dtype, shard=(h.images_per_shard, M, *trail),
-                             inner=(h.images_per_chunk, M, *trail)) for name, (trail, dtype) in specs.items()}
-        expect[h.key_array] = dict(shape=(N, h.key_length) if h.major >= 2 else (N,),
-                                   dtype="uint8" if h.major >= 2 else None)
-        expect[S.IMAGE_SIZE] = dict(shape=(N, 2), dtype="int32")
-        expect[S.LABEL] = dict(shape=(N,), dtype="int32")
-        expect[S.WRITTEN] = dict(shape=(N,), dtype="uint8", grid=(h.images_per_shard,))
-        if h.major >= 2:
-            expect[S.MANIFEST] = dict(shape=(h.num_chunks, len(all_specs)), dtype="uint32",
-                                      grid=(h.chunks_per_shard, len(all_specs)))
-        for name in list(metas):
-            bad = mismatches(metas[name], **expect[name])
+                continue
+            bad = mismatches(metas[n], **expect[n])
             if bad:
                 self._problem(CorruptStoreError(bad[0]), more=bad[1:])
-                del metas[name]
+                del metas[n]
         for name in h.derived_arrays:  # seeded crops: a stored box/flip would be another writer's or a stale copy
             if self._source.read(f"{name}/zarr.json") is not None:
                 self._problem(CorruptStoreError(
-                    f"array {name!r} exists in {self.path}, but the store has seeded crops (format "
-                    f"{h.format_version}): its {name} values are derived from the header's crop_sampler and "
-                    f"must not be stored (the store was mixed with another one)"))
-        manifest = None
+                    f"array {name!r} exists in {self.path}, but the store has seeded crops: its {name} values are "
+                    f"derived from the header's crop sampler and must not be stored (the store was mixed with "
+                    f"another one)"))
+        self._manifest = None
         if S.MANIFEST in metas:
-            manifest = Manifest(metas[S.MANIFEST], _Rows(self, S.MANIFEST), self._source.exists,
-                                h.chunks_per_shard, h.num_chunks)
-        self._manifest = manifest
+            self._manifest = Manifest.of(h, metas[S.MANIFEST], _Rows(self, S.MANIFEST), self._source.exists)
         self._metas = metas
+        columns = {name: p for p, name in enumerate(h.record_specs())}
+        prefix = h.tag_prefix
         self._arrays: dict[str, ShardedArray] = {
-            name: ShardedArray(metas[name], self._source, num_images=N, dtype=dtype, manifest=manifest,
-                               column=columns[name], zarr_array=_GroupArray(self, name))
-            for name, (trail, dtype) in specs.items() if name in metas
+            name: ShardedArray(metas[name], self._source, num_images=h.num_images, dtype=dtype,
+                               manifest=self._manifest, column=columns[name], zarr_array=_GroupArray(self, name),
+                               tag_prefix=prefix)
+            for name, (_, dtype) in h.stored_specs().items() if name in metas
         }
         self._columns = columns
-        self._seeded = SeededCrops(h, _Sizes(self), self.path) if h.seeded else None
         self._written = None
-        # CropRecords keys of the arrays, computed once (read(i) builds one CropRecords per image)
-        n = len(S.SOFT_GROUP) + 1
-        self._field_paths = [(p, p[n:]) for p in specs if p.startswith(S.SOFT_GROUP + "/")]
-        self._aug_paths = [(a.name, S.aug_path(a.name)) for a in h.aug]
-        self._v1_aug = h.major < 2 and bool(h.aug)  # 1.0 kept every aug column in one array
+        self._per_image: dict[str, np.ndarray] = {}  # verified whole per-image arrays (sizes, labels)
 
     def _problem(self, error: CorruptStoreError, more=()) -> None:
         if self._problems is None:
@@ -230,19 +266,50 @@ class Reader:
         """The store's Zarr group (opened on first use; for tools and the Zarr fallback path)."""
         store = self._source.store  # this process's store (rebuilt after a fork)
         if self._group is None or self._group.store is not store:
-            import zarr
-
             # zarr_format=3: a store is Zarr v3; without it Zarr first probes .zgroup/.zattrs/.zmetadata (3 requests)
             self._group = zarr.open_group(store=store, path=self._prefix.rstrip("/") or None, mode="r", zarr_format=3)
         return self._group
 
     def _small(self, name: str, a: int | None = None, b: int | None = None) -> np.ndarray:
         """Rows ``[a, b)`` of an unsharded array through Zarr; damage becomes CorruptStoreError naming it."""
+        if name not in self._metas:
+            raise CorruptStoreError(f"array {name!r} of {self.path} cannot be read (its metadata is damaged)")
         try:
             return self.group[name][a:b]
         except Exception as e:  # zarr raises several types (checksum, decode, missing)
             raise CorruptStoreError(f"array {name!r} (rows {a or 0}..{b if b is not None else 'end'}) cannot be "
                                     f"read: {type(e).__name__}: {e}") from e
+
+    def _bound_rows(self, name: str, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Rows ``[a, b)`` of per-image array ``name``, each of its chunks (one per shard) compared with its
+        manifest tag (4.0, invariant 9): a missing chunk (Zarr's fill values), a sibling store's chunk or a
+        rolled-back one raises :class:`CorruptStoreError` instead of returning other data."""
+        h = self.header
+        b = h.num_images if b is None else b
+        if name not in h.bound_per_image or b <= a:
+            return self._small(name, a, b)
+        ips = h.images_per_shard
+        s0, s1 = a // ips, (b - 1) // ips
+        rows = self._small(name, s0 * ips, min(h.num_images, (s1 + 1) * ips))
+        j = h.bound_per_image.index(name)
+        if self._manifest is None:
+            raise CorruptStoreError(f"{self.path}: the manifest cannot be read, so array {name!r} cannot be checked")
+        if s1 > s0:
+            self._manifest.prefetch(range(s0, s1 + 1))
+        fill, prefix = S.PER_IMAGE_FILL[name], h.tag_prefix
+        for s in range(s0, s1 + 1):
+            part = rows[(s - s0) * ips:(s - s0 + 1) * ips]
+            try:
+                want = int(self._manifest.image_tags(s)[j])
+            except Exception as e:  # the manifest chunk itself cannot be read
+                raise CorruptStoreError(f"{self.path}: manifest chunk of shard {s} cannot be read "
+                                        f"({type(e).__name__}: {e}); array {name!r} cannot be checked") from e
+            if S.manifest_tags(name, s, part, ips, prefix, fill)[0] != want:
+                r = h.shard_range(s)
+                raise CorruptStoreError(
+                    f"{self.path}: array {name!r} chunk {s} (images {r.start}..{r.stop - 1}) does not match the "
+                    f"manifest: missing, misplaced or stale data{self._manifest.missing_note(s)}")
+        return rows[a - s0 * ips:b - s0 * ips]
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -251,49 +318,58 @@ class Reader:
 
     # -- metadata
     num_images = property(lambda self: self.header.num_images)
-    crops_per_image = property(lambda self: self.header.crops_per_image)
     num_classes = property(lambda self: self.header.num_classes)
     meta = property(lambda self: self.header.meta)
-    aug_names = property(lambda self: [a.name for a in self.header.aug])
+    kind = property(lambda self: self.header.kind)
 
     @property
     def image_keys(self) -> list[str]:
-        """The N image keys (``key`` array of format 2.0 decoded as UTF-8; ``image_key`` of 1.0)."""
-        if self.header.major >= 2:
-            return S.decode_keys(self._small(S.KEY))
-        return [str(k) for k in self._small(S.IMAGE_KEY)]
+        """The N image keys (``key`` array decoded as UTF-8)."""
+        return S.decode_keys(self._bound_rows(S.KEY))
 
     def image_key(self, i: int) -> str:
         """Key of image ``i``."""
         i = _check_index(i)
-        if self.header.major >= 2:
-            return S.decode_keys(self._small(S.KEY, i, i + 1), start=i)[0]
-        return str(self._small(S.IMAGE_KEY, i, i + 1)[0])
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"image index must be in [0, {self.num_images}). Got {i}.")
+        return S.decode_keys(self._bound_rows(S.KEY, i, i + 1), start=i)[0]
+
+    def _cached(self, name: str) -> np.ndarray:
+        got = self._per_image.get(name)
+        if got is None:
+            got = self._per_image[name] = self._bound_rows(name)
+            got.flags.writeable = False
+        return got
 
     @property
     def image_sizes(self) -> np.ndarray:
-        """(N, 2) int32 (height, width)."""
-        return self._small(S.IMAGE_SIZE)
+        """(N, 2) int32 (height, width), read-only (read and checked once; :meth:`refresh` re-reads)."""
+        return self._cached(S.IMAGE_SIZE)
 
     @property
     def labels(self) -> np.ndarray:
-        """(N,) int32 ground-truth classes, -1 where unknown."""
-        return self._small(S.LABEL)
+        """(N,) int32 ground-truth classes, -1 where unknown, read-only (read and checked once)."""
+        return self._cached(S.LABEL)
 
     @property
     def written(self) -> np.ndarray:
-        """(N,) bool completion flags (read once and cached; :meth:`refresh` re-reads them)."""
+        """(N,) bool completion flags (read once and cached; :meth:`refresh` re-reads them). Values other
+        than 0 and 1 are damage (:class:`CorruptStoreError`)."""
         if self._written is None:
-            self._written = self._small(S.WRITTEN) != 0
+            raw = self._small(S.WRITTEN)
+            bad = (raw != 0) & (raw != 1)
+            if bad.any():
+                raise CorruptStoreError(f"{self.path}: array 'written' holds values other than 0 and 1 at images "
+                                        f"{np.flatnonzero(bad)[:5].tolist()}")
+            self._written = raw == 1
         return self._written
 
     def refresh(self) -> None:
         """Re-read the header and the ``written`` flags, and drop every cache the new flags can invalidate
         (shard indexes, file handles, decoded chunks, manifest chunks): a long-lived reader sees images
         written since it opened. Raises :class:`CorruptStoreError` if the store's schema changed."""
-        old = self.header
-        new = self._read_header()
-        if new.schema_key() != old.schema_key():
+        new = _read_header(self._source, self.path)
+        if new.identity() != self.header.identity():
             raise CorruptStoreError(f"{self.path}: the store header changed since it was opened (another store "
                                     f"was written at this location); open it again")
         self.header = new
@@ -304,6 +380,7 @@ class Reader:
             self._manifest.clear()
         self._group = None  # zarr caches nothing we rely on, but a fresh group is cheap
         self._written = None
+        self._per_image = {}
 
     @property
     def complete(self) -> bool:
@@ -321,12 +398,12 @@ class Reader:
         return self.group[name]
 
     @property
-    def per_crop_arrays(self) -> list[str]:
-        """Paths of the per-crop arrays, in manifest order."""
+    def record_arrays(self) -> list[str]:
+        """Paths of the stored record arrays, in manifest order."""
         return list(self._arrays)
 
     def sharded(self, name: str) -> ShardedArray:
-        """The checked chunk reader of per-crop array ``name`` (used by ``verify``)."""
+        """The checked chunk reader of record array ``name`` (used by ``verify``)."""
         return self._arrays[name]
 
     # -- data
@@ -346,6 +423,111 @@ class Reader:
                 f"image {i} ({self.image_key(i)!r}) has not been written; the store is incomplete "
                 f"({int((~self.written).sum())} of {N} images missing)")
 
+    def _rows(self, idx: np.ndarray, inner=None) -> dict[str, np.ndarray]:
+        """Stored record rows of images ``idx`` (written, checked by the caller): ``{path: (B, *row)}``, or
+        ``(B, m, ...)`` for ``inner`` (B, m) indices along each row's first axis (slots)."""
+        chunks, inv, within = group_rows(idx, self.header.images_per_chunk)
+        arrays = list(self._arrays.values())
+        stacks = take_many(arrays, chunks)
+        if inner is None:
+            return {a.path: st[inv, within] for a, st in zip(arrays, stacks)}
+        inv2, within2 = inv[:, None], within[:, None]
+        return {a.path: st[inv2, within2, inner] for a, st in zip(arrays, stacks)}
+
+    def _one_row(self, i: int, inner=None) -> dict[str, np.ndarray]:
+        """Stored record rows of image ``i`` (one chunk per array): copies, callers may modify them."""
+        c, w = divmod(i, self.header.images_per_chunk)
+        arrays = list(self._arrays.values())
+        chunks = take_one(arrays, c)
+        return {a.path: ch[w].copy() if inner is None else ch[w].take(inner, 0) for a, ch in zip(arrays, chunks)}
+
+    def _all_rows(self, keep, *, progress: bool | None = False, desc: str = "reading shards") -> None:
+        """Every shard's record rows, in batches of shards: ``keep(shards, [(data, errors) per array])``
+        receives them (a remote store is read ahead; see :meth:`RegionReader.read_all`)."""
+        h = self.header
+        arrays = list(self._arrays.values())
+        shard_bytes = sum(a.chunk_nbytes * a.per_shard for a in arrays)
+        # A remote store is read ahead: READ_AHEAD batches are being fetched (their latency overlapping)
+        # while this thread decodes the oldest; smaller batches keep that pipeline full. Its shard files are
+        # fetched whole (one request per array and shard, index included: read_all needs every chunk).
+        ahead = READ_AHEAD if self._source.remote and all(a.fast for a in arrays) else 0
+        step = max(1, READ_ALL_BATCH_BYTES // (ahead + 1) // max(1, shard_bytes))
+        batches = [range(s0, min(h.num_shards, s0 + step)) for s0 in range(0, h.num_shards, step)]
+
+        def items(shards):
+            return [(a, np.concatenate([a.shard_chunks(s) for s in shards]), None) for a in arrays]
+
+        lock = threading.Lock()  # the shard-index and manifest caches, shared with the fetching threads
+        with _progress.progress(progress, total=len(batches), desc=desc, unit="batch") as bar:
+            if not ahead:
+                for shards in batches:
+                    keep(shards, load_many(items(shards)), lock)
+                    bar.update()
+                return
+            todo = iter(batches)
+
+            def manifests():
+                with lock:  # taken before any fetch needs a tag: every manifest chunk in one round
+                    prefetch_manifests(arrays, range(h.num_shards))
+
+            with ThreadPoolExecutor(max_workers=ahead + 1, thread_name_prefix="fkdstore-read-all") as pool:
+                pool.submit(manifests)
+                pending: collections.deque = collections.deque()
+                try:
+                    for shards in itertools.islice(todo, ahead):
+                        pending.append((shards, pool.submit(fetch_many, items(shards), lock, True)))
+                    while pending:
+                        shards, fut = pending.popleft()
+                        plans = fut.result()
+                        nxt = next(todo, None)
+                        if nxt is not None:
+                            pending.append((nxt, pool.submit(fetch_many, items(nxt), lock, True)))
+                        keep(shards, finish_many(plans), lock)
+                        bar.update()
+                finally:
+                    for _, fut in pending:  # an error stops the read: fetches not started are dropped
+                        fut.cancel()
+
+    def close(self) -> None:
+        """Close file handles and drop caches (the reader reopens them if used again)."""
+        self._source.close()
+        for a in self._arrays.values():
+            a.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_images
+
+
+class RegionReader(Reader):
+    """Reader of a crop-regions store (FKD): per image ``M`` slots of crop box, flip, augmentation parameters
+    and soft label. Adds ``crops_per_image``, ``codec``; methods :meth:`read`, :meth:`read_batch`,
+    :meth:`read_all`, :meth:`soft_labels`, :meth:`decode`."""
+
+    def _build(self) -> None:
+        super()._build()
+        h = self.header
+        self._seeded = SeededCrops(h, _Sizes(self), self.path) if h.seeded else None
+        self._specs = h.record_specs()  # manifest order, derived arrays (seeded crops) included
+        # CropRecords keys of the arrays, computed once (read(i) builds one CropRecords per image)
+        n = len(S.SOFT_GROUP) + 1
+        self._field_paths = [(p, p[n:]) for p in self._specs if p.startswith(S.SOFT_GROUP + "/")]
+        self._aug_paths = [(a.name, S.aug_path(a.name)) for a in h.aug]
+
+    crops_per_image = property(lambda self: self.header.crops_per_image)
+    codec = property(lambda self: self.header.codec)
+    aug_names = property(lambda self: [a.name for a in self.header.aug])
+
+    @property
+    def per_crop_arrays(self) -> list[str]:
+        """Paths of the stored per-crop arrays, in manifest order."""
+        return self.record_arrays
+
     def _slots(self, slots, B: int) -> np.ndarray | None:
         if slots is None:
             return None
@@ -360,9 +542,9 @@ class Reader:
         of a reader compares the derived chunk of ``idx[0]`` with its manifest tags (spec: before any derived
         data is returned), so a sampler that cannot replay the store fails here, not silently."""
         if not self._seeded.checked and len(idx):
-            c = int(idx[0]) // self.header.images_per_chunk
-            self._check_derived(c, c + 1, self._seeded.chunk_rows(c * self.header.images_per_chunk,
-                                                                  (c + 1) * self.header.images_per_chunk))
+            ipc = self.header.images_per_chunk
+            c = int(idx[0]) // ipc
+            self._check_derived(c, c + 1, self._seeded.chunk_rows(c * ipc, (c + 1) * ipc))
         return self._seeded.rows(idx, slots)
 
     def _check_derived(self, c0: int, c1: int, data: dict[str, np.ndarray]) -> None:
@@ -397,11 +579,7 @@ class Reader:
         return sc.check(c0, data, np.concatenate(rows), self._columns, w.reshape(-1, ipc).any(1))
 
     def _records(self, data: dict[str, np.ndarray]) -> CropRecords:
-        if self._v1_aug:
-            block = data[S.AUG]
-            aug = {a.name: block[..., j] for j, a in enumerate(self.header.aug)}
-        else:
-            aug = {name: data[p] for name, p in self._aug_paths}
+        aug = {name: data[p] for name, p in self._aug_paths}
         return CropRecords(data[S.BOX], data[S.FLIP], aug, {name: data[p] for p, name in self._field_paths})
 
     def read(self, i: int, slots=None) -> CropRecords:
@@ -413,11 +591,7 @@ class Reader:
         if slots is not None:
             slots = _int_array(slots, "slots").reshape(-1)
             _check_slot_range(slots, self.header.crops_per_image)
-        c, w = divmod(i, self.header.images_per_chunk)
-        arrays = self._arrays.values()
-        chunks = take_one(list(arrays), c)
-        # a copy (not a view of a cached chunk): callers may modify what they get
-        data = {a.path: ch[w].copy() if slots is None else ch[w].take(slots, 0) for a, ch in zip(arrays, chunks)}
+        data = self._one_row(i, slots)
         if self._seeded is not None:
             box, flip = self._derive(np.array([i]), slots)
             data[S.BOX], data[S.FLIP] = box[0], flip[0]
@@ -432,19 +606,12 @@ class Reader:
         idx = _int_array(indices, "indices").reshape(-1)
         self._check_written(idx)
         sl = self._slots(slots, len(idx))
-        chunks, inv, within = group_rows(idx, self.header.images_per_chunk)
-        arrays = list(self._arrays.values())
-        stacks = take_many(arrays, chunks)
-        if sl is None:
-            data = {a.path: st[inv, within] for a, st in zip(arrays, stacks)}
-        else:
-            inv2, within2 = inv[:, None], within[:, None]
-            data = {a.path: st[inv2, within2, sl] for a, st in zip(arrays, stacks)}
+        data = self._rows(idx, sl)
         if self._seeded is not None:
             data[S.BOX], data[S.FLIP] = self._derive(idx, sl)
         return self._records(data)
 
-    def read_all(self, slots=None, *, progress: bool = False) -> CropRecords:
+    def read_all(self, slots=None, *, progress: bool | None = False) -> CropRecords:
         """Every image's records, shard by shard (a few shards per batch of reads). ``slots`` (N, m) keeps
         only the slots an epoch uses, so memory is N*m records. Requires a complete store."""
         h = self.header
@@ -453,20 +620,10 @@ class Reader:
         N, M = h.num_images, h.crops_per_image
         sl = self._slots(slots, N)
         m = M if sl is None else sl.shape[1]
-        out = {name: np.empty((N, m, *trail), np.dtype(dtype)) for name, (trail, dtype) in self._specs.items()}
+        out = {name: np.empty((N, m, *row[1:]), np.dtype(dtype)) for name, (row, dtype) in self._specs.items()}
         arrays = list(self._arrays.values())
-        shard_bytes = sum(a.chunk_nbytes * a.per_shard for a in arrays)
-        # A remote store is read ahead: READ_AHEAD batches are being fetched (their latency overlapping)
-        # while this thread decodes the oldest; smaller batches keep that pipeline full. Its shard files are
-        # fetched whole (one request per array and shard, index included: read_all needs every chunk).
-        ahead = READ_AHEAD if self._source.remote and all(a.fast for a in arrays) else 0
-        step = max(1, READ_ALL_BATCH_BYTES // (ahead + 1) // max(1, shard_bytes))
-        batches = [range(s0, min(h.num_shards, s0 + step)) for s0 in range(0, h.num_shards, step)]
 
-        def items(shards):
-            return [(a, np.concatenate([a.shard_chunks(s) for s in shards]), None) for a in arrays]
-
-        def keep(shards, loaded):
+        def keep(shards, loaded, lock):
             n0 = shards.start * h.images_per_shard
             n1 = min(N, shards.stop * h.images_per_shard)
             if self._seeded is not None:  # derived here, every chunk checked against its manifest tags
@@ -484,85 +641,86 @@ class Reader:
                     rows = rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
                 out[a.path][n0:n1] = rows
 
-        import threading
-
-        lock = threading.Lock()  # the shard-index and manifest caches, shared with the fetching threads
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(batches), desc="reading shards", unit=f"{step} shards")
-        try:
-            if not ahead:
-                for shards in batches:
-                    keep(shards, load_many(items(shards)))
-                    if bar is not None:
-                        bar.update()
-            else:
-                import collections
-                import itertools
-                from concurrent.futures import ThreadPoolExecutor
-
-                todo = iter(batches)
-
-                def manifests():
-                    with lock:  # taken before any fetch needs a tag: every manifest chunk in one round
-                        prefetch_manifests(arrays, range(h.num_shards))
-
-                with ThreadPoolExecutor(max_workers=ahead + 1, thread_name_prefix="fkdstore-read-all") as pool:
-                    pool.submit(manifests)
-                    pending: collections.deque = collections.deque()
-                    try:
-                        for shards in itertools.islice(todo, ahead):
-                            pending.append((shards, pool.submit(fetch_many, items(shards), lock, True)))
-                        while pending:
-                            shards, fut = pending.popleft()
-                            plans = fut.result()
-                            nxt = next(todo, None)
-                            if nxt is not None:
-                                pending.append((nxt, pool.submit(fetch_many, items(nxt), lock, True)))
-                            keep(shards, finish_many(plans))
-                            if bar is not None:
-                                bar.update()
-                    finally:
-                        for _, fut in pending:  # an error stops the read: fetches not started are dropped
-                            fut.cancel()
-        finally:
-            if bar is not None:
-                bar.close()
+        self._all_rows(keep, progress=progress)
         return self._records(out)
 
     def decode(self, fields: Mapping[str, Any], temperature: float | None = None):
-        """Decode codec fields (numpy or torch, any device) to distributions (..., C). ``temperature`` is
-        passed to codecs that support it (a codec that does not raises TypeError if one is given)."""
+        """Decode codec fields (numpy or torch, any device) to distributions (..., C) at ``temperature``
+        (default 1; every codec follows the one temperature rule of :mod:`fkdstore.codecs.base`)."""
         if temperature is None:
             return self.codec.decode(fields, self.num_classes)
-        if "temperature" not in inspect.signature(self.codec.decode).parameters:
-            raise TypeError(f"codec {self.codec.name!r} does not support temperature. Got temperature={temperature!r}.")
         return self.codec.decode(fields, self.num_classes, temperature=temperature)
 
     def soft_labels(self, i: int, slots=None) -> np.ndarray:
         """Decoded soft labels of image ``i``: (M, C) float32, or (len(slots), C)."""
         return self.decode(self.read(i, slots).fields)
 
-    def close(self) -> None:
-        """Close file handles and drop caches (the reader reopens them if used again)."""
-        self._source.close()
-        for a in self._arrays.values():
-            a.clear()
-
-    def __enter__(self) -> Reader:
+    def __enter__(self) -> RegionReader:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __repr__(self) -> str:
+        return (f"fkdstore.RegionReader({self.path!r}, images={self.num_images}, "
+                f"crops_per_image={self.crops_per_image}, classes={self.num_classes}, codec={self.codec!r}, "
+                f"format={self.header.format_version})")
 
-    def __len__(self) -> int:
-        return self.num_images
+
+class LabelMapReader(Reader):
+    """Reader of a label-map store (ReLabel, TokenLabeling): per image one ``K x S x S`` map of top-K class
+    ids and raw scores. Adds ``spec`` (:class:`fkdstore.labelmap.LabelMapSpec`); methods :meth:`read`,
+    :meth:`read_batch`, :meth:`read_all` and :meth:`pool` (soft labels of crops)."""
+
+    spec = property(lambda self: self.header.label_map)
+
+    def _records(self, data: dict[str, np.ndarray]) -> MapRecords:
+        return MapRecords(data[S.MAP_INDICES], data[S.MAP_SCORES])
+
+    def read(self, i: int) -> MapRecords:
+        """Maps of image ``i``: ``indices`` and ``scores`` of shape ``(K, S, S)``."""
+        i = _check_index(i)
+        self._check_written(np.array([i], np.int64))
+        return self._records(self._one_row(i))
+
+    def read_batch(self, indices) -> MapRecords:
+        """Maps of images ``indices`` (B,): ``(B, K, S, S)`` each (errors as :meth:`RegionReader.read_batch`)."""
+        idx = _int_array(indices, "indices").reshape(-1)
+        self._check_written(idx)
+        return self._records(self._rows(idx))
+
+    def read_all(self, *, progress: bool | None = False) -> MapRecords:
+        """Every image's maps (a complete store), shard by shard."""
+        h = self.header
+        if not self.complete:
+            self._check_written(np.flatnonzero(~self.written)[:1])
+        N = h.num_images
+        out = {name: np.empty((N, *row), np.dtype(dtype)) for name, (row, dtype) in h.record_specs().items()}
+        arrays = list(self._arrays.values())
+
+        def keep(shards, loaded, lock):
+            n0, n1 = shards.start * h.images_per_shard, min(N, shards.stop * h.images_per_shard)
+            for a, (data, errors) in zip(arrays, loaded):
+                raise_first(errors)
+                out[a.path][n0:n1] = data.reshape(-1, *a.chunk_shape[1:])[: n1 - n0]
+
+        self._all_rows(keep, progress=progress)
+        return self._records(out)
+
+    def pool(self, indices, boxes, flips=None, *, maps: MapRecords | None = None):
+        """Soft labels of crops ``boxes`` (B, 4) (top, left, height, width, pixels of the original image) of
+        images ``indices`` (B,), flipped where ``flips`` (B,) says: the store's replay equation
+        (:func:`fkdstore.labelmap.pool_labels`): ``(B, C)`` float32, or ``(B, g, g, C)`` for a grid.
+        ``maps``: the images' maps when already read (:meth:`read_batch`)."""
+        idx = _int_array(indices, "indices").reshape(-1)
+        maps = self.read_batch(idx) if maps is None else maps
+        flips = np.zeros(len(idx), bool) if flips is None else flips
+        return _labelmap.pool_labels(maps.indices, maps.scores, boxes, self.image_sizes[idx], flips, self.spec,
+                                     self.num_classes)
 
     def __repr__(self) -> str:
-        return (f"fkdstore.Reader({self.path!r}, images={self.num_images}, crops_per_image={self.crops_per_image}, "
-                f"classes={self.num_classes}, codec={self.codec!r}, format={self.header.format_version})")
+        return (f"fkdstore.LabelMapReader({self.path!r}, images={self.num_images}, classes={self.num_classes}, "
+                f"map={self.spec.map_shape}, format={self.header.format_version})")
+
+
+KIND_READERS: dict[str, type[Reader]] = {S.REGIONS: RegionReader, S.LABEL_MAP: LabelMapReader}
 
 
 class _Sizes:
@@ -618,41 +776,3 @@ def mismatches(meta: ArrayMeta, shape, dtype=None, *, shard=None, inner=None, gr
     if grid is not None and tuple(meta.grid) != tuple(grid):
         bad("chunk shape", tuple(meta.grid), tuple(grid))
     return out
-
-
-def _codec_of(header: S.Header):
-    cfg = dict(header.codec)
-    name = cfg.get("name")
-    known = set(_codecs.REGISTRY) | set(getattr(_codecs, "ALIASES", {}))
-    if name not in known:
-        raise FormatError(f"store uses label codec {name!r}, which this version of fkdstore does not know "
-                          f"(known: {sorted(_codecs.REGISTRY)}); upgrade fkdstore")
-    try:
-        return _codecs.from_config(cfg)
-    except (ValidationError, TypeError) as e:
-        raise FormatError(f"store's codec config {cfg} is not valid for codec {name!r}: {e}") from None
-
-
-def _check_augment(header: S.Header) -> None:
-    """Refuse an augmentation pipeline this library cannot replay: a policy name the registry of
-    :mod:`fkdstore.augment` does not know (named in the message), an invalid policy config, or declared
-    ``aug`` columns that differ from the pipeline's (format 2.0). numpy-only: no torch import."""
-    if not header.augment:
-        return
-    from . import augment as _augment
-    from .augment.registry import registered_policies
-
-    known = registered_policies()
-    for cfg in header.augment:
-        if cfg.get("name") not in known:
-            raise FormatError(f"store uses augment policy {cfg.get('name')!r}, which this version of fkdstore "
-                              f"does not know (known: {sorted(known)}); upgrade fkdstore")
-    try:
-        pipeline = _augment.Pipeline.from_config(list(header.augment))
-    except (ValidationError, TypeError) as e:
-        raise FormatError(f"store's augment pipeline {list(header.augment)} is not valid: {e}") from None
-    if header.major >= 2:
-        want = [c.to_json() for c in pipeline.columns()]
-        have = [a.to_json() for a in header.aug]
-        if want != have:
-            raise FormatError(f"store's aug columns {have} do not match its augment pipeline's columns {want}")

@@ -65,16 +65,19 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from . import codecs as _codecs
+from . import reader as _reader
 from . import schema as S
 from . import storage as _storage
 from . import writer as _writer
 from .ownership import OWNERS
+from .seeded import SlotCropSampler
 
 __all__ = [
     "IMAGENET_1K_IMAGES", "PAPER_TABLE2", "CALIBRATION", "inspect", "format_inspect", "label_stats",
@@ -164,13 +167,13 @@ def paper_table2(codec, k: int | None = None) -> str | None:
 # ------------------------------------------------------------------------------------------- estimate
 def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int | None = None, *,
                    max_side: int = 500, num_aug: int = 0, calibration: dict[str, float] | None = None,
-                   seeded_crops: bool = False) -> dict[str, Any]:
+                   store_crops: bool = False) -> dict[str, Any]:
     """Predicted size of a store in this library's layout.
 
     Returns ``{bytes, bytes_per_crop, files, images_per_chunk, images_per_shard, arrays: {name: bytes}}``.
     ``max_side`` (largest image side) picks the box dtype; ``calibration`` overrides :data:`CALIBRATION`;
-    ``seeded_crops``: a format-3.0 store, whose box and flip are derived, not stored (they keep their
-    manifest columns).
+    ``store_crops``: box and flip stored; by default they are derived from the crop sampler, not stored (they
+    keep their manifest columns).
     """
     cal = dict(CALIBRATION, **(calibration or {}))
     codec = _codecs.as_codec(codec, k=k)
@@ -190,19 +193,19 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
     n_chunks = math.ceil(N / ipc)
     n_shards = math.ceil(N / ips)
     columns = len(per_crop)  # manifest columns (derived arrays keep theirs)
-    if seeded_crops:
+    if not store_crops:
         per_crop = {k: v for k, v in per_crop.items() if k not in (S.BOX, S.FLIP)}
     arrays = {}
     for name, (raw, role) in per_crop.items():
         arrays[name] = int(N * M * raw * cal[role] + n_chunks * CHUNK_OVERHEAD + METADATA_BYTES)
-    per_image_chunks = math.ceil(N / S.PER_IMAGE_CHUNK)
     arrays[S.KEY] = int(N * AVG_KEY_BYTES * cal["image_key"] + METADATA_BYTES)
     arrays["per-image"] = int(N * 13 * cal["per_image"] + 3 * METADATA_BYTES)
-    arrays[S.MANIFEST] = int(n_chunks * columns * 4 + n_shards * 8 + METADATA_BYTES)  # crc32c tags: incompressible
+    # crc32c tags are incompressible: one per inner chunk of every record array, three per shard (key, size, label)
+    arrays[S.MANIFEST] = int(n_chunks * columns * 4 + n_shards * (len(S.BOUND_PER_IMAGE) * 4 + 8) + METADATA_BYTES)
     groups = 2 + (1 if num_aug else 0)  # root, soft (and aug) zarr.json
     total = sum(arrays.values()) + groups * METADATA_BYTES
-    # per-crop arrays, written and manifest: one file per shard each; 3 per-image arrays; the groups
-    files = (len(per_crop) + 2) * (n_shards + 1) + 3 * (per_image_chunks + 1) + groups
+    # record arrays, the 4 per-image arrays and the manifest: one file per shard each (+ zarr.json); the groups
+    files = (len(per_crop) + len(S.PER_IMAGE_ARRAYS) + 1) * (n_shards + 1) + groups
     return {
         "codec": codec.get_config(), "num_images": N, "crops_per_image": M, "num_classes": C,
         "bytes": int(total), "bytes_per_crop": total / (N * M), "files": int(files),
@@ -270,14 +273,10 @@ def calibrate(tmpdir: str | os.PathLike | None = None, *, num_images: int = 256,
 
     Returns a dict with the keys of :data:`CALIBRATION` that the given codecs exercise.
     """
-    import tempfile
-
-    from .transforms import CropSampler
-
     rng = np.random.default_rng(seed)
     N, M, C = num_images, crops, classes
     sizes = np.stack([rng.integers(300, 501, N), rng.integers(375, 501, N)], 1)
-    sampler = CropSampler(seed=seed)
+    sampler = SlotCropSampler(seed=seed)
     boxes, flips = zip(*(sampler.sample(i, int(sizes[i, 0]), int(sizes[i, 1]), M) for i in range(N)))
     boxes, flips = np.stack(boxes), np.stack(flips)
     labels = rng.integers(0, C, N)
@@ -396,12 +395,10 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
     ``path`` is a folder or a URL (with ``storage_options``). Stored bytes and file counts of a remote store
     come from one recursive listing through the store API (object sizes; no object is downloaded for them),
     so they equal what a local copy of the store holds."""
-    from . import reader as _reader
-
     r = _reader.open(path, storage_options=storage_options)
     h = r.header
     stats = storage_stats(path, storage_options=storage_options)
-    names = [*h.per_image_arrays, *r.per_crop_arrays] + ([S.MANIFEST] if h.major >= 2 else [])
+    names = [*h.per_image_arrays, *r.record_arrays, S.MANIFEST]
     arrays = {n: _array_info(r.array(n), stats) for n in names}
     written = int(r.written.sum())
     crops = written * h.crops_per_image
@@ -419,11 +416,12 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
         per_image_b = sum(arrays[n]["stored_bytes"] for n in h.per_image_arrays) / h.num_images
         ext_bytes = int(per_crop_b * IMAGENET_1K_IMAGES * h.crops_per_image + per_image_b * IMAGENET_1K_IMAGES)
     out = {
-        "path": str(path), "format": h.format, "format_version": h.format_version,
-        "library_version": h.library_version, "codec": dict(h.codec),
-        "crops": "seeded" if h.seeded else "stored", "crop_sampler": h.crop_sampler,
+        "path": str(path), "format": S.FORMAT_NAME, "format_version": h.format_version, "kind": h.kind,
+        "store_id": h.store_id, "library_version": h.library_version, "codec": codec.get_config(),
+        "replay": None if h.replay is None else h.replay.get_config(),
+        "crops": "seeded" if h.seeded else "stored", "crop_sampler": h.sampler.get_config() if h.seeded else None,
         "num_images": h.num_images, "crops_per_image": h.crops_per_image, "num_classes": h.num_classes,
-        "aug": [a.to_json() for a in h.aug], "augment": [dict(p) for p in h.augment], "has_labels": h.has_labels,
+        "aug": [a.to_json() for a in h.aug], "augment": h.augment.get_config(), "has_labels": h.has_labels,
         "images_per_chunk": h.images_per_chunk, "images_per_shard": h.images_per_shard,
         "images_written": written, "complete": written == h.num_images,
         "missing_ranges": [list(x) for x in r.missing_ranges()],

@@ -21,7 +21,7 @@
 
 Guarantees:
 
-* crops depend only on ``(seed, image index)`` (:class:`~fkdstore.transforms.CropSampler`), and teacher
+* crops depend only on ``(seed, image index, slot)`` (:class:`~fkdstore.seeded.SlotCropSampler`), and teacher
   batches are groups of images aligned to storage shards, so batch size, worker count, process count and
   resumption do not change which crops are labelled;
 * work is done shard by shard (a shard is written once, when all its images are labelled), so a run
@@ -39,14 +39,15 @@ the file; ``on_error="skip"`` leaves the image **unwritten** (its ``written`` fl
 is incomplete and readers refuse it) and lists its key in ``meta["skipped"]``. A later run retries
 skipped images (for example after the file was replaced by a readable copy) and refreshes the list.
 
-Provenance goes into the store's ``meta``: teacher name, class and weight hashes, input size, mean/std,
-interpolation, temperature, sampler config, class names; after each run (volatile keys, which a resumed
+Replay parameters (input size, interpolation, mean, std) go into the checksummed header; provenance goes
+into the store's ``meta``: teacher name, class and weight hashes, temperature, class names (and, for stored
+crops, the sampler config); after each run (volatile keys, which a resumed
 run may change) ``time_taken_s``, ``finished_at``, ``skipped`` and a ``history`` list of runs.
 
 The parameters of :func:`generate` fall into groups, each a small frozen dataclass validated on
-construction: :class:`~fkdstore.transforms.CropSampler` (which crops), :class:`~fkdstore.teacher.TeacherInputs`
-(what the teacher sees), :class:`LabelSpec` (what the store holds), :class:`Execution` (how this run
-executes; never changes the stored values) and :class:`Provenance`. Seams for later work: the crops of an
+construction: :class:`LabelSpec` (what the store holds, which crops), :class:`~fkdstore.transforms.Replay`
+(what the teacher sees), :class:`Execution` (how this run executes; never changes the stored values) and
+:class:`Provenance`; :func:`generate` takes them as objects or their fields as keywords. Seams for later work: the crops of an
 image come from :class:`_CropDataset`'s ``crops`` object (anything with ``sample(index, H, W, M)``), where
 an augmentation pipeline plugs in and where crops replayed from another store do (:class:`StoredCrops`,
 ``generate(..., crops_from=STORE)``: relabelling with a new teacher); every access to the output location
@@ -57,8 +58,8 @@ The command line (``fkdstore generate``) lives in :mod:`fkdstore.cli`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
-import math
 import os
 import sys
 import time
@@ -73,17 +74,19 @@ import torch
 
 from . import augment as _augment
 from . import codecs as _codecs
-from . import schema as S
+from . import progress as _progress
 from . import reader as _reader
 from . import report as _report
+from . import schema as S
 from . import storage as _storage
 from . import writer as _writer
+from .augment.replay import Partner, replay_slots
 from .distributed import Collectives, World, pick_device
 from .errors import FkdstoreError, SchemaMismatchError, ValidationError
 from .images import ImageList, ImageReadError, image_size, list_images, load_image
-from .teacher import TeacherForward, TeacherInputs, state_sha256
 from .seeded import SlotCropSampler
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler, replay_crops
+from .teacher import TeacherForward, state_sha256
+from .transforms import Replay, replay_crops
 from .validation import boolean, non_negative_int, positive_int
 
 __all__ = ["generate", "LabelSpec", "Execution", "Provenance", "StoredCrops", "DEFAULT_BATCH_SIZE", "ON_ERROR"]
@@ -96,33 +99,38 @@ GENERATOR = "fkdstore.generate"
 # --------------------------------------------------------------------------------------------- configs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LabelSpec:
     """What the store holds: ``crops_per_image`` (M) soft labels per image, ``softmax(logits / temperature)``
     stored with ``codec`` (a codec, a name or a config dict; a codec with ``input == "logits"`` gets the
-    logits, and then ``temperature`` must be 1); ``num_classes`` is the expected teacher width
-    (``None``: measured), ``images_per_shard`` a storage layout override."""
+    logits, and then ``temperature`` must be 1); the crops drawn by ``crop_sampler`` (a
+    :class:`~fkdstore.seeded.SlotCropSampler`) and derived from it on read, or stored when ``store_crops``;
+    ``augment`` the policies applied after the crop (:func:`fkdstore.augment.parse_augment`);
+    ``num_classes`` the expected teacher width (``None``: measured); ``images_per_shard`` a storage layout
+    override."""
 
     crops_per_image: int
     codec: Any
     temperature: float = 1.0
+    crop_sampler: SlotCropSampler = field(default_factory=SlotCropSampler)
+    store_crops: bool = False
+    augment: Any = None
     num_classes: int | None = None
     images_per_shard: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crops_per_image", positive_int("crops_per_image", self.crops_per_image))
         object.__setattr__(self, "codec", _codecs.as_codec(self.codec))
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float, np.number)):
-            raise TypeError(f"temperature must be a number > 0. Got {self.temperature!r}.")
-        t = float(self.temperature)
-        if not (math.isfinite(t) and t > 0):
-            raise ValidationError(f"temperature must be a finite number > 0. Got {self.temperature!r}.")
-        object.__setattr__(self, "temperature", t)
-        if self.codec.input == "logits" and t != 1.0:
+        object.__setattr__(self, "temperature", _codecs.parse_temperature(self.temperature))
+        if self.codec.input == "logits" and self.temperature != 1.0:
             raise ValidationError(
                 f"temperature must be 1 with the {self.codec.name!r} codec: it stores the teacher's logits and the "
                 f"temperature is chosen when decoding (decode(..., temperature=T), TorchDataset(..., temperature=T)). "
                 f"Got {self.temperature!r}.")
+        if not isinstance(self.crop_sampler, SlotCropSampler):
+            raise TypeError(f"crop_sampler must be a SlotCropSampler. Got {type(self.crop_sampler).__name__}.")
+        object.__setattr__(self, "store_crops", boolean("store_crops", self.store_crops))
+        object.__setattr__(self, "augment", _augment.parse_augment(self.augment))
         if self.num_classes is not None:
             object.__setattr__(self, "num_classes", positive_int("num_classes", self.num_classes))
         if self.images_per_shard is not None:
@@ -133,19 +141,20 @@ def _default_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Execution:
     """How this run executes; none of it changes the stored values. ``batch_size`` crops per teacher
     forward; ``device`` (``None``: this rank's GPU, else CPU); ``num_workers`` decoding processes
     (``None``: ``min(8, cpus - 1)``); ``on_error`` ``"stop"`` or ``"skip"``; ``amp`` autocast on CUDA;
-    ``progress`` a progress bar and a summary line on rank 0."""
+    ``progress`` None = a bar on a terminal, periodic lines otherwise (:mod:`fkdstore.progress`), and a
+    summary line, on rank 0; False: neither."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     device: Any = None
     num_workers: int | None = None
     on_error: str = "stop"
     amp: bool = True
-    progress: bool = True
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_size", positive_int("batch_size", self.batch_size))
@@ -155,7 +164,7 @@ class Execution:
             raise ValidationError(f"on_error must be one of {list(ON_ERROR)}. Got {self.on_error!r}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Provenance:
     """Names recorded in ``meta["teacher"]``: ``teacher_name`` (default: the module's class path) and the
     sha256 of the weights file (``None`` when unknown)."""
@@ -174,16 +183,47 @@ class _Job:
     """Everything :func:`generate` was asked for, validated."""
 
     labels: LabelSpec
-    sampler: CropSampler | SlotCropSampler
-    inputs: TeacherInputs
+    replay: Replay
     execution: Execution
     provenance: Provenance = field(default_factory=Provenance)
-    augment: _augment.Pipeline = field(default_factory=_augment.Pipeline)
-    seeded_crops: bool = False
+
+    @property
+    def sampler(self) -> SlotCropSampler:
+        return self.labels.crop_sampler
+
+    @property
+    def augment(self) -> _augment.Pipeline:
+        return self.labels.augment
 
     @property
     def images_per_batch(self) -> int:
         return max(1, self.execution.batch_size // self.labels.crops_per_image)
+
+
+_CONFIGS = {"labels": LabelSpec, "replay": Replay, "run": Execution, "provenance": Provenance}
+# the flat keyword form of generate(): each option belongs to exactly one config object
+_OPTIONS = {f.name: name for name, cls in _CONFIGS.items() for f in dataclasses.fields(cls)}
+
+
+def _configs(given: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The four config objects of :func:`generate` from its config arguments and flat options."""
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"generate() got unknown options {unknown}; options are the fields of LabelSpec, Replay, "
+                        f"Execution and Provenance: {sorted(_OPTIONS)}")
+    out = {}
+    for name, cls in _CONFIGS.items():
+        mine = {k: v for k, v in options.items() if _OPTIONS[k] == name}
+        obj = given.get(name)
+        if obj is not None:
+            if not isinstance(obj, cls):
+                raise TypeError(f"{name} must be a {cls.__name__}. Got {type(obj).__name__}.")
+            if mine:
+                raise TypeError(f"give either {name}={cls.__name__}(...) or its fields {sorted(mine)}, not both")
+            out[name] = obj
+        else:
+            out[name] = cls(**mine)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- generate
@@ -194,104 +234,66 @@ def generate(
     images: str | os.PathLike | Sequence[str | os.PathLike],
     path: str | os.PathLike,
     *,
-    crops_per_image: int,
-    codec: Any,
-    input_size: int = 224,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_p: float = 0.5,
-    temperature: float = 1.0,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bilinear",
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
-    on_error: str = "stop",
-    images_per_shard: int | None = None,
-    num_classes: int | None = None,
-    amp: bool = True,
-    progress: bool = True,
-    teacher_name: str | None = None,
-    weights_sha256: str | None = None,
-    augment: Any = None,
+    labels: LabelSpec | None = None,
+    replay: Replay | None = None,
+    run: Execution | None = None,
+    provenance: Provenance | None = None,
     crops_from: str | os.PathLike | None = None,
     storage_options: dict[str, Any] | None = None,
-    seeded_crops: bool = False,
+    **options: Any,
 ) -> _reader.Reader:
     """Label ``images`` with ``teacher`` and write (or finish) the store at ``path``; return it opened.
 
+    The parameters come as four config objects, or as their fields given directly (the short form for the
+    common case, ``generate(teacher, "train/", "labels.zarr", crops_per_image=8, codec="ms:k=5",
+    input_size=32)``; an object and its fields together are refused):
+
+    * ``labels``: :class:`LabelSpec`: ``crops_per_image`` (M), ``codec``, ``temperature`` (labels are
+      ``softmax(logits / temperature)``; 1 for a codec that stores logits, whose temperature is chosen at
+      load time), ``crop_sampler`` (a :class:`~fkdstore.seeded.SlotCropSampler`, default seed 0; its crops
+      are derived on read, or stored with ``store_crops=True``), ``augment`` (policies after the crop:
+      :func:`fkdstore.augment.parse_augment`; each slot's params are sampled from ``(seed, image, slot)``,
+      stored as ``aug/<column>``, and the teacher labels the augmented — for Mixup/CutMix mixed — pixels),
+      ``num_classes`` (expected teacher width; default measured), ``images_per_shard`` (layout override);
+    * ``replay``: :class:`~fkdstore.transforms.Replay`: ``input_size`` (the teacher's input, default 224),
+      ``interpolation``, ``mean``, ``std``; recorded in the header, what training replays;
+    * ``run``: :class:`Execution`: ``batch_size`` (crops per teacher forward; images are grouped
+      ``max(1, batch_size // M)`` at a time, aligned to storage shards), ``device`` (default cuda when
+      available, ``cuda:LOCAL_RANK`` under torchrun, else cpu), ``num_workers`` (decoding workers, default
+      ``min(8, cpus - 1)``), ``on_error`` (``"stop"`` raises on an unreadable image; ``"skip"`` leaves it
+      unwritten, listed in ``meta["skipped"]``, and a later run retries it), ``amp`` (autocast on CUDA),
+      ``progress`` (None: a bar on a terminal, periodic lines otherwise, and a summary line; rank 0 only);
+    * ``provenance``: :class:`Provenance`: ``teacher_name``, ``weights_sha256``.
+
     Args:
-        teacher: a :class:`torch.nn.Module` returning logits ``(B, C)``; put in eval mode and moved to
-            ``device`` (in place, as ``Module.to`` does).
+        teacher: a :class:`torch.nn.Module` returning logits ``(B, C)``; put in eval mode and moved to the
+            device (in place, as ``Module.to`` does).
         images: an image folder (class sub-folders give ``label``, as ImageFolder) or a list of files.
-        path: the store: a folder or a URL (``s3://bucket/labels.fkd``, any fsspec scheme). If it exists it
+        path: the store: a folder or a URL (``s3://bucket/labels.zarr``, any fsspec scheme). If it exists it
             must have been created by the same call (else :class:`SchemaMismatchError`, nothing written);
             its written images are kept (resume). Under torchrun every rank passes the same location: rank 0
             creates the store, each rank writes its own shards (whole objects), so ranks on several nodes
             need no shared filesystem, only the same URL and credentials.
-        crops_per_image: ``M``. codec: a codec, name or config (``"ms"``, ``get_codec("ms", k=5)``).
-        input_size: side of the square crops fed to the teacher.
-        batch_size: crops per teacher forward. Images are grouped ``max(1, batch_size // M)`` at a time,
-            in groups aligned to storage shards.
-        seed, scale, ratio, flip_p: the crop sampler (:class:`fkdstore.transforms.CropSampler`).
-        temperature: labels are ``softmax(logits / temperature)``. Must be 1 for a codec that stores logits
-            (``codec.input == "logits"``, e.g. ``"logits:k=5"``), whose temperature is chosen at load time.
-        mean, std, interpolation: input normalisation and the resampling filter of the crops.
-        device: default ``"cuda"`` when available (``cuda:LOCAL_RANK`` under torchrun), else ``"cpu"``.
-        num_workers: DataLoader workers decoding and cropping (default ``min(8, cpus - 1)``).
-        on_error: ``"stop"`` raises on an unreadable image; ``"skip"`` leaves it unwritten and records its
-            key in ``meta["skipped"]`` (the store then stays incomplete).
-        images_per_shard: storage layout override (default from :func:`fkdstore.schema.default_layout`).
-        num_classes: expected output width; default: the teacher's (measured on a probe batch).
-        amp: on CUDA run the teacher under autocast (bf16 where supported, else fp16). Ignored on CPU.
-        progress: show a tqdm bar (images/s, crops/s) and print a one-line summary (rank 0 only).
-        teacher_name, weights_sha256: provenance; ``teacher_name`` defaults to the module's class path.
-        augment: augmentation policies applied after the crop (:func:`fkdstore.augment.parse_augment`: a
-            :class:`~fkdstore.augment.Pipeline`, a spec string such as ``"randaugment:num_ops=2;mixup"`` or a
-            list of policy configs). Each slot's params are sampled from ``(seed, image, slot)`` only, stored
-            as the store's ``aug/<column>`` arrays, and the teacher labels the augmented (for Mixup/CutMix:
-            mixed, with the partner's crop and params) pixels; the pipeline config is the header's
-            ``augment``. ``None``: crop and flip only.
-        crops_from: relabel: an existing store whose stored crops (boxes, flips, aug columns, augment
-            pipeline) are labelled instead of sampled ones (:class:`StoredCrops`); ``seed``, ``scale``,
-            ``ratio`` and ``flip_p`` are then unused. ``images`` must list the source's image keys in its
-            order and ``crops_per_image`` equal its ``M``; the source must be complete; image sizes come
-            from the source (an image that changed since is an :class:`ImageReadError`). The new store
-            carries the source's aug columns and augment pipeline, and the teacher sees each slot replayed
-            from the source's stored params (``augment`` must then be None).
-        storage_options: for a URL ``path`` and/or ``crops_from``, passed to fsspec (``{"endpoint_url": ...,
-            "key": ...}``); credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
-        seeded_crops: write a seeded-crops store (format 3.0, :mod:`fkdstore.seeded`): the crops are drawn by
-            :class:`~fkdstore.seeded.SlotCropSampler` (RandomResizedCrop from a counter-based generator, so
-            other crops than ``CropSampler``'s for the same seed) and not stored: reads derive them from the
-            sampler config in the header (``seed``, ``scale``, ``ratio``, ``flip_p``). About 4.8 B per crop
-            less at M = 200.
-            With ``crops_from`` the output has seeded crops exactly when the source has (this flag must then
-            stay False).
+        crops_from: relabel: an existing store whose crops (boxes, flips, aug columns, augment pipeline, crop
+            sampler) are labelled instead of sampled ones (:class:`StoredCrops`; ``crop_sampler`` and
+            ``augment`` are then unused and must stay default). ``images`` must list the source's image keys
+            in its order and ``crops_per_image`` equal its ``M``; the source must be complete; image sizes
+            come from the source.
+        storage_options: for a URL ``path`` and/or ``crops_from``, passed to fsspec; credentials may instead
+            come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
 
     Returns the :class:`fkdstore.Reader` of the store (``complete`` unless images were skipped).
 
     Raises :class:`TypeError` for an argument of the wrong type and
     :class:`~fkdstore.errors.ValidationError` for a bad value, before anything is written;
-    :class:`~fkdstore.errors.StorageError` (one line) for a URL that cannot be reached (bad URL, missing
-    bucket, refused credentials), before the teacher runs.
+    :class:`~fkdstore.errors.StorageError` (one line) for a URL that cannot be reached, before the teacher runs.
     """
     t_start = time.perf_counter()
-    job = _Job(
-        labels=LabelSpec(crops_per_image, codec, temperature, num_classes, images_per_shard),
-        sampler=(SlotCropSampler if seeded_crops is True else CropSampler)(
-            scale=tuple(scale), ratio=tuple(ratio), flip_p=flip_p, seed=seed),
-        inputs=TeacherInputs(input_size, mean, std, interpolation),
-        execution=Execution(batch_size, device, num_workers, on_error, amp, progress),
-        provenance=Provenance(teacher_name, weights_sha256),
-        augment=_augment.parse_augment(augment),
-        seeded_crops=boolean("seeded_crops", seeded_crops),
-    )
-    if crops_from is not None and job.seeded_crops:
-        raise ValidationError("seeded_crops must be False with crops_from: the output has seeded crops exactly when "
-                              "the source store has (its crops cannot be re-drawn otherwise).")
+    cfg = _configs({"labels": labels, "replay": replay, "run": run, "provenance": provenance}, options)
+    job = _Job(labels=cfg["labels"], replay=cfg["replay"], execution=cfg["run"], provenance=cfg["provenance"])
+    if crops_from is not None and (job.labels.crop_sampler != SlotCropSampler() or job.labels.store_crops):
+        raise ValidationError("crop_sampler and store_crops must stay default with crops_from: the crops, and "
+                              "whether they are seeded, come from the source store.")
     if storage_options and not any(_storage.is_url(x) for x in (path, crops_from) if isinstance(x, (str, os.PathLike))):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
     # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
@@ -310,7 +312,7 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
                               f"pipeline come from the source store. Got augment={job.augment.get_config()}.")
     stored = None if crops_from is None else StoredCrops.open(crops_from, listing.keys, job.labels.crops_per_image,
                                                                crops_options)
-    forward = TeacherForward(teacher, job.inputs, pick_device(job.execution.device, World.detect()),
+    forward = TeacherForward(teacher, job.replay, pick_device(job.execution.device, World.detect()),
                              job.execution.amp)
     num_classes = check_num_classes(forward, job.labels.num_classes, listing)
     meta = provenance_meta(teacher, listing, job)
@@ -321,15 +323,15 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
                                                       stored=stored)
         plan = plan_shards(writer.header, writer.written, comm.world, job.images_per_batch)
         dataset = _CropDataset(listing.paths, sizes, job.sampler if stored is None else stored,
-                               job.labels.crops_per_image, job.inputs,
+                               job.labels.crops_per_image, job.replay,
                                augment=job.augment if stored is None else stored.pipeline, seed=job.sampler.seed)
         done = label_shards(forward, writer, dataset, plan, listing.keys, job, num_classes, skipped,
-                            show_progress=job.execution.progress and comm.world.is_leader,
+                            show_progress=job.execution.progress is not False and comm.world.is_leader,
                             name=_storage.describe(out).rstrip("/").rsplit("/", 1)[-1])
         writer.close()
         done_all, all_skipped, elapsed = record_run(writer, comm, job, forward, done, skipped, t_start)
         reader = _reader.open(location[0], storage_options=location[1])  # picklable: reopens by URL in workers
-        if job.execution.progress and comm.world.is_leader:
+        if job.execution.progress is not False and comm.world.is_leader:
             print(summary(reader, out, done_all, elapsed, all_skipped), file=sys.stderr, flush=True)
         return reader
 
@@ -360,10 +362,10 @@ def provenance_meta(teacher: torch.nn.Module, listing: ImageList, job: _Job) -> 
     return {
         "generator": GENERATOR,
         "teacher": job.provenance.teacher_meta(teacher),
-        **job.inputs.meta(),
         "temperature": job.labels.temperature,
-        "sampler": job.sampler.get_config(),
         "classes": list(listing.classes),
+        # stored crops: which sampler drew them (seeded crops carry it in the header)
+        **({"sampler": job.sampler.get_config()} if job.labels.store_crops else {}),
     }
 
 
@@ -409,9 +411,8 @@ def open_or_create_store(out, listing: ImageList, job: _Job, num_classes: int, m
     common = dict(
         num_images=len(listing), crops_per_image=spec.crops_per_image, num_classes=num_classes, codec=spec.codec,
         image_keys=listing.keys, labels=labels, meta=meta, images_per_shard=spec.images_per_shard,
-        aug=[c.to_json() for c in job.augment.columns()], augment=job.augment.get_config(),
+        augment=job.augment, replay=job.replay, crop_sampler=None if spec.store_crops else job.sampler,
     )
-    common["crop_sampler"] = job.sampler if job.seeded_crops else None
     if stored is not None:
         common.update(aug=stored.aug_columns, augment=stored.augment, crop_sampler=stored.crop_sampler)
     skipped: list[str] = []
@@ -510,13 +511,13 @@ class _CropDataset(torch.utils.data.Dataset):
     read error (returned, not raised, so the main process decides between stop and skip).
 
     ``crops`` is anything with ``sample(index, height, width, M) -> (boxes, flips)``: the
-    :class:`~fkdstore.transforms.CropSampler` today, crops replayed from another store or an
+    :class:`~fkdstore.seeded.SlotCropSampler`, crops replayed from another store or an
     augmentation pipeline (whose per-crop columns would travel next to boxes and flips) later.
     """
 
-    def __init__(self, paths, sizes, crops, M: int, inputs: TeacherInputs, augment=None, seed: int = 0):
+    def __init__(self, paths, sizes, crops, M: int, replay: Replay, augment=None, seed: int = 0):
         self.paths, self.sizes, self.crops = list(paths), np.asarray(sizes), crops
-        self.M, self.inputs = M, inputs
+        self.M, self.replay = M, replay
         self.augment = augment if augment is not None and len(augment) else None
         self.seed = seed  # of the augmentation params (the crop sampler's seed)
 
@@ -537,7 +538,7 @@ class _CropDataset(torch.utils.data.Dataset):
             return i, None, None, None, msg
         boxes, flips = self.crops.sample(i, H, W, self.M)
         if self.augment is None:
-            crops = replay_crops(img, boxes, flips, self.inputs.size, self.inputs.interpolation)
+            crops = replay_crops(img, boxes, flips, self.replay.input_size, self.replay.interpolation)
             return i, boxes, flips, crops, None
         try:
             params, crops = self._augmented(i, img, boxes, flips)
@@ -550,16 +551,13 @@ class _CropDataset(torch.utils.data.Dataset):
         stored ones when the crops come from a store (:meth:`StoredCrops.params`)."""
         if isinstance(self.crops, StoredCrops):
             return self.crops.params(i, slots)
-        size = (self.inputs.size, self.inputs.size)
-        return self.augment.sample(self.seed, i, slots, image_size=size, num_images=len(self.paths),
+        return self.augment.sample(self.seed, i, slots, image_size=self.replay.input_size, num_images=len(self.paths),
                                    crops_per_image=self.M)
 
     def _augmented(self, i: int, img, boxes, flips):
         """``(params, uint8 [M, 3, S, S])``: every slot replayed by :func:`fkdstore.augment.replay.replay_slots`;
         a mixing partner ``(j, t)`` (``t`` = the mixed slot) is image ``j`` decoded, its slot ``t``'s box/flip
         and sampled params."""
-        from .augment.replay import Partner, replay_slots
-
         params = self._params(i, np.arange(self.M))
         decoded = {i: img}
 
@@ -575,9 +573,8 @@ class _CropDataset(torch.utils.data.Dataset):
             pboxes, pflips = self.crops.sample(j, Hj, Wj, self.M)
             return Partner(decoded[j], pboxes[t], bool(pflips[t]), _augment.slot_params(self._params(j, [t]), 0))
 
-        size = (self.inputs.size, self.inputs.size)
-        hwc = replay_slots(self.augment, img, np.arange(self.M), boxes, flips, params, size,
-                           self.inputs.interpolation, partner)
+        hwc = replay_slots(self.augment, img, np.arange(self.M), boxes, flips, params, self.replay.input_size,
+                           self.replay.interpolation, partner)
         return params, torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
 
 
@@ -592,9 +589,9 @@ class StoredCrops:
         h = reader.header
         self.sizes = np.asarray(reader.image_sizes, dtype=np.int64)
         self.aug_columns = list(h.aug)
-        self.augment = [dict(p) for p in h.augment]
-        self.pipeline = _augment.Pipeline.from_config(self.augment) if self.augment else None
-        self.crop_sampler = h.crop_sampler  # a seeded source gives a seeded output with the same sampler
+        self.augment = h.augment
+        self.pipeline = h.augment if len(h.augment) else None
+        self.crop_sampler = h.sampler  # a seeded source gives a seeded output with the same sampler
 
     @classmethod
     def open(cls, location, keys: Sequence[str], crops_per_image: int, storage_options=None) -> StoredCrops:
@@ -638,9 +635,10 @@ class StoredCrops:
         return dict(self.reader.read_batch(np.asarray(indices, dtype=np.int64)).aug)
 
     def meta(self) -> dict[str, Any]:
-        """What the new store's ``meta`` records about the source (replaces the unused sampler config)."""
+        """What the new store's ``meta`` records about the source."""
         m = self.reader.meta or {}
-        return {"sampler": m.get("sampler"), "crops_from": {"path": str(self.path), "teacher": m.get("teacher")}}
+        return {**({"sampler": m["sampler"]} if "sampler" in m else {}),
+                "crops_from": {"path": str(self.path), "teacher": m.get("teacher")}}
 
 
 def _collate(items):
@@ -680,11 +678,8 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
         pin_memory=forward.use_cuda, worker_init_fn=_worker_init if ex.num_workers else None,
         prefetch_factor=4 if ex.num_workers else None,
     )
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=plan.num_images, unit="img", desc=f"labelling {name}", dynamic_ncols=True, smoothing=0.05)
+    bar = _progress.progress(ex.progress if show_progress else False, total=plan.num_images, unit="img",
+                             desc=f"labelling {name}", dynamic_ncols=True, smoothing=0.05)
     M = job.labels.crops_per_image
     done = 0
     t0 = time.perf_counter()
@@ -700,13 +695,10 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
                     done += len(idx)
                 if b in plan.shard_ends:
                     writer.flush()
-                if bar is not None:
-                    bar.update(len(idx) + len(errors))
-                    bar.set_postfix_str(f"{done * M / max(time.perf_counter() - t0, 1e-9):,.0f} crops/s",
-                                        refresh=False)
+                bar.update(len(idx) + len(errors))
+                bar.set_postfix_str(f"{done * M / max(time.perf_counter() - t0, 1e-9):,.0f} crops/s")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return done
 
 
@@ -757,7 +749,7 @@ def record_run(writer: _writer.Writer, comm: Collectives, job: _Job, forward: Te
     done_all = sum(per_rank)
     elapsed = time.perf_counter() - t_start
     if comm.world.is_leader:
-        old = S.Header.from_json(writer.group.attrs[S.ATTR_KEY]).meta  # the stored meta (history of earlier runs)
+        old = S.parse_header(writer.group.attrs[S.ATTR_KEY]).meta  # the stored meta (history of earlier runs)
         amp = forward.amp_dtype
         run = {
             "finished_at": _now(), "time_taken_s": round(elapsed, 3), "images_labelled": done_all,

@@ -1,25 +1,30 @@
-"""The fkdstore format in code. This module mirrors ``spec/format-v3.md`` section for section; stores of
-format 1.0 (``spec/format-v1.md``, written by fkdstore 0.1) are still read.
+"""The fkdstore format in code. This module mirrors ``spec/format-v4.md`` section for section.
 
-Everything that names an array, an attribute or a layout rule lives here; the writer, reader, verify and
-CLI import these constants and functions instead of repeating them. A store is a Zarr v3 group whose
-attribute ``"fkdstore"`` (:data:`ATTR_KEY`) holds the JSON object of :class:`Header`. Arrays (``N``
-images, ``M`` crop slots per image, ``C`` classes, ``L`` key bytes, ``P`` per-crop arrays):
+Everything that names an array, an attribute, a cap or a layout rule lives here; the writer, reader, verify
+and CLI import these constants and functions instead of repeating them. A store is a Zarr v3 group whose
+attribute ``"fkdstore"`` (:data:`ATTR_KEY`) holds the header. :func:`parse_header` turns that JSON object
+into a :class:`Header` once, at open: one parse function per format version (4.0, and 3.0 / 2.0 written by
+fkdstore 0.2) and one per record kind, into the same in-memory model, so no other module branches on the
+version. Writers write 4.0 only (:meth:`Header.to_json`).
+
+Arrays (``N`` images, ``L`` key bytes; per kind the record arrays, ``P`` of them in manifest order):
 
 =================  ==================  ==========  ====================================================
 array              shape               dtype       meaning
 =================  ==================  ==========  ====================================================
-``key``            (N, L)              uint8       zero-padded UTF-8 key of each image (2.0)
-``image_key``      (N,)                string      key of each image (1.0 only; needs zarr's vlen-utf8)
+``key``            (N, L)              uint8       zero-padded UTF-8 key of each image
 ``image_size``     (N, 2)              int32       (height, width) of the original image in pixels
 ``label``          (N,)                int32       ground-truth class, -1 if unknown
-``written``        (N,)                uint8       1 once every slot of the image is stored, else 0
-``box``            (N, M, 4)           uint16/i32  crop (top, left, height, width), integer pixels
-``flip``           (N, M)              bool        horizontal flip applied after cropping
-``aug/<name>``     (N, M, *shape)      per column  one augmentation parameter column (2.0)
-``aug``            (N, M, A)           float32     all augmentation parameters (1.0 only)
+``written``        (N,)                uint8       1 once every record of the image is stored, else 0
+``manifest``       (shards, T)         uint32      position-bound tag of every chunk (section 4)
+regions:
+``box``            (N, M, 4)           uint16/i32  crop (top, left, height, width); derived when seeded
+``flip``           (N, M)              bool        horizontal flip applied after cropping; derived when seeded
+``aug/<name>``     (N, M, *shape)      per column  one augmentation parameter column
 ``soft/<field>``   (N, M, ...)         per codec   the label codec's fields (see ``fkdstore.codecs``)
-``manifest``       (chunks, P)         uint32      position-bound tag of every inner chunk (2.0)
+label_map:
+``map/indices``    (N, K, S, S)        uint16/i32  top-K class ids per map cell
+``map/scores``     (N, K, S, S)        f16/f32     their raw scores
 =================  ==================  ==========  ====================================================
 """
 
@@ -28,57 +33,90 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import crc32c as _crc32c
 import numpy as np
 
+from . import codecs as _codecs
+from .augment.base import KINDS as AUG_KINDS
+from .augment.base import Column
+from .augment.pipeline import Pipeline
+from .augment.registry import registered_policies
 from .errors import CorruptStoreError, FormatError, ValidationError
-from .validation import positive_int
+from .labelmap import LabelMapSpec
+from .seeded import SlotCropSampler
+from .transforms import Replay
+from .validation import int_in_range
+
+__all__ = ["Header", "Layout", "Regions", "LabelMap", "parse_header", "new_store_id", "Column", "parse_aug",
+           "manifest_tag", "manifest_tags", "encode_keys", "decode_keys", "default_layout", "box_dtype",
+           "canonical_json", "check_json", "header_checksum", "check_version"]
 
 FORMAT_NAME = "fkdstore"
-FORMAT_VERSION = "2.0"  # what this library writes for stored crops; readers refuse a newer major, accept a newer minor
-SEEDED_FORMAT_VERSION = "3.0"  # what it writes for seeded crops (box and flip derived from `crop_sampler`)
-READ_MAJORS = (1, 2, 3)  # majors this library reads
+FORMAT_VERSION = "4.0"  # what this library writes; readers refuse a newer major, accept a newer minor
+READ_MAJORS = (2, 3, 4)  # majors this library reads (2.0 and 3.0: written by fkdstore 0.2)
 ATTR_KEY = "fkdstore"
 # The root group's only attribute while a writer creates a store (invariant 1): a group holding exactly this
 # attribute and no header is an interrupted creation, which a writer may delete; nothing else ever is.
 CREATING_KEY = "fkdstore_creating"
 
-# Array names (invariant 3 of the spec).
+# Record kinds (section 1.3): what one image's records are.
+REGIONS = "regions"  # M crop slots: box, flip, augmentation parameters, a codec's soft label (FKD)
+LABEL_MAP = "label_map"  # one K x S x S map of top-K class scores over the whole image (ReLabel)
+KINDS = (REGIONS, LABEL_MAP)
+# Extension names a reader of this library understands in the header's ``requires`` list (section 1.4).
+EXTENSIONS: frozenset[str] = frozenset()
+
+# Array names (section 2).
 KEY = "key"
-IMAGE_KEY = "image_key"  # 1.0
 IMAGE_SIZE = "image_size"
 LABEL = "label"
 WRITTEN = "written"
 BOX = "box"
 FLIP = "flip"
-AUG = "aug"  # 2.0: a group of per-column arrays; 1.0: one (N, M, A) float32 array
+AUG = "aug"  # a group of per-column arrays
 SOFT_GROUP = "soft"
+MAP_GROUP = "map"
+MAP_INDICES = "map/indices"
+MAP_SCORES = "map/scores"
 MANIFEST = "manifest"
+DECLARED_GROUPS = (AUG, SOFT_GROUP, MAP_GROUP)  # groups whose arrays the header declares exactly
 
 PER_IMAGE_ARRAYS = (KEY, IMAGE_SIZE, LABEL, WRITTEN)
+BOUND_PER_IMAGE = (KEY, IMAGE_SIZE, LABEL)  # per-image arrays tagged in the manifest (4.0), in this order
 UNKNOWN_LABEL = -1
-FILL_VALUE = 0  # fill value of every per-crop array (and of rows past N in a partial last chunk)
+FILL_VALUE = 0  # fill value of every record array and of key, image_size, written, manifest
+PER_IMAGE_FILL = {KEY: 0, IMAGE_SIZE: 0, LABEL: UNKNOWN_LABEL, WRITTEN: 0}
 # meta keys a resumed run may change; every other meta key must match for a writer to re-open a store
 VOLATILE_META = ("time_taken_s", "finished_at", "created_at", "history", "skipped")
 CHECKSUM_EXCLUDES = ("checksum", "meta", "library_version")  # header fields the checksum does not cover
 
 AUG_COLUMN_KEYS = ("name", "kind", "dtype", "shape")  # the keys of one entry of the header's ``aug`` list
-AUG_KINDS = ("float", "int", "bool", "index")  # declared meaning of an aug column
 AUG_DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32")
-V1_AUG_DTYPE = "float32"  # 1.0 stored every aug column as float32 in one array
 BOX_DTYPES = ("uint16", "int32")
+CROP_MODES = ("seeded", "stored")
 
-# Layout defaults, chosen by measurement (benchmarks/README.md, spec section "Layout").
-PER_IMAGE_CHUNK = 65536  # images per chunk of the small per-image arrays (not sharded)
-TARGET_CHUNK_BYTES = 8 * 1024  # raw bytes of the widest per-crop array in one inner chunk
-TARGET_SHARD_BYTES = 64 * 1024 * 1024  # raw bytes of the widest per-crop array in one shard file
+# Layout defaults, chosen by measurement (benchmarks/README.md, spec section 7).
+LEGACY_PER_IMAGE_CHUNK = 65536  # images per chunk of the per-image arrays in 2.0 and 3.0 stores
+TARGET_CHUNK_BYTES = 8 * 1024  # raw bytes of the widest record array in one inner chunk
+TARGET_SHARD_BYTES = 64 * 1024 * 1024  # raw bytes of the widest record array in one shard file
 MAX_IMAGES_PER_CHUNK = 1024
 MAX_SLOTS_PER_SHARD = 2**20  # a shard is buffered whole: this bounds the teacher work a kill can lose
 MAX_SHARDS = 2048  # wide rows (Full labels) get larger shards rather than more files
 COMPRESSOR = {"cname": "lz4hc", "clevel": 9, "shuffle": "bitshuffle"}  # inside blosc; crc32c after it
+
+# Caps (section 1.5): a store may come from an untrusted download, so a header claiming more is refused at
+# open, before anything is allocated. Memory then stays bounded by these caps plus what a caller asks for.
+MAX_IMAGES = 2**31 - 1  # image indices, sizes and partners are int32
+MAX_CROPS_PER_IMAGE = 2**16
+MAX_CLASSES = 2**20  # one decoded soft label is C float32 values
+MAX_KEY_LENGTH = 4096  # bytes of one image key
+MAX_CHUNK_BYTES = 2**26  # decoded bytes of one inner chunk of one record array (64 MiB)
+MAX_SHARD_BYTES = 2**31  # decoded bytes of one shard of one record array (what a writer buffers)
 
 
 def soft_path(field_name: str) -> str:
@@ -87,29 +125,35 @@ def soft_path(field_name: str) -> str:
 
 
 def aug_path(column: str) -> str:
-    """Path of an augmentation column's array (format 2.0), e.g. ``aug/ra_ops``."""
+    """Path of an augmentation column's array, e.g. ``aug/ra_ops``."""
     return f"{AUG}/{column}"
 
 
 def box_dtype(max_side: int) -> str:
-    """Box coordinates are uint16 when every image side fits (<= 65535 px), else int32."""
+    """Box coordinates are uint16 when every image side fits (<= 65535 px), else int32 (section 2)."""
     return "uint16" if max_side <= np.iinfo(np.uint16).max else "int32"
+
+
+def new_store_id() -> str:
+    """A random store id: 32 lowercase hex digits (128 bits), part of every manifest tag (section 4)."""
+    return secrets.token_hex(16)
 
 
 def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
 
 
-def default_layout(num_images: int, row_bytes: int, crops_per_image: int = 1) -> tuple[int, int]:
-    """Return ``(images_per_chunk, images_per_shard)``: the layout rule of spec section 5, as an algorithm.
+def default_layout(num_images: int, row_bytes: int, records_per_image: int = 1) -> tuple[int, int]:
+    """Return ``(images_per_chunk, images_per_shard)``: the layout rule of spec section 7, as an algorithm.
 
-    ``row_bytes`` is the raw size of one image's row in the widest per-crop array (``M * bytes per slot``).
+    ``row_bytes`` is the raw size of one image's row in the widest record array; ``records_per_image`` is
+    what one image costs the teacher (``M`` crop slots; 1 for a label map).
 
     1. ``chunk = min(MAX_IMAGES_PER_CHUNK, pow2_floor(TARGET_CHUNK_BYTES / row_bytes))`` (at least 1): one
        image read decompresses a few images, not thousands.
     2. ``shard = max(chunk, pow2_floor(TARGET_SHARD_BYTES / row_bytes))``: about 64 MiB per shard file.
-    3. ``shard = min(shard, max(chunk, pow2_floor(MAX_SLOTS_PER_SHARD / M)))``: a shard holds at most
-       2**20 slots, so a writer killed mid-shard loses a bounded amount of teacher work.
+    3. ``shard = min(shard, max(chunk, pow2_floor(MAX_SLOTS_PER_SHARD / records_per_image)))``: a shard holds
+       at most 2**20 records, so a writer killed mid-shard loses a bounded amount of teacher work.
     4. ``shard = max(shard, chunk * ceil(N / MAX_SHARDS / chunk))``: at most 2048 shards per array (wide
        rows such as Full labels grow their shards instead of their file count; this wins over step 3).
     5. ``shard = min(shard, chunk * ceil(N / chunk))`` (never larger than the data), then rounded down to
@@ -118,7 +162,7 @@ def default_layout(num_images: int, row_bytes: int, crops_per_image: int = 1) ->
     row_bytes = max(1, int(row_bytes))
     chunk = min(MAX_IMAGES_PER_CHUNK, _pow2_floor(TARGET_CHUNK_BYTES / row_bytes))
     shard = max(chunk, _pow2_floor(TARGET_SHARD_BYTES / row_bytes))
-    shard = min(shard, max(chunk, _pow2_floor(MAX_SLOTS_PER_SHARD / max(1, int(crops_per_image)))))
+    shard = min(shard, max(chunk, _pow2_floor(MAX_SLOTS_PER_SHARD / max(1, int(records_per_image)))))
     shard = max(shard, chunk * math.ceil(num_images / MAX_SHARDS / chunk))
     shard = min(shard, chunk * math.ceil(num_images / chunk))
     shard = max(chunk, chunk * (shard // chunk))
@@ -129,7 +173,8 @@ def default_layout(num_images: int, row_bytes: int, crops_per_image: int = 1) ->
 
 
 def encode_keys(keys: Sequence[str]) -> np.ndarray:
-    """Image keys -> the ``key`` array: ``(N, L)`` uint8 of zero-padded UTF-8, ``L`` = longest key (>= 1).
+    """Image keys -> the ``key`` array: ``(N, L)`` uint8 of zero-padded UTF-8, ``L`` = the longest key's byte
+    length (at least 1; section 2).
 
     Keys must be non-empty strings without NUL characters (NUL is the padding), unique (checked by the
     writer, which knows N)."""
@@ -141,6 +186,9 @@ def encode_keys(keys: Sequence[str]) -> np.ndarray:
             raise ValidationError(f"image keys must be non-empty and contain no NUL character. Key {i} is {k!r}.")
         raw.append(k.encode("utf-8"))
     length = max((len(b) for b in raw), default=1)
+    if length > MAX_KEY_LENGTH:
+        i = next(i for i, b in enumerate(raw) if len(b) == length)
+        raise ValidationError(f"image keys must be at most {MAX_KEY_LENGTH} bytes of UTF-8. Key {i} has {length}.")
     # numpy's fixed-width bytes dtype pads with NUL: N*L bytes, no per-byte index arrays (those took 32 B per key
     # byte, ~0.9 GiB for ImageNet's keys)
     return np.array(raw, dtype=f"S{length}").view(np.uint8).reshape(len(raw), length)
@@ -160,117 +208,87 @@ def decode_keys(arr: np.ndarray, *, start: int = 0) -> list[str]:
             raise CorruptStoreError(f"array {KEY!r}: image {start + i} is not valid UTF-8") from None
         if b"\0" in b:  # invariant 4: NUL only as padding (the spec's recipe would cut the key here)
             raise CorruptStoreError(f"array {KEY!r}: image {start + i} has a NUL byte inside its key. Got {b!r}.")
+        if not b:
+            raise CorruptStoreError(f"array {KEY!r}: image {start + i} has an empty key")
     return out
 
 
 # -------------------------------------------------------------------------------------------- manifest
 
 
-def manifest_tag(path: str, chunk_index: int, chunk: np.ndarray) -> int:
-    """The manifest value binding inner chunk ``chunk_index`` of per-crop array ``path`` to its content:
-    ``crc32c(utf8(path) + b"\\0" + uint64_le(chunk_index) + bytes)``, where ``bytes`` is the decoded chunk
-    (full inner-chunk shape, C order, little-endian, bool as one byte; rows past N hold the fill value)."""
-    head = _crc32c.crc32c(path.encode("utf-8") + b"\0" + int(chunk_index).to_bytes(8, "little"))
+def manifest_tag(path: str, chunk_index: int, chunk: np.ndarray, prefix: bytes = b"") -> int:
+    """The manifest value binding chunk ``chunk_index`` of array ``path`` to its content (invariant 9):
+    ``crc32c(prefix + utf8(path) + b"\\0" + uint64_le(chunk_index) + bytes)``, where ``prefix`` is the
+    store id's 16 bytes (4.0; empty in 2.0 and 3.0) and ``bytes`` the decoded chunk (full chunk shape, C
+    order, little-endian, bool as one byte; rows past N hold the array's fill value)."""
+    head = _crc32c.crc32c(prefix + path.encode("utf-8") + b"\0" + int(chunk_index).to_bytes(8, "little"))
     data = np.ascontiguousarray(chunk)
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
     return _crc32c.crc32c(data.reshape(-1).view(np.uint8), head)
 
 
-def manifest_tags(path: str, first_chunk: int, data: np.ndarray, images_per_chunk: int) -> np.ndarray:
-    """Tags of consecutive inner chunks ``first_chunk, first_chunk + 1, ...`` covering ``data`` (rows =
-    images). A partial last chunk is padded with the fill value to ``images_per_chunk`` rows."""
-    n = math.ceil(len(data) / images_per_chunk)
+def manifest_tags(path: str, first_chunk: int, data: np.ndarray, rows_per_chunk: int, prefix: bytes = b"",
+                  fill: int = FILL_VALUE) -> np.ndarray:
+    """Tags of consecutive chunks ``first_chunk, first_chunk + 1, ...`` covering ``data`` (rows = images).
+    A partial last chunk is padded with ``fill`` to ``rows_per_chunk`` rows."""
+    n = math.ceil(len(data) / rows_per_chunk)
     out = np.empty(n, np.uint32)
     for j in range(n):
-        part = data[j * images_per_chunk:(j + 1) * images_per_chunk]
-        if len(part) < images_per_chunk:
-            pad = np.full((images_per_chunk - len(part), *part.shape[1:]), FILL_VALUE, part.dtype)
+        part = data[j * rows_per_chunk:(j + 1) * rows_per_chunk]
+        if len(part) < rows_per_chunk:
+            pad = np.full((rows_per_chunk - len(part), *part.shape[1:]), fill, part.dtype)
             part = np.concatenate([part, pad])
-        out[j] = manifest_tag(path, first_chunk + j, part)
+        out[j] = manifest_tag(path, first_chunk + j, part, prefix)
     return out
 
 
 # ------------------------------------------------------------------------------------- augment columns
 
 
-@dataclass(frozen=True, kw_only=True)
-class AugColumn:
-    """One named augmentation parameter stored per crop slot: array ``aug/<name>`` (2.0) of shape
-    ``(N, M, *shape)`` and storage ``dtype``. ``kind`` says what it means (float, int, bool, index)."""
+def parse_column(obj: Any) -> Column:
+    """One ``aug`` entry: a :class:`Column`, a name (a float32 scalar column), a ``(name, kind[, dtype[,
+    shape]])`` tuple or a ``{"name", "kind", "dtype", "shape"}`` object, checked (section 1.1)."""
+    if isinstance(obj, Column):
+        name, kind, dtype, shape = obj
+    elif isinstance(obj, str):
+        name, kind, dtype, shape = obj, "float", "float32", ()
+    elif isinstance(obj, Mapping):
+        unknown = set(obj) - set(AUG_COLUMN_KEYS)
+        if unknown or "name" not in obj:
+            raise ValidationError(f"aug column keys must be {', '.join(AUG_COLUMN_KEYS)}. Got {sorted(obj)}.")
+        name, kind, dtype, shape = (obj["name"], obj.get("kind", "float"), obj.get("dtype", "float32"),
+                                    obj.get("shape", ()))
+    elif isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 4:
+        name, kind, dtype, shape = (*obj, *("float", "float32", ())[len(obj) - 1:])
+    else:
+        raise TypeError(f"aug columns must be names, tuples, dicts or Column. Got {obj!r}.")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValidationError(f"aug column names must be identifiers. Got {name!r}.")
+    if kind not in AUG_KINDS:
+        raise ValidationError(f"aug column kind must be one of {list(AUG_KINDS)}. Got {kind!r}.")
+    if dtype not in AUG_DTYPES:
+        raise ValidationError(f"aug column dtype must be one of {list(AUG_DTYPES)}. Got {dtype!r}.")
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or any(
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
+        raise ValidationError(f"aug column shape must be positive integers. Got {shape!r}.")
+    return Column(name, kind, dtype, tuple(int(s) for s in shape))
 
-    name: str
-    kind: str = "float"
-    dtype: str = V1_AUG_DTYPE
-    shape: tuple[int, ...] = ()
 
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValidationError(f"aug column names must be identifiers. Got {self.name!r}.")
-        if self.kind not in AUG_KINDS:
-            raise ValidationError(f"aug column kind must be one of {list(AUG_KINDS)}. Got {self.kind!r}.")
-        if self.dtype not in AUG_DTYPES:
-            raise ValidationError(f"aug column dtype must be one of {list(AUG_DTYPES)}. Got {self.dtype!r}.")
-        shape = tuple(self.shape)
-        if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
-            raise ValidationError(f"aug column shape must be positive integers. Got {self.shape!r}.")
-        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-def parse_aug(aug) -> tuple[AugColumn, ...]:
-    """Accept ``None``, names, ``(name, kind[, dtype[, shape]])`` tuples, dicts or :class:`AugColumn`s."""
-    out = []
-    for a in aug or ():
-        if isinstance(a, AugColumn):
-            out.append(a)
-        elif isinstance(a, str):
-            out.append(AugColumn(name=a))
-        elif isinstance(a, Mapping):
-            unknown = set(a) - set(AUG_COLUMN_KEYS)
-            if unknown:
-                raise ValidationError(f"aug column keys must be {', '.join(AUG_COLUMN_KEYS)}. Got {sorted(unknown)}.")
-            out.append(AugColumn(**{k: (tuple(v) if k == "shape" else v) for k, v in a.items()}))
-        elif isinstance(a, (tuple, list)) and 1 <= len(a) <= 4:
-            names = ("name", "kind", "dtype", "shape")
-            out.append(AugColumn(**{k: (tuple(v) if k == "shape" else v) for k, v in zip(names, a)}))
-        else:
-            raise TypeError(f"aug columns must be names, tuples, dicts or AugColumn. Got {a!r}.")
+def parse_aug(aug: Any) -> tuple[Column, ...]:
+    """The ``aug`` list: :func:`parse_column` of each entry; names unique."""
+    out = tuple(parse_column(a) for a in (aug or ()))
     names = [a.name for a in out]
     if len(set(names)) != len(names):
         raise ValidationError(f"aug column names must be unique. Got {names}.")
-    return tuple(out)
+    return out
 
 
-# ------------------------------------------------------------------------------------------ invariants
-
-
-def bad_boxes(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Invariant 5, the one home of the box rule: mask ``(..., M)`` of boxes that are NOT inside their
-    image. ``boxes`` (B, M, 4) (top, left, height, width); ``sizes`` (B, 2) (height, width). Computed in
-    int64 with every coordinate bounded before any sum, so no overflow hides a bad box (e.g. top = 2**63 - 1)."""
-    b = np.asarray(boxes)
-    if b.dtype.kind not in "iub":
-        b = b.astype(object)
-    elif b.dtype.kind == "u" and b.dtype.itemsize >= 8:
-        b = np.where(b > np.iinfo(np.int64).max, -1, b.astype(np.int64))  # too large: as bad as negative
-    else:
-        b = b.astype(np.int64)
-    top, left, hh, ww = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
-    s = np.asarray(sizes).astype(np.int64)
-    H, W = s[:, 0:1], s[:, 1:2]
-    # Each term alone is bounded by the image side first, so a sum that overflows int64 only occurs in a
-    # box already marked bad.
-    with np.errstate(over="ignore"):
-        bad = (top < 0) | (left < 0) | (hh < 1) | (ww < 1) | (top > H) | (left > W) | (hh > H) | (ww > W) \
-            | (top + hh > H) | (left + ww > W)
-    return np.asarray(bad, dtype=bool)
+# ------------------------------------------------------------------------------------------------ JSON
 
 
 def canonical_json(obj: Any) -> str:
-    """The one JSON spelling used for checksums and comparisons: sorted keys, no spaces, no NaN."""
+    """The one JSON spelling used for checksums and comparisons: sorted keys, no spaces, no NaN (1.2)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
@@ -285,78 +303,234 @@ def check_json(obj: Any, what: str) -> None:
         raise ValidationError(f"{what} must round-trip through JSON unchanged (use lists, not tuples). Got {obj!r}.")
 
 
-# -------------------------------------------------------------------------------------------- header
+def header_checksum(d: Mapping[str, Any]) -> str:
+    """``"crc32c:%08x"`` of the canonical JSON of a header object without ``checksum``, ``meta`` and
+    ``library_version`` (section 1.2): an edit of anything else is detected; provenance may change (a resumed
+    run updates ``meta``)."""
+    body = {k: v for k, v in d.items() if k not in CHECKSUM_EXCLUDES}
+    return "crc32c:%08x" % _crc32c.crc32c(canonical_json(body).encode("utf-8"))
 
-_REQUIRED = ("num_images", "crops_per_image", "num_classes", "codec", "images_per_chunk", "images_per_shard",
-             "box_dtype")
-_REQUIRED_2 = _REQUIRED + ("key_length", "aug", "augment", "has_labels", "checksum")
-_REQUIRED_3 = _REQUIRED_2 + ("crop_sampler",)
+
+def check_version(version: Any) -> tuple[int, int]:
+    """Parse ``"major.minor"``; raise :class:`FormatError` for a major version this library cannot read."""
+    try:
+        major, minor = (int(x) for x in str(version).split("."))
+    except ValueError:
+        raise FormatError(f"format_version must be 'major.minor'. Got {version!r}.") from None
+    if major > max(READ_MAJORS):
+        raise FormatError(f"store has format version {version}, newer than this library reads ({FORMAT_VERSION}); "
+                          f"upgrade fkdstore")
+    if major == 1:
+        raise FormatError("store has format version 1.0 (fkdstore 0.1): this library reads it only to convert it "
+                          "(`fkdstore convert SRC DST` writes a 4.0 store)")
+    if major not in READ_MAJORS:
+        raise FormatError(f"format_version major must be one of {list(READ_MAJORS)}. Got {version!r}.")
+    return major, minor
 
 
-def _parse_positive_int(name: str, v: Any) -> int:
-    return positive_int(name, v)
+# ------------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """``images_per_chunk`` (inner chunk of the record arrays) and ``images_per_shard`` (one shard file per
+    record array, one chunk of every per-image array, one row of the manifest; a multiple of the chunk)."""
+
+    images_per_chunk: int
+    images_per_shard: int
+
+    def __post_init__(self) -> None:
+        ipc = int_in_range("images_per_chunk", self.images_per_chunk, 1, MAX_IMAGES)
+        ips = int_in_range("images_per_shard", self.images_per_shard, 1, MAX_IMAGES)
+        if ips % ipc:
+            raise ValidationError(f"images_per_shard must be a multiple of images_per_chunk. Got {ips} and {ipc}.")
+        object.__setattr__(self, "images_per_chunk", ipc)
+        object.__setattr__(self, "images_per_shard", ips)
+
+    def get_config(self) -> dict[str, int]:
+        return {"images_per_chunk": self.images_per_chunk, "images_per_shard": self.images_per_shard}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Regions:
+    """Record kind ``regions`` (FKD): ``M`` crop slots per image, each a crop (box, flip), augmentation
+    parameters and a soft label encoded by ``codec``. ``sampler`` set: seeded crops, ``box`` and ``flip``
+    derived from it (section 10); None: stored crops."""
+
+    crops_per_image: int
+    codec: _codecs.LabelCodec
+    box_dtype: str
+    sampler: SlotCropSampler | None = None
+    aug: tuple[Column, ...] = ()
+    augment: Pipeline = field(default_factory=lambda: Pipeline(()))
+
+    kind = REGIONS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crops_per_image",
+                           int_in_range("crops_per_image", self.crops_per_image, 1, MAX_CROPS_PER_IMAGE))
+        if not isinstance(self.codec, _codecs.LabelCodec):
+            raise TypeError(f"codec must be a LabelCodec. Got {type(self.codec).__name__}.")
+        if self.box_dtype not in BOX_DTYPES:
+            raise ValidationError(f"box_dtype must be one of {list(BOX_DTYPES)}. Got {self.box_dtype!r}.")
+        if self.sampler is not None and not isinstance(self.sampler, SlotCropSampler):
+            raise TypeError(f"sampler must be a SlotCropSampler or None. Got {type(self.sampler).__name__}.")
+        if not isinstance(self.augment, Pipeline):
+            raise TypeError(f"augment must be a Pipeline. Got {type(self.augment).__name__}.")
+        object.__setattr__(self, "aug", parse_aug(self.aug))
+        if len(self.augment):
+            want = [c.to_json() for c in self.augment.columns()]
+            have = [a.to_json() for a in self.aug]
+            if want != have:
+                raise ValidationError(f"aug columns {have} must be the augment pipeline's columns {want}")
+
+    @property
+    def seeded(self) -> bool:
+        return self.sampler is not None
+
+    @property
+    def records_per_image(self) -> int:
+        return self.crops_per_image
+
+    @property
+    def derived(self) -> tuple[str, ...]:
+        """Record arrays that are derived, not stored: ``(box, flip)`` for seeded crops, else none. They keep
+        their manifest columns (tags of the derived chunks)."""
+        return (BOX, FLIP) if self.seeded else ()
+
+    def specs(self, num_classes: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``{path: (row shape per image, dtype)}`` of every record array in manifest order: box, flip, aug
+        columns, codec fields (derived arrays included)."""
+        M = self.crops_per_image
+        out: dict[str, tuple[tuple[int, ...], str]] = {BOX: ((M, 4), self.box_dtype), FLIP: ((M,), "bool")}
+        for a in self.aug:
+            out[aug_path(a.name)] = ((M, *a.shape), a.dtype)
+        for name, spec in self.codec.fields(num_classes).items():
+            out[soft_path(name)] = ((M, *spec.shape), spec.dtype)
+        return out
+
+    def get_config(self) -> dict[str, Any]:
+        crops = {"mode": "stored"} if self.sampler is None else {"mode": "seeded", "sampler": self.sampler.get_config()}
+        return {"crops_per_image": self.crops_per_image, "codec": self.codec.get_config(),
+                "box_dtype": self.box_dtype, "crops": crops, "aug": [a.to_json() for a in self.aug],
+                "augment": self.augment.get_config()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelMap:
+    """Record kind ``label_map`` (ReLabel, TokenLabeling): per image one ``K x S x S`` map of top-K class
+    scores over the whole image, pooled per crop at training time (:mod:`fkdstore.labelmap`)."""
+
+    spec: LabelMapSpec
+
+    kind = LABEL_MAP
+    derived = ()
+    records_per_image = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, LabelMapSpec):
+            raise TypeError(f"spec must be a LabelMapSpec. Got {type(self.spec).__name__}.")
+
+    def specs(self, num_classes: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``{map/indices, map/scores}`` with their row shape ``(K, S, S)`` and dtypes."""
+        shape = self.spec.map_shape
+        return {MAP_INDICES: (shape, self.spec.index_dtype(num_classes)), MAP_SCORES: (shape, self.spec.dtype)}
+
+    def get_config(self) -> dict[str, Any]:
+        return self.spec.get_config()
 
 
 @dataclass(frozen=True, kw_only=True)
 class Header:
-    """The JSON object stored under the group attribute ``"fkdstore"`` (spec section 1).
-
-    Build one with keyword arguments (the writer does); read one with :meth:`from_json`, which raises
-    :class:`FormatError` for anything malformed and :class:`CorruptStoreError` for a checksum mismatch."""
+    """A store's header, parsed (:func:`parse_header`) or built by a writer. ``records`` is the record kind's
+    object (:class:`Regions` or :class:`LabelMap`); ``replay`` how the teacher's pixels are rebuilt (None
+    when the store does not say). ``store_id`` is empty and ``legacy`` true for 2.0 and 3.0 stores, which
+    bind neither the per-image arrays nor the store id (their manifest has one row per inner chunk)."""
 
     num_images: int
-    crops_per_image: int
     num_classes: int
-    codec: dict[str, Any]
-    images_per_chunk: int
-    images_per_shard: int
-    box_dtype: str
-    key_length: int = 0
-    aug: tuple[AugColumn, ...] = ()
-    augment: tuple[dict[str, Any], ...] = ()
-    has_labels: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
+    key_length: int
+    has_labels: bool
+    layout: Layout
+    records: Regions | LabelMap
+    replay: Replay | None = None
+    store_id: str = ""
+    requires: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
     library_version: str = ""
     format_version: str = FORMAT_VERSION
-    format: str = FORMAT_NAME
     checksum: str = field(default="", compare=False)
-    crop_sampler: dict[str, Any] | None = None  # 3.0: the seeded crop sampler's config (box/flip derived)
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
-    def __post_init__(self):
-        for name in ("num_images", "crops_per_image", "num_classes", "images_per_chunk", "images_per_shard"):
-            object.__setattr__(self, name, _parse_positive_int(name, getattr(self, name)))
-        if self.images_per_shard % self.images_per_chunk:
-            raise ValidationError(
-                f"images_per_shard must be a multiple of images_per_chunk. "
-                f"Got {self.images_per_shard} and {self.images_per_chunk}."
-            )
-        if self.box_dtype not in BOX_DTYPES:
-            raise ValidationError(f"box_dtype must be one of {list(BOX_DTYPES)}. Got {self.box_dtype!r}.")
-        if not isinstance(self.codec, Mapping) or not isinstance(self.codec.get("name"), str):
-            raise ValidationError(f"codec must be a config object with a 'name'. Got {self.codec!r}.")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_images", int_in_range("num_images", self.num_images, 1, MAX_IMAGES))
+        object.__setattr__(self, "num_classes", int_in_range("num_classes", self.num_classes, 1, MAX_CLASSES))
+        object.__setattr__(self, "key_length", int_in_range("key_length", self.key_length, 1, MAX_KEY_LENGTH))
+        if not isinstance(self.has_labels, bool):
+            raise ValidationError(f"has_labels must be a bool. Got {self.has_labels!r}.")
+        if not isinstance(self.records, (Regions, LabelMap)):
+            raise TypeError(f"records must be Regions or LabelMap. Got {type(self.records).__name__}.")
+        if self.replay is not None and not isinstance(self.replay, Replay):
+            raise TypeError(f"replay must be a Replay or None. Got {type(self.replay).__name__}.")
         if not isinstance(self.meta, Mapping):
             raise ValidationError(f"meta must be a JSON object. Got {type(self.meta).__name__}.")
-        if isinstance(self.key_length, bool) or not isinstance(self.key_length, (int, np.integer)) or self.key_length < 0:
-            raise ValidationError(f"key_length must be an integer >= 0. Got {self.key_length!r}.")
-        if self.major >= 2 and self.key_length < 1:
-            raise ValidationError(f"key_length must be >= 1 in format 2. Got {self.key_length!r}.")
-        augment = tuple(self.augment)
-        if not all(isinstance(p, Mapping) and isinstance(p.get("name"), str) for p in augment):
-            raise ValidationError(f"augment must be a list of policy configs with a 'name'. Got {self.augment!r}.")
-        object.__setattr__(self, "augment", tuple(dict(p) for p in augment))
-        object.__setattr__(self, "aug", parse_aug(self.aug))
-        if self.major < 2 and any(a.dtype != V1_AUG_DTYPE or a.shape for a in self.aug):
-            raise ValidationError("format 1 stores aug columns as scalar float32 only.")
-        if self.major >= 3:
-            object.__setattr__(self, "crop_sampler", parse_crop_sampler(self.crop_sampler))
-        elif self.crop_sampler is not None:
-            raise ValidationError(f"crop_sampler (seeded crops) needs format {SEEDED_FORMAT_VERSION}; this header "
-                                  f"is format {self.format_version}.")
+        if not self.legacy and (not isinstance(self.store_id, str) or len(self.store_id) != 32
+                                or any(c not in "0123456789abcdef" for c in self.store_id)):
+            raise ValidationError(f"store_id must be 32 lowercase hex digits. Got {self.store_id!r}.")
+        if isinstance(self.records, LabelMap):
+            self.records.spec.check_num_classes(self.num_classes)
+        self._check_caps()
 
-    # -- layout
+    def _check_caps(self) -> None:
+        """Section 1.5: decoded chunk and shard sizes within the caps (checked before anything is allocated)."""
+        for path, (row, dtype) in self.record_specs().items():
+            row_bytes = math.prod(row) * np.dtype(dtype).itemsize
+            for what, images, cap in (("inner chunk", self.images_per_chunk, MAX_CHUNK_BYTES),
+                                      ("shard", self.images_per_shard, MAX_SHARD_BYTES)):
+                if row_bytes * images > cap:
+                    raise ValidationError(f"array {path!r}: one {what} would decode to {row_bytes * images} bytes, "
+                                          f"more than the cap of {cap}")
+
+    # -- version and kind
     @property
     def major(self) -> int:
         return check_version(self.format_version)[0]
+
+    @property
+    def legacy(self) -> bool:
+        """A 2.0 or 3.0 store (fkdstore 0.2): read-only for this library."""
+        return self.format_version.split(".")[0] in ("2", "3")
+
+    @property
+    def kind(self) -> str:
+        return self.records.kind
+
+    @property
+    def regions(self) -> Regions:
+        """The :class:`Regions` records; FormatError for another kind."""
+        if not isinstance(self.records, Regions):
+            raise FormatError(f"store holds {self.kind!r} records, not crop regions (FKD soft labels)")
+        return self.records
+
+    @property
+    def label_map(self) -> LabelMapSpec:
+        """The label-map spec; FormatError for another kind."""
+        if not isinstance(self.records, LabelMap):
+            raise FormatError(f"store holds {self.kind!r} records, not label maps")
+        return self.records.spec
+
+    # regions shortcuts (FormatError for a label-map store)
+    crops_per_image = property(lambda self: self.regions.crops_per_image)
+    codec = property(lambda self: self.regions.codec)
+    box_dtype = property(lambda self: self.regions.box_dtype)
+    aug = property(lambda self: self.regions.aug)
+    augment = property(lambda self: self.regions.augment)
+    sampler = property(lambda self: self.regions.sampler)
+    seeded = property(lambda self: isinstance(self.records, Regions) and self.records.seeded)
+
+    # -- layout
+    images_per_chunk = property(lambda self: self.layout.images_per_chunk)
+    images_per_shard = property(lambda self: self.layout.images_per_shard)
 
     @property
     def num_shards(self) -> int:
@@ -371,155 +545,285 @@ class Header:
         return math.ceil(self.num_images / self.images_per_chunk)
 
     def shard_range(self, shard: int) -> range:
-        """Image indices stored in one shard (and in one chunk of ``written`` and of ``manifest``)."""
+        """Image indices stored in one shard (and in one chunk of every per-image array and manifest row)."""
         start = shard * self.images_per_shard
         return range(start, min(self.num_images, start + self.images_per_shard))
 
-    @property
-    def key_array(self) -> str:
-        """Name of the array holding image keys: ``key`` (2.0) or ``image_key`` (1.0)."""
-        return KEY if self.major >= 2 else IMAGE_KEY
-
-    @property
-    def per_image_arrays(self) -> tuple[str, ...]:
-        """The unsharded per-image arrays of this store's format version."""
-        return (self.key_array, IMAGE_SIZE, LABEL, WRITTEN)
-
-    @property
-    def seeded(self) -> bool:
-        """Format 3.0: box and flip are derived from :attr:`crop_sampler`, not stored."""
-        return self.crop_sampler is not None
+    # -- arrays
+    def record_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``{path: (row shape per image, dtype)}`` of every record array, in manifest order (derived included)."""
+        return self.records.specs(self.num_classes)
 
     @property
     def derived_arrays(self) -> tuple[str, ...]:
-        """Per-crop arrays that are derived, not stored: ``(box, flip)`` for seeded crops (3.0), else none.
-        They keep their manifest columns (tags of the derived chunks)."""
-        return (BOX, FLIP) if self.seeded else ()
+        return self.records.derived
 
-    def stored_specs(self, codec) -> dict[str, tuple[tuple[int, ...], str]]:
-        """:meth:`per_crop_specs` without the derived arrays: the per-crop arrays that exist on storage."""
-        derived = self.derived_arrays
-        return {k: v for k, v in self.per_crop_specs(codec).items() if k not in derived}
+    def stored_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """:meth:`record_specs` without the derived arrays: the record arrays that exist on storage."""
+        return {k: v for k, v in self.record_specs().items() if k not in self.derived_arrays}
 
-    def per_crop_specs(self, codec) -> dict[str, tuple[tuple[int, ...], str]]:
-        """``{array path: (trailing shape per slot, dtype)}`` of every per-crop array, in manifest order
-        (box, flip, aug columns, codec fields), derived ones included (:meth:`stored_specs` leaves them out).
-        ``codec`` is the store's codec object (it knows its fields)."""
-        specs: dict[str, tuple[tuple[int, ...], str]] = {BOX: ((4,), self.box_dtype), FLIP: ((), "bool")}
-        if self.aug and self.major < 2:
-            specs[AUG] = ((len(self.aug),), V1_AUG_DTYPE)
-        else:
-            for a in self.aug:
-                specs[aug_path(a.name)] = (a.shape, a.dtype)
-        for name, spec in codec.fields(self.num_classes).items():
-            specs[soft_path(name)] = (tuple(spec.shape), spec.dtype)
-        return specs
+    def row_bytes(self) -> int:
+        """Raw bytes of one image's row in the widest record array (input of :func:`default_layout`)."""
+        return max(math.prod(r) * np.dtype(d).itemsize for r, d in self.record_specs().values())
 
-    def row_bytes(self, codec) -> int:
-        """Raw bytes of one image's row in the widest per-crop array (input of :func:`default_layout`)."""
-        M = self.crops_per_image
-        return max(M * math.prod(t) * np.dtype(d).itemsize for t, d in self.per_crop_specs(codec).values())
+    @property
+    def per_image_arrays(self) -> tuple[str, ...]:
+        return PER_IMAGE_ARRAYS
+
+    @property
+    def bound_per_image(self) -> tuple[str, ...]:
+        """Per-image arrays whose chunks the manifest binds: key, image_size, label (4.0); none in 2.0/3.0."""
+        return () if self.legacy else BOUND_PER_IMAGE
+
+    @property
+    def per_image_chunk(self) -> int | None:
+        """Rows per chunk of key, image_size and label: one shard (4.0); not fixed in 2.0/3.0 (None)."""
+        return None if self.legacy else self.images_per_shard
+
+    @property
+    def tag_prefix(self) -> bytes:
+        """The bytes every manifest tag starts with: the store id (4.0), nothing in 2.0/3.0."""
+        return bytes.fromhex(self.store_id) if self.store_id else b""
+
+    @property
+    def manifest_width(self) -> int:
+        """Columns of the manifest: 4.0: ``3 + chunks_per_shard * P`` (one row per shard); 2.0/3.0: ``P``
+        (one row per inner chunk)."""
+        P = len(self.record_specs())
+        return P if self.legacy else len(BOUND_PER_IMAGE) + self.chunks_per_shard * P
+
+    @property
+    def manifest_shape(self) -> tuple[int, int]:
+        rows = self.num_chunks if self.legacy else self.num_shards
+        return rows, self.manifest_width
+
+    @property
+    def manifest_chunk(self) -> tuple[int, int]:
+        """Chunk shape of the manifest: one chunk per shard."""
+        return (self.chunks_per_shard if self.legacy else 1), self.manifest_width
 
     # -- JSON
     def to_json(self) -> dict[str, Any]:
-        """The attribute object, with ``checksum`` computed (format 2) over the non-volatile fields."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["aug"] = [a.to_json() for a in self.aug]
-        d["augment"] = [dict(p) for p in self.augment]
-        d["meta"] = dict(self.meta)
-        d["codec"] = dict(self.codec)
-        if d["crop_sampler"] is None:  # 1.0 and 2.0 headers have no such key
-            del d["crop_sampler"]
-        else:
-            d["crop_sampler"] = dict(d["crop_sampler"])
-        if self.major < 2:  # 1.0 had neither field
-            for k in ("key_length", "augment", "checksum"):
-                d.pop(k)
-            d["aug"] = [{"name": a.name, "kind": a.kind} for a in self.aug]
-        else:
-            d["checksum"] = header_checksum(d)
+        """The 4.0 attribute object with ``checksum`` computed (writers only; a 2.0/3.0 header is read-only)."""
+        if self.legacy:
+            raise FormatError(f"a format {self.format_version} header is read-only: this library writes "
+                              f"{FORMAT_VERSION} (convert the store: `fkdstore convert SRC DST`)")
+        d: dict[str, Any] = {
+            "format": FORMAT_NAME, "format_version": self.format_version, "kind": self.kind,
+            "requires": list(self.requires), "store_id": self.store_id, "num_images": self.num_images,
+            "num_classes": self.num_classes, "key_length": self.key_length, "has_labels": self.has_labels,
+            "layout": self.layout.get_config(),
+            "replay": None if self.replay is None else self.replay.get_config(),
+            self.kind: self.records.get_config(),
+            "meta": dict(self.meta), "library_version": self.library_version,
+        }
+        d["checksum"] = header_checksum(d)
         return d
 
-    @classmethod
-    def from_json(cls, d: Any) -> Header:
-        """Parse and check the attribute object: :class:`FormatError` if it is not a readable fkdstore
-        header (wrong format, newer major version, missing or malformed field); :class:`CorruptStoreError`
-        if a format-2 checksum does not match (the header was edited or damaged)."""
-        if not isinstance(d, Mapping):
-            raise FormatError(f"not an fkdstore store: group attribute {ATTR_KEY!r} must be a JSON object. "
-                              f"Got {type(d).__name__}.")
-        if d.get("format") != FORMAT_NAME:
-            got = "it is missing" if "format" not in d else f"Got {d['format']!r}"
-            raise FormatError(f"not an fkdstore store: header key 'format' must be {FORMAT_NAME!r}; {got}.")
-        if not isinstance(d.get("format_version"), str):
-            raise FormatError(f"fkdstore header key 'format_version' must be a string 'major.minor'. "
-                              f"Got {d.get('format_version')!r}.")
-        major, _ = check_version(d.get("format_version"))
-        required = _REQUIRED_3 if major >= 3 else _REQUIRED_2 if major >= 2 else _REQUIRED
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise FormatError(f"fkdstore header (format {d.get('format_version')}) lacks required keys {missing}")
-        if major >= 2:
-            expected = header_checksum(d)
-            if d.get("checksum") != expected:
-                raise CorruptStoreError(
-                    f"fkdstore header checksum mismatch: stored {d.get('checksum')!r}, computed {expected!r} "
-                    f"(the group attribute {ATTR_KEY!r} in zarr.json was edited or damaged)"
-                )
-        for key, kind, what in (("aug", list, "a list"), ("augment", list, "a list"), ("has_labels", bool, "a bool")):
-            if key in d and not isinstance(d[key], kind):
-                raise FormatError(f"fkdstore header key {key!r} must be {what}. Got {d[key]!r}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}  # a newer minor version may add keys: ignore them
-        if "aug" in kw:  # ... at every level except codec and augment entries (spec section 1)
-            kw["aug"] = [{k: v for k, v in a.items() if k in AUG_COLUMN_KEYS} if isinstance(a, Mapping) else a
-                         for a in kw["aug"]]
-        try:
-            return cls(**kw)
-        except (TypeError, ValidationError) as e:
-            raise FormatError(f"malformed fkdstore header: {e}") from None
+    def identity(self) -> str:
+        """Canonical JSON of everything the checksum covers: two headers of the same store agree on it."""
+        d = self.raw if self.raw is not None else self.to_json()
+        return canonical_json({k: v for k, v in d.items() if k not in CHECKSUM_EXCLUDES})
 
-    def schema_key(self) -> dict[str, Any]:
-        """The fields two runs must agree on to write into the same store (resume, several processes)."""
-        d = self.to_json()
-        for volatile in ("library_version", "meta", "checksum"):
-            d.pop(volatile, None)
-        return d
+    def with_meta(self, meta: Mapping[str, Any]) -> Header:
+        """This header with another ``meta`` (provenance; not covered by the checksum)."""
+        return dataclasses.replace(self, meta=dict(meta), raw=None)
 
 
-def header_checksum(d: Mapping[str, Any]) -> str:
-    """``"crc32c:%08x"`` of the canonical JSON of a header object without ``checksum``, ``meta`` and
-    ``library_version`` (spec 1.2): an edit of N, M, C, the codec, the layout or the augment columns is
-    detected; provenance may change (a resumed run updates ``meta``)."""
-    body = {k: v for k, v in d.items() if k not in CHECKSUM_EXCLUDES}
-    return "crc32c:%08x" % _crc32c.crc32c(canonical_json(body).encode("utf-8"))
+# ---------------------------------------------------------------------------------------- parsing
 
 
-def parse_crop_sampler(cfg: Any) -> dict[str, Any]:
-    """The ``crop_sampler`` header object of a seeded-crops store (format 3.0), checked strictly by
-    :meth:`fkdstore.seeded.SlotCropSampler.from_config` (every key present with a valid value, no other key:
-    a reader that ignored a sampler parameter would replay other crops than the teacher saw). Returns the
-    canonical config (as ``get_config`` writes it); values it would write differently are refused."""
-    from .seeded import SlotCropSampler
-
-    canonical = SlotCropSampler.from_config(cfg).get_config()
-    if canonical != {**cfg, "scale": list(cfg["scale"]), "ratio": list(cfg["ratio"])}:
-        raise ValidationError(f"crop_sampler values must be as SlotCropSampler.get_config writes them "
-                              f"({canonical}). Got {dict(cfg)!r}.")
-    return canonical
-
-
-def check_version(version) -> tuple[int, int]:
-    """Parse ``"major.minor"``; raise :class:`FormatError` for a major version this library cannot read."""
+def parse_header(d: Any) -> Header:
+    """Parse and check the attribute object: :class:`FormatError` if it is not a readable fkdstore header
+    (wrong format, newer major version, missing or malformed field, unknown kind, codec, policy, sampler
+    or required extension); :class:`CorruptStoreError` if its checksum does not match (edited or damaged)."""
+    if not isinstance(d, Mapping):
+        raise FormatError(f"not an fkdstore store: group attribute {ATTR_KEY!r} must be a JSON object. "
+                          f"Got {type(d).__name__}.")
+    if d.get("format") != FORMAT_NAME:
+        got = "it is missing" if "format" not in d else f"Got {d['format']!r}"
+        raise FormatError(f"not an fkdstore store: header key 'format' must be {FORMAT_NAME!r}; {got}.")
+    if not isinstance(d.get("format_version"), str):
+        raise FormatError(f"fkdstore header key 'format_version' must be a string 'major.minor'. "
+                          f"Got {d.get('format_version')!r}.")
+    major, _ = check_version(d["format_version"])
+    expected = header_checksum(d)
+    if d.get("checksum") != expected:
+        raise CorruptStoreError(f"fkdstore header checksum mismatch: stored {d.get('checksum')!r}, computed "
+                                f"{expected!r} (the group attribute {ATTR_KEY!r} in zarr.json was edited or damaged)")
     try:
-        major, minor = (int(x) for x in str(version).split("."))
-    except ValueError:
-        raise FormatError(f"format_version must be 'major.minor'. Got {version!r}.") from None
-    if major > max(READ_MAJORS):
-        raise FormatError(
-            f"store has format version {version}, newer than this library reads ({FORMAT_VERSION}); "
-            f"upgrade fkdstore"
-        )
-    if major not in READ_MAJORS:
-        raise FormatError(f"format_version major must be one of {list(READ_MAJORS)}. Got {version!r}.")
-    return major, minor
+        return _PARSERS[major](d)
+    except FormatError:
+        raise
+    except (TypeError, ValidationError, KeyError, ValueError, OverflowError) as e:
+        raise FormatError(f"malformed fkdstore header (format {d['format_version']}): {e}") from None
+
+
+def _exact(obj: Any, keys: Sequence[str], what: str) -> Mapping[str, Any]:
+    """A JSON object with exactly ``keys`` (every object the 4.0 spec defines is strict, section 1.4)."""
+    if not isinstance(obj, Mapping):
+        raise FormatError(f"header {what} must be a JSON object. Got {obj!r}.")
+    unknown, missing = sorted(set(obj) - set(keys)), [k for k in keys if k not in obj]
+    if unknown or missing:
+        raise FormatError(f"header {what} must have exactly the keys {list(keys)}: unknown {unknown}, "
+                          f"missing {missing}")
+    return obj
+
+
+def _typed(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    v = d[key]
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+        raise FormatError(f"header key {key!r} must be {what}. Got {v!r}.")
+    return v
+
+
+def _strict_codec(cfg: Any) -> _codecs.LabelCodec:
+    """A 4.0 codec config: a known name and every parameter spelled (a silently defaulted parameter decodes
+    other labels)."""
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("name"), str):
+        raise FormatError(f"header codec must be a config object with a 'name'. Got {cfg!r}.")
+    cls = _codecs.REGISTRY.get(cfg["name"])
+    if cls is None:
+        raise FormatError(f"store uses label codec {cfg['name']!r}, which this version of fkdstore does not know "
+                          f"(known: {sorted(_codecs.REGISTRY)}); upgrade fkdstore")
+    _exact(cfg, ["name", *(f.name for f in dataclasses.fields(cls))], f"codec {cfg['name']!r}")
+    return _codecs.from_config(cfg)
+
+
+def _strict_pipeline(cfgs: Any) -> Pipeline:
+    """A 4.0 augment list: known policy names, every parameter spelled."""
+    if not isinstance(cfgs, list):
+        raise FormatError(f"header augment must be a list of policy configs. Got {cfgs!r}.")
+    known = registered_policies()
+    for cfg in cfgs:
+        if not isinstance(cfg, Mapping) or cfg.get("name") not in known:
+            name = cfg.get("name") if isinstance(cfg, Mapping) else cfg
+            raise FormatError(f"store uses augment policy {name!r}, which this version of fkdstore does not know "
+                              f"(known: {sorted(known)}); upgrade fkdstore")
+        _exact(cfg, ["name", *(f.name for f in dataclasses.fields(known[cfg["name"]]))], f"policy {cfg['name']!r}")
+    return Pipeline.from_config(cfgs)
+
+
+_TOP_4 = ("format", "format_version", "kind", "requires", "store_id", "num_images", "num_classes", "key_length",
+          "has_labels", "layout", "replay", "checksum")
+
+
+def _parse_v4(d: Mapping[str, Any]) -> Header:
+    missing = [k for k in _TOP_4 if k not in d]
+    if missing:
+        raise FormatError(f"fkdstore header (format {d['format_version']}) lacks required keys {missing}")
+    requires = _typed(d, "requires", list, "a list of extension names")
+    unknown = [r for r in requires if r not in EXTENSIONS]
+    if unknown:
+        raise FormatError(f"store requires extensions {unknown}, which this version of fkdstore does not know "
+                          f"(known: {sorted(EXTENSIONS)}); upgrade fkdstore")
+    kind = d["kind"]
+    if kind not in _KIND_PARSERS:
+        raise FormatError(f"store holds records of kind {kind!r}, which this version of fkdstore does not know "
+                          f"(known: {list(KINDS)}); upgrade fkdstore")
+    if kind not in d:
+        raise FormatError(f"fkdstore header of kind {kind!r} lacks its {kind!r} object")
+    layout = _exact(d["layout"], ("images_per_chunk", "images_per_shard"), "layout")
+    replay = None if d["replay"] is None else Replay.from_config(dict(d["replay"]))
+    records, has_labels = _KIND_PARSERS[kind](d[kind]), _typed(d, "has_labels", bool, "a bool")
+    meta = d.get("meta", {})
+    if not isinstance(meta, Mapping):
+        raise FormatError(f"header key 'meta' must be a JSON object. Got {meta!r}.")
+    return Header(num_images=d["num_images"], num_classes=d["num_classes"], key_length=d["key_length"],
+                  has_labels=has_labels, layout=Layout(**layout), records=records, replay=replay,
+                  store_id=_typed(d, "store_id", str, "32 lowercase hex digits"), requires=tuple(requires),
+                  meta=dict(meta), library_version=str(d.get("library_version", "")),
+                  format_version=d["format_version"], checksum=d["checksum"], raw=dict(d))
+
+
+def _parse_regions_v4(obj: Any) -> Regions:
+    r = _exact(obj, ("crops_per_image", "codec", "box_dtype", "crops", "aug", "augment"), "regions")
+    crops = r["crops"]
+    if not isinstance(crops, Mapping) or crops.get("mode") not in CROP_MODES:
+        raise FormatError(f"header regions.crops must be {{'mode': 'seeded', 'sampler': ...}} or "
+                          f"{{'mode': 'stored'}}. Got {crops!r}.")
+    sampler = None
+    if crops["mode"] == "seeded":
+        _exact(crops, ("mode", "sampler"), "regions.crops")
+        sampler = SlotCropSampler.from_config(crops["sampler"])
+        if sampler.get_config() != {**crops["sampler"], "scale": list(crops["sampler"]["scale"]),
+                                    "ratio": list(crops["sampler"]["ratio"])}:
+            raise FormatError(f"header crop sampler values must be spelled as SlotCropSampler.get_config writes "
+                              f"them ({sampler.get_config()}). Got {dict(crops['sampler'])!r}.")
+    else:
+        _exact(crops, ("mode",), "regions.crops")
+    if not isinstance(r["aug"], list):
+        raise FormatError(f"header regions.aug must be a list. Got {r['aug']!r}.")
+    aug = [_exact(a, AUG_COLUMN_KEYS, "regions.aug entry") for a in r["aug"]]
+    return Regions(crops_per_image=r["crops_per_image"], codec=_strict_codec(r["codec"]), box_dtype=r["box_dtype"],
+                   sampler=sampler, aug=parse_aug(aug), augment=_strict_pipeline(r["augment"]))
+
+
+def _parse_label_map_v4(obj: Any) -> LabelMap:
+    return LabelMap(spec=LabelMapSpec.from_config(obj))
+
+
+_KIND_PARSERS = {REGIONS: _parse_regions_v4, LABEL_MAP: _parse_label_map_v4}
+
+_REQUIRED_LEGACY = ("num_images", "crops_per_image", "num_classes", "codec", "images_per_chunk",
+                    "images_per_shard", "box_dtype", "key_length", "aug", "augment", "has_labels", "checksum")
+
+
+def _parse_legacy(d: Mapping[str, Any]) -> Header:
+    """2.0 (stored crops) and 3.0 (seeded crops: ``crop_sampler``), written by fkdstore 0.2: a flat header
+    of regions records. Codec and policy parameters a 0.2 writer left out take their defaults, as 0.2 read
+    them; unknown keys are ignored at the top level; replay parameters come from ``meta`` (unchecksummed in
+    these versions), validated like 4.0's."""
+    major = check_version(d["format_version"])[0]
+    missing = [k for k in _REQUIRED_LEGACY + (("crop_sampler",) if major == 3 else ()) if k not in d]
+    if missing:
+        raise FormatError(f"fkdstore header (format {d['format_version']}) lacks required keys {missing}")
+    if major == 2 and "crop_sampler" in d:
+        raise FormatError("crop_sampler (seeded crops) needs format 3.0; this header is format 2.0")
+    for key, kind, what in (("aug", list, "a list"), ("augment", list, "a list"), ("has_labels", bool, "a bool")):
+        _typed(d, key, kind, what)
+    codec_cfg = d["codec"]
+    if not isinstance(codec_cfg, Mapping) or codec_cfg.get("name") not in set(_codecs.REGISTRY) | set(_codecs.ALIASES):
+        name = codec_cfg.get("name") if isinstance(codec_cfg, Mapping) else codec_cfg
+        raise FormatError(f"store uses label codec {name!r}, which this version of fkdstore does not know "
+                          f"(known: {sorted(_codecs.REGISTRY)}); upgrade fkdstore")
+    known = registered_policies()
+    for cfg in d["augment"]:
+        if not isinstance(cfg, Mapping) or cfg.get("name") not in known:
+            name = cfg.get("name") if isinstance(cfg, Mapping) else cfg
+            raise FormatError(f"store uses augment policy {name!r}, which this version of fkdstore does not know "
+                              f"(known: {sorted(known)}); upgrade fkdstore")
+    sampler = None
+    if major == 3:
+        sampler = SlotCropSampler.from_config(d["crop_sampler"])
+        if sampler.get_config() != {**d["crop_sampler"], "scale": list(d["crop_sampler"]["scale"]),
+                                    "ratio": list(d["crop_sampler"]["ratio"])}:
+            raise FormatError(f"crop_sampler values must be as SlotCropSampler.get_config writes them "
+                              f"({sampler.get_config()}). Got {dict(d['crop_sampler'])!r}.")
+    aug = [{k: v for k, v in a.items() if k in AUG_COLUMN_KEYS} if isinstance(a, Mapping) else a for a in d["aug"]]
+    records = Regions(crops_per_image=d["crops_per_image"], codec=_codecs.from_config(dict(codec_cfg)),
+                      box_dtype=d["box_dtype"], sampler=sampler, aug=parse_aug(aug),
+                      augment=Pipeline.from_config(list(d["augment"])))
+    meta = d.get("meta", {})
+    if not isinstance(meta, Mapping):
+        raise FormatError(f"header key 'meta' must be a JSON object. Got {meta!r}.")
+    return Header(num_images=d["num_images"], num_classes=d["num_classes"], key_length=d["key_length"],
+                  has_labels=d["has_labels"], records=records, replay=_legacy_replay(meta),
+                  layout=Layout(images_per_chunk=d["images_per_chunk"], images_per_shard=d["images_per_shard"]),
+                  meta=dict(meta), library_version=str(d.get("library_version", "")),
+                  format_version=d["format_version"], checksum=d["checksum"], raw=dict(d))
+
+
+def _legacy_replay(meta: Mapping[str, Any]) -> Replay | None:
+    """0.2's teacher-runner recorded input_size, interpolation, mean and std in ``meta``."""
+    keys = ("input_size", "interpolation", "mean", "std")
+    if not all(k in meta for k in keys):
+        return None
+    try:
+        return Replay(input_size=meta["input_size"], interpolation=meta["interpolation"], mean=meta["mean"],
+                      std=meta["std"])
+    except (TypeError, ValidationError) as e:
+        raise FormatError(f"store's replay parameters in meta are not valid: {e}") from None
+
+
+_PARSERS = {2: _parse_legacy, 3: _parse_legacy, 4: _parse_v4}

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from . import schema as S
-from .errors import CorruptStoreError, ValidationError
-from .transforms import CropSampler, fallback_sides
+from .errors import ValidationError
+from .transforms import fallback_sides, parse_range
 from .validation import int_in_range
 
-__all__ = ["SlotCropSampler", "SeededCrops", "splitmix64", "exp_poly", "log_poly"]
+__all__ = ["SlotCropSampler", "splitmix64", "exp_poly", "log_poly"]
 
 ALGORITHM = "random_resized_crop"
 RNG_RULE = "splitmix64(seed, image, slot, draw)"
@@ -54,7 +53,6 @@ EXP_DEGREE = 8
 LOG_TERMS = 30  # log_poly: 2 * atanh(t) = 2 * (t + t**3/3 + ... + t**59/59)
 LN2 = 0.6931471805599453  # float64 nearest to ln 2 (0x3FE62E42FEFA39EF)
 MAX_LOG_RATIO = 8.0  # |log ratio| bound of a config (ratios within [e**-8, e**8]); exp_poly is checked there
-DERIVE_PAIRS = 2**17  # SeededCrops derives at most this many (image, slot) pairs per sampler call
 ASPECT_BITS = 16  # the aspect ratio's draw: 2**16 log-uniform levels (a table of exp_poly values)
 
 
@@ -103,11 +101,11 @@ def log_poly(x: float) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class SlotCropSampler:
-    """The crop sampler of seeded-crop stores: torchvision's RandomResizedCrop + flip per slot, from a
-    counter-based generator (module docstring; spec section 10.3). Same parameters and interface as
-    :class:`fkdstore.transforms.CropSampler` (``sample(i, H, W, M)``, ``get_config``/``from_config``),
-    plus :meth:`sample_slots` for any set of ``(image, slot)`` pairs. Its crops differ from
-    ``CropSampler``'s for the same seed (another generator)."""
+    """The crop sampler of fkdstore: torchvision's RandomResizedCrop + flip per slot, from a counter-based
+    generator (module docstring; spec section 10.3). ``sample(i, H, W, M)`` draws an image's slots,
+    :meth:`sample_slots` any set of ``(image, slot)`` pairs; ``get_config``/``from_config`` are the
+    header's sampler object. ``scale`` in (0, 1], ``ratio`` > 0 within [e**-8, e**8], ``flip_p`` in [0, 1],
+    ``seed`` in [0, 2**64)."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -115,12 +113,22 @@ class SlotCropSampler:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        ref = CropSampler(scale=self.scale, ratio=self.ratio, flip_p=self.flip_p, seed=self.seed)  # its rules
-        seed = int_in_range("seed", ref.seed, 0, 2**64 - 1)
-        if abs(math.log(ref.ratio[0])) > MAX_LOG_RATIO or abs(math.log(ref.ratio[1])) > MAX_LOG_RATIO:
+        scale = parse_range("scale", self.scale)
+        if not (0.0 < scale[0] and scale[1] <= 1.0):
+            raise ValidationError(f"scale must lie in (0, 1], got {self.scale!r}")
+        ratio = parse_range("ratio", self.ratio)
+        if not ratio[0] > 0.0:
+            raise ValidationError(f"ratio must be > 0, got {self.ratio!r}")
+        if abs(math.log(ratio[0])) > MAX_LOG_RATIO or abs(math.log(ratio[1])) > MAX_LOG_RATIO:
             raise ValidationError(f"ratio must lie within [e**-{MAX_LOG_RATIO:g}, e**{MAX_LOG_RATIO:g}]. "
                                   f"Got {self.ratio!r}.")
-        for name, v in (("scale", ref.scale), ("ratio", ref.ratio), ("flip_p", ref.flip_p), ("seed", seed)):
+        if isinstance(self.flip_p, bool) or not isinstance(self.flip_p, (int, float, np.integer, np.floating)):
+            raise TypeError(f"flip_p must be a number in [0, 1]. Got {self.flip_p!r}.")
+        flip_p = float(self.flip_p)
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValidationError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
+        seed = int_in_range("seed", self.seed, 0, 2**64 - 1)
+        for name, v in (("scale", scale), ("ratio", ratio), ("flip_p", flip_p), ("seed", seed)):
             object.__setattr__(self, name, v)
 
     # -- config
@@ -153,7 +161,7 @@ class SlotCropSampler:
     # -- sampling
     def sample(self, index: int, height: int, width: int, num_crops: int) -> tuple[np.ndarray, np.ndarray]:
         """All ``num_crops`` slots of image ``index``: boxes int32 ``(num_crops, 4)`` (top, left, height,
-        width), flips bool ``(num_crops,)`` (the interface of ``CropSampler.sample``)."""
+        width), flips bool ``(num_crops,)``."""
         index = int_in_range("index", index, 0)
         H, W = int_in_range("height", height, 1), int_in_range("width", width, 1)
         M = int_in_range("num_crops", num_crops, 1)
@@ -240,95 +248,3 @@ class SlotCropSampler:
         flip = self._uniform(key, DRAW_FLIP) < self.flip_p
         box = np.stack([top.astype(np.int64), left.astype(np.int64), ch, cw], -1).astype(np.int32)
         return box, flip
-
-
-class SeededCrops:
-    """Derives the ``box`` and ``flip`` values of a seeded-crops store (``header.seeded``) and checks them
-    against the manifest. ``sizes`` is a callable returning the store's ``(N, 2)`` image sizes (read lazily:
-    a reader that never touches boxes does not read them)."""
-
-    def __init__(self, header: S.Header, sizes: Callable[[], np.ndarray], where: str = ""):
-        if not header.seeded:
-            raise ValueError("SeededCrops needs a seeded-crops (format 3.0) header")
-        self.header, self.where = header, where
-        self.sampler = SlotCropSampler.from_config(header.crop_sampler)
-        self._sizes_fn, self._sizes = sizes, None
-        self.checked = False  # set by the reader once a derived chunk matched its manifest tags
-
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d["_sizes"] = None  # re-read lazily in another process
-        return d
-
-    @property
-    def sizes(self) -> np.ndarray:
-        if self._sizes is None:
-            sizes = np.asarray(self._sizes_fn(), dtype=np.int64)
-            limit = np.iinfo(self.header.box_dtype).max
-            if sizes.size and sizes.max() > limit:  # a derived box must cast exactly (spec 10.3)
-                i = int(np.argmax(sizes.max(1)))
-                raise CorruptStoreError(
-                    f"{self.where}: image {i} has size {sizes[i].tolist()}, beyond the store's box_dtype "
-                    f"{self.header.box_dtype!r} (at most {limit}): its seeded crops cannot be derived exactly")
-            self._sizes = sizes
-        return self._sizes
-
-    def rows(self, idx: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes ``(B, M|m, 4)`` (the store's box dtype) and flips ``(B, M|m)`` of images ``idx`` (B,): every
-        slot, or ``slots`` ((B, m), or (m,) for every image). Only the asked slots are derived."""
-        idx = np.asarray(idx, np.int64).reshape(-1)
-        M = self.header.crops_per_image
-        sl = np.broadcast_to(np.arange(M), (len(idx), M)) if slots is None else np.asarray(slots, np.int64)
-        if sl.ndim == 1:
-            sl = np.broadcast_to(sl, (len(idx), len(sl)))
-        hw = self.sizes[idx]
-        m = sl.shape[1]
-        box = np.empty((len(idx), m, 4), self.header.box_dtype)
-        flip = np.empty((len(idx), m), bool)
-        step = max(1, DERIVE_PAIRS // max(m, 1))  # bounded temporaries (the sampler's are ~100 B per pair)
-        for a in range(0, len(idx), step):
-            b = slice(a, a + step)
-            box[b], flip[b] = self.sampler.sample_slots(idx[b, None], sl[b], hw[b, 0:1], hw[b, 1:2])
-        return box, flip
-
-    def chunk_rows(self, first: int, stop: int) -> dict[str, np.ndarray]:
-        """``{box, flip}`` rows of images ``[first, stop)`` padded with the fill value to whole inner chunks
-        (``first`` a multiple of ``images_per_chunk``): the data the manifest tags cover."""
-        h = self.header
-        ipc = h.images_per_chunk
-        n = -(-(stop - first) // ipc) * ipc
-        box, flip = self.rows(np.arange(first, min(stop, h.num_images)))
-        pad = n - len(box)
-        if pad:
-            box = np.concatenate([box, np.full((pad, *box.shape[1:]), S.FILL_VALUE, box.dtype)])
-            flip = np.concatenate([flip, np.zeros((pad, *flip.shape[1:]), bool)])
-        return {S.BOX: box, S.FLIP: flip}
-
-    def tags(self, first_chunk: int, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Manifest tags of the derived chunks ``first_chunk, ...`` covering ``data`` (from :meth:`chunk_rows`)."""
-        ipc = self.header.images_per_chunk
-        return {name: S.manifest_tags(name, first_chunk, v, ipc) for name, v in data.items()}
-
-    def check(self, first_chunk: int, data: dict[str, np.ndarray], manifest_rows: np.ndarray,
-              columns: dict[str, int], need: np.ndarray | None = None) -> list[str]:
-        """Compare the tags of derived chunks ``first_chunk, ...`` (``data`` from :meth:`chunk_rows`) with the
-        manifest rows of those chunks (``columns``: manifest column of ``box`` and ``flip``); ``need`` (one
-        bool per chunk) limits the check to chunks holding written images. Returns one message per mismatching
-        array (empty when they all match)."""
-        ipc = self.header.images_per_chunk
-        out = []
-        for name, tags in self.tags(first_chunk, data).items():
-            want = np.asarray(manifest_rows)[:, columns[name]].astype(np.uint32)
-            bad = tags != want
-            if need is not None:
-                bad &= need
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                c = first_chunk + j
-                a, b = c * ipc, min(self.header.num_images, (c + 1) * ipc) - 1
-                out.append(
-                    f"{self.where}: array {name!r} (seeded crops) chunk {c} (images {a}..{b}): the crops this "
-                    f"library's sampler derives do not match the manifest tags the writer recorded for the crops "
-                    f"the teacher saw ({int(bad.sum())} of {len(bad)} chunks checked differ); this fkdstore "
-                    f"cannot replay this store's crops (sampler {self.header.crop_sampler})")
-        return out

@@ -153,27 +153,51 @@ def parse_array_meta(path: str, raw: bytes | None) -> ArrayMeta:
 
 
 class Manifest:
-    """The format-2.0 ``manifest`` array: ``(num_chunks, P)`` uint32 tags, one Zarr chunk per shard, read per
-    shard on first use and cached. ``read_rows(a, b)`` returns its rows ``[a, b)`` (Zarr reads)."""
+    """The ``manifest`` array: the tags binding every chunk to its content and position, one Zarr chunk per
+    shard, read per shard on first use and cached. ``read_rows(a, b)`` returns its rows ``[a, b)`` (Zarr).
+
+    Two layouts, given by the header (:attr:`fkdstore.schema.Header.manifest_shape`): 4.0 has one row per
+    shard, ``lead`` tags of the per-image chunks then ``chunks_per_shard * P`` record tags; 2.0/3.0 have
+    ``chunks_per_shard`` rows of ``P`` record tags per shard (``lead`` 0). :meth:`shard` returns the record
+    tags ``(chunks of the shard, P)`` and :meth:`image_tags` the per-image ones, whatever the layout."""
 
     def __init__(self, meta: ArrayMeta, read_rows: Callable[[int, int], np.ndarray], exists: Callable[[str], bool],
-                 chunks_per_shard: int, num_chunks: int):
+                 *, rows_per_shard: int, num_rows: int, lead: int, columns: int, chunks_per_shard: int,
+                 num_chunks: int):
         self.meta, self._read_rows, self._exists = meta, read_rows, exists
+        self.rps, self.num_rows, self.lead, self.P = rows_per_shard, num_rows, lead, columns
         self.cps, self.num_chunks = chunks_per_shard, num_chunks
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def shard(self, s: int) -> np.ndarray:
-        """Tags of the chunks of shard ``s``: ``(chunks in shard, P)``."""
+    @classmethod
+    def of(cls, header, meta: ArrayMeta, read_rows: Callable[[int, int], np.ndarray],
+           exists: Callable[[str], bool]) -> Manifest:
+        """The manifest of a store with ``header`` (:class:`fkdstore.schema.Header`)."""
+        rows, _ = header.manifest_shape
+        return cls(meta, read_rows, exists, rows_per_shard=header.manifest_chunk[0], num_rows=rows,
+                   lead=len(header.bound_per_image), columns=len(header.record_specs()),
+                   chunks_per_shard=header.chunks_per_shard, num_chunks=header.num_chunks)
+
+    def _row(self, s: int) -> np.ndarray:
         hit = self._cache.get(s)
         if hit is not None:
             self._cache.move_to_end(s)
             return hit
-        a = s * self.cps
-        tags = np.asarray(self._read_rows(a, min(self.num_chunks, a + self.cps)), dtype=np.uint32)
-        self._cache[s] = tags
+        a = s * self.rps
+        row = np.asarray(self._read_rows(a, min(self.num_rows, a + self.rps)), dtype=np.uint32).reshape(-1)
+        self._cache[s] = row
         while len(self._cache) > MANIFEST_CACHE_SHARDS:
             self._cache.popitem(last=False)
-        return tags
+        return row
+
+    def shard(self, s: int) -> np.ndarray:
+        """Record tags of the chunks of shard ``s``: ``(chunks in shard, P)``."""
+        n = min(self.num_chunks, (s + 1) * self.cps) - s * self.cps
+        return self._row(s)[self.lead:].reshape(-1, self.P)[:n]
+
+    def image_tags(self, s: int) -> np.ndarray:
+        """Tags of the per-image chunks of shard ``s`` (key, image_size, label; empty in 2.0/3.0)."""
+        return self._row(s)[:self.lead]
 
     def prefetch(self, shards) -> None:
         """Read the uncached manifest chunks of ``shards`` in one Zarr read of the rows they span (its chunks
@@ -181,13 +205,13 @@ class Manifest:
         todo = sorted(s for s in shards if s not in self._cache)[:MANIFEST_CACHE_SHARDS]
         if len(todo) < 2 or todo[-1] - todo[0] + 1 > 2 * len(todo):  # only nearly contiguous runs of shards
             return
-        a, b = todo[0] * self.cps, min(self.num_chunks, (todo[-1] + 1) * self.cps)
+        a, b = todo[0] * self.rps, min(self.num_rows, (todo[-1] + 1) * self.rps)
         try:
             rows = np.asarray(self._read_rows(a, b), dtype=np.uint32)
         except Exception:  # pragma: no cover - reported per shard by shard()
             return
         for s in todo:
-            self._cache[s] = rows[s * self.cps - a:min(self.num_chunks, (s + 1) * self.cps) - a]
+            self._cache[s] = rows[s * self.rps - a:min(self.num_rows, (s + 1) * self.rps) - a].reshape(-1)
         while len(self._cache) > MANIFEST_CACHE_SHARDS:
             self._cache.popitem(last=False)
 
@@ -238,12 +262,12 @@ class ShardedArray:
     """One per-crop array ``(N, M, ...)`` stored in shards of ``ips`` images and inner chunks of ``ipc``.
 
     ``source`` is a :class:`fkdstore.storage.ByteSource`; ``zarr_array`` a callable returning the Zarr array
-    (fallback path only); ``manifest``/``column`` bind chunks to positions (format 2.0, else None);
+    (fallback path only); ``manifest``/``column``/``tag_prefix`` bind chunks to positions (invariant 9);
     ``cache_bytes``: decoded chunks kept (default :data:`CHUNK_CACHE_BYTES` at creation; 0 = no cache)."""
 
     def __init__(self, meta: ArrayMeta, source, *, num_images: int, dtype: str, manifest: Manifest | None = None,
                  column: int = 0, zarr_array: Callable[[], Any] | None = None,
-                 cache_bytes: int | None = None):
+                 cache_bytes: int | None = None, tag_prefix: bytes = b""):
         self.meta, self.source, self.path = meta, source, meta.path
         self.num_images = int(num_images)
         self.dtype = np.dtype(dtype).newbyteorder("<")
@@ -258,7 +282,8 @@ class ShardedArray:
         self.manifest, self.column = manifest, column
         self._zarr_factory, self._zarr = zarr_array, None
         self._path_bytes = self.path.encode("utf-8")
-        self._tag_head = _crc32c.crc32c(self._path_bytes + b"\0")  # manifest tag: crc continued over uint64_le(c)
+        self._tag_prefix = tag_prefix  # the store id (4.0): the first bytes of every manifest tag
+        self._tag_head = _crc32c.crc32c(tag_prefix + self._path_bytes + b"\0")  # continued over uint64_le(c)
         # bytes of the last inner chunk that hold images < N (the rest is taken as the fill value)
         self._tail_bytes = (self.num_images - (self.num_chunks - 1) * self.ipc) * (self.chunk_nbytes // self.ipc)
         # the chunk whose rows past N are tagged as fill values (-1: the last chunk is full)
@@ -563,9 +588,9 @@ class ShardedArray:
                     out.append(CorruptStoreError(f"{self.where(c)}: its manifest entry cannot be read "
                                                  f"({type(w).__name__}: {w})"))
                     continue
-                # schema.manifest_tag's rule on the decoded little-endian bytes: crc32c(path + b"\0" +
-                # uint64_le(c) + bytes), i.e. the crc of the header continued over the data (tests pin it to
-                # schema.manifest_tag)
+                # schema.manifest_tag's rule on the decoded little-endian bytes: crc32c(store id + path +
+                # b"\0" + uint64_le(c) + bytes), i.e. the crc of the header continued over the data (tests pin
+                # it to schema.manifest_tag)
                 head = crc(c.to_bytes(8, "little"), head0)
                 if c == partial:
                     # rows past N count as the fill value whatever the stored chunk holds there (invariant 9)
@@ -617,7 +642,7 @@ class ShardedArray:
                 errors[j] = CorruptStoreError(f"{self.where(c)}: its manifest entry cannot be read "
                                               f"({type(e).__name__}: {e})")
                 continue
-            if tag(self.path, c, out[j]) != want:
+            if tag(self.path, c, out[j], self._tag_prefix) != want:
                 errors[j] = CorruptStoreError(
                     f"{self.where(c)} does not match the manifest: misplaced or stale data{m.missing_note(s)}")
 

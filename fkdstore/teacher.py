@@ -5,7 +5,7 @@ and running it on uint8 crops.
   ``torch.load(weights_only=True)``, which executes no code from the file; ``.safetensors`` when that
   package is installed). Loading is strict: missing or unexpected keys are an error.
 * :func:`file_sha256` and :func:`state_sha256` are the provenance hashes the runner stores in ``meta``.
-* :class:`TeacherInputs` is what the teacher sees (crop side, normalisation, resampling filter), and
+* :class:`~fkdstore.transforms.Replay` is what the teacher sees (crop size, normalisation, resampling filter), and
   :class:`TeacherForward` runs the teacher on a batch of uint8 crops as the runner does: normalise on
   the device, channels_last and autocast on CUDA, and return float32 logits ``(B, C)``.
 """
@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .errors import ValidationError
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize
-from .validation import positive_int
+from .transforms import Replay, normalize
 
-__all__ = ["load_teacher", "file_sha256", "state_sha256", "TeacherInputs", "TeacherForward"]
+__all__ = ["load_teacher", "file_sha256", "state_sha256", "TeacherForward"]
 
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")  # common checkpoint layouts
 
@@ -118,47 +115,6 @@ def _logits(out: Any) -> torch.Tensor:
     raise ValidationError(f"teacher must return a logits tensor (B, C). Got {type(out).__name__}.")
 
 
-@dataclass(frozen=True)
-class TeacherInputs:
-    """What the teacher sees: square crops of side ``size`` made with the ``interpolation`` filter,
-    normalised as ``(x / 255 - mean) / std``. Recorded in the store's ``meta`` (``input_size``, ``mean``,
-    ``std``, ``interpolation``) so training can feed the student the same way."""
-
-    size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "size", positive_int("input_size", self.size))
-        mean, std = _three_floats("mean", self.mean), _three_floats("std", self.std)
-        if min(std) <= 0:
-            raise ValidationError(f"std must be 3 numbers > 0. Got {list(std)}.")
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "std", std)
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValidationError(
-                f"interpolation must be one of {sorted(INTERPOLATIONS)}. Got {self.interpolation!r}."
-            )
-
-    def meta(self) -> dict[str, Any]:
-        """The provenance entries of the store's ``meta``."""
-        return {"input_size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
-
-
-def _three_floats(name: str, values: Any) -> tuple[float, float, float]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {type(values).__name__}.")
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {list(values)!r}.") from None
-    if len(out) != 3 or not all(math.isfinite(v) for v in out):
-        raise ValidationError(f"{name} must be 3 finite numbers. Got {list(out)}.")
-    return out
-
-
 class TeacherForward:
     """``forward(uint8 crops [B, 3, S, S]) -> float32 logits [B, C]`` on ``device``.
 
@@ -167,7 +123,7 @@ class TeacherForward:
     Call it under :func:`torch.inference_mode`.
     """
 
-    def __init__(self, teacher: torch.nn.Module, inputs: TeacherInputs, device: torch.device, amp: bool = True):
+    def __init__(self, teacher: torch.nn.Module, inputs: Replay, device: torch.device, amp: bool = True):
         if not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module. Got {type(teacher).__name__}.")
         self.teacher, self.inputs, self.device = teacher, inputs, device
@@ -190,7 +146,7 @@ class TeacherForward:
     def num_classes(self) -> int:
         """The teacher's output width, measured on a batch of 2 black crops (nothing is written)."""
         with torch.inference_mode():
-            out = self(torch.zeros((2, 3, self.inputs.size, self.inputs.size), dtype=torch.uint8))
+            out = self(torch.zeros((2, 3, *self.inputs.input_size), dtype=torch.uint8))
         if out.ndim != 2 or out.shape[0] != 2 or out.shape[1] < 1:
             raise ValidationError(
                 f"teacher must return logits of shape (B, C). For a batch of 2 it returned {tuple(out.shape)}."

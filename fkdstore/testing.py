@@ -151,19 +151,19 @@ class RandomCropDataset:
     """The conventional loader FKD is compared with: load an image, take a fresh random-resized crop + flip
     of it per epoch, return ``(uint8 crop [3, size, size], label)``.
 
-    Crops of all ``epochs`` are drawn up front from :class:`fkdstore.transforms.CropSampler` (seeded by
+    Crops of all ``epochs`` are drawn up front from :class:`fkdstore.seeded.SlotCropSampler` (seeded by
     ``seed``), so the per-item work is decode + crop + resize, as with torchvision's RandomResizedCrop, and a
     run is reproducible. Set ``.epoch`` before iterating an epoch. A map-style torch dataset.
     """
 
     def __init__(self, folder, size: int, scale=(0.08, 1.0), seed: int = 0, epochs: int = 1):
         from .images import list_images, load_image
-        from .transforms import CropSampler
+        from .seeded import SlotCropSampler
 
         lst = list_images(folder)
         self.paths, self.labels = lst.paths, np.asarray(lst.labels, dtype=np.int64)
         self.size, self.epoch, self.epochs = int(size), 0, int(epochs)
-        sampler = CropSampler(scale=tuple(scale), seed=seed)
+        sampler = SlotCropSampler(scale=tuple(scale), seed=seed)
         drawn = [sampler.sample(i, *load_image(p).size[::-1], self.epochs) for i, p in enumerate(self.paths)]
         self.boxes = np.stack([b for b, _ in drawn]).astype(np.int64)  # (N, epochs, 4)
         self.flips = np.stack([f for _, f in drawn])  # (N, epochs)

@@ -1,9 +1,10 @@
-"""Crop sampling and the shared crop function of the fkdstore format.
+"""The shared crop function of the fkdstore format and the parameters that replay the teacher's pixels.
 
-The teacher labels ``M`` random-resized crops per image once; training replays exactly those
-crops. :class:`CropSampler` draws the crop boxes and flips, and :func:`crop_resize` (or
-:func:`replay_crops`) is the single function both the teacher runner and the training dataset
-call, so the student sees pixel-identical inputs to the ones the teacher labelled.
+The teacher labels ``M`` random-resized crops per image once (drawn by
+:class:`fkdstore.seeded.SlotCropSampler`); training replays exactly those crops. :func:`crop_resize` (or
+:func:`replay_crops`) is the single function both the teacher runner and the training dataset call, so the
+student sees pixel-identical inputs to the ones the teacher labelled; :class:`Replay` holds what they are
+resized and normalised with; :func:`bad_boxes` is the box rule (invariant 5).
 """
 
 from __future__ import annotations
@@ -19,23 +20,25 @@ from PIL import Image
 from fkdstore.errors import ValidationError
 from fkdstore.validation import int_in_range
 
-if TYPE_CHECKING:  # torch is imported by the functions that return tensors: CropSampler needs no torch
+if TYPE_CHECKING:  # torch is imported by the functions that return tensors: the rest needs no torch
     import torch
 
 __all__ = [
-    "CropSampler",
+    "fallback_sides",
+    "parse_range",
     "INTERPOLATIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Replay",
+    "MAX_INPUT_SIDE",
+    "parse_input_size",
+    "bad_boxes",
     "crop_resize",
     "replay_crops",
     "write_crops",
     "normalize",
 ]
 
-ALGORITHM = "random_resized_crop"
-RNG_RULE = "numpy.random.default_rng(numpy.random.SeedSequence([seed, index]))"
-MAX_ATTEMPTS = 10
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -58,7 +61,8 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return int_in_range(name, value, minimum)
 
 
-def _pair(name: str, value: Any) -> tuple[float, float]:
+def parse_range(name: str, value: Any) -> tuple[float, float]:
+    """``value`` as a finite ordered pair ``(min, max)`` of floats (a sampler's ``scale`` or ``ratio``)."""
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
@@ -75,8 +79,7 @@ def fallback_sides(H, W, ratio: tuple[float, float]):
     ratio clamped into ``ratio`` (whole image when the image's ratio is inside it): ``w = W``,
     ``h = rint(W / r_lo)`` for a too tall image, ``h = H``, ``w = rint(H * r_hi)`` for a too wide one (float64,
     round half to even), each side clamped to ``[1, side]`` (torchvision would return an empty crop there).
-    Elementwise over integer arrays ``H``, ``W``; shared by :class:`CropSampler` and
-    :class:`fkdstore.seeded.SlotCropSampler`."""
+    Elementwise over integer arrays ``H``, ``W``; used by :class:`fkdstore.seeded.SlotCropSampler`."""
     r_lo, r_hi = ratio
     in_ratio = W / H
     below = in_ratio < r_lo
@@ -84,126 +87,6 @@ def fallback_sides(H, W, ratio: tuple[float, float]):
     h = np.where(below, np.rint(W / r_lo), H)
     w = np.where(above, np.rint(H * r_hi), W)
     return np.clip(h, 1, H).astype(np.int64), np.clip(w, 1, W).astype(np.int64)
-
-
-@dataclass(frozen=True, kw_only=True)
-class CropSampler:
-    """Draws RandomResizedCrop boxes and horizontal flips, deterministically per image.
-
-    The algorithm is torchvision's ``RandomResizedCrop.get_params`` (same distribution),
-    vectorised over crops: for each crop, up to 10 attempts draw
-    ``area = H*W*U(scale)`` and ``ratio = exp(U(log ratio))``, then
-    ``w = round(sqrt(area*ratio))``, ``h = round(sqrt(area/ratio))`` (round half to even, as
-    Python's ``round``); the first attempt with ``0 < w <= W`` and ``0 < h <= H`` is taken and
-    its position drawn as ``top ~ randint[0, H-h]``, ``left ~ randint[0, W-w]``. If all 10
-    attempts fail, the fallback is a centre crop with the aspect ratio clamped into ``ratio``
-    (whole image when the image ratio is inside the range); a fallback side that would round
-    to 0 is clamped to 1 (torchvision would return an empty crop). A crop is flipped when
-    ``U(0, 1) < flip_p``.
-
-    Determinism rule of the format: all draws for image ``index`` come from
-    ``numpy.random.default_rng(numpy.random.SeedSequence([seed, index]))`` (PCG64), in a fixed
-    order (scale ``(M, 10)``, log-ratio ``(M, 10)``, top ``(M,)``, left ``(M,)``, flip
-    ``(M,)``). They depend only on ``(seed, index)`` (and ``H, W, M``), never on batch size,
-    worker count or the order in which images are processed.
-    """
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        scale = _pair("scale", self.scale)
-        if not (0.0 < scale[0] and scale[1] <= 1.0):
-            raise ValidationError(f"scale must lie in (0, 1], got {self.scale!r}")
-        ratio = _pair("ratio", self.ratio)
-        if not ratio[0] > 0.0:
-            raise ValidationError(f"ratio must be > 0, got {self.ratio!r}")
-        try:
-            flip_p = float(self.flip_p)
-        except (TypeError, ValueError):
-            raise ValidationError(f"flip_p must be a number in [0, 1], got {self.flip_p!r}") from None
-        if not 0.0 <= flip_p <= 1.0:
-            raise ValidationError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
-        seed = _check_positive_int("seed", self.seed, minimum=0)
-        object.__setattr__(self, "scale", scale)
-        object.__setattr__(self, "ratio", ratio)
-        object.__setattr__(self, "flip_p", flip_p)
-        object.__setattr__(self, "seed", seed)
-
-    def rng(self, index: int) -> np.random.Generator:
-        """The generator for image ``index``: ``default_rng(SeedSequence([seed, index]))``."""
-        index = _check_positive_int("index", index, minimum=0)
-        return np.random.default_rng(np.random.SeedSequence([self.seed, index]))
-
-    def sample(self, index: int, height: int, width: int, num_crops: int) -> tuple[np.ndarray, np.ndarray]:
-        """Draw ``num_crops`` crops for image ``index`` of size ``height x width``.
-
-        Returns ``(boxes, flips)``: ``boxes`` int32 ``(num_crops, 4)`` as
-        ``(top, left, height, width)`` integer pixels, non-empty and inside the image;
-        ``flips`` bool ``(num_crops,)``.
-        """
-        H = _check_positive_int("height", height)
-        W = _check_positive_int("width", width)
-        M = _check_positive_int("num_crops", num_crops)
-        rng = self.rng(index)
-
-        area = float(H) * float(W)
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        target_area = area * rng.uniform(self.scale[0], self.scale[1], size=(M, MAX_ATTEMPTS))
-        aspect = np.exp(rng.uniform(log_lo, log_hi, size=(M, MAX_ATTEMPTS)))
-        w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
-        h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
-        valid = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-        ok = valid.any(axis=1)
-        first = valid.argmax(axis=1)
-        rows = np.arange(M)
-        ch = np.where(ok, h[rows, first], 0)
-        cw = np.where(ok, w[rows, first], 0)
-
-        # Positions are always drawn (fallback rows draw from [0, 1)) so the draw count is fixed.
-        top = rng.integers(0, np.where(ok, H - ch + 1, 1))
-        left = rng.integers(0, np.where(ok, W - cw + 1, 1))
-        flips = rng.random(M) < self.flip_p
-
-        if not ok.all():
-            fh, fw = fallback_sides(np.int64(H), np.int64(W), self.ratio)
-            ch = np.where(ok, ch, fh)
-            cw = np.where(ok, cw, fw)
-            top = np.where(ok, top, (H - fh) // 2)
-            left = np.where(ok, left, (W - fw) // 2)
-
-        boxes = np.stack([top, left, ch, cw], axis=1).astype(np.int32).reshape(M, 4)
-        return boxes, flips.astype(bool)
-
-    def get_config(self) -> dict:
-        """JSON-serialisable description of the sampler (stored in the format's attributes)."""
-        return {
-            "algorithm": ALGORITHM,
-            "scale": list(self.scale),
-            "ratio": list(self.ratio),
-            "flip_p": self.flip_p,
-            "seed": self.seed,
-            "max_attempts": MAX_ATTEMPTS,
-            "rng": RNG_RULE,
-        }
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> CropSampler:
-        """Rebuild a sampler from :meth:`get_config` output; rejects other algorithms/RNG rules."""
-        if not isinstance(cfg, dict):
-            raise ValidationError(f"sampler config must be a dict, got {type(cfg).__name__}")
-        algorithm = cfg.get("algorithm")
-        if algorithm != ALGORITHM:
-            raise ValidationError(f"sampler config algorithm must be {ALGORITHM!r}, got {algorithm!r}")
-        for key, expected in (("max_attempts", MAX_ATTEMPTS), ("rng", RNG_RULE)):
-            if key in cfg and cfg[key] != expected:
-                raise ValidationError(f"sampler config {key} must be {expected!r}, got {cfg[key]!r}")
-        try:
-            return cls(scale=tuple(cfg["scale"]), ratio=tuple(cfg["ratio"]), flip_p=cfg["flip_p"], seed=cfg["seed"])
-        except KeyError as exc:
-            raise ValidationError(f"sampler config is missing key {exc.args[0]!r}") from None
 
 
 def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -403,3 +286,108 @@ def normalize(
         raise ValidationError(f"normalize expects shape [..., 3, H, W], got {tuple(x.shape)}")
     m, s = (torch.from_numpy(v).to(x.device) for v in _normalizer(mean, std))
     return (x.to(torch.float32) / 255.0 - m) / s
+
+
+# ------------------------------------------------------------------------------------------- replay
+
+
+MAX_INPUT_SIDE = 1024
+"""Largest side of the teacher's input (a store's ``replay.input_size``): a crafted store must not make
+every replayed crop allocate gigabytes (1024 x 1024 x 3 float32 = 12 MiB per crop)."""
+
+
+def _three_finite(name: str, value: Any) -> tuple[float, float, float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {value!r}.")
+    out = []
+    for k, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name}[{k}] must be a number. Got {v!r}.")
+        if not math.isfinite(float(v)):
+            raise ValidationError(f"{name} must be 3 finite numbers. Got {list(value)!r}.")
+        out.append(float(v))
+    return out[0], out[1], out[2]
+
+
+def parse_input_size(value: Any) -> tuple[int, int]:
+    """``(height, width)`` of the teacher's input: an int (square) or a pair, each in [1, MAX_INPUT_SIDE]."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (int, np.integer, Sequence)) \
+            or isinstance(value, bool):
+        raise TypeError(f"input_size must be an int or a (height, width) pair. Got {value!r}.")
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2:
+        raise ValidationError(f"input_size must be an int or a (height, width) pair. Got {value!r}.")
+    return (int_in_range("input_size height", pair[0], 1, MAX_INPUT_SIDE),
+            int_in_range("input_size width", pair[1], 1, MAX_INPUT_SIDE))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replay:
+    """How the teacher's pixels are rebuilt from an image and a crop box (spec: the header's ``replay``):
+    the crop is resized to ``input_size`` ``(height, width)`` with ``interpolation``, flipped, augmented,
+    and normalised as ``(x / 255 - mean) / std``. The teacher-runner records it; :class:`TorchDataset`
+    replays from it. Every field is validated: finite, ``std > 0``, sides in ``[1, MAX_INPUT_SIDE]``."""
+
+    input_size: tuple[int, int] = (224, 224)
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", parse_input_size(self.input_size))
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
+            raise ValidationError(f"interpolation must be one of {sorted(INTERPOLATIONS)}. "
+                                  f"Got {self.interpolation!r}.")
+        object.__setattr__(self, "mean", _three_finite("mean", self.mean))
+        std = _three_finite("std", self.std)
+        if min(std) <= 0:
+            raise ValidationError(f"std must be 3 numbers > 0. Got {list(std)}.")
+        object.__setattr__(self, "std", std)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``input_size`` (height, width)."""
+        return self.input_size
+
+    def get_config(self) -> dict[str, Any]:
+        """The header's ``replay`` object (every field spelled)."""
+        return {"input_size": list(self.input_size), "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Replay:
+        """Parse a ``replay`` object strictly: exactly the keys :meth:`get_config` writes."""
+        if not isinstance(cfg, dict):
+            raise TypeError(f"replay must be a JSON object. Got {type(cfg).__name__}.")
+        keys = ("input_size", "interpolation", "mean", "std")
+        unknown, missing = sorted(set(cfg) - set(keys)), [k for k in keys if k not in cfg]
+        if unknown or missing:
+            raise ValidationError(f"replay must have exactly the keys {list(keys)}. "
+                                  f"Got unknown {unknown}, missing {missing}.")
+        return cls(input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"],
+                   std=cfg["std"])
+
+
+# -------------------------------------------------------------------------------------------- boxes
+
+
+def bad_boxes(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Invariant 5, the one home of the box rule: mask ``(..., M)`` of boxes that are NOT inside their
+    image. ``boxes`` (B, M, 4) (top, left, height, width); ``sizes`` (B, 2) (height, width). Computed in
+    int64 with every coordinate bounded before any sum, so no overflow hides a bad box (e.g. top = 2**63 - 1)."""
+    b = np.asarray(boxes)
+    if b.dtype.kind not in "iub":
+        b = b.astype(object)
+    elif b.dtype.kind == "u" and b.dtype.itemsize >= 8:
+        b = np.where(b > np.iinfo(np.int64).max, -1, b.astype(np.int64))  # too large: as bad as negative
+    else:
+        b = b.astype(np.int64)
+    top, left, hh, ww = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+    s = np.asarray(sizes).astype(np.int64)
+    H, W = s[:, 0:1], s[:, 1:2]
+    # Each term alone is bounded by the image side first, so a sum that overflows int64 only occurs in a
+    # box already marked bad.
+    with np.errstate(over="ignore"):
+        bad = (top < 0) | (left < 0) | (hh < 1) | (ww < 1) | (top > H) | (left > W) | (hh > H) | (ww > W) \
+            | (top + hh > H) | (left + ww > W)
+    return np.asarray(bad, dtype=bool)

@@ -1,21 +1,21 @@
-"""Create and write fkdstore stores (format 2.0, or 3.0 for seeded crops: ``spec/format-v3.md``; the layout is
-:mod:`fkdstore.schema`).
+"""Create and write fkdstore stores (format 4.0: ``spec/format-v4.md``; the format in code is :mod:`fkdstore.schema`).
 
 ``write(location, ...)`` creates a store (or re-opens one with an identical schema, to resume) and returns a
 :class:`Writer`. ``location`` is a folder or a URL (``s3://``, ``gs://``, ``memory://``, ...; see
 :func:`fkdstore.storage.as_store`).
 
-Creation (invariant 1): every array is created and the per-image arrays filled first; the header attribute
+Creation (invariant 1): every array is created, every chunk of the per-image arrays (key, image_size,
+label, written) and every manifest row (with the per-image tags) written first; the header attribute
 ``"fkdstore"`` is written last, so a folder or prefix without it is not a store. A creation killed before
 the header is removed by :func:`clear_interrupted_creation` (``write`` calls it); nothing else is ever
 deleted.
 
 Writing one shard (images ``shard_range(s)``), in this order:
 
-1. every per-crop array's shard, one whole-shard write each (every inner chunk materialised, even all-zero
+1. every record array's shard, one whole-shard write each (every inner chunk materialised, even all-zero
    ones, so a missing chunk always means damage);
-2. the shard's ``manifest`` chunk: the position-bound tag (:func:`fkdstore.schema.manifest_tags`) of every
-   inner chunk just written;
+2. the shard's ``manifest`` row: the position-bound tags (:func:`fkdstore.schema.manifest_tags`) of the
+   per-image chunks and of every inner chunk just written;
 3. the shard's ``written`` chunk (flags of the images now stored).
 
 On a local store every file of steps 1 and 2 (and its directory) is fsync'ed before the next step starts, so
@@ -28,11 +28,7 @@ shard as soon as all its images are put. A shard written early is later rewritte
 images kept (read-modify-write). A failed write keeps the buffer: :meth:`Writer.flush` / :meth:`Writer.close`
 retry it, and the error is raised.
 
-Ownership (one writer per shard): a writer records itself in the store object ``owners/<shard>.json``
-(:data:`OWNERS`) before it buffers a shard, re-reads the record before writing the shard's data and again
-before its flags, and raises :class:`~fkdstore.errors.ConcurrentWriterError` if another writer owns the shard.
-Writers of disjoint shards never touch each other's records. See :func:`fkdstore.ownership.claim_rule` for when a record left by
-a killed writer may be taken over.
+Ownership (one writer per shard): :mod:`fkdstore.ownership`.
 """
 
 from __future__ import annotations
@@ -52,10 +48,15 @@ from zarr.core.sync import sync
 from . import codecs as _codecs
 from . import schema as S
 from . import storage
+from .augment.base import Column
+from .augment.pipeline import Pipeline
+from .derived import SeededCrops
 from .errors import CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+from .labelmap import LabelMapSpec, validate_maps
 from .ownership import OWNERS, Owners
-from .seeded import SeededCrops
-from .validation import positive_int
+from .seeded import SlotCropSampler
+from .transforms import Replay, bad_boxes
+from .validation import int_in_range, positive_int
 
 __all__ = ["write", "Writer", "clear_interrupted_creation"]
 
@@ -82,7 +83,7 @@ def _small_compressors():
 
 # ---------------------------------------------------------------------------------- interrupted creation
 
-_OURS = {S.KEY, S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, S.BOX, S.FLIP, S.AUG, S.SOFT_GROUP, S.MANIFEST,
+_OURS = {S.KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, S.BOX, S.FLIP, S.AUG, S.SOFT_GROUP, S.MAP_GROUP, S.MANIFEST,
          OWNERS, "zarr.json"}
 
 
@@ -93,9 +94,9 @@ def clear_interrupted_creation(location, *, storage_options: Mapping[str, Any] |
     Only an interrupted fkdstore creation is removed: the root ``zarr.json`` is a Zarr group whose only
     attribute is the creation marker :data:`fkdstore.schema.CREATING_KEY` (a writer creates the group with
     it and replaces it by the header last, spec invariant 1), every top-level entry is a name fkdstore
-    creates, and ``written`` holds no chunk (no image was ever marked written). Anything else — a store, a
-    user's attribute-less Zarr group with the same array names, foreign data — is left alone. (This is the
-    one home of the rule; ``write`` and so ``generate`` call it.)
+    creates, and ``written`` holds no flag set (no image was ever marked written). Anything else — a store,
+    a user's attribute-less Zarr group with the same array names, foreign data — is left alone. (This is
+    the one home of the rule; ``write`` and so ``generate`` call it.)
     """
     store = storage.as_store(location, read_only=False, storage_options=storage_options)
     meta = storage.read_group_json(store)
@@ -105,7 +106,11 @@ def clear_interrupted_creation(location, *, storage_options: Mapping[str, Any] |
     if not entries <= _OURS:
         return False
     if any(not k.endswith("zarr.json") for k in storage.list_prefix(store, S.WRITTEN + "/")):
-        return False
+        try:  # chunks written at creation: removable while no flag is set
+            if zarr.open_array(store=store, path=S.WRITTEN, mode="r")[:].any():
+                return False
+        except Exception:  # noqa: BLE001 - unreadable flags: not provably an empty creation, leave it
+            return False
     for name in sorted(entries - {"zarr.json"}):
         sync(store.delete_dir(name))
     sync(store.delete("zarr.json"))
@@ -131,12 +136,15 @@ def write(
     location,
     *,
     num_images: int,
-    crops_per_image: int,
     num_classes: int,
-    codec: _codecs.LabelCodec | str | Mapping,
     image_keys: Sequence[str],
     image_sizes,
+    crops_per_image: int | None = None,
+    codec: _codecs.LabelCodec | str | Mapping | None = None,
+    crop_sampler: SlotCropSampler | Mapping | None = None,
+    label_map: LabelMapSpec | Mapping | None = None,
     labels=None,
+    replay: Replay | Mapping | None = None,
     meta: Mapping[str, Any] | None = None,
     aug: Sequence | None = None,
     augment: Sequence[Mapping[str, Any]] | None = None,
@@ -145,41 +153,56 @@ def write(
     primary: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     max_buffered_shards: int = MAX_BUFFERED_SHARDS,
-    crop_sampler=None,
+    store_id: str | None = None,
 ) -> Writer:
-    """Create a label store at ``location`` (or re-open an existing one with the identical schema) for writing.
+    """Create a store at ``location`` (or re-open an existing one with the identical schema, to resume) for
+    writing; returns a :class:`Writer`. The store is format 4.0 (``spec/format-v4.md``).
+
+    Record kind: crop regions (FKD; give ``crops_per_image`` and ``codec``) or, with ``label_map``, label
+    maps (ReLabel; give neither).
 
     Args:
         location: a folder or a URL (with ``storage_options`` for fsspec).
-        num_images, crops_per_image, num_classes: N, M and C.
-        codec: a :class:`fkdstore.codecs.LabelCodec`, a codec name, or a codec config dict.
-        image_keys: N unique non-empty strings without NUL (relative paths or ids) binding labels to images.
+        num_images, num_classes: N and C.
+        image_keys: N unique non-empty strings without NUL (relative paths or ids) binding records to images.
         image_sizes: (N, 2) integer (height, width) of each original image, each in [1, 2**31 - 1].
+        crops_per_image: M, crop slots per image (regions).
+        codec: a :class:`fkdstore.codecs.LabelCodec`, a codec name or spec, or a config dict (regions).
+        crop_sampler: a :class:`fkdstore.seeded.SlotCropSampler` (or its config): seeded crops, the store
+            holds no ``box``/``flip`` arrays and :meth:`Writer.put` takes ``boxes=None, flips=None`` (or
+            refuses boxes and flips that differ from the sampler's). ``None``: the crops are stored as given
+            (imports, pruning, crops from elsewhere).
+        label_map: a :class:`fkdstore.labelmap.LabelMapSpec` (or its config): a label-map store, written with
+            :meth:`Writer.put_maps`.
         labels: optional (N,) ground-truth classes, -1 where unknown.
-        meta: JSON provenance (sampler, teacher, ...); tuples become lists, NaN/inf are refused. On re-open it
-            must match, except the keys listed in :data:`fkdstore.schema.VOLATILE_META`.
+        replay: how the teacher's pixels are rebuilt (:class:`fkdstore.transforms.Replay` or its config):
+            input size, interpolation, mean, std; checksummed in the header, what :class:`TorchDataset`
+            replays. ``None``: the store does not say (training must pass them).
+        meta: JSON provenance (teacher, ...); tuples become lists, NaN/inf are refused. On re-open it must
+            match, except the keys listed in :data:`fkdstore.schema.VOLATILE_META`.
         aug: augmentation columns stored per crop (names, ``(name, kind[, dtype[, shape]])`` tuples, dicts or
-            :class:`fkdstore.schema.AugColumn`); each becomes the array ``aug/<name>``.
-        augment: the augmentation policy configs the teacher saw (stored in the header as given).
+            :class:`fkdstore.augment.base.Column`); default: the ``augment`` pipeline's columns.
+        augment: the augmentation policy configs the teacher saw, validated here like a reader does.
         images_per_chunk, images_per_shard: layout override. Defaults: :func:`fkdstore.schema.default_layout`
             for a new store, the store's own layout on re-open (a different explicit value is refused).
         primary: only the primary writer (rank 0) creates the store and writes attributes; others require
             the store to exist.
         max_buffered_shards: at most this many partially filled shards are held in memory.
-        crop_sampler: seeded crops (format 3.0): a :class:`fkdstore.seeded.SlotCropSampler` (or its config).
-            The store then holds no ``box``/``flip`` arrays: every slot's box and flip are the sampler's
-            (:mod:`fkdstore.seeded`), and :meth:`Writer.put` takes ``boxes=None, flips=None`` or refuses boxes
-            and flips that differ from the sampler's. ``None`` (default): boxes and flips are stored (2.0).
+        store_id: 32 lowercase hex digits naming the store in every manifest tag; default random (a rerun
+            that resumes keeps the store's own). Give one only to write byte-identical copies.
 
-    Returns a :class:`Writer`. Raises :class:`ValidationError` / :class:`TypeError` for bad input and
-    :class:`SchemaMismatchError` if an existing store differs; nothing is written in either case.
+    Raises :class:`ValidationError` / :class:`TypeError` for bad input and :class:`SchemaMismatchError` if an
+    existing store differs; nothing is written in either case.
     """
     max_buffered_shards = positive_int("max_buffered_shards", max_buffered_shards)
-    codec = _as_codec(codec)
-    inputs = _parse_inputs(num_images, crops_per_image, num_classes, codec, image_keys, image_sizes, labels,
-                           meta, aug, augment)
-    inputs["crop_sampler"] = _sampler_config(crop_sampler)
-    header = _make_header(inputs, codec, images_per_chunk, images_per_shard, existing=None)  # all checks first
+    inputs = _parse_inputs(num_images, num_classes, image_keys, image_sizes, labels, meta)
+    records = _records(num_classes, crops_per_image, codec, crop_sampler, label_map, aug, augment,
+                       int(inputs["sizes"].max()))
+    replay = _replay(replay)
+    if store_id is not None and not isinstance(store_id, str):
+        raise TypeError(f"store_id must be a str of 32 hex digits. Got {type(store_id).__name__}.")
+    header = _make_header(inputs, records, replay, images_per_chunk, images_per_shard,
+                          store_id or S.new_store_id(), existing=None)  # every check before anything is written
     store = storage.as_store(location, read_only=False, storage_options=storage_options)
     where = storage.describe(store)
     if primary:
@@ -188,8 +211,13 @@ def write(
     if group_meta is not None:
         if S.ATTR_KEY not in group_meta.get("attributes", {}):
             raise ValidationError(f"{where} exists and is not an fkdstore store; refusing to overwrite it")
-        old = S.Header.from_json(group_meta["attributes"][S.ATTR_KEY])
-        header = _make_header(inputs, codec, images_per_chunk, images_per_shard, existing=old)
+        old = S.parse_header(group_meta["attributes"][S.ATTR_KEY])
+        if old.legacy:
+            raise SchemaMismatchError(
+                f"{where} is a format {old.format_version} store (fkdstore 0.2); this library writes format "
+                f"{S.FORMAT_VERSION} and cannot add to it: finish it with fkdstore 0.2, or `fkdstore convert` it")
+        header = _make_header(inputs, records, replay, images_per_chunk, images_per_shard, old.store_id,
+                              existing=old)
         group = zarr.open_group(store=store, mode="r+")
         _check_same_schema(group, old, header, inputs, where)
     elif not primary:
@@ -197,26 +225,61 @@ def write(
     else:
         if storage.list_dir(store, ""):
             raise ValidationError(f"{where} exists and is not an fkdstore store; refusing to overwrite it")
-        group = _create(store, header, codec, inputs)
-    return Writer(group, header, codec, primary=primary, max_buffered_shards=max_buffered_shards)
+        group = _create(store, header, inputs)
+    return Writer(group, header, primary=primary, max_buffered_shards=max_buffered_shards)
 
 
-def _sampler_config(crop_sampler) -> dict[str, Any] | None:
-    """The header's ``crop_sampler`` object for ``write(crop_sampler=...)`` (None: stored crops)."""
-    if crop_sampler is None:
-        return None
-    from .transforms import CropSampler
+def _records(num_classes, crops_per_image, codec, crop_sampler, label_map, aug, augment,
+             max_side: int) -> S.Regions | S.LabelMap:
+    """The record kind's object of a new store from ``write``'s arguments (every argument checked)."""
+    if label_map is not None:
+        extra = [n for n, v in (("crops_per_image", crops_per_image), ("codec", codec), ("crop_sampler", crop_sampler),
+                                ("aug", aug), ("augment", augment)) if v]
+        if extra:
+            raise ValidationError(f"a label-map store takes none of {extra} (they describe crop regions)")
+        if not isinstance(label_map, LabelMapSpec):
+            if not isinstance(label_map, Mapping):
+                raise TypeError(f"label_map must be a LabelMapSpec or its config. Got {type(label_map).__name__}.")
+            label_map = LabelMapSpec.from_config(_normalised_json(dict(label_map), "label_map"))
+        return S.LabelMap(spec=label_map)
+    if crops_per_image is None or codec is None:
+        raise ValidationError("write needs crops_per_image and codec (a crop-regions store), or label_map")
+    codec = _codecs.as_codec(codec)
+    codec.fields(positive_int("num_classes", num_classes))  # k <= C etc.
+    pipeline = _pipeline(augment)
+    columns = S.parse_aug(aug) if aug is not None else pipeline.columns()
+    return S.Regions(crops_per_image=crops_per_image, codec=codec, box_dtype=S.box_dtype(max_side),
+                     sampler=_sampler(crop_sampler), aug=columns, augment=pipeline)
 
-    if isinstance(crop_sampler, CropSampler):
-        raise TypeError("crop_sampler must be a fkdstore.seeded.SlotCropSampler (a counter-based sampler any "
-                        "implementation replays bit for bit), its config dict or None. Got a CropSampler, whose "
-                        "crops depend on numpy's generator streams.")
-    if hasattr(crop_sampler, "get_config"):
-        crop_sampler = crop_sampler.get_config()
+
+def _pipeline(augment) -> Pipeline:
+    """The augmentation pipeline of ``write(augment=...)``, validated as a reader will (unknown policies and
+    bad parameters are refused here, before a store exists)."""
+    if augment is None:
+        return Pipeline(())
+    if isinstance(augment, Pipeline):
+        return augment
+    if isinstance(augment, (str, bytes, Mapping)) or not isinstance(augment, Sequence):
+        raise TypeError(f"augment must be a list of policy configs. Got {type(augment).__name__}.")
+    return Pipeline.from_config(_normalised_json([dict(p) for p in augment], "augment"))
+
+
+def _sampler(crop_sampler) -> SlotCropSampler | None:
+    """``write(crop_sampler=...)``: a SlotCropSampler, its config, or None (stored crops)."""
+    if crop_sampler is None or isinstance(crop_sampler, SlotCropSampler):
+        return crop_sampler
     if not isinstance(crop_sampler, Mapping):
         raise TypeError(f"crop_sampler must be a SlotCropSampler, its config dict or None. "
                         f"Got {type(crop_sampler).__name__}.")
-    return _normalised_json(dict(crop_sampler), "crop_sampler")  # checked by the Header (parse_crop_sampler)
+    return SlotCropSampler.from_config(_normalised_json(dict(crop_sampler), "crop_sampler"))
+
+
+def _replay(replay) -> Replay | None:
+    if replay is None or isinstance(replay, Replay):
+        return replay
+    if not isinstance(replay, Mapping):
+        raise TypeError(f"replay must be a Replay, its config dict or None. Got {type(replay).__name__}.")
+    return Replay.from_config(_normalised_json(dict(replay), "replay"))
 
 
 def _normalised_json(obj: Any, what: str) -> Any:
@@ -230,10 +293,9 @@ def _normalised_json(obj: Any, what: str) -> Any:
     return out
 
 
-def _parse_inputs(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, augment) -> dict[str, Any]:
-    N = positive_int("num_images", N)
-    M = positive_int("crops_per_image", M)
-    C = positive_int("num_classes", C)
+def _parse_inputs(N, C, image_keys, image_sizes, labels, meta) -> dict[str, Any]:
+    N = int_in_range("num_images", N, 1, S.MAX_IMAGES)
+    C = int_in_range("num_classes", C, 1, S.MAX_CLASSES)
     if isinstance(image_keys, (str, bytes)):
         raise TypeError(f"image_keys must be a sequence of str. Got {type(image_keys).__name__}.")
     keys = list(image_keys)
@@ -270,84 +332,81 @@ def _parse_inputs(N, M, C, codec, image_keys, image_sizes, labels, meta, aug, au
             raise ValidationError(f"labels must be in [-1, {C}). Image {i} has label {int(labels_arr[i])}.")
         labels_arr = labels_arr.astype(np.int32)
     meta = _normalised_json(dict(meta or {}), "meta")
-    augment = _normalised_json([dict(p) for p in (augment or ())], "augment")
-    return dict(N=N, M=M, C=C, keys=keys, key_arr=key_arr, sizes=sizes.astype(np.int32), labels=labels_arr,
-                meta=meta, aug=S.parse_aug(aug), augment=augment)
+    return dict(N=N, C=C, keys=keys, key_arr=key_arr, sizes=sizes.astype(np.int32), labels=labels_arr, meta=meta)
 
 
-def _make_header(inputs, codec, ipc, ips, *, existing: S.Header | None) -> S.Header:
-    N, M = inputs["N"], inputs["M"]
+def _make_header(inputs, records, replay, ipc, ips, store_id: str, *, existing: S.Header | None) -> S.Header:
+    N = inputs["N"]
     ipc = None if ipc is None else positive_int("images_per_chunk", ipc)
     ips = None if ips is None else positive_int("images_per_shard", ips)
-    common = dict(
-        num_images=N, crops_per_image=M, num_classes=inputs["C"], codec=codec.get_config(),
-        box_dtype=S.box_dtype(int(inputs["sizes"].max())), key_length=int(inputs["key_arr"].shape[1]),
-        aug=inputs["aug"], augment=inputs["augment"], has_labels=bool((inputs["labels"] >= 0).any()),
-        meta=inputs["meta"], library_version=_library_version(), crop_sampler=inputs["crop_sampler"],
-        format_version=S.FORMAT_VERSION if inputs["crop_sampler"] is None else S.SEEDED_FORMAT_VERSION,
-    )
+    common = dict(num_images=N, num_classes=inputs["C"], key_length=int(inputs["key_arr"].shape[1]),
+                  has_labels=bool((inputs["labels"] >= 0).any()), records=records, replay=replay,
+                  store_id=store_id, meta=inputs["meta"], library_version=_library_version())
     if existing is not None:  # resume adopts the store's layout; an explicit different one is refused below
         ipc = existing.images_per_chunk if ipc is None else ipc
         ips = existing.images_per_shard if ips is None else ips
     else:
-        probe = S.Header(images_per_chunk=1, images_per_shard=1, **common)
-        d_ipc, d_ips = S.default_layout(N, probe.row_bytes(codec), M)  # also checks k <= C etc.
+        row = max(math.prod(r) * np.dtype(d).itemsize for r, d in records.specs(inputs["C"]).values())
+        d_ipc, d_ips = S.default_layout(N, row, records.records_per_image)
         if ipc is None:
             ipc = d_ipc if ips is None or ips % d_ipc == 0 else math.gcd(ips, d_ipc)
         if ips is None:
             ips = max(d_ips, ipc) // ipc * ipc
-    return S.Header(images_per_chunk=ipc, images_per_shard=ips, **common)
+    return S.Header(layout=S.Layout(images_per_chunk=ipc, images_per_shard=ips), **common)
 
 
-def _create(store, header: S.Header, codec, inputs) -> zarr.Group:
-    """Create every array, fill the per-image ones, and write the header attribute last (invariant 1)."""
+def _create(store, header: S.Header, inputs) -> zarr.Group:
+    """Create every array, write every per-image chunk, ``written`` (all zero) and the manifest rows with the
+    per-image tags, and write the header attribute last (invariant 1)."""
     marker = {S.CREATING_KEY: {"library_version": header.library_version, "started": time.time()}}
     group = zarr.open_group(store=store, mode="w", attributes=marker)  # replaced by the header, last
-    N, M = header.num_images, header.crops_per_image
-    pc = min(N, S.PER_IMAGE_CHUNK)
-    L = header.key_length
-    group.create_array(S.KEY, shape=(N, L), dtype="uint8", chunks=(pc, L), compressors=_small_compressors(),
-                       fill_value=0)[:] = inputs["key_arr"]
-    group.create_array(S.IMAGE_SIZE, shape=(N, 2), dtype="int32", chunks=(pc, 2),
-                       compressors=_small_compressors(), fill_value=0)[:] = inputs["sizes"]
-    group.create_array(S.LABEL, shape=(N,), dtype="int32", chunks=(pc,), compressors=_small_compressors(),
-                       fill_value=S.UNKNOWN_LABEL)[:] = inputs["labels"]
-    # One chunk of `written` (and of `manifest`) per storage shard: disjoint shards never share a file.
-    group.create_array(S.WRITTEN, shape=(N,), dtype="uint8", chunks=(header.images_per_shard,),
-                       compressors=_small_compressors(), fill_value=0)
-    P = len(header.per_crop_specs(codec))  # derived arrays (seeded crops) keep their manifest columns
-    group.create_array(S.MANIFEST, shape=(header.num_chunks, P), dtype="uint32",
-                       chunks=(header.chunks_per_shard, P), compressors=_small_compressors(), fill_value=0)
-    group.create_group(S.SOFT_GROUP)
-    if header.aug:
-        group.create_group(S.AUG)
-    for name, (trail, dtype) in header.stored_specs(codec).items():
+    N, ips = header.num_images, header.images_per_shard
+    per_image = {S.KEY: inputs["key_arr"], S.IMAGE_SIZE: inputs["sizes"], S.LABEL: inputs["labels"],
+                 S.WRITTEN: np.zeros(N, np.uint8)}
+    with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk exists: a missing one is damage
+        for name, data in per_image.items():
+            group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(ips, *data.shape[1:]),
+                               compressors=_small_compressors(), fill_value=S.PER_IMAGE_FILL[name])[:] = data
+        manifest = group.create_array(S.MANIFEST, shape=header.manifest_shape, dtype="uint32",
+                                      chunks=header.manifest_chunk, compressors=_small_compressors(),
+                                      fill_value=0)
+        manifest[:] = _manifest_rows(header, range(header.num_shards), per_image)
+    for sub in {name.split("/")[0] for name in header.record_specs() if "/" in name}:
+        group.create_group(sub)
+    for name, (row, dtype) in header.stored_specs().items():
         group.create_array(
-            name, shape=(N, M, *trail), dtype=dtype,
-            chunks=(header.images_per_chunk, M, *trail), shards=(header.images_per_shard, M, *trail),
+            name, shape=(N, *row), dtype=dtype, chunks=(header.images_per_chunk, *row), shards=(ips, *row),
             compressors=_compressors(dtype), fill_value=S.FILL_VALUE, write_data=False,
         )
     group.attrs.put({S.ATTR_KEY: header.to_json()})  # last, replacing the creation marker: now a store
     return group
 
 
-def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) -> None:
-    if old.major != new.major:
-        def crops(h):
-            return "seeded" if h.seeded else "stored"
+def _image_tags(header: S.Header, s: int, per_image: Mapping[str, np.ndarray]) -> list[int]:
+    """The manifest tags of shard ``s``'s chunks of key, image_size and label (``per_image``: whole arrays)."""
+    r, ips = header.shard_range(s), header.images_per_shard
+    return [int(S.manifest_tags(name, s, per_image[name][r.start:r.stop], ips, header.tag_prefix,
+                                S.PER_IMAGE_FILL[name])[0]) for name in header.bound_per_image]
 
-        raise SchemaMismatchError(
-            f"{where} has format {old.format_version} ({crops(old)} crops); this run writes format "
-            f"{new.format_version} ({crops(new)} crops) and cannot add to it (use the store's own crop sampler "
-            f"setting, convert the store, or write a new one)"
-        )
-    new_key, old_key = new.schema_key(), old.schema_key()
-    for k in new_key:
+
+def _manifest_rows(header: S.Header, shards: range, per_image: Mapping[str, np.ndarray],
+                   record_tags: np.ndarray | None = None) -> np.ndarray:
+    """Manifest rows of ``shards``: per-image tags, then the record tags (``(shards, cps * P)``, default 0:
+    nothing written yet)."""
+    lead = np.array([_image_tags(header, s, per_image) for s in shards], np.uint32).reshape(len(shards), -1)
+    if record_tags is None:
+        record_tags = np.zeros((len(shards), header.manifest_width - lead.shape[1]), np.uint32)
+    return np.concatenate([lead, record_tags], 1)
+
+
+def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) -> None:
+    old_d, new_d = json.loads(old.identity()), json.loads(new.identity())
+    for k in sorted(set(old_d) | set(new_d)):
         if k == "key_length":
             continue  # compared below with the keys themselves, for a clearer message
-        if new_key[k] != old_key.get(k):
+        if new_d.get(k) != old_d.get(k):
             raise SchemaMismatchError(
-                f"existing store {where} has {k}={old_key.get(k)!r}, this run asks for {new_key[k]!r}; "
+                f"existing store {where} has {k}={old_d.get(k)!r}, this run asks for {new_d.get(k)!r}; "
                 f"use another location or the original parameters"
             )
     old_meta = {k: v for k, v in old.meta.items() if k not in S.VOLATILE_META}
@@ -394,15 +453,18 @@ class Writer:
     Attributes: ``group`` (the Zarr group), ``header`` (:class:`fkdstore.schema.Header`), ``codec``,
     ``primary``, ``max_buffered_shards``; :attr:`written` (flags on storage)."""
 
-    def __init__(self, group: zarr.Group, header: S.Header, codec, *, primary: bool = True,
+    def __init__(self, group: zarr.Group, header: S.Header, *, primary: bool = True,
                  max_buffered_shards: int = MAX_BUFFERED_SHARDS):
-        self.group, self.header, self.codec, self.primary = group, header, codec, primary
+        self.group, self.header, self.primary = group, header, primary
+        self.codec = header.codec if header.kind == S.REGIONS else None
         self.max_buffered_shards = positive_int("max_buffered_shards", max_buffered_shards)
         self.store = group.store
         self._where = storage.describe(self.store)
-        self._specs = header.per_crop_specs(codec)  # buffers hold derived arrays too (their manifest tags)
+        self._specs = header.record_specs()  # buffers hold derived arrays too (their manifest tags)
         self._derived = header.derived_arrays
-        self._sizes = group[S.IMAGE_SIZE][:]
+        # the per-image arrays as stored (the writer tags their chunks in every manifest row it writes)
+        self._per_image = {name: group[name][:] for name in header.bound_per_image}
+        self._sizes = self._per_image[S.IMAGE_SIZE]
         self._seeded = SeededCrops(header, lambda: self._sizes, self._where) if header.seeded else None
         self._written = group[S.WRITTEN][:].astype(bool)
         self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
@@ -442,7 +504,7 @@ class Writer:
         """
         idx = self._check_indices(image_indices)
         probs = _to_numpy(probs)
-        B, M, C = len(idx), self.header.crops_per_image, self.header.num_classes
+        B, M, C = len(idx), self.header.crops_per_image, self.header.num_classes  # FormatError for label maps
         if tuple(np.shape(probs)) != (B, M, C):
             raise ValidationError(f"probs must have shape (B, M, C) = ({B}, {M}, {C}). Got {np.shape(probs)}.")
         probs = np.asarray(probs)
@@ -455,10 +517,37 @@ class Writer:
         (shapes, then ``codec.validate_fields``: class indices in [0, C) and distinct, probabilities finite in
         [0, 1], top-K values non-increasing, stored mass at most 1)."""
         idx = self._check_indices(image_indices)
+        self.header.regions  # noqa: B018 - FormatError for a label-map store
         if not isinstance(fields, Mapping):
             raise TypeError(f"fields must be a mapping of field name -> array. Got {type(fields).__name__}.")
         self._put(idx, boxes, flips, {k: np.asarray(_to_numpy(v)) for k, v in fields.items()}, aug,
                   validate_values=True)
+
+    def put_maps(self, image_indices, indices, scores) -> None:
+        """Write the label maps of images ``image_indices`` (B,) of a label-map store: ``indices`` (B, K, S, S)
+        integer class ids and ``scores`` (B, K, S, S) raw scores, checked by
+        :func:`fkdstore.labelmap.validate_maps` (shapes, ids in [0, C) and distinct per cell, finite scores)
+        before anything is buffered."""
+        idx = self._check_indices(image_indices)
+        spec, C = self.header.label_map, self.header.num_classes
+        indices, scores = np.asarray(_to_numpy(indices)), np.asarray(_to_numpy(scores))
+        want = (len(idx), *spec.map_shape)
+        for what, v in (("indices", indices), ("scores", scores)):
+            if v.shape != want:
+                raise ValidationError(f"{what} must have shape (B, K, S, S) = {want}. Got {v.shape}.")
+        validate_maps(indices, scores, spec, C)
+        stored = scores.astype(spec.dtype)
+        if not np.isfinite(stored).all():
+            b = int(np.argwhere(~np.isfinite(stored))[0][0])
+            raise ValidationError(f"scores must be finite in {spec.dtype}. Image {int(idx[b])} has a value that "
+                                  f"is not (NaN, infinite, or beyond the {spec.dtype} range).")
+        ordered = np.sort(indices, axis=1)
+        repeat = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+        if repeat.any():
+            b, y, x = (int(v) for v in np.argwhere(repeat)[0])
+            raise ValidationError(f"indices must be distinct in every map cell. Image {int(idx[b])} cell (y={y}, "
+                                  f"x={x}) repeats a class.")
+        self._buffer_rows(idx, {S.MAP_INDICES: indices.astype(spec.index_dtype(C)), S.MAP_SCORES: stored})
 
     def _check_indices(self, image_indices) -> np.ndarray:
         self._check_open()
@@ -485,7 +574,7 @@ class Writer:
             raise ValidationError(f"boxes must be an integer array of shape ({B}, {M}, 4). Got shape {boxes.shape}.")
         if not np.issubdtype(boxes.dtype, np.integer):
             raise TypeError(f"boxes must be an integer array of shape ({B}, {M}, 4). Got dtype {boxes.dtype}.")
-        bad = S.bad_boxes(boxes, self._sizes[idx])
+        bad = bad_boxes(boxes, self._sizes[idx])
         if bad.any():
             b, m = (int(x) for x in np.argwhere(bad)[0])
             i = int(idx[b])
@@ -528,8 +617,8 @@ class Writer:
             if diff.any():
                 b, m = (int(x) for x in np.argwhere(diff.reshape(len(idx), self.header.crops_per_image, -1).any(-1))[0])
                 raise ValidationError(
-                    f"this store has seeded crops (format {self.header.format_version}): {what} must be the crop "
-                    f"sampler's ({self.header.crop_sampler}) or None. Image {int(idx[b])} slot {m} has "
+                    f"this store has seeded crops: {what} must be the crop sampler's "
+                    f"({self.header.sampler.get_config()}) or None. Image {int(idx[b])} slot {m} has "
                     f"{given[b, m].tolist()}, the sampler gives {want[b, m].tolist()}.")
         return box, flip
 
@@ -582,8 +671,7 @@ class Writer:
         buf = self._buffers.get(s)
         if buf is None:
             n = len(self.header.shard_range(s))
-            M = self.header.crops_per_image
-            buf = {name: np.zeros((n, M, *trail), dtype=dtype) for name, (trail, dtype) in self._specs.items()}
+            buf = {name: np.zeros((n, *row), dtype=dtype) for name, (row, dtype) in self._specs.items()}
             buf["_mask"] = np.zeros(n, dtype=bool)
             self._buffers[s] = buf
         self._buffers.move_to_end(s)
@@ -598,9 +686,8 @@ class Writer:
         mask = buf["_mask"]
         keep = self._written[sl] & ~mask  # images stored earlier (resume, early flush) that this buffer lacks
         self._owners.check(s, "write its data")
-        first = s * h.chunks_per_shard
-        old_tags = self._io(s, S.MANIFEST, "read", lambda: self.group[S.MANIFEST][first:first + h.chunks_per_shard]) \
-            if keep.any() else None
+        first, ipc, prefix = s * h.chunks_per_shard, h.images_per_chunk, h.tag_prefix
+        old_tags = self._io(s, S.MANIFEST, "read", lambda: self._record_tags(s)) if keep.any() else None
         data = {}
         rest = np.flatnonzero(~mask)  # seeded crops: rows not put are tagged over their derived values too
         derived = dict(zip(self._derived, self._seeded.rows(rest + r.start))) if self._derived and len(rest) else {}
@@ -622,9 +709,12 @@ class Writer:
         stored = [n for n in data if n not in self._derived]
         self._io(s, "data", "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(n, s) for n in stored]))
         _fault_point("data", s)
-        tags = np.stack([S.manifest_tags(name, first, v, h.images_per_chunk) for name, v in data.items()], 1)
-        self._io(s, S.MANIFEST, "write", lambda: self.group[S.MANIFEST].__setitem__(
-            slice(first, first + len(tags)), tags))
+        tags = np.zeros((h.chunks_per_shard, len(data)), np.uint32)  # chunks past N (last shard) stay 0
+        for p, (name, v) in enumerate(data.items()):
+            t = S.manifest_tags(name, first, v, ipc, prefix)
+            tags[:len(t), p] = t
+        row = _manifest_rows(h, range(s, s + 1), self._per_image, tags.reshape(1, -1))
+        self._io(s, S.MANIFEST, "write", lambda: self.group[S.MANIFEST].__setitem__(slice(s, s + 1), row))
         self._io(s, S.MANIFEST, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
         _fault_point("manifest", s)
         self._owners.check(s, "mark its images written")
@@ -644,14 +734,14 @@ class Writer:
         r = h.shard_range(s)
         old = self._io(s, name, "read", lambda: self.group[name][r.start:r.stop])
         ipc = h.images_per_chunk
-        first = s * h.chunks_per_shard
+        first, prefix = s * h.chunks_per_shard, h.tag_prefix
         # A writer killed mid-flush leaves either the new data with the old manifest (killed before the
         # manifest: the old version is the data with the rows not marked written reset to the fill value) or
         # new data and manifest (killed before the flags); both are consistent, anything else is damage.
-        as_is = S.manifest_tags(name, first, old, ipc)
+        as_is = S.manifest_tags(name, first, old, ipc, prefix)
         reset = old.copy()
         reset[~self._written[r.start:r.stop]] = S.FILL_VALUE
-        before = S.manifest_tags(name, first, reset, ipc)
+        before = S.manifest_tags(name, first, reset, ipc, prefix)
         needed = np.flatnonzero(np.add.reduceat(keep, np.arange(0, len(keep), ipc)) > 0)
         ok = (as_is[needed] == old_tags[needed, p]) | (before[needed] == old_tags[needed, p])
         bad = needed[~ok]
@@ -663,6 +753,11 @@ class Writer:
                 f"match its manifest entry; refusing to rewrite the shard over damaged data (run fkdstore verify)"
             )
         return old[keep]
+
+    def _record_tags(self, s: int) -> np.ndarray:
+        """The record tags of shard ``s`` as stored: ``(chunks_per_shard, P)``."""
+        row = np.asarray(self.group[S.MANIFEST][s], np.uint32)
+        return row[len(self.header.bound_per_image):].reshape(self.header.chunks_per_shard, -1)
 
     def _chunk_key(self, name: str, s: int) -> str:
         arr = self.group[name]
@@ -697,9 +792,7 @@ class Writer:
         if not self.primary:
             return
         items = _normalised_json(items, "meta")
-        attrs = self.group.attrs[S.ATTR_KEY]
-        attrs["meta"] = {**attrs.get("meta", {}), **items}
-        header = S.Header.from_json(attrs)
+        header = self.header.with_meta({**self.header.meta, **items})
         self.group.attrs[S.ATTR_KEY] = header.to_json()
         self.header = header
 
@@ -727,7 +820,7 @@ class Writer:
                 f"buffered_shards={len(self._buffers)})")
 
 
-def _column_values(col: S.AugColumn, v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _column_values(col: Column, v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """One aug column's values, checked against its declared dtype and cast to it."""
     if v.shape != shape:
         raise ValidationError(f"aug column {col.name!r} must have shape {shape}. Got {v.shape}.")

@@ -255,7 +255,8 @@ def test_encoded_fields_pass_their_own_rules(codec):
 
 # ----------------------------------------------------------------------------- conversion through codec methods
 def test_logits_and_q8_conversions():
-    from fkdstore.convert import ConversionError, convert_fields
+    from fkdstore.codecs import convert_fields
+    from fkdstore.errors import ConversionError
 
     z = logits_rows(2, (3, 5), 20, 3.0)
     p = softmax(z, 1).astype(np.float32)

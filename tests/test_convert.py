@@ -11,7 +11,8 @@ from PIL import Image
 import fkdstore
 from fkdstore import codecs as K
 from fkdstore.cli import main
-from fkdstore.convert import ConversionError, convert_fields
+from fkdstore.codecs import convert_fields
+from fkdstore.errors import ConversionError
 from fkdstore.importers.fkd import fkd_boxes, import_fkd, load_fkd_file
 from fkdstore.verify import verify
 from test_cli import make_store

@@ -1,9 +1,9 @@
 """Augmentation policies: sampled per slot from ``(seed, image, slot)``, stored, replayed pixel-exactly.
 
 numpy + Pillow only (no torch import). Built in (registry names): ``color_jitter``, ``randaugment``,
-``random_erasing``, ``mixup``, ``cutmix``; the crop stage (RandomResizedCrop + flip) is
-:class:`RandomResizedCrop` and always runs first. See ``spec/format-v3.md`` section 6 for the columns and the replay
-equations, and :mod:`fkdstore.augment.base` for the policy contract.
+``random_erasing``, ``mixup``, ``cutmix``; the crop stage (RandomResizedCrop + flip,
+:class:`fkdstore.seeded.SlotCropSampler`) always runs first. See ``spec/format-v4.md`` section 6 for the
+columns and the replay equations, and :mod:`fkdstore.augment.base` for the policy contract.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from fkdstore.augment.base import Column, Policy, slot_rng
 from fkdstore.augment.batch import BatchMix, mix_batch
 from fkdstore.augment.color import ColorJitter
-from fkdstore.augment.crop import RandomResizedCrop, crop
+from fkdstore.augment.crop import crop
 from fkdstore.augment.erasing import RandomErasing
 from fkdstore.augment.mixing import CutMix, MixInfo, Mixup, cutmix_box, cutmix_lambda, window_stride
 from fkdstore.augment.pipeline import Pipeline, slot_params
@@ -28,7 +28,7 @@ for _cls in (ColorJitter, RandAugment, RandomErasing, Mixup, CutMix):
 
 __all__ = [
     "Column", "Policy", "Pipeline", "ColorJitter", "RandAugment", "RandomErasing", "Mixup", "CutMix", "MixInfo",
-    "RandomResizedCrop", "BatchMix", "crop", "cutmix_box", "cutmix_lambda", "get_policy", "mix_batch",
+    "BatchMix", "crop", "cutmix_box", "cutmix_lambda", "get_policy", "mix_batch",
     "parse_augment", "register_policy", "registered_policies", "slot_params", "slot_rng", "window_stride",
 ]
 

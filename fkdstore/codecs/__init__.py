@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ValidationError
+from ..errors import ConversionError, ValidationError
 from .base import (PROB_ATOL, PROB_DTYPES, FieldSpec, LabelCodec, index_dtype, parse_temperature,
                    row_sum_atol, validate_logits, validate_probs)
 from .full import Full
@@ -24,7 +24,7 @@ __all__ = [
     "FieldSpec", "LabelCodec", "Full", "Hard", "Smoothing", "MarginalSmoothing", "MarginalReNorm", "Logits",
     "REGISTRY", "ALIASES", "register_codec", "from_config", "get_codec", "as_codec", "parse_spec",
     "index_dtype", "validate_probs", "validate_logits", "parse_temperature", "row_sum_atol", "PROB_ATOL",
-    "PROB_DTYPES", "Q8_TABLE", "Q8_REL", "Q8_PMIN", "q8_bound",
+    "PROB_DTYPES", "Q8_TABLE", "Q8_REL", "Q8_PMIN", "q8_bound", "conversion_problem", "convert_fields",
 ]
 
 REGISTRY: dict[str, type[LabelCodec]] = {}
@@ -166,3 +166,20 @@ def as_codec(codec: LabelCodec | str | Mapping, *, k: int | None = None,
 
 def _k_codecs() -> list[str]:
     return sorted(n for n, c in REGISTRY.items() if "k" in {f.name for f in dataclasses.fields(c)})
+
+
+# ------------------------------------------------------------------------ conversion without the teacher
+
+
+def conversion_problem(src: LabelCodec, dst: LabelCodec) -> str | None:
+    """Why ``src -> dst`` is impossible, or None when it is possible (``dst.conversion_problem(src)``)."""
+    return dst.conversion_problem(src)
+
+
+def convert_fields(src: LabelCodec, dst: LabelCodec, fields: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """Stored fields of ``src`` -> stored fields of ``dst`` (leading dims kept). Raises ConversionError."""
+    why = conversion_problem(src, dst)
+    if why:
+        raise ConversionError(f"cannot convert {src.describe()} -> {dst.describe()}: {why}")
+    idx, p = src.sorted_probs(fields, num_classes)
+    return dst.from_sorted(idx, p, num_classes)

@@ -14,7 +14,7 @@ from .. import codecs as _codecs
 from .. import progress as _progress
 from .. import storage as _storage
 from .. import writer as _writer
-from ..convert import conversion_problem, convert_fields
+from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, ValidationError
 from ..images import image_size, list_images
 from ..output import check_destination, check_options, history_record, remove_on_error
