@@ -5,7 +5,9 @@ import numpy as np
 import fkdstore
 
 
-def make_data(N, M, C, seed=0, max_side=300):
+def make_data(N, M, C, seed=0, max_side=300, sampler=None):
+    """Random sizes, probabilities, keys and labels; boxes and flips random (stored crops) or, with a
+    ``sampler`` (:class:`fkdstore.seeded.SlotCropSampler`), the sampler's (seeded crops)."""
     rng = np.random.default_rng(seed)
     sizes = rng.integers(20, max_side, (N, 2))
     probs = rng.dirichlet(np.full(C, 0.2), (N, M)).astype(np.float32)
@@ -17,11 +19,15 @@ def make_data(N, M, C, seed=0, max_side=300):
     flips = rng.random((N, M)) < 0.5
     keys = [f"class{i % 3}/img_{i:05d}.jpg" for i in range(N)]
     labels = rng.integers(-1, C, N)
-    return dict(sizes=sizes, probs=probs, boxes=boxes, flips=flips, keys=keys, labels=labels)
+    if sampler is not None:
+        drawn = [sampler.sample(i, int(sizes[i, 0]), int(sizes[i, 1]), M) for i in range(N)]
+        boxes, flips = np.stack([b for b, _ in drawn]), np.stack([f for _, f in drawn])
+    return dict(sizes=sizes, probs=probs, boxes=boxes, flips=flips, keys=keys, labels=labels, sampler=sampler)
 
 
 def create(path, d, codec="ms", **kw):
     N, M, C = d["probs"].shape
+    kw.setdefault("crop_sampler", d.get("sampler"))
     return fkdstore.write(
         path, num_images=N, crops_per_image=M, num_classes=C, codec=codec, image_keys=d["keys"],
         image_sizes=d["sizes"], labels=d["labels"], **kw,

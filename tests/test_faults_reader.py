@@ -17,7 +17,7 @@ from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, I
 from fkdstore.shard import MISSING
 from fkdstore.verify import verify
 from test_cli import make_store
-from v2util import set_header, shard_file, shard_index, to_v1, use_dot_separator, write_shard_index
+from faultutil import set_header, shard_file, shard_index, to_v1, use_dot_separator, write_shard_index
 
 N, M, C, IPC, IPS = 16, 5, 30, 4, 8  # shards of 8 images = 2 inner chunks; 2 shards
 PROBS = S.soft_path("probs")

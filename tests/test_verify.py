@@ -12,7 +12,7 @@ from fkdstore import schema as S
 from fkdstore.cli import main
 from fkdstore.verify import verify
 from test_cli import make_store
-from v2util import to_v1
+from faultutil import to_v1
 
 
 def _shard_file(p, name, shard=0):
