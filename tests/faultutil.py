@@ -81,3 +81,26 @@ def write_shard_index(f: Path, index: np.ndarray) -> None:
     raw = f.read_bytes()
     body = np.ascontiguousarray(index, "<u8").tobytes()
     f.write_bytes(raw[:-(len(body) + 4)] + body + crc32c.crc32c(body).to_bytes(4, "little"))
+
+
+def retag(path) -> None:
+    """Recompute the manifest from the arrays as stored (spec section 4), as a writer with a bug in its
+    values would have written it: the tags then vouch for whatever the arrays hold, so only the semantic
+    checks (invariants 4, 5, 11, codec rules) can catch an edit. Stored crops only."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+")
+    h = S.parse_header(g.attrs[S.ATTR_KEY])
+    assert not h.derived_arrays, "retag handles stored crops only"
+    ipc, ips, cps, prefix = h.images_per_chunk, h.images_per_shard, h.chunks_per_shard, h.tag_prefix
+    names = list(h.record_specs())
+    records = np.zeros((h.num_shards * cps, len(names)), np.uint32)
+    for p, name in enumerate(names):
+        records[:h.num_chunks, p] = S.manifest_tags(name, 0, g[name][:], ipc, prefix)
+    written = g[S.WRITTEN][:].astype(bool)
+    for s in range(h.num_shards):
+        if not written[h.shard_range(s)].any():
+            records[s * cps:(s + 1) * cps] = 0
+    lead = np.stack([S.manifest_tags(name, 0, g[name][:], ips, prefix, S.PER_IMAGE_FILL[name])
+                     for name in S.BOUND_PER_IMAGE], 1)
+    g[S.MANIFEST][:] = np.concatenate([lead, records.reshape(h.num_shards, cps * len(names))], 1)
