@@ -368,7 +368,7 @@ def _array_info(arr, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
     }
 
 
-# Data types a store may use that some Zarr v3 readers lack (spec/format-v3.md section 3), with what to do.
+# Data types a store may use that some Zarr v3 readers lack (spec/format-v4.md section 3), with what to do.
 READER_GAPS: dict[str, str] = {
     "float16": "JavaScript readers need Float16Array (ES2025; Node.js 20 lacks it) or a bit-exact polyfill, "
                "else they refuse (zarrita); float32 or q8 fields avoid it",

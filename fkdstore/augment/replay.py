@@ -1,7 +1,7 @@
 """Replay of augmented slots: the one function the teacher-runner and ``TorchDataset`` both call.
 
 :func:`replay_slots` turns an image, its slots' boxes/flips and their stored (or freshly sampled) params
-into the final uint8 pixels, following the replay equation of ``spec/format-v3.md`` section 6.1::
+into the final uint8 pixels, following the replay equation of ``spec/format-v4.md`` section 6.1::
 
     x = crop(image_i, box[i, s], flip[i, s]); x = premix(x, params[i, s])
     for each mixing policy P with partner j != -1 (the partner's slot is s itself):

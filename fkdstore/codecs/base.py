@@ -304,7 +304,9 @@ class LabelCodec:
     def decode(self, fields: Mapping, num_classes: int, *, temperature: float = 1.0):
         t = parse_temperature(temperature)
         self._check_fields(fields, num_classes)
-        return self._decode(fields, num_classes, t)
+        d = self._decode(fields, num_classes, t)
+        # one class: every distribution is [1] (a q8 code of 1.0 would otherwise decode to Q8[255] < 1)
+        return d * 0 + 1 if num_classes == 1 else d
 
     def _decode(self, fields, num_classes: int, temperature: float):
         d = self._decode1(fields, num_classes)
