@@ -20,34 +20,29 @@ DERIVE_PAIRS = 2**17  # SeededCrops derives at most this many (image, slot) pair
 
 class SeededCrops:
     """Derives the ``box`` and ``flip`` values of a seeded-crops store (``header.seeded``) and checks them
-    against the manifest. ``sizes`` is a callable returning the store's ``(N, 2)`` image sizes (read lazily:
-    a reader that never touches boxes does not read them)."""
+    against the manifest. ``sizes(idx)`` returns the ``(B, 2)`` image sizes of images ``idx`` (read lazily,
+    and checked against their tags by the reader: a reader that never touches boxes does not read them)."""
 
-    def __init__(self, header: S.Header, sizes: Callable[[], np.ndarray], where: str = ""):
+    def __init__(self, header: S.Header, sizes: Callable[[np.ndarray], np.ndarray], where: str = ""):
         if not header.seeded:
             raise ValueError("SeededCrops needs a seeded-crops header")
         self.header, self.where = header, where
         self.sampler = header.sampler
-        self._sizes_fn, self._sizes = sizes, None
+        self._sizes_of = sizes
+        self._limit = np.iinfo(header.box_dtype).max
         self.checked = False  # set by the reader once a derived chunk matched its manifest tags
 
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d["_sizes"] = None  # re-read lazily in another process
-        return d
-
-    @property
-    def sizes(self) -> np.ndarray:
-        if self._sizes is None:
-            sizes = np.asarray(self._sizes_fn(), dtype=np.int64)
-            limit = np.iinfo(self.header.box_dtype).max
-            if sizes.size and sizes.max() > limit:  # a derived box must cast exactly (spec 10.3)
-                i = int(np.argmax(sizes.max(1)))
-                raise CorruptStoreError(
-                    f"{self.where}: image {i} has size {sizes[i].tolist()}, beyond the store's box_dtype "
-                    f"{self.header.box_dtype!r} (at most {limit}): its seeded crops cannot be derived exactly")
-            self._sizes = sizes
-        return self._sizes
+    def sizes(self, idx: np.ndarray) -> np.ndarray:
+        """``(B, 2)`` int64 sizes of images ``idx``; a side beyond ``box_dtype`` cannot be derived exactly
+        (spec 10.2): :class:`CorruptStoreError` naming the image."""
+        sizes = np.asarray(self._sizes_of(idx), dtype=np.int64).reshape(-1, 2)
+        if sizes.size and sizes.max() > self._limit:
+            j = int(np.argmax(sizes.max(1)))
+            raise CorruptStoreError(
+                f"{self.where}: image {int(np.asarray(idx).reshape(-1)[j])} has size {sizes[j].tolist()}, beyond "
+                f"the store's box_dtype {self.header.box_dtype!r} (at most {self._limit}): its seeded crops cannot "
+                f"be derived exactly")
+        return sizes
 
     def rows(self, idx: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Boxes ``(B, M|m, 4)`` (the store's box dtype) and flips ``(B, M|m)`` of images ``idx`` (B,): every
@@ -57,7 +52,7 @@ class SeededCrops:
         sl = np.broadcast_to(np.arange(M), (len(idx), M)) if slots is None else np.asarray(slots, np.int64)
         if sl.ndim == 1:
             sl = np.broadcast_to(sl, (len(idx), len(sl)))
-        hw = self.sizes[idx]
+        hw = self.sizes(idx)
         m = sl.shape[1]
         box = np.empty((len(idx), m, 4), self.header.box_dtype)
         flip = np.empty((len(idx), m), bool)

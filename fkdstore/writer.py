@@ -497,7 +497,7 @@ class Writer:
         # the per-image arrays as stored (the writer tags their chunks in every manifest row it writes)
         self._per_image = {name: group[name][:] for name in header.bound_per_image}
         self._sizes = self._per_image[S.IMAGE_SIZE]
-        self._seeded = SeededCrops(header, lambda: self._sizes, self._where) if header.seeded else None
+        self._seeded = SeededCrops(header, self._sizes.__getitem__, self._where) if header.seeded else None
         self._written = group[S.WRITTEN][:].astype(bool)
         self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
         self._owners = Owners(self.store, self._where)
