@@ -75,22 +75,22 @@ def agreement_warning(crops: Mapping[str, np.ndarray], has_probs: bool = True,
     c = float(np.asarray(crops["top1_prob"], np.float64)[known].mean())
     k = int(max(label.max(), top1.max())) + 1
     chance = float(np.dot(np.bincount(label, minlength=k) / n, np.bincount(top1, minlength=k) / n))
-    who = f"teacher {teacher.get('name')!r}" if isinstance(teacher, Mapping) and teacher.get("name") else "the teacher"
+    who = f" (teacher {teacher.get('name')!r})" if isinstance(teacher, Mapping) and teacher.get("name") else ""
     hint = ("likely a class-order mismatch between the teacher's outputs and the image folder's classes "
             "(or a preprocessing mismatch: mean/std, RGB/BGR, input size)")
     if has_probs:
         if a >= AGREEMENT_FACTOR * c:
             return None
         return _warning("top1_agreement",
-                        f"teacher top-1 = ground truth on {a:.1%} of {n} sampled crops, but {who}'s mean top-1 "
-                        f"probability is {c:.1%}: a calibrated teacher agrees about as often as it is confident "
+                        f"teacher top-1 = ground truth on {a:.1%} of {n} sampled crops, but its mean top-1 "
+                        f"probability is {c:.1%}{who}: a calibrated teacher agrees about as often as it is confident "
                         f"(rule: agreement >= {AGREEMENT_FACTOR} x mean top-1 probability); {hint}",
                         agreement=a, expected=c, chance=chance, crops=n)
     bound = chance + 3.0 * math.sqrt(chance * (1.0 - chance) / n)
     if a > bound:
         return None
     return _warning("top1_agreement",
-                    f"teacher top-1 = ground truth on {a:.1%} of {n} sampled crops, not above the {chance:.1%} "
+                    f"teacher top-1 = ground truth on {a:.1%} of {n} sampled crops{who}, not above the {chance:.1%} "
                     f"of a top-1 unrelated to the labels (rule for hard labels: agreement > chance + 3 standard "
                     f"errors = {bound:.1%}); {hint}", agreement=a, expected=None, chance=chance, crops=n)
 

@@ -216,6 +216,28 @@ def _panel(sheet: Image.Image, draw: ImageDraw.ImageDraw, rect, image: Image.Ima
                    width=2)
 
 
+def _draw_labels(draw: ImageDraw.ImageDraw, at: tuple[int, int], width: int, head: list[tuple[str, tuple]],
+                 soft: np.ndarray, target: int, top_k: int, names: list[str] | None) -> None:
+    """A cell's text: the two ``head`` lines, the ground truth (green when it is the top-1 class, red when
+    not), then the ``top_k`` classes of ``soft`` with their probabilities over bars of that length."""
+    tx, ty = at
+    soft = np.asarray(soft, np.float64)
+    order = np.argsort(-soft, kind="stable")[:top_k].tolist()
+    truth = (f"truth: {class_name(target, names)}", _DIM if target < 0 else _RIGHT if order[0] == target else _WRONG)
+    for k, (text, colour) in enumerate([*head, truth]):
+        draw.text((tx, ty + k * LINE), fit_text(draw, text, width), fill=colour, font=font())
+    for k, c in enumerate(order):
+        y = ty + (3 + k) * LINE
+        p = float(soft[c])
+        draw.rectangle([tx, y, tx + max(0.0, p) * width, y + LINE - 2], fill=_BAR)
+        ptext = f"{p:.3f}"
+        pw = draw.textlength(ptext, font=font())
+        colour = _RIGHT if c == target else _TEXT
+        draw.text((tx + 2, y), fit_text(draw, f"{k + 1}. {class_name(c, names)}", width - pw - 8), fill=colour,
+                  font=font())
+        draw.text((tx + width - pw, y), ptext, fill=colour, font=font())
+
+
 def contact_sheet(store, images, *, grid: Any = None, keys: Sequence[str | int] | None = None,
                   slots: Sequence[int] | None = None, seed: int = 0, names=None, top_k: int = 3,
                   zoom: int | None = None, storage_options: Mapping[str, Any] | None = None) -> Image.Image:
@@ -307,32 +329,15 @@ def contact_sheet(store, images, *, grid: Any = None, keys: Sequence[str | int] 
         sheet.paste(Image.fromarray(np.repeat(np.repeat(crop, zoom, 0), zoom, 1)), (x0, y0))
         rec = reader.read(i, [s])
         _panel(sheet, draw, layout.image_rect(n), image_of(i), rec.box[0], _BOX)
-        soft = item["soft_labels"][0].numpy().astype(np.float64)
-        order = np.argsort(-soft, kind="stable")[:top_k]
-        target = int(item["target"])
         tx, ty = layout.text_origin(n)
-        tw = cw - 2 * PAD
-        t, left, bh, bw = (int(v) for v in rec.box[0])
-        lines = [(reader.image_key(i), _TEXT),
-                 (f"slot {s}, {'flipped' if rec.flip[0] else 'not flipped'}, box {bh}x{bw} at ({t}, {left})", _DIM),
-                 (f"truth: {class_name(target, class_names)}",
-                  _DIM if target < 0 else _RIGHT if int(order[0]) == target else _WRONG)]
-        for k, (text, colour) in enumerate(lines):
-            draw.text((tx, ty + k * LINE), fit_text(draw, text, tw), fill=colour, font=font())
-        for k, c in enumerate(order.tolist()):
-            y = ty + (3 + k) * LINE
-            p = float(soft[c])
-            draw.rectangle([tx, y, tx + max(0.0, p) * tw, y + LINE - 2], fill=_BAR)
-            ptext = f"{p:.3f}"
-            pw = draw.textlength(ptext, font=font())
-            colour = _RIGHT if c == target else _TEXT
-            draw.text((tx + 2, y), fit_text(draw, f"{k + 1}. {class_name(c, class_names)}", tw - pw - 8), fill=colour,
-                      font=font())
-            draw.text((tx + tw - pw, y), ptext, fill=colour, font=font())
+        key_line = (reader.image_key(i), _TEXT)
+        where = (f"slot {s}, {'flipped' if rec.flip[0] else 'not flipped'}, box {int(rec.box[0, 2])}x"
+                 f"{int(rec.box[0, 3])} at ({int(rec.box[0, 0])}, {int(rec.box[0, 1])})", _DIM)
+        _draw_labels(draw, (tx, ty), cw - 2 * PAD, [key_line, where], item["soft_labels"][0].numpy(),
+                     int(item["target"]), top_k, class_names)
         if mixing:
             _, pidx, _ = mix_weights(ds.augment, rec.aug, ds.output_size)  # partner images (weights: the item's)
             for q, pol in enumerate(mixing):
-                y = ty + (3 + top_k + q) * LINE
                 j = int(pidx[0, q])
                 rect = layout.partner_rect(n, q)
                 if j < 0:
@@ -344,7 +349,8 @@ def contact_sheet(store, images, *, grid: Any = None, keys: Sequence[str | int] 
                     text = (f"{pol.name}: lam {float(item['lam'][0]):.2f} own, partner "
                             f"{class_name(int(item['partner_target'][0, q]), class_names)} "
                             f"{float(item['partner_weight'][0, q]):.2f}")
-                draw.text((tx, y), fit_text(draw, text, tw), fill=_TEXT, font=font())
+                draw.text((tx, ty + (3 + top_k + q) * LINE), fit_text(draw, text, cw - 2 * PAD), fill=_TEXT,
+                          font=font())
         shown.append({"index": i, "key": reader.image_key(i), "slot": s})
     sheet.info[INFO_KEY] = json.dumps({"format": INFO_KEY, "version": 1, "layout": layout.to_json(),
                                        "cells": shown, "store": reader.path, "seed": seed})
