@@ -17,7 +17,7 @@ from PIL import Image
 import fkdstore
 from fkdstore import diagnose, plots, report, show
 from fkdstore.cli import main
-from fkdstore.generate import generate
+from fkdstore import generate
 from fkdstore.images import list_images
 from fkdstore.pytorch import TorchDataset
 from fkdstore.seeded import SlotCropSampler
