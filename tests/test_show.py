@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 
 import fkdstore
-from fkdstore import diagnose, plots, report, show
+from fkdstore import diagnose, generate, plots, report, show
 from fkdstore.cli import main
-from fkdstore import generate
 from fkdstore.images import list_images
 from fkdstore.pytorch import TorchDataset
 from fkdstore.seeded import SlotCropSampler
