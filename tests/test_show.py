@@ -45,6 +45,11 @@ def digits(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def few_digits(tmp_path_factory):
+    return make_digits_folder(tmp_path_factory.mktemp("few"), size=SIZE, per_class=2)  # 20 images
+
+
+@pytest.fixture(scope="module")
 def teacher(digits):
     """Softmax regression on random-resized crops of the digits, trained with label smoothing: small, fast and
     about calibrated on crops (on its store: top-1 agreement 0.46, mean top-1 probability 0.51)."""
@@ -69,7 +74,8 @@ def teacher(digits):
 
 
 @pytest.fixture(scope="module")
-def stores(digits, teacher, tmp_path_factory):
+def stores(digits, few_digits, teacher, tmp_path_factory):
+    """Stores of ``digits``, but ``mixup``: of ``few_digits`` (replaying mixed slots is the slow part)."""
     root = tmp_path_factory.mktemp("stores")
     perm = np.roll(np.arange(10), 3)  # no class keeps its index
     made = {
@@ -81,7 +87,7 @@ def stores(digits, teacher, tmp_path_factory):
     out = {}
     for name, kw in made.items():
         kw = {**GEN, **kw}
-        generate(kw.pop("teacher"), digits, root / name, **kw)
+        generate(kw.pop("teacher"), few_digits if name == "mixup" else digits, root / name, **kw)
         out[name] = root / name
     return out
 
@@ -99,14 +105,15 @@ def _replays(store, digits):
 
 
 @pytest.mark.parametrize("name", ["plain", "mixup"])
-def test_sheet_tiles_are_torchdataset_replays(stores, digits, name, tmp_path):
-    png = show.write_sheet(stores[name], digits, tmp_path / "sheet.png", grid="3x4", seed=3)
+def test_sheet_tiles_are_torchdataset_replays(stores, digits, few_digits, name, tmp_path):
+    images = few_digits if name == "mixup" else digits
+    png = show.write_sheet(stores[name], images, tmp_path / "sheet.png", grid="3x4", seed=3)
     layout, cells = show.sheet_info(png)
     assert (layout.rows, layout.cols) == (3, 4) and len(cells) == 12
     assert len({(c["index"], c["slot"]) for c in cells}) == 12
     sheet = np.asarray(Image.open(png).convert("RGB"))
     assert sheet.shape[:2] == layout.size[::-1]
-    replays = _replays(stores[name], digits)
+    replays = _replays(stores[name], images)
     z = layout.zoom
     H, W = layout.crop_height, layout.crop_width
     assert (H, W) == ((12, 12) if name == "mixup" else (SIZE, SIZE)) and z == -(-128 // H)
@@ -352,21 +359,21 @@ def test_inspect_image_dump(stores, capsys):
     assert text.startswith(f"image 9 {key!r}: ") and text.count("own weight") == r.crops_per_image
     assert f"{tuple(rec.box[0].tolist())}" in text and "mixup_partner=" in text
     assert main(["inspect", str(path), "--image", "missing.png"]) == 1
-    assert "image must be one of the store's image keys or an index in [0, 80). Got 'missing.png'" in \
+    assert "image must be one of the store's image keys or an index in [0, 20). Got 'missing.png'" in \
         capsys.readouterr().err
 
 
-def test_inspect_plots_and_image_need_no_torch(stores, tmp_path):
+def test_inspect_plots_and_image_need_no_torch(stores, few_digits, tmp_path):
     code = textwrap.dedent("""
         import sys
         sys.modules["torch"] = None  # any "import torch" raises ImportError, as without torch
         from fkdstore.cli import main
         assert main(["inspect", sys.argv[1], "--plots", sys.argv[2]]) == 0
         assert main(["inspect", sys.argv[1], "--image", "0", "--json"]) == 0
-        assert main(["show", sys.argv[1], "--images", sys.argv[2]]) == 1  # show needs torch: one error line
+        assert main(["show", sys.argv[1], "--images", sys.argv[3]]) == 1  # show needs torch: one error line
     """)
-    res = subprocess.run([sys.executable, "-c", code, str(stores["mixup"]), str(tmp_path / "p")], check=False,
-                         capture_output=True, text=True, timeout=120)
+    argv = [sys.executable, "-c", code, str(stores["mixup"]), str(tmp_path / "p"), str(few_digits)]
+    res = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert len(list((tmp_path / "p").glob("*.png"))) == 6
     assert res.stderr.strip().splitlines()[-1].startswith("fkdstore: error: ")
