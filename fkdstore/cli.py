@@ -1,10 +1,10 @@
 """The ``fkdstore`` command line. It only parses arguments and calls the library.
 
 Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune``, ``ensemble``,
-``generate``. Every command's code is here; the library modules hold no argparse code. Only ``generate``
-needs torch, and it imports the teacher-runner when it runs (or shows its ``--help``), so ``fkdstore
---version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune`` and ``ensemble``
-start without importing torch.
+``generate``, ``show``. Every command's code is here; the library modules hold no argparse code. Only
+``generate`` and ``show`` need torch, and they import it when they run (``generate`` also for its ``--help``),
+so ``fkdstore --version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune`` and
+``ensemble`` start without importing torch.
 
 Exit codes (every command):
 
@@ -55,8 +55,31 @@ def _err(text: str) -> None:
 def _cmd_inspect(args) -> int:
     from . import report
 
-    d = report.inspect(args.path, sample=args.sample, seed=args.seed, storage_options=args.storage_options)
+    if args.image is not None:
+        from . import diagnose, reader
+
+        r = reader.open(args.path, storage_options=args.storage_options)
+        d = diagnose.image_slots(r, args.image, top_k=args.top_k)
+        names = diagnose.store_names(r, args.names)
+        _out(json.dumps(d, indent=2) if args.json else diagnose.format_image_slots(d, names))
+        return EXIT_OK
+    d = report.inspect(args.path, sample=args.sample, seed=args.seed, storage_options=args.storage_options,
+                       plots=args.plots)
     _out(json.dumps(d, indent=2, sort_keys=False) if args.json else report.format_inspect(d))
+    return EXIT_OK
+
+
+def _cmd_show(args) -> int:
+    from .show import write_sheet  # torch: imported only when this command runs
+
+    images = args.images[0] if len(args.images) == 1 and os.path.isdir(args.images[0]) else args.images
+    out = write_sheet(args.path, images, args.out, grid=args.grid, keys=args.keys, slots=args.slots, seed=args.seed,
+                      names=args.names, top_k=args.top_k, zoom=args.zoom, storage_options=args.storage_options)
+    from .show import sheet_info
+
+    layout, cells = sheet_info(out)
+    _out(f"wrote {out}: {len(cells)} crops in {layout.rows} x {layout.cols} cells, {layout.size[0]} x "
+         f"{layout.size[1]} px")
     return EXIT_OK
 
 
@@ -202,12 +225,45 @@ num_images, crops_per_image, num_classes, aug, has_labels, images_per_chunk, ima
 images_written, complete, missing_ranges, arrays{name: shape, dtype, chunks, shards, raw_bytes,
 stored_bytes, files, compression_ratio}, total_bytes, total_files, bytes_per_crop, label_bytes_per_crop,
 box_bytes_per_crop, meta, sampler, teacher, label_stats{sampled_crops, seed, kept_mass_mean,
-entropy_mean_nats, top1_agreement, distinct_top1}, imagenet_extrapolation{num_images, crops_per_image,
-bytes, paper_formula_bytes, paper_table2} (sizes in bytes; see fkdstore.report).
+entropy_mean_nats, top1_agreement, distinct_top1, top1_prob_mean}, warnings[{code, message, ...}],
+imagenet_extrapolation{num_images, crops_per_image, bytes, paper_formula_bytes, paper_table2}, and with
+--plots: plots (sizes in bytes; see fkdstore.report).
+
+warnings (text: "warning" lines; JSON: the "warnings" list; rules and thresholds in fkdstore.diagnose):
+  top1_agreement  teacher top-1 = ground truth on fewer than half as many sampled crops as the mean top-1
+                  probability (hard labels: not above chance): a likely class-order or preprocessing mismatch
+  normalization   meta mean/std outside [0, 1] / [0.05, 1] (e.g. given in 0-255 units), swapped, or BGR
+  fallback_crops  over 10% of sampled crops are RandomResizedCrop's centre-crop fallback
+
+--plots DIR writes PNG plots there (Pillow): confidence.png and entropy.png (histograms of the sampled
+crops' decoded top-1 probability and entropy), agreement.png (top-1 agreement per ground-truth class),
+crop_area.png and crop_aspect.png (box area fraction and aspect ratio against the sampler's scale and ratio
+ranges), bytes.png (stored bytes per component); see fkdstore.plots.
+
+--image KEY prints one image's slots instead (KEY: an image key of the store, or an index): box, flip,
+augmentation params, mixing partners and the top-K classes with their probabilities (--json: the
+fkdstore.diagnose.image_slots dict).
 
 examples:
   fkdstore inspect labels.fkd
   fkdstore inspect labels.fkd --json --sample 10000 --seed 1 > stats.json
+  fkdstore inspect labels.fkd --plots plots/
+  fkdstore inspect labels.fkd --image n01440764/n01440764_10026.JPEG --top-k 5 --names classes.txt
+"""
+
+SHOW_HELP = """\
+Draw a contact sheet (PNG) of replayed crops with their soft labels: for chosen or random images and slots,
+each crop exactly as TorchDataset(normalize=False) returns it (augmentation and mixing included), the
+image with the crop's box, the partner image for mixed slots, the image key, slot, flip, box, ground-truth
+class, the top-K classes with their probabilities and, for mixed slots, lam and the partner's class and
+weight. Class names: --names FILE (one per line, line c names class c), else the image folder's class
+folders, else the store's meta["classes"]. Needs torch. The PNG's "fkdstore-sheet" text chunk records the
+layout and the (image, slot) of every cell (fkdstore.show.sheet_info); tile positions: fkdstore.show.
+
+examples:
+  fkdstore show labels.fkd --images /data/imagenet/train --out sheet.png
+  fkdstore show labels.fkd --images train/ --grid 2x6 --image n01440764/n01440764_10026.JPEG --seed 1
+  fkdstore show labels.fkd --images train/ --image 0 17 --slots 0 1 2 --names classes.txt
 """
 
 ESTIMATE_HELP = """\
@@ -332,7 +388,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--json", action="store_true", help="print one JSON object (keys above)")
     q.add_argument("--sample", type=_nonneg_int, default=4096, help="crops sampled for label statistics (default 4096)")
     q.add_argument("--seed", type=int, default=0, help="seed of the crop sample (default 0)")
+    q.add_argument("--plots", metavar="DIR", default=None, help="also write PNG plots into DIR (see above)")
+    q.add_argument("--image", metavar="KEY", default=None, help="print this image's slots instead (a key or an index)")
+    q.add_argument("--top-k", type=_pos_int, default=5, help="classes per slot with --image (default 5)")
+    q.add_argument("--names", metavar="FILE", default=None,
+                   help="class names with --image, one per line (default: the store's meta['classes'])")
     q.set_defaults(func=_cmd_inspect)
+
+    q = add("show", "draw replayed crops with their soft labels (a PNG contact sheet)", SHOW_HELP + STORAGE_HELP)
+    q.add_argument("path", help="store folder or URL")
+    q.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
+                   help="the image folder (or files) the store was made from")
+    q.add_argument("--out", default="sheet.png", metavar="PNG", help="the sheet to write (default sheet.png)")
+    q.add_argument("--grid", type=_grid, default=None, metavar="RxC",
+                   help="rows x columns of crops (default 4x4, or fewer when fewer are asked for)")
+    q.add_argument("--image", dest="keys", nargs="+", action="extend", default=None, metavar="KEY",
+                   help="images to show (keys or indices; default: random written images)")
+    q.add_argument("--slots", nargs="+", action="extend", type=_nonneg_int, default=None, metavar="S",
+                   help="slots to show of each image (default: random)")
+    q.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the random images and slots (default 0)")
+    q.add_argument("--names", metavar="FILE", default=None, help="class names, one per line")
+    q.add_argument("--top-k", type=_pos_int, default=3, help="classes listed per crop (default 3)")
+    q.add_argument("--zoom", type=_pos_int, default=None,
+                   help="repeat each crop pixel ZxZ (default: crops of at least 128 px)")
+    _add_storage_options(q)
+    q.set_defaults(func=_cmd_show)
 
     q = add("estimate", "predict a store's size (this layout, or the paper's formula)", ESTIMATE_HELP)
     q.add_argument("--num-images", type=_pos_int, metavar="N", required=True, help="number of images N")
@@ -569,6 +649,16 @@ def _fraction(s: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1]. Got {s!r}.")
     return v
 _nonneg_int = _int_type(non_negative_int)
+
+
+def _grid(s: str) -> tuple[int, int]:
+    """argparse type: ``RxC`` (:func:`fkdstore.show.parse_grid`)."""
+    from .show import parse_grid
+
+    try:
+        return parse_grid(s)
+    except (TypeError, ValidationError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _json_object(s: str) -> dict:
