@@ -21,10 +21,12 @@ from fkdstore.images import list_images
 from fkdstore.pytorch import TorchDataset
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import RandomCropDataset, make_digits_folder, tiny_cnn
-from fkdstore.transforms import CropSampler, normalize
+from fkdstore.transforms import Replay, normalize
 
 SIZE = 16
-GEN = dict(crops_per_image=6, input_size=SIZE, scale=(0.35, 1.0), num_workers=0, progress=False, batch_size=256)
+SCALE = (0.35, 1.0)
+GEN = dict(crops_per_image=6, input_size=SIZE, crop_sampler=SlotCropSampler(scale=SCALE), store_crops=True,
+           num_workers=0, progress=False, batch_size=256)
 MIXUP = "color_jitter:brightness=0.4,hue=0.1;mixup:alpha=0.4,p=0.8"
 
 
@@ -53,7 +55,7 @@ def few_digits(tmp_path_factory):
 def teacher(digits):
     """Softmax regression on random-resized crops of the digits, trained with label smoothing: small, fast and
     about calibrated on crops (on its store: top-1 agreement 0.46, mean top-1 probability 0.51)."""
-    ds = RandomCropDataset(digits, SIZE, scale=GEN["scale"], seed=7, epochs=4)
+    ds = RandomCropDataset(digits, SIZE, scale=SCALE, seed=7, epochs=4)
     xs, ys = [], []
     for e in range(4):
         ds.epoch = e
@@ -82,7 +84,7 @@ def stores(digits, few_digits, teacher, tmp_path_factory):
         "plain": dict(teacher=teacher, codec="ms:k=3"),
         "permuted": dict(teacher=Permuted(teacher, perm), codec="ms:k=3"),
         "mixup": dict(teacher=tiny_cnn(10, width=4), codec="ms:k=3", augment=MIXUP, input_size=12),
-        "seeded": dict(teacher=teacher, codec="full", seeded_crops=True),
+        "seeded": dict(teacher=teacher, codec="full", store_crops=False),
     }
     out = {}
     for name, kw in made.items():
@@ -235,7 +237,7 @@ def test_hard_label_store_warns_only_when_permuted(tmp_path):
     labels = rng.integers(0, C, N)
     probs = report.teacher_like_probs(rng, N, M, C, labels)
     sizes = np.full((N, 2), 32)
-    boxes, flips = zip(*(CropSampler(seed=0).sample(i, 32, 32, M) for i in range(N)))
+    boxes, flips = zip(*(SlotCropSampler(seed=0).sample(i, 32, 32, M) for i in range(N)))
     codes = {}
     for name, p in {"right": probs, "permuted": probs[..., np.roll(np.arange(C), 1)]}.items():
         with fkdstore.write(tmp_path / name, num_images=N, crops_per_image=M, num_classes=C, codec="hard",
@@ -269,18 +271,18 @@ def test_normalization_and_fallback_warnings_through_inspect(tmp_path):
     N, M, C = 40, 5, 4
     rng = np.random.default_rng(1)
     sizes = np.stack([rng.integers(20, 40, N), rng.integers(20, 40, N)], 1)
-    tall = CropSampler(scale=(0.9, 1.0), ratio=(3.5, 4.0), seed=0)  # wide crops of area ~ the image: never fit
-    ok = CropSampler(seed=0)
+    tall = SlotCropSampler(scale=(0.9, 1.0), ratio=(3.5, 4.0), seed=0)  # wide crops of area ~ the image: never fit
+    ok = SlotCropSampler(seed=0)
     probs = rng.dirichlet(np.ones(C), (N, M)).astype(np.float32)
     found = {}
-    for name, sampler, meta in [("ok", ok, {}), ("fallback", tall, {}),
-                                ("bgr", ok, {"mean": [0.406, 0.456, 0.485], "std": [0.225, 0.224, 0.229]})]:
+    for name, sampler, replay in [("ok", ok, None), ("fallback", tall, None),
+                                  ("bgr", ok, Replay(mean=(0.406, 0.456, 0.485), std=(0.225, 0.224, 0.229)))]:
         boxes, flips = zip(*(sampler.sample(i, int(sizes[i, 0]), int(sizes[i, 1]), M) for i in range(N)))
         assert diagnose.fallback_mask(np.stack(boxes).reshape(-1, 4), np.repeat(sizes, M, 0),
                                       sampler.ratio).all() == (name == "fallback")
         with fkdstore.write(tmp_path / name, num_images=N, crops_per_image=M, num_classes=C, codec="full",
                             image_keys=[f"{i}.png" for i in range(N)], image_sizes=sizes,
-                            meta={"sampler": sampler.get_config(), **meta}) as w:
+                            meta={"sampler": sampler.get_config()}, replay=replay) as w:
             w.put(np.arange(N), np.stack(boxes), np.stack(flips), probs)
         found[name] = report.inspect(tmp_path / name)["warnings"]
     assert found["ok"] == []
@@ -297,7 +299,7 @@ def test_fallback_rule_reads_a_seeded_stores_crop_sampler(tmp_path):
                         crop_sampler=sampler) as w:
         w.put(np.arange(N), None, None, np.full((N, M, 3), 1 / 3, np.float32))
     r = fkdstore.open(tmp_path / "s")
-    assert r.header.crop_sampler and "sampler" not in r.meta
+    assert r.header.seeded and "sampler" not in r.meta
     assert diagnose.sampler_config(r.header) == sampler.get_config()
     assert [w["code"] for w in report.inspect(tmp_path / "s")["warnings"]] == ["fallback_crops"]
 
@@ -322,8 +324,8 @@ def test_inspect_plots(stores, name, tmp_path, capsys):
     assert n == d["label_stats"]["sampled_crops"] == 480
     for stem in ("confidence", "entropy", "crop_area", "crop_aspect"):
         assert sum(data[stem]["counts"]) == n
-    cfg = r.header.crop_sampler if name == "seeded" else r.meta["sampler"]
-    assert data["crop_area"]["band"] == list(GEN["scale"]) == cfg["scale"]
+    cfg = r.header.sampler.get_config() if name == "seeded" else r.meta["sampler"]
+    assert data["crop_area"]["band"] == list(SCALE) == cfg["scale"]
     assert data["crop_aspect"]["band"] == pytest.approx(np.log(cfg["ratio"]).tolist())
     area = crops["box"][:, 2] * crops["box"][:, 3] / (crops["size"][:, 0] * crops["size"][:, 1])
     assert data["crop_area"]["counts"] == np.histogram(area, np.linspace(0, 1, 26))[0].tolist()
