@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
         stores[name] = reencode(full, c, work / f"labels_{c.name}{'_q8' if c.quantized else ''}.fkd")
     pruned = {}
     for keep in a.keeps:
-        if fkdstore.convert.pruned_slots(keep, M) in {fkdstore.convert.pruned_slots(k, M) for k in pruned}:
+        if fkdstore.conversion.pruned_slots(keep, M) in {fkdstore.conversion.pruned_slots(k, M) for k in pruned}:
             continue  # same M' as a larger keep: the same store
         pruned[keep] = work / f"labels_full_keep{keep}.fkd"
         shutil.rmtree(pruned[keep], ignore_errors=True)
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
     variants[f"(d) global label, m={a.m}"] = (lambda s: fkd_batches(full, train_dir, a.m, s), E // a.m,
                                                lambda x, b: global_p[b["index"]])
     for keep, st in pruned.items():
-        Mk = fkdstore.convert.pruned_slots(keep, M)
+        Mk = fkdstore.conversion.pruned_slots(keep, M)
         if Mk < a.m:
             continue  # fewer kept slots than crops per item
         variants[f"(e) FKD Full pruned keep={keep:g} (M'={Mk}), m={a.m}"] = (

@@ -20,8 +20,8 @@ __version__ = "0.3.0"
 _API = {
     "write": "writer", "Writer": "writer",
     "open": "reader", "Reader": "reader", "CropRecords": "reader", "MapRecords": "reader",
-    "verify": "verify", "inspect": "report", "storage_stats": "report",
-    "convert": "convert", "prune": "convert", "ensemble": "convert",
+    "verify": "verification", "inspect": "report", "storage_stats": "report",
+    "convert": "conversion", "prune": "conversion", "ensemble": "conversion",
     "import_fkd": "importers",
     "SlotCropSampler": "seeded", "LabelMapSpec": "labelmap", "Replay": "transforms",
     "as_codec": "codecs", "from_config": "codecs", "get_codec": "codecs",

@@ -25,6 +25,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -97,20 +98,20 @@ def _cmd_estimate(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from . import verify
+    from . import verification
 
-    problems = verify.verify(args.path, progress=args.progress, storage_options=args.storage_options)
+    problems = verification.verify(args.path, progress=args.progress, storage_options=args.storage_options)
     if args.json:
         _out(json.dumps({"path": args.path, "ok": not problems, "problems": problems}, indent=2))
     else:
-        _out(verify.summary(args.path, problems))
+        _out(verification.summary(args.path, problems))
     return EXIT_OK if not problems else EXIT_ERROR
 
 
 def _cmd_convert(args) -> int:
-    from . import convert, report
+    from . import conversion, report
 
-    r = convert.convert(args.src, args.dst, args.codec, k=args.k, progress=args.progress,
+    r = conversion.convert(args.src, args.dst, args.codec, k=args.k, progress=args.progress,
                         storage_options=args.storage_options)
     _out(f"converted {r['images']:,} images {_cfg(r['from'])} -> {_cfg(r['to'])}: "
          f"{report.human_bytes(r['bytes_before'])} -> {report.human_bytes(r['bytes_after'])}"
@@ -158,9 +159,9 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from . import convert, report
+    from . import conversion, report
 
-    r = convert.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress,
+    r = conversion.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress,
                       storage_options=args.storage_options)
     _out(f"pruned {r['images']:,} images to {r['crops_per_image']} of {r['crops_per_image_before']} slots each "
          f"(rule {r['rule']}" + (f", seed {r['seed']}" if r["rule"] == "random" else "") + "): "
@@ -170,12 +171,12 @@ def _cmd_prune(args) -> int:
 
 
 def _cmd_ensemble(args) -> int:
-    from . import convert, report
+    from . import conversion, report
 
     if len(args.stores) < 3:
         _err(f"fkdstore ensemble: error: give at least two stores and then OUT. Got {len(args.stores)} path(s).")
         return EXIT_USAGE
-    r = convert.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress,
+    r = conversion.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress,
                          storage_options=args.storage_options)
     _out(f"ensembled {len(r['sources'])} stores over {r['images']:,} images as {_cfg(r['codec'])}: "
          f"{report.human_bytes(r['bytes_after'])} -> {args.stores[-1]}"
@@ -532,13 +533,17 @@ class _GenerateHelp(_Formatter):
             return text
         if isinstance(action.type, _Choice):
             text += f"; one of {', '.join(action.type.names())}"
-        if action.dest in GENERATE_OPTIONS and action.dest not in ("teacher_name", "weights_sha256"):
-            import inspect
+        if action.dest in GENERATE_OPTIONS and action.dest not in ("teacher_name", "weights_sha256", "crops_from",
+                                                                   "storage_options"):
+            from .runner import option_default
 
-            from .runner import generate
+            default = option_default(action.dest)
+            if default is not dataclasses.MISSING:
+                text += f" (default: {default!r})"
+        elif action.dest in SAMPLER_OPTIONS:
+            from .seeded import SlotCropSampler
 
-            default = inspect.signature(generate).parameters[action.dest].default
-            text += f" (default: {default!r})"
+            text += f" (default: {getattr(SlotCropSampler(), action.dest)!r})"
         return text.replace("%", "%%")
 
 

@@ -205,6 +205,18 @@ _CONFIGS = {"labels": LabelSpec, "replay": Replay, "run": Execution, "provenance
 _OPTIONS = {f.name: name for name, cls in _CONFIGS.items() for f in dataclasses.fields(cls)}
 
 
+def option_default(name: str) -> Any:
+    """The default of one of :func:`generate`'s flat options (a field of a config object); the config's
+    field is its one home. A required field (``crops_per_image``, ``codec``) has none: returns the
+    ``fkdstore.cli`` sentinel's counterpart, ``dataclasses.MISSING``."""
+    f = next(f for f in dataclasses.fields(_CONFIGS[_OPTIONS[name]]) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def _configs(given: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The four config objects of :func:`generate` from its config arguments and flat options."""
     unknown = sorted(set(options) - set(_OPTIONS))

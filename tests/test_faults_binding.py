@@ -22,7 +22,7 @@ from fkdstore import schema as S
 from fkdstore.errors import CorruptStoreError, FormatError
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.transforms import Replay
-from fkdstore.verify import verify
+from fkdstore.verification import verify
 from storeutil import small_store
 
 N, M, C, IPC, IPS = 16, 4, 10, 4, 8  # 2 shards; damage goes to shard 1 (images 8-15)

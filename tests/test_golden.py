@@ -21,7 +21,7 @@ def expected():
 def test_v1_0_store_migrates_identically(codec, expected, tmp_path):
     """Format 1.0 (fkdstore 0.1) is read by `convert` only: readers refuse it naming the migration, and the
     migrated 4.0 store holds exactly the 1.0 store's keys, sizes, crops and label fields."""
-    from fkdstore.convert import convert
+    from fkdstore.conversion import convert
 
     keys = json.loads((V1_0 / "keys.json").read_text())
     with pytest.raises(fkdstore.FormatError, match="format version 1.0 .*fkdstore convert"):
@@ -50,7 +50,7 @@ V3_0 = Path(__file__).parent / "golden" / "v3.0"
 def test_v3_0_seeded_store_and_its_v2_0_twin_read_identically(name, version):
     """Seeded crops (format 3.0) are derived by today's slot sampler on every read: a change of the sampler
     that would replay other crops than the writer was given fails here."""
-    from fkdstore.verify import verify
+    from fkdstore.verification import verify
 
     expected = dict(np.load(V3_0 / "expected.npz"))
     keys = json.loads((V3_0 / "keys.json").read_text())

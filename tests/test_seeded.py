@@ -14,11 +14,11 @@ import pytest
 
 import fkdstore
 from fkdstore import schema as S
-from fkdstore.convert import convert, ensemble, prune
+from fkdstore.conversion import convert, ensemble, prune
 from fkdstore.errors import CorruptStoreError, FormatError, SchemaMismatchError, ValidationError
 from fkdstore.report import estimate_bytes, inspect
 from fkdstore.seeded import SlotCropSampler, exp_poly
-from fkdstore.verify import verify
+from fkdstore.verification import verify
 from faultutil import set_header
 from storeutil import make_data
 
@@ -211,7 +211,7 @@ def test_convert_ensemble_keep_and_prune_materialises_the_seeded_crops(pair, tmp
     out = prune(seeded, tmp_path / "pruned", keep=0.5, seed=3)
     r = fkdstore.open(tmp_path / "pruned")
     assert not r.header.seeded and out["crops_per_image"] == 3
-    from fkdstore.convert import random_slots
+    from fkdstore.conversion import random_slots
 
     slots = np.stack([random_slots(3, i, M, 3) for i in range(N)])
     np.testing.assert_array_equal(r.read_all().box, np.take_along_axis(d["boxes"], slots[..., None], 1))

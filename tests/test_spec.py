@@ -25,12 +25,12 @@ from fkdstore import reader as R
 from fkdstore import schema as S
 from fkdstore import writer as W
 from fkdstore.augment import Pipeline
-from fkdstore.convert import convert
+from fkdstore.conversion import convert
 from fkdstore.errors import (
     ConcurrentWriterError, CorruptChunkError, CorruptStoreError, FormatError, IncompleteStoreError, ValidationError,
 )
 from fkdstore.shard import MISSING
-from fkdstore.verify import verify
+from fkdstore.verification import verify
 from storeutil import create, fill, make_data
 from faultutil import shard_file, shard_index, write_shard_index
 
