@@ -11,9 +11,9 @@ from collections.abc import Callable
 import numpy as np
 
 from . import schema as S
-from .errors import CorruptStoreError
+from .errors import CorruptStoreError, ValidationError
 
-__all__ = ["SeededCrops", "DERIVE_PAIRS"]
+__all__ = ["SeededCrops", "NoDerivedArrays", "derivation", "DERIVE_PAIRS"]
 
 DERIVE_PAIRS = 2**17  # SeededCrops derives at most this many (image, slot) pairs per sampler call
 
@@ -44,9 +44,11 @@ class SeededCrops:
                 f"be derived exactly")
         return sizes
 
-    def rows(self, idx: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes ``(B, M|m, 4)`` (the store's box dtype) and flips ``(B, M|m)`` of images ``idx`` (B,): every
-        slot, or ``slots`` ((B, m), or (m,) for every image). Only the asked slots are derived."""
+    names = (S.BOX, S.FLIP)
+
+    def rows(self, idx: np.ndarray, slots: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``{box: (B, M|m, 4) (the store's box dtype), flip: (B, M|m)}`` of images ``idx`` (B,): every slot,
+        or ``slots`` ((B, m), or (m,) for every image). Only the asked slots are derived."""
         idx = np.asarray(idx, np.int64).reshape(-1)
         M = self.header.crops_per_image
         sl = np.broadcast_to(np.arange(M), (len(idx), M)) if slots is None else np.asarray(slots, np.int64)
@@ -60,7 +62,30 @@ class SeededCrops:
         for a in range(0, len(idx), step):
             b = slice(a, a + step)
             box[b], flip[b] = self.sampler.sample_slots(idx[b, None], sl[b], hw[b, 0:1], hw[b, 1:2])
-        return box, flip
+        return {S.BOX: box, S.FLIP: flip}
+
+    def given(self, idx: np.ndarray, values: dict[str, object]) -> dict[str, np.ndarray]:
+        """What a writer stores for images ``idx``: the sampler's boxes and flips. Values given by the caller
+        (``values[box]``, ``values[flip]``: the crops the teacher saw; None = not given) must equal them:
+        ValidationError naming the image and slot otherwise, before anything is buffered."""
+        want = self.rows(idx)
+        M = self.header.crops_per_image
+        for name, what in ((S.BOX, "boxes"), (S.FLIP, "flips")):
+            given = values.get(name)
+            if given is None:
+                continue
+            given = np.asarray(given)
+            if given.shape != want[name].shape:
+                raise ValidationError(f"{what} must have shape {want[name].shape} (or be None: seeded crops). "
+                                      f"Got shape {given.shape}.")
+            diff = given.astype(np.int64) != want[name].astype(np.int64)
+            if diff.any():
+                b, m = (int(x) for x in np.argwhere(diff.reshape(len(idx), M, -1).any(-1))[0])
+                raise ValidationError(
+                    f"this store has seeded crops: {what} must be the crop sampler's "
+                    f"({self.header.sampler.get_config()}) or None. Image {int(idx[b])} slot {m} has "
+                    f"{given[b, m].tolist()}, the sampler gives {want[name][b, m].tolist()}.")
+        return want
 
     def chunk_rows(self, first: int, stop: int) -> dict[str, np.ndarray]:
         """``{box, flip}`` rows of images ``[first, stop)`` padded with the fill value to whole inner chunks
@@ -68,7 +93,8 @@ class SeededCrops:
         h = self.header
         ipc = h.images_per_chunk
         n = -(-(stop - first) // ipc) * ipc
-        box, flip = self.rows(np.arange(first, min(stop, h.num_images)))
+        rows = self.rows(np.arange(first, min(stop, h.num_images)))
+        box, flip = rows[S.BOX], rows[S.FLIP]
         pad = n - len(box)
         if pad:
             box = np.concatenate([box, np.full((pad, *box.shape[1:]), S.FILL_VALUE, box.dtype)])
@@ -104,3 +130,30 @@ class SeededCrops:
                     f"the teacher saw ({int(bad.sum())} of {len(bad)} chunks checked differ); this fkdstore "
                     f"cannot replay this store's crops (sampler {self.header.sampler.get_config()})")
         return out
+
+
+class NoDerivedArrays:
+    """The derivation of a store that derives nothing (stored crops, label maps): the same interface as
+    :class:`SeededCrops`, with no arrays, so readers and writers treat both alike."""
+
+    names: tuple[str, ...] = ()
+    checked = True
+
+    def rows(self, idx: np.ndarray, slots: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return {}
+
+    def given(self, idx: np.ndarray, values: dict[str, object]) -> dict[str, np.ndarray]:
+        return {}
+
+    def chunk_rows(self, first: int, stop: int) -> dict[str, np.ndarray]:
+        return {}
+
+    def check(self, first_chunk: int, data: dict[str, np.ndarray], manifest_rows: np.ndarray,
+              columns: dict[str, int], need: np.ndarray | None = None) -> list[str]:
+        return []
+
+
+def derivation(header: S.Header, sizes: Callable[[np.ndarray], np.ndarray], where: str = ""):
+    """The derived arrays of a store (chosen once, at open): :class:`SeededCrops` for seeded crops, else
+    :class:`NoDerivedArrays`. ``sizes(idx)``: image sizes of images ``idx``."""
+    return SeededCrops(header, sizes, where) if header.seeded else NoDerivedArrays()

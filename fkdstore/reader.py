@@ -36,7 +36,7 @@ from . import labelmap as _labelmap
 from . import progress as _progress
 from . import schema as S
 from . import storage as _storage
-from .derived import SeededCrops
+from .derived import derivation
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
 from .shard import ArrayMeta, Manifest, ShardedArray, fetch_many, finish_many, group_rows, load_many, \
     parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
@@ -557,7 +557,7 @@ class RegionReader(Reader):
     def _build(self) -> None:
         super()._build()
         h = self.header
-        self._seeded = SeededCrops(h, _Sizes(self), self.path) if h.seeded else None
+        self._derived = derivation(h, _Sizes(self), self.path)  # seeded crops: box and flip derived
         self._specs = h.record_specs()  # manifest order, derived arrays (seeded crops) included
         # CropRecords keys of the arrays, computed once (read(i) builds one CropRecords per image)
         n = len(S.SOFT_GROUP) + 1
@@ -582,15 +582,16 @@ class RegionReader(Reader):
         _check_slot_range(sl, self.crops_per_image)
         return sl
 
-    def _derive(self, idx: np.ndarray, slots=None) -> tuple[np.ndarray, np.ndarray]:
-        """Seeded crops: boxes and flips of images ``idx`` (slots as :meth:`SeededCrops.rows`). The first call
-        of a reader compares the derived chunk of ``idx[0]`` with its manifest tags (spec: before any derived
-        data is returned), so a sampler that cannot replay the store fails here, not silently."""
-        if not self._seeded.checked and len(idx):
+    def _derive(self, idx: np.ndarray, slots=None) -> dict[str, np.ndarray]:
+        """The derived arrays' rows of images ``idx`` (seeded crops: box and flip; slots as
+        :meth:`fkdstore.derived.SeededCrops.rows`; nothing for stored crops). The first call of a reader
+        compares the derived chunk of ``idx[0]`` with its manifest tags (spec: before any derived data is
+        returned), so a sampler that cannot replay the store fails here, not silently."""
+        if not self._derived.checked and len(idx):
             ipc = self.header.images_per_chunk
             c = int(idx[0]) // ipc
-            self._check_derived(c, c + 1, self._seeded.chunk_rows(c * ipc, (c + 1) * ipc))
-        return self._seeded.rows(idx, slots)
+            self._check_derived(c, c + 1, self._derived.chunk_rows(c * ipc, (c + 1) * ipc))
+        return self._derived.rows(idx, slots)
 
     def _check_derived(self, c0: int, c1: int, data: dict[str, np.ndarray]) -> None:
         """Compare the tags of the derived chunks ``[c0, c1)`` (``data`` from :meth:`SeededCrops.chunk_rows`)
@@ -598,7 +599,7 @@ class RegionReader(Reader):
         problems = self._derived_mismatches(c0, c1, data)
         if problems:
             raise CorruptStoreError(problems[0])
-        self._seeded.checked = True
+        self._derived.checked = True
 
     def _derived_mismatches(self, c0: int, c1: int, data: dict[str, np.ndarray],
                             written: np.ndarray | None = None) -> list[str]:
@@ -606,8 +607,10 @@ class RegionReader(Reader):
         holding a written image (``written``: the flags to use, default the store's): one message per
         mismatching array. Raises :class:`CorruptStoreError` when the manifest itself cannot be read (used by
         ``verify`` too, with the flags it read itself)."""
-        h, sc = self.header, self._seeded
+        h, sc = self.header, self._derived
         ipc, cps = h.images_per_chunk, h.chunks_per_shard
+        if not data:  # nothing derived
+            return []
         if self._manifest is None:
             raise CorruptStoreError(f"{self.path}: the manifest cannot be read, so the seeded crops cannot be checked")
         rows = []
@@ -637,9 +640,7 @@ class RegionReader(Reader):
             slots = _int_array(slots, "slots").reshape(-1)
             _check_slot_range(slots, self.header.crops_per_image)
         data = self._one_row(i, slots)
-        if self._seeded is not None:
-            box, flip = self._derive(np.array([i]), slots)
-            data[S.BOX], data[S.FLIP] = box[0], flip[0]
+        data.update({name: v[0] for name, v in self._derive(np.array([i]), slots).items()})
         return self._records(data)
 
     def read_batch(self, indices, slots=None) -> CropRecords:
@@ -652,8 +653,7 @@ class RegionReader(Reader):
         self._check_written(idx)
         sl = self._slots(slots, len(idx))
         data = self._rows(idx, sl)
-        if self._seeded is not None:
-            data[S.BOX], data[S.FLIP] = self._derive(idx, sl)
+        data.update(self._derive(idx, sl))
         return self._records(data)
 
     def read_all(self, slots=None, *, progress: bool | None = False) -> CropRecords:
@@ -671,14 +671,13 @@ class RegionReader(Reader):
         def keep(shards, loaded, lock):
             n0 = shards.start * h.images_per_shard
             n1 = min(N, shards.stop * h.images_per_shard)
-            if self._seeded is not None:  # derived here, every chunk checked against its manifest tags
-                c0 = shards.start * h.chunks_per_shard
-                derived = self._seeded.chunk_rows(n0, n1)
-                with lock:  # the manifest cache is shared with the fetching threads
-                    self._check_derived(c0, min(h.num_chunks, shards.stop * h.chunks_per_shard), derived)
-                for name, rows in derived.items():
-                    rows = rows[: n1 - n0]
-                    out[name][n0:n1] = rows if sl is None else rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
+            derived = self._derived.chunk_rows(n0, n1)  # every derived chunk checked against its manifest tags
+            with lock:  # the manifest cache is shared with the fetching threads
+                self._check_derived(shards.start * h.chunks_per_shard,
+                                    min(h.num_chunks, shards.stop * h.chunks_per_shard), derived)
+            for name, rows in derived.items():
+                rows = rows[: n1 - n0]
+                out[name][n0:n1] = rows if sl is None else rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
             for a, (data, errors) in zip(arrays, loaded):
                 raise_first(errors)
                 rows = data.reshape(-1, *a.chunk_shape[1:])[: n1 - n0]

@@ -219,8 +219,8 @@ def _region_checks(reader: RegionReader, s: int, block: dict[str, np.ndarray], w
     """Section 5 for crop regions: derived crops against their tags, then the per-slot rules."""
     h = reader.header
     r = h.shard_range(s)
-    if reader._seeded is not None and sizes is not None:  # without sizes nothing can be derived (reported)
-        data = reader._seeded.chunk_rows(r.start, r.stop)
+    if sizes is not None:  # without sizes nothing can be derived (reported)
+        data = reader._derived.chunk_rows(r.start, r.stop)
         c0 = s * h.chunks_per_shard
         try:
             for msg in reader._derived_mismatches(c0, min(h.num_chunks, c0 + h.chunks_per_shard), data, written):
