@@ -204,7 +204,8 @@ def test_topk_classes_and_order_preserved(codec, p):
     assert (others.max(-1, initial=-np.inf) <= kept[..., -1] + tol).all()
 
 
-@codec_param
+# a sampled label (codec.keyed) is no fixed point: re-drawing from a decoded estimate draws other classes
+@pytest.mark.parametrize("codec", [c for c in CODECS if not c.keyed], ids=lambda c: repr(c))
 @HSET
 @given(p=probs_cases)
 def test_encode_decode_is_a_fixed_point(codec, p):
@@ -350,7 +351,13 @@ def test_large_num_classes_use_int32(codec):
         assert stored_indices(codec, f, C)[:, 0].tolist() == [69999, 65536]
     d = codec.decode(f, C)
     assert d.shape == (2, C)
-    assert d[0].argmax() == 69999 and d[1].argmax() == 65536
+    if codec.keyed:  # a sampled label's argmax is a random draw: its mass lies exactly on the drawn classes
+        assert codec.fields(C)["sample_indices"].dtype == "int32" and f["sample_indices"].dtype == np.int32
+        for r in range(2):
+            drawn = f["sample_indices"][r][f["sample_counts"][r] > 0]
+            assert sorted(np.flatnonzero(d[r]).tolist()) == sorted(drawn.tolist())
+    else:
+        assert d[0].argmax() == 69999 and d[1].argmax() == 65536
     ft = codec.encode(inp(codec, torch.from_numpy(p)))
     np.testing.assert_allclose(codec.decode(ft, C).numpy(), d, atol=1e-7)
 

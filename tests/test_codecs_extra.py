@@ -284,7 +284,7 @@ def test_as_codec_and_spec_strings():
     assert as_codec("full", default_k=2) == Full()
     c = MarginalSmoothing(k=2)
     assert as_codec(c) is c and as_codec(c, k=2) is c
-    with pytest.raises(ValidationError, match=r"k applies to the top-K codecs \(logits, mr, ms\) only\. "
+    with pytest.raises(ValidationError, match=r"k applies to the top-K codecs \(logits, mr, ms, sampled\) only\. "
                                               r"Got codec 'hard' with k=3\."):
         as_codec("hard", k=3)
     with pytest.raises(ValidationError, match=r"k is given twice with different values"):
