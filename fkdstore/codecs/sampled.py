@@ -348,14 +348,14 @@ class Sampled(LabelCodec):
             ~ok_total)
         pos = cnt > 0
         add("padding entries (count 0) with class index 0", ~pos & (ids != 0))
-        key = np.where(pos, cnt * (num_classes + 1) + (num_classes - ids), -1)  # count desc, then id asc
-        add("sample entries ordered by count descending, then class index ascending", np.diff(key, axis=-1) > 0)
         marked = np.where(pos, ids, -1 - np.arange(ids.shape[-1]))
         s = np.sort(marked, -1)
         add("distinct sampled classes", s[..., 1:] == s[..., :-1])
         if self.k is not None:
             head = f["indices"].astype(np.int64)
             add("sampled classes outside the head", (pos[..., :, None] & (ids[..., :, None] == head[..., None, :])))
+        key = np.where(pos, cnt * (num_classes + 1) + (num_classes - ids), -1)  # count desc, then id asc
+        add("sample entries ordered by count descending, then class index ascending", np.diff(key, axis=-1) > 0)
         if self.logp:
             lp = f["sample_logp"].astype(np.float64)
             add(f"sample log-probabilities <= log(1 + {PROB_ATOL}) and not NaN",
