@@ -35,7 +35,7 @@ of the ``n = C - k`` tail classes, ``(1/n) sum_j l_j`` (float64, rounded toward 
 tail's unnormalised mass at ``T``, ``W_u = n (r / n) ** a`` (all tail logits equal: the rule above) and
 ``D = log(r / n) - mu >= 0`` (Jensen's gap of the tail at T = 1)::
 
-    log W = log W_u - a (1 - a) D                                      (decode, T != 1)
+    log W = log W_u - a (1 - a) D                  (decode, T != 1; clipped into the interval below)
 
 (exact for a flat tail, ``D = 0``, and for a Gaussian tail of logits in the limit of many classes, where
 ``log W(a) = log n + a mu + a**2 sigma**2 / 2`` and ``D = sigma**2 / 2``), spread evenly over the tail (each
@@ -212,7 +212,7 @@ class Logits(LabelCodec):
             lw = A.where(ok, lw_u - a * (1 - a) * gap, lw_u)
             if a <= 1:
                 lo = A.where(ok, A.maximum(lo, lw_u - a * gap), lo)
-            return lo, lw, hi
+            return lo, A.minimum(A.maximum(lw, lo), hi), hi  # the estimate, clipped into the interval
 
     def _extreme_point(self, lp, r, n: int, a: float):
         """``log W_v``: as many tail classes as possible at ``e**h`` (``h`` the smallest kept log-probability plus
@@ -234,10 +234,11 @@ class Logits(LabelCodec):
 
     def tail_bound(self, fields, num_classes: int, *, temperature: float):
         """Per crop, float64 (...,): the bound ``delta_T`` on ``|logit(decoded tail mass) - logit(tail mass of
-        softmax(z / T))|`` at ``temperature`` for the stored values (module docstring): with ``tail="mean"``
-        ``a D max(a, 1 - a)`` for ``T >= 1``; without it the bound of the uniform rule, ``|log W_u - log W_v|``.
-        0 at ``T = 1``, for ``k=None`` or ``k = C`` and where the tail holds no mass; inf where the stored ``mu``
-        is -inf. It also bounds ``|log(decoded / true)|`` of every kept class."""
+        softmax(z / T))|`` at ``temperature`` for the stored values (module docstring): the larger distance from
+        the decoded ``log W`` to the ends of its interval, at most ``a D max(a, 1 - a)`` for ``T >= 1`` with
+        ``tail="mean"``; without it (or where the stored ``mu`` is -inf) the bound of the uniform rule,
+        ``|log W_u - log W_v|``. 0 at ``T = 1``, for ``k=None`` or ``k = C`` and where the tail holds no mass.
+        It also bounds ``|log(decoded / true)|`` of every kept class."""
         t = parse_temperature(temperature)
         self._check_fields(fields, num_classes)
         lp = self._load_logp(fields["logits"])
