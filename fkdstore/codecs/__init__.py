@@ -23,9 +23,9 @@ from .topk import MarginalReNorm, MarginalSmoothing
 
 __all__ = [
     "FieldSpec", "LabelCodec", "Full", "Hard", "Smoothing", "MarginalSmoothing", "MarginalReNorm", "Logits",
-    "Sampled", "crop_keys", "parse_keys", "REGISTRY", "ALIASES", "register_codec", "from_config", "get_codec", "as_codec", "parse_spec",
-    "index_dtype", "validate_probs", "validate_logits", "parse_temperature", "row_sum_atol", "PROB_ATOL",
-    "PROB_DTYPES", "Q8_TABLE", "Q8_REL", "Q8_PMIN", "q8_bound",
+    "Sampled", "crop_keys", "parse_keys", "REGISTRY", "ALIASES", "register_codec", "from_config", "get_codec",
+    "as_codec", "parse_spec", "index_dtype", "validate_probs", "validate_logits", "parse_temperature", "row_sum_atol",
+    "PROB_ATOL", "PROB_DTYPES", "Q8_TABLE", "Q8_REL", "Q8_PMIN", "q8_bound",
 ]
 
 REGISTRY: dict[str, type[LabelCodec]] = {}
