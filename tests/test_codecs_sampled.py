@@ -112,9 +112,9 @@ def ref_encode(codec: Sampled, z_row: np.ndarray, image: int, slot: int):
     """The module docstring's rule, per row, with Python ints and floats."""
     key = _mix((_mix(((image + 1) * G) & MASK) + (slot + 1) * G) & MASK)
     row = _mix(key ^ _mix((codec.seed + G) & MASK))
-    p = softmax(z_row, codec.temperature)
-    head = sorted(range(len(p)), key=lambda i: (-float(z_row[i]), i))[: codec.k or 0]
-    c = [0.0 if i in head else float(v) for i, v in enumerate(p)]
+    t = [float(v) / codec.temperature for v in z_row]
+    head = sorted(range(len(t)), key=lambda i: (-float(z_row[i]), i))[: codec.k or 0]
+    c = [0.0 if i in head else math.exp(v - max(t)) for i, v in enumerate(t)]
     F, acc = [], 0.0
     for v in c:
         acc += v

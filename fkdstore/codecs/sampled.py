@@ -24,11 +24,14 @@ teacher-runner passes :func:`crop_keys` of the row's ``(image, slot)``). With ``
 
     base = mix(seed + G);   row = mix(kappa XOR base)
     u_d  = (mix(row + (d + 1) * G) >> 11) * 2**-53                  d = 0 .. S - 1, a float64 in [0, 1)
-    c_i  = p_i for tail classes, 0 for head classes                   (float64)
+    c_i  = 0 for head classes; else x_i for input="probs" at T_g = 1, otherwise exp(t_i - max_j t_j)
+           with t = z / T_g (logits) or log(x) / T_g (probs)          (float64; proportional to p_i)
     F_i  = c_0 + c_1 + ... + c_i                                      (float64, left to right)
     draw d = the smallest class i with F_i > u_d * F_{C-1}           (product rounded as float64)
 
-(when rounding leaves no such ``i``, the largest class with ``c_i > 0``). So a crop's draws depend on the
+(when rounding leaves no such ``i``, the largest class with ``c_i > 0``). ``exp`` and ``log`` are the platform's
+float64 functions (a last-bit difference between libms moves a draw only when ``u_d F_{C-1}`` falls within it
+of some ``F_i``). So a crop's draws depend on the
 config (``seed``, ``s``, ``k``, ``temperature``, ``input``), its key and its own input row only: never on the
 batch, its size or order, the worker or the rank. Without ``keys`` the fallback key of a row is a hash of its
 input values, ``mix(sum_i mix(bits_i + (i + 1) * G))`` with ``bits_i`` the float32 bit pattern of ``x_i``
@@ -244,7 +247,8 @@ class Sampled(LabelCodec):
             logp = lz - np.log(np.exp(lz).sum(-1, keepdims=True))
         p = np.exp(logp)
         out = {}
-        c = p.copy()
+        # the draw weights: unnormalised (the rule is scale-free), so no sum enters the draws
+        c = x2.astype(np.float64) if self.input == "probs" and self.temperature == 1.0 else np.exp(lz)
         if self.k is not None:
             head = A.topk_indices(x2, self.k)
             out["indices"] = head
