@@ -68,7 +68,7 @@ has finer steps: for a self-supervised head read at ``T = 0.1 - 0.2`` (an error 
 ``1 / T``) float16 ``l`` near -5 steps 2**-8 while ``c`` within ``[-1, 0)`` steps at most 2**-11.
 
 Low temperatures: a ``q8`` logits store refuses ``decode(temperature=T)`` for ``T < 1`` (ValidationError):
-its 9.1 % relative error in each probability becomes ``(1.091) ** (1 / T) - 1`` (55 % at T = 0.2).
+its 9.05 % relative error in each probability becomes ``1.0905 ** (1 / T) - 1`` (54 % at T = 0.2).
 
 Dtypes: ``float16`` (default: ``l`` within ``|l| * 2**-11``, i.e. a relative probability error below
 ``|l| * 2**-11``: 0.5 % at ``l = -10``), ``float32``, and ``q8`` (the q8 code of ``exp(l)``, one byte; the
@@ -164,8 +164,8 @@ class Logits(LabelCodec):
     def _decode(self, f, num_classes, temperature):
         if self.quantized and temperature < 1.0:
             raise ValidationError(
-                f"a q8 logits store must not be decoded at temperature < 1: q8's 9.1 % relative error per "
-                f"probability grows to (1.091)**(1/T) - 1. Got temperature={temperature:g}; store float16 or "
+                f"a q8 logits store must not be decoded at temperature < 1: q8's 9.05 % relative error per "
+                f"probability grows to 1.0905**(1/T) - 1. Got temperature={temperature:g}; store float16 or "
                 f"float32 logits (centred=True for a self-supervised head) to read at T < 1.")
         if self.k is None and self.quantized:  # zero codes get a share of the missing mass, as q8 ``full``
             lp = A.log(quant.dequantize_row(f["logits"]))
