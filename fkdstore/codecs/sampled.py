@@ -233,7 +233,12 @@ class Sampled(LabelCodec):
     # -- encode
     def _encode(self, x, keys):
         torch_device = x.device if A.is_torch(x) else None
-        xn = x.detach().to("cpu").numpy() if torch_device is not None else np.asarray(x)
+        if torch_device is not None:  # drawn on the host, so numpy and torch (any device) give the same bits
+            torch = A.torch_module()
+            xt = x.detach().to("cpu")
+            xn = (xt if xt.dtype in (torch.float32, torch.float64) else xt.to(torch.float32)).numpy()
+        else:
+            xn = np.asarray(x)
         lead, C = xn.shape[:-1], xn.shape[-1]
         x2 = xn.reshape(-1, C)
         specs = self.fields(C)
