@@ -133,6 +133,10 @@ CALIBRATION: dict[str, float] = {
     "logits_topk_q8": 0.957,
     "logits_topk": 1.0,  # not calibrated: float log-probabilities
     "logits_full": 1.0,  # not calibrated
+    # sampled: measured by benchmarks/sampled_size.py (teacher_like_probs, 300 images x 200 crops, C = 1000, S = 16)
+    "indices_sampled": 0.614,
+    "counts_sampled": 0.226,
+    "logp_sampled": 1.0,  # not calibrated: float log-probabilities
     "image_key": 0.234,  # per key character (zstd over sorted ImageNet-style paths)
     "per_image": 0.445,  # image_size + label + written, per raw byte (13 B per image)
 }

@@ -700,7 +700,7 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
             for b, (idx, boxes, flips, crops, errors, aug) in enumerate(loader):
                 _handle_read_errors(errors, keys, ex.on_error, skipped)
                 if len(idx):
-                    fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]])
+                    fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]], idx)
                     if aug is None and isinstance(dataset.crops, StoredCrops):
                         aug = dataset.crops.aug(idx)  # a source's aug columns without an augment pipeline
                     writer.put_fields(idx, boxes, flips, fields, aug=aug)
@@ -725,11 +725,13 @@ def _handle_read_errors(errors: list[tuple[int, str]], keys: Sequence[str], on_e
 
 
 def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_classes: int,
-                some_keys: Sequence[str]) -> dict[str, Any]:
+                some_keys: Sequence[str], images: np.ndarray) -> dict[str, Any]:
     """Codec fields for a batch of images' crops ``[B, M, 3, S, S]`` (uint8): the teacher runs on at most
     ``batch_size`` crops at a time; labels are ``softmax(logits / temperature)``, encoded by the codec, or,
     for a codec whose ``input`` is ``"logits"``, the teacher's logits themselves (float32).
-    ``some_keys`` name the batch in errors (non-finite or wrongly shaped teacher output)."""
+    ``some_keys`` name the batch in errors (non-finite or wrongly shaped teacher output); ``images`` are the
+    batch's image indices: a codec that draws (``sampled``) draws crop ``(i, s)`` from
+    :func:`fkdstore.codecs.crop_keys` ``(i, s)``, so its labels do not depend on batching or resumption."""
     B, M = crops.shape[:2]
     bs, C = job.execution.batch_size, num_classes
     x = crops.reshape(B * M, *crops.shape[2:])
@@ -741,10 +743,11 @@ def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_cla
     if not torch.isfinite(logits).all():
         raise ValidationError(f"teacher returned non-finite logits for a batch of images {list(some_keys)}...")
     codec = job.labels.codec
+    keys = _codecs.crop_keys(np.asarray(images, np.int64)[:, None], np.arange(M)[None, :])
     if codec.input == "logits":  # the temperature is chosen at load time (LabelSpec refuses one here)
-        return codec.encode(logits.float().reshape(B, M, C))
+        return codec.encode(logits.float().reshape(B, M, C), keys=keys)
     probs = torch.softmax(logits / job.labels.temperature, dim=-1).reshape(B, M, C)
-    return codec.encode(probs)
+    return codec.encode(probs, keys=keys)
 
 
 # --------------------------------------------------------------------------------------------- 6 the record

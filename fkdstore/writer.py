@@ -541,7 +541,9 @@ class Writer:
             raise ValidationError(f"probs must have shape (B, M, C) = ({B}, {M}, {C}). Got {np.shape(probs)}.")
         probs = np.asarray(probs)
         self.codec.validate_input(probs, C)
-        fields = self.codec.encode(probs.astype(np.float32, copy=False))
+        # a codec that draws (sampled) draws crop (i, s) from its crop key: independent of batching
+        keys = _codecs.crop_keys(idx[:, None], np.arange(M)[None, :])
+        fields = self.codec.encode(probs.astype(np.float32, copy=False), keys=keys)
         self._put(idx, boxes, flips, fields, aug)
 
     def put_fields(self, image_indices, boxes, flips, fields: Mapping[str, Any], aug=None) -> None:
