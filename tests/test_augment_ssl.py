@@ -224,7 +224,7 @@ def test_store_round_trip_and_pipeline_replay(tmp_path):
                         augment=pipe.get_config()) as w:
         w.put(np.arange(N), boxes, np.zeros((N, M), bool), probs, aug=stacked)
     r = fkdstore.open(tmp_path / "s")
-    assert r.header.augment == tuple(pipe.get_config())
+    assert r.header.augment == pipe and r.header.augment.get_config() == pipe.get_config()
     rec = r.read_batch(np.array([4, 1]), np.array([[7, 0, 3], [2, 5, 6]]))
     pipe.validate(rec.aug, num_images=N, crops_per_image=M, image_size=SIZE)
     x = image(3)

@@ -295,7 +295,8 @@ def test_a_tail_without_mass_draws_nothing():
 
 
 def test_conversion_is_refused_but_the_head_converts_to_ms():
-    from fkdstore.convert import ConversionError, convert_fields
+    from fkdstore.codecs import convert_fields
+    from fkdstore.errors import ConversionError
 
     z = teacher_logits(8, rows=4)
     f = Sampled(s=8, k=4, dtype="float32").encode(z, keys=crop_keys(np.arange(4), 0))
@@ -321,7 +322,7 @@ def test_store_round_trip_with_keys_and_writer_put(tmp_path):
     with fkdstore.write(tmp_path / "put", **kw) as w:  # Writer.put: the keyless fallback
         w.put(np.arange(N), boxes, flips, z)
     r = fkdstore.open(tmp_path / "keyed")
-    assert r.codec == codec and r.header.codec == codec.get_config()
+    assert r.codec == codec and r.header.codec.get_config() == codec.get_config()
     rec = r.read_batch(np.arange(N))
     want = codec.encode(z, keys=crop_keys(np.arange(N)[:, None], np.arange(M)[None]))
     for name in want:

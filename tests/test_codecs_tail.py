@@ -115,7 +115,8 @@ def test_flat_tail_is_exact_and_the_decode_is_a_distribution():
 
 
 def test_tail_statistic_fields_config_and_conversion():
-    from fkdstore.convert import ConversionError, convert_fields
+    from fkdstore.codecs import convert_fields
+    from fkdstore.errors import ConversionError
 
     c = Logits(k=5, tail="mean")
     assert c.fields(1000)["tail_mean"].dtype == "float16" and c.raw_bytes_per_crop(1000) == 22
@@ -192,7 +193,7 @@ def test_centred_rows_rules_and_options():
             Logits(centred=True, **kw)
     with pytest.raises(TypeError, match=r"Logits\.centred must be a bool"):
         Logits(centred=1)
-    from fkdstore.convert import convert_fields
+    from fkdstore.codecs import convert_fields
 
     back = convert_fields(c, Full(dtype="float32"), f, 16)["probs"]
     np.testing.assert_allclose(back, softmax(z), rtol=1e-5)
