@@ -191,7 +191,7 @@ total size, bytes per crop, files, completion, codec, sampler and teacher proven
 a seeded sample of crops, and the size at ImageNet-1K scale next to the paper's Table 2.
 
 --json prints one object with the keys: path, format, format_version, library_version, codec,
-num_images, crops_per_image, num_classes, aug, has_labels, images_per_chunk, images_per_shard,
+num_images, crops_per_image, num_classes, aug, augment, replay, has_labels, images_per_chunk, images_per_shard,
 images_written, complete, missing_ranges, arrays{name: shape, dtype, chunks, shards, raw_bytes,
 stored_bytes, files, compression_ratio}, total_bytes, total_files, bytes_per_crop, label_bytes_per_crop,
 box_bytes_per_crop, meta, sampler, teacher, label_stats{sampled_crops, seed, kept_mass_mean,
