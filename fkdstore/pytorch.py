@@ -37,7 +37,9 @@ slot's box, flip and params). Its items hold four more keys (P = number of mixin
 ``partner_weight`` [m, P] float32                its weight; ``lam + partner_weight.sum(-1) == 1``
 =================  ============================  ===========================================================
 
-(for a hard-label term: ``lam * CE(target) + sum_p partner_weight[:, p] * CE(partner_target[:, p])``).
+(for a hard-label term: ``lam * CE(target) + sum_p partner_weight[:, p] * CE(partner_target[:, p])``). A store
+whose pixels need another library's pipeline (an ``external_seed`` policy, e.g. imported TinyViT seeds) is
+replayed only with the user's ``external_replay``; its items have P = 1 (the stored partner).
 
 Epoch-to-slot rule (:func:`epoch_slots`): image ``i`` walks its own sequence of permutations of the ``M``
 slots; permutation number ``c`` is ``default_rng(SeedSequence([seed, i, c])).permutation(M)``, and epoch

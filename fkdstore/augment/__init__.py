@@ -3,8 +3,8 @@
 numpy + Pillow only (no torch import). Built in (registry names): ``color_jitter``, ``randaugment``,
 ``random_erasing``, ``mixup``, ``cutmix``, ``mixup_exact`` and ``cutmix_box`` (float ``lam`` / explicit box, as
 other systems store them), and for imported label sets ``partner_crop`` (partner crops carried in the slot)
-and ``external_seed`` (seeds of another library's pipeline, not replayable here); the crop stage (RandomResizedCrop + flip) is
-:class:`RandomResizedCrop` and always runs first. See ``spec/format-v3.md`` section 6 for the columns and the replay
+and ``external_seed`` (seeds of another library's pipeline, not replayable here); the crop stage
+(RandomResizedCrop + flip) is :class:`RandomResizedCrop` and always runs first. See ``spec/format-v3.md`` section 6 for the columns and the replay
 equations, and :mod:`fkdstore.augment.base` for the policy contract.
 """
 
@@ -28,7 +28,8 @@ from fkdstore.augment.randaugment import RandAugment
 from fkdstore.augment.registry import get_policy, register_policy, registered_policies
 from fkdstore.errors import ValidationError
 
-for _cls in (ColorJitter, RandAugment, RandomErasing, Mixup, CutMix, MixupExact, CutMixBox, PartnerCrop, ExternalSeed):
+for _cls in (ColorJitter, RandAugment, RandomErasing, Mixup, CutMix, MixupExact, CutMixBox, PartnerCrop,
+             ExternalSeed):
     register_policy(_cls)
 
 __all__ = [

@@ -30,8 +30,16 @@ import numpy as np
 from fkdstore.augment import ops
 from fkdstore.augment.base import Column, check_pixels, check_range, param
 from fkdstore.augment.mixing import (
-    DEFAULT_WINDOW, NO_PARTNER, MixInfo, _check_partner, _draw_partner, _MixingPolicy, _parse_mix_fields,
-    _partner_pixels, cutmix_box, cutmix_lambda,
+    DEFAULT_WINDOW,
+    NO_PARTNER,
+    MixInfo,
+    _check_partner,
+    _draw_partner,
+    _MixingPolicy,
+    _parse_mix_fields,
+    _partner_pixels,
+    cutmix_box,
+    cutmix_lambda,
 )
 from fkdstore.errors import ValidationError
 

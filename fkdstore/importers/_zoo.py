@@ -14,6 +14,7 @@ a disk-backed slot scratch, and :func:`write_store`, the one function that write
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -31,8 +32,8 @@ from .. import writer as _writer
 from ..convert import conversion_problem, convert_fields
 from ..errors import ConversionError, LabelFileError, ValidationError
 from ..images import ImageList
-from ..reader import open as _open
 from ..output import check_destination, check_options, history_record, location_name
+from ..reader import open as _open
 from ..report import storage_stats
 
 __all__ = ["ORDERS", "dataset_order", "imagefolder_order", "LABEL_KINDS", "label_codec", "label_fields",
@@ -249,7 +250,7 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
         todo = np.flatnonzero(~done)
         with _progress.progress(progress, total=len(todo), desc=f"{op}: writing", unit="image") as bar:
             for idx, boxes, flips, fields, aug in rows(todo):
-                w.put_fields(idx, boxes, flips, fields, aug=aug)
+                w.put_fields(idx, boxes, flips, fields, aug=aug or None)
                 bar.update(len(idx))
         w.close()
     except Exception:
@@ -268,7 +269,7 @@ def _same_import(store, provenance: Mapping[str, Any]) -> bool:
     header = (meta or {}).get("attributes", {}).get(S.ATTR_KEY)
     if not isinstance(header, Mapping):
         return False
-    return (header.get("meta") or {}).get("import") == _writer._normalised_json(dict(provenance), "meta")
+    return (header.get("meta") or {}).get("import") == json.loads(json.dumps(dict(provenance)))
 
 
 def source_bytes(paths: Iterable[str | os.PathLike]) -> int:

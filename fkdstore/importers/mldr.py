@@ -42,6 +42,7 @@ from .. import augment as _augment
 from ..augment.randaugment import NO_MAGNITUDE, OPS, SIGNED, magnitude_value
 from ..errors import LabelFileError, ValidationError
 from ..images import image_size, list_images
+from ..transforms import INTERPOLATIONS
 from . import _zoo, safe_pickle
 
 __all__ = ["import_mldr", "MLDR_TRANSFORMS", "mldr_layout", "MldrLayout", "DENSIFY"]
@@ -108,6 +109,9 @@ def mldr_layout(config: dict, where: str = CONFIG_NAME) -> MldrLayout:
     size = rrc.get("size", 224)
     size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
     interpolation = str(rrc.get("interpolation", "bilinear")).lower().split(".")[-1]
+    if interpolation not in INTERPOLATIONS:
+        raise LabelFileError(f"ml-dr config {where}: random_resized_crop interpolation {interpolation!r} is not one "
+                             f"of fkdstore's ({', '.join(sorted(INTERPOLATIONS))}); refused")
     policies: list = []
     if "rand_augment" in aug:
         ra = aug["rand_augment"]
@@ -117,11 +121,8 @@ def mldr_layout(config: dict, where: str = CONFIG_NAME) -> MldrLayout:
             num_ops=ra.get("num_ops", 2), magnitude=ra.get("magnitude", 9),
             num_magnitude_bins=ra.get("num_magnitude_bins", 31), interpolation=interp,
             fill=(0, 0, 0) if fill is None else fill))
-    if "random_erase" in aug:
+    if "random_erase" in aug:  # ml-dr's RandomErasing.forward sets the box to 0 whatever its ``value``
         re_cfg = aug["random_erase"]
-        if re_cfg.get("value", 0) != 0:
-            raise LabelFileError(f"ml-dr config {where}: random_erase value {re_cfg['value']!r}: ml-dr erases to 0 "
-                                 f"whatever the value; refused as ambiguous")
         policies.append(_augment.RandomErasing(p=re_cfg.get("p", 0.5), scale=tuple(re_cfg.get("scale", (0.02, 0.33))),
                                                ratio=tuple(re_cfg.get("ratio", (0.3, 3.3))), value=(0, 0, 0)))
     mixing = "mixup" in aug or "cutmix" in aug
