@@ -842,4 +842,13 @@ def test_cli_import_kinds(tmp_path, capsys):
     for kind in ("fkd", "mldr", "tinyvit", "sre2l"):
         assert main(["import", kind, "--help"]) == 0
     assert "examples:" in capsys.readouterr().out
-    assert main(["import-fkd", "--help"]) == 0
+    fkd = tmp_path / "fkd" / "train"  # FKD's release layout: <class>/<stem>.tar = [coords, flip, labels]
+    for key in fkdstore.images.list_images(images).keys:
+        os.makedirs(fkd / key.split("/")[0], exist_ok=True)
+        labels = np.stack([np.tile(np.arange(3.0), (2, 1)), np.full((2, 3), 0.2)], 1).astype(np.float32)
+        save([np.full((2, 4), 0.25, np.float32), np.array([True, False]), labels],
+             fkd / key.split("/")[0] / (key.split("/")[1].split(".")[0] + ".tar"))
+    for argv in (["import", "fkd"], ["import-fkd"]):  # import-fkd stays an alias of import fkd
+        dst = tmp_path / f"{argv[-1]}.fkd"
+        assert main([*argv, str(fkd), str(dst), "--images", str(images), "--num-classes", "5", "--no-progress"]) == 0
+        assert fkdstore.open(dst).crops_per_image == 2

@@ -239,6 +239,7 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
     store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
     full_meta = {**(meta_extra or {}), **meta,
                  "history": [history_record(op, source=source, to=codec.get_config(), images=len(keys))]}
+    _writer.clear_interrupted_creation(store)  # a run killed while creating the store left no header
     resumed = _same_import(store, meta["import"])
     if not resumed:
         check_destination(dst, store)
@@ -289,5 +290,6 @@ def resolved(path: str | os.PathLike) -> str:
 
 
 def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (0 when ``b`` is 0)."""
     return -(-a // b) if b else 0
 

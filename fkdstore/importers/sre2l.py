@@ -205,15 +205,19 @@ def _slots(plan: list[BatchFile], N: int) -> tuple[str, int, list[np.ndarray], d
     epoch holds every image once, else the first M records of each image (M = the smallest count)."""
     epochs = sorted({p.epoch for p in plan})
     counts = np.zeros(N, np.int64)
-    per_epoch = {e: np.zeros(N, np.int64) for e in epochs}
+    complete = True  # every epoch holds every image exactly once (the plan is in epoch order)
+    current, this = None, np.zeros(N, np.int64)
     for p in plan:
         if (p.rows < 0).any() or (p.rows >= N).any():
             bad = int(p.rows[(p.rows < 0) | (p.rows >= N)][0])
             raise ValidationError(f"{p.path}: row of dataset index {bad}, but the image set has {N} images: the "
                                   f"labels were made for another image set (or order)")
-        np.add.at(per_epoch[p.epoch], p.rows, 1)
+        if p.epoch != current:
+            complete = complete and (current is None or (this == 1).all())
+            current, this = p.epoch, np.zeros(N, np.int64)
+        np.add.at(this, p.rows, 1)
         np.add.at(counts, p.rows, 1)
-    if all((c == 1).all() for c in per_epoch.values()):
+    if complete and (this == 1).all():
         pos = {e: k for k, e in enumerate(epochs)}
         return "epoch", len(epochs), [np.full(len(p.rows), pos[p.epoch]) for p in plan], {}
     M = int(counts.min())
