@@ -1,9 +1,10 @@
 """The ``fkdstore`` command line. It only parses arguments and calls the library.
 
-Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune``, ``ensemble``,
-``generate``, ``show``. Every command's code is here; the library modules hold no argparse code. Only
-``generate`` and ``show`` need torch, and they import it when they run (``generate`` also for its ``--help``),
-so ``fkdstore --version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune`` and
+Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import`` (``fkd``, ``mldr``, ``tinyvit``,
+``sre2l``), ``import-fkd`` (= ``import fkd``), ``prune``, ``ensemble``, ``generate``, ``show``. Every command's
+code is here; the library modules hold no argparse code. Only ``generate``, ``show`` and ``import`` need torch
+(the importers load ``torch.save`` files), and they import it when they run (``generate`` also for its
+``--help``), so ``fkdstore --version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``prune`` and
 ``ensemble`` start without importing torch.
 
 Exit codes (every command):
@@ -135,6 +136,42 @@ def _cmd_import_fkd(args) -> int:
     return EXIT_OK
 
 
+ZOO_NAMES = {"fkd": "FKD label files", "mldr": "ml-dr record files", "tinyvit": "TinyViT logits files",
+             "sre2l": "SRe2L/LPLD batch files"}
+
+
+def _cmd_import(args) -> int:
+    from . import importers, report
+
+    if args.kind == "fkd":
+        return _cmd_import_fkd(args)
+    common = dict(codec=args.codec, k=args.k, num_classes=args.num_classes, order=args.order,
+                  progress=args.progress, log=_err, storage_options=args.storage_options)
+    if args.kind == "mldr":
+        r = importers.import_mldr(args.src, args.dst, args.images, densify=args.densify,
+                                  trust_pickle=args.trust_pickle, **common)
+    elif args.kind == "tinyvit":
+        r = importers.import_tinyvit(args.src, args.dst, args.images, epochs=args.epochs, mixing=args.mixing,
+                                     keys=args.keys, input_size=args.input_size, timm_config=args.timm_config,
+                                     scratch_dir=args.scratch_dir, **common)
+    else:
+        r = importers.import_sre2l(args.src, args.dst, args.images, fkd_seed=args.fkd_seed,
+                                   batch_size=args.batch_size, epochs=args.epochs, tail=args.tail,
+                                   input_size=args.input_size, interpolation=args.interpolation,
+                                   trust_pickle=args.trust_pickle, scratch_dir=args.scratch_dir, **common)
+    _out(f"imported {r['files']:,} {ZOO_NAMES[args.kind]} ({r['images']:,} images x {r['crops_per_image']} crops, "
+         f"{r['num_classes']} classes) as {_cfg(r['codec'])}: {report.human_bytes(r['bytes_before'])} -> "
+         f"{report.human_bytes(r['bytes_after'])}" + (" (resumed)" if r.get("resumed") else ""))
+    for what, col in r["carried"].items():
+        _out(f"  carried  {what} -> {col}")
+    for flag in r["flags"]:
+        _out(f"  note     {flag}")
+    for what, n in r["skipped"].items():
+        if n:
+            _out(f"  skipped  {n:,} {what.replace('_', ' ')}")
+    return EXIT_OK
+
+
 def _cmd_generate(args) -> int:
     from .codecs import as_codec
     from .runner import generate  # torch: imported only when this command runs
@@ -212,7 +249,7 @@ def generate_options(args: argparse.Namespace) -> dict:
 
 
 def _cfg(cfg: dict) -> str:
-    return cfg["name"] + (f" K={cfg['k']}" if "k" in cfg else "")
+    return cfg["name"] + (f" K={cfg['k']}" if cfg.get("k") is not None else "")
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -222,7 +259,7 @@ total size, bytes per crop, files, completion, codec, sampler and teacher proven
 a seeded sample of crops, and the size at ImageNet-1K scale next to the paper's Table 2.
 
 --json prints one object with the keys: path, format, format_version, library_version, codec,
-num_images, crops_per_image, num_classes, aug, has_labels, images_per_chunk, images_per_shard,
+num_images, crops_per_image, num_classes, aug, augment, replay, has_labels, images_per_chunk, images_per_shard,
 images_written, complete, missing_ranges, arrays{name: shape, dtype, chunks, shards, raw_bytes,
 stored_bytes, files, compression_ratio}, total_bytes, total_files, bytes_per_crop, label_bytes_per_crop,
 box_bytes_per_crop, meta, sampler, teacher, label_stats{sampled_crops, seed, kept_mass_mean,
@@ -315,6 +352,33 @@ examples:
   fkdstore import-fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.fkd \\
       --images /data/imagenet/train --num-classes 1000
   fkdstore import-fkd fkd_labels/ labels-mr.fkd --images imgs/ --codec mr --k 3 --num-classes 1000
+"""
+
+
+IMPORT_ZOO_HELP = """\
+Import a label set written by another system into a new store, bound to the images by key (so it trains at
+any batch size, worker count or rank count), with every augmentation parameter the files hold as a column
+that fkdstore replays with the same pixels as the system's own loader (or refused, naming it). Streaming
+with bounded memory; a rerun after a kill continues the store it left; an error removes the store it made.
+Pickled files are loaded with torch.load(weights_only=True) (or a loader as restricted), which executes no
+code; --trust-pickle allows arbitrary pickles (trusted input only). Kinds:
+
+  fkd      FKD's release (one .tar per image; same as 'fkdstore import-fkd')
+  mldr     Apple ml-dr: SRC holds config.pth.tar and {id}.pth.tar per dataset index (NS records each);
+           several SRC folders merge (their records add up per image)
+  tinyvit  TinyViT (microsoft/Cream): SRC holds logits_top{K}_epoch{E}/rank{R}-keys.txt + -values.bin;
+           the 4-byte seeds replay timm's pipeline, which fkdstore cannot: the store keeps them (policy
+           external_seed) and TorchDataset needs external_replay=; labels load as usual
+  sre2l    SRe2L / CDA (epoch_{e}/batch_{b}.tar, bound by torch's RandomSampler order seeded --fkd-seed),
+           LPLD (plus sampler_indices_epoch.json), LPQLD (flat batch_{n}.tar + sampler_indices_batch.json)
+
+examples:
+  fkdstore import mldr reinforced_data/ labels.fkd --images /data/imagenet/training
+  fkdstore import tinyvit teacher_logits/ in22k.fkd --images /data/in22k --keys stem --num-classes 21841
+  fkdstore import sre2l FKD_cutmix_fp16/ sre2l.fkd --images syn_data/ --fkd-seed 42
+  fkdstore import sre2l FKD_cutmix_fp16_LPQLD/ lpqld.fkd --images syn_data/ --num-classes 1000 --tail renorm
+  fkdstore import fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.fkd \\
+      --images /data/imagenet/train --num-classes 1000
 """
 
 
@@ -463,6 +527,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                    help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
     q.set_defaults(func=_cmd_import_fkd)
 
+    _add_import(add)
+
     q = add("prune", "keep a fraction of each image's crop slots (a smaller store)", PRUNE_HELP)
     q.add_argument("src", help="source store")
     q.add_argument("dst", help="new store (must not exist)")
@@ -487,6 +553,62 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
     _add_generate(sub, common)
     return p, sub
+
+
+def _add_import(add) -> None:
+    """``fkdstore import KIND SRC DST --images IMGS ...`` (KIND: fkd, mldr, tinyvit, sre2l)."""
+    top = add("import", "import another system's label set (fkd, mldr, tinyvit, sre2l)",
+              IMPORT_ZOO_HELP + STORAGE_HELP)
+    kinds = top.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    for name, help_ in (("fkd", "FKD's release files"), ("mldr", "Apple ml-dr reinforcement files"),
+                        ("tinyvit", "TinyViT saved logits"), ("sre2l", "SRe2L / LPLD / LPQLD batch files")):
+        q = kinds.add_parser(name, help=help_, description=IMPORT_ZOO_HELP + STORAGE_HELP, formatter_class=_Formatter)
+        if name == "mldr":
+            q.add_argument("src", nargs="+", help="ml-dr folder(s) holding config.pth.tar and {id}.pth.tar")
+        else:
+            q.add_argument("src", help="the label folder")
+        q.add_argument("dst", help="new store, folder or URL (must not exist or be empty; or the store a killed "
+                                   "run of the same import left, which is continued)")
+        _add_storage_options(q)
+        q.add_argument("--images", required=True, help="the image folder the labels were made for")
+        q.add_argument("--codec", default=None, help="codec name or spec (default: what keeps the stored labels)")
+        q.add_argument("--k", type=_pos_int, default=None, help="keep the top K (at most the files' K)")
+        q.add_argument("--num-classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
+        q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+        if name != "tinyvit":
+            q.add_argument("--trust-pickle", action="store_true",
+                           help="load with weights_only=False: executes code in the files, trusted input only")
+        if name == "fkd":
+            q.set_defaults(func=_cmd_import)
+            continue
+        q.add_argument("--order", choices=["imagefolder", "listing"], default="imagefolder",
+                       help="dataset index of an image: torchvision ImageFolder's (default) or the listed order")
+        if name == "mldr":
+            q.add_argument("--densify", choices=["smooth", "zeros"], default="smooth",
+                           help="the training run's label rule (default smooth, ml-dr's published config)")
+        if name in ("tinyvit", "sre2l"):
+            q.add_argument("--input-size", type=_pos_int, default=224, help="crop side the teacher saw (default 224)")
+            q.add_argument("--scratch-dir", default=None,
+                           help="folder for the temporary image-major copy (default: the system's temp folder)")
+        if name == "tinyvit":
+            q.add_argument("--epochs", type=int, nargs="+", default=None, help="epoch numbers to import (default all)")
+            q.add_argument("--mixing", action=argparse.BooleanOptionalAction, default=True,
+                           help="the run mixed sampler pairs (TinyViT's default); --no-mixing for a run without")
+            q.add_argument("--keys", choices=["auto", "index", "stem"], default="auto",
+                           help="keys are dataset indices or image names (default: auto)")
+            q.add_argument("--timm-config", type=_json_object, default=None, metavar="JSON",
+                           help="the run's augmentation settings, kept in meta['import'] for the external replay")
+        if name == "sre2l":
+            q.add_argument("--fkd-seed", type=_nonneg_int, default=42, help="the run's --fkd-seed (default 42)")
+            q.add_argument("--batch-size", type=_pos_int, default=None, help="default: the first file's rows")
+            q.add_argument("--epochs", type=_pos_int, default=None, help="import the first N epochs only")
+            q.add_argument("--tail", choices=["renorm", "fill"], default=None,
+                           help="top-K logits files: renorm (MR, default without a fill logit) or fill (MRS)")
+            q.add_argument("--interpolation", type=_Choice("fkdstore.transforms", "INTERPOLATIONS"),
+                           default="bilinear", help="crop resampling filter (default bilinear)")
+        q.set_defaults(func=_cmd_import)
 
 
 GENERATE_HELP = """\

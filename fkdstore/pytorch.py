@@ -37,7 +37,9 @@ slot's box, flip and params). Its items hold four more keys (P = number of mixin
 ``partner_weight`` [m, P] float32                its weight; ``lam + partner_weight.sum(-1) == 1``
 =================  ============================  ===========================================================
 
-(for a hard-label term: ``lam * CE(target) + sum_p partner_weight[:, p] * CE(partner_target[:, p])``).
+(for a hard-label term: ``lam * CE(target) + sum_p partner_weight[:, p] * CE(partner_target[:, p])``). A store
+whose pixels need another library's pipeline (an ``external_seed`` policy, e.g. imported TinyViT seeds) is
+replayed only with the user's ``external_replay``; its items have P = 1 (the stored partner).
 
 Epoch-to-slot rule (:func:`epoch_slots`): image ``i`` walks its own sequence of permutations of the ``M``
 slots; permutation number ``c`` is ``default_rng(SeedSequence([seed, i, c])).permutation(M)``, and epoch
@@ -163,6 +165,14 @@ class TorchDataset(torch.utils.data.Dataset):
             per batch, freed with the batch. No effect without workers (``num_workers=0``) or with the
             ``file_system`` sharing strategy. Send a batch's crops on to another process only as a copy
             (``clone()``): the pool cannot see references held by a third process.
+        external_replay: for a store whose pixels need another library's pipeline (an ``external_seed``
+            policy, e.g. TinyViT's timm pipeline run from a stored seed): a picklable callable
+            ``f(image, params, partner_image, output_size)`` returning the slot's uint8 ``(H, W, 3)`` pixels, or
+            ``(pixels, lam)`` with ``lam`` the weight of the image's own target; ``image`` and ``partner_image``
+            (None when not mixed) are decoded PIL images, ``params`` the slot's stored columns
+            (``external_seed``, ``external_partner``, ``external_partner_seed``). Without it such a store is
+            refused (:class:`~fkdstore.errors.ExternalReplayError`); its labels still load with
+            :func:`fkdstore.open` (``read_batch``). A mixed slot's ``lam`` is NaN when ``f`` returns pixels only.
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
@@ -193,6 +203,7 @@ class TorchDataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
         batch_pool: int = 4,
+        external_replay=None,
     ):
         self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
         if isinstance(store, Reader):
@@ -258,6 +269,7 @@ class TorchDataset(torch.utils.data.Dataset):
         # Validated at open (fkdstore.reader refuses unknown policies); None = crop and flip only (fast path).
         pipeline = reader.header.augment
         self.augment = pipeline if len(pipeline) else None
+        self.external_replay = _check_external(pipeline, external_replay, reader)
 
         # The epoch lives in shared memory so persistent DataLoader workers see set_epoch() too.
         self._epoch = torch.zeros((), dtype=torch.int64)
@@ -367,8 +379,13 @@ class TorchDataset(torch.utils.data.Dataset):
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
-            crops = self._augmented_crops(i, slots[b], rec.box[b], rec.flip[b], params, bufs[b])
-            lam, pidx, pw = mix_weights(self.augment, params, self.output_size)
+            crops, ext_lam = self._augmented_crops(i, slots[b], rec.box[b], rec.flip[b], params, bufs[b])
+            if ext_lam is None:
+                lam, pidx, pw = mix_weights(self.augment, params, self.output_size)
+            else:  # external replay: the partner is stored, the weight is what the user's replay returned
+                pidx = np.asarray(params["external_partner"], np.int64).reshape(-1, 1)
+                lam = np.where(pidx[:, 0] >= 0, ext_lam, 1.0)
+                pw = np.where(pidx >= 0, 1.0 - lam[:, None], 0.0)
             ptarget = np.where(pidx >= 0, self._targets[np.maximum(pidx, 0)], -1)
             out.append({"crops": crops, "soft_labels": soft[b], "target": int(self._targets[i]), "index": i,
                         "slots": torch.from_numpy(slots[b]), "mixed": torch.from_numpy((pidx >= 0).any(1)),
@@ -400,25 +417,50 @@ class TorchDataset(torch.utils.data.Dataset):
                             f"image {i} ({r.image_key(i)!r}), slot {s}: {e}") from None
         raise CorruptStoreError(f"store {r.path}: the augment params of images {idx.tolist()} are not valid")
 
-    def _augmented_crops(self, i: int, slots, boxes, flips, params, out: torch.Tensor) -> torch.Tensor:
+    def _augmented_crops(self, i: int, slots, boxes, flips, params, out: torch.Tensor):
+        """``(crops [m, 3, H, W], lam)``: ``lam`` (m,) from an external replay, else None (see mix_weights)."""
         from .augment.replay import Partner, replay_slots
 
         image = self._load(i)
         decoded = {i: image}
         r = self.reader
 
-        def partner(j: int, t: int) -> Partner:
+        def partner_image(j: int):
             if j not in decoded:
                 decoded[j] = self._load(j)
-            rec = r.read(j, [t])
-            return Partner(decoded[j], rec.box[0], bool(rec.flip[0]), {k: v[0] for k, v in rec.aug.items()})
+            return decoded[j]
 
-        hwc = replay_slots(self.augment, image, slots, boxes, flips, params, self.output_size, self.interpolation,
-                           partner)
+        def partner(j: int, t: int) -> Partner:
+            rec = r.read(j, [t])
+            return Partner(partner_image(j), rec.box[0], bool(rec.flip[0]), {k: v[0] for k, v in rec.aug.items()})
+
+        if self.augment.external is not None:
+            hwc, lam = self._external_crops(image, slots, params, partner_image)
+        else:
+            hwc, lam = replay_slots(self.augment, image, slots, boxes, flips, params, self.output_size,
+                                    self.interpolation, partner, partner_image), None
         write_crops(hwc, out, **({"mean": self.mean, "std": self.std} if self.normalize else {}))
         if self.transform is not None:
             out = self.transform(out)
-        return out
+        return out, lam
+
+    def _external_crops(self, image, slots, params, partner_image) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of an ``external_seed`` store replayed by the user's ``external_replay``: (pixels, lam)."""
+        H, W = self.output_size
+        hwc = np.empty((len(slots), H, W, 3), np.uint8)
+        lam = np.full(len(slots), np.nan)
+        for k in range(len(slots)):
+            prm = {name: int(np.asarray(v)[k]) for name, v in params.items()}
+            j = prm["external_partner"]
+            got = self.external_replay(image, prm, partner_image(j) if j >= 0 else None, (H, W))
+            if isinstance(got, tuple):
+                got, lam[k] = got[0], float(got[1])
+            px = np.asarray(got)
+            if px.dtype != np.uint8 or px.shape != (H, W, 3):
+                raise ValidationError(f"external_replay must return uint8 pixels of shape {(H, W, 3)} (or "
+                                      f"(pixels, lam)). Got {px.dtype} {px.shape}.")
+            hwc[k] = px
+        return hwc, lam
 
     def _load(self, i: int):
         """Image ``i`` decoded and its size checked against the store's."""
@@ -435,6 +477,27 @@ class TorchDataset(torch.utils.data.Dataset):
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
                 f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, soft_labels={self.soft_labels!r}, "
                 f"epoch={self.epoch}, seed={self.seed})")
+
+
+def _check_external(pipeline, external_replay, reader):
+    """``external_replay`` for a store whose pipeline is an ``external_seed`` policy (refused without one);
+    None otherwise (a replay given for any other store is refused too)."""
+    from .errors import ExternalReplayError
+
+    ext = pipeline.external
+    if ext is None:
+        if external_replay is not None:
+            raise ValidationError("external_replay applies to stores with an external_seed augment policy only; "
+                                  f"store {reader.path} is replayed by fkdstore.")
+        return None
+    if external_replay is None:
+        raise ExternalReplayError(
+            f"store {reader.path} needs an {ext.describe()}. Pass external_replay=f(image, params, partner_image, "
+            f"output_size) to TorchDataset to replay the pixels with {ext.library}; the labels load without it "
+            f"(fkdstore.open(...).read_batch).")
+    if not callable(external_replay):
+        raise TypeError(f"external_replay must be callable. Got {type(external_replay).__name__}.")
+    return external_replay
 
 
 def _torch_friendly(v: np.ndarray) -> np.ndarray:

@@ -29,6 +29,9 @@ Keys (all sizes in bytes):
     box+flip, and the augmentation columns.
 ``aug``, ``augment``
     the augmentation columns (name, kind, dtype, shape) and the pipeline the teacher saw (policy configs).
+``replay``
+    who replays the pixels (:func:`replay_note`): fkdstore, or the external library a store imported with
+    seeds of another pipeline needs (e.g. TinyViT's timm pipeline).
 ``meta``
     the provenance attribute as stored (sampler, teacher, history, ...); ``sampler`` and ``teacher``
     repeat ``meta["sampler"]`` / ``meta["teacher"]`` (null when absent).
@@ -86,6 +89,7 @@ from . import reader as _reader
 from . import schema as S
 from . import storage as _storage
 from . import writer as _writer
+from .augment.pipeline import Pipeline
 from .ownership import OWNERS
 from .seeded import SlotCropSampler
 
@@ -461,6 +465,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
         "crops": "seeded" if h.seeded else "stored", "crop_sampler": h.sampler.get_config() if h.seeded else None,
         "num_images": h.num_images, "crops_per_image": h.crops_per_image, "num_classes": h.num_classes,
         "aug": [a.to_json() for a in h.aug], "augment": h.augment.get_config(), "has_labels": h.has_labels,
+        "pixel_replay": replay_note(h.augment),
         "images_per_chunk": h.images_per_chunk, "images_per_shard": h.images_per_shard,
         "images_written": written, "complete": written == h.num_images,
         "missing_ranges": [list(x) for x in r.missing_ranges()],
@@ -486,6 +491,18 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
 
         out["plots"] = _plots.write_plots(out, sampled, plots)
     return out
+
+
+def replay_note(augment: Pipeline) -> str:
+    """Who replays a store's pixels, in one line: fkdstore (crops and policies, with partner crops carried in
+    the slot when the pipeline has ``partner_crop``), or the external library an ``external_seed`` policy
+    names (fkdstore cannot replay those pixels)."""
+    pipeline = augment
+    if pipeline.external is not None:
+        return pipeline.external.describe()
+    what = "crop and flip" + (" then " + ", ".join(p.name for p in pipeline.policies) if len(pipeline) else "")
+    carried = "; mixed slots carry their partner's crop (partner_crop)" if pipeline.partner_crop else ""
+    return f"fkdstore ({what}){carried}"
 
 
 def _fmt_ranges(ranges: list, limit: int = 5) -> str:
@@ -521,6 +538,12 @@ def format_inspect(d: dict[str, Any]) -> str:
                  f"ratio {[round(x, 4) for x in c['ratio']]}, flip_p {c['flip_p']}")
     if d.get("augment"):
         L.append(f"augment    {_short(d['augment'], 320)}")
+    if d.get("replay"):
+        r = d["replay"]
+        L.append(f"replay     input {r['input_size'][0]} x {r['input_size'][1]} {r['interpolation']}, mean "
+                 f"{r['mean']}, std {r['std']}")
+    if d.get("pixel_replay"):
+        L.append(f"pixels     replayed by {d['pixel_replay']}")
     L += [
         "",
         f"{'array':<18}{'shape':<18}{'dtype':<9}{'chunks':<16}{'shards':<16}{'stored':>12}{'ratio':>8}{'files':>7}",
