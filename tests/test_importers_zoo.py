@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 import fkdstore
-import fkdstore.verify
+import fkdstore.verification
 from fkdstore.errors import ExternalReplayError, LabelFileError, ValidationError
 from fkdstore.importers import IMPORTERS, import_mldr, import_sre2l, import_tinyvit
 
@@ -322,7 +322,7 @@ def test_mldr_crop_and_flip_only_config(tmp_path):
         save((k, recs), tmp_path / "rd" / f"{k}.pth.tar", protocol=4)
     import_mldr(tmp_path / "rd", tmp_path / "cf.fkd", images, progress=False)
     r = fkdstore.open(tmp_path / "cf.fkd")
-    assert r.header.augment == () and r.crops_per_image == 3
+    assert len(r.header.augment) == 0 and r.crops_per_image == 3
     keys = fkdstore.images.list_images(images).keys
     ds = fkdstore.TorchDataset(r, images, crops_per_sample=3, normalize=False)
     for item in range(len(ds)):
@@ -336,7 +336,7 @@ def test_mldr_crop_and_flip_only_config(tmp_path):
 
 def test_mldr_columns_and_summary(mldr):
     r = fkdstore.open(mldr.root / "labels.fkd")
-    names = [p["name"] for p in r.header.augment]
+    names = [p.name for p in r.header.augment.policies]
     assert names == ["randaugment", "random_erasing", "partner_crop", "mixup_exact", "cutmix_box"]
     assert r.crops_per_image == 4 and r.codec.get_config()["name"] == "ms" and r.codec.k == 3
     imp = r.meta["import"]
@@ -344,7 +344,7 @@ def test_mldr_columns_and_summary(mldr):
     assert r.meta["history"][0]["op"] == "import-mldr"
     s = mldr.summary
     assert s["images"] == 6 and s["crops_per_image"] == 4 and "cutmix" in s["carried"] and s["bytes_after"] > 0
-    assert fkdstore.verify.verify(mldr.root / "labels.fkd") == []
+    assert fkdstore.verification.verify(mldr.root / "labels.fkd") == []
 
 
 # ============================================================================================ SRe2L
@@ -434,7 +434,7 @@ def test_sre2l_items_equal_the_patched_loader(sre2l):
     keys = fkdstore.images.list_images(sre2l.images).keys
     dataset_index = {str(p.relative_to(sre2l.images)): k for k, p in enumerate(sre2l.ordered)}
     assert sre2l.summary["slots"] == "epoch" and sre2l.summary["crops_per_image"] == 3
-    assert fkdstore.verify.verify(sre2l.root / "labels.fkd") == []
+    assert fkdstore.verification.verify(sre2l.root / "labels.fkd") == []
     for T in (1.0, 3.0):
         ds = fkdstore.TorchDataset(sre2l.root / "labels.fkd", sre2l.images, crops_per_sample=3, normalize=False,
                                    temperature=T)
@@ -482,7 +482,7 @@ def test_sre2l_mixup_and_plain_runs(tmp_path):
                                               fp16_coords=True)
         import_sre2l(tmp_path / f"fkd_{mix}", tmp_path / f"{mix}.fkd", images, input_size=SRE_SIZE, progress=False)
         r = fkdstore.open(tmp_path / f"{mix}.fkd")
-        assert [p["name"] for p in r.header.augment] == (["mixup_exact"] if mix else [])
+        assert [p.name for p in r.header.augment.policies] == (["mixup_exact"] if mix else [])
         dataset_index = {str(p.relative_to(images)): k for k, p in enumerate(ordered)}
         ds = fkdstore.TorchDataset(r, images, crops_per_sample=2, normalize=False)
         for item in range(len(ds)):
@@ -549,7 +549,7 @@ def test_lpqld_flat_pruned_topk_logits(tmp_path):
     counts = np.bincount(np.concatenate([np.asarray(v) for v in table.values()]), minlength=5)
     assert s["crops_per_image"] == counts.min() and s["skipped"]["records_beyond_M"] == (counts - counts.min()).sum()
     r = fkdstore.open(tmp_path / "lpqld.fkd")
-    assert [p["name"] for p in r.header.augment] == ["partner_crop", "cutmix_box"]
+    assert [p.name for p in r.header.augment.policies] == ["partner_crop", "cutmix_box"]
     keys = fkdstore.images.list_images(images).keys
     dataset_index = {str(p.relative_to(images)): k for k, p in enumerate(ordered)}
     occurrences = {}  # (dataset index, occurrence) -> (batch counter, row)
@@ -579,7 +579,7 @@ def test_lpqld_mrs_fill_logit(tmp_path):
     table, batches, _ = write_lpqld(tmp_path / "mrs", images, epochs=2, sample_min=True)
     s = import_sre2l(tmp_path / "mrs", tmp_path / "mrs.fkd", images, num_classes=9, input_size=SRE_SIZE,
                      progress=False)
-    assert s["slots"] == "epoch" and s["codec"] == {"name": "logits", "k": 4, "dtype": "float32"}
+    assert s["slots"] == "epoch" and s["codec"] == {"name": "logits", "k": 4, "dtype": "float32", "tail": None, "centred": False}
     r = fkdstore.open(tmp_path / "mrs.fkd")
     order = np.argsort([str(p.relative_to(images)) for p in imagefolder_paths(images)])
     store_of = np.empty(4, np.int64)
@@ -691,8 +691,8 @@ def test_tinyvit_labels_seeds_and_pairs(tinyvit):
             assert float(got["lam"][c]) == pytest.approx(((seed ^ mate_seed) % 100) / 100.0)
             assert got["partner_target"][c, 0] == listing.labels[store_of[mate]]
     text = fkdstore.report.format_inspect(fkdstore.report.inspect(tinyvit.root / "labels.fkd", sample=16))
-    assert "replay     external replay: timm" in text and "seed_a ^ seed_b" in text
-    assert fkdstore.verify.verify(tinyvit.root / "labels.fkd") == []
+    assert "pixels     replayed by external replay: timm" in text and "seed_a ^ seed_b" in text
+    assert fkdstore.verification.verify(tinyvit.root / "labels.fkd") == []
 
 
 def test_tinyvit_rank_file_deduplication_rebuilds_the_sampler(tmp_path):

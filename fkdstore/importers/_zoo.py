@@ -29,12 +29,13 @@ from .. import progress as _progress
 from .. import schema as S
 from .. import storage as _storage
 from .. import writer as _writer
-from ..convert import conversion_problem, convert_fields
+from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, LabelFileError, ValidationError
 from ..images import ImageList
 from ..output import check_destination, check_options, history_record, location_name
 from ..reader import open as _open
 from ..report import storage_stats
+from ..transforms import Replay
 
 __all__ = ["ORDERS", "dataset_order", "imagefolder_order", "LABEL_KINDS", "label_codec", "label_fields",
            "check_fields", "SlotScratch", "write_store", "source_bytes"]
@@ -219,13 +220,15 @@ Rows = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str
 
 def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: int, codec,
                 crops_per_image: int, augment, meta: dict[str, Any], meta_extra: dict[str, Any] | None = None,
+                replay: Replay | None = None,
                 rows: Callable[[np.ndarray], Iterable[Rows]], progress: bool | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write an imported store with :func:`fkdstore.write` and return ``{"bytes_after", "resumed",
     "images_written_before"}``.
 
-    ``augment``: a :class:`~fkdstore.augment.Pipeline` (its columns become ``aug``); ``meta`` is stored as
-    given plus ``input_size`` etc. from ``meta_extra``, with ``meta["import"]`` (provenance, compared on
+    ``augment``: a :class:`~fkdstore.augment.Pipeline` (its columns become ``aug``); ``replay``: the source
+    pipeline's input size, interpolation and normalisation (the header's replay parameters, what
+    :class:`~fkdstore.TorchDataset` replays); ``meta`` is stored as given plus ``meta_extra``, with ``meta["import"]`` (provenance, compared on
     resume) and a ``meta["history"]`` record of ``op``. ``rows(todo)`` yields ``(image indices, boxes (B, M,
     4), flips (B, M), codec fields, aug columns or None)`` for the ascending image indices ``todo`` (those not
     written yet).
@@ -245,7 +248,7 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
         check_destination(dst, store)
     w = _writer.write(store, num_images=len(keys), crops_per_image=crops_per_image, num_classes=num_classes,
                       codec=codec, image_keys=keys, image_sizes=sizes, labels=labels, meta=full_meta,
-                      aug=[c.to_json() for c in augment.columns()], augment=augment.get_config(), crop_sampler=None)
+                      aug=augment.columns(), augment=augment, crop_sampler=None, replay=replay)
     try:
         done = _open(store).written if resumed else np.zeros(len(keys), bool)
         todo = np.flatnonzero(~done)

@@ -42,7 +42,7 @@ from .. import augment as _augment
 from ..augment.randaugment import NO_MAGNITUDE, OPS, SIGNED, magnitude_value
 from ..errors import LabelFileError, ValidationError
 from ..images import image_size, list_images
-from ..transforms import INTERPOLATIONS
+from ..transforms import INTERPOLATIONS, Replay
 from . import _zoo, safe_pickle
 
 __all__ = ["import_mldr", "MLDR_TRANSFORMS", "mldr_layout", "MldrLayout", "DENSIFY"]
@@ -363,8 +363,8 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
         "transforms": list(layout.names), "binding": "file {id}.pth.tar = dataset index id",
         "slots": "record r of the concatenated runs = slot r", "flags": flags,
     }
-    meta_extra = {"input_size": list(layout.size), "interpolation": layout.interpolation,
-                  "mean": list(layout.mean), "std": list(layout.std)}
+    replay = Replay(input_size=tuple(layout.size), interpolation=layout.interpolation, mean=tuple(layout.mean),
+                    std=tuple(layout.std))
     cols = layout.pipeline.columns()
 
     def rows(todo: np.ndarray):
@@ -405,7 +405,7 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
     done = _zoo.write_store(
         dst, op="import-mldr", source=", ".join(meta_import["source"]), keys=listing.keys, sizes=sizes,
         labels=labels, num_classes=C, codec=dst_codec, crops_per_image=M, augment=layout.pipeline,
-        meta={"import": meta_import}, meta_extra=meta_extra, rows=rows, progress=progress,
+        meta={"import": meta_import}, replay=replay, rows=rows, progress=progress,
         storage_options=storage_options)
     carried = {"random_resized_crop": "box", "random_horizontal_flip": "flip", "rand_augment": "aug/ra_ops, ra_mag",
                "random_erase": "aug/re_box", "mixup": "aug/mixup_exact_partner, mixup_exact_lam",

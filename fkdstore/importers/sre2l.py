@@ -45,6 +45,7 @@ import numpy as np
 from .. import augment as _augment
 from .. import progress as _progress
 from ..errors import LabelFileError, ValidationError
+from ..transforms import Replay
 from ..images import image_size, list_images
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..validation import positive_int
@@ -355,8 +356,7 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
         meta_import = {"format": fmt, "source": _zoo.resolved(src), "layout": layout, "files": len(plan),
                        **binding, "epochs": len({p.epoch for p in plan}), "slots": mode, "mix": kind.mix,
                        "labels": kind.label, "k_in_files": kind.k, "order": order, "flags": flags}
-        meta_extra = {"input_size": list(size), "interpolation": interpolation, "mean": list(mean),
-                      "std": list(std)}
+        replay = Replay(input_size=tuple(size), interpolation=interpolation, mean=tuple(mean), std=tuple(std))
 
         def rows_out(todo: np.ndarray):
             for part in _zoo.batches(todo, batch):
@@ -369,7 +369,7 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
             dst, op="import-sre2l", source=meta_import["source"], keys=listing.keys, sizes=sizes,
             labels=np.asarray(listing.labels, np.int64) if len(listing.classes) == C else None, num_classes=C,
             codec=dst_codec, crops_per_image=M, augment=pipeline, meta={"import": meta_import},
-            meta_extra=meta_extra, rows=rows_out, progress=progress, storage_options=storage_options)
+            replay=replay, rows=rows_out, progress=progress, storage_options=storage_options)
     carried = {"coords": "box (Pillow's edge rounding)", "flip": "flip",
                "logits": f"soft labels ({dst_codec.describe()})"}
     if kind.mix:
