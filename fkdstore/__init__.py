@@ -34,6 +34,7 @@ _LAZY = {  # torch entry points, imported on first use so that ``import fkdstore
     "collate": "pytorch",
     "densify": "pytorch",
     "soft_cross_entropy": "pytorch",
+    "as_source": "sources",  # (no torch; lazy so that ``import fkdstore`` stays light)
 }
 
 

@@ -61,8 +61,15 @@ allocates fresh buffers). With non-persistent fork workers the main process keep
 ``num_workers * batch_pool`` buffers per batch size for the dataset's lifetime, so the next epoch's workers
 start on them; they are freed with the dataset. ``batch_pool=0``: a fresh buffer per batch, freed with the
 batch. Details: the comment above ``_BatchPool`` in this module. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
-fastest path (``benchmarks/dataset_profile.py``). (A per-epoch preload with ``read_all(slots)``
-was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
+fastest path (``benchmarks/dataset_profile.py``). A remote store (a URL) is read by epoch instead: ``set_epoch``
+reads the epoch's records with one ``read_all(slots)`` into shared memory the workers map
+(:mod:`fkdstore.preload`; ``preload=`` chooses), since a random batch from object storage costs hundreds of
+requests. For a local store the per-batch read is as fast and runs in the workers
+(``benchmarks/README.md``, "TorchDataset throughput").
+
+Images come from any :mod:`fkdstore.sources` source (folder, file list, URL prefix, tar shards,
+``datasets``, a mapping); each batch is announced to the source first, so a remote one fetches the batch's
+bytes ahead of decoding.
 """
 
 from __future__ import annotations
@@ -133,9 +140,14 @@ def epoch_slots_many(indices, epoch: int, crops_per_sample: int, crops_per_image
     cycles, cols = pos // M, pos % M
     c0, c1 = int(cycles[0]), int(cycles[-1])
     out = np.empty((len(idx), m), np.int64)
-    if c0 == c1:  # the m positions lie in one permutation (always when m divides M)
+    if c0 == c1 and max([seed, c0, *idx], default=0) < 2**32:  # one permutation per image (always when m | M)
+        # SeedSequence([seed, i, c]) of ints below 2**32 equals SeedSequence of the same words as a uint32
+        # array, which numpy takes without converting each int (about half the cost per image)
+        words = np.array([seed, 0, c0], np.uint32)
         for r, i in enumerate(idx):
-            out[r] = np.random.default_rng([seed, i, c0]).permutation(M)[cols]
+            words[1] = i
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
+            out[r] = rng.permutation(M)[cols]
         return out
     for r, i in enumerate(idx):
         out[r] = epoch_slots(i, epoch, m, M, seed)
