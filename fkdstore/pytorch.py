@@ -96,8 +96,8 @@ import torch.nn.functional as F
 from . import augment as _augment
 from . import codecs as _codecs
 from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
-from .validation import int_in_range
 from . import storage as _storage
+from .validation import int_in_range
 from .preload import EpochRecords
 from .reader import Reader
 from .reader import open as _open_store
@@ -506,8 +506,8 @@ class TorchDataset(torch.utils.data.Dataset):
         H, W = self._sizes[i].tolist()
         if image.size != (W, H):
             raise ValidationError(
-                f"image {i} ({self._images.name(i)}) has size (height={image.size[1]}, width={image.size[0]}) but the store "
-                f"recorded (height={H}, width={W}); the images changed since the labels were generated")
+                f"image {i} ({self._images.name(i)}) has size (height={image.size[1]}, width={image.size[0]}) but "
+                f"the store recorded (height={H}, width={W}); the images changed since the labels were generated")
         return image
 
     def __repr__(self) -> str:

@@ -297,7 +297,8 @@ def generate(
     if crops_from is not None and job.seeded_crops:
         raise ValidationError("seeded_crops must be False with crops_from: the output has seeded crops exactly when "
                               "the source store has (its crops cannot be re-drawn otherwise).")
-    if storage_options and not any(_storage.is_url(x) for x in (path, crops_from, images) if isinstance(x, (str, os.PathLike))):
+    locations = [x for x in (path, crops_from, images) if isinstance(x, (str, os.PathLike))]
+    if storage_options and not any(_storage.is_url(x) for x in locations):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
     # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
     out = _storage.as_store(path, read_only=False, storage_options=_storage.options_for(path, storage_options))

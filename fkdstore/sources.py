@@ -399,7 +399,7 @@ class _RangeFile(io.RawIOBase):
 def _split_member(name: str) -> tuple[str, str] | None:
     """WebDataset's rule: ``dir/stem.ext.more`` -> key ``dir/stem``, extension ``ext.more`` (lowercase); None
     for a name without an extension or a hidden/metadata file (``__key__``, ``.x``)."""
-    name = name[2:] if name.startswith("./") else name
+    name = name.removeprefix("./")
     folder, base = posixpath.split(name)
     if "." not in base or base.startswith((".", "__")):
         return None
@@ -498,7 +498,7 @@ class TarSource(_ByteImages):
         first: dict[str, int] = {}
         for s, entries in enumerate(indexed):
             for name, kind, off, n in entries:
-                key, ext = _split_member(name)
+                key = _split_member(name)[0]
                 if kind == "cls":
                     cls_at[key] = (s, off, n, name)
                     continue

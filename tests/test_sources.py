@@ -6,7 +6,6 @@ per-batch one. S3 (moto) tests are marked slow, as in tests/test_s3.py."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import tarfile
 import threading
@@ -79,13 +78,18 @@ def _store(path, source, labels=None):
     boxes = np.stack([(rng.random((N, M)) * (sizes[:, None, 0] - h + 1)).astype(int),
                       (rng.random((N, M)) * (sizes[:, None, 1] - w + 1)).astype(int), h, w], -1)
     probs = rng.dirichlet(np.ones(C), (N, M)).astype(np.float32)
-    w_ = fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C, codec={"name": "full", "dtype": "float32"},
-                        image_keys=source.keys, image_sizes=sizes,
+    w_ = fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C,
+                        codec={"name": "full", "dtype": "float32"}, image_keys=source.keys, image_sizes=sizes,
                         labels=np.full(N, -1) if labels is None else np.asarray(labels),
-                        meta={"input_size": 16}, images_per_chunk=2, images_per_shard=4)
+                        images_per_chunk=2, images_per_shard=4)
     with w_:
         w_.put(np.arange(N), boxes, rng.random((N, M)) < 0.5, probs)
     return path
+
+
+def _ds(store, images, **kw):
+    """TorchDataset with 2 crops of 16 px per item (small and independent of the store's replay parameters)."""
+    return fkdstore.TorchDataset(store, images, **{"crops_per_sample": 2, "output_size": 16, **kw})
 
 
 class BytesMap:
@@ -175,9 +179,8 @@ def test_each_source_gives_the_folder_items(kind, folder, tmp_path):
     assert src.header_sizes() == ref.header_sizes() == [src.size(i) for i in range(N)]
     for i in (0, 5, N - 1):
         assert np.array_equal(np.asarray(src.load(i)), np.asarray(ref.load(i)))
-    want = fkdstore.TorchDataset(_store(tmp_path / "ref.fkd", ref), folder, crops_per_sample=2)
-    got = fkdstore.TorchDataset(_store(tmp_path / "src.fkd", src, ref.labels if kind == "file list" else None), src,
-                                crops_per_sample=2)
+    want = _ds(_store(tmp_path / "ref.fkd", ref), folder)
+    got = _ds(_store(tmp_path / "src.fkd", src, ref.labels if kind == "file list" else None), src)
     _same_items(got, want)
 
 
@@ -246,10 +249,10 @@ def test_key_binding_and_size_check_stay_strict(folder, tmp_path):
     store = _store(tmp_path / "s.fkd", TarSource(paths))
     _rewrite(paths[0], drop="c1/im01.png")
     with pytest.raises(FileNotFoundError, match=r"image 'c1/im01' \(store index 4\) is missing from 3 tar shards"):
-        fkdstore.TorchDataset(store, paths)
+        _ds(store, paths)
     changed = _write_tars(folder, tmp_path / "b")
     _rewrite(changed[0], resize="c0/im06.jpg")
-    ds = fkdstore.TorchDataset(store, changed)
+    ds = _ds(store, changed)
     ds[1]
     with pytest.raises(ValidationError, match=r"image 2 \(.*shard-000000.tar:c0/im06.jpg\) has size \(height=9, "
                                               r"width=7\) but the store recorded"):
@@ -323,7 +326,7 @@ def _has_datasets() -> bool:
 
 def test_sources_in_forked_workers_and_after_pickling(folder, tmp_path):
     src = TarSource(_write_tars(folder, tmp_path / "t"), read_ahead=4)
-    ds = fkdstore.TorchDataset(_store(tmp_path / "s.fkd", src), src, crops_per_sample=2)
+    ds = _ds(_store(tmp_path / "s.fkd", src), src)
     ds[0]  # starts the read-ahead thread in this process
     assert src.__dict__.get("_ra") is not None
     blob = pickle.dumps(src)
@@ -380,8 +383,8 @@ def test_preloaded_labels_equal_per_batch_reads(folder, tmp_path):
     this process, in forked (persistent) workers and in a copy passed as spawn would (torch's pickler)."""
     src = FileSource(folder)
     store = _store(tmp_path / "s.fkd", src)
-    pre = fkdstore.TorchDataset(store, folder, crops_per_sample=2, preload=True)
-    per = fkdstore.TorchDataset(store, folder, crops_per_sample=2)
+    pre = _ds(store, folder, preload=True)
+    per = _ds(store, folder)
     assert pre._preload is not None and per._preload is None  # local stores read by batch by default
     _same_items(pre, per)
     kw = dict(batch_size=4, collate_fn=fkdstore.collate, num_workers=2, multiprocessing_context="fork",
@@ -411,9 +414,9 @@ def test_preload_needs_a_complete_store(folder, tmp_path):
         rec = r.read_batch(np.arange(4))
         w.put(np.arange(4), rec.box, rec.flip, r.decode(rec.fields))
     with pytest.raises(IncompleteStoreError, match="preload=True needs a complete store"):
-        fkdstore.TorchDataset(tmp_path / "part.fkd", folder, allow_incomplete=True, preload=True)
+        _ds(tmp_path / "part.fkd", folder, allow_incomplete=True, preload=True)
     with pytest.raises(TypeError, match="preload must be True, False or None"):
-        fkdstore.TorchDataset(store, folder, preload="yes")
+        _ds(store, folder, preload="yes")
 
 
 # --------------------------------------------------------------------------------------------- S3 (moto)
@@ -437,15 +440,15 @@ def test_s3_images_and_tar_shards_give_the_folder_items(s3, s3_server, folder, t
     assert src.name(0) == f"{url}/images/{src.keys[0]}"
     tars = as_source(url + "/tars", storage_options=so)  # a prefix holding only .tar objects
     braces = as_source(url + "/tars/shard-{000000..000002}.tar", storage_options=so)
-    assert isinstance(tars, TarSource) and tars.keys == braces.keys == TarSource(_write_tars(folder, tmp_path / "x")).keys
+    local_tars = TarSource(_write_tars(folder, tmp_path / "x"))
+    assert isinstance(tars, TarSource) and tars.keys == braces.keys == local_tars.keys
     ref = as_source(folder)
-    want = fkdstore.TorchDataset(_store(tmp_path / "ref.fkd", ref), folder, crops_per_sample=2)
+    want = _ds(_store(tmp_path / "ref.fkd", ref), folder)
     for s in (src, tars):
         assert s.header_sizes() == ref.header_sizes() and s.labels == ref.labels
-        _same_items(fkdstore.TorchDataset(_store(tmp_path / f"{id(s)}.fkd", s), s, crops_per_sample=2), want)
+        _same_items(_ds(_store(tmp_path / f"{id(s)}.fkd", s), s), want)
     # a URL string with storage_options, forked workers (each rebuilds its filesystem), pickling
-    ds = fkdstore.TorchDataset(_store(tmp_path / "u.fkd", src), url + "/images/", storage_options=so,
-                               crops_per_sample=2)
+    ds = _ds(_store(tmp_path / "u.fkd", src), url + "/images/", storage_options=so)
     assert b"S3FileSystem" not in pickle.dumps(ds)
     want.set_epoch(0)
     kw = dict(batch_size=5, collate_fn=fkdstore.collate)
@@ -473,13 +476,13 @@ def test_generate_from_s3_images_equals_local(s3, s3_server, folder, tmp_path):
 def test_remote_label_path_equals_local_and_reads_nothing_per_batch(s3, s3_server, folder, tmp_path):
     """TorchDataset on an S3 store preloads each epoch (default for URLs) and equals the per-batch path on a
     local copy, in forked workers too; once an epoch is loaded, iterating sends no request to the store."""
-    url, so = s3
+    url, _ = s3
     src = FileSource(folder)
     local = _store(tmp_path / "s.fkd", src)
     s3_server.filesystem().put(str(local) + "/", url[len("s3://"):] + "/s.fkd/", recursive=True)
     proxy = s3_server.storage_options(proxy=True)
-    remote = fkdstore.TorchDataset(url + "/s.fkd", folder, crops_per_sample=2, storage_options=proxy)
-    per = fkdstore.TorchDataset(local, folder, crops_per_sample=2)
+    remote = _ds(url + "/s.fkd", folder, storage_options=proxy)
+    per = _ds(local, folder)
     assert remote._preload is not None
     _same_items(remote, per)
     kw = dict(batch_size=4, collate_fn=fkdstore.collate)
