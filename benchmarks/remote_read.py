@@ -23,7 +23,10 @@ chunk is cached):
   epoch is preloaded by ``set_epoch`` into shared memory, :mod:`fkdstore.preload`), and, for reference, the
   S3 store read by batch (``preload=False``, ``--torch-s3-batches`` batches). Epoch 1 is measured (epoch 0
   is loaded by the constructor, reported separately). In one process: DataLoader workers would split the
-  per-batch work, while the preload runs in the main process.
+  per-batch work, while the preload runs in the main process;
+* images from S3 (``--images K``, off by default): K JPEGs loaded in batches of ``--image-batch`` through
+  :class:`fkdstore.sources.URLSource` (each batch announced with ``prefetch``, as TorchDataset does) with the
+  default read-ahead and with none, against the same files on local disk (images per second, requests).
 
 The local side reads from the page cache (the store was just written), the fastest local disk there is.
 """
@@ -196,6 +199,44 @@ def measure_torch(location, storage_options, stats_fn, N: int, m: int, batch: in
     return out
 
 
+def measure_images(s3, url: str, so: dict, K: int, batch: int, tmp: Path) -> dict:
+    """Load K photo-like JPEGs (about 30 KB) from local disk and from S3 through a URLSource, in batches
+    announced with prefetch; S3 with the default read-ahead and with none."""
+    from PIL import Image
+
+    from fkdstore.sources import DEFAULT_READ_AHEAD, FileSource, URLSource
+
+    rng = np.random.default_rng(0)
+    folder = tmp / "images"
+    fs = s3.filesystem()
+    base = np.linspace(0, 255, 240)[None, :, None] * np.ones((180, 1, 3))
+    for i in range(K):
+        (folder / f"c{i % 10}").mkdir(parents=True, exist_ok=True)
+        px = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+        p = folder / f"c{i % 10}" / f"im{i:05d}.jpg"
+        Image.fromarray(px).save(p, quality=90)
+        fs.pipe(url[len("s3://"):] + "/images/" + p.relative_to(folder).as_posix(), p.read_bytes())
+
+    def run(src, stats):
+        order = np.random.default_rng(1).permutation(len(src)).tolist()
+        stats(True)
+        t = time.perf_counter()
+        for a in range(0, len(order), batch):
+            part = order[a:a + batch]
+            src.prefetch(part)
+            for i in part:
+                src.load(i)
+        dt = time.perf_counter() - t
+        return {"s": dt, "images_per_s": len(order) / dt, "requests": (stats(True) or {}).get("requests")}
+
+    out = {"images": K, "batch": batch, "mean_bytes": float(np.mean([p.stat().st_size for p in folder.rglob("*.jpg")])),
+           "local": run(FileSource(folder), lambda reset: None)}
+    for name, ahead in (("s3_read_ahead", DEFAULT_READ_AHEAD), ("s3_no_read_ahead", 0)):
+        src = URLSource(url + "/images/", storage_options=so, read_ahead=ahead)
+        out[name] = {"read_ahead": ahead, **run(src, lambda reset: s3.proxy_stats(reset))}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-images", type=int, default=20_000)
@@ -213,7 +254,9 @@ def main(argv=None) -> dict:
                     help="also measure the TorchDataset label path (needs torch)")
     ap.add_argument("--torch-s3-batches", type=int, default=5,
                     help="batches measured for the reference row: S3 read by batch (preload=False)")
-    ap.add_argument("--skip-reader", action="store_true", help="only the TorchDataset label path")
+    ap.add_argument("--skip-reader", action="store_true", help="skip the Reader measurements")
+    ap.add_argument("--images", type=int, default=0, help="also load this many JPEGs from S3 through a URLSource")
+    ap.add_argument("--image-batch", type=int, default=64, help="images announced (prefetch) at a time")
     a = ap.parse_args(argv)
     N, M, C, k = a.num_images, a.crops, a.classes, a.k
     data = make_labels(N, M, C, k, a.seed)
@@ -245,6 +288,8 @@ def main(argv=None) -> dict:
                     "s3_by_batch": measure_torch(url, so, stats, *targs, preload=False,
                                                  max_batches=a.torch_s3_batches),
                 }
+            if a.images:
+                res["images"] = measure_images(s3, s3.make_bucket("bench"), so, a.images, a.image_batch, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if "local" in res:
@@ -258,6 +303,8 @@ def main(argv=None) -> dict:
         res["torch_batch_ratio"] = t["s3"]["batch_s"] / t["local"]["batch_s"]
         res["torch_target_met"] = max(res["torch_epoch_ratio"], res["torch_batch_ratio"]) <= TORCH_TARGET_RATIO
         print(torch_report(res))
+    if "images" in res:
+        print(images_report(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return res
@@ -336,6 +383,22 @@ def torch_report(res: dict) -> str:
          f"S3 label path within {TORCH_TARGET_RATIO:g}x of local disk per epoch and per batch: "
          f"{'met' if res['torch_target_met'] else 'MISSED'} (epoch {res['torch_epoch_ratio']:.2f}x, "
          f"batch {res['torch_batch_ratio']:.2f}x)."]
+    return "\n".join(L)
+
+
+def images_report(res: dict) -> str:
+    d = res["images"]
+    lo = d["local"]
+    L = [f"Images through fkdstore.sources ({d['images']} JPEGs of {d['mean_bytes'] / 1024:.0f} KB on average, "
+         f"decoded; batches of {d['batch']} announced with prefetch; S3 = moto + {res['delay_ms']:g} ms per request):",
+         "",
+         "| source | seconds | images per second | requests | vs local |",
+         "|---|---:|---:|---:|---:|",
+         f"| local folder (FileSource) | {lo['s']:.2f} | {lo['images_per_s']:,.0f} | | 1.00x |"]
+    for name in ("s3_read_ahead", "s3_no_read_ahead"):
+        x = d[name]
+        L.append(f"| S3 URLSource, read_ahead={x['read_ahead']} | {x['s']:.2f} | {x['images_per_s']:,.0f} | "
+                 f"{x['requests']} | {x['s'] / lo['s']:.2f}x |")
     return "\n".join(L)
 
 
