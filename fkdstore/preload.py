@@ -7,9 +7,10 @@ shards in flight while the previous one is decoded), so a whole epoch's labels c
 trips. :class:`EpochRecords` holds what it returns:
 
 * **what**: the records (box, flip, aug columns, codec fields) of the ``m`` slots each image uses in one
-  epoch, for every image of the store: ``N x m`` records, about ``N * m * record_bytes`` (MS top-5 with
-  int32 boxes: 16 + 1 + 5 * (2 + 2) = 37 B per record, so ImageNet-1k at m = 4 holds 190 MB). Reading an
-  epoch briefly needs twice that plus ``READ_ALL_BATCH_BYTES`` (64 MiB) of decoded shards.
+  epoch, for every image of the store: ``N x m`` records, about ``N * m * record_bytes`` (MS top-5: 4 box
+  coordinates of 2 or 4 bytes + 1 flip byte + 5 * (2 + 2) = 29 or 37 B per record, so ImageNet-1k at m = 4
+  holds 150-190 MB). Reading an epoch briefly needs twice that plus ``READ_ALL_BATCH_BYTES`` (64 MiB) of
+  decoded shards.
 * **where**: one shared-memory buffer (``torch.Tensor.share_memory_``), allocated by the process that
   builds the dataset, at the first fill. DataLoader workers map it, forked (inherited) or spawned (passed
   by torch's shared-memory pickling); they never read the store for labels.

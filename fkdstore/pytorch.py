@@ -204,7 +204,7 @@ class TorchDataset(torch.utils.data.Dataset):
             by ``cache_bytes``, default 10 GiB), shared by the DataLoader workers; see :func:`fkdstore.open`.
         preload: read labels by epoch instead of by batch: :meth:`set_epoch` (and the constructor) reads the
             epoch's ``N x m`` records with one :meth:`fkdstore.Reader.read_all` into shared memory that the
-            DataLoader workers map (:mod:`fkdstore.preload`: about ``N * m * 37`` bytes for MS top-5, one
+            DataLoader workers map (:mod:`fkdstore.preload`: about ``N * m * 29`` bytes for MS top-5, one
             copy for all workers), and batches take their labels from it. Default (None): on for a remote
             store (a URL, or a Reader on one) that is complete, where a random batch would cost hundreds of
             requests; off for a local store (per-batch reads are as fast and work in parallel in the
