@@ -27,6 +27,7 @@ _API = {
     "as_codec": "codecs", "from_config": "codecs", "get_codec": "codecs",
     "generate": "runner",
     "TorchDataset": "pytorch", "collate": "pytorch", "densify": "pytorch", "soft_cross_entropy": "pytorch",
+    "as_source": "sources",
     "FkdstoreError": "errors", "FormatError": "errors", "ValidationError": "errors",
     "CorruptStoreError": "errors", "CorruptChunkError": "errors", "IncompleteStoreError": "errors",
     "SchemaMismatchError": "errors", "ConcurrentWriterError": "errors", "StorageError": "errors",

@@ -186,7 +186,8 @@ def _cmd_generate(args) -> int:
     options.setdefault("teacher_name", args.teacher + (f"({json.dumps(kwargs, sort_keys=True)})" if kwargs else ""))
     if args.weights and "weights_sha256" not in options:
         options["weights_sha256"] = file_sha256(args.weights)
-    images = args.images[0] if len(args.images) == 1 and os.path.isdir(args.images[0]) else args.images
+    one = args.images[0] if len(args.images) == 1 else None  # a folder or a URL prefix; else files or tar shards
+    images = one if one is not None and (os.path.isdir(one) or "://" in one) else args.images
     reader = generate(teacher, images, args.out, crops_per_image=args.crops_per_image, codec=codec, **options)
     if not reader.complete:
         _err(f"fkdstore generate: store {args.out} is incomplete: {int((~reader.written).sum())} images missing "
@@ -692,8 +693,10 @@ def _add_generate(sub, common) -> None:
                        description=GENERATE_HELP + STORAGE_HELP, epilog=_augment_help(), formatter_class=_GenerateHelp, parents=[common],
                        argument_default=argparse.SUPPRESS)
     g = q.add_argument_group("inputs and output")
-    g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
-                   help="an image folder (class sub-folders give labels) or a list of image files")
+    g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE|URL",
+                   help="an image folder (class sub-folders give labels), a list of image files, a URL prefix "
+                        "(s3://bucket/train/, with --storage-options) or WebDataset tar shards (files, a URL, "
+                        "shard-{000000..000009}.tar)")
     g.add_argument("--teacher", required=True, metavar="MODULE:FACTORY",
                    help="importable callable returning the teacher module, e.g. fkdstore.testing:tiny_cnn")
     g.add_argument("--teacher-kwargs", type=_json_object, default={}, metavar="JSON",
