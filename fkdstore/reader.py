@@ -38,8 +38,8 @@ from . import schema as S
 from . import storage as _storage
 from .derived import derivation
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
-from .shard import ArrayMeta, Manifest, ShardedArray, fetch_many, finish_many, group_rows, load_many, \
-    parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
+from .shard import ArrayMeta, Manifest, ShardedArray, UnshardedArray, fetch_many, finish_many, group_rows, \
+    load_many, parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
 
 __all__ = ["open", "Reader", "RegionReader", "LabelMapReader", "CropRecords", "MapRecords"]
 
@@ -136,13 +136,13 @@ class _Where:
 
 
 def _read_header(source, path: str) -> S.Header:
-    raw = source.read("zarr.json")
+    raw = source.read_bounded("zarr.json", _storage.MAX_METADATA_BYTES)
     if raw is None:
         raise FormatError(f"{path}: not a Zarr v3 group (no zarr.json)")
     try:
         doc = json.loads(bytes(raw))
-    except ValueError as e:
-        raise FormatError(f"{path}: zarr.json is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # invalid UTF-8 or JSON, or nested deeper than Python parses
+        raise FormatError(f"{path}: zarr.json is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict) or doc.get("node_type") != "group":
         raise FormatError(f"{path}: not a Zarr v3 group (zarr.json node_type is "
                           f"{doc.get('node_type') if isinstance(doc, dict) else None!r})")
@@ -221,7 +221,7 @@ class Reader:
         h = self.header
         expect = self._expected()
         names = list(expect)
-        raws = self._source.read_objects([f"{n}/zarr.json" for n in names])
+        raws = self._source.read_bounded_many([f"{n}/zarr.json" for n in names], _storage.MAX_METADATA_BYTES)
         metas: dict[str, ArrayMeta] = {}
         for n, raw in zip(names, raws):
             try:
@@ -243,19 +243,28 @@ class Reader:
         if S.MANIFEST in metas:
             self._manifest = Manifest.of(h, metas[S.MANIFEST], _Rows(self, S.MANIFEST), self._source.exists)
         self._metas = metas
+        # the unsharded arrays read by this library's own decoder (sizes bounded before decompressing)
+        self._unsharded = {n: UnshardedArray(metas[n], self._source, expect[n]["dtype"], _UNSHARDED_FILL.get(n, 0))
+                           for n in (*S.PER_IMAGE_ARRAYS, S.MANIFEST) if n in metas and metas[n].plain}
         columns = {name: p for p, name in enumerate(h.record_specs())}
         prefix = h.tag_prefix
+        written_rows = _WrittenRows(self)
         self._arrays: dict[str, ShardedArray] = {
             name: ShardedArray(metas[name], self._source, num_images=h.num_images, dtype=dtype,
                                manifest=self._manifest, column=columns[name], zarr_array=_GroupArray(self, name),
-                               tag_prefix=prefix)
+                               tag_prefix=prefix, written=written_rows)
             for name, (_, dtype) in h.stored_specs().items() if name in metas
         }
         self._columns = columns
-        self._written = None
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """Forget every flag and per-image row read so far (open, :meth:`refresh`)."""
+        self._written = None  # the whole (N,) flags once a caller asked for them (views in _wflags)
+        self._wflags: dict[int, np.ndarray] = {}  # shard -> its written flags (bool), read per shard on first use
         self._per_image: dict[str, np.ndarray] = {}  # verified whole per-image arrays (sizes, labels)
+        self._pi_rows: dict[str, dict[int, np.ndarray]] = {}  # per-image array -> shard -> verified rows
         self._images_ok: set[int] = set()  # shards whose per-image chunks matched their tags
-        self._checked: dict[str, set[int]] = {}  # per cached per-image array: shards whose chunk matched
 
     def _problem(self, error: CorruptStoreError, more=()) -> None:
         if self._problems is None:
@@ -273,11 +282,18 @@ class Reader:
         return self._group
 
     def _small(self, name: str, a: int | None = None, b: int | None = None) -> np.ndarray:
-        """Rows ``[a, b)`` of an unsharded array through Zarr; damage becomes CorruptStoreError naming it."""
+        """Rows ``[a, b)`` of an unsharded array: this library's pipeline through :class:`UnshardedArray`
+        (stored and decoded sizes bounded by the chunk shape), any other through Zarr; damage becomes
+        CorruptStoreError naming it."""
         if name not in self._metas:
             raise CorruptStoreError(f"array {name!r} of {self.path} cannot be read (its metadata is damaged)")
+        plain = self._unsharded.get(name)
         try:
+            if plain is not None:
+                return plain.rows(0 if a is None else a, plain.shape[0] if b is None else b)
             return self.group[name][a:b]
+        except CorruptStoreError:
+            raise
         except Exception as e:  # zarr raises several types (checksum, decode, missing)
             raise CorruptStoreError(f"array {name!r} (rows {a or 0}..{b if b is not None else 'end'}) cannot be "
                                     f"read: {type(e).__name__}: {e}") from e
@@ -343,20 +359,59 @@ class Reader:
             raise IndexError(f"image index must be in [0, {self.num_images}). Got {i}.")
         return S.decode_keys(self._bound_rows(S.KEY, i, i + 1), start=i)[0]
 
-    def _cached(self, name: str, shards=None) -> np.ndarray:
-        """The whole per-image array ``name`` (image_size or label: 8 and 4 bytes per image), read once, with
-        the chunks of ``shards`` (default all) checked against their tags (each once per reader)."""
+    def _cached(self, name: str) -> np.ndarray:
+        """The whole per-image array ``name`` (image_size or label: 8 and 4 bytes per image), read once (one
+        read of the whole array) with every chunk checked against its tag; read-only."""
         got = self._per_image.get(name)
         if got is None:
-            got = self._per_image[name] = self._small(name)
-            got.flags.writeable = False
-        if name in self.header.bound_per_image:
-            done = self._checked.setdefault(name, set())
-            todo = [s for s in (range(self.header.num_shards) if shards is None else shards) if s not in done]
-            if todo:
+            got = self._small(name)
+            ips, rows = self.header.images_per_shard, self._pi_rows.setdefault(name, {})
+            todo = [s for s in range(self.header.num_shards) if s not in rows]
+            if name in self.header.bound_per_image and todo:
                 self._check_tags(name, got, todo, 0)
-                done.update(todo)
+            got.flags.writeable = False
+            self._per_image[name] = got
+            for s in range(self.header.num_shards):  # the per-shard rows become views of the whole array
+                rows[s] = got[s * ips:(s + 1) * ips]
         return got
+
+    def _shard_rows(self, name: str, shards) -> dict[int, np.ndarray]:
+        """``{shard: rows}`` of per-image array ``name`` (image_size or label) for ``shards``, each shard's chunk
+        read once per reader and checked against its tag: reading an image costs its shard's rows, not the
+        whole array (a store may claim 2**31 images)."""
+        rows = self._pi_rows.setdefault(name, {})
+        todo = [s for s in shards if s not in rows]
+        if todo:
+            ips, N = self.header.images_per_shard, self.num_images
+            for a, b in _runs(todo):
+                got = self._small(name, a * ips, min(N, b * ips))
+                if name in self.header.bound_per_image:
+                    self._check_tags(name, got, range(a, b), a)
+                got.flags.writeable = False
+                for s in range(a, b):
+                    rows[s] = got[(s - a) * ips:(s - a + 1) * ips]
+        return {s: rows[s] for s in shards}
+
+    def _rows_of(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows of per-image array ``name`` for images ``idx`` (their shards' chunks checked)."""
+        whole = self._per_image.get(name)
+        if whole is not None:
+            return whole[idx]
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        ips = self.header.images_per_shard
+        sh = idx // ips
+        got = self._shard_rows(name, np.unique(sh).tolist())
+        if not got:
+            return self._small(name, 0, 0)
+        if len(got) == 1:
+            (s, rows), = got.items()
+            return rows[idx - s * ips]
+        first = next(iter(got.values()))
+        out = np.empty((len(idx), *first.shape[1:]), first.dtype)
+        for s, rows in got.items():
+            sel = sh == s
+            out[sel] = rows[idx[sel] - s * ips]
+        return out
 
     def _check_images(self, shards) -> None:
         """Before records of ``shards`` are returned: their chunks of key, image_size and label match their
@@ -369,14 +424,13 @@ class Reader:
         ips = self.header.images_per_shard
         for a, b in _runs(todo):
             self._bound_rows(S.KEY, a * ips, min(self.num_images, b * ips))
-        self._cached(S.IMAGE_SIZE, todo)
-        self._cached(S.LABEL, todo)
+        self._shard_rows(S.IMAGE_SIZE, todo)
+        self._shard_rows(S.LABEL, todo)
         self._images_ok.update(todo)
 
     def _sizes_of(self, idx: np.ndarray) -> np.ndarray:
         """``image_size`` rows of images ``idx``, their shards' chunks checked."""
-        shards = np.unique(np.asarray(idx, np.int64) // self.header.images_per_shard).tolist()
-        return self._cached(S.IMAGE_SIZE, shards)[idx]
+        return self._rows_of(S.IMAGE_SIZE, idx)
 
     @property
     def image_sizes(self) -> np.ndarray:
@@ -388,18 +442,90 @@ class Reader:
         """(N,) int32 ground-truth classes, -1 where unknown, read-only (read and checked once)."""
         return self._cached(S.LABEL)
 
+    def _flags(self, raw: np.ndarray, first: int) -> np.ndarray:
+        bad = (raw != 0) & (raw != 1)
+        if bad.any():
+            raise CorruptStoreError(f"{self.path}: array 'written' holds values other than 0 and 1 at images "
+                                    f"{(first + np.flatnonzero(bad)[:5]).tolist()}")
+        return raw == 1
+
+    def _written_shards(self, shards) -> None:
+        """Read the ``written`` flags of the uncached ``shards`` (one read per run of consecutive shards)."""
+        todo = [s for s in shards if s not in self._wflags]
+        if not todo:
+            return
+        ips, N = self.header.images_per_shard, self.num_images
+        for a, b in _runs(todo):
+            flags = self._flags(self._small(S.WRITTEN, a * ips, min(N, b * ips)), a * ips)
+            for s in range(a, b):
+                self._wflags[s] = flags[(s - a) * ips:(s - a + 1) * ips]
+
+    def _shard_written(self, s: int) -> np.ndarray:
+        """The ``written`` flags of shard ``s`` (read once per reader, on first use)."""
+        w = self._wflags.get(s)
+        if w is None:
+            self._written_shards((s,))
+            w = self._wflags[s]
+        return w
+
+    def _is_written(self, idx: np.ndarray) -> np.ndarray:
+        """Flags of images ``idx`` (in range), reading only the shards they are in."""
+        if self._written is not None:
+            return self._written[idx]
+        ips = self.header.images_per_shard
+        sh = idx // ips
+        uniq = np.unique(sh).tolist()
+        self._written_shards(uniq)
+        if len(uniq) == 1:
+            return self._wflags[uniq[0]][idx - uniq[0] * ips]
+        out = np.empty(len(idx), bool)
+        for s in uniq:
+            sel = sh == s
+            out[sel] = self._wflags[s][idx[sel] - s * ips]
+        return out
+
     @property
     def written(self) -> np.ndarray:
         """(N,) bool completion flags (read once and cached; :meth:`refresh` re-reads them). Values other
-        than 0 and 1 are damage (:class:`CorruptStoreError`)."""
+        than 0 and 1 are damage (:class:`CorruptStoreError`). Reading images needs only the flags of their
+        shards; this property reads them all."""
         if self._written is None:
-            raw = self._small(S.WRITTEN)
-            bad = (raw != 0) & (raw != 1)
-            if bad.any():
-                raise CorruptStoreError(f"{self.path}: array 'written' holds values other than 0 and 1 at images "
-                                        f"{np.flatnonzero(bad)[:5].tolist()}")
-            self._written = raw == 1
+            ips = self.header.images_per_shard
+            if len(self._wflags) == self.header.num_shards:
+                w = np.concatenate([self._wflags[s] for s in range(self.header.num_shards)])
+            else:
+                w = self._flags(self._small(S.WRITTEN), 0)
+            w.flags.writeable = False
+            self._written = w
+            self._wflags = {s: w[s * ips:(s + 1) * ips] for s in range(self.header.num_shards)}
         return self._written
+
+    def _forget(self, shards) -> None:
+        """Drop everything cached about ``shards`` (flags, per-image rows, manifest rows, shard indexes,
+        decoded chunks, open files) so the next read reads them again: the one re-read a reader makes before
+        raising a mismatch (spec invariant 9: a writer may be replacing them)."""
+        h = self.header
+        ips = h.images_per_shard
+        keys = []
+        for s in shards:
+            self._wflags.pop(s, None)
+            self._images_ok.discard(s)
+            for rows in self._pi_rows.values():
+                rows.pop(s, None)
+            if self._manifest is not None:
+                self._manifest.forget(s)
+            for a in self._arrays.values():
+                a.forget(s)
+                keys.append(a.shard_key(s))
+            for name, arr in self._unsharded.items():
+                keys.extend(arr.key(c) for c in range(s * ips // arr.grid[0], ((s + 1) * ips - 1) // arr.grid[0] + 1)
+                            if c * arr.grid[0] < arr.shape[0])
+        self._written = None
+        self._per_image = {}
+        if self._source.caching:
+            self._source.clear()  # a new listing: the objects rewritten since have new identities
+        else:
+            self._source.forget(keys)
 
     def refresh(self) -> None:
         """Re-read the header and the ``written`` flags, and drop every cache the new flags can invalidate
@@ -416,10 +542,16 @@ class Reader:
         if self._manifest is not None:
             self._manifest.clear()
         self._group = None  # zarr caches nothing we rely on, but a fresh group is cheap
-        self._written = None
-        self._per_image = {}
-        self._images_ok = set()
-        self._checked = {}
+        self._reset_caches()
+
+    def _forget_all(self) -> None:
+        """:meth:`refresh` without re-reading the header (the re-read before ``read_all`` raises)."""
+        self._source.clear()
+        for a in self._arrays.values():
+            a.clear()
+        if self._manifest is not None:
+            self._manifest.clear()
+        self._reset_caches()
 
     @property
     def complete(self) -> bool:
@@ -450,17 +582,43 @@ class Reader:
         N = self.num_images
         if len(idx) == 1:  # read(i): scalar checks
             i = int(idx[0])
-            if 0 <= i < N and self.written[i]:
-                return
+            if 0 <= i < N:
+                w = self._written
+                if w is not None:
+                    if w[i]:
+                        return
+                else:
+                    s = i // self.header.images_per_shard
+                    flags = self._wflags.get(s)
+                    if flags is None:
+                        flags = self._shard_written(s)
+                    if flags[i - s * self.header.images_per_shard]:
+                        return
         out = (idx < 0) | (idx >= N)
         if out.any():
             raise IndexError(f"image index must be in [0, {N}). Got {int(idx[out][0])}.")
-        w = self.written[idx]
+        w = self._is_written(idx)
         if not w.all():
             i = int(idx[~w][0])
+            if self._written is not None:
+                note = f"{int((~self._written).sum())} of {N} images missing"
+            else:
+                s = i // self.header.images_per_shard
+                flags = self._wflags[s]
+                note = f"{int((~flags).sum())} of the {len(flags)} images of its shard {s} missing"
             raise IncompleteStoreError(
-                f"image {i} ({self.image_key(i)!r}) has not been written; the store is incomplete "
-                f"({int((~self.written).sum())} of {N} images missing)")
+                f"image {i} ({self.image_key(i)!r}) has not been written; the store is incomplete ({note})")
+
+    def _once_more(self, shards, read):
+        """``read()``; when it raises :class:`CorruptStoreError`, forget what is cached about ``shards`` (flags,
+        manifest rows, per-image rows, shard indexes, decoded chunks, open files) and call it once more
+        (spec invariant 9: a writer may be replacing them; a store being written stays readable for every
+        image marked written). The second error, if any, is raised."""
+        try:
+            return read()
+        except CorruptStoreError:
+            self._forget(shards)
+        return read()
 
     def _rows(self, idx: np.ndarray, inner=None) -> dict[str, np.ndarray]:
         """Stored record rows of images ``idx`` (written, checked by the caller): ``{path: (B, *row)}``, or
@@ -484,6 +642,17 @@ class Reader:
         arrays = list(self._arrays.values())
         chunks = take_one(arrays, c)
         return {a.path: ch[w].copy() if inner is None else ch[w].take(inner, 0) for a, ch in zip(arrays, chunks)}
+
+    def _all_rows_once_more(self, keep, progress) -> None:
+        """:meth:`_all_rows`, once more after forgetting every cache when it raises :class:`CorruptStoreError`
+        (the re-read of :meth:`_once_more`, for a whole-store read)."""
+        try:
+            return self._all_rows(keep, progress=progress)
+        except CorruptStoreError:
+            self._forget_all()
+        if not self.complete:
+            self._check_written(np.flatnonzero(~self.written)[:1])
+        return self._all_rows(keep, progress=progress)
 
     def _all_rows(self, keep, *, progress: bool | None = False, desc: str = "reading shards") -> None:
         """Every shard's record rows, in batches of shards: ``keep(shards, [(data, errors) per array])``
@@ -622,7 +791,10 @@ class RegionReader(Reader):
                 raise CorruptStoreError(f"{self.path}: manifest chunk of shard {s} cannot be read "
                                         f"({type(e).__name__}: {e}); the seeded crops cannot be checked") from e
         w = np.zeros((c1 - c0) * ipc, bool)
-        seen = (self.written if written is None else written)[c0 * ipc:c1 * ipc]
+        if written is None:
+            seen = self._is_written(np.arange(c0 * ipc, min(self.num_images, c1 * ipc)))
+        else:
+            seen = written[c0 * ipc:c1 * ipc]
         w[:len(seen)] = seen
         return sc.check(c0, data, np.concatenate(rows), self._columns, w.reshape(-1, ipc).any(1))
 
@@ -633,12 +805,18 @@ class RegionReader(Reader):
     def read(self, i: int, slots=None) -> CropRecords:
         """Records of image ``i``: leading dim ``(M,)``, or ``(len(slots),)`` when slots are given."""
         i = _check_index(i)
-        written = self._written if self._written is not None else self.written
-        if not (0 <= i < self.header.num_images and written[i]):
-            self._check_written(np.array([i], np.int64))  # raises the error that applies
+        self._check_written(np.array([i], np.int64))
         if slots is not None:
             slots = _int_array(slots, "slots").reshape(-1)
             _check_slot_range(slots, self.header.crops_per_image)
+        try:
+            return self._read_one(i, slots)
+        except CorruptStoreError:
+            self._forget((i // self.header.images_per_shard,))
+        self._check_written(np.array([i], np.int64))
+        return self._read_one(i, slots)
+
+    def _read_one(self, i: int, slots) -> CropRecords:
         data = self._one_row(i, slots)
         data.update({name: v[0] for name, v in self._derive(np.array([i]), slots).items()})
         return self._records(data)
@@ -652,9 +830,14 @@ class RegionReader(Reader):
         idx = _int_array(indices, "indices").reshape(-1)
         self._check_written(idx)
         sl = self._slots(slots, len(idx))
-        data = self._rows(idx, sl)
-        data.update(self._derive(idx, sl))
-        return self._records(data)
+
+        def read():
+            self._check_written(idx)
+            data = self._rows(idx, sl)
+            data.update(self._derive(idx, sl))
+            return self._records(data)
+
+        return self._once_more(np.unique(idx // self.header.images_per_shard).tolist(), read)
 
     def read_all(self, slots=None, *, progress: bool | None = False) -> CropRecords:
         """Every image's records, shard by shard (a few shards per batch of reads). ``slots`` (N, m) keeps
@@ -685,7 +868,7 @@ class RegionReader(Reader):
                     rows = rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
                 out[a.path][n0:n1] = rows
 
-        self._all_rows(keep, progress=progress)
+        self._all_rows_once_more(keep, progress)
         return self._records(out)
 
     def decode(self, fields: Mapping[str, Any], temperature: float | None = None):
@@ -721,14 +904,17 @@ class LabelMapReader(Reader):
     def read(self, i: int) -> MapRecords:
         """Maps of image ``i``: ``indices`` and ``scores`` of shape ``(K, S, S)``."""
         i = _check_index(i)
-        self._check_written(np.array([i], np.int64))
-        return self._records(self._one_row(i))
+        idx = np.array([i], np.int64)
+        self._check_written(idx)
+        return self._once_more([i // self.header.images_per_shard],
+                               lambda: self._check_written(idx) or self._records(self._one_row(i)))
 
     def read_batch(self, indices) -> MapRecords:
         """Maps of images ``indices`` (B,): ``(B, K, S, S)`` each (errors as :meth:`RegionReader.read_batch`)."""
         idx = _int_array(indices, "indices").reshape(-1)
         self._check_written(idx)
-        return self._records(self._rows(idx))
+        return self._once_more(np.unique(idx // self.header.images_per_shard).tolist(),
+                               lambda: self._check_written(idx) or self._records(self._rows(idx)))
 
     def read_all(self, *, progress: bool | None = False) -> MapRecords:
         """Every image's maps (a complete store), shard by shard."""
@@ -745,7 +931,7 @@ class LabelMapReader(Reader):
                 raise_first(errors)
                 out[a.path][n0:n1] = data.reshape(-1, *a.chunk_shape[1:])[: n1 - n0]
 
-        self._all_rows(keep, progress=progress)
+        self._all_rows_once_more(keep, progress)
         return self._records(out)
 
     def pool(self, indices, boxes, flips=None, *, maps: MapRecords | None = None):
@@ -776,6 +962,30 @@ def _runs(values) -> list[tuple[int, int]]:
         else:
             out.append((v, v + 1))
     return out
+
+
+_UNSHARDED_FILL = {**S.PER_IMAGE_FILL, S.MANIFEST: 0}
+
+
+class _WrittenRows:
+    """Picklable ``c -> the reader's written flags of inner chunk c's rows`` (bool (ipc,), None when its shard's
+    flags were not read yet): for :class:`fkdstore.shard.ShardedArray`'s rule for rows of unwritten images."""
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+
+    def __call__(self, c: int) -> np.ndarray | None:
+        r = self.reader
+        h = r.header
+        cps, ipc = h.chunks_per_shard, h.images_per_chunk
+        s = c // cps
+        w = r._wflags.get(s)
+        if w is None:
+            return None
+        rows = w[(c - s * cps) * ipc:(c - s * cps + 1) * ipc]
+        if len(rows) < ipc:  # the last chunk: rows past N are taken as the fill value anyway
+            rows = np.concatenate([rows, np.ones(ipc - len(rows), bool)])
+        return rows
 
 
 class _Sizes:

@@ -42,13 +42,14 @@ from typing import Any, Callable
 
 import crc32c as _crc32c
 import numcodecs.blosc as _blosc
+import numcodecs.zstd as _numcodecs_zstd
 import numpy as np
 
 from . import schema as S
 from .errors import CorruptChunkError, CorruptStoreError
 
-__all__ = ["MISSING", "ArrayMeta", "parse_array_meta", "ShardedArray", "Manifest", "group_rows", "load_many",
-           "take_many", "take_one", "raise_first"]
+__all__ = ["MISSING", "ArrayMeta", "parse_array_meta", "ShardedArray", "UnshardedArray", "Manifest", "group_rows",
+           "load_many", "take_many", "take_one", "raise_first", "zstd_content_size"]
 
 MISSING = 2**64 - 1  # shard-index offset/nbytes of an inner chunk that is not stored
 INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
@@ -60,6 +61,7 @@ MANIFEST_CACHE_SHARDS = 1024
 CRC32C_RESIDUE = 0x48674BC7
 _crc = _crc32c.crc32c
 _blosc_sizes, _blosc_decompress = _blosc._cbuffer_sizes, _blosc.decompress
+_zstd_decompress = _numcodecs_zstd.decompress
 _BLOSC_HEADER = 16  # bytes of a blosc 1 header (version, flags, typesize, nbytes, blocksize, cbytes)
 DIRECT_DECODE_BYTES = 64 * 1024  # decoded chunks at least this big are decoded in place, not joined
 
@@ -80,6 +82,9 @@ class ArrayMeta:
     fast: bool  # the pipeline this library writes (direct decoding applies)
     blosc: bool  # inner pipeline has blosc between bytes and crc32c
     doc: dict[str, Any] = field(repr=False, compare=False)
+    # unsharded arrays: the codec names when the pipeline is ``bytes`` (little) [-> ``zstd``] [-> ``crc32c``],
+    # which :class:`UnshardedArray` decodes itself with the size checked before decompressing; else None
+    plain: tuple[str, ...] | None = None
 
     def chunk_key(self, coords) -> str:
         """Key (relative to the group) of the grid chunk / shard file at ``coords``."""
@@ -105,7 +110,10 @@ def _names(codecs) -> list[str]:
 
 
 def _little(codec) -> bool:
-    return not isinstance(codec, dict) or codec.get("configuration", {}).get("endian", "little") == "little"
+    if not isinstance(codec, dict):
+        return True
+    conf = codec.get("configuration", {})
+    return isinstance(conf, dict) and conf.get("endian", "little") == "little"
 
 
 def parse_array_meta(path: str, raw: bytes | None) -> ArrayMeta:
@@ -114,6 +122,8 @@ def parse_array_meta(path: str, raw: bytes | None) -> ArrayMeta:
         raise CorruptStoreError(f"array {path!r} is missing (no {path}/zarr.json)")
     try:
         doc = json.loads(bytes(raw))
+        if not isinstance(doc, dict):
+            raise ValueError(f"zarr.json must hold a JSON object, got {type(doc).__name__}")
         if doc.get("node_type") != "array":
             raise ValueError(f"node_type is {doc.get('node_type')!r}, not 'array'")
         shape = tuple(doc["shape"])
@@ -141,12 +151,20 @@ def parse_array_meta(path: str, raw: bytes | None) -> ArrayMeta:
                 and _little(conf["index_codecs"][0])
                 and conf.get("index_location", "end") == "end"
             )
+        plain = None
+        if inner is None and isinstance(codecs, list):
+            names = tuple(_names(codecs))
+            if names in _PLAIN_PIPELINES and _little(codecs[0]):
+                plain = names
         chunk_key(doc, [0])  # unknown encodings are refused here, not at the first read
     except CorruptStoreError as e:
         raise CorruptStoreError(f"array {path!r}: {e}") from None
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise CorruptStoreError(f"array {path!r}: malformed {path}/zarr.json ({type(e).__name__}: {e})") from None
-    return ArrayMeta(path, shape, data_type, grid, inner, fast, blosc, doc)
+    return ArrayMeta(path, shape, data_type, grid, inner, fast, blosc, doc, plain)
+
+
+_PLAIN_PIPELINES = {("bytes", "zstd", "crc32c"), ("bytes", "crc32c"), ("bytes", "zstd"), ("bytes",)}
 
 
 # ----------------------------------------------------------------------------------------- manifest
@@ -215,6 +233,10 @@ class Manifest:
         while len(self._cache) > MANIFEST_CACHE_SHARDS:
             self._cache.popitem(last=False)
 
+    def forget(self, s: int) -> None:
+        """Drop the cached row of shard ``s`` (read again on next use)."""
+        self._cache.pop(s, None)
+
     def missing_note(self, s: int) -> str:
         """A hint for a mismatch message when the manifest chunk of shard ``s`` itself is absent."""
         key = self.meta.chunk_key((s, 0))
@@ -222,6 +244,98 @@ class Manifest:
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+# ---------------------------------------------------------------------------------- unsharded arrays
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def zstd_content_size(frame) -> int | None:
+    """The decompressed size a zstd frame declares in its header (``Frame_Content_Size``), None when the frame
+    does not declare it; :class:`ValueError` when the bytes do not start with a zstd frame header."""
+    if len(frame) < 5 or int.from_bytes(frame[:4], "little") != _ZSTD_MAGIC:
+        raise ValueError("not a zstd frame (bad magic number)")
+    fhd = frame[4]
+    fcs_flag, single = fhd >> 6, (fhd >> 5) & 1
+    did_size = (0, 1, 2, 4)[fhd & 3]
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    pos = 5 + (0 if single else 1) + did_size
+    if fcs_size == 0:
+        return None
+    if len(frame) < pos + fcs_size:
+        raise ValueError("truncated zstd frame header")
+    value = int.from_bytes(frame[pos:pos + fcs_size], "little")
+    return value + 256 if fcs_size == 2 else value
+
+
+class UnshardedArray:
+    """One unsharded array (``key``, ``image_size``, ``label``, ``written``, ``manifest``) whose pipeline is
+    :attr:`ArrayMeta.plain`, read chunk by chunk through the byte source: each chunk's stored size is bounded
+    before it is read, its crc32c checked, and the size its zstd frame declares compared with the chunk shape
+    before anything is decompressed (into a buffer of exactly that size), so a crafted chunk costs at most
+    its declared shape in memory. A missing chunk reads as ``fill`` (callers compare tags). Errors are
+    :class:`CorruptChunkError` naming the array, chunk and file."""
+
+    def __init__(self, meta: ArrayMeta, source, dtype: str, fill: int = 0):
+        self.meta, self.source, self.path = meta, source, meta.path
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.grid = tuple(meta.grid)
+        self.shape = tuple(meta.shape)
+        self.fill = fill
+        self.chunk_nbytes = math.prod(self.grid) * self.dtype.itemsize
+        names = meta.plain or ()
+        self._zstd, self._crc = "zstd" in names, "crc32c" in names
+        # stored bytes of one chunk at most: zstd's worst case (ZSTD_compressBound) plus its frame and the trailer
+        self.max_stored = self.chunk_nbytes + (self.chunk_nbytes >> 7) + 1024 + 4
+
+    def key(self, c: int) -> str:
+        return self.meta.chunk_key((c,) + (0,) * (len(self.shape) - 1))
+
+    def _decode(self, c: int, raw) -> np.ndarray:
+        where = f"array {self.path!r} chunk {c} ({self.key(c)})"
+        n = len(raw)
+        if self._crc:
+            if n < 4:
+                raise CorruptChunkError(f"{where}: truncated ({n} bytes)")
+            if _crc(raw) != CRC32C_RESIDUE:
+                raise CorruptChunkError(f"{where}: crc32c checksum mismatch (data corrupted)")
+            body = memoryview(raw)[:-4]
+        else:
+            body = memoryview(raw)
+        expect = self.chunk_nbytes
+        if self._zstd:
+            try:
+                declared = zstd_content_size(body)
+                if declared is not None and declared != expect:
+                    raise ValueError(f"its zstd frame declares {declared} decoded bytes, the chunk shape "
+                                     f"{self.grid} holds {expect}")
+                out = _zstd_decompress(bytes(body), bytearray(expect))
+            except Exception as e:  # numcodecs raises several types for damaged input
+                raise CorruptChunkError(f"{where}: cannot decode ({e})") from None
+        else:
+            if len(body) != expect:
+                raise CorruptChunkError(f"{where}: {len(body)} bytes, the chunk shape {self.grid} holds {expect}")
+            out = bytes(body)
+        return np.frombuffer(out, self.dtype).reshape(self.grid)
+
+    def chunks(self, cs) -> list[np.ndarray]:
+        """Decoded chunks ``cs`` (one batch of reads; missing ones as the fill value)."""
+        raws = self.source.read_bounded_many([self.key(c) for c in cs], self.max_stored)
+        return [np.full(self.grid, self.fill, self.dtype) if raw is None else self._decode(c, raw)
+                for c, raw in zip(cs, raws)]
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` along the first axis (clipped to the shape), as a native-endian array."""
+        b = min(b, self.shape[0])
+        g = self.grid[0]
+        if b <= a:
+            return np.zeros((0, *self.shape[1:]), self.dtype.newbyteorder("="))
+        c0, c1 = a // g, (b - 1) // g
+        parts = self.chunks(range(c0, c1 + 1))
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out = data[a - c0 * g:b - c0 * g][(slice(None),) + tuple(slice(0, n) for n in self.shape[1:])]
+        return out.astype(self.dtype.newbyteorder("="))
 
 
 # ------------------------------------------------------------------------------------------- arrays
@@ -267,8 +381,12 @@ class ShardedArray:
 
     def __init__(self, meta: ArrayMeta, source, *, num_images: int, dtype: str, manifest: Manifest | None = None,
                  column: int = 0, zarr_array: Callable[[], Any] | None = None,
-                 cache_bytes: int | None = None, tag_prefix: bytes = b""):
+                 cache_bytes: int | None = None, tag_prefix: bytes = b"",
+                 written: Callable[[int], np.ndarray | None] | None = None):
         self.meta, self.source, self.path = meta, source, meta.path
+        # written(c): the reader's written flags of chunk c's rows (bool (ipc,)), for invariant 9's rule that a
+        # chunk also matches its tag with the rows of images not marked written set to the fill value
+        self._written_rows = written
         self.num_images = int(num_images)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shape = meta.shape
@@ -289,6 +407,9 @@ class ShardedArray:
         # the chunk whose rows past N are tagged as fill values (-1: the last chunk is full)
         self._partial = self.num_chunks - 1 if self._tail_bytes < self.chunk_nbytes else -1
         self._blosc = meta.blosc
+        # stored bytes of one inner chunk at most (blosc's worst case plus the crc32c trailer): a shard index
+        # naming more (or an offset past 2**62) is damage, refused before any byte is requested
+        self.max_stored = self.chunk_nbytes + (self.chunk_nbytes >> 4) + 4096
         self._cache_limit = max(0, int(CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes))
         self._keys: dict[int, str] = {}  # shard file keys (at most MAX_SHARDS per array)
         self.clear()
@@ -305,6 +426,14 @@ class ShardedArray:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_used = 0
         self._exists: dict[int, bool] = {}
+
+    def forget(self, s: int) -> None:
+        """Drop what is cached of shard ``s``: its index, existence answer and decoded chunks."""
+        self._index.pop(s, None)
+        self._exists.pop(s, None)
+        for c in range(s * self.per_shard, (s + 1) * self.per_shard):
+            if self._cache.pop(c, None) is not None:
+                self._cache_used -= self.chunk_nbytes
 
     # -- naming
     def shard_key(self, s: int) -> str:
@@ -368,7 +497,18 @@ class ShardedArray:
                 bad[s] = CorruptChunkError(f"array {self.path!r} shard file {self.shard_key(s)} ({images}): the "
                                            f"shard index fails its crc32c checksum")
             else:
-                self._index[s] = got[s] = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
+                index = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
+                off, nb = index[:, 0], index[:, 1]
+                missing = (off == MISSING) & (nb == MISSING)
+                bad_entry = ~missing & ((off >= 2**62) | (nb > self.max_stored) | (nb < 4))
+                if bad_entry.any():
+                    j = int(np.flatnonzero(bad_entry)[0])
+                    bad[s] = CorruptChunkError(
+                        f"array {self.path!r} shard file {self.shard_key(s)} ({images}): the shard index gives inner "
+                        f"chunk {j} {int(nb[j])} bytes at offset {int(off[j])}, beyond what a chunk of {self.chunk_nbytes} "
+                        f"decoded bytes can take (at most {self.max_stored} stored bytes, offsets below 2**62)")
+                else:
+                    self._index[s] = got[s] = index
 
     # -- loading
     def load(self, cs, need=None) -> tuple[np.ndarray, list[Exception | None]]:
@@ -598,20 +738,47 @@ class ShardedArray:
                     tag = crc(_zeros(expect - tail), crc(memoryview(dec)[:tail], head))
                 else:
                     tag = crc(dec, head)
-                if tag != w:
+                if tag != w and not self._matches_unwritten(c, dec, w):
                     out.append(CorruptStoreError(f"{self.where(c)} does not match the manifest: misplaced or "
                                                  f"stale data{self.manifest.missing_note(c // self.per_shard)}"))
                     continue
             out.append(dec)
         return out
 
+    def _matches_unwritten(self, c: int, dec, want: int) -> bool:
+        """Invariant 9's second rule: chunk ``c`` (decoded bytes ``dec``) also matches tag ``want`` when the rows
+        of images the reader does not see marked written are set to the fill value (a writer rewriting a
+        partially flushed shard writes the data, holding rows it has not yet marked written, before the
+        manifest row)."""
+        if self._written_rows is None:
+            return False
+        w = self._written_rows(c)
+        if w is None or w.all():
+            return False
+        row = self.chunk_nbytes // self.ipc
+        data = np.frombuffer(dec, np.uint8)[:self.chunk_nbytes].copy().reshape(self.ipc, row)
+        data[~np.asarray(w, bool)[:self.ipc]] = 0
+        if c == self._partial:
+            data.reshape(-1)[self._tail_bytes:] = 0
+        return _crc(data.tobytes(), _crc(c.to_bytes(8, "little"), self._tag_head)) == want
+
     def _zarr_array(self):
         if self._zarr is None:
-            self._zarr = self._zarr_factory()
+            try:
+                self._zarr = self._zarr_factory()
+            except CorruptStoreError:
+                raise
+            except Exception as e:  # zarr refuses its own metadata in several ways (codec configs, JSON)
+                raise CorruptStoreError(f"array {self.path!r}: Zarr cannot open it ({type(e).__name__}: {e}); its "
+                                        f"{self.path}/zarr.json is damaged") from e
         return self._zarr
 
     def _load_zarr(self, plan: _Plan) -> None:
-        arr = self._zarr_array()
+        try:
+            arr = self._zarr_array()
+        except CorruptStoreError as e:
+            plan.errors[:] = [e] * len(plan.errors)
+            return
         for j, c in enumerate(plan.cs.tolist()):
             s = c // self.per_shard
             if plan.need[j]:
@@ -642,7 +809,8 @@ class ShardedArray:
                 errors[j] = CorruptStoreError(f"{self.where(c)}: its manifest entry cannot be read "
                                               f"({type(e).__name__}: {e})")
                 continue
-            if tag(self.path, c, out[j], self._tag_prefix) != want:
+            if tag(self.path, c, out[j], self._tag_prefix) != want and \
+                    not self._matches_unwritten(c, np.ascontiguousarray(out[j]).astype(self.dtype).tobytes(), want):
                 errors[j] = CorruptStoreError(
                     f"{self.where(c)} does not match the manifest: misplaced or stale data{m.missing_note(s)}")
 

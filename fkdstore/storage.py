@@ -15,12 +15,16 @@ raised later, mid-read or mid-write.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
 import pickle
 import re
+import secrets
 import shutil
+import socket
+import stat
 import tempfile
 import time
 from collections import OrderedDict
@@ -35,13 +39,16 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
-from .errors import FormatError, StorageError
+from .errors import CorruptStoreError, FormatError, StorageError
 from .validation import positive_int
 
 __all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "options_for",
            "object_sizes", "is_empty", "remove_all", "ByteSource", "LocalSource", "StoreSource", "CachedSource",
            "byte_source", "coalesce", "get_bytes", "as_buffer", "list_dir", "list_prefix",
-           "read_group_json", "fsync_local"]
+           "read_group_json", "fsync_local", "FolderStore", "create_if_absent", "remove_stale_temps",
+           "is_temp_name", "MAX_METADATA_BYTES"]
+
+MAX_METADATA_BYTES = 16 * 2**20  # a zarr.json larger than this is refused (a crafted store must not cost GBs)
 
 # Schemes whose first path component is a bucket (container) that must exist before a store is written.
 BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
@@ -96,7 +103,216 @@ def as_store(
     if storage_options:
         raise TypeError(f"storage_options apply to URLs only. Got a local path {str(location)!r}.")
     path = str(location)[len("file://"):] if str(location).startswith("file://") else location
-    return zarr.storage.LocalStore(Path(path), read_only=read_only)
+    return FolderStore(Path(path), read_only=read_only)
+
+
+# ------------------------------------------------------------------------------------------ local folders
+
+TEMP_SUFFIX = ".fkdstore-tmp"  # a file being written aside: <name>.<host tag>.<pid>.<random>.fkdstore-tmp
+STALE_TEMP_S = 900.0  # a temp file not provably another live process's is left alone this long (as ownership)
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr-python's own temp files (LocalStore, zarr >= 3.1)
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a file being written aside (this library's, or zarr-python's ``*.partial``): not
+    part of any store, never read, removed by :func:`remove_stale_temps` once its writer is gone."""
+    return name.endswith(TEMP_SUFFIX) or bool(_ZARR_PARTIAL.search(name))
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _temp_is_stale(name: str, mtime: float, now: float) -> bool:
+    """A temp file may be removed when the process that writes it is provably gone (this host, pid not
+    running) or it was not touched for :data:`STALE_TEMP_S` seconds (another host's, or zarr's own)."""
+    if name.endswith(TEMP_SUFFIX):
+        parts = name[:-len(TEMP_SUFFIX)].rsplit(".", 3)
+        if len(parts) == 4 and parts[1] == _HOST_TAG and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+            return True
+    return now - mtime > STALE_TEMP_S
+
+
+def remove_stale_temps(store) -> list[str]:
+    """Delete the temp files that writers killed mid-write left in a local store (see :func:`is_temp_name`
+    and :func:`_temp_is_stale`); returns their store keys. A live writer's temp file is never touched, and
+    readers never call this (they ignore temp files). Object stores have none (a PUT is whole): no-op."""
+    root = local_root(store)
+    if root is None or not os.path.isdir(root):
+        return []
+    removed, now = [], time.time()
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if not is_temp_name(name):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                if _temp_is_stale(name, os.lstat(full).st_mtime, now):
+                    os.remove(full)
+                    removed.append(os.path.relpath(full, root).replace(os.sep, "/"))
+            except OSError:  # removed meanwhile
+                pass
+    return removed
+
+
+def _too_big(path, size: int, limit: int) -> CorruptStoreError:
+    return CorruptStoreError(f"{path}: more than {limit} bytes (got {size}{'+' if size == limit + 1 else ''}), "
+                             f"beyond what this file may hold")
+
+
+def _not_a_file(path, what: str) -> CorruptStoreError:
+    return CorruptStoreError(f"{path}: {what}, not a regular file; a store holds regular files only (a FIFO, "
+                             f"device, directory or symlink loop in its place is damage or a crafted store)")
+
+
+def open_regular(path) -> int | None:
+    """A read-only descriptor of the regular file ``path`` (symlinks followed), None when it does not exist.
+    Anything else in its place (a FIFO, which would block a plain ``open`` for ever, a device, a directory,
+    a symlink loop) raises :class:`CorruptStoreError` naming the path; the file is opened non-blocking and
+    checked with ``fstat`` before any read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _not_a_file(path, "a symlink loop") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or special file"
+        raise _not_a_file(path, kind)
+    return fd
+
+
+def _read_file(path: Path, prototype, byte_range):
+    """Zarr's ``LocalStore`` read of ``path`` (whole or a byte range) through :func:`open_regular`; a
+    ``zarr.json`` larger than :data:`MAX_METADATA_BYTES` is refused."""
+    fd = open_regular(path)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if byte_range is None:
+            if path.name == "zarr.json" and size > MAX_METADATA_BYTES:
+                raise CorruptStoreError(f"{path}: {size} bytes, more than the {MAX_METADATA_BYTES} a zarr.json "
+                                        f"may have")
+            a, b = 0, size
+        elif isinstance(byte_range, RangeByteRequest):
+            a, b = int(byte_range.start), min(size, int(byte_range.end))
+        elif isinstance(byte_range, OffsetByteRequest):
+            a, b = int(byte_range.offset), size
+        elif isinstance(byte_range, SuffixByteRequest):
+            a, b = max(0, size - int(byte_range.suffix)), size
+        else:
+            raise TypeError(f"Unexpected byte_range, got {byte_range}.")
+        return prototype.buffer.from_bytes(os.pread(fd, max(0, b - a), a) if b > a else b"")
+    finally:
+        os.close(fd)
+
+
+class FolderStore(zarr.storage.LocalStore):
+    """Zarr's :class:`~zarr.storage.LocalStore` with the two rules a store folder needs here:
+
+    * **reads** open regular files only (:func:`open_regular`: a FIFO, device, directory or symlink loop in
+      place of a store file raises :class:`CorruptStoreError` instead of blocking or raising ``OSError``);
+    * **writes** go to a temp file in the same directory (named by :func:`_temp_path`: host, pid, random)
+      that is then renamed over the target (``os.replace``), so a reader sees the old file or the new one,
+      never a torn one; a create-if-absent write (:meth:`set_if_not_exists`) links the temp file to the
+      target, which fails if it exists. A writer killed mid-write leaves only a temp file, which
+      :func:`remove_stale_temps` deletes once the writer is provably gone.
+    """
+
+    async def get(self, key, prototype=None, byte_range=None):
+        if prototype is None:
+            prototype = default_buffer_prototype()
+        if not self._is_open:
+            await self._open()
+        return await asyncio.to_thread(_read_file, self.root / key, prototype, byte_range)
+
+    def get_sync(self, key, *, prototype=None, byte_range=None):
+        if prototype is None:
+            prototype = default_buffer_prototype()
+        self._ensure_open_sync()
+        return _read_file(self.root / key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return list(await asyncio.gather(*[asyncio.to_thread(_read_file, self.root / key, prototype, byte_range)
+                                           for key, byte_range in key_ranges]))
+
+    def _put_file(self, key: str, value, exclusive: bool = False) -> None:
+        self._check_writable()
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path)
+        try:
+            with open(tmp, "xb") as f:
+                f.write(value.as_buffer_like())
+            if exclusive:
+                os.link(tmp, path)  # FileExistsError when the target exists: the create-if-absent
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    async def set(self, key, value):
+        if not self._is_open:
+            await self._open()
+        await asyncio.to_thread(self._put_file, key, value)
+
+    def set_sync(self, key, value):
+        self._ensure_open_sync()
+        self._put_file(key, value)
+
+    async def set_if_not_exists(self, key, value):
+        if not self._is_open:
+            await self._open()
+        try:
+            await asyncio.to_thread(self._put_file, key, value, True)
+        except FileExistsError:
+            pass
+
+
+def create_if_absent(store, key: str, data: bytes) -> None:
+    """Write object ``key`` only if it does not exist, as atomically as the store allows: a local folder links
+    a complete temp file to the name (exclusive); S3 (s3fs) sends a conditional PUT (``If-None-Match: *``);
+    any other store uses Zarr's ``set_if_not_exists``, which there is check-then-set (another writer may slip
+    in between its check and its write). An existing object is left as it is; callers re-read it to learn
+    who won."""
+    fs = getattr(store, "fs", None)
+    if fs is not None and local_root(store) is None and _protocol(fs) in ("s3", "s3a"):
+        path = f"{str(store.path).rstrip('/')}/{key}" if str(store.path).strip("/") else key
+        try:
+            sync(fs._pipe_file(path, data, mode="create"))
+        except TypeError:  # an s3fs without mode="create"
+            sync(store.set_if_not_exists(key, as_buffer(data)))
+        except OSError as e:  # 412 PreconditionFailed: the object exists (s3fs: FileExistsError, or EINVAL)
+            if not isinstance(e, FileExistsError) and "recondition" not in str(e):
+                raise
+        return
+    sync(store.set_if_not_exists(key, as_buffer(data)))
 
 
 # s3fs defaults that cost round trips on the small objects of a store: a whole-object read with
@@ -349,6 +565,25 @@ class ByteSource:
         """Each whole object (None where missing); a remote source fetches them concurrently."""
         return [self.read(k) for k in keys]
 
+    def read_bounded(self, key: str, limit: int) -> bytes | None:
+        """The whole object if it has at most ``limit`` bytes (None if missing); a larger one raises
+        :class:`CorruptStoreError` naming it, having transferred at most ``limit + 1`` bytes (metadata of an
+        untrusted store must not cost unbounded memory)."""
+        return self.read_bounded_many([key], limit)[0]
+
+    def read_bounded_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
+        """:meth:`read_bounded` of several objects (concurrently for a remote source)."""
+        if type(self).read_bounded is not ByteSource.read_bounded:  # a source with its own (LocalSource)
+            return [self.read_bounded(k, limit) for k in keys]
+        out = self.read_ranges([(k, 0, limit + 1) for k in keys])
+        for k, raw in zip(keys, out):
+            if raw is not None and len(raw) > limit:
+                raise _too_big(k, len(raw), limit)
+        return out
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop what this source keeps open for ``keys`` (descriptors); nothing to do for most sources."""
+
     store = None  # the Zarr store (subclasses: a property)
     caching = False  # True for CachedSource: fkdstore.shard retries failed reads once through invalidate()
     remote = True  # reads wait on a network: Reader.read_all fetches ahead while it decodes (False: local disk)
@@ -385,8 +620,7 @@ class LocalSource(ByteSource):
     def store(self):
         """A read-only :class:`zarr.storage.LocalStore` of the folder (for Zarr's array API)."""
         if self._zarr_store is None:
-
-            self._zarr_store = zarr.storage.LocalStore(self.root, read_only=True)
+            self._zarr_store = FolderStore(self.root, read_only=True)
         return self._zarr_store
 
     def __getstate__(self):
@@ -406,10 +640,8 @@ class LocalSource(ByteSource):
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            fd = -1
+        fd = open_regular(self._path(key))  # a FIFO, device, directory or symlink loop: CorruptStoreError
+        fd = -1 if fd is None else fd
         self._fds[key] = fd
         while len(self._fds) > MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
@@ -422,6 +654,28 @@ class LocalSource(ByteSource):
         if fd < 0:
             return None
         return os.pread(fd, os.fstat(fd).st_size, 0)
+
+    def read_bounded(self, key, limit):
+        fd = self._fd(key)
+        if fd < 0:
+            return None
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise _too_big(self._path(key), size, limit)
+        return os.pread(fd, size, 0)
+
+    def forget(self, keys) -> None:
+        """Close the cached descriptors of ``keys``: the next read opens the file again (a writer may have
+        renamed a new file over it; a kept descriptor reads the old one)."""
+        if self._pid != os.getpid():
+            return
+        for key in keys:
+            fd = self._fds.pop(key, None)
+            if fd is not None and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def read_suffixes(self, requests):
         out = []
@@ -553,6 +807,13 @@ class StoreSource(ByteSource):
     def read_suffixes(self, requests):
 
         return self._gather([self._get(k, SuffixByteRequest(int(n))) for k, n in requests])
+
+    def read_bounded_many(self, keys, limit):
+        out = self._gather([self._get(k, RangeByteRequest(0, int(limit) + 1)) for k in keys])
+        for k, raw in zip(keys, out):
+            if raw is not None and len(raw) > limit:
+                raise _too_big(k, len(raw), limit)
+        return out
 
     def read_ranges(self, requests):
 
@@ -827,6 +1088,11 @@ class CachedSource(ByteSource):
 
     def read_objects(self, keys):
         return self._cached("all", [(k, 0, 0) for k in keys], lambda rs: self.inner.read_objects([k for k, _, _ in rs]))
+
+    def read_bounded_many(self, keys, limit):
+        # cached as whole objects (what a bounded read of an object within the bound returns)
+        return self._cached("all", [(k, 0, 0) for k in keys],
+                            lambda rs: self.inner.read_bounded_many([k for k, _, _ in rs], limit))
 
     def read_suffixes(self, requests):
         return self._cached("suffix", [(k, int(n), 0) for k, n in requests],
