@@ -4,7 +4,18 @@ A writer records itself in :data:`OWNERS`/``<shard>.json`` before it buffers a s
 writing the shard's data and again before its flags, and raises
 :class:`~fkdstore.errors.ConcurrentWriterError` if another writer owns the shard. Writers of disjoint shards
 never touch each other's records. :func:`claim_rule` says when a record left by a killed writer may be taken
-over. On object stores create-if-absent is check-then-set (best effort).
+over. Under its ownership a writer also re-reads the shard's ``written`` flags (when it takes the shard, and
+again before it writes the shard's data), so images another writer completed are kept, never replaced
+(:class:`fkdstore.writer.Writer`).
+
+Exclusivity: a record is created with :func:`fkdstore.storage.create_if_absent`: exclusive on a local folder
+(a link that fails if the name exists) and on S3 (a conditional PUT, ``If-None-Match: *``); on other object
+stores it is check-then-set. What remains, on every store: renewing a record and taking over a stale one
+(deleted, then created again) are not conditional, and each check is followed by the write it guards, so a
+writer that stalls between them for longer than :data:`OWNER_LEASE_S` (its record then stale) can write
+after another took the shard over; the re-read of the flags before the data then keeps the other writer's
+images or refuses (:class:`~fkdstore.errors.ConcurrentWriterError`), and the window left is that writer's own
+stall.
 """
 
 from __future__ import annotations
@@ -107,7 +118,7 @@ class Owners:
                 return
             if rec is not None:  # stale: remove, then race any other taker through an exclusive create
                 sync(self.store.delete(self.key(s)))
-            sync(self.store.set_if_not_exists(self.key(s), storage.as_buffer(self._record(now, now))))
+            storage.create_if_absent(self.store, self.key(s), self._record(now, now))
             now = time.time()
         rec = self._read(s) or {}
         if claim_rule(rec, self.token, now) != "ours":
@@ -118,7 +129,7 @@ class Owners:
         """Raise ConcurrentWriterError unless our record still owns shard ``s`` (re-created if it vanished)."""
         rec = self._read(s)
         if rec is None:
-            sync(self.store.set_if_not_exists(self.key(s), storage.as_buffer(self._record(time.time(), time.time()))))
+            storage.create_if_absent(self.store, self.key(s), self._record(time.time(), time.time()))
             rec = self._read(s)
         if claim_rule(rec, self.token, time.time()) != "ours" or rec.get("token") != self.token:
             raise self._refuse(s, rec or {}, doing)

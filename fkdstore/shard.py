@@ -49,7 +49,7 @@ from . import schema as S
 from .errors import CorruptChunkError, CorruptStoreError
 
 __all__ = ["MISSING", "ArrayMeta", "parse_array_meta", "ShardedArray", "UnshardedArray", "Manifest", "group_rows",
-           "load_many", "take_many", "take_one", "raise_first", "zstd_content_size"]
+           "load_many", "take_many", "take_one", "raise_first", "zstd_content_size", "chunk_index"]
 
 MISSING = 2**64 - 1  # shard-index offset/nbytes of an inner chunk that is not stored
 INDEX_CACHE_BYTES = 64 * 2**20  # shard indexes kept per array
@@ -103,6 +103,21 @@ def chunk_key(doc: dict, coords) -> str:
     if name == "v2":
         return conf.get("separator", ".").join(parts) or "0"
     raise CorruptStoreError(f"unknown chunk_key_encoding {name!r}")
+
+
+def chunk_index(doc: dict, suffix: str) -> int | None:
+    """The first grid coordinate of the chunk whose key (relative to its array) is ``suffix``, per the array's
+    ``chunk_key_encoding``; None when ``suffix`` is not a chunk key of that encoding."""
+    enc = doc.get("chunk_key_encoding") or {"name": "default"}
+    name = enc.get("name") if isinstance(enc, dict) else enc
+    conf = enc.get("configuration", {}) if isinstance(enc, dict) else {}
+    sep = conf.get("separator", "/" if name == "default" else ".") if isinstance(conf, dict) else "/"
+    parts = suffix.split(sep)
+    if name == "default":
+        if not parts or parts[0] != "c":
+            return None
+        parts = parts[1:]
+    return int(parts[0]) if parts and parts[0].isdigit() else None
 
 
 def _names(codecs) -> list[str]:

@@ -37,7 +37,7 @@ from . import storage as _storage
 from .errors import CorruptChunkError, CorruptStoreError, FkdstoreError, StorageError, ValidationError
 from .reader import LabelMapReader, Reader, RegionReader
 from .reader import open as _open
-from .shard import load_many
+from .shard import chunk_index, load_many
 from .transforms import bad_boxes
 
 __all__ = ["verify", "summary", "format_problems", "MAX_PER_CHECK"]
@@ -87,19 +87,20 @@ def _verify(reader: Reader, meta_problems: list[str], problems: _Problems, progr
         problems.add("array", msg)
     h = reader.header
     _undeclared(reader, problems)
-    per_image = _per_image(reader, problems)
-    written = per_image.get(S.WRITTEN)
-    if written is None:
-        written = np.zeros(h.num_images, bool)
+    shards = _present_shards(reader, problems)
     arrays = [reader.sharded(n) for n in reader.record_arrays]
     checks = _region_checks if isinstance(reader, RegionReader) else _map_checks
-    sizes = per_image.get(S.IMAGE_SIZE)
     ipc = h.images_per_chunk
-    with _progress.progress(progress, total=h.num_shards, desc="verifying shards", unit="shard") as bar:
-        for s in range(h.num_shards):
+    state = _Scan(h.num_images)
+    with _progress.progress(progress, total=len(shards), desc="verifying shards", unit="shard") as bar:
+        for s in shards:
             bar.update()
             r = h.shard_range(s)
-            w = written[r.start:r.stop]
+            per = _per_image(reader, s, problems, state)
+            w = per.get(S.WRITTEN)
+            if w is None:  # unreadable flags: reported; nothing of this shard can be checked against them
+                continue
+            state.flags(r.start, w)
             if not w.any():
                 continue
             block: dict[str, np.ndarray] = {}
@@ -109,7 +110,12 @@ def _verify(reader: Reader, meta_problems: list[str], problems: _Problems, progr
                 pad = np.zeros(len(cs) * ipc, bool)
                 pad[:len(w)] = w
                 items.append((a, cs, pad.reshape(len(cs), ipc).any(1)))
-            for a, (data, errors) in zip(arrays, load_many(items)):
+            try:
+                loaded = load_many(items)
+            except CorruptStoreError as e:  # a shard file that cannot even be opened (not a regular file)
+                problems.add("missing", str(e))
+                continue
+            for a, (data, errors) in zip(arrays, loaded):
                 bad = list({id(e): e for e in errors if e is not None}.values())  # a bad index fails all its chunks
                 if bad:
                     more = f" (and {len(bad) - 1} more chunks of this shard)" if len(bad) > 1 else ""
@@ -117,7 +123,8 @@ def _verify(reader: Reader, meta_problems: list[str], problems: _Problems, progr
                     problems.add(kind, f"{bad[0]}{more}")
                     continue
                 block[a.path] = data.reshape(-1, *a.chunk_shape[1:])[:len(r)]
-            checks(reader, s, block, w, written, sizes, problems)
+            checks(reader, s, block, w, per.get(S.IMAGE_SIZE), problems)
+    state.report(reader, shards, problems)
 
 
 def _undeclared(reader: Reader, problems: _Problems) -> None:
@@ -130,100 +137,163 @@ def _undeclared(reader: Reader, problems: _Problems) -> None:
         except Exception:  # noqa: BLE001 - a store that cannot list: nothing to report here
             continue
         for name in names:
-            if name != "zarr.json" and f"{group}/{name}" not in declared:
+            if name != "zarr.json" and not _storage.is_temp_name(name) and f"{group}/{name}" not in declared:
                 problems.add("array", f"array '{group}/{name}' is not declared by the header (another store's "
                                       f"array, or a column of another pipeline)")
 
 
-def _per_image(reader: Reader, problems: _Problems) -> dict[str, np.ndarray]:
-    """Read and check the per-image arrays shard by shard; returns those that could be read whole."""
+class _Scan:
+    """What verify gathers shard by shard: written counts and missing ranges, keys seen (duplicates), whether
+    any label is known."""
+
+    def __init__(self, num_images: int):
+        self.N = num_images
+        self.written = 0
+        self.missing: list[list[int]] = []  # the first missing ranges [a, b)
+        self.more_missing = False
+        self.keys: dict[str, int] = {}
+        self.duplicates: list[str] = []
+        self.ndup = 0
+        self.known_label = False
+        self.labels_read = False
+
+    def flags(self, start: int, w: np.ndarray) -> None:
+        self.written += int(w.sum())
+        for a, b in _ranges(~w):
+            a, b = a + start, b + start
+            if self.missing and self.missing[-1][1] == a:
+                self.missing[-1][1] = b
+            elif len(self.missing) < 10:
+                self.missing.append([a, b])
+            else:
+                self.more_missing = True
+
+    def report(self, reader: Reader, shards: list[int], problems: _Problems) -> None:
+        h = reader.header
+        N = self.N
+        unread = N - sum(len(h.shard_range(s)) for s in shards)  # shards whose per-image chunks are all missing
+        if self.written < N:
+            shown = ", ".join(f"[{a}, {b})" for a, b in self.missing)
+            problems.add("incomplete", f"store incomplete: {N - self.written} of {N} images not written, ranges "
+                         + (shown or "-") + (" ..." if self.more_missing or unread else ""))
+        if self.ndup:
+            problems.add("keys", f"array 'key': {self.ndup} duplicate keys, e.g. {self.duplicates[:3]}")
+        if self.labels_read and not unread and self.known_label != bool(h.has_labels):
+            problems.add("attrs", f"attribute has_labels={h.has_labels} but the label array "
+                         f"{'holds' if self.known_label else 'holds no'} known labels")
+
+
+def _ranges(mask: np.ndarray) -> list[tuple[int, int]]:
+    w = np.concatenate([[False], mask, [False]])
+    edges = np.flatnonzero(np.diff(w.astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _present_shards(reader: Reader, problems: _Problems) -> list[int]:
+    """The shards verify reads. 4.0: every chunk of the per-image arrays and manifest exists from creation
+    (invariant 8): one listing per array finds them; a missing one is a problem (listed, then summarised), and
+    a shard with none of them is not read (a store claiming more images than it holds costs a listing, not a
+    read per claimed shard). 2.0/3.0: every shard."""
     h = reader.header
-    N, C = h.num_images, h.num_classes
+    if h.legacy:
+        return list(range(h.num_shards))
+    found: dict[str, set[int]] = {}
+    store = reader._source.store
+    for name in (*h.per_image_arrays, S.MANIFEST):
+        meta = reader._metas.get(name)
+        if meta is None:
+            continue  # reported at open
+        try:
+            keys = _storage.list_prefix(store, f"{reader._prefix}{name}/")
+        except Exception as e:  # noqa: BLE001 - a store that cannot list: read every shard instead
+            problems.add("missing", f"cannot list array {name!r} ({type(e).__name__}: {e}); every shard is read")
+            return list(range(h.num_shards))
+        n = len(f"{reader._prefix}{name}/")
+        got = {chunk_index(meta.doc, k[n:]) for k in keys if not _storage.is_temp_name(k)}
+        found[name] = {c for c in got if c is not None and c < h.num_shards}
+    present = set().union(*found.values()) if found else set()
+    for name, have in found.items():
+        absent = h.num_shards - len(have)
+        if not absent:
+            continue
+        meta = reader._metas[name]
+        if absent > 1000:  # a header claiming far more images than the store holds: summarised, not iterated
+            first = next(c for c in range(h.num_shards) if c not in have)
+            problems.add("missing", f"array {name!r}: {absent} of {h.num_shards} chunks are missing (the first is "
+                                    f"chunk {first}, {meta.chunk_key((first,) + (0,) * (len(meta.shape) - 1))}); every "
+                                    f"chunk exists from creation: lost files, or a header claiming more images than "
+                                    f"the store holds")
+            continue
+        for c in range(h.num_shards):
+            if c not in have:
+                r = h.shard_range(c)
+                what = ": its flags read as 0" if name == S.WRITTEN else ""
+                problems.add("missing", f"array {name!r} chunk {c} (images {r.start}-{r.stop - 1}, "
+                                        f"{meta.chunk_key((c,) + (0,) * (len(meta.shape) - 1))}) is missing{what} (a lost "
+                                        f"or partly copied file; every chunk exists from creation)")
+    return sorted(present)
+
+
+def _per_image(reader: Reader, s: int, problems: _Problems, state: _Scan) -> dict[str, np.ndarray]:
+    """Shard ``s``'s rows of the per-image arrays, each chunk compared with its tag (4.0) and checked: keys
+    unique, non-empty, valid UTF-8 without NUL; sizes >= 1; labels in ``[-1, C)``; ``written`` in {0, 1}.
+    The shard's flags become the reader's (what the record checks compare against)."""
+    h = reader.header
+    r = h.shard_range(s)
     out: dict[str, np.ndarray] = {}
     for name in h.per_image_arrays:
         if name not in reader._metas:
             continue  # reported at open
-        step = h.images_per_shard if h.per_image_chunk else reader._metas[name].grid[0]
-        parts, ok = [], True
-        for c, a in enumerate(range(0, N, step)):
-            b = min(N, a + step)
-            try:
-                parts.append(reader._bound_rows(name, a, b))
-            except CorruptStoreError as e:
-                problems.add("chunk", f"array {name!r} chunk {c} (images {a}-{b - 1}): {e}")
-                ok = False
-        if ok and parts:
-            out[name] = np.concatenate(parts)
+        try:
+            out[name] = reader._bound_rows(name, r.start, r.stop)
+        except CorruptStoreError as e:
+            problems.add("chunk", f"array {name!r} chunk {s} (images {r.start}-{r.stop - 1}): {e}")
     written = out.get(S.WRITTEN)
     if written is not None:
         bad = ~np.isin(written, (0, 1))
         if bad.any():
             problems.add("written", f"array 'written': values other than 0/1 at images "
-                                    f"{np.flatnonzero(bad)[:5].tolist()}")
-        written = out[S.WRITTEN] = written == 1
-        if not written.all():
-            w = np.concatenate([[True], written, [True]])
-            edges = np.flatnonzero(np.diff(w.astype(np.int8)))
-            missing = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
-            problems.add("incomplete", f"store incomplete: {int((~written).sum())} of {N} images not written, ranges "
-                         + ", ".join(f"[{a}, {b})" for a, b in missing[:10]) + (" ..." if len(missing) > 10 else ""))
-        if not h.legacy:
-            _written_chunks(reader, problems)
+                                    f"{(r.start + np.flatnonzero(bad)[:5]).tolist()}")
+        out[S.WRITTEN] = reader._wflags[s] = written == 1
+        reader._written = None
     keys = out.get(S.KEY)
     if keys is not None:
-        _check_keys(keys, problems)
+        try:
+            for j, k in enumerate(S.decode_keys(keys, start=r.start)):
+                if k in state.keys:
+                    state.ndup += 1
+                    if len(state.duplicates) < 3:
+                        state.duplicates.append(k)
+                else:
+                    state.keys[k] = r.start + j
+        except CorruptStoreError as e:
+            problems.add("keys", str(e))
     sizes = out.get(S.IMAGE_SIZE)
     if sizes is not None and (sizes < 1).any():
         problems.add("sizes", f"array 'image_size': sizes < 1 at images "
-                              f"{np.flatnonzero((sizes < 1).any(1))[:5].tolist()}")
+                              f"{(r.start + np.flatnonzero((sizes < 1).any(1))[:5]).tolist()}")
     labels = out.get(S.LABEL)
     if labels is not None:
-        bad = (labels < S.UNKNOWN_LABEL) | (labels >= C)
+        state.labels_read = True
+        bad = (labels < S.UNKNOWN_LABEL) | (labels >= h.num_classes)
         if bad.any():
-            problems.add("labels", f"array 'label': values outside [-1, {C}) at images "
-                                   f"{np.flatnonzero(bad)[:5].tolist()}")
-        if bool((labels >= 0).any()) != bool(h.has_labels):
-            problems.add("attrs", f"attribute has_labels={h.has_labels} but the label array "
-                         f"{'holds' if (labels >= 0).any() else 'holds no'} known labels")
+            problems.add("labels", f"array 'label': values outside [-1, {h.num_classes}) at images "
+                                   f"{(r.start + np.flatnonzero(bad)[:5]).tolist()}")
+        state.known_label |= bool((labels >= 0).any())
     return out
 
 
-def _written_chunks(reader: Reader, problems: _Problems) -> None:
-    """4.0: every chunk of ``written`` exists from creation; a missing one (read as zeros) is damage."""
-    meta = reader._metas[S.WRITTEN]
-    for s in range(reader.header.num_shards):
-        key = meta.chunk_key((s,))
-        if not reader._source.exists(key):
-            r = reader.header.shard_range(s)
-            problems.add("missing", f"array 'written' chunk {s} (images {r.start}-{r.stop - 1}, {key}) is missing: "
-                                    f"its flags read as 0 (a lost or partly copied file)")
-
-
-def _check_keys(keys: np.ndarray, problems: _Problems) -> None:
-    try:
-        ks = S.decode_keys(keys)
-    except CorruptStoreError as e:
-        problems.add("keys", str(e))
-        return
-    if len(set(ks)) != len(ks):
-        seen, dup = set(), []
-        for k in ks:
-            if k in seen:
-                dup.append(k)
-            seen.add(k)
-        problems.add("keys", f"array 'key': {len(dup)} duplicate keys, e.g. {dup[:3]}")
-
-
-def _region_checks(reader: RegionReader, s: int, block: dict[str, np.ndarray], w: np.ndarray, written: np.ndarray,
+def _region_checks(reader: RegionReader, s: int, block: dict[str, np.ndarray], w: np.ndarray,
                    sizes: np.ndarray | None, problems: _Problems) -> None:
-    """Section 5 for crop regions: derived crops against their tags, then the per-slot rules."""
+    """Section 5 for crop regions: derived crops against their tags, then the per-slot rules (``w``, ``sizes``:
+    the shard's flags and image sizes)."""
     h = reader.header
     r = h.shard_range(s)
     if sizes is not None:  # without sizes nothing can be derived (reported)
-        data = reader._derived.chunk_rows(r.start, r.stop)
         c0 = s * h.chunks_per_shard
         try:
-            for msg in reader._derived_mismatches(c0, min(h.num_chunks, c0 + h.chunks_per_shard), data, written):
+            data = reader._derived.chunk_rows(r.start, r.stop)
+            for msg in reader._derived_mismatches(c0, min(h.num_chunks, c0 + h.chunks_per_shard), data):
                 problems.add("chunk", msg)
             block.update({name: v[:len(r)] for name, v in data.items()})
         except CorruptStoreError as e:  # the manifest chunk cannot be read: reported, the rest is still checked
@@ -239,7 +309,7 @@ def _region_checks(reader: RegionReader, s: int, block: dict[str, np.ndarray], w
     box = block.get(S.BOX)
     if box is not None and sizes is not None:
         b = box[rows]
-        sz = sizes[first + rows]
+        sz = sizes[rows]
         bad = bad_boxes(b, sz)
         if bad.any():
             i, m = (int(x) for x in np.argwhere(bad)[0])
@@ -290,7 +360,7 @@ def _region_checks(reader: RegionReader, s: int, block: dict[str, np.ndarray], w
                                     f"{float(total[bb, m]):.4g}), first at image {first + int(rows[a + bb])} slot {m}")
 
 
-def _map_checks(reader: LabelMapReader, s: int, block: dict[str, np.ndarray], w: np.ndarray, written: np.ndarray,
+def _map_checks(reader: LabelMapReader, s: int, block: dict[str, np.ndarray], w: np.ndarray,
                 sizes: np.ndarray | None, problems: _Problems) -> None:
     """Section 5 for label maps: class ids in ``[0, C)`` and distinct per cell, finite scores."""
     r = reader.header.shard_range(s)

@@ -53,7 +53,8 @@ from . import storage
 from .augment.base import Column
 from .augment.pipeline import Pipeline
 from .derived import derivation
-from .errors import CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
+from .errors import ConcurrentWriterError, CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, \
+    ValidationError
 from .labelmap import LabelMapSpec, validate_maps
 from .ownership import OWNERS, Owners
 from .seeded import SlotCropSampler
@@ -104,7 +105,7 @@ def clear_interrupted_creation(location, *, storage_options: Mapping[str, Any] |
     meta = storage.read_group_json(store)
     if meta is None or meta.get("node_type") != "group" or set(meta.get("attributes") or {}) != {S.CREATING_KEY}:
         return False
-    entries = set(storage.list_dir(store, ""))
+    entries = {e for e in storage.list_dir(store, "") if not storage.is_temp_name(e)}
     if not entries <= _OURS:
         return False
     if any(not k.endswith("zarr.json") for k in storage.list_prefix(store, S.WRITTEN + "/")):
@@ -209,6 +210,7 @@ def write(
                           existing=None)  # every check before anything is written
     store = storage.as_store(location, read_only=False, storage_options=storage_options)
     where = storage.describe(store)
+    storage.remove_stale_temps(store)  # files a killed writer was writing aside (never a live writer's)
     if primary:
         clear_interrupted_creation(store)
     group_meta = storage.read_group_json(store)
@@ -493,6 +495,8 @@ class Writer:
         self.store = group.store
         self._where = storage.describe(self.store)
         self._specs = header.record_specs()  # buffers hold derived arrays too (their manifest tags)
+        self._columns = {name: p for p, name in enumerate(self._specs)}
+        self._zarr_arrays: dict[str, zarr.Array] = {}
         self._derived = header.derived_arrays
         # the per-image arrays as stored (the writer tags their chunks in every manifest row it writes)
         self._per_image = {name: group[name][:] for name in header.bound_per_image}
@@ -524,7 +528,7 @@ class Writer:
         return list(self._buffers)
 
     # -- input
-    def put(self, image_indices, boxes, flips, probs, aug=None) -> None:
+    def put(self, image_indices, boxes, flips, probs, aug=None, *, overwrite: bool = False) -> None:
         """Encode ``probs`` (B, M, C) with the store's codec and write images ``image_indices`` (B,).
         (``probs`` holds what the codec takes, ``codec.input``: probabilities, or logits for ``logits``.)
 
@@ -533,6 +537,11 @@ class Writer:
         (B, M, A) array when every column is a scalar. Rows of ``probs`` must be finite, non-negative and sum
         to 1 within ``PROB_ATOL`` (``codec.validate_input``). Everything is validated before
         anything is buffered. An image put again before its shard is written replaces the earlier put.
+
+        An image already written (marked in ``written``, by this writer or another, re-read from storage
+        when this writer takes its shard and again before it writes it) is refused with a
+        :class:`ValidationError` naming it, unless ``overwrite=True``: then its labels are replaced (a reader
+        running meanwhile may need its one re-read to see the image, old or new).
         """
         idx = self._check_indices(image_indices)
         probs = _to_numpy(probs)
@@ -544,24 +553,25 @@ class Writer:
         # a codec that draws (sampled) draws crop (i, s) from its crop key: independent of batching
         keys = _codecs.crop_keys(idx[:, None], np.arange(M)[None, :])
         fields = self.codec.encode(probs.astype(np.float32, copy=False), keys=keys)
-        self._put(idx, boxes, flips, fields, aug)
+        self._put(idx, boxes, flips, fields, aug, overwrite=overwrite)
 
-    def put_fields(self, image_indices, boxes, flips, fields: Mapping[str, Any], aug=None) -> None:
+    def put_fields(self, image_indices, boxes, flips, fields: Mapping[str, Any], aug=None, *,
+                   overwrite: bool = False) -> None:
         """Write already-encoded codec fields (used by convert and importers); validated like :meth:`put`
         (shapes, then ``codec.validate_fields``: class indices in [0, C) and distinct, probabilities finite in
-        [0, 1], top-K values non-increasing, stored mass at most 1)."""
+        [0, 1], top-K values non-increasing, stored mass at most 1; images already written as :meth:`put`)."""
         idx = self._check_indices(image_indices)
         self.header.regions  # noqa: B018 - FormatError for a label-map store
         if not isinstance(fields, Mapping):
             raise TypeError(f"fields must be a mapping of field name -> array. Got {type(fields).__name__}.")
         self._put(idx, boxes, flips, {k: np.asarray(_to_numpy(v)) for k, v in fields.items()}, aug,
-                  validate_values=True)
+                  validate_values=True, overwrite=overwrite)
 
-    def put_maps(self, image_indices, indices, scores) -> None:
+    def put_maps(self, image_indices, indices, scores, *, overwrite: bool = False) -> None:
         """Write the label maps of images ``image_indices`` (B,) of a label-map store: ``indices`` (B, K, S, S)
         integer class ids and ``scores`` (B, K, S, S) raw scores, checked by
         :func:`fkdstore.labelmap.validate_maps` (shapes, ids in [0, C) and distinct per cell, finite scores)
-        before anything is buffered."""
+        before anything is buffered; images already written as :meth:`put`."""
         idx = self._check_indices(image_indices)
         spec, C = self.header.label_map, self.header.num_classes
         indices, scores = np.asarray(_to_numpy(indices)), np.asarray(_to_numpy(scores))
@@ -581,7 +591,8 @@ class Writer:
             b, y, x = (int(v) for v in np.argwhere(repeat)[0])
             raise ValidationError(f"indices must be distinct in every map cell. Image {int(idx[b])} cell (y={y}, "
                                   f"x={x}) repeats a class.")
-        self._buffer_rows(idx, {S.MAP_INDICES: indices.astype(spec.index_dtype(C)), S.MAP_SCORES: stored})
+        self._buffer_rows(idx, {S.MAP_INDICES: indices.astype(spec.index_dtype(C)), S.MAP_SCORES: stored},
+                          overwrite=overwrite)
 
     def _check_indices(self, image_indices) -> np.ndarray:
         self._check_open()
@@ -598,7 +609,7 @@ class Writer:
             raise ValidationError("image_indices must not repeat an image within one put().")
         return idx
 
-    def _put(self, idx, boxes, flips, fields, aug, *, validate_values: bool = False) -> None:
+    def _put(self, idx, boxes, flips, fields, aug, *, validate_values: bool = False, overwrite: bool = False) -> None:
         h = self.header
         B, M, C = len(idx), h.crops_per_image, h.num_classes
         derived = self._derivation.given(idx, {S.BOX: _to_numpy(boxes), S.FLIP: _to_numpy(flips)})
@@ -612,7 +623,7 @@ class Writer:
         if bad.any():
             b, m = (int(x) for x in np.argwhere(bad)[0])
             i = int(idx[b])
-            key = S.decode_keys(self.group[S.KEY][i:i + 1], start=i)[0]
+            key = self._key(i)
             raise ValidationError(
                 f"box must have height, width >= 1 and lie inside the image. Image {i} ({key!r}, "
                 f"size {self._sizes[i].tolist()}) slot {m} has box (top, left, height, width)={boxes[b, m].tolist()}."
@@ -634,7 +645,7 @@ class Writer:
             self.codec.validate_fields(fields, C)
         for name, spec in expected.items():
             data[S.soft_path(name)] = np.asarray(fields[name]).astype(spec.dtype, copy=False)
-        self._buffer_rows(idx, data)
+        self._buffer_rows(idx, data, overwrite=overwrite)
 
     def _aug_columns(self, aug, B: int) -> dict[str, np.ndarray]:
         cols, M = self.header.aug, self.header.crops_per_image
@@ -660,7 +671,7 @@ class Writer:
         return {S.aug_path(a.name): _column_values(a, values[a.name], (B, M, *a.shape)) for a in cols}
 
     # -- buffering
-    def _buffer_rows(self, idx: np.ndarray, data: dict[str, np.ndarray]) -> None:
+    def _buffer_rows(self, idx: np.ndarray, data: dict[str, np.ndarray], *, overwrite: bool = False) -> None:
         ips = self.header.images_per_shard
         shards = idx // ips
         order = np.argsort(shards, kind="stable")
@@ -668,6 +679,9 @@ class Writer:
         for s in uniq:  # own every shard of this put before buffering any of it
             if int(s) not in self._buffers:
                 self._owners.claim(int(s))
+                self._reread_flags(int(s))  # under ownership: what other writers completed is seen here
+        if not overwrite:
+            self._refuse_written(idx)
         for s, sel in zip(uniq.tolist(), np.split(order, starts[1:])):
             self._owners.claim(s)  # renews a held record at most every quarter lease
             buf = self._buffer(s)
@@ -675,6 +689,7 @@ class Writer:
             for name, v in data.items():
                 buf[name][rows] = v[sel]
             buf["_mask"][rows] = True
+            buf["_over"][rows] = overwrite
             r = self.header.shard_range(s)
             if (buf["_mask"] | self._written[r.start:r.stop]).all():
                 self._flush_shard(s)
@@ -687,6 +702,7 @@ class Writer:
             n = len(self.header.shard_range(s))
             buf = {name: np.zeros((n, *row), dtype=dtype) for name, (row, dtype) in self._specs.items()}
             buf["_mask"] = np.zeros(n, dtype=bool)
+            buf["_over"] = np.zeros(n, dtype=bool)  # rows put with overwrite=True
             self._buffers[s] = buf
         self._buffers.move_to_end(s)
         return buf
@@ -698,8 +714,17 @@ class Writer:
         r = h.shard_range(s)
         sl = slice(r.start, r.stop)
         mask = buf["_mask"]
-        keep = self._written[sl] & ~mask  # images stored earlier (resume, early flush) that this buffer lacks
         self._owners.check(s, "write its data")
+        before = self._written[sl].copy()
+        self._reread_flags(s)  # another writer's images (a lease taken over, an object store's race) are kept
+        taken = self._written[sl] & ~before & mask & ~buf["_over"]
+        if taken.any():
+            i = r.start + int(np.flatnonzero(taken)[0])
+            raise ConcurrentWriterError(
+                f"{self._where}: image {i} ({self._key(i)!r}) of shard {s} was written by another writer while this "
+                f"writer held the shard; refusing to replace its labels (two writers on one shard: give each "
+                f"process disjoint shards)")
+        keep = self._written[sl] & ~mask  # images stored earlier (resume, early flush) that this buffer lacks
         first, ipc, prefix = s * h.chunks_per_shard, h.images_per_chunk, h.tag_prefix
         old_tags = self._io(s, S.MANIFEST, "read", lambda: self._record_tags(s)) if keep.any() else None
         data = {}
@@ -717,7 +742,7 @@ class Writer:
                 if keep.any():
                     v = v.copy()  # the buffer stays as put, for a retry
                     v[keep] = self._stored_rows(s, name, p, old_tags, keep)
-                self._io(s, name, "write", lambda: self.group[name].__setitem__(sl, v))  # one whole-shard write
+                self._io(s, name, "write", lambda: self._array(name).__setitem__(sl, v))  # one whole-shard write
                 data[name] = v
                 _fault_point("array", s)
         stored = [n for n in data if n not in self._derived]
@@ -728,12 +753,12 @@ class Writer:
             t = S.manifest_tags(name, first, v, ipc, prefix)
             tags[:len(t), p] = t
         row = _manifest_rows(h, range(s, s + 1), self._per_image, tags.reshape(1, -1))
-        self._io(s, S.MANIFEST, "write", lambda: self.group[S.MANIFEST].__setitem__(slice(s, s + 1), row))
+        self._io(s, S.MANIFEST, "write", lambda: self._array(S.MANIFEST).__setitem__(slice(s, s + 1), row))
         self._io(s, S.MANIFEST, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
         _fault_point("manifest", s)
         self._owners.check(s, "mark its images written")
         flags = self._written[sl] | mask
-        self._io(s, S.WRITTEN, "write", lambda: self.group[S.WRITTEN].__setitem__(sl, flags.astype(np.uint8)))
+        self._io(s, S.WRITTEN, "write", lambda: self._array(S.WRITTEN).__setitem__(sl, flags.astype(np.uint8)))
         self._io(s, S.WRITTEN, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.WRITTEN, s)]))
         _fault_point("flags", s)
         self._written[sl] = flags
@@ -746,7 +771,7 @@ class Writer:
         row: rewriting a shard never re-tags damaged or missing data as good."""
         h = self.header
         r = h.shard_range(s)
-        old = self._io(s, name, "read", lambda: self.group[name][r.start:r.stop])
+        old = self._io(s, name, "read", lambda: self._array(name)[r.start:r.stop])
         ipc = h.images_per_chunk
         first, prefix = s * h.chunks_per_shard, h.tag_prefix
         # A writer killed mid-flush leaves either the new data with the old manifest (killed before the
@@ -768,13 +793,90 @@ class Writer:
             )
         return old[keep]
 
+    def _reread_flags(self, s: int) -> None:
+        """Re-read shard ``s``'s ``written`` chunk from storage into this writer's flags (a flag set by
+        another writer is adopted; one this writer set stays)."""
+        r = self.header.shard_range(s)
+        fresh = self._io(s, S.WRITTEN, "read", lambda: self._array(S.WRITTEN)[r.start:r.stop]) == 1
+        self._written[r.start:r.stop] |= fresh
+
+    def _array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` (opened once: each open reads its metadata)."""
+        arr = self._zarr_arrays.get(name)
+        if arr is None:
+            arr = self._zarr_arrays[name] = self.group[name]
+        return arr
+
+    def _key(self, i: int) -> str:
+        return S.decode_keys(self._per_image[S.KEY][i:i + 1], start=i)[0]
+
+    def _refuse_written(self, idx: np.ndarray) -> None:
+        done = self._written[idx]
+        if done.any():
+            i = int(idx[np.argmax(done)])
+            raise ValidationError(
+                f"image {i} ({self._key(i)!r}) is already written in {self._where}; refusing to replace its labels "
+                f"(pass overwrite=True to replace them)")
+
+    def set_image_sizes(self, image_indices, image_sizes) -> None:
+        """Set the recorded ``(height, width)`` of images not written yet (e.g. an image whose header could not
+        be read when the store was created, recorded as 1 x 1, and readable now), so they can be written with
+        their true size. Refused (:class:`ValidationError` naming the image) for an image already written or
+        buffered; sizes are checked as :func:`write` checks them. Per shard, under this writer's ownership of
+        it (the flags re-read first): the shard's ``image_size`` chunk is rewritten, then its manifest row
+        with the new tags (the per-image tags and, for seeded crops of a shard holding written images, the
+        tags of the derived crops, which depend on every image's size)."""
+        self._check_open()
+        idx = self._check_indices(image_indices)
+        sizes = np.asarray(_to_numpy(image_sizes))
+        if sizes.shape != (len(idx), 2):
+            raise ValidationError(f"image_sizes must be an integer array of shape ({len(idx)}, 2). Got {sizes.shape}.")
+        if not np.issubdtype(sizes.dtype, np.integer):
+            raise TypeError(f"image_sizes must be an integer array of shape ({len(idx)}, 2). Got dtype {sizes.dtype}.")
+        h, ips = self.header, self.header.images_per_shard
+        limit = _INT32_MAX if h.kind != S.REGIONS or h.box_dtype == "int32" else np.iinfo(np.uint16).max
+        bad = ((sizes < 1) | (sizes > limit)).any(1)
+        if bad.any():
+            i = int(idx[np.argmax(bad)])
+            raise ValidationError(f"image_sizes must be in [1, {limit}] (this store's box dtype). Image {i} "
+                                  f"({self._key(i)!r}) has size {sizes[np.argmax(bad)].tolist()}.")
+        shards = sorted(set((idx // ips).tolist()))
+        for s in shards:
+            self._owners.claim(s)
+            self._reread_flags(s)
+        self._refuse_written(idx)
+        for i in idx.tolist():
+            buf = self._buffers.get(i // ips)
+            if buf is not None and buf["_mask"][i - (i // ips) * ips]:
+                raise ValidationError(f"image {i} ({self._key(i)!r}) is buffered (put, not yet written); set its "
+                                      f"size before putting it")
+        for s in shards:
+            sel = (idx // ips) == s
+            r = h.shard_range(s)
+            self._sizes[idx[sel]] = sizes[sel].astype(np.int32)
+            rows = self._sizes[r.start:r.stop].copy()
+            self._io(s, S.IMAGE_SIZE, "write", lambda: self._array(S.IMAGE_SIZE).__setitem__(slice(r.start, r.stop), rows))
+            self._io(s, S.IMAGE_SIZE, "fsync",
+                     lambda: storage.fsync_local(self.store, [self._chunk_key(S.IMAGE_SIZE, s)]))
+            record = self._record_tags(s)
+            if record.any() and self._derived:  # seeded crops: the derived chunks' tags follow the sizes
+                derived = self._derivation.chunk_rows(r.start, r.stop)
+                for name, tags in self._derivation.tags(s * h.chunks_per_shard, derived).items():
+                    record[:len(tags), self._columns[name]] = tags
+            row = _manifest_rows(h, range(s, s + 1), self._per_image, record.reshape(1, -1))
+            self._io(s, S.MANIFEST, "write", lambda: self._array(S.MANIFEST).__setitem__(slice(s, s + 1), row))
+            self._io(s, S.MANIFEST, "fsync",
+                     lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
+            if s not in self._buffers:
+                self._owners.release(s)
+
     def _record_tags(self, s: int) -> np.ndarray:
         """The record tags of shard ``s`` as stored: ``(chunks_per_shard, P)``."""
-        row = np.asarray(self.group[S.MANIFEST][s], np.uint32)
+        row = np.asarray(self._array(S.MANIFEST)[s], np.uint32)
         return row[len(self.header.bound_per_image):].reshape(self.header.chunks_per_shard, -1)
 
     def _chunk_key(self, name: str, s: int) -> str:
-        arr = self.group[name]
+        arr = self._array(name)
         return f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
 
     def _io(self, s: int, name: str, op: str, fn):

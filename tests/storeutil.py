@@ -65,6 +65,7 @@ def small_store(path, *, n=12, m=5, c=30, codec="ms", labels=True, meta=None, se
                         labels=lab, meta=meta or {"teacher": {"name": "resnet-test", "temperature": 1.0}},
                         images_per_chunk=ipc, images_per_shard=ips, aug=aug, crop_sampler=crop_sampler,
                         replay=replay) as w:
+        idx = idx[~w.written[idx]]  # a resume puts what is missing (an image already written is refused)
         if len(idx):
             w.put(idx, boxes[idx], flips[idx], probs[idx], aug=None if a is None else a[idx])
     return dict(boxes=boxes, flips=flips, probs=probs, labels=lab, sizes=sizes, aug=a)
