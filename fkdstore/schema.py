@@ -484,6 +484,12 @@ class Header:
                 if row_bytes * images > cap:
                     raise ValidationError(f"array {path!r}: one {what} would decode to {row_bytes * images} bytes, "
                                           f"more than the cap of {cap}")
+        # the unsharded arrays: one chunk of key (ips x L bytes) and one manifest row are read whole
+        rows = self.per_image_chunk or LEGACY_PER_IMAGE_CHUNK
+        for path, nbytes in ((KEY, rows * self.key_length), (MANIFEST, 4 * math.prod(self.manifest_chunk))):
+            if nbytes > MAX_SHARD_BYTES:
+                raise ValidationError(f"array {path!r}: one chunk would decode to {nbytes} bytes, more than the cap "
+                                      f"of {MAX_SHARD_BYTES}")
 
     # -- version and kind
     @property
@@ -726,6 +732,10 @@ def _parse_v4(d: Mapping[str, Any]) -> Header:
     meta = d.get("meta", {})
     if not isinstance(meta, Mapping):
         raise FormatError(f"header key 'meta' must be a JSON object. Got {meta!r}.")
+    try:
+        check_json(meta, "header key 'meta'")  # section 1.1 (not checksummed, so checked here)
+    except ValidationError as e:
+        raise FormatError(str(e)) from None
     return Header(num_images=d["num_images"], num_classes=d["num_classes"], key_length=d["key_length"],
                   has_labels=has_labels, layout=Layout(**layout), records=records, replay=replay,
                   store_id=_typed(d, "store_id", str, "32 lowercase hex digits"), requires=tuple(requires),

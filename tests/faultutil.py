@@ -104,3 +104,40 @@ def retag(path) -> None:
     lead = np.stack([S.manifest_tags(name, 0, g[name][:], ips, prefix, S.PER_IMAGE_FILL[name])
                      for name in S.BOUND_PER_IMAGE], 1)
     g[S.MANIFEST][:] = np.concatenate([lead, records.reshape(h.num_shards, cps * len(names))], 1)
+
+
+def claim_images(path, n: int) -> None:
+    """Edit a store to claim ``n`` images: the header's ``num_images`` (checksum recomputed, as a tool that knows
+    the rule would) and every array's shape in its zarr.json (the manifest: one row per shard). The data stays
+    what it was: a few KB claiming billions of images, as a crafted download would."""
+    path = Path(path)
+    set_header(path, checksum=True, num_images=n)
+    h = S.parse_header(header(path))
+    for zj in path.rglob("zarr.json"):
+        doc = json.loads(zj.read_text())
+        if doc.get("node_type") != "array":
+            continue
+        doc["shape"][0] = h.num_shards if zj.parent.name == S.MANIFEST else n
+        zj.write_text(json.dumps(doc))
+
+
+def zstd_rle_frame(nbytes: int, *, declare: bool = True, crc: bool = True) -> bytes:
+    """A small zstd frame of RLE blocks that decompresses to ``nbytes`` zero bytes (4 bytes per 128 KiB), with
+    the content size in its header (``declare``) or not, and a crc32c trailer as Zarr's ``crc32c`` codec
+    appends (``crc``): a decompression bomb in place of a chunk."""
+    import crc32c
+
+    out = bytearray((0xFD2FB528).to_bytes(4, "little"))
+    if declare:
+        out += bytes([0b11100000]) + nbytes.to_bytes(8, "little")  # FCS 8 bytes, single segment
+    else:
+        out += bytes([0b00000000, (7 << 3)])  # no FCS; window descriptor 2**17
+    block = 128 * 1024
+    left = nbytes
+    while left > 0:
+        n = min(block, left)
+        left -= n
+        last = 1 if left == 0 else 0
+        out += (last | (1 << 1) | (n << 3)).to_bytes(3, "little") + b"\0"  # an RLE block of n zero bytes
+    raw = bytes(out)
+    return raw + crc32c.crc32c(raw).to_bytes(4, "little") if crc else raw
