@@ -16,6 +16,11 @@ source         possible targets
 Anything else needs information the source does not hold and is refused with the reason
 (:class:`ConversionError`). The output copies boxes, flips, aug, image keys, sizes, labels and ``meta``,
 and appends a record to ``meta["history"]``. Conversion streams one source shard at a time.
+
+Destinations follow :mod:`fkdstore.output`'s rule: a rerun of the same command (same sources and parameters)
+on its own output left incomplete by a kill or Ctrl-C continues it, writing only the images not yet written
+(the result equals an uninterrupted run's); any other non-empty destination is refused; an error removes the
+output.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from . import reader as _reader
 from . import writer as _writer
 from .errors import ConversionError, ValidationError
 from .importers.fkdstore_v1 import is_v1, open_v1
-from .output import check_destination, check_options, history_record, location_name, remove_on_error
+from .output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, \
+    remove_on_error, source_identity
 from .reader import CropRecords
 from .report import storage_stats
 from .validation import non_negative_int
@@ -42,10 +48,13 @@ __all__ = ["convert", "prune", "pruned_slots", "random_slots", "confident_slots"
            "check_same_crops"]
 
 
-def _written_batches(reader) -> list[np.ndarray]:
+def _written_batches(reader, done: np.ndarray | None = None) -> list[np.ndarray]:
     """The written images of ``reader``, one index array per shard (shards with none left out): the unit in
-    which convert, prune and ensemble read a source and write their output (one whole-shard put each)."""
+    which convert, prune and ensemble read a source and write their output (one whole-shard put each).
+    ``done``: images the output holds already (a continued run), left out."""
     h, written = reader.header, reader.written
+    if done is not None:
+        written = written & ~done
     batches = (h.shard_range(s).start + np.flatnonzero(written[h.shard_range(s).start:h.shard_range(s).stop])
                for s in range(h.num_shards))
     return [idx for idx in batches if len(idx)]
@@ -85,15 +94,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     if why:
         raise ConversionError(f"cannot convert {reader.codec.describe()} -> {dst_codec.describe()}: {why}")
     dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
-    check_destination(dst, dst_store, src)
     h = reader.header
+    record = made_by("convert", source=location_name(src), source_id=source_identity(h), to=dst_codec.get_config())
+    open_destination(dst, dst_store, record, src)
     meta = dict(h.meta)
     written = reader.written
     meta["history"] = list(meta.get("history") or []) + [history_record(
         "convert", source=location_name(src), **{"from": h.codec.get_config(), "to": dst_codec.get_config()},
         images=int(written.sum()))]
+    meta[MADE_BY] = record
     with remove_on_error(dst_store), _write_like(dst_store, reader, codec=dst_codec, meta=meta) as w:
-        batches = _written_batches(reader)
+        batches = _written_batches(reader, w.written)
         for idx in _progress.progress(progress, total=len(batches), desc="converting", unit="shard").wrap(batches):
             rec = reader.read_batch(idx)
             fields = convert_fields(reader.codec, dst_codec, rec.fields, h.num_classes)
@@ -160,7 +171,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
 
     ``src`` and ``dst`` are folders or URLs; ``storage_options`` apply to whichever is a URL.
     Refused (:class:`ValidationError`, nothing written): ``keep`` not in ``(0, 1]`` (NaN too), an unknown
-    rule, a negative seed, ``dst`` equal to ``src`` or not empty, and a store whose augment pipeline mixes
+    rule, a negative seed, ``dst`` equal to ``src`` or not empty (unless it is this command's own incomplete
+    output: continued, :mod:`fkdstore.output`), and a store whose augment pipeline mixes
     slots (Mixup/CutMix store partner *slots*, which pruning would drop or renumber).
     Returns ``{images, missing, crops_per_image_before, crops_per_image, rule, seed, keep, bytes_before,
     bytes_after}``.
@@ -183,15 +195,18 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
             f"prune cannot drop slots of a store whose augment pipeline mixes slots ({', '.join(mixing)}): a kept "
             f"slot's partner slot could be dropped. Got a store with augment {[p.name for p in h.augment.policies]}.")
     dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
-    check_destination(dst, dst_store, src)
+    record = made_by("prune", source=location_name(src), source_id=source_identity(h), keep=keep, rule=rule,
+                     seed=seed)
+    open_destination(dst, dst_store, record, src)
     written = reader.written
     meta = dict(h.meta)
     meta["history"] = list(meta.get("history") or []) + [history_record(
         "prune", source=location_name(src), keep=keep, rule=rule, seed=seed, crops_per_image_before=M,
         slots_kept=kept, images=int(written.sum()))]
+    meta[MADE_BY] = record
     with remove_on_error(dst_store), _write_like(dst_store, reader, codec=reader.codec, meta=meta,
                                                   crops_per_image=kept) as w:
-        batches = _written_batches(reader)
+        batches = _written_batches(reader, w.written)
         for idx in _progress.progress(progress, total=len(batches), desc="pruning", unit="shard").wrap(batches):
             if rule == "random":
                 slots = np.stack([random_slots(seed, int(i), M, kept) for i in idx])
@@ -291,7 +306,8 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
 
     Refused (nothing written): fewer than 2 stores; stores that do not share crops
     (:func:`check_same_crops`; box/flip/aug compared per image and slot, the message names the first
-    differing image index, key, slot and array); ``dst`` equal to a source or not empty. Stores and ``dst``
+    differing image index, key, slot and array); ``dst`` equal to a source or not empty (unless it is this
+    command's own incomplete output: continued, :mod:`fkdstore.output`). Stores and ``dst``
     are folders or URLs; ``storage_options`` apply to those that are URLs.
     Returns ``{images, missing, sources, codec, bytes_after}``.
     """
@@ -325,13 +341,17 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
                                       f"different {arr} in {nb} than in {names[0]}.")
     dst_options = _storage.options_for(dst, storage_options)
     dst_store = _storage.as_store(dst, read_only=False, storage_options=dst_options)
-    check_destination(dst, dst_store)
+    record = made_by("ensemble", sources=[location_name(s) for s in srcs],
+                     source_ids=[source_identity(r.header) for r in readers], to=out_codec.get_config())
+    open_destination(dst, dst_store, record)
     meta = dict(h.meta)
     meta["history"] = list(meta.get("history") or []) + [history_record(
         "ensemble", sources=[location_name(s) for s in srcs], codecs=[r.header.codec.get_config() for r in readers],
         teachers=[(r.meta or {}).get("teacher") for r in readers], to=out_codec.get_config(),
         images=int(written.sum()))]
+    meta[MADE_BY] = record
     with remove_on_error(dst_store), _write_like(dst_store, a, codec=out_codec, meta=meta) as w:
+        shards = _written_batches(a, w.written)
         for idx in _progress.progress(progress, total=len(shards), desc="ensembling", unit="shard").wrap(shards):
             recs = [r.read_batch(idx) for r in readers]
             mean = np.zeros(recs[0].box.shape[:2] + (C,), np.float64)

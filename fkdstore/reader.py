@@ -107,6 +107,7 @@ def open(location, *, storage_options: Mapping[str, Any] | None = None, cache_di
     rule. Ignored for a local store (already on local disk)."""
     where = _Where.of(location, storage_options, cache_dir, cache_bytes)
     header = _read_header(where.source, where.path)
+    where.source.bind(f"{header.store_id}:{header.checksum}")  # a cache binds its entries to this store
     return KIND_READERS[header.kind](where, header, _problems)
 
 
@@ -523,6 +524,7 @@ class Reader:
         self._written = None
         self._per_image = {}
         if self._source.caching:
+            self._source.invalidate(objects=keys)  # what the cache holds of them is fetched from the store again
             self._source.clear()  # a new listing: the objects rewritten since have new identities
         else:
             self._source.forget(keys)

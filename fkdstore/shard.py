@@ -520,8 +520,9 @@ class ShardedArray:
                     j = int(np.flatnonzero(bad_entry)[0])
                     bad[s] = CorruptChunkError(
                         f"array {self.path!r} shard file {self.shard_key(s)} ({images}): the shard index gives inner "
-                        f"chunk {j} {int(nb[j])} bytes at offset {int(off[j])}, beyond what a chunk of {self.chunk_nbytes} "
-                        f"decoded bytes can take (at most {self.max_stored} stored bytes, offsets below 2**62)")
+                        f"chunk {j} {int(nb[j])} bytes at offset {int(off[j])}, beyond what a chunk of "
+                        f"{self.chunk_nbytes} decoded bytes can take (at most {self.max_stored} stored bytes, offsets "
+                        f"below 2**62)")
                 else:
                     self._index[s] = got[s] = index
 

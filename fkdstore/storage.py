@@ -584,6 +584,9 @@ class ByteSource:
     def forget(self, keys: Sequence[str]) -> None:
         """Drop what this source keeps open for ``keys`` (descriptors); nothing to do for most sources."""
 
+    def bind(self, identity: str) -> None:
+        """Learn the identity of the store read (a cache keys its entries by it); nothing to do here."""
+
     store = None  # the Zarr store (subclasses: a property)
     caching = False  # True for CachedSource: fkdstore.shard retries failed reads once through invalidate()
     remote = True  # reads wait on a network: Reader.read_all fetches ahead while it decodes (False: local disk)
@@ -835,8 +838,9 @@ DEFAULT_CACHE_BYTES = 10 * 2**30  # cache_dir without cache_bytes
 # Listing fields that identify an object's content (S3/minio ETag; GCS md5Hash/generation; Azure etag; ...).
 IDENTITY_FIELDS = ("ETag", "etag", "md5Hash", "generation", "VersionId", "version_id", "LastModified",
                    "last_modified", "updated", "mtime")
-_MAGIC = b"FKDC\x01"
-_HEAD = len(_MAGIC) + 4 + 8  # magic, crc32c of the content, content length
+_MAGIC = b"FKDC\x02"
+_ID = 16  # bytes of the entry id: the first 16 bytes of the sha256 its file name spells (its key)
+_HEAD = len(_MAGIC) + 4 + 8 + _ID  # magic, crc32c of the content, content length, entry id
 _TMP = ".tmp-"
 _SCAN_FRACTION = 16  # a process rescans the folder after writing cache_bytes / 16 since its last scan
 _EVICT_TO = 0.9  # eviction frees down to this fraction of cache_bytes
@@ -848,22 +852,25 @@ class CachedSource(ByteSource):
     (``zarr.json``), suffixes (shard indexes) and byte ranges (chunks). ``fkdstore.open(url, cache_dir=...,
     cache_bytes=...)`` wraps the store's :class:`StoreSource` in one; local folders are never cached.
 
-    **Key rule.** An entry is keyed by (store URL and group path, object key, read kind and byte range, the
-    object's *identity*): its ETag (or md5Hash / generation / version / modification time: whatever content
+    **Key rule.** An entry is keyed by (store URL and group path, the store's identity (``store_id`` and header
+    checksum, :meth:`bind`; not yet for the root ``zarr.json`` that gives them), object key, read kind and byte
+    range, the object's *identity*): its ETag (or md5Hash / generation / version / modification time: whatever content
     identity the listing gives) and its size, taken from ONE recursive listing of the store per process
     (S3: one request per 1,000 objects), made at the first read and again after :meth:`clear`
     (``Reader.refresh``). A rewritten object has a new identity, so its old entries are never served (they
     age out). An object absent from the listing (written since) or whose listing gives no content identity
     is read from the store and not cached. Within one listing a reader sees a snapshot of the objects.
 
-    **Never trusted blindly.** Each entry file holds its content's crc32c; an entry that fails it (torn,
-    truncated, bit rot) is deleted and read from the store. The bytes then go through the reader's usual
+    **Never trusted blindly.** Each entry file holds its content's crc32c and its own id (the first bytes of
+    the sha256 of its key, which its file name spells); an entry that fails the crc32c (torn, truncated, bit
+    rot) or carries another id (another entry's file, of this store or another, copied or swapped in) is
+    deleted and read from the store: a foreign entry is a miss, never data. The bytes then go through the reader's usual
     checks (chunk crc32c, decoding, manifest tag, shard-index crc32c); a chunk or index that fails them
     is :meth:`invalidate`d and fetched from the store once more by :mod:`fkdstore.shard`; only when the
-    store's own bytes fail too is the error (``CorruptChunkError`` / ``CorruptStoreError``) raised. Objects
-    read through Zarr's array API (``zarr.json`` metadata, ``written`` flags, manifest chunks, keys) are
-    protected by the entry crc32c only: an entry that is intact as a file yet holds other bytes (possible
-    only by editing the cache) makes that read fail; delete the folder then.
+    store's own bytes fail too is the error (``CorruptChunkError`` / ``CorruptStoreError``) raised. The
+    per-image chunks and manifest rows (read whole) are forgotten by the reader's one re-read before it raises a
+    mismatch (``Reader._forget``), so an edited entry of those is fetched from the store once more too; the
+    ``zarr.json`` metadata are checked against the header (and the header by its checksum).
 
     **Bound.** Entries are files ``<cache_dir>/<2 hex>/<62 hex>.<kind>`` (sha256 of the key; kind ``all``,
     ``suffix``, ``range`` or ``offset``); a hit sets the
@@ -895,13 +902,16 @@ class CachedSource(ByteSource):
         self._pid = os.getpid()
         self._used: int | None = None  # bytes in the folder at the last scan plus what this process wrote since
         self._since_scan = 0
-        self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "invalidated": 0, "evicted": 0}
+        self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "foreign": 0, "invalidated": 0, "evicted": 0}
+        self.identity = ""  # the store's identity once bound (bind): part of every later entry's key
 
     def __getstate__(self):
-        return {"inner": self.inner, "cache_dir": self.cache_dir, "cache_bytes": self.cache_bytes, "url": self.url}
+        return {"inner": self.inner, "cache_dir": self.cache_dir, "cache_bytes": self.cache_bytes, "url": self.url,
+                "identity": self.identity}
 
     def __setstate__(self, d):
         self.__init__(d["inner"], d["cache_dir"], d["cache_bytes"], url=d["url"])
+        self.identity = d.get("identity", "")
 
     @property
     def store(self):
@@ -941,23 +951,41 @@ class CachedSource(ByteSource):
                 ids[k] = ";".join([f"size={info.get('size')}", *tag])
         self._ids, self._pid = ids, os.getpid()
 
-    def _path(self, ident: str, key: str, kind: str, a: int, b: int) -> str:
+    def bind(self, identity: str) -> None:
+        """Key every later entry by the store's identity too (``store_id`` and header checksum, given by the
+        reader once it parsed the header): another store's entries never match, whatever its URL."""
+        self.identity = str(identity)
 
-        h = hashlib.sha256(json.dumps([self.url, key, ident, kind, a, b]).encode()).hexdigest()
+    def _path(self, ident: str, key: str, kind: str, a: int, b: int) -> str:
+        h = hashlib.sha256(json.dumps([self.url, self.identity, key, ident, kind, a, b]).encode()).hexdigest()
         return os.path.join(self.cache_dir, h[:2], f"{h[2:]}.{kind}")
 
-    def _load(self, path: str):
-        """An entry's content, or None (absent, or failed its crc32c: then deleted)."""
+    @staticmethod
+    def _entry_id(path: str) -> bytes:
+        """The id an entry file at ``path`` must carry: the first bytes of the sha256 its name spells."""
+        stem = os.path.basename(path).split(".", 1)[0]
+        return bytes.fromhex(os.path.basename(os.path.dirname(path)) + stem)[:_ID]
 
+    def _load(self, path: str):
+        """An entry's content, or None (absent; failed its crc32c; or another entry's file, whose id is not
+        this path's: then deleted)."""
         try:
-            with open(path, "rb") as f:
+            fd = open_regular(path)
+            if fd is None:
+                return None
+            with os.fdopen(fd, "rb") as f:
                 raw = f.read()
-        except OSError:  # absent, evicted by another process, unreadable
+        except (OSError, CorruptStoreError):  # absent, evicted by another process, unreadable, not a file
             return None
         body = memoryview(raw)[_HEAD:]
-        if (raw[:len(_MAGIC)] != _MAGIC or int.from_bytes(raw[len(_MAGIC) + 4:_HEAD], "little") != len(body)
-                or crc32c.crc32c(body) != int.from_bytes(raw[len(_MAGIC):len(_MAGIC) + 4], "little")):
+        n = len(_MAGIC)
+        if (raw[:n] != _MAGIC or int.from_bytes(raw[n + 4:n + 12], "little") != len(body)
+                or crc32c.crc32c(body) != int.from_bytes(raw[n:n + 4], "little")):
             self.stats["corrupt"] += 1
+            _remove(path)
+            return None
+        if raw[n + 12:_HEAD] != self._entry_id(path):  # intact, but saved under another key (a swapped file)
+            self.stats["foreign"] += 1
             _remove(path)
             return None
         try:
@@ -977,7 +1005,8 @@ class CachedSource(ByteSource):
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=folder)
             with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + crc32c.crc32c(data).to_bytes(4, "little") + len(data).to_bytes(8, "little"))
+                f.write(_MAGIC + crc32c.crc32c(data).to_bytes(4, "little") + len(data).to_bytes(8, "little")
+                        + self._entry_id(path))
                 f.write(data)
             os.replace(tmp, path)
         except OSError:  # the cache is an optimisation: a full or read-only disk never fails a read

@@ -228,9 +228,10 @@ def _present_shards(reader: Reader, problems: _Problems) -> list[int]:
             if c not in have:
                 r = h.shard_range(c)
                 what = ": its flags read as 0" if name == S.WRITTEN else ""
-                problems.add("missing", f"array {name!r} chunk {c} (images {r.start}-{r.stop - 1}, "
-                                        f"{meta.chunk_key((c,) + (0,) * (len(meta.shape) - 1))}) is missing{what} (a lost "
-                                        f"or partly copied file; every chunk exists from creation)")
+                key = meta.chunk_key((c,) + (0,) * (len(meta.shape) - 1))
+                problems.add("missing", f"array {name!r} chunk {c} (images {r.start}-{r.stop - 1}, {key}) is "
+                                        f"missing{what} (a lost or partly copied file; every chunk exists from "
+                                        f"creation)")
     return sorted(present)
 
 

@@ -855,7 +855,8 @@ class Writer:
             r = h.shard_range(s)
             self._sizes[idx[sel]] = sizes[sel].astype(np.int32)
             rows = self._sizes[r.start:r.stop].copy()
-            self._io(s, S.IMAGE_SIZE, "write", lambda: self._array(S.IMAGE_SIZE).__setitem__(slice(r.start, r.stop), rows))
+            self._io(s, S.IMAGE_SIZE, "write",
+                     lambda: self._array(S.IMAGE_SIZE).__setitem__(slice(r.start, r.stop), rows))
             self._io(s, S.IMAGE_SIZE, "fsync",
                      lambda: storage.fsync_local(self.store, [self._chunk_key(S.IMAGE_SIZE, s)]))
             record = self._record_tags(s)

@@ -202,3 +202,38 @@ def test_cache_arguments(remote, tmp_path):
         fkdstore.open(url, storage_options=so, cache_dir=tmp_path / "c", cache_bytes=0)
     with pytest.raises(TypeError, match="cache_dir must be a folder path"):
         fkdstore.open(url, storage_options=so, cache_dir=3)
+
+
+def test_another_stores_entries_swapped_into_the_cache_are_misses_never_data(remote, s3, tmp_path, monkeypatch):
+    """Every entry of store A's cache is replaced by the intact entry of store B (other labels, same layout
+    and keys) for the same object, read and byte range: each is another key's file (its id is not A's), so a
+    miss, refetched from the store; A reads its own labels."""
+    from fkdstore import storage
+
+    url, so, want = remote
+    other = s3[0] + "/other.fkd"
+    _write(other, s3[1], seed=1)
+    cache = tmp_path / "cache"
+    saved: dict[tuple, dict[str, str]] = {}  # (object key, kind, range) -> {store url: entry path}
+    original = storage.CachedSource._path
+
+    def spy(self, ident, key, kind, a, b):
+        path = original(self, ident, key, kind, a, b)
+        saved.setdefault((key, kind, a, b), {})[self.url] = path
+        return path
+
+    monkeypatch.setattr(storage.CachedSource, "_path", spy)
+    for location in (url, other):
+        with fkdstore.open(location, storage_options=so, cache_dir=cache) as r:
+            _reads(r)
+    swapped = 0
+    for paths in saved.values():
+        mine = [p for u, p in paths.items() if u.startswith(url)]
+        theirs = [p for u, p in paths.items() if not u.startswith(url)]
+        if mine and theirs and os.path.exists(mine[0]) and os.path.exists(theirs[0]):
+            Path(mine[0]).write_bytes(Path(theirs[0]).read_bytes())
+            swapped += 1
+    assert swapped > 10, swapped
+    with fkdstore.open(url, storage_options=so, cache_dir=cache) as r:
+        _same(_reads(r), want)
+        assert r._source.stats["foreign"] >= swapped - 1, r._source.stats  # the root zarr.json: read before bind

@@ -14,7 +14,6 @@ a disk-backed slot scratch, and :func:`write_store`, the one function that write
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -26,14 +25,13 @@ import numpy as np
 
 from .. import codecs as _codecs
 from .. import progress as _progress
-from .. import schema as S
 from .. import storage as _storage
 from .. import writer as _writer
 from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, LabelFileError, ValidationError
 from ..images import ImageList
-from ..output import check_destination, check_options, history_record, location_name
-from ..reader import open as _open
+from ..output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, \
+    remove_on_error
 from ..report import storage_stats
 from ..transforms import Replay
 
@@ -233,47 +231,30 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
     4), flips (B, M), codec fields, aug columns or None)`` for the ascending image indices ``todo`` (those not
     written yet).
 
-    Resume: a store at ``dst`` whose ``meta["import"]`` equals this run's (a run of the same import that was
-    killed) is reopened and only its unwritten images are written; any other non-empty destination is refused.
-    An error removes the store this run created or resumed; a Ctrl-C writes the images already put (a rerun
-    continues after them).
+    Resume (:func:`fkdstore.output.open_destination`, the one rule of every command that makes a store): a
+    store at ``dst`` made by this import with the same ``meta["import"]`` and codec (its ``meta["made_by"]``: a
+    run that was killed or stopped) is reopened and only its unwritten images are written; any other non-empty
+    destination is refused. An error removes the store this run created or resumed; a Ctrl-C writes the images
+    already put (a rerun continues after them).
     """
     check_options(storage_options, dst)
     store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
-    full_meta = {**(meta_extra or {}), **meta,
+    record = made_by(op, **{"import": meta["import"], "to": codec.get_config()})
+    full_meta = {**(meta_extra or {}), **meta, MADE_BY: record,
                  "history": [history_record(op, source=source, to=codec.get_config(), images=len(keys))]}
-    _writer.clear_interrupted_creation(store)  # a run killed while creating the store left no header
-    resumed = _same_import(store, meta["import"])
-    if not resumed:
-        check_destination(dst, store)
+    resumed = open_destination(dst, store, record)
     w = _writer.write(store, num_images=len(keys), crops_per_image=crops_per_image, num_classes=num_classes,
                       codec=codec, image_keys=keys, image_sizes=sizes, labels=labels, meta=full_meta,
                       aug=augment.columns(), augment=augment, crop_sampler=None, replay=replay)
-    try:
-        done = _open(store).written if resumed else np.zeros(len(keys), bool)
+    done = w.written
+    with remove_on_error(store), w:  # a Ctrl-C closes the writer (what is buffered is written) and keeps it
         todo = np.flatnonzero(~done)
         with _progress.progress(progress, total=len(todo), desc=f"{op}: writing", unit="image") as bar:
             for idx, boxes, flips, fields, aug in rows(todo):
                 w.put_fields(idx, boxes, flips, fields, aug=aug or None)
                 bar.update(len(idx))
-        w.close()
-    except Exception:
-        _storage.remove_all(store)
-        raise
-    except BaseException:  # Ctrl-C: keep what is buffered (a rerun continues) and free the shards
-        w.close()
-        raise
     return {"bytes_after": storage_stats(store)["_total"]["bytes"], "resumed": resumed,
             "images_written_before": int(done.sum())}
-
-
-def _same_import(store, provenance: Mapping[str, Any]) -> bool:
-    """The store at ``store`` is a store made by an import with this ``meta["import"]`` (JSON-normalised)."""
-    meta = _storage.read_group_json(store)
-    header = (meta or {}).get("attributes", {}).get(S.ATTR_KEY)
-    if not isinstance(header, Mapping):
-        return False
-    return (header.get("meta") or {}).get("import") == json.loads(json.dumps(dict(provenance)))
 
 
 def source_bytes(paths: Iterable[str | os.PathLike]) -> int:

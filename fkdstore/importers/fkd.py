@@ -17,7 +17,7 @@ from .. import writer as _writer
 from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, ValidationError
 from ..images import image_size, list_images
-from ..output import check_destination, check_options, history_record, remove_on_error
+from ..output import MADE_BY, check_options, history_record, made_by, open_destination, remove_on_error
 from ..report import storage_stats
 from . import safe_pickle
 
@@ -153,7 +153,6 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
             f"{len(orphans)} label files have no image in {images} (matched by class folder and stem), "
             f"e.g. {[str(p) for p in orphans[:3]]}")
     dst_store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
-    check_destination(dst, dst_store)
     chosen = sorted(by_key[key] for key in files)
     inv = {by_key[key]: files[key] for key in files}
     label_files = [inv[n] for n in chosen]
@@ -205,15 +204,21 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
         "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
                                     images=len(label_files))],
     }
+    meta[MADE_BY] = made_by("import-fkd", **{"import": meta["import"], "to": dst_codec.get_config(),
+                                             "num_classes": num_classes})
+    open_destination(dst, dst_store, meta[MADE_BY])  # this import's own interrupted output is continued
     clamped = 0
     N = len(label_files)
     with remove_on_error(dst_store), _writer.write(
         dst_store, num_images=N, crops_per_image=M, num_classes=num_classes, codec=dst_codec, image_keys=keys,
         image_sizes=sizes, labels=labels_gt, meta=meta,
     ) as w:
+        done = w.written  # a continued run skips what the killed one wrote
         steps = range(0, N, batch)
         for a in _progress.progress(progress, total=len(steps), desc="importing", unit="batch").wrap(steps):
-            b = range(a, min(N, a + batch))
+            b = [n for n in range(a, min(N, a + batch)) if not done[n]]
+            if not b:
+                continue
             boxes, flips, fields = [], [], []
             for n in b:
                 coords, flip, f = load(label_files[n])
@@ -228,7 +233,7 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
                 fields.append(f)
             stacked = {name: np.stack([f[name] for f in fields]) for name in fields[0]}
             out = convert_fields(src_codec, dst_codec, stacked, num_classes)
-            w.put_fields(np.arange(b.start, b.stop), np.stack(boxes), np.stack(flips), out)
+            w.put_fields(np.asarray(b), np.stack(boxes), np.stack(flips), out)
     return {
         "files": N, "images": N, "images_without_labels": len(imgs) - N, "crops_per_image": M,
         "num_classes": num_classes, "codec": dst_codec.get_config(), "coords_dtype": str(coords0.dtype),
