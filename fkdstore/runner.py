@@ -38,7 +38,9 @@ Guarantees:
 Unreadable images: ``on_error="stop"`` (default) raises :class:`~fkdstore.images.ImageReadError` naming
 the file; ``on_error="skip"`` leaves the image **unwritten** (its ``written`` flag stays 0, so the store
 is incomplete and readers refuse it) and lists its key in ``meta["skipped"]``. A later run retries
-skipped images (for example after the file was replaced by a readable copy) and refreshes the list.
+skipped images (for example after the file was replaced by a readable copy) and refreshes the list; an
+image whose header could not be read when the store was created (recorded as 1 x 1) gets its size read
+again and set first (:func:`retry_skipped_sizes`).
 
 Replay parameters (input size, interpolation, mean, std) go into the checksummed header; provenance goes
 into the store's ``meta``: teacher name, class and weight hashes, temperature, class names (and, for stored
@@ -437,10 +439,13 @@ def open_or_create_store(out, listing: ImageSource, job: _Job, num_classes: int,
     if comm.world.is_leader:
         try:
             sizes = _existing_sizes(out, listing.keys)  # write() below clears an interrupted creation
+            resumed = sizes is not None
             if sizes is None:
                 sizes = stored.sizes if stored is not None else \
                     scan_sizes(listing, job.execution.on_error, skipped)
             writer = _writer.write(out, image_sizes=sizes, primary=True, **common)
+            if resumed and stored is None:
+                sizes = retry_skipped_sizes(writer, listing, job.execution.on_error, skipped)
         except BaseException as e:  # tell the other ranks, then raise here
             comm.broadcast(f"{type(e).__name__}: {e}")
             raise
@@ -455,6 +460,35 @@ def open_or_create_store(out, listing: ImageSource, job: _Job, num_classes: int,
             raise SchemaMismatchError(f"store {_storage.describe(out)} exists but lists other images than this run")
         writer = _writer.write(out, image_sizes=sizes, primary=False, **common)
     return writer, np.asarray(sizes), skipped
+
+
+def retry_skipped_sizes(writer: _writer.Writer, source: ImageSource, on_error: str, skipped: list[str]) -> np.ndarray:
+    """On a resume: the images a run skipped at the header scan (recorded as 1 x 1, unwritten) or listed in
+    ``meta["skipped"]``, still unwritten, have their headers read again; those readable now (a file replaced by
+    a readable copy) get their true size in the store (:meth:`fkdstore.writer.Writer.set_image_sizes`), so
+    this run labels them. One still unreadable raises with ``on_error="stop"``, else stays skipped. Returns
+    the store's image sizes."""
+    sizes = writer.image_sizes
+    listed = set(writer.header.meta.get("skipped") or [])
+    keys = source.keys
+    todo = [i for i in np.flatnonzero(~writer.written).tolist() if (sizes[i] == 1).all() or keys[i] in listed]
+    if not todo:
+        return sizes
+    fix, new = [], []
+    for i, got in zip(todo, source.header_sizes(todo)):
+        if isinstance(got, ImageReadError):
+            if on_error == "stop":
+                raise got
+            if keys[i] not in skipped:
+                warnings.warn(f"skipping image: {got}", stacklevel=3)
+                skipped.append(keys[i])
+            continue
+        if tuple(int(v) for v in got) != tuple(int(v) for v in sizes[i]):
+            fix.append(i)
+            new.append(got)
+    if fix:
+        writer.set_image_sizes(np.asarray(fix, np.int64), np.asarray(new, np.int64).reshape(-1, 2))
+    return writer.image_sizes
 
 
 def _existing_sizes(out, keys: Sequence[str]) -> np.ndarray | None:

@@ -523,6 +523,11 @@ class Writer:
         return self._written.copy()
 
     @property
+    def image_sizes(self) -> np.ndarray:
+        """(N, 2) ``(height, width)`` as recorded (:meth:`set_image_sizes` changes those of unwritten images)."""
+        return self._sizes.copy()
+
+    @property
     def buffered_shards(self) -> list[int]:
         """Shards held in memory, least recently used first."""
         return list(self._buffers)
