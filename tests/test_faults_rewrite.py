@@ -265,7 +265,7 @@ def test_two_writer_processes_on_one_shard_never_lose_an_image(tmp_path):
     for path in paths:
         with _writer(path, d):  # created up front: both processes open an existing store
             pass
-    start = time.time() + 2.0
+    start = time.time() + 1.2
     procs = {path: [subprocess.Popen([sys.executable, str(script), str(path), str(REPO / "tests"), str(k), str(start)],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for k in (0, 1)] for path in paths}
