@@ -12,9 +12,19 @@ returning wrong data. A seeded-crops store has no ``box``/``flip`` arrays: the r
 returns with :mod:`fkdstore.derived`, after comparing one derived chunk with the manifest (every chunk in
 :meth:`RegionReader.read_all`).
 
+A store being written stays readable (spec invariant 9): a record chunk also matches its tag with the rows
+of images this reader does not see marked written set to the fill value, and a mismatch makes the reader
+forget what it cached of those shards (flags, manifest rows, per-image rows, shard indexes, decoded chunks,
+open files) and read them once more before it raises.
+
+Bounded by what a caller asks for (spec section 1.5): the ``written`` flags and the per-image rows are read
+per shard, on first use (:attr:`Reader.written`, :attr:`Reader.image_sizes` and :attr:`Reader.labels` read
+them whole), so a store claiming ``2**31`` images costs a read of image 0 one shard.
+
 Record arrays are read through :mod:`fkdstore.storage`'s byte-range layer: ``os.pread`` on cached file
-descriptors for a local folder, concurrent coalesced range requests for object storage. Zarr's array API is
-used only for the small per-image arrays and for pipelines other than the one this library writes.
+descriptors for a local folder, concurrent coalesced range requests for object storage; the per-image arrays
+and the manifest through :class:`fkdstore.shard.UnshardedArray` (sizes bounded before decompressing). Zarr's
+array API is used only for pipelines other than the one this library writes.
 """
 
 from __future__ import annotations

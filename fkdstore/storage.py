@@ -247,10 +247,18 @@ class FolderStore(zarr.storage.LocalStore):
             await self._open()
         return await asyncio.to_thread(_read_file, self.root / key, prototype, byte_range)
 
+    def _open_sync(self) -> None:
+        if not self._is_open:
+            if not self.read_only:
+                self.root.mkdir(parents=True, exist_ok=True)
+            if not self.root.exists():
+                raise FileNotFoundError(f"{self.root} does not exist")
+            self._is_open = True
+
     def get_sync(self, key, *, prototype=None, byte_range=None):
         if prototype is None:
             prototype = default_buffer_prototype()
-        self._ensure_open_sync()
+        self._open_sync()
         return _read_file(self.root / key, prototype, byte_range)
 
     async def get_partial_values(self, prototype, key_ranges):
@@ -283,7 +291,7 @@ class FolderStore(zarr.storage.LocalStore):
         await asyncio.to_thread(self._put_file, key, value)
 
     def set_sync(self, key, value):
-        self._ensure_open_sync()
+        self._open_sync()
         self._put_file(key, value)
 
     async def set_if_not_exists(self, key, value):

@@ -8,12 +8,15 @@
    shard shape the header implies (the reader's own open-time check, :func:`fkdstore.reader.mismatches`);
    no undeclared array sits in a group the header declares exactly (``aug/``, ``soft/``, ``map/``);
    ``has_labels`` matches the ``label`` array.
-3. Per-image arrays, shard by shard: every chunk present (4.0: they all exist from creation), compared with
-   its manifest tag (4.0: key, image_size, label), keys unique, non-empty, valid UTF-8 without NUL, sizes
-   >= 1, labels in ``[-1, C)``, ``written`` in {0, 1}, and every image written (missing ranges listed).
+3. Per-image arrays, shard by shard: every chunk present (4.0: they all exist from creation; one listing
+   per array finds them, so a header claiming far more images than the store holds costs a listing, not a
+   read per claimed shard), compared with its manifest tag (4.0: key, image_size, label), keys unique,
+   non-empty, valid UTF-8 without NUL, sizes >= 1, labels in ``[-1, C)``, ``written`` in {0, 1}, and every
+   image written (missing ranges listed).
 4. Every record chunk is read through :mod:`fkdstore.shard`, the reader's checked decoder: shard index
    checksum, then each inner chunk's presence (a written image's chunk or shard file missing is damage),
-   crc32c, decoding and its manifest tag; seeded crops are derived and compared with their tags. A problem
+   crc32c, decoding and its manifest tag (with the reader's rule for rows of unwritten images, spec
+   invariant 9, against the flags verify read); seeded crops are derived and compared with their tags. A problem
    names the array, the chunk (``chunk c`` = images ``c*ipc .. (c+1)*ipc - 1``), the images and the file.
 5. Per written image, the record kind's rules: regions: boxes inside the recorded image size
    (:func:`fkdstore.transforms.bad_boxes`, invariant 5), flips 0/1, aug values finite and within their
@@ -23,8 +26,8 @@
 
 ``verify`` never raises for a damaged store: every failure becomes a listed problem (a store location that
 cannot be reached raises :class:`~fkdstore.errors.StorageError`). Memory is bounded by one shard of every
-record array plus the per-image arrays (O(N)); sizes in the metadata are compared with the header before
-anything is allocated from them.
+array plus the keys seen (for duplicates); sizes in the metadata are compared with the header, and every
+chunk's stored and decoded sizes with its shape, before anything is allocated from them.
 """
 
 from __future__ import annotations

@@ -18,17 +18,22 @@ Writing one shard (images ``shard_range(s)``), in this order:
    per-image chunks and of every inner chunk just written;
 3. the shard's ``written`` chunk (flags of the images now stored).
 
-On a local store every file of steps 1 and 2 (and its directory) is fsync'ed before the next step starts, so
-after a power loss a flag never reaches the disk before the data and manifest it vouches for. On an object
-store each chunk is one PUT, which is atomic and durable when it returns, and steps run in order.
+On a local store every file is written aside and renamed over its name (:class:`fkdstore.storage.FolderStore`),
+and every file of steps 1 and 2 (and its directory) is fsync'ed before the next step starts, so after a power
+loss a flag never reaches the disk before the data and manifest it vouches for. On an object store each chunk
+is one PUT, which is atomic and durable when it returns, and steps run in order. Temp files a killed writer
+left are removed when a store is opened for writing (:func:`fkdstore.storage.remove_stale_temps`).
 
 Buffering: a writer buffers partially filled shards in memory (at most ``max_buffered_shards``; the least
 recently used one is written early, with flags for the images it holds, when more are needed) and writes a
 shard as soon as all its images are put. A shard written early is later rewritten whole with its stored
-images kept (read-modify-write). A failed write keeps the buffer: :meth:`Writer.flush` / :meth:`Writer.close`
-retry it, and the error is raised.
+images kept (read-modify-write); between its data and its manifest row the rows it adds are not yet marked
+written, so readers keep reading every written image (spec invariant 9). A failed write keeps the buffer:
+:meth:`Writer.flush` / :meth:`Writer.close` retry it, and the error is raised.
 
-Ownership (one writer per shard): :mod:`fkdstore.ownership`.
+Ownership (one writer per shard): :mod:`fkdstore.ownership`. Under it, the writer re-reads the shard's
+``written`` flags when it takes the shard and before it writes its data: another writer's images are kept,
+and putting an image already written is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations

@@ -116,3 +116,36 @@ def test_an_error_removes_the_output_and_a_foreign_destination_is_kept(sources, 
     with pytest.raises(OSError, match="disk full"):
         fkdstore.convert(src, dst, "mr", k=3, progress=False)
     assert not dst.exists() or not any(dst.iterdir())
+
+
+def test_an_interrupted_fkd_import_is_continued(tmp_path, monkeypatch):
+    """import-fkd stopped after its first batch (Ctrl-C: what was put is written): the same import again
+    continues it and equals an import run at once; another codec into that output is refused."""
+    pytest.importorskip("torch")
+    from fkdstore.importers.fkd import import_fkd
+    from test_convert import C, _fkd_tree
+
+    root, images, _ = _fkd_tree(tmp_path)
+    calls = {"n": 0}
+    put = fkdstore.Writer.put_fields
+
+    def stops(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return put(self, *a, **kw)
+
+    monkeypatch.setattr(fkdstore.Writer, "put_fields", stops)
+    with pytest.raises(KeyboardInterrupt):
+        import_fkd(root / "train", tmp_path / "out.fkd", images, num_classes=C, batch=2)
+    monkeypatch.setattr(fkdstore.Writer, "put_fields", put)
+    with fkdstore.open(tmp_path / "out.fkd") as r:
+        assert r.written.sum() == 2 and r.meta[output.MADE_BY]["op"] == "import-fkd"
+    with pytest.raises(ValidationError, match="not empty"):
+        import_fkd(root / "train", tmp_path / "out.fkd", images, num_classes=C, codec="hard")
+    import_fkd(root / "train", tmp_path / "out.fkd", images, num_classes=C, batch=2)
+    import_fkd(root / "train", tmp_path / "ref.fkd", images, num_classes=C, batch=2)
+    a, b = fkdstore.open(tmp_path / "out.fkd"), fkdstore.open(tmp_path / "ref.fkd")
+    assert a.complete and a.header.store_id == b.header.store_id
+    for x, y in zip(a.read_all().fields.values(), b.read_all().fields.values(), strict=True):
+        assert (x == y).all()
