@@ -7,9 +7,10 @@ The rule (:func:`open_destination`):
 * a store there that this command left incomplete, with the same sources and parameters (its
   ``meta["made_by"]`` equals this run's :func:`made_by` record: a run killed, or stopped by Ctrl-C), is
   **continued**: the writer re-opens it and the command writes only the images not yet written, so the result
-  equals an uninterrupted run's (a complete one is left as it is: the rerun writes nothing);
+  equals an uninterrupted run's;
 * a creation killed before the store's header was written is removed first (it is not a store yet);
-* anything else that is not empty is refused (:class:`ValidationError`), whatever made it.
+* anything else that is not empty is refused (:class:`ValidationError`), whatever made it, this command's
+  complete output included.
 
 A run that fails with an error removes its output (:func:`remove_on_error`); a kill or Ctrl-C leaves it for a
 rerun to continue. Each run appends a :func:`history_record` to the output's ``meta["history"]`` (volatile:
@@ -20,14 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import reader as _reader
 from . import schema as _schema
 from . import storage as _storage
-from .errors import ValidationError
+from .errors import FkdstoreError, ValidationError
 from .writer import clear_interrupted_creation
 
 __all__ = ["history_record", "location_name", "check_destination", "remove_on_error", "check_options", "MADE_BY",
@@ -60,8 +63,12 @@ def check_destination(dst: Any, dst_store: Any, *sources: Any) -> None:
 
 def source_identity(header) -> str:
     """What identifies a source store's content in a :func:`made_by` record: its ``store_id`` (4.0) and header
-    checksum, so another store at the same path is another source."""
-    return f"{header.store_id}:{header.checksum}"
+    checksum (a 1.0 store has neither: a digest of its parsed header), so another store at the same path is
+    another source."""
+    sid, checksum = getattr(header, "store_id", ""), getattr(header, "checksum", "")
+    if not sid and not checksum:
+        return "header-sha256:" + hashlib.sha256(repr(header).encode()).hexdigest()[:32]
+    return f"{sid}:{checksum}"
 
 
 def made_by(op: str, **params: Any) -> dict[str, Any]:
@@ -85,7 +92,15 @@ def open_destination(dst: Any, dst_store: Any, record: dict[str, Any], *sources:
     group = _storage.read_group_json(dst_store)
     header = ((group or {}).get("attributes") or {}).get(_schema.ATTR_KEY)
     if isinstance(header, dict) and (header.get("meta") or {}).get(MADE_BY) == record:
-        return True
+        try:
+            with _reader.open(dst_store) as r:
+                done = r.complete
+        except FkdstoreError:  # damaged flags: the writer that continues it reports what it finds
+            done = False
+        if not done:
+            return True
+        raise ValidationError(f"destination {dst} exists and is not empty: it holds the complete output of this "
+                              f"{record['op']} already; choose a new path")
     if not _storage.is_empty(dst_store):
         made = (header.get("meta") or {}).get(MADE_BY) if isinstance(header, dict) else None
         why = f" (it was made by {made.get('op')!r} with other sources or parameters)" if isinstance(made, dict) \

@@ -732,10 +732,6 @@ def _parse_v4(d: Mapping[str, Any]) -> Header:
     meta = d.get("meta", {})
     if not isinstance(meta, Mapping):
         raise FormatError(f"header key 'meta' must be a JSON object. Got {meta!r}.")
-    try:
-        check_json(meta, "header key 'meta'")  # section 1.1 (not checksummed, so checked here)
-    except ValidationError as e:
-        raise FormatError(str(e)) from None
     return Header(num_images=d["num_images"], num_classes=d["num_classes"], key_length=d["key_length"],
                   has_labels=has_labels, layout=Layout(**layout), records=records, replay=replay,
                   store_id=_typed(d, "store_id", str, "32 lowercase hex digits"), requires=tuple(requires),

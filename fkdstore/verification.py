@@ -89,6 +89,10 @@ def _verify(reader: Reader, meta_problems: list[str], problems: _Problems, progr
     for msg in meta_problems:
         problems.add("array", msg)
     h = reader.header
+    try:  # provenance only (readers ignore it), but section 1.1 asks for standard JSON
+        S.check_json(dict(h.meta), "header meta")
+    except ValidationError as e:
+        problems.add("attrs", str(e))
     _undeclared(reader, problems)
     shards = _present_shards(reader, problems)
     arrays = [reader.sharded(n) for n in reader.record_arrays]
