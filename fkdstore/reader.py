@@ -267,6 +267,7 @@ class Reader:
             for name, (_, dtype) in h.stored_specs().items() if name in metas
         }
         self._columns = columns
+        self._ips = h.images_per_shard
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -817,7 +818,15 @@ class RegionReader(Reader):
     def read(self, i: int, slots=None) -> CropRecords:
         """Records of image ``i``: leading dim ``(M,)``, or ``(len(slots),)`` when slots are given."""
         i = _check_index(i)
-        self._check_written(np.array([i], np.int64))
+        w = self._written
+        if w is not None:
+            ok = 0 <= i < len(w) and w[i]
+        else:  # flags read per shard: the common case costs two lookups
+            s, r = divmod(i, self._ips)
+            f = self._wflags.get(s)
+            ok = f is not None and i >= 0 and r < len(f) and f[r]
+        if not ok:
+            self._check_written(np.array([i], np.int64))
         if slots is not None:
             slots = _int_array(slots, "slots").reshape(-1)
             _check_slot_range(slots, self.header.crops_per_image)
