@@ -544,3 +544,20 @@ def test_prune_and_ensemble_between_s3_and_local_equal_local_runs(s3, tmp_path):
         _same_records(e.read_all(), lo.read_all())  # the mean of two identical teachers re-encodes identically
     with pytest.raises(TypeError, match="storage_options apply to URLs only"):
         fkdstore.prune(tmp_path / "a.fkd", tmp_path / "q.fkd", keep=0.5, storage_options=so)
+
+
+def test_create_if_absent_is_a_conditional_put(s3, monkeypatch):
+    """Ownership records are created with ``If-None-Match: *`` on S3: a second create of the same key leaves the
+    first writer's record (no check-then-set window: Zarr's set_if_not_exists is not used)."""
+    from fkdstore import storage
+
+    url, so = s3
+    store = storage.as_store(url + "/owners-test", read_only=False, storage_options=so)
+
+    def check_then_set(*a, **k):
+        raise AssertionError("check-then-set used on S3")
+
+    monkeypatch.setattr(type(store), "set_if_not_exists", check_then_set)
+    storage.create_if_absent(store, "owners/0.json", b'{"token": "first"}')
+    storage.create_if_absent(store, "owners/0.json", b'{"token": "second"}')
+    assert storage.get_bytes(store, "owners/0.json") == b'{"token": "first"}'
