@@ -79,6 +79,10 @@ def verify(path, *, progress: bool | None = None, storage_options=None) -> list[
         return [f"cannot open store: {e}"]
     try:
         _verify(reader, meta_problems, problems, progress)
+    except StorageError:  # the location stopped answering: not a problem of the store
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. an I/O error of the disk: listed, never raised
+        problems.add("error", f"verify stopped early: {type(e).__name__}: {e}")
     finally:
         reader.close()
     problems.summarise()

@@ -40,6 +40,8 @@ def test_a_flipped_bit_in_any_zarr_json(tmp_path, crops):
             flips += 1
             problems = verify(p)  # never raises
             assert isinstance(problems, list) and all(isinstance(x, str) for x in problems)
+            stopped = [x for x in problems if x.startswith("verify stopped early")]  # its last resort: unused
+            assert not stopped, (f.relative_to(p).as_posix(), pos, stopped)
             try:
                 with fkdstore.open(p) as r:
                     rec = r.read_all()
