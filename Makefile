@@ -10,7 +10,7 @@ COMPAT_VENV   := .venv-compat
 COMPAT_STAMP  := $(COMPAT_VENV)/.installed
 COMPAT_TESTS  := tests/test_golden.py tests/test_spec.py tests/test_codecs.py tests/test_reader.py \
                  tests/test_writer.py tests/test_verify.py tests/test_faults_reader.py tests/test_interop.py \
-                 tests/test_seeded.py
+                 tests/test_seeded.py tests/test_faults_rewrite.py tests/test_hostile_stores.py
 
 .PHONY: install demo test test-main test-compat bench clean
 
