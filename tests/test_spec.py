@@ -117,7 +117,8 @@ TOP_ORDER = ["format", "format_version", "kind", "requires", "store_id", "num_im
 REGIONS_KEYS = ["crops_per_image", "codec", "box_dtype", "crops", "aug", "augment"]
 SAMPLER_KEYS = ["algorithm", "rng", "max_attempts", "scale", "ratio", "flip_p", "seed"]
 CODEC_KEYS = {"full": {"dtype"}, "hard": set(), "smoothing": {"dtype"}, "ms": {"k", "dtype"}, "mr": {"k", "dtype"},
-              "logits": {"k", "dtype"}}
+              "logits": {"k", "dtype", "tail", "centred"},
+              "sampled": {"s", "k", "temperature", "input", "dtype", "logp", "seed"}}
 POLICY_KEYS = {"color_jitter": {"brightness", "contrast", "saturation", "hue"},
                "randaugment": {"num_ops", "magnitude", "num_magnitude_bins", "interpolation", "fill"},
                "random_erasing": {"p", "scale", "ratio", "value"}, "mixup": {"alpha", "p", "window"},
