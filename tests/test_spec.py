@@ -1584,12 +1584,7 @@ def test_section4_1_interrupted_creation_is_not_a_store_and_may_be_replaced(stor
 # =========================================== 3. conformance (sections 1, 1.1-1.5): headers crafted by the spec's words
 
 
-MISSING_CHECKSUM = ("spec-vs-code: section 1 makes `checksum` a REQUIRED key (a missing one is a format error "
-                    "naming it, checked before the checksum); the code reports a checksum mismatch (CorruptStoreError)")
-
-
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=MISSING_CHECKSUM))
-                                 if k == "checksum" else k for k in [*TOP_REQUIRED, "regions"]])
+@pytest.mark.parametrize("key", [*TOP_REQUIRED, "regions"])
 def test_section1_missing_required_key_is_a_format_error_naming_it(stores, tmp_path, key):
     """Section 1: "Every key above except `meta` and `library_version` is REQUIRED; a header lacking one is
     refused with a format error naming it." (checksum recomputed, except when it is the missing key)."""
@@ -1666,9 +1661,6 @@ def test_section1_3_unknown_kind_is_a_format_error(stores, tmp_path):
     _raises(FormatError, lambda: fkdstore.open(p), "voxels")
 
 
-@pytest.mark.xfail(strict=True, reason="spec-vs-code: section 1's table has the `regions` object 'exactly when "
-                   "kind is regions' and `label_map` 'exactly when kind is label_map'; the code accepts a header "
-                   "that also holds the other kind's object")
 @pytest.mark.parametrize("store,other", [("ms_f16", "label_map"), ("map_relabel", "regions")])
 def test_section1_3_the_other_kinds_object_is_refused(stores, tmp_path, store, other):
     """Section 1: "`regions` ... exactly when `kind` is `"regions"`"; "`label_map` ... exactly when `kind` is
