@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import struct
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -124,7 +125,10 @@ CODEC_KEYS = {"full": {"dtype"}, "hard": set(), "smoothing": {"dtype"}, "ms": {"
 POLICY_KEYS = {"color_jitter": {"brightness", "contrast", "saturation", "hue"},
                "randaugment": {"num_ops", "magnitude", "num_magnitude_bins", "interpolation", "fill"},
                "random_erasing": {"p", "scale", "ratio", "value"}, "mixup": {"alpha", "p", "window"},
-               "cutmix": {"alpha", "p", "window"}}
+               "cutmix": {"alpha", "p", "window"}, "random_grayscale": {"p"},
+               "gaussian_blur": {"kernel_size", "sigma", "p"}, "mixup_exact": {"alpha", "p", "window"},
+               "cutmix_box": {"alpha", "p", "window"}, "partner_crop": {"policies"},
+               "external_seed": {"library", "pipeline", "rng", "pair_rule"}}
 LABEL_MAP_KEYS = {"size", "k", "dtype", "fill", "box", "pool", "temperature", "flip"}
 DTYPES = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32"}
 VOLATILE_META = ("time_taken_s", "finished_at", "created_at", "history", "skipped")  # section 9
@@ -936,6 +940,70 @@ def spec_tail_interval(codec: dict, fields: dict, c: int, T: float):
     return lo, lw, hi
 
 
+# ===================================================== sections 6.2-6.4: the policies added to section 6.3
+
+POLICY_COLUMNS = {  # section 6.3's tables (column, dtype, shape) of the policies added since 4.0's first draft
+    "random_grayscale": [("gray_applied", "bool", [])],
+    "gaussian_blur": [("blur_sigma", "float16", [])],
+    "mixup_exact": [("mixup_exact_partner", "int32", []), ("mixup_exact_lam", "float32", [])],
+    "cutmix_box": [("cutmix_box_partner", "int32", []), ("cutmix_box_rect", "uint16", [4]),
+                   ("cutmix_box_lam", "float32", [])],
+    "external_seed": [("external_seed", "int32", []), ("external_partner", "int32", []),
+                      ("external_partner_seed", "int32", [])],
+}
+
+
+def spec_policy_columns(cfg: dict) -> list[tuple[str, str, list]]:
+    """Section 6.3: a policy's columns; `partner_crop` adds `partner_crop_<c>` "as c" for each column of each
+    policy of its `policies`."""
+    if cfg["name"] == "partner_crop":
+        inner = [("partner_crop_" + c, d, sh) for sub in cfg["policies"] for c, d, sh in spec_policy_columns(sub)]
+        return [("partner_crop_box", "int32", [4]), ("partner_crop_flip", "bool", [])] + inner
+    return POLICY_COLUMNS[cfg["name"]]
+
+
+def spec_partner(rng: np.random.Generator, i: int, n: int, window: int) -> int:
+    """Section 6.3 (`mixup`): the partner within a strided window."""
+    if window == 0 or window >= n:
+        S = 1
+    else:
+        S = 1
+        while -(-n // S) > window:
+            S *= 2
+    size = (n - 1 - i % S) // S + 1
+    if size > 1:
+        r = int(rng.integers(0, size - 1))
+        return i % S + S * (r + (r >= i // S))
+    rng.integers(0, 1)
+    return i
+
+
+def spec_policy_sample(cfg: dict, seed: int, i: int, s: int, H: int, W: int, n: int) -> dict:
+    """Sections 6.2-6.3: slot (i, s)'s draws from default_rng(SeedSequence([seed, crc32(name), i, s])), in the
+    order the policy lists, cast to the column dtypes (H, W: the crop's output size)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(cfg["name"].encode("ascii")), i, s]))
+    name = cfg["name"]
+    applied = rng.random() < cfg["p"]
+    if name == "random_grayscale":
+        return {"gray_applied": np.bool_(applied)}
+    if name == "gaussian_blur":
+        lo, hi = cfg["sigma"]
+        sigma = rng.uniform(lo, hi)  # drawn either way
+        return {"blur_sigma": np.float16(sigma if applied else 0)}
+    lam = rng.beta(cfg["alpha"], cfg["alpha"])
+    if name == "mixup_exact":
+        j = spec_partner(rng, i, n, cfg["window"])
+        return {"mixup_exact_partner": np.int32(j if applied else -1), "mixup_exact_lam": np.float32(lam if applied else 1)}
+    r_x, r_y = int(rng.integers(0, W)), int(rng.integers(0, H))
+    j = spec_partner(rng, i, n, cfg["window"])
+    r = 0.5 * math.sqrt(1 - lam)
+    hw, hh = int(r * W), int(r * H)
+    rect = [max(r_y - hh, 0), max(r_x - hw, 0), min(r_y + hh, H), min(r_x + hw, W)]
+    return {"cutmix_box_partner": np.int32(j if applied else -1),
+            "cutmix_box_rect": np.array(rect if applied else [0] * 4, np.uint16),
+            "cutmix_box_lam": np.float32(lam if applied else 1)}
+
+
 # ======================================================================= section 11.3: label-map pooling
 
 _f = np.float32
@@ -1130,6 +1198,13 @@ AUG_COLUMNS = [{"name": "cj_factors", "kind": "float", "dtype": "float16", "shap
                {"name": "cj_order", "kind": "int", "dtype": "uint8", "shape": []},
                {"name": "mixup_partner", "kind": "index", "dtype": "int32", "shape": []},
                {"name": "mixup_lam", "kind": "int", "dtype": "uint8", "shape": []}]
+AUGMENT2 = [{"name": "random_grayscale", "p": 0.5},  # section 6.3's added policies, every parameter spelled
+            {"name": "gaussian_blur", "kernel_size": [3, 5], "sigma": [0.5, 2.0], "p": 0.5},
+            {"name": "mixup_exact", "alpha": 0.4, "p": 0.7, "window": 0},
+            {"name": "cutmix_box", "alpha": 1.0, "p": 0.7, "window": 2}]
+EXTERNAL = [{"name": "external_seed", "library": "timm", "pipeline": "create_transform(is_training=True)",
+             "rng": "numpy PCG64(seed)", "pair_rule": "seed_a ^ seed_b"}]
+AUG_SEED = 77
 REPLAY = {"input_size": [32, 48], "interpolation": "bicubic", "mean": [0.5, 0.25, 0], "std": [0.25, 0.5, 1]}
 LABEL_MAPS = {  # section 11.1's object, spelled from the text
     "map_relabel": {"size": 5, "k": 3, "dtype": "float32", "fill": 0.0, "box": {"order": "yx", "offset": -0.5},
@@ -1221,6 +1296,23 @@ def stores(tmp_path_factory, _no_fsync):
     out["aug"], out["aug", "values"] = root / "aug", augv
     out["aug", "crops"] = write_regions(root / "aug", d, {"name": "ms", "k": 2, "dtype": "float16"},
                                         augment=AUGMENT, aug_values=augv, replay=REPLAY)
+    hw = REPLAY["input_size"]
+    augv2 = {c: np.stack([np.stack([np.asarray(v[c]) for v in row]) for row in
+                          [[{k: v for cfg in AUGMENT2 for k, v in spec_policy_sample(cfg, AUG_SEED, i, s, *hw, N).items()}
+                            for s in range(M)] for i in range(N)]])
+             for cfg in AUGMENT2 for c, _, _ in spec_policy_columns(cfg)}
+    out["aug2"], out["aug2", "values"] = root / "aug2", augv2
+    out["aug2", "crops"] = write_regions(root / "aug2", d, {"name": "ms", "k": 2, "dtype": "float16"},
+                                         augment=AUGMENT2, aug_values=augv2, replay=REPLAY)
+    partner = np.tile(((np.arange(N) + 3) % N)[:, None], (1, M)).astype(np.int32)
+    partner[::2] = -1
+    ext = {"external_seed": rng.integers(-2**31, 2**31, (N, M)).astype(np.int32), "external_partner": partner,
+           "external_partner_seed": np.where(partner >= 0, rng.integers(0, 2**31, (N, M)), 0).astype(np.int32)}
+    out["ext"], out["ext", "values"] = root / "ext", ext
+    whole = {"boxes": np.concatenate([np.zeros((N, M, 2), int), np.tile(d["sizes"][:, None], (1, M, 1))], -1),
+             "flips": np.zeros((N, M), bool)}  # 6.3: placeholders, the whole image and no flip
+    out["ext", "crops"] = write_regions(root / "ext", dict(d, **whole), {"name": "hard"}, augment=EXTERNAL,
+                                        aug_values=ext)
     for name, lm in LABEL_MAPS.items():
         idx, scores = make_maps(N, lm, C, seed=len(name))
         out[name], out[name, "maps"] = root / name, (idx, scores)
@@ -1230,7 +1322,7 @@ def stores(tmp_path_factory, _no_fsync):
     return out
 
 
-REGION_STORES = [*CODEC_STORES, "aug"]
+REGION_STORES = [*CODEC_STORES, "aug", "aug2", "ext"]
 ALL_STORES = [*REGION_STORES, *LABEL_MAPS]
 
 
@@ -2665,6 +2757,188 @@ def test_section5_float16_logits_stored_mass_uses_logits_atol():
     deficit = 1 - np.exp(stored["logits"].astype(np.float64)).sum()
     assert _sum_atol("float16", 57) < deficit <= _logits_atol("float16", 57)
     codec.validate_fields(stored, 57)
+
+
+PARTNER_CROP = [{"name": "partner_crop", "policies": [AUGMENT2[0], AUGMENT2[1]]}, AUGMENT2[2], AUGMENT2[3]]
+
+
+def test_section6_3_added_policies_columns_configs_and_draws(stores):
+    """Section 6.3's added policies: the columns of their tables (name, dtype, shape; `partner_crop_<c>` "as c"),
+    configs spelling every field (an int `kernel_size` and a number `sigma` mean both; `p` defaults 1 for
+    `gaussian_blur`, 0.1 for `random_grayscale`; `window` 4096 as `mixup`); the reference writer's draws by
+    section 6.2 (`default_rng(SeedSequence([seed, crc32(name), i, s]))`, in the listed order, cast) equal
+    ``Pipeline.sample`` for windows over all images, strided windows and windows of one image (`j = i`);
+    `partner_crop` and `external_seed` are "not sampled by writers (refused)". The store written with these
+    draws declares the tables' columns in pipeline order and passes verify."""
+    Pipeline = fkdstore.augment.Pipeline
+    for cfgs in (AUGMENT2, EXTERNAL, PARTNER_CROP):
+        pipe = Pipeline.from_config(cfgs)
+        assert pipe.get_config() == cfgs
+        cols = [c.to_json() for c in pipe.columns()]
+        assert [(c["name"], c["dtype"], c["shape"]) for c in cols] == [x for cfg in cfgs for x in spec_policy_columns(cfg)]
+        assert all(c["kind"] in ("float", "int", "bool", "index") and set(c) == {"name", "kind", "dtype", "shape"}
+                   for c in cols)
+        for cfg in pipe.get_config():
+            assert set(cfg) == POLICY_KEYS[cfg["name"]] | {"name"}, cfg
+    short = Pipeline.from_config([{"name": "random_grayscale"}, {"name": "gaussian_blur", "kernel_size": 7, "sigma": 1.5},
+                                  {"name": "mixup_exact", "alpha": 0.3}]).get_config()
+    assert short[0]["p"] == 0.1 and short[1] == {"name": "gaussian_blur", "kernel_size": [7, 7], "sigma": [1.5, 1.5],
+                                                 "p": 1.0}
+    assert short[2]["window"] == 4096
+    for n, window in ((N, 0), (N, 2), (37, 4), (37, 3)):
+        cfgs = [dict(c, window=window) if "window" in c else c for c in AUGMENT2]
+        pipe = Pipeline.from_config(cfgs)
+        for i in (0, 1, 5, n - 1):
+            got = pipe.sample(AUG_SEED + window, i, np.arange(M), image_size=(32, 48), num_images=n, crops_per_image=M)
+            for slot in range(M):
+                want = {k: v for c in cfgs for k, v in spec_policy_sample(c, AUG_SEED + window, i, slot, 32, 48, n).items()}
+                for col, v in want.items():
+                    assert got[col][slot].dtype == v.dtype and (got[col][slot] == v).all(), (n, window, i, slot, col)
+    for cfgs in (EXTERNAL, PARTNER_CROP):
+        with pytest.raises(ValidationError):
+            Pipeline.from_config(cfgs).sample(0, 0, [0], image_size=(32, 48), num_images=N, crops_per_image=M)
+    h = _header(stores["aug2"])
+    assert h["regions"]["augment"] == AUGMENT2
+    assert [(a["name"], a["dtype"], a["shape"]) for a in h["regions"]["aug"]] == [
+        x for cfg in AUGMENT2 for x in spec_policy_columns(cfg)]
+    with fkdstore.open(stores["aug2"]) as r:
+        rec = r.read_batch(np.arange(N))
+    for col, v in stores["aug2", "values"].items():
+        np.testing.assert_array_equal(rec.aug[col], v)
+    assert (stores["aug2", "values"]["mixup_exact_partner"] >= 0).any()
+    assert (stores["aug2", "values"]["cutmix_box_partner"] == -1).any()
+    assert fkdstore.verify(stores["aug2"]) == []
+
+
+@pytest.mark.xfail(strict=True, reason="spec-vs-code: section 1.3 makes `aug` equal the pipeline's columns "
+                   "{name, kind, dtype, shape}; the tables of the policies added to section 6.3 (random_grayscale, "
+                   "gaussian_blur, mixup_exact, cutmix_box, partner_crop, external_seed) give no `kind`")
+def test_section6_3_every_policy_table_gives_the_column_kind():
+    """Sections 1.3 and 6: an `aug` entry is `{"name", "kind", "dtype", "shape"}` and MUST equal the pipeline's
+    columns, so a writer following the text needs each column's kind from section 6.3's tables."""
+    text = (Path(__file__).parents[1] / "spec" / "format-v4.md").read_text()
+    part = text[text.index("### 6.3 Policies"):text.index("### 6.4")]
+    heads = [ln for ln in part.splitlines() if ln.startswith("| column |")]
+    assert len(heads) >= 11 and all("| kind |" in ln for ln in heads), heads
+
+
+PIPELINE_REFUSED = [  # section 6.3's rules on configs and pipelines
+    [{"name": "gaussian_blur", "kernel_size": [4, 5], "sigma": [0.5, 2.0], "p": 1.0}],
+    [{"name": "gaussian_blur", "kernel_size": [3, 257], "sigma": [0.5, 2.0], "p": 1.0}],
+    [{"name": "gaussian_blur", "kernel_size": [3, 3], "sigma": [0.0005, 2.0], "p": 1.0}],
+    [{"name": "gaussian_blur", "kernel_size": [3, 3], "sigma": [2.0, 1.0], "p": 1.0}],
+    [{"name": "random_grayscale", "p": 1.5}],
+    [dict(EXTERNAL[0], library="")],
+    [*EXTERNAL, AUGMENT2[0]],
+    [{"name": "partner_crop", "policies": [AUGMENT2[2]]}],
+    [{"name": "partner_crop", "policies": []}, {"name": "partner_crop", "policies": []}],
+    [AUGMENT2[2], {"name": "partner_crop", "policies": []}],
+]
+
+
+@pytest.mark.parametrize("cfgs", PIPELINE_REFUSED, ids=range(len(PIPELINE_REFUSED)))
+def test_section6_3_added_policies_refuse_configs_outside_the_text(cfgs):
+    """Section 6.3: `kernel_size` odd in 1..255, `sigma` `0.001 <= min <= max <= 1000`, `p` in [0, 1], `library`
+    non-empty; "`external_seed` MUST be the only policy of its pipeline"; `partner_crop`'s `policies` are
+    non-mixing; "A pipeline holds at most one `partner_crop`, placed among the non-mixing policies"."""
+    with pytest.raises((ValidationError, TypeError)):
+        fkdstore.augment.Pipeline.from_config(cfgs)
+
+
+def _validity_cases():
+    """(pipeline configs, columns edit, valid?) for section 6.3's validity rules, on columns drawn by 6.2."""
+    H, W = REPLAY["input_size"]
+    top = float(np.float16(2.0)) + float(np.spacing(np.float16(2.0)))  # one float16 step of max above it
+    return [
+        (AUGMENT2, {"blur_sigma": (0, np.float16(top))}, True),
+        (AUGMENT2, {"blur_sigma": (0, np.nextafter(np.float16(top), np.float16(9)))}, False),
+        (AUGMENT2, {"blur_sigma": (0, np.float16(0.49))}, False),
+        ([dict(AUGMENT2[1], p=0.0)], {"blur_sigma": (0, np.float16(1.0))}, False),
+        (AUGMENT2, {"mixup_exact_lam": (0, np.float32(1.5)), "mixup_exact_partner": (0, 3)}, False),
+        (AUGMENT2, {"mixup_exact_lam": (0, np.float32(0.5)), "mixup_exact_partner": (0, -1)}, False),
+        (AUGMENT2, {"mixup_exact_lam": (0, np.float32(0.5)), "mixup_exact_partner": (0, N)}, False),
+        (AUGMENT2, {"mixup_exact_lam": (0, np.float32(0.5)), "mixup_exact_partner": (0, N - 1)}, True),
+        (AUGMENT2, {"cutmix_box_partner": (0, 2), "cutmix_box_rect": (0, [0, 0, H, W]),
+                    "cutmix_box_lam": (0, np.float32(0.25))}, True),
+        (AUGMENT2, {"cutmix_box_partner": (0, 2), "cutmix_box_rect": (0, [0, 0, H + 1, W]),
+                    "cutmix_box_lam": (0, np.float32(0.25))}, False),
+        (AUGMENT2, {"cutmix_box_partner": (0, 2), "cutmix_box_rect": (0, [5, 0, 4, W]),
+                    "cutmix_box_lam": (0, np.float32(0.25))}, False),
+        (AUGMENT2, {"cutmix_box_partner": (0, 2), "cutmix_box_rect": (0, [0, 0, 4, 4]),
+                    "cutmix_box_lam": (0, np.float32(-0.25))}, False),
+        (AUGMENT2, {"cutmix_box_partner": (0, -1), "cutmix_box_rect": (0, [0, 0, 4, 4]),
+                    "cutmix_box_lam": (0, np.float32(1.0))}, False),
+        (AUGMENT2, {"cutmix_box_partner": (0, -1), "cutmix_box_rect": (0, [0, 0, 0, 0]),
+                    "cutmix_box_lam": (0, np.float32(0.5))}, False),
+        (PARTNER_CROP, {}, True),
+        (PARTNER_CROP, {"partner_crop_box": (0, [0, 0, 0, 5])}, False),
+        (PARTNER_CROP, {"partner_crop_box": (0, [-1, 0, 4, 5])}, False),
+        (PARTNER_CROP, {"partner_crop_blur_sigma": (0, np.float16(3.0))}, False),
+        (PARTNER_CROP, {"mixup_exact_partner": (0, 2), "mixup_exact_lam": (0, np.float32(0.5)),
+                        "cutmix_box_partner": (0, 3), "cutmix_box_rect": (0, [0, 0, 4, 4]),
+                        "cutmix_box_lam": (0, np.float32(0.5))}, False),
+        (PARTNER_CROP, {"mixup_exact_partner": (0, 3), "mixup_exact_lam": (0, np.float32(0.5)),
+                        "cutmix_box_partner": (0, 3), "cutmix_box_rect": (0, [0, 0, 4, 4]),
+                        "cutmix_box_lam": (0, np.float32(0.5))}, True),
+        (EXTERNAL, {"external_partner": (0, N)}, False),
+        (EXTERNAL, {"external_partner": (0, -2)}, False),
+        (EXTERNAL, {"external_partner": (0, N - 1)}, True),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_validity_cases())))
+def test_section6_4_validity_of_the_added_policies(case):
+    """Section 6.3's validity lines, checked by ``Pipeline.validate`` (section 6.4: "what a reader checks"):
+    `blur_sigma` "is 0 or within [min, max] widened by one float16 step of max; 0 everywhere when p = 0";
+    `mixup_exact`: "lam in [0, 1]; lam = 1.0 when not mixed"; `cutmix_box`: "0 <= y1 <= y2 <= H, 0 <= x1 <= x2 <= W;
+    lam in [0, 1]; rect 0 and lam 1.0 when not mixed"; `partner_crop`: "the box is all 0 or has height, width >= 1
+    and top, left >= 0; every partner_crop_<c> obeys c's rules; the mixing policies of a slot name one partner";
+    `external_seed`: "`external_partner` in [-1, N)"; `-1 <= partner < N` (H, W: `replay.input_size`)."""
+    cfgs, edits, valid = _validity_cases()[case]
+    pipe = fkdstore.augment.Pipeline.from_config(cfgs)
+    cols = {name: np.zeros((2, *shape), dtype) for name, dtype, shape in
+            (x for cfg in cfgs for x in spec_policy_columns(cfg))}
+    for cfg in cfgs:  # an unmixed slot is the valid base: lam 1.0, partner -1
+        for name in cols:
+            if name.endswith("_partner"):
+                cols[name][:] = -1
+            if name in ("mixup_exact_lam", "cutmix_box_lam"):
+                cols[name][:] = 1.0
+    for name, (row, value) in edits.items():
+        cols[name][row] = value
+    check = lambda: pipe.validate(cols, num_images=N, crops_per_image=M, image_size=REPLAY["input_size"])  # noqa: E731
+    if valid:
+        check()
+    else:
+        with pytest.raises(ValidationError):
+            check()
+
+
+def test_section6_3_external_seed_store_reads_labels_and_columns_but_no_pixels(stores, tmp_path):
+    """Section 6.3, `external_seed`: "A reader MUST NOT produce pixels for it with its own ops: it MUST refuse
+    to replay crops unless the user supplies a replay function, and MUST still read the labels and the stored
+    columns"; the columns of its table; `external_partner` in [-1, N) (verify, invariant 11)."""
+    p = stores["ext"]
+    assert [(a["name"], a["dtype"], a["shape"]) for a in _header(p)["regions"]["aug"]] == POLICY_COLUMNS["external_seed"]
+    with fkdstore.open(p) as r:
+        rec = r.read_batch(np.arange(N))
+        for col, v in stores["ext", "values"].items():
+            np.testing.assert_array_equal(rec.aug[col], v)
+        np.testing.assert_array_equal(r.decode(rec.fields).argmax(-1), stores["inputs"]["probs"].argmax(-1))
+        pipe = r.header.regions.augment
+        params = {c: v[3, 1] for c, v in rec.aug.items()}
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    for replay in (lambda: pipe.premix(pixels, params), lambda: pipe.apply(pixels, params)):
+        with pytest.raises(ExternalReplayError, match="timm"):
+            replay()
+    assert fkdstore.verify(p) == []
+    q = _copy(stores, "ext", tmp_path)
+    st = SpecStore(q)
+    v = np.concatenate([st.record_chunk("aug/external_partner", c) for c in range(st.nchunks)])[:N].copy()
+    v[4, 2] = N
+    _rewrite_record(q, "aug/external_partner", v)
+    spec_retag(q)
+    assert any("external_partner" in x for x in fkdstore.verify(q))
 
 
 def test_section6_4_verify_reports_augmentation_values_breaking_their_policy(stores, tmp_path):
