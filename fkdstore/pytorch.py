@@ -256,7 +256,7 @@ class TorchDataset(torch.utils.data.Dataset):
                 f"generating it, or pass allow_incomplete=True to train on the written images only")
         self.image_indices = np.flatnonzero(written).astype(np.int64)
         # Validated at open (fkdstore.reader refuses unknown policies); None = crop and flip only (fast path).
-        pipeline = _augment.parse_augment(list(reader.header.augment))
+        pipeline = reader.header.augment
         self.augment = pipeline if len(pipeline) else None
 
         # The epoch lives in shared memory so persistent DataLoader workers see set_epoch() too.

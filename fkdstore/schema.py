@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +51,7 @@ from .seeded import SlotCropSampler
 from .transforms import Replay
 from .validation import int_in_range
 
-__all__ = ["Header", "Layout", "Regions", "LabelMap", "parse_header", "new_store_id", "Column", "parse_aug",
+__all__ = ["Header", "Layout", "Regions", "LabelMap", "parse_header", "Column", "parse_aug",
            "manifest_tag", "manifest_tags", "encode_keys", "decode_keys", "default_layout", "box_dtype",
            "canonical_json", "check_json", "header_checksum", "check_version"]
 
@@ -132,11 +131,6 @@ def aug_path(column: str) -> str:
 def box_dtype(max_side: int) -> str:
     """Box coordinates are uint16 when every image side fits (<= 65535 px), else int32 (section 2)."""
     return "uint16" if max_side <= np.iinfo(np.uint16).max else "int32"
-
-
-def new_store_id() -> str:
-    """A random store id: 32 lowercase hex digits (128 bits), part of every manifest tag (section 4)."""
-    return secrets.token_hex(16)
 
 
 def _pow2_floor(x: float) -> int:

@@ -33,6 +33,8 @@ Ownership (one writer per shard): :mod:`fkdstore.ownership`.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -188,8 +190,10 @@ def write(
         primary: only the primary writer (rank 0) creates the store and writes attributes; others require
             the store to exist.
         max_buffered_shards: at most this many partially filled shards are held in memory.
-        store_id: 32 lowercase hex digits naming the store in every manifest tag; default random (a rerun
-            that resumes keeps the store's own). Give one only to write byte-identical copies.
+        store_id: 32 lowercase hex digits naming the store in every manifest tag. Default: a digest of what
+            the store is (:func:`_default_store_id`: header, non-volatile ``meta``, keys, sizes, labels), so
+            the same inputs give the same store byte for byte and stores of other teachers, codecs or images
+            get other ids; a resumed store keeps its own.
 
     Raises :class:`ValidationError` / :class:`TypeError` for bad input and :class:`SchemaMismatchError` if an
     existing store differs; nothing is written in either case.
@@ -201,8 +205,8 @@ def write(
     replay = _replay(replay)
     if store_id is not None and not isinstance(store_id, str):
         raise TypeError(f"store_id must be a str of 32 hex digits. Got {type(store_id).__name__}.")
-    header = _make_header(inputs, records, replay, images_per_chunk, images_per_shard,
-                          store_id or S.new_store_id(), existing=None)  # every check before anything is written
+    header = _make_header(inputs, records, replay, images_per_chunk, images_per_shard, store_id,
+                          existing=None)  # every check before anything is written
     store = storage.as_store(location, read_only=False, storage_options=storage_options)
     where = storage.describe(store)
     if primary:
@@ -335,7 +339,21 @@ def _parse_inputs(N, C, image_keys, image_sizes, labels, meta) -> dict[str, Any]
     return dict(N=N, C=C, keys=keys, key_arr=key_arr, sizes=sizes.astype(np.int32), labels=labels_arr, meta=meta)
 
 
-def _make_header(inputs, records, replay, ipc, ips, store_id: str, *, existing: S.Header | None) -> S.Header:
+def _default_store_id(header: S.Header, inputs: Mapping[str, Any]) -> str:
+    """The store id a writer picks when none is given: the first 128 bits of the sha256 of the header's
+    checksummed content (its store id left out), the non-volatile ``meta`` (provenance: teacher, ...), and the
+    keys, sizes and labels."""
+    body = json.loads(header.identity())
+    body.pop("store_id", None)
+    meta = {k: v for k, v in header.meta.items() if k not in S.VOLATILE_META}
+    h = hashlib.sha256(S.canonical_json({"header": body, "meta": meta}).encode("utf-8"))
+    for name in ("key_arr", "sizes", "labels"):
+        h.update(np.ascontiguousarray(inputs[name]).astype(inputs[name].dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _make_header(inputs, records, replay, ipc, ips, store_id: str | None, *,
+                 existing: S.Header | None) -> S.Header:
     N = inputs["N"]
     ipc = None if ipc is None else positive_int("images_per_chunk", ipc)
     ips = None if ips is None else positive_int("images_per_shard", ips)
@@ -352,7 +370,10 @@ def _make_header(inputs, records, replay, ipc, ips, store_id: str, *, existing: 
             ipc = d_ipc if ips is None or ips % d_ipc == 0 else math.gcd(ips, d_ipc)
         if ips is None:
             ips = max(d_ips, ipc) // ipc * ipc
-    return S.Header(layout=S.Layout(images_per_chunk=ipc, images_per_shard=ips), **common)
+    header = S.Header(layout=S.Layout(images_per_chunk=ipc, images_per_shard=ips), **{**common, "store_id": "0" * 32})
+    if store_id is None:
+        store_id = _default_store_id(header, inputs)
+    return dataclasses.replace(header, store_id=store_id)
 
 
 def _create(store, header: S.Header, inputs) -> zarr.Group:
@@ -399,8 +420,19 @@ def _manifest_rows(header: S.Header, shards: range, per_image: Mapping[str, np.n
     return np.concatenate([lead, record_tags], 1)
 
 
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested header objects as dotted keys (``layout.images_per_shard``), for messages naming the field."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) -> None:
-    old_d, new_d = json.loads(old.identity()), json.loads(new.identity())
+    old_d, new_d = _flat(json.loads(old.identity())), _flat(json.loads(new.identity()))
     for k in sorted(set(old_d) | set(new_d)):
         if k == "key_length":
             continue  # compared below with the keys themselves, for a clearer message

@@ -1,6 +1,7 @@
-"""Fault injection (issue 14): each damage below must make the reader, ``verify`` and TorchDataset fail with
-an error naming the array, the file/key and the images, never return wrong labels. Stores of format 1.0
-(what the writer on main writes) and 2.0 (converted by tests/v2util.py) are both covered."""
+"""Fault injection: each damage below must make the reader, ``verify`` and TorchDataset fail with an error
+naming the array, the file/key and the images, never return wrong labels. Stores with stored crops and with
+seeded crops are both covered; the per-image arrays and replay parameters have their own tests in
+test_faults_binding.py."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from fkdstore import storage
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, IncompleteStoreError
 from fkdstore.shard import MISSING
 from fkdstore.verify import verify
-from test_cli import make_store
-from v2util import set_header, shard_file, shard_index, to_v1, use_dot_separator, write_shard_index
+from storeutil import small_store as make_store
+from faultutil import set_header, shard_file, shard_index, use_dot_separator, write_shard_index
+from fkdstore.seeded import SlotCropSampler
 
 N, M, C, IPC, IPS = 16, 5, 30, 4, 8  # shards of 8 images = 2 inner chunks; 2 shards
 PROBS = S.soft_path("probs")
+INDICES = S.soft_path("indices")
 
 
 @pytest.fixture(params=["sequential", "read-ahead"], autouse=True)
@@ -33,12 +36,14 @@ def read_all_mode(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["1.0", "2.0"])
+@pytest.fixture(params=["stored", "seeded"])
 def store(request, tmp_path):
     p = tmp_path / "s.fkd"
-    data = make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
-    if request.param == "1.0":
-        to_v1(p)
+    if request.param == "stored":
+        data = make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
+    else:  # the same store with the sampler's crops, derived on read (no box/flip arrays)
+        sampler = SlotCropSampler(seed=4)
+        data = make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS, crop_sampler=sampler)
     return p, data, request.param
 
 
@@ -70,13 +75,13 @@ def test_shard_file_deleted(store):
 
 def test_inner_chunk_removed_from_index(store):
     p, _, _ = store
-    f = shard_file(p, S.BOX, 0)
+    f = shard_file(p, INDICES, 0)
     index = shard_index(f, IPS // IPC)
     index[1] = MISSING  # the sharding codec's "not stored" sentinel, with a valid index crc32c
     write_shard_index(f, index)
-    _assert_raises(p, 5, CorruptStoreError, "array 'box' chunk 1 (images 4-7, shard file box/c/0/0/0)",
+    _assert_raises(p, 5, CorruptStoreError, "array 'soft/indices' chunk 1 (images 4-7, shard file soft/indices/c/0/0/0)",
                    "missing from the shard index")
-    _verify_names(p, "array 'box' chunk 1 (images 4-7, shard file box/c/0/0/0)", "missing from the shard index")
+    _verify_names(p, "array 'soft/indices' chunk 1 (images 4-7, shard file soft/indices/c/0/0/0)", "missing from the shard index")
 
 
 def test_shard_files_swapped(store):
@@ -88,11 +93,6 @@ def test_shard_files_swapped(store):
     a.rename(tmp)
     b.rename(a)
     tmp.rename(b)
-    if version == "1.0":  # nothing binds a 1.0 chunk to its position: the known limit that 2.0 removes
-        with R.open(p) as r:
-            np.testing.assert_array_equal(r.read(0).fields["probs"], image8)  # image 8's labels, silently
-        assert verify(p) == []
-        return
     _assert_raises(p, 1, CorruptStoreError, "array 'soft/probs' chunk 0 (images 0-3, shard file soft/probs/c/0/0/0)",
                    "does not match the manifest: misplaced or stale data")
     _verify_names(p, "array 'soft/probs' chunk 0", "soft/probs/c/0/0/0", "manifest")
@@ -100,18 +100,14 @@ def test_shard_files_swapped(store):
 
 def test_inner_chunks_swapped(store):
     p, data, version = store
-    f = shard_file(p, S.BOX, 1)
+    f = shard_file(p, INDICES, 1)
     index = shard_index(f, IPS // IPC)
     write_shard_index(f, index[::-1])
-    if version == "1.0":  # no manifest in 1.0: a swap inside a shard is undetectable there (fixed by 2.0)
-        with R.open(p) as r:
-            np.testing.assert_array_equal(r.read(9).box, data["boxes"][13])
-        return
-    _assert_raises(p, 9, CorruptStoreError, "array 'box' chunk 2 (images 8-11, shard file box/c/1/0/0)",
-                   "does not match the manifest")
-    with R.open(p) as r, pytest.raises(CorruptStoreError, match=r"array 'box' chunk 3 \(images 12-15"):
+    _assert_raises(p, 9, CorruptStoreError, "array 'soft/indices' chunk 2 (images 8-11, shard file "
+                   "soft/indices/c/1/0/0)", "does not match the manifest")
+    with R.open(p) as r, pytest.raises(CorruptStoreError, match=r"array 'soft/indices' chunk 3 \(images 12-15"):
         r.read(12)
-    _verify_names(p, "array 'box' chunk 2 (images 8-11, shard file box/c/1/0/0)", "manifest")
+    _verify_names(p, "array 'soft/indices' chunk 2 (images 8-11, shard file soft/indices/c/1/0/0)", "manifest")
 
 
 def test_payload_byte_flipped(store):
@@ -127,11 +123,13 @@ def test_payload_byte_flipped(store):
     _verify_names(p, "array 'soft/probs' chunk 3", "crc32c")
 
 
-@pytest.mark.parametrize("edit", [{"num_classes": 31}, {"codec": {"name": "mr", "k": 5, "dtype": "float16"}},
-                                  {"images_per_chunk": 2}])
+@pytest.mark.parametrize("edit", [{"num_classes": 31}, {"regions.codec": {"name": "mr", "k": 5, "dtype": "float16"}},
+                                  {"layout.images_per_chunk": 2}, {"replay": {"input_size": [64, 64], "interpolation": "nearest",
+                                                             "mean": [0.5] * 3, "std": [0.5] * 3}},
+                                  {"store_id": "0" * 32}])
 def test_header_edited(tmp_path, edit):
     p = tmp_path / "s.fkd"
-    make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)  # the writer writes 2.0 (checksummed header)
+    make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)  # checksummed header
     set_header(p, **edit)
     with pytest.raises(CorruptStoreError, match="header checksum mismatch"):
         R.open(p)
@@ -139,14 +137,18 @@ def test_header_edited(tmp_path, edit):
     assert len(problems) == 1 and "header checksum mismatch" in problems[0], problems
 
 
-def test_header_edit_of_v1_layout_caught_by_metadata_check(tmp_path):
+def test_header_edit_with_a_recomputed_checksum_is_caught_by_the_arrays(tmp_path):
+    """crc32c is no signature: a tool that recomputes it after an edit passes the header check; the arrays'
+    metadata (here the inner chunk shape) and the manifest tags (here the store id) still disagree."""
     p = tmp_path / "s.fkd"
     make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
-    to_v1(p)
-    set_header(p, images_per_chunk=2)  # 1.0 has no checksum: the array metadata disagree with it
+    set_header(p, **{"layout.images_per_chunk": 2}, checksum=True)
     with pytest.raises(CorruptStoreError, match=r"array 'box': inner chunk shape is \(4, 5, 4\) in box/zarr.json "
                                                 r"but the store header implies \(2, 5, 4\)"):
         R.open(p)
+    set_header(p, **{"layout.images_per_chunk": IPC, "store_id": "0" * 32}, checksum=True)
+    with R.open(p) as r, pytest.raises(CorruptStoreError, match="array 'key' chunk 0 .*does not match the manifest"):
+        r.image_keys
 
 
 def test_array_rechunked_header_untouched(store):
@@ -163,15 +165,16 @@ def test_array_rechunked_header_untouched(store):
 
 def test_absurd_shape_in_zarr_json_is_refused_before_allocating(store):
     p, _, _ = store
-    for name in (S.BOX, S.WRITTEN):
+    for name in (INDICES, S.WRITTEN):
         zj = p / name / "zarr.json"
         doc = json.loads(zj.read_text())
         doc["shape"][0] = 10**15
         zj.write_text(json.dumps(doc))
-    with pytest.raises(CorruptStoreError, match=r"array 'box': shape is \(1000000000000000, 5, 4\)"):
+    with pytest.raises(CorruptStoreError, match=r"array 'soft/indices': shape is \(1000000000000000, 5, 5\)"):
         R.open(p)
     problems = verify(p)  # returns promptly, allocating nothing of that size
-    assert any("array 'box': shape" in x for x in problems) and any("array 'written': shape" in x for x in problems)
+    assert any("array 'soft/indices': shape" in x for x in problems)
+    assert any("array 'written': shape" in x for x in problems)
 
 
 def test_written_flag_without_data(tmp_path):
@@ -180,8 +183,7 @@ def test_written_flag_without_data(tmp_path):
     import zarr
 
     zarr.open_group(str(p), mode="r+")[S.WRITTEN][8:] = 1  # flags claim images 8..15
-    _assert_raises(p, 10, CorruptStoreError, "array 'box' chunk 2 (images 8-11, shard file box/c/1/0/0)",
-                   "shard file is missing")
+    _assert_raises(p, 10, CorruptStoreError, "chunk 2 (images 8-11, shard file ", "shard file is missing")
     _verify_names(p, "chunk 2 (images 8-11", "missing")
 
 
@@ -202,22 +204,22 @@ def test_refresh_sees_images_written_later(tmp_path):
 def test_dot_separator_store_is_read_and_verified(store):
     p, data, _ = store
     use_dot_separator(p)
-    assert (p / S.BOX / "c.1.0.0").exists()
+    assert (p / INDICES / "c.1.0.0").exists()
     with R.open(p) as r:
         np.testing.assert_array_equal(r.read_batch(np.arange(N)).box, data["boxes"])
         np.testing.assert_array_equal(r.read_all().flip, data["flips"])
     assert verify(p) == []
-    (p / S.BOX / "c.1.0.0").unlink()
-    _assert_raises(p, 9, CorruptStoreError, "shard file box/c.1.0.0", "images 8-11")
+    (p / INDICES / "c.1.0.0").unlink()
+    _assert_raises(p, 9, CorruptStoreError, "shard file soft/indices/c.1.0.0", "images 8-11")
 
 
 def test_unknown_codec_name_is_named(tmp_path):
     p = tmp_path / "s.fkd"
     make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
-    to_v1(p)
-    set_header(p, codec={"name": "wavelet9"})  # 1.0: no checksum, so the codec check is what refuses it
+    set_header(p, **{"regions.codec": {"name": "wavelet9"}}, checksum=True)  # a valid checksum: the codec check refuses
     with pytest.raises(FormatError, match="label codec 'wavelet9'"):
         R.open(p)
+    assert "label codec 'wavelet9'" in verify(p)[0]
 
 
 def test_torch_dataset_propagates_the_error(tmp_path, monkeypatch):
@@ -236,9 +238,6 @@ def test_torch_dataset_propagates_the_error(tmp_path, monkeypatch):
                         image_sizes=np.full((n, 2), 16), images_per_chunk=2, images_per_shard=4) as w:
         w.put(np.arange(n), np.tile([0, 0, 8, 8], (n, 2, 1)), np.zeros((n, 2), bool),
               rng.dirichlet(np.ones(10), (n, 2)).astype(np.float32))
-    # until store.py re-exports fkdstore.reader, point TorchDataset at it (a no-op afterwards)
-    monkeypatch.setattr(pytorch, "_open_store", R.open)
-    monkeypatch.setattr(pytorch, "Reader", R.Reader)
     ds = pytorch.TorchDataset(p, images, output_size=8)
     assert ds[0]["soft_labels"].shape == (1, 10)
     shard_file(p, PROBS, 1).unlink()

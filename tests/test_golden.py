@@ -18,10 +18,19 @@ def expected():
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_v1_0_store_reads_identically(codec, expected):
+def test_v1_0_store_migrates_identically(codec, expected, tmp_path):
+    """Format 1.0 (fkdstore 0.1) is read by `convert` only: readers refuse it naming the migration, and the
+    migrated 4.0 store holds exactly the 1.0 store's keys, sizes, crops and label fields."""
+    from fkdstore.convert import convert
+
     keys = json.loads((V1_0 / "keys.json").read_text())
-    with fkdstore.open(V1_0 / f"{codec}.zarr") as r:
-        assert r.complete
+    with pytest.raises(fkdstore.FormatError, match="format version 1.0 .*fkdstore convert"):
+        fkdstore.open(V1_0 / f"{codec}.zarr")
+    src = json.loads((V1_0 / f"{codec}.zarr" / "zarr.json").read_text())["attributes"]["fkdstore"]["codec"]
+    out = convert(V1_0 / f"{codec}.zarr", tmp_path / "out", src)  # the same codec: a copy into 4.0
+    assert out["images"] == len(keys) and out["missing"] == 0
+    with fkdstore.open(tmp_path / "out") as r:
+        assert r.complete and r.header.format_version == "4.0" and not r.header.seeded
         assert r.image_keys == keys
         np.testing.assert_array_equal(r.image_sizes, expected["sizes"])
         rec = r.read_batch(np.arange(r.num_images))

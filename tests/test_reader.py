@@ -1,5 +1,6 @@
-"""fkdstore.reader: round trips on format 1.0 and 2.0, the direct shard path vs Zarr, remote (store API)
-sources, index types, pickling and child processes. Faults are in test_faults_reader.py."""
+"""fkdstore.reader: round trips of stored and seeded crops, the direct shard path vs Zarr, remote (store API)
+sources, index types, pickling and child processes. Faults are in test_faults_reader.py; 2.0 and 3.0
+stores (fkdstore 0.2) are read in test_golden.py."""
 
 from __future__ import annotations
 
@@ -20,31 +21,31 @@ from fkdstore import storage
 from fkdstore.codecs import REGISTRY, get_codec
 from fkdstore.errors import CorruptChunkError, FormatError, IncompleteStoreError, ValidationError
 from storeutil import create, fill, make_data
-from v2util import shard_file, to_v1
+from faultutil import set_header, shard_file
 
-GOLDEN = Path(__file__).parent / "golden" / "v1.0"
+from fkdstore.seeded import SlotCropSampler
 
 
-def _store(tmp_path, version, N=40, M=6, C=12, codec="ms", aug=None, ipc=4, ips=16, seed=0):
-    d = make_data(N, M, C, seed=seed)
-    p = tmp_path / f"s{version}"
+
+def _store(tmp_path, crops, N=40, M=6, C=12, codec="ms", aug=None, ipc=4, ips=16, seed=0):
+    """A complete store; ``crops`` "stored" (random boxes) or "seeded" (the slot sampler's, derived on read)."""
+    d = make_data(N, M, C, seed=seed, sampler=SlotCropSampler(seed=seed) if crops == "seeded" else None)
+    p = tmp_path / f"s{crops}"
     aug_vals = np.random.default_rng(seed).random((N, M, len(aug or ()))).astype(np.float32)
     with create(p, d, codec, images_per_chunk=ipc, images_per_shard=ips, aug=aug) as w:
         for s in range(0, N, 7):
             i = np.arange(s, min(N, s + 7))
             w.put(i, d["boxes"][i], d["flips"][i], d["probs"][i], aug=aug_vals[i] if aug else None)
-    if version == "1.0":
-        to_v1(p)
     return p, d, aug_vals
 
 
-@pytest.mark.parametrize("version", ["1.0", "2.0"])
+@pytest.mark.parametrize("crops", ["seeded", "stored"])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_round_trip_every_codec(tmp_path, version, name):
+def test_round_trip_every_codec(tmp_path, crops, name):
     codec = get_codec(name, **({"k": 3} if name in ("ms", "mr") else {}))
-    p, d, _ = _store(tmp_path, version, codec=codec)
+    p, d, _ = _store(tmp_path, crops, codec=codec)
     r = R.open(p)
-    assert r.complete and r.codec == codec and r.header.format_version == version
+    assert r.complete and r.codec == codec and r.header.format_version == "4.0" and r.header.seeded == (crops == "seeded")
     assert r.image_keys == d["keys"] and r.image_key(17) == d["keys"][17]
     np.testing.assert_array_equal(r.image_sizes, d["sizes"])
     np.testing.assert_array_equal(r.labels, d["labels"])
@@ -63,34 +64,20 @@ def test_round_trip_every_codec(tmp_path, version, name):
     np.testing.assert_array_equal(everything.box, d["boxes"])
 
 
-@pytest.mark.parametrize("codec", ["full", "hard", "smoothing", "ms", "mr"])
-def test_golden_v1_0_reads_identically(codec):
-    e = dict(np.load(GOLDEN / "expected.npz"))
-    with R.open(GOLDEN / f"{codec}.zarr") as r:
-        assert r.image_keys == json.loads((GOLDEN / "keys.json").read_text())
-        rec = r.read_batch(np.arange(r.num_images))
-        np.testing.assert_array_equal(rec.box, e["boxes"])
-        np.testing.assert_array_equal(rec.flip, e["flips"])
-        for name, v in rec.fields.items():
-            np.testing.assert_array_equal(v, e[f"{codec}/{name}"])
-        np.testing.assert_array_equal(r.decode(rec.fields), e[f"{codec}/decoded"])
-        np.testing.assert_array_equal(r.read_all().fields[next(iter(rec.fields))], next(iter(rec.fields.values())))
-
-
-@pytest.mark.parametrize("version", ["1.0", "2.0"])
-def test_aug_columns_are_a_dict(tmp_path, version):
-    p, d, aug = _store(tmp_path, version, N=12, aug=["brightness", ("erase", "bool")], ipc=2, ips=4)
+@pytest.mark.parametrize("crops", ["seeded", "stored"])
+def test_aug_columns_are_a_dict(tmp_path, crops):
+    p, d, aug = _store(tmp_path, crops, N=12, aug=["brightness", ("erase", "bool")], ipc=2, ips=4)
     r = R.open(p)
     assert r.aug_names == ["brightness", "erase"]
     rec = r.read(4, [5, 0])
     assert set(rec.aug) == {"brightness", "erase"}
     np.testing.assert_array_equal(rec.aug["erase"], aug[4, [5, 0], 1])
     np.testing.assert_array_equal(r.read_all().aug["brightness"], aug[..., 0])
-    assert R.open(_store(tmp_path / "x", version, N=4)[0]).read(1).aug == {}
+    assert R.open(_store(tmp_path / "x", crops, N=4)[0]).read(1).aug == {}
 
 
 def test_read_batch_order_slots_and_read_all_slots(tmp_path):
-    p, d, _ = _store(tmp_path, "2.0", N=50, M=8, C=10, ipc=4, ips=8)
+    p, d, _ = _store(tmp_path, "stored", N=50, M=8, C=10, ipc=4, ips=8)
     r = R.open(p)
     idx = np.array([49, 3, 3, 20, 0])
     slots = np.array([[7, 0], [1, 2], [3, 3], [5, 6], [0, 7]])
@@ -109,7 +96,7 @@ def test_read_batch_order_slots_and_read_all_slots(tmp_path):
 def test_slots_out_of_range_are_refused_by_every_read(tmp_path):
     """read(i) checks a few slots in Python, read_batch many with one unsigned reduction: both refuse negative
     slots (which numpy would otherwise wrap around) and slots >= M, naming the range."""
-    p, d, _ = _store(tmp_path, "2.0", N=20, M=8, C=10, ipc=4, ips=8)
+    p, d, _ = _store(tmp_path, "stored", N=20, M=8, C=10, ipc=4, ips=8)
     r = R.open(p)
     big = np.zeros((6, 3), np.int64)  # 18 slots: the vectorised check
     for bad in (-1, 8, np.iinfo(np.int64).min):
@@ -150,7 +137,7 @@ def test_crc32c_residue_is_the_trailer_check():
 
 
 def test_bool_and_float_indices_are_refused(tmp_path):
-    p, d, _ = _store(tmp_path, "1.0", N=8)
+    p, d, _ = _store(tmp_path, "seeded", N=8)
     r = R.open(p)
     for bad in (1.7, True, np.float32(2), "3"):
         with pytest.raises(TypeError, match="image index must be an integer"):
@@ -171,7 +158,7 @@ def test_bool_and_float_indices_are_refused(tmp_path):
        data=st.data())
 def test_direct_shard_path_equals_zarr(tmp_path_factory, N, M, ipc, mult, data):
     """The direct shard reader returns exactly what Zarr's own array API returns (2.0 stores)."""
-    p, d, _ = _store(tmp_path_factory.mktemp("fast"), "2.0", N=N, M=M, C=7, codec=get_codec("ms", k=2),
+    p, d, _ = _store(tmp_path_factory.mktemp("fast"), "stored", N=N, M=M, C=7, codec=get_codec("ms", k=2),
                      ipc=ipc, ips=ipc * mult, seed=N * 31 + M)
     r = R.open(p)
     idx = np.asarray(data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=12)))
@@ -184,7 +171,7 @@ def test_direct_shard_path_equals_zarr(tmp_path_factory, N, M, ipc, mult, data):
 
 
 def test_zarr_fallback_keeps_the_checks(tmp_path):
-    p, d, _ = _store(tmp_path, "2.0", N=12, M=3, C=5, ipc=2, ips=4)
+    p, d, _ = _store(tmp_path, "stored", N=12, M=3, C=5, ipc=2, ips=4)
     r = R.open(p)
     a = r.sharded(S.BOX)
     a.fast = False  # force the Zarr path for this array
@@ -198,7 +185,7 @@ def test_zarr_fallback_keeps_the_checks(tmp_path):
 def test_remote_store_source_is_concurrent_coalesced_and_equal(tmp_path):
     """A store read through Zarr's store API (here a MemoryStore, as for s3://) returns the same records;
     all chunks of a batch go out in one gather, neighbours coalesced."""
-    p, d, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=16)
+    p, d, _ = _store(tmp_path, "stored", N=40, ipc=4, ips=16)
     mem = _memory_copy(p)
     calls = []
     original = storage.StoreSource.read_ranges
@@ -242,7 +229,7 @@ def test_remote_read_all_reads_ahead(tmp_path, monkeypatch):
     """read_all on a remote store: one batch per shard fetched ahead while the previous decodes, each shard
     file fetched whole in one request per array (no separate index round, no range requests); records equal
     the local read, with and without slots."""
-    p, d, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=8)  # 5 shards
+    p, d, _ = _store(tmp_path, "stored", N=40, ipc=4, ips=8)  # 5 shards
     mem = _memory_copy(p)
     monkeypatch.setattr(R, "READ_ALL_BATCH_BYTES", 1)  # one shard per batch
     calls = {"suffixes": [], "ranges": [], "objects": []}
@@ -253,6 +240,8 @@ def test_remote_read_all_reads_ahead(tmp_path, monkeypatch):
     slots = np.random.default_rng(0).integers(0, 6, (40, 3))
     with R.open(mem) as r, R.open(p) as lo:
         assert r._source.remote and not lo._source.remote
+        for seen in calls.values():
+            seen.clear()  # opening read the arrays' zarr.json in one read_objects call
         whole = r.read_all(progress=True)
         assert calls["suffixes"] == [] and calls["ranges"] == []
         assert sorted(calls["objects"]) == [sorted(a.shard_key(s) for a in r._arrays.values()) for s in range(5)]
@@ -268,7 +257,7 @@ def test_remote_read_all_reads_ahead(tmp_path, monkeypatch):
 def test_remote_read_all_stops_at_a_damaged_shard(tmp_path, monkeypatch):
     """A chunk damaged in the 4th of 5 shards: read_all through the read-ahead pipeline raises the error
     naming array, chunk, images and shard file (not a hang, not zeros)."""
-    p, _, _ = _store(tmp_path, "2.0", N=40, ipc=4, ips=8)
+    p, _, _ = _store(tmp_path, "stored", N=40, ipc=4, ips=8)
     f = p / "box" / "c" / "3" / "0" / "0"
     raw = bytearray(f.read_bytes())
     raw[5] ^= 0xFF
@@ -285,14 +274,12 @@ def test_open_refuses_non_stores_and_newer_versions(tmp_path):
     zarr.open_group(str(tmp_path / "plain"), mode="w").attrs["x"] = 1
     with pytest.raises(FormatError, match="not an fkdstore store"):
         R.open(tmp_path / "plain")
-    p, _, _ = _store(tmp_path, "1.0", N=4)
-    g = zarr.open_group(str(p), mode="r+")
-    attrs = g.attrs[S.ATTR_KEY]
-    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "4.0"}
+    p, _, _ = _store(tmp_path, "seeded", N=4)
+    set_header(p, format_version="5.0", checksum=True)
     with pytest.raises(FormatError, match="newer than this library"):
         R.open(p)
-    g.attrs[S.ATTR_KEY] = {**attrs, "format_version": "1.7", "future_optional_key": 1}
-    assert R.open(p).num_images == 4  # newer minor: readable
+    set_header(p, format_version="4.7", future_optional_key=1, checksum=True)
+    assert R.open(p).num_images == 4  # newer minor, unknown top-level key: readable
     assert R.open(zarr.open_group(str(p), mode="r")).num_images == 4  # a zarr Group works too
 
 
@@ -310,7 +297,7 @@ def test_incomplete_images_raise(tmp_path):
 
 
 def test_corrupted_chunk_is_detected_not_decoded(tmp_path):
-    p, d, _ = _store(tmp_path, "1.0", N=16, M=4, C=6, ipc=2, ips=16)
+    p, d, _ = _store(tmp_path, "stored", N=16, M=4, C=6, ipc=2, ips=16)
     f = shard_file(p, S.BOX, 0)
     raw = bytearray(f.read_bytes())
     raw[20] ^= 0xFF  # inside the first inner chunk
@@ -322,7 +309,7 @@ def test_corrupted_chunk_is_detected_not_decoded(tmp_path):
 
 
 def test_decode_temperature_passthrough(tmp_path):
-    p, _, _ = _store(tmp_path, "1.0", N=4)
+    p, _, _ = _store(tmp_path, "seeded", N=4)
     r = R.open(p)
     f = r.read(0).fields
     np.testing.assert_array_equal(r.decode(f, temperature=2.0), r.codec.decode(f, 12, temperature=2.0))
@@ -336,7 +323,7 @@ def _read_in_child(reader, q):
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_reader_pickles_and_works_in_child_processes(tmp_path, method):
-    p, d, _ = _store(tmp_path, "2.0", N=10, M=2, C=6, ipc=2, ips=4)
+    p, d, _ = _store(tmp_path, "stored", N=10, M=2, C=6, ipc=2, ips=4)
     r = R.open(p)
     r.read(0)  # open handles in the parent first
     r2 = pickle.loads(pickle.dumps(r))
@@ -359,7 +346,7 @@ def test_cold_and_direct_decode_paths_read_identically(tmp_path, monkeypatch):
     (DIRECT_DECODE_BYTES = 0) return what the default path returns, and still check the manifest."""
     from fkdstore import shard
 
-    p, d, _ = _store(tmp_path, "2.0")
+    p, d, _ = _store(tmp_path, "stored")
     with R.open(p) as r:
         want = r.read_batch(np.arange(40))
     for knob in ("CHUNK_CACHE_BYTES", "DIRECT_DECODE_BYTES"):
@@ -372,13 +359,14 @@ def test_cold_and_direct_decode_paths_read_identically(tmp_path, monkeypatch):
             np.testing.assert_array_equal(r.read_all().fields["probs"], want.fields["probs"])
     # a manifest entry that does not match is caught on the in-place path too
     m = zarr.open_group(str(p), mode="r+")[S.MANIFEST]
-    m[1, 0] = int(m[1, 0]) ^ 1
+    col = len(S.BOUND_PER_IMAGE) + 1 * 4 + 0  # shard 0's row: per-image tags, then chunk 1's tag of array 0 (box)
+    m[0, col] = int(m[0, col]) ^ 1
     with R.open(p) as r, pytest.raises(R.CorruptStoreError, match="does not match the manifest"):
         r.read(5)
 
 
 def test_read_returns_copies_not_cached_chunks(tmp_path):
-    p, d, _ = _store(tmp_path, "2.0")
+    p, d, _ = _store(tmp_path, "stored")
     with R.open(p) as r:
         first = r.read(3)
         first.box[...] = 0
@@ -400,7 +388,7 @@ def test_chunk_cache_holds_copies_so_memory_stays_within_its_limit(tmp_path):
     LRU evicts its neighbours (memory above the accounted limit). Large random batches are not cached."""
     from fkdstore import shard
 
-    p, d, _ = _store(tmp_path, "2.0", N=100, ipc=1, ips=50)  # 100 chunks per array
+    p, d, _ = _store(tmp_path, "stored", N=100, ipc=1, ips=50)  # 100 chunks per array
     assert 100 > shard.CACHE_MAX_BLOCK_CHUNKS
     with R.open(p) as r:
         r.read_batch(np.arange(0, 40, 3))  # 14 chunks: cached, as owned copies

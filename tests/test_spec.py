@@ -32,7 +32,7 @@ from fkdstore.errors import (
 from fkdstore.shard import MISSING
 from fkdstore.verify import verify
 from storeutil import create, fill, make_data
-from v2util import shard_file, shard_index, write_shard_index
+from faultutil import shard_file, shard_index, write_shard_index
 
 GOLDEN = Path(__file__).parent / "golden" / "v1.0"
 N, M, C, IPC, IPS = 10, 3, 7, 4, 8  # 2 shards; the last inner chunk (images 8-9) is partial

@@ -12,7 +12,7 @@ from fkdstore import schema as S
 from fkdstore.cli import main
 from fkdstore.verify import verify
 from test_cli import make_store
-from v2util import to_v1
+from faultutil import retag, set_header
 
 
 def _shard_file(p, name, shard=0):
@@ -94,8 +94,7 @@ def test_missing_shard_file_of_written_images(tmp_path):
 def test_box_outside_recorded_size_and_bad_labels(tmp_path):
     p = tmp_path / "s.fkd"
     data = make_store(p, n=8, ipc=4, ips=8, codec="ms")
-    to_v1(p)  # edits through Zarr below: in 2.0 the manifest would flag them first (tested in test_faults_reader)
-    g = zarr.open_group(str(p), mode="r+")
+    g = zarr.open_group(str(p), mode="r+")  # edits through Zarr, then re-tagged: only the value rules can tell
     sizes = data["sizes"].copy()
     b = data["boxes"][3, 2]
     sizes[3] = [b[0] + b[2] - 1, sizes[3, 1]]  # image 3 now too short for its slot-2 box
@@ -104,6 +103,7 @@ def test_box_outside_recorded_size_and_bad_labels(tmp_path):
     probs[5, 1] = probs[5, 1][::-1]  # ascending top-K
     probs[6, 0, 0] = np.float16(np.nan)
     g[S.soft_path("probs")][:] = probs
+    retag(p)
     problems = verify(p)
     assert any("array 'box'" in x and "image 3 slot 2" in x for x in problems), problems
     assert any("top-K probabilities in descending order: broken in 1 crops, first at image 5 slot 1" in x
@@ -114,14 +114,12 @@ def test_box_outside_recorded_size_and_bad_labels(tmp_path):
 def test_attributes_inconsistent(tmp_path):
     p = tmp_path / "s.fkd"
     make_store(p, n=8, ipc=4, ips=8, labels=False)
-    to_v1(p)  # a 2.0 header edit is a checksum error (tested in test_faults_reader)
-    g = zarr.open_group(str(p), mode="r+")
-    attrs = g.attrs[S.ATTR_KEY]
-    attrs["has_labels"] = True
-    attrs["images_per_chunk"] = 2
-    g.attrs[S.ATTR_KEY] = attrs
+    # edits with a valid checksum (a tool that knows the rule): only the arrays can contradict them
+    set_header(p, has_labels=True, checksum=True)
     problems = verify(p)
-    assert any("has_labels=True" in x for x in problems), problems
+    assert problems == ["attribute has_labels=True but the label array holds no known labels"], problems
+    set_header(p, **{"layout.images_per_chunk": 2}, checksum=True)
+    problems = verify(p)
     assert any("array 'box': inner chunk shape is (4, 5, 4) in box/zarr.json but the store header implies "
                "(2, 5, 4)" in x for x in problems), problems
 
@@ -140,10 +138,10 @@ def test_negative_top_in_int32_boxes_is_found(tmp_path):
     with fkdstore.write(p, num_images=n, crops_per_image=m, num_classes=6, codec="ms:k=2",
                         image_keys=[f"k{i}" for i in range(n)], image_sizes=sizes) as w:
         w.put(np.arange(n), boxes, np.zeros((n, m), bool), probs)
-    to_v1(p)  # edit through Zarr (a 2.0 manifest would also flag the edit)
     g = zarr.open_group(str(p), mode="r+")
     assert g[S.BOX].dtype == np.int32
     g[S.BOX][2, 1, 0] = -5
+    retag(p)  # edit through Zarr and re-tagged (the manifest would flag it first)
     problems = verify(p)
     assert len(problems) == 1 and "array 'box': 1 boxes outside the image" in problems[0], problems
     assert "image 2 slot 1: box [-5, 0, 10, 10]" in problems[0]

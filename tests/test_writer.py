@@ -27,24 +27,26 @@ from storeutil import create, fill, make_data
 REPO = Path(__file__).resolve().parents[1]
 
 
-def expected_manifest(g, header, codec):
-    """The manifest recomputed from the arrays as Zarr reads them (partial last chunk padded)."""
-    names = list(header.per_crop_specs(codec))
-    ipc = header.images_per_chunk
-    out = np.zeros((header.num_chunks, len(names)), np.uint32)
+def expected_manifest(g, header):
+    """The manifest recomputed from the arrays as Zarr reads them (spec section 4): one row per shard, the
+    per-image chunk tags, then each inner chunk's tag of each record array (partial last chunk padded)."""
+    names = list(header.record_specs())
+    ipc, ips, cps, prefix = header.images_per_chunk, header.images_per_shard, header.chunks_per_shard, header.tag_prefix
+    records = np.zeros((header.num_shards * cps, len(names)), np.uint32)
     for p, name in enumerate(names):
-        data = g[name][:]
-        out[:, p] = S.manifest_tags(name, 0, data, ipc)
+        records[:header.num_chunks, p] = S.manifest_tags(name, 0, g[name][:], ipc, prefix)
     written = g[S.WRITTEN][:].astype(bool)
-    for s in range(header.num_shards):  # a shard never written has no manifest entries (fill value 0)
+    for s in range(header.num_shards):  # a shard never written has no record tags (0)
         if not written[header.shard_range(s)].any():
-            out[s * header.chunks_per_shard:(s + 1) * header.chunks_per_shard] = 0
-    return out
+            records[s * cps:(s + 1) * cps] = 0
+    lead = np.stack([S.manifest_tags(name, 0, g[name][:], ips, prefix, S.PER_IMAGE_FILL[name])
+                     for name in S.BOUND_PER_IMAGE], 1)
+    return np.concatenate([lead, records.reshape(header.num_shards, cps * len(names))], 1)
 
 
 def stored(path):
     g = zarr.open_group(str(path), mode="r")
-    h = S.Header.from_json(g.attrs[S.ATTR_KEY])
+    h = S.parse_header(g.attrs[S.ATTR_KEY])
     return g, h
 
 
@@ -66,7 +68,8 @@ def test_layout_is_standard_zarr_with_crc32c_and_few_files(tmp_path):
     assert stats[S.BOX]["files"] == 2  # 64 images / 32 per shard
     assert stats["_total"]["files"] < 30
     attrs = json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"][S.ATTR_KEY]
-    assert attrs["format_version"] == S.FORMAT_VERSION and attrs["codec"] == {"name": "ms", "k": 5, "dtype": "float16"}
+    assert attrs["format_version"] == S.FORMAT_VERSION == "4.0" and attrs["kind"] == "regions"
+    assert attrs["regions"]["codec"] == {"name": "ms", "k": 5, "dtype": "float16"}
 
 
 def test_default_layout_scales():
@@ -263,36 +266,39 @@ def test_torch_probs_accepted(tmp_path):
     assert os.path.exists(tmp_path / "s" / "zarr.json")
 
 
-# ------------------------------------------------------------------------------------------ format 2.0
+# ------------------------------------------------------------------------------------------ format 4.0
 
 
-def test_format_2_arrays_header_and_manifest(tmp_path):
+def test_format_4_arrays_header_and_manifest(tmp_path):
     d = make_data(37, 3, 9)
     d["keys"][5] = "dossier/été.jpg"  # multi-byte UTF-8
     cols = [("ops", "int", "uint8", (2,)), {"name": "mag", "kind": "float", "dtype": "float16"}]
     aug = {"ops": np.random.default_rng(1).integers(0, 14, (37, 3, 2)),
            "mag": np.random.default_rng(2).random((37, 3)).astype(np.float32)}
-    augment = [{"name": "randaugment", "num_ops": 2, "magnitude": 9}]
     codec = get_codec("ms", k=3)
-    with create(tmp_path / "s", d, codec, aug=cols, augment=augment, images_per_chunk=4, images_per_shard=8) as w:
+    with create(tmp_path / "s", d, codec, aug=cols, images_per_chunk=4, images_per_shard=8) as w:
         for s in range(0, 37, 5):
             i = np.arange(s, min(37, s + 5))
             w.put(i, d["boxes"][i], d["flips"][i], d["probs"][i], aug={k: v[i] for k, v in aug.items()})
     g, h = stored(tmp_path / "s")
     raw = g.attrs[S.ATTR_KEY]
-    assert raw["format_version"] == S.FORMAT_VERSION == "2.0" and raw["checksum"] == S.header_checksum(raw)
-    assert raw["augment"] == augment and raw["key_length"] == max(len(k.encode()) for k in d["keys"])
-    assert [a["dtype"] for a in raw["aug"]] == ["uint8", "float16"]
+    assert raw["format_version"] == S.FORMAT_VERSION == "4.0" and raw["checksum"] == S.header_checksum(raw)
+    assert raw["regions"]["augment"] == [] and raw["key_length"] == max(len(k.encode()) for k in d["keys"])
+    assert [a["dtype"] for a in raw["regions"]["aug"]] == ["uint8", "float16"]
+    assert raw["regions"]["crops"] == {"mode": "stored"} and len(raw["store_id"]) == 32
     assert g[S.KEY].dtype == np.uint8 and S.decode_keys(g[S.KEY][:]) == d["keys"]
     assert g[S.IMAGE_SIZE].dtype == np.int32 and g[S.LABEL].dtype == np.int32
     np.testing.assert_array_equal(g["aug/ops"][:], aug["ops"])
     np.testing.assert_array_equal(g["aug/mag"][:], aug["mag"].astype(np.float16))
-    names = list(h.per_crop_specs(codec))
+    names = list(h.record_specs())
     assert names == ["box", "flip", "aug/ops", "aug/mag", "soft/indices", "soft/probs"]
     man = g[S.MANIFEST]
-    assert man.shape == (h.num_chunks, len(names)) == (10, 6) and man.dtype == np.uint32
-    assert man.metadata.to_dict()["chunk_grid"]["configuration"]["chunk_shape"] in ([2, 6], (2, 6))  # one chunk per shard
-    np.testing.assert_array_equal(man[:], expected_manifest(g, h, codec))
+    assert man.shape == (h.num_shards, 3 + 2 * len(names)) == (5, 15) and man.dtype == np.uint32
+    assert man.metadata.to_dict()["chunk_grid"]["configuration"]["chunk_shape"] in ([1, 15], (1, 15))  # a row per shard
+    np.testing.assert_array_equal(man[:], expected_manifest(g, h))
+    for name in (S.KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN):  # one chunk per shard, every chunk written
+        assert g[name].metadata.to_dict()["chunk_grid"]["configuration"]["chunk_shape"][0] == 8
+        assert len(list((tmp_path / "s" / name / "c").iterdir())) == 5
     assert g[S.WRITTEN][:].all()
     assert not (tmp_path / "s" / ownership.OWNERS).exists()  # records released at close
 
@@ -330,8 +336,8 @@ def test_resume_adopts_the_store_layout(tmp_path):
     w.close()
     g, h = stored(tmp_path / "s")
     assert g[S.WRITTEN][:].all()
-    np.testing.assert_array_equal(g[S.MANIFEST][:], expected_manifest(g, h, get_codec("ms")))
-    with pytest.raises(SchemaMismatchError, match="images_per_shard=6, this run asks for 12"):
+    np.testing.assert_array_equal(g[S.MANIFEST][:], expected_manifest(g, h))
+    with pytest.raises(SchemaMismatchError, match="layout.images_per_shard=6, this run asks for 12"):
         create(tmp_path / "s", d, images_per_shard=12)
 
 
@@ -390,7 +396,7 @@ def test_failed_flush_keeps_the_buffer_and_retries(tmp_path, monkeypatch):
     g, h = stored(tmp_path / "s")
     np.testing.assert_array_equal(g[S.WRITTEN][:], [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0])
     np.testing.assert_array_equal(g["box"][4:8], d["boxes"][4:8])
-    np.testing.assert_array_equal(g[S.MANIFEST][:], expected_manifest(g, h, get_codec("ms")))
+    np.testing.assert_array_equal(g[S.MANIFEST][:], expected_manifest(g, h))
 
 
 def test_writes_fsync_data_then_manifest_then_flags(tmp_path, monkeypatch):
@@ -511,9 +517,9 @@ def test_object_store_round_trip_with_ownership():
     fill(w, d)
     w.close()
     g = zarr.open_group(store=w.store, mode="r")
-    h = S.Header.from_json(g.attrs[S.ATTR_KEY])
+    h = S.parse_header(g.attrs[S.ATTR_KEY])
     assert g[S.WRITTEN][:].all() and storage.list_dir(w.store, ownership.OWNERS) == []
-    np.testing.assert_array_equal(g[S.MANIFEST][:], expected_manifest(g, h, get_codec("ms")))
+    np.testing.assert_array_equal(g[S.MANIFEST][:], expected_manifest(g, h))
 
 
 # ---------------------------------------------------------------------------------- interrupted creation
