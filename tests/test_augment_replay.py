@@ -5,7 +5,6 @@ refusal of bad input (nothing written), and the torch batch mixer (FKD's trainin
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,12 +19,12 @@ import torch
 
 import fkdstore
 from fkdstore import augment as A
-from fkdstore import schema as S
 from fkdstore.cli import main as cli_main
 from fkdstore.errors import CorruptStoreError, FormatError, ValidationError
 from fkdstore.runner import generate
 from fkdstore.pytorch import TorchDataset, collate, mix_batch
 from fkdstore.testing import make_digits_folder, tiny_cnn
+from faultutil import set_header
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 24
@@ -281,17 +280,6 @@ def crafted_store(path, M=3, partner=None):
     return folder
 
 
-def edit_augment(path, augment) -> None:
-    """Replace the header's augment list and recompute the checksum: a well-formed header that only the
-    augment rules can refuse (as a store written by another tool could be)."""
-    zj = Path(path) / "zarr.json"
-    doc = json.loads(zj.read_text())
-    h = doc["attributes"][S.ATTR_KEY]
-    h["regions"]["augment"] = augment
-    h["checksum"] = S.header_checksum(h)
-    zj.write_text(json.dumps(doc))
-
-
 def test_partner_index_out_of_range_names_array_image_and_slot(tmp_path):
     folder = crafted_store(tmp_path / "s", partner=(2, 1, 10))  # N = 10: index 10 is out of range
     ds = TorchDataset(tmp_path / "s", folder, crops_per_sample=3)
@@ -309,7 +297,7 @@ def test_store_with_an_unknown_policy_is_refused_naming_it(tmp_path):
         fkdstore.write(tmp_path / "w", num_images=2, crops_per_image=1, num_classes=10, codec="full",
                        image_keys=["a", "b"], image_sizes=np.full((2, 2), SIZE), augment=[{"name": "autoaugment_v9"}])
     assert not (tmp_path / "w").exists()  # the writer refuses it before a store exists
-    edit_augment(tmp_path / "s", [{"name": "autoaugment_v9"}])
+    set_header(tmp_path / "s", checksum=True, regions__augment=[{"name": "autoaugment_v9"}])  # a tool's edit
     with pytest.raises(FormatError, match="augment policy 'autoaugment_v9', which this version of fkdstore does not know"):
         fkdstore.open(tmp_path / "s")
 
@@ -322,7 +310,7 @@ def test_store_whose_columns_differ_from_its_pipeline_is_refused(tmp_path):
                        image_keys=["a", "b"], image_sizes=np.full((2, 2), SIZE),
                        aug=[c.to_json() for c in A.parse_augment("mixup").columns()], augment=cutmix)
     assert not (tmp_path / "w").exists()
-    edit_augment(tmp_path / "s", cutmix)
+    set_header(tmp_path / "s", checksum=True, regions__augment=cutmix)
     with pytest.raises(FormatError, match="must be the augment pipeline's columns"):
         fkdstore.open(tmp_path / "s")
 
