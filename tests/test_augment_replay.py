@@ -298,7 +298,7 @@ def test_store_with_an_unknown_policy_is_refused_naming_it(tmp_path):
                        image_keys=["a", "b"], image_sizes=np.full((2, 2), SIZE), augment=[{"name": "autoaugment_v9"}])
     assert not (tmp_path / "w").exists()  # the writer refuses it before a store exists
     set_header(tmp_path / "s", checksum=True, regions__augment=[{"name": "autoaugment_v9"}])  # a tool's edit
-    with pytest.raises(FormatError, match="augment policy 'autoaugment_v9', which this version of fkdstore does not know"):
+    with pytest.raises(FormatError, match="augment policy 'autoaugment_v9', which this version of fkdstore does not"):
         fkdstore.open(tmp_path / "s")
 
 

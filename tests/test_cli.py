@@ -189,9 +189,9 @@ def test_estimate_matches_real_store(tmp_path):
     keys = [f"n{labels[i]:08d}/n{labels[i]:08d}_{i}.JPEG" for i in range(N)]
     for codec, k, seeded in (("ms", 5, False), ("smoothing", None, False), ("ms", 5, True)):
         p = tmp_path / f"{codec}{'_seeded' if seeded else ''}.fkd"
-        with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C, codec=fkdstore.codecs.as_codec(codec, k=k),
-                            image_keys=keys, image_sizes=sizes, labels=labels,
-                            crop_sampler=sampler if seeded else None) as w:
+        with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C,
+                            codec=fkdstore.codecs.as_codec(codec, k=k), image_keys=keys, image_sizes=sizes,
+                            labels=labels, crop_sampler=sampler if seeded else None) as w:
             w.put(np.arange(N), np.stack([b for b, _ in bf]), np.stack([f for _, f in bf]), probs)
         st = storage_stats(p)
         est = report.estimate_bytes(N, M, C, codec, k, store_crops=not seeded)
