@@ -219,7 +219,8 @@ def test_partial_chunk_stored_bytes_hold_the_fill_value(store):
         _, chunk = read_shard_chunk(path, name, last_shard, last_inner)
         rows = N - c * IPC
         assert (chunk[rows:] == zarr_json(path, name)["fill_value"]).all(), name
-        assert spec_tag(sid, name, c, chunk) == manifest[last_shard, manifest_column(last_inner, p, len(per_crop))], name
+        col = manifest_column(last_inner, p, len(per_crop))
+        assert spec_tag(sid, name, c, chunk) == manifest[last_shard, col], name
 
 
 @pytest.mark.parametrize("target,where", [("box", "payload"), ("soft", "payload"), ("box", "index")])
