@@ -30,8 +30,9 @@ CODECS = [
 ]
 
 
-def make_store(path: Path, codec_cfg: dict, wide: bool) -> dict:
-    """Write a complete store (shards put out of order) and return its inputs."""
+def make_store(path: Path, codec_cfg: dict, wide: bool, seeded: bool = False) -> dict:
+    """Write a complete store (shards put out of order) and return its inputs; ``seeded``: the crops are the
+    sampler's, derived on read (no box/flip arrays)."""
     rng = np.random.default_rng(15)
     sizes = np.stack([rng.integers(40, 400, N), rng.integers(40, 70000 if wide else 400, N)], 1)
     sizes[0, 1] = 70000 if wide else 399  # a side > 65535 makes the boxes int32, else uint16
@@ -53,7 +54,7 @@ def make_store(path: Path, codec_cfg: dict, wide: bool) -> dict:
            "mix_partner": rng.integers(0, N, (N, M)).astype(np.int32)}
     with fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec, image_keys=keys,
                         image_sizes=sizes, labels=labels, aug=AUG, images_per_chunk=IPC,
-                        images_per_shard=IPS, crop_sampler=None) as w:  # stored crops
+                        images_per_shard=IPS, crop_sampler=sampler if seeded else None) as w:
         for a in (16, 0, 32):  # out of order; the partial shard last
             sl = slice(a, min(N, a + IPS))
             w.put(np.arange(sl.start, sl.stop), boxes[sl], flips[sl], x[sl], aug={k: v[sl] for k, v in aug.items()})
