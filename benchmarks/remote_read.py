@@ -16,7 +16,17 @@ chunk is cached):
 * random batches: ``read_batch(indices, slots)`` of ``--batch`` random images, throughput and requests
   per batch;
 * S3 + local cache (``open(url, cache_dir=...)``): the epoch preload twice, each after a fresh open; the
-  first fills the cache folder, the second is served from it (requests and seconds).
+  first fills the cache folder, the second is served from it (requests and seconds);
+* the TorchDataset label path (``--torch``, on by default): what ``TorchDataset.__getitems__`` does for labels
+  (epoch slots, records, dense decode), per batch of ``--batch`` shuffled images and over a whole epoch, for
+  the local store (read by batch, the default for local stores), the S3 store (the default for URLs: the
+  epoch is preloaded by ``set_epoch`` into shared memory, :mod:`fkdstore.preload`), and, for reference, the
+  S3 store read by batch (``preload=False``, ``--torch-s3-batches`` batches). Epoch 1 is measured (epoch 0
+  is loaded by the constructor, reported separately). In one process: DataLoader workers would split the
+  per-batch work, while the preload runs in the main process;
+* images from S3 (``--images K``, off by default): K JPEGs loaded in batches of ``--image-batch`` through
+  :class:`fkdstore.sources.URLSource` (each batch announced with ``prefetch``, as TorchDataset does) with the
+  default read-ahead and with none, against the same files on local disk (images per second, requests).
 
 The local side reads from the page cache (the store was just written), the fastest local disk there is.
 """
@@ -42,6 +52,7 @@ from fkdstore.reader import open as open_store  # noqa: E402
 from s3util import S3Server  # noqa: E402
 
 TARGET_RATIO = 3.0  # epoch preload from S3 within 3x of local disk
+TORCH_TARGET_RATIO = 2.0  # TorchDataset label path from S3 within 2x of local disk, per epoch and per batch
 
 
 def make_labels(N: int, M: int, C: int, k: int, seed: int):
@@ -139,6 +150,93 @@ def measure_cache(url, so, s3, cache_dir, N: int, M: int, m: int, seed: int) -> 
     return out
 
 
+class _KeysOnly:
+    """A map-style image source with the store's keys and no pixels (the label path never loads images)."""
+
+    def __init__(self, keys):
+        self._keys = list(keys)
+
+    def keys(self):
+        return self._keys
+
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+
+def measure_torch(location, storage_options, stats_fn, N: int, m: int, batch: int, seed: int, preload=None,
+                  max_batches: int | None = None) -> dict:
+    """The TorchDataset label path (``_read_labels``: slots, records, dense decode) of epoch 1: ``set_epoch`` +
+    every batch of a shuffled epoch (or the first ``max_batches``); seconds and store requests of each part."""
+    from fkdstore.pytorch import TorchDataset
+
+    keys = _KeysOnly([f"n{i // 1300:08d}/img_{i:08d}.JPEG" for i in range(N)])
+    out: dict = {}
+    stats_fn(True)
+    t = time.perf_counter()
+    ds = TorchDataset(location, keys, crops_per_sample=m, storage_options=storage_options, preload=preload)
+    out["build_s"] = time.perf_counter() - t
+    out["build_requests"] = (stats_fn(True) or {}).get("requests")
+    out["preload_bytes"] = 0 if ds._preload is None else ds._preload.nbytes
+    t = time.perf_counter()
+    ds.set_epoch(1)
+    out["set_epoch_s"] = time.perf_counter() - t
+    out["set_epoch_requests"] = (stats_fn(True) or {}).get("requests")
+    order = np.random.default_rng(seed).permutation(len(ds))
+    batches = [order[a:a + batch] for a in range(0, len(order), batch)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    times = []
+    for b in batches:
+        t = time.perf_counter()
+        ds._read_labels(ds.image_indices[b])
+        times.append(time.perf_counter() - t)
+    out["batch_requests"] = (stats_fn(True) or {}).get("requests")
+    out["batches"] = len(batches)
+    out["batch_s"] = float(np.mean(times))
+    out["batches_s"] = float(np.sum(times))
+    full = -(-N // batch)
+    out["epoch_s"] = out["set_epoch_s"] + out["batch_s"] * full  # = set_epoch + every batch when all were run
+    return out
+
+
+def measure_images(s3, url: str, so: dict, K: int, batch: int, tmp: Path) -> dict:
+    """Load K photo-like JPEGs (about 30 KB) from local disk and from S3 through a URLSource, in batches
+    announced with prefetch; S3 with the default read-ahead and with none."""
+    from PIL import Image
+
+    from fkdstore.sources import DEFAULT_READ_AHEAD, FileSource, URLSource
+
+    rng = np.random.default_rng(0)
+    folder = tmp / "images"
+    fs = s3.filesystem()
+    base = np.linspace(0, 255, 240)[None, :, None] * np.ones((180, 1, 3))
+    for i in range(K):
+        (folder / f"c{i % 10}").mkdir(parents=True, exist_ok=True)
+        px = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+        p = folder / f"c{i % 10}" / f"im{i:05d}.jpg"
+        Image.fromarray(px).save(p, quality=90)
+        fs.pipe(url[len("s3://"):] + "/images/" + p.relative_to(folder).as_posix(), p.read_bytes())
+
+    def run(src, stats):
+        order = np.random.default_rng(1).permutation(len(src)).tolist()
+        stats(True)
+        t = time.perf_counter()
+        for a in range(0, len(order), batch):
+            part = order[a:a + batch]
+            src.prefetch(part)
+            for i in part:
+                src.load(i)
+        dt = time.perf_counter() - t
+        return {"s": dt, "images_per_s": len(order) / dt, "requests": (stats(True) or {}).get("requests")}
+
+    out = {"images": K, "batch": batch, "mean_bytes": float(np.mean([p.stat().st_size for p in folder.rglob("*.jpg")])),
+           "local": run(FileSource(folder), lambda reset: None)}
+    for name, ahead in (("s3_read_ahead", DEFAULT_READ_AHEAD), ("s3_no_read_ahead", 0)):
+        src = URLSource(url + "/images/", storage_options=so, read_ahead=ahead)
+        out[name] = {"read_ahead": ahead, **run(src, lambda reset: s3.proxy_stats(reset))}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-images", type=int, default=20_000)
@@ -152,6 +250,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2, help="epoch preloads per side (best is reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the TorchDataset label path (needs torch)")
+    ap.add_argument("--torch-s3-batches", type=int, default=5,
+                    help="batches measured for the reference row: S3 read by batch (preload=False)")
+    ap.add_argument("--skip-reader", action="store_true", help="skip the Reader measurements")
+    ap.add_argument("--images", type=int, default=0, help="also load this many JPEGs from S3 through a URLSource")
+    ap.add_argument("--image-batch", type=int, default=64, help="images announced (prefetch) at a time")
     a = ap.parse_args(argv)
     N, M, C, k = a.num_images, a.crops, a.classes, a.k
     data = make_labels(N, M, C, k, a.seed)
@@ -169,15 +274,37 @@ def main(argv=None) -> dict:
                 res["layout"] = {"images_per_chunk": r.header.images_per_chunk,
                                  "images_per_shard": r.header.images_per_shard, "shards": r.header.num_shards}
             args = (N, M, a.m, a.batch, a.batches, a.seed, a.repeats)
-            res["local"] = measure(lambda: open_store(tmp / "labels.fkd"), lambda reset: None, *args)
-            res["s3"] = measure(lambda: open_store(url, storage_options=so), lambda reset: s3.proxy_stats(reset), *args)
-            res["s3_cache"] = measure_cache(url, so, s3, tmp / "cache", N, M, a.m, a.seed)
+            stats = lambda reset: s3.proxy_stats(reset)  # noqa: E731
+            if not a.skip_reader:
+                res["local"] = measure(lambda: open_store(tmp / "labels.fkd"), lambda reset: None, *args)
+                res["s3"] = measure(lambda: open_store(url, storage_options=so), stats, *args)
+                res["s3_cache"] = measure_cache(url, so, s3, tmp / "cache", N, M, a.m, a.seed)
+            if a.torch:
+                targs = (N, a.m, a.batch, a.seed)
+                res["torch"] = {
+                    "local": measure_torch(tmp / "labels.fkd", None, lambda reset: None, *targs),
+                    "local_preload": measure_torch(tmp / "labels.fkd", None, lambda reset: None, *targs, preload=True),
+                    "s3": measure_torch(url, so, stats, *targs),
+                    "s3_by_batch": measure_torch(url, so, stats, *targs, preload=False,
+                                                 max_batches=a.torch_s3_batches),
+                }
+            if a.images:
+                res["images"] = measure_images(s3, s3.make_bucket("bench"), so, a.images, a.image_batch, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    lo, s = res["local"], res["s3"]
-    res["read_all_ratio"] = s["read_all_s"] / lo["read_all_s"]
-    res["target_met"] = res["read_all_ratio"] <= TARGET_RATIO
-    print(report(res))
+    if "local" in res:
+        lo, s = res["local"], res["s3"]
+        res["read_all_ratio"] = s["read_all_s"] / lo["read_all_s"]
+        res["target_met"] = res["read_all_ratio"] <= TARGET_RATIO
+        print(report(res))
+    if "torch" in res:
+        t = res["torch"]
+        res["torch_epoch_ratio"] = t["s3"]["epoch_s"] / t["local"]["epoch_s"]
+        res["torch_batch_ratio"] = t["s3"]["batch_s"] / t["local"]["batch_s"]
+        res["torch_target_met"] = max(res["torch_epoch_ratio"], res["torch_batch_ratio"]) <= TORCH_TARGET_RATIO
+        print(torch_report(res))
+    if "images" in res:
+        print(images_report(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return res
@@ -222,6 +349,57 @@ def _cache_rows(res: dict, lo: dict) -> list[str]:
             f"**{c['second_read_all_s'] / lo['read_all_s']:.2f}x** |",
             f"| S3 + local cache, second open: seconds (requests) | {lo['open_s']:.3f} | "
             f"{c['second_open_s']:.3f} ({c['second_open_requests']}) | |"]
+
+
+def torch_report(res: dict) -> str:
+    t = res["torch"]
+    lo = t["local"]
+    N, B = res["num_images"], res["batch"]
+
+    def req(x):
+        return "" if x is None else f" ({x})"
+
+    def row(name, d):
+        return (f"| {name} | {d['build_s']:.2f}{req(d['build_requests'])} | {d['set_epoch_s']:.3f}"
+                f"{req(d['set_epoch_requests'])} | {1e3 * d['batch_s']:.2f}{req(d['batch_requests'])} | "
+                f"{d['epoch_s']:.2f} | {d['epoch_s'] / lo['epoch_s']:.2f}x | {d['batch_s'] / lo['batch_s']:.2f}x | "
+                f"{d['preload_bytes'] / 2**20:.1f} |")
+
+    s = t["s3_by_batch"]
+    L = [f"TorchDataset label path (slots + records + dense decode, m = {res['m']}, batches of {B} shuffled images, "
+         f"epoch 1 of {N:,} images = {-(-N // B)} batches; S3 = moto on 127.0.0.1 + {res['delay_ms']:g} ms per "
+         f"request; one process):",
+         "",
+         "| store, label path | build: s (requests) | set_epoch: s (requests) | per batch: ms (requests in all "
+         "batches) | per epoch: s | epoch vs local | batch vs local | preload MiB |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|",
+         row("local disk, by batch (default)", lo),
+         row("local disk, preload=True", t["local_preload"]),
+         row("**S3, epoch preload (default for URLs)**", t["s3"]),
+         f"| S3, by batch (preload=False; {s['batches']} batches) | {s['build_s']:.2f}{req(s['build_requests'])} | "
+         f"{s['set_epoch_s']:.3f} | {1e3 * s['batch_s']:.0f}{req(s['batch_requests'])} | {s['epoch_s']:.0f} "
+         f"(extrapolated) | {s['epoch_s'] / lo['epoch_s']:.0f}x | {s['batch_s'] / lo['batch_s']:.0f}x | 0 |",
+         "",
+         f"S3 label path within {TORCH_TARGET_RATIO:g}x of local disk per epoch and per batch: "
+         f"{'met' if res['torch_target_met'] else 'MISSED'} (epoch {res['torch_epoch_ratio']:.2f}x, "
+         f"batch {res['torch_batch_ratio']:.2f}x)."]
+    return "\n".join(L)
+
+
+def images_report(res: dict) -> str:
+    d = res["images"]
+    lo = d["local"]
+    L = [f"Images through fkdstore.sources ({d['images']} JPEGs of {d['mean_bytes'] / 1024:.0f} KB on average, "
+         f"decoded; batches of {d['batch']} announced with prefetch; S3 = moto + {res['delay_ms']:g} ms per request):",
+         "",
+         "| source | seconds | images per second | requests | vs local |",
+         "|---|---:|---:|---:|---:|",
+         f"| local folder (FileSource) | {lo['s']:.2f} | {lo['images_per_s']:,.0f} | | 1.00x |"]
+    for name in ("s3_read_ahead", "s3_no_read_ahead"):
+        x = d[name]
+        L.append(f"| S3 URLSource, read_ahead={x['read_ahead']} | {x['s']:.2f} | {x['images_per_s']:,.0f} | "
+                 f"{x['requests']} | {x['s'] / lo['s']:.2f}x |")
+    return "\n".join(L)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 import fkdstore
 from fkdstore.codecs import get_codec
-from fkdstore.convert import pruned_slots
+from fkdstore.conversion import pruned_slots
 from fkdstore.images import list_images
 from fkdstore.testing import (
     RandomCropDataset, accuracy, cosine_lr, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn,

@@ -1,10 +1,11 @@
 """The ``fkdstore`` command line. It only parses arguments and calls the library.
 
-Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune``, ``ensemble``,
-``generate``. Every command's code is here; the library modules hold no argparse code. Only ``generate``
-needs torch, and it imports the teacher-runner when it runs (or shows its ``--help``), so ``fkdstore
---version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``import-fkd``, ``prune`` and ``ensemble``
-start without importing torch.
+Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import`` (``fkd``, ``mldr``, ``tinyvit``,
+``sre2l``), ``import-fkd`` (= ``import fkd``), ``prune``, ``ensemble``, ``generate``, ``show``. Every command's
+code is here; the library modules hold no argparse code. Only ``generate``, ``show`` and ``import`` need torch
+(the importers load ``torch.save`` files), and they import it when they run (``generate`` also for its
+``--help``), so ``fkdstore --version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``prune`` and
+``ensemble`` start without importing torch.
 
 Exit codes (every command):
 
@@ -25,6 +26,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -55,8 +57,31 @@ def _err(text: str) -> None:
 def _cmd_inspect(args) -> int:
     from . import report
 
-    d = report.inspect(args.path, sample=args.sample, seed=args.seed, storage_options=args.storage_options)
+    if args.image is not None:
+        from . import diagnose, reader
+
+        r = reader.open(args.path, storage_options=args.storage_options)
+        d = diagnose.image_slots(r, args.image, top_k=args.top_k)
+        names = diagnose.store_names(r, args.names)
+        _out(json.dumps(d, indent=2) if args.json else diagnose.format_image_slots(d, names))
+        return EXIT_OK
+    d = report.inspect(args.path, sample=args.sample, seed=args.seed, storage_options=args.storage_options,
+                       plots=args.plots)
     _out(json.dumps(d, indent=2, sort_keys=False) if args.json else report.format_inspect(d))
+    return EXIT_OK
+
+
+def _cmd_show(args) -> int:
+    from .show import write_sheet  # torch: imported only when this command runs
+
+    images = args.images[0] if len(args.images) == 1 and os.path.isdir(args.images[0]) else args.images
+    out = write_sheet(args.path, images, args.out, grid=args.grid, keys=args.keys, slots=args.slots, seed=args.seed,
+                      names=args.names, top_k=args.top_k, zoom=args.zoom, storage_options=args.storage_options)
+    from .show import sheet_info
+
+    layout, cells = sheet_info(out)
+    _out(f"wrote {out}: {len(cells)} crops in {layout.rows} x {layout.cols} cells, {layout.size[0]} x "
+         f"{layout.size[1]} px")
     return EXIT_OK
 
 
@@ -74,20 +99,20 @@ def _cmd_estimate(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from . import verify
+    from . import verification
 
-    problems = verify.verify(args.path, progress=args.progress, storage_options=args.storage_options)
+    problems = verification.verify(args.path, progress=args.progress, storage_options=args.storage_options)
     if args.json:
         _out(json.dumps({"path": args.path, "ok": not problems, "problems": problems}, indent=2))
     else:
-        _out(verify.summary(args.path, problems))
+        _out(verification.summary(args.path, problems))
     return EXIT_OK if not problems else EXIT_ERROR
 
 
 def _cmd_convert(args) -> int:
-    from . import convert, report
+    from . import conversion, report
 
-    r = convert.convert(args.src, args.dst, args.codec, k=args.k, progress=args.progress,
+    r = conversion.convert(args.src, args.dst, args.codec, k=args.k, progress=args.progress,
                         storage_options=args.storage_options)
     _out(f"converted {r['images']:,} images {_cfg(r['from'])} -> {_cfg(r['to'])}: "
          f"{report.human_bytes(r['bytes_before'])} -> {report.human_bytes(r['bytes_after'])}"
@@ -111,6 +136,42 @@ def _cmd_import_fkd(args) -> int:
     return EXIT_OK
 
 
+ZOO_NAMES = {"fkd": "FKD label files", "mldr": "ml-dr record files", "tinyvit": "TinyViT logits files",
+             "sre2l": "SRe2L/LPLD batch files"}
+
+
+def _cmd_import(args) -> int:
+    from . import importers, report
+
+    if args.kind == "fkd":
+        return _cmd_import_fkd(args)
+    common = dict(codec=args.codec, k=args.k, num_classes=args.num_classes, order=args.order,
+                  progress=args.progress, log=_err, storage_options=args.storage_options)
+    if args.kind == "mldr":
+        r = importers.import_mldr(args.src, args.dst, args.images, densify=args.densify,
+                                  trust_pickle=args.trust_pickle, **common)
+    elif args.kind == "tinyvit":
+        r = importers.import_tinyvit(args.src, args.dst, args.images, epochs=args.epochs, mixing=args.mixing,
+                                     keys=args.keys, input_size=args.input_size, timm_config=args.timm_config,
+                                     scratch_dir=args.scratch_dir, **common)
+    else:
+        r = importers.import_sre2l(args.src, args.dst, args.images, fkd_seed=args.fkd_seed,
+                                   batch_size=args.batch_size, epochs=args.epochs, tail=args.tail,
+                                   input_size=args.input_size, interpolation=args.interpolation,
+                                   trust_pickle=args.trust_pickle, scratch_dir=args.scratch_dir, **common)
+    _out(f"imported {r['files']:,} {ZOO_NAMES[args.kind]} ({r['images']:,} images x {r['crops_per_image']} crops, "
+         f"{r['num_classes']} classes) as {_cfg(r['codec'])}: {report.human_bytes(r['bytes_before'])} -> "
+         f"{report.human_bytes(r['bytes_after'])}" + (" (resumed)" if r.get("resumed") else ""))
+    for what, col in r["carried"].items():
+        _out(f"  carried  {what} -> {col}")
+    for flag in r["flags"]:
+        _out(f"  note     {flag}")
+    for what, n in r["skipped"].items():
+        if n:
+            _out(f"  skipped  {n:,} {what.replace('_', ' ')}")
+    return EXIT_OK
+
+
 def _cmd_generate(args) -> int:
     from .codecs import as_codec
     from .runner import generate  # torch: imported only when this command runs
@@ -125,7 +186,8 @@ def _cmd_generate(args) -> int:
     options.setdefault("teacher_name", args.teacher + (f"({json.dumps(kwargs, sort_keys=True)})" if kwargs else ""))
     if args.weights and "weights_sha256" not in options:
         options["weights_sha256"] = file_sha256(args.weights)
-    images = args.images[0] if len(args.images) == 1 and os.path.isdir(args.images[0]) else args.images
+    one = args.images[0] if len(args.images) == 1 else None  # a folder or a URL prefix; else files or tar shards
+    images = one if one is not None and (os.path.isdir(one) or "://" in one) else args.images
     reader = generate(teacher, images, args.out, crops_per_image=args.crops_per_image, codec=codec, **options)
     if not reader.complete:
         _err(f"fkdstore generate: store {args.out} is incomplete: {int((~reader.written).sum())} images missing "
@@ -135,9 +197,9 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from . import convert, report
+    from . import conversion, report
 
-    r = convert.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress,
+    r = conversion.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress,
                       storage_options=args.storage_options)
     _out(f"pruned {r['images']:,} images to {r['crops_per_image']} of {r['crops_per_image_before']} slots each "
          f"(rule {r['rule']}" + (f", seed {r['seed']}" if r["rule"] == "random" else "") + "): "
@@ -147,12 +209,12 @@ def _cmd_prune(args) -> int:
 
 
 def _cmd_ensemble(args) -> int:
-    from . import convert, report
+    from . import conversion, report
 
     if len(args.stores) < 3:
         _err(f"fkdstore ensemble: error: give at least two stores and then OUT. Got {len(args.stores)} path(s).")
         return EXIT_USAGE
-    r = convert.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress,
+    r = conversion.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress,
                          storage_options=args.storage_options)
     _out(f"ensembled {len(r['sources'])} stores over {r['images']:,} images as {_cfg(r['codec'])}: "
          f"{report.human_bytes(r['bytes_after'])} -> {args.stores[-1]}"
@@ -188,7 +250,7 @@ def generate_options(args: argparse.Namespace) -> dict:
 
 
 def _cfg(cfg: dict) -> str:
-    return cfg["name"] + (f" K={cfg['k']}" if "k" in cfg else "")
+    return cfg["name"] + (f" K={cfg['k']}" if cfg.get("k") is not None else "")
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -198,16 +260,49 @@ total size, bytes per crop, files, completion, codec, sampler and teacher proven
 a seeded sample of crops, and the size at ImageNet-1K scale next to the paper's Table 2.
 
 --json prints one object with the keys: path, format, format_version, library_version, codec,
-num_images, crops_per_image, num_classes, aug, has_labels, images_per_chunk, images_per_shard,
+num_images, crops_per_image, num_classes, aug, augment, replay, has_labels, images_per_chunk, images_per_shard,
 images_written, complete, missing_ranges, arrays{name: shape, dtype, chunks, shards, raw_bytes,
 stored_bytes, files, compression_ratio}, total_bytes, total_files, bytes_per_crop, label_bytes_per_crop,
 box_bytes_per_crop, meta, sampler, teacher, label_stats{sampled_crops, seed, kept_mass_mean,
-entropy_mean_nats, top1_agreement, distinct_top1}, imagenet_extrapolation{num_images, crops_per_image,
-bytes, paper_formula_bytes, paper_table2} (sizes in bytes; see fkdstore.report).
+entropy_mean_nats, top1_agreement, distinct_top1, top1_prob_mean}, warnings[{code, message, ...}],
+imagenet_extrapolation{num_images, crops_per_image, bytes, paper_formula_bytes, paper_table2}, and with
+--plots: plots (sizes in bytes; see fkdstore.report).
+
+warnings (text: "warning" lines; JSON: the "warnings" list; rules and thresholds in fkdstore.diagnose):
+  top1_agreement  teacher top-1 = ground truth on fewer than half as many sampled crops as the mean top-1
+                  probability (hard labels: not above chance): a likely class-order or preprocessing mismatch
+  normalization   meta mean/std outside [0, 1] / [0.05, 1] (e.g. given in 0-255 units), swapped, or BGR
+  fallback_crops  over 10% of sampled crops are RandomResizedCrop's centre-crop fallback
+
+--plots DIR writes PNG plots there (Pillow): confidence.png and entropy.png (histograms of the sampled
+crops' decoded top-1 probability and entropy), agreement.png (top-1 agreement per ground-truth class),
+crop_area.png and crop_aspect.png (box area fraction and aspect ratio against the sampler's scale and ratio
+ranges), bytes.png (stored bytes per component); see fkdstore.plots.
+
+--image KEY prints one image's slots instead (KEY: an image key of the store, or an index): box, flip,
+augmentation params, mixing partners and the top-K classes with their probabilities (--json: the
+fkdstore.diagnose.image_slots dict).
 
 examples:
   fkdstore inspect labels.fkd
   fkdstore inspect labels.fkd --json --sample 10000 --seed 1 > stats.json
+  fkdstore inspect labels.fkd --plots plots/
+  fkdstore inspect labels.fkd --image n01440764/n01440764_10026.JPEG --top-k 5 --names classes.txt
+"""
+
+SHOW_HELP = """\
+Draw a contact sheet (PNG) of replayed crops with their soft labels: for chosen or random images and slots,
+each crop exactly as TorchDataset(normalize=False) returns it (augmentation and mixing included), the
+image with the crop's box, the partner image for mixed slots, the image key, slot, flip, box, ground-truth
+class, the top-K classes with their probabilities and, for mixed slots, lam and the partner's class and
+weight. Class names: --names FILE (one per line, line c names class c), else the image folder's class
+folders, else the store's meta["classes"]. Needs torch. The PNG's "fkdstore-sheet" text chunk records the
+layout and the (image, slot) of every cell (fkdstore.show.sheet_info); tile positions: fkdstore.show.
+
+examples:
+  fkdstore show labels.fkd --images /data/imagenet/train --out sheet.png
+  fkdstore show labels.fkd --images train/ --grid 2x6 --image n01440764/n01440764_10026.JPEG --seed 1
+  fkdstore show labels.fkd --images train/ --image 0 17 --slots 0 1 2 --names classes.txt
 """
 
 ESTIMATE_HELP = """\
@@ -258,6 +353,33 @@ examples:
   fkdstore import-fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.fkd \\
       --images /data/imagenet/train --num-classes 1000
   fkdstore import-fkd fkd_labels/ labels-mr.fkd --images imgs/ --codec mr --k 3 --num-classes 1000
+"""
+
+
+IMPORT_ZOO_HELP = """\
+Import a label set written by another system into a new store, bound to the images by key (so it trains at
+any batch size, worker count or rank count), with every augmentation parameter the files hold as a column
+that fkdstore replays with the same pixels as the system's own loader (or refused, naming it). Streaming
+with bounded memory; a rerun after a kill continues the store it left; an error removes the store it made.
+Pickled files are loaded with torch.load(weights_only=True) (or a loader as restricted), which executes no
+code; --trust-pickle allows arbitrary pickles (trusted input only). Kinds:
+
+  fkd      FKD's release (one .tar per image; same as 'fkdstore import-fkd')
+  mldr     Apple ml-dr: SRC holds config.pth.tar and {id}.pth.tar per dataset index (NS records each);
+           several SRC folders merge (their records add up per image)
+  tinyvit  TinyViT (microsoft/Cream): SRC holds logits_top{K}_epoch{E}/rank{R}-keys.txt + -values.bin;
+           the 4-byte seeds replay timm's pipeline, which fkdstore cannot: the store keeps them (policy
+           external_seed) and TorchDataset needs external_replay=; labels load as usual
+  sre2l    SRe2L / CDA (epoch_{e}/batch_{b}.tar, bound by torch's RandomSampler order seeded --fkd-seed),
+           LPLD (plus sampler_indices_epoch.json), LPQLD (flat batch_{n}.tar + sampler_indices_batch.json)
+
+examples:
+  fkdstore import mldr reinforced_data/ labels.fkd --images /data/imagenet/training
+  fkdstore import tinyvit teacher_logits/ in22k.fkd --images /data/in22k --keys stem --num-classes 21841
+  fkdstore import sre2l FKD_cutmix_fp16/ sre2l.fkd --images syn_data/ --fkd-seed 42
+  fkdstore import sre2l FKD_cutmix_fp16_LPQLD/ lpqld.fkd --images syn_data/ --num-classes 1000 --tail renorm
+  fkdstore import fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.fkd \\
+      --images /data/imagenet/train --num-classes 1000
 """
 
 
@@ -332,7 +454,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--json", action="store_true", help="print one JSON object (keys above)")
     q.add_argument("--sample", type=_nonneg_int, default=4096, help="crops sampled for label statistics (default 4096)")
     q.add_argument("--seed", type=int, default=0, help="seed of the crop sample (default 0)")
+    q.add_argument("--plots", metavar="DIR", default=None, help="also write PNG plots into DIR (see above)")
+    q.add_argument("--image", metavar="KEY", default=None, help="print this image's slots instead (a key or an index)")
+    q.add_argument("--top-k", type=_pos_int, default=5, help="classes per slot with --image (default 5)")
+    q.add_argument("--names", metavar="FILE", default=None,
+                   help="class names with --image, one per line (default: the store's meta['classes'])")
     q.set_defaults(func=_cmd_inspect)
+
+    q = add("show", "draw replayed crops with their soft labels (a PNG contact sheet)", SHOW_HELP + STORAGE_HELP)
+    q.add_argument("path", help="store folder or URL")
+    q.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
+                   help="the image folder (or files) the store was made from")
+    q.add_argument("--out", default="sheet.png", metavar="PNG", help="the sheet to write (default sheet.png)")
+    q.add_argument("--grid", type=_grid, default=None, metavar="RxC",
+                   help="rows x columns of crops (default 4x4, or fewer when fewer are asked for)")
+    q.add_argument("--image", dest="keys", nargs="+", action="extend", default=None, metavar="KEY",
+                   help="images to show (keys or indices; default: random written images)")
+    q.add_argument("--slots", nargs="+", action="extend", type=_nonneg_int, default=None, metavar="S",
+                   help="slots to show of each image (default: random)")
+    q.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the random images and slots (default 0)")
+    q.add_argument("--names", metavar="FILE", default=None, help="class names, one per line")
+    q.add_argument("--top-k", type=_pos_int, default=3, help="classes listed per crop (default 3)")
+    q.add_argument("--zoom", type=_pos_int, default=None,
+                   help="repeat each crop pixel ZxZ (default: crops of at least 128 px)")
+    _add_storage_options(q)
+    q.set_defaults(func=_cmd_show)
 
     q = add("estimate", "predict a store's size (this layout, or the paper's formula)", ESTIMATE_HELP)
     q.add_argument("--num-images", type=_pos_int, metavar="N", required=True, help="number of images N")
@@ -382,6 +528,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                    help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
     q.set_defaults(func=_cmd_import_fkd)
 
+    _add_import(add)
+
     q = add("prune", "keep a fraction of each image's crop slots (a smaller store)", PRUNE_HELP)
     q.add_argument("src", help="source store")
     q.add_argument("dst", help="new store (must not exist)")
@@ -406,6 +554,62 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
     _add_generate(sub, common)
     return p, sub
+
+
+def _add_import(add) -> None:
+    """``fkdstore import KIND SRC DST --images IMGS ...`` (KIND: fkd, mldr, tinyvit, sre2l)."""
+    top = add("import", "import another system's label set (fkd, mldr, tinyvit, sre2l)",
+              IMPORT_ZOO_HELP + STORAGE_HELP)
+    kinds = top.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    for name, help_ in (("fkd", "FKD's release files"), ("mldr", "Apple ml-dr reinforcement files"),
+                        ("tinyvit", "TinyViT saved logits"), ("sre2l", "SRe2L / LPLD / LPQLD batch files")):
+        q = kinds.add_parser(name, help=help_, description=IMPORT_ZOO_HELP + STORAGE_HELP, formatter_class=_Formatter)
+        if name == "mldr":
+            q.add_argument("src", nargs="+", help="ml-dr folder(s) holding config.pth.tar and {id}.pth.tar")
+        else:
+            q.add_argument("src", help="the label folder")
+        q.add_argument("dst", help="new store, folder or URL (must not exist or be empty; or the store a killed "
+                                   "run of the same import left, which is continued)")
+        _add_storage_options(q)
+        q.add_argument("--images", required=True, help="the image folder the labels were made for")
+        q.add_argument("--codec", default=None, help="codec name or spec (default: what keeps the stored labels)")
+        q.add_argument("--k", type=_pos_int, default=None, help="keep the top K (at most the files' K)")
+        q.add_argument("--num-classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
+        q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+        if name != "tinyvit":
+            q.add_argument("--trust-pickle", action="store_true",
+                           help="load with weights_only=False: executes code in the files, trusted input only")
+        if name == "fkd":
+            q.set_defaults(func=_cmd_import)
+            continue
+        q.add_argument("--order", choices=["imagefolder", "listing"], default="imagefolder",
+                       help="dataset index of an image: torchvision ImageFolder's (default) or the listed order")
+        if name == "mldr":
+            q.add_argument("--densify", choices=["smooth", "zeros"], default="smooth",
+                           help="the training run's label rule (default smooth, ml-dr's published config)")
+        if name in ("tinyvit", "sre2l"):
+            q.add_argument("--input-size", type=_pos_int, default=224, help="crop side the teacher saw (default 224)")
+            q.add_argument("--scratch-dir", default=None,
+                           help="folder for the temporary image-major copy (default: the system's temp folder)")
+        if name == "tinyvit":
+            q.add_argument("--epochs", type=int, nargs="+", default=None, help="epoch numbers to import (default all)")
+            q.add_argument("--mixing", action=argparse.BooleanOptionalAction, default=True,
+                           help="the run mixed sampler pairs (TinyViT's default); --no-mixing for a run without")
+            q.add_argument("--keys", choices=["auto", "index", "stem"], default="auto",
+                           help="keys are dataset indices or image names (default: auto)")
+            q.add_argument("--timm-config", type=_json_object, default=None, metavar="JSON",
+                           help="the run's augmentation settings, kept in meta['import'] for the external replay")
+        if name == "sre2l":
+            q.add_argument("--fkd-seed", type=_nonneg_int, default=42, help="the run's --fkd-seed (default 42)")
+            q.add_argument("--batch-size", type=_pos_int, default=None, help="default: the first file's rows")
+            q.add_argument("--epochs", type=_pos_int, default=None, help="import the first N epochs only")
+            q.add_argument("--tail", choices=["renorm", "fill"], default=None,
+                           help="top-K logits files: renorm (MR, default without a fill logit) or fill (MRS)")
+            q.add_argument("--interpolation", type=_Choice("fkdstore.transforms", "INTERPOLATIONS"),
+                           default="bilinear", help="crop resampling filter (default bilinear)")
+        q.set_defaults(func=_cmd_import)
 
 
 GENERATE_HELP = """\
@@ -452,13 +656,17 @@ class _GenerateHelp(_Formatter):
             return text
         if isinstance(action.type, _Choice):
             text += f"; one of {', '.join(action.type.names())}"
-        if action.dest in GENERATE_OPTIONS and action.dest not in ("teacher_name", "weights_sha256"):
-            import inspect
+        if action.dest in GENERATE_OPTIONS and action.dest not in ("teacher_name", "weights_sha256", "crops_from",
+                                                                   "storage_options"):
+            from .runner import option_default
 
-            from .runner import generate
+            default = option_default(action.dest)
+            if default is not dataclasses.MISSING:
+                text += f" (default: {default!r})"
+        elif action.dest in SAMPLER_OPTIONS:
+            from .seeded import SlotCropSampler
 
-            default = inspect.signature(generate).parameters[action.dest].default
-            text += f" (default: {default!r})"
+            text += f" (default: {getattr(SlotCropSampler(), action.dest)!r})"
         return text.replace("%", "%%")
 
 
@@ -485,8 +693,10 @@ def _add_generate(sub, common) -> None:
                        description=GENERATE_HELP + STORAGE_HELP, epilog=_augment_help(), formatter_class=_GenerateHelp, parents=[common],
                        argument_default=argparse.SUPPRESS)
     g = q.add_argument_group("inputs and output")
-    g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
-                   help="an image folder (class sub-folders give labels) or a list of image files")
+    g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE|URL",
+                   help="an image folder (class sub-folders give labels), a list of image files, a URL prefix "
+                        "(s3://bucket/train/, with --storage-options) or WebDataset tar shards (files, a URL, "
+                        "shard-{000000..000009}.tar)")
     g.add_argument("--teacher", required=True, metavar="MODULE:FACTORY",
                    help="importable callable returning the teacher module, e.g. fkdstore.testing:tiny_cnn")
     g.add_argument("--teacher-kwargs", type=_json_object, default={}, metavar="JSON",
@@ -569,6 +779,16 @@ def _fraction(s: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1]. Got {s!r}.")
     return v
 _nonneg_int = _int_type(non_negative_int)
+
+
+def _grid(s: str) -> tuple[int, int]:
+    """argparse type: ``RxC`` (:func:`fkdstore.show.parse_grid`)."""
+    from .show import parse_grid
+
+    try:
+        return parse_grid(s)
+    except (TypeError, ValidationError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _json_object(s: str) -> dict:

@@ -59,3 +59,8 @@ class LabelFileError(ValidationError):
     """A label file of another system (e.g. a ReLabel ``.pt`` map) cannot be loaded (truncated, not a torch
     file, unsafe to unpickle) or breaks that system's layout (shape, dtype, index rule). The message names
     the file and the rule."""
+
+
+class ExternalReplayError(FkdstoreError):
+    """A store's crops were augmented by another library's pipeline from stored seeds (e.g. TinyViT's timm
+    pipeline); fkdstore cannot replay those pixels. The message names the library and how to pass a replay."""

@@ -11,12 +11,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
 from .errors import ImageReadError, ValidationError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageList", "ImageReadError", "list_images", "load_image", "image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageList", "ImageReadError", "list_images", "load_image", "image_size",
+           "is_image_name", "class_labels"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -43,8 +45,18 @@ class ImageList:
         return len(self.keys)
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """True when ``name`` ends with an image extension (case-insensitive; see ``IMAGE_EXTENSIONS``)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+
+def class_labels(keys: Sequence[str]) -> tuple[list[int], list[str]]:
+    """``(labels, classes)`` of relative posix keys by ImageFolder's rule: the first path component names the
+    class, ``classes`` are the sorted names, a key without a folder part gets label -1."""
+    classes = sorted({k.split("/", 1)[0] for k in keys if "/" in k})
+    class_index = {c: i for i, c in enumerate(classes)}
+    return [class_index[k.split("/", 1)[0]] if "/" in k else -1 for k in keys], classes
 
 
 def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> ImageList:
@@ -95,13 +107,11 @@ def _list_folder(root: Path) -> ImageList:
         rel = Path(dirpath).relative_to(root)
         for name in (*dirnames, *filenames):
             _check_utf8_name(Path(dirpath) / name)
-        keys.extend((rel / name).as_posix() for name in filenames if _is_image(name))
+        keys.extend((rel / name).as_posix() for name in filenames if is_image_name(name))
     if not keys:
         raise ValidationError(f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     keys.sort()
-    classes = sorted({k.split("/", 1)[0] for k in keys if "/" in k})
-    class_index = {c: i for i, c in enumerate(classes)}
-    labels = [class_index[k.split("/", 1)[0]] if "/" in k else -1 for k in keys]
+    labels, classes = class_labels(keys)
     paths = [str(root.joinpath(*k.split("/"))) for k in keys]
     return ImageList(root=str(root), keys=keys, paths=paths, labels=labels, classes=classes)
 
@@ -119,13 +129,16 @@ def _check_utf8_name(path: Path) -> None:
         ) from None
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike | BinaryIO, *, name: str | None = None) -> Image.Image:
     """Open, fully decode and convert an image to RGB.
 
-    Decoding is strict (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone): a truncated or
-    undecodable file raises :class:`ImageReadError` naming the path and the cause; a missing
-    file raises FileNotFoundError. EXIF orientation is not applied (as ImageFolder).
+    ``path``: a file path or a binary file object (encoded bytes from a shard or object storage); ``name``
+    names it in errors (default: the path). Decoding is strict (``ImageFile.LOAD_TRUNCATED_IMAGES`` is
+    left alone): a truncated or undecodable file raises :class:`ImageReadError` naming the path (or
+    ``name``) and the cause; a missing file raises FileNotFoundError. EXIF orientation is not applied
+    (as ImageFolder).
     """
+    name = _name(path, name)
     try:
         with Image.open(path) as img:
             img.load()
@@ -135,16 +148,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot read image {os.fspath(path)}: {exc}") from exc
+        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image, read from its header without decoding the pixels."""
+def image_size(path: str | os.PathLike | BinaryIO, *, name: str | None = None) -> tuple[int, int]:
+    """``(height, width)`` of an image, read from its header without decoding the pixels (``path`` and
+    ``name`` as for :func:`load_image`)."""
+    name = _name(path, name)
     try:
         with Image.open(path) as img:
             width, height = img.size
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot read image header {os.fspath(path)}: {exc}") from exc
+        raise ImageReadError(f"cannot read image header {name}: {exc}") from exc
     return int(height), int(width)
+
+
+def _name(path, name: str | None) -> str:
+    if name is not None:
+        return name
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path)

@@ -37,7 +37,9 @@ slot's box, flip and params). Its items hold four more keys (P = number of mixin
 ``partner_weight`` [m, P] float32                its weight; ``lam + partner_weight.sum(-1) == 1``
 =================  ============================  ===========================================================
 
-(for a hard-label term: ``lam * CE(target) + sum_p partner_weight[:, p] * CE(partner_target[:, p])``).
+(for a hard-label term: ``lam * CE(target) + sum_p partner_weight[:, p] * CE(partner_target[:, p])``). A store
+whose pixels need another library's pipeline (an ``external_seed`` policy, e.g. imported TinyViT seeds) is
+replayed only with the user's ``external_replay``; its items have P = 1 (the stored partner).
 
 Epoch-to-slot rule (:func:`epoch_slots`): image ``i`` walks its own sequence of permutations of the ``M``
 slots; permutation number ``c`` is ``default_rng(SeedSequence([seed, i, c])).permutation(M)``, and epoch
@@ -61,8 +63,15 @@ allocates fresh buffers). With non-persistent fork workers the main process keep
 ``num_workers * batch_pool`` buffers per batch size for the dataset's lifetime, so the next epoch's workers
 start on them; they are freed with the dataset. ``batch_pool=0``: a fresh buffer per batch, freed with the
 batch. Details: the comment above ``_BatchPool`` in this module. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
-fastest path (``benchmarks/dataset_profile.py``). (A per-epoch preload with ``read_all(slots)``
-was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
+fastest path (``benchmarks/dataset_profile.py``). A remote store (a URL) is read by epoch instead: ``set_epoch``
+reads the epoch's records with one ``read_all(slots)`` into shared memory the workers map
+(:mod:`fkdstore.preload`; ``preload=`` chooses), since a random batch from object storage costs hundreds of
+requests. For a local store the per-batch read is as fast and runs in the workers
+(``benchmarks/README.md``, "TorchDataset throughput").
+
+Images come from any :mod:`fkdstore.sources` source (folder, file list, URL prefix, tar shards,
+``datasets``, a mapping); each batch is announced to the source first, so a remote one fetches the batch's
+bytes ahead of decoding.
 """
 
 from __future__ import annotations
@@ -86,13 +95,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment as _augment
 from . import codecs as _codecs
 from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
+from . import storage as _storage
 from .validation import int_in_range
-from .images import list_images, load_image
+from .preload import EpochRecords
 from .reader import Reader
 from .reader import open as _open_store
+from .sources import ImageSource, as_source
 from .transforms import Replay, replay_crops, write_crops
 
 __all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch", "BatchMix"]
@@ -121,15 +131,41 @@ def epoch_slots(index: int, epoch: int, crops_per_sample: int, crops_per_image: 
     return out
 
 
+def epoch_slots_many(indices, epoch: int, crops_per_sample: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
+    """``(len(indices), m)``: :func:`epoch_slots` of each image, computed in one loop (same values)."""
+    m, M = crops_per_sample, crops_per_image
+    idx = [int(i) for i in indices]
+    pos = np.arange(epoch * m, epoch * m + m, dtype=np.int64)
+    cycles, cols = pos // M, pos % M
+    c0, c1 = int(cycles[0]), int(cycles[-1])
+    out = np.empty((len(idx), m), np.int64)
+    if c0 == c1 and max([seed, c0, *idx], default=0) < 2**32:  # one permutation per image (always when m | M)
+        # SeedSequence([seed, i, c]) of ints below 2**32 equals SeedSequence of the same words as a uint32
+        # array, which numpy takes without converting each int (about half the cost per image)
+        words = np.array([seed, 0, c0], np.uint32)
+        for r, i in enumerate(idx):
+            words[1] = i
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
+            out[r] = rng.permutation(M)[cols]
+        return out
+    for r, i in enumerate(idx):
+        out[r] = epoch_slots(i, epoch, m, M, seed)
+    return out
+
+
 class TorchDataset(torch.utils.data.Dataset):
     """Replays a store's crops and soft labels; see the module docstring for the item layout and slot rule.
 
     Args:
         store: a store folder, a URL (``s3://bucket/labels.fkd``; with ``storage_options``) or an opened
             :class:`fkdstore.Reader`.
-        images: the image folder (or file list) the store was made from. Its keys must equal the store's
-            ``image_keys`` in order: a store key missing from it raises FileNotFoundError naming the image,
-            any other difference raises :class:`ValidationError` naming the first mismatching key.
+        images: the images the store was made from: a folder, a file list, a URL prefix
+            (``s3://bucket/train/``), WebDataset tar shards, a ``datasets.Dataset``, a mapping of key ->
+            image or an :class:`fkdstore.sources.ImageSource` (:func:`fkdstore.sources.as_source`). Its keys
+            must equal the store's ``image_keys`` in order: a store key missing from it raises
+            FileNotFoundError naming the image, any other difference raises :class:`ValidationError` naming
+            the first mismatching key. Remote images are fetched ahead of decoding, a batch at a time
+            (bounded by the source's ``read_ahead``).
         crops_per_sample: ``m``, crops per image per item (``1 <= m <= M``).
         output_size: int or (height, width); default: the store's replay ``input_size`` (the size the
             teacher saw, so replay is exact; checksummed in the header and at most
@@ -149,10 +185,18 @@ class TorchDataset(torch.utils.data.Dataset):
         temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
             ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
             checked here (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
-        storage_options: for a URL ``store``, passed to fsspec (endpoint, credentials, ...); credentials may
-            instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
+        storage_options: for a URL ``store`` and/or URL ``images``, passed to fsspec (endpoint, credentials,
+            ...); credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
+            ...). Images on another endpoint or account: pass ``images=as_source(url, storage_options=...)``.
         cache_dir, cache_bytes: for a URL ``store``, a local folder caching the bytes read from it (bounded
             by ``cache_bytes``, default 10 GiB), shared by the DataLoader workers; see :func:`fkdstore.open`.
+        preload: read labels by epoch instead of by batch: :meth:`set_epoch` (and the constructor) reads the
+            epoch's ``N x m`` records with one :meth:`fkdstore.Reader.read_all` into shared memory that the
+            DataLoader workers map (:mod:`fkdstore.preload`: about ``N * m * 29`` bytes for MS top-5, one
+            copy for all workers), and batches take their labels from it. Default (None): on for a remote
+            store (a URL, or a Reader on one) that is complete, where a random batch would cost hundreds of
+            requests; off for a local store (per-batch reads are as fast and work in parallel in the
+            workers). True on an incomplete store raises :class:`IncompleteStoreError`.
         batch_pool: how many shared-memory batch buffers each DataLoader worker keeps per batch size and
             refills (default 4 = DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``).
             A buffer is refilled only after the main process has dropped every reference to the batch's
@@ -163,6 +207,14 @@ class TorchDataset(torch.utils.data.Dataset):
             per batch, freed with the batch. No effect without workers (``num_workers=0``) or with the
             ``file_system`` sharing strategy. Send a batch's crops on to another process only as a copy
             (``clone()``): the pool cannot see references held by a third process.
+        external_replay: for a store whose pixels need another library's pipeline (an ``external_seed``
+            policy, e.g. TinyViT's timm pipeline run from a stored seed): a picklable callable
+            ``f(image, params, partner_image, output_size)`` returning the slot's uint8 ``(H, W, 3)`` pixels, or
+            ``(pixels, lam)`` with ``lam`` the weight of the image's own target; ``image`` and ``partner_image``
+            (None when not mixed) are decoded PIL images, ``params`` the slot's stored columns
+            (``external_seed``, ``external_partner``, ``external_partner_seed``). Without it such a store is
+            refused (:class:`~fkdstore.errors.ExternalReplayError`); its labels still load with
+            :func:`fkdstore.open` (``read_batch``). A mixed slot's ``lam`` is NaN when ``f`` returns pixels only.
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
@@ -193,16 +245,22 @@ class TorchDataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
         batch_pool: int = 4,
+        external_replay=None,
+        preload: bool | None = None,
     ):
         self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
+        # storage_options serve whichever of store and images is a URL
+        image_options = _storage.options_for(images, storage_options)
         if isinstance(store, Reader):
-            if storage_options or cache_dir is not None or cache_bytes is not None:
+            if (storage_options and image_options is None) or cache_dir is not None or cache_bytes is not None:
                 raise TypeError("storage_options, cache_dir and cache_bytes apply when store is a path or URL, "
                                 "not an opened Reader (pass them to fkdstore.open).")
-            reader, self._store_path = store, None
+            reader, self._store_path, storage_options = store, None, None
         else:
-            reader = _open_store(store, storage_options=storage_options, **self._cache)
             self._store_path = os.fspath(store)
+            if image_options is not None:
+                storage_options = _storage.options_for(self._store_path, storage_options)
+            reader = _open_store(store, storage_options=storage_options, **self._cache)  # local + options: TypeError
         self._storage_options = dict(storage_options) if storage_options else None
         self._reader: Reader | None = reader
         self.num_classes = reader.num_classes
@@ -239,12 +297,12 @@ class TorchDataset(torch.utils.data.Dataset):
         self._retained: dict[int, list[_PooledBuffer]] = {}  # nbytes -> buffers kept for later workers
         _DATASETS[self._pool_token] = self
 
-        listing = list_images(images)
-        self._paths = _match_images(reader.image_keys, listing)
+        self._images: ImageSource = as_source(images, storage_options=image_options)
+        _match_images(reader.image_keys, self._images)
         self._sizes = np.asarray(reader.image_sizes, dtype=np.int64)
         targets = np.asarray(reader.labels, dtype=np.int64)
-        if not (targets >= 0).any() and (np.asarray(listing.labels) >= 0).any():
-            targets = np.asarray(listing.labels, dtype=np.int64)  # store has no labels: use the folder's
+        if not (targets >= 0).any() and (np.asarray(self._images.labels) >= 0).any():
+            targets = np.asarray(self._images.labels, dtype=np.int64)  # store has no labels: use the source's
         self._targets = targets
 
         written = reader.written
@@ -252,12 +310,13 @@ class TorchDataset(torch.utils.data.Dataset):
             first = int(np.flatnonzero(~written)[0])
             raise IncompleteStoreError(
                 f"store {reader.path} is incomplete: {int((~written).sum())} of {reader.num_images} images are "
-                f"not written (first: image {first}, {os.path.basename(self._paths[first])!r}); finish "
+                f"not written (first: image {first}, {os.path.basename(self._images.name(first))!r}); finish "
                 f"generating it, or pass allow_incomplete=True to train on the written images only")
         self.image_indices = np.flatnonzero(written).astype(np.int64)
         # Validated at open (fkdstore.reader refuses unknown policies); None = crop and flip only (fast path).
         pipeline = reader.header.augment
         self.augment = pipeline if len(pipeline) else None
+        self.external_replay = _check_external(pipeline, external_replay, reader)
 
         # The epoch lives in shared memory so persistent DataLoader workers see set_epoch() too.
         self._epoch = torch.zeros((), dtype=torch.int64)
@@ -265,6 +324,7 @@ class TorchDataset(torch.utils.data.Dataset):
             self._epoch.share_memory_()
         except (RuntimeError, OSError):  # pragma: no cover - no shared memory: workers see it at (re)start
             pass
+        self._preload = _preload_records(reader, preload, written.all())
         self.set_epoch(epoch)
 
     # ------------------------------------------------------------------ epochs
@@ -273,8 +333,14 @@ class TorchDataset(torch.utils.data.Dataset):
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the slots of ``epoch``. Call it before ``iter(loader)``; persistent workers see it too."""
+        """Select the slots of ``epoch``. Call it before ``iter(loader)``; persistent workers see it too. With
+        ``preload``, this reads the epoch's labels (in this process, into memory the workers share)."""
         self._epoch.fill_(_check_int("epoch", epoch, 0))
+        if self._preload is not None and self._preload.epoch != int(epoch):
+            r = self.reader
+            slots = epoch_slots_many(range(r.num_images), int(epoch), self.crops_per_sample, self.crops_per_image,
+                                     self.seed)
+            self._preload.fill(r, slots, int(epoch))
 
     def slots(self, item: int, epoch: int | None = None) -> np.ndarray:
         """The slots item ``item`` uses in ``epoch`` (default: the current epoch)."""
@@ -322,6 +388,7 @@ class TorchDataset(torch.utils.data.Dataset):
             bad = int(items[(items < -n) | (items >= n)][0])
             raise IndexError(f"item {bad} is out of range for a dataset of {n} images")
         idx = self.image_indices[items]
+        self._images.prefetch(idx.tolist())
         slots, rec, soft = self._read_labels(idx)
         if self.augment is not None:
             return self._augmented_items(idx, slots, rec, soft)
@@ -334,11 +401,15 @@ class TorchDataset(torch.utils.data.Dataset):
                     torch.from_numpy(slots).unbind(0))]
 
     def _read_labels(self, idx: np.ndarray):
-        """Slots (B, m), records and per-item soft labels of store images ``idx``: one ``read_batch`` and one
-        decode; item ``b``'s labels are views of the batch's (so :func:`collate` does not copy them)."""
+        """Slots (B, m), records and per-item soft labels of store images ``idx``: one ``read_batch`` (or the
+        epoch's preloaded records) and one decode; item ``b``'s labels are views of the batch's (so
+        :func:`collate` does not copy them)."""
         e, m, M = self.epoch, self.crops_per_sample, self.crops_per_image
-        slots = np.stack([epoch_slots(int(i), e, m, M, self.seed) for i in idx]) if len(idx) else np.zeros((0, m), np.int64)
-        rec = self.reader.read_batch(idx, slots)
+        slots = epoch_slots_many(idx, e, m, M, self.seed)
+        if self._preload is not None and self._preload.epoch == e:
+            rec = self._preload.records(idx)
+        else:
+            rec = self.reader.read_batch(idx, slots)
         if self.soft_labels == "dense":
             soft = torch.from_numpy(np.ascontiguousarray(
                 self.codec.decode(rec.fields, self.num_classes, temperature=self.temperature))).unbind(0)
@@ -367,8 +438,13 @@ class TorchDataset(torch.utils.data.Dataset):
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
-            crops = self._augmented_crops(i, slots[b], rec.box[b], rec.flip[b], params, bufs[b])
-            lam, pidx, pw = mix_weights(self.augment, params, self.output_size)
+            crops, ext_lam = self._augmented_crops(i, slots[b], rec.box[b], rec.flip[b], params, bufs[b])
+            if ext_lam is None:
+                lam, pidx, pw = mix_weights(self.augment, params, self.output_size)
+            else:  # external replay: the partner is stored, the weight is what the user's replay returned
+                pidx = np.asarray(params["external_partner"], np.int64).reshape(-1, 1)
+                lam = np.where(pidx[:, 0] >= 0, ext_lam, 1.0)
+                pw = np.where(pidx >= 0, 1.0 - lam[:, None], 0.0)
             ptarget = np.where(pidx >= 0, self._targets[np.maximum(pidx, 0)], -1)
             out.append({"crops": crops, "soft_labels": soft[b], "target": int(self._targets[i]), "index": i,
                         "slots": torch.from_numpy(slots[b]), "mixed": torch.from_numpy((pidx >= 0).any(1)),
@@ -400,41 +476,86 @@ class TorchDataset(torch.utils.data.Dataset):
                             f"image {i} ({r.image_key(i)!r}), slot {s}: {e}") from None
         raise CorruptStoreError(f"store {r.path}: the augment params of images {idx.tolist()} are not valid")
 
-    def _augmented_crops(self, i: int, slots, boxes, flips, params, out: torch.Tensor) -> torch.Tensor:
+    def _augmented_crops(self, i: int, slots, boxes, flips, params, out: torch.Tensor):
+        """``(crops [m, 3, H, W], lam)``: ``lam`` (m,) from an external replay, else None (see mix_weights)."""
         from .augment.replay import Partner, replay_slots
 
         image = self._load(i)
         decoded = {i: image}
         r = self.reader
 
-        def partner(j: int, t: int) -> Partner:
+        def partner_image(j: int):
             if j not in decoded:
                 decoded[j] = self._load(j)
-            rec = r.read(j, [t])
-            return Partner(decoded[j], rec.box[0], bool(rec.flip[0]), {k: v[0] for k, v in rec.aug.items()})
+            return decoded[j]
 
-        hwc = replay_slots(self.augment, image, slots, boxes, flips, params, self.output_size, self.interpolation,
-                           partner)
+        def partner(j: int, t: int) -> Partner:
+            rec = r.read(j, [t])
+            return Partner(partner_image(j), rec.box[0], bool(rec.flip[0]), {k: v[0] for k, v in rec.aug.items()})
+
+        if self.augment.external is not None:
+            hwc, lam = self._external_crops(image, slots, params, partner_image)
+        else:
+            hwc, lam = replay_slots(self.augment, image, slots, boxes, flips, params, self.output_size,
+                                    self.interpolation, partner, partner_image), None
         write_crops(hwc, out, **({"mean": self.mean, "std": self.std} if self.normalize else {}))
         if self.transform is not None:
             out = self.transform(out)
-        return out
+        return out, lam
+
+    def _external_crops(self, image, slots, params, partner_image) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of an ``external_seed`` store replayed by the user's ``external_replay``: (pixels, lam)."""
+        H, W = self.output_size
+        hwc = np.empty((len(slots), H, W, 3), np.uint8)
+        lam = np.full(len(slots), np.nan)
+        for k in range(len(slots)):
+            prm = {name: int(np.asarray(v)[k]) for name, v in params.items()}
+            j = prm["external_partner"]
+            got = self.external_replay(image, prm, partner_image(j) if j >= 0 else None, (H, W))
+            if isinstance(got, tuple):
+                got, lam[k] = got[0], float(got[1])
+            px = np.asarray(got)
+            if px.dtype != np.uint8 or px.shape != (H, W, 3):
+                raise ValidationError(f"external_replay must return uint8 pixels of shape {(H, W, 3)} (or "
+                                      f"(pixels, lam)). Got {px.dtype} {px.shape}.")
+            hwc[k] = px
+        return hwc, lam
 
     def _load(self, i: int):
         """Image ``i`` decoded and its size checked against the store's."""
-        path = self._paths[i]
-        image = load_image(path)
+        image = self._images.load(i)
         H, W = self._sizes[i].tolist()
         if image.size != (W, H):
             raise ValidationError(
-                f"image {i} ({path}) has size (height={image.size[1]}, width={image.size[0]}) but the store "
-                f"recorded (height={H}, width={W}); the images changed since the labels were generated")
+                f"image {i} ({self._images.name(i)}) has size (height={image.size[1]}, width={image.size[0]}) but "
+                f"the store recorded (height={H}, width={W}); the images changed since the labels were generated")
         return image
 
     def __repr__(self) -> str:
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
                 f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, soft_labels={self.soft_labels!r}, "
                 f"epoch={self.epoch}, seed={self.seed})")
+
+
+def _check_external(pipeline, external_replay, reader):
+    """``external_replay`` for a store whose pipeline is an ``external_seed`` policy (refused without one);
+    None otherwise (a replay given for any other store is refused too)."""
+    from .errors import ExternalReplayError
+
+    ext = pipeline.external
+    if ext is None:
+        if external_replay is not None:
+            raise ValidationError("external_replay applies to stores with an external_seed augment policy only; "
+                                  f"store {reader.path} is replayed by fkdstore.")
+        return None
+    if external_replay is None:
+        raise ExternalReplayError(
+            f"store {reader.path} needs an {ext.describe()}. Pass external_replay=f(image, params, partner_image, "
+            f"output_size) to TorchDataset to replay the pixels with {ext.library}; the labels load without it "
+            f"(fkdstore.open(...).read_batch).")
+    if not callable(external_replay):
+        raise TypeError(f"external_replay must be callable. Got {type(external_replay).__name__}.")
+    return external_replay
 
 
 def _torch_friendly(v: np.ndarray) -> np.ndarray:
@@ -444,12 +565,12 @@ def _torch_friendly(v: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v)
 
 
-def _match_images(store_keys: list[str], listing) -> list[str]:
-    """Paths of the store's images in store order; raise naming the first key that does not match."""
-    keys = listing.keys
+def _match_images(store_keys: list[str], source: ImageSource) -> None:
+    """Check that the source's keys are the store's, in store order; raise naming the first that does not match."""
+    keys = source.keys
     if keys == store_keys:
-        return list(listing.paths)
-    where = listing.root if listing.root is not None else "the given file list"
+        return
+    where = source.where
     listed = set(keys)
     missing = [(i, k) for i, k in enumerate(store_keys) if k not in listed]
     if missing:
@@ -724,6 +845,19 @@ def _release(counters: mmap.mmap, key: tuple[int, int]) -> None:
         if left:
             _LIVE[key] = left
     counters.close()
+
+
+def _preload_records(reader: Reader, preload: bool | None, complete: bool) -> EpochRecords | None:
+    """The epoch preload of a dataset (None: batches read the store): see ``TorchDataset(preload=...)``."""
+    if preload is None:
+        preload = bool(getattr(reader._source, "remote", False)) and complete
+    elif not isinstance(preload, bool):
+        raise TypeError(f"preload must be True, False or None. Got {preload!r}.")
+    if preload and not complete:
+        raise IncompleteStoreError(f"preload=True needs a complete store (the epoch preload reads every image); "
+                                   f"{reader.path} is incomplete. Pass preload=False to read the written images "
+                                   f"by batch.")
+    return EpochRecords() if preload else None
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

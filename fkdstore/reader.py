@@ -36,7 +36,7 @@ from . import labelmap as _labelmap
 from . import progress as _progress
 from . import schema as S
 from . import storage as _storage
-from .derived import SeededCrops
+from .derived import derivation
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
 from .shard import ArrayMeta, Manifest, ShardedArray, fetch_many, finish_many, group_rows, load_many, \
     parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
@@ -254,6 +254,8 @@ class Reader:
         self._columns = columns
         self._written = None
         self._per_image: dict[str, np.ndarray] = {}  # verified whole per-image arrays (sizes, labels)
+        self._images_ok: set[int] = set()  # shards whose per-image chunks matched their tags
+        self._checked: dict[str, set[int]] = {}  # per cached per-image array: shards whose chunk matched
 
     def _problem(self, error: CorruptStoreError, more=()) -> None:
         if self._problems is None:
@@ -291,14 +293,22 @@ class Reader:
         ips = h.images_per_shard
         s0, s1 = a // ips, (b - 1) // ips
         rows = self._small(name, s0 * ips, min(h.num_images, (s1 + 1) * ips))
+        self._check_tags(name, rows, range(s0, s1 + 1), s0)
+        return rows[a - s0 * ips:b - s0 * ips]
+
+    def _check_tags(self, name: str, rows: np.ndarray, shards, first: int) -> None:
+        """Compare the chunks of per-image array ``name`` for ``shards`` (``rows`` starts at shard ``first``)
+        with their manifest tags; :class:`CorruptStoreError` naming the array, chunk and images."""
+        h = self.header
+        ips = h.images_per_shard
         j = h.bound_per_image.index(name)
         if self._manifest is None:
             raise CorruptStoreError(f"{self.path}: the manifest cannot be read, so array {name!r} cannot be checked")
-        if s1 > s0:
-            self._manifest.prefetch(range(s0, s1 + 1))
+        if len(shards) > 1:
+            self._manifest.prefetch(shards)
         fill, prefix = S.PER_IMAGE_FILL[name], h.tag_prefix
-        for s in range(s0, s1 + 1):
-            part = rows[(s - s0) * ips:(s - s0 + 1) * ips]
+        for s in shards:
+            part = rows[(s - first) * ips:(s - first + 1) * ips]
             try:
                 want = int(self._manifest.image_tags(s)[j])
             except Exception as e:  # the manifest chunk itself cannot be read
@@ -309,7 +319,6 @@ class Reader:
                 raise CorruptStoreError(
                     f"{self.path}: array {name!r} chunk {s} (images {r.start}..{r.stop - 1}) does not match the "
                     f"manifest: missing, misplaced or stale data{self._manifest.missing_note(s)}")
-        return rows[a - s0 * ips:b - s0 * ips]
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -334,12 +343,40 @@ class Reader:
             raise IndexError(f"image index must be in [0, {self.num_images}). Got {i}.")
         return S.decode_keys(self._bound_rows(S.KEY, i, i + 1), start=i)[0]
 
-    def _cached(self, name: str) -> np.ndarray:
+    def _cached(self, name: str, shards=None) -> np.ndarray:
+        """The whole per-image array ``name`` (image_size or label: 8 and 4 bytes per image), read once, with
+        the chunks of ``shards`` (default all) checked against their tags (each once per reader)."""
         got = self._per_image.get(name)
         if got is None:
-            got = self._per_image[name] = self._bound_rows(name)
+            got = self._per_image[name] = self._small(name)
             got.flags.writeable = False
+        if name in self.header.bound_per_image:
+            done = self._checked.setdefault(name, set())
+            todo = [s for s in (range(self.header.num_shards) if shards is None else shards) if s not in done]
+            if todo:
+                self._check_tags(name, got, todo, 0)
+                done.update(todo)
         return got
+
+    def _check_images(self, shards) -> None:
+        """Before records of ``shards`` are returned: their chunks of key, image_size and label match their
+        tags (4.0; checked once per shard and reader). A damaged, missing, sibling or rolled-back per-image
+        chunk fails every read of the images it covers, not only the reads that look at it; the other
+        shards still read."""
+        todo = [s for s in shards if s not in self._images_ok]
+        if not todo or not self.header.bound_per_image:
+            return
+        ips = self.header.images_per_shard
+        for a, b in _runs(todo):
+            self._bound_rows(S.KEY, a * ips, min(self.num_images, b * ips))
+        self._cached(S.IMAGE_SIZE, todo)
+        self._cached(S.LABEL, todo)
+        self._images_ok.update(todo)
+
+    def _sizes_of(self, idx: np.ndarray) -> np.ndarray:
+        """``image_size`` rows of images ``idx``, their shards' chunks checked."""
+        shards = np.unique(np.asarray(idx, np.int64) // self.header.images_per_shard).tolist()
+        return self._cached(S.IMAGE_SIZE, shards)[idx]
 
     @property
     def image_sizes(self) -> np.ndarray:
@@ -381,6 +418,8 @@ class Reader:
         self._group = None  # zarr caches nothing we rely on, but a fresh group is cheap
         self._written = None
         self._per_image = {}
+        self._images_ok = set()
+        self._checked = {}
 
     @property
     def complete(self) -> bool:
@@ -426,6 +465,8 @@ class Reader:
     def _rows(self, idx: np.ndarray, inner=None) -> dict[str, np.ndarray]:
         """Stored record rows of images ``idx`` (written, checked by the caller): ``{path: (B, *row)}``, or
         ``(B, m, ...)`` for ``inner`` (B, m) indices along each row's first axis (slots)."""
+        if len(idx):
+            self._check_images(np.unique(idx // self.header.images_per_shard).tolist())
         chunks, inv, within = group_rows(idx, self.header.images_per_chunk)
         arrays = list(self._arrays.values())
         stacks = take_many(arrays, chunks)
@@ -436,6 +477,9 @@ class Reader:
 
     def _one_row(self, i: int, inner=None) -> dict[str, np.ndarray]:
         """Stored record rows of image ``i`` (one chunk per array): copies, callers may modify them."""
+        s = i // self.header.images_per_shard
+        if s not in self._images_ok:
+            self._check_images((s,))
         c, w = divmod(i, self.header.images_per_chunk)
         arrays = list(self._arrays.values())
         chunks = take_one(arrays, c)
@@ -457,6 +501,7 @@ class Reader:
         def items(shards):
             return [(a, np.concatenate([a.shard_chunks(s) for s in shards]), None) for a in arrays]
 
+        self._check_images(range(h.num_shards))
         lock = threading.Lock()  # the shard-index and manifest caches, shared with the fetching threads
         with _progress.progress(progress, total=len(batches), desc=desc, unit="batch") as bar:
             if not ahead:
@@ -512,7 +557,7 @@ class RegionReader(Reader):
     def _build(self) -> None:
         super()._build()
         h = self.header
-        self._seeded = SeededCrops(h, _Sizes(self), self.path) if h.seeded else None
+        self._derived = derivation(h, _Sizes(self), self.path)  # seeded crops: box and flip derived
         self._specs = h.record_specs()  # manifest order, derived arrays (seeded crops) included
         # CropRecords keys of the arrays, computed once (read(i) builds one CropRecords per image)
         n = len(S.SOFT_GROUP) + 1
@@ -537,15 +582,16 @@ class RegionReader(Reader):
         _check_slot_range(sl, self.crops_per_image)
         return sl
 
-    def _derive(self, idx: np.ndarray, slots=None) -> tuple[np.ndarray, np.ndarray]:
-        """Seeded crops: boxes and flips of images ``idx`` (slots as :meth:`SeededCrops.rows`). The first call
-        of a reader compares the derived chunk of ``idx[0]`` with its manifest tags (spec: before any derived
-        data is returned), so a sampler that cannot replay the store fails here, not silently."""
-        if not self._seeded.checked and len(idx):
+    def _derive(self, idx: np.ndarray, slots=None) -> dict[str, np.ndarray]:
+        """The derived arrays' rows of images ``idx`` (seeded crops: box and flip; slots as
+        :meth:`fkdstore.derived.SeededCrops.rows`; nothing for stored crops). The first call of a reader
+        compares the derived chunk of ``idx[0]`` with its manifest tags (spec: before any derived data is
+        returned), so a sampler that cannot replay the store fails here, not silently."""
+        if not self._derived.checked and len(idx):
             ipc = self.header.images_per_chunk
             c = int(idx[0]) // ipc
-            self._check_derived(c, c + 1, self._seeded.chunk_rows(c * ipc, (c + 1) * ipc))
-        return self._seeded.rows(idx, slots)
+            self._check_derived(c, c + 1, self._derived.chunk_rows(c * ipc, (c + 1) * ipc))
+        return self._derived.rows(idx, slots)
 
     def _check_derived(self, c0: int, c1: int, data: dict[str, np.ndarray]) -> None:
         """Compare the tags of the derived chunks ``[c0, c1)`` (``data`` from :meth:`SeededCrops.chunk_rows`)
@@ -553,7 +599,7 @@ class RegionReader(Reader):
         problems = self._derived_mismatches(c0, c1, data)
         if problems:
             raise CorruptStoreError(problems[0])
-        self._seeded.checked = True
+        self._derived.checked = True
 
     def _derived_mismatches(self, c0: int, c1: int, data: dict[str, np.ndarray],
                             written: np.ndarray | None = None) -> list[str]:
@@ -561,8 +607,10 @@ class RegionReader(Reader):
         holding a written image (``written``: the flags to use, default the store's): one message per
         mismatching array. Raises :class:`CorruptStoreError` when the manifest itself cannot be read (used by
         ``verify`` too, with the flags it read itself)."""
-        h, sc = self.header, self._seeded
+        h, sc = self.header, self._derived
         ipc, cps = h.images_per_chunk, h.chunks_per_shard
+        if not data:  # nothing derived
+            return []
         if self._manifest is None:
             raise CorruptStoreError(f"{self.path}: the manifest cannot be read, so the seeded crops cannot be checked")
         rows = []
@@ -592,9 +640,7 @@ class RegionReader(Reader):
             slots = _int_array(slots, "slots").reshape(-1)
             _check_slot_range(slots, self.header.crops_per_image)
         data = self._one_row(i, slots)
-        if self._seeded is not None:
-            box, flip = self._derive(np.array([i]), slots)
-            data[S.BOX], data[S.FLIP] = box[0], flip[0]
+        data.update({name: v[0] for name, v in self._derive(np.array([i]), slots).items()})
         return self._records(data)
 
     def read_batch(self, indices, slots=None) -> CropRecords:
@@ -607,8 +653,7 @@ class RegionReader(Reader):
         self._check_written(idx)
         sl = self._slots(slots, len(idx))
         data = self._rows(idx, sl)
-        if self._seeded is not None:
-            data[S.BOX], data[S.FLIP] = self._derive(idx, sl)
+        data.update(self._derive(idx, sl))
         return self._records(data)
 
     def read_all(self, slots=None, *, progress: bool | None = False) -> CropRecords:
@@ -626,14 +671,13 @@ class RegionReader(Reader):
         def keep(shards, loaded, lock):
             n0 = shards.start * h.images_per_shard
             n1 = min(N, shards.stop * h.images_per_shard)
-            if self._seeded is not None:  # derived here, every chunk checked against its manifest tags
-                c0 = shards.start * h.chunks_per_shard
-                derived = self._seeded.chunk_rows(n0, n1)
-                with lock:  # the manifest cache is shared with the fetching threads
-                    self._check_derived(c0, min(h.num_chunks, shards.stop * h.chunks_per_shard), derived)
-                for name, rows in derived.items():
-                    rows = rows[: n1 - n0]
-                    out[name][n0:n1] = rows if sl is None else rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
+            derived = self._derived.chunk_rows(n0, n1)  # every derived chunk checked against its manifest tags
+            with lock:  # the manifest cache is shared with the fetching threads
+                self._check_derived(shards.start * h.chunks_per_shard,
+                                    min(h.num_chunks, shards.stop * h.chunks_per_shard), derived)
+            for name, rows in derived.items():
+                rows = rows[: n1 - n0]
+                out[name][n0:n1] = rows if sl is None else rows[np.arange(n1 - n0)[:, None], sl[n0:n1]]
             for a, (data, errors) in zip(arrays, loaded):
                 raise_first(errors)
                 rows = data.reshape(-1, *a.chunk_shape[1:])[: n1 - n0]
@@ -723,14 +767,25 @@ class LabelMapReader(Reader):
 KIND_READERS: dict[str, type[Reader]] = {S.REGIONS: RegionReader, S.LABEL_MAP: LabelMapReader}
 
 
+def _runs(values) -> list[tuple[int, int]]:
+    """Sorted ints as half-open runs of consecutive values: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    out: list[tuple[int, int]] = []
+    for v in sorted(values):
+        if out and out[-1][1] == v:
+            out[-1] = (out[-1][0], v + 1)
+        else:
+            out.append((v, v + 1))
+    return out
+
+
 class _Sizes:
-    """Picklable ``() -> reader.image_sizes`` (what seeded crops are derived from)."""
+    """Picklable ``idx -> image sizes`` of a reader (what seeded crops are derived from; checked per shard)."""
 
     def __init__(self, reader: Reader):
         self.reader = reader
 
-    def __call__(self) -> np.ndarray:
-        return self.reader.image_sizes
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        return self.reader._sizes_of(idx)
 
 
 class _GroupArray:

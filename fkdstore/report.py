@@ -29,12 +29,24 @@ Keys (all sizes in bytes):
     box+flip, and the augmentation columns.
 ``aug``, ``augment``
     the augmentation columns (name, kind, dtype, shape) and the pipeline the teacher saw (policy configs).
+``replay``
+    who replays the pixels (:func:`replay_note`): fkdstore, or the external library a store imported with
+    seeds of another pipeline needs (e.g. TinyViT's timm pipeline).
 ``meta``
     the provenance attribute as stored (sampler, teacher, history, ...); ``sampler`` and ``teacher``
     repeat ``meta["sampler"]`` / ``meta["teacher"]`` (null when absent).
 ``label_stats``
-    computed on a seeded sample of written crops: ``{sampled_crops, seed, kept_mass_mean (null for hard),
-    entropy_mean_nats, top1_agreement (null without ground-truth labels), distinct_top1}``.
+    computed on a seeded sample of written crops (:func:`crop_sample`): ``{sampled_crops, seed, kept_mass_mean
+    (null for hard), entropy_mean_nats, top1_agreement (null without ground-truth labels), distinct_top1,
+    top1_prob_mean (mean decoded top-1 probability)}``.
+``warnings``
+    what looks wrong, from the header and the same crop sample: a list of ``{code, message, ...}`` with
+    ``code`` one of ``top1_agreement`` (teacher top-1 agrees with the ground truth far less than its
+    confidence says: a likely class-order or preprocessing mismatch), ``normalization`` (meta mean/std
+    implausible, e.g. std in 0-255 units) and ``fallback_crops`` (many crops are RandomResizedCrop's centre
+    fallback); empty when nothing does. The rules and their thresholds: :mod:`fkdstore.diagnose`.
+``plots``
+    only with ``inspect(..., plots=DIR)``: the PNG files written there (:func:`fkdstore.plots.write_plots`).
 ``compatibility``
     data types of this store that some Zarr v3 readers lack (:func:`reader_compatibility`): a list of
     ``{dtype, arrays, note}``, empty when the store uses core Zarr v3 types any reader has.
@@ -72,17 +84,19 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import codecs as _codecs
+from . import diagnose
 from . import reader as _reader
 from . import schema as S
 from . import storage as _storage
 from . import writer as _writer
+from .augment.pipeline import Pipeline
 from .ownership import OWNERS
 from .seeded import SlotCropSampler
 
 __all__ = [
     "IMAGENET_1K_IMAGES", "PAPER_TABLE2", "CALIBRATION", "inspect", "format_inspect", "label_stats",
     "paper_bytes", "paper_table2", "estimate_bytes", "format_estimate", "teacher_like_probs", "calibrate",
-    "human_bytes", "READER_GAPS", "reader_compatibility",
+    "human_bytes", "READER_GAPS", "reader_compatibility", "crop_sample",
 ]
 
 IMAGENET_1K_IMAGES = 1_281_167
@@ -123,6 +137,10 @@ CALIBRATION: dict[str, float] = {
     "logits_topk_q8": 0.957,
     "logits_topk": 1.0,  # not calibrated: float log-probabilities
     "logits_full": 1.0,  # not calibrated
+    # sampled: measured by benchmarks/sampled_size.py (teacher_like_probs, 300 images x 200 crops, C = 1000, S = 16)
+    "indices_sampled": 0.614,
+    "counts_sampled": 0.226,
+    "logp_sampled": 1.0,  # not calibrated: float log-probabilities
     "image_key": 0.234,  # per key character (zstd over sorted ImageNet-style paths)
     "per_image": 0.445,  # image_size + label + written, per raw byte (13 B per image)
 }
@@ -310,35 +328,58 @@ def _entropy(p: np.ndarray) -> np.ndarray:
         return -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
 
 
-def label_stats(reader, sample: int = 4096, seed: int = 0) -> dict[str, Any]:
-    """Statistics on ``sample`` crops drawn (seeded) from the written images of ``reader``."""
+def crop_sample(reader, sample: int = 4096, seed: int = 0) -> dict[str, np.ndarray]:
+    """The seeded sample of written crops behind :func:`label_stats`, inspect's warnings and its plots.
+
+    ``n = min(sample, written images x M)`` crops drawn without replacement with ``default_rng(seed)`` from the
+    flat (image, slot) positions of the written images, in (image, slot) order. Returns arrays of length ``n``:
+    ``image``, ``slot`` (int64), ``box`` ((n, 4) int64 top, left, height, width), ``size`` ((n, 2) the
+    image's height, width), ``label`` (ground truth, -1 unknown), ``top1`` (argmax of the decoded label),
+    ``top1_prob`` (its probability), ``entropy`` (nats) and ``kept`` (mass kept by the stored entries; NaN
+    for the hard codec), all float64 but the first ones."""
     written = np.flatnonzero(reader.written)
     M, C = reader.crops_per_image, reader.num_classes
-    res = {"sampled_crops": 0, "seed": int(seed), "kept_mass_mean": None, "entropy_mean_nats": None,
-           "top1_agreement": None, "distinct_top1": 0}
-    if len(written) == 0 or sample <= 0:
-        return res
+    n = min(max(int(sample), 0), len(written) * M)
     rng = np.random.default_rng(seed)
-    n = min(int(sample), len(written) * M)
-    flat = np.sort(rng.choice(len(written) * M, size=n, replace=False))
+    flat = np.sort(rng.choice(len(written) * M, size=n, replace=False)) if n else np.zeros(0, np.int64)
     img, slot = written[flat // M], flat % M
     uniq, inv = np.unique(img, return_inverse=True)
-    kept, ent, top1 = [], [], []
+    box, kept, ent, top1, top1_prob = [np.zeros((0, 4), np.int64)], [], [], [np.zeros(0, np.int64)], []
     step = max(1, (32 * 2**20) // max(1, M * C * 4))  # decode at most ~32 MiB at once
     for a in range(0, len(uniq), step):
         sel = (inv >= a) & (inv < a + step)
         rec = reader.read_batch(uniq[a:a + step])
         rows, sl = inv[sel] - a, slot[sel]
         fields = {k: v[rows, sl] for k, v in rec.fields.items()}
+        box.append(np.asarray(rec.box[rows, sl], np.int64))
         kept.append(np.asarray(reader.codec.kept_mass(fields), np.float64))
         dist = reader.decode(fields)
         ent.append(_entropy(dist.astype(np.float64)))
         top1.append(np.argmax(dist, -1))
-    kept, ent, top1 = np.concatenate(kept), np.concatenate(ent), np.concatenate(top1)
-    res.update(sampled_crops=int(n), entropy_mean_nats=float(ent.mean()), distinct_top1=int(len(np.unique(top1))))
+        top1_prob.append(np.max(dist, -1).astype(np.float64))
+    return {"image": img.astype(np.int64), "slot": slot.astype(np.int64), "box": np.concatenate(box),
+            "size": np.asarray(reader.image_sizes, np.int64)[img].reshape(-1, 2),
+            "label": np.asarray(reader.labels, np.int64)[img], "top1": np.concatenate(top1).astype(np.int64),
+            "top1_prob": np.concatenate(top1_prob or [np.zeros(0)]), "entropy": np.concatenate(ent or [np.zeros(0)]),
+            "kept": np.concatenate(kept or [np.zeros(0)])}
+
+
+def label_stats(reader, sample: int = 4096, seed: int = 0, *, crops: dict[str, np.ndarray] | None = None
+                ) -> dict[str, Any]:
+    """Statistics on ``sample`` crops drawn (seeded) from the written images of ``reader``
+    (:func:`crop_sample`; pass its result as ``crops`` to reuse a sample)."""
+    crops = crop_sample(reader, sample, seed) if crops is None else crops
+    res = {"sampled_crops": 0, "seed": int(seed), "kept_mass_mean": None, "entropy_mean_nats": None,
+           "top1_agreement": None, "distinct_top1": 0, "top1_prob_mean": None}
+    n = len(crops["image"])
+    if n == 0:
+        return res
+    kept, top1 = crops["kept"], crops["top1"]
+    res.update(sampled_crops=int(n), entropy_mean_nats=float(crops["entropy"].mean()),
+               distinct_top1=int(len(np.unique(top1))), top1_prob_mean=float(crops["top1_prob"].mean()))
     if not np.isnan(kept).all():
         res["kept_mass_mean"] = float(np.nanmean(kept))
-    labels = reader.labels[img]
+    labels = crops["label"]
     known = labels >= 0
     if known.any():
         res["top1_agreement"] = float((top1[known] == labels[known]).mean())
@@ -368,7 +409,7 @@ def _array_info(arr, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
     }
 
 
-# Data types a store may use that some Zarr v3 readers lack (spec/format-v3.md section 3), with what to do.
+# Data types a store may use that some Zarr v3 readers lack (spec/format-v4.md section 3), with what to do.
 READER_GAPS: dict[str, str] = {
     "float16": "JavaScript readers need Float16Array (ES2025; Node.js 20 lacks it) or a bit-exact polyfill, "
                "else they refuse (zarrita); float32 or q8 fields avoid it",
@@ -389,12 +430,13 @@ def reader_compatibility(arrays: dict[str, dict[str, Any]]) -> list[dict[str, An
 
 
 def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
-            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+            storage_options: dict[str, Any] | None = None, plots: str | os.PathLike | None = None) -> dict[str, Any]:
     """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring).
 
     ``path`` is a folder or a URL (with ``storage_options``). Stored bytes and file counts of a remote store
     come from one recursive listing through the store API (object sizes; no object is downloaded for them),
-    so they equal what a local copy of the store holds."""
+    so they equal what a local copy of the store holds. ``plots``: a folder to write the PNG plots of
+    :func:`fkdstore.plots.write_plots` into (from the same crop sample; key ``plots``)."""
     r = _reader.open(path, storage_options=storage_options)
     h = r.header
     stats = storage_stats(path, storage_options=storage_options)
@@ -415,6 +457,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
         per_crop_b = (soft + geo + aug) / crops
         per_image_b = sum(arrays[n]["stored_bytes"] for n in h.per_image_arrays) / h.num_images
         ext_bytes = int(per_crop_b * IMAGENET_1K_IMAGES * h.crops_per_image + per_image_b * IMAGENET_1K_IMAGES)
+    sampled = crop_sample(r, sample, seed)
     out = {
         "path": str(path), "format": S.FORMAT_NAME, "format_version": h.format_version, "kind": h.kind,
         "store_id": h.store_id, "library_version": h.library_version, "codec": codec.get_config(),
@@ -422,6 +465,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
         "crops": "seeded" if h.seeded else "stored", "crop_sampler": h.sampler.get_config() if h.seeded else None,
         "num_images": h.num_images, "crops_per_image": h.crops_per_image, "num_classes": h.num_classes,
         "aug": [a.to_json() for a in h.aug], "augment": h.augment.get_config(), "has_labels": h.has_labels,
+        "pixel_replay": replay_note(h.augment),
         "images_per_chunk": h.images_per_chunk, "images_per_shard": h.images_per_shard,
         "images_written": written, "complete": written == h.num_images,
         "missing_ranges": [list(x) for x in r.missing_ranges()],
@@ -431,7 +475,8 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
         "box_bytes_per_crop": geo / crops if crops else None,
         "aug_bytes_per_crop": aug / crops if crops else None,
         "meta": dict(h.meta), "sampler": h.meta.get("sampler"), "teacher": h.meta.get("teacher"),
-        "label_stats": label_stats(r, sample=sample, seed=seed),
+        "label_stats": label_stats(r, sample=sample, seed=seed, crops=sampled),
+        "warnings": diagnose.store_warnings(h, codec, sampled),
         "compatibility": reader_compatibility(arrays),
         "imagenet_extrapolation": {
             "num_images": IMAGENET_1K_IMAGES, "crops_per_image": h.crops_per_image,
@@ -441,7 +486,23 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
         },
     }
     r.close()
+    if plots is not None:
+        from . import plots as _plots
+
+        out["plots"] = _plots.write_plots(out, sampled, plots)
     return out
+
+
+def replay_note(augment: Pipeline) -> str:
+    """Who replays a store's pixels, in one line: fkdstore (crops and policies, with partner crops carried in
+    the slot when the pipeline has ``partner_crop``), or the external library an ``external_seed`` policy
+    names (fkdstore cannot replay those pixels)."""
+    pipeline = augment
+    if pipeline.external is not None:
+        return pipeline.external.describe()
+    what = "crop and flip" + (" then " + ", ".join(p.name for p in pipeline.policies) if len(pipeline) else "")
+    carried = "; mixed slots carry their partner's crop (partner_crop)" if pipeline.partner_crop else ""
+    return f"fkdstore ({what}){carried}"
 
 
 def _fmt_ranges(ranges: list, limit: int = 5) -> str:
@@ -477,6 +538,12 @@ def format_inspect(d: dict[str, Any]) -> str:
                  f"ratio {[round(x, 4) for x in c['ratio']]}, flip_p {c['flip_p']}")
     if d.get("augment"):
         L.append(f"augment    {_short(d['augment'], 320)}")
+    if d.get("replay"):
+        r = d["replay"]
+        L.append(f"replay     input {r['input_size'][0]} x {r['input_size'][1]} {r['interpolation']}, mean "
+                 f"{r['mean']}, std {r['std']}")
+    if d.get("pixel_replay"):
+        L.append(f"pixels     replayed by {d['pixel_replay']}")
     L += [
         "",
         f"{'array':<18}{'shape':<18}{'dtype':<9}{'chunks':<16}{'shards':<16}{'stored':>12}{'ratio':>8}{'files':>7}",
@@ -519,7 +586,11 @@ def format_inspect(d: dict[str, Any]) -> str:
         f"  paper formula   {human_bytes(e['paper_formula_bytes'])} (float32, Table 2's accounting)",
         f"  paper Table 2   {e['paper_table2'] or 'not in the table'}"
         + (" (at 1.2M x 200 crops)" if e["paper_table2"] else ""),
+        "",
+        *([f"warning    [{w['code']}] {w['message']}" for w in d.get("warnings") or []] or ["warnings   none"]),
     ]
+    if d.get("plots"):
+        L.append(f"plots      {', '.join(d['plots'])}")
     return "\n".join(L)
 
 

@@ -2,7 +2,8 @@
 
 :func:`generate` runs these steps, one function each:
 
-1. :func:`resolve_images` lists the images (folder or file list) and their ground-truth labels;
+1. :func:`resolve_images` finds the images (any :mod:`fkdstore.sources` source: a folder, a file list, a URL
+   prefix, tar shards, a ``datasets.Dataset``, a mapping) and their ground-truth labels;
 2. :class:`~fkdstore.teacher.TeacherForward` readies the teacher and measures its output width
    (:func:`check_num_classes`) before anything is written;
 3. :func:`open_or_create_store`: rank 0 reads the image sizes from the file headers (:func:`scan_sizes`,
@@ -65,7 +66,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +83,8 @@ from . import writer as _writer
 from .augment.replay import Partner, replay_slots
 from .distributed import Collectives, World, pick_device
 from .errors import FkdstoreError, SchemaMismatchError, ValidationError
-from .images import ImageList, ImageReadError, image_size, list_images, load_image
+from .images import ImageReadError
+from .sources import ImageSource, as_source
 from .seeded import SlotCropSampler
 from .teacher import TeacherForward, state_sha256
 from .transforms import Replay, replay_crops
@@ -205,6 +206,18 @@ _CONFIGS = {"labels": LabelSpec, "replay": Replay, "run": Execution, "provenance
 _OPTIONS = {f.name: name for name, cls in _CONFIGS.items() for f in dataclasses.fields(cls)}
 
 
+def option_default(name: str) -> Any:
+    """The default of one of :func:`generate`'s flat options (a field of a config object); the config's
+    field is its one home. A required field (``crops_per_image``, ``codec``) has none: returns the
+    ``fkdstore.cli`` sentinel's counterpart, ``dataclasses.MISSING``."""
+    f = next(f for f in dataclasses.fields(_CONFIGS[_OPTIONS[name]]) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def _configs(given: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The four config objects of :func:`generate` from its config arguments and flat options."""
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -231,7 +244,7 @@ def _configs(given: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
 
 def generate(
     teacher: torch.nn.Module,
-    images: str | os.PathLike | Sequence[str | os.PathLike],
+    images: Any,
     path: str | os.PathLike,
     *,
     labels: LabelSpec | None = None,
@@ -268,7 +281,11 @@ def generate(
     Args:
         teacher: a :class:`torch.nn.Module` returning logits ``(B, C)``; put in eval mode and moved to the
             device (in place, as ``Module.to`` does).
-        images: an image folder (class sub-folders give ``label``, as ImageFolder) or a list of files.
+        images: an image folder (class sub-folders give ``label``, as ImageFolder), a list of files, a URL prefix
+            (``s3://bucket/train/``, with ``storage_options``), WebDataset tar shards, a ``datasets.Dataset``,
+            a mapping of key -> image or an :class:`fkdstore.sources.ImageSource`
+            (:func:`fkdstore.sources.as_source`); the store's ``image_keys`` are the source's keys, in order.
+            Remote images are fetched ahead of decoding, a teacher batch at a time.
         path: the store: a folder or a URL (``s3://bucket/labels.zarr``, any fsspec scheme). If it exists it
             must have been created by the same call (else :class:`SchemaMismatchError`, nothing written);
             its written images are kept (resume). Under torchrun every rank passes the same location: rank 0
@@ -279,8 +296,8 @@ def generate(
             ``augment`` are then unused and must stay default). ``images`` must list the source's image keys
             in its order and ``crops_per_image`` equal its ``M``; the source must be complete; image sizes
             come from the source.
-        storage_options: for a URL ``path`` and/or ``crops_from``, passed to fsspec; credentials may instead
-            come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
+        storage_options: for a URL ``path``, ``crops_from`` and/or ``images``, passed to fsspec; credentials
+            may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
 
     Returns the :class:`fkdstore.Reader` of the store (``complete`` unless images were skipped).
 
@@ -294,19 +311,21 @@ def generate(
     if crops_from is not None and (job.labels.crop_sampler != SlotCropSampler() or job.labels.store_crops):
         raise ValidationError("crop_sampler and store_crops must stay default with crops_from: the crops, and "
                               "whether they are seeded, come from the source store.")
-    if storage_options and not any(_storage.is_url(x) for x in (path, crops_from) if isinstance(x, (str, os.PathLike))):
+    locations = [x for x in (path, crops_from, images) if isinstance(x, (str, os.PathLike))]
+    if storage_options and not any(_storage.is_url(x) for x in locations):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
     # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
     out = _storage.as_store(path, read_only=False, storage_options=_storage.options_for(path, storage_options))
     return _run(teacher, images, out, job, t_start, crops_from,
-                location=(path, _storage.options_for(path, storage_options)), crops_options=storage_options)
+                location=(path, _storage.options_for(path, storage_options)), crops_options=storage_options,
+                images_options=_storage.options_for(images, storage_options))
 
 
 def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops_from=None, *,
-         location, crops_options=None) -> _reader.Reader:
+         location, crops_options=None, images_options=None) -> _reader.Reader:
     """The steps listed in the module docstring, in order. ``out`` is the store (:func:`fkdstore.storage.as_store`),
     ``location`` the ``(path or URL, storage_options)`` it came from."""
-    listing = resolve_images(images)
+    listing = resolve_images(images, storage_options=images_options)
     if crops_from is not None and len(job.augment):
         raise ValidationError("augment must be None with crops_from: the crops, their augmentation params and the "
                               f"pipeline come from the source store. Got augment={job.augment.get_config()}.")
@@ -322,7 +341,7 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
         writer, sizes, skipped = open_or_create_store(out, listing, job, num_classes, meta, comm,
                                                       stored=stored)
         plan = plan_shards(writer.header, writer.written, comm.world, job.images_per_batch)
-        dataset = _CropDataset(listing.paths, sizes, job.sampler if stored is None else stored,
+        dataset = _CropDataset(listing, sizes, job.sampler if stored is None else stored,
                                job.labels.crops_per_image, job.replay,
                                augment=job.augment if stored is None else stored.pipeline, seed=job.sampler.seed)
         done = label_shards(forward, writer, dataset, plan, listing.keys, job, num_classes, skipped,
@@ -339,13 +358,13 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
 # --------------------------------------------------------------------------------------------- 1-2 inputs
 
 
-def resolve_images(images) -> ImageList:
+def resolve_images(images, storage_options=None) -> ImageSource:
     """The images to label, in store order, with their keys and ground-truth labels
-    (:func:`fkdstore.images.list_images`; raises for a missing path or no images)."""
-    return list_images(images)
+    (:func:`fkdstore.sources.as_source`; raises for a missing path or no images)."""
+    return as_source(images, storage_options=storage_options)
 
 
-def check_num_classes(forward: TeacherForward, expected: int | None, listing: ImageList) -> int:
+def check_num_classes(forward: TeacherForward, expected: int | None, listing: ImageSource) -> int:
     """The teacher's output width ``C``, checked against ``expected`` and the number of class folders."""
     width = forward.num_classes()
     if expected is not None and expected != width:
@@ -357,7 +376,7 @@ def check_num_classes(forward: TeacherForward, expected: int | None, listing: Im
     return width
 
 
-def provenance_meta(teacher: torch.nn.Module, listing: ImageList, job: _Job) -> dict[str, Any]:
+def provenance_meta(teacher: torch.nn.Module, listing: ImageSource, job: _Job) -> dict[str, Any]:
     """The store's non-volatile ``meta``: a resumed run must reproduce it exactly."""
     return {
         "generator": GENERATOR,
@@ -369,29 +388,26 @@ def provenance_meta(teacher: torch.nn.Module, listing: ImageList, job: _Job) -> 
     }
 
 
-def scan_sizes(paths: Sequence[str], keys: Sequence[str], on_error: str, skipped: list[str]) -> np.ndarray:
-    """(N, 2) (height, width) from the image headers, read with a few threads. An unreadable header
-    raises with ``on_error="stop"``; with ``"skip"`` the image gets size (1, 1) and its key is appended
-    to ``skipped``."""
-
-    def one(i):
-        try:
-            return image_size(paths[i])
-        except ImageReadError as e:
+def scan_sizes(source: ImageSource, on_error: str, skipped: list[str]) -> np.ndarray:
+    """(N, 2) (height, width) from the image headers (:meth:`~fkdstore.sources.ImageSource.header_sizes`: a
+    few threads, or concurrent requests for a remote source). An unreadable header raises with
+    ``on_error="stop"``; with ``"skip"`` the image gets size (1, 1) and its key is appended to ``skipped``."""
+    out = []
+    for key, got in zip(source.keys, source.header_sizes()):
+        if isinstance(got, ImageReadError):
             if on_error == "stop":
-                raise
-            warnings.warn(f"skipping image: {e}", stacklevel=3)
-            skipped.append(keys[i])
-            return (1, 1)
-
-    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as ex:
-        return np.asarray(list(ex.map(one, range(len(paths)), chunksize=256)), dtype=np.int64).reshape(-1, 2)
+                raise got
+            warnings.warn(f"skipping image: {got}", stacklevel=3)
+            skipped.append(key)
+            got = (1, 1)
+        out.append(got)
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------------------------- 3 the store
 
 
-def open_or_create_store(out, listing: ImageList, job: _Job, num_classes: int, meta: dict,
+def open_or_create_store(out, listing: ImageSource, job: _Job, num_classes: int, meta: dict,
                          comm: Collectives, *, stored: StoredCrops | None = None
                          ) -> tuple[_writer.Writer, np.ndarray, list[str]]:
     """Rank 0 creates (or re-opens, to resume) the store; the other ranks join once it exists.
@@ -423,7 +439,7 @@ def open_or_create_store(out, listing: ImageList, job: _Job, num_classes: int, m
             sizes = _existing_sizes(out, listing.keys)  # write() below clears an interrupted creation
             if sizes is None:
                 sizes = stored.sizes if stored is not None else \
-                    scan_sizes(listing.paths, listing.keys, job.execution.on_error, skipped)
+                    scan_sizes(listing, job.execution.on_error, skipped)
             writer = _writer.write(out, image_sizes=sizes, primary=True, **common)
         except BaseException as e:  # tell the other ranks, then raise here
             comm.broadcast(f"{type(e).__name__}: {e}")
@@ -508,33 +524,39 @@ def plan_shards(header: S.Header, written: np.ndarray, world: World, images_per_
 
 class _CropDataset(torch.utils.data.Dataset):
     """Item ``i``: image ``i``'s ``M`` crops as uint8 ``[M, 3, S, S]`` with their boxes and flips, or the
-    read error (returned, not raised, so the main process decides between stop and skip).
+    read error (returned, not raised, so the main process decides between stop and skip). Images come
+    from ``source`` (:class:`fkdstore.sources.ImageSource`), each teacher batch announced to it first
+    (:meth:`__getitems__`: a remote source fetches the batch's bytes ahead of decoding).
 
     ``crops`` is anything with ``sample(index, height, width, M) -> (boxes, flips)``: the
     :class:`~fkdstore.seeded.SlotCropSampler`, crops replayed from another store or an
     augmentation pipeline (whose per-crop columns would travel next to boxes and flips) later.
     """
 
-    def __init__(self, paths, sizes, crops, M: int, replay: Replay, augment=None, seed: int = 0):
-        self.paths, self.sizes, self.crops = list(paths), np.asarray(sizes), crops
+    def __init__(self, source: ImageSource, sizes, crops, M: int, replay: Replay, augment=None, seed: int = 0):
+        self.source, self.sizes, self.crops = source, np.asarray(sizes), crops
         self.M, self.replay = M, replay
         self.augment = augment if augment is not None and len(augment) else None
         self.seed = seed  # of the augmentation params (the crop sampler's seed)
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.source)
+
+    def __getitems__(self, indices):
+        self.source.prefetch(indices)
+        return [self[i] for i in indices]
 
     def __getitem__(self, i):
         H, W = (int(v) for v in self.sizes[i])
         try:
-            img = load_image(self.paths[i])
+            img = self.source.load(i)
             if img.size != (W, H):
                 raise ImageReadError(
-                    f"image {self.paths[i]} decodes to height x width {img.size[1]} x {img.size[0]}, but its "
+                    f"image {self.source.name(i)} decodes to height x width {img.size[1]} x {img.size[0]}, but its "
                     f"header (and the store) say {H} x {W}"
                 )
         except (ImageReadError, OSError) as e:
-            msg = f"{e}" if isinstance(e, ImageReadError) else f"cannot read image {self.paths[i]}: {e}"
+            msg = f"{e}" if isinstance(e, ImageReadError) else f"cannot read image {self.source.name(i)}: {e}"
             return i, None, None, None, msg
         boxes, flips = self.crops.sample(i, H, W, self.M)
         if self.augment is None:
@@ -543,7 +565,7 @@ class _CropDataset(torch.utils.data.Dataset):
         try:
             params, crops = self._augmented(i, img, boxes, flips)
         except (ImageReadError, OSError) as e:
-            return i, None, None, None, f"image {self.paths[i]}: {e}"
+            return i, None, None, None, f"image {self.source.name(i)}: {e}"
         return i, boxes, flips, (crops, params), None
 
     def _params(self, i: int, slots) -> dict[str, np.ndarray]:
@@ -551,7 +573,7 @@ class _CropDataset(torch.utils.data.Dataset):
         stored ones when the crops come from a store (:meth:`StoredCrops.params`)."""
         if isinstance(self.crops, StoredCrops):
             return self.crops.params(i, slots)
-        return self.augment.sample(self.seed, i, slots, image_size=self.replay.input_size, num_images=len(self.paths),
+        return self.augment.sample(self.seed, i, slots, image_size=self.replay.input_size, num_images=len(self.source),
                                    crops_per_image=self.M)
 
     def _augmented(self, i: int, img, boxes, flips):
@@ -563,10 +585,10 @@ class _CropDataset(torch.utils.data.Dataset):
 
         def partner(j: int, t: int) -> Partner:
             if j not in decoded:
-                pimg = load_image(self.paths[j])
+                pimg = self.source.load(j)
                 Hj, Wj = (int(v) for v in self.sizes[j])
                 if pimg.size != (Wj, Hj):
-                    raise ImageReadError(f"mixing partner {self.paths[j]} decodes to height x width "
+                    raise ImageReadError(f"mixing partner {self.source.name(j)} decodes to height x width "
                                          f"{pimg.size[1]} x {pimg.size[0]}, but the store says {Hj} x {Wj}")
                 decoded[j] = pimg
             Hj, Wj = (int(v) for v in self.sizes[j])
@@ -688,7 +710,7 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
             for b, (idx, boxes, flips, crops, errors, aug) in enumerate(loader):
                 _handle_read_errors(errors, keys, ex.on_error, skipped)
                 if len(idx):
-                    fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]])
+                    fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]], idx)
                     if aug is None and isinstance(dataset.crops, StoredCrops):
                         aug = dataset.crops.aug(idx)  # a source's aug columns without an augment pipeline
                     writer.put_fields(idx, boxes, flips, fields, aug=aug)
@@ -713,11 +735,13 @@ def _handle_read_errors(errors: list[tuple[int, str]], keys: Sequence[str], on_e
 
 
 def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_classes: int,
-                some_keys: Sequence[str]) -> dict[str, Any]:
+                some_keys: Sequence[str], images: np.ndarray) -> dict[str, Any]:
     """Codec fields for a batch of images' crops ``[B, M, 3, S, S]`` (uint8): the teacher runs on at most
     ``batch_size`` crops at a time; labels are ``softmax(logits / temperature)``, encoded by the codec, or,
     for a codec whose ``input`` is ``"logits"``, the teacher's logits themselves (float32).
-    ``some_keys`` name the batch in errors (non-finite or wrongly shaped teacher output)."""
+    ``some_keys`` name the batch in errors (non-finite or wrongly shaped teacher output); ``images`` are the
+    batch's image indices: a codec that draws (``sampled``) draws crop ``(i, s)`` from
+    :func:`fkdstore.codecs.crop_keys` ``(i, s)``, so its labels do not depend on batching or resumption."""
     B, M = crops.shape[:2]
     bs, C = job.execution.batch_size, num_classes
     x = crops.reshape(B * M, *crops.shape[2:])
@@ -729,10 +753,11 @@ def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_cla
     if not torch.isfinite(logits).all():
         raise ValidationError(f"teacher returned non-finite logits for a batch of images {list(some_keys)}...")
     codec = job.labels.codec
+    keys = _codecs.crop_keys(np.asarray(images, np.int64)[:, None], np.arange(M)[None, :])
     if codec.input == "logits":  # the temperature is chosen at load time (LabelSpec refuses one here)
-        return codec.encode(logits.float().reshape(B, M, C))
+        return codec.encode(logits.float().reshape(B, M, C), keys=keys)
     probs = torch.softmax(logits / job.labels.temperature, dim=-1).reshape(B, M, C)
-    return codec.encode(probs)
+    return codec.encode(probs, keys=keys)
 
 
 # --------------------------------------------------------------------------------------------- 6 the record

@@ -641,7 +641,10 @@ def parse_header(d: Any) -> Header:
         raise FormatError(f"fkdstore header key 'format_version' must be a string 'major.minor'. "
                           f"Got {d.get('format_version')!r}.")
     major, _ = check_version(d["format_version"])
-    expected = header_checksum(d)
+    try:
+        expected = header_checksum(d)
+    except (TypeError, ValueError) as e:  # NaN, infinity or a non-JSON value: not a header this format allows
+        raise FormatError(f"fkdstore header must be standard JSON (section 1.1): {e}") from None
     if d.get("checksum") != expected:
         raise CorruptStoreError(f"fkdstore header checksum mismatch: stored {d.get('checksum')!r}, computed "
                                 f"{expected!r} (the group attribute {ATTR_KEY!r} in zarr.json was edited or damaged)")

@@ -1,9 +1,11 @@
-"""Seeded crops (format 3.0): a store whose ``box`` and ``flip`` are derived from a seed instead of stored.
+"""The crop sampler of fkdstore, :class:`SlotCropSampler`: RandomResizedCrop + flip per slot, replayable bit
+for bit anywhere.
 
-A seeded store keeps a crop sampler's config in its header (``crop_sampler``) and no ``box``/``flip``
-arrays: slot ``s`` of image ``i`` has the crop :class:`SlotCropSampler` draws for ``(seed, i, s)`` and the
-image's size, recomputed on read. That is TinyViT's idea (store the seed that replays a pipeline) applied
-to the crop stage: at MS top-5 q8 the box and flip arrays are about a third of the store.
+A store with seeded crops (the default) keeps the sampler's config in its header (``regions.crops``) and no
+``box``/``flip`` arrays: slot ``s`` of image ``i`` has the crop :class:`SlotCropSampler` draws for
+``(seed, i, s)`` and the image's size, recomputed on read (:mod:`fkdstore.derived`). That is TinyViT's idea
+(store the seed that replays a pipeline) applied to the crop stage: at MS top-5 q8 the box and flip arrays
+are about a third of a store that stores them.
 
 The sampler is torchvision's RandomResizedCrop (area scale, log-uniform aspect ratio, 10 attempts,
 centre-crop fallback) plus a flip, drawn from a *counter-based* generator: every random number is
@@ -13,13 +15,10 @@ a libm call). So the crops are the same bits on any IEEE machine, numpy version 
 10.3), and any set of slots is derived without the others: a training batch that uses 4 of 200 slots
 derives 4, vectorised over the whole batch.
 
-Derived data cannot be misplaced or stale on disk, and its inputs (the header, ``image_size``) are
-checksummed. A sampler implementation that does not reproduce the writer's crops (a bug, a port) is the
-remaining risk, so the manifest keeps the ``box`` and ``flip`` columns, tagged by the writer over the boxes
-and flips the teacher used (:func:`fkdstore.schema.manifest_tag`), and :class:`SeededCrops` compares them:
-once per reader before the first derived data is returned, for every chunk of an epoch read
-(``read_all``), and in ``verify``. A mismatch raises :class:`CorruptStoreError`. This module is the one
-home of the sampler and of that rule; the writer, reader, verify and the teacher-runner call it.
+A sampler implementation that does not reproduce the writer's crops (a bug, a port) is the remaining risk
+of derived data, so the manifest keeps the ``box`` and ``flip`` columns, tagged by the writer over the
+boxes and flips the teacher used, and :class:`fkdstore.derived.SeededCrops` compares them. This module is
+the one home of the sampler; the writer, reader, verify and the teacher-runner call it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Sharded per-crop arrays, read chunk by chunk with every check the spec asks of a reader. Shared by
-:class:`fkdstore.reader.Reader` and :func:`fkdstore.verify.verify` (one decoder, one set of rules).
+:class:`fkdstore.reader.Reader` and :func:`fkdstore.verification.verify` (one decoder, one set of rules).
 
 For each inner chunk a caller asks for, :meth:`ShardedArray.load`:
 

@@ -297,8 +297,10 @@ every replayed crop allocate gigabytes (1024 x 1024 x 3 float32 = 12 MiB per cro
 
 
 def _three_finite(name: str, value: Any) -> tuple[float, float, float]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {value!r}.")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {type(value).__name__}.")
+    if len(value) != 3:
+        raise ValidationError(f"{name} must be 3 finite numbers. Got {list(value)!r}.")
     out = []
     for k, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):

@@ -52,7 +52,7 @@ from . import schema as S
 from . import storage
 from .augment.base import Column
 from .augment.pipeline import Pipeline
-from .derived import SeededCrops
+from .derived import derivation
 from .errors import CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, ValidationError
 from .labelmap import LabelMapSpec, validate_maps
 from .ownership import OWNERS, Owners
@@ -497,7 +497,7 @@ class Writer:
         # the per-image arrays as stored (the writer tags their chunks in every manifest row it writes)
         self._per_image = {name: group[name][:] for name in header.bound_per_image}
         self._sizes = self._per_image[S.IMAGE_SIZE]
-        self._seeded = SeededCrops(header, lambda: self._sizes, self._where) if header.seeded else None
+        self._derivation = derivation(header, self._sizes.__getitem__, self._where)
         self._written = group[S.WRITTEN][:].astype(bool)
         self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
         self._owners = Owners(self.store, self._where)
@@ -541,7 +541,9 @@ class Writer:
             raise ValidationError(f"probs must have shape (B, M, C) = ({B}, {M}, {C}). Got {np.shape(probs)}.")
         probs = np.asarray(probs)
         self.codec.validate_input(probs, C)
-        fields = self.codec.encode(probs.astype(np.float32, copy=False))
+        # a codec that draws (sampled) draws crop (i, s) from its crop key: independent of batching
+        keys = _codecs.crop_keys(idx[:, None], np.arange(M)[None, :])
+        fields = self.codec.encode(probs.astype(np.float32, copy=False), keys=keys)
         self._put(idx, boxes, flips, fields, aug)
 
     def put_fields(self, image_indices, boxes, flips, fields: Mapping[str, Any], aug=None) -> None:
@@ -599,8 +601,8 @@ class Writer:
     def _put(self, idx, boxes, flips, fields, aug, *, validate_values: bool = False) -> None:
         h = self.header
         B, M, C = len(idx), h.crops_per_image, h.num_classes
-        if self._seeded is not None:
-            boxes, flips = self._seeded_crops(idx, boxes, flips)
+        derived = self._derivation.given(idx, {S.BOX: _to_numpy(boxes), S.FLIP: _to_numpy(flips)})
+        boxes, flips = derived.get(S.BOX, boxes), derived.get(S.FLIP, flips)  # seeded crops: the sampler's
         boxes, flips = np.asarray(_to_numpy(boxes)), np.asarray(_to_numpy(flips))
         if boxes.shape != (B, M, 4):
             raise ValidationError(f"boxes must be an integer array of shape ({B}, {M}, 4). Got shape {boxes.shape}.")
@@ -633,26 +635,6 @@ class Writer:
         for name, spec in expected.items():
             data[S.soft_path(name)] = np.asarray(fields[name]).astype(spec.dtype, copy=False)
         self._buffer_rows(idx, data)
-
-    def _seeded_crops(self, idx: np.ndarray, boxes, flips) -> tuple[np.ndarray, np.ndarray]:
-        """Seeded crops: the sampler's boxes and flips of images ``idx``; boxes/flips given by the caller
-        (the crops the teacher saw) must equal them, or nothing is buffered."""
-        box, flip = self._seeded.rows(idx)
-        for what, given, want in (("boxes", boxes, box), ("flips", flips, flip)):
-            if given is None:
-                continue
-            given = np.asarray(_to_numpy(given))
-            if given.shape != want.shape:
-                raise ValidationError(f"{what} must have shape {want.shape} (or be None: seeded crops). "
-                                      f"Got shape {given.shape}.")
-            diff = given.astype(np.int64) != want.astype(np.int64)
-            if diff.any():
-                b, m = (int(x) for x in np.argwhere(diff.reshape(len(idx), self.header.crops_per_image, -1).any(-1))[0])
-                raise ValidationError(
-                    f"this store has seeded crops: {what} must be the crop sampler's "
-                    f"({self.header.sampler.get_config()}) or None. Image {int(idx[b])} slot {m} has "
-                    f"{given[b, m].tolist()}, the sampler gives {want[b, m].tolist()}.")
-        return box, flip
 
     def _aug_columns(self, aug, B: int) -> dict[str, np.ndarray]:
         cols, M = self.header.aug, self.header.crops_per_image
@@ -722,7 +704,7 @@ class Writer:
         old_tags = self._io(s, S.MANIFEST, "read", lambda: self._record_tags(s)) if keep.any() else None
         data = {}
         rest = np.flatnonzero(~mask)  # seeded crops: rows not put are tagged over their derived values too
-        derived = dict(zip(self._derived, self._seeded.rows(rest + r.start))) if self._derived and len(rest) else {}
+        derived = self._derivation.rows(rest + r.start) if len(rest) else {}
         with zarr.config.set({"array.write_empty_chunks": True}):
             for p, name in enumerate(self._specs):
                 v = buf[name]

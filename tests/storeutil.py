@@ -43,7 +43,7 @@ def fill(w, d, order=None, step=7):
 
 
 def small_store(path, *, n=12, m=5, c=30, codec="ms", labels=True, meta=None, seed=0, write=None,
-                ipc=None, ips=None, aug=None, crop_sampler=None, replay=None):
+                ipc=None, ips=None, aug=None, crop_sampler=None, replay=None, keys=None):
     """A small store of Dirichlet probabilities (the fault-injection tests' store); ``write`` limits which
     images are put; with ``crop_sampler`` the crops are the sampler's (seeded, derived on read), else random
     17 x 19 boxes stored. Returns the data put."""
@@ -61,8 +61,8 @@ def small_store(path, *, n=12, m=5, c=30, codec="ms", labels=True, meta=None, se
     a = rng.normal(size=(n, m, len(aug))).astype(np.float32) if aug else None
     idx = np.arange(n) if write is None else np.asarray(write)
     with fkdstore.write(path, num_images=n, crops_per_image=m, num_classes=c, codec=codec,
-                        image_keys=[f"cls{i % 3}/img{i}.png" for i in range(n)], image_sizes=sizes, labels=lab,
-                        meta=meta or {"teacher": {"name": "resnet-test", "temperature": 1.0}},
+                        image_keys=keys or [f"cls{i % 3}/img{i}.png" for i in range(n)], image_sizes=sizes,
+                        labels=lab, meta=meta or {"teacher": {"name": "resnet-test", "temperature": 1.0}},
                         images_per_chunk=ipc, images_per_shard=ips, aug=aug, crop_sampler=crop_sampler,
                         replay=replay) as w:
         if len(idx):

@@ -24,9 +24,14 @@ POLICIES = {
     "color_jitter": A.ColorJitter(),
     "randaugment": A.RandAugment(num_ops=2, magnitude=9),
     "random_erasing": A.RandomErasing(p=1.0, value="random"),
+    "random_grayscale": A.RandomGrayscale(p=0.5),
+    "gaussian_blur": A.GaussianBlur(kernel_size=(5, 3), sigma=(0.1, 2.0), p=0.8),
     "mixup": A.Mixup(alpha=0.4, p=0.7),
     "cutmix": A.CutMix(alpha=1.0, p=0.7),
+    "mixup_exact": A.MixupExact(alpha=0.4, p=0.7),
+    "cutmix_box": A.CutMixBox(alpha=1.0, p=0.7),
 }
+IMPORT_ONLY = {"partner_crop", "external_seed"}  # hold imported params, never sampled (tests/test_importers_zoo.py)
 
 
 def image(seed: int = 0, size=SIZE) -> np.ndarray:
@@ -42,7 +47,7 @@ def apply_slot(policy, params, j, x, partner=None):
 
 
 def test_registry_holds_every_builtin():
-    assert set(A.registered_policies()) == set(POLICIES)
+    assert set(A.registered_policies()) == set(POLICIES) | IMPORT_ONLY
 
 
 # ------------------------------------------------------------------ registry-wide
@@ -319,8 +324,9 @@ def test_pipeline_columns_unique_and_compact():
         ("random_erasing:value=noise", ValidationError, "value must be 'random' or a uint8 colour. Got 'noise'."),
         ("random_erasing:scale=[0.5,0.1]", ValidationError, "scale must be ordered (min <= max). Got [0.5, 0.1]."),
         ("autoaugment:x=1", ValidationError,
-         "augment policy name must be one of ['color_jitter', 'cutmix', 'mixup', 'randaugment', 'random_erasing']. "
-         "Got 'autoaugment'."),
+         "augment policy name must be one of ['color_jitter', 'cutmix', 'cutmix_box', 'external_seed', "
+         "'gaussian_blur', 'mixup', 'mixup_exact', 'partner_crop', 'randaugment', 'random_erasing', "
+         "'random_grayscale']. Got 'autoaugment'."),
         ("mixup;randaugment", ValidationError,
          "mixing policies must come after all other policies. Got 'randaugment' after 'mixup'."),
         ("mixup;mixup", ValidationError, "augment column names must be unique in a pipeline. Got 'mixup_partner' twice."),

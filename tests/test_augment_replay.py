@@ -34,6 +34,7 @@ POLICIES = {
     "color_jitter": "color_jitter:brightness=0.5,contrast=0.5,saturation=0.5,hue=0.2",
     "randaugment": "randaugment:num_ops=2,magnitude=9",
     "random_erasing": "random_erasing:p=0.8,value=random",
+    "ssl_views": "random_grayscale:p=0.5;gaussian_blur:kernel_size=[5,3],sigma=[0.1,2.0],p=0.8",
     "mixup": "mixup:alpha=0.4,p=0.8,window=4",
     "cutmix": "cutmix:alpha=1.0,p=0.8",
 }

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fkdstore.codecs as codecs
-from fkdstore.codecs import (REGISTRY, FieldSpec, Full, Hard, Logits, MarginalReNorm, MarginalSmoothing, Smoothing,
-                             from_config, get_codec, index_dtype, validate_probs)
+from fkdstore.codecs import (REGISTRY, FieldSpec, Full, Hard, Logits, MarginalReNorm, MarginalSmoothing, Sampled,
+                             Smoothing, from_config, get_codec, index_dtype, validate_probs)
 from fkdstore.errors import ValidationError
 
 NAMES = sorted(REGISTRY)
@@ -131,7 +131,8 @@ def all_codecs():
         if "dtype" in cls.__dataclass_fields__:
             out += [cls(dtype="float32"), cls(dtype="q8")]
     out += [MarginalSmoothing(k=1), MarginalReNorm(k=10), Logits(k=5), Logits(k=1, dtype="float32"),
-            Logits(k=3, dtype="q8")]
+            Logits(k=3, dtype="q8"), Logits(k=5, tail="mean"), Logits(centred=True, dtype="float32"),
+            Sampled(k=3, s=8, logp=True), Sampled(s=300, input="probs", dtype="float32")]
     return out
 
 
@@ -186,7 +187,8 @@ def test_defining_equation_matches_reference(codec, p):
         np.testing.assert_allclose(d[r], ref_row, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("codec", [c for c in CODECS if c.k is not None], ids=lambda c: repr(c))
+# a sampled head is followed by estimated tail values that may exceed it (tests/test_codecs_sampled.py)
+@pytest.mark.parametrize("codec", [c for c in CODECS if c.k is not None and not c.keyed], ids=lambda c: repr(c))
 @HSET
 @given(p=probs_cases)
 def test_topk_classes_and_order_preserved(codec, p):
@@ -204,7 +206,8 @@ def test_topk_classes_and_order_preserved(codec, p):
     assert (others.max(-1, initial=-np.inf) <= kept[..., -1] + tol).all()
 
 
-@codec_param
+# a sampled label (codec.keyed) is no fixed point: re-drawing from a decoded estimate draws other classes
+@pytest.mark.parametrize("codec", [c for c in CODECS if not c.keyed], ids=lambda c: repr(c))
 @HSET
 @given(p=probs_cases)
 def test_encode_decode_is_a_fixed_point(codec, p):
@@ -224,6 +227,8 @@ def test_encode_decode_is_a_fixed_point(codec, p):
     for name in f:
         a, b = f[name][ok], f2[name][ok]
         if name in ("probs", "logits") and (codec.name in NOT_FIXED_POINT or key(codec) in NOT_FIXED_POINT):
+            continue
+        if name == "tail_mean":  # the decoded tail is flat: its mean log-probability is log(r / n), not the teacher's
             continue
         np.testing.assert_array_equal(a, b, err_msg=f"field {name}")
     if codec_dtype(codec) == "q8":  # re-quantizing moves each stored value by < one q8 step (the tail absorbs them)
@@ -350,7 +355,14 @@ def test_large_num_classes_use_int32(codec):
         assert stored_indices(codec, f, C)[:, 0].tolist() == [69999, 65536]
     d = codec.decode(f, C)
     assert d.shape == (2, C)
-    assert d[0].argmax() == 69999 and d[1].argmax() == 65536
+    if codec.keyed:  # a sampled label's argmax is a random draw: its mass lies exactly on the head and the draws
+        assert codec.fields(C)["sample_indices"].dtype == "int32" and f["sample_indices"].dtype == np.int32
+        for r in range(2):
+            listed = set(f["sample_indices"][r][f["sample_counts"][r] > 0].tolist())
+            listed |= set(f["indices"][r].tolist()) if "indices" in f else set()
+            assert set(np.flatnonzero(d[r]).tolist()) == listed
+    else:
+        assert d[0].argmax() == 69999 and d[1].argmax() == 65536
     ft = codec.encode(inp(codec, torch.from_numpy(p)))
     np.testing.assert_allclose(codec.decode(ft, C).numpy(), d, atol=1e-7)
 

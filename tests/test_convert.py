@@ -14,7 +14,7 @@ from fkdstore.cli import main
 from fkdstore.codecs import convert_fields
 from fkdstore.errors import ConversionError
 from fkdstore.importers.fkd import fkd_boxes, import_fkd, load_fkd_file
-from fkdstore.verify import verify
+from fkdstore.verification import verify
 from test_cli import make_store
 
 C = 30

@@ -21,7 +21,7 @@ import pytest
 
 import fkdstore
 from fkdstore.testing import make_digits_folder
-from fkdstore.verify import verify
+from fkdstore.verification import verify
 from genkill import WRAPPER, assert_same_objects, run_generate
 
 pytestmark = pytest.mark.slow  # each test kills and reruns `fkdstore generate` in child processes

@@ -16,7 +16,7 @@ from fkdstore import schema as S
 from fkdstore import storage
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, IncompleteStoreError
 from fkdstore.shard import MISSING
-from fkdstore.verify import verify
+from fkdstore.verification import verify
 from storeutil import small_store as make_store
 from faultutil import set_header, shard_file, shard_index, use_dot_separator, write_shard_index
 from fkdstore.seeded import SlotCropSampler

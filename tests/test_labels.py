@@ -12,7 +12,7 @@ import torch
 import fkdstore
 from fkdstore import codecs as K
 from fkdstore.cli import main
-from fkdstore.convert import confident_slots, pruned_slots, random_slots
+from fkdstore.conversion import confident_slots, pruned_slots, random_slots
 from fkdstore.errors import ValidationError
 from fkdstore.runner import generate
 from fkdstore.seeded import SlotCropSampler

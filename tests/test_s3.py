@@ -138,7 +138,7 @@ def test_seeded_crops_store_on_s3_reads_like_local(s3, tmp_path):
     against the manifest), read_batch and verify give what the same store on disk gives."""
     from fkdstore.reader import open as open_store
     from fkdstore.seeded import SlotCropSampler
-    from fkdstore.verify import verify
+    from fkdstore.verification import verify
     from fkdstore.writer import write
 
     url, so = s3
@@ -176,7 +176,7 @@ def test_store_written_to_s3_and_copied_to_disk_is_byte_identical(s3, s3_server,
 
 
 def test_verify_reads_an_s3_store(s3):
-    from fkdstore.verify import verify
+    from fkdstore.verification import verify
 
     url, so = s3
     _write(url + "/labels.fkd", so)

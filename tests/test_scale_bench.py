@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import scale  # noqa: E402
 
 import fkdstore  # noqa: E402
-from fkdstore.verify import verify  # noqa: E402
+from fkdstore import verification  # noqa: E402
 
 
 def test_synthetic_sizes_keys_and_labels_are_valid():
@@ -47,7 +47,7 @@ def test_operations_on_a_tiny_store(tmp_path, seeded):
                            seeded_crops=seeded)
     w = scale.op_write(a)
     assert w["complete"] and w["seconds"] > 0 and w["format_version"] == "4.0"
-    assert verify(store) == []
+    assert verification.verify(store) == []
     r = fkdstore.open(store)
     assert r.header.seeded == seeded and ("box" in r.record_arrays) == (not seeded)
     assert r.num_images == 600 and r.image_keys[0].endswith(".JPEG")

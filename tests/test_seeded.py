@@ -1,6 +1,7 @@
-"""Seeded crops (format 3.0, issue 12's whole-store size): box and flip derived from the header's crop sampler
-instead of stored. The records equal a stored-crop twin's, the store is smaller, bad input writes nothing,
-and every way the derivation or the header can go wrong is an error, never other crops."""
+"""Seeded crops (the default of format 4.0): box and flip derived from the header's crop sampler instead of
+stored. The records equal a stored-crop twin's, the store is smaller, bad input writes nothing, and every way
+the derivation or the header can go wrong is an error, never other crops. (3.0 stores of fkdstore 0.2 are
+read in test_golden.py.)"""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import pytest
 
 import fkdstore
 from fkdstore import schema as S
-from fkdstore.convert import convert, ensemble, prune
+from fkdstore.conversion import convert, ensemble, prune
 from fkdstore.errors import CorruptStoreError, FormatError, SchemaMismatchError, ValidationError
 from fkdstore.report import estimate_bytes, inspect
 from fkdstore.seeded import SlotCropSampler, exp_poly
-from fkdstore.transforms import CropSampler
-from fkdstore.verify import verify
+from fkdstore.verification import verify
+from faultutil import set_header
 from storeutil import make_data
 
 N, M, C, IPC, IPS = 22, 6, 9, 4, 8  # 3 shards, the last inner chunk partial
@@ -57,22 +58,13 @@ def _same(a, b):
         np.testing.assert_array_equal(a.fields[k], b.fields[k])
 
 
-def _rewrite_header(path, **changes):
-    zj = Path(path) / "zarr.json"
-    doc = json.loads(zj.read_text())
-    h = {**doc["attributes"][S.ATTR_KEY], **changes}
-    h = {k: v for k, v in h.items() if v is not None}
-    h["checksum"] = S.header_checksum(h)
-    doc["attributes"][S.ATTR_KEY] = h
-    zj.write_text(json.dumps(doc))
-
-
 def test_seeded_store_reads_like_its_stored_twin_and_is_smaller(pair):
     stored, seeded, d = pair
     a, b = fkdstore.open(stored), fkdstore.open(seeded)
-    assert (a.header.format_version, b.header.format_version) == ("2.0", "3.0")
-    assert b.header.crop_sampler == SAMPLER.get_config() and not (seeded / "box").exists() and not (seeded / "flip").exists()
-    assert b.header.per_crop_specs(b.codec).keys() == a.header.per_crop_specs(a.codec).keys()  # manifest columns
+    assert (a.header.format_version, b.header.format_version) == ("4.0", "4.0")
+    assert (a.header.seeded, b.header.seeded) == (False, True)
+    assert b.header.sampler == SAMPLER and not (seeded / "box").exists() and not (seeded / "flip").exists()
+    assert b.header.record_specs().keys() == a.header.record_specs().keys()  # manifest columns
     np.testing.assert_array_equal(b.read_all().box, d["boxes"])
     _same(a.read_all(), b.read_all())
     slots = np.random.default_rng(0).integers(0, M, (N, 2))
@@ -91,9 +83,9 @@ def test_seeded_store_reads_like_its_stored_twin_and_is_smaller(pair):
     assert box_bytes - 500 < size[stored] - size[seeded] <= box_bytes
     info = inspect(seeded)
     assert info["crops"] == "seeded" and info["crop_sampler"]["seed"] == 11 and info["box_bytes_per_crop"] == 0
-    est = {m: estimate_bytes(10**6, 200, 1000, "ms:k=5,dtype=q8", seeded_crops=m) for m in (False, True)}
-    assert "box" in est[False]["arrays"] and "box" not in est[True]["arrays"]
-    assert est[False]["bytes"] - est[True]["bytes"] == est[False]["arrays"]["box"] + est[False]["arrays"]["flip"]
+    est = {m: estimate_bytes(10**6, 200, 1000, "ms:k=5,dtype=q8", store_crops=m) for m in (False, True)}
+    assert "box" in est[True]["arrays"] and "box" not in est[False]["arrays"]
+    assert est[True]["bytes"] - est[False]["bytes"] == est[True]["arrays"]["box"] + est[True]["arrays"]["flip"]
 
 
 def test_given_boxes_must_be_the_samplers(tmp_path):
@@ -120,12 +112,12 @@ def test_resume_needs_the_same_sampler(tmp_path):
         w.put(np.arange(10), None, None, d["probs"][:10])  # shard 0 complete, shard 1 partial (flushed at close)
     common = dict(num_images=N, crops_per_image=M, num_classes=C, codec="ms:k=3", image_keys=d["keys"],
                   image_sizes=d["sizes"])
-    with pytest.raises(SchemaMismatchError, match="seeded crops.*stored crops"):
+    with pytest.raises(SchemaMismatchError, match="regions.crops.mode='seeded', this run asks for 'stored'"):
         fkdstore.write(p, **common)
-    with pytest.raises(SchemaMismatchError, match="crop_sampler"):
+    with pytest.raises(SchemaMismatchError, match="regions.crops.sampler.seed=11, this run asks for 12"):
         fkdstore.write(p, **common, crop_sampler=SlotCropSampler(seed=12, scale=(0.2, 1.0), flip_p=0.4))
-    with pytest.raises(TypeError, match="SlotCropSampler.*Got a CropSampler"):
-        fkdstore.write(p, **common, crop_sampler=CropSampler(seed=11, scale=(0.2, 1.0), flip_p=0.4))
+    with pytest.raises(TypeError, match="crop_sampler must be a SlotCropSampler, its config dict or None"):
+        fkdstore.write(p, **common, crop_sampler=object())
     with fkdstore.write(p, **common, crop_sampler=SAMPLER.get_config()) as w:
         w.put(np.arange(10, N), d["boxes"][10:], d["flips"][10:], d["probs"][10:])
     r = fkdstore.open(p)
@@ -137,22 +129,22 @@ def test_header_rules(pair):
     _, seeded, _ = pair
     zj = seeded / "zarr.json"
     pristine = zj.read_text()
-    doc = json.loads(pristine)
-    doc["attributes"][S.ATTR_KEY]["crop_sampler"]["seed"] = 12  # an edit without a new checksum
-    zj.write_text(json.dumps(doc))
+    set_header(seeded, **{"regions.crops.sampler.seed": 12})  # an edit without a new checksum
     with pytest.raises(CorruptStoreError, match="checksum"):
         fkdstore.open(seeded)
-    cases = [
-        (dict(crop_sampler=None), "lacks required keys.*crop_sampler"),
-        (dict(crop_sampler={**SAMPLER.get_config(), "max_crop": 3}), "unknown.*max_crop"),
-        (dict(crop_sampler={**SAMPLER.get_config(), "algorithm": "center_crop"}), "algorithm"),
-        (dict(crop_sampler=CropSampler(seed=11).get_config()), "rng"),
-        (dict(crop_sampler={**SAMPLER.get_config(), "flip_p": 1.5}), "flip_p"),
-        (dict(format_version="2.0"), "crop_sampler .*needs format 3.0"),
+    cfg = SAMPLER.get_config()
+    cases = [  # edits with a valid checksum: the sampler rules refuse them
+        ({"regions.crops": {"mode": "seeded"}}, r"regions.crops must have exactly the keys \['mode', 'sampler'\]"),
+        ({"regions.crops": {"mode": "derived", "sampler": cfg}}, "regions.crops must be"),
+        ({"regions.crops.sampler": {**cfg, "max_crop": 3}}, "unknown.*max_crop"),
+        ({"regions.crops.sampler": {**cfg, "algorithm": "center_crop"}}, "algorithm"),
+        ({"regions.crops.sampler": {**cfg, "rng": "numpy"}}, "rng"),
+        ({"regions.crops.sampler": {**cfg, "flip_p": 1.5}}, "flip_p"),
+        ({"format_version": "3.0"}, "lacks required keys"),
     ]
     for changes, msg in cases:
         zj.write_text(pristine)
-        _rewrite_header(seeded, **changes)
+        set_header(seeded, **changes, checksum=True)
         with pytest.raises(FormatError, match=msg):
             fkdstore.open(seeded)
         assert any("cannot open store" in p for p in verify(seeded))
@@ -200,7 +192,7 @@ def test_damaged_manifest_of_derived_columns_is_caught(pair):
 
     m = zarr.open_array(str(seeded / "manifest"), mode="r+")
     tags = m[:]
-    tags[5, 0] ^= 1  # chunk 5 (images 20-21), column 0 = box
+    tags[2, len(S.BOUND_PER_IMAGE) + 1 * 4 + 0] ^= 1  # chunk 5 (images 20-21) = shard 2's chunk 1, column 0 = box
     m[:] = tags
     with pytest.raises(CorruptStoreError, match=r"array 'box' \(seeded crops\) chunk 5 \(images 20\.\.21\)"):
         fkdstore.open(seeded).read(21)
@@ -214,12 +206,12 @@ def test_convert_ensemble_keep_and_prune_materialises_the_seeded_crops(pair, tmp
     ensemble([seeded, stored], tmp_path / "ens")
     for p in (tmp_path / "q8", tmp_path / "ens"):
         r = fkdstore.open(p)
-        assert r.header.crop_sampler == SAMPLER.get_config() and r.header.format_version == "3.0"
+        assert r.header.sampler == SAMPLER and r.header.format_version == "4.0"
         np.testing.assert_array_equal(r.read_all().box, d["boxes"])
     out = prune(seeded, tmp_path / "pruned", keep=0.5, seed=3)
     r = fkdstore.open(tmp_path / "pruned")
-    assert r.header.format_version == "2.0" and r.header.crop_sampler is None and out["crops_per_image"] == 3
-    from fkdstore.convert import random_slots
+    assert not r.header.seeded and out["crops_per_image"] == 3
+    from fkdstore.conversion import random_slots
 
     slots = np.stack([random_slots(3, i, M, 3) for i in range(N)])
     np.testing.assert_array_equal(r.read_all().box, np.take_along_axis(d["boxes"], slots[..., None], 1))
@@ -232,13 +224,13 @@ def test_generate_seeded_crops_and_relabel(tmp_path):
     from fkdstore.testing import make_digits_folder, tiny_cnn
 
     digits = make_digits_folder(tmp_path / "digits", size=32, per_class=1)  # 10 PNGs
-    fast = dict(crops_per_image=4, codec="ms:k=3,dtype=q8", input_size=32, images_per_shard=4, batch_size=8,
-                num_workers=0, progress=False, seed=5)
-    teacher = tiny_cnn(10)
-    b = generate(teacher, digits, tmp_path / "b", **fast, seeded_crops=True)
-    assert b.header.format_version == "3.0" and not (tmp_path / "b" / "box").exists()
     sampler = SlotCropSampler(seed=5)
-    assert b.header.crop_sampler == sampler.get_config() == b.meta["sampler"]
+    fast = dict(crops_per_image=4, codec="ms:k=3,dtype=q8", input_size=32, images_per_shard=4, batch_size=8,
+                num_workers=0, progress=False)
+    teacher = tiny_cnn(10)
+    b = generate(teacher, digits, tmp_path / "b", **fast, crop_sampler=sampler)  # seeded crops: the default
+    assert b.header.format_version == "4.0" and b.header.seeded and not (tmp_path / "b" / "box").exists()
+    assert b.header.sampler == sampler and "sampler" not in b.meta
     assert verify(tmp_path / "b") == []
     # the teacher labelled the sampler's crops: replay them and compare with the stored labels
     from fkdstore.images import load_image
@@ -259,12 +251,13 @@ def test_generate_seeded_crops_and_relabel(tmp_path):
     # a stored-crop twin (same crops and labels, format 2.0) replays identical training items
     rb = b.read_all()
     with fkdstore.write(tmp_path / "a", num_images=len(b), crops_per_image=4, num_classes=10, codec=codec,
-                        image_keys=b.image_keys, image_sizes=b.image_sizes, labels=b.labels, meta=b.meta) as w:
+                        image_keys=b.image_keys, image_sizes=b.image_sizes, labels=b.labels, meta=b.meta,
+                        replay=b.header.replay) as w:
         w.put_fields(np.arange(len(b)), rb.box, rb.flip, rb.fields)
-    with pytest.raises(ValidationError, match="seeded_crops must be False with crops_from"):
-        generate(tiny_cnn(10, seed=1), digits, tmp_path / "c", **fast, seeded_crops=True, crops_from=tmp_path / "b")
-    with pytest.raises(TypeError, match="seeded_crops must be True or False"):
-        generate(tiny_cnn(10), digits, tmp_path / "c", **fast, seeded_crops=1)
+    with pytest.raises(ValidationError, match="crop_sampler and store_crops must stay default with crops_from"):
+        generate(tiny_cnn(10, seed=1), digits, tmp_path / "c", **fast, store_crops=True, crops_from=tmp_path / "b")
+    with pytest.raises(TypeError, match="store_crops must be True or False"):
+        generate(tiny_cnn(10), digits, tmp_path / "c", **fast, store_crops=1)
     assert not (tmp_path / "c").exists()
     # training replays the same pixels and labels from either store
     da, db = (fkdstore.TorchDataset(p, digits, crops_per_sample=2, seed=3) for p in (tmp_path / "a", tmp_path / "b"))
@@ -274,15 +267,23 @@ def test_generate_seeded_crops_and_relabel(tmp_path):
             if isinstance(x[k], torch.Tensor):
                 assert torch.equal(x[k], y[k]), k
     c = generate(tiny_cnn(10, seed=1), digits, tmp_path / "c", **fast, crops_from=tmp_path / "b")
-    assert c.header.crop_sampler == b.header.crop_sampler
+    assert c.header.sampler == b.header.sampler
     np.testing.assert_array_equal(c.read_all().box, b.read_all().box)
     from fkdstore.cli import main
 
     assert main(["generate", "--images", str(digits), "--teacher", "fkdstore.testing:tiny_cnn", "--out",
                  str(tmp_path / "cli"), "--crops", "4", "--codec", "ms:k=3,dtype=q8", "--input-size", "32",
+                 "--seed", "5", "--images-per-shard", "4", "--num-workers", "0", "--no-progress"]) == 0
+    cli = fkdstore.open(tmp_path / "cli")
+    assert cli.header.sampler == sampler and verify(tmp_path / "cli") == []
+    np.testing.assert_array_equal(cli.read_all().box, b.read_all().box)
+    assert main(["generate", "--images", str(digits), "--teacher", "fkdstore.testing:tiny_cnn", "--out",
+                 str(tmp_path / "cli2"), "--crops", "4", "--codec", "ms:k=3,dtype=q8", "--input-size", "32",
                  "--seed", "5", "--images-per-shard", "4", "--num-workers", "0", "--no-progress",
-                 "--seeded-crops"]) == 0
-    assert fkdstore.open(tmp_path / "cli").header.format_version == "3.0"
+                 "--store-crops"]) == 0
+    stored = fkdstore.open(tmp_path / "cli2")
+    assert not stored.header.seeded and (tmp_path / "cli2" / "box").exists()
+    np.testing.assert_array_equal(stored.read_all().box, b.read_all().box)
 
 
 def test_slot_sampler_rules():
@@ -306,11 +307,10 @@ def test_slot_sampler_rules():
     assert (top + h <= H).all() and (left + w <= W).all()
     np.testing.assert_array_equal(b[:50], np.tile([0, (1900 - 1) // 2, 1, 1], (50, 1)))  # centre, w = rint(1 * 4/3)
     assert abs(f.mean() - 0.5) < 0.02
-    # the same distribution as the reference RandomResizedCrop sampler (CropSampler), per image shape
-    ref = CropSampler(seed=3)
+    # the same distribution as torchvision's RandomResizedCrop.get_params (re-implemented here), per image shape
     for hh, ww in ((375, 500), (500, 375), (120, 900)):
         mine = s.sample_slots(np.arange(20000) // 100, np.arange(20000) % 100, hh, ww)[0].astype(np.int64)
-        theirs = np.concatenate([ref.sample(i, hh, ww, 100)[0] for i in range(200)]).astype(np.int64)
+        theirs = _rrc_reference(np.random.default_rng(hh), hh, ww, 20000)
         for stat in (lambda x: x[:, 2] * x[:, 3] / (hh * ww), lambda x: x[:, 3] / x[:, 2],
                      lambda x: x[:, 0] / hh, lambda x: x[:, 1] / ww):
             q = np.linspace(0.05, 0.95, 19)
@@ -321,3 +321,26 @@ def test_slot_sampler_rules():
         SlotCropSampler(ratio=(1e-5, 1.0))
     with pytest.raises(ValidationError, match="seed"):
         SlotCropSampler(seed=2**64)
+
+
+def _rrc_reference(rng, H, W, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """torchvision's ``RandomResizedCrop.get_params``, one crop at a time: (n, 4) int boxes."""
+    out = np.empty((n, 4), np.int64)
+    log_r = (np.log(ratio[0]), np.log(ratio[1]))
+    for k in range(n):
+        for _ in range(10):
+            target = H * W * rng.uniform(*scale)
+            aspect = np.exp(rng.uniform(*log_r))
+            w, h = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+            if 0 < w <= W and 0 < h <= H:
+                out[k] = (rng.integers(0, H - h + 1), rng.integers(0, W - w + 1), h, w)
+                break
+        else:  # the centre-crop fallback, aspect ratio clamped into ``ratio``
+            if W / H < ratio[0]:
+                w, h = W, int(round(W / ratio[0]))
+            elif W / H > ratio[1]:
+                w, h = int(round(H * ratio[1])), H
+            else:
+                w, h = W, H
+            out[k] = ((H - h) // 2, (W - w) // 2, h, w)
+    return out

@@ -10,7 +10,7 @@ import zarr
 import fkdstore
 from fkdstore import schema as S
 from fkdstore.cli import main
-from fkdstore.verify import verify
+from fkdstore.verification import verify
 from test_cli import make_store
 from faultutil import retag, set_header
 

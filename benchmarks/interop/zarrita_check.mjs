@@ -1,5 +1,5 @@
 // Read every array of an fkdstore store (format 4.0, crop regions) with zarrita, the JavaScript Zarr v3
-// implementation, following the format 4.0 spec sections 2-4 without any fkdstore code:
+// implementation, following spec/format-v4.md sections 2-4 without any fkdstore code:
 //   * crc32c is VERIFIED (zarrita's own crc32c codec strips the 4 bytes without comparing them, which the
 //     spec forbids): a registered codec overrides it and throws on a mismatch;
 //   * float16 needs Float16Array (ES2025); without it the @petamoriken/float16 polyfill is installed when

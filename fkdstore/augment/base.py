@@ -219,7 +219,7 @@ class Policy:
         """Params of ``slots`` of image ``image_index``, cast to the storage dtypes.
 
         Slot ``s`` draws from ``slot_rng(seed, self.tag, image_index, s)`` in the policy's documented order
-        (``spec/format-v3.md`` section 6), so the result depends on ``(seed, image_index, s)`` and the config only.
+        (``spec/format-v4.md`` section 6), so the result depends on ``(seed, image_index, s)`` and the config only.
         """
         seed = parse_int("seed", seed, 0)
         num_images = parse_int("num_images", num_images, 1)

@@ -6,7 +6,7 @@ slot ``s`` (its stored box and flip) followed by every *non-mixing* policy of th
 ``(j, s)``'s stored params (see :meth:`Pipeline.premix`); the partner's own mixing params are not applied
 (no recursion). A slot that is not mixed stores partner ``-1``.
 
-Size choices (``spec/format-v3.md`` section 6.6): partners are drawn within a *strided window* of about
+Size choices (``spec/format-v4.md`` section 6.6): partners are drawn within a *strided window* of about
 ``window`` images (the images ``j = i mod S`` for a power of two ``S``), so the stored absolute index of
 the images of one chunk differs only in its high bits and compresses to ~1.4 B with bitshuffle (uniform
 over ImageNet: 2.6 B); the window spans the whole dataset (every ``S``-th image), so partners come from

@@ -2,7 +2,7 @@
 
 Each function is a pure function of its arguments, written from torchvision's documented behaviour
 (``transforms/_functional_pil.py``, ``functional.py``, ``autoaugment.py``, ``v2`` MixUp/CutMix) on top of
-Pillow and numpy. Deviations are listed in ``spec/format-v3.md`` section 6.
+Pillow and numpy. Deviations are listed in ``spec/format-v4.md`` section 6.
 """
 
 from __future__ import annotations

@@ -31,6 +31,11 @@ class Pipeline:
             y = premix(crop(image_j, box[j, s], flip[j, s]), params[j, s])    # the partner's SAME slot s
             x = P.apply(x, params[i, s], partner=y)
 
+    With a ``partner_crop`` policy the partner's pixels are instead carried by the slot itself
+    (``premix_pc(crop(image_j, partner_crop_box, partner_crop_flip))``, :mod:`fkdstore.augment.partner`). An
+    ``external_seed`` policy (the only policy of its pipeline) cannot be replayed here
+    (:mod:`fkdstore.augment.external`).
+
     Config: ``[policy.get_config() for policy in policies]`` (``[]`` = crop and flip only).
     """
 
@@ -52,6 +57,13 @@ class Pipeline:
             if c.name in names:
                 raise ValidationError(f"augment column names must be unique in a pipeline. Got {c.name!r} twice.")
             names.add(c.name)
+        for attr, what in (("partner_crop", "partner_crop"), ("external", "external_seed")):
+            found = [p.name for p in policies if _is(p, attr)]
+            if len(found) > 1:
+                raise ValidationError(f"a pipeline may hold at most one {what} policy. Got {found}.")
+        if any(_is(p, "external") for p in policies) and len(policies) > 1:
+            raise ValidationError(f"an external_seed policy replays the whole pipeline of another library and "
+                                  f"must be the only policy. Got {[p.name for p in policies]}.")
         self.policies: tuple[Policy, ...] = policies
 
     # -- config habits ------------------------------------------------------------------------------
@@ -85,6 +97,18 @@ class Pipeline:
     def mixing(self) -> tuple[Policy, ...]:
         """The mixing policies, in order."""
         return tuple(p for p in self.policies if p.mixing)
+
+    @property
+    def partner_crop(self):
+        """The :class:`~fkdstore.augment.partner.PartnerCrop` policy (partner crops carried in the slot), or
+        None: partners are then the partner image's crop in the same slot."""
+        return next((p for p in self.policies if _is(p, "partner_crop")), None)
+
+    @property
+    def external(self):
+        """The :class:`~fkdstore.augment.external.ExternalSeed` policy (pixels need another library's
+        replay), or None."""
+        return next((p for p in self.policies if _is(p, "external")), None)
 
     def sample(self, seed: int, image_index: int, slots: Sequence[int] | np.ndarray, *, image_size: Sequence[int],
                num_images: int, crops_per_image: int) -> dict[str, np.ndarray]:
@@ -135,3 +159,17 @@ class Pipeline:
             raise ValidationError(f"augment columns must be declared by the pipeline's policies. Got unknown {extra}.")
         for p in self.policies:
             p.validate(columns, num_images=num_images, crops_per_image=crops_per_image, image_size=image_size)
+        if self.partner_crop is not None and len(self.mixing) > 1:
+            # one carried partner crop per slot: every policy that mixes a slot must name the same partner
+            partners = np.stack([np.asarray(columns[f"{p.name}_partner"]).astype(np.int64) for p in self.mixing])
+            named = np.where(partners >= 0, partners, partners.max(0))
+            if ((partners >= 0) & (named != named.max(0))).any():
+                raise ValidationError("augment columns '*_partner' of one slot must name the same partner image "
+                                      "when the pipeline carries partner crops (partner_crop).")
+
+
+def _is(policy: Policy, attr: str) -> bool:
+    """``policy`` is a PartnerCrop (``attr="partner_crop"``) or an ExternalSeed (``"external"``)."""
+    if attr == "partner_crop":
+        return policy.name == "partner_crop"
+    return bool(getattr(policy, "external", False))

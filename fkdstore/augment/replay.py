@@ -1,11 +1,14 @@
 """Replay of augmented slots: the one function the teacher-runner and ``TorchDataset`` both call.
 
 :func:`replay_slots` turns an image, its slots' boxes/flips and their stored (or freshly sampled) params
-into the final uint8 pixels, following the replay equation of ``spec/format-v3.md`` section 6.1::
+into the final uint8 pixels, following the replay equation of ``spec/format-v4.md`` section 6.1::
 
     x = crop(image_i, box[i, s], flip[i, s]); x = premix(x, params[i, s])
     for each mixing policy P with partner j != -1 (the partner's slot is s itself):
         x = P.apply(x, params[i, s], premix(crop(image_j, box[j, s], flip[j, s]), params[j, s]))
+
+(with a ``partner_crop`` policy the partner's box, flip and pre-mix params are the slot's own
+``partner_crop_*`` columns instead of slot ``(j, s)``'s).
 
 The partners' inputs come from a caller-supplied ``partner`` callable, so the runner can *sample* them and
 the dataset can *read* them from the store. :func:`mix_weights` gives the label weights of the result.
@@ -36,23 +39,36 @@ class Partner(NamedTuple):
 
 def replay_slots(pipeline: Pipeline, image, slots: Sequence[int], boxes: np.ndarray, flips: np.ndarray,
                  params: Mapping[str, np.ndarray], size: tuple[int, int], interpolation: str,
-                 partner: Callable[[int, int], Partner] | None = None) -> np.ndarray:
+                 partner: Callable[[int, int], Partner] | None = None,
+                 partner_image: Callable[[int], Any] | None = None) -> np.ndarray:
     """The final pixels of slots ``slots`` of one image: uint8 ``(m, H, W, 3)``.
 
     ``boxes``, ``flips`` and every pipeline column of ``params`` have leading dim ``m`` (row ``k`` = slot
     ``slots[k]``); ``partner(j, s)`` returns a :class:`Partner` for slot ``s`` of a mixed slot's partner
     image ``j`` (called once per distinct ``(j, s)``; the caller may cache decoded images). ``size`` is
-    ``(H, W)``.
+    ``(H, W)``. A pipeline with a ``partner_crop`` policy takes the partner's crop and pre-mix params from
+    the slot itself and only needs the partner's decoded image: ``partner_image(j)`` (default
+    ``partner(j, s).image``).
     """
     m = len(boxes)
     out = np.empty((m, size[0], size[1], 3), dtype=np.uint8)
     cache: dict[tuple[int, int], np.ndarray] = {}
+    carried = pipeline.partner_crop
     for k in range(m):
         prm = slot_params(params, k)
         x = crop(image, [int(v) for v in boxes[k]], bool(flips[k]), size, interpolation)
         pairs = pipeline.partners(prm) if pipeline.mixing else {}
         t = int(slots[k])
-        ys = {}
+        ys: dict[str, np.ndarray] = {}
+        if carried is not None and pairs:
+            j = next(iter(pairs.values()))  # Pipeline.validate: every mixing policy of the slot names j
+            if partner_image is None and partner is None:
+                raise ValueError("replay_slots needs a partner or partner_image callable for mixed slots")
+            img = partner_image(j) if partner_image is not None else partner(j, t).image
+            pbox, pflip = carried.crop_of(prm)
+            y = carried.premix(crop(img, pbox, pflip, size, interpolation), prm)
+            out[k] = pipeline.apply(x, prm, partners={name: y for name in pairs})
+            continue
         for name, j in pairs.items():
             if (j, t) not in cache:
                 if partner is None:

@@ -11,20 +11,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConversionError, ValidationError
-from .base import (PROB_ATOL, PROB_DTYPES, FieldSpec, LabelCodec, index_dtype, parse_temperature,
+from .base import (PROB_ATOL, PROB_DTYPES, FieldSpec, LabelCodec, index_dtype, parse_keys, parse_temperature,
                    row_sum_atol, validate_logits, validate_probs)
 from .full import Full
 from .hard import Hard
 from .logits import Logits
 from .quant import Q8_PMIN, Q8_REL, Q8_TABLE, q8_bound
+from .sampled import Sampled, crop_keys
 from .smoothing import Smoothing
 from .topk import MarginalReNorm, MarginalSmoothing
 
 __all__ = [
     "FieldSpec", "LabelCodec", "Full", "Hard", "Smoothing", "MarginalSmoothing", "MarginalReNorm", "Logits",
-    "REGISTRY", "ALIASES", "register_codec", "from_config", "get_codec", "as_codec", "parse_spec",
-    "index_dtype", "validate_probs", "validate_logits", "parse_temperature", "row_sum_atol", "PROB_ATOL",
-    "PROB_DTYPES", "Q8_TABLE", "Q8_REL", "Q8_PMIN", "q8_bound", "conversion_problem", "convert_fields",
+    "Sampled", "crop_keys", "parse_keys", "REGISTRY", "ALIASES", "register_codec", "from_config", "get_codec",
+    "as_codec", "parse_spec", "index_dtype", "validate_probs", "validate_logits", "parse_temperature", "row_sum_atol",
+    "PROB_ATOL", "PROB_DTYPES", "Q8_TABLE", "Q8_REL", "Q8_PMIN", "q8_bound", "conversion_problem", "convert_fields",
 ]
 
 REGISTRY: dict[str, type[LabelCodec]] = {}
@@ -47,7 +48,7 @@ def register_codec(cls: type[LabelCodec]) -> type[LabelCodec]:
     return cls
 
 
-for _cls in (Full, Hard, Smoothing, MarginalSmoothing, MarginalReNorm, Logits):
+for _cls in (Full, Hard, Smoothing, MarginalSmoothing, MarginalReNorm, Logits, Sampled):
     register_codec(_cls)
 
 
@@ -83,9 +84,18 @@ def get_codec(name_or_config: str | Mapping, **kwargs) -> LabelCodec:
 
 
 def from_config(cfg: Mapping) -> LabelCodec:
-    """Inverse of ``codec.get_config()``; ``cfg`` is not modified."""
+    """Inverse of ``codec.get_config()``; ``cfg`` is not modified. For a codec with ``strict_config`` (``sampled``)
+    every parameter must be present: a store's config says how its labels were made, so no default fills in."""
     if not isinstance(cfg, Mapping):
         raise TypeError(f"codec config must be a dict, got {type(cfg).__name__}")
+    if "name" in cfg:
+        cls = REGISTRY[_resolve(cfg["name"])]
+        if cls.strict_config:
+            params = [f.name for f in dataclasses.fields(cls)]
+            missing = [p for p in params if p not in cfg]
+            if missing:
+                raise ValidationError(f"codec {cls.name!r} config must spell every parameter {params}, "
+                                      f"got {sorted(cfg)} (missing {missing})")
     return get_codec(cfg)
 
 

@@ -160,6 +160,20 @@ def clamp0(x):
     return x.clamp(min=0) if is_torch(x) else np.maximum(x, np.zeros((), x.dtype))
 
 
+def floor(x):
+    return torch_module().floor(x) if is_torch(x) else np.floor(x)
+
+
+def minimum(a, b):
+    """Elementwise minimum of two arrays of one framework (NaN-free inputs)."""
+    return where(a < b, a, b)
+
+
+def maximum(a, b):
+    """Elementwise maximum of two arrays of one framework (NaN-free inputs)."""
+    return where(a > b, a, b)
+
+
 def clip(x, lo: float, hi: float):
     return x.clamp(lo, hi) if is_torch(x) else np.clip(x, lo, hi)
 

@@ -11,9 +11,14 @@ registered in ``fkdstore.codecs.REGISTRY`` under its ``name``:
 * ``codec.fields(C)`` -> ordered ``{name: FieldSpec(shape, dtype)}``: the arrays ``encode`` returns, with
   the trailing shape per crop. Index fields use :func:`index_dtype` (``"uint16"`` when ``C <= 65536``,
   else ``"int32"``). Raises :class:`ValidationError` when the codec cannot store ``C`` classes (``k > C``).
-* ``codec.encode(x)``: ``x`` has shape ``(..., C)`` (any number of leading dims); returns fields of shape
-  ``(...,) + spec.shape`` in the dtypes of ``fields(C)``. numpy in -> numpy out; torch in -> torch out on
-  the same device. Normalisation is *not* checked here: call ``codec.validate_input``.
+* ``codec.encode(x, keys=None)``: ``x`` has shape ``(..., C)`` (any number of leading dims); returns fields
+  of shape ``(...,) + spec.shape`` in the dtypes of ``fields(C)``. numpy in -> numpy out; torch in -> torch
+  out on the same device. Normalisation is *not* checked here: call ``codec.validate_input``.
+  ``keys``: optional crop identities, one unsigned 64-bit integer per row (shape ``x.shape[:-1]``, any
+  integer dtype, values in ``[0, 2**64)``; :func:`parse_keys`). Codecs whose fields depend on random draws
+  (``codec.keyed``, e.g. ``sampled``) draw row ``j``'s values from ``keys[j]`` and their config only, so any
+  subset of rows encodes to the same bits in any batch; a teacher-runner passes
+  :func:`fkdstore.codecs.sampled.crop_keys` ``(image, slot)`` of each row. Other codecs check and ignore them.
 * ``codec.decode(fields, C, temperature=1.0)`` -> ``(..., C)`` float32, same framework/device as the
   fields; vectorised. It checks field names, shapes, dtype kinds and the index range ``[0, C)`` (one host
   sync on a GPU). Extra keys are ignored. At ``temperature == 1`` numpy and torch results are bit-identical
@@ -46,7 +51,8 @@ registered in ``fkdstore.codecs.REGISTRY`` under its ``name``:
   accounting: 4 coordinates + 1 flip + the label values, as float32).
 * ``get_config()`` -> JSON-only dict with ``"name"``; ``from_config(cfg)`` rebuilds an equal codec (``cfg`` is
   copied, not consumed). Codecs are frozen dataclasses: equal iff their configs are equal, and ``repr`` is a
-  constructor call.
+  constructor call. A codec with ``strict_config = True`` (``sampled``) is rebuilt by ``from_config`` only
+  from a config that spells every parameter (a missing one is refused, as an unknown one is for every codec).
 
 Probability dtypes (``dtype=``): ``"float16"``, ``"float32"`` and ``"q8"`` (one byte per value, log-odds
 domain, rounded down; error bound in :mod:`fkdstore.codecs.quant`; ``full`` q8 gives zero-coded classes a
@@ -75,7 +81,7 @@ from . import _array as A
 from . import quant
 
 __all__ = ["PROB_ATOL", "PROB_DTYPES", "FieldSpec", "LabelCodec", "index_dtype", "validate_probs",
-           "validate_logits", "parse_temperature", "row_sum_atol", "check_num_classes"]
+           "validate_logits", "parse_temperature", "parse_keys", "row_sum_atol", "check_num_classes"]
 
 PROB_DTYPES = ("float16", "float32", "q8")
 MAX_UINT16_CLASSES = 65536
@@ -139,6 +145,26 @@ def parse_temperature(temperature: Any) -> float:
     if not (math.isfinite(t) and t > 0):
         raise ValidationError(f"temperature must be a finite number > 0. Got {temperature!r}.")
     return t
+
+
+def parse_keys(keys: Any, lead: tuple[int, ...]) -> np.ndarray:
+    """Crop keys for ``encode(x, keys=...)`` as a uint64 numpy array of shape ``lead`` (``x.shape[:-1]``).
+
+    ``keys``: a numpy array or torch tensor of integers in ``[0, 2**64)`` with exactly that shape. Wrong types
+    (not an array, bool or float dtype) raise TypeError; a wrong shape or a negative value ValidationError.
+    """
+    A.check_array(keys, "keys")
+    if A.is_torch(keys):
+        keys = keys.detach().to("cpu").numpy()
+    keys = np.asarray(keys)
+    if keys.dtype.kind not in "iu":
+        raise TypeError(f"keys must have an integer dtype (one uint64 crop key per row). Got {keys.dtype}.")
+    if tuple(keys.shape) != tuple(lead):
+        raise ValidationError(f"keys must have shape x.shape[:-1] = {tuple(lead)} (one per row). "
+                              f"Got shape {tuple(keys.shape)}.")
+    if keys.dtype.kind == "i" and keys.size and int(keys.min()) < 0:
+        raise ValidationError(f"keys must be in [0, 2**64). Got {int(keys.min())}.")
+    return keys.astype(np.uint64)
 
 
 def temper(d, temperature: float):
@@ -230,6 +256,10 @@ class LabelCodec:
     #: ``k`` of top-K codecs (a dataclass field there); None for the others
     k = None
     has_probs: ClassVar[bool] = True
+    #: the fields depend on random draws keyed by crop identity (``encode(x, keys=...)``)
+    keyed: ClassVar[bool] = False
+    #: ``from_config`` refuses a config that leaves a parameter out
+    strict_config: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -293,18 +323,22 @@ class LabelCodec:
         else:
             validate_probs(x, num_classes)
 
-    def encode(self, x) -> dict:
+    def encode(self, x, *, keys=None) -> dict:
         A.check_array(x, self.input)
         if x.ndim < 1:
             raise ValidationError(f"{self.input} must have shape (..., C) with ndim >= 1, got shape {tuple(x.shape)}")
         specs = self.fields(int(x.shape[-1]))
-        out = self._encode(x)
+        if keys is not None:
+            keys = parse_keys(keys, tuple(x.shape[:-1]))
+        out = self._encode(x, keys) if self.keyed else self._encode(x)
         return {name: A.cast(out[name], spec.dtype) for name, spec in specs.items()}
 
     def decode(self, fields: Mapping, num_classes: int, *, temperature: float = 1.0):
         t = parse_temperature(temperature)
         self._check_fields(fields, num_classes)
-        return self._decode(fields, num_classes, t)
+        d = self._decode(fields, num_classes, t)
+        # one class: every distribution is [1] (a q8 code of 1.0 would otherwise decode to Q8[255] < 1)
+        return d * 0 + 1 if num_classes == 1 else d
 
     def _decode(self, fields, num_classes: int, temperature: float):
         d = self._decode1(fields, num_classes)
