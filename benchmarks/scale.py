@@ -219,23 +219,17 @@ def op_read_batch(a) -> dict:
 
 def op_label_path(a) -> dict:
     import fkdstore
-    from fkdstore import images, pytorch
+    from fkdstore import pytorch
 
     r = fkdstore.open(a.store)
-    # A real TorchDataset, built without image files: its folder listing is replaced by the store's own keys under
-    # a root that is never read (the label path does not open images). The constructor's cost is reported too.
-    keys = r.image_keys
+    # A real TorchDataset, built without image files: its image source maps the store's own keys to paths under a
+    # root that is never read (the label path does not open images). The constructor's cost is reported too.
     root = "/nonexistent-scale-bench-images"
-    listing = images.ImageList(root=root, keys=keys, paths=[f"{root}/{k}" for k in keys], labels=[-1] * len(keys),
-                               classes=[])
-    real_list_images, pytorch.list_images = pytorch.list_images, lambda _: listing
-    try:
-        t = time.perf_counter()
-        ds = pytorch.TorchDataset(r, root, crops_per_sample=a.m, seed=a.seed, soft_labels="dense")
-        construct = time.perf_counter() - t
-    finally:
-        pytorch.list_images = real_list_images
-    del keys, listing
+    images = {k: f"{root}/{k}" for k in r.image_keys}  # a map-style source (fkdstore.sources.MapSource)
+    t = time.perf_counter()
+    ds = pytorch.TorchDataset(r, images, crops_per_sample=a.m, seed=a.seed, soft_labels="dense")
+    construct = time.perf_counter() - t
+    del images
     batches = _random_batches(r.num_images, a.batches + 1, a.seed + 1)
     ds._read_labels(batches[0])  # shard indexes, torch warm-up
     times = []

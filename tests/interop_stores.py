@@ -27,6 +27,7 @@ CODECS = [
     {"name": "logits", "dtype": "float16"},
     {"name": "logits", "k": 5, "dtype": "q8"},
     {"name": "logits", "k": 5, "dtype": "float32"},
+    {"name": "sampled", "s": 8, "k": 2, "logp": True, "dtype": "float32"},
 ]
 
 

@@ -374,7 +374,7 @@ def test_bad_arguments(digits, tmp_path):
         ({"input_size": 1025}, r"input_size height must be an integer in \[1, 1024\]. Got 1025."),
         ({"num_classes": 0}, "num_classes must be a positive integer. Got 0."),
         ({"std": (1.0, 0.0, 1.0)}, "std must be 3 numbers > 0"),
-        ({"mean": (0.5, 0.5)}, r"mean must be a sequence of 3 numbers. Got \(0.5, 0.5\)."),  # a pair: a bad value
+        ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers. Got"),  # a pair: a bad value, not a bad type
     ]:
         with pytest.raises(ValidationError, match=match):
             generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
