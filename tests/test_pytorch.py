@@ -18,12 +18,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import fkdstore
-from fkdstore.errors import FormatError, IncompleteStoreError, ValidationError
+from fkdstore.errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
 from fkdstore.images import list_images, load_image
 from fkdstore.pytorch import epoch_slots
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.transforms import IMAGENET_MEAN, IMAGENET_STD, Replay, normalize, replay_crops
+from faultutil import set_header
 
 ROOT = Path(__file__).resolve().parents[1]
 M, C, SIZE = 8, 10, 24
@@ -372,9 +373,6 @@ def test_crafted_input_size_is_refused_not_allocated(data, tmp_path):
     """The replay parameters are in the checksummed header: a hand edit of input_size breaks the checksum, a
     tool's edit (checksum recomputed) claiming 40000 px is refused at open (cap 1024), so no item allocates
     gigabytes; an input_size in meta (outside the checksum) no longer steers TorchDataset."""
-    from fkdstore.errors import CorruptStoreError
-    from faultutil import set_header
-
     folder, _ = data
     store = _build(tmp_path / "s.fkd", folder)
     set_header(store, meta={"input_size": 40000})  # meta is outside the header checksum: ignored
