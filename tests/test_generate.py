@@ -383,7 +383,7 @@ def test_bad_arguments(digits, tmp_path):
         ({"crops_per_image": "4"}, r"crops_per_image must be a positive integer. Got '4' \(str\)."),
         ({"batch_size": True}, r"batch_size must be a positive integer. Got True \(bool\)."),
         ({"num_workers": 1.0}, "num_workers must be a non-negative integer"),
-        ({"temperature": "2"}, "temperature must be a number > 0. Got '2'."),
+        ({"temperature": "2"}, r"temperature must be a finite number > 0. Got '2' \(str\)."),
         ({"mean": "rgb"}, "mean must be a sequence of 3 numbers. Got 'rgb'."),
         ({"crop_sampler": {"seed": 1}}, "crop_sampler must be a SlotCropSampler. Got dict."),
         ({"seed": 1}, r"generate\(\) got unknown options \['seed'\]"),  # 0.2's keywords: crop_sampler=
