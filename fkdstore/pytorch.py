@@ -807,8 +807,9 @@ def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None =
 
 class BatchMix(NamedTuple):
     """Result of :func:`mix_batch`: mixed ``images`` and ``soft_labels``, the weight ``lam`` of each crop's
-    own image/label, ``index`` (crop ``b``'s partner is crop ``index[b]``; use it for the hard-label term
-    ``lam * CE(target) + (1 - lam) * CE(target[index])``) and the CutMix ``box`` (None for Mixup)."""
+    own image/label (1.0: the batch was not mixed), ``index`` (crop ``b``'s partner is crop ``index[b]``, never
+    ``b`` itself; use it for the hard-label term ``lam * CE(target) + (1 - lam) * CE(target[index])``) and
+    the CutMix ``box`` (None for Mixup or an unmixed batch)."""
 
     images: torch.Tensor
     soft_labels: torch.Tensor
@@ -817,16 +818,21 @@ class BatchMix(NamedTuple):
     box: tuple[int, int, int, int] | None
 
 
-def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixup", alpha: float = 1.0,
-              seed: int = 0, step: int = 0) -> BatchMix:
+def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixup", alpha=None,
+              seed: int = 0, step: int = 0, *, switch_prob: float = 0.5, p: float = 1.0) -> BatchMix:
     """Training-time Mixup / CutMix of a batch of crops AND their stored soft labels (FKD's way), on any device.
 
-    ``images`` [B, C, H, W] (uint8 or float), ``soft_labels`` [B, K] float (dense, e.g. from
-    :func:`densify`). The draws are :func:`fkdstore.augment.batch.mix_params` ``(seed, step)`` (so the
-    result depends only on the seed, the step and the batch), identical to the numpy
-    :func:`fkdstore.augment.mix_batch`: ``x' = lam x + (1 - lam) x[index]`` (uint8 rounded as the numpy
-    version, in float64) or the CutMix box pasted from ``x[index]``; ``y' = lam y + (1 - lam) y[index]``.
-    Inputs are not modified.
+    ``images`` [B, C, H, W] (uint8 or float; any memory format), ``soft_labels`` [B, K] float (dense, e.g.
+    from :func:`densify`). ``mode``: ``"mixup"`` or ``"cutmix"`` (``alpha`` a number, default 1.0), or
+    ``"switch"``: Mixup or CutMix, one per batch, CutMix with probability ``switch_prob`` (``alpha =
+    (mixup_alpha, cutmix_alpha)``, default ``(0.8, 1.0)``: timm's ``Mixup(mixup_alpha=0.8, cutmix_alpha=1.0,
+    switch_prob=0.5)``, torchvision's ``RandomChoice([MixUp(), CutMix()])`` at ``switch_prob=0.5``). ``p``:
+    probability that the batch is mixed at all (timm's ``prob``). Each crop's partner is another crop
+    (a random cyclic derangement; a batch of one crop is not mixed). The draws are
+    :func:`fkdstore.augment.batch.mix_params` ``(seed, step)``, so the result depends only on the seed, the
+    step and the batch, identical to the numpy :func:`fkdstore.augment.mix_batch`: ``x' = lam x + (1 - lam)
+    x[index]`` (uint8 rounded as the numpy version, in float64) or the CutMix box pasted from ``x[index]``;
+    ``y' = lam y + (1 - lam) y[index]``. Inputs are not modified; an unmixed batch returns them as they are.
     """
     from .augment.batch import mix_params
 
@@ -842,8 +848,11 @@ def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixu
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be uint8 or floating point. Got {images.dtype}.")
     B, _, H, W = images.shape
-    lam, index_np, box = mix_params(B, (H, W), mode=mode, alpha=alpha, seed=seed, step=step)
+    lam, index_np, box = mix_params(B, (H, W), mode=mode, alpha=alpha, seed=seed, step=step,
+                                    switch_prob=switch_prob, p=p)
     index = torch.from_numpy(index_np).to(images.device)
+    if lam == 1.0 and box is None:
+        return BatchMix(images, soft_labels, 1.0, index, None)
     partner = images[index]
     if box is None:
         if images.dtype == torch.uint8:
