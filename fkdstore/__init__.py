@@ -31,6 +31,7 @@ from .writer import Writer, write  # noqa: E402,A004
 _LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
     "generate": "runner",
     "TorchDataset": "pytorch",
+    "DeviceLoader": "pytorch",
     "collate": "pytorch",
     "densify": "pytorch",
     "soft_cross_entropy": "pytorch",

@@ -4,14 +4,16 @@
 and returns ``m`` of its ``M`` stored crops, replayed with the shared crop function
 (:func:`fkdstore.transforms.replay_crops`), together with their soft labels::
 
-    ds = fkdstore.TorchDataset("labels.fkd", "train/", crops_per_sample=4)
+    ds = fkdstore.TorchDataset("labels.zarr", "train/", crops_per_sample=4)
     loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=8, collate_fn=fkdstore.collate)
     for epoch in range(epochs):
         ds.set_epoch(epoch)                      # before iter(loader)
         for batch in loader:                     # batch["crops"] [64*4, 3, H, W], batch["soft_labels"] [256, C]
             loss = fkdstore.soft_cross_entropy(model(batch["crops"]), batch["soft_labels"])
 
-Item ``i`` is a dict:
+Two item layouts (``item=``):
+
+``item="dict"`` (default): item ``i`` is a dict, flattened into a multi-crop batch by :func:`collate`:
 
 =================  ============================  ===========================================================
 key                value                         meaning
@@ -25,10 +27,28 @@ key                value                         meaning
 ``slots``          [m] int64                     which stored crop slots were used
 =================  ============================  ===========================================================
 
+``item="pair"``: item ``i`` is ``(image, target)``, as an ImageFolder-style dataset returns, for torch's
+``default_collate`` and any loss taking soft targets (timm's ``SoftTargetCrossEntropy``,
+:func:`soft_cross_entropy`, ``F.cross_entropy`` with probability targets):
+
+===============  =========================================  ====================================================
+``m``            ``image``                                  ``target``
+===============  =========================================  ====================================================
+1                [3, H, W]                                  [C] float32 (dense), or ``{name: [...]}`` (sparse)
+> 1              [m, 3, H, W]: the image's m crops          [m, C], or ``{name: [m, ...]}``: row j labels crop j
+===============  =========================================  ====================================================
+
+``default_collate`` stacks them to ``[B, 3, H, W]`` / ``[B, C]`` (m = 1, exactly an image classification
+batch with soft targets) or ``[B, m, 3, H, W]`` / ``[B, m, C]`` (flatten both with ``.flatten(0, 1)``);
+:func:`collate` returns the flattened ``(images [B*m, 3, H, W], targets [B*m, C])`` without copying. A sparse
+target (a dict of codec fields) is densified on the device by :func:`densify` or :class:`DeviceLoader`. The
+pair is the store's soft label only: the ground-truth class and the mixing weights of augmented stores are in
+the dict layout.
+
 A store made with augmentation policies (``generate(augment=...)``, header ``augment``) is replayed
 pixel-exactly from its stored ``aug`` columns by :func:`fkdstore.augment.replay.replay_slots`, the
 function the teacher-runner called (a mixed slot also loads its partner image and reads the partner
-slot's box, flip and params). Its items hold four more keys (P = number of mixing policies):
+slot's box, flip and params). Its dict items hold four more keys (P = number of mixing policies):
 
 =================  ============================  ===========================================================
 ``mixed``          [m] bool                      the slot was mixed by at least one policy
@@ -48,39 +68,24 @@ only — never on batch size, ``num_workers``, DistributedSampler's world size o
 Label reading: DataLoader calls :meth:`TorchDataset.__getitems__` with a whole batch, which reads the
 batch's labels with one :meth:`fkdstore.Reader.read_batch` (one decode per inner chunk) and decodes them
 in one vectorised call; images are the only per-item I/O. Each image is decoded once and its m crops are
-written straight into one batch buffer (in shared memory inside a worker) by the shared crop function, with
-flip, HWC -> CHW and normalisation fused into one pass per crop, bit-identical to
-``normalize(replay_crops(...))``, which the teacher-runner saw; :func:`collate` hands that buffer on without
-copying.
+written straight into one batch tensor by the shared crop function, with flip, HWC -> CHW and normalisation
+fused into one pass per crop, bit-identical to ``normalize(replay_crops(...))``, which the teacher-runner saw;
+:func:`collate` hands that tensor on without copying. Inside a DataLoader worker torch moves the batch into
+shared memory when it is sent to the main process (one copy, as for ``default_collate``'s batches).
 
-Memory: a fresh shared-memory batch buffer costs about as much as filling it (its pages are allocated, zeroed
-and mapped on first touch, then freed), so each DataLoader worker keeps up to ``batch_pool`` (default 4)
-buffers per batch size and refills one only once the main process has dropped every reference to the
-batch's memory (views, ``numpy()`` and ``detach()`` included: holding batches is safe, the worker then
-allocates fresh buffers). With non-persistent fork workers the main process keeps up to
-``num_workers * batch_pool`` buffers per batch size for the dataset's lifetime, so the next epoch's workers
-start on them; they are freed with the dataset. ``batch_pool=0``: a fresh buffer per batch, freed with the
-batch. Details: the comment above ``_BatchPool`` in this module. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
-fastest path (``benchmarks/dataset_profile.py``). (A per-epoch preload with ``read_all(slots)``
-was measured as well and not chosen: see ``benchmarks/README.md``, "TorchDataset throughput".)
+The fast path: ``normalize=False`` gives uint8 crops (4x fewer bytes to write, send and copy to the device)
+and :class:`DeviceLoader` moves each batch to the device, normalises it there (and densifies sparse labels),
+overlapping the copy with compute on a CUDA side stream; ``benchmarks/dataset_throughput.py`` measures it
+against a plain PIL loader.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
-import mmap
 import os
-import struct
-import threading
-import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no batch pool
-    fcntl = None
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -93,13 +98,15 @@ from .validation import int_in_range
 from .images import list_images, load_image
 from .reader import Reader
 from .reader import open as _open_store
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, replay_crops, write_crops
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize as _normalize, replay_crops, write_crops
 
-__all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch", "BatchMix"]
+__all__ = ["TorchDataset", "DeviceLoader", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch",
+           "BatchMix"]
 
 DEFAULT_OUTPUT_SIZE = 224
 MAX_STORED_OUTPUT_SIDE = 4096  # an output size read from a store's meta above this is refused (crafted meta)
 LABEL_MODES = ("dense", "sparse")
+ITEM_MODES = ("dict", "pair")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -124,9 +131,13 @@ def epoch_slots(index: int, epoch: int, crops_per_sample: int, crops_per_image: 
 
 
 def _pair(size) -> tuple[int, int]:
+    """``output_size``: an int or a (height, width) pair of ints (a string is refused whole, not per character)."""
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         s = _check_int("output_size", size, 1)
         return s, s
+    if isinstance(size, (str, bytes)):
+        raise TypeError(f"output_size must be an int or a (height, width) pair of ints. Got {type(size).__name__} "
+                        f"{size!r}.")
     try:
         h, w = size
     except (TypeError, ValueError):
@@ -156,8 +167,9 @@ class TorchDataset(torch.utils.data.Dataset):
             is image ``image_indices[j]``; slots still depend on the store index), unwritten images are
             skipped.
         interpolation: resampling filter; default ``meta["interpolation"]``, else ``"bilinear"``.
-        normalize: return float32 ``(x/255 - mean)/std`` (True) or the uint8 crops (False; normalise on
-            the GPU with :func:`fkdstore.transforms.normalize` to move 4x fewer bytes).
+        normalize: return float32 ``(x/255 - mean)/std`` (True) or the uint8 crops (False: the fast path;
+            :class:`DeviceLoader` or :func:`fkdstore.transforms.normalize` normalise on the device, and 4x
+            fewer bytes are written, sent between processes and copied to the device).
         mean, std: default ``meta["mean"]`` / ``meta["std"]``, else ImageNet's.
         temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
             ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
@@ -166,16 +178,8 @@ class TorchDataset(torch.utils.data.Dataset):
             instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...).
         cache_dir, cache_bytes: for a URL ``store``, a local folder caching the bytes read from it (bounded
             by ``cache_bytes``, default 10 GiB), shared by the DataLoader workers; see :func:`fkdstore.open`.
-        batch_pool: how many shared-memory batch buffers each DataLoader worker keeps per batch size and
-            refills (default 4 = DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``).
-            A buffer is refilled only after the main process has dropped every reference to the batch's
-            crops (views, ``numpy()`` and ``detach()`` included), so holding batches is safe: when all are
-            busy the worker allocates a fresh buffer (it never waits). With fork workers that are not
-            persistent, the main process keeps up to ``num_workers * batch_pool`` of them per batch size
-            (in /dev/shm) until the dataset is freed, for the next epoch's workers. ``0``: a fresh buffer
-            per batch, freed with the batch. No effect without workers (``num_workers=0``) or with the
-            ``file_system`` sharing strategy. Send a batch's crops on to another process only as a copy
-            (``clone()``): the pool cannot see references held by a third process.
+        item: ``"dict"`` (default; for :func:`collate`) or ``"pair"``: ``(image, target)`` items for torch's
+            default collate and any soft-target loss (see the module docstring for their shapes).
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
@@ -205,7 +209,7 @@ class TorchDataset(torch.utils.data.Dataset):
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
-        batch_pool: int = 4,
+        item: str = "dict",
     ):
         self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
         if isinstance(store, Reader):
@@ -231,6 +235,9 @@ class TorchDataset(torch.utils.data.Dataset):
         if soft_labels not in LABEL_MODES:
             raise ValidationError(f"soft_labels must be one of {list(LABEL_MODES)}. Got {soft_labels!r}.")
         self.soft_labels = soft_labels
+        if item not in ITEM_MODES:
+            raise ValidationError(f"item must be one of {list(ITEM_MODES)}. Got {item!r}.")
+        self.item = item
         self.seed = _check_int("seed", seed, 0)
         if output_size is None:
             stored = _pair(meta.get("input_size", DEFAULT_OUTPUT_SIZE))
@@ -253,11 +260,6 @@ class TorchDataset(torch.utils.data.Dataset):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform
         self.temperature = _codecs.parse_temperature(temperature)
-        self.batch_pool = _check_int("batch_pool", batch_pool, 0)
-        self._pool_token = os.urandom(8).hex()  # names this dataset's batch buffers across processes
-        self._owner_pid = os.getpid()  # a worker whose parent this is inherited _retained by fork
-        self._retained: dict[int, list[_PooledBuffer]] = {}  # nbytes -> buffers kept for later workers
-        _DATASETS[self._pool_token] = self
 
         listing = list_images(images)
         self._paths = _match_images(reader.image_keys, listing)
@@ -311,31 +313,32 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        d["_retained"] = {}  # shared memory reaches a spawned worker by fork only
         if self._store_path is not None:
             d["_reader"] = None  # reopened lazily in the worker
         return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._pool_token = os.urandom(8).hex()  # a copy (or a spawned worker's dataset) keeps buffers of its own
-        self._owner_pid = os.getpid()
-        _DATASETS[self._pool_token] = self
 
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
         return len(self.image_indices)
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def __getitem__(self, item: int) -> dict[str, Any] | tuple[torch.Tensor, Any]:
         return self.__getitems__([item])[0]
 
-    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
-        """A batch of items; used by DataLoader.
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]] | list[tuple[torch.Tensor, Any]]:
+        """A batch of items (dicts, or ``(image, target)`` pairs with ``item="pair"``); used by DataLoader.
 
         Labels: one ``read_batch`` and one decode for the whole batch. Crops: every item's crops are written
-        (in one fused crop/flip/layout/normalise pass per crop) into one batch buffer, in shared memory inside
-        a DataLoader worker, so :func:`collate` returns that buffer without copying.
+        (in one fused crop/flip/layout/normalise pass per crop) into one batch tensor, so :func:`collate`
+        returns that tensor without copying.
         """
+        out = self._items(items)
+        if self.item == "dict":
+            return out
+        if self.crops_per_sample == 1:  # (image [3, H, W], target [C] or {name: [...]})
+            return [(d["crops"][0], _first(d["soft_labels"])) for d in out]
+        return [(d["crops"], d["soft_labels"]) for d in out]
+
+    def _items(self, items: Sequence[int]) -> list[dict[str, Any]]:
         items = np.asarray([int(k) for k in items], dtype=np.int64)
         n = len(self)
         if ((items < -n) | (items >= n)).any():
@@ -346,7 +349,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             return self._augmented_items(idx, slots, rec, soft)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype, self).unbind(0)
+        bufs = torch.empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype=dtype).unbind(0)
         return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
                  "index": i, "slots": sl}
                 for i, target, boxes, flips, buf, lab, sl in zip(
@@ -383,7 +386,7 @@ class TorchDataset(torch.utils.data.Dataset):
 
         self._check_params(idx, slots, rec.aug)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype, self).unbind(0)
+        bufs = torch.empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype=dtype).unbind(0)
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
@@ -454,7 +457,12 @@ class TorchDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
                 f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, soft_labels={self.soft_labels!r}, "
-                f"epoch={self.epoch}, seed={self.seed})")
+                f"item={self.item!r}, epoch={self.epoch}, seed={self.seed})")
+
+
+def _first(labels):
+    """Row 0 of a dense label tensor or of every field of a sparse one."""
+    return {k: v[0] for k, v in labels.items()} if isinstance(labels, Mapping) else labels[0]
 
 
 def _torch_friendly(v: np.ndarray) -> np.ndarray:
@@ -492,278 +500,60 @@ def _match_images(store_keys: list[str], listing) -> list[str]:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def collate(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, Any]]):
     """Flatten B items of m crops into one multi-crop mini-batch (``collate_fn`` for DataLoader).
 
-    Returns ``crops`` [B*m, 3, H, W]; ``soft_labels`` [B*m, C] (dense) or ``{name: [B*m, ...]}`` (sparse);
-    ``target``, ``index`` [B*m] int64 (each image's value repeated for its m crops); ``slots`` [B*m];
-    for augmented stores also ``mixed``, ``lam`` [B*m] and ``partner_target``, ``partner_weight`` [B*m, P].
-    Row ``b*m + j`` is crop j of item b.
+    Dict items (``item="dict"``): returns ``crops`` [B*m, 3, H, W]; ``soft_labels`` [B*m, C] (dense) or
+    ``{name: [B*m, ...]}`` (sparse); ``target``, ``index`` [B*m] int64 (each image's value repeated for its m
+    crops); ``slots`` [B*m]; for augmented stores also ``mixed``, ``lam`` [B*m] and ``partner_target``,
+    ``partner_weight`` [B*m, P]. Pairs (``item="pair"``): ``(images [B*m, 3, H, W], targets [B*m, C] or
+    {name: [B*m, ...]})``. Row ``b*m + j`` is crop j of item b. The batch tensors a TorchDataset filled are
+    returned without copying.
     """
     if not batch:
         raise ValidationError("collate needs at least one item. Got an empty batch.")
+    if isinstance(batch[0], (tuple, list)):
+        images = [b[0] for b in batch]
+        per_crop = images[0].dim() == 4  # [m, 3, H, W] items (m > 1); [3, H, W] items are stacked
+        targets = [b[1] for b in batch]
+        if isinstance(targets[0], Mapping):
+            return _join(images, per_crop), {k: _join([t[k] for t in targets], per_crop) for k in targets[0]}
+        return _join(images, per_crop), _join(targets, per_crop)
     m = int(batch[0]["crops"].shape[0])
-    out: dict[str, Any] = {"crops": _cat([b["crops"] for b in batch])}
+    out: dict[str, Any] = {"crops": _join([b["crops"] for b in batch])}
     first = batch[0]["soft_labels"]
     if isinstance(first, Mapping):
-        out["soft_labels"] = {k: _cat([b["soft_labels"][k] for b in batch]) for k in first}
+        out["soft_labels"] = {k: _join([b["soft_labels"][k] for b in batch]) for k in first}
     else:
-        out["soft_labels"] = _cat([b["soft_labels"] for b in batch])
+        out["soft_labels"] = _join([b["soft_labels"] for b in batch])
     for key in ("target", "index"):
         out[key] = torch.tensor([int(b[key]) for b in batch], dtype=torch.int64).repeat_interleave(m)
-    out["slots"] = _cat([torch.as_tensor(b["slots"]) for b in batch])
+    out["slots"] = _join([torch.as_tensor(b["slots"]) for b in batch])
     for key in ("mixed", "lam", "partner_target", "partner_weight"):  # augmented stores
         if key in batch[0]:
             out[key] = torch.cat([b[key] for b in batch])
     return out
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, dataset: TorchDataset | None = None) -> torch.Tensor:
-    """An uninitialised CPU tensor; in a DataLoader worker in shared memory (as default_collate does), so
-    sending it to the main process copies nothing. With ``dataset`` (``batch_pool > 0``), inside a worker,
-    a buffer of the worker's :class:`_BatchPool` for that dataset, reused once free."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    if dataset is not None and dataset.batch_pool > 0 and _BatchPool.usable():
-        return _BatchPool.of(dataset).empty(shape, dtype, dataset.batch_pool)
-    return _fresh_shared(shape, dtype)
-
-
-def _fresh_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    t = torch.empty(0, dtype=dtype)
-    return t.new(t._typed_storage()._new_shared(math.prod(shape), device="cpu")).resize_(shape)
-
-
-# --------------------------------------------------------------------- pool of shared batch buffers
-#
-# A fresh shared-memory batch buffer costs more than filling it: every page of it is allocated, zeroed
-# and mapped on first touch in the worker, then freed after the main process drops the batch (about
-# 0.4 ms per 224-px float32 crop, a third of the crop's whole cost). A worker therefore keeps its batch
-# buffers and refills one only when every process is done with it:
-#
-# * the worker's own references are counted by the buffer's StorageImpl use count (the pool holds a
-#   fixed number of them);
-# * each time a tensor on a pooled buffer is pickled for the main process, the worker adds one to the
-#   buffer's ``sent`` counter (a reducer for torch.Tensor installed in the worker's ForkingPickler, which
-#   otherwise defers to torch's); the main process rebuilds it with :func:`_rebuild_pooled`, which puts a
-#   finalizer on the rebuilt *storage*. PyTorch keeps a storage's Python object alive for as long as its
-#   C++ storage lives (views, ``detach()``, ``numpy()``, ``from_numpy(t.numpy())`` and slices all keep it),
-#   so the finalizer runs only once nothing in the main process uses the memory; it then adds one to the
-#   buffer's ``released`` counter, through a separate one-page mapping of the counters;
-# * a buffer is free when ``released == sent`` and the pool holds the only references in the worker.
-#
-# The counters are two int64 in a page after the data. Only a worker writes ``sent``, only the main
-# process writes ``released``. A pickled batch that is never unpickled (a loader shut down with batches in
-# flight) keeps its buffer busy: the pool then allocates fresh buffers instead (it never waits and never
-# takes a busy buffer); the main process marks such a buffer released once no live worker owns it (below).
-#
-# Workers that are not persistent exit after each epoch. So that the next epoch's workers do not start with
-# fresh buffers, the main process keeps a mapping of each pooled buffer it received from a worker it forked
-# (``TorchDataset._retained``, at most num_workers x batch_pool per batch size, freed with the dataset);
-# workers forked later inherit these mappings and claim them. A worker owns every buffer it uses through an
-# open-file-description lock (F_OFD_SETLK) held until it exits, so two live workers (of two loaders over one
-# dataset) never share one. Used only with the "file_descriptor" sharing strategy (Linux's default).
-
-_PAGE = mmap.PAGESIZE
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
-_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
-_WRITE_LOCK = struct.pack("hhqqixxxx", fcntl.F_WRLCK, 0, 0, 0, 0) if fcntl is not None else b""  # struct flock
-_RELEASE_LOCK = threading.RLock()  # an RLock: a finalizer may run (garbage collection) while it is held
-_LIVE: dict[tuple[int, int], int] = {}  # main process: buffer (st_dev, st_ino) -> rebuilt storages still alive
-_DATASETS: weakref.WeakValueDictionary[str, TorchDataset] = weakref.WeakValueDictionary()  # token -> dataset
-
-
-class _PooledBuffer:
-    """One shared batch buffer: ``nbytes`` of data, then a page holding the int64 counters (sent, released)."""
-
-    __slots__ = ("counters", "idle_refs", "key", "lock_fd", "nbytes", "storage", "trailer")
-
-    def __init__(self, storage: torch.UntypedStorage, nbytes: int):
-        self.storage, self.nbytes, self.trailer = storage, nbytes, _trailer(nbytes)
-        self.counters = torch.empty(0, dtype=torch.int64).set_(storage, self.trailer // 8, (2,)).numpy()
-        self.idle_refs = _USE_COUNT(storage._cdata)  # the references this object holds
-        self.key: tuple[int, int] | None = None
-        self.lock_fd: int | None = None
-
-    @classmethod
-    def new(cls, nbytes: int) -> _PooledBuffer:
-        buf = cls(torch.UntypedStorage._new_shared(_trailer(nbytes) + _PAGE), nbytes)
-        buf.counters[:] = 0
-        return buf
-
-    def claim(self) -> bool:
-        """Own the buffer for the rest of this process's life (False: another live process owns it)."""
-        fd, _ = self.storage._share_fd_cpu_()
-        own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)  # a file description of our own
-        try:
-            fcntl.fcntl(own, _OFD_SETLK, _WRITE_LOCK)
-        except OSError:
-            os.close(own)
-            return False
-        self.lock_fd = own
-        return True
-
-    def unclaim(self) -> None:
-        os.close(self.lock_fd)
-        self.lock_fd = None
-
-    def free(self) -> bool:
-        return self.counters[0] == self.counters[1] and _USE_COUNT(self.storage._cdata) == self.idle_refs
-
-    def view(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(0, dtype=dtype).set_(self.storage, 0, (math.prod(shape),)).view(shape)
-
-
-def _trailer(nbytes: int) -> int:
-    return -(-nbytes // _PAGE) * _PAGE  # the counters get a page of their own (mapped alone by the main process)
-
-
-class _BatchPool:
-    """The batch buffers one DataLoader worker process uses for one dataset (see the comment above)."""
-
-    # this process's pools (dataset token -> pool) and its pooled buffers (data_ptr -> (buffer, retain info))
-    pools: ClassVar[dict[str, _BatchPool]] = {}
-    by_ptr: ClassVar[dict[int, tuple[_PooledBuffer, tuple | None]]] = {}
-    pid: ClassVar[int | None] = None
-
-    def __init__(self, retained: Mapping[int, list[_PooledBuffer]], retain: tuple | None):
-        self.buffers: dict[int, list[_PooledBuffer]] = {}
-        self.candidates = {k: list(v) for k, v in retained.items()} if retain is not None else {}
-        self.retain = retain
-
-    @staticmethod
-    def usable() -> bool:
-        return (_USE_COUNT is not None and _OFD_SETLK is not None and os.path.isdir("/proc/self/fd")
-                and torch.multiprocessing.get_sharing_strategy() == "file_descriptor")
-
-    @classmethod
-    def of(cls, dataset: TorchDataset) -> _BatchPool:
-        if cls.pid != os.getpid():  # first use in this process (a worker)
-            from multiprocessing.reduction import ForkingPickler
-
-            cls.pools, cls.by_ptr, cls.pid = {}, {}, os.getpid()
-            torch_reduce = ForkingPickler._extra_reducers[torch.Tensor]
-            ForkingPickler.register(torch.Tensor, functools.partial(_reduce_pooled, torch_reduce))
-        pool = cls.pools.get(dataset._pool_token)
-        if pool is None:
-            info = torch.utils.data.get_worker_info()
-            forked = dataset._owner_pid == os.getppid()  # forked from the dataset's process (not spawn/forkserver)
-            retain = (dataset._pool_token, dataset.batch_pool * info.num_workers, os.getppid()) if forked else None
-            pool = cls.pools[dataset._pool_token] = cls(dataset._retained, retain)
-        return pool
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, limit: int) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        same = self.buffers.setdefault(nbytes, [])
-        for buf in same:
-            if buf.free():
-                return buf.view(shape, dtype)
-        candidates = self.candidates.get(nbytes, [])
-        while len(same) < limit:
-            if candidates:
-                buf = candidates.pop()
-                if not buf.claim():
-                    continue  # a buffer the main process kept, owned by another live worker
-                if not buf.free():  # still held in the main process, or its batches were lost (_lost)
-                    buf.unclaim()
-                    continue
-            else:
-                buf = _PooledBuffer.new(nbytes)
-                buf.claim()  # nobody else knows it yet
-            same.append(buf)
-            type(self).by_ptr[buf.storage.data_ptr()] = (buf, self.retain)
-            if buf.free():
-                return buf.view(shape, dtype)
-        return _fresh_shared(shape, dtype)
-
-
-def _reduce_pooled(torch_reduce, t: torch.Tensor):
-    """ForkingPickler reducer for torch.Tensor in a worker: torch's, plus a release hook for pooled buffers."""
-    rebuild, args = torch_reduce(t)
-    plain = t.device.type == "cpu" and t.layout == torch.strided
-    entry = _BatchPool.by_ptr.get(t.untyped_storage().data_ptr()) if plain else None
-    if entry is None:
-        return rebuild, args
-    buf, retain = entry
-    buf.counters[0] += 1  # sent; counted before the bytes leave the worker
-    return _rebuild_pooled, (rebuild, args, buf.nbytes, retain)
-
-
-def _rebuild_pooled(rebuild, args, nbytes: int, retain: tuple | None) -> torch.Tensor:
-    """Unpickle a tensor on a worker's pooled buffer (main process): torch's rebuild, then a finalizer on its
-    storage that marks the buffer released when the storage dies; keeps the buffer for later workers."""
-    t = rebuild(*args)
-    storage = t.untyped_storage()
-    fd, _ = storage._share_fd_cpu_()  # the rebuilt storage's own descriptor (it is already fd-backed)
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
-    counters = mmap.mmap(fd, _PAGE, offset=_trailer(nbytes))
-    with _RELEASE_LOCK:
-        _LIVE[key] = _LIVE.get(key, 0) + 1
-    weakref.finalize(storage, _release, counters, key).atexit = False
-    if retain is not None:
-        token, bound, parent = retain
-        dataset = _DATASETS.get(token)
-        if dataset is not None and parent == os.getpid():
-            _retain(dataset._retained.setdefault(nbytes, []), fd, key, nbytes, bound)
-    return t
-
-
-def _retain(kept: list[_PooledBuffer], fd: int, key: tuple[int, int], nbytes: int, bound: int) -> None:
-    """Keep buffer ``key`` for the workers forked later (at most ``bound`` of this size), and mark released
-    the kept buffers whose batches were lost (see :func:`_lost`)."""
-    with _RELEASE_LOCK:  # the pin-memory thread unpickles too
-        for buf in kept:
-            if buf.counters[0] != buf.counters[1] and _lost(buf):
-                buf.counters[1] = buf.counters[0]
-        if len(kept) < bound and all(b.key != key for b in kept):
-            buf = _PooledBuffer(torch.UntypedStorage._new_shared_fd_cpu(fd, _trailer(nbytes) + _PAGE), nbytes)
-            buf.key = key
-            kept.append(buf)
-
-
-def _lost(buf: _PooledBuffer) -> bool:
-    """A kept buffer with batches sent but not released, no live user in the main process and no live worker
-    owning it: its last batches were dropped unread (a loader shut down with batches in flight, e.g. after
-    ``break``). A worker exits only after the main process read all it sent or dropped the loader, so nothing
-    can still arrive on it."""
-    if _LIVE.get(buf.key):
-        return False
-    fd, _ = buf.storage._share_fd_cpu_()
-    probe = struct.unpack("hhqqixxxx", fcntl.fcntl(fd, _OFD_GETLK, _WRITE_LOCK))
-    return probe[0] == fcntl.F_UNLCK
-
-
-def _release(counters: mmap.mmap, key: tuple[int, int]) -> None:
-    with _RELEASE_LOCK:  # finalizers may run in the pin-memory thread and the main thread
-        struct.pack_into("=q", counters, 8, struct.unpack_from("=q", counters, 8)[0] + 1)
-        left = _LIVE.pop(key) - 1
-        if left:
-            _LIVE[key] = left
-    counters.close()
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat along dim 0. When the tensors are the consecutive rows of one contiguous tensor (the batch
-    buffers ``__getitems__`` fills) that tensor is returned, reshaped, without a copy; otherwise the result
-    is allocated with :func:`_empty`."""
-    base = tensors[0]._base
-    shape = (sum(int(t.shape[0]) for t in tensors), *tensors[0].shape[1:])
-    if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
-        offset = base.storage_offset()
+def _join(tensors: list[torch.Tensor], concat: bool = True) -> torch.Tensor:
+    """``torch.cat`` (``concat``) or ``torch.stack`` along dim 0. When the tensors are the consecutive rows of
+    one contiguous storage that holds nothing else (the batch tensors ``__getitems__`` fills), a tensor on
+    that storage is returned, without a copy."""
+    first = tensors[0]
+    k = int(concat)
+    rows = sum(int(t.shape[0]) for t in tensors) if concat else len(tensors)
+    shape = (rows, *first.shape[1:]) if concat else (rows, *first.shape)
+    storage = first.untyped_storage()
+    if first.storage_offset() == 0 and storage.nbytes() == math.prod(shape) * first.element_size():
+        start = expect = storage.data_ptr()
         for t in tensors:
-            if t._base is not base or not t.is_contiguous() or t.storage_offset() != offset \
-                    or t.shape[1:] != tensors[0].shape[1:]:
+            if (not t.is_contiguous() or t.dtype != first.dtype or t.data_ptr() != expect
+                    or t.untyped_storage().data_ptr() != start or t.shape[k:] != first.shape[k:]):
                 break
-            offset += t.numel()
+            expect += t.numel() * t.element_size()
         else:
-            return base.view(shape)
-    if tensors[0].device.type != "cpu":
-        return torch.cat(tensors)
-    return torch.cat(tensors, out=_empty(shape, tensors[0].dtype))
+            return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, shape)
+    return torch.cat(tensors) if concat else torch.stack(tensors)
 
 
 def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None,
@@ -803,6 +593,131 @@ def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None =
         t = torch.from_numpy(_torch_friendly(v)) if isinstance(v, np.ndarray) else v
         tensors[k] = t.to(device, non_blocking=True) if device is not None else t
     return codec.decode(tensors, C, temperature=temperature)
+
+
+class DeviceLoader:
+    """Moves a loader's batches to a device and normalises uint8 images there: the other half of the fast path
+    (timm's ``PrefetchLoader`` for fkdstore batches).
+
+    Args:
+        loader: any iterable of batches: :func:`collate` dicts (``crops``, ``soft_labels``, ...) or
+            ``(images, targets)`` pairs (``item="pair"`` with torch's default collate or :func:`collate`).
+        device: where batches go; default ``"cuda"`` when available, else ``"cpu"``.
+        dataset: the :class:`TorchDataset` (default: ``loader.dataset`` when it is one), which gives ``mean``,
+            ``std`` and the codec for sparse labels.
+        mean, std: normalisation; default the dataset's, else ImageNet's.
+        dtype: floating dtype of the images handed out (default float32).
+        channels_last: hand out images in ``torch.channels_last`` memory format.
+        densify: decode sparse labels (a mapping of codec fields, ``soft_labels="sparse"``) into [N, C] on the
+            device with :func:`densify` (needs the dataset).
+
+    Each batch: every tensor is moved with ``non_blocking=True`` (pin the loader's memory, ``pin_memory=True``,
+    for an asynchronous copy); uint8 images ([..., 3, H, W]) become ``(x / 255 - mean) / std`` in float32 on
+    the device, the operations of :func:`fkdstore.transforms.normalize`, so the result equals
+    ``TorchDataset(normalize=True)``'s crops; then the cast to ``dtype`` and the memory format. Floating images
+    are only moved and cast. The structure of the batch is kept (dict keys, pair order). On CUDA the copy and
+    normalisation of batch ``k + 1`` run on a side stream while the caller works on batch ``k``; the caller's
+    stream waits for it before batch ``k + 1`` is handed out, and the tensors are recorded on the caller's
+    stream (``Tensor.record_stream``) so their memory is not reused early.
+    """
+
+    def __init__(self, loader: Iterable, device: str | torch.device | None = None, *, dataset=None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, densify: bool = True):
+        self.loader = loader
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dataset is None and isinstance(getattr(loader, "dataset", None), TorchDataset):
+            dataset = loader.dataset
+        if dataset is not None and not isinstance(dataset, TorchDataset):
+            raise TypeError(f"dataset must be a TorchDataset. Got {type(dataset).__name__}.")
+        self.dataset = dataset
+        self.mean = tuple(mean if mean is not None else (dataset.mean if dataset is not None else IMAGENET_MEAN))
+        self.std = tuple(std if std is not None else (dataset.std if dataset is not None else IMAGENET_STD))
+        _normalize(torch.zeros(3, 1, 1, dtype=torch.uint8), self.mean, self.std)  # checks mean and std
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype. Got {dtype!r}.")
+        self.dtype = dtype
+        self.channels_last = bool(channels_last)
+        self.densify = bool(densify)
+
+    @property
+    def sampler(self):
+        """The wrapped loader's sampler (for ``set_epoch`` of a DistributedSampler)."""
+        return getattr(self.loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(device=self.device) if cuda else None
+        context = (lambda: torch.cuda.stream(stream)) if cuda else contextlib.nullcontext
+        with context():
+            norm = tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(self.device) for v in (self.mean, self.std))
+        pending = None
+        for batch in self.loader:
+            with context():
+                ready = self._prepare(batch, norm)
+            if pending is not None:
+                yield pending
+            if cuda:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(stream)
+                _apply(ready, lambda t: t.record_stream(current))
+            pending = ready
+        if pending is not None:
+            yield pending
+
+    def _prepare(self, batch, norm):
+        moved = _map(batch, lambda t: t.to(self.device, non_blocking=True))
+        if isinstance(moved, Mapping) and "crops" in moved:
+            moved = dict(moved)
+            moved["crops"] = self._images(moved["crops"], norm)
+            if isinstance(moved.get("soft_labels"), Mapping):
+                moved["soft_labels"] = self._labels(moved["soft_labels"])
+            return moved
+        if isinstance(moved, (tuple, list)) and len(moved) == 2:
+            images, targets = moved
+            if isinstance(targets, Mapping):
+                targets = self._labels(targets)
+            return type(moved)((self._images(images, norm), targets))
+        raise TypeError("DeviceLoader batches must be dicts with 'crops' (fkdstore.collate) or (images, targets) "
+                        f"pairs. Got {type(batch).__name__}.")
+
+    def _images(self, x: torch.Tensor, norm) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = (x.to(torch.float32) / 255.0 - norm[0]) / norm[1]  # fkdstore.transforms.normalize's operations
+        elif not x.is_floating_point():
+            raise TypeError(f"images must be uint8 or floating point. Got {x.dtype}.")
+        x = x.to(self.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _labels(self, fields: Mapping[str, torch.Tensor]):
+        if not self.densify:
+            return fields
+        if self.dataset is None:
+            raise ValidationError("DeviceLoader needs dataset= (a TorchDataset) to densify sparse labels; pass it, "
+                                  "or densify=False.")
+        return densify(fields, self.dataset, device=self.device)
+
+
+def _map(obj, fn):
+    """``fn`` applied to every tensor in nested dicts, lists and tuples (other values kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_map(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(v, fn) for v in obj)
+    return obj
+
+
+def _apply(obj, fn) -> None:
+    _map(obj, lambda t: fn(t) or t)
 
 
 class BatchMix(NamedTuple):

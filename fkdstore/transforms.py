@@ -265,14 +265,29 @@ def _normalizer(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray
     return m, s
 
 
-def _to_chw(pixels: Image.Image, flip: bool, dst: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None) -> None:
-    """Write one resized crop into ``dst`` ``[3, H, W]`` in one strided pass: HWC -> CHW, the horizontal
-    flip as a reversed view, and for float32 ``dst`` the normalisation ``(x / 255 - mean) / std``.
+def _to_chw(pixels: Image.Image | np.ndarray, flip: bool, dst: np.ndarray,
+            norm: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Write one resized crop into ``dst`` ``[3, H, W]``: HWC -> CHW, the horizontal flip, and for float32
+    ``dst`` the normalisation ``(x / 255 - mean) / std``.
 
-    The float path does the same float32 operations in the same order as :func:`normalize` (convert,
-    divide by 255, subtract, divide; each IEEE-exact), so it is bit-identical to ``normalize`` of the
-    uint8 crop.
+    A Pillow image is written one channel at a time (``tobytes("raw", band)`` gives each plane contiguous, so
+    every numpy pass is contiguous; the flip is Pillow's mirror), a numpy ``(H, W, 3)`` image in one strided
+    pass. The float path does the same float32 operations in the same order as :func:`normalize` (convert,
+    divide by 255, subtract, divide; each IEEE-exact), so it is bit-identical to ``normalize`` of the uint8
+    crop.
     """
+    if isinstance(pixels, Image.Image):
+        image = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pixels
+        H, W = dst.shape[1:]
+        for c, band in enumerate("RGB"):
+            plane = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(H, W)
+            if norm is None:
+                dst[c] = plane
+            else:
+                np.divide(plane, np.float32(255.0), out=dst[c], dtype=np.float32)
+                np.subtract(dst[c], norm[0][c], out=dst[c])
+                np.divide(dst[c], norm[1][c], out=dst[c])
+        return
     hwc = np.asarray(pixels)
     if flip:
         hwc = hwc[:, ::-1]
