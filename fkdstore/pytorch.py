@@ -685,8 +685,8 @@ class DeviceLoader:
                         f"pairs. Got {type(batch).__name__}.")
 
     def _images(self, x: torch.Tensor, norm) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = (x.to(torch.float32) / 255.0 - norm[0]) / norm[1]  # fkdstore.transforms.normalize's operations
+        if x.dtype == torch.uint8:  # normalize()'s operations, in place on the one float copy
+            x = x.to(torch.float32).div_(255.0).sub_(norm[0]).div_(norm[1])
         elif not x.is_floating_point():
             raise TypeError(f"images must be uint8 or floating point. Got {x.dtype}.")
         x = x.to(self.dtype)
