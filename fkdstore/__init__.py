@@ -5,16 +5,15 @@ replay crops and labels in training with :class:`TorchDataset`. The format is ``
 (format 2.0, and 3.0 for seeded crops, :mod:`fkdstore.seeded`; stores of format 1.0, ``spec/format-v1.md``,
 are still read).
 
-``import fkdstore`` needs numpy and zarr only: reading, decoding, verify, inspect and convert work without
-torch; :func:`generate` and :class:`TorchDataset` import torch on first use.
+``import fkdstore`` is cheap: only the exceptions are imported with the package; every other name is
+imported on first use (PEP 562 ``__getattr__``), so ``fkdstore --version`` imports neither zarr nor torch.
+Reading, decoding, verify, inspect and convert need numpy and zarr only; :func:`generate`,
+:class:`TorchDataset` and :class:`DeviceLoader` import torch.
 """
 
 __version__ = "0.2.0"
 
-from . import augment, codecs, schema  # noqa: E402
-from .codecs import as_codec, from_config, get_codec  # noqa: E402
-from .convert import ensemble, prune  # noqa: E402
-from .errors import (  # noqa: E402
+from .errors import (  # noqa: E402 - light: plain exception classes
     ConcurrentWriterError,
     CorruptChunkError,
     CorruptStoreError,
@@ -24,17 +23,28 @@ from .errors import (  # noqa: E402
     SchemaMismatchError,
     ValidationError,
 )
-from .reader import CropRecords, Reader, open  # noqa: E402,A004
-from .seeded import SlotCropSampler  # noqa: E402
-from .writer import Writer, write  # noqa: E402,A004
 
-_LAZY = {  # torch entry points, imported on first use so that ``import fkdstore`` needs no torch
-    "generate": "runner",
-    "TorchDataset": "pytorch",
-    "DeviceLoader": "pytorch",
-    "collate": "pytorch",
-    "densify": "pytorch",
-    "soft_cross_entropy": "pytorch",
+_LAZY = {  # public name -> (submodule, attribute; None: the submodule itself), imported on first use
+    "augment": ("augment", None),
+    "codecs": ("codecs", None),
+    "schema": ("schema", None),
+    "as_codec": ("codecs", "as_codec"),
+    "from_config": ("codecs", "from_config"),
+    "get_codec": ("codecs", "get_codec"),
+    "ensemble": ("convert", "ensemble"),
+    "prune": ("convert", "prune"),
+    "CropRecords": ("reader", "CropRecords"),
+    "Reader": ("reader", "Reader"),
+    "open": ("reader", "open"),
+    "SlotCropSampler": ("seeded", "SlotCropSampler"),
+    "Writer": ("writer", "Writer"),
+    "write": ("writer", "write"),
+    "generate": ("runner", "generate"),  # torch
+    "TorchDataset": ("pytorch", "TorchDataset"),  # torch
+    "DeviceLoader": ("pytorch", "DeviceLoader"),  # torch
+    "collate": ("pytorch", "collate"),  # torch
+    "densify": ("pytorch", "densify"),  # torch
+    "soft_cross_entropy": ("pytorch", "soft_cross_entropy"),  # torch
 }
 
 
@@ -42,13 +52,19 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(f".{module}", __name__)
+        value = mod if attr is None else getattr(mod, attr)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
-    "__version__", "augment", "codecs", "schema", "as_codec", "from_config", "get_codec", "write", "open",
-    "Reader", "Writer", "CropRecords", "SlotCropSampler", "prune", "ensemble", "FkdstoreError", "FormatError", "IncompleteStoreError",
-    "SchemaMismatchError", "ValidationError", "CorruptStoreError", "CorruptChunkError", "ConcurrentWriterError",
-    *_LAZY,
+    "__version__", "FkdstoreError", "FormatError", "IncompleteStoreError", "SchemaMismatchError", "ValidationError",
+    "CorruptStoreError", "CorruptChunkError", "ConcurrentWriterError", *_LAZY,
 ]

@@ -484,7 +484,8 @@ def _match_images(store_keys: list[str], listing) -> list[str]:
         i, k = missing[0]
         raise FileNotFoundError(
             f"image {k!r} (store index {i}) is missing from {where} ({len(missing)} of the store's "
-            f"{len(store_keys)} images are missing); the images must be the ones the store was made from")
+            f"{len(store_keys)} images are missing); the images must be the ones the store was made from"
+            + _renamed_hint([k for _, k in missing], keys))
     known = set(store_keys)
     extra = [k for k in keys if k not in known]
     if extra:
@@ -495,6 +496,19 @@ def _match_images(store_keys: list[str], listing) -> list[str]:
     raise ValidationError(
         f"images do not match the store's order: position {j} is {store_keys[j]!r} in the store but "
         f"{keys[j]!r} in {where}")
+
+
+def _renamed_hint(missing: list[str], listed: list[str]) -> str:
+    """A hint when missing store keys exist under another file extension (images re-encoded, e.g. .jpg -> .png):
+    the keys, and the crops' pixel values, belong to the original files."""
+    stems = {os.path.splitext(k)[0]: k for k in listed}
+    renamed = [(k, stems[os.path.splitext(k)[0]]) for k in missing if os.path.splitext(k)[0] in stems]
+    if not renamed:
+        return ""
+    (a, b), n = renamed[0], len(renamed)
+    return (f". {n} of them are here with another extension ({a!r} in the store, {b!r} here): the images were "
+            f"re-encoded or renamed; use the files the store was made from (its keys include the extension, and "
+            f"re-encoded pixels differ from those the teacher labelled)")
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -78,7 +78,8 @@ def open(location, *, storage_options: Mapping[str, Any] | None = None, cache_di
     ``cache_dir``: a local folder caching the raw bytes read from a remote store (metadata, shard indexes,
     chunks), shared by processes and readers, bounded by ``cache_bytes`` (default 10 GiB) with LRU eviction;
     cached bytes get every check fetched ones get. See :class:`fkdstore.storage.CachedSource` for the key
-    rule (object ETag from one listing per process). Ignored for a local store (already on local disk)."""
+    rule (object ETag from one listing per process). Ignored for a local store (already on local disk).
+    A local path that does not exist raises FileNotFoundError saying so."""
     return Reader(location, storage_options=storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes)
 
 
@@ -130,6 +131,9 @@ class Reader:
             group, store = location, location.store
             prefix = f"{location.path}/" if location.path else ""
         else:
+            if isinstance(location, (str, os.PathLike)) and "://" not in os.fspath(location) \
+                    and not os.path.exists(location):
+                raise FileNotFoundError(f"store {os.fspath(location)} does not exist")
             store, prefix = _storage.as_store(location, read_only=True, storage_options=storage_options), ""
         self._prefix, self._group = prefix, group
         self.path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")

@@ -72,6 +72,7 @@ import numpy as np
 import torch
 
 from . import augment as _augment
+from . import progress as _progress
 from . import codecs as _codecs
 from . import schema as S
 from . import reader as _reader
@@ -138,14 +139,15 @@ class Execution:
     """How this run executes; none of it changes the stored values. ``batch_size`` crops per teacher
     forward; ``device`` (``None``: this rank's GPU, else CPU); ``num_workers`` decoding processes
     (``None``: ``min(8, cpus - 1)``); ``on_error`` ``"stop"`` or ``"skip"``; ``amp`` autocast on CUDA;
-    ``progress`` a progress bar and a summary line on rank 0."""
+    ``progress`` on rank 0 (:mod:`fkdstore.progress`: None = a bar on a terminal, a plain line every 30 s
+    otherwise; True = a bar; False = nothing) and a summary line unless False."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     device: Any = None
     num_workers: int | None = None
     on_error: str = "stop"
     amp: bool = True
-    progress: bool = True
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_size", positive_int("batch_size", self.batch_size))
@@ -212,7 +214,7 @@ def generate(
     images_per_shard: int | None = None,
     num_classes: int | None = None,
     amp: bool = True,
-    progress: bool = True,
+    progress: bool | None = None,
     teacher_name: str | None = None,
     weights_sha256: str | None = None,
     augment: Any = None,
@@ -246,7 +248,9 @@ def generate(
         images_per_shard: storage layout override (default from :func:`fkdstore.schema.default_layout`).
         num_classes: expected output width; default: the teacher's (measured on a probe batch).
         amp: on CUDA run the teacher under autocast (bf16 where supported, else fp16). Ignored on CPU.
-        progress: show a tqdm bar (images/s, crops/s) and print a one-line summary (rank 0 only).
+        progress: rank 0 reports progress (:mod:`fkdstore.progress`): None (default) a bar (images/s,
+            crops/s) on a terminal and one plain line every 30 s otherwise (logs of batch jobs stay readable),
+            True a bar, False nothing; and a one-line summary at the end unless False.
         teacher_name, weights_sha256: provenance; ``teacher_name`` defaults to the module's class path.
         augment: augmentation policies applied after the crop (:func:`fkdstore.augment.parse_augment`: a
             :class:`~fkdstore.augment.Pipeline`, a spec string such as ``"randaugment:num_ops=2;mixup"`` or a
@@ -292,6 +296,9 @@ def generate(
     if crops_from is not None and job.seeded_crops:
         raise ValidationError("seeded_crops must be False with crops_from: the output has seeded crops exactly when "
                               "the source store has (its crops cannot be re-drawn otherwise).")
+    if isinstance(path, (str, os.PathLike)) and "://" not in os.fspath(path) and os.path.isfile(path):
+        raise ValidationError(f"path must be a folder (new, empty, or a store to resume) or a URL. Got {os.fspath(path)!r}, "
+                              "which is a file.")
     if storage_options and not any(_storage.is_url(x) for x in (path, crops_from) if isinstance(x, (str, os.PathLike))):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
     # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
@@ -324,12 +331,12 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
                                job.labels.crops_per_image, job.inputs,
                                augment=job.augment if stored is None else stored.pipeline, seed=job.sampler.seed)
         done = label_shards(forward, writer, dataset, plan, listing.keys, job, num_classes, skipped,
-                            show_progress=job.execution.progress and comm.world.is_leader,
+                            show_progress=job.execution.progress if comm.world.is_leader else False,
                             name=_storage.describe(out).rstrip("/").rsplit("/", 1)[-1])
         writer.close()
         done_all, all_skipped, elapsed = record_run(writer, comm, job, forward, done, skipped, t_start)
         reader = _reader.open(location[0], storage_options=location[1])  # picklable: reopens by URL in workers
-        if job.execution.progress and comm.world.is_leader:
+        if job.execution.progress is not False and comm.world.is_leader:
             print(summary(reader, out, done_all, elapsed, all_skipped), file=sys.stderr, flush=True)
         return reader
 
@@ -344,15 +351,33 @@ def resolve_images(images) -> ImageList:
 
 
 def check_num_classes(forward: TeacherForward, expected: int | None, listing: ImageList) -> int:
-    """The teacher's output width ``C``, checked against ``expected`` and the number of class folders."""
+    """The teacher's output width ``C``, checked against ``expected`` and the number of class folders.
+
+    More class folders than outputs is refused. More outputs than class folders is refused too unless
+    ``expected`` (``num_classes``) states the width: the folder's class indices (the store's ``label``) would
+    otherwise silently disagree with the teacher's classes (e.g. an ImageNet teacher on a 10-class folder)."""
     width = forward.num_classes()
     if expected is not None and expected != width:
         raise ValidationError(f"teacher outputs {width} classes but num_classes={expected} was asked for")
-    if listing.classes and len(listing.classes) > width:
+    n = len(listing.classes)
+    if n and n > width:
         raise ValidationError(
-            f"the image folder has {len(listing.classes)} class folders but the teacher outputs {width} classes"
-        )
+            f"the image folder must have at most as many class folders as the teacher has outputs: it has {n} "
+            f"({_folders(listing.classes)}), the teacher outputs {width} classes (hidden folders such as "
+            f".ipynb_checkpoints are not classes)")
+    if n and width > n and expected is None:
+        raise ValidationError(
+            f"the teacher outputs {width} classes but the image folder has {n} class folders ({_folders(listing.classes)}): "
+            f"the folders' class indices (the store's labels) would not be the teacher's. Pass num_classes={width} "
+            f"(--num-classes {width}) to label with this teacher anyway (its classes a superset of the folders'), "
+            f"or use a teacher with {n} outputs")
     return width
+
+
+def _folders(classes: Sequence[str], show: int = 8) -> str:
+    """Class folder names for a message: the first ``show``, then how many more."""
+    names = ", ".join(repr(c) for c in classes[:show])
+    return names + (f", ... ({len(classes)} in all)" if len(classes) > show else "")
 
 
 def provenance_meta(teacher: torch.nn.Module, listing: ImageList, job: _Job) -> dict[str, Any]:
@@ -668,7 +693,7 @@ def _worker_init(_):
 
 def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _CropDataset, plan: ShardPlan,
                  keys: Sequence[str], job: _Job, num_classes: int, skipped: list[str], *,
-                 show_progress: bool, name: str) -> int:
+                 show_progress: bool | None, name: str) -> int:
     """Label every batch of ``plan`` and write it; returns the number of images labelled here.
 
     A shard is flushed after its last batch (so a shard with skipped images is written with what it has);
@@ -680,11 +705,8 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
         pin_memory=forward.use_cuda, worker_init_fn=_worker_init if ex.num_workers else None,
         prefetch_factor=4 if ex.num_workers else None,
     )
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=plan.num_images, unit="img", desc=f"labelling {name}", dynamic_ncols=True, smoothing=0.05)
+    bar = _progress.progress(show_progress, total=plan.num_images, unit="img", desc=f"labelling {name}",
+                             dynamic_ncols=True, smoothing=0.05)
     M = job.labels.crops_per_image
     done = 0
     t0 = time.perf_counter()
@@ -700,13 +722,10 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _Crop
                     done += len(idx)
                 if b in plan.shard_ends:
                     writer.flush()
-                if bar is not None:
-                    bar.update(len(idx) + len(errors))
-                    bar.set_postfix_str(f"{done * M / max(time.perf_counter() - t0, 1e-9):,.0f} crops/s",
-                                        refresh=False)
+                bar.update(len(idx) + len(errors))
+                bar.set_postfix_str(f"{done * M / max(time.perf_counter() - t0, 1e-9):,.0f} crops/s")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return done
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import progress as _progress
 from . import schema as S
 from .errors import CorruptChunkError, CorruptStoreError, FkdstoreError, StorageError, ValidationError
 from .shard import load_many
@@ -58,8 +59,9 @@ class _Problems(list):
                 self.append(f"... and {n - MAX_PER_CHECK} more problems of kind {kind!r}")
 
 
-def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
-    """Check a store completely; return every problem as a one-line string (``[]`` when clean)."""
+def verify(path, *, progress: bool | None = None, storage_options=None) -> list[str]:
+    """Check a store completely; return every problem as a one-line string (``[]`` when clean). ``progress``:
+    :func:`fkdstore.progress.progress` (None: a bar on a terminal, a plain line every 30 s otherwise)."""
     from .reader import Reader
 
     problems = _Problems()
@@ -109,11 +111,8 @@ def verify(path, *, progress: bool = False, storage_options=None) -> list[str]:
                          f"{'holds' if (labels >= 0).any() else 'holds no'} known labels")
 
     # 3 + 5. per-crop arrays, shard by shard, every chunk through the reader's checked decoder
-    shards = range(h.num_shards)
-    if progress:
-        from tqdm.auto import tqdm
-
-        shards = tqdm(shards, desc="verifying shards", unit="shard")
+    shards = _progress.progress(progress, total=h.num_shards, desc="verifying shards", unit="shard").wrap(
+        range(h.num_shards))
     arrays = [reader.sharded(n) for n in reader.per_crop_arrays]
     pipeline = None
     if h.augment and h.major >= 2:  # the reader checked at open that every policy is known and valid
