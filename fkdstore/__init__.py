@@ -49,14 +49,20 @@ _LAZY = {  # public name -> (submodule, attribute; None: the submodule itself), 
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         mod = importlib.import_module(f".{module}", __name__)
         value = mod if attr is None else getattr(mod, attr)
         globals()[name] = value  # later lookups skip this function
         return value
+    if name.isidentifier() and not name.startswith("__"):  # any other submodule: fkdstore.report, fkdstore.verify
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
 
 

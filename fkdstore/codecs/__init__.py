@@ -150,6 +150,8 @@ def as_codec(codec: LabelCodec | str | Mapping, *, k: int | None = None,
         try:
             return _as_codec(cfg, k, default_k)
         except ValidationError as e:
+            if ":" not in codec:  # a bare name: the message already quotes it
+                raise
             raise ValidationError(f"{str(e).rstrip('.')} in the codec spec {codec!r}.") from None
     elif isinstance(codec, Mapping):
         cfg = dict(codec)
