@@ -70,8 +70,21 @@ batch's labels with one :meth:`fkdstore.Reader.read_batch` (one decode per inner
 in one vectorised call; images are the only per-item I/O. Each image is decoded once and its m crops are
 written straight into one batch tensor by the shared crop function, with flip, HWC -> CHW and normalisation
 fused into one pass per crop, bit-identical to ``normalize(replay_crops(...))``, which the teacher-runner saw;
-:func:`collate` hands that tensor on without copying. Inside a DataLoader worker torch moves the batch into
-shared memory when it is sent to the main process (one copy, as for ``default_collate``'s batches).
+:func:`collate` hands that tensor on without copying.
+
+Batch buffers (``batch_pool``): inside a DataLoader worker the batch tensor lives in one of the worker's
+shared-memory buffers (``Tensor.share_memory_()``), so sending it to the main process copies nothing, and the
+worker refills a buffer only once the main process has dropped every tensor and array that uses the batch's
+memory. How, with public APIs only: the worker builds the batch as ``torch.from_numpy`` of a numpy view of
+the buffer and holds only a weak reference to that view (it is dead once the worker's own tensors are);
+:func:`collate` marks the batch tensor (a ``torch.Tensor`` subclass whose ``__reduce_ex__`` sends the shared
+buffer and a shared release counter, counting the send); the main process rebuilds it as ``torch.from_numpy``
+of a numpy view and puts a ``weakref.finalize`` on that view, which runs once nothing uses the memory (views,
+``numpy()``, ``detach()`` and pinned copies' sources included: all keep the view alive) and adds one to the
+counter. A buffer is free when the worker's view is dead and the counter equals the sends. Batches that are
+never received (a loader shut down mid-epoch) keep their buffer busy; the worker then allocates others, up to
+``batch_pool`` per batch size, and beyond that plain tensors (which torch copies into shared memory when
+sending, as for ``default_collate``'s batches). Buffers live as long as their worker.
 
 The fast path: ``normalize=False`` gives uint8 crops (4x fewer bytes to write, send and copy to the device)
 and :class:`DeviceLoader` moves each batch to the device, normalises it there (and densifies sparse labels),
@@ -84,6 +97,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -180,6 +194,12 @@ class TorchDataset(torch.utils.data.Dataset):
             by ``cache_bytes``, default 10 GiB), shared by the DataLoader workers; see :func:`fkdstore.open`.
         item: ``"dict"`` (default; for :func:`collate`) or ``"pair"``: ``(image, target)`` items for torch's
             default collate and any soft-target loss (see the module docstring for their shapes).
+        batch_pool: shared-memory batch buffers each DataLoader worker keeps and refills per batch size
+            (default 4: DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``; /dev/shm
+            must hold ``num_workers * batch_pool`` batches). A buffer is refilled only once the main process
+            has dropped every reference to the batch's memory, so holding batches is safe. 0: no buffers
+            (torch copies each batch into fresh shared memory when it is sent). Only batches made by
+            :func:`collate` use them; no effect without workers.
 
     The image's size is checked against the recorded one when it is loaded (a mismatch raises
     :class:`ValidationError` naming the image). Works with DataLoader workers (fork and spawn; the store
@@ -210,6 +230,7 @@ class TorchDataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
         item: str = "dict",
+        batch_pool: int = 4,
     ):
         self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
         if isinstance(store, Reader):
@@ -260,6 +281,8 @@ class TorchDataset(torch.utils.data.Dataset):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform
         self.temperature = _codecs.parse_temperature(temperature)
+        self.batch_pool = _check_int("batch_pool", batch_pool, 0)
+        self._pool_token = os.urandom(8).hex()  # names this dataset's buffers in a worker's pool
 
         listing = list_images(images)
         self._paths = _match_images(reader.image_keys, listing)
@@ -349,7 +372,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             return self._augmented_items(idx, slots, rec, soft)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = torch.empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype=dtype).unbind(0)
+        bufs = _batch_tensor(self, (len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
         return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
                  "index": i, "slots": sl}
                 for i, target, boxes, flips, buf, lab, sl in zip(
@@ -386,7 +409,7 @@ class TorchDataset(torch.utils.data.Dataset):
 
         self._check_params(idx, slots, rec.aug)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = torch.empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype=dtype).unbind(0)
+        bufs = _batch_tensor(self, (len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
@@ -530,11 +553,12 @@ def collate(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, An
         images = [b[0] for b in batch]
         per_crop = images[0].dim() == 4  # [m, 3, H, W] items (m > 1); [3, H, W] items are stacked
         targets = [b[1] for b in batch]
+        x = _pooled(_join(images, per_crop))
         if isinstance(targets[0], Mapping):
-            return _join(images, per_crop), {k: _join([t[k] for t in targets], per_crop) for k in targets[0]}
-        return _join(images, per_crop), _join(targets, per_crop)
+            return x, {k: _join([t[k] for t in targets], per_crop) for k in targets[0]}
+        return x, _join(targets, per_crop)
     m = int(batch[0]["crops"].shape[0])
-    out: dict[str, Any] = {"crops": _join([b["crops"] for b in batch])}
+    out: dict[str, Any] = {"crops": _pooled(_join([b["crops"] for b in batch]))}
     first = batch[0]["soft_labels"]
     if isinstance(first, Mapping):
         out["soft_labels"] = {k: _join([b["soft_labels"][k] for b in batch]) for k in first}
@@ -547,6 +571,97 @@ def collate(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, An
         if key in batch[0]:
             out[key] = torch.cat([b[key] for b in batch])
     return out
+
+
+# ----------------------------------------------------------------------------- shared batch buffers (workers)
+
+
+class _Buffer:
+    """One shared-memory batch buffer of a DataLoader worker (see "Batch buffers" in the module docstring)."""
+
+    __slots__ = ("data", "done", "sent", "view")
+
+    def __init__(self, nbytes: int):
+        self.data = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        self.done = torch.zeros(1, dtype=torch.int64).share_memory_()  # batches the main process released
+        self.sent = 0  # batches sent to the main process (this worker writes it, in the pickling thread)
+        self.view = None  # weak reference to the numpy view the worker's batch tensor lives on
+
+    def free(self) -> bool:
+        return (self.view is None or self.view() is None) and int(self.done[0]) == self.sent
+
+
+class _Pool:
+    """The batch buffers of this worker process: ``(dataset token, nbytes) -> buffers``, and the buffer of each
+    batch handed out, by data pointer (for :func:`collate`)."""
+
+    pid: int | None = None
+    buffers: dict[tuple[str, int], list[_Buffer]] = {}
+    leased: dict[int, _Buffer] = {}  # data pointer -> buffer (fixed per buffer, so bounded by the buffers)
+
+    @classmethod
+    def get(cls, token: str, nbytes: int, limit: int) -> _Buffer | None:
+        if cls.pid != os.getpid():  # first use in this process (a fork inherits the parent's dicts)
+            cls.pid, cls.buffers, cls.leased = os.getpid(), {}, {}
+        same = cls.buffers.setdefault((token, nbytes), [])
+        for buf in same:
+            if buf.free():
+                return buf
+        if len(same) < limit:
+            same.append(_Buffer(nbytes))
+            return same[-1]
+        return None  # all busy (batches held, or lost in a loader shut down mid-epoch): a plain tensor
+
+
+def _batch_tensor(dataset: TorchDataset, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor: in a DataLoader worker on a free shared buffer of the dataset's pool, as
+    ``torch.from_numpy`` of a numpy view whose life the buffer follows (weakly); else a plain tensor."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if dataset.batch_pool == 0 or nbytes == 0 or torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    buf = _Pool.get(dataset._pool_token, nbytes, dataset.batch_pool)
+    if buf is None:
+        return torch.empty(shape, dtype=dtype)
+    view = buf.data.view(dtype).numpy().reshape(shape)
+    buf.view = weakref.ref(view)
+    out = torch.from_numpy(view)
+    _Pool.leased[out.data_ptr()] = buf
+    return out
+
+
+class _PooledBatch(torch.Tensor):
+    """A batch tensor on a worker's shared buffer, as :func:`collate` returns it inside a worker: a plain tensor
+    in every respect except pickling, which sends the buffer and its release counter (:func:`_rebuild_pooled`).
+    Tensors computed from it (same class, no ``_fkd_buffer``) pickle as plain tensors."""
+
+    def __reduce_ex__(self, protocol):
+        buf = self.__dict__.get("_fkd_buffer")
+        if buf is None:
+            return _plain, (self.as_subclass(torch.Tensor),)
+        buf.sent += 1  # before the bytes leave: the main process can only release after receiving
+        return _rebuild_pooled, (buf.data, buf.done, self.dtype, tuple(self.shape))
+
+
+def _pooled(t: torch.Tensor) -> torch.Tensor:
+    """``t`` marked for sending without a copy when it is exactly a pooled batch of this worker."""
+    buf = _Pool.leased.get(t.data_ptr()) if torch.utils.data.get_worker_info() is not None else None
+    if buf is None or t.numel() * t.element_size() != buf.data.numel() or not t.is_contiguous():
+        return t
+    out = t.as_subclass(_PooledBatch)
+    out._fkd_buffer = buf
+    return out
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _rebuild_pooled(data: torch.Tensor, done: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]):
+    """Main process: the batch as ``torch.from_numpy`` of a numpy view of the shared buffer; when nothing uses
+    that view any more, the worker's release counter goes up by one."""
+    view = data.view(dtype).numpy().reshape(shape)
+    weakref.finalize(view, done.add_, 1).atexit = False
+    return torch.from_numpy(view)
 
 
 def _join(tensors: list[torch.Tensor], concat: bool = True) -> torch.Tensor:

@@ -3,8 +3,11 @@ DeviceLoader's normalisation on the device, equal to the float32 crops bit for b
 
 from __future__ import annotations
 
+import gc
 import inspect
+import pickle
 import re
+from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
@@ -111,8 +114,8 @@ def test_item_and_output_size_arguments(data):
     with pytest.raises(TypeError, match=r"output_size must be an int or a \(height, width\) pair of ints\. "
                                         r"Got str '32'\."):
         fkdstore.TorchDataset(store, folder, output_size="32")
-    with pytest.raises(TypeError):
-        fkdstore.TorchDataset(store, folder, batch_pool=4)  # the shared-memory pool is gone
+    with pytest.raises(ValidationError, match=r"batch_pool must be a non-negative integer\. Got -1\."):
+        fkdstore.TorchDataset(store, folder, batch_pool=-1)
 
 
 def test_the_fast_path_uses_public_torch_apis_only():
@@ -123,3 +126,85 @@ def test_the_fast_path_uses_public_torch_apis_only():
     ours = {name for name in private if hasattr(fp, name) or hasattr(fp.TorchDataset, name)
             or hasattr(fp.DeviceLoader, name)}
     assert private - ours == set(), private - ours
+
+
+# ------------------------------------------------------------------ shared batch buffers (public APIs only)
+@pytest.mark.parametrize("persistent", [True, False])
+def test_pooled_batches_equal_fresh_ones_and_held_batches_stay_intact(data, persistent):
+    folder, store = data
+    ref = fkdstore.TorchDataset(store, folder, crops_per_sample=2, normalize=False, batch_pool=0)
+    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=2, normalize=False, batch_pool=2)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=fkdstore.collate, persistent_workers=persistent)
+    held, views = [], []
+    for epoch in range(4):  # 5 batches per epoch, 2 workers with 2 buffers each: buffers are refilled
+        ds.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        for b, batch in enumerate(loader):
+            want = fkdstore.collate(ref.__getitems__([2 * b, 2 * b + 1]))["crops"]
+            assert type(batch["crops"]) is torch.Tensor and torch.equal(batch["crops"], want), (epoch, b)
+            if epoch == 1:
+                held.append((batch["crops"], want))  # whole batches kept
+            if epoch == 2 and b < 2:
+                views.append((batch["crops"][1], batch["crops"].numpy()[2], want[1], want[2].numpy()))  # parts kept
+    for x, want in held:
+        assert torch.equal(x, want)
+    for v, n, wv, wn in views:
+        assert torch.equal(v, wv) and (n == wn).all()
+
+
+def test_pair_items_with_default_collate_release_their_buffers(data):
+    folder, store = data
+    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=1, normalize=False, item="pair", batch_pool=1)
+    ref = fkdstore.TorchDataset(store, folder, crops_per_sample=1, normalize=False, item="pair", batch_pool=0)
+    loader = DataLoader(ds, batch_size=3, num_workers=1, persistent_workers=True)  # torch's default collate copies
+    for _ in range(2):
+        for b, (x, y) in enumerate(loader):
+            wx, wy = default_collate(ref.__getitems__(list(range(3 * b, min(3 * b + 3, len(ref))))))
+            assert torch.equal(x, wx) and torch.equal(y, wy)
+
+
+@pytest.fixture
+def in_worker(monkeypatch):
+    """This process plays a DataLoader worker (torch.utils.data.get_worker_info() is not None) with an empty pool."""
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    monkeypatch.setattr(fp._Pool, "pid", None)
+
+
+def test_buffer_is_refilled_only_after_every_user_is_gone(in_worker):
+    class DS:
+        batch_pool, _pool_token = 2, "t"
+
+    shape = (2, 3, 32, 32)
+    t = fp._batch_tensor(DS, shape, torch.uint8)
+    buf = fp._Pool.leased[t.data_ptr()]
+    t.numpy()[:] = 7
+    batch = fkdstore.collate([{"crops": c, "soft_labels": torch.zeros(3), "target": 0, "index": i,
+                               "slots": torch.zeros(1, dtype=torch.int64)} for i, c in enumerate(t.unbind(0))])
+    assert type(batch["crops"]).__name__ == "_PooledBatch" and not buf.free()
+    payload = ForkingPickler.dumps(batch)  # what a worker sends: the buffer and its counter, no pixels
+    assert len(payload) < t.numel() // 4
+    del batch, t
+    gc.collect()
+    assert not buf.free() and buf.sent == 1  # sent, not yet released by the receiver
+    got = pickle.loads(payload)["crops"]  # the main process's side
+    assert type(got) is torch.Tensor and got.shape == (6, 32, 32) and int(got.sum()) == 7 * 6 * 32 * 32
+    view, array, detached = got[1], got.numpy(), got.detach()
+    del got
+    for keep in (view, array, detached):
+        gc.collect()
+        assert not buf.free()  # any user of the memory keeps the buffer busy
+        del keep
+    del view, array, detached
+    gc.collect()
+    assert buf.free() and int(buf.done[0]) == 1
+    again = fp._batch_tensor(DS, shape, torch.uint8)
+    assert fp._Pool.leased[again.data_ptr()] is buf  # refilled
+    other = fp._batch_tensor(DS, shape, torch.uint8)  # the first is busy (held here): a second buffer
+    third = fp._batch_tensor(DS, shape, torch.uint8)  # both busy and batch_pool=2: a plain tensor
+    assert fp._Pool.leased[other.data_ptr()] is not buf and third.data_ptr() not in fp._Pool.leased
+    derived = fp._pooled(fp._join(list(again.unbind(0)))) + 0  # computed from a pooled batch: a plain send
+    assert pickle.loads(ForkingPickler.dumps(derived)).data_ptr() != again.data_ptr()
+    assert fp._Pool.leased[again.data_ptr()].sent == 1
+    del again
+    gc.collect()
+    assert buf.free()  # never sent, dropped by the worker: free again
