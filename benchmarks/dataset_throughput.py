@@ -270,8 +270,8 @@ def main(argv=None):
             for m in MS:
                 lim[m].append(limit_us(datasets[("float32", m)]))
         res["load_at_end"] = os.getloadavg()
-        res["limit_us"] = {m: {part: statistics.median(x[part] for x in lim[m]) for part in ("decode", "crop_resize")}
-                           for m in MS}
+        res["limit_us"] = {str(m): {part: statistics.median(x[part] for x in lim[m])
+                                    for part in ("decode", "crop_resize")} for m in MS}  # str keys: as in the JSON
         for out in OUTPUTS:
             base = {f: statistics.median(r[f] for r in runs[(out, 0)]) for f in ("wall", "workers", "all")}
             for k in (0, *MS):
@@ -287,7 +287,7 @@ def main(argv=None):
                        "main_us_per_crop": round(med["main_us"], 1)}
                 if k:
                     lim_rate = statistics.median(r["workers"] for r in runs[("limit", k)])
-                    lu = res["limit_us"][k]
+                    lu = res["limit_us"][str(k)]
                     row["limit_crops_per_cpu_s"] = round(lim_rate)
                     row["limit_alone_crops_per_cpu_s"] = round(k / (lu["decode"] + k * lu["crop_resize"]) * 1e6)
                     row["of_limit"] = round(med["workers"] / lim_rate, 3)
@@ -328,7 +328,7 @@ def to_markdown(res: dict) -> str:
          f"{', '.join(f'{x:.1f}' for x in res['load_at_end'])} at end ({res['cpus']} CPUs).", "",
          "Limit = a loader whose workers only decode and crop+resize the stored boxes (same workers, batches and "
          "epochs); the same parts timed alone in this process: decode "
-         f"{res['limit_us'][1]['decode']:.0f} µs per image, crop+resize {res['limit_us'][1]['crop_resize']:.0f} µs "
+         f"{res['limit_us']['1']['decode']:.0f} µs per image, crop+resize {res['limit_us']['1']['crop_resize']:.0f} µs "
          "per crop.", "",
          "| output | loader | m | crops/s | vs plain | crops per worker CPU-s | vs plain | main µs per crop "
          "| crops per CPU-s (all) | vs plain | runs (all) | limit per CPU-s | % of limit |",
