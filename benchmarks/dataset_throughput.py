@@ -2,7 +2,8 @@
 
 Data and loaders as ``dataset_profile.py``: photo-sized JPEGs (~430x640, q90), a store of M CropSampler boxes
 and MS top-5 labels (C = 1000), 224 px bilinear crops, 2 persistent fork workers (as training runs them: their
-start-up, a one-off, is left out by a warm-up epoch), 128 crops per batch. Two outputs, each against the plain loader with the same output:
+start-up, a one-off, is left out by a warm-up epoch), 128 crops per batch. Two outputs, each against the plain
+loader with the same output:
 
 * **uint8 + normaliser** (the fast path): ``TorchDataset(normalize=False)`` and the plain loader's
   PILToTensor, both through :class:`fkdstore.DeviceLoader`, which moves the batch to the device (CUDA when
@@ -10,12 +11,12 @@ start-up, a one-off, is left out by a warm-up epoch), 128 crops per batch. Two o
 * **float32**: normalised in the workers (``TorchDataset(normalize=True)``, plain ToTensor + Normalize).
 
 Per loader and epoch: crops per wall second; crops per CPU-second of the workers (user + system time of the
-main process's child processes, from ``/proc/<pid>/stat``: the loading work) and of the workers + the main process (receiving batches, the normaliser when it
-runs on the CPU). The **limit** is a loader that does only the work no m-crop loader can skip: its workers
-decode each image and crop+resize its m stored boxes (the format's crop function) and send nothing back, run
-like the others (same workers, batches and interleaved epochs, so under the same load); "% of limit" is the
-workers' crops per CPU-second against the limit loader's. (The same two parts timed alone in this process are
-listed too.) Medians of ``--runs`` interleaved epochs.
+main process's child processes, from ``/proc/<pid>/stat``: the loading work) and of the workers + the main
+process (receiving batches, the normaliser when it runs on the CPU). The **limit** is a loader that does only
+the work no m-crop loader can skip: its workers decode each image and crop+resize its m stored boxes (the
+format's crop function) and send nothing back, run like the others (same workers, batches and interleaved epochs,
+so under the same load); "% of limit" is the workers' crops per CPU-second against the limit loader's. (The same
+two parts timed alone in this process are listed too.) Medians of ``--runs`` interleaved epochs.
 
 Also (``--label-store-images N``): the two label paths on a larger synthetic store (ImageNet-like M = 200,
 C = 1000, MS top-5): the per-batch ``read_batch`` TorchDataset uses, against a per-epoch ``read_all(slots)``.
@@ -46,11 +47,12 @@ from torch.utils.data import DataLoader
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import fkdstore  # noqa: E402
-import fkdstore.transforms as ft  # noqa: E402
-from dataset_profile import PlainPIL, make_photos, make_store  # noqa: E402
-from fkdstore.images import list_images, load_image  # noqa: E402
-from fkdstore.pytorch import epoch_slots  # noqa: E402
+from dataset_profile import PlainPIL, make_photos, make_store
+
+import fkdstore
+import fkdstore.transforms as ft
+from fkdstore.images import list_images, load_image
+from fkdstore.pytorch import epoch_slots
 
 MS = (1, 2, 4, 8)
 OUTPUTS = ("uint8", "float32")
@@ -240,7 +242,8 @@ def main(argv=None):
         folder = make_photos(tmp / "photos", a.images)
         store = make_store(tmp / "s.zarr", folder, a.slots)
         lst = list_images(folder)
-        res = {"command": "python benchmarks/dataset_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        args_text = " ".join(argv if argv is not None else sys.argv[1:])
+        res = {"command": f"python benchmarks/dataset_throughput.py {args_text}".strip(),
                "images": len(lst), "mean_jpeg_kb": round(np.mean([os.path.getsize(q) for q in lst.paths]) / 1e3, 1),
                "output_size": a.output_size, "slots": a.slots, "workers": a.workers, "runs": a.runs,
                "crops_per_epoch": a.crops, "crops_per_batch": a.crops_per_batch, "device": str(device),
@@ -275,7 +278,8 @@ def main(argv=None):
         for out in OUTPUTS:
             base = {f: statistics.median(r[f] for r in runs[(out, 0)]) for f in ("wall", "workers", "all")}
             for k in (0, *MS):
-                med = {f: statistics.median(r[f] for r in runs[(out, k)]) for f in ("wall", "workers", "all", "main_us")}
+                med = {f: statistics.median(r[f] for r in runs[(out, k)])
+                       for f in ("wall", "workers", "all", "main_us")}
                 row = {"output": out + (" + normaliser" if out == "uint8" else ""),
                        "loader": "plain PIL" if k == 0 else "TorchDataset", "m": max(k, 1),
                        "crops_per_s": round(med["wall"]), "ratio": round(med["wall"] / base["wall"], 3),
@@ -283,7 +287,8 @@ def main(argv=None):
                        "worker_crops_per_cpu_s": round(med["workers"]),
                        "worker_ratio": round(med["workers"] / base["workers"], 3),
                        "crops_per_cpu_s": round(med["all"]), "cpu_ratio": round(med["all"] / base["all"], 3),
-                       "cpu_ratio_runs": [round(x["all"] / y["all"], 3) for x, y in zip(runs[(out, k)], runs[(out, 0)])],
+                       "cpu_ratio_runs": [round(x["all"] / y["all"], 3)
+                                          for x, y in zip(runs[(out, k)], runs[(out, 0)])],
                        "main_us_per_crop": round(med["main_us"], 1)}
                 if k:
                     lim_rate = statistics.median(r["workers"] for r in runs[("limit", k)])
@@ -338,8 +343,8 @@ def to_markdown(res: dict) -> str:
                f"({', '.join(f'{100 * x:.0f}' for x in r['of_limit_runs'])})") if "of_limit" in r else "- | -"
         L.append(f"| {r['output']} | {r['loader']} | {r['m']} | {r['crops_per_s']} | {r['ratio']:.2f}x "
                  f"| {r['worker_crops_per_cpu_s']} | {r['worker_ratio']:.2f}x | {r['main_us_per_crop']:.0f} "
-                 f"| {r['crops_per_cpu_s']} | {r['cpu_ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['cpu_ratio_runs'])} "
-                 f"| {lim} |")
+                 f"| {r['crops_per_cpu_s']} | {r['cpu_ratio']:.2f}x "
+                 f"| {', '.join(f'{x:.2f}' for x in r['cpu_ratio_runs'])} | {lim} |")
     v, t = res["verdict"], res["targets"]
     L += ["", f"Targets (uint8 + normaliser, crops per worker CPU-second): m = 1 >= {t['m1_ratio']}x: "
           f"{'met' if v['m1_met'] else '**missed**'} ({v['m1_ratio']:.2f}x); m = 4 >= {t['m4_ratio']}x: "

@@ -594,7 +594,8 @@ class _Choice:
 
 def _add_generate(sub, common) -> None:
     q = sub.add_parser("generate", help="label images with a teacher and write a label store",
-                       description=GENERATE_HELP + STORAGE_HELP, lazy_epilog=_augment_help, formatter_class=_GenerateHelp, parents=[common],
+                       description=GENERATE_HELP + STORAGE_HELP, lazy_epilog=_augment_help,
+                       formatter_class=_GenerateHelp, parents=[common],
                        argument_default=argparse.SUPPRESS)
     g = q.add_argument_group("inputs and output")
     g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",

@@ -108,11 +108,12 @@ import torch.nn.functional as F
 from . import augment as _augment
 from . import codecs as _codecs
 from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
-from .validation import int_in_range
 from .images import list_images, load_image
 from .reader import Reader
 from .reader import open as _open_store
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, normalize as _normalize, replay_crops, write_crops
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, replay_crops, write_crops
+from .transforms import normalize as _normalize
+from .validation import int_in_range
 
 __all__ = ["TorchDataset", "DeviceLoader", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch",
            "BatchMix"]
@@ -782,7 +783,8 @@ class DeviceLoader:
         stream = torch.cuda.Stream(device=self.device) if cuda else None
         context = (lambda: torch.cuda.stream(stream)) if cuda else contextlib.nullcontext
         with context():
-            norm = tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(self.device) for v in (self.mean, self.std))
+            norm = tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(self.device)
+                         for v in (self.mean, self.std))
         pending = None
         for batch in self.loader:
             with context():
@@ -792,7 +794,7 @@ class DeviceLoader:
             if cuda:
                 current = torch.cuda.current_stream(self.device)
                 current.wait_stream(stream)
-                _apply(ready, lambda t: t.record_stream(current))
+                _apply(ready, lambda t, stream=current: t.record_stream(stream))
             pending = ready
         if pending is not None:
             yield pending

@@ -297,8 +297,8 @@ def generate(
         raise ValidationError("seeded_crops must be False with crops_from: the output has seeded crops exactly when "
                               "the source store has (its crops cannot be re-drawn otherwise).")
     if isinstance(path, (str, os.PathLike)) and "://" not in os.fspath(path) and os.path.isfile(path):
-        raise ValidationError(f"path must be a folder (new, empty, or a store to resume) or a URL. Got {os.fspath(path)!r}, "
-                              "which is a file.")
+        raise ValidationError(f"path must be a folder (new, empty, or a store to resume) or a URL. "
+                              f"Got {os.fspath(path)!r}, which is a file.")
     if storage_options and not any(_storage.is_url(x) for x in (path, crops_from) if isinstance(x, (str, os.PathLike))):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
     # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
@@ -367,10 +367,10 @@ def check_num_classes(forward: TeacherForward, expected: int | None, listing: Im
             f".ipynb_checkpoints are not classes)")
     if n and width > n and expected is None:
         raise ValidationError(
-            f"the teacher outputs {width} classes but the image folder has {n} class folders ({_folders(listing.classes)}): "
-            f"the folders' class indices (the store's labels) would not be the teacher's. Pass num_classes={width} "
-            f"(--num-classes {width}) to label with this teacher anyway (its classes a superset of the folders'), "
-            f"or use a teacher with {n} outputs")
+            f"the teacher outputs {width} classes but the image folder has {n} class folders "
+            f"({_folders(listing.classes)}): the folders' class indices (the store's labels) would not be the "
+            f"teacher's. Pass num_classes={width} (--num-classes {width}) to label with this teacher anyway (its "
+            f"classes a superset of the folders'), or use a teacher with {n} outputs")
     return width
 
 

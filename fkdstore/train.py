@@ -70,7 +70,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .distributed import World
-from .errors import ValidationError
+from .errors import FormatError, ValidationError
 from .images import list_images, load_image
 from .pytorch import DeviceLoader, TorchDataset, collate, mix_batch, soft_cross_entropy
 
@@ -258,9 +258,21 @@ def check_store(ds: TorchDataset, args) -> None:
         name, k = FKD_LABEL_TYPES[args.soft_label_type]
         cfg = ds.codec.get_config()
         if cfg["name"] != name or (k is not None and cfg.get("k") != k):
-            raise UsageError(f"--soft_label_type {args.soft_label_type} means codec {name}"
-                             + (f" k={k}" if k else "") + f", but the store holds {cfg['name']}"
-                             + (f" k={cfg['k']}" if "k" in cfg else "") + "; drop the option (the store knows its codec).")
+            held = cfg["name"] + (f" k={cfg['k']}" if "k" in cfg else "")
+            raise UsageError(f"--soft_label_type {args.soft_label_type} means codec {name}" + (f" k={k}" if k else "")
+                             + f", but the store holds {held}; drop the option (the store knows its codec).")
+
+
+def _fkd_label_files(path) -> bool:
+    """True when ``path`` is a folder holding FKD's per-image label files (``<class>/<stem>.tar`` or ``.pth.tar``,
+    one or two levels down; a few entries are looked at)."""
+    root = Path(path)
+    if not root.is_dir():
+        return False
+    for pattern in ("*/*.tar", "*/*/*.tar"):
+        for _ in root.glob(pattern):
+            return True
+    return False
 
 
 def split_dirs(data: str, val: str | None) -> tuple[Path, Path | None]:
@@ -408,7 +420,15 @@ def _train(args, world: World, device: torch.device, cuda: bool) -> dict:
         return datasets[m]
 
     plan = phases(args.epochs, args.num_crops, args.final_single_crop)
-    ds = dataset(args.num_crops if plan and plan[0].crops > 1 else 1)
+    try:
+        ds = dataset(args.num_crops if plan and plan[0].crops > 1 else 1)
+    except FormatError:
+        if _fkd_label_files(args.softlabel_path):
+            raise UsageError(
+                f"--softlabel_path {args.softlabel_path!r} holds FKD's per-image label files, not an fkdstore store: "
+                f"import them once with 'fkdstore import-fkd {args.softlabel_path} labels.zarr --images {train_dir} "
+                "--num-classes C', then pass --softlabel_path labels.zarr") from None
+        raise
     check_store(ds, args)
     model = build_model(args.arch, ds.num_classes).to(device)
     if channels_last:
@@ -492,8 +512,8 @@ def _train(args, world: World, device: torch.device, cuda: bool) -> dict:
         if world.world_size > 1:
             dist.all_reduce(stats)
         loss_avg = stats[0].item() / max(stats[1].item(), 1.0)
-        msg = (f"epoch {ph.epoch + ph.crops}/{args.epochs} (pass of {ph.crops} crops from epoch {ph.epoch}) lr {lr:.5g} "
-               f"loss {loss_avg:.4f} crops/s {stats[1].item() / (time.perf_counter() - t0):.0f}")
+        msg = (f"epoch {ph.epoch + ph.crops}/{args.epochs} (pass of {ph.crops} crops from epoch {ph.epoch}) "
+               f"lr {lr:.5g} loss {loss_avg:.4f} crops/s {stats[1].item() / (time.perf_counter() - t0):.0f}")
         val = None
         if val_dir is not None:
             val = evaluate(model, val_dir, ds, **eval_kw)

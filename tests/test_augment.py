@@ -317,7 +317,8 @@ def test_pipeline_columns_unique_and_compact():
         ("mixup:p=1.5", ValidationError, "p must be in [0, 1]. Got 1.5."),
         ("mixup:alpha=0", ValidationError, "alpha must be in (0, 1000]. Got 0.0."),
         ("color_jitter:hue=0.7", ValidationError, "hue must be in [0, 0.5]. Got 0.7."),
-        ("random_erasing:value=noise", ValidationError, "value must be 'random', 'mean' or a uint8 colour. Got 'noise'."),
+        ("random_erasing:value=noise", ValidationError,
+         "value must be 'random', 'mean' or a uint8 colour. Got 'noise'."),
         ("random_erasing:scale=[0.5,0.1]", ValidationError, "scale must be ordered (min <= max). Got [0.5, 0.1]."),
         ("autoaugment:x=1", ValidationError,
          "augment policy name must be one of ['color_jitter', 'cutmix', 'mix', 'mixup', 'randaugment', "

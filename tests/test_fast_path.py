@@ -12,13 +12,13 @@ from multiprocessing.reduction import ForkingPickler
 import pytest
 import torch
 import torch.nn.functional as F
+from test_pytorch import C, _build
 from torch.utils.data import DataLoader, default_collate
 
 import fkdstore
 import fkdstore.pytorch as fp
 from fkdstore.errors import ValidationError
 from fkdstore.testing import make_digits_folder
-from test_pytorch import C, _build
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,7 @@ def test_device_loader_normalises_uint8_as_the_float32_dataset(data, item):
     assert half["crops" if item == "dict" else 0].dtype == torch.bfloat16
 
 
-def test_device_loader_errors(data):
-    folder, store = data
+def test_device_loader_errors():
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         fkdstore.DeviceLoader([], "cpu", dtype=torch.uint8)
     with pytest.raises(ValidationError, match="std values must be > 0"):

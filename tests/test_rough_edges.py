@@ -9,13 +9,11 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,7 +25,6 @@ from fkdstore.errors import SchemaMismatchError, ValidationError
 from fkdstore.images import list_images
 from fkdstore.runner import generate
 from fkdstore.testing import make_digits_folder, tiny_cnn
-from fkdstore.transforms import CropSampler
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(crops_per_image=2, codec="ms:k=3", input_size=16, images_per_shard=4, batch_size=8, num_workers=0)

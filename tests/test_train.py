@@ -72,7 +72,7 @@ def test_serrated_schedule_and_single_crop_end():
 
 
 def test_fkd_mixing_options_map_to_mix_batch():
-    parse = lambda *x: T.build_parser().parse_args(["d", "--softlabel_path", "s", *x])  # noqa: E731
+    parse = lambda *x: T.build_parser().parse_args(["d", "--softlabel_path", "s", *x])
     assert T.mix_options(parse()) is None
     assert T.mix_options(parse("--mixup_cutmix", "--mixup_switch_prob", "0.3", "--mixup_cutmix_prob", "0.8")) == {
         "mode": "switch", "alpha": (0.8, 1.0), "switch_prob": pytest.approx(0.7), "p": 0.8}  # FKD: P(Mixup) = 0.3
@@ -124,11 +124,23 @@ def test_refused_options_exit_2_naming_the_option(data, tmp_path, capsys, extra,
         try:
             import torchvision.models  # noqa: F401
             pytest.skip("torchvision imports here")
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     assert T.cli(args(data, tmp_path / "x", "--epochs", "1", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("fkdstore.train: error: ") and message in err
+
+
+def test_fkd_label_folder_as_softlabel_path_points_to_import_fkd(data, tmp_path, capsys):
+    root, _ = data
+    fkd = tmp_path / "FKD_soft_label_500_crops_marginal_smoothing_k_5" / "imagenet"
+    (fkd / "train" / "0").mkdir(parents=True)
+    (fkd / "train" / "0" / "img.tar").write_bytes(b"not read")
+    argv = [str(root), "--softlabel_path", str(fkd), "-a", "fkdstore.testing:tiny_cnn", "-j", "0", "--epochs", "1"]
+    assert T.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--softlabel_path '{fkd}' holds FKD's per-image label files, not an fkdstore store: import them once " \
+           f"with 'fkdstore import-fkd {fkd} labels.zarr --images {root / 'train'}" in err
 
 
 @pytest.mark.slow

@@ -21,8 +21,19 @@ import numpy as np
 from fkdstore.augment import ops
 from fkdstore.augment.base import Column, check_pixels, check_range, param, parse_float
 from fkdstore.augment.mixing import (
-    DEFAULT_WINDOW, LAM_SCALE, NO_PARTNER, MixInfo, _check_partner, _draw_partner, _lam_code, _MixingPolicy,
-    _parse_alpha, _parse_window, _partner_pixels, cutmix_box, cutmix_lambda,
+    DEFAULT_WINDOW,
+    LAM_SCALE,
+    NO_PARTNER,
+    MixInfo,
+    _check_partner,
+    _draw_partner,
+    _lam_code,
+    _MixingPolicy,
+    _parse_alpha,
+    _parse_window,
+    _partner_pixels,
+    cutmix_box,
+    cutmix_lambda,
 )
 from fkdstore.errors import ValidationError
 
