@@ -37,6 +37,7 @@ POLICIES = {
     "ssl_views": "random_grayscale:p=0.5;gaussian_blur:kernel_size=[5,3],sigma=[0.1,2.0],p=0.8",
     "mixup": "mixup:alpha=0.4,p=0.8,window=4",
     "cutmix": "cutmix:alpha=1.0,p=0.8",
+    "mix": "mix:mixup_alpha=0.8,cutmix_alpha=1.0,switch_prob=0.5,p=0.8,window=4",
 }
 ALL = ";".join(["color_jitter", "randaugment:num_ops=2,magnitude=9,interpolation=bilinear",
                 "random_erasing:p=0.5,value=[10,20,30]", "mixup:alpha=0.4,p=0.7,window=4", "cutmix:p=0.6"])

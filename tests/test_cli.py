@@ -68,14 +68,15 @@ def test_no_command_is_a_usage_error(capsys):
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
-    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 1  # exists, is not a store: the command failed
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fkdstore: error: ") and "Traceback" not in err
     assert "not a Zarr v3 group" in err
-    assert main(["inspect", str(tmp_path / "missing"), "--debug"]) == 1
+    assert main(["inspect", str(tmp_path / "empty"), "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
-    assert main(["estimate", "--num-images", "5", "--crops", "2", "--num-classes", "3", "--codec", "bogus"]) == 1
-    assert "codec name must be one of" in capsys.readouterr().err
+    assert main(["estimate", "--num-images", "5", "--crops", "2", "--num-classes", "3", "--codec", "bogus"]) == 2
+    assert "fkdstore estimate: error: --codec 'bogus': codec name must be one of" in capsys.readouterr().err
 
 
 def test_inspect_text(store, capsys):
@@ -171,7 +172,7 @@ def test_estimate_cli_paper(capsys):
     assert main(base + ["--codec", "full", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["paper_formula_bytes"] == 1_200_000 * 200 * 1005 * 4 and d["paper_table2"] == "~0.9 TB"
-    assert main(base + ["--codec", "hard", "--k", "3"]) == 1  # k only for ms/mr
+    assert main(base + ["--codec", "hard", "--k", "3"]) == 2  # k only for ms/mr: bad input
 
 
 def test_estimate_matches_real_store(tmp_path):
@@ -225,7 +226,8 @@ def test_console_script_subprocess(store):
     assert r.returncode == 0, r.stderr
     assert "OK" in r.stdout
     r = subprocess.run(cmd + ["inspect", str(p) + "-nope"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and r.stderr.startswith("fkdstore: error:") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("fkdstore inspect: error: store ") and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith("-nope' does not exist")
 
 
 # ---------------------------------------------------------------------------------------------- conventions

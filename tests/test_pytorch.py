@@ -1,4 +1,4 @@
-"""TorchDataset, collate, densify and soft_cross_entropy (fkdstore.pytorch) and examples/train_fkd.py."""
+"""TorchDataset, collate, densify and soft_cross_entropy (fkdstore.pytorch)."""
 
 from __future__ import annotations
 
@@ -341,25 +341,6 @@ def test_soft_ce_temperature_and_reduction():
 
 
 # ---------------------------------------------------------------------------------------- example
-
-
-@pytest.mark.slow
-def test_train_fkd_example_with_resume(data, tmp_path, capsys):
-    folder, store = data
-    spec = importlib.util.spec_from_file_location("train_fkd", ROOT / "examples" / "train_fkd.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    ckpt = tmp_path / "ckpt.pt"
-    common = ["--store", str(store), "--images", str(folder), "--crops-per-sample", "2", "--batch-size", "8",
-              "--workers", "0", "--checkpoint", str(ckpt), "--val", str(folder)]
-    first = mod.main(common + ["--epochs", "1", "--optimizer", "adamw", "--lr", "0.01"])
-    assert ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] == 1
-    second = mod.main(common + ["--epochs", "2", "--optimizer", "adamw", "--lr", "0.01", "--resume"])
-    out = capsys.readouterr().out
-    assert "resumed from" in out and "epoch 2/2" in out and "val accuracy" in out
-    assert first["epoch"] == 1 and second["epoch"] == 2 and np.isfinite(second["loss"])
-    state = torch.load(ckpt, weights_only=False)
-    assert state["epoch"] == 2 and "optimizer" in state and "model" in state
 
 
 def test_soft_labels_mode_is_checked(data, tmp_path):
