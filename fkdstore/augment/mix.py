@@ -7,7 +7,7 @@ choice: a mixed slot is CutMix with probability ``switch_prob`` (timm's meaning:
 *switching to* CutMix; torchvision's RandomChoice is ``switch_prob = 0.5``), else Mixup, and is mixed at all
 with probability ``p`` (timm's ``prob``). The partner rule, the ``lam`` code and the CutMix box are those of
 :class:`~fkdstore.augment.mixing.Mixup` and :class:`~fkdstore.augment.mixing.CutMix`; spec:
-``spec/drafts/mix-switch.md``.
+``spec/format-v4.md`` section 6.3.
 """
 
 from __future__ import annotations
