@@ -33,13 +33,14 @@ import reproduce  # noqa: E402
 FORMATS_ARGS = ["--images", "512", "--crops", "8", "32", "200"]
 REPRODUCE_ARGS = ["--fast"]
 FIDELITY_ARGS = ["--images", "32", "--crops", "200", "--classes", "1000"]
-SEEDED_SCALE = ("seeded crops (format 3.0: box and flip derived from the seed, not stored): the same scale table, "
+SEEDED_SCALE = ("seeded crops (box and flip derived from the seed, not stored): the same scale table, "
                 "what deriving them on every read costs")
 READ_AT_32 = "cold random label reads at M = 32, 4,096 images, against FKD's per-image torch.load (issue 13)"
 OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("generate_overhead.py", ["--images", "8", "--repeats", "1"], 150, False, "label generation throughput vs teacher-only forward"),
-    ("dataset_throughput.py", ["--quick", "--label-store-images", "4000"], 180, True,
-     "TorchDataset crops/s vs a conventional loader"),
+    ("dataset_throughput.py", ["--quick", "--runs", "2", "--label-store-images", "4000"], 480, True,
+     "the loader table: TorchDataset (uint8 + DeviceLoader normaliser, float32) vs a plain PIL loader, % of the "
+     "decode + crop limit"),
     ("dataset_profile.py", ["--quick"], 300, True,
      "TorchDataset item profile, limit, and crops/s vs a plain PIL loader on photo-sized JPEGs"),
     ("store_layout.py", ["--images", "512"], 120, True, "fkdstore layout vs other Zarr layouts and per-image files"),
@@ -53,9 +54,9 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("scale.py", ["--sizes", "10000,100000"], 900, True,
      "cost growth with N (write, verify, inspect, read_all, read_batch, label path), peak memory per operation"),
     ("scale.py", ["--sizes", "10000", "--seeded-crops"], 600, True, SEEDED_SCALE),
-    ("augment_throughput.py", ["--baseline", "a478b4e"], 240, True,
-     "TorchDataset replay crops/s with RandAugment / Mixup / CutMix records vs crop+flip only, and the crop+flip "
-     "path against the TorchDataset before augmentation landed (a478b4e)"),
+    # no --baseline: a version before format 4.0 (e.g. a478b4e, before augmentation landed) cannot read the stores
+    ("augment_throughput.py", [], 240, True,
+     "TorchDataset replay crops/s with RandAugment / Mixup / CutMix records vs crop+flip only"),
 ]
 SCALE_FULL = HERE / "scale_full.json"  # the ImageNet-1K run (`scale.py --full`), too long for make bench
 SCALE_FULL_SEEDED = HERE / "scale_full_seeded.json"  # the same with `--seeded-crops`
@@ -239,7 +240,7 @@ def fidelity_verdict(rows: list[dict]) -> list[str]:
         if w8 and w16:
             t, ts = w8["bytes_per_crop"], w8["seeded_bytes_per_crop"]
             line += (f"; whole store at N = {w8['images']} (box, flip, per-image arrays and metadata included): "
-                     f"seeded crops (format 3.0) {'met' if ts <= 12 else '**missed**'} ({ts:.2f} B; float16 "
+                     f"seeded crops (the default) {'met' if ts <= 12 else '**missed**'} ({ts:.2f} B; float16 "
                      f"{w16['seeded_bytes_per_crop']:.2f} B), stored crops {'met' if t <= 12 else 'missed'} "
                      f"({t:.2f} B; float16 {w16['bytes_per_crop']:.2f} B; box + flip {w8['box_bytes_per_crop']:.2f} B)")
         L.append(line + ".")
@@ -280,6 +281,14 @@ def others_verdicts(others: dict) -> list[str]:
                      f"per batch (issue 25):** {'met' if d['torch_target_met'] else '**missed**'} (epoch "
                      f"{d['torch_epoch_ratio']:.2f}x, batch {d['torch_batch_ratio']:.2f}x; {d['num_images']:,} images, "
                      f"the epoch preloaded by set_epoch).")
+    if (d := result("dataset_throughput.py")) is not None and "verdict" in d:
+        v = d["verdict"]
+        L.append(f"- **Loader table, uint8 + normaliser, no batch pool (issue 25: m = 1 >= 1.0x, m = 4 >= 1.9x of the "
+                 f"plain loader, >= 85 % of the decode + crop limit, crops per worker CPU-second):** m = 1 "
+                 f"{'met' if v['m1_met'] else '**missed**'} ({v['m1_ratio']:.2f}x); m = 4 "
+                 f"{'met' if v['m4_met'] else '**missed**'} ({v['m4_ratio']:.2f}x); limit "
+                 f"{'met' if v['of_limit_met'] else '**missed**'} (lowest {100 * v['min_of_limit']:.0f} %); float32 "
+                 f"never slower than the plain loader: {'yes' if v['float32_never_slower'] else '**no**'}.")
     if (d := result("dataset_profile.py")) is not None:
         rows = {(r["output"], r["m"]): r for r in d["rows"] if r["loader"] == "TorchDataset"}
         m1, m4 = rows.get(("float32", 1)), rows.get(("float32", 4))

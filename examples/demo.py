@@ -117,7 +117,8 @@ def main(argv=None):
     store_path = out / "labels.zarr"
     t, c = time.perf_counter(), time.process_time()
     fkdstore.generate(teacher, train_dir, store_path, crops_per_image=M, codec=fkdstore.get_codec("ms", k=3),
-                      input_size=SIZE, seed=0, scale=SCALE, batch_size=512, num_workers=0, progress=True,
+                      input_size=SIZE, crop_sampler=fkdstore.SlotCropSampler(seed=0, scale=SCALE), batch_size=512,
+                      num_workers=0, progress=None,
                       teacher_name=f"tiny_cnn(width={TEACHER_WIDTH})")
     t_gen, c_gen = time.perf_counter() - t, time.process_time() - c
 

@@ -6,7 +6,7 @@ replay crops and labels in training with :class:`TorchDataset`. The format is ``
 
 ``import fkdstore`` is cheap: every name below is imported on first use (PEP 562), so ``fkdstore --version``
 imports neither zarr nor torch. Reading, decoding, verify, inspect and convert need numpy and zarr only;
-:func:`generate` and :class:`TorchDataset` need torch (``fkdstore[torch]``).
+:func:`generate`, :class:`TorchDataset` and :class:`DeviceLoader` need torch (``fkdstore[torch]``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ _API = {
     "SlotCropSampler": "seeded", "LabelMapSpec": "labelmap", "Replay": "transforms",
     "as_codec": "codecs", "from_config": "codecs", "get_codec": "codecs",
     "generate": "runner",
-    "TorchDataset": "pytorch", "collate": "pytorch", "densify": "pytorch", "soft_cross_entropy": "pytorch",
+    "TorchDataset": "pytorch", "DeviceLoader": "pytorch", "collate": "pytorch", "densify": "pytorch",
+    "soft_cross_entropy": "pytorch",
     "as_source": "sources",
     "FkdstoreError": "errors", "FormatError": "errors", "ValidationError": "errors",
     "CorruptStoreError": "errors", "CorruptChunkError": "errors", "IncompleteStoreError": "errors",
@@ -41,12 +42,15 @@ __all__ = ["__version__", *_MODULES, *_API]
 def __getattr__(name: str) -> Any:
     if name in _API:
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    elif name in _MODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
-    globals()[name] = value  # later look-ups skip this function
-    return value
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name.isidentifier() and not name.startswith("_"):  # a submodule: fkdstore.augment, fkdstore.report, ...
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module 'fkdstore' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -14,13 +14,16 @@ Exit codes (every command):
   a value the library rejects, a missing file, ...), ``verify`` found problems, or ``generate`` left
   the store incomplete (skipped images).
 * ``2``: usage or bad input on the command line, rejected before anything runs: an unknown option, a
-  missing argument, or a value of the wrong form (not an integer, an integer out of range, not a JSON
-  object). Integer options are checked by the same functions as the library's keyword arguments
-  (:mod:`fkdstore.validation`).
-* ``130``: interrupted (Ctrl-C).
+  missing argument, a value of the wrong form (not an integer, an integer out of range, not a JSON
+  object), a codec or augment spec the library refuses, a local path that does not exist (a store, an
+  image folder, weights), ``--out`` naming a file, a ``--teacher`` that does not import, ``--device cuda``
+  without CUDA. Integer options are checked by the same functions as the library's keyword arguments
+  (:mod:`fkdstore.validation`), specs by the library's own parsers.
+* ``130``: interrupted (Ctrl-C); ``generate`` says how many images are written and that rerunning the same
+  command resumes.
 
-Errors print as one line, ``fkdstore: error: <message>``; ``--debug`` (anywhere on the line) prints the
-traceback instead.
+Errors print as one line, ``fkdstore: error: <message>`` (bad input: ``fkdstore COMMAND: error: <option>
+<value>: <message>``); ``--debug`` (anywhere on the line) prints the traceback instead.
 """
 
 from __future__ import annotations
@@ -33,16 +36,30 @@ import sys
 import traceback
 
 from . import __version__
-from .errors import ValidationError
+from .errors import FkdstoreError, ValidationError
 from .validation import non_negative_int, positive_int
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """A sub-command parser whose epilog may be computed when help is shown (``lazy_epilog``), so that building
+    the parser (every run, ``--version`` included) imports nothing heavy."""
+
+    def __init__(self, *args, lazy_epilog=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy_epilog = lazy_epilog
+
+    def format_help(self) -> str:
+        if self._lazy_epilog is not None and self.epilog is None:
+            self.epilog = self._lazy_epilog()
+        return super().format_help()
 
 
 def _out(text: str) -> None:
@@ -53,10 +70,40 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class _BadInput(Exception):
+    """A value on the command line the library refuses, found before anything runs (exit code 2)."""
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _must_exist(path, what: str) -> None:
+    """A local ``path`` (not a URL) must exist; the message names it and says so."""
+    if not _is_url(path) and not os.path.exists(path):
+        raise _BadInput(f"{what} {str(path)!r} does not exist")
+
+
+def _checked(option: str, value, parse):
+    """``parse(value)``, a library parser; its ValidationError/TypeError becomes bad input naming the option
+    and the value as typed."""
+    try:
+        return parse(value)
+    except (ValidationError, TypeError) as e:
+        raise _BadInput(f"{option} {value!r}: {e}") from None
+
+
+def _codec_arg(option: str, spec: str, k=None):
+    from .codecs import as_codec
+
+    return _checked(option, spec, lambda v: as_codec(v, k=k))
+
+
 # --------------------------------------------------------------------------------------------- handlers
 def _cmd_inspect(args) -> int:
     from . import report
 
+    _must_exist(args.path, "store")
     if args.image is not None:
         from . import diagnose, reader
 
@@ -88,6 +135,7 @@ def _cmd_show(args) -> int:
 def _cmd_estimate(args) -> int:
     from . import report
 
+    _codec_arg("--codec", args.codec, args.k)
     e = report.estimate_bytes(args.num_images, args.crops, args.num_classes, args.codec, args.k,
                               max_side=args.max_side, store_crops=args.store_crops)
     if args.json:
@@ -101,6 +149,7 @@ def _cmd_estimate(args) -> int:
 def _cmd_verify(args) -> int:
     from . import verification
 
+    _must_exist(args.path, "store")
     problems = verification.verify(args.path, progress=args.progress, storage_options=args.storage_options)
     if args.json:
         _out(json.dumps({"path": args.path, "ok": not problems, "problems": problems}, indent=2))
@@ -112,6 +161,9 @@ def _cmd_verify(args) -> int:
 def _cmd_convert(args) -> int:
     from . import conversion, report
 
+    _must_exist(args.src, "source store")
+    _codec_arg("--codec", args.codec)
+    _check_out(args.dst)
     r = conversion.convert(args.src, args.dst, args.codec, k=args.k, progress=args.progress,
                         storage_options=args.storage_options)
     _out(f"converted {r['images']:,} images {_cfg(r['from'])} -> {_cfg(r['to'])}: "
@@ -123,6 +175,9 @@ def _cmd_convert(args) -> int:
 def _cmd_import_fkd(args) -> int:
     from . import importers, report
 
+    _must_exist(args.src, "FKD label folder")
+    _must_exist(args.images, "--images folder")
+    _check_out(args.dst)
     r = importers.import_fkd(args.src, args.dst, args.images, codec=args.codec, k=args.k, num_classes=args.num_classes,
                            trust_pickle=args.trust_pickle, progress=args.progress, log=_err,
                            storage_options=args.storage_options)
@@ -145,6 +200,8 @@ def _cmd_import(args) -> int:
 
     if args.kind == "fkd":
         return _cmd_import_fkd(args)
+    _must_exist(args.src, f"{ZOO_NAMES[args.kind][:-6]} folder")
+    _check_out(args.dst)
     common = dict(codec=args.codec, k=args.k, num_classes=args.num_classes, order=args.order,
                   progress=args.progress, log=_err, storage_options=args.storage_options)
     if args.kind == "mldr":
@@ -172,15 +229,42 @@ def _cmd_import(args) -> int:
     return EXIT_OK
 
 
-def _cmd_generate(args) -> int:
-    from .codecs import as_codec
-    from .runner import generate  # torch: imported only when this command runs
-    from .teacher import file_sha256, load_teacher
+def _check_out(out: str, what: str = "the output") -> None:
+    """An output store location: a URL, a new path, or a folder (an existing file is refused)."""
+    if not _is_url(out) and os.path.isfile(out):
+        raise _BadInput(f"{what} {out!r} is a file; give a folder (new, empty, or a store to resume) or a URL")
 
-    kwargs = args.teacher_kwargs
-    codec = as_codec(args.codec, k=args.k)  # a name or a spec such as "ms:k=5,dtype=q8"
+
+def _cmd_generate(args) -> int:
+    try:
+        import torch  # noqa: F401 - only to say what is missing before anything else
+    except ImportError as e:
+        raise FkdstoreError(f"fkdstore generate needs PyTorch, which does not import here ({e}); install it with "
+                            "pip install 'fkdstore[torch]'") from None
+    from .augment import parse_augment
+    from .codecs import as_codec
+    from .distributed import World, pick_device
+    from .runner import generate
+    from .teacher import file_sha256, load_teacher, resolve_factory
+
+    # bad input first (exit 2), before the teacher is built or anything is written
+    for path in args.images:
+        _must_exist(path, "--images")
+    codec = _codec_arg("--codec", args.codec, args.k)  # a name or a spec such as "ms:k=5,dtype=q8"
     if args.dtype is not None:
         codec = as_codec({**codec.get_config(), "dtype": args.dtype})
+    if getattr(args, "augment", None):
+        _checked("--augment", args.augment, parse_augment)
+    _checked("--teacher", args.teacher, resolve_factory)
+    if args.weights:
+        _must_exist(args.weights, "--weights")
+    if getattr(args, "crops_from", None):
+        _must_exist(args.crops_from, "--crops-from store")
+    _check_out(args.out, "--out")
+    if getattr(args, "device", None) is not None:
+        _checked("--device", args.device, lambda d: pick_device(d, World.detect()))
+
+    kwargs = args.teacher_kwargs
     teacher = load_teacher(args.teacher, args.weights, kwargs)
     options = generate_options(args)
     options.setdefault("teacher_name", args.teacher + (f"({json.dumps(kwargs, sort_keys=True)})" if kwargs else ""))
@@ -188,7 +272,11 @@ def _cmd_generate(args) -> int:
         options["weights_sha256"] = file_sha256(args.weights)
     one = args.images[0] if len(args.images) == 1 else None  # a folder or a URL prefix; else files or tar shards
     images = one if one is not None and (os.path.isdir(one) or "://" in one) else args.images
-    reader = generate(teacher, images, args.out, crops_per_image=args.crops_per_image, codec=codec, **options)
+    try:
+        reader = generate(teacher, images, args.out, crops_per_image=args.crops_per_image, codec=codec, **options)
+    except KeyboardInterrupt:
+        _err(f"fkdstore generate: interrupted; {_written_summary(args.out, options.get('storage_options'))}")
+        return EXIT_INTERRUPTED
     if not reader.complete:
         _err(f"fkdstore generate: store {args.out} is incomplete: {int((~reader.written).sum())} images missing "
              f"(skipped: {len(reader.meta.get('skipped', []))})")
@@ -196,9 +284,24 @@ def _cmd_generate(args) -> int:
     return EXIT_OK
 
 
+def _written_summary(out: str, storage_options) -> str:
+    """How much of the store ``out`` is written, and how to go on (after an interrupted ``generate``)."""
+    from . import reader
+
+    try:
+        with reader.open(out, storage_options=storage_options) as r:
+            done, total = int(r.written.sum()), r.num_images
+    except Exception:  # noqa: BLE001 - not created yet, or unreadable: say what can be said
+        return f"the store {out} was not created yet; rerun the same command to start again"
+    return (f"{done:,} of {total:,} images are written in {out} (whole shards only); rerun the same command to "
+            f"resume: written images are kept, the rest are labelled")
+
+
 def _cmd_prune(args) -> int:
     from . import conversion, report
 
+    _must_exist(args.src, "source store")
+    _check_out(args.dst)
     r = conversion.prune(args.src, args.dst, keep=args.keep, seed=args.seed, rule=args.rule, progress=args.progress,
                       storage_options=args.storage_options)
     _out(f"pruned {r['images']:,} images to {r['crops_per_image']} of {r['crops_per_image_before']} slots each "
@@ -214,6 +317,11 @@ def _cmd_ensemble(args) -> int:
     if len(args.stores) < 3:
         _err(f"fkdstore ensemble: error: give at least two stores and then OUT. Got {len(args.stores)} path(s).")
         return EXIT_USAGE
+    for src in args.stores[:-1]:
+        _must_exist(src, "store")
+    if args.codec is not None:
+        _codec_arg("--codec", args.codec)
+    _check_out(args.stores[-1])
     r = conversion.ensemble(args.stores[:-1], args.stores[-1], codec=args.codec, progress=args.progress,
                          storage_options=args.storage_options)
     _out(f"ensembled {len(r['sources'])} stores over {r['images']:,} images as {_cfg(r['codec'])}: "
@@ -259,12 +367,14 @@ Show what a store holds: arrays (shape, dtype, chunk and shard shape, stored byt
 total size, bytes per crop, files, completion, codec, sampler and teacher provenance, label statistics on
 a seeded sample of crops, and the size at ImageNet-1K scale next to the paper's Table 2.
 
---json prints one object with the keys: path, format, format_version, library_version, codec,
-num_images, crops_per_image, num_classes, aug, augment, replay, has_labels, images_per_chunk, images_per_shard,
-images_written, complete, missing_ranges, arrays{name: shape, dtype, chunks, shards, raw_bytes,
-stored_bytes, files, compression_ratio}, total_bytes, total_files, bytes_per_crop, label_bytes_per_crop,
-box_bytes_per_crop, meta, sampler, teacher, label_stats{sampled_crops, seed, kept_mass_mean,
-entropy_mean_nats, top1_agreement, distinct_top1, top1_prob_mean}, warnings[{code, message, ...}],
+--json prints one object with the keys: path, format, format_version, kind (the record kind: regions or
+label_map), store_id, library_version, codec (the codec config: name and parameters), crops ("stored" or "seeded"), crop_sampler, num_images, crops_per_image,
+num_classes, aug (the augmentation columns), augment (the policy configs), replay, pixel_replay, has_labels,
+images_per_chunk, images_per_shard, images_written, complete, missing_ranges, arrays{name: shape, dtype, chunks,
+shards, raw_bytes, stored_bytes, files, compression_ratio}, total_bytes, total_files, bytes_per_crop,
+label_bytes_per_crop, box_bytes_per_crop, aug_bytes_per_crop, meta, sampler, teacher, label_stats{sampled_crops,
+seed, kept_mass_mean, entropy_mean_nats, top1_agreement, top1_agreement_crops, distinct_top1, top1_prob_mean},
+compatibility (data types some Zarr readers lack: dtype, arrays, note), warnings[{code, message, ...}],
 imagenet_extrapolation{num_images, crops_per_image, bytes, paper_formula_bytes, paper_table2}, and with
 --plots: plots (sizes in bytes; see fkdstore.report).
 
@@ -284,10 +394,10 @@ augmentation params, mixing partners and the top-K classes with their probabilit
 fkdstore.diagnose.image_slots dict).
 
 examples:
-  fkdstore inspect labels.fkd
-  fkdstore inspect labels.fkd --json --sample 10000 --seed 1 > stats.json
-  fkdstore inspect labels.fkd --plots plots/
-  fkdstore inspect labels.fkd --image n01440764/n01440764_10026.JPEG --top-k 5 --names classes.txt
+  fkdstore inspect labels.zarr
+  fkdstore inspect labels.zarr --json --sample 10000 --seed 1 > stats.json
+  fkdstore inspect labels.zarr --plots plots/
+  fkdstore inspect labels.zarr --image n01440764/n01440764_10026.JPEG --top-k 5 --names classes.txt
 """
 
 SHOW_HELP = """\
@@ -300,9 +410,9 @@ folders, else the store's meta["classes"]. Needs torch. The PNG's "fkdstore-shee
 layout and the (image, slot) of every cell (fkdstore.show.sheet_info); tile positions: fkdstore.show.
 
 examples:
-  fkdstore show labels.fkd --images /data/imagenet/train --out sheet.png
-  fkdstore show labels.fkd --images train/ --grid 2x6 --image n01440764/n01440764_10026.JPEG --seed 1
-  fkdstore show labels.fkd --images train/ --image 0 17 --slots 0 1 2 --names classes.txt
+  fkdstore show labels.zarr --images /data/imagenet/train --out sheet.png
+  fkdstore show labels.zarr --images train/ --grid 2x6 --image n01440764/n01440764_10026.JPEG --seed 1
+  fkdstore show labels.zarr --images train/ --image 0 17 --slots 0 1 2 --names classes.txt
 """
 
 ESTIMATE_HELP = """\
@@ -323,8 +433,8 @@ image sizes, decoded distributions are valid and attributes agree with the array
 1 with the list of every problem found (a corrupted chunk is named by array, shard file and chunk).
 
 examples:
-  fkdstore verify labels.fkd
-  fkdstore verify labels.fkd --json
+  fkdstore verify labels.zarr
+  fkdstore verify labels.zarr --json
 """
 
 CONVERT_HELP = """\
@@ -335,9 +445,9 @@ Conversions that need information the source lacks (hard -> smoothing, ms K=5 ->
 anything -> full) are refused with the reason.
 
 examples:
-  fkdstore convert labels-full.fkd labels-ms5.fkd --codec ms --k 5
-  fkdstore convert labels-ms10.fkd labels-mr5.fkd --codec mr --k 5
-  fkdstore convert labels-ms5.fkd labels-hard.fkd --codec hard
+  fkdstore convert labels-full.zarr labels-ms5.zarr --codec ms --k 5
+  fkdstore convert labels-ms10.zarr labels-mr5.zarr --codec mr --k 5
+  fkdstore convert labels-ms5.zarr labels-hard.zarr --codec hard
 """
 
 IMPORT_HELP = """\
@@ -350,9 +460,9 @@ stored index + 1, found by an extra pass. Files are loaded with torch.load(weigh
 executes no code; --trust-pickle allows arbitrary pickles (runs code from the files: trusted input only).
 
 examples:
-  fkdstore import-fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.fkd \\
+  fkdstore import-fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.zarr \\
       --images /data/imagenet/train --num-classes 1000
-  fkdstore import-fkd fkd_labels/ labels-mr.fkd --images imgs/ --codec mr --k 3 --num-classes 1000
+  fkdstore import-fkd fkd_labels/ labels-mr.zarr --images imgs/ --codec mr --k 3 --num-classes 1000
 """
 
 
@@ -393,8 +503,8 @@ images are copied. Refused (exit 1, nothing written): KEEP not in (0, 1], a stor
 mixes slots (mixup, cutmix), a destination that exists and is not empty.
 
 examples:
-  fkdstore prune labels.fkd labels-quarter.fkd --keep 0.25 --seed 0
-  fkdstore prune labels.fkd labels-confident.fkd --keep 0.5 --rule confident
+  fkdstore prune labels.zarr labels-quarter.zarr --keep 0.25 --seed 0
+  fkdstore prune labels.zarr labels-confident.zarr --keep 0.5 --rule confident
 """
 
 ENSEMBLE_HELP = """\
@@ -406,8 +516,8 @@ key, slot and array (box, flip or aug/<name>). The ensemble is appended to meta[
 and their teachers.
 
 examples:
-  fkdstore generate --images train/ --teacher m:teacher2 --out b.fkd --crops-from a.fkd --crops 200 --codec full
-  fkdstore ensemble a.fkd b.fkd ab.fkd --codec ms:k=10
+  fkdstore generate --images train/ --teacher m:teacher2 --out b.zarr --crops-from a.zarr --crops 200 --codec full
+  fkdstore ensemble a.zarr b.zarr ab.zarr --codec ms:k=10
 """
 
 
@@ -443,7 +553,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         epilog="run 'fkdstore COMMAND --help' for a command's options and examples",
     )
     p.add_argument("--version", action="version", version=f"fkdstore {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def add(name, help_, desc):
         return sub.add_parser(name, help=help_, description=desc, formatter_class=_Formatter, parents=[common])
@@ -621,30 +731,42 @@ Exit code 0 when the store is complete; 1 on an error or when images were skippe
 examples:
   # top-5 marginal-smoothing labels for 200 crops per image with a torchvision ResNet-50
   fkdstore generate --images /data/imagenet/train --teacher torchvision.models:resnet50 \\
-      --teacher-kwargs '{"weights": "IMAGENET1K_V2"}' --out in1k_r50.fkd --crops 200 --codec ms --k 5
+      --teacher-kwargs '{"weights": "IMAGENET1K_V2"}' --out in1k_r50.zarr --crops 200 --codec ms --k 5
 
   # a local factory and a state dict; 8 GPUs (rank r labels shards r, r+8, ...)
   torchrun --nproc_per_node=8 -m fkdstore generate --images train/ --teacher mymodels:teacher \\
-      --weights teacher.safetensors --out labels.fkd --crops 500 --codec ms --k 10 --input-size 224
+      --weights teacher.safetensors --out labels.zarr --crops 500 --codec ms --k 10 --input-size 224
 
   # rerun the same command after a crash: written images are kept, the rest are labelled
-  fkdstore generate --images digits/ --teacher fkdstore.testing:tiny_cnn --out d.fkd --crops 8 \\
+  fkdstore generate --images digits/ --teacher fkdstore.testing:tiny_cnn --out d.zarr --crops 8 \\
       --codec ms --k 3 --input-size 32 --device cpu
 
   # RandAugment + a Mixup partner per crop: the teacher labels the mixed pixels, training replays them
-  fkdstore generate --images train/ --teacher torchvision.models:resnet50 --out aug.fkd --crops 200 \\
+  fkdstore generate --images train/ --teacher torchvision.models:resnet50 --out aug.zarr --crops 200 \\
       --augment "randaugment:num_ops=2,magnitude=9;mixup:alpha=0.2"
 """
 
 
 def _augment_help() -> str:
-    """The ``--augment`` grammar: :func:`fkdstore.augment.parse_augment`'s docstring (one home)."""
+    """The ``--augment`` grammar: :func:`fkdstore.augment.parse_augment`'s docstring (one home), as plain
+    text (:func:`_plain`)."""
     import inspect
 
     from .augment import parse_augment
 
-    doc = inspect.getdoc(parse_augment) or ""
+    doc = _plain(inspect.getdoc(parse_augment) or "")
     return "augment SPEC (--augment):\n" + "\n".join("  " + line for line in doc.splitlines())
+
+
+def _plain(text: str) -> str:
+    """reStructuredText markup of a docstring as plain text: roles (``:class:`~a.B``` -> ``B``), double back
+    quotes, and a trailing ``::`` before a literal block (-> ``:``)."""
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`", lambda m: m.group(1).rsplit(".", 1)[-1]
+                  if "~" in m.group(0) else m.group(1), text)
+    text = text.replace("``", "")
+    return re.sub(r"::$", ":", text, flags=re.M)
 
 
 class _GenerateHelp(_Formatter):
@@ -690,7 +812,8 @@ class _Choice:
 
 def _add_generate(sub, common) -> None:
     q = sub.add_parser("generate", help="label images with a teacher and write a label store",
-                       description=GENERATE_HELP + STORAGE_HELP, epilog=_augment_help(), formatter_class=_GenerateHelp, parents=[common],
+                       description=GENERATE_HELP + STORAGE_HELP, lazy_epilog=_augment_help,
+                       formatter_class=_GenerateHelp, parents=[common],
                        argument_default=argparse.SUPPRESS)
     g = q.add_argument_group("inputs and output")
     g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE|URL",
@@ -717,7 +840,9 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--k", type=_pos_int, default=None, help="top-k for ms/mr (codec default: 5)")
     g.add_argument("--dtype", default=None, choices=["float16", "float32", "q8"],
                    help="stored probability dtype (codec default)")
-    g.add_argument("--num-classes", type=_pos_int, metavar="C", help="expected teacher output width (None: measured)")
+    g.add_argument("--num-classes", type=_pos_int, metavar="C",
+                   help="expected teacher output width (None: measured); state it to label a class-folder tree that "
+                        "has fewer class folders than the teacher has outputs")
     g.add_argument("--input-size", type=_pos_int, metavar="S", help="side of the square crops fed to the teacher")
     g.add_argument("--seed", type=_nonneg_int, metavar="N", help="crop sampler seed")
     g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop area range")
@@ -742,7 +867,9 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--on-error", type=_Choice("fkdstore.runner", "ON_ERROR"), metavar="WHAT",
                    help="unreadable image: stop with its path, or skip it (left unwritten, listed in meta['skipped'])")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="autocast on CUDA")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar and summary line")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="progress: a bar on a terminal, a plain line every 30 s otherwise (None: auto); --no-progress: "
+                        "none, and no summary line")
     g.add_argument("--teacher-name", metavar="NAME",
                    help="provenance name (default: the --teacher spec and its kwargs)")
     g.add_argument("--weights-sha256", metavar="HEX", help="provenance (default: sha256 of --weights)")
@@ -822,10 +949,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except _BadInput as e:
+            if debug:
+                traceback.print_exc()
+            _err(f"fkdstore {args.command}: error: {e}")
+            return EXIT_USAGE
     except KeyboardInterrupt:
         _err("fkdstore: interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
         if debug:
             traceback.print_exc()

@@ -145,13 +145,21 @@ def pick_device(device: Any, world: World):
     """The :class:`torch.device` this rank runs the teacher on.
 
     ``None``: ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``. A bare ``"cuda"`` also becomes
-    ``cuda:LOCAL_RANK``; anything else is taken as given (``torch.device(device)``).
+    ``cuda:LOCAL_RANK``; anything else is taken as given (``torch.device(device)``). A CUDA device on a
+    machine without CUDA, or a name torch does not know, raises :class:`ValidationError`.
     """
     import torch
 
     if device is None:
         return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValidationError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1'. Got {device!r} "
+                              f"({e}).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError(f"device {device!r} needs CUDA, which this machine does not have (torch "
+                              f"{torch.__version__}); use 'cpu', or leave the device unset to pick CUDA when present.")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", world.local_rank)
     return dev

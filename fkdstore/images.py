@@ -63,7 +63,8 @@ def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> Imag
     """List images from a folder (recursive) or from an explicit sequence of file paths.
 
     Folder: every file with an image extension (case-insensitive; see ``IMAGE_EXTENSIONS``)
-    below ``images``, sorted by its relative posix path. The first path component names the
+    below ``images``, sorted by its relative posix path; hidden files and folders (a name starting
+    with ``.``: ``.ipynb_checkpoints``, macOS ``._*`` files) are skipped. The first path component names the
     class (sorted class names give the label, as ImageFolder); files directly in the root get
     label -1. Sequence: keys are the paths as given, in the given order, labels -1; duplicates
     are rejected. Raises FileNotFoundError for a missing path and ValidationError when no
@@ -103,7 +104,8 @@ def _list_folder(root: Path) -> ImageList:
                 f"{dirpath} was already listed; remove the link"
             )
         seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        filenames = [f for f in filenames if not f.startswith(".")]
         rel = Path(dirpath).relative_to(root)
         for name in (*dirnames, *filenames):
             _check_utf8_name(Path(dirpath) / name)

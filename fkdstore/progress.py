@@ -29,13 +29,13 @@ class Progress:
     update per item). ``mode`` is ``"bar"``, ``"lines"`` or ``"off"`` (chosen by :func:`progress`)."""
 
     def __init__(self, mode: str, *, total: int | None, desc: str, unit: str, stream: TextIO | None = None,
-                 interval: float = LINE_INTERVAL_S, **bar_options: Any):
+                 interval: float | None = None, **bar_options: Any):
         if mode not in ("bar", "lines", "off"):
             raise ValueError(f"progress mode must be 'bar', 'lines' or 'off'. Got {mode!r}.")
         self.mode, self.total, self.desc, self.unit = mode, total, desc, unit
         self.count = 0
         self._stream = stream
-        self._interval = float(interval)
+        self._interval = float(LINE_INTERVAL_S if interval is None else interval)  # None: the module's setting
         self._start = self._last = time.monotonic()
         self._lines = 0
         self._bar = tqdm(total=total, desc=desc, unit=unit, **bar_options) if mode == "bar" else None
@@ -52,8 +52,9 @@ class Progress:
                 self._line()
 
     def set_postfix_str(self, text: str) -> None:
+        """A suffix for the bar (shown at its next update; nothing in the other modes)."""
         if self._bar is not None:
-            self._bar.set_postfix_str(text)
+            self._bar.set_postfix_str(text, refresh=False)
 
     def _line(self, final: bool = False) -> None:
         elapsed = time.monotonic() - self._start

@@ -4,14 +4,16 @@
 and returns ``m`` of its ``M`` stored crops, replayed with the shared crop function
 (:func:`fkdstore.transforms.replay_crops`), together with their soft labels::
 
-    ds = fkdstore.TorchDataset("labels.fkd", "train/", crops_per_sample=4)
+    ds = fkdstore.TorchDataset("labels.zarr", "train/", crops_per_sample=4)
     loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=8, collate_fn=fkdstore.collate)
     for epoch in range(epochs):
         ds.set_epoch(epoch)                      # before iter(loader)
         for batch in loader:                     # batch["crops"] [64*4, 3, H, W], batch["soft_labels"] [256, C]
             loss = fkdstore.soft_cross_entropy(model(batch["crops"]), batch["soft_labels"])
 
-Item ``i`` is a dict:
+Two item layouts (``item=``):
+
+``item="dict"`` (default): item ``i`` is a dict, flattened into a multi-crop batch by :func:`collate`:
 
 =================  ============================  ===========================================================
 key                value                         meaning
@@ -25,10 +27,28 @@ key                value                         meaning
 ``slots``          [m] int64                     which stored crop slots were used
 =================  ============================  ===========================================================
 
+``item="pair"``: item ``i`` is ``(image, target)``, as an ImageFolder-style dataset returns, for torch's
+``default_collate`` and any loss taking soft targets (timm's ``SoftTargetCrossEntropy``,
+:func:`soft_cross_entropy`, ``F.cross_entropy`` with probability targets):
+
+===============  =========================================  ====================================================
+``m``            ``image``                                  ``target``
+===============  =========================================  ====================================================
+1                [3, H, W]                                  [C] float32 (dense), or ``{name: [...]}`` (sparse)
+> 1              [m, 3, H, W]: the image's m crops          [m, C], or ``{name: [m, ...]}``: row j labels crop j
+===============  =========================================  ====================================================
+
+``default_collate`` stacks them to ``[B, 3, H, W]`` / ``[B, C]`` (m = 1, exactly an image classification
+batch with soft targets) or ``[B, m, 3, H, W]`` / ``[B, m, C]`` (flatten both with ``.flatten(0, 1)``);
+:func:`collate` returns the flattened ``(images [B*m, 3, H, W], targets [B*m, C])`` without copying. A sparse
+target (a dict of codec fields) is densified on the device by :func:`densify` or :class:`DeviceLoader`. The
+pair is the store's soft label only: the ground-truth class and the mixing weights of augmented stores are in
+the dict layout.
+
 A store made with augmentation policies (``generate(augment=...)``, header ``augment``) is replayed
 pixel-exactly from its stored ``aug`` columns by :func:`fkdstore.augment.replay.replay_slots`, the
 function the teacher-runner called (a mixed slot also loads its partner image and reads the partner
-slot's box, flip and params). Its items hold four more keys (P = number of mixing policies):
+slot's box, flip and params). Its dict items hold four more keys (P = number of mixing policies):
 
 =================  ============================  ===========================================================
 ``mixed``          [m] bool                      the slot was mixed by at least one policy
@@ -50,24 +70,33 @@ only — never on batch size, ``num_workers``, DistributedSampler's world size o
 Label reading: DataLoader calls :meth:`TorchDataset.__getitems__` with a whole batch, which reads the
 batch's labels with one :meth:`fkdstore.Reader.read_batch` (one decode per inner chunk) and decodes them
 in one vectorised call; images are the only per-item I/O. Each image is decoded once and its m crops are
-written straight into one batch buffer (in shared memory inside a worker) by the shared crop function, with
-flip, HWC -> CHW and normalisation fused into one pass per crop, bit-identical to
-``normalize(replay_crops(...))``, which the teacher-runner saw; :func:`collate` hands that buffer on without
-copying.
+written straight into one batch tensor by the shared crop function, with flip, HWC -> CHW and normalisation
+fused into one pass per crop, bit-identical to ``normalize(replay_crops(...))``, which the teacher-runner saw;
+:func:`collate` hands that tensor on without copying.
 
-Memory: a fresh shared-memory batch buffer costs about as much as filling it (its pages are allocated, zeroed
-and mapped on first touch, then freed), so each DataLoader worker keeps up to ``batch_pool`` (default 4)
-buffers per batch size and refills one only once the main process has dropped every reference to the
-batch's memory (views, ``numpy()`` and ``detach()`` included: holding batches is safe, the worker then
-allocates fresh buffers). With non-persistent fork workers the main process keeps up to
-``num_workers * batch_pool`` buffers per batch size for the dataset's lifetime, so the next epoch's workers
-start on them; they are freed with the dataset. ``batch_pool=0``: a fresh buffer per batch, freed with the
-batch. Details: the comment above ``_BatchPool`` in this module. ``normalize=False`` (uint8 crops, normalised on the GPU) moves and writes 4x fewer bytes and is the
-fastest path (``benchmarks/dataset_profile.py``). A remote store (a URL) is read by epoch instead: ``set_epoch``
-reads the epoch's records with one ``read_all(slots)`` into shared memory the workers map
-(:mod:`fkdstore.preload`; ``preload=`` chooses), since a random batch from object storage costs hundreds of
-requests. For a local store the per-batch read is as fast and runs in the workers
-(``benchmarks/README.md``, "TorchDataset throughput").
+Batch buffers (``batch_pool``): inside a DataLoader worker the batch tensor lives in one of the worker's
+shared-memory buffers (``Tensor.share_memory_()``), so sending it to the main process copies nothing, and the
+worker refills a buffer only once the main process has dropped every tensor and array that uses the batch's
+memory. How, with public APIs only: the worker builds the batch as ``torch.from_numpy`` of a numpy view of
+the buffer and holds only a weak reference to that view (it is dead once the worker's own tensors are);
+:func:`collate` marks the batch tensor (a ``torch.Tensor`` subclass whose ``__reduce_ex__`` sends the shared
+buffer and a shared release counter, counting the send); the main process rebuilds it as ``torch.from_numpy``
+of a numpy view and puts a ``weakref.finalize`` on that view, which runs once nothing uses the memory (views,
+``numpy()``, ``detach()`` and pinned copies' sources included: all keep the view alive) and adds one to the
+counter. A buffer is free when the worker's view is dead and the counter equals the sends. Batches that are
+never received (a loader shut down mid-epoch) keep their buffer busy; the worker then allocates others, up to
+``batch_pool`` per batch size, and beyond that plain tensors (which torch copies into shared memory when
+sending, as for ``default_collate``'s batches). Buffers live as long as their worker.
+
+The fast path: ``normalize=False`` gives uint8 crops (4x fewer bytes to write, send and copy to the device)
+and :class:`DeviceLoader` moves each batch to the device, normalises it there (and densifies sparse labels),
+overlapping the copy with compute on a CUDA side stream; ``benchmarks/dataset_throughput.py`` measures it
+against a plain PIL loader.
+
+A remote store (a URL) is read by epoch instead: ``set_epoch`` reads the epoch's records with one
+``read_all(slots)`` into shared memory the workers map (:mod:`fkdstore.preload`; ``preload=`` chooses), since a
+random batch from object storage costs hundreds of requests. For a local store the per-batch read is as fast
+and runs in the workers (``benchmarks/README.md``, "TorchDataset throughput").
 
 Images come from any :mod:`fkdstore.sources` source (folder, file list, URL prefix, tar shards,
 ``datasets``, a mapping); each batch is announced to the source first, so a remote one fetches the batch's
@@ -76,38 +105,33 @@ bytes ahead of decoding.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
-import mmap
 import os
-import struct
-import threading
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no batch pool
-    fcntl = None
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import codecs as _codecs
-from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
 from . import storage as _storage
-from .validation import int_in_range
+from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
 from .preload import EpochRecords
 from .reader import Reader
 from .reader import open as _open_store
 from .sources import ImageSource, as_source
-from .transforms import Replay, replay_crops, write_crops
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Replay, parse_input_size, replay_crops, write_crops
+from .transforms import normalize as _normalize
+from .validation import int_in_range
 
-__all__ = ["TorchDataset", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch", "BatchMix"]
+__all__ = ["TorchDataset", "DeviceLoader", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch",
+           "BatchMix"]
 
 LABEL_MODES = ("dense", "sparse")
+ITEM_MODES = ("dict", "pair")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -179,8 +203,9 @@ class TorchDataset(torch.utils.data.Dataset):
             is image ``image_indices[j]``; slots still depend on the store index), unwritten images are
             skipped.
         interpolation: resampling filter; default the store's replay ``interpolation``, else ``"bilinear"``.
-        normalize: return float32 ``(x/255 - mean)/std`` (True) or the uint8 crops (False; normalise on
-            the GPU with :func:`fkdstore.transforms.normalize` to move 4x fewer bytes).
+        normalize: return float32 ``(x/255 - mean)/std`` (True) or the uint8 crops (False: the fast path;
+            :class:`DeviceLoader` or :func:`fkdstore.transforms.normalize` normalise on the device, and 4x
+            fewer bytes are written, sent between processes and copied to the device).
         mean, std: default the store's replay ``mean`` / ``std``, else ImageNet's.
         temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
             ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
@@ -197,16 +222,14 @@ class TorchDataset(torch.utils.data.Dataset):
             store (a URL, or a Reader on one) that is complete, where a random batch would cost hundreds of
             requests; off for a local store (per-batch reads are as fast and work in parallel in the
             workers). True on an incomplete store raises :class:`IncompleteStoreError`.
-        batch_pool: how many shared-memory batch buffers each DataLoader worker keeps per batch size and
-            refills (default 4 = DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``).
-            A buffer is refilled only after the main process has dropped every reference to the batch's
-            crops (views, ``numpy()`` and ``detach()`` included), so holding batches is safe: when all are
-            busy the worker allocates a fresh buffer (it never waits). With fork workers that are not
-            persistent, the main process keeps up to ``num_workers * batch_pool`` of them per batch size
-            (in /dev/shm) until the dataset is freed, for the next epoch's workers. ``0``: a fresh buffer
-            per batch, freed with the batch. No effect without workers (``num_workers=0``) or with the
-            ``file_system`` sharing strategy. Send a batch's crops on to another process only as a copy
-            (``clone()``): the pool cannot see references held by a third process.
+        item: ``"dict"`` (default; for :func:`collate`) or ``"pair"``: ``(image, target)`` items for torch's
+            default collate and any soft-target loss (see the module docstring for their shapes).
+        batch_pool: shared-memory batch buffers each DataLoader worker keeps and refills per batch size
+            (default 4: DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``; /dev/shm
+            must hold ``num_workers * batch_pool`` batches). A buffer is refilled only once the main process
+            has dropped every reference to the batch's memory, so holding batches is safe. 0: no buffers
+            (torch copies each batch into fresh shared memory when it is sent). Only batches made by
+            :func:`collate` use them; no effect without workers.
         external_replay: for a store whose pixels need another library's pipeline (an ``external_seed``
             policy, e.g. TinyViT's timm pipeline run from a stored seed): a picklable callable
             ``f(image, params, partner_image, output_size)`` returning the slot's uint8 ``(H, W, 3)`` pixels, or
@@ -244,6 +267,7 @@ class TorchDataset(torch.utils.data.Dataset):
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
+        item: str = "dict",
         batch_pool: int = 4,
         external_replay=None,
         preload: bool | None = None,
@@ -276,13 +300,13 @@ class TorchDataset(torch.utils.data.Dataset):
         if soft_labels not in LABEL_MODES:
             raise ValidationError(f"soft_labels must be one of {list(LABEL_MODES)}. Got {soft_labels!r}.")
         self.soft_labels = soft_labels
+        if item not in ITEM_MODES:
+            raise ValidationError(f"item must be one of {list(ITEM_MODES)}. Got {item!r}.")
+        self.item = item
         self.seed = _check_int("seed", seed, 0)
-        try:
-            replay = Replay(input_size=stored.input_size if output_size is None else output_size,
-                            interpolation=stored.interpolation if interpolation is None else interpolation,
-                            mean=stored.mean if mean is None else mean, std=stored.std if std is None else std)
-        except TypeError as e:
-            raise TypeError(f"TorchDataset: {e}") from None
+        size = stored.input_size if output_size is None else parse_input_size(output_size, "output_size")
+        replay = Replay(input_size=size, interpolation=stored.interpolation if interpolation is None else interpolation,
+                        mean=stored.mean if mean is None else mean, std=stored.std if std is None else std)
         self.replay = replay
         self.output_size, self.interpolation = replay.input_size, replay.interpolation
         self.mean, self.std = replay.mean, replay.std
@@ -292,10 +316,7 @@ class TorchDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.temperature = _codecs.parse_temperature(temperature)
         self.batch_pool = _check_int("batch_pool", batch_pool, 0)
-        self._pool_token = os.urandom(8).hex()  # names this dataset's batch buffers across processes
-        self._owner_pid = os.getpid()  # a worker whose parent this is inherited _retained by fork
-        self._retained: dict[int, list[_PooledBuffer]] = {}  # nbytes -> buffers kept for later workers
-        _DATASETS[self._pool_token] = self
+        self._pool_token = os.urandom(8).hex()  # names this dataset's buffers in a worker's pool
 
         self._images: ImageSource = as_source(images, storage_options=image_options)
         _match_images(reader.image_keys, self._images)
@@ -357,31 +378,32 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        d["_retained"] = {}  # shared memory reaches a spawned worker by fork only
         if self._store_path is not None:
             d["_reader"] = None  # reopened lazily in the worker
         return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._pool_token = os.urandom(8).hex()  # a copy (or a spawned worker's dataset) keeps buffers of its own
-        self._owner_pid = os.getpid()
-        _DATASETS[self._pool_token] = self
 
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
         return len(self.image_indices)
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def __getitem__(self, item: int) -> dict[str, Any] | tuple[torch.Tensor, Any]:
         return self.__getitems__([item])[0]
 
-    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
-        """A batch of items; used by DataLoader.
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]] | list[tuple[torch.Tensor, Any]]:
+        """A batch of items (dicts, or ``(image, target)`` pairs with ``item="pair"``); used by DataLoader.
 
         Labels: one ``read_batch`` and one decode for the whole batch. Crops: every item's crops are written
-        (in one fused crop/flip/layout/normalise pass per crop) into one batch buffer, in shared memory inside
-        a DataLoader worker, so :func:`collate` returns that buffer without copying.
+        (in one fused crop/flip/layout/normalise pass per crop) into one batch tensor, so :func:`collate`
+        returns that tensor without copying.
         """
+        out = self._items(items)
+        if self.item == "dict":
+            return out
+        if self.crops_per_sample == 1:  # (image [3, H, W], target [C] or {name: [...]})
+            return [(d["crops"][0], _first(d["soft_labels"])) for d in out]
+        return [(d["crops"], d["soft_labels"]) for d in out]
+
+    def _items(self, items: Sequence[int]) -> list[dict[str, Any]]:
         items = np.asarray([int(k) for k in items], dtype=np.int64)
         n = len(self)
         if ((items < -n) | (items >= n)).any():
@@ -393,7 +415,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             return self._augmented_items(idx, slots, rec, soft)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype, self).unbind(0)
+        bufs = _batch_tensor(self, (len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
         return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
                  "index": i, "slots": sl}
                 for i, target, boxes, flips, buf, lab, sl in zip(
@@ -434,7 +456,7 @@ class TorchDataset(torch.utils.data.Dataset):
 
         self._check_params(idx, slots, rec.aug)
         dtype = torch.float32 if self.normalize else torch.uint8
-        bufs = _empty((len(idx), self.crops_per_sample, 3, *self.output_size), dtype, self).unbind(0)
+        bufs = _batch_tensor(self, (len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
@@ -534,7 +556,12 @@ class TorchDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
                 f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, soft_labels={self.soft_labels!r}, "
-                f"epoch={self.epoch}, seed={self.seed})")
+                f"item={self.item!r}, epoch={self.epoch}, seed={self.seed})")
+
+
+def _first(labels):
+    """Row 0 of a dense label tensor or of every field of a sparse one."""
+    return {k: v[0] for k, v in labels.items()} if isinstance(labels, Mapping) else labels[0]
 
 
 def _check_external(pipeline, external_replay, reader):
@@ -577,7 +604,8 @@ def _match_images(store_keys: list[str], source: ImageSource) -> None:
         i, k = missing[0]
         raise FileNotFoundError(
             f"image {k!r} (store index {i}) is missing from {where} ({len(missing)} of the store's "
-            f"{len(store_keys)} images are missing); the images must be the ones the store was made from")
+            f"{len(store_keys)} images are missing); the images must be the ones the store was made from"
+            + _renamed_hint([k for _, k in missing], keys))
     known = set(store_keys)
     extra = [k for k in keys if k not in known]
     if extra:
@@ -590,294 +618,168 @@ def _match_images(store_keys: list[str], source: ImageSource) -> None:
         f"{keys[j]!r} in {where}")
 
 
+def _renamed_hint(missing: list[str], listed: list[str]) -> str:
+    """A hint when missing store keys exist under another file extension (images re-encoded, e.g. .jpg -> .png):
+    the keys, and the crops' pixel values, belong to the original files."""
+    stems = {os.path.splitext(k)[0]: k for k in listed}
+    renamed = [(k, stems[os.path.splitext(k)[0]]) for k in missing if os.path.splitext(k)[0] in stems]
+    if not renamed:
+        return ""
+    (a, b), n = renamed[0], len(renamed)
+    return (f". {n} of them are here with another extension ({a!r} in the store, {b!r} here): the images were "
+            f"re-encoded or renamed; use the files the store was made from (its keys include the extension, and "
+            f"re-encoded pixels differ from those the teacher labelled)")
+
+
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def collate(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, Any]]):
     """Flatten B items of m crops into one multi-crop mini-batch (``collate_fn`` for DataLoader).
 
-    Returns ``crops`` [B*m, 3, H, W]; ``soft_labels`` [B*m, C] (dense) or ``{name: [B*m, ...]}`` (sparse);
-    ``target``, ``index`` [B*m] int64 (each image's value repeated for its m crops); ``slots`` [B*m];
-    for augmented stores also ``mixed``, ``lam`` [B*m] and ``partner_target``, ``partner_weight`` [B*m, P].
-    Row ``b*m + j`` is crop j of item b.
+    Dict items (``item="dict"``): returns ``crops`` [B*m, 3, H, W]; ``soft_labels`` [B*m, C] (dense) or
+    ``{name: [B*m, ...]}`` (sparse); ``target``, ``index`` [B*m] int64 (each image's value repeated for its m
+    crops); ``slots`` [B*m]; for augmented stores also ``mixed``, ``lam`` [B*m] and ``partner_target``,
+    ``partner_weight`` [B*m, P]. Pairs (``item="pair"``): ``(images [B*m, 3, H, W], targets [B*m, C] or
+    {name: [B*m, ...]})``. Row ``b*m + j`` is crop j of item b. The batch tensors a TorchDataset filled are
+    returned without copying.
     """
     if not batch:
         raise ValidationError("collate needs at least one item. Got an empty batch.")
+    if isinstance(batch[0], (tuple, list)):
+        images = [b[0] for b in batch]
+        per_crop = images[0].dim() == 4  # [m, 3, H, W] items (m > 1); [3, H, W] items are stacked
+        targets = [b[1] for b in batch]
+        x = _pooled(_join(images, per_crop))
+        if isinstance(targets[0], Mapping):
+            return x, {k: _join([t[k] for t in targets], per_crop) for k in targets[0]}
+        return x, _join(targets, per_crop)
     m = int(batch[0]["crops"].shape[0])
-    out: dict[str, Any] = {"crops": _cat([b["crops"] for b in batch])}
+    out: dict[str, Any] = {"crops": _pooled(_join([b["crops"] for b in batch]))}
     first = batch[0]["soft_labels"]
     if isinstance(first, Mapping):
-        out["soft_labels"] = {k: _cat([b["soft_labels"][k] for b in batch]) for k in first}
+        out["soft_labels"] = {k: _join([b["soft_labels"][k] for b in batch]) for k in first}
     else:
-        out["soft_labels"] = _cat([b["soft_labels"] for b in batch])
+        out["soft_labels"] = _join([b["soft_labels"] for b in batch])
     for key in ("target", "index"):
         out[key] = torch.tensor([int(b[key]) for b in batch], dtype=torch.int64).repeat_interleave(m)
-    out["slots"] = _cat([torch.as_tensor(b["slots"]) for b in batch])
+    out["slots"] = _join([torch.as_tensor(b["slots"]) for b in batch])
     for key in ("mixed", "lam", "partner_target", "partner_weight"):  # augmented stores
         if key in batch[0]:
             out[key] = torch.cat([b[key] for b in batch])
     return out
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, dataset: TorchDataset | None = None) -> torch.Tensor:
-    """An uninitialised CPU tensor; in a DataLoader worker in shared memory (as default_collate does), so
-    sending it to the main process copies nothing. With ``dataset`` (``batch_pool > 0``), inside a worker,
-    a buffer of the worker's :class:`_BatchPool` for that dataset, reused once free."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    if dataset is not None and dataset.batch_pool > 0 and _BatchPool.usable():
-        return _BatchPool.of(dataset).empty(shape, dtype, dataset.batch_pool)
-    return _fresh_shared(shape, dtype)
+# ----------------------------------------------------------------------------- shared batch buffers (workers)
 
 
-def _fresh_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    t = torch.empty(0, dtype=dtype)
-    return t.new(t._typed_storage()._new_shared(math.prod(shape), device="cpu")).resize_(shape)
+class _Buffer:
+    """One shared-memory batch buffer of a DataLoader worker (see "Batch buffers" in the module docstring)."""
 
+    __slots__ = ("data", "done", "sent", "view")
 
-# --------------------------------------------------------------------- pool of shared batch buffers
-#
-# A fresh shared-memory batch buffer costs more than filling it: every page of it is allocated, zeroed
-# and mapped on first touch in the worker, then freed after the main process drops the batch (about
-# 0.4 ms per 224-px float32 crop, a third of the crop's whole cost). A worker therefore keeps its batch
-# buffers and refills one only when every process is done with it:
-#
-# * the worker's own references are counted by the buffer's StorageImpl use count (the pool holds a
-#   fixed number of them);
-# * each time a tensor on a pooled buffer is pickled for the main process, the worker adds one to the
-#   buffer's ``sent`` counter (a reducer for torch.Tensor installed in the worker's ForkingPickler, which
-#   otherwise defers to torch's); the main process rebuilds it with :func:`_rebuild_pooled`, which puts a
-#   finalizer on the rebuilt *storage*. PyTorch keeps a storage's Python object alive for as long as its
-#   C++ storage lives (views, ``detach()``, ``numpy()``, ``from_numpy(t.numpy())`` and slices all keep it),
-#   so the finalizer runs only once nothing in the main process uses the memory; it then adds one to the
-#   buffer's ``released`` counter, through a separate one-page mapping of the counters;
-# * a buffer is free when ``released == sent`` and the pool holds the only references in the worker.
-#
-# The counters are two int64 in a page after the data. Only a worker writes ``sent``, only the main
-# process writes ``released``. A pickled batch that is never unpickled (a loader shut down with batches in
-# flight) keeps its buffer busy: the pool then allocates fresh buffers instead (it never waits and never
-# takes a busy buffer); the main process marks such a buffer released once no live worker owns it (below).
-#
-# Workers that are not persistent exit after each epoch. So that the next epoch's workers do not start with
-# fresh buffers, the main process keeps a mapping of each pooled buffer it received from a worker it forked
-# (``TorchDataset._retained``, at most num_workers x batch_pool per batch size, freed with the dataset);
-# workers forked later inherit these mappings and claim them. A worker owns every buffer it uses through an
-# open-file-description lock (F_OFD_SETLK) held until it exits, so two live workers (of two loaders over one
-# dataset) never share one. Used only with the "file_descriptor" sharing strategy (Linux's default).
-
-_PAGE = mmap.PAGESIZE
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
-_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
-_WRITE_LOCK = struct.pack("hhqqixxxx", fcntl.F_WRLCK, 0, 0, 0, 0) if fcntl is not None else b""  # struct flock
-_RELEASE_LOCK = threading.RLock()  # an RLock: a finalizer may run (garbage collection) while it is held
-_LIVE: dict[tuple[int, int], int] = {}  # main process: buffer (st_dev, st_ino) -> rebuilt storages still alive
-_DATASETS: weakref.WeakValueDictionary[str, TorchDataset] = weakref.WeakValueDictionary()  # token -> dataset
-
-
-class _PooledBuffer:
-    """One shared batch buffer: ``nbytes`` of data, then a page holding the int64 counters (sent, released)."""
-
-    __slots__ = ("counters", "idle_refs", "key", "lock_fd", "nbytes", "storage", "trailer")
-
-    def __init__(self, storage: torch.UntypedStorage, nbytes: int):
-        self.storage, self.nbytes, self.trailer = storage, nbytes, _trailer(nbytes)
-        self.counters = torch.empty(0, dtype=torch.int64).set_(storage, self.trailer // 8, (2,)).numpy()
-        self.idle_refs = _USE_COUNT(storage._cdata)  # the references this object holds
-        self.key: tuple[int, int] | None = None
-        self.lock_fd: int | None = None
-
-    @classmethod
-    def new(cls, nbytes: int) -> _PooledBuffer:
-        buf = cls(torch.UntypedStorage._new_shared(_trailer(nbytes) + _PAGE), nbytes)
-        buf.counters[:] = 0
-        return buf
-
-    def claim(self) -> bool:
-        """Own the buffer for the rest of this process's life (False: another live process owns it)."""
-        fd, _ = self.storage._share_fd_cpu_()
-        own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)  # a file description of our own
-        try:
-            fcntl.fcntl(own, _OFD_SETLK, _WRITE_LOCK)
-        except OSError:
-            os.close(own)
-            return False
-        self.lock_fd = own
-        return True
-
-    def unclaim(self) -> None:
-        os.close(self.lock_fd)
-        self.lock_fd = None
+    def __init__(self, nbytes: int):
+        self.data = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        self.done = torch.zeros(1, dtype=torch.int64).share_memory_()  # batches the main process released
+        self.sent = 0  # batches sent to the main process (this worker writes it, in the pickling thread)
+        self.view = None  # weak reference to the numpy view the worker's batch tensor lives on
 
     def free(self) -> bool:
-        return self.counters[0] == self.counters[1] and _USE_COUNT(self.storage._cdata) == self.idle_refs
-
-    def view(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(0, dtype=dtype).set_(self.storage, 0, (math.prod(shape),)).view(shape)
+        return (self.view is None or self.view() is None) and int(self.done[0]) == self.sent
 
 
-def _trailer(nbytes: int) -> int:
-    return -(-nbytes // _PAGE) * _PAGE  # the counters get a page of their own (mapped alone by the main process)
+class _Pool:
+    """The batch buffers of this worker process: ``(dataset token, nbytes) -> buffers``, and the buffer of each
+    batch handed out, by data pointer (for :func:`collate`)."""
 
-
-class _BatchPool:
-    """The batch buffers one DataLoader worker process uses for one dataset (see the comment above)."""
-
-    # this process's pools (dataset token -> pool) and its pooled buffers (data_ptr -> (buffer, retain info))
-    pools: ClassVar[dict[str, _BatchPool]] = {}
-    by_ptr: ClassVar[dict[int, tuple[_PooledBuffer, tuple | None]]] = {}
-    pid: ClassVar[int | None] = None
-
-    def __init__(self, retained: Mapping[int, list[_PooledBuffer]], retain: tuple | None):
-        self.buffers: dict[int, list[_PooledBuffer]] = {}
-        self.candidates = {k: list(v) for k, v in retained.items()} if retain is not None else {}
-        self.retain = retain
-
-    @staticmethod
-    def usable() -> bool:
-        return (_USE_COUNT is not None and _OFD_SETLK is not None and os.path.isdir("/proc/self/fd")
-                and torch.multiprocessing.get_sharing_strategy() == "file_descriptor")
+    pid: int | None = None
+    buffers: dict[tuple[str, int], list[_Buffer]] = {}
+    leased: dict[int, _Buffer] = {}  # data pointer -> buffer (fixed per buffer, so bounded by the buffers)
 
     @classmethod
-    def of(cls, dataset: TorchDataset) -> _BatchPool:
-        if cls.pid != os.getpid():  # first use in this process (a worker)
-            from multiprocessing.reduction import ForkingPickler
-
-            cls.pools, cls.by_ptr, cls.pid = {}, {}, os.getpid()
-            torch_reduce = ForkingPickler._extra_reducers[torch.Tensor]
-            ForkingPickler.register(torch.Tensor, functools.partial(_reduce_pooled, torch_reduce))
-        pool = cls.pools.get(dataset._pool_token)
-        if pool is None:
-            info = torch.utils.data.get_worker_info()
-            forked = dataset._owner_pid == os.getppid()  # forked from the dataset's process (not spawn/forkserver)
-            retain = (dataset._pool_token, dataset.batch_pool * info.num_workers, os.getppid()) if forked else None
-            pool = cls.pools[dataset._pool_token] = cls(dataset._retained, retain)
-        return pool
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, limit: int) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        same = self.buffers.setdefault(nbytes, [])
+    def get(cls, token: str, nbytes: int, limit: int) -> _Buffer | None:
+        if cls.pid != os.getpid():  # first use in this process (a fork inherits the parent's dicts)
+            cls.pid, cls.buffers, cls.leased = os.getpid(), {}, {}
+        same = cls.buffers.setdefault((token, nbytes), [])
         for buf in same:
             if buf.free():
-                return buf.view(shape, dtype)
-        candidates = self.candidates.get(nbytes, [])
-        while len(same) < limit:
-            if candidates:
-                buf = candidates.pop()
-                if not buf.claim():
-                    continue  # a buffer the main process kept, owned by another live worker
-                if not buf.free():  # still held in the main process, or its batches were lost (_lost)
-                    buf.unclaim()
-                    continue
-            else:
-                buf = _PooledBuffer.new(nbytes)
-                buf.claim()  # nobody else knows it yet
-            same.append(buf)
-            type(self).by_ptr[buf.storage.data_ptr()] = (buf, self.retain)
-            if buf.free():
-                return buf.view(shape, dtype)
-        return _fresh_shared(shape, dtype)
+                return buf
+        if len(same) < limit:
+            same.append(_Buffer(nbytes))
+            return same[-1]
+        return None  # all busy (batches held, or lost in a loader shut down mid-epoch): a plain tensor
 
 
-def _reduce_pooled(torch_reduce, t: torch.Tensor):
-    """ForkingPickler reducer for torch.Tensor in a worker: torch's, plus a release hook for pooled buffers."""
-    rebuild, args = torch_reduce(t)
-    plain = t.device.type == "cpu" and t.layout == torch.strided
-    entry = _BatchPool.by_ptr.get(t.untyped_storage().data_ptr()) if plain else None
-    if entry is None:
-        return rebuild, args
-    buf, retain = entry
-    buf.counters[0] += 1  # sent; counted before the bytes leave the worker
-    return _rebuild_pooled, (rebuild, args, buf.nbytes, retain)
+def _batch_tensor(dataset: TorchDataset, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor: in a DataLoader worker on a free shared buffer of the dataset's pool, as
+    ``torch.from_numpy`` of a numpy view whose life the buffer follows (weakly); else a plain tensor."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if dataset.batch_pool == 0 or nbytes == 0 or torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    buf = _Pool.get(dataset._pool_token, nbytes, dataset.batch_pool)
+    if buf is None:
+        return torch.empty(shape, dtype=dtype)
+    view = buf.data.view(dtype).numpy().reshape(shape)
+    buf.view = weakref.ref(view)
+    out = torch.from_numpy(view)
+    _Pool.leased[out.data_ptr()] = buf
+    return out
 
 
-def _rebuild_pooled(rebuild, args, nbytes: int, retain: tuple | None) -> torch.Tensor:
-    """Unpickle a tensor on a worker's pooled buffer (main process): torch's rebuild, then a finalizer on its
-    storage that marks the buffer released when the storage dies; keeps the buffer for later workers."""
-    t = rebuild(*args)
-    storage = t.untyped_storage()
-    fd, _ = storage._share_fd_cpu_()  # the rebuilt storage's own descriptor (it is already fd-backed)
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
-    counters = mmap.mmap(fd, _PAGE, offset=_trailer(nbytes))
-    with _RELEASE_LOCK:
-        _LIVE[key] = _LIVE.get(key, 0) + 1
-    weakref.finalize(storage, _release, counters, key).atexit = False
-    if retain is not None:
-        token, bound, parent = retain
-        dataset = _DATASETS.get(token)
-        if dataset is not None and parent == os.getpid():
-            _retain(dataset._retained.setdefault(nbytes, []), fd, key, nbytes, bound)
+class _PooledBatch(torch.Tensor):
+    """A batch tensor on a worker's shared buffer, as :func:`collate` returns it inside a worker: a plain tensor
+    in every respect except pickling, which sends the buffer and its release counter (:func:`_rebuild_pooled`).
+    Tensors computed from it (same class, no ``_fkd_buffer``) pickle as plain tensors."""
+
+    def __reduce_ex__(self, protocol):
+        buf = self.__dict__.get("_fkd_buffer")
+        if buf is None:
+            return _plain, (self.as_subclass(torch.Tensor),)
+        buf.sent += 1  # before the bytes leave: the main process can only release after receiving
+        return _rebuild_pooled, (buf.data, buf.done, self.dtype, tuple(self.shape))
+
+
+def _pooled(t: torch.Tensor) -> torch.Tensor:
+    """``t`` marked for sending without a copy when it is exactly a pooled batch of this worker."""
+    buf = _Pool.leased.get(t.data_ptr()) if torch.utils.data.get_worker_info() is not None else None
+    if buf is None or t.numel() * t.element_size() != buf.data.numel() or not t.is_contiguous():
+        return t
+    out = t.as_subclass(_PooledBatch)
+    out._fkd_buffer = buf
+    return out
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _retain(kept: list[_PooledBuffer], fd: int, key: tuple[int, int], nbytes: int, bound: int) -> None:
-    """Keep buffer ``key`` for the workers forked later (at most ``bound`` of this size), and mark released
-    the kept buffers whose batches were lost (see :func:`_lost`)."""
-    with _RELEASE_LOCK:  # the pin-memory thread unpickles too
-        for buf in kept:
-            if buf.counters[0] != buf.counters[1] and _lost(buf):
-                buf.counters[1] = buf.counters[0]
-        if len(kept) < bound and all(b.key != key for b in kept):
-            buf = _PooledBuffer(torch.UntypedStorage._new_shared_fd_cpu(fd, _trailer(nbytes) + _PAGE), nbytes)
-            buf.key = key
-            kept.append(buf)
+def _rebuild_pooled(data: torch.Tensor, done: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]):
+    """Main process: the batch as ``torch.from_numpy`` of a numpy view of the shared buffer; when nothing uses
+    that view any more, the worker's release counter goes up by one."""
+    view = data.view(dtype).numpy().reshape(shape)
+    weakref.finalize(view, done.add_, 1).atexit = False
+    return torch.from_numpy(view)
 
 
-def _lost(buf: _PooledBuffer) -> bool:
-    """A kept buffer with batches sent but not released, no live user in the main process and no live worker
-    owning it: its last batches were dropped unread (a loader shut down with batches in flight, e.g. after
-    ``break``). A worker exits only after the main process read all it sent or dropped the loader, so nothing
-    can still arrive on it."""
-    if _LIVE.get(buf.key):
-        return False
-    fd, _ = buf.storage._share_fd_cpu_()
-    probe = struct.unpack("hhqqixxxx", fcntl.fcntl(fd, _OFD_GETLK, _WRITE_LOCK))
-    return probe[0] == fcntl.F_UNLCK
-
-
-def _release(counters: mmap.mmap, key: tuple[int, int]) -> None:
-    with _RELEASE_LOCK:  # finalizers may run in the pin-memory thread and the main thread
-        struct.pack_into("=q", counters, 8, struct.unpack_from("=q", counters, 8)[0] + 1)
-        left = _LIVE.pop(key) - 1
-        if left:
-            _LIVE[key] = left
-    counters.close()
-
-
-def _preload_records(reader: Reader, preload: bool | None, complete: bool) -> EpochRecords | None:
-    """The epoch preload of a dataset (None: batches read the store): see ``TorchDataset(preload=...)``."""
-    if preload is None:
-        preload = bool(getattr(reader._source, "remote", False)) and complete
-    elif not isinstance(preload, bool):
-        raise TypeError(f"preload must be True, False or None. Got {preload!r}.")
-    if preload and not complete:
-        raise IncompleteStoreError(f"preload=True needs a complete store (the epoch preload reads every image); "
-                                   f"{reader.path} is incomplete. Pass preload=False to read the written images "
-                                   f"by batch.")
-    return EpochRecords() if preload else None
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat along dim 0. When the tensors are the consecutive rows of one contiguous tensor (the batch
-    buffers ``__getitems__`` fills) that tensor is returned, reshaped, without a copy; otherwise the result
-    is allocated with :func:`_empty`."""
-    base = tensors[0]._base
-    shape = (sum(int(t.shape[0]) for t in tensors), *tensors[0].shape[1:])
-    if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
-        offset = base.storage_offset()
+def _join(tensors: list[torch.Tensor], concat: bool = True) -> torch.Tensor:
+    """``torch.cat`` (``concat``) or ``torch.stack`` along dim 0. When the tensors are the consecutive rows of
+    one contiguous storage that holds nothing else (the batch tensors ``__getitems__`` fills), a tensor on
+    that storage is returned, without a copy."""
+    first = tensors[0]
+    k = int(concat)
+    rows = sum(int(t.shape[0]) for t in tensors) if concat else len(tensors)
+    shape = (rows, *first.shape[1:]) if concat else (rows, *first.shape)
+    storage = first.untyped_storage()
+    if first.storage_offset() == 0 and storage.nbytes() == math.prod(shape) * first.element_size():
+        start = expect = storage.data_ptr()
         for t in tensors:
-            if t._base is not base or not t.is_contiguous() or t.storage_offset() != offset \
-                    or t.shape[1:] != tensors[0].shape[1:]:
+            if (not t.is_contiguous() or t.dtype != first.dtype or t.data_ptr() != expect
+                    or t.untyped_storage().data_ptr() != start or t.shape[k:] != first.shape[k:]):
                 break
-            offset += t.numel()
+            expect += t.numel() * t.element_size()
         else:
-            return base.view(shape)
-    if tensors[0].device.type != "cpu":
-        return torch.cat(tensors)
-    return torch.cat(tensors, out=_empty(shape, tensors[0].dtype))
+            return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, shape)
+    return torch.cat(tensors) if concat else torch.stack(tensors)
 
 
 def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None,
@@ -919,10 +821,150 @@ def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None =
     return codec.decode(tensors, C, temperature=temperature)
 
 
+def _preload_records(reader: Reader, preload: bool | None, complete: bool) -> EpochRecords | None:
+    """The epoch preload of a dataset (None: batches read the store): see ``TorchDataset(preload=...)``."""
+    if preload is None:
+        preload = bool(getattr(reader._source, "remote", False)) and complete
+    elif not isinstance(preload, bool):
+        raise TypeError(f"preload must be True, False or None. Got {preload!r}.")
+    if preload and not complete:
+        raise IncompleteStoreError(f"preload=True needs a complete store (the epoch preload reads every image); "
+                                   f"{reader.path} is incomplete. Pass preload=False to read the written images "
+                                   f"by batch.")
+    return EpochRecords() if preload else None
+
+
+class DeviceLoader:
+    """Moves a loader's batches to a device and normalises uint8 images there: the other half of the fast path
+    (timm's ``PrefetchLoader`` for fkdstore batches).
+
+    Args:
+        loader: any iterable of batches: :func:`collate` dicts (``crops``, ``soft_labels``, ...) or
+            ``(images, targets)`` pairs (``item="pair"`` with torch's default collate or :func:`collate`).
+        device: where batches go; default ``"cuda"`` when available, else ``"cpu"``.
+        dataset: the :class:`TorchDataset` (default: ``loader.dataset`` when it is one), which gives ``mean``,
+            ``std`` and the codec for sparse labels.
+        mean, std: normalisation; default the dataset's, else ImageNet's.
+        dtype: floating dtype of the images handed out (default float32).
+        channels_last: hand out images in ``torch.channels_last`` memory format.
+        densify: decode sparse labels (a mapping of codec fields, ``soft_labels="sparse"``) into [N, C] on the
+            device with :func:`densify` (needs the dataset).
+
+    Each batch: every tensor is moved with ``non_blocking=True`` (pin the loader's memory, ``pin_memory=True``,
+    for an asynchronous copy); uint8 images ([..., 3, H, W]) become ``(x / 255 - mean) / std`` in float32 on
+    the device, the operations of :func:`fkdstore.transforms.normalize`, so the result equals
+    ``TorchDataset(normalize=True)``'s crops; then the cast to ``dtype`` and the memory format. Floating images
+    are only moved and cast. The structure of the batch is kept (dict keys, pair order). On CUDA the copy and
+    normalisation of batch ``k + 1`` run on a side stream while the caller works on batch ``k``; the caller's
+    stream waits for it before batch ``k + 1`` is handed out, and the tensors are recorded on the caller's
+    stream (``Tensor.record_stream``) so their memory is not reused early.
+    """
+
+    def __init__(self, loader: Iterable, device: str | torch.device | None = None, *, dataset=None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, densify: bool = True):
+        self.loader = loader
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dataset is None and isinstance(getattr(loader, "dataset", None), TorchDataset):
+            dataset = loader.dataset
+        if dataset is not None and not isinstance(dataset, TorchDataset):
+            raise TypeError(f"dataset must be a TorchDataset. Got {type(dataset).__name__}.")
+        self.dataset = dataset
+        self.mean = tuple(mean if mean is not None else (dataset.mean if dataset is not None else IMAGENET_MEAN))
+        self.std = tuple(std if std is not None else (dataset.std if dataset is not None else IMAGENET_STD))
+        _normalize(torch.zeros(3, 1, 1, dtype=torch.uint8), self.mean, self.std)  # checks mean and std
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype. Got {dtype!r}.")
+        self.dtype = dtype
+        self.channels_last = bool(channels_last)
+        self.densify = bool(densify)
+
+    @property
+    def sampler(self):
+        """The wrapped loader's sampler (for ``set_epoch`` of a DistributedSampler)."""
+        return getattr(self.loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(device=self.device) if cuda else None
+        context = (lambda: torch.cuda.stream(stream)) if cuda else contextlib.nullcontext
+        with context():
+            norm = tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(self.device)
+                         for v in (self.mean, self.std))
+        pending = None
+        for batch in self.loader:
+            with context():
+                ready = self._prepare(batch, norm)
+            if pending is not None:
+                yield pending
+            if cuda:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(stream)
+                _apply(ready, lambda t, stream=current: t.record_stream(stream))
+            pending = ready
+        if pending is not None:
+            yield pending
+
+    def _prepare(self, batch, norm):
+        moved = _map(batch, lambda t: t.to(self.device, non_blocking=True))
+        if isinstance(moved, Mapping) and "crops" in moved:
+            moved = dict(moved)
+            moved["crops"] = self._images(moved["crops"], norm)
+            if isinstance(moved.get("soft_labels"), Mapping):
+                moved["soft_labels"] = self._labels(moved["soft_labels"])
+            return moved
+        if isinstance(moved, (tuple, list)) and len(moved) == 2:
+            images, targets = moved
+            if isinstance(targets, Mapping):
+                targets = self._labels(targets)
+            return type(moved)((self._images(images, norm), targets))
+        raise TypeError("DeviceLoader batches must be dicts with 'crops' (fkdstore.collate) or (images, targets) "
+                        f"pairs. Got {type(batch).__name__}.")
+
+    def _images(self, x: torch.Tensor, norm) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # normalize()'s operations, in place on the one float copy
+            x = x.to(torch.float32).div_(255.0).sub_(norm[0]).div_(norm[1])
+        elif not x.is_floating_point():
+            raise TypeError(f"images must be uint8 or floating point. Got {x.dtype}.")
+        x = x.to(self.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _labels(self, fields: Mapping[str, torch.Tensor]):
+        if not self.densify:
+            return fields
+        if self.dataset is None:
+            raise ValidationError("DeviceLoader needs dataset= (a TorchDataset) to densify sparse labels; pass it, "
+                                  "or densify=False.")
+        return densify(fields, self.dataset, device=self.device)
+
+
+def _map(obj, fn):
+    """``fn`` applied to every tensor in nested dicts, lists and tuples (other values kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_map(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(v, fn) for v in obj)
+    return obj
+
+
+def _apply(obj, fn) -> None:
+    _map(obj, lambda t: fn(t) or t)
+
+
 class BatchMix(NamedTuple):
     """Result of :func:`mix_batch`: mixed ``images`` and ``soft_labels``, the weight ``lam`` of each crop's
-    own image/label, ``index`` (crop ``b``'s partner is crop ``index[b]``; use it for the hard-label term
-    ``lam * CE(target) + (1 - lam) * CE(target[index])``) and the CutMix ``box`` (None for Mixup)."""
+    own image/label (1.0: the batch was not mixed), ``index`` (crop ``b``'s partner is crop ``index[b]``, never
+    ``b`` itself; use it for the hard-label term ``lam * CE(target) + (1 - lam) * CE(target[index])``) and
+    the CutMix ``box`` (None for Mixup or an unmixed batch)."""
 
     images: torch.Tensor
     soft_labels: torch.Tensor
@@ -931,16 +973,21 @@ class BatchMix(NamedTuple):
     box: tuple[int, int, int, int] | None
 
 
-def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixup", alpha: float = 1.0,
-              seed: int = 0, step: int = 0) -> BatchMix:
+def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixup", alpha=None,
+              seed: int = 0, step: int = 0, *, switch_prob: float = 0.5, p: float = 1.0) -> BatchMix:
     """Training-time Mixup / CutMix of a batch of crops AND their stored soft labels (FKD's way), on any device.
 
-    ``images`` [B, C, H, W] (uint8 or float), ``soft_labels`` [B, K] float (dense, e.g. from
-    :func:`densify`). The draws are :func:`fkdstore.augment.batch.mix_params` ``(seed, step)`` (so the
-    result depends only on the seed, the step and the batch), identical to the numpy
-    :func:`fkdstore.augment.mix_batch`: ``x' = lam x + (1 - lam) x[index]`` (uint8 rounded as the numpy
-    version, in float64) or the CutMix box pasted from ``x[index]``; ``y' = lam y + (1 - lam) y[index]``.
-    Inputs are not modified.
+    ``images`` [B, C, H, W] (uint8 or float; any memory format), ``soft_labels`` [B, K] float (dense, e.g.
+    from :func:`densify`). ``mode``: ``"mixup"`` or ``"cutmix"`` (``alpha`` a number, default 1.0), or
+    ``"switch"``: Mixup or CutMix, one per batch, CutMix with probability ``switch_prob`` (``alpha =
+    (mixup_alpha, cutmix_alpha)``, default ``(0.8, 1.0)``: timm's ``Mixup(mixup_alpha=0.8, cutmix_alpha=1.0,
+    switch_prob=0.5)``, torchvision's ``RandomChoice([MixUp(), CutMix()])`` at ``switch_prob=0.5``). ``p``:
+    probability that the batch is mixed at all (timm's ``prob``). Each crop's partner is another crop
+    (a random cyclic derangement; a batch of one crop is not mixed). The draws are
+    :func:`fkdstore.augment.batch.mix_params` ``(seed, step)``, so the result depends only on the seed, the
+    step and the batch, identical to the numpy :func:`fkdstore.augment.mix_batch`: ``x' = lam x + (1 - lam)
+    x[index]`` (uint8 rounded as the numpy version, in float64) or the CutMix box pasted from ``x[index]``;
+    ``y' = lam y + (1 - lam) y[index]``. Inputs are not modified; an unmixed batch returns them as they are.
     """
     from .augment.batch import mix_params
 
@@ -956,8 +1003,11 @@ def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixu
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be uint8 or floating point. Got {images.dtype}.")
     B, _, H, W = images.shape
-    lam, index_np, box = mix_params(B, (H, W), mode=mode, alpha=alpha, seed=seed, step=step)
+    lam, index_np, box = mix_params(B, (H, W), mode=mode, alpha=alpha, seed=seed, step=step,
+                                    switch_prob=switch_prob, p=p)
     index = torch.from_numpy(index_np).to(images.device)
+    if lam == 1.0 and box is None:
+        return BatchMix(images, soft_labels, 1.0, index, None)
     partner = images[index]
     if box is None:
         if images.dtype == torch.uint8:

@@ -114,7 +114,8 @@ def open(location, *, storage_options: Mapping[str, Any] | None = None, cache_di
     ``cache_dir``: a local folder caching the raw bytes read from a remote store (metadata, shard indexes,
     chunks), shared by processes and readers, bounded by ``cache_bytes`` (default 10 GiB) with LRU eviction;
     cached bytes get every check fetched ones get. See :class:`fkdstore.storage.CachedSource` for the key
-    rule. Ignored for a local store (already on local disk)."""
+    rule. Ignored for a local store (already on local disk). A local path that does not exist raises
+    FileNotFoundError saying so."""
     where = _Where.of(location, storage_options, cache_dir, cache_bytes)
     header = _read_header(where.source, where.path)
     where.source.bind(f"{header.store_id}:{header.checksum}")  # a cache binds its entries to this store
@@ -137,6 +138,9 @@ class _Where:
             group, store = location, location.store
             prefix = f"{location.path}/" if location.path else ""
         else:
+            if isinstance(location, (str, os.PathLike)) and "://" not in os.fspath(location) \
+                    and not os.path.exists(location):
+                raise FileNotFoundError(f"store {os.fspath(location)} does not exist")
             store, prefix = _storage.as_store(location, read_only=True, storage_options=storage_options), ""
         path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")
         # The source owns the store: another process (DataLoader worker, fork or spawn) rebuilds it from the

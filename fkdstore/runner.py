@@ -149,8 +149,8 @@ class Execution:
     """How this run executes; none of it changes the stored values. ``batch_size`` crops per teacher
     forward; ``device`` (``None``: this rank's GPU, else CPU); ``num_workers`` decoding processes
     (``None``: ``min(8, cpus - 1)``); ``on_error`` ``"stop"`` or ``"skip"``; ``amp`` autocast on CUDA;
-    ``progress`` None = a bar on a terminal, periodic lines otherwise (:mod:`fkdstore.progress`), and a
-    summary line, on rank 0; False: neither."""
+    ``progress`` on rank 0 (:mod:`fkdstore.progress`: None = a bar on a terminal, a plain line every 30 s
+    otherwise; True = a bar; False = nothing) and a summary line unless False."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     device: Any = None
@@ -313,6 +313,9 @@ def generate(
     if crops_from is not None and (job.labels.crop_sampler != SlotCropSampler() or job.labels.store_crops):
         raise ValidationError("crop_sampler and store_crops must stay default with crops_from: the crops, and "
                               "whether they are seeded, come from the source store.")
+    if isinstance(path, (str, os.PathLike)) and "://" not in os.fspath(path) and os.path.isfile(path):
+        raise ValidationError(f"path must be a folder (new, empty, or a store to resume) or a URL. "
+                              f"Got {os.fspath(path)!r}, which is a file.")
     locations = [x for x in (path, crops_from, images) if isinstance(x, (str, os.PathLike))]
     if storage_options and not any(_storage.is_url(x) for x in locations):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
@@ -367,15 +370,33 @@ def resolve_images(images, storage_options=None) -> ImageSource:
 
 
 def check_num_classes(forward: TeacherForward, expected: int | None, listing: ImageSource) -> int:
-    """The teacher's output width ``C``, checked against ``expected`` and the number of class folders."""
+    """The teacher's output width ``C``, checked against ``expected`` and the number of class folders.
+
+    More class folders than outputs is refused. More outputs than class folders is refused too unless
+    ``expected`` (``num_classes``) states the width: the folder's class indices (the store's ``label``) would
+    otherwise silently disagree with the teacher's classes (e.g. an ImageNet teacher on a 10-class folder)."""
     width = forward.num_classes()
     if expected is not None and expected != width:
         raise ValidationError(f"teacher outputs {width} classes but num_classes={expected} was asked for")
-    if listing.classes and len(listing.classes) > width:
+    n = len(listing.classes)
+    if n and n > width:
         raise ValidationError(
-            f"the image folder has {len(listing.classes)} class folders but the teacher outputs {width} classes"
-        )
+            f"the image folder must have at most as many class folders as the teacher has outputs: it has {n} "
+            f"({_folders(listing.classes)}), the teacher outputs {width} classes (hidden folders such as "
+            f".ipynb_checkpoints are not classes)")
+    if n and width > n and expected is None:
+        raise ValidationError(
+            f"the teacher outputs {width} classes but the image folder has {n} class folders "
+            f"({_folders(listing.classes)}): the folders' class indices (the store's labels) would not be the "
+            f"teacher's. Pass num_classes={width} (--num-classes {width}) to label with this teacher anyway (its "
+            f"classes a superset of the folders'), or use a teacher with {n} outputs")
     return width
+
+
+def _folders(classes: Sequence[str], show: int = 8) -> str:
+    """Class folder names for a message: the first ``show``, then how many more."""
+    names = ", ".join(repr(c) for c in classes[:show])
+    return names + (f", ... ({len(classes)} in all)" if len(classes) > show else "")
 
 
 def provenance_meta(teacher: torch.nn.Module, listing: ImageSource, job: _Job) -> dict[str, Any]:
@@ -722,7 +743,7 @@ def _worker_init(_):
 
 def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _CropDataset, plan: ShardPlan,
                  keys: Sequence[str], job: _Job, num_classes: int, skipped: list[str], *,
-                 show_progress: bool, name: str) -> int:
+                 show_progress: bool | None, name: str) -> int:
     """Label every batch of ``plan`` and write it; returns the number of images labelled here.
 
     A shard is flushed after its last batch (so a shard with skipped images is written with what it has);

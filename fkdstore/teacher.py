@@ -74,10 +74,10 @@ def _load_state_dict(path: str | os.PathLike) -> dict:
     return dict(sd)
 
 
-def load_teacher(spec: str, weights: str | os.PathLike | None = None,
-                 kwargs: Mapping | None = None) -> torch.nn.Module:
-    """Build a teacher from ``"module:factory"`` (``factory`` may be dotted), calling it with ``kwargs``,
-    and load ``weights`` (.pt/.pth/.safetensors state dict, strict) when given."""
+def resolve_factory(spec: str):
+    """The callable named by ``"module:factory"`` (``factory`` may be dotted), imported but not called:
+    :class:`ValidationError` for a malformed spec, a module that does not import, a missing attribute or one
+    that is not callable."""
     if not isinstance(spec, str):
         raise TypeError(f"teacher must be a 'MODULE:FACTORY' string. Got {type(spec).__name__}.")
     mod_name, sep, attr = spec.partition(":")
@@ -91,6 +91,16 @@ def load_teacher(spec: str, weights: str | os.PathLike | None = None,
         if not hasattr(obj, part):
             raise ValidationError(f"module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValidationError(f"teacher factory {spec!r} must be callable. Got {type(obj).__name__}.")
+    return obj
+
+
+def load_teacher(spec: str, weights: str | os.PathLike | None = None,
+                 kwargs: Mapping | None = None) -> torch.nn.Module:
+    """Build a teacher from ``"module:factory"`` (:func:`resolve_factory`), calling it with ``kwargs``,
+    and load ``weights`` (.pt/.pth/.safetensors state dict, strict) when given."""
+    obj = resolve_factory(spec)
     model = obj(**dict(kwargs or {}))
     if not isinstance(model, torch.nn.Module):
         raise ValidationError(f"teacher factory {spec!r} must return a torch.nn.Module. Got {type(model).__name__}.")

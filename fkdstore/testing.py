@@ -188,7 +188,8 @@ def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=
     ``batches(p)`` yields ``(uint8 crops [n, 3, H, W], info)`` for pass ``p``; ``target_fn(x, info)`` returns
     int64 class targets (cross-entropy) or ``[n, C]`` soft targets (:func:`fkdstore.soft_cross_entropy`) for
     the normalised crops ``x``. SGD (momentum 0.9, Nesterov, weight decay 5e-4), :func:`cosine_lr` per pass.
-    ``progress``: a tqdm bar with that description (on stderr), or None.
+    ``progress``: report with that description (:mod:`fkdstore.progress`: a bar on a terminal, plain lines
+    otherwise), or None.
     """
     import time
 
@@ -202,9 +203,9 @@ def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = range(passes)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as _progress
 
-        steps = tqdm(steps, desc=progress, unit="pass", leave=False, mininterval=0.5)
+        steps = _progress(None, total=passes, desc=progress, unit="pass", leave=False, mininterval=0.5).wrap(steps)
     model.train()
     t, c = time.perf_counter(), time.process_time()
     for p in steps:

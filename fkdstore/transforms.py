@@ -148,14 +148,29 @@ def _normalizer(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray
     return m, s
 
 
-def _to_chw(pixels: Image.Image, flip: bool, dst: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None) -> None:
-    """Write one resized crop into ``dst`` ``[3, H, W]`` in one strided pass: HWC -> CHW, the horizontal
-    flip as a reversed view, and for float32 ``dst`` the normalisation ``(x / 255 - mean) / std``.
+def _to_chw(pixels: Image.Image | np.ndarray, flip: bool, dst: np.ndarray,
+            norm: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Write one resized crop into ``dst`` ``[3, H, W]``: HWC -> CHW, the horizontal flip, and for float32
+    ``dst`` the normalisation ``(x / 255 - mean) / std``.
 
-    The float path does the same float32 operations in the same order as :func:`normalize` (convert,
-    divide by 255, subtract, divide; each IEEE-exact), so it is bit-identical to ``normalize`` of the
-    uint8 crop.
+    A Pillow image is written one channel at a time (``tobytes("raw", band)`` gives each plane contiguous, so
+    every numpy pass is contiguous; the flip is Pillow's mirror), a numpy ``(H, W, 3)`` image in one strided
+    pass. The float path does the same float32 operations in the same order as :func:`normalize` (convert,
+    divide by 255, subtract, divide; each IEEE-exact), so it is bit-identical to ``normalize`` of the uint8
+    crop.
     """
+    if isinstance(pixels, Image.Image):
+        image = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pixels
+        H, W = dst.shape[1:]
+        for c, band in enumerate("RGB"):
+            plane = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(H, W)
+            if norm is None:
+                dst[c] = plane
+            else:
+                np.divide(plane, np.float32(255.0), out=dst[c], dtype=np.float32)
+                np.subtract(dst[c], norm[0][c], out=dst[c])
+                np.divide(dst[c], norm[1][c], out=dst[c])
+        return
     hwc = np.asarray(pixels)
     if flip:
         hwc = hwc[:, ::-1]
@@ -298,7 +313,7 @@ every replayed crop allocate gigabytes (1024 x 1024 x 3 float32 = 12 MiB per cro
 
 def _three_finite(name: str, value: Any) -> tuple[float, float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {type(value).__name__}.")
+        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {value!r} ({type(value).__name__}).")
     if len(value) != 3:
         raise ValidationError(f"{name} must be 3 finite numbers. Got {list(value)!r}.")
     out = []
@@ -311,16 +326,18 @@ def _three_finite(name: str, value: Any) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
-def parse_input_size(value: Any) -> tuple[int, int]:
-    """``(height, width)`` of the teacher's input: an int (square) or a pair, each in [1, MAX_INPUT_SIDE]."""
+def parse_input_size(value: Any, name: str = "input_size") -> tuple[int, int]:
+    """``(height, width)`` of the teacher's input: an int (square) or a pair, each in [1, MAX_INPUT_SIDE]
+    (a string is refused whole, not read per character). ``name`` names the argument in errors."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (int, np.integer, Sequence)) \
             or isinstance(value, bool):
-        raise TypeError(f"input_size must be an int or a (height, width) pair. Got {value!r}.")
+        raise TypeError(f"{name} must be an int or a (height, width) pair of ints. Got {value!r} "
+                        f"({type(value).__name__}).")
     pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
     if len(pair) != 2:
-        raise ValidationError(f"input_size must be an int or a (height, width) pair. Got {value!r}.")
-    return (int_in_range("input_size height", pair[0], 1, MAX_INPUT_SIDE),
-            int_in_range("input_size width", pair[1], 1, MAX_INPUT_SIDE))
+        raise ValidationError(f"{name} must be an int or a (height, width) pair of ints. Got {value!r}.")
+    return (int_in_range(f"{name} height", pair[0], 1, MAX_INPUT_SIDE),
+            int_in_range(f"{name} width", pair[1], 1, MAX_INPUT_SIDE))
 
 
 @dataclass(frozen=True, kw_only=True)

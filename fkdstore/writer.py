@@ -453,8 +453,9 @@ def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) 
     for k in sorted(set(old_meta) | set(new_meta)):
         if old_meta.get(k) != new_meta.get(k):
             raise SchemaMismatchError(
-                f"existing store {where} has meta[{k!r}]={old_meta.get(k)!r}, this run asks for {new_meta.get(k)!r}"
-            )
+                f"existing store {where} was made with another meta[{k!r}] than this run: "
+                f"{_difference(old_meta.get(k), new_meta.get(k))}; resume with the same {k} (and teacher, weights "
+                f"and options), or write to another location")
     try:
         old_keys = S.decode_keys(group[S.KEY][:])
         old_arrays = {"image_sizes": group[S.IMAGE_SIZE][:], "labels": group[S.LABEL][:]}
@@ -470,6 +471,14 @@ def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) 
             i = int(np.argmax((had != arr).reshape(len(arr), -1).any(1)))
             raise SchemaMismatchError(f"existing store {where} has {what}[{i}]={had[i].tolist()!r}, this run has "
                                       f"{arr[i].tolist()!r}")
+
+
+def _difference(old, new) -> str:
+    """What differs between two meta values, key by key for dicts (``key: stored -> this run``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+        return ", ".join(f"{k}: {old.get(k)!r} (stored) -> {new.get(k)!r} (this run)" for k in keys)
+    return f"{old!r} (stored) -> {new!r} (this run)"
 
 
 # ---------------------------------------------------------------------------------------------- writer

@@ -30,6 +30,7 @@ POLICIES = {
     "cutmix": A.CutMix(alpha=1.0, p=0.7),
     "mixup_exact": A.MixupExact(alpha=0.4, p=0.7),
     "cutmix_box": A.CutMixBox(alpha=1.0, p=0.7),
+    "mix": A.Mix(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, p=0.7),
 }
 IMPORT_ONLY = {"partner_crop", "external_seed"}  # hold imported params, never sampled (tests/test_importers_zoo.py)
 
@@ -321,17 +322,21 @@ def test_pipeline_columns_unique_and_compact():
         ("mixup:p=1.5", ValidationError, "p must be in [0, 1]. Got 1.5."),
         ("mixup:alpha=0", ValidationError, "alpha must be in (0, 1000]. Got 0.0."),
         ("color_jitter:hue=0.7", ValidationError, "hue must be in [0, 0.5]. Got 0.7."),
-        ("random_erasing:value=noise", ValidationError, "value must be 'random' or a uint8 colour. Got 'noise'."),
+        ("random_erasing:value=noise", ValidationError,
+         "value must be 'random', 'mean' or a uint8 colour. Got 'noise'."),
         ("random_erasing:scale=[0.5,0.1]", ValidationError, "scale must be ordered (min <= max). Got [0.5, 0.1]."),
         ("autoaugment:x=1", ValidationError,
          "augment policy name must be one of ['color_jitter', 'cutmix', 'cutmix_box', 'external_seed', "
-         "'gaussian_blur', 'mixup', 'mixup_exact', 'partner_crop', 'randaugment', 'random_erasing', "
+         "'gaussian_blur', 'mix', 'mixup', 'mixup_exact', 'partner_crop', 'randaugment', 'random_erasing', "
          "'random_grayscale']. Got 'autoaugment'."),
         ("mixup;randaugment", ValidationError,
          "mixing policies must come after all other policies. Got 'randaugment' after 'mixup'."),
         ("mixup;mixup", ValidationError, "augment column names must be unique in a pipeline. Got 'mixup_partner' twice."),
         ("mixup:alpha", ValidationError, "augment spec arguments must be key=value. Got 'alpha' in 'mixup:alpha'."),
         ("[{", ValidationError, "augment spec must be valid JSON"),
+        ("randaugment:num_ops=2,mixup:alpha=0.2", ValidationError,
+         "augment spec keys must be field names. Got 'mixup:alpha' in 'randaugment:num_ops=2,mixup:alpha=0.2': "
+         "separate policies with ';', not ',' (e.g. 'randaugment:num_ops=2;mixup:alpha=0.2')."),
     ],
 )
 def test_bad_specs_raise_clear_errors(spec, exc, message):
@@ -401,19 +406,22 @@ def test_mix_batch_deterministic_and_label_consistent(mode, layout):
         np.testing.assert_array_equal(a.images[hw], imgs[a.index][hw])
     else:
         np.testing.assert_array_equal(a.images, ops.blend(imgs, imgs[a.index], a.lam))
-    with pytest.raises(ValidationError, match=r"mode must be one of \['mixup', 'cutmix'\]\. Got 'mix'\."):
+    with pytest.raises(ValidationError, match=r"mode must be one of \['mixup', 'cutmix', 'switch'\]\. Got 'mix'\."):
         A.mix_batch(imgs, labels, mode="mix")
 
 
-# ------------------------------------------------------------------ crop stage wraps the existing sampler
+# ------------------------------------------------------------------ the crop stage: the slot sampler + crop_resize
 def test_crop_stage_keeps_existing_crops():
-    from fkdstore.transforms import CropSampler, crop_resize
+    """The crop stage's params are the slot sampler's (any subset of slots equals those slots of the whole
+    image) and A.crop is crop_resize as a numpy image."""
+    from fkdstore.seeded import SlotCropSampler
+    from fkdstore.transforms import crop_resize
 
-    rrc = A.RandomResizedCrop()
-    got = rrc.sample(11, 3, [4, 1], image_size=(60, 80), crops_per_image=6)
-    boxes, flips = CropSampler(seed=11).sample(3, 60, 80, 6)
-    np.testing.assert_array_equal(got["box"], boxes[[4, 1]])
-    np.testing.assert_array_equal(got["flip"], flips[[4, 1]])
+    sampler = SlotCropSampler(seed=11)
+    got_box, got_flip = sampler.sample_slots([3, 3], [4, 1], [60, 60], [80, 80])
+    boxes, flips = sampler.sample(3, 60, 80, 6)
+    np.testing.assert_array_equal(got_box, boxes[[4, 1]])
+    np.testing.assert_array_equal(got_flip, flips[[4, 1]])
     pil = Image.fromarray(image(30, (60, 80)))
     hwc = A.crop(pil, tuple(boxes[0]), bool(flips[0]), 16)
     np.testing.assert_array_equal(hwc, crop_resize(pil, tuple(boxes[0]), bool(flips[0]), 16).numpy().transpose(1, 2, 0))

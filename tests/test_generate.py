@@ -4,7 +4,7 @@ torchrun, bad input, and the ``generate`` command line."""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
 import shutil
 import signal
@@ -21,18 +21,20 @@ import zarr
 
 import fkdstore
 from fkdstore import schema as S
-from fkdstore.cli import GENERATE_OPTIONS, build_parser, generate_options, main
+from fkdstore.cli import GENERATE_OPTIONS, SAMPLER_OPTIONS, build_parser, generate_options, main
 from fkdstore.distributed import World
 from fkdstore.errors import SchemaMismatchError, ValidationError
-from fkdstore.runner import generate
+from fkdstore.runner import Execution, LabelSpec, Provenance, generate
 from fkdstore.teacher import file_sha256, load_teacher, state_sha256
 from fkdstore.images import ImageReadError, image_size, load_image
 from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
-from fkdstore.transforms import CropSampler, normalize, replay_crops
+from fkdstore.seeded import SlotCropSampler
+from fkdstore.transforms import Replay, normalize, replay_crops
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(crops_per_image=4, codec="ms", input_size=32, images_per_shard=4, batch_size=8, num_workers=0,
             progress=False)
+PHOTOS = dict(FAST, num_classes=10)  # a 10-class teacher on the 2 photo folders: the width is stated
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,14 @@ def digits(tmp_path_factory):
 
 
 def arrays(path) -> dict[str, np.ndarray]:
+    """Every stored array, and for seeded crops the derived box and flip (a complete store)."""
     r = fkdstore.open(path)
-    names = list(r.header.per_image_arrays) + list(r.header.stored_specs(r.codec))
-    return {n: r.array(n)[:] for n in names}
+    names = list(r.header.per_image_arrays) + list(r.header.stored_specs())
+    out = {n: r.array(n)[:] for n in names}
+    if r.header.seeded:
+        rec = r.read_all()
+        out[S.BOX], out[S.FLIP] = rec.box, rec.flip
+    return out
 
 
 def assert_same_arrays(a, b):
@@ -68,7 +75,7 @@ def file_state(path) -> dict[str, tuple[int, bytes]]:
 def test_end_to_end_photos_matches_teacher_on_replayed_crops(photos, tmp_path):
     teacher = tiny_cnn(10)
     out = tmp_path / "photos.fkd"
-    r = generate(teacher, photos, out, temperature=2.0, teacher_name="tiny", weights_sha256="abc", **FAST)
+    r = generate(teacher, photos, out, temperature=2.0, teacher_name="tiny", weights_sha256="abc", **PHOTOS)
     assert r.complete and len(r) == 8 and r.num_classes == 10
     keys = r.image_keys
     assert keys[0].startswith("china/") and keys[-1].startswith("flower/")
@@ -78,14 +85,19 @@ def test_end_to_end_photos_matches_teacher_on_replayed_crops(photos, tmp_path):
     assert m["generator"] == "fkdstore.generate"
     assert m["teacher"]["name"] == "tiny" and m["teacher"]["weights_sha256"] == "abc"
     assert m["teacher"]["state_sha256"] == state_sha256(teacher)
-    assert m["input_size"] == 32 and m["temperature"] == 2.0 and m["interpolation"] == "bilinear"
-    assert m["mean"] == [0.485, 0.456, 0.406] and m["std"] == [0.229, 0.224, 0.225]
-    assert m["sampler"] == CropSampler(seed=0).get_config()
+    assert m["temperature"] == 2.0
+    # the replay parameters are in the checksummed header, not in meta
+    assert r.header.replay == Replay(input_size=(32, 32), interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                                     std=(0.229, 0.224, 0.225))
+    assert not {"input_size", "interpolation", "mean", "std"} & set(m)
+    # seeded crops by default: the sampler is in the header, box and flip are not stored
+    assert r.header.seeded and r.header.sampler == SlotCropSampler(seed=0) and "sampler" not in m
+    assert S.BOX not in r.record_arrays and S.FLIP not in r.record_arrays
     assert m["classes"] == ["china", "flower"] and m["skipped"] == []
     assert m["time_taken_s"] > 0 and m["history"][-1]["images_labelled"] == 8
     assert r.header.library_version == fkdstore.__version__
 
-    sampler = CropSampler(seed=0)
+    sampler = SlotCropSampler(seed=0)
     codec = fkdstore.get_codec("ms")
     teacher.eval()
     for i, k in enumerate(keys):
@@ -99,6 +111,16 @@ def test_end_to_end_photos_matches_teacher_on_replayed_crops(photos, tmp_path):
         want = codec.encode(p.numpy())
         assert np.array_equal(rec.fields["indices"], want["indices"])
         np.testing.assert_allclose(rec.fields["probs"].astype(np.float32), want["probs"].astype(np.float32), atol=1e-3)
+
+    # store_crops=True: the same crops and labels, box and flip stored, the sampler recorded in meta
+    s = generate(teacher, photos, tmp_path / "stored.fkd", temperature=2.0, teacher_name="tiny", weights_sha256="abc",
+                 store_crops=True, **PHOTOS)
+    assert s.complete and not s.header.seeded and s.header.sampler is None
+    assert S.BOX in s.record_arrays and S.FLIP in s.record_arrays
+    assert s.meta["sampler"] == sampler.get_config()
+    a, b = r.read_all(), s.read_all()
+    for x, y in ((a.box, b.box), (a.flip, b.flip), *((a.fields[f], b.fields[f]) for f in a.fields)):
+        assert np.array_equal(x, y)
 
 
 def test_determinism_workers_and_rerun(digits, tmp_path):
@@ -171,7 +193,7 @@ def test_kill_9_and_resume_equals_uninterrupted_run(digits, tmp_path):
     r = fkdstore.open(out)
     assert r.complete
     assert r.meta["history"][-1]["images_labelled"] == 20 - done  # written images were not recomputed
-    ref = generate(tiny_cnn(10), digits, tmp_path / "ref", **FAST)  # same weights, no sleep, no kill
+    ref = generate(tiny_cnn(10), digits, tmp_path / "ref", **PHOTOS)  # same weights, no sleep, no kill
     assert ref.complete
     assert_same_arrays(out, tmp_path / "ref")
 
@@ -261,7 +283,7 @@ def test_teacher_width_mismatch_writes_nothing(digits, tmp_path):
     with pytest.raises(ValidationError, match="outputs 10 classes but num_classes=7"):
         generate(tiny_cnn(10), digits, tmp_path / "w", num_classes=7, **FAST)
     assert not (tmp_path / "w").exists()
-    with pytest.raises(ValidationError, match="10 class folders but the teacher outputs 6"):
+    with pytest.raises(ValidationError, match=r"it has 10 \('0', '1', .*\), the teacher outputs 6 classes"):
         generate(tiny_cnn(6), digits, tmp_path / "w", **FAST)
     assert not (tmp_path / "w").exists()
     with pytest.raises(ValidationError, match="logits"):
@@ -271,26 +293,27 @@ def test_teacher_width_mismatch_writes_nothing(digits, tmp_path):
 
 def test_existing_store_with_other_parameters_is_not_touched(photos, tmp_path):
     out = tmp_path / "s"
-    generate(tiny_cnn(10), photos, out, **FAST)
+    generate(tiny_cnn(10), photos, out, **PHOTOS)
     before = file_state(out)
     for kwargs, match in [
-        ({"seed": 1}, "sampler"),
+        ({"crop_sampler": SlotCropSampler(seed=1)}, "sampler"),
+        ({"store_crops": True}, "stored"),
         ({"crops_per_image": 5}, "crops_per_image"),
         ({"codec": "mr"}, "codec"),
         ({"temperature": 3.0}, "temperature"),
     ]:
         with pytest.raises(SchemaMismatchError, match=match):
-            generate(tiny_cnn(10), photos, out, **{**FAST, **kwargs})
+            generate(tiny_cnn(10), photos, out, **{**PHOTOS, **kwargs})
     with pytest.raises(SchemaMismatchError, match="num_classes"):  # a teacher of another width
-        generate(tiny_cnn(12), photos, out, **FAST)
+        generate(tiny_cnn(12), photos, out, **{**PHOTOS, "num_classes": 12})
     with pytest.raises(SchemaMismatchError, match="state_sha256"):  # same architecture, other weights
-        generate(tiny_cnn(10, seed=1), photos, out, **FAST)
+        generate(tiny_cnn(10, seed=1), photos, out, **PHOTOS)
     assert file_state(out) == before
     other = tmp_path / "not_a_store"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(ValidationError, match="refusing to overwrite"):
-        generate(tiny_cnn(10), photos, other, **FAST)
+        generate(tiny_cnn(10), photos, other, **PHOTOS)
     assert (other / "notes.txt").read_text() == "keep me"
 
 
@@ -307,7 +330,7 @@ def broken_photos(photos, tmp_path):
 def test_truncated_image_stop_names_the_path(broken_photos, tmp_path):
     root, victim, _ = broken_photos
     with pytest.raises(ImageReadError, match="china_1.jpg"):
-        generate(tiny_cnn(10), root, tmp_path / "stop", **FAST)
+        generate(tiny_cnn(10), root, tmp_path / "stop", **PHOTOS)
     r = fkdstore.open(tmp_path / "stop")  # shards before the bad image may be written; never complete
     assert not r.complete and not r.written[1]
 
@@ -316,15 +339,15 @@ def test_truncated_image_skip_then_fix_and_resume(broken_photos, photos, tmp_pat
     root, victim, data = broken_photos
     out = tmp_path / "skip"
     with pytest.warns(UserWarning, match="china_1.jpg"):
-        r = generate(tiny_cnn(10), root, out, on_error="skip", **FAST)
+        r = generate(tiny_cnn(10), root, out, on_error="skip", **PHOTOS)
     assert r.meta["skipped"] == ["china/china_1.jpg"]
     assert not r.complete and r.written.tolist() == [True, False] + [True] * 6
     with pytest.raises(fkdstore.IncompleteStoreError, match="china_1.jpg"):
         r.read(1)
     victim.write_bytes(data)  # the file is repaired: a rerun labels only that image
-    r = generate(tiny_cnn(10), root, out, on_error="skip", **FAST)
+    r = generate(tiny_cnn(10), root, out, on_error="skip", **PHOTOS)
     assert r.complete and r.meta["skipped"] == [] and r.meta["history"][-1]["images_labelled"] == 1
-    generate(tiny_cnn(10), photos, tmp_path / "ref", **FAST)
+    generate(tiny_cnn(10), photos, tmp_path / "ref", **PHOTOS)
     assert_same_arrays(out, tmp_path / "ref")
 
 
@@ -333,10 +356,10 @@ def test_unreadable_header_skip(photos, tmp_path):
     shutil.copytree(photos, root)
     (root / "flower" / "zz.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(ImageReadError, match="zz.jpg"):
-        generate(tiny_cnn(10), root, tmp_path / "g0", **FAST)
+        generate(tiny_cnn(10), root, tmp_path / "g0", **PHOTOS)
     assert not (tmp_path / "g0").exists()  # header scan fails before the store is created
     with pytest.warns(UserWarning, match="zz.jpg"):
-        r = generate(tiny_cnn(10), root, tmp_path / "g", on_error="skip", **FAST)
+        r = generate(tiny_cnn(10), root, tmp_path / "g", on_error="skip", **PHOTOS)
     assert r.meta["skipped"] == ["flower/zz.jpg"] and int((~r.written).sum()) == 1
 
 
@@ -346,13 +369,13 @@ def test_bad_arguments(digits, tmp_path):
         ({"temperature": 0}, "temperature must be a finite number > 0. Got 0."),
         ({"crops_per_image": 0}, "crops_per_image must be a positive integer. Got 0."),
         ({"interpolation": "x"}, "interpolation must be one of"),
-        ({"scale": (0.5, 0.1)}, "scale"),
         ({"batch_size": 0}, "batch_size must be a positive integer. Got 0."),
         ({"num_workers": -1}, "num_workers must be a non-negative integer. Got -1."),
-        ({"input_size": 0}, "input_size must be a positive integer. Got 0."),
+        ({"input_size": 0}, r"input_size height must be an integer in \[1, 1024\]. Got 0."),
+        ({"input_size": 1025}, r"input_size height must be an integer in \[1, 1024\]. Got 1025."),
         ({"num_classes": 0}, "num_classes must be a positive integer. Got 0."),
         ({"std": (1.0, 0.0, 1.0)}, "std must be 3 numbers > 0"),
-        ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers. Got"),
+        ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers. Got"),  # a pair: a bad value, not a bad type
     ]:
         with pytest.raises(ValidationError, match=match):
             generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
@@ -361,11 +384,16 @@ def test_bad_arguments(digits, tmp_path):
         ({"crops_per_image": "4"}, r"crops_per_image must be a positive integer. Got '4' \(str\)."),
         ({"batch_size": True}, r"batch_size must be a positive integer. Got True \(bool\)."),
         ({"num_workers": 1.0}, "num_workers must be a non-negative integer"),
-        ({"temperature": "2"}, "temperature must be a number > 0. Got '2'."),
-        ({"mean": "rgb"}, "mean must be a sequence of 3 numbers. Got str."),
+        ({"temperature": "2"}, r"temperature must be a finite number > 0. Got '2' \(str\)."),
+        ({"mean": "rgb"}, "mean must be a sequence of 3 numbers. Got 'rgb'."),
+        ({"crop_sampler": {"seed": 1}}, "crop_sampler must be a SlotCropSampler. Got dict."),
+        ({"seed": 1}, r"generate\(\) got unknown options \['seed'\]"),  # 0.2's keywords: crop_sampler=
+        ({"seeded_crops": True}, r"unknown options \['seeded_crops'\]"),  # seeded is the default; store_crops=
     ]:
         with pytest.raises(TypeError, match=match):
             generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
+    with pytest.raises(ValidationError, match="scale"):  # the sampler checks its own fields
+        SlotCropSampler(scale=(0.5, 0.1))
     with pytest.raises(TypeError, match="teacher must be a torch.nn.Module. Got function."):
         generate(lambda x: x, digits, tmp_path / "x", **FAST)
     assert not (tmp_path / "x").exists()
@@ -396,14 +424,14 @@ def test_cli_generate_with_weights(photos, tmp_path, capsys):
     argv = ["generate", "--images", str(photos), "--teacher", "fkdstore.testing:tiny_cnn",
             "--teacher-kwargs", '{"num_classes": 10}', "--weights", str(tmp_path / "w.pt"), "--out", str(out),
             "--crops", "4", "--codec", "ms", "--k", "3", "--input-size", "32", "--images-per-shard", "4",
-            "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+            "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--num-classes", "10", "--no-progress"]
     assert main(argv) == 0
     r = fkdstore.open(out)
     assert r.complete and r.codec == fkdstore.get_codec("ms", k=3)
     assert r.meta["teacher"]["weights_sha256"] == file_sha256(tmp_path / "w.pt")
     assert r.meta["teacher"]["name"] == 'fkdstore.testing:tiny_cnn({"num_classes": 10})'
     assert r.meta["teacher"]["state_sha256"] == state_sha256(model)
-    generate(model, photos, tmp_path / "api", **{**FAST, "codec": fkdstore.get_codec("ms", k=3)})
+    generate(model, photos, tmp_path / "api", **{**PHOTOS, "codec": fkdstore.get_codec("ms", k=3)})
     assert_same_arrays(out, tmp_path / "api")
 
     # Failures after parsing exit 1 with a one-line message, not a traceback.
@@ -412,8 +440,8 @@ def test_cli_generate_with_weights(photos, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fkdstore: error: ") and "sampler" in err and "Traceback" not in err
     assert main(["generate", "--images", str(photos), "--teacher", "no_such_mod:f", "--out", str(tmp_path / "z"),
-                 "--crops", "2"]) == 1
-    assert "no_such_mod" in capsys.readouterr().err
+                 "--crops", "2"]) == 2  # a bad --teacher is bad input: exit 2, before anything runs
+    assert "--teacher 'no_such_mod:f': cannot import teacher module 'no_such_mod'" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
 
     # --codec takes a spec string too (one parser: fkdstore.as_codec); --dtype overrides the spec's dtype
@@ -428,7 +456,7 @@ def test_cli_generate_exit_codes(broken_photos, tmp_path, capsys):
     root, _, _ = broken_photos
     base = ["generate", "--images", str(root), "--teacher", "fkdstore.testing:tiny_cnn", "--crops", "4",
             "--input-size", "32", "--images-per-shard", "4", "--batch-size", "8", "--num-workers", "0",
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--num-classes", "10", "--no-progress"]
     # 2: usage or bad input on the command line; nothing runs, nothing is written
     for extra, needle in [
         (["--teacher-kwargs", "[1]"], "--teacher-kwargs: must be a JSON object. Got '[1]'."),
@@ -455,9 +483,13 @@ def test_cli_generate_exit_codes(broken_photos, tmp_path, capsys):
 
 
 def test_cli_generate_options_map_to_the_api(capsys):
-    params = inspect.signature(generate).parameters
-    keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"crops_per_image", "codec"}
-    assert set(GENERATE_OPTIONS) == keyword  # every keyword argument has an option, and no option is stray
+    configs = (LabelSpec, Replay, Execution, Provenance)
+    fields = {f.name: f for cls in configs for f in dataclasses.fields(cls)}
+    # every option of generate() has a command-line option (crop_sampler: built from the sampler's fields),
+    # and no option is stray
+    assert set(GENERATE_OPTIONS) == set(fields) - {"crops_per_image", "codec", "crop_sampler"} | \
+        {"crops_from", "storage_options"}
+    assert set(SAMPLER_OPTIONS) == {f.name for f in dataclasses.fields(SlotCropSampler)}
     parser, _ = build_parser()
     required = ["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2"]
     assert generate_options(parser.parse_args(required)) == {}  # left out: the library's defaults apply
@@ -466,17 +498,19 @@ def test_cli_generate_options_map_to_the_api(capsys):
         "--ratio", "0.5", "2", "--flip-p", "0", "--temperature", "2", "--mean", "0", "0", "0", "--std", "1", "1", "1",
         "--interpolation", "bicubic", "--device", "cpu", "--num-workers", "0", "--on-error", "skip",
         "--images-per-shard", "4", "--num-classes", "10", "--no-amp", "--no-progress", "--teacher-name", "t",
-        "--weights-sha256", "ab"])
+        "--weights-sha256", "ab", "--store-crops"])
     assert generate_options(given) == dict(
-        input_size=32, batch_size=8, seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0, temperature=2.0,
-        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu", num_workers=0,
-        on_error="skip", images_per_shard=4, num_classes=10, amp=False, progress=False, teacher_name="t",
-        weights_sha256="ab")
+        input_size=32, batch_size=8,
+        crop_sampler=SlotCropSampler(seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0), temperature=2.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu",
+        num_workers=0, on_error="skip", images_per_shard=4, num_classes=10, amp=False, progress=False,
+        teacher_name="t", weights_sha256="ab", store_crops=True)
     assert main(["generate", "--help"]) == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "--input-size" in text and "--on-error" in text and "torchrun" in text
+    defaults = {**{n: f.default for n, f in fields.items()},
+                **{f.name: f.default for f in dataclasses.fields(SlotCropSampler)}}
     for name in ("input_size", "batch_size", "flip_p", "interpolation", "on_error"):  # defaults shown from the API
-        assert f"(default: {params[name].default!r})" in " ".join(text.split()), name
+        assert f"(default: {defaults[name]!r})" in " ".join(text.split()), name
 
 
 def test_cli_generate_num_classes_option():

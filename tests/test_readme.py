@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from fkdstore.testing import make_digits_folder, tiny_cnn
-from fkdstore.transforms import CropSampler
+from fkdstore.seeded import SlotCropSampler
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,7 +18,7 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     N, M, C = 30, 8, 10
     rng = np.random.default_rng(0)
     sizes = rng.integers(40, 90, (N, 2))
-    boxes = np.stack([CropSampler(seed=0).sample(i, *sizes[i], M)[0] for i in range(N)])
+    boxes = np.stack([SlotCropSampler(seed=0).sample(i, *sizes[i], M)[0] for i in range(N)])
     env = dict(
         N=N, M=M, C=C, keys=[f"img{i}.jpg" for i in range(N)], sizes=sizes, targets=rng.integers(0, C, N),
         image_indices=np.arange(N), boxes=boxes, flips=rng.random((N, M)) < 0.5,
@@ -30,3 +30,47 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     assert env["batch"]["crops"].shape[0] == env["batch"]["soft_labels"].shape[0]
     assert np.isfinite(env["loss"].item())
     assert env["store"].complete and env["records"].boxes.shape == (N, 2, 4)
+    assert env["store"].header.seeded and "box" not in env["store"].record_arrays  # generate: seeded crops
+
+
+def test_readme_timm_section_runs(tmp_path, monkeypatch):
+    """The "timm, or any training loop" block, with timm's SoftTargetCrossEntropy (its definition, timm/loss/
+    cross_entropy.py) standing in for the package, which the tests do not install."""
+    import sys
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    import fkdstore
+    from fkdstore.images import list_images
+    from PIL import Image
+
+    class SoftTargetCrossEntropy(torch.nn.Module):
+        def forward(self, x, target):
+            return torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+    timm, loss = types.ModuleType("timm"), types.ModuleType("timm.loss")
+    loss.SoftTargetCrossEntropy, timm.loss = SoftTargetCrossEntropy, loss
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "timm.loss", loss)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "timm.loss" in b)
+    monkeypatch.chdir(tmp_path)
+    lst = list_images(make_digits_folder(tmp_path / "train", size=32, per_class=2))
+    M, C = 4, 10
+    sizes = np.array([tuple(reversed(Image.open(p).size)) for p in lst.paths])
+    rng = np.random.default_rng(0)
+    with fkdstore.write("teacher-labels.zarr", num_images=len(lst), crops_per_image=M, num_classes=C, codec="ms",
+                        image_keys=lst.keys, image_sizes=sizes, labels=lst.labels,
+                        replay=fkdstore.Replay(input_size=16)) as w:
+        for i in range(len(lst)):
+            boxes, flips = SlotCropSampler(seed=0).sample(i, *sizes[i], M)
+            w.put([i], boxes[None], flips[None], rng.dirichlet(np.ones(C), (1, M)))
+    model = tiny_cnn(C, width=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    env = dict(model=model, epochs=2)
+    exec(compile(block, str(README), "exec"), env)
+    assert env["x"].shape == (8, 3, 16, 16) and env["x"].dtype == torch.float32 and env["y"].shape == (8, C)
+    torch.testing.assert_close(env["y"].sum(-1), torch.ones(8))
+    assert np.isfinite(env["loss"].item())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained

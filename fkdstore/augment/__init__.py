@@ -1,17 +1,18 @@
 """Augmentation policies: sampled per slot from ``(seed, image, slot)``, stored, replayed pixel-exactly.
 
 numpy + Pillow only (no torch import). Built in (registry names): ``color_jitter``, ``randaugment``,
-``random_erasing``, ``random_grayscale``, ``gaussian_blur``, ``mixup``, ``cutmix``, ``mixup_exact`` and
-``cutmix_box`` (float ``lam`` / explicit box, as other systems store them), and for imported label sets
-``partner_crop`` (partner crops carried in the slot) and ``external_seed`` (seeds of another library's
-pipeline, not replayable here); the crop stage (RandomResizedCrop + flip,
-:class:`fkdstore.seeded.SlotCropSampler`) always runs first. See ``spec/format-v4.md`` section 6 for the
+``random_erasing``, ``random_grayscale``, ``gaussian_blur``, ``mixup``, ``cutmix``, ``mix`` (Mixup or CutMix per
+slot, with a switch probability), ``mixup_exact`` and ``cutmix_box`` (float ``lam`` / explicit box, as other
+systems store them), and for imported label sets ``partner_crop`` (partner crops carried in the slot) and
+``external_seed`` (seeds of another library's pipeline, not replayable here); the crop stage (RandomResizedCrop +
+flip, :class:`fkdstore.seeded.SlotCropSampler`) always runs first. See ``spec/format-v4.md`` section 6 for the
 columns and the replay equations, and :mod:`fkdstore.augment.base` for the policy contract.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,9 +21,10 @@ from fkdstore.augment.batch import BatchMix, mix_batch
 from fkdstore.augment.blur import GaussianBlur
 from fkdstore.augment.color import ColorJitter
 from fkdstore.augment.crop import crop
-from fkdstore.augment.erasing import RandomErasing
+from fkdstore.augment.erasing import RandomErasing, mean_fill
 from fkdstore.augment.external import ExternalSeed
 from fkdstore.augment.grayscale import RandomGrayscale
+from fkdstore.augment.mix import Mix
 from fkdstore.augment.mixing import CutMix, MixInfo, Mixup, cutmix_box, cutmix_lambda, window_stride
 from fkdstore.augment.mixing_exact import CutMixBox, MixupExact
 from fkdstore.augment.partner import PartnerCrop
@@ -31,14 +33,14 @@ from fkdstore.augment.randaugment import RandAugment
 from fkdstore.augment.registry import get_policy, register_policy, registered_policies
 from fkdstore.errors import ValidationError
 
-for _cls in (ColorJitter, RandAugment, RandomErasing, RandomGrayscale, GaussianBlur, Mixup, CutMix, MixupExact,
+for _cls in (ColorJitter, RandAugment, RandomErasing, RandomGrayscale, GaussianBlur, Mixup, CutMix, Mix, MixupExact,
              CutMixBox, PartnerCrop, ExternalSeed):
     register_policy(_cls)
 
 __all__ = [
     "Column", "Policy", "Pipeline", "ColorJitter", "RandAugment", "RandomErasing", "RandomGrayscale", "GaussianBlur",
-    "Mixup", "CutMix", "MixInfo", "MixupExact", "CutMixBox", "PartnerCrop", "ExternalSeed",
-    "BatchMix", "crop", "cutmix_box", "cutmix_lambda", "get_policy", "mix_batch",
+    "Mixup", "CutMix", "Mix", "MixInfo", "MixupExact", "CutMixBox", "PartnerCrop", "ExternalSeed",
+    "BatchMix", "crop", "cutmix_box", "cutmix_lambda", "get_policy", "mean_fill", "mix_batch",
     "parse_augment", "register_policy", "registered_policies", "slot_params", "slot_rng", "window_stride",
 ]
 
@@ -55,11 +57,13 @@ def parse_augment(spec: str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | 
 
     Example: ``"randaugment:num_ops=2,magnitude=9;mixup:alpha=0.2,p=0.5;cutmix:alpha=1.0"``.
     Names: ``color_jitter`` (brightness, contrast, saturation, hue), ``randaugment`` (num_ops, magnitude,
-    num_magnitude_bins, interpolation, fill), ``random_erasing`` (p, scale, ratio, value), ``random_grayscale``
-    (p), ``gaussian_blur`` (kernel_size, sigma, p), ``mixup`` (alpha, p, window), ``cutmix`` (alpha, p,
-    window); ``window``: partners are drawn among about that many
-    images spread over the dataset (default 4096; 0 = all images). Mixing policies must come last. A string starting with ``[`` or ``{``
-    is JSON: a list of policy configs (``[{"name": "mixup", "alpha": 0.2}]``) or one config.
+    num_magnitude_bins, interpolation, fill), ``random_erasing`` (p, scale, ratio, value: a colour, ``random``
+    or ``mean``), ``random_grayscale`` (p), ``gaussian_blur`` (kernel_size, sigma, p), ``mixup`` (alpha, p,
+    window), ``cutmix`` (alpha, p, window), ``mix`` (mixup_alpha, cutmix_alpha, switch_prob, p, window: Mixup or
+    CutMix per slot, CutMix with probability switch_prob, as timm's ``mixup 0.8 cutmix 1.0 switch_prob 0.5``);
+    ``window``: partners are drawn among about that many images spread over the dataset (default 4096; 0 = all
+    images). Mixing policies must come last. A string starting with ``[`` or ``{`` is JSON: a list of policy
+    configs (``[{"name": "mixup", "alpha": 0.2}]``) or one config.
     """
     if spec is None:
         return Pipeline()
@@ -103,6 +107,12 @@ def _parse_policy(part: str) -> dict[str, Any]:
     for arg in _split(args, ",") if args.strip() else []:
         key, eq, value = arg.partition("=")
         key = key.strip()
+        if ":" in key:
+            head = key.partition(":")[0].strip()
+            fixed = re.sub(r",\s*" + re.escape(key), ";" + key, part.strip())
+            raise ValidationError(
+                f"augment spec keys must be field names. Got {key!r} in {part.strip()!r}: separate policies with "
+                f"';', not ','" + (f" (e.g. {fixed!r})." if head in registered_policies() else "."))
         if not eq or not key:
             raise ValidationError(f"augment spec arguments must be key=value. Got {arg.strip()!r} in {part.strip()!r}.")
         if key in cfg:

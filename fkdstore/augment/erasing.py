@@ -14,10 +14,23 @@ from fkdstore.augment.base import (
     Column, Policy, check_pixels, check_range, param, parse_float, parse_pair, parse_rgb,
 )
 from fkdstore.errors import ValidationError
+from fkdstore.transforms import IMAGENET_MEAN
 
-__all__ = ["RandomErasing"]
+__all__ = ["RandomErasing", "mean_fill"]
 
 MAX_ATTEMPTS = 10
+
+
+def mean_fill(mean=IMAGENET_MEAN) -> tuple[int, int, int]:
+    """The uint8 colour that normalises to (nearly) 0 with ``mean``: ``round(255 * mean)`` per channel.
+
+    torchvision's ``RandomErasing(value=0)`` after ``Normalize(mean, std)`` fills the box with 0 in normalised
+    units, i.e. with the mean colour; erasing the uint8 crop with this colour gives that fill after
+    normalisation up to the uint8 rounding (``|error| <= 0.5 / 255 / std``)."""
+    if isinstance(mean, (str, bytes)) or not hasattr(mean, "__len__") or len(mean) != 3:
+        raise TypeError(f"mean must be 3 numbers. Got {mean!r}.")
+    r, g, b = (round(255 * parse_float(f"mean[{k}]", m, 0.0, 1.0)) for k, m in enumerate(mean))
+    return r, g, b
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,7 +123,9 @@ class RandomErasing(Policy):
 
 def _parse_value(value: Any) -> tuple[int, int, int] | str:
     if isinstance(value, str):
+        if value == "mean":
+            return mean_fill()
         if value != "random":
-            raise ValidationError(f"value must be 'random' or a uint8 colour. Got {value!r}.")
+            raise ValidationError(f"value must be 'random', 'mean' or a uint8 colour. Got {value!r}.")
         return value
     return parse_rgb("value", value)

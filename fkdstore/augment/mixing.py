@@ -251,8 +251,8 @@ def _box(params, image_size) -> tuple[int, int, int, int]:
     return cutmix_box(int(param(params, "cutmix_lam")) / LAM_SCALE, (r_y, r_x), (H, W))
 
 
-def _parse_alpha(value: Any) -> float:
-    return parse_float("alpha", value, 0.0, 1e3, lo_open=True)
+def _parse_alpha(value: Any, name: str = "alpha") -> float:
+    return parse_float(name, value, 0.0, 1e3, lo_open=True)
 
 
 def _parse_mix_fields(policy) -> None:

@@ -79,7 +79,9 @@ def get_codec(name_or_config: str | Mapping, **kwargs) -> LabelCodec:
     params = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise ValidationError(f"codec {key!r} accepts parameters {params}, got {sorted(kwargs)}")
+        near = {u: u.lower() for u in unknown if u.lower() in params}
+        hint = f" (parameter names are lower case: {', '.join(repr(v) for v in near.values())})" if near else ""
+        raise ValidationError(f"codec {key!r} parameters must be in {params}. Got unknown {unknown}{hint}.")
     return cls(**kwargs)
 
 
@@ -155,11 +157,21 @@ def as_codec(codec: LabelCodec | str | Mapping, *, k: int | None = None,
         return codec
     if isinstance(codec, str):
         cfg = parse_spec(codec)
+        try:
+            return _as_codec(cfg, k, default_k)
+        except ValidationError as e:
+            if ":" not in codec:  # a bare name: the message already quotes it
+                raise
+            raise ValidationError(f"{str(e).rstrip('.')} in the codec spec {codec!r}.") from None
     elif isinstance(codec, Mapping):
         cfg = dict(codec)
     else:
         raise TypeError(f"codec must be a LabelCodec, a name, a spec string or a config dict. "
                         f"Got {type(codec).__name__}.")
+    return _as_codec(cfg, k, default_k)
+
+
+def _as_codec(cfg: dict, k: int | None, default_k: int | None) -> LabelCodec:
     key = _resolve(cfg.get("name", ""))
     has_k = "k" in {f.name for f in dataclasses.fields(REGISTRY[key])}
     if k is not None:
