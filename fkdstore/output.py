@@ -7,10 +7,9 @@ The rule (:func:`open_destination`):
 * a store there that this command left incomplete, with the same sources and parameters (its
   ``meta["made_by"]`` equals this run's :func:`made_by` record: a run killed, or stopped by Ctrl-C), is
   **continued**: the writer re-opens it and the command writes only the images not yet written, so the result
-  equals an uninterrupted run's;
+  equals an uninterrupted run's (on a complete one the rerun writes nothing: reruns are idempotent);
 * a creation killed before the store's header was written is removed first (it is not a store yet);
-* anything else that is not empty is refused (:class:`ValidationError`), whatever made it, this command's
-  complete output included.
+* anything else that is not empty is refused (:class:`ValidationError`), whatever made it.
 
 A run that fails with an error removes its output (:func:`remove_on_error`); a kill or Ctrl-C leaves it for a
 rerun to continue. Each run appends a :func:`history_record` to the output's ``meta["history"]`` (volatile:
@@ -27,10 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import reader as _reader
 from . import schema as _schema
 from . import storage as _storage
-from .errors import FkdstoreError, ValidationError
+from .errors import ValidationError
 from .writer import clear_interrupted_creation
 
 __all__ = ["history_record", "location_name", "check_destination", "remove_on_error", "check_options", "MADE_BY",
@@ -92,15 +90,7 @@ def open_destination(dst: Any, dst_store: Any, record: dict[str, Any], *sources:
     group = _storage.read_group_json(dst_store)
     header = ((group or {}).get("attributes") or {}).get(_schema.ATTR_KEY)
     if isinstance(header, dict) and (header.get("meta") or {}).get(MADE_BY) == record:
-        try:
-            with _reader.open(dst_store) as r:
-                done = r.complete
-        except FkdstoreError:  # damaged flags: the writer that continues it reports what it finds
-            done = False
-        if not done:
-            return True
-        raise ValidationError(f"destination {dst} exists and is not empty: it holds the complete output of this "
-                              f"{record['op']} already; choose a new path")
+        return True
     if not _storage.is_empty(dst_store):
         made = (header.get("meta") or {}).get(MADE_BY) if isinstance(header, dict) else None
         why = f" (it was made by {made.get('op')!r} with other sources or parameters)" if isinstance(made, dict) \

@@ -154,7 +154,7 @@ def test_a_reader_beside_a_writer_that_flushes_partial_shards_never_fails(child,
                     r = fkdstore.open(path)  # a cold reader: files opened after rewrites
                 else:
                     r.refresh()
-            except fkdstore.errors.FormatError:  # the header is written last: not a store yet
+            except (fkdstore.errors.FormatError, FileNotFoundError):  # not created yet; the header comes last
                 continue
             done = np.flatnonzero(r.written)
             for i in rng.choice(done, min(len(done), 8), replace=False) if len(done) else []:

@@ -341,7 +341,7 @@ def test_cli_inspect_verify_convert_on_s3_with_storage_options(s3, monkeypatch, 
         assert r.meta["history"][-1]["source"] == src
     assert main(["convert", src, str(tmp_path / "down.fkd"), "--codec", "hard", *opts]) == 0  # S3 -> disk
     capsys.readouterr()
-    assert main(["convert", src, dst, "--codec", "hard", *opts]) == 1  # the destination exists
+    assert main(["convert", src, dst, "--codec", "mr", *opts]) == 1  # the destination holds another conversion
     assert f"destination {dst} exists and is not empty" in capsys.readouterr().err
 
     assert main(["verify", src]) == 1  # the environment's (wrong) credentials

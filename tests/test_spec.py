@@ -2291,9 +2291,6 @@ def test_section4_9_missing_or_sibling_per_image_chunk_is_caught(stores, tmp_pat
         _read_everything(p)
 
 
-@pytest.mark.xfail(strict=True, reason="spec-vs-code: invariant 9 lets a record chunk match tag(D') (rows of "
-                   "unwritten images as fill), which keeps written images readable while a writer rewrites a partly "
-                   "flushed shard (section 8); the reader raises CorruptStoreError on such a chunk")
 @pytest.mark.parametrize("seeded", [False, True], ids=["stored", "seeded"])
 def test_section4_9_record_tag_with_unwritten_rows_as_fill_also_matches(stores, tmp_path, seeded):
     """Invariant 9: "A record chunk also matches when its tag equals `tag(path, c, D')` with `D'` = `D` where

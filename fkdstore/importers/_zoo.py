@@ -233,8 +233,8 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
 
     Resume (:func:`fkdstore.output.open_destination`, the one rule of every command that makes a store): a
     store at ``dst`` made by this import with the same ``meta["import"]`` and codec (its ``meta["made_by"]``: a
-    run that was killed or stopped) and not complete is reopened and only its unwritten images are written;
-    any other non-empty destination is refused. An error removes the store this run created or resumed; a Ctrl-C writes the images
+    run that was killed or stopped) is reopened and only its unwritten images are written (none when it is
+    complete); any other non-empty destination is refused. An error removes the store this run created or resumed; a Ctrl-C writes the images
     already put (a rerun continues after them).
     """
     check_options(storage_options, dst)
