@@ -26,7 +26,7 @@ _API = {
     "SlotCropSampler": "seeded", "LabelMapSpec": "labelmap", "Replay": "transforms",
     "as_codec": "codecs", "from_config": "codecs", "get_codec": "codecs",
     "generate": "runner",
-    "TorchDataset": "pytorch", "collate": "pytorch", "densify": "pytorch", "soft_cross_entropy": "pytorch",
+    "TorchDataset": "pytorch", "LabelMapDataset": "pytorch_maps", "collate": "pytorch", "densify": "pytorch", "soft_cross_entropy": "pytorch",
     "as_source": "sources",
     "FkdstoreError": "errors", "FormatError": "errors", "ValidationError": "errors",
     "CorruptStoreError": "errors", "CorruptChunkError": "errors", "IncompleteStoreError": "errors",
