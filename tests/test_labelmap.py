@@ -13,7 +13,7 @@ import pytest
 from fkdstore.errors import LabelFileError, ValidationError
 from fkdstore.labelmap import (LabelMapSpec, dense_maps, map_boxes, pool_labels, pool_labels_dense,
                                roi_align_reference)
-from fkdstore.transforms import CropSampler
+from fkdstore.seeded import SlotCropSampler as CropSampler
 from optional_torch import torch
 
 

@@ -346,7 +346,8 @@ def import_relabel(src: str | os.PathLike, dst, images: str | os.PathLike, *, sy
     sizes = np.array([image_size(listing.paths[i]) for i in keep], dtype=np.int64).reshape(-1, 2)
     labels = np.array([listing.labels[i] for i in keep], np.int64) if len(listing.classes) == c else None
     meta_import = {**imp.meta["import"], "images": location_name(Path(images)),
-                   "images_without_file": len(scan.missing), "extra_files": len(scan.extra)}
+                   "images_without_file": len(scan.missing), "extra_files": len(scan.extra),
+                   "missing": missing, "label_map": imp.spec.get_config()}
     if log:
         log(f"{system}: {len(keys):,} images with a map, {len(scan.missing):,} without (missing={missing!r}), "
             f"{len(scan.extra):,} .pt files without an image; maps K={imp.spec.k}, S={imp.spec.size}, "
@@ -365,8 +366,8 @@ def import_relabel(src: str | os.PathLike, dst, images: str | os.PathLike, *, sy
             "map_dtype": spec.dtype, "crops_per_image": 1, "codec": spec.get_config(),
             "carried": {"scores [2, K, S, S] row 0": f"map/scores ({spec.dtype})",
                         "indices (row 1, as floats)": f"map/indices ({spec.index_dtype(c)})"},
-            "flags": [f"replay settings: {system} as published (box order {spec.box_order}, offset "
-                      f"{spec.box_offset}, grid {spec.grid}, flip {spec.flip})"],
+            "flags": [f"replay settings: {system}'s published ones" + (f" with {sorted(replay)} given" if replay else "")
+                      + f" (box order {spec.box_order}, offset {spec.box_offset}, grid {spec.grid}, flip {spec.flip})"],
             "skipped": {"images_without_file": len(scan.missing) if missing == "skip" else 0,
                         "pt_files_without_image": len(scan.extra)},
             "bytes_before": int(sum(os.path.getsize(p) for p in files)), **done}
