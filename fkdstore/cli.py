@@ -731,7 +731,8 @@ def _add_map_replay(q, *, layout: bool = False) -> None:
     q.add_argument("--box-offset", type=float, metavar="O", help="added to box * S (default -0.5)")
     q.add_argument("--grid", type=_pos_int, metavar="G", help="output label grid G x G (1: one label per crop)")
     q.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="the label follows the crop's horizontal flip")
+                   help="the label follows the crop's horizontal flip (default: " + ("yes" if layout else "the "
+                        "system's: no for relabel, yes for tokenlabeling") + ")")
     q.add_argument("--map-temperature", type=float, metavar="T", help="replay temperature: softmax(pooled / T)")
     q.add_argument("--sampling-ratio", type=int, metavar="R", help="RoIAlign samples per bin (-1: adaptive)")
     q.add_argument("--fill", type=float, metavar="F", help="score of the classes a cell does not keep (default 0)")
@@ -749,7 +750,8 @@ def map_replay_options(args: argparse.Namespace) -> dict:
 
 
 GENERATE_HELP = """\
-Run a teacher on M random-resized crops per image and write an fkdstore label store. Resumable (rerun the
+Run a teacher on M random-resized crops per image and write an fkdstore label store (or, with --label-map,
+on each whole image once, storing its top-K label map: ReLabel). Resumable (rerun the
 same command after a crash: written images are kept, the rest are labelled) and multi-process under
 torchrun (rank r of P labels shards r, r+P, ...). Options left out take fkdstore.generate()'s defaults.
 Exit code 0 when the store is complete; 1 on an error or when images were skipped (--on-error skip).
@@ -770,6 +772,11 @@ examples:
   # RandAugment + a Mixup partner per crop: the teacher labels the mixed pixels, training replays them
   fkdstore generate --images train/ --teacher torchvision.models:resnet50 --out aug.fkd --crops 200 \\
       --augment "randaugment:num_ops=2,magnitude=9;mixup:alpha=0.2"
+
+  # ReLabel's label maps: the classifier as a 1x1 conv over the last feature map of each whole image at
+  # 448 px (a 14 x 14 map for a ResNet), top-5 per cell; TorchDataset pools each training crop's label
+  fkdstore generate --images train/ --teacher torchvision.models:resnet50 --out maps.zarr --label-map \\
+      --input-size 448 --map-k 5
 """
 
 

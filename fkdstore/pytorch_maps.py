@@ -61,7 +61,7 @@ from . import storage as _storage
 from .codecs import parse_temperature
 from .errors import IncompleteStoreError, ValidationError
 from .labelmap import pool_labels
-from .pytorch import epoch_slots, epoch_slots_many, _match_images
+from .pytorch import _match_images, epoch_slots, epoch_slots_many
 from .reader import LabelMapReader, Reader, RegionReader
 from .reader import open as _open_store
 from .seeded import SlotCropSampler

@@ -200,14 +200,14 @@ def map_label_stats(reader, sample: int = 4096, seed: int = 0, *, crops: dict[st
     distinct_top1, whole_image_top1_agreement, cell_topk_mass_mean}`` on :func:`map_crop_sample` (pass its
     result as ``crops`` to reuse it); agreements are null without ground-truth labels."""
     crops = map_crop_sample(reader, sample, seed) if crops is None else crops
-    res: dict[str, Any] = {"sampled_crops": int(len(crops["image"])), "seed": int(seed),
+    res: dict[str, Any] = {"sampled_crops": len(crops["image"]), "seed": int(seed),
                            "crop_sampler": SlotCropSampler(seed=seed).get_config(), "entropy_mean_nats": None,
                            "top1_prob_mean": None, "top1_agreement": None, "distinct_top1": 0,
                            "whole_image_top1_agreement": None, "cell_topk_mass_mean": None}
     if not len(crops["image"]):
         return res
     res.update(entropy_mean_nats=float(crops["entropy"].mean()), top1_prob_mean=float(crops["top1_prob"].mean()),
-               distinct_top1=int(len(np.unique(crops["top1"]))), cell_topk_mass_mean=float(crops["cell_mass"].mean()))
+               distinct_top1=len(np.unique(crops["top1"])), cell_topk_mass_mean=float(crops["cell_mass"].mean()))
     known = crops["label"] >= 0
     if known.any():
         res["top1_agreement"] = float((crops["top1"][known] == crops["label"][known]).mean())
@@ -302,7 +302,7 @@ class MapReport:
             f"  ReLabel .pt files {hb(e['relabel_files_bytes'])} (one torch.save per image)",
             f"  paper formula     top-K {hb(e['paper_formula_bytes'])}, full {hb(e['paper_full_bytes'])} "
             f"(Table 2's float32 accounting)",
-            f"  paper Table 2     " + (f"top-5 {fig['top-k'] or '-'}, full {fig['full']} (at 1.2M images)"
+            "  paper Table 2     " + (f"top-5 {fig['top-k'] or '-'}, full {fig['full']} (at 1.2M images)"
                                        if fig["full"] else "not at this map shape (15 x 15, 1000 classes)"),
         ]
 

@@ -248,7 +248,7 @@ class _Job:
         return max(1, self.execution.batch_size // self.labels.crops_per_image)
 
     @property
-    def work(self) -> type[_RegionWork] | type[_MapWork]:
+    def work(self) -> type[_RegionWork | _MapWork]:
         """The record kind's labelling steps (:data:`_WORK`)."""
         return _WORK[self.labels.kind]
 
@@ -886,8 +886,8 @@ class _RegionWork:
     def records(job: _Job) -> dict[str, Any]:
         """:func:`fkdstore.write` arguments of the record kind."""
         spec = job.labels
-        return dict(crops_per_image=spec.crops_per_image, codec=spec.codec, augment=job.augment,
-                    crop_sampler=None if spec.store_crops else job.sampler)
+        return {"crops_per_image": spec.crops_per_image, "codec": spec.codec, "augment": job.augment,
+                "crop_sampler": None if spec.store_crops else job.sampler}
 
     @staticmethod
     def records_per_image(job: _Job) -> int:
@@ -921,7 +921,7 @@ class _MapWork:
 
     @staticmethod
     def records(job: _Job) -> dict[str, Any]:
-        return dict(label_map=job.labels.label_map)
+        return {"label_map": job.labels.label_map}
 
     @staticmethod
     def records_per_image(job: _Job) -> int:

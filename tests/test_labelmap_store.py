@@ -83,8 +83,8 @@ def test_generate_resumes_an_interrupted_run(digits, tmp_path, stores):
                 raise RuntimeError("killed")
             return self.inner(x)
 
-    kw = dict(label_map=spec, input_size=16, num_workers=0, progress=False, images_per_shard=4, batch_size=4,
-              teacher_name="t")
+    kw = {"label_map": spec, "input_size": 16, "num_workers": 0, "progress": False, "images_per_shard": 4,
+          "batch_size": 4, "teacher_name": "t"}
     dies = Dies()
     with pytest.raises(RuntimeError, match="killed"):
         fkdstore.generate(dies, digits, tmp_path / "m.zarr", **kw)

@@ -244,8 +244,8 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
         w.put_fields(idx, boxes, flips, fields, aug=aug or None)
         return len(idx)
 
-    records = dict(crops_per_image=crops_per_image, codec=codec, aug=augment.columns(), augment=augment,
-                   crop_sampler=None)
+    records = {"crops_per_image": crops_per_image, "codec": codec, "aug": augment.columns(), "augment": augment,
+               "crop_sampler": None}
     return _write(dst, op=op, source=source, to=codec.get_config(), keys=keys, sizes=sizes, labels=labels,
                   num_classes=num_classes, records=records, meta=meta, meta_extra=meta_extra, replay=replay,
                   rows=rows, put=put, progress=progress, storage_options=storage_options)
@@ -264,7 +264,7 @@ def write_map_store(dst, *, op: str, source: str, keys, sizes, labels, num_class
         return len(idx)
 
     return _write(dst, op=op, source=source, to=label_map.get_config(), keys=keys, sizes=sizes, labels=labels,
-                  num_classes=num_classes, records=dict(label_map=label_map), meta=meta, meta_extra=meta_extra,
+                  num_classes=num_classes, records={"label_map": label_map}, meta=meta, meta_extra=meta_extra,
                   replay=replay, rows=rows, put=put, progress=progress, storage_options=storage_options)
 
 
