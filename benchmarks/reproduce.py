@@ -120,7 +120,7 @@ def reencode(full_store: Path, codec, path: Path) -> Path:
     probs = probs / probs.sum(-1, keepdims=True)
     with fkdstore.write(path, num_images=r.num_images, crops_per_image=r.crops_per_image, num_classes=r.num_classes,
                         codec=codec, image_keys=r.image_keys, image_sizes=r.image_sizes, labels=r.labels,
-                        meta=r.meta) as w:
+                        meta=r.meta, replay=r.header.replay) as w:
         w.put(np.arange(r.num_images), rec.boxes.astype(np.int64), rec.flips, probs)
     return path
 

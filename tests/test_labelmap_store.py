@@ -188,6 +188,11 @@ def test_region_store_crops_are_pixel_identical(stores, digits):
 
     copy = pickle.loads(pickle.dumps(maps))
     assert copy._reader is None and torch.equal(copy[3]["crops"], maps[3]["crops"])
+    maps.set_epoch(1)  # workers see the epoch and reopen the stores
+    loader = torch.utils.data.DataLoader(maps, batch_size=5, num_workers=2, collate_fn=fkdstore.collate)
+    for k, batch in enumerate(loader):
+        want = fkdstore.collate(maps.__getitems__(range(5 * k, 5 * k + 5)))
+        assert torch.equal(batch["crops"], want["crops"]) and torch.equal(batch["soft_labels"], want["soft_labels"])
 
 
 def test_replay_refuses_mismatched_inputs(stores, digits, tmp_path):
