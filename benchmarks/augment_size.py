@@ -30,7 +30,7 @@ import fkdstore  # noqa: E402
 from fkdstore import augment as A  # noqa: E402
 from fkdstore import report  # noqa: E402
 from fkdstore.codecs import get_codec  # noqa: E402
-from fkdstore.transforms import CropSampler  # noqa: E402
+from fkdstore.seeded import SlotCropSampler  # noqa: E402
 
 PIPELINES = {
     "crop+flip only": "",
@@ -55,7 +55,7 @@ def make_store(path: Path, spec: str, N: int, M: int, C: int, input_size: int = 
     rng = np.random.default_rng(0)
     sizes = np.stack([rng.integers(200, 600, N), rng.integers(200, 600, N)], 1)
     keys = [f"n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG" for i in range(N)]
-    sampler = CropSampler(seed=0)
+    sampler = SlotCropSampler(seed=0)  # stored crops (box+flip columns), as inspect splits them
     w = fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec, image_keys=keys,
                        image_sizes=sizes, aug=[c.to_json() for c in pipe.columns()], augment=pipe.get_config())
     B = 64

@@ -1,7 +1,7 @@
 """Replay cost of augmentation records: TorchDataset crops/s with RandAugment and with Mixup / CutMix partners.
 
 Same photo-like JPEGs as ``dataset_profile.py`` (~430x640, q90), same boxes and flips
-(:class:`fkdstore.transforms.CropSampler`), same MS top-5 labels (C = 1000), same ``m``, one store per pipeline
+(:class:`fkdstore.seeded.SlotCropSampler`, stored), same MS top-5 labels (C = 1000), same ``m``, one store per pipeline
 of ``augment_size.PIPELINES`` (crop + flip only; RandAugment(2); RandAugment(2) + Mixup; RandAugment(2) +
 CutMix) whose ``aug`` columns hold the pipeline's own sampled params (``Pipeline.sample``: what
 ``fkdstore.generate`` stores). Mixup and CutMix use their default ``p = 1``: every slot is mixed, so every
@@ -17,9 +17,10 @@ CPU-second (steadier on a shared machine), each with its ratio against the crop 
 same process and interleaved with the others: ``REV`` is a git revision of this repository (its ``fkdstore``
 package is exported with ``git archive``), ``DIR`` a checkout (e.g. a ``git worktree``). That package is imported
 under the name ``fkdstore_baseline`` (its absolute ``fkdstore`` imports rewritten), so both versions run side by
-side; the ratio current / baseline shows whether the no-augmentation path got slower.
+side; the ratio current / baseline shows whether the no-augmentation path got slower. The baseline must read
+the stores this version writes (format 4.0: fkdstore 0.3 or later).
 
-    python benchmarks/augment_throughput.py [--images 48 --slots 16 --m 4 --crops 256 --runs 3] [--baseline a478b4e]
+    python benchmarks/augment_throughput.py [--images 48 --slots 16 --m 4 --crops 256 --runs 3] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ sys.path.insert(0, str(HERE.parent))
 import fkdstore  # noqa: E402
 from fkdstore import augment as A  # noqa: E402
 from fkdstore.images import list_images, load_image  # noqa: E402
-from fkdstore.transforms import CropSampler  # noqa: E402
+from fkdstore.seeded import SlotCropSampler  # noqa: E402
+from fkdstore.transforms import Replay  # noqa: E402
 
 from augment_size import PIPELINES  # noqa: E402
 from dataset_profile import make_photos  # noqa: E402
@@ -66,11 +68,11 @@ def make_store(path: Path, folder: Path, M: int, spec: str, size: int, C: int = 
     lst = list_images(folder)
     N = len(lst)
     sizes = np.array([list(reversed(load_image(p).size)) for p in lst.paths])
-    rng, sampler = np.random.default_rng(0), CropSampler(seed=0)
+    rng, sampler = np.random.default_rng(0), SlotCropSampler(seed=0)
     w = fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C, codec={"name": "ms", "k": k},
                        image_keys=lst.keys, image_sizes=sizes, labels=lst.labels,
                        aug=[c.to_json() for c in pipe.columns()], augment=pipe.get_config(),
-                       meta={"input_size": size, "interpolation": "bilinear"})
+                       replay=Replay(input_size=size, interpolation="bilinear"))
     with w:
         idx = np.arange(N)
         bf = [sampler.sample(int(i), *sizes[i], M) for i in idx]

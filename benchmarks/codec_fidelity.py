@@ -9,8 +9,8 @@ the mean of a floored KL, ``KL(p || max(d, 1e-8))`` (decoded values floored at `
 renormalised: a class the codec drops costs ``p * log(p / 1e-8)``), and, separately, the fraction of crops
 whose unfloored KL is infinite. Defaults (64 images x 200 crops x 1000 classes) run in well under 30 s.
 
-Every store is written twice: with stored crops (format 2.0) and with seeded crops (format 3.0,
-``write(crop_sampler=...)``: no box and flip arrays), so the table gives both whole-store sizes. A small N
+Every store (format 4.0) is written twice: with stored crops and with seeded crops (the default of
+``generate``; ``write(crop_sampler=...)``: no box and flip arrays), so the table gives both whole-store sizes. A small N
 inflates the whole-store bytes per crop with metadata that does not grow with N (``zarr.json`` files, the
 header), so ``--whole-store-images`` (default 256) measures the MS top-5 rows once more at that N: the
 whole-store figure issue 12 asks about (per-image arrays and metadata are then ~0.2 B per crop, and less at
@@ -107,8 +107,8 @@ def table(rows: list[dict], base: str = "full:dtype=float16") -> str:
     """The per-codec table (rows with KL), then the whole-store rows measured at a larger N, if any."""
     main = [r for r in rows if "kl_floored_mean" in r]
     ref = next((r["label_bytes_per_crop"] for r in main if r["codec"] == base), None)
-    out = ["| codec | raw label B/crop | label B/crop on disk | total B/crop on disk, stored crops (2.0) "
-           "| total B/crop on disk, seeded crops (3.0) | label bytes vs full float16 "
+    out = ["| codec | raw label B/crop | label B/crop on disk | total B/crop on disk, stored crops "
+           "| total B/crop on disk, seeded crops (default) | label bytes vs full float16 "
            f"| mean KL(teacher ‖ max(decoded, {KL_FLOOR:g})), nats, all crops | crops with KL = inf (unfloored) |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in main:
@@ -120,8 +120,8 @@ def table(rows: list[dict], base: str = "full:dtype=float16") -> str:
     whole = [r for r in rows if "kl_floored_mean" not in r]
     if whole:
         out += ["", f"Whole store at N = {whole[0]['images']} images (same data rule, MS top-5): bytes per crop on disk",
-                "", "| codec | label fields | box + flip (stored crops) | whole store, stored crops (2.0) "
-                "| whole store, seeded crops (3.0) |", "|---|---:|---:|---:|---:|"]
+                "", "| codec | label fields | box + flip (stored crops) | whole store, stored crops "
+                "| whole store, seeded crops (default) |", "|---|---:|---:|---:|---:|"]
         out += [f"| `{r['codec']}` | {r['label_bytes_per_crop']:.2f} | {r['box_bytes_per_crop']:.2f} | "
                 f"{r['bytes_per_crop']:.2f} | {r['seeded_bytes_per_crop']:.2f} |" for r in whole]
     return "\n".join(out)

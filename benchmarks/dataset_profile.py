@@ -2,7 +2,7 @@
 
 Data: photo-sized JPEGs (~430x640, quality 90) synthesised with Pillow from smooth multi-scale noise, gradients
 and fine grain, so they compress and decode like photographs (~80 KB, like scikit-learn's 427x640 sample photos
-re-saved at q90); a store with M crop boxes per image from :class:`fkdstore.transforms.CropSampler` and
+re-saved at q90); a store with M crop boxes per image from :class:`fkdstore.seeded.SlotCropSampler` (stored) and
 ImageNet-like MS top-5 labels (C = 1000). Output: 224 px crops, bilinear.
 
 1. Profile of one item (``__getitems__`` + :func:`fkdstore.collate`, per image, in-process, CPU time): the parts
@@ -44,7 +44,8 @@ import fkdstore
 import fkdstore.pytorch as fp
 import fkdstore.transforms as ft
 from fkdstore.images import list_images, load_image
-from fkdstore.transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler
+from fkdstore.seeded import SlotCropSampler
+from fkdstore.transforms import IMAGENET_MEAN, IMAGENET_STD, Replay
 
 MS = (1, 2, 4, 8)
 
@@ -78,13 +79,14 @@ def make_photos(root: Path, n: int, classes: int = 10) -> Path:
 
 
 def make_store(path: Path, folder: Path, M: int, C: int = 1000, k: int = 5) -> Path:
-    """Boxes and flips from CropSampler (as the teacher-runner draws them), MS top-k fields of a peaked teacher."""
+    """Boxes and flips from SlotCropSampler (as the teacher-runner draws them; stored here), MS top-k fields of a
+    peaked teacher."""
     lst = list_images(folder)
     sizes = np.array([list(reversed(Image.open(p).size)) for p in lst.paths])
-    rng, sampler = np.random.default_rng(0), CropSampler(seed=0)
+    rng, sampler = np.random.default_rng(0), SlotCropSampler(seed=0)
     w = fkdstore.write(path, num_images=len(lst), crops_per_image=M, num_classes=C, codec={"name": "ms", "k": k},
                        image_keys=lst.keys, image_sizes=sizes, labels=lst.labels,
-                       meta={"input_size": 224, "interpolation": "bilinear"})
+                       replay=Replay(input_size=224, interpolation="bilinear"))
     with w:
         for s in range(0, len(lst), 256):
             idx = np.arange(s, min(s + 256, len(lst)))

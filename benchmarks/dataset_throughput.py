@@ -37,7 +37,8 @@ import fkdstore
 from fkdstore.images import list_images, load_image
 from fkdstore.pytorch import epoch_slots
 from fkdstore.testing import make_digits_folder, make_photo_folder
-from fkdstore.transforms import CropSampler, crop_resize, normalize
+from fkdstore.seeded import SlotCropSampler
+from fkdstore.transforms import crop_resize, normalize
 
 
 class Conventional(Dataset):
@@ -94,10 +95,10 @@ def make_images(root: Path, n_size: int, fmt: str) -> Path:
 
 
 def make_store(path: Path, folder: Path, M: int, C: int = 10, k: int = 5) -> Path:
-    """Boxes from CropSampler (as the teacher runner) and synthetic MS top-k labels (values don't matter here)."""
+    """Boxes from SlotCropSampler (as the teacher runner; stored here) and synthetic MS top-k labels (values don't matter here)."""
     lst = list_images(folder)
     sizes = np.array([list(reversed(Image.open(p).size)) for p in lst.paths])
-    rng, sampler = np.random.default_rng(0), CropSampler(seed=0)
+    rng, sampler = np.random.default_rng(0), SlotCropSampler(seed=0)
     w = fkdstore.write(path, num_images=len(lst), crops_per_image=M, num_classes=C, codec={"name": "ms", "k": k},
                        image_keys=lst.keys, image_sizes=sizes, labels=lst.labels)
     with w:

@@ -44,7 +44,7 @@ import fkdstore
 from fkdstore import schema as S
 from fkdstore.codecs import get_codec
 from fkdstore.report import storage_stats
-from fkdstore.transforms import CropSampler
+from fkdstore.seeded import SlotCropSampler
 
 IMAGENET_N = 1_281_167
 C_DEFAULT = 1000
@@ -77,7 +77,7 @@ def image_sizes(N: int, seed: int = 0) -> np.ndarray:
 
 
 def crops(sizes: np.ndarray, M: int) -> tuple[np.ndarray, np.ndarray]:
-    s = CropSampler(seed=0)
+    s = SlotCropSampler(seed=0)
     out = [s.sample(i, int(h), int(w), M) for i, (h, w) in enumerate(sizes)]
     return np.stack([b for b, _ in out]), np.stack([f for _, f in out])
 
@@ -256,8 +256,8 @@ def fkdstore_files_at(N: int, M: int, C: int, strategy: str, n_meta_files: int) 
     codec = codec_of(strategy)
     _, ips = fkdstore_layout_at(N, M, C, strategy)
     shards = math.ceil(N / ips)
-    per_crop_arrays = 2 + len(codec.fields(C))
-    small = 3 * math.ceil(N / S.PER_IMAGE_CHUNK) + 2 * shards  # key, image_size, label; written, manifest
+    per_crop_arrays = 2 + len(codec.fields(C))  # stored crops: box and flip, then the codec's fields
+    small = (len(S.PER_IMAGE_ARRAYS) + 1) * shards  # key, image_size, label, written, manifest: a chunk per shard
     return per_crop_arrays * shards + small + n_meta_files
 
 
@@ -282,8 +282,7 @@ def run_M(work: Path, N: int, M: int, C: int, m: int, n_full: int, sre2l_batch: 
         p = work / f"fkdstore_{st}_M{M}"
         write_fkdstore(p, st, f, boxes[:n], flips[:n], sizes[:n], keys[:n], C)
         stt = storage_stats(p)
-        per_image_arrays = (S.IMAGE_KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN)
-        img_bytes = sum(stt.get(a, {"bytes": 0})["bytes"] for a in per_image_arrays)
+        img_bytes = sum(stt.get(a, {"bytes": 0})["bytes"] for a in S.PER_IMAGE_ARRAYS)
         meta = stt.get(".", {"bytes": 0, "files": 0})
         crop_bytes = stt["_total"]["bytes"] - img_bytes - meta["bytes"]
         imagenet_bytes = img_bytes / n * IMAGENET_N + crop_bytes / (n * M) * IMAGENET_N * M + meta["bytes"]

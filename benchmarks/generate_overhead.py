@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fkdstore.runner import generate  # noqa: E402
 from fkdstore.images import image_size, list_images, load_image  # noqa: E402
 from fkdstore.testing import make_photo_folder  # noqa: E402
-from fkdstore.transforms import CropSampler, normalize, replay_crops  # noqa: E402
+from fkdstore.seeded import SlotCropSampler  # noqa: E402
+from fkdstore.transforms import normalize, replay_crops  # noqa: E402
 
 
 class BasicBlock(nn.Module):
@@ -81,7 +82,7 @@ def _cpu() -> float:
 def teacher_alone(teacher, root, args) -> tuple[float, float]:
     """Seconds for the teacher's forward passes over the same crops, batched as generate batches them."""
     listing = list_images(root)
-    sampler = CropSampler(seed=0)
+    sampler = SlotCropSampler(seed=0)  # generate's default sampler
     crops = []
     for i, p in enumerate(listing.paths):
         H, W = image_size(p)

@@ -58,14 +58,15 @@ from torch.utils.data import DataLoader
 
 import fkdstore
 from fkdstore.codecs import get_codec
+from fkdstore.conversion import pruned_slots
 from fkdstore.images import list_images
 from fkdstore.labelmap import LabelMapSpec
 from fkdstore.labelmap_torch import class_map_shape, spatial_teacher
-from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import (
     RandomCropDataset, accuracy, cosine_lr, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn,
     train_classifier,
 )
+from fkdstore.seeded import SlotCropSampler
 from fkdstore.transforms import normalize
 from fkdstore.report import storage_stats
 
@@ -120,7 +121,7 @@ def reencode(full_store: Path, codec, path: Path) -> Path:
     probs = probs / probs.sum(-1, keepdims=True)
     with fkdstore.write(path, num_images=r.num_images, crops_per_image=r.crops_per_image, num_classes=r.num_classes,
                         codec=codec, image_keys=r.image_keys, image_sizes=r.image_sizes, labels=r.labels,
-                        meta=r.meta, replay=r.header.replay) as w:
+                        crop_sampler=r.header.sampler, replay=r.header.replay, meta=r.meta) as w:
         w.put(np.arange(r.num_images), rec.boxes.astype(np.int64), rec.flips, probs)
     return path
 
@@ -188,8 +189,8 @@ def main(argv=None) -> dict:
     shutil.rmtree(full, ignore_errors=True)
     t, tc = time.perf_counter(), time.process_time()
     fkdstore.generate(teacher, train_dir, full, crops_per_image=M, codec=get_codec("full", dtype="float32"),
-                      input_size=size, crop_sampler=SlotCropSampler(seed=0, scale=scale), num_workers=0,
-                      progress=False, batch_size=256)
+                      input_size=size, crop_sampler=SlotCropSampler(seed=0, scale=scale), num_workers=0, progress=False,
+                      batch_size=256)
     gen_s, gen_cpu = time.perf_counter() - t, time.process_time() - tc
     # teacher-only forward on the same number of crops, for the generation-cost row
     xs = torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8)
@@ -210,7 +211,7 @@ def main(argv=None) -> dict:
         stores[name] = reencode(full, c, work / f"labels_{c.name}{'_q8' if c.quantized else ''}.fkd")
     pruned = {}
     for keep in a.keeps:
-        if fkdstore.conversion.pruned_slots(keep, M) in {fkdstore.conversion.pruned_slots(k, M) for k in pruned}:
+        if pruned_slots(keep, M) in {pruned_slots(k, M) for k in pruned}:
             continue  # same M' as a larger keep: the same store
         pruned[keep] = work / f"labels_full_keep{keep}.fkd"
         shutil.rmtree(pruned[keep], ignore_errors=True)
@@ -249,7 +250,7 @@ def main(argv=None) -> dict:
     variants[f"(d) global label, m={a.m}"] = (lambda s: fkd_batches(full, train_dir, a.m, s), E // a.m,
                                                lambda x, b: global_p[b["index"]])
     for keep, st in pruned.items():
-        Mk = fkdstore.conversion.pruned_slots(keep, M)
+        Mk = pruned_slots(keep, M)
         if Mk < a.m:
             continue  # fewer kept slots than crops per item
         variants[f"(e) FKD Full pruned keep={keep:g} (M'={Mk}), m={a.m}"] = (

@@ -4,7 +4,7 @@ ImageNet-1K (1,281,167 images x 200 slots, C = 1000, MS top-5 float16).
     python benchmarks/scale.py                         # N = 10,000 and 100,000 (what `make bench` runs)
     python benchmarks/scale.py --full                  # adds N = 1,281,167 (~5 GB on disk, tens of minutes)
     python benchmarks/scale.py --sizes 2000 --keep --out /tmp/scale
-    python benchmarks/scale.py --seeded-crops          # format 3.0: no box/flip arrays, derived on read
+    python benchmarks/scale.py --seeded-crops          # no box/flip arrays, derived on read
 
 The stores hold synthetic but valid, ImageNet-shaped content, made vectorised from a seed (no teacher):
 image sizes drawn like ImageNet's (mostly 500x375 / 375x500, a log-normal tail from ~100 px up to a few
@@ -29,7 +29,8 @@ label path   what ``TorchDataset`` does per batch without images: epoch slots of
              one ``read_batch``, decode to dense [256*4, C] float32 (``TorchDataset._read_labels`` of a real
              dataset whose folder listing is the store's keys; its construction time is reported as well)
 
-``--seeded-crops`` writes seeded-crop stores (format 3.0, ``write(crop_sampler=SlotCropSampler(seed))``):
+``--seeded-crops`` writes seeded-crop stores (``write(crop_sampler=SlotCropSampler(seed))``, the default of
+``generate``):
 the writer derives every slot's box and flip from the sampler (the synthetic ones are not used) and stores
 none; every read derives the slots it returns (``read_all`` and ``verify`` derive every slot, to check the
 manifest), so the table shows what that costs next to the bytes it saves.
@@ -218,23 +219,17 @@ def op_read_batch(a) -> dict:
 
 def op_label_path(a) -> dict:
     import fkdstore
-    from fkdstore import images, pytorch
+    from fkdstore import pytorch
 
     r = fkdstore.open(a.store)
-    # A real TorchDataset, built without image files: its folder listing is replaced by the store's own keys under
-    # a root that is never read (the label path does not open images). The constructor's cost is reported too.
-    keys = r.image_keys
+    # A real TorchDataset, built without image files: its image source maps the store's own keys to paths under a
+    # root that is never read (the label path does not open images). The constructor's cost is reported too.
     root = "/nonexistent-scale-bench-images"
-    listing = images.ImageList(root=root, keys=keys, paths=[f"{root}/{k}" for k in keys], labels=[-1] * len(keys),
-                               classes=[])
-    real_list_images, pytorch.list_images = pytorch.list_images, lambda _: listing
-    try:
-        t = time.perf_counter()
-        ds = pytorch.TorchDataset(r, root, crops_per_sample=a.m, seed=a.seed, soft_labels="dense")
-        construct = time.perf_counter() - t
-    finally:
-        pytorch.list_images = real_list_images
-    del keys, listing
+    images = {k: f"{root}/{k}" for k in r.image_keys}  # a map-style source (fkdstore.sources.MapSource)
+    t = time.perf_counter()
+    ds = pytorch.TorchDataset(r, images, crops_per_sample=a.m, seed=a.seed, soft_labels="dense")
+    construct = time.perf_counter() - t
+    del images
     batches = _random_batches(r.num_images, a.batches + 1, a.seed + 1)
     ds._read_labels(batches[0])  # shard indexes, torch warm-up
     times = []
@@ -427,7 +422,7 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=4, help="slots per image per epoch (read_all, read_batch, label path)")
     ap.add_argument("--batches", type=int, default=100, help="timed batches of 256 for read_batch / label path")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seeded-crops", action="store_true", help="seeded-crop stores (format 3.0): no box/flip arrays")
+    ap.add_argument("--seeded-crops", action="store_true", help="seeded-crop stores: no box/flip arrays")
     ap.add_argument("--out", default=None, help="work folder (default: a new folder under /work/bench-out or $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the stores (default: delete each after measuring)")
     ap.add_argument("--json", default=None, help="write every number here")

@@ -45,9 +45,9 @@ def teacher_like(rng, n, M, C):
 
 
 def boxes_for(rng, sizes, M):
-    from fkdstore.transforms import CropSampler
+    from fkdstore.seeded import SlotCropSampler
 
-    s = CropSampler(seed=0)
+    s = SlotCropSampler(seed=0)
     out = [s.sample(i, int(h), int(w), M) for i, (h, w) in enumerate(sizes)]
     return np.stack([b for b, _ in out]), np.stack([f for _, f in out])
 

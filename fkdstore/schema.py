@@ -641,6 +641,9 @@ def parse_header(d: Any) -> Header:
         raise FormatError(f"fkdstore header key 'format_version' must be a string 'major.minor'. "
                           f"Got {d.get('format_version')!r}.")
     major, _ = check_version(d["format_version"])
+    missing = [k for k in _required_keys(d, major) if k not in d]
+    if missing:  # before the checksum: a header without `checksum` lacks a key, it is not damaged (section 4)
+        raise FormatError(f"fkdstore header (format {d['format_version']}) lacks required keys {missing}")
     try:
         expected = header_checksum(d)
     except (TypeError, ValueError) as e:  # NaN, infinity or a non-JSON value: not a header this format allows
@@ -705,10 +708,16 @@ _TOP_4 = ("format", "format_version", "kind", "requires", "store_id", "num_image
           "has_labels", "layout", "replay", "checksum")
 
 
+def _required_keys(d: Mapping[str, Any], major: int) -> tuple[str, ...]:
+    """The top-level keys a header of format ``major`` must hold (4.0: section 1's table, the kind's object
+    included when the kind is known; 2.0/3.0: section 12's list)."""
+    if major == 4:
+        kind = d.get("kind")
+        return _TOP_4 + ((kind,) if isinstance(kind, str) and kind in _KIND_PARSERS else ())
+    return _REQUIRED_LEGACY + (("crop_sampler",) if major == 3 else ())
+
+
 def _parse_v4(d: Mapping[str, Any]) -> Header:
-    missing = [k for k in _TOP_4 if k not in d]
-    if missing:
-        raise FormatError(f"fkdstore header (format {d['format_version']}) lacks required keys {missing}")
     requires = _typed(d, "requires", list, "a list of extension names")
     unknown = [r for r in requires if r not in EXTENSIONS]
     if unknown:
@@ -718,8 +727,10 @@ def _parse_v4(d: Mapping[str, Any]) -> Header:
     if kind not in _KIND_PARSERS:
         raise FormatError(f"store holds records of kind {kind!r}, which this version of fkdstore does not know "
                           f"(known: {list(KINDS)}); upgrade fkdstore")
-    if kind not in d:
-        raise FormatError(f"fkdstore header of kind {kind!r} lacks its {kind!r} object")
+    other = [k for k in _KIND_PARSERS if k != kind and k in d]
+    if other:
+        raise FormatError(f"fkdstore header of kind {kind!r} must not hold the {other[0]!r} object (it is the "
+                          f"object of kind {other[0]!r}; section 1)")
     layout = _exact(d["layout"], ("images_per_chunk", "images_per_shard"), "layout")
     replay = None if d["replay"] is None else Replay.from_config(dict(d["replay"]))
     records, has_labels = _KIND_PARSERS[kind](d[kind]), _typed(d, "has_labels", bool, "a bool")
@@ -772,9 +783,6 @@ def _parse_legacy(d: Mapping[str, Any]) -> Header:
     them; unknown keys are ignored at the top level; replay parameters come from ``meta`` (unchecksummed in
     these versions), validated like 4.0's."""
     major = check_version(d["format_version"])[0]
-    missing = [k for k in _REQUIRED_LEGACY + (("crop_sampler",) if major == 3 else ()) if k not in d]
-    if missing:
-        raise FormatError(f"fkdstore header (format {d['format_version']}) lacks required keys {missing}")
     if major == 2 and "crop_sampler" in d:
         raise FormatError("crop_sampler (seeded crops) needs format 3.0; this header is format 2.0")
     for key, kind, what in (("aug", list, "a list"), ("augment", list, "a list"), ("has_labels", bool, "a bool")):

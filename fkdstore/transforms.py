@@ -298,7 +298,7 @@ every replayed crop allocate gigabytes (1024 x 1024 x 3 float32 = 12 MiB per cro
 
 def _three_finite(name: str, value: Any) -> tuple[float, float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {type(value).__name__}.")
+        raise TypeError(f"{name} must be a sequence of 3 numbers. Got {value!r} ({type(value).__name__}).")
     if len(value) != 3:
         raise ValidationError(f"{name} must be 3 finite numbers. Got {list(value)!r}.")
     out = []

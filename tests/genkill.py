@@ -41,20 +41,23 @@ WRAPPER = textwrap.dedent("""
     sys.exit(main(sys.argv[1:]))
 """) % KILL_ENV
 
-# 20 digit images, 5 shards of 4; the tiny CNN is seeded, so every run computes the same labels.
+# 20 digit images, 5 shards of 4; the tiny CNN is seeded, so every run computes the same labels. Crops are
+# seeded (derived from the sampler): ms k=3 stores soft/indices and soft/probs only, unless --store-crops.
 GENERATE_ARGS = ["--teacher", "fkdstore.testing:tiny_cnn", "--crops", "4", "--codec", "ms", "--k", "3",
                  "--input-size", "32", "--images-per-shard", "4", "--batch-size", "8", "--num-workers", "0",
                  "--device", "cpu", "--no-progress"]
 
 
 def run_generate(script: Path, images, out: str, *, kill_at: str | None = None, storage_options=None,
-                 env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``fkdstore generate --images IMAGES --out OUT ...`` through :data:`WRAPPER` (``script``)."""
+                 env: dict | None = None, timeout: float = 300,
+                 extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``fkdstore generate --images IMAGES --out OUT ...`` through :data:`WRAPPER` (``script``); ``extra``:
+    more options (e.g. ``--store-crops``)."""
     e = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     e.pop(KILL_ENV, None)
     if kill_at:
         e[KILL_ENV] = kill_at
-    cmd = [sys.executable, str(script), "generate", "--images", str(images), "--out", str(out), *GENERATE_ARGS]
+    cmd = [sys.executable, str(script), "generate", "--images", str(images), "--out", str(out), *GENERATE_ARGS, *extra]
     if storage_options:
         cmd += ["--storage-options", json.dumps(storage_options)]
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)

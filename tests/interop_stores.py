@@ -1,14 +1,15 @@
 """Stores for the interoperability tests (test_interop.py: TensorStore; test_interop_js.py: zarrita):
 N = 37 images, M = 6 slots, C = 1000 classes, 4 images per inner chunk and 16 per shard, so the last shard
 is partial (5 images: one full chunk and one of 1 image); typed augmentation columns of three dtypes; keys
-of varied UTF-8 length, one filling all L bytes."""
+of varied UTF-8 length, one filling all L bytes. Crops are stored (``box`` and ``flip`` arrays, which a third
+party reads as they are; seeded crops would need the slot sampler, re-implemented in test_spec.py)."""
 from pathlib import Path
 
 import numpy as np
 
 import fkdstore
 from fkdstore.codecs import get_codec
-from fkdstore.transforms import CropSampler
+from fkdstore.seeded import SlotCropSampler
 
 N, M, C = 37, 6, 1000
 IPC, IPS = 4, 16  # 3 shards, the last one partial (5 images: one full chunk and one of 1 image)
@@ -26,15 +27,17 @@ CODECS = [
     {"name": "logits", "dtype": "float16"},
     {"name": "logits", "k": 5, "dtype": "q8"},
     {"name": "logits", "k": 5, "dtype": "float32"},
+    {"name": "sampled", "s": 8, "k": 2, "logp": True, "dtype": "float32"},
 ]
 
 
-def make_store(path: Path, codec_cfg: dict, wide: bool) -> dict:
-    """Write a complete store (shards put out of order) and return its inputs."""
+def make_store(path: Path, codec_cfg: dict, wide: bool, seeded: bool = False) -> dict:
+    """Write a complete store (shards put out of order) and return its inputs; ``seeded``: the crops are the
+    sampler's, derived on read (no box/flip arrays)."""
     rng = np.random.default_rng(15)
     sizes = np.stack([rng.integers(40, 400, N), rng.integers(40, 70000 if wide else 400, N)], 1)
     sizes[0, 1] = 70000 if wide else 399  # a side > 65535 makes the boxes int32, else uint16
-    sampler = CropSampler(seed=15)
+    sampler = SlotCropSampler(seed=15)
     boxes, flips = map(np.stack, zip(*(sampler.sample(i, *map(int, sizes[i]), M) for i in range(N))))
     # Non-ASCII keys of varied byte length; one key fills all L bytes (no NUL after it).
     keys = [f"n{i % 7:08d}/ILSVRC_{i:05d}.JPEG" for i in range(N)]
@@ -52,7 +55,7 @@ def make_store(path: Path, codec_cfg: dict, wide: bool) -> dict:
            "mix_partner": rng.integers(0, N, (N, M)).astype(np.int32)}
     with fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C, codec=codec, image_keys=keys,
                         image_sizes=sizes, labels=labels, aug=AUG, images_per_chunk=IPC,
-                        images_per_shard=IPS) as w:
+                        images_per_shard=IPS, crop_sampler=sampler if seeded else None) as w:
         for a in (16, 0, 32):  # out of order; the partial shard last
             sl = slice(a, min(N, a + IPS))
             w.put(np.arange(sl.start, sl.stop), boxes[sl], flips[sl], x[sl], aug={k: v[sl] for k, v in aug.items()})

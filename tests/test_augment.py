@@ -405,15 +405,18 @@ def test_mix_batch_deterministic_and_label_consistent(mode, layout):
         A.mix_batch(imgs, labels, mode="mix")
 
 
-# ------------------------------------------------------------------ crop stage wraps the existing sampler
+# ------------------------------------------------------------------ the crop stage: the slot sampler + crop_resize
 def test_crop_stage_keeps_existing_crops():
-    from fkdstore.transforms import CropSampler, crop_resize
+    """The crop stage's params are the slot sampler's (any subset of slots equals those slots of the whole
+    image) and A.crop is crop_resize as a numpy image."""
+    from fkdstore.seeded import SlotCropSampler
+    from fkdstore.transforms import crop_resize
 
-    rrc = A.RandomResizedCrop()
-    got = rrc.sample(11, 3, [4, 1], image_size=(60, 80), crops_per_image=6)
-    boxes, flips = CropSampler(seed=11).sample(3, 60, 80, 6)
-    np.testing.assert_array_equal(got["box"], boxes[[4, 1]])
-    np.testing.assert_array_equal(got["flip"], flips[[4, 1]])
+    sampler = SlotCropSampler(seed=11)
+    got_box, got_flip = sampler.sample_slots([3, 3], [4, 1], [60, 60], [80, 80])
+    boxes, flips = sampler.sample(3, 60, 80, 6)
+    np.testing.assert_array_equal(got_box, boxes[[4, 1]])
+    np.testing.assert_array_equal(got_flip, flips[[4, 1]])
     pil = Image.fromarray(image(30, (60, 80)))
     hwc = A.crop(pil, tuple(boxes[0]), bool(flips[0]), 16)
     np.testing.assert_array_equal(hwc, crop_resize(pil, tuple(boxes[0]), bool(flips[0]), 16).numpy().transpose(1, 2, 0))

@@ -24,6 +24,7 @@ from fkdstore.errors import CorruptStoreError, FormatError, ValidationError
 from fkdstore.runner import generate
 from fkdstore.pytorch import TorchDataset, collate, mix_batch
 from fkdstore.testing import make_digits_folder, tiny_cnn
+from faultutil import set_header
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 24
@@ -82,7 +83,7 @@ def test_teacher_on_replayed_crops_equals_stored_labels(stores, digits, name):
     path = stores[name]
     r = fkdstore.open(path)
     pipe = A.parse_augment(POLICIES.get(name, ALL))
-    assert r.header.augment == tuple(pipe.get_config())
+    assert r.header.augment.get_config() == pipe.get_config()
     assert [a.name for a in r.header.aug] == [c.name for c in pipe.columns()]
     teacher = tiny_cnn(10).eval()
     ds = TorchDataset(path, digits, crops_per_sample=2)
@@ -224,7 +225,7 @@ def test_cli_generate_augment(digits, tmp_path, capsys):
             "--images-per-shard", "4", "--no-progress", "--augment", "randaugment:num_ops=2;mixup:window=4"]
     assert cli_main(args) == 0
     r = fkdstore.open(out)
-    assert [p["name"] for p in r.header.augment] == ["randaugment", "mixup"]
+    assert [p["name"] for p in r.header.augment.get_config()] == ["randaugment", "mixup"]
     bad = tmp_path / "bad.fkd"
     assert cli_main([*args[:6], str(bad), *args[7:-1], "randaugment:magnitude=99"]) != 0
     assert "magnitude must be an integer in [0, 30]. Got 99." in capsys.readouterr().err
@@ -259,7 +260,7 @@ def test_bad_augment_is_refused_before_anything_is_written(digits, tmp_path, spe
     assert not out.exists()
 
 
-def crafted_store(path, M=3, partner=None, augment=None):
+def crafted_store(path, M=3, partner=None):
     """A small store written with the writer: mixup params from the pipeline, optionally one partner edited."""
     pipe = A.parse_augment("mixup:p=1.0")
     folder = path.parent / "imgs"
@@ -275,7 +276,7 @@ def crafted_store(path, M=3, partner=None, augment=None):
     boxes = np.tile(np.array([0, 0, SIZE, SIZE], np.int32), (N, M, 1))
     with fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=10, codec="full", image_keys=keys,
                         image_sizes=np.full((N, 2), SIZE), aug=[c.to_json() for c in pipe.columns()],
-                        augment=augment if augment is not None else pipe.get_config()) as w:
+                        augment=pipe.get_config()) as w:
         w.put(np.arange(N), boxes, np.zeros((N, M), bool), probs, aug=aug)
     return folder
 
@@ -292,14 +293,26 @@ def test_partner_index_out_of_range_names_array_image_and_slot(tmp_path):
 
 
 def test_store_with_an_unknown_policy_is_refused_naming_it(tmp_path):
-    crafted_store(tmp_path / "s", augment=[{"name": "autoaugment_v9"}])
-    with pytest.raises(FormatError, match="augment policy 'autoaugment_v9', which this version of fkdstore does not know"):
+    crafted_store(tmp_path / "s")
+    with pytest.raises(ValidationError, match="augment policy name must be one of .* Got 'autoaugment_v9'"):
+        fkdstore.write(tmp_path / "w", num_images=2, crops_per_image=1, num_classes=10, codec="full",
+                       image_keys=["a", "b"], image_sizes=np.full((2, 2), SIZE), augment=[{"name": "autoaugment_v9"}])
+    assert not (tmp_path / "w").exists()  # the writer refuses it before a store exists
+    set_header(tmp_path / "s", checksum=True, regions__augment=[{"name": "autoaugment_v9"}])  # a tool's edit
+    with pytest.raises(FormatError, match="augment policy 'autoaugment_v9', which this version of fkdstore does not"):
         fkdstore.open(tmp_path / "s")
 
 
 def test_store_whose_columns_differ_from_its_pipeline_is_refused(tmp_path):
-    crafted_store(tmp_path / "s", augment=[{"name": "cutmix"}])
-    with pytest.raises(FormatError, match="do not match its augment pipeline's columns"):
+    crafted_store(tmp_path / "s")
+    cutmix = A.parse_augment("cutmix").get_config()
+    with pytest.raises(ValidationError, match="must be the augment pipeline's columns"):
+        fkdstore.write(tmp_path / "w", num_images=2, crops_per_image=1, num_classes=10, codec="full",
+                       image_keys=["a", "b"], image_sizes=np.full((2, 2), SIZE),
+                       aug=[c.to_json() for c in A.parse_augment("mixup").columns()], augment=cutmix)
+    assert not (tmp_path / "w").exists()
+    set_header(tmp_path / "s", checksum=True, regions__augment=cutmix)
+    with pytest.raises(FormatError, match="must be the augment pipeline's columns"):
         fkdstore.open(tmp_path / "s")
 
 

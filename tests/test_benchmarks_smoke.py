@@ -167,6 +167,6 @@ def test_codec_fidelity_whole_store_rows_and_verdict():
     rows = codec_fidelity.run(2, 4, 50, 0, specs=["ms:k=5", "ms:k=5,dtype=q8"])
     rows += codec_fidelity.run(3, 4, 50, 0, codec_fidelity.WHOLE_STORE_SPECS, fidelity=False)
     assert all(r["seeded_bytes_per_crop"] < r["bytes_per_crop"] for r in rows)  # no box/flip arrays
-    assert "whole store, seeded crops (3.0)" in codec_fidelity.table(rows)
+    assert "whole store, seeded crops (default)" in codec_fidelity.table(rows)
     line = run_all.fidelity_verdict(rows)[0]
-    assert "whole store at N = 3" in line and "seeded crops (format 3.0)" in line
+    assert "whole store at N = 3" in line and "seeded crops (the default)" in line

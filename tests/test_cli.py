@@ -175,36 +175,45 @@ def test_estimate_cli_paper(capsys):
 
 
 def test_estimate_matches_real_store(tmp_path):
-    """The layout estimate is within 15% of a store written from teacher-like outputs (a fresh seed)."""
-    from fkdstore.transforms import CropSampler
+    """The layout estimate is within 15% of a store written from teacher-like outputs (a fresh seed), for stored
+    crops (``store_crops=True``) and for seeded crops (the default: no box/flip arrays)."""
+    from fkdstore.seeded import SlotCropSampler
 
     N, M, C = 48, 64, 1000
     rng = np.random.default_rng(7)
     sizes = np.stack([rng.integers(300, 501, N), rng.integers(375, 501, N)], 1)
-    bf = [CropSampler(seed=7).sample(i, int(sizes[i, 0]), int(sizes[i, 1]), M) for i in range(N)]
+    sampler = SlotCropSampler(seed=7)
+    bf = [sampler.sample(i, int(sizes[i, 0]), int(sizes[i, 1]), M) for i in range(N)]
     labels = rng.integers(0, C, N)
     probs = report.teacher_like_probs(rng, N, M, C, labels)
     keys = [f"n{labels[i]:08d}/n{labels[i]:08d}_{i}.JPEG" for i in range(N)]
-    for codec, k in (("ms", 5), ("smoothing", None)):
-        p = tmp_path / f"{codec}.fkd"
-        with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C, codec=fkdstore.codecs.as_codec(codec, k=k),
-                            image_keys=keys, image_sizes=sizes, labels=labels) as w:
+    for codec, k, seeded in (("ms", 5, False), ("smoothing", None, False), ("ms", 5, True)):
+        p = tmp_path / f"{codec}{'_seeded' if seeded else ''}.fkd"
+        with fkdstore.write(p, num_images=N, crops_per_image=M, num_classes=C,
+                            codec=fkdstore.codecs.as_codec(codec, k=k), image_keys=keys, image_sizes=sizes,
+                            labels=labels, crop_sampler=sampler if seeded else None) as w:
             w.put(np.arange(N), np.stack([b for b, _ in bf]), np.stack([f for _, f in bf]), probs)
         st = storage_stats(p)
-        est = report.estimate_bytes(N, M, C, codec, k)
-        for name in [n for n in fkdstore.open(p).per_crop_arrays if n != S.FLIP]:  # flip: ~100 B here
+        est = report.estimate_bytes(N, M, C, codec, k, store_crops=not seeded)
+        arrays = fkdstore.open(p).per_crop_arrays
+        assert (S.BOX in arrays) == (S.BOX in est["arrays"]) == (not seeded)
+        for name in [n for n in arrays if n != S.FLIP]:  # flip: ~100 B here
             assert est["arrays"][name] == pytest.approx(st[name]["bytes"] + report.METADATA_BYTES, rel=0.15), name
         assert est["bytes"] == pytest.approx(st["_total"]["bytes"], rel=0.15)
         assert est["files"] == st["_total"]["files"]
 
 
 def test_estimate_imagenet_scale_numbers():
-    e = report.estimate_bytes(1_281_167, 200, 1000, "ms", 5)
-    assert 15 < e["bytes_per_crop"] < 24  # the foundation issue's target: <= 24 B/crop for MS top-5
-    # 2**20 slots per shard (a kill loses a bounded amount of teacher work): 313 shards per array at M = 200,
-    # ~2k files in all -- still ~650x fewer than one file per image.
-    assert e["images_per_shard"] == 4096 and e["files"] < 2_100
-    assert e["paper_formula_bytes"] / e["bytes"] > 2.5
+    N = 1_281_167
+    for store_crops, record_arrays in ((False, 2), (True, 4)):  # seeded crops (default): no box/flip files
+        e = report.estimate_bytes(N, 200, 1000, "ms", 5, store_crops=store_crops)
+        assert 15 < e["bytes_per_crop"] < 24  # the foundation issue's target: <= 24 B/crop for MS top-5
+        # 2**20 slots per shard (a kill loses a bounded amount of teacher work): 313 shards per array at M = 200.
+        # Format 4.0: every array (record arrays, the 4 per-image arrays, the manifest) has one file per shard
+        # (+ its zarr.json), plus the root and soft/ groups: ~2-3k files, still ~450x fewer than one per image.
+        assert e["images_per_shard"] == 4096
+        assert e["files"] == (record_arrays + 4 + 1) * (313 + 1) + 2 and N / e["files"] > 450
+        assert e["paper_formula_bytes"] / e["bytes"] > 2.5
 
 
 def test_console_script_subprocess(store):

@@ -35,38 +35,46 @@ def files(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """Uninterrupted runs: seeded crops (the default) and stored crops (``--store-crops``)."""
     root = tmp_path_factory.mktemp("gen")
     digits = make_digits_folder(root / "digits", size=32, per_class=2)  # 20 PNGs -> 5 shards of 4
     script = root / "wrapper.py"
     script.write_text(WRAPPER)
-    res = run_generate(script, digits, root / "ref")
-    assert res.returncode == 0, res.stderr
-    return script, digits, root / "ref", files(root / "ref")
+    refs = {}
+    for extra in ((), ("--store-crops",)):
+        res = run_generate(script, digits, root / f"ref{len(extra)}", extra=extra)
+        assert res.returncode == 0, res.stderr
+        refs[extra] = root / f"ref{len(extra)}", files(root / f"ref{len(extra)}")
+    return script, digits, refs
 
 
 @pytest.mark.parametrize(
-    "kill_at, flagged",
+    "kill_at, flagged, extra",
     [
-        ("array:6", 4),  # shard 1: 2 of its 4 arrays rewritten (ms k=3: box, flip, indices, probs)
-        pytest.param("data:2", 4, marks=pytest.mark.slow),  # shard 1: data on disk, manifest not
-        ("manifest:3", 8),  # shard 2: data and manifest on disk, flags not
+        ("array:3", 4, ()),  # shard 1: 1 of its 2 stored arrays rewritten (ms k=3: indices, probs; box/flip derived)
+        ("array:6", 4, ("--store-crops",)),  # shard 1: 2 of its 4 arrays rewritten (box, flip, indices, probs)
+        pytest.param("data:2", 4, (), marks=pytest.mark.slow),  # shard 1: data on disk, manifest not
+        ("manifest:3", 8, ()),  # shard 2: data and manifest on disk, flags not
     ],
 )
-def test_kill_9_during_generate_then_resume_is_byte_identical(reference, tmp_path, kill_at, flagged):
-    script, digits, ref_path, expected = reference
+def test_kill_9_during_generate_then_resume_is_byte_identical(reference, tmp_path, kill_at, flagged, extra):
+    script, digits, refs = reference
+    ref_path, expected = refs[extra]
     out = tmp_path / "killed.fkd"
-    res = run_generate(script, digits, out, kill_at=kill_at)
+    res = run_generate(script, digits, out, kill_at=kill_at, extra=extra)
     assert res.returncode == -signal.SIGKILL, res.stderr
     with fkdstore.open(out) as r, fkdstore.open(ref_path) as ref:
+        assert r.header.seeded == (not extra)
         written = np.flatnonzero(r.written)
         assert len(written) == flagged  # whole shards only, exactly those before the kill point
         got, want = r.read_batch(written), ref.read_batch(written)  # checked against the manifest as read
         np.testing.assert_array_equal(got.box, want.box)
+        np.testing.assert_array_equal(got.flip, want.flip)
         for k in want.fields:
             np.testing.assert_array_equal(got.fields[k], want.fields[k])
     assert list((out / "owners").iterdir())  # the killed writer's record is left behind ...
 
-    res = run_generate(script, digits, out)  # ... and the same command resumes (same host, dead pid)
+    res = run_generate(script, digits, out, extra=extra)  # ... and the same command resumes (same host, dead pid)
     assert res.returncode == 0, res.stderr
     with fkdstore.open(out) as r:
         assert r.complete

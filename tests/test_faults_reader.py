@@ -18,7 +18,7 @@ from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, I
 from fkdstore.shard import MISSING
 from fkdstore.verification import verify
 from storeutil import small_store as make_store
-from faultutil import set_header, shard_file, shard_index, use_dot_separator, write_shard_index
+from faultutil import DELETE, set_header, shard_file, shard_index, use_dot_separator, write_shard_index
 from fkdstore.seeded import SlotCropSampler
 
 N, M, C, IPC, IPS = 16, 5, 30, 4, 8  # shards of 8 images = 2 inner chunks; 2 shards
@@ -137,6 +137,33 @@ def test_header_edited(tmp_path, edit):
     assert len(problems) == 1 and "header checksum mismatch" in problems[0], problems
 
 
+@pytest.mark.parametrize("key,value,recompute", [
+    ("checksum", DELETE, False),  # a missing key, not a checksum mismatch
+    ("layout", DELETE, True),
+    ("label_map", {"size": 2, "k": 1}, True),  # the other kind's object
+])
+def test_header_missing_key_or_other_kinds_object_is_a_format_error(tmp_path, key, value, recompute):
+    """Section 1: every key but meta and library_version is required (a format error naming it, raised before
+    the checksum is compared, so a header without `checksum` is not reported as damaged); the `regions` object
+    is present exactly for kind regions and `label_map` exactly for kind label_map."""
+    p = tmp_path / "s.fkd"
+    make_store(p, n=N, m=M, c=C, ipc=IPC, ips=IPS)
+    zj = p / "zarr.json"
+    doc = json.loads(zj.read_text())
+    h = doc["attributes"][S.ATTR_KEY]
+    if value is DELETE:
+        del h[key]
+    else:
+        h[key] = value
+    if recompute:
+        h["checksum"] = S.header_checksum(h)
+    zj.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=f"'{key}'"):
+        R.open(p)
+    problems = verify(p)
+    assert len(problems) == 1 and f"'{key}'" in problems[0], problems
+
+
 def test_header_edit_with_a_recomputed_checksum_is_caught_by_the_arrays(tmp_path):
     """crc32c is no signature: a tool that recomputes it after an edit passes the header check; the arrays'
     metadata (here the inner chunk shape) and the manifest tags (here the store id) still disagree."""
@@ -241,10 +268,11 @@ def test_torch_dataset_propagates_the_error(tmp_path, monkeypatch):
     ds = pytorch.TorchDataset(p, images, output_size=8)
     assert ds[0]["soft_labels"].shape == (1, 10)
     shard_file(p, PROBS, 1).unlink()
-    ds = pytorch.TorchDataset(p, images, output_size=8)
     with pytest.raises(CorruptStoreError, match=r"array 'soft/probs' chunk 2 \(images 4-5, shard file "
                                                 r"soft/probs/c/1/0/0\)"):
-        ds[5]
+        # a remote store's labels are preloaded when the dataset is built (the error comes from there);
+        # a local one reads them per item
+        pytorch.TorchDataset(p, images, output_size=8)[5]
     shutil.rmtree(p)
 
 

@@ -4,7 +4,7 @@ torchrun, bad input, and the ``generate`` command line."""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
 import shutil
 import signal
@@ -21,14 +21,15 @@ import zarr
 
 import fkdstore
 from fkdstore import schema as S
-from fkdstore.cli import GENERATE_OPTIONS, build_parser, generate_options, main
+from fkdstore.cli import GENERATE_OPTIONS, SAMPLER_OPTIONS, build_parser, generate_options, main
 from fkdstore.distributed import World
 from fkdstore.errors import SchemaMismatchError, ValidationError
-from fkdstore.runner import generate
+from fkdstore.runner import Execution, LabelSpec, Provenance, generate
 from fkdstore.teacher import file_sha256, load_teacher, state_sha256
 from fkdstore.images import ImageReadError, image_size, load_image
 from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
-from fkdstore.transforms import CropSampler, normalize, replay_crops
+from fkdstore.seeded import SlotCropSampler
+from fkdstore.transforms import Replay, normalize, replay_crops
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(crops_per_image=4, codec="ms", input_size=32, images_per_shard=4, batch_size=8, num_workers=0,
@@ -46,9 +47,14 @@ def digits(tmp_path_factory):
 
 
 def arrays(path) -> dict[str, np.ndarray]:
+    """Every stored array, and for seeded crops the derived box and flip (a complete store)."""
     r = fkdstore.open(path)
-    names = list(r.header.per_image_arrays) + list(r.header.stored_specs(r.codec))
-    return {n: r.array(n)[:] for n in names}
+    names = list(r.header.per_image_arrays) + list(r.header.stored_specs())
+    out = {n: r.array(n)[:] for n in names}
+    if r.header.seeded:
+        rec = r.read_all()
+        out[S.BOX], out[S.FLIP] = rec.box, rec.flip
+    return out
 
 
 def assert_same_arrays(a, b):
@@ -78,14 +84,19 @@ def test_end_to_end_photos_matches_teacher_on_replayed_crops(photos, tmp_path):
     assert m["generator"] == "fkdstore.generate"
     assert m["teacher"]["name"] == "tiny" and m["teacher"]["weights_sha256"] == "abc"
     assert m["teacher"]["state_sha256"] == state_sha256(teacher)
-    assert m["input_size"] == 32 and m["temperature"] == 2.0 and m["interpolation"] == "bilinear"
-    assert m["mean"] == [0.485, 0.456, 0.406] and m["std"] == [0.229, 0.224, 0.225]
-    assert m["sampler"] == CropSampler(seed=0).get_config()
+    assert m["temperature"] == 2.0
+    # the replay parameters are in the checksummed header, not in meta
+    assert r.header.replay == Replay(input_size=(32, 32), interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                                     std=(0.229, 0.224, 0.225))
+    assert not {"input_size", "interpolation", "mean", "std"} & set(m)
+    # seeded crops by default: the sampler is in the header, box and flip are not stored
+    assert r.header.seeded and r.header.sampler == SlotCropSampler(seed=0) and "sampler" not in m
+    assert S.BOX not in r.record_arrays and S.FLIP not in r.record_arrays
     assert m["classes"] == ["china", "flower"] and m["skipped"] == []
     assert m["time_taken_s"] > 0 and m["history"][-1]["images_labelled"] == 8
     assert r.header.library_version == fkdstore.__version__
 
-    sampler = CropSampler(seed=0)
+    sampler = SlotCropSampler(seed=0)
     codec = fkdstore.get_codec("ms")
     teacher.eval()
     for i, k in enumerate(keys):
@@ -99,6 +110,16 @@ def test_end_to_end_photos_matches_teacher_on_replayed_crops(photos, tmp_path):
         want = codec.encode(p.numpy())
         assert np.array_equal(rec.fields["indices"], want["indices"])
         np.testing.assert_allclose(rec.fields["probs"].astype(np.float32), want["probs"].astype(np.float32), atol=1e-3)
+
+    # store_crops=True: the same crops and labels, box and flip stored, the sampler recorded in meta
+    s = generate(teacher, photos, tmp_path / "stored.fkd", temperature=2.0, teacher_name="tiny", weights_sha256="abc",
+                 store_crops=True, **FAST)
+    assert s.complete and not s.header.seeded and s.header.sampler is None
+    assert S.BOX in s.record_arrays and S.FLIP in s.record_arrays
+    assert s.meta["sampler"] == sampler.get_config()
+    a, b = r.read_all(), s.read_all()
+    for x, y in ((a.box, b.box), (a.flip, b.flip), *((a.fields[f], b.fields[f]) for f in a.fields)):
+        assert np.array_equal(x, y)
 
 
 def test_determinism_workers_and_rerun(digits, tmp_path):
@@ -274,7 +295,8 @@ def test_existing_store_with_other_parameters_is_not_touched(photos, tmp_path):
     generate(tiny_cnn(10), photos, out, **FAST)
     before = file_state(out)
     for kwargs, match in [
-        ({"seed": 1}, "sampler"),
+        ({"crop_sampler": SlotCropSampler(seed=1)}, "sampler"),
+        ({"store_crops": True}, "stored"),
         ({"crops_per_image": 5}, "crops_per_image"),
         ({"codec": "mr"}, "codec"),
         ({"temperature": 3.0}, "temperature"),
@@ -346,13 +368,13 @@ def test_bad_arguments(digits, tmp_path):
         ({"temperature": 0}, "temperature must be a finite number > 0. Got 0."),
         ({"crops_per_image": 0}, "crops_per_image must be a positive integer. Got 0."),
         ({"interpolation": "x"}, "interpolation must be one of"),
-        ({"scale": (0.5, 0.1)}, "scale"),
         ({"batch_size": 0}, "batch_size must be a positive integer. Got 0."),
         ({"num_workers": -1}, "num_workers must be a non-negative integer. Got -1."),
-        ({"input_size": 0}, "input_size must be a positive integer. Got 0."),
+        ({"input_size": 0}, r"input_size height must be an integer in \[1, 1024\]. Got 0."),
+        ({"input_size": 1025}, r"input_size height must be an integer in \[1, 1024\]. Got 1025."),
         ({"num_classes": 0}, "num_classes must be a positive integer. Got 0."),
         ({"std": (1.0, 0.0, 1.0)}, "std must be 3 numbers > 0"),
-        ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers. Got"),
+        ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers. Got"),  # a pair: a bad value, not a bad type
     ]:
         with pytest.raises(ValidationError, match=match):
             generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
@@ -361,11 +383,16 @@ def test_bad_arguments(digits, tmp_path):
         ({"crops_per_image": "4"}, r"crops_per_image must be a positive integer. Got '4' \(str\)."),
         ({"batch_size": True}, r"batch_size must be a positive integer. Got True \(bool\)."),
         ({"num_workers": 1.0}, "num_workers must be a non-negative integer"),
-        ({"temperature": "2"}, "temperature must be a number > 0. Got '2'."),
-        ({"mean": "rgb"}, "mean must be a sequence of 3 numbers. Got str."),
+        ({"temperature": "2"}, r"temperature must be a finite number > 0. Got '2' \(str\)."),
+        ({"mean": "rgb"}, "mean must be a sequence of 3 numbers. Got 'rgb'."),
+        ({"crop_sampler": {"seed": 1}}, "crop_sampler must be a SlotCropSampler. Got dict."),
+        ({"seed": 1}, r"generate\(\) got unknown options \['seed'\]"),  # 0.2's keywords: crop_sampler=
+        ({"seeded_crops": True}, r"unknown options \['seeded_crops'\]"),  # seeded is the default; store_crops=
     ]:
         with pytest.raises(TypeError, match=match):
             generate(tiny_cnn(10), digits, tmp_path / "x", **{**FAST, **kwargs})
+    with pytest.raises(ValidationError, match="scale"):  # the sampler checks its own fields
+        SlotCropSampler(scale=(0.5, 0.1))
     with pytest.raises(TypeError, match="teacher must be a torch.nn.Module. Got function."):
         generate(lambda x: x, digits, tmp_path / "x", **FAST)
     assert not (tmp_path / "x").exists()
@@ -455,9 +482,13 @@ def test_cli_generate_exit_codes(broken_photos, tmp_path, capsys):
 
 
 def test_cli_generate_options_map_to_the_api(capsys):
-    params = inspect.signature(generate).parameters
-    keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"crops_per_image", "codec"}
-    assert set(GENERATE_OPTIONS) == keyword  # every keyword argument has an option, and no option is stray
+    configs = (LabelSpec, Replay, Execution, Provenance)
+    fields = {f.name: f for cls in configs for f in dataclasses.fields(cls)}
+    # every option of generate() has a command-line option (crop_sampler: built from the sampler's fields),
+    # and no option is stray
+    assert set(GENERATE_OPTIONS) == set(fields) - {"crops_per_image", "codec", "crop_sampler"} | \
+        {"crops_from", "storage_options"}
+    assert set(SAMPLER_OPTIONS) == {f.name for f in dataclasses.fields(SlotCropSampler)}
     parser, _ = build_parser()
     required = ["generate", "--images", "d", "--teacher", "m:f", "--out", "o", "--crops", "2"]
     assert generate_options(parser.parse_args(required)) == {}  # left out: the library's defaults apply
@@ -466,17 +497,19 @@ def test_cli_generate_options_map_to_the_api(capsys):
         "--ratio", "0.5", "2", "--flip-p", "0", "--temperature", "2", "--mean", "0", "0", "0", "--std", "1", "1", "1",
         "--interpolation", "bicubic", "--device", "cpu", "--num-workers", "0", "--on-error", "skip",
         "--images-per-shard", "4", "--num-classes", "10", "--no-amp", "--no-progress", "--teacher-name", "t",
-        "--weights-sha256", "ab"])
+        "--weights-sha256", "ab", "--store-crops"])
     assert generate_options(given) == dict(
-        input_size=32, batch_size=8, seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0, temperature=2.0,
-        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu", num_workers=0,
-        on_error="skip", images_per_shard=4, num_classes=10, amp=False, progress=False, teacher_name="t",
-        weights_sha256="ab")
+        input_size=32, batch_size=8,
+        crop_sampler=SlotCropSampler(seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0), temperature=2.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu",
+        num_workers=0, on_error="skip", images_per_shard=4, num_classes=10, amp=False, progress=False,
+        teacher_name="t", weights_sha256="ab", store_crops=True)
     assert main(["generate", "--help"]) == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "--input-size" in text and "--on-error" in text and "torchrun" in text
+    defaults = {**{n: f.default for n, f in fields.items()},
+                **{f.name: f.default for f in dataclasses.fields(SlotCropSampler)}}
     for name in ("input_size", "batch_size", "flip_p", "interpolation", "on_error"):  # defaults shown from the API
-        assert f"(default: {params[name].default!r})" in " ".join(text.split()), name
+        assert f"(default: {defaults[name]!r})" in " ".join(text.split()), name
 
 
 def test_cli_generate_num_classes_option():

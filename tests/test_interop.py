@@ -1,4 +1,4 @@
-"""Interoperability (issue 15, spec/format-v3.md sections 2-4): a store is readable without fkdstore or
+"""Interoperability (issue 15, spec format 4.0 sections 2-4): a store is readable without fkdstore or
 zarr-python.
 
 Google TensorStore's ``zarr3`` driver (an independent C++ Zarr v3 implementation) opens EVERY array of a
@@ -7,8 +7,10 @@ partial last shard, and reads it bit for bit equal to ``fkdstore.open``. The tes
 party would do with the spec alone, implemented here without fkdstore's helpers:
 
 * decode the keys from the uint8 ``key`` array (cut at the first NUL, UTF-8);
-* recompute every manifest tag from the TensorStore-read chunks (``crc32c(path + NUL + uint64le(c) + D)``,
-  the partial last chunk padded with the array's ``fill_value``) and find the stored ``manifest``;
+* recompute every manifest tag from the TensorStore-read chunks (``crc32c(store_id + path + NUL +
+  uint64le(c) + D)``, the partial last chunk padded with the array's ``fill_value``) and find them in the
+  stored ``manifest`` (one row per shard: the key, image_size and label chunks of the shard, then every inner
+  chunk of every record array);
 * walk a shard file by hand (index at the end, crc32c on the index and on each chunk, blosc) and check the
   decoded bytes of the partial chunk (rows past N hold the fill value, as the tag formula assumes);
 * flip one payload byte of one inner chunk: TensorStore refuses that chunk (DATA_LOSS, digest mismatch)
@@ -52,10 +54,19 @@ def spec_keys(key_rows: np.ndarray) -> list[str]:
     return [bytes(row).split(b"\0", 1)[0].decode("utf-8") for row in key_rows]
 
 
-def spec_tag(path: str, c: int, chunk: np.ndarray) -> int:
-    """Spec invariant 9: crc32c(utf8(path) || 0x00 || uint64_le(c) || D), D little-endian C order."""
+def spec_tag(store_id: str, path: str, c: int, chunk: np.ndarray) -> int:
+    """Spec invariant 9: crc32c(store id (16 bytes) || utf8(path) || 0x00 || uint64_le(c) || D), D the decoded
+    chunk, little-endian C order; ``c`` the chunk's index over the whole array."""
     d = np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))
-    return crc32c.crc32c(path.encode("utf-8") + b"\0" + struct.pack("<Q", c) + d.tobytes())
+    return crc32c.crc32c(bytes.fromhex(store_id) + path.encode("utf-8") + b"\0" + struct.pack("<Q", c) + d.tobytes())
+
+
+BOUND = ["key", "image_size", "label"]  # per-image arrays the manifest binds, one chunk per shard, in this order
+
+
+def manifest_column(j: int, p: int, P: int) -> int:
+    """Column of inner chunk ``j`` (of its shard) of record array ``p`` (of ``P``) in a manifest row."""
+    return len(BOUND) + j * P + p
 
 
 def zarr_json(root: Path, name: str) -> dict:
@@ -132,7 +143,8 @@ def test_tensorstore_reads_every_array_like_fkdstore(store):
         elif name != "manifest":  # the manifest is checked against recomputed tags below
             assert_bits_equal(got, mine[name], name)
     assert_bits_equal(ts_read(path, "label"), inputs["labels"].astype(np.int32), "label vs input")
-    assert_bits_equal(ts_read(path, "box"), inputs["boxes"].astype(header["box_dtype"]), "box vs input")
+    assert header["kind"] == "regions" and header["regions"]["crops"] == {"mode": "stored"}
+    assert_bits_equal(ts_read(path, "box"), inputs["boxes"].astype(header["regions"]["box_dtype"]), "box vs input")
     for k, v in inputs["aug"].items():
         assert_bits_equal(ts_read(path, f"aug/{k}"), v, f"aug/{k} vs input")
     # manifest order (spec section 2): box, flip, aug columns in header order, codec fields
@@ -143,18 +155,32 @@ def test_manifest_tags_recomputed_from_tensorstore_chunks(store):
     """A third party verifies position binding (invariant 9) with TensorStore and crc32c only."""
     path, _ = store
     mine, _, per_crop = ours(path)
+    header = json.loads((path / "zarr.json").read_text())["attributes"]["fkdstore"]
+    sid, P, cps = header["store_id"], len(per_crop), IPS // IPC
+    shards = math.ceil(N / IPS)
     manifest = ts_read(path, "manifest")
-    assert manifest.dtype == np.uint32 and manifest.shape == (math.ceil(N / IPC), len(per_crop))
+    assert manifest.dtype == np.uint32 and manifest.shape == (shards, len(BOUND) + cps * P)
+    for b, name in enumerate(BOUND):  # per-image arrays: one chunk per shard, tagged first in each row
+        meta = zarr_json(path, name)
+        assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == IPS, name
+        chunks = padded_chunks(ts_read(path, name), IPS, meta["fill_value"])
+        assert [spec_tag(sid, name, s, chunk) for s, chunk in enumerate(chunks)] == manifest[:, b].tolist(), name
     for p, name in enumerate(per_crop):
         meta = zarr_json(path, name)
         (shard,) = meta["codecs"]
         ipc = shard["configuration"]["chunk_shape"][0]
         chunks = padded_chunks(ts_read(path, name), ipc, meta["fill_value"])
-        tags = [spec_tag(name, c, chunk) for c, chunk in enumerate(chunks)]
-        assert tags == manifest[:, p].tolist(), f"manifest column {p} ({name})"
-        # a chunk's tag depends on its position and its array: moved data would not verify
-        assert spec_tag(name, 1, chunks[0]) != manifest[0, p]
-        assert spec_tag("x" + name, 0, chunks[0]) != manifest[0, p]
+        for c, chunk in enumerate(chunks):
+            s, j = divmod(c, cps)
+            assert spec_tag(sid, name, c, chunk) == manifest[s, manifest_column(j, p, P)], f"{name} chunk {c}"
+        for c in range(len(chunks), shards * cps):  # chunks past N (the last shard's) hold no tag
+            s, j = divmod(c, cps)
+            assert manifest[s, manifest_column(j, p, P)] == 0, f"{name} chunk {c} past N"
+        # a chunk's tag depends on its position, its array and its store: moved or mixed data would not verify
+        want = manifest[0, manifest_column(0, p, P)]
+        assert spec_tag(sid, name, 1, chunks[0]) != want
+        assert spec_tag(sid, "x" + name, 0, chunks[0]) != want
+        assert spec_tag("f" * 32 if sid != "f" * 32 else "0" * 32, name, 0, chunks[0]) != want
 
 
 def read_shard_chunk(root: Path, name: str, shard: int, inner: int) -> tuple[bytes, np.ndarray]:
@@ -185,6 +211,7 @@ def test_partial_chunk_stored_bytes_hold_the_fill_value(store):
     so a verifier working on raw chunks (no array bounds) gets the same tags."""
     path, _ = store
     _, _, per_crop = ours(path)
+    sid = json.loads((path / "zarr.json").read_text())["attributes"]["fkdstore"]["store_id"]
     manifest = ts_read(path, "manifest")
     last_shard, last_inner = (N - 1) // IPS, ((N - 1) % IPS) // IPC
     c = (N - 1) // IPC
@@ -192,7 +219,8 @@ def test_partial_chunk_stored_bytes_hold_the_fill_value(store):
         _, chunk = read_shard_chunk(path, name, last_shard, last_inner)
         rows = N - c * IPC
         assert (chunk[rows:] == zarr_json(path, name)["fill_value"]).all(), name
-        assert spec_tag(name, c, chunk) == manifest[c, p], name
+        col = manifest_column(last_inner, p, len(per_crop))
+        assert spec_tag(sid, name, c, chunk) == manifest[last_shard, col], name
 
 
 @pytest.mark.parametrize("target,where", [("box", "payload"), ("soft", "payload"), ("box", "index")])

@@ -61,6 +61,17 @@ def test_zarrita_reads_every_array_like_fkdstore(store):
         assert got["crc32c"] == crc32c.crc32c(np.ascontiguousarray(v).tobytes()), f"{name}: bytes differ"
 
 
+def test_zarrita_reads_a_seeded_store_and_names_the_derived_columns(tmp_path):
+    """Seeded crops: no box/flip arrays; every stored tag is recomputed, the derived columns are reported."""
+    path = tmp_path / "seeded.zarr"
+    make_store(path, {"name": "ms", "k": 5, "dtype": "float32"}, wide=False, seeded=True)
+    res = run(path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["manifest_ok"] is True and out["unchecked"] == ["box", "flip"]
+    assert "box" not in out["arrays"] and "soft/probs" in out["arrays"]
+
+
 def test_zarrita_check_refuses_a_flipped_byte(store, tmp_path):
     path, _ = store
     copy = tmp_path / "s.zarr"

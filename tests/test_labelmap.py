@@ -13,7 +13,7 @@ import pytest
 from fkdstore.errors import LabelFileError, ValidationError
 from fkdstore.labelmap import (LabelMapSpec, dense_maps, map_boxes, pool_labels, pool_labels_dense,
                                roi_align_reference)
-from fkdstore.seeded import SlotCropSampler as CropSampler
+from fkdstore.seeded import SlotCropSampler
 from optional_torch import torch
 
 
@@ -32,7 +32,7 @@ def crop_set(rng, n_random=40):
     for i in range(n_random):
         H, W = (int(v) for v in rng.integers(7, 400, 2))
         sizes.append((H, W))
-        boxes.append(CropSampler(seed=3).sample(i, H, W, 1)[0][0])
+        boxes.append(SlotCropSampler(seed=3).sample(i, H, W, 1)[0][0])
     for H, W in ((37, 500), (480, 33), (224, 224)):
         for box in ((0, 0, H, W), (0, 0, 1, 1), (H - 1, W - 1, 1, 1), (0, W - 1, 1, 1), (H - 1, 0, 1, 1),
                     (0, 0, H, 1), (0, W - 1, H, 1), (H - 1, 0, 1, W), (H // 3, W // 5, H // 2, W // 3)):
@@ -391,7 +391,7 @@ def test_import_round_trip_equals_relabel_pooling(tmp_path, dtype):
     H, W = rng.integers(50, 500, (len(keys), 2)).T
     crops, boxes, sizes, rows = [], [], [], []
     for n in range(len(keys)):
-        b, _ = CropSampler(seed=4).sample(n, int(H[n]), int(W[n]), 3)
+        b, _ = SlotCropSampler(seed=4).sample(n, int(H[n]), int(W[n]), 3)
         for top, left, h, w in b:
             crops.append((top / H[n], left / W[n], h / H[n], w / W[n]))
             boxes.append((top, left, h, w))

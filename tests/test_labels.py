@@ -15,6 +15,7 @@ from fkdstore.cli import main
 from fkdstore.conversion import confident_slots, pruned_slots, random_slots
 from fkdstore.errors import ValidationError
 from fkdstore.runner import generate
+from fkdstore.seeded import SlotCropSampler
 from fkdstore.images import list_images, load_image
 from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.transforms import normalize, replay_crops
@@ -225,13 +226,23 @@ def test_relabel_and_ensemble_equal_the_mean_of_two_teachers(digits, tmp_path, c
     equals the mean of the two teachers' softmax outputs on the same replayed pixels within 1e-5."""
     t1, t2 = tiny_cnn(10, seed=11), tiny_cnn(10, seed=22)
     full = "full:dtype=float32"
-    a = generate(t1, digits, tmp_path / "a.fkd", crops_per_image=M, codec=full, seed=4, **FAST)
-    b = generate(t2, digits, tmp_path / "b.fkd", crops_per_image=M, codec=full, crops_from=tmp_path / "a.fkd",
-                 seed=99, scale=(0.5, 0.6), **FAST)  # sampler arguments are unused when relabelling
+    a = generate(t1, digits, tmp_path / "a.fkd", crops_per_image=M, codec=full, crop_sampler=SlotCropSampler(seed=4),
+                 **FAST)
+    with pytest.raises(ValidationError, match="crop_sampler and store_crops must stay default with crops_from"):
+        generate(t2, digits, tmp_path / "b.fkd", crops_per_image=M, codec=full, crops_from=tmp_path / "a.fkd",
+                 crop_sampler=SlotCropSampler(seed=99, scale=(0.5, 0.6)), **FAST)  # the crops come from the source
+    assert not (tmp_path / "b.fkd").exists()
+    b = generate(t2, digits, tmp_path / "b.fkd", crops_per_image=M, codec=full, crops_from=tmp_path / "a.fkd", **FAST)
     ra, rb = a.read_all(), b.read_all()
     np.testing.assert_array_equal(ra.box, rb.box)
     np.testing.assert_array_equal(ra.flip, rb.flip)
-    assert b.meta["crops_from"]["path"] == a.path and b.meta["sampler"] == a.meta["sampler"]
+    assert b.meta["crops_from"]["path"] == a.path
+    assert b.header.sampler == a.header.sampler == SlotCropSampler(seed=4)  # a seeded source: a seeded relabel
+    # a stored-crops source gives a stored-crops relabel, with the source's sampler recorded in meta
+    sa = generate(t1, digits, tmp_path / "sa.fkd", crops_per_image=M, codec=full, store_crops=True, **FAST)
+    sb = generate(t2, digits, tmp_path / "sb.fkd", crops_per_image=M, codec=full, crops_from=sa.path, **FAST)
+    assert sb.header.sampler is None and sb.meta["sampler"] == sa.meta["sampler"] == SlotCropSampler().get_config()
+    np.testing.assert_array_equal(sb.read_all().box, sa.read_all().box)
     assert b.meta["teacher"]["state_sha256"] != a.meta["teacher"]["state_sha256"]
     p1, p2 = softmax(teacher_logits(t1, digits, a)), softmax(teacher_logits(t2, digits, a))
     np.testing.assert_allclose(ra.fields["probs"], p1, atol=1e-5)

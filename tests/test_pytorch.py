@@ -18,15 +18,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import fkdstore
-from fkdstore.errors import IncompleteStoreError, ValidationError
+from fkdstore.errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
 from fkdstore.images import list_images, load_image
 from fkdstore.pytorch import epoch_slots
+from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import make_digits_folder, tiny_cnn
-from fkdstore.transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler, normalize, replay_crops
+from fkdstore.transforms import IMAGENET_MEAN, IMAGENET_STD, Replay, normalize, replay_crops
+from faultutil import set_header
 
 ROOT = Path(__file__).resolve().parents[1]
 M, C, SIZE = 8, 10, 24
-META = {"input_size": SIZE, "interpolation": "bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+REPLAY = Replay(input_size=SIZE, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def _teacher():
@@ -34,15 +36,15 @@ def _teacher():
 
 
 def _build(path, folder, *, codec=None, only=None):  # folder: a folder or a file list
-    """A store labelled by a tiny teacher on replay_crops of CropSampler boxes (what the teacher runner does).
+    """A store labelled by a tiny teacher on replay_crops of SlotCropSampler boxes (what the teacher runner does).
     ``only``: write just these images (an incomplete store)."""
     lst = list_images(folder)
     N = len(lst)
     sizes = np.array([tuple(reversed(Image.open(p).size)) for p in lst.paths])
-    sampler, teacher = CropSampler(seed=3), _teacher()
+    sampler, teacher = SlotCropSampler(seed=3), _teacher()
     w = fkdstore.write(path, num_images=N, crops_per_image=M, num_classes=C,
                        codec=codec or {"name": "full", "dtype": "float32"}, image_keys=lst.keys,
-                       image_sizes=sizes, labels=lst.labels, meta=META, images_per_chunk=4, images_per_shard=8)
+                       image_sizes=sizes, labels=lst.labels, replay=REPLAY, images_per_chunk=4, images_per_shard=8)
     with w, torch.no_grad():
         for i in (range(N) if only is None else only):
             boxes, flips = sampler.sample(i, *sizes[i], M)
@@ -78,7 +80,7 @@ def test_replay_matches_teacher_and_pixels(data):
     reader = fkdstore.open(store)
     ds = fkdstore.TorchDataset(store, folder, crops_per_sample=M)  # epoch 0 with m = M: every slot once
     raw = fkdstore.TorchDataset(store, folder, crops_per_sample=M, normalize=False)
-    assert ds.output_size == (SIZE, SIZE) and ds.interpolation == "bilinear"  # from meta
+    assert ds.output_size == (SIZE, SIZE) and ds.interpolation == "bilinear"  # from the header's replay
     teacher, paths = _teacher(), list_images(folder).paths
     for i in range(len(ds)):
         item, u8 = ds[i], raw[i]
@@ -100,7 +102,8 @@ def test_replay_matches_generate(data, tmp_path):
     folder, _ = data
     teacher = _teacher()
     path = tmp_path / "g.fkd"
-    fkdstore.generate(teacher, folder, path, crops_per_image=4, codec="ms", input_size=SIZE, seed=0,
+    fkdstore.generate(teacher, folder, path, crops_per_image=4, codec="ms", input_size=SIZE,
+                      crop_sampler=SlotCropSampler(seed=0),
                       mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
     ds = fkdstore.TorchDataset(path, folder, crops_per_sample=4)
     batch = fkdstore.collate([ds[i] for i in range(len(ds))])
@@ -366,18 +369,18 @@ def test_soft_labels_mode_is_checked(data, tmp_path):
         fkdstore.TorchDataset(store, folder, soft_labels="x")
 
 
-def test_crafted_input_size_in_meta_is_refused_not_allocated(data, tmp_path):
-    """A store whose meta claims input_size = 40000 must not make every item allocate gigabytes."""
-    import zarr
-
-    from fkdstore import schema as S
-
+def test_crafted_input_size_is_refused_not_allocated(data, tmp_path):
+    """The replay parameters are in the checksummed header: a hand edit of input_size breaks the checksum, a
+    tool's edit (checksum recomputed) claiming 40000 px is refused at open (cap 1024), so no item allocates
+    gigabytes; an input_size in meta (outside the checksum) no longer steers TorchDataset."""
     folder, _ = data
     store = _build(tmp_path / "s.fkd", folder)
-    g = zarr.open_group(str(store), mode="r+")
-    attrs = dict(g.attrs[S.ATTR_KEY])
-    attrs["meta"] = {**attrs["meta"], "input_size": 40000}  # meta is outside the header checksum
-    g.attrs[S.ATTR_KEY] = attrs
-    with pytest.raises(ValidationError, match=r"meta\['input_size'\] must be at most 4096 px.*Got 40000"):
+    set_header(store, meta={"input_size": 40000})  # meta is outside the header checksum: ignored
+    assert fkdstore.TorchDataset(store, folder).output_size == (SIZE, SIZE)
+    set_header(store, replay__input_size=[40000, 40000])
+    with pytest.raises(CorruptStoreError, match="checksum"):
         fkdstore.TorchDataset(store, folder)
-    assert fkdstore.TorchDataset(store, folder, output_size=16).output_size == (16, 16)  # explicit size wins
+    set_header(store, checksum=True, replay__input_size=[40000, 40000])
+    for kw in ({}, {"output_size": 16}):  # the store does not open at all, whatever the caller asks
+        with pytest.raises(FormatError, match=r"input_size height must be an integer in \[1, 1024\]. Got 40000"):
+            fkdstore.TorchDataset(store, folder, **kw)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from fkdstore.testing import make_digits_folder, tiny_cnn
-from fkdstore.transforms import CropSampler
+from fkdstore.seeded import SlotCropSampler
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,7 +18,7 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     N, M, C = 30, 8, 10
     rng = np.random.default_rng(0)
     sizes = rng.integers(40, 90, (N, 2))
-    boxes = np.stack([CropSampler(seed=0).sample(i, *sizes[i], M)[0] for i in range(N)])
+    boxes = np.stack([SlotCropSampler(seed=0).sample(i, *sizes[i], M)[0] for i in range(N)])
     env = dict(
         N=N, M=M, C=C, keys=[f"img{i}.jpg" for i in range(N)], sizes=sizes, targets=rng.integers(0, C, N),
         image_indices=np.arange(N), boxes=boxes, flips=rng.random((N, M)) < 0.5,
@@ -30,3 +30,4 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     assert env["batch"]["crops"].shape[0] == env["batch"]["soft_labels"].shape[0]
     assert np.isfinite(env["loss"].item())
     assert env["store"].complete and env["records"].boxes.shape == (N, 2, 4)
+    assert env["store"].header.seeded and "box" not in env["store"].record_arrays  # generate: seeded crops

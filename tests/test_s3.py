@@ -134,7 +134,7 @@ def test_write_then_read_on_s3_equals_local(s3, tmp_path):
 
 
 def test_seeded_crops_store_on_s3_reads_like_local(s3, tmp_path):
-    """A seeded-crops store (format 3.0) written to S3: read_all (whole shard files, derived crops checked
+    """A seeded-crops store (no box/flip arrays) written to S3: read_all (whole shard files, derived crops checked
     against the manifest), read_batch and verify give what the same store on disk gives."""
     from fkdstore.reader import open as open_store
     from fkdstore.seeded import SlotCropSampler
@@ -150,7 +150,7 @@ def test_seeded_crops_store_on_s3_reads_like_local(s3, tmp_path):
                    images_per_chunk=8, storage_options=opts, crop_sampler=sampler) as w:
             w.put(np.arange(N), None, None, probs)
     with open_store(url + "/seeded.fkd", storage_options=so) as r, open_store(tmp_path / "seeded.fkd") as lo:
-        assert r.header.format_version == "3.0"
+        assert r.header.format_version == "4.0" and r.header.seeded and "box" not in r.record_arrays
         _same_records(r.read_all(), lo.read_all())
         idx = np.array([39, 3, 17])
         _same_records(r.read_batch(idx, [[0], [5], [2]]), lo.read_batch(idx, [[0], [5], [2]]))

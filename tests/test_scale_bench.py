@@ -46,9 +46,10 @@ def test_operations_on_a_tiny_store(tmp_path, seeded):
     a = argparse.Namespace(store=str(store), n=600, crops=8, classes=50, k=5, m=2, seed=0, batches=2,
                            seeded_crops=seeded)
     w = scale.op_write(a)
-    assert w["complete"] and w["seconds"] > 0 and w["format_version"] == ("3.0" if seeded else "2.0")
+    assert w["complete"] and w["seconds"] > 0 and w["format_version"] == "4.0"
     assert verification.verify(store) == []
     r = fkdstore.open(store)
+    assert r.header.seeded == seeded and ("box" in r.record_arrays) == (not seeded)
     assert r.num_images == 600 and r.image_keys[0].endswith(".JPEG")
     ra = scale.op_read_all(a)
     assert ra["result_mib"] > 0 and ra["seconds"] > 0

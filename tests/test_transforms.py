@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fkdstore.errors import ValidationError
+from fkdstore.seeded import DRAW_FLIP, DRAW_LEFT, DRAW_TOP, SlotCropSampler
 from fkdstore.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     INTERPOLATIONS,
-    CropSampler,
     crop_resize,
     normalize,
     replay_crops,
@@ -60,7 +60,7 @@ def random_image(h, w, seed=0, mode="RGB"):
     index=st.integers(0, 2**40),
 )
 def test_boxes_inside_image(H, W, s, r, M, index):
-    sampler = CropSampler(scale=tuple(s), ratio=tuple(r), seed=3)
+    sampler = SlotCropSampler(scale=tuple(s), ratio=tuple(r), seed=3)
     boxes, flips = sampler.sample(index, H, W, M)
     assert boxes.dtype == np.int32 and boxes.shape == (M, 4)
     assert flips.dtype == np.bool_ and flips.shape == (M,)
@@ -71,18 +71,18 @@ def test_boxes_inside_image(H, W, s, r, M, index):
 
 
 def test_determinism_per_seed_and_index():
-    sampler = CropSampler(seed=7)
+    sampler = SlotCropSampler(seed=7)
     a = sampler.sample(42, 480, 640, 16)
-    b = CropSampler(seed=7).sample(42, 480, 640, 16)
+    b = SlotCropSampler(seed=7).sample(42, 480, 640, 16)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     c = sampler.sample(43, 480, 640, 16)
-    d = CropSampler(seed=8).sample(42, 480, 640, 16)
+    d = SlotCropSampler(seed=8).sample(42, 480, 640, 16)
     assert not np.array_equal(a[0], c[0])
     assert not np.array_equal(a[0], d[0])
 
 
 def test_sample_independent_of_processing_order():
-    sampler = CropSampler(seed=1)
+    sampler = SlotCropSampler(seed=1)
     fresh = sampler.sample(5, 300, 200, 8)
     for i in [9, 0, 3, 4, 6]:
         sampler.sample(i, 300, 200, 8)
@@ -92,11 +92,33 @@ def test_sample_independent_of_processing_order():
     assert np.array_equal(fresh[0], again[0]) and np.array_equal(fresh[1], again[1])
 
 
-def test_rng_rule_is_seedsequence_of_seed_and_index():
-    sampler = CropSampler(seed=11)
-    expected = np.random.default_rng(np.random.SeedSequence([11, 4])).uniform(0.08, 1.0, size=(3, 10))
-    got = sampler.rng(4).uniform(0.08, 1.0, size=(3, 10))
-    assert np.array_equal(expected, got)
+_G, _MASK = 0x9E3779B97F4A7C15, 2**64 - 1
+
+
+def _mix(z):
+    """splitmix64's finaliser on a Python int (an independent transcription of the documented rule)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def test_rng_rule_is_splitmix64_of_seed_image_slot_draw():
+    """The counter rule (module docstring of fkdstore.seeded): draw d of slot s of image i is
+    mix(key + (d + 1) G) with key = mix(mix(mix(seed + G) + (i + 1) G) + (s + 1) G); position and flip are
+    read from their draws exactly as documented, so a slot depends on (seed, i, s) alone."""
+    sampler = SlotCropSampler(seed=11, flip_p=0.5)
+    H, W, M = 300, 400, 6
+    boxes, flips = sampler.sample(4, H, W, M)
+    for s in range(M):
+        key = _mix((_mix((_mix((11 + _G) & _MASK) + 5 * _G) & _MASK) + (s + 1) * _G) & _MASK)
+
+        def draw(d):
+            return _mix((key + (d + 1) * _G) & _MASK)
+
+        top, left, h, w = (int(v) for v in boxes[s])
+        assert top == ((draw(DRAW_TOP) >> 32) * (H - h + 1)) >> 32
+        assert left == ((draw(DRAW_LEFT) >> 32) * (W - w + 1)) >> 32
+        assert bool(flips[s]) == ((draw(DRAW_FLIP) >> 11) * 2.0**-53 < 0.5)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +127,7 @@ def test_rng_rule_is_seedsequence_of_seed_and_index():
 )
 def test_distribution_matches_torchvision_reference(H, W, scale, ratio):
     n_images, M = 400, 10
-    sampler = CropSampler(scale=scale, ratio=ratio, flip_p=0.3, seed=0)
+    sampler = SlotCropSampler(scale=scale, ratio=ratio, flip_p=0.3, seed=0)
     ours = np.concatenate([sampler.sample(i, H, W, M)[0] for i in range(n_images)]).astype(float)
     flips = np.concatenate([sampler.sample(i, H, W, M)[1] for i in range(n_images)])
     rng = np.random.default_rng(99)
@@ -128,41 +150,41 @@ def test_distribution_matches_torchvision_reference(H, W, scale, ratio):
 
 
 def test_flip_probability_extremes():
-    assert not CropSampler(flip_p=0.0).sample(0, 50, 50, 100)[1].any()
-    assert CropSampler(flip_p=1.0).sample(0, 50, 50, 100)[1].all()
+    assert not SlotCropSampler(flip_p=0.0).sample(0, 50, 50, 100)[1].any()
+    assert SlotCropSampler(flip_p=1.0).sample(0, 50, 50, 100)[1].all()
 
 
 def test_fallback_wide_strip():
     # H=1: every attempt needs h >= 7, so all fail -> centre crop with ratio clamped to 4/3.
-    boxes, _ = CropSampler().sample(0, 1, 1000, 5)
+    boxes, _ = SlotCropSampler().sample(0, 1, 1000, 5)
     assert (boxes == np.array([0, 499, 1, 1], dtype=np.int32)).all()
 
 
 def test_fallback_tall_and_whole_image():
-    boxes, _ = CropSampler(scale=(1.0, 1.0), ratio=(2.0, 2.0)).sample(0, 1000, 10, 3)
+    boxes, _ = SlotCropSampler(scale=(1.0, 1.0), ratio=(2.0, 2.0)).sample(0, 1000, 10, 3)
     # in_ratio 0.01 < 2 -> w = 10, h = round(10 / 2) = 5, centred.
     assert (boxes == np.array([497, 0, 5, 10])).all()
     # Tiny scale on a 2x2 image: every attempt rounds a side to 0; image ratio 1 is in range.
-    boxes, _ = CropSampler(scale=(0.01, 0.05), ratio=(0.5, 2.0)).sample(0, 2, 2, 3)
+    boxes, _ = SlotCropSampler(scale=(0.01, 0.05), ratio=(0.5, 2.0)).sample(0, 2, 2, 3)
     assert (boxes == np.array([0, 0, 2, 2])).all()
 
 
 def test_fallback_side_clamped_to_one():
-    boxes, _ = CropSampler(ratio=(100.0, 200.0)).sample(0, 10, 10, 4)
+    boxes, _ = SlotCropSampler(ratio=(100.0, 200.0)).sample(0, 10, 10, 4)
     assert (boxes[:, 2] >= 1).all() and (boxes == np.array([4, 0, 1, 10])).all()
 
 
 def test_config_roundtrip_json():
-    sampler = CropSampler(scale=(0.25, 0.9), ratio=(0.5, 2.0), flip_p=0.1, seed=17)
+    sampler = SlotCropSampler(scale=(0.25, 0.9), ratio=(0.5, 2.0), flip_p=0.1, seed=17)
     cfg = json.loads(json.dumps(sampler.get_config()))
     assert cfg["algorithm"] == "random_resized_crop"
-    again = CropSampler.from_config(cfg)
+    again = SlotCropSampler.from_config(cfg)
     assert again == sampler
     assert np.array_equal(again.sample(3, 64, 80, 5)[0], sampler.sample(3, 64, 80, 5)[0])
     with pytest.raises(ValidationError, match="algorithm"):
-        CropSampler.from_config({**cfg, "algorithm": "center_crop"})
-    with pytest.raises(ValidationError, match="missing key"):
-        CropSampler.from_config({"algorithm": "random_resized_crop"})
+        SlotCropSampler.from_config({**cfg, "algorithm": "center_crop"})
+    with pytest.raises(ValidationError, match="missing"):
+        SlotCropSampler.from_config({"algorithm": "random_resized_crop"})
 
 
 @pytest.mark.parametrize(
@@ -174,12 +196,12 @@ def test_config_roundtrip_json():
         ({"ratio": (2.0, 1.0)}, "ratio must be ordered"),
         ({"ratio": (0.0, 1.0)}, "ratio must be > 0"),
         ({"flip_p": 1.5}, r"flip_p must be in \[0, 1\], got 1.5"),
-        ({"seed": -1}, "seed must be a non-negative integer. Got -1."),
+        ({"seed": -1}, r"seed must be an integer in \[0, 18446744073709551615\]. Got -1."),
     ],
 )
 def test_sampler_validation(kwargs, match):
     with pytest.raises(ValidationError, match=match):
-        CropSampler(**kwargs)
+        SlotCropSampler(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +211,7 @@ def test_sampler_validation(kwargs, match):
 )
 def test_sample_validation(args, match):
     with pytest.raises(ValidationError, match=match):
-        CropSampler().sample(*args)
+        SlotCropSampler().sample(*args)
 
 
 # ---------------------------------------------------------------- crop function
@@ -229,7 +251,7 @@ def test_crop_resize_validation():
 
 def test_replay_sampled_crops_is_identical_and_matches_crop_resize():
     img = random_image(97, 131, seed=4)
-    boxes, flips = CropSampler(seed=2).sample(0, 97, 131, 6)
+    boxes, flips = SlotCropSampler(seed=2).sample(0, 97, 131, 6)
     a = replay_crops(img, boxes, flips, 32)
     b = replay_crops(img, boxes, flips, 32)
     assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
@@ -289,7 +311,7 @@ def test_replay_bit_identical_to_v01_crop_path(interpolation):
     for trial in range(6):
         H, W = int(rng.integers(20, 300)), int(rng.integers(20, 300))
         img = smooth_image(H, W, trial)
-        boxes, flips = CropSampler(seed=trial, scale=(0.01, 1.0)).sample(trial, H, W, 12)
+        boxes, flips = SlotCropSampler(seed=trial, scale=(0.01, 1.0)).sample(trial, H, W, 12)
         size = (int(rng.integers(1, 96)), int(rng.integers(1, 96)))
         got = replay_crops(img, boxes, flips, size, interpolation)
         ref = np.stack([crop_resize_v01(img, tuple(b), f, size, interpolation) for b, f in zip(boxes, flips)])
@@ -325,7 +347,7 @@ def test_fused_normalisation_bit_identical_for_every_value(mean, std):
 
 def test_replay_into_out_and_argument_errors():
     img = smooth_image(40, 50, 1)
-    boxes, flips = CropSampler(seed=1).sample(0, 40, 50, 3)
+    boxes, flips = SlotCropSampler(seed=1).sample(0, 40, 50, 3)
     buf = torch.zeros(2, 3, 3, 8, 8)
     got = replay_crops(img, boxes, flips, 8, mean=IMAGENET_MEAN, std=IMAGENET_STD, out=buf[1])
     assert got.data_ptr() == buf[1].data_ptr() and (buf[0] == 0).all()

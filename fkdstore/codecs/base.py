@@ -136,11 +136,13 @@ def index_dtype(num_classes: int) -> str:
 
 
 def parse_temperature(temperature: Any) -> float:
-    """A temperature as float; ValidationError unless a finite number > 0 (bools and strings refused)."""
+    """A temperature as float: TypeError unless a real number (bools and strings refused), ValidationError unless
+    finite and > 0."""
     if temperature.__class__ is float and temperature == 1.0:  # decode's default, checked per call
         return 1.0
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValidationError(f"temperature must be a finite number > 0. Got {temperature!r}.")
+        raise TypeError(f"temperature must be a finite number > 0. Got {temperature!r} "
+                        f"({type(temperature).__name__}).")
     t = float(temperature)
     if not (math.isfinite(t) and t > 0):
         raise ValidationError(f"temperature must be a finite number > 0. Got {temperature!r}.")

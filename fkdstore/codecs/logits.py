@@ -264,9 +264,10 @@ class Logits(LabelCodec):
         n = num_classes if self.k is None else self.k
         if self.quantized:
             return row_sum_atol("q8", n)
-        # a log-probability l is stored within |l| * rel, so sum_i p_i * |l_i| * rel <= log(n) * rel
-        rel = {"float16": 2.0**-11, "float32": 2.0**-24}[self.dtype]
-        return PROB_ATOL + max(math.log(n), 1.0) * rel
+        # a log-probability l is rounded toward -inf by less than one storage step, at most |l| * step (not half
+        # a step: the rounding is directed), so the mass shrinks by at most sum_i p_i |l_i| step, the entropy of
+        # at most n values of total mass <= 1 times step: <= max(log n, 1) * step (spec section 5)
+        return PROB_ATOL + max(math.log(n), 1.0) * _STEP_REL[self.dtype]
 
     def _value_problems(self, f, num_classes, add):
         lp = np.asarray(self._load_logp(f["logits"]), np.float64)
