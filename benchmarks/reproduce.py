@@ -26,7 +26,8 @@ mini-batch, optimiser, learning-rate schedule and seeds:
     ``--fast``: replaying a mixed slot costs ~1 ms of CPU here, several times the student's step).
 (k) ``ReLabel``: label maps of the same teacher (``fkdstore.generate(spatial_teacher(teacher), ...,
     label_map=LabelMapSpec(...))``: its classifier as a 1x1 conv over its last feature map, run once on every
-    whole image resized to ``--map-input`` px, top-``--map-k`` per cell), each crop's label pooled from the map
+    whole image resized to ``--map-input`` px (default: the teacher's own input size, 4 x 4 cells),
+    top-``--map-k`` per cell), each crop's label pooled from the map
     (RoIAlign + softmax) by :class:`fkdstore.TorchDataset`: fresh RandomResizedCrop crops every epoch (ReLabel's
     way) with m = 1 (E passes) and with the FKD rows' m;
 (l) ``ReLabel on FKD's crops``: the same maps pooled on exactly the crops of (c) Full (``crops_from=``), m as
@@ -148,7 +149,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--augment-epochs", type=int, default=None,
                     help="effective epochs of the augmentation rows (g)-(j); default 8 with --fast, else E")
     ap.add_argument("--map-input", type=int, default=None,
-                    help="(k)/(l): side of the whole image fed to the teacher for its label map (default 2 x --size)")
+                    help="(k)/(l): side of the whole image fed to the teacher for its label map (default --size: the "
+                         "teacher's own resolution, as ReLabel ran its teacher at the resolution it was trained at)")
     ap.add_argument("--map-k", type=int, default=None, help="(k)/(l): classes kept per map cell (default --k)")
     ap.add_argument("--no-relabel", dest="relabel", action="store_false", help="skip (k)/(l) ReLabel")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
@@ -536,13 +538,13 @@ def augment_markdown(res: dict) -> list[str]:
 # same teacher, at the same crop budget.
 
 
-def relabel_batches(maps, folder, m, seed, *, scale=None, crops_from=None):
-    """ReLabel loader: ``fkdstore.TorchDataset`` over a label-map store: m crops of each loaded image, each
-    crop's label pooled from the image's map; fresh crops per epoch (``crop_sampler`` seeded apart from the
-    store's crops and from the no-KD loader's) or the crops of the region store ``crops_from``."""
+def relabel_batches(maps, folder, m, seed, size, *, scale=None, crops_from=None):
+    """ReLabel loader: ``fkdstore.TorchDataset`` over a label-map store: m crops of each loaded image resized to
+    ``size``, each crop's label pooled from the image's map; fresh crops per epoch (``crop_sampler`` seeded
+    apart from the store's crops and from the no-KD loader's) or the crops of the region store ``crops_from``."""
     opts = ({"crops_from": crops_from} if crops_from is not None
             else {"crop_sampler": SlotCropSampler(scale=tuple(scale), seed=seed + 2_000_000)})
-    ds = fkdstore.TorchDataset(maps, folder, crops_per_sample=m, normalize=False, seed=seed, **opts)
+    ds = fkdstore.TorchDataset(maps, folder, crops_per_sample=m, normalize=False, seed=seed, output_size=size, **opts)
     g = torch.Generator()
     loader = DataLoader(ds, batch_size=max(1, CROPS_PER_BATCH // m), shuffle=True, generator=g, num_workers=0,
                         collate_fn=fkdstore.collate)
@@ -558,7 +560,7 @@ def relabel_batches(maps, folder, m, seed, *, scale=None, crops_from=None):
 def relabel_variants(a, teacher, train_dir, full_store, work, size, scale, E, res) -> dict:
     """Rows (k) ReLabel fresh crops (m = 1 and m = a.m) and (l) ReLabel on (c) Full's crops (m = a.m). The label
     map is generated here once (cost in ``res["relabel"]``)."""
-    map_input = a.map_input or 2 * size
+    map_input = a.map_input or size
     k = a.map_k or a.k
     st = spatial_teacher(teacher)
     _, S_, _ = class_map_shape(st, map_input)
@@ -576,11 +578,12 @@ def relabel_variants(a, teacher, train_dir, full_store, work, size, scale, E, re
     m = a.m
     name = f"{S_}x{S_} top-{k} maps"
     return {
-        f"(k) ReLabel {name}, fresh crops, m=1": (lambda s: relabel_batches(maps, train_dir, 1, s, scale=scale), E, soft),
+        f"(k) ReLabel {name}, fresh crops, m=1":
+            (lambda s: relabel_batches(maps, train_dir, 1, s, size, scale=scale), E, soft),
         f"(k) ReLabel {name}, fresh crops, m={m}":
-            (lambda s: relabel_batches(maps, train_dir, m, s, scale=scale), E // m, soft),
+            (lambda s: relabel_batches(maps, train_dir, m, s, size, scale=scale), E // m, soft),
         f"(l) ReLabel {name} on FKD's crops, m={m}":
-            (lambda s: relabel_batches(maps, train_dir, m, s, crops_from=full_store), E // m, soft),
+            (lambda s: relabel_batches(maps, train_dir, m, s, size, crops_from=full_store), E // m, soft),
     }
 
 
