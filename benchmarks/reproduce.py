@@ -559,31 +559,36 @@ def relabel_batches(maps, folder, m, seed, size, *, scale=None, crops_from=None)
 
 def relabel_variants(a, teacher, train_dir, full_store, work, size, scale, E, res) -> dict:
     """Rows (k) ReLabel fresh crops (m = 1 and m = a.m) and (l) ReLabel on (c) Full's crops (m = a.m). The label
-    map is generated here once (cost in ``res["relabel"]``)."""
+    map is generated once, when a row first needs it (cost in ``res["relabel"]``)."""
     map_input = a.map_input or size
     k = a.map_k or a.k
     st = spatial_teacher(teacher)
     _, S_, _ = class_map_shape(st, map_input)
     spec = LabelMapSpec(size=S_, k=k, box_order="xy", flip=True)
     maps = work / "labels_maps.zarr"
-    shutil.rmtree(maps, ignore_errors=True)
-    t, c = time.perf_counter(), time.process_time()
-    fkdstore.generate(st, train_dir, maps, label_map=spec, input_size=map_input, num_workers=0, progress=False,
-                      batch_size=256)
-    res["relabel"] = {"map_input": map_input, "size": S_, "k": k, "spec": spec.get_config(),
-                      "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
-                      "bytes": storage_stats(maps)["_total"]["bytes"]}
-    res.setdefault("store_bytes", {})[f"ReLabel maps {S_}x{S_} K={k}"] = res["relabel"]["bytes"]
+
+    def store() -> Path:
+        if "relabel" not in res:
+            shutil.rmtree(maps, ignore_errors=True)
+            t, c = time.perf_counter(), time.process_time()
+            fkdstore.generate(st, train_dir, maps, label_map=spec, input_size=map_input, num_workers=0,
+                              progress=False, batch_size=256)
+            res["relabel"] = {"map_input": map_input, "size": S_, "k": k, "spec": spec.get_config(),
+                              "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
+                              "bytes": storage_stats(maps)["_total"]["bytes"]}
+            res.setdefault("store_bytes", {})[f"ReLabel maps {S_}x{S_} K={k}"] = res["relabel"]["bytes"]
+        return maps
+
     soft = lambda x, b: b["soft_labels"]  # noqa: E731
     m = a.m
     name = f"{S_}x{S_} top-{k} maps"
     return {
         f"(k) ReLabel {name}, fresh crops, m=1":
-            (lambda s: relabel_batches(maps, train_dir, 1, s, size, scale=scale), E, soft),
+            (lambda s: relabel_batches(store(), train_dir, 1, s, size, scale=scale), E, soft),
         f"(k) ReLabel {name}, fresh crops, m={m}":
-            (lambda s: relabel_batches(maps, train_dir, m, s, size, scale=scale), E // m, soft),
+            (lambda s: relabel_batches(store(), train_dir, m, s, size, scale=scale), E // m, soft),
         f"(l) ReLabel {name} on FKD's crops, m={m}":
-            (lambda s: relabel_batches(maps, train_dir, m, s, size, crops_from=full_store), E // m, soft),
+            (lambda s: relabel_batches(store(), train_dir, m, s, size, crops_from=full_store), E // m, soft),
     }
 
 
