@@ -61,9 +61,10 @@ def _cmd_inspect(args) -> int:
         from . import diagnose, reader
 
         r = reader.open(args.path, storage_options=args.storage_options)
-        d = diagnose.image_slots(r, args.image, top_k=args.top_k)
+        kind = report.kind_report(r.header.kind)  # crop slots, or the image's label map
+        d = kind.image(r, args.image, top_k=args.top_k)
         names = diagnose.store_names(r, args.names)
-        _out(json.dumps(d, indent=2) if args.json else diagnose.format_image_slots(d, names))
+        _out(json.dumps(d, indent=2) if args.json else kind.format_image(d, names))
         return EXIT_OK
     d = report.inspect(args.path, sample=args.sample, seed=args.seed, storage_options=args.storage_options,
                        plots=args.plots)

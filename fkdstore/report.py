@@ -236,7 +236,7 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
 def format_estimate(e: dict[str, Any], paper: bool = False) -> str:
     """Human-readable rendering of an estimate (:func:`estimate_bytes`, or
     :func:`fkdstore.report_maps.estimate_map_bytes` for label maps); ``paper``: the paper's Table 2 accounting."""
-    return _kind_report(e.get("kind", S.REGIONS)).format_estimate(e, paper)
+    return kind_report(e.get("kind", S.REGIONS)).format_estimate(e, paper)
 
 
 def _format_regions_estimate(e: dict[str, Any], paper: bool = False) -> str:
@@ -452,7 +452,7 @@ def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
     arrays = {n: _array_info(r.array(n), stats) for n in names}
     written = int(r.written.sum())
     total = stats["_total"]["bytes"]
-    kind = _kind_report(h.kind)
+    kind = kind_report(h.kind)
     out = {
         "path": str(path), "format": S.FORMAT_NAME, "format_version": h.format_version, "kind": h.kind,
         "store_id": h.store_id, "library_version": h.library_version,
@@ -514,6 +514,8 @@ class _RegionReport:
         }, sampled
 
     format_estimate = staticmethod(_format_regions_estimate)
+    image = staticmethod(diagnose.image_slots)
+    format_image = staticmethod(diagnose.format_image_slots)
 
     @staticmethod
     def plots(d, sampled, folder) -> list[str]:
@@ -588,7 +590,7 @@ def _fmt(v, spec=".4f"):
 
 def format_inspect(d: dict[str, Any]) -> str:
     """Human-readable rendering of :func:`inspect`'s dict (the record kind's lines from its report class)."""
-    kind = _kind_report(d.get("kind", S.REGIONS))
+    kind = kind_report(d.get("kind", S.REGIONS))
     L = [
         f"store      {d['path']}",
         f"format     {d['format']} {d['format_version']} (written by fkdstore {d['library_version'] or '?'})",
@@ -666,7 +668,8 @@ def storage_stats(location, *, storage_options: Mapping[str, Any] | None = None)
 
 
 
-def _kind_report(kind: str):
-    """The record kind's part of :func:`inspect` and :func:`format_inspect` (crop regions here, label maps in
-    :mod:`fkdstore.report_maps`, which uses this module's helpers: looked up at call time)."""
+def kind_report(kind: str):
+    """The record kind's part of :func:`inspect`, :func:`format_inspect`, :func:`format_estimate` and ``inspect
+    --image`` (``image`` / ``format_image``): crop regions here, label maps in :mod:`fkdstore.report_maps` (which
+    uses this module's helpers, hence looked up at call time)."""
     return {S.REGIONS: _RegionReport, S.LABEL_MAP: _maps.MapReport}[kind]

@@ -256,6 +256,43 @@ class MapReport:
     format_estimate = staticmethod(format_map_estimate)
 
     @staticmethod
+    def image(reader, image, *, top_k: int = 5) -> dict[str, Any]:
+        """One image's map (``fkdstore inspect --image KEY`` on a label-map store)::
+
+            {index, key, size: [H, W], label, whole: [[class, prob], ...], cells: [[class, ...] per row]}
+
+        ``whole``: the ``top_k`` classes of the label pooled over the whole image (one label, ``grid = 1``);
+        ``cells``: the stored top-1 class of every map cell, row by row (row 0 = the top of the image)."""
+        from .validation import positive_int
+
+        top_k = positive_int("top_k", top_k)
+        i = diagnose.find_image(reader, image)
+        H, W = (int(v) for v in reader.image_sizes[i])
+        rec = reader.read(i)
+        spec = dataclasses.replace(reader.spec, grid=1)
+        p = pool_labels(rec.indices[None], rec.scores[None], np.array([[0, 0, H, W]]), np.array([[H, W]]), None,
+                        spec, reader.num_classes)[0]
+        order = np.argsort(-p, kind="stable")[:top_k]
+        best = np.take_along_axis(rec.indices.astype(np.int64), np.argmax(rec.scores, 0)[None], 0)[0]
+        return {"index": i, "key": reader.image_key(i), "size": [H, W], "label": int(reader.labels[i]),
+                "whole": [[int(c), float(p[c])] for c in order], "cells": best.tolist()}
+
+    @staticmethod
+    def format_image(d: dict[str, Any], names=None) -> str:
+        """Text rendering of :meth:`image`."""
+        H, W = d["size"]
+        name = lambda c: diagnose.class_name(c, names)  # noqa: E731
+        cells = d["cells"]
+        width = max(len(name(c)) for row in cells for c in row)
+        return "\n".join([
+            f"image {d['index']} {d['key']!r}: {H} x {W} px, ground truth {name(d['label'])}, "
+            f"{len(cells)} x {len(cells)} map",
+            "whole image  " + ", ".join(f"{name(c)} {q:.3f}" for c, q in d["whole"]),
+            "top-1 class of every cell (row 0 = top):",
+            *("  " + " ".join(f"{name(c):>{width}}" for c in row) for row in cells),
+        ])
+
+    @staticmethod
     def plots(d, sampled, folder) -> list[str]:
         from .errors import ValidationError
 

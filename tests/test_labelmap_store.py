@@ -4,6 +4,7 @@ TokenLabeling's files, written here in their layout, against their pooling imple
 estimate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 import fkdstore
 from fkdstore.cli import main
 from fkdstore.errors import ValidationError
-from fkdstore.labelmap import LabelMapSpec
+from fkdstore.labelmap import LabelMapSpec, pool_labels
 from fkdstore.labelmap_torch import spatial_teacher, topk_maps
 from fkdstore.pytorch_maps import LabelMapDataset
 from fkdstore.seeded import SlotCropSampler
@@ -359,6 +360,16 @@ def test_inspect_a_label_map_store(stores, capsys):
     text = capsys.readouterr().out
     assert "records    label maps (ReLabel): K=3 x 4 x 4 per image" in text and "map/scores" in text
     assert "pooling    box order xy offset -0.5, roi_align to 2 x 2" in text
+    assert main(["inspect", str(stores["maps"]), "--image", "0/0000.png", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    r = fkdstore.open(stores["maps"])
+    rec = r.read(0)
+    whole = pool_labels(rec.indices[None], rec.scores[None], np.array([[0, 0, 16, 16]]), np.array([[16, 16]]), None,
+                        dataclasses.replace(r.spec, grid=1), C)[0]  # one label for the whole image
+    assert one["index"] == 0 and len(one["whole"]) == 5
+    assert [c for c, _ in one["whole"]] == np.argsort(-whole, kind="stable")[:5].tolist()
+    np.testing.assert_allclose([p for _, p in one["whole"]], np.sort(whole)[::-1][:5], rtol=1e-6)
+    assert one["cells"] == np.take_along_axis(rec.indices, rec.scores.argmax(0)[None], 0)[0].tolist()  # 4 x 4
     with pytest.raises(ValidationError, match="plots are drawn for crop-region stores"):
         fkdstore.inspect(stores["maps"], sample=10, plots=stores["maps"].parent / "plots")
 
