@@ -295,6 +295,9 @@ def test_import_relabel_round_trip_equals_the_published_pooling(tmp_path, capsys
     r = fkdstore.open(tmp_path / "s.zarr")
     assert r.spec.dtype == dtype and r.spec.box_order == "yx" and r.spec.flip == (system == "tokenlabeling")
     assert r.meta["import"]["format"] == system and r.meta["import"]["extra_files"] == 1
+    assert {"format", "source", "files", "order", "binding", "slots", "flags"} <= set(r.meta["import"])  # spec 9.1
+    (hist,) = r.meta["history"]
+    assert hist["op"] == f"import-{system}" and hist["to"] == r.spec.get_config() and hist["images"] == 5
     ds = fkdstore.TorchDataset(tmp_path / "s.zarr", imgs, crops_per_sample=4, output_size=8,
                                crop_sampler=SlotCropSampler(seed=2, scale=(0.02, 1.0)))
     g = r.spec.grid

@@ -347,7 +347,11 @@ def import_relabel(src: str | os.PathLike, dst, images: str | os.PathLike, *, sy
     labels = np.array([listing.labels[i] for i in keep], np.int64) if len(listing.classes) == c else None
     meta_import = {**imp.meta["import"], "images": location_name(Path(images)),
                    "images_without_file": len(scan.missing), "extra_files": len(scan.extra),
-                   "missing": missing, "label_map": imp.spec.get_config()}
+                   "missing": missing, "label_map": imp.spec.get_config(), "order": "listing",
+                   "binding": "file <root>/" + "'/'.join(key.split('/')[-2:]).split('.')[0] + '.pt' of the image's key "
+                              "(ReLabel's loader rule)",
+                   "slots": "none: one label map per image, crops drawn at training time",
+                   "flags": []}  # scores and class ids are stored as the files hold them (ids as integers)
     if log:
         log(f"{system}: {len(keys):,} images with a map, {len(scan.missing):,} without (missing={missing!r}), "
             f"{len(scan.extra):,} .pt files without an image; maps K={imp.spec.k}, S={imp.spec.size}, "
