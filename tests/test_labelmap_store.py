@@ -373,6 +373,11 @@ def test_inspect_a_label_map_store(stores, capsys):
     assert [c for c, _ in one["whole"]] == np.argsort(-whole, kind="stable")[:5].tolist()
     np.testing.assert_allclose([p for _, p in one["whole"]], np.sort(whole)[::-1][:5], rtol=1e-6)
     assert one["cells"] == np.take_along_axis(rec.indices, rec.scores.argmax(0)[None], 0)[0].tolist()  # 4 x 4
+    for cmd in (["convert", str(stores["maps"]), str(stores["maps"].parent / "c"), "--codec", "ms"],
+                ["prune", str(stores["maps"]), str(stores["maps"].parent / "p"), "--keep", "0.5"]):
+        assert main(cmd) == 1  # crop-region commands refuse a label-map store in one line, writing nothing
+        assert "store holds 'label_map' records, not crop regions" in capsys.readouterr().err
+    assert not (stores["maps"].parent / "c").exists() and not (stores["maps"].parent / "p").exists()
     with pytest.raises(ValidationError, match="plots are drawn for crop-region stores"):
         fkdstore.inspect(stores["maps"], sample=10, plots=stores["maps"].parent / "plots")
 
