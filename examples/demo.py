@@ -16,7 +16,8 @@
    - FKD: the stored crops and labels replayed with ``fkdstore.TorchDataset`` (m crops of each loaded image
      per step, E/m passes, cosine learning rate stepped per pass: the paper's serrated schedule);
 6. print accuracies and training times side by side (label generation reported separately), then
-   ``fkdstore inspect`` and ``fkdstore verify`` of the store.
+   ``fkdstore inspect`` and ``fkdstore verify`` of the store, and write ``OUT/sheet.png``: a contact sheet of
+   replayed crops with their soft labels (``fkdstore show``; ``docs/demo-sheet.png`` is one).
 
     python examples/demo.py [--out demo-out] [--seed 0] [--epochs 32] [--m 2]
 
@@ -208,12 +209,15 @@ def main(argv=None):
     print(f"Demo wall time {time.perf_counter() - t_start:.0f} s, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs, load average {load}.")
 
-    phase(9, steps, "fkdstore inspect / verify")
+    phase(9, steps, "fkdstore inspect / verify / show")
     print("\n== fkdstore inspect ==", flush=True)
     cli.main(["inspect", str(store_path)])
     print("\n== fkdstore verify ==", flush=True)
     sys.stdout.flush()
-    return cli.main(["verify", str(store_path)])
+    rc = cli.main(["verify", str(store_path)])
+    print("\n== fkdstore show ==", flush=True)
+    cli.main(["show", str(store_path), "--images", str(train_dir), "--grid", "2x4", "--out", str(out / "sheet.png")])
+    return rc
 
 
 if __name__ == "__main__":
