@@ -24,6 +24,14 @@ mini-batch, optimiser, learning-rate schedule and seeds:
 (i) the same RandAugment as (g) stored, mixing at training time; (j) Mixup/CutMix stored without RandAugment
     ((g)/(i) and (j)/(h) differ only in where the mixing happens). (g)-(j) use ``--augment-epochs`` (8 with
     ``--fast``: replaying a mixed slot costs ~1 ms of CPU here, several times the student's step).
+(k) ``ReLabel``: label maps of the same teacher (``fkdstore.generate(spatial_teacher(teacher), ...,
+    label_map=LabelMapSpec(...))``: its classifier as a 1x1 conv over its last feature map, run once on every
+    whole image resized to ``--map-input`` px (default: the teacher's own input size, 4 x 4 cells),
+    top-``--map-k`` per cell), each crop's label pooled from the map
+    (RoIAlign + softmax) by :class:`fkdstore.TorchDataset`: fresh RandomResizedCrop crops every epoch (ReLabel's
+    way) with m = 1 (E passes) and with the FKD rows' m;
+(l) ``ReLabel on FKD's crops``: the same maps pooled on exactly the crops of (c) Full (``crops_from=``), m as
+    (c): the labels are the only difference between (l) and (c) FKD Full / MS K.
 
 m is varied for (c) Full (m = 1, 2, 4). Defaults: teacher `tiny_cnn(width=48)` (~97 %), student
 `tiny_cnn(width=4)`, E = 32, m = 2, crop scale (0.1, 1) (the same setting as `examples/demo.py`). Test accuracy on the held-out split (whole images) and the
@@ -53,6 +61,8 @@ import fkdstore
 from fkdstore.codecs import get_codec
 from fkdstore.conversion import pruned_slots
 from fkdstore.images import list_images
+from fkdstore.labelmap import LabelMapSpec
+from fkdstore.labelmap_torch import class_map_shape, spatial_teacher
 from fkdstore.testing import (
     RandomCropDataset, accuracy, cosine_lr, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn,
     train_classifier,
@@ -138,6 +148,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip (f) MS K with q8 labels")
     ap.add_argument("--augment-epochs", type=int, default=None,
                     help="effective epochs of the augmentation rows (g)-(j); default 8 with --fast, else E")
+    ap.add_argument("--map-input", type=int, default=None,
+                    help="(k)/(l): side of the whole image fed to the teacher for its label map (default --size: the "
+                         "teacher's own resolution, as ReLabel ran its teacher at the resolution it was trained at)")
+    ap.add_argument("--map-k", type=int, default=None, help="(k)/(l): classes kept per map cell (default --k)")
+    ap.add_argument("--no-relabel", dest="relabel", action="store_false", help="skip (k)/(l) ReLabel")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
@@ -243,6 +258,8 @@ def main(argv=None) -> dict:
         variants[f"(e) FKD Full pruned keep={keep:g} (M'={Mk}), m={a.m}"] = (
             lambda s, st=st: fkd_batches(st, train_dir, a.m, s), E // a.m, lambda x, b: b["soft_labels"])
     variants.update(augment_variants(a, teacher, train_dir, full, work, size, scale, E, res))
+    if a.relabel:
+        variants.update(relabel_variants(a, teacher, train_dir, full, work, size, scale, E, res))
     if a.only:
         variants = {k: v for k, v in variants.items() if any(o in k for o in a.only)}
     runs = {k: [] for k in variants}
@@ -338,6 +355,7 @@ def claims(res: dict) -> dict:
             out["prune_curve"].append({"keep": keep, "acc": v["acc_mean"], "std": v["acc_std"],
                                        "bytes": res["store_bytes"][f"Full keep={keep:g}"]})
     out.update(augment_claims(res))
+    out.update(relabel_claims(res))
     if none and kd:
         out["kd_beats_no_kd"] = {"diff": kd["acc_mean"] - none["acc_mean"], "agrees": kd["acc_mean"] > none["acc_mean"]}
     return out
@@ -386,6 +404,7 @@ def to_markdown(res: dict) -> str:
              f"{g['teacher_forward_crops_per_s']:,.0f} crops/s. Store sizes: " +
              ", ".join(f"{k} {v / 1e3:,.0f} KB" for k, v in res["store_bytes"].items()) + ".")
     L += augment_markdown(res)
+    L += relabel_markdown(res)
     return "\n".join(L)
 
 
@@ -512,6 +531,112 @@ def augment_markdown(res: dict) -> list[str]:
                     for spec, g in aug["generation"].items())
     return [line + " Stored mixing costs training time because replaying a mixed slot decodes the partner image "
             f"and replays its crop (and RandAugment). One-off generation of the augmented stores: {gen}."]
+
+
+# ---------------------------------------------------------------------------------------------- ReLabel
+# Issue 23: the paper's central comparison, region labels (FKD) against global label maps (ReLabel), from the
+# same teacher, at the same crop budget.
+
+
+def relabel_batches(maps, folder, m, seed, size, *, scale=None, crops_from=None):
+    """ReLabel loader: ``fkdstore.TorchDataset`` over a label-map store: m crops of each loaded image resized to
+    ``size``, each crop's label pooled from the image's map; fresh crops per epoch (``crop_sampler`` seeded
+    apart from the store's crops and from the no-KD loader's) or the crops of the region store ``crops_from``."""
+    opts = ({"crops_from": crops_from} if crops_from is not None
+            else {"crop_sampler": SlotCropSampler(scale=tuple(scale), seed=seed + 2_000_000)})
+    ds = fkdstore.TorchDataset(maps, folder, crops_per_sample=m, normalize=False, seed=seed, output_size=size, **opts)
+    g = torch.Generator()
+    loader = DataLoader(ds, batch_size=max(1, CROPS_PER_BATCH // m), shuffle=True, generator=g, num_workers=0,
+                        collate_fn=fkdstore.collate)
+
+    def batches(p):
+        ds.set_epoch(p)
+        g.manual_seed(seed * 7919 + p)
+        for b in loader:
+            yield b["crops"], b
+    return batches
+
+
+def relabel_variants(a, teacher, train_dir, full_store, work, size, scale, E, res) -> dict:
+    """Rows (k) ReLabel fresh crops (m = 1 and m = a.m) and (l) ReLabel on (c) Full's crops (m = a.m). The label
+    map is generated once, when a row first needs it (cost in ``res["relabel"]``)."""
+    map_input = a.map_input or size
+    k = a.map_k or a.k
+    st = spatial_teacher(teacher)
+    _, S_, _ = class_map_shape(st, map_input)
+    spec = LabelMapSpec(size=S_, k=k, box_order="xy", flip=True)
+    maps = work / "labels_maps.zarr"
+
+    def store() -> Path:
+        if "relabel" not in res:
+            shutil.rmtree(maps, ignore_errors=True)
+            t, c = time.perf_counter(), time.process_time()
+            fkdstore.generate(st, train_dir, maps, label_map=spec, input_size=map_input, num_workers=0,
+                              progress=False, batch_size=256)
+            res["relabel"] = {"map_input": map_input, "size": S_, "k": k, "spec": spec.get_config(),
+                              "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
+                              "bytes": storage_stats(maps)["_total"]["bytes"]}
+            res.setdefault("store_bytes", {})[f"ReLabel maps {S_}x{S_} K={k}"] = res["relabel"]["bytes"]
+        return maps
+
+    soft = lambda x, b: b["soft_labels"]  # noqa: E731
+    m = a.m
+    name = f"{S_}x{S_} top-{k} maps"
+    return {
+        f"(k) ReLabel {name}, fresh crops, m=1":
+            (lambda s: relabel_batches(store(), train_dir, 1, s, size, scale=scale), E, soft),
+        f"(k) ReLabel {name}, fresh crops, m={m}":
+            (lambda s: relabel_batches(store(), train_dir, m, s, size, scale=scale), E // m, soft),
+        f"(l) ReLabel {name} on FKD's crops, m={m}":
+            (lambda s: relabel_batches(store(), train_dir, m, s, size, crops_from=full_store), E // m, soft),
+    }
+
+
+def relabel_claims(res: dict) -> dict:
+    """``fkd_vs_relabel``: (c) FKD Full and MS K against (l) ReLabel on the same crops (only the labels differ) and
+    against (k) ReLabel with fresh crops at the same m; each pair's verdict (tie within the seeds' spread, or the
+    winner) and CPU-time ratio."""
+    s, cfg = res["summary"], res["config"]
+    m = cfg["m"]
+    fkd = {"FKD Full": _get(s, f"(c) FKD Full, m={m}"), f"FKD MS K={cfg['k']}": _get(s, f"(c) FKD MS K={cfg['k']}, m=")}
+    rel = {"ReLabel on FKD's crops": _get(s, "(l) ReLabel"),
+           "ReLabel fresh crops": next((v for k2, v in s.items() if k2.startswith("(k) ReLabel")
+                                        and k2.endswith(f", m={m}")), None),
+           "ReLabel fresh crops, m=1": next((v for k2, v in s.items() if k2.startswith("(k) ReLabel")
+                                             and k2.endswith(", m=1")), None)}
+    out = {}
+    for fn, f in fkd.items():
+        for rn, r in rel.items():
+            if not (f and r):
+                continue
+            tol = max(0.01, f["acc_std"] + r["acc_std"])
+            diff = f["acc_mean"] - r["acc_mean"]
+            out[f"{fn} vs {rn}"] = {"fkd_acc": f["acc_mean"], "fkd_std": f["acc_std"], "relabel_acc": r["acc_mean"],
+                                    "relabel_std": r["acc_std"], "diff": diff, "tolerance": tol,
+                                    "verdict": "tie" if abs(diff) <= tol else ("FKD" if diff > 0 else "ReLabel"),
+                                    "cpu_ratio_fkd_over_relabel": f["cpu_mean"] / r["cpu_mean"]}
+    return {"fkd_vs_relabel": out} if out else {}
+
+
+def relabel_markdown(res: dict) -> list[str]:
+    """The paragraph under the table for rows (k)/(l)."""
+    v, rl = res.get("claims", {}).get("fkd_vs_relabel"), res.get("relabel")
+    if not v or not rl:
+        return []
+    words = {"tie": "no difference beyond the seeds' spread", "FKD": "FKD's region labels are better",
+             "ReLabel": "ReLabel's label maps are better"}
+    pairs = "; ".join(f"{name}: {100 * p['fkd_acc']:.2f} ± {100 * p['fkd_std']:.2f} % vs {100 * p['relabel_acc']:.2f} ± "
+                      f"{100 * p['relabel_std']:.2f} %, {100 * p['diff']:+.2f} points, {words[p['verdict']]} "
+                      f"(tolerance ±{100 * p['tolerance']:.2f}; CPU time {p['cpu_ratio_fkd_over_relabel']:.2f}x)"
+                      for name, p in v.items())
+    full = res["store_bytes"].get("Full")
+    ms = next((b for n, b in res["store_bytes"].items() if n.startswith("MS K=") and not n.endswith("q8")), None)
+    return [f"\nFKD vs ReLabel (rows (k)/(l)): the same teacher's label maps, its classifier applied as a 1x1 conv "
+            f"over its last feature map of each whole image at {rl['map_input']} px ({rl['size']} x {rl['size']} cells, "
+            f"top-{rl['k']} per cell, box order xy, the label flipped with the crop), pooled per crop by RoIAlign + "
+            f"softmax; (l) uses exactly (c)'s crops. {pairs}. One-off map generation: {rl['cpu_seconds']:.1f} s CPU, "
+            f"{rl['bytes'] / 1e3:,.0f} KB (FKD Full store {full / 1e3:,.0f} KB"
+            + (f", MS K={res['config']['k']} {ms / 1e3:,.0f} KB" if ms else "") + ")."]
 
 
 def plot(res: dict, figdir: Path) -> list[Path]:

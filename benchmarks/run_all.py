@@ -49,6 +49,9 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
      "where a cold read(i) spends its time at M = 32, and the per-image record what-if (issue 13)"),
     ("remote_read.py", ["--num-images", "100000", "--batches", "5"], 480, True,
      "reading from S3 (moto + 20 ms per request) vs local disk, and the TorchDataset label path"),
+    ("labelmap_size.py", ["--images", "256"], 240, True,
+     "label maps (ReLabel): fkdstore's bytes per image and at ImageNet-1K against ReLabel's per-image .pt files and "
+     "the paper's Table 2 (issue 23)"),
     ("augment_size.py", ["--images", "256"], 300, True,
      "bytes per crop with augmentation records (RandAugment + Mixup/CutMix partner) at M = 200, C = 1000, MS top-5"),
     ("scale.py", ["--sizes", "10000,100000"], 900, True,
@@ -207,6 +210,15 @@ def verdicts(fm: dict | None, rp: dict | None) -> list[str]:
                      f"mixed at training time: {mixpair(v)}"
                      + "".join(f"; same augmentation ({k}): {mixpair(p)}" for k, p in v["same_augmentation"].items())
                      + ". Each stored mixed slot decodes and replays its partner, hence the time.")
+        if "fkd_vs_relabel" in c:
+            won = {"tie": "no difference beyond the seeds' spread", "FKD": "FKD wins", "ReLabel": "ReLabel wins"}
+            rl = rp.get("relabel") or {}
+            L.append(f"- **FKD's region labels vs ReLabel's label maps (the paper's central comparison), same teacher "
+                     f"({rl.get('size')} x {rl.get('size')} maps, top-{rl.get('k')}), same crop budget:** "
+                     + "; ".join(f"{k}: {won[p['verdict']]} ({_pct(p['fkd_acc'])}% vs {_pct(p['relabel_acc'])}%, "
+                                 f"{100 * p['diff']:+.2f} points, tolerance ±{100 * p['tolerance']:.2f}; FKD's "
+                                 f"training CPU time {p['cpu_ratio_fkd_over_relabel']:.2f}x)"
+                                 for k, p in c["fkd_vs_relabel"].items()) + ".")
         if "kd_beats_no_kd" in c:
             v = c["kd_beats_no_kd"]
             L.append(f"- Context: vanilla KD vs no KD at this budget: {100 * v['diff']:+.2f} points "

@@ -27,7 +27,7 @@ _API = {
     "as_codec": "codecs", "from_config": "codecs", "get_codec": "codecs",
     "generate": "runner",
     "TorchDataset": "pytorch", "DeviceLoader": "pytorch", "collate": "pytorch", "densify": "pytorch",
-    "soft_cross_entropy": "pytorch",
+    "soft_cross_entropy": "pytorch", "LabelMapDataset": "pytorch_maps",
     "as_source": "sources",
     "FkdstoreError": "errors", "FormatError": "errors", "ValidationError": "errors",
     "CorruptStoreError": "errors", "CorruptChunkError": "errors", "IncompleteStoreError": "errors",

@@ -1,7 +1,7 @@
 """The ``fkdstore`` command line. It only parses arguments and calls the library.
 
 Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import`` (``fkd``, ``mldr``, ``tinyvit``,
-``sre2l``), ``import-fkd`` (= ``import fkd``), ``prune``, ``ensemble``, ``generate``, ``show``. Every command's
+``sre2l``, ``relabel``), ``import-fkd`` (= ``import fkd``), ``prune``, ``ensemble``, ``generate``, ``show``. Every command's
 code is here; the library modules hold no argparse code. Only ``generate``, ``show`` and ``import`` need torch
 (the importers load ``torch.save`` files), and they import it when they run (``generate`` also for its
 ``--help``), so ``fkdstore --version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``prune`` and
@@ -108,9 +108,10 @@ def _cmd_inspect(args) -> int:
         from . import diagnose, reader
 
         r = reader.open(args.path, storage_options=args.storage_options)
-        d = diagnose.image_slots(r, args.image, top_k=args.top_k)
+        kind = report.kind_report(r.header.kind)  # crop slots, or the image's label map
+        d = kind.image(r, args.image, top_k=args.top_k)
         names = diagnose.store_names(r, args.names)
-        _out(json.dumps(d, indent=2) if args.json else diagnose.format_image_slots(d, names))
+        _out(json.dumps(d, indent=2) if args.json else kind.format_image(d, names))
         return EXIT_OK
     d = report.inspect(args.path, sample=args.sample, seed=args.seed, storage_options=args.storage_options,
                        plots=args.plots)
@@ -135,14 +136,26 @@ def _cmd_show(args) -> int:
 def _cmd_estimate(args) -> int:
     from . import report
 
-    _codec_arg("--codec", args.codec, args.k)
-    e = report.estimate_bytes(args.num_images, args.crops, args.num_classes, args.codec, args.k,
-                              max_side=args.max_side, store_crops=args.store_crops)
-    if args.json:
-        e["paper_table2"] = report.paper_table2(e["codec"])
-        _out(json.dumps(e, indent=2))
+    if (args.label_map is None) == (args.crops is None or args.codec is None):
+        _err("fkdstore estimate: error: give --crops M and --codec (FKD crop regions) or --label-map S,K[,dtype] "
+             "(ReLabel label maps)")
+        return EXIT_USAGE
+    if args.label_map is None:
+        _codec_arg("--codec", args.codec, args.k)
+    if args.label_map is not None:
+        from . import report_maps
+
+        e = report_maps.estimate_map_bytes(args.num_images, args.num_classes,
+                                           report_maps.parse_map_shape(args.label_map))
+        if args.json:
+            m = e["label_map"]
+            e["paper_table2"] = report_maps._paper_figures(m["size"], m["k"], e["num_classes"])
     else:
-        _out(report.format_estimate(e, paper=args.paper))
+        e = report.estimate_bytes(args.num_images, args.crops, args.num_classes, args.codec, args.k,
+                                  max_side=args.max_side, store_crops=args.store_crops)
+        if args.json:
+            e["paper_table2"] = report.paper_table2(e["codec"])
+    _out(json.dumps(e, indent=2) if args.json else report.format_estimate(e, paper=args.paper))
     return EXIT_OK
 
 
@@ -200,6 +213,8 @@ def _cmd_import(args) -> int:
 
     if args.kind == "fkd":
         return _cmd_import_fkd(args)
+    if args.kind == "relabel":
+        return _cmd_import_relabel(args)
     _must_exist(args.src, f"{ZOO_NAMES[args.kind][:-6]} folder")
     _check_out(args.dst)
     common = dict(codec=args.codec, k=args.k, num_classes=args.num_classes, order=args.order,
@@ -235,6 +250,29 @@ def _check_out(out: str, what: str = "the output") -> None:
         raise _BadInput(f"{what} {out!r} is a file; give a folder (new, empty, or a store to resume) or a URL")
 
 
+def _cmd_import_relabel(args) -> int:
+    from . import importers, report
+
+    _must_exist(args.src, "label map folder")
+    _check_out(args.dst)
+    r = importers.import_relabel(args.src, args.dst, args.images, system=args.system, num_classes=args.num_classes,
+                                 missing=args.missing, progress=args.progress, log=_err,
+                                 storage_options=args.storage_options, **map_replay_options(args))
+    spec = r["label_map"]
+    _out(f"imported {r['files']:,} {args.system} label maps ({r['images']:,} images, K={spec['k']}, S={spec['size']}, "
+         f"{spec['dtype']}, {r['num_classes']} classes) as a label-map store: "
+         f"{report.human_bytes(r['bytes_before'])} -> {report.human_bytes(r['bytes_after'])}"
+         + (" (resumed)" if r.get("resumed") else ""))
+    for what, col in r["carried"].items():
+        _out(f"  carried  {what} -> {col}")
+    for flag in r["flags"]:
+        _out(f"  note     {flag}")
+    for what, n in r["skipped"].items():
+        if n:
+            _out(f"  skipped  {n:,} {what.replace('_', ' ')}")
+    return EXIT_OK
+
+
 def _cmd_generate(args) -> int:
     try:
         import torch  # noqa: F401 - only to say what is missing before anything else
@@ -248,11 +286,24 @@ def _cmd_generate(args) -> int:
     from .teacher import file_sha256, load_teacher, resolve_factory
 
     # bad input first (exit 2), before the teacher is built or anything is written
+    label_map = getattr(args, "label_map", False)
+    if label_map == ("crops_per_image" in args):
+        _err("fkdstore generate: error: give --crops M (FKD crop regions) or --label-map (ReLabel label maps), "
+             "exactly one")
+        return EXIT_USAGE
+    codec = None
+    if label_map:
+        given = [f"--{n}" for n in ("codec", "k", "dtype") if n in args]
+        if given:
+            _err(f"fkdstore generate: error: {', '.join(given)} apply to crop regions; with --label-map use "
+                 f"--map-k, --map-dtype")
+            return EXIT_USAGE
+    else:  # a name or a spec such as "ms:k=5,dtype=q8"
+        codec = _codec_arg("--codec", getattr(args, "codec", "ms"), getattr(args, "k", None))
+        if getattr(args, "dtype", None) is not None:
+            codec = as_codec({**codec.get_config(), "dtype": args.dtype})
     for path in args.images:
         _must_exist(path, "--images")
-    codec = _codec_arg("--codec", args.codec, args.k)  # a name or a spec such as "ms:k=5,dtype=q8"
-    if args.dtype is not None:
-        codec = as_codec({**codec.get_config(), "dtype": args.dtype})
     if getattr(args, "augment", None):
         _checked("--augment", args.augment, parse_augment)
     _checked("--teacher", args.teacher, resolve_factory)
@@ -273,7 +324,11 @@ def _cmd_generate(args) -> int:
     one = args.images[0] if len(args.images) == 1 else None  # a folder or a URL prefix; else files or tar shards
     images = one if one is not None and (os.path.isdir(one) or "://" in one) else args.images
     try:
-        reader = generate(teacher, images, args.out, crops_per_image=args.crops_per_image, codec=codec, **options)
+        if label_map:
+            teacher, spec = _label_map_spec(teacher, args, options)
+            reader = generate(teacher, images, args.out, label_map=spec, **options)
+        else:
+            reader = generate(teacher, images, args.out, crops_per_image=args.crops_per_image, codec=codec, **options)
     except KeyboardInterrupt:
         _err(f"fkdstore generate: interrupted; {_written_summary(args.out, options.get('storage_options'))}")
         return EXIT_INTERRUPTED
@@ -295,6 +350,27 @@ def _written_summary(out: str, storage_options) -> str:
         return f"the store {out} was not created yet; rerun the same command to start again"
     return (f"{done:,} of {total:,} images are written in {out} (whole shards only); rerun the same command to "
             f"resume: written images are kept, the rest are labelled")
+
+
+def _label_map_spec(teacher, args, options: dict):
+    """``(teacher, LabelMapSpec)`` of ``generate --label-map``: the teacher as a label-map teacher
+    (:func:`fkdstore.labelmap_torch.spatial_teacher`, or as given when it is not a recognised classifier) and
+    the spec from the options, ``--map-size`` defaulting to the side of its class map at the input size."""
+    from .labelmap import LabelMapSpec
+    from .labelmap_torch import class_map_shape, spatial_teacher
+    from .runner import option_default
+
+    teacher = spatial_teacher(teacher, passthrough=True)
+    size = getattr(args, "map_size", None)
+    if size is None:
+        _, h, w = class_map_shape(teacher, options.get("input_size", option_default("input_size")))
+        size = h if h == w else None
+        if size is None:
+            raise ValidationError(f"the teacher's class map is {h} x {w}, not square; give --map-size")
+    spec = LabelMapSpec(size=size, k=getattr(args, "map_k", None) or 5, dtype=getattr(args, "map_dtype", None)
+                        or "float32", box_order=map_replay_options(args).pop("box_order", "xy"),
+                        **{k: v for k, v in map_replay_options(args).items() if k != "box_order"})
+    return teacher, spec
 
 
 def _cmd_prune(args) -> int:
@@ -422,9 +498,15 @@ plus index and metadata overhead. --paper instead applies the paper's Table 2 fo
 images x crops x (4 coordinates + 1 flip + L label values) x 4 bytes, L = 1 hard, 2 smoothing, 2K ms/mr,
 C full. The paper prints GiB as "GB".
 
+Label maps (ReLabel): --label-map S,K[,DTYPE] instead of --crops and --codec: K x S x S uint16 class ids and
+float32 (or float16) scores per image (ratios fkdstore.report_maps.MAP_CALIBRATION), next to ReLabel's
+per-image .pt files; --paper gives Table 2's ReLabel columns: full maps N x S x S x C x 4 bytes (~1 TB) and
+top-K maps N x S x S x 2K x 4 bytes (10 GB), with fkdstore's size for the same top-K maps.
+
 examples:
   fkdstore estimate --num-images 1281167 --crops 200 --num-classes 1000 --codec ms --k 5
   fkdstore estimate --num-images 1200000 --crops 200 --num-classes 1000 --codec smoothing --paper
+  fkdstore estimate --num-images 1200000 --num-classes 1000 --label-map 15,5 --paper
 """
 
 VERIFY_HELP = """\
@@ -482,12 +564,17 @@ code; --trust-pickle allows arbitrary pickles (trusted input only). Kinds:
            external_seed) and TorchDataset needs external_replay=; labels load as usual
   sre2l    SRe2L / CDA (epoch_{e}/batch_{b}.tar, bound by torch's RandomSampler order seeded --fkd-seed),
            LPLD (plus sampler_indices_epoch.json), LPQLD (flat batch_{n}.tar + sampler_indices_batch.json)
+  relabel  ReLabel (naver-ai/relabel_imagenet) or, with --system tokenlabeling, TokenLabeling label maps:
+           SRC/<synset>/<stem>.pt per image, a [2, K, S, S] tensor (top-K scores, class ids as floats);
+           a label-map store (TorchDataset pools each crop's label from it)
 
 examples:
   fkdstore import mldr reinforced_data/ labels.fkd --images /data/imagenet/training
   fkdstore import tinyvit teacher_logits/ in22k.fkd --images /data/in22k --keys stem --num-classes 21841
   fkdstore import sre2l FKD_cutmix_fp16/ sre2l.fkd --images syn_data/ --fkd-seed 42
   fkdstore import sre2l FKD_cutmix_fp16_LPQLD/ lpqld.fkd --images syn_data/ --num-classes 1000 --tail renorm
+  fkdstore import relabel imagenet_efficientnet_l2_sz475_top5/ relabel.zarr --images /data/imagenet/train
+  fkdstore import relabel token_labels/ tl.zarr --images /data/imagenet/train --system tokenlabeling
   fkdstore import fkd FKD_soft_label_500crops_marginal_smoothing_k_5/imagenet/train labels.fkd \\
       --images /data/imagenet/train --num-classes 1000
 """
@@ -592,10 +679,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
     q = add("estimate", "predict a store's size (this layout, or the paper's formula)", ESTIMATE_HELP)
     q.add_argument("--num-images", type=_pos_int, metavar="N", required=True, help="number of images N")
-    q.add_argument("--crops", type=_pos_int, required=True, help="crops per image M")
+    q.add_argument("--crops", type=_pos_int, help="crops per image M (crop regions)")
     q.add_argument("--num-classes", type=_pos_int, metavar="C", required=True, help="number of classes C")
-    q.add_argument("--codec", required=True,
-                   help="codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. ms:k=5,dtype=q8")
+    q.add_argument("--codec", help="codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. ms:k=5,dtype=q8")
+    q.add_argument("--label-map", metavar="S,K[,DTYPE]",
+                   help="label maps instead of crops: S x S cells, top-K per cell, float32 (default) or float16 "
+                        "scores, e.g. 15,5 (ReLabel)")
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
     q.add_argument("--max-side", type=_pos_int, default=500, help="largest image side in pixels (box dtype; default 500)")
     q.add_argument("--paper", action="store_true", help="use the paper's float32 formula (Table 2)")
@@ -667,10 +756,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 
 def _add_import(add) -> None:
-    """``fkdstore import KIND SRC DST --images IMGS ...`` (KIND: fkd, mldr, tinyvit, sre2l)."""
-    top = add("import", "import another system's label set (fkd, mldr, tinyvit, sre2l)",
+    """``fkdstore import KIND SRC DST --images IMGS ...`` (KIND: fkd, mldr, tinyvit, sre2l, relabel)."""
+    top = add("import", "import another system's label set (fkd, mldr, tinyvit, sre2l, relabel)",
               IMPORT_ZOO_HELP + STORAGE_HELP)
     kinds = top.add_subparsers(dest="kind", metavar="KIND", required=True)
+    _add_import_relabel(kinds)
 
     for name, help_ in (("fkd", "FKD's release files"), ("mldr", "Apple ml-dr reinforcement files"),
                         ("tinyvit", "TinyViT saved logits"), ("sre2l", "SRe2L / LPLD / LPQLD batch files")):
@@ -722,8 +812,63 @@ def _add_import(add) -> None:
         q.set_defaults(func=_cmd_import)
 
 
+def _add_import_relabel(kinds) -> None:
+    """``fkdstore import relabel SRC DST --images IMGS`` (a label-map store; options of LabelMapSpec)."""
+    q = kinds.add_parser("relabel", help="ReLabel / TokenLabeling per-image label maps (.pt)",
+                         description=IMPORT_ZOO_HELP + STORAGE_HELP, formatter_class=_Formatter)
+    q.add_argument("src", help="the label-map folder (<synset>/<stem>.pt)")
+    q.add_argument("dst", help="new store, folder or URL (must not exist or be empty; or the store a killed "
+                               "run of the same import left, which is continued)")
+    _add_storage_options(q)
+    q.add_argument("--images", required=True, help="the image folder the maps were made for")
+    q.add_argument("--system", choices=["relabel", "tokenlabeling"], default="relabel",
+                   help="published replay settings to start from (default relabel: box (top, left, bottom, right) "
+                        "order, 1 label per crop, flip ignored; tokenlabeling: a grid of S x S token labels, "
+                        "flipped with the image)")
+    q.add_argument("--num-classes", type=_pos_int, default=1000, help="number of classes (default 1000)")
+    q.add_argument("--missing", choices=["error", "skip"], default="error",
+                   help="images without a map: stop before writing (default) or leave them out of the store")
+    _add_map_replay(q)
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+    q.set_defaults(func=_cmd_import)
+
+
+def _add_map_replay(q, *, layout: bool = False) -> None:
+    """Options of :class:`fkdstore.labelmap.LabelMapSpec` (replay fields; ``layout``: also S, K, dtype), each
+    defaulting to None (= the preset's or the spec's default)."""
+    if layout:
+        q.add_argument("--map-size", type=_pos_int, metavar="S",
+                       help="label map side S (default: the side of the teacher's class map at --input-size)")
+        q.add_argument("--map-k", type=_pos_int, metavar="K", help="classes kept per map cell (default 5)")
+        q.add_argument("--map-dtype", choices=["float16", "float32"], help="stored score dtype (default float32)")
+    q.add_argument("--box-order", choices=["xy", "yx"],
+                   help="crop -> RoI axis order: xy (geometric) or yx (ReLabel's published (top, left, bottom, "
+                        "right))" + (" (default xy)" if layout else ""))
+    q.add_argument("--box-offset", type=float, metavar="O", help="added to box * S (default -0.5)")
+    q.add_argument("--grid", type=_pos_int, metavar="G", help="output label grid G x G (1: one label per crop)")
+    q.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="the label follows the crop's horizontal flip (default: " + ("yes" if layout else "the "
+                        "system's: no for relabel, yes for tokenlabeling") + ")")
+    q.add_argument("--map-temperature", type=float, metavar="T", help="replay temperature: softmax(pooled / T)")
+    q.add_argument("--sampling-ratio", type=int, metavar="R", help="RoIAlign samples per bin (-1: adaptive)")
+    q.add_argument("--fill", type=float, metavar="F", help="score of the classes a cell does not keep (default 0)")
+
+
+MAP_REPLAY_OPTIONS = {"box_order": "box_order", "box_offset": "box_offset", "grid": "grid", "flip": "flip",
+                      "map_temperature": "temperature", "sampling_ratio": "sampling_ratio", "fill": "fill"}
+"""CLI option -> :class:`fkdstore.labelmap.LabelMapSpec` field (given ones only)."""
+
+
+def map_replay_options(args: argparse.Namespace) -> dict:
+    """The :class:`~fkdstore.labelmap.LabelMapSpec` fields given on the command line."""
+    return {field: getattr(args, opt) for opt, field in MAP_REPLAY_OPTIONS.items()
+            if getattr(args, opt, None) is not None}
+
+
 GENERATE_HELP = """\
-Run a teacher on M random-resized crops per image and write an fkdstore label store. Resumable (rerun the
+Run a teacher on M random-resized crops per image and write an fkdstore label store (or, with --label-map,
+on each whole image once, storing its top-K label map: ReLabel). Resumable (rerun the
 same command after a crash: written images are kept, the rest are labelled) and multi-process under
 torchrun (rank r of P labels shards r, r+P, ...). Options left out take fkdstore.generate()'s defaults.
 Exit code 0 when the store is complete; 1 on an error or when images were skipped (--on-error skip).
@@ -744,6 +889,11 @@ examples:
   # RandAugment + a Mixup partner per crop: the teacher labels the mixed pixels, training replays them
   fkdstore generate --images train/ --teacher torchvision.models:resnet50 --out aug.zarr --crops 200 \\
       --augment "randaugment:num_ops=2,magnitude=9;mixup:alpha=0.2"
+
+  # ReLabel's label maps: the classifier as a 1x1 conv over the last feature map of each whole image at
+  # 448 px (a 14 x 14 map for a ResNet), top-5 per cell; TorchDataset pools each training crop's label
+  fkdstore generate --images train/ --teacher torchvision.models:resnet50 --out maps.zarr --label-map \\
+      --input-size 448 --map-k 5
 """
 
 
@@ -832,14 +982,12 @@ def _add_generate(sub, common) -> None:
                    help="relabel: label the crops stored in STORE (same images and --crops) instead of sampling")
     _add_storage_options(g)
     g = q.add_argument_group("crops and labels")
-    g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int, required=True,
-                   metavar="M", help="crops per image")
-    g.add_argument("--codec", default="ms",
-                   help="label codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. ms:k=5,dtype=q8 "
-                        "(default: ms)")
-    g.add_argument("--k", type=_pos_int, default=None, help="top-k for ms/mr (codec default: 5)")
-    g.add_argument("--dtype", default=None, choices=["float16", "float32", "q8"],
-                   help="stored probability dtype (codec default)")
+    g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int,
+                   metavar="M", help="crops per image (FKD crop regions; or --label-map)")
+    g.add_argument("--codec", help="label codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. "
+                                   "ms:k=5,dtype=q8 (default: ms)")
+    g.add_argument("--k", type=_pos_int, help="top-k for ms/mr (codec default: 5)")
+    g.add_argument("--dtype", choices=["float16", "float32", "q8"], help="stored probability dtype (codec default)")
     g.add_argument("--num-classes", type=_pos_int, metavar="C",
                    help="expected teacher output width (None: measured); state it to label a class-folder tree that "
                         "has fewer class folders than the teacher has outputs")
@@ -860,6 +1008,12 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--augment", metavar="SPEC",
                    help="augmentation policies after the crop; the teacher labels the augmented (mixed) pixels, "
                         "params are stored per crop. SPEC grammar: see 'augment SPEC' below")
+    g = q.add_argument_group("label maps (ReLabel): --label-map instead of --crops")
+    g.add_argument("--label-map", action="store_true",
+                   help="run the teacher once per whole image (resized to --input-size) and store the top-K "
+                        "classes of every cell of its class map; a classifier is applied as a 1x1 conv over its "
+                        "last feature map (fkdstore.labelmap_torch.spatial_teacher)")
+    _add_map_replay(g, layout=True)
     g = q.add_argument_group("execution")
     g.add_argument("--batch-size", type=_pos_int, metavar="N", help="crops per teacher forward")
     g.add_argument("--device", help="None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")

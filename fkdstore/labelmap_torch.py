@@ -7,7 +7,10 @@ TokenLabeling's ``generate_label.py``) obtain it from a classifier by applying t
 network whose head is ``fc(mean over cells of features)``, the mean of the class map over its cells is
 then exactly the network's logits. Any module with that input/output contract is a teacher.
 
-:func:`topk_maps` keeps the top ``K`` classes of every cell, in the order of the codecs' selection rule.
+:func:`spatial_teacher` finds the feature extractor and the classifier of common classifiers (an
+``nn.Sequential`` ending in global pooling and a linear layer, torchvision's ResNet family, timm models) and
+wraps them in a :class:`SpatialClassifier`. :func:`topk_maps` keeps the top ``K`` classes of every cell, in
+the order of the codecs' selection rule.
 
 Imports torch (this module is only imported by code that runs a teacher).
 """
@@ -22,7 +25,7 @@ from .codecs.base import check_num_classes
 from .errors import ValidationError
 from .labelmap import parse_k, parse_size
 
-__all__ = ["SpatialClassifier", "topk_maps"]
+__all__ = ["SpatialClassifier", "spatial_teacher", "class_map_shape", "topk_maps"]
 
 
 class SpatialClassifier(nn.Module):
@@ -64,6 +67,78 @@ class SpatialClassifier(nn.Module):
             return self.fc(f)
         w = self.fc.weight
         return F.conv2d(f, w.reshape(w.shape[0], w.shape[1], 1, 1), self.fc.bias)
+
+
+class _ForwardFeatures(nn.Module):
+    """``model.forward_features`` as a module (timm's feature extractor: maps or tokens before pooling)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def _is_global_pool(m: nn.Module) -> bool:
+    return isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and m.output_size in (1, (1, 1))
+
+
+def spatial_teacher(model: nn.Module, *, passthrough: bool = False) -> nn.Module:
+    """A classifier as a label-map teacher: its classifier applied at every cell of its last feature map
+    (:class:`SpatialClassifier`, sharing the model's modules and weights). Recognised, in this order:
+
+    1. a :class:`SpatialClassifier`: returned as is;
+    2. an ``nn.Sequential`` ending in global average pooling (``AdaptiveAvgPool2d(1)``), optionally
+       ``nn.Flatten``, and an ``nn.Linear`` (e.g. :func:`fkdstore.testing.tiny_cnn`): features = the modules
+       before the pooling;
+    3. a module whose last two children are ``avgpool`` (global pooling) and ``fc`` (``nn.Linear``) and whose
+       ``forward`` runs its children in order (torchvision's ResNet / ResNeXt / Wide ResNet): features = the
+       children before ``avgpool``;
+    4. a module with ``forward_features`` and ``get_classifier()`` returning an ``nn.Linear`` (timm): features
+       = ``forward_features`` (maps ``[B, D, h, w]``, or ViT tokens, see :class:`SpatialClassifier`).
+
+    For any other module: :class:`TypeError` naming it (build ``SpatialClassifier(features, fc)`` yourself), or,
+    with ``passthrough=True``, the module unchanged (taken to return class maps already; the runner checks the
+    shape). Max pooling heads are recognised too, but then the class map's mean is not the model's logits.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module. Got {type(model).__name__}.")
+    if isinstance(model, SpatialClassifier):
+        return model
+    if isinstance(model, nn.Sequential) and len(model) >= 3 and isinstance(model[-1], nn.Linear):
+        tail = -2 if isinstance(model[-2], nn.Flatten) else -1
+        if _is_global_pool(model[tail - 1]):
+            return SpatialClassifier(model[:tail - 1], model[-1])
+    names = [n for n, _ in model.named_children()]
+    if names[-2:] == ["avgpool", "fc"] and _is_global_pool(model.avgpool) and isinstance(model.fc, nn.Linear):
+        return SpatialClassifier(nn.Sequential(*list(model.children())[:-2]), model.fc)
+    if hasattr(model, "forward_features") and callable(getattr(model, "get_classifier", None)):
+        fc = model.get_classifier()
+        if isinstance(fc, nn.Linear):
+            return SpatialClassifier(_ForwardFeatures(model), fc)
+    if passthrough:
+        return model
+    raise TypeError(f"cannot find the feature extractor and classifier of {type(model).__name__}; build "
+                    f"SpatialClassifier(features, fc) (features: images -> last feature map, fc: its nn.Linear).")
+
+
+def class_map_shape(teacher: nn.Module, input_size) -> tuple[int, int, int]:
+    """``(C, h, w)`` of ``teacher``'s output for images of ``input_size`` (an int or ``(height, width)``),
+    measured on 2 black images on the teacher's device in eval mode (ValidationError when the output is not
+    class maps ``[B, C, h, w]``)."""
+    from .transforms import parse_input_size
+
+    size = parse_input_size(input_size)
+    p = next(teacher.parameters(), None)
+    teacher.eval()
+    with torch.inference_mode():
+        out = teacher(torch.zeros((2, 3, *size), device=p.device if p is not None else "cpu"))
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValidationError(f"a label-map teacher must return class maps [B, C, h, w]. For 2 images of "
+                              f"{size[0]} x {size[1]} it returned {got}.")
+    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
 
 
 def topk_maps(class_maps: torch.Tensor, k: int, *, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

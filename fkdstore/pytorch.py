@@ -11,6 +11,10 @@ and returns ``m`` of its ``M`` stored crops, replayed with the shared crop funct
         for batch in loader:                     # batch["crops"] [64*4, 3, H, W], batch["soft_labels"] [256, C]
             loss = fkdstore.soft_cross_entropy(model(batch["crops"]), batch["soft_labels"])
 
+A label-map store (ReLabel, ``kind = "label_map"``) gets a :class:`fkdstore.pytorch_maps.LabelMapDataset`
+instead, with the same item layouts: fresh crops per epoch or a region store's crops (``crops_from=``), and
+each crop's soft label pooled from the image's map (see that module).
+
 Two item layouts (``item=``):
 
 ``item="dict"`` (default): item ``i`` is a dict, flattened into a multi-crop batch by :func:`collate`:
@@ -246,6 +250,17 @@ class TorchDataset(torch.utils.data.Dataset):
     An unreachable URL (bad URL, missing bucket, refused credentials) raises
     :class:`~fkdstore.errors.StorageError` with a one-line message when the dataset is built.
     """
+
+    def __new__(cls, store=None, images=None, **kwargs):
+        """A label-map store gets a :class:`fkdstore.pytorch_maps.LabelMapDataset` (same item layout, each
+        crop's soft label pooled from the image's map; its own options: ``crops_from``, ``crop_sampler``);
+        a crop-regions store gets this class."""
+        if cls is TorchDataset and store is not None:
+            from . import pytorch_maps  # label-map items live there (it imports this module)
+
+            if pytorch_maps.is_label_map_store(store, kwargs.get("storage_options")):
+                return pytorch_maps.LabelMapDataset(store, images, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -922,6 +922,10 @@ class LabelMapReader(Reader):
     :meth:`read_batch`, :meth:`read_all` and :meth:`pool` (soft labels of crops)."""
 
     spec = property(lambda self: self.header.label_map)
+    # crop-region attributes raise FormatError naming the kind, so commands for crop regions (convert, prune,
+    # show, ...) refuse a label-map store with one clear line
+    codec = property(lambda self: self.header.codec)
+    crops_per_image = property(lambda self: self.header.crops_per_image)
 
     def _records(self, data: dict[str, np.ndarray]) -> MapRecords:
         return MapRecords(data[S.MAP_INDICES], data[S.MAP_SCORES])

@@ -86,6 +86,7 @@ import numpy as np
 from . import codecs as _codecs
 from . import diagnose
 from . import reader as _reader
+from . import report_maps as _maps
 from . import schema as S
 from . import storage as _storage
 from . import writer as _writer
@@ -225,7 +226,7 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
     # record arrays, the 4 per-image arrays and the manifest: one file per shard each (+ zarr.json); the groups
     files = (len(per_crop) + len(S.PER_IMAGE_ARRAYS) + 1) * (n_shards + 1) + groups
     return {
-        "codec": codec.get_config(), "num_images": N, "crops_per_image": M, "num_classes": C,
+        "kind": S.REGIONS, "codec": codec.get_config(), "num_images": N, "crops_per_image": M, "num_classes": C,
         "bytes": int(total), "bytes_per_crop": total / (N * M), "files": int(files),
         "images_per_chunk": ipc, "images_per_shard": ips, "arrays": arrays,
         "paper_formula_bytes": paper_bytes(N, M, C, codec),
@@ -233,6 +234,12 @@ def estimate_bytes(num_images: int, crops: int, num_classes: int, codec, k: int 
 
 
 def format_estimate(e: dict[str, Any], paper: bool = False) -> str:
+    """Human-readable rendering of an estimate (:func:`estimate_bytes`, or
+    :func:`fkdstore.report_maps.estimate_map_bytes` for label maps); ``paper``: the paper's Table 2 accounting."""
+    return kind_report(e.get("kind", S.REGIONS)).format_estimate(e, paper)
+
+
+def _format_regions_estimate(e: dict[str, Any], paper: bool = False) -> str:
     cfg = e["codec"]
     name = cfg["name"] + (f" K={cfg['k']}" if "k" in cfg else "")
     shape = f"{e['num_images']:,} images x {e['crops_per_image']} crops x {e['num_classes']} classes, codec {name}"
@@ -431,66 +438,128 @@ def reader_compatibility(arrays: dict[str, dict[str, Any]]) -> list[dict[str, An
 
 def inspect(path: str | os.PathLike, *, sample: int = 4096, seed: int = 0,
             storage_options: dict[str, Any] | None = None, plots: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring).
+    """Everything ``fkdstore inspect`` shows, as one JSON-serialisable dict (keys: module docstring; a
+    label-map store has the keys of :meth:`fkdstore.report_maps.MapReport.inspect` instead of the crop ones).
 
     ``path`` is a folder or a URL (with ``storage_options``). Stored bytes and file counts of a remote store
     come from one recursive listing through the store API (object sizes; no object is downloaded for them),
     so they equal what a local copy of the store holds. ``plots``: a folder to write the PNG plots of
-    :func:`fkdstore.plots.write_plots` into (from the same crop sample; key ``plots``)."""
+    :func:`fkdstore.plots.write_plots` into (from the same crop sample; key ``plots``; crop regions only)."""
     r = _reader.open(path, storage_options=storage_options)
     h = r.header
     stats = storage_stats(path, storage_options=storage_options)
     names = [*h.per_image_arrays, *r.record_arrays, S.MANIFEST]
     arrays = {n: _array_info(r.array(n), stats) for n in names}
     written = int(r.written.sum())
-    crops = written * h.crops_per_image
     total = stats["_total"]["bytes"]
-    soft = sum(a["stored_bytes"] for n, a in arrays.items() if n.startswith(S.SOFT_GROUP + "/"))
-    geo = sum(arrays[n]["stored_bytes"] for n in (S.BOX, S.FLIP) if n in arrays)  # 0: seeded crops
-    aug = sum(arrays[n]["stored_bytes"] for n in r.per_crop_arrays if n == S.AUG or n.startswith(S.AUG + "/"))
-    bpc = total / crops if crops else None
-    codec = r.codec
-    paper_fig = PAPER_TABLE2.get(_codec_key(codec))
-    ext_bytes = None
-    if crops:
-        # per-crop arrays scale with N*M; per-image arrays and metadata with N (or not at all).
-        per_crop_b = (soft + geo + aug) / crops
-        per_image_b = sum(arrays[n]["stored_bytes"] for n in h.per_image_arrays) / h.num_images
-        ext_bytes = int(per_crop_b * IMAGENET_1K_IMAGES * h.crops_per_image + per_image_b * IMAGENET_1K_IMAGES)
-    sampled = crop_sample(r, sample, seed)
+    kind = kind_report(h.kind)
     out = {
         "path": str(path), "format": S.FORMAT_NAME, "format_version": h.format_version, "kind": h.kind,
-        "store_id": h.store_id, "library_version": h.library_version, "codec": codec.get_config(),
+        "store_id": h.store_id, "library_version": h.library_version,
         "replay": None if h.replay is None else h.replay.get_config(),
-        "crops": "seeded" if h.seeded else "stored", "crop_sampler": h.sampler.get_config() if h.seeded else None,
-        "num_images": h.num_images, "crops_per_image": h.crops_per_image, "num_classes": h.num_classes,
-        "aug": [a.to_json() for a in h.aug], "augment": h.augment.get_config(), "has_labels": h.has_labels,
-        "pixel_replay": replay_note(h.augment),
+        "num_images": h.num_images, "num_classes": h.num_classes, "has_labels": h.has_labels,
         "images_per_chunk": h.images_per_chunk, "images_per_shard": h.images_per_shard,
         "images_written": written, "complete": written == h.num_images,
         "missing_ranges": [list(x) for x in r.missing_ranges()],
         "arrays": arrays, "total_bytes": int(total), "total_files": int(stats["_total"]["files"]),
-        "bytes_per_crop": bpc,
-        "label_bytes_per_crop": soft / crops if crops else None,
-        "box_bytes_per_crop": geo / crops if crops else None,
-        "aug_bytes_per_crop": aug / crops if crops else None,
-        "meta": dict(h.meta), "sampler": h.meta.get("sampler"), "teacher": h.meta.get("teacher"),
-        "label_stats": label_stats(r, sample=sample, seed=seed, crops=sampled),
-        "warnings": diagnose.store_warnings(h, codec, sampled),
+        "meta": dict(h.meta), "teacher": h.meta.get("teacher"),
         "compatibility": reader_compatibility(arrays),
-        "imagenet_extrapolation": {
-            "num_images": IMAGENET_1K_IMAGES, "crops_per_image": h.crops_per_image,
-            "bytes": ext_bytes,
-            "paper_formula_bytes": paper_bytes(IMAGENET_1K_IMAGES, h.crops_per_image, h.num_classes, codec),
-            "paper_table2": paper_fig,
-        },
     }
+    extra, sampled = kind.inspect(r, arrays, total, sample=sample, seed=seed)
+    out.update(extra)
     r.close()
     if plots is not None:
+        out["plots"] = kind.plots(out, sampled, plots)
+    return out
+
+
+class _RegionReport:
+    """The ``regions`` kind's part of :func:`inspect` and :func:`format_inspect` (crops, codec, per-crop sizes,
+    label statistics of stored crops, warnings, the paper's Table 2 for the codec)."""
+
+    @staticmethod
+    def inspect(r, arrays: dict[str, dict[str, Any]], total: int, *, sample: int, seed: int):
+        h = r.header
+        crops = int(r.written.sum()) * h.crops_per_image
+        soft = sum(a["stored_bytes"] for n, a in arrays.items() if n.startswith(S.SOFT_GROUP + "/"))
+        geo = sum(arrays[n]["stored_bytes"] for n in (S.BOX, S.FLIP) if n in arrays)  # 0: seeded crops
+        aug = sum(arrays[n]["stored_bytes"] for n in r.per_crop_arrays if n == S.AUG or n.startswith(S.AUG + "/"))
+        codec = r.codec
+        ext_bytes = None
+        if crops:
+            # per-crop arrays scale with N*M; per-image arrays and metadata with N (or not at all).
+            per_crop_b = (soft + geo + aug) / crops
+            per_image_b = sum(arrays[n]["stored_bytes"] for n in h.per_image_arrays) / h.num_images
+            ext_bytes = int(per_crop_b * IMAGENET_1K_IMAGES * h.crops_per_image + per_image_b * IMAGENET_1K_IMAGES)
+        sampled = crop_sample(r, sample, seed)
+        return {
+            "codec": codec.get_config(),
+            "crops": "seeded" if h.seeded else "stored", "crop_sampler": h.sampler.get_config() if h.seeded else None,
+            "crops_per_image": h.crops_per_image,
+            "aug": [a.to_json() for a in h.aug], "augment": h.augment.get_config(),
+            "pixel_replay": replay_note(h.augment),
+            "bytes_per_crop": total / crops if crops else None,
+            "label_bytes_per_crop": soft / crops if crops else None,
+            "box_bytes_per_crop": geo / crops if crops else None,
+            "aug_bytes_per_crop": aug / crops if crops else None,
+            "sampler": h.meta.get("sampler"),
+            "label_stats": label_stats(r, sample=sample, seed=seed, crops=sampled),
+            "warnings": diagnose.store_warnings(h, codec, sampled),
+            "imagenet_extrapolation": {
+                "num_images": IMAGENET_1K_IMAGES, "crops_per_image": h.crops_per_image,
+                "bytes": ext_bytes,
+                "paper_formula_bytes": paper_bytes(IMAGENET_1K_IMAGES, h.crops_per_image, h.num_classes, codec),
+                "paper_table2": PAPER_TABLE2.get(_codec_key(codec)),
+            },
+        }, sampled
+
+    format_estimate = staticmethod(_format_regions_estimate)
+    image = staticmethod(diagnose.image_slots)
+    format_image = staticmethod(diagnose.format_image_slots)
+
+    @staticmethod
+    def plots(d, sampled, folder) -> list[str]:
         from . import plots as _plots
 
-        out["plots"] = _plots.write_plots(out, sampled, plots)
-    return out
+        return _plots.write_plots(d, sampled, folder)
+
+    @staticmethod
+    def head(d: dict[str, Any]) -> list[str]:
+        cfg = d["codec"]
+        L = [f"codec      {cfg['name']}  config {cfg}",
+             f"shape      {d['num_images']:,} images x {d['crops_per_image']} crops, {d['num_classes']} classes"
+             + (f", aug {[a['name'] for a in d['aug']]}" if d["aug"] else "")]
+        if d.get("crops") == "seeded":
+            c = d["crop_sampler"]
+            L.append(f"crops      seeded (box and flip derived, not stored): seed {c['seed']}, scale {c['scale']}, "
+                     f"ratio {[round(x, 4) for x in c['ratio']]}, flip_p {c['flip_p']}")
+        if d.get("augment"):
+            L.append(f"augment    {_short(d['augment'], 320)}")
+        return L
+
+    @staticmethod
+    def size_lines(d: dict[str, Any]) -> list[str]:
+        return [f"per crop   {_fmt(d['bytes_per_crop'], '.2f')} B (labels {_fmt(d['label_bytes_per_crop'], '.2f')} B, "
+                f"box/flip {_fmt(d['box_bytes_per_crop'], '.2f')} B, aug {_fmt(d.get('aug_bytes_per_crop'), '.2f')} B)"]
+
+    @staticmethod
+    def tail(d: dict[str, Any]) -> list[str]:
+        s = d["label_stats"]
+        e = d["imagenet_extrapolation"]
+        return [
+            "",
+            f"labels     on {s['sampled_crops']:,} sampled crops (seed {s['seed']}):",
+            f"  mass kept by stored entries  {_fmt(s['kept_mass_mean'])}",
+            f"  mean entropy (nats)          {_fmt(s['entropy_mean_nats'])}",
+            f"  teacher top-1 = ground truth {_fmt(s['top1_agreement'])}",
+            f"  distinct top-1 classes       {s['distinct_top1']}",
+            "",
+            f"ImageNet-1K ({e['num_images']:,} images x {e['crops_per_image']} crops, same codec):",
+            f"  this layout     {human_bytes(e['bytes'])}",
+            f"  paper formula   {human_bytes(e['paper_formula_bytes'])} (float32, Table 2's accounting)",
+            f"  paper Table 2   {e['paper_table2'] or 'not in the table'}"
+            + (" (at 1.2M x 200 crops)" if e["paper_table2"] else ""),
+        ]
 
 
 def replay_note(augment: Pipeline) -> str:
@@ -520,24 +589,16 @@ def _fmt(v, spec=".4f"):
 
 
 def format_inspect(d: dict[str, Any]) -> str:
-    """Human-readable rendering of :func:`inspect`'s dict."""
-    cfg = d["codec"]
+    """Human-readable rendering of :func:`inspect`'s dict (the record kind's lines from its report class)."""
+    kind = kind_report(d.get("kind", S.REGIONS))
     L = [
         f"store      {d['path']}",
         f"format     {d['format']} {d['format_version']} (written by fkdstore {d['library_version'] or '?'})",
-        f"codec      {cfg['name']}  config {cfg}",
-        f"shape      {d['num_images']:,} images x {d['crops_per_image']} crops, {d['num_classes']} classes"
-        + (f", aug {[a['name'] for a in d['aug']]}" if d["aug"] else ""),
+        *kind.head(d),
         f"written    {d['images_written']:,} / {d['num_images']:,} images"
         + ("" if d["complete"] else f"; missing {_fmt_ranges(d['missing_ranges'])}"),
         f"layout     {d['images_per_chunk']} images per chunk, {d['images_per_shard']} per shard",
     ]
-    if d.get("crops") == "seeded":
-        c = d["crop_sampler"]
-        L.append(f"crops      seeded (box and flip derived, not stored): seed {c['seed']}, scale {c['scale']}, "
-                 f"ratio {[round(x, 4) for x in c['ratio']]}, flip_p {c['flip_p']}")
-    if d.get("augment"):
-        L.append(f"augment    {_short(d['augment'], 320)}")
     if d.get("replay"):
         r = d["replay"]
         L.append(f"replay     input {r['input_size'][0]} x {r['input_size'][1]} {r['interpolation']}, mean "
@@ -556,36 +617,21 @@ def format_inspect(d: dict[str, Any]) -> str:
         )
     L += [
         f"total      {human_bytes(d['total_bytes'])} ({d['total_bytes']:,} bytes) in {d['total_files']} files",
-        f"per crop   {_fmt(d['bytes_per_crop'], '.2f')} B (labels {_fmt(d['label_bytes_per_crop'], '.2f')} B, "
-        f"box/flip {_fmt(d['box_bytes_per_crop'], '.2f')} B, aug {_fmt(d.get('aug_bytes_per_crop'), '.2f')} B)",
+        *kind.size_lines(d),
         *([f"readers    {c['dtype']} in {', '.join(c['arrays'])}: {c['note']}" for c in d["compatibility"]]
           or ["readers    core Zarr v3 data types only: any Zarr v3 reader with the spec's codecs reads it"]),
         "",
-        f"sampler    {_short(d['sampler'], 320) if d['sampler'] is not None else '-'}",
-        f"teacher    {_short(d['teacher'], 320) if d['teacher'] is not None else '-'}",
     ]
+    if "sampler" in d:
+        L.append(f"sampler    {_short(d['sampler'], 320) if d['sampler'] is not None else '-'}")
+    L.append(f"teacher    {_short(d['teacher'], 320) if d['teacher'] is not None else '-'}")
     other = {k: v for k, v in d["meta"].items() if k not in ("sampler", "teacher", "history")}
     if other:
         L.append(f"meta       {_short(other)}")
     for h in d["meta"].get("history", []) or []:
         L.append(f"history    {_short(h)}")
-    s = d["label_stats"]
     L += [
-        "",
-        f"labels     on {s['sampled_crops']:,} sampled crops (seed {s['seed']}):",
-        f"  mass kept by stored entries  {_fmt(s['kept_mass_mean'])}",
-        f"  mean entropy (nats)          {_fmt(s['entropy_mean_nats'])}",
-        f"  teacher top-1 = ground truth {_fmt(s['top1_agreement'])}",
-        f"  distinct top-1 classes       {s['distinct_top1']}",
-    ]
-    e = d["imagenet_extrapolation"]
-    L += [
-        "",
-        f"ImageNet-1K ({e['num_images']:,} images x {e['crops_per_image']} crops, same codec):",
-        f"  this layout     {human_bytes(e['bytes'])}",
-        f"  paper formula   {human_bytes(e['paper_formula_bytes'])} (float32, Table 2's accounting)",
-        f"  paper Table 2   {e['paper_table2'] or 'not in the table'}"
-        + (" (at 1.2M x 200 crops)" if e["paper_table2"] else ""),
+        *kind.tail(d),
         "",
         *([f"warning    [{w['code']}] {w['message']}" for w in d.get("warnings") or []] or ["warnings   none"]),
     ]
@@ -619,3 +665,11 @@ def storage_stats(location, *, storage_options: Mapping[str, Any] | None = None)
         d["files"] += 1
     out["_total"] = {k: sum(d[k] for d in out.values()) for k in ("bytes", "files")}
     return out
+
+
+
+def kind_report(kind: str):
+    """The record kind's part of :func:`inspect`, :func:`format_inspect`, :func:`format_estimate` and ``inspect
+    --image`` (``image`` / ``format_image``): crop regions here, label maps in :mod:`fkdstore.report_maps` (which
+    uses this module's helpers, hence looked up at call time)."""
+    return {S.REGIONS: _RegionReport, S.LABEL_MAP: _maps.MapReport}[kind]

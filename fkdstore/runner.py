@@ -67,7 +67,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,10 +86,12 @@ from .augment.replay import Partner, replay_slots
 from .distributed import Collectives, World, pick_device
 from .errors import FkdstoreError, SchemaMismatchError, ValidationError
 from .images import ImageReadError
+from .labelmap import LabelMapSpec
+from .labelmap_torch import topk_maps
 from .sources import ImageSource, as_source
 from .seeded import SlotCropSampler
 from .teacher import TeacherForward, state_sha256
-from .transforms import Replay, replay_crops
+from .transforms import Replay, crop_resize, replay_crops
 from .validation import boolean, non_negative_int, positive_int
 
 __all__ = ["generate", "LabelSpec", "Execution", "Provenance", "StoredCrops", "DEFAULT_BATCH_SIZE", "ON_ERROR"]
@@ -104,16 +106,26 @@ GENERATOR = "fkdstore.generate"
 
 @dataclass(frozen=True, kw_only=True)
 class LabelSpec:
-    """What the store holds: ``crops_per_image`` (M) soft labels per image, ``softmax(logits / temperature)``
-    stored with ``codec`` (a codec, a name or a config dict; a codec with ``input == "logits"`` gets the
-    logits, and then ``temperature`` must be 1); the crops drawn by ``crop_sampler`` (a
-    :class:`~fkdstore.seeded.SlotCropSampler`) and derived from it on read, or stored when ``store_crops``;
-    ``augment`` the policies applied after the crop (:func:`fkdstore.augment.parse_augment`);
-    ``num_classes`` the expected teacher width (``None``: measured); ``images_per_shard`` a storage layout
-    override."""
+    """What the store holds, one of two record kinds (spec section 1.3):
 
-    crops_per_image: int
-    codec: Any
+    * crop regions (FKD): ``crops_per_image`` (M) soft labels per image, ``softmax(logits / temperature)``
+      stored with ``codec`` (a codec, a name or a config dict; a codec with ``input == "logits"`` gets the
+      logits, and then ``temperature`` must be 1); the crops drawn by ``crop_sampler`` (a
+      :class:`~fkdstore.seeded.SlotCropSampler`) and derived from it on read, or stored when ``store_crops``;
+      ``augment`` the policies applied after the crop (:func:`fkdstore.augment.parse_augment`);
+    * label maps (ReLabel): ``label_map``, a :class:`~fkdstore.labelmap.LabelMapSpec` (or its config): the
+      teacher runs once on each whole image resized to the replay ``input_size`` and must return a class map
+      ``[B, C, S, S]`` (``S = label_map.size``; e.g. :func:`fkdstore.labelmap_torch.spatial_teacher`); the
+      top ``K`` classes of every cell are stored (:func:`fkdstore.labelmap_torch.topk_maps`). Mutually
+      exclusive with ``crops_per_image``, ``codec``, ``crop_sampler``, ``store_crops`` and ``augment``, and
+      ``temperature`` stays 1 (the label map's own ``temperature`` is its replay temperature).
+
+    Both: ``num_classes`` the expected teacher width (``None``: measured); ``images_per_shard`` a storage
+    layout override."""
+
+    crops_per_image: int | None = None
+    codec: Any = None
+    label_map: Any = None
     temperature: float = 1.0
     crop_sampler: SlotCropSampler = field(default_factory=SlotCropSampler)
     store_crops: bool = False
@@ -122,10 +134,17 @@ class LabelSpec:
     images_per_shard: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "crops_per_image", positive_int("crops_per_image", self.crops_per_image))
-        object.__setattr__(self, "codec", _codecs.as_codec(self.codec))
+        if self.label_map is not None:
+            self._check_label_map()
+        else:
+            if self.crops_per_image is None or self.codec is None:
+                missing = [n for n in ("crops_per_image", "codec") if getattr(self, n) is None]
+                raise ValidationError(f"generate needs crops_per_image and codec (FKD crop regions) or label_map "
+                                      f"(ReLabel label maps). Got no {' and no '.join(missing)}.")
+            object.__setattr__(self, "crops_per_image", positive_int("crops_per_image", self.crops_per_image))
+            object.__setattr__(self, "codec", _codecs.as_codec(self.codec))
         object.__setattr__(self, "temperature", _codecs.parse_temperature(self.temperature))
-        if self.codec.input == "logits" and self.temperature != 1.0:
+        if self.codec is not None and self.codec.input == "logits" and self.temperature != 1.0:
             raise ValidationError(
                 f"temperature must be 1 with the {self.codec.name!r} codec: it stores the teacher's logits and the "
                 f"temperature is chosen when decoding (decode(..., temperature=T), TorchDataset(..., temperature=T)). "
@@ -138,6 +157,31 @@ class LabelSpec:
             object.__setattr__(self, "num_classes", positive_int("num_classes", self.num_classes))
         if self.images_per_shard is not None:
             object.__setattr__(self, "images_per_shard", positive_int("images_per_shard", self.images_per_shard))
+
+    def _check_label_map(self) -> None:
+        spec = self.label_map
+        if isinstance(spec, Mapping):
+            spec = LabelMapSpec.from_config(spec)
+        elif not isinstance(spec, LabelMapSpec):
+            raise TypeError(f"label_map must be a LabelMapSpec or its config. Got {type(spec).__name__}.")
+        object.__setattr__(self, "label_map", spec)
+        given = [f"{n}={getattr(self, n)!r}" for n in ("crops_per_image", "codec") if getattr(self, n) is not None]
+        given += [f"{n}={getattr(self, n)!r}" for n, default in (("crop_sampler", SlotCropSampler()),
+                                                                  ("store_crops", False)) if getattr(self, n) != default]
+        if len(_augment.parse_augment(self.augment)):
+            given.append(f"augment={self.augment!r}")
+        if given:
+            raise ValidationError(f"label_map is mutually exclusive with crops_per_image, codec, crop_sampler, "
+                                  f"store_crops and augment: a label-map store holds one map per whole image, "
+                                  f"crops are drawn at training time. Got {', '.join(given)}.")
+        if self.temperature != 1.0:
+            raise ValidationError(f"temperature must be 1 with label_map: the map stores raw scores; the replay "
+                                  f"temperature is LabelMapSpec(temperature=...). Got {self.temperature!r}.")
+
+    @property
+    def kind(self) -> str:
+        """The record kind this spec writes: ``"label_map"`` or ``"regions"``."""
+        return S.LABEL_MAP if self.label_map is not None else S.REGIONS
 
 
 def _default_workers() -> int:
@@ -200,7 +244,15 @@ class _Job:
 
     @property
     def images_per_batch(self) -> int:
+        """Images per teacher batch: ``batch_size`` whole images (label maps), else ``batch_size // M``."""
+        if self.labels.kind == S.LABEL_MAP:
+            return self.execution.batch_size
         return max(1, self.execution.batch_size // self.labels.crops_per_image)
+
+    @property
+    def work(self) -> type[_RegionWork | _MapWork]:
+        """The record kind's labelling steps (:data:`_WORK`)."""
+        return _WORK[self.labels.kind]
 
 
 _CONFIGS = {"labels": LabelSpec, "replay": Replay, "run": Execution, "provenance": Provenance}
@@ -210,8 +262,7 @@ _OPTIONS = {f.name: name for name, cls in _CONFIGS.items() for f in dataclasses.
 
 def option_default(name: str) -> Any:
     """The default of one of :func:`generate`'s flat options (a field of a config object); the config's
-    field is its one home. A required field (``crops_per_image``, ``codec``) has none: returns the
-    ``fkdstore.cli`` sentinel's counterpart, ``dataclasses.MISSING``."""
+    field is its one home. A field without a default returns ``dataclasses.MISSING``."""
     f = next(f for f in dataclasses.fields(_CONFIGS[_OPTIONS[name]]) if f.name == name)
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -270,10 +321,14 @@ def generate(
       :func:`fkdstore.augment.parse_augment`; each slot's params are sampled from ``(seed, image, slot)``,
       stored as ``aug/<column>``, and the teacher labels the augmented — for Mixup/CutMix mixed — pixels),
       ``num_classes`` (expected teacher width; default measured), ``images_per_shard`` (layout override);
+      or, instead of crop regions, ``label_map`` (a :class:`~fkdstore.labelmap.LabelMapSpec`: ReLabel's label
+      maps, ``generate(spatial_teacher(model), "train/", "maps.zarr", label_map=LabelMapSpec(size=15, k=5,
+      box_order="xy"), input_size=475)``: the teacher runs once per whole image resized to ``input_size`` and
+      returns class maps ``[B, C, S, S]``; the top-K of every cell is stored; training pools them per crop);
     * ``replay``: :class:`~fkdstore.transforms.Replay`: ``input_size`` (the teacher's input, default 224),
       ``interpolation``, ``mean``, ``std``; recorded in the header, what training replays;
-    * ``run``: :class:`Execution`: ``batch_size`` (crops per teacher forward; images are grouped
-      ``max(1, batch_size // M)`` at a time, aligned to storage shards), ``device`` (default cuda when
+    * ``run``: :class:`Execution`: ``batch_size`` (crops, or whole images for label maps, per teacher forward;
+      images are grouped ``max(1, batch_size // M)`` at a time, aligned to storage shards), ``device`` (default cuda when
       available, ``cuda:LOCAL_RANK`` under torchrun, else cpu), ``num_workers`` (decoding workers, default
       ``min(8, cpus - 1)``), ``on_error`` (``"stop"`` raises on an unreadable image; ``"skip"`` leaves it
       unwritten, listed in ``meta["skipped"]``, and a later run retries it), ``amp`` (autocast on CUDA),
@@ -281,8 +336,9 @@ def generate(
     * ``provenance``: :class:`Provenance`: ``teacher_name``, ``weights_sha256``.
 
     Args:
-        teacher: a :class:`torch.nn.Module` returning logits ``(B, C)``; put in eval mode and moved to the
-            device (in place, as ``Module.to`` does).
+        teacher: a :class:`torch.nn.Module` returning logits ``(B, C)`` (for ``label_map``: class maps
+            ``(B, C, S, S)`` of raw scores); put in eval mode and moved to the device (in place, as
+            ``Module.to`` does).
         images: an image folder (class sub-folders give ``label``, as ImageFolder), a list of files, a URL prefix
             (``s3://bucket/train/``, with ``storage_options``), WebDataset tar shards, a ``datasets.Dataset``,
             a mapping of key -> image or an :class:`fkdstore.sources.ImageSource`
@@ -310,6 +366,9 @@ def generate(
     t_start = time.perf_counter()
     cfg = _configs({"labels": labels, "replay": replay, "run": run, "provenance": provenance}, options)
     job = _Job(labels=cfg["labels"], replay=cfg["replay"], execution=cfg["run"], provenance=cfg["provenance"])
+    if crops_from is not None and job.labels.kind == S.LABEL_MAP:
+        raise ValidationError("crops_from applies to crop regions: a label map is made from the whole image. Got "
+                              "label_map with crops_from.")
     if crops_from is not None and (job.labels.crop_sampler != SlotCropSampler() or job.labels.store_crops):
         raise ValidationError("crop_sampler and store_crops must stay default with crops_from: the crops, and "
                               "whether they are seeded, come from the source store.")
@@ -338,7 +397,7 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
                                                                crops_options)
     forward = TeacherForward(teacher, job.replay, pick_device(job.execution.device, World.detect()),
                              job.execution.amp)
-    num_classes = check_num_classes(forward, job.labels.num_classes, listing)
+    num_classes = check_num_classes(forward, job.labels.num_classes, listing, job)
     meta = provenance_meta(teacher, listing, job)
     if stored is not None:
         meta.update(stored.meta())
@@ -346,9 +405,7 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
         writer, sizes, skipped = open_or_create_store(out, listing, job, num_classes, meta, comm,
                                                       stored=stored)
         plan = plan_shards(writer.header, writer.written, comm.world, job.images_per_batch)
-        dataset = _CropDataset(listing, sizes, job.sampler if stored is None else stored,
-                               job.labels.crops_per_image, job.replay,
-                               augment=job.augment if stored is None else stored.pipeline, seed=job.sampler.seed)
+        dataset = job.work.dataset(listing, sizes, job, stored)
         done = label_shards(forward, writer, dataset, plan, listing.keys, job, num_classes, skipped,
                             show_progress=job.execution.progress is not False and comm.world.is_leader,
                             name=_storage.describe(out).rstrip("/").rsplit("/", 1)[-1])
@@ -369,13 +426,15 @@ def resolve_images(images, storage_options=None) -> ImageSource:
     return as_source(images, storage_options=storage_options)
 
 
-def check_num_classes(forward: TeacherForward, expected: int | None, listing: ImageSource) -> int:
-    """The teacher's output width ``C``, checked against ``expected`` and the number of class folders.
+def check_num_classes(forward: TeacherForward, expected: int | None, listing: ImageSource,
+                      job: _Job | None = None) -> int:
+    """The teacher's output width ``C``, checked against ``expected`` and the number of class folders (for a
+    label-map ``job`` also the class map's shape: :meth:`_MapWork.num_classes`).
 
     More class folders than outputs is refused. More outputs than class folders is refused too unless
     ``expected`` (``num_classes``) states the width: the folder's class indices (the store's ``label``) would
     otherwise silently disagree with the teacher's classes (e.g. an ImageNet teacher on a 10-class folder)."""
-    width = forward.num_classes()
+    width = forward.num_classes() if job is None else job.work.num_classes(forward, job)
     if expected is not None and expected != width:
         raise ValidationError(f"teacher outputs {width} classes but num_classes={expected} was asked for")
     n = len(listing.classes)
@@ -406,6 +465,8 @@ def provenance_meta(teacher: torch.nn.Module, listing: ImageSource, job: _Job) -
         "teacher": job.provenance.teacher_meta(teacher),
         "temperature": job.labels.temperature,
         "classes": list(listing.classes),
+        # label maps: what the teacher saw (the header's replay says how: the whole image resized)
+        **({"label_map_input": "whole image"} if job.labels.kind == S.LABEL_MAP else {}),
         # stored crops: which sampler drew them (seeded crops carry it in the header)
         **({"sampler": job.sampler.get_config()} if job.labels.store_crops else {}),
     }
@@ -448,9 +509,8 @@ def open_or_create_store(out, listing: ImageSource, job: _Job, num_classes: int,
     labels = np.asarray(listing.labels, dtype=np.int64)
     spec = job.labels
     common = dict(
-        num_images=len(listing), crops_per_image=spec.crops_per_image, num_classes=num_classes, codec=spec.codec,
-        image_keys=listing.keys, labels=labels, meta=meta, images_per_shard=spec.images_per_shard,
-        augment=job.augment, replay=job.replay, crop_sampler=None if spec.store_crops else job.sampler,
+        num_images=len(listing), num_classes=num_classes, image_keys=listing.keys, labels=labels, meta=meta,
+        images_per_shard=spec.images_per_shard, replay=job.replay, **job.work.records(job),
     )
     if stored is not None:
         common.update(aug=stored.aug_columns, augment=stored.augment, crop_sampler=stored.crop_sampler)
@@ -719,12 +779,12 @@ class StoredCrops:
 
 
 def _collate(items):
-    """``(indices, boxes, flips, crops, [(index, error message)], aug)`` of one batch of images; ``aug`` is
+    """``(indices, [(index, error message)], (boxes, flips, crops, aug))`` of one batch of images; ``aug`` is
     ``{column: (B, M, *shape)}`` for an augmentation pipeline, else None."""
     ok = [it for it in items if it[4] is None]
     errors = [(it[0], it[4]) for it in items if it[4] is not None]
     if not ok:
-        return np.zeros(0, np.int64), None, None, None, errors, None
+        return np.zeros(0, np.int64), errors, (None, None, None, None)
     idx = np.asarray([it[0] for it in ok], dtype=np.int64)
     boxes = np.stack([it[1] for it in ok])
     flips = np.stack([it[2] for it in ok])
@@ -734,46 +794,45 @@ def _collate(items):
         crops = torch.stack([it[3][0] for it in ok])
     else:
         crops = torch.stack([it[3] for it in ok])
-    return idx, boxes, flips, crops, errors, aug
+    return idx, errors, (boxes, flips, crops, aug)
 
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers run Pillow; torch threads would only fight the teacher
 
 
-def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: _CropDataset, plan: ShardPlan,
-                 keys: Sequence[str], job: _Job, num_classes: int, skipped: list[str], *,
+def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: torch.utils.data.Dataset,
+                 plan: ShardPlan, keys: Sequence[str], job: _Job, num_classes: int, skipped: list[str], *,
                  show_progress: bool | None, name: str) -> int:
     """Label every batch of ``plan`` and write it; returns the number of images labelled here.
 
-    A shard is flushed after its last batch (so a shard with skipped images is written with what it has);
-    unreadable images are raised (``on_error="stop"``) or appended to ``skipped``.
+    The record kind's steps (:attr:`_Job.work`) batch the dataset's items (``collate``: image indices, read
+    errors, the rest) and label and write a batch (``put``). A shard is flushed after its last batch (so a
+    shard with skipped images is written with what it has); unreadable images are raised
+    (``on_error="stop"``) or appended to ``skipped``.
     """
-    ex = job.execution
+    ex, work = job.execution, job.work
     loader = [] if not plan.batches else torch.utils.data.DataLoader(
-        dataset, batch_sampler=plan.batches, num_workers=ex.num_workers, collate_fn=_collate,
+        dataset, batch_sampler=plan.batches, num_workers=ex.num_workers, collate_fn=work.collate,
         pin_memory=forward.use_cuda, worker_init_fn=_worker_init if ex.num_workers else None,
         prefetch_factor=4 if ex.num_workers else None,
     )
     bar = _progress.progress(ex.progress if show_progress else False, total=plan.num_images, unit="img",
                              desc=f"labelling {name}", dynamic_ncols=True, smoothing=0.05)
-    M = job.labels.crops_per_image
+    per_image, unit = work.records_per_image(job), work.unit
     done = 0
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for b, (idx, boxes, flips, crops, errors, aug) in enumerate(loader):
+            for b, (idx, errors, rest) in enumerate(loader):
                 _handle_read_errors(errors, keys, ex.on_error, skipped)
                 if len(idx):
-                    fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]], idx)
-                    if aug is None and isinstance(dataset.crops, StoredCrops):
-                        aug = dataset.crops.aug(idx)  # a source's aug columns without an augment pipeline
-                    writer.put_fields(idx, boxes, flips, fields, aug=aug)
+                    work.put(forward, writer, dataset, idx, rest, job, num_classes, keys)
                     done += len(idx)
                 if b in plan.shard_ends:
                     writer.flush()
                 bar.update(len(idx) + len(errors))
-                bar.set_postfix_str(f"{done * M / max(time.perf_counter() - t0, 1e-9):,.0f} crops/s")
+                bar.set_postfix_str(f"{done * per_image / max(time.perf_counter() - t0, 1e-9):,.0f} {unit}/s")
     finally:
         bar.close()
     return done
@@ -815,6 +874,150 @@ def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_cla
     return codec.encode(probs, keys=keys)
 
 
+# --------------------------------------------------------------------------------------------- 5b label maps
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Item ``i``: image ``i`` whole, resized to the replay ``input_size`` (:func:`fkdstore.transforms.crop_resize`
+    of the box covering the image, so a crop slot that covers the whole image gives the same pixels), uint8
+    ``[3, h, w]``, or the read error (returned, not raised). Label maps are made from these (ReLabel runs its
+    teacher on the whole image)."""
+
+    def __init__(self, source: ImageSource, sizes, replay: Replay):
+        self.source, self.sizes, self.replay = source, np.asarray(sizes), replay
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitems__(self, indices):
+        self.source.prefetch(indices)
+        return [self[i] for i in indices]
+
+    def __getitem__(self, i):
+        H, W = (int(v) for v in self.sizes[i])
+        try:
+            img = self.source.load(i)
+            if img.size != (W, H):
+                raise ImageReadError(f"image {self.source.name(i)} decodes to height x width {img.size[1]} x "
+                                     f"{img.size[0]}, but its header (and the store) say {H} x {W}")
+        except (ImageReadError, OSError) as e:
+            msg = f"{e}" if isinstance(e, ImageReadError) else f"cannot read image {self.source.name(i)}: {e}"
+            return i, None, msg
+        return i, crop_resize(img, (0, 0, H, W), False, self.replay.input_size, self.replay.interpolation), None
+
+
+def _collate_images(items):
+    """``(indices, [(index, error message)], images [B, 3, h, w] uint8 or None)`` of one batch."""
+    ok = [it for it in items if it[2] is None]
+    errors = [(it[0], it[2]) for it in items if it[2] is not None]
+    if not ok:
+        return np.zeros(0, np.int64), errors, None
+    return np.asarray([it[0] for it in ok], dtype=np.int64), errors, torch.stack([it[1] for it in ok])
+
+
+def label_maps(forward: TeacherForward, images: torch.Tensor, job: _Job, num_classes: int,
+               some_keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K label maps ``(indices, scores)``, each ``[B, K, S, S]``, of whole images ``[B, 3, h, w]`` (uint8):
+    the teacher runs on at most ``batch_size`` images at a time and must return class maps ``[B, C, S, S]``
+    (raw scores; :func:`fkdstore.labelmap_torch.topk_maps` keeps the top ``K`` per cell). ``some_keys`` name
+    the batch in errors (wrong shape, non-finite scores)."""
+    spec, bs, B = job.labels.label_map, job.execution.batch_size, len(images)
+    maps = torch.cat([forward(images[j:j + bs]) for j in range(0, B, bs)])
+    want = (B, num_classes, spec.size, spec.size)
+    if tuple(maps.shape) != want:
+        raise ValidationError(f"teacher output must be class maps of shape (images, C, S, S) = {want}. "
+                              f"Got {tuple(maps.shape)}.")
+    if not torch.isfinite(maps).all():
+        raise ValidationError(f"teacher returned non-finite scores for a batch of images {list(some_keys)}...")
+    return topk_maps(maps, spec.k)
+
+
+class _RegionWork:
+    """Labelling steps of crop regions (FKD): M crops per image, the codec's soft labels (``put_fields``)."""
+
+    unit = "crops"
+
+    @staticmethod
+    def records(job: _Job) -> dict[str, Any]:
+        """:func:`fkdstore.write` arguments of the record kind."""
+        spec = job.labels
+        return {"crops_per_image": spec.crops_per_image, "codec": spec.codec, "augment": job.augment,
+                "crop_sampler": None if spec.store_crops else job.sampler}
+
+    @staticmethod
+    def records_per_image(job: _Job) -> int:
+        return job.labels.crops_per_image
+
+    @staticmethod
+    def num_classes(forward: TeacherForward, job: _Job) -> int:
+        return forward.num_classes()
+
+    @staticmethod
+    def dataset(listing: ImageSource, sizes, job: _Job, stored: StoredCrops | None) -> _CropDataset:
+        return _CropDataset(listing, sizes, job.sampler if stored is None else stored, job.labels.crops_per_image,
+                            job.replay, augment=job.augment if stored is None else stored.pipeline,
+                            seed=job.sampler.seed)
+
+    collate = staticmethod(_collate)
+
+    @staticmethod
+    def put(forward, writer, dataset, idx, rest, job, num_classes, keys) -> None:
+        boxes, flips, crops, aug = rest
+        fields = label_batch(forward, crops, job, num_classes, [keys[i] for i in idx[:5]], idx)
+        if aug is None and isinstance(dataset.crops, StoredCrops):
+            aug = dataset.crops.aug(idx)  # a source's aug columns without an augment pipeline
+        writer.put_fields(idx, boxes, flips, fields, aug=aug)
+
+
+class _MapWork:
+    """Labelling steps of label maps (ReLabel): the whole image once, its top-K class map (``put_maps``)."""
+
+    unit = "images"
+
+    @staticmethod
+    def records(job: _Job) -> dict[str, Any]:
+        return {"label_map": job.labels.label_map}
+
+    @staticmethod
+    def records_per_image(job: _Job) -> int:
+        return 1
+
+    @staticmethod
+    def num_classes(forward: TeacherForward, job: _Job) -> int:
+        """``C`` of the teacher's class map, measured on 2 black images at the input size; the map must be
+        ``[2, C, S, S]`` with ``S = label_map.size`` and ``C >= K`` (ValidationError otherwise, nothing
+        written)."""
+        spec, size = job.labels.label_map, job.replay.input_size
+        with torch.inference_mode():
+            out = forward(torch.zeros((2, 3, *size), dtype=torch.uint8))
+        if out.ndim != 4 or out.shape[0] != 2:
+            raise ValidationError(
+                f"a label-map teacher must return class maps [B, C, h, w] (e.g. "
+                f"fkdstore.labelmap_torch.spatial_teacher(model): the classifier as a 1x1 conv over the last "
+                f"feature map). For a batch of 2 images of {size[0]} x {size[1]} it returned {tuple(out.shape)}.")
+        if tuple(out.shape[2:]) != (spec.size, spec.size):
+            raise ValidationError(
+                f"label_map.size must equal the teacher's class-map side: at input_size {size[0]} x {size[1]} the "
+                f"teacher returns {out.shape[2]} x {out.shape[3]} maps. Got label_map.size={spec.size}; change "
+                f"the size or the input_size.")
+        return spec.check_num_classes(int(out.shape[1]))
+
+    @staticmethod
+    def dataset(listing: ImageSource, sizes, job: _Job, stored) -> _ImageDataset:
+        return _ImageDataset(listing, sizes, job.replay)
+
+    collate = staticmethod(_collate_images)
+
+    @staticmethod
+    def put(forward, writer, dataset, idx, images, job, num_classes, keys) -> None:
+        indices, scores = label_maps(forward, images, job, num_classes, [keys[i] for i in idx[:5]])
+        writer.put_maps(idx, indices, scores)
+
+
+_WORK = {S.REGIONS: _RegionWork, S.LABEL_MAP: _MapWork}
+"""The record kind's labelling steps: write arguments, teacher check, dataset, batching, label + write."""
+
+
 # --------------------------------------------------------------------------------------------- 6 the record
 
 
@@ -851,17 +1054,20 @@ def _now() -> str:
 
 
 def summary(reader: _reader.Reader, path, done: int, elapsed: float, skipped: list[str]) -> str:
-    """One line: images labelled, store state, crops, bytes per crop on storage, time and throughput.
-    ``path``: a folder or a Zarr store (local or remote: sizes from one listing through the store API)."""
-    M = reader.crops_per_image
+    """One line: images labelled, store state, records (crops or maps), bytes per record on storage, time
+    and throughput. ``path``: a folder or a Zarr store (local or remote: sizes from one listing through the
+    store API)."""
+    M = reader.header.records.records_per_image
+    unit = "crops" if reader.header.kind == S.REGIONS else "maps"
     written = int(reader.written.sum())
     stats = _report.storage_stats(path)
-    per_crop = sum(d["bytes"] for k, d in stats.items() if k not in ("_total", ".") and k not in reader.header.per_image_arrays)
-    bpc = per_crop / max(1, written * M)
+    per_record = sum(d["bytes"] for k, d in stats.items()
+                     if k not in ("_total", ".") and k not in reader.header.per_image_arrays)
+    bpr = per_record / max(1, written * M)
     rate = done / elapsed if elapsed > 0 else 0.0
     state = "complete" if reader.complete else f"INCOMPLETE ({len(reader) - written} missing, {len(skipped)} skipped)"
     return (
         f"fkdstore generate: {done} images labelled ({written}/{len(reader)} in store, {state}), "
-        f"{done * M} crops, {bpc:.1f} B/crop on disk, {elapsed:.1f} s ({rate:.1f} img/s, {rate * M:.0f} crops/s) "
-        f"-> {_storage.describe(path) if not isinstance(path, (str, os.PathLike)) else path}"
+        f"{done * M} {unit}, {bpr:.1f} B/{unit[:-1]} on disk, {elapsed:.1f} s ({rate:.1f} img/s, "
+        f"{rate * M:.0f} {unit}/s) -> {_storage.describe(path) if not isinstance(path, (str, os.PathLike)) else path}"
     )

@@ -153,6 +153,21 @@ def test_reproduce_mixing_rows_tiny_run(tmp_path):
     assert any("Mixup/CutMix stored" in line for line in run_all.verdicts(None, res))
 
 
+@pytest.mark.slow
+def test_reproduce_relabel_rows_tiny_run(tmp_path):
+    run_all = pytest.importorskip("run_all")
+    torch.manual_seed(0)
+    res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "2", "--size", "12",
+                          "--teacher-width", "8", "--student-width", "4", "--m", "2", "--keeps", "--no-q8",
+                          "--only", "Full, m=2", "MS K=3", "(k)", "(l)", "--work", str(tmp_path)])
+    assert sorted(k[:3] for k in res["summary"]) == ["(c)", "(c)", "(k)", "(k)", "(l)"]
+    assert res["relabel"]["size"] == 3 and res["relabel"]["k"] == 3  # tiny_cnn at 12 px: a 3 x 3 class map
+    v = res["claims"]["fkd_vs_relabel"]
+    assert "FKD Full vs ReLabel on FKD's crops" in v and all(p["verdict"] in ("tie", "FKD", "ReLabel") for p in v.values())
+    assert "FKD vs ReLabel (rows (k)/(l))" in reproduce.to_markdown(res)
+    assert any("ReLabel's label maps" in line for line in run_all.verdicts(None, res))
+
+
 def test_read_breakdown_tiny_run(capsys, tmp_path):
     """benchmarks/read_breakdown.py (issue 13's read(i) analysis, with the per-image record what-if) runs."""
     read_breakdown = pytest.importorskip("read_breakdown")

@@ -485,9 +485,9 @@ def test_cli_generate_exit_codes(broken_photos, tmp_path, capsys):
 def test_cli_generate_options_map_to_the_api(capsys):
     configs = (LabelSpec, Replay, Execution, Provenance)
     fields = {f.name: f for cls in configs for f in dataclasses.fields(cls)}
-    # every option of generate() has a command-line option (crop_sampler: built from the sampler's fields),
-    # and no option is stray
-    assert set(GENERATE_OPTIONS) == set(fields) - {"crops_per_image", "codec", "crop_sampler"} | \
+    # every option of generate() has a command-line option (crop_sampler: built from the sampler's fields;
+    # label_map: from --label-map and the --map-* / replay options), and no option is stray
+    assert set(GENERATE_OPTIONS) == set(fields) - {"crops_per_image", "codec", "crop_sampler", "label_map"} | \
         {"crops_from", "storage_options"}
     assert set(SAMPLER_OPTIONS) == {f.name for f in dataclasses.fields(SlotCropSampler)}
     parser, _ = build_parser()

@@ -832,7 +832,7 @@ def test_cli_import_kinds(tmp_path, capsys):
     from fkdstore.cli import main
 
     images, src, _ = _small_zoo(tmp_path, "sre2l")
-    assert set(IMPORTERS) == {"fkd", "mldr", "tinyvit", "sre2l"}
+    assert set(IMPORTERS) == {"fkd", "mldr", "tinyvit", "sre2l", "relabel"}
     assert main(["import", "sre2l", str(src), str(tmp_path / "s.fkd"), "--images", str(images), "--input-size",
                  str(SRE_SIZE), "--no-progress"]) == 0
     out = capsys.readouterr().out

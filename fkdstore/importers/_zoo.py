@@ -1,4 +1,4 @@
-"""Plumbing the label-zoo importers share (ml-dr, TinyViT, SRe2L/LPLD): dataset order, label fields,
+"""Plumbing the label-zoo importers share (ml-dr, TinyViT, SRe2L/LPLD, ReLabel): dataset order, label fields,
 a disk-backed slot scratch, and :func:`write_store`, the one function that writes an imported store.
 
 * :func:`dataset_order`: the zoos index images by their position in a torchvision ``ImageFolder`` (or in the
@@ -7,9 +7,9 @@ a disk-backed slot scratch, and :func:`write_store`, the one function that write
   rule) as the destination codec's fields, exactly where the codec can hold them.
 * :class:`SlotScratch`: epoch-major source files (one file per epoch and batch or rank) are turned into
   image-major rows through memory-mapped arrays in a temporary folder, so memory stays bounded.
-* :func:`write_store`: creates the store with the public :func:`fkdstore.write` arguments, or resumes the
-  store a killed run of the same import left (images already written are skipped), and removes its own
-  output when an error stops it.
+* :func:`write_store` (crop regions) and :func:`write_map_store` (label maps): create the store with the
+  public :func:`fkdstore.write` arguments, or resume the store a killed run of the same import left (images
+  already written are skipped), and remove their own output when an error stops them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..report import storage_stats
 from ..transforms import Replay
 
 __all__ = ["ORDERS", "dataset_order", "imagefolder_order", "LABEL_KINDS", "label_codec", "label_fields",
-           "check_fields", "SlotScratch", "write_store", "source_bytes"]
+           "check_fields", "SlotScratch", "write_store", "write_map_store", "source_bytes"]
 
 ORDERS = ("imagefolder", "listing")
 LABEL_KINDS = ("probs_topk", "logits_full", "logits_topk_renorm", "logits_topk_fill")
@@ -214,6 +214,7 @@ class SlotScratch:
 # --------------------------------------------------------------------------------------------- writing
 
 Rows = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]
+MapRows = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: int, codec,
@@ -221,8 +222,8 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
                 replay: Replay | None = None,
                 rows: Callable[[np.ndarray], Iterable[Rows]], progress: bool | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write an imported store with :func:`fkdstore.write` and return ``{"bytes_after", "resumed",
-    "images_written_before"}``.
+    """Write an imported crop-regions store with :func:`fkdstore.write` and return ``{"bytes_after",
+    "resumed", "images_written_before"}``.
 
     ``augment``: a :class:`~fkdstore.augment.Pipeline` (its columns become ``aug``); ``replay``: the source
     pipeline's input size, interpolation and normalisation (the header's replay parameters, what
@@ -234,25 +235,58 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
     Resume (:func:`fkdstore.output.open_destination`, the one rule of every command that makes a store): a
     store at ``dst`` made by this import with the same ``meta["import"]`` and codec (its ``meta["made_by"]``: a
     run that was killed or stopped) is reopened and only its unwritten images are written (none when it is
-    complete); any other non-empty destination is refused. An error removes the store this run created or resumed; a Ctrl-C writes the images
-    already put (a rerun continues after them).
+    complete); any other non-empty destination is refused. An error removes the store this run created or
+    resumed; a Ctrl-C writes the images already put (a rerun continues after them).
     """
+    def put(w: _writer.Writer, row: Rows) -> int:
+        idx, boxes, flips, fields, aug = row
+        w.put_fields(idx, boxes, flips, fields, aug=aug or None)
+        return len(idx)
+
+    records = {"crops_per_image": crops_per_image, "codec": codec, "aug": augment.columns(), "augment": augment,
+               "crop_sampler": None}
+    return _write(dst, op=op, source=source, to=codec.get_config(), keys=keys, sizes=sizes, labels=labels,
+                  num_classes=num_classes, records=records, meta=meta, meta_extra=meta_extra, replay=replay,
+                  rows=rows, put=put, progress=progress, storage_options=storage_options)
+
+
+def write_map_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: int, label_map,
+                    meta: dict[str, Any], meta_extra: dict[str, Any] | None = None, replay: Replay | None = None,
+                    rows: Callable[[np.ndarray], Iterable[MapRows]], progress: bool | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`write_store` for a label-map store (``label_map``: its :class:`~fkdstore.labelmap.LabelMapSpec`):
+    ``rows(todo)`` yields ``(image indices (B,), indices (B, K, S, S), scores (B, K, S, S))``, written with
+    :meth:`fkdstore.Writer.put_maps`. Same resume, cleanup and provenance rules."""
+    def put(w: _writer.Writer, row: MapRows) -> int:
+        idx, indices, scores = row
+        w.put_maps(idx, indices, scores)
+        return len(idx)
+
+    return _write(dst, op=op, source=source, to=label_map.get_config(), keys=keys, sizes=sizes, labels=labels,
+                  num_classes=num_classes, records={"label_map": label_map}, meta=meta, meta_extra=meta_extra,
+                  replay=replay, rows=rows, put=put, progress=progress, storage_options=storage_options)
+
+
+def _write(dst, *, op: str, source: str, to: dict[str, Any], keys, sizes, labels, num_classes: int,
+           records: dict[str, Any], meta: dict[str, Any], meta_extra: dict[str, Any] | None, replay: Replay | None,
+           rows: Callable[[np.ndarray], Iterable[Any]], put: Callable[[_writer.Writer, Any], int],
+           progress: bool | None, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The record kind's ``records`` (:func:`fkdstore.write` arguments) written from ``rows(todo)`` by
+    ``put(writer, row) -> images``: create or resume, progress, cleanup (see :func:`write_store`)."""
     check_options(storage_options, dst)
     store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
-    record = made_by(op, **{"import": meta["import"], "to": codec.get_config()})
+    record = made_by(op, **{"import": meta["import"], "to": to})
     full_meta = {**(meta_extra or {}), **meta, MADE_BY: record,
-                 "history": [history_record(op, source=source, to=codec.get_config(), images=len(keys))]}
+                 "history": [history_record(op, source=source, to=to, images=len(keys))]}
     resumed = open_destination(dst, store, record)
-    w = _writer.write(store, num_images=len(keys), crops_per_image=crops_per_image, num_classes=num_classes,
-                      codec=codec, image_keys=keys, image_sizes=sizes, labels=labels, meta=full_meta,
-                      aug=augment.columns(), augment=augment, crop_sampler=None, replay=replay)
+    w = _writer.write(store, num_images=len(keys), num_classes=num_classes, image_keys=keys, image_sizes=sizes,
+                      labels=labels, meta=full_meta, replay=replay, **records)
     done = w.written
     with remove_on_error(store), w:  # a Ctrl-C closes the writer (what is buffered is written) and keeps it
         todo = np.flatnonzero(~done)
         with _progress.progress(progress, total=len(todo), desc=f"{op}: writing", unit="image") as bar:
-            for idx, boxes, flips, fields, aug in rows(todo):
-                w.put_fields(idx, boxes, flips, fields, aug=aug or None)
-                bar.update(len(idx))
+            for row in rows(todo):
+                bar.update(put(w, row))
     return {"bytes_after": storage_stats(store)["_total"]["bytes"], "resumed": resumed,
             "images_written_before": int(done.sum())}
 

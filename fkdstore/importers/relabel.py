@@ -18,9 +18,11 @@ float32 tensor ``[2, K, S, S]`` with ``S <= 64`` and ``K <= min(256, C)``, finit
 ``[0, C)`` and distinct within a cell, and the same ``K``, ``S`` and dtype as the first file; any breach is a
 :class:`~fkdstore.errors.LabelFileError` naming the file.
 
-:func:`prepare_import` is the one function a store writer wires: it returns the :class:`RelabelImport`
-(the header's :class:`~fkdstore.labelmap.LabelMapSpec`, provenance, the scan) whose :meth:`~RelabelImport.batches`
-stream ``(image indices, indices (b, K, S, S), scores (b, K, S, S))`` with memory bounded by the batch.
+:func:`prepare_import` plans an import: it returns the :class:`RelabelImport` (the header's
+:class:`~fkdstore.labelmap.LabelMapSpec`, provenance, the scan) whose :meth:`~RelabelImport.batches` stream
+``(image indices, indices (b, K, S, S), scores (b, K, S, S))`` with memory bounded by the batch;
+:func:`import_relabel` (``fkdstore import relabel``) writes them into a store, resumably
+(:func:`fkdstore.importers._zoo.write_map_store`).
 
 torch is imported on use (reading ``.pt`` files needs it); importing this module needs numpy only.
 """
@@ -39,7 +41,7 @@ from ..errors import LabelFileError, ValidationError
 from ..labelmap import MAP_DTYPES, MAX_K, MAX_SIZE, LabelMapSpec
 
 __all__ = ["RELABEL_SUFFIX", "SYSTEMS", "relabel_file_name", "RelabelScan", "scan_relabel", "load_relabel_file",
-           "iter_relabel_maps", "RelabelImport", "prepare_import"]
+           "iter_relabel_maps", "RelabelImport", "prepare_import", "import_relabel"]
 
 RELABEL_SUFFIX = ".pt"
 SYSTEMS = ("relabel", "tokenlabeling")
@@ -261,7 +263,8 @@ class RelabelImport:
 
 
 def prepare_import(root: str | os.PathLike, keys: Sequence[str], num_classes: int, *, system: str = "relabel",
-                   missing: str = "error", list_extra: bool = True, **replay: Any) -> RelabelImport:
+                   missing: str = "error", list_extra: bool = True, scan: RelabelScan | None = None,
+                   **replay: Any) -> RelabelImport:
     """Plan the import of the label maps under ``root`` for the images ``keys`` (in store order).
 
     Binds keys to files (:func:`scan_relabel`; refused: ambiguous names), reads the first file for ``K``,
@@ -270,7 +273,8 @@ def prepare_import(root: str | os.PathLike, keys: Sequence[str], num_classes: in
     ``box_order="yx"``, ``flip=True``, ``grid=S``), with ``replay`` overriding any spec field except the
     layout (``size``, ``k``, ``dtype``), e.g. ``box_order="xy"`` for maps in the geometric convention.
     ``missing``: what :meth:`RelabelImport.batches` does with images without a file (``"error"`` is checked
-    here, before anything is written).
+    here, before anything is written). ``scan``: a :func:`scan_relabel` result of the same ``root`` and
+    ``keys`` to reuse (the folder is not listed again).
     """
     if system not in SYSTEMS:
         raise ValidationError(f"system must be one of {list(SYSTEMS)}. Got {system!r}.")
@@ -281,7 +285,10 @@ def prepare_import(root: str | os.PathLike, keys: Sequence[str], num_classes: in
         raise ValidationError(f"{fixed[0]} is read from the files, not set. Got {fixed[0]}={replay[fixed[0]]!r}.")
     keys = tuple(keys)
     c = check_num_classes(num_classes)
-    scan = scan_relabel(root, keys, list_extra=list_extra)
+    if scan is None:
+        scan = scan_relabel(root, keys, list_extra=list_extra)
+    elif len(scan.files) != len(keys):
+        raise ValidationError(f"scan must cover the {len(keys)} keys. Got a scan of {len(scan.files)}.")
     if scan.found == 0:
         raise ValidationError(f"no label-map file under {scan.root} matches any of the {len(keys)} images "
                               f"(ReLabel's naming rule: e.g. {keys[0]!r} -> {relabel_file_name(keys[0])!r})"
@@ -298,3 +305,73 @@ def prepare_import(root: str | os.PathLike, keys: Sequence[str], num_classes: in
                        "images_without_file": len(scan.missing), "extra_files": len(scan.extra),
                        "dtype_in_files": dtype, "naming": "relabel: last two path components cut at the first '.'"}}
     return RelabelImport(root=scan.root, keys=keys, num_classes=c, spec=spec, scan=scan, missing=missing, meta=meta)
+
+
+def import_relabel(src: str | os.PathLike, dst, images: str | os.PathLike, *, system: str = "relabel",
+                   num_classes: int = 1000, missing: str = "error", batch: int = 256, progress: bool | None = None,
+                   log=None, storage_options: dict[str, Any] | None = None, **replay: Any) -> dict[str, Any]:
+    """Import ReLabel's (or TokenLabeling's) per-image ``.pt`` label maps under ``src`` into a new label-map
+    store ``dst`` (a folder, or a URL with ``storage_options``), bound to the images of the folder ``images``
+    by key (:func:`relabel_file_name`: ``<synset>/<stem>.pt`` for ``<synset>/<stem>.<ext>``).
+
+    ``system`` (``"relabel"`` or ``"tokenlabeling"``) gives the published replay settings, ``replay`` keyword
+    arguments override any :class:`~fkdstore.labelmap.LabelMapSpec` field but the layout (``box_order``,
+    ``grid``, ``flip``, ``temperature``, ...). ``missing``: images without a file raise (``"error"``, before
+    anything is written) or are left out of the store (``"skip"``). ``.pt`` files that no image claims are
+    counted (``extra_files``), not imported. The store's labels are the image folder's classes when it has
+    exactly ``num_classes`` class folders (ImageFolder's order), else -1. Maps are streamed ``batch`` images
+    at a time; a run killed part way is resumed by running it again (:func:`fkdstore.importers._zoo.write_map_store`);
+    any other error removes the new store.
+
+    Returns ``{files, images, images_without_file, extra_files, num_classes, label_map, map_dtype, crops_per_image
+    (1), codec (the label_map config), carried, flags, skipped, bytes_before, bytes_after, resumed,
+    images_written_before}``.
+    """
+    from ..images import image_size, list_images
+    from ..output import location_name
+    from . import _zoo
+
+    if missing not in MISSING_RULES:
+        raise ValidationError(f"missing must be one of {list(MISSING_RULES)}. Got {missing!r}.")
+    root = Path(src)
+    listing = list_images(images)
+    c = check_num_classes(num_classes)
+    scan = scan_relabel(root, listing.keys)
+    keep = list(range(len(listing.keys))) if missing == "error" else \
+        [i for i, f in enumerate(scan.files) if f is not None]
+    keys = [listing.keys[i] for i in keep]
+    kept = RelabelScan(scan.root, tuple(scan.files[i] for i in keep), scan.missing if missing == "error" else (),
+                       scan.extra)
+    imp = prepare_import(root, keys, c, system=system, missing="error", scan=kept, **replay)
+    sizes = np.array([image_size(listing.paths[i]) for i in keep], dtype=np.int64).reshape(-1, 2)
+    labels = np.array([listing.labels[i] for i in keep], np.int64) if len(listing.classes) == c else None
+    meta_import = {**imp.meta["import"], "images": location_name(Path(images)),
+                   "images_without_file": len(scan.missing), "extra_files": len(scan.extra),
+                   "missing": missing, "label_map": imp.spec.get_config(), "order": "listing",
+                   "binding": "file <root>/" + "'/'.join(key.split('/')[-2:]).split('.')[0] + '.pt' of the image's key "
+                              "(ReLabel's loader rule)",
+                   "slots": "none: one label map per image, crops drawn at training time",
+                   "flags": []}  # scores and class ids are stored as the files hold them (ids as integers)
+    if log:
+        log(f"{system}: {len(keys):,} images with a map, {len(scan.missing):,} without (missing={missing!r}), "
+            f"{len(scan.extra):,} .pt files without an image; maps K={imp.spec.k}, S={imp.spec.size}, "
+            f"{imp.spec.dtype}")
+
+    def rows(todo: np.ndarray):
+        yield from imp.batches(batch, images=todo.tolist())
+
+    done = _zoo.write_map_store(dst, op=f"import-{system}", source=imp.root, keys=keys, sizes=sizes, labels=labels,
+                                num_classes=c, label_map=imp.spec, meta={"import": meta_import}, rows=rows,
+                                progress=progress, storage_options=storage_options)
+    files = [imp.scan.path(i) for i in imp.images]
+    spec = imp.spec
+    return {"files": len(files), "images": len(keys), "images_without_file": len(scan.missing),
+            "extra_files": len(scan.extra), "num_classes": c, "label_map": spec.get_config(),
+            "map_dtype": spec.dtype, "crops_per_image": 1, "codec": spec.get_config(),
+            "carried": {"scores [2, K, S, S] row 0": f"map/scores ({spec.dtype})",
+                        "indices (row 1, as floats)": f"map/indices ({spec.index_dtype(c)})"},
+            "flags": [f"replay settings: {system}'s published ones" + (f" with {sorted(replay)} given" if replay else "")
+                      + f" (box order {spec.box_order}, offset {spec.box_offset}, grid {spec.grid}, flip {spec.flip})"],
+            "skipped": {"images_without_file": len(scan.missing) if missing == "skip" else 0,
+                        "pt_files_without_image": len(scan.extra)},
+            "bytes_before": int(sum(os.path.getsize(p) for p in files)), **done}
