@@ -245,6 +245,13 @@ class Reader:
                 self._problem(e)
                 continue
             bad = mismatches(metas[n], **expect[n])
+            if not bad and not h.legacy and not (metas[n].fast if metas[n].inner is not None else metas[n].plain):
+                # a 4.0 writer writes section 3's pipeline only; another one (zarr.json is not checksummed) would be
+                # decoded by Zarr, whose decompression this reader cannot bound (spec 1.5)
+                codecs = [c.get("name") if isinstance(c, dict) else c for c in metas[n].doc.get("codecs", [])]
+                bad = [f"array {n!r}: the codec pipeline in {n}/zarr.json ({codecs}, or its inner or index codecs) is "
+                       f"not the one spec section 3 gives a 4.0 store; refusing to decode it (its decoded sizes "
+                       f"could not be bounded before decompressing)"]
             if bad:
                 self._problem(CorruptStoreError(bad[0]), more=bad[1:])
                 del metas[n]

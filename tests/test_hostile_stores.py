@@ -116,6 +116,21 @@ def _nan_array(p: Path) -> None:
     f.write_text(f.read_text().replace('"fill_value": 0', '"fill_value": NaN'))
 
 
+def _gzip(p: Path, name: str) -> None:
+    """Declare a gzip pipeline for array ``name`` (Zarr would decompress it without a bound) and store a gzip
+    bomb as its chunk 0 (1 GiB of zeros in a few MB would take too long to make here: 64 MiB)."""
+    import gzip
+
+    f = p / name / "zarr.json"
+    doc = json.loads(f.read_text())
+    if doc["codecs"][0]["name"] == "sharding_indexed":
+        doc["codecs"][0]["configuration"]["codecs"] = [{"name": "bytes"}, {"name": "gzip", "configuration": {"level": 1}}]
+    else:
+        doc["codecs"] = [{"name": "bytes"}, {"name": "gzip", "configuration": {"level": 1}}]
+        (p / name / "c" / "0").write_bytes(gzip.compress(bytes(64 * 2**20), 1))
+    f.write_text(json.dumps(doc))
+
+
 def _sparse(p: Path) -> None:
     with open(p / "zarr.json", "r+b") as f:
         f.truncate(8 * 2**30)  # 8 GiB claimed, nothing on disk
@@ -149,6 +164,8 @@ CASES = {
     "nan in meta": ("base", lambda p: set_header(p, meta={"teacher": float("nan")})),
     "nan in written/zarr.json": ("base", _nan_array),
     "sparse 8 GiB zarr.json": ("base", _sparse),
+    "gzip written": ("base", lambda p: _gzip(p, "written")),
+    "gzip soft/probs": ("base", lambda p: _gzip(p, "soft/probs")),
 }
 
 
@@ -282,6 +299,15 @@ def test_nan_in_the_header_meta_and_in_an_array_json(results):
     for op in ("open", "read"):
         assert got[op]["error"] is None or "written" in got[op]["error"][1], got
     assert got["verify"]["error"] is None
+
+
+@pytest.mark.parametrize("name", ["written", "soft/probs"])
+def test_a_pipeline_other_than_the_specs_is_refused_at_open(results, name):
+    """zarr.json is not checksummed: a crafted one declaring another pipeline (here gzip, whose decompression
+    Zarr would not bound) is refused at open, naming the array."""
+    got = run_child(results, f"gzip {name}")
+    _names(got, "open", f"array {name!r}: the codec pipeline", "not the one spec section 3 gives")
+    _verify_names(got, name, "not the one spec section 3 gives")
 
 
 def test_a_huge_sparse_zarr_json_is_refused_unread(results):
