@@ -123,10 +123,11 @@ def _gzip(p: Path, name: str) -> None:
 
     f = p / name / "zarr.json"
     doc = json.loads(f.read_text())
+    gz = [{"name": "bytes"}, {"name": "gzip", "configuration": {"level": 1}}]
     if doc["codecs"][0]["name"] == "sharding_indexed":
-        doc["codecs"][0]["configuration"]["codecs"] = [{"name": "bytes"}, {"name": "gzip", "configuration": {"level": 1}}]
+        doc["codecs"][0]["configuration"]["codecs"] = gz
     else:
-        doc["codecs"] = [{"name": "bytes"}, {"name": "gzip", "configuration": {"level": 1}}]
+        doc["codecs"] = gz
         (p / name / "c" / "0").write_bytes(gzip.compress(bytes(64 * 2**20), 1))
     f.write_text(json.dumps(doc))
 
