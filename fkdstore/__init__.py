@@ -22,7 +22,8 @@ _API = {
     "open": "reader", "Reader": "reader", "CropRecords": "reader", "MapRecords": "reader",
     "verify": "verification", "inspect": "report", "storage_stats": "report",
     "convert": "conversion", "prune": "conversion", "ensemble": "conversion",
-    "import_fkd": "importers",
+    "import_fkd": "importers", "import_mldr": "importers", "import_tinyvit": "importers",
+    "import_sre2l": "importers", "import_relabel": "importers",
     "SlotCropSampler": "seeded", "LabelMapSpec": "labelmap", "Replay": "transforms",
     "as_codec": "codecs", "from_config": "codecs", "get_codec": "codecs",
     "generate": "runner",
@@ -33,6 +34,7 @@ _API = {
     "CorruptStoreError": "errors", "CorruptChunkError": "errors", "IncompleteStoreError": "errors",
     "SchemaMismatchError": "errors", "ConcurrentWriterError": "errors", "StorageError": "errors",
     "ConversionError": "errors", "ImageReadError": "errors", "LabelFileError": "errors",
+    "ExternalReplayError": "errors",
 }
 _MODULES = ("augment", "codecs", "schema")
 

@@ -74,3 +74,14 @@ def test_readme_timm_section_runs(tmp_path, monkeypatch):
     torch.testing.assert_close(env["y"].sum(-1), torch.ones(8))
     assert np.isfinite(env["loss"].item())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained
+
+
+def test_public_api_section_lists_exactly_fkdstore_all():
+    """The README's "Public API" list and ``fkdstore.__all__`` name the same objects, and each resolves."""
+    import fkdstore
+
+    section = README.read_text().split("### Public API", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", section.split("\n\n", 2)[2]))
+    assert listed == set(fkdstore.__all__)
+    for name in fkdstore.__all__:
+        assert getattr(fkdstore, name) is not None
