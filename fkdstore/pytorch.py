@@ -329,7 +329,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform
-        self.temperature = _codecs.parse_temperature(temperature)
+        self.temperature = self.codec.check_temperature(temperature)  # a refused temperature fails here
         self.batch_pool = _check_int("batch_pool", batch_pool, 0)
         self._pool_token = os.urandom(8).hex()  # names this dataset's buffers in a worker's pool
 
