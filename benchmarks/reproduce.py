@@ -723,23 +723,42 @@ def raw_label_bytes(codec, num_classes: int) -> int:
                    for f in codec.fields(num_classes).values()))
 
 
-def equal_bytes_sampled(target: int, num_classes: int, **config):
-    """The ``sampled`` codec (``config``: its other parameters) whose raw bytes per crop are closest to ``target``
-    (ties: the smaller store); its draws ``s`` fill its ``w = min(s, C - k)`` entries."""
-    best = None
-    for draws in range(1, num_classes - (config.get("k") or 0) + 1):
-        codec = get_codec("sampled", s=draws, **config)
-        key = (abs(raw_label_bytes(codec, num_classes) - target), raw_label_bytes(codec, num_classes))
-        if best is None or key < best[0]:
-            best = (key, codec)
-    return best[1]
-
-
 def label_bytes_on_disk(store: Path) -> float:
     """Compressed bytes of the label fields (``soft/*``) per crop."""
     r = fkdstore.open(store)
     st = storage_stats(store)
     return sum(d["bytes"] for k, d in st.items() if k.startswith("soft/")) / (r.num_images * r.crops_per_image)
+
+
+SAMPLED_DRAWS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, 255)
+
+
+def equal_stored_bytes_sampled(target: float, source: Path, work: Path, tag: str, **config):
+    """``(codec, path)``: ``source`` (a ``logits`` store of every output) re-encoded as ``sampled`` (``config`` plus
+    draws ``s`` from :data:`SAMPLED_DRAWS`) with stored label bytes per crop closest to ``target``. Stored bytes
+    grow with ``s`` (more distinct classes drawn), so ``s`` is bisected; the probe stores are removed."""
+    made: dict[int, tuple[float, object, Path]] = {}
+
+    def size(i: int) -> float:
+        if i not in made:
+            codec = get_codec("sampled", s=SAMPLED_DRAWS[i], **config)
+            path = work / f"labels_{tag}_s{codec.s}.fkd"
+            shutil.rmtree(path, ignore_errors=True)
+            reencode(source, codec, path)
+            made[i] = (label_bytes_on_disk(path), codec, path)
+        return made[i][0]
+
+    lo, hi = 0, len(SAMPLED_DRAWS) - 1
+    while lo < hi:  # the largest s whose store is not above target (or the smallest s)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= target else (lo, mid - 1)
+    best = lo
+    if lo + 1 < len(SAMPLED_DRAWS) and abs(size(lo + 1) - target) < abs(size(lo) - target):
+        best = lo + 1
+    for i, (_, _, path) in made.items():
+        if i != best:
+            shutil.rmtree(path, ignore_errors=True)
+    return made[best][1], made[best][2]
 
 
 def _decode_at(codec, T: float) -> float:
@@ -753,83 +772,78 @@ def _decode_at(codec, T: float) -> float:
 def temperature_variants(a, teacher, train_dir, full_store, ms_store, work, size, scale, E, res) -> dict:
     """Rows (m): at each training temperature T of ``a.temperatures``, the student's loss is
     ``T**2 * soft_cross_entropy(student, target, temperature=T)`` (Hinton's T**2 keeps the gradient scale; T = 1 is
-    every other row's loss) with ``target`` the store's label decoded at T, on (c)'s crops. Stores at (about) equal
-    raw bytes per crop: MS top-K (float16), ``logits`` top-K with ``tail="mean"``, ``sampled`` with as many draws as
-    fit (``logp=True`` to decode at T != 1; and, at T != 1, drawn at T itself, decoded at 1). Full is the ``logits``
-    store of every output in float32 (exact at any T). At T = 1 (c)'s Full and MS rows are the Full and MS rows.
-    Stores are re-encoded from that logits store (same crops); ``res["temperature"]`` gets their bytes and the mean
-    total variation of their decoded labels to the teacher's ``softmax(z / T)``."""
+    every other row's loss) with ``target`` the store's label decoded at T, on (c)'s crops. Full is the ``logits``
+    store of every output in float32 (exact at any T; at T = 1 (c)'s Full and MS K rows are the Full and MS rows).
+    Against MS top-K (float16) and, at T != 1, ``logits`` top-K with ``tail="mean"``: ``sampled`` stores with as
+    many draws as give the same stored (compressed) label bytes per crop (:func:`equal_stored_bytes_sampled`):
+    equal to MS K at T = 1; at T != 1 with ``logp=True`` (decoded at T) equal to the ``logits`` top-K store, and
+    drawn at T itself (decoded at 1) equal to MS K. Stores are re-encoded from the float32 logits store (same
+    crops); ``res["temperature"]`` gets their raw and stored bytes and the mean total variation of their decoded
+    labels to the teacher's ``softmax(z / T)``."""
     C, K, m = NUM_CLASSES, a.k, a.m
-    ms = get_codec("ms", k=K)
-    top = get_codec("logits", k=K, tail="mean")
-    ms_b, top_b = raw_label_bytes(ms, C), raw_label_bytes(top, C)
-    plan = []  # (T, label, row name or None for (c)'s row, store name)
-    codecs = {"Full": get_codec("logits", dtype="float32"), "Full (c)": get_codec("full", dtype="float32"),
-              f"MS K={K}": ms, f"logits K={K} tail=mean": top}
+    ms_name, top_name = f"MS K={K}", f"logits K={K} tail=mean"
+    plan = []  # (T, store key, row name)
     for T in a.temperatures:
         if T == 1.0:
-            samp = equal_bytes_sampled(ms_b, C)
-            codecs[f"sampled S={samp.s}"] = samp
-            plan += [(T, "Full", f"(c) FKD Full, m={m}", "Full (c)"),
-                     (T, f"MS K={K}", f"(c) FKD MS K={K}, m={m}", f"MS K={K}")]
-            plan.append((T, f"sampled S={samp.s}", None, f"sampled S={samp.s}"))
+            plan += [(T, "Full (c)", f"(c) FKD Full, m={m}"), (T, "MS", f"(c) FKD {ms_name}, m={m}"),
+                     (T, "sampled T=1", f"(m) T=1 sampled, stored bytes of {ms_name}, m={m}")]
             continue
-        samp = equal_bytes_sampled(top_b, C, logp=True)
-        drawn = equal_bytes_sampled(ms_b, C, temperature=T)
-        codecs[f"sampled S={samp.s} logp"] = samp
-        codecs[f"sampled S={drawn.s} drawn at T={T:g}"] = drawn
-        plan += [(T, "Full", None, "Full"), (T, f"MS K={K}", None, f"MS K={K}"),
-                 (T, f"logits K={K} tail=mean", None, f"logits K={K} tail=mean"),
-                 (T, f"sampled S={samp.s} logp", None, f"sampled S={samp.s} logp"),
-                 (T, f"sampled S={drawn.s} drawn at T={T:g}", None, f"sampled S={drawn.s} drawn at T={T:g}")]
-
-    def row_name(T, label, store):
-        return f"(m) T={T:g} {label} ({raw_label_bytes(codecs[store], C)} B/crop), m={m}"
-
-    plan = [(T, label, row or row_name(T, label, store), store) for T, label, row, store in plan]
-    if not _selected(a, [row for _, _, row, _ in plan if row.startswith("(m)")]):
+        plan += [(T, "Full", f"(m) T={T:g} Full (float32 logits), m={m}"), (T, "MS", f"(m) T={T:g} {ms_name}, m={m}"),
+                 (T, "top", f"(m) T={T:g} {top_name}, m={m}"),
+                 (T, f"sampled logp T={T:g}", f"(m) T={T:g} sampled logp, stored bytes of {top_name}, m={m}"),
+                 (T, f"sampled drawn T={T:g}",
+                  f"(m) T={T:g} sampled drawn at T={T:g}, stored bytes of {ms_name}, m={m}")]
+    if not _selected(a, [row for _, _, row in plan if row.startswith("(m)")]):
         return {}
     logits_store = work / "labels_logits_f32.fkd"
     shutil.rmtree(logits_store, ignore_errors=True)
     t, c = time.perf_counter(), time.process_time()
-    fkdstore.generate(teacher, train_dir, logits_store, crops_per_image=E, codec=codecs["Full"], input_size=size,
+    full_logits = get_codec("logits", dtype="float32")
+    fkdstore.generate(teacher, train_dir, logits_store, crops_per_image=E, codec=full_logits, input_size=size,
                       crop_sampler=SlotCropSampler(seed=0, scale=scale), num_workers=0, progress=False, batch_size=256)
     gen = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c}
-    paths = {"Full": logits_store, "Full (c)": full_store, f"MS K={K}": ms_store}
-    for name, codec in codecs.items():
-        if name not in paths:
-            paths[name] = reencode(logits_store, codec, work / f"labels_t_{len(paths)}.fkd")
+    top = get_codec("logits", k=K, tail="mean")
+    stores = {"Full": ("Full", full_logits, logits_store), "Full (c)": ("Full", get_codec("full", dtype="float32"),
+                                                                        full_store),
+              "MS": (ms_name, get_codec("ms", k=K), ms_store)}
+    if any(key == "top" for _, key, _ in plan):
+        stores["top"] = (top_name, top, reencode(logits_store, top, work / "labels_logits_top.fkd"))
+    for T, key, _ in plan:
+        if key.startswith("sampled"):
+            target = stores["top" if "logp" in key else "MS"][2]
+            cfg = {"logp": True} if "logp" in key else ({"temperature": T} if "drawn" in key else {})
+            codec, path = equal_stored_bytes_sampled(label_bytes_on_disk(target), logits_store, work,
+                                                     key.replace(" ", "_").replace("=", ""), **cfg)
+            label = f"sampled S={codec.s}" + (" logp" if codec.logp else "") + (
+                f" drawn at T={T:g}" if codec.temperature != 1.0 else "")
+            stores[key] = (label, codec, path)
     ref = np.asarray(fkdstore.open(logits_store).read_all().fields["logits"], np.float64)  # log-softmax, float32
     info = {}
-    for name, path in paths.items():
-        if not any(st == name for _, _, _, st in plan):
-            continue
+    for key, (label, codec, path) in stores.items():
         r = fkdstore.open(path)
         fields = r.read_all().fields
         tv = {}
-        for T in a.temperatures:
-            if not any(st == name and TT == T for TT, _, _, st in plan):
-                continue
+        for T in {T for T, k, _ in plan if k == key}:
             z = ref / T
             p = np.exp(z - z.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
-            q = np.asarray(r.decode(fields, temperature=_decode_at(codecs[name], T)), np.float64)
+            q = np.asarray(r.decode(fields, temperature=_decode_at(codec, T)), np.float64)
             tv[f"{T:g}"] = float(0.5 * np.abs(q - p).sum(-1).mean())
-        info[name] = {"codec": codecs[name].get_config(), "raw_bytes": raw_label_bytes(codecs[name], C),
-                      "disk_bytes": label_bytes_on_disk(path), "tv": tv}
+        info[key] = {"label": label, "codec": codec.get_config(), "raw_bytes": raw_label_bytes(codec, C),
+                     "disk_bytes": label_bytes_on_disk(path), "tv": tv}
     res["temperature"] = {"temperatures": list(a.temperatures), "k": K, "logits_generation": gen, "stores": info,
-                          "rows": [{"T": T, "label": label, "row": row, "store": st} for T, label, row, st in plan]}
+                          "rows": [{"T": T, "label": stores[key][0], "row": row, "store": key} for T, key, row in plan]}
 
     def loss(T):
         return lambda z, target: T * T * soft_cross_entropy(z, target, temperature=T)
 
     out = {}
-    for T, label, row, store in plan:
-        if not row.startswith("(m)"):
-            continue
-        decode_t = _decode_at(codecs[store], T)
-        out[row] = (lambda s, path=paths[store], dt=decode_t: fkd_batches(path, train_dir, m, s, temperature=dt),
-                    E // m, lambda x, b: b["soft_labels"], {"loss": loss(T)})
+    for T, key, row in plan:
+        if row.startswith("(m)"):
+            _, codec, path = stores[key]
+            out[row] = (lambda s, path=path, dt=_decode_at(codec, T): fkd_batches(path, train_dir, m, s,
+                                                                                   temperature=dt),
+                        E // m, lambda x, b: b["soft_labels"], {"loss": loss(T)})
     return out
 
 
@@ -891,7 +905,8 @@ def temperature_markdown(res: dict) -> list[str]:
     L = ["\nFull vs top-K vs sampled labels at equal bytes per crop, trained at temperature T (rows (m); T = 1 reuses "
          "(c)'s Full and MS rows). Loss `T**2 * soft_cross_entropy(student, target, temperature=T)`, target the "
          f"store's label decoded at T; ECE: {ECE_BINS} bins, max softmax of the student at T = 1 on the held-out "
-         "digits. Label bytes: raw field bytes per crop (the equal-bytes rule) / compressed on disk; label TV: mean "
+         "digits. Label bytes per crop: raw fields / stored (compressed, the equal-bytes rule: each sampled store has "
+         "the draws S whose stored bytes come closest to its top-K store's); label TV: mean "
          "total variation of the decoded label to the teacher's softmax(z / T) over all stored crops.\n",
          "| T | store | label B/crop (raw / disk) | label TV | accuracy, % | ECE, % |",
          "|---:|---|---:|---:|---:|---:|"]

@@ -239,11 +239,11 @@ def temperature_verdict(rows: dict) -> str:
             return f"T = {T}: too few rows"
         r = v["rows"]
         full = r.get("Full")
-        parts = ", ".join(f"{n} ({x['raw_bytes']} B) {_pct(x['acc_mean'])}% / ECE {_pct(x['ece_mean'])}%"
+        parts = ", ".join(f"{n} ({x['disk_bytes']:.1f} B) {_pct(x['acc_mean'])}% / ECE {_pct(x['ece_mean'])}%"
                           for n, x in r.items() if n != "Full")
         return (f"T = {T}: " + (f"Full {_pct(full['acc_mean'])}% / ECE {_pct(full['ece_mean'])}%; " if full else "")
                 + parts + f"; accuracy: {_won(acc)}; calibration: {_won(ece)}")
-    return ("- **Top-K vs sampled labels at equal bytes per crop (issue 27), accuracy / ECE over seeds:** "
+    return ("- **Top-K vs sampled labels at equal stored bytes per crop (issue 27), accuracy / ECE over seeds:** "
             + "; ".join(one(T, v) for T, v in rows.items()) + ".")
 
 

@@ -212,8 +212,10 @@ class TorchDataset(torch.utils.data.Dataset):
             fewer bytes are written, sent between processes and copied to the device).
         mean, std: default the store's replay ``mean`` / ``std``, else ImageNet's.
         temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
-            ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
-            checked here (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
+            ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0 that
+            the codec can decode at (:meth:`~fkdstore.codecs.LabelCodec.check_temperature`: a q8 ``logits`` store
+            refuses T < 1, a ``sampled`` store without ``logp`` any T != 1), checked here
+            (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
         storage_options: for a URL ``store`` and/or URL ``images``, passed to fsspec (endpoint, credentials,
             ...); credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
             ...). Images on another endpoint or account: pass ``images=as_source(url, storage_options=...)``.

@@ -92,7 +92,7 @@ def test_reproduce_tiny_run(tmp_path):
     assert "Self-supervised head" in md and "| 4 | MS K=3 |" in md
     run_all = pytest.importorskip("run_all")
     lines = run_all.verdicts(None, res)
-    assert any("equal bytes per crop" in x for x in lines) and any("centred vs not" in x for x in lines)
+    assert any("equal stored bytes per crop" in x for x in lines) and any("centred vs not" in x for x in lines)
 
 
 def test_codec_fidelity_tiny_run():
