@@ -32,6 +32,16 @@ mini-batch, optimiser, learning-rate schedule and seeds:
     way) with m = 1 (E passes) and with the FKD rows' m;
 (l) ``ReLabel on FKD's crops``: the same maps pooled on exactly the crops of (c) Full (``crops_from=``), m as
     (c): the labels are the only difference between (l) and (c) FKD Full / MS K.
+(m) ``temperature``: Full vs MS top-K vs ``sampled`` labels at (about) equal raw label bytes per crop, decoded and
+    trained at T = 1 and T = 4 (loss ``T**2 * soft_cross_entropy(student, target, temperature=T)``): at T = 1 (c)'s
+    Full and MS K rows against ``sampled`` with as many draws as MS K's bytes allow; at T = 4 Full (``logits`` of every
+    output, float32), MS K, ``logits`` top-K with ``tail="mean"``, ``sampled`` with ``logp=True`` (decoded at 4) and
+    ``sampled`` drawn at T = 4 itself (decoded at 1). Accuracy and calibration (ECE, 15 bins, held-out digits) over
+    seeds; each store's mean total variation to the teacher's ``softmax(z / T)``.
+(n) ``SSL``: a MoCo-style embedding head (the teacher's pooled features, a fixed random projection to D = 128,
+    L2-normalised) stored at tau = 0.2 with ``logits`` float16 centred vs not (float32 the reference), generated
+    without class labels: the decoded-distribution error from the stores, and students (D outputs, loss
+    ``soft_cross_entropy(student, target, temperature=tau)``) scored by a weighted k-NN probe.
 
 m is varied for (c) Full (m = 1, 2, 4). Defaults: teacher `tiny_cnn(width=48)` (~97 %), student
 `tiny_cnn(width=4)`, E = 32, m = 2, crop scale (0.1, 1) (the same setting as `examples/demo.py`). Test accuracy on the held-out split (whole images) and the
@@ -63,8 +73,9 @@ from fkdstore.conversion import pruned_slots
 from fkdstore.images import list_images
 from fkdstore.labelmap import LabelMapSpec
 from fkdstore.labelmap_torch import class_map_shape, spatial_teacher
+from fkdstore.pytorch import soft_cross_entropy
 from fkdstore.testing import (
-    RandomCropDataset, accuracy, cosine_lr, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn,
+    RandomCropDataset, cosine_lr, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn,
     train_classifier,
 )
 from fkdstore.seeded import SlotCropSampler
@@ -73,6 +84,8 @@ from fkdstore.report import storage_stats
 
 NUM_CLASSES = 10
 CROPS_PER_BATCH = 64
+TEMPERATURES = (1.0, 4.0)  # (m)
+SSL_DIM, SSL_TAU = 128, 0.2  # (n)
 
 
 def lr_at(p: int, passes: int, base: float) -> float:
@@ -84,9 +97,34 @@ def load_folder(folder, size):
     return load_eval_folder(folder, size)
 
 
-def train(model, batches, passes: int, lr: float, target_fn) -> tuple[float, float]:
+def train(model, batches, passes: int, lr: float, target_fn, soft_loss=None) -> tuple[float, float]:
     """:func:`fkdstore.testing.train_classifier` (the loop the demo uses); returns (wall s, process CPU s)."""
-    return train_classifier(model, batches, passes, lr, target_fn)
+    return train_classifier(model, batches, passes, lr, target_fn, soft_loss=soft_loss)
+
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE of a classifier: confidence = max softmax(logits) (T = 1, the student as it is deployed), ``bins``
+    equal-width confidence bins over (0, 1], ``sum_b n_b / N |accuracy_b - mean confidence_b|``."""
+    p = torch.softmax(logits.double(), -1)
+    conf, pred = p.max(-1)
+    hit = (pred == y).double()
+    b = torch.clamp((conf * bins).ceil().long() - 1, 0, bins - 1)
+    n = torch.bincount(b, minlength=bins).double()
+    gap = (torch.bincount(b, hit, minlength=bins) - torch.bincount(b, conf, minlength=bins)).abs()
+    return float(gap.sum() / n.sum())
+
+
+def classifier_scores(model, x, y) -> dict:
+    """Top-1 accuracy and 15-bin ECE of ``model`` on uint8 images ``x`` (whole held-out images)."""
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        logits = torch.cat([model(normalize(x[i:i + 512])) for i in range(0, len(x), 512)])
+    model.train(was)
+    return {"acc": float((logits.argmax(-1) == y).float().mean()), "ece": expected_calibration_error(logits, y)}
 
 
 def random_crop_batches(folder, size, scale, seed, epochs):
@@ -100,8 +138,9 @@ def random_crop_batches(folder, size, scale, seed, epochs):
     return batches
 
 
-def fkd_batches(store, folder, m, seed):
-    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=m, soft_labels="dense", normalize=False, seed=seed)
+def fkd_batches(store, folder, m, seed, temperature=1.0):
+    ds = fkdstore.TorchDataset(store, folder, crops_per_sample=m, soft_labels="dense", normalize=False, seed=seed,
+                               temperature=temperature)
     g = torch.Generator()
     loader = DataLoader(ds, batch_size=max(1, CROPS_PER_BATCH // m), shuffle=True, generator=g, num_workers=0,
                         collate_fn=fkdstore.collate)
@@ -115,11 +154,19 @@ def fkd_batches(store, folder, m, seed):
 
 
 def reencode(full_store: Path, codec, path: Path) -> Path:
-    """Write ``full_store``'s labels (same crops) with another codec."""
+    """Write ``full_store``'s labels (same crops) with another codec. A codec taking logits (``logits``,
+    ``sampled``) needs a ``logits`` store of every output as the source: its stored log-softmax rows are the
+    teacher's logits up to a per-row shift."""
     r = fkdstore.open(full_store)
     rec = r.read_all()
-    probs = r.decode(rec.fields)
-    probs = probs / probs.sum(-1, keepdims=True)
+    if codec.input == "logits":
+        if r.codec.name != "logits" or r.codec.k is not None:
+            raise ValueError(f"re-encoding into {codec.describe()} needs a logits store of every output, got "
+                             f"{r.codec.describe()}")
+        probs = np.asarray(rec.fields["logits"], dtype=np.float32)
+    else:
+        probs = r.decode(rec.fields)
+        probs = probs / probs.sum(-1, keepdims=True)
     with fkdstore.write(path, num_images=r.num_images, crops_per_image=r.crops_per_image, num_classes=r.num_classes,
                         codec=codec, image_keys=r.image_keys, image_sizes=r.image_sizes, labels=r.labels,
                         crop_sampler=r.header.sampler, replay=r.header.replay, meta=r.meta) as w:
@@ -153,6 +200,13 @@ def main(argv=None) -> dict:
                          "teacher's own resolution, as ReLabel ran its teacher at the resolution it was trained at)")
     ap.add_argument("--map-k", type=int, default=None, help="(k)/(l): classes kept per map cell (default --k)")
     ap.add_argument("--no-relabel", dest="relabel", action="store_false", help="skip (k)/(l) ReLabel")
+    ap.add_argument("--temperatures", type=float, nargs="*", default=list(TEMPERATURES),
+                    help="(m): training temperatures of the Full vs top-K vs sampled rows at equal bytes (none to "
+                         "skip; T = 1 reuses (c)'s Full and MS rows)")
+    ap.add_argument("--no-ssl", dest="ssl", action="store_false",
+                    help="skip (n): the self-supervised head stored as float16 logits, centred vs not")
+    ap.add_argument("--ssl-dim", type=int, default=SSL_DIM, help="(n): width D of the embedding head")
+    ap.add_argument("--ssl-tau", type=float, default=SSL_TAU, help="(n): the head's temperature tau")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
@@ -182,7 +236,7 @@ def main(argv=None) -> dict:
                             "teacher_epochs": t_epochs, "train_images": n_train, "test_images": len(y_test),
                             "keeps": list(a.keeps), "q8": a.q8,
                             "crops_per_batch": CROPS_PER_BATCH, "lr": a.lr},
-                 "teacher": {"acc": accuracy(teacher, x_test, y_test), "train_s": t_teacher}}
+                 "teacher": {**classifier_scores(teacher, x_test, y_test), "train_s": t_teacher}}
     print(f"teacher acc {res['teacher']['acc']:.4f} ({t_teacher:.0f}s)", file=sys.stderr, flush=True)
 
     # ---- labels: generate once (Full float32, M = E), re-encode per codec
@@ -260,19 +314,26 @@ def main(argv=None) -> dict:
     variants.update(augment_variants(a, teacher, train_dir, full, work, size, scale, E, res))
     if a.relabel:
         variants.update(relabel_variants(a, teacher, train_dir, full, work, size, scale, E, res))
+    if a.temperatures:
+        variants.update(temperature_variants(a, teacher, train_dir, full, stores[f"MS K={a.k}"], work, size, scale,
+                                             E, res))
+    if a.ssl:
+        variants.update(ssl_variants(a, teacher, train_dir, work, size, scale, E, res))
     if a.only:
         variants = {k: v for k, v in variants.items() if any(o in k for o in a.only)}
     runs = {k: [] for k in variants}
     prune_seeds = a.prune_seeds if a.prune_seeds is not None else (1 if a.fast else len(seeds))
     res["config"]["prune_seeds"] = prune_seeds
     for si, s in enumerate(seeds):
-        for name, (mk, passes, tfn) in variants.items():
+        for name, (mk, passes, tfn, *opt) in variants.items():
             if name.startswith("(e) ") and si >= prune_seeds:
                 continue
-            student = tiny_cnn(NUM_CLASSES, width=a.student_width, seed=s)
-            secs, cpu = train(student, mk(s), passes, a.lr, tfn)
-            runs[name].append({"seed": s, "acc": accuracy(student, x_test, y_test), "train_s": secs, "cpu_s": cpu,
-                               "passes": passes, "final_lr": lr_at(passes - 1, passes, a.lr)})
+            opt = opt[0] if opt else {}  # rows (m)/(n): "loss", "outputs" (the student's width), "evaluate"
+            student = tiny_cnn(opt.get("outputs", NUM_CLASSES), width=a.student_width, seed=s)
+            secs, cpu = train(student, mk(s), passes, opt.get("lr", a.lr), tfn, soft_loss=opt.get("loss"))
+            scores = opt["evaluate"](student) if "evaluate" in opt else classifier_scores(student, x_test, y_test)
+            runs[name].append({"seed": s, **scores, "train_s": secs, "cpu_s": cpu,
+                               "passes": passes, "final_lr": lr_at(passes - 1, passes, opt.get("lr", a.lr))})
             print(f"seed {s} {name}: acc {runs[name][-1]['acc']:.4f} {secs:.1f}s wall {cpu:.1f}s cpu", file=sys.stderr,
                   flush=True)
     res["runs"] = runs
@@ -282,8 +343,11 @@ def main(argv=None) -> dict:
                           "time_std": float(np.std([r["train_s"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
                           "cpu_mean": float(np.mean([r["cpu_s"] for r in v])),
                           "cpu_std": float(np.std([r["cpu_s"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
-                          "passes": v[0]["passes"], "final_lr": v[0]["final_lr"], "seeds": len(v)}
-                      for k, v in runs.items()}
+                          "passes": v[0]["passes"], "final_lr": v[0]["final_lr"], "seeds": len(v),
+                          **({"ece_mean": float(np.mean([r["ece"] for r in v])),
+                              "ece_std": float(np.std([r["ece"] for r in v], ddof=1)) if len(v) > 1 else 0.0}
+                             if v and "ece" in v[0] else {})}
+                      for k, v in runs.items() if v}
     res["claims"] = claims(res)
     res["wall_s"] = time.perf_counter() - t_all
     if not a.work:
@@ -356,6 +420,8 @@ def claims(res: dict) -> dict:
                                        "bytes": res["store_bytes"][f"Full keep={keep:g}"]})
     out.update(augment_claims(res))
     out.update(relabel_claims(res))
+    out.update(temperature_claims(res))
+    out.update(ssl_claims(res))
     if none and kd:
         out["kd_beats_no_kd"] = {"diff": kd["acc_mean"] - none["acc_mean"], "agrees": kd["acc_mean"] > none["acc_mean"]}
     return out
@@ -405,6 +471,8 @@ def to_markdown(res: dict) -> str:
              ", ".join(f"{k} {v / 1e3:,.0f} KB" for k, v in res["store_bytes"].items()) + ".")
     L += augment_markdown(res)
     L += relabel_markdown(res)
+    L += temperature_markdown(res)
+    L += ssl_markdown(res)
     return "\n".join(L)
 
 
@@ -637,6 +705,358 @@ def relabel_markdown(res: dict) -> list[str]:
             f"softmax; (l) uses exactly (c)'s crops. {pairs}. One-off map generation: {rl['cpu_seconds']:.1f} s CPU, "
             f"{rl['bytes'] / 1e3:,.0f} KB (FKD Full store {full / 1e3:,.0f} KB"
             + (f", MS K={res['config']['k']} {ms / 1e3:,.0f} KB" if ms else "") + ")."]
+
+
+# ---------------------------------------------------------------------------------------------- temperatures
+# Issue 27: Full vs MS top-K vs sampled labels at equal bytes per crop, trained and decoded at T = 1 and T = 4,
+# with calibration; and a self-supervised head stored at tau = 0.2, float16 centred vs not.
+
+
+def _selected(a, names) -> bool:
+    """Whether ``--only`` keeps any of the row ``names`` (all rows when it is not given)."""
+    return not a.only or any(o in n for n in names for o in a.only)
+
+
+def raw_label_bytes(codec, num_classes: int) -> int:
+    """Bytes per crop of a codec's fields before compression (shape x itemsize, summed)."""
+    return int(sum(int(np.prod(f.shape, dtype=np.int64)) * np.dtype(f.dtype).itemsize
+                   for f in codec.fields(num_classes).values()))
+
+
+def label_bytes_on_disk(store: Path) -> float:
+    """Compressed bytes of the label fields (``soft/*``) per crop."""
+    r = fkdstore.open(store)
+    st = storage_stats(store)
+    return sum(d["bytes"] for k, d in st.items() if k.startswith("soft/")) / (r.num_images * r.crops_per_image)
+
+
+SAMPLED_DRAWS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, 255)
+
+
+def equal_stored_bytes_sampled(target: float, source: Path, work: Path, tag: str, **config):
+    """``(codec, path)``: ``source`` (a ``logits`` store of every output) re-encoded as ``sampled`` (``config`` plus
+    draws ``s`` from :data:`SAMPLED_DRAWS`) with stored label bytes per crop closest to ``target``. Stored bytes
+    grow with ``s`` (more distinct classes drawn), so ``s`` is bisected; the probe stores are removed."""
+    made: dict[int, tuple[float, object, Path]] = {}
+
+    def size(i: int) -> float:
+        if i not in made:
+            codec = get_codec("sampled", s=SAMPLED_DRAWS[i], **config)
+            path = work / f"labels_{tag}_s{codec.s}.fkd"
+            shutil.rmtree(path, ignore_errors=True)
+            reencode(source, codec, path)
+            made[i] = (label_bytes_on_disk(path), codec, path)
+        return made[i][0]
+
+    lo, hi = 0, len(SAMPLED_DRAWS) - 1
+    while lo < hi:  # the largest s whose store is not above target (or the smallest s)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= target else (lo, mid - 1)
+    best = lo
+    if lo + 1 < len(SAMPLED_DRAWS) and abs(size(lo + 1) - target) < abs(size(lo) - target):
+        best = lo + 1
+    for i, (_, _, path) in made.items():
+        if i != best:
+            shutil.rmtree(path, ignore_errors=True)
+    return made[best][1], made[best][2]
+
+
+def _decode_at(codec, T: float) -> float:
+    """The decode temperature giving ``softmax(z / T)``: 1 for a ``sampled`` store drawn at ``T`` itself."""
+    if codec.name == "sampled" and codec.temperature != 1.0:
+        assert codec.temperature == T, (codec, T)
+        return 1.0
+    return T
+
+
+def temperature_variants(a, teacher, train_dir, full_store, ms_store, work, size, scale, E, res) -> dict:
+    """Rows (m): at each training temperature T of ``a.temperatures``, the student's loss is
+    ``T**2 * soft_cross_entropy(student, target, temperature=T)`` (Hinton's T**2 keeps the gradient scale; T = 1 is
+    every other row's loss) with ``target`` the store's label decoded at T, on (c)'s crops. Full is the ``logits``
+    store of every output in float32 (exact at any T; at T = 1 (c)'s Full and MS K rows are the Full and MS rows).
+    Against MS top-K (float16) and, at T != 1, ``logits`` top-K with ``tail="mean"``: ``sampled`` stores with as
+    many draws as give the same stored (compressed) label bytes per crop (:func:`equal_stored_bytes_sampled`):
+    equal to MS K at T = 1; at T != 1 with ``logp=True`` (decoded at T) equal to the ``logits`` top-K store, and
+    drawn at T itself (decoded at 1) equal to MS K. Stores are re-encoded from the float32 logits store (same
+    crops); ``res["temperature"]`` gets their raw and stored bytes and the mean total variation of their decoded
+    labels to the teacher's ``softmax(z / T)``."""
+    C, K, m = NUM_CLASSES, a.k, a.m
+    ms_name, top_name = f"MS K={K}", f"logits K={K} tail=mean"
+    plan = []  # (T, store key, row name)
+    for T in a.temperatures:
+        if T == 1.0:
+            plan += [(T, "Full (c)", f"(c) FKD Full, m={m}"), (T, "MS", f"(c) FKD {ms_name}, m={m}"),
+                     (T, "sampled T=1", f"(m) T=1 sampled, stored bytes of {ms_name}, m={m}")]
+            continue
+        plan += [(T, "Full", f"(m) T={T:g} Full (float32 logits), m={m}"), (T, "MS", f"(m) T={T:g} {ms_name}, m={m}"),
+                 (T, "top", f"(m) T={T:g} {top_name}, m={m}"),
+                 (T, f"sampled logp T={T:g}", f"(m) T={T:g} sampled logp, stored bytes of {top_name}, m={m}"),
+                 (T, f"sampled drawn T={T:g}",
+                  f"(m) T={T:g} sampled drawn at T={T:g}, stored bytes of {ms_name}, m={m}")]
+    if not _selected(a, [row for _, _, row in plan if row.startswith("(m)")]):
+        return {}
+    logits_store = work / "labels_logits_f32.fkd"
+    shutil.rmtree(logits_store, ignore_errors=True)
+    t, c = time.perf_counter(), time.process_time()
+    full_logits = get_codec("logits", dtype="float32")
+    fkdstore.generate(teacher, train_dir, logits_store, crops_per_image=E, codec=full_logits, input_size=size,
+                      crop_sampler=SlotCropSampler(seed=0, scale=scale), num_workers=0, progress=False, batch_size=256)
+    gen = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c}
+    top = get_codec("logits", k=K, tail="mean")
+    stores = {"Full": ("Full", full_logits, logits_store), "Full (c)": ("Full", get_codec("full", dtype="float32"),
+                                                                        full_store),
+              "MS": (ms_name, get_codec("ms", k=K), ms_store)}
+    if any(key == "top" for _, key, _ in plan):
+        stores["top"] = (top_name, top, reencode(logits_store, top, work / "labels_logits_top.fkd"))
+    for T, key, _ in plan:
+        if key.startswith("sampled"):
+            target = stores["top" if "logp" in key else "MS"][2]
+            cfg = {"logp": True} if "logp" in key else ({"temperature": T} if "drawn" in key else {})
+            codec, path = equal_stored_bytes_sampled(label_bytes_on_disk(target), logits_store, work,
+                                                     key.replace(" ", "_").replace("=", ""), **cfg)
+            label = f"sampled S={codec.s}" + (" logp" if codec.logp else "") + (
+                f" drawn at T={T:g}" if codec.temperature != 1.0 else "")
+            stores[key] = (label, codec, path)
+    ref = np.asarray(fkdstore.open(logits_store).read_all().fields["logits"], np.float64)  # log-softmax, float32
+    info = {}
+    for key, (label, codec, path) in stores.items():
+        r = fkdstore.open(path)
+        fields = r.read_all().fields
+        tv = {}
+        for T in {T for T, k, _ in plan if k == key}:
+            z = ref / T
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            q = np.asarray(r.decode(fields, temperature=_decode_at(codec, T)), np.float64)
+            tv[f"{T:g}"] = float(0.5 * np.abs(q - p).sum(-1).mean())
+        info[key] = {"label": label, "codec": codec.get_config(), "raw_bytes": raw_label_bytes(codec, C),
+                     "disk_bytes": label_bytes_on_disk(path), "tv": tv}
+    res["temperature"] = {"temperatures": list(a.temperatures), "k": K, "logits_generation": gen, "stores": info,
+                          "rows": [{"T": T, "label": stores[key][0], "row": row, "store": key} for T, key, row in plan]}
+
+    def loss(T):
+        return lambda z, target: T * T * soft_cross_entropy(z, target, temperature=T)
+
+    out = {}
+    for T, key, row in plan:
+        if row.startswith("(m)"):
+            _, codec, path = stores[key]
+            out[row] = (lambda s, path=path, dt=_decode_at(codec, T): fkd_batches(path, train_dir, m, s,
+                                                                                   temperature=dt),
+                        E // m, lambda x, b: b["soft_labels"], {"loss": loss(T)})
+    return out
+
+
+def _verdict(rows: dict, key: str, lower_is_better: bool, floor: float) -> dict:
+    """The best of ``rows`` (label -> summary) by ``key``_mean and whether it beats the runner-up beyond the seeds'
+    spread (``max(floor, std_best + std_second)``)."""
+    order = sorted(rows, key=lambda n: rows[n][f"{key}_mean"], reverse=not lower_is_better)
+    if len(order) < 2:
+        return {}
+    b, s2 = rows[order[0]], rows[order[1]]
+    tol = max(floor, b[f"{key}_std"] + s2[f"{key}_std"])
+    gap = abs(b[f"{key}_mean"] - s2[f"{key}_mean"])
+    return {"best": order[0], "runner_up": order[1], "gap": gap, "tolerance": tol, "clear": gap > tol}
+
+
+def temperature_claims(res: dict) -> dict:
+    """``temperature_rows``: per T, each store's accuracy, ECE, bytes and label TV; the best equal-bytes store
+    (all but Full) by accuracy and by ECE, and whether it is clear of the runner-up beyond the seeds' spread."""
+    t, s = res.get("temperature"), res["summary"]
+    if not t:
+        return {}
+    out = {}
+    for T in t["temperatures"]:
+        rows = {}
+        for r in t["rows"]:
+            if r["T"] != T or r["row"] not in s or "ece_mean" not in s[r["row"]]:
+                continue
+            v, st = s[r["row"]], t["stores"][r["store"]]
+            rows[r["label"]] = {k: v[k] for k in ("acc_mean", "acc_std", "ece_mean", "ece_std")} | {
+                "raw_bytes": st["raw_bytes"], "disk_bytes": st["disk_bytes"], "tv": st["tv"].get(f"{T:g}")}
+        if not rows:
+            continue
+        equal = {n: v for n, v in rows.items() if n != "Full"}
+        full = rows.get("Full")
+        for v in equal.values():
+            if full:
+                v["acc_diff_vs_full"] = v["acc_mean"] - full["acc_mean"]
+                v["ece_diff_vs_full"] = v["ece_mean"] - full["ece_mean"]
+        out[f"{T:g}"] = {"rows": rows, "accuracy": _verdict(equal, "acc", False, 0.01),
+                         "ece": _verdict(equal, "ece", True, 0.005)}
+    return {"temperature_rows": out} if out else {}
+
+
+def _pm(v, key, scale=100):
+    return f"{scale * v[f'{key}_mean']:.2f} ± {scale * v[f'{key}_std']:.2f}"
+
+
+def _gap(v: dict) -> str:
+    """``(clear of | within the seeds' spread of) <runner-up>: gap, tolerance`` of a :func:`_verdict`."""
+    return (f"({'clear of' if v['clear'] else 'within the seeds' + chr(39) + ' spread of'} {v['runner_up']}: "
+            f"{100 * v['gap']:.2f} points, tolerance ±{100 * v['tolerance']:.2f})")
+
+
+def temperature_markdown(res: dict) -> list[str]:
+    """The table and paragraph of rows (m)."""
+    cl = res.get("claims", {}).get("temperature_rows")
+    if not cl:
+        return []
+    L = ["\nFull vs top-K vs sampled labels at equal bytes per crop, trained at temperature T (rows (m); T = 1 reuses "
+         "(c)'s Full and MS rows). Loss `T**2 * soft_cross_entropy(student, target, temperature=T)`, target the "
+         f"store's label decoded at T; ECE: {ECE_BINS} bins, max softmax of the student at T = 1 on the held-out "
+         "digits. Label bytes per crop: raw fields / stored (compressed, the equal-bytes rule: each sampled store has "
+         "the draws S whose stored bytes come closest to its top-K store's); label TV: mean "
+         "total variation of the decoded label to the teacher's softmax(z / T) over all stored crops.\n",
+         "| T | store | label B/crop (raw / disk) | label TV | accuracy, % | ECE, % |",
+         "|---:|---|---:|---:|---:|---:|"]
+    for T, v in cl.items():
+        for name, r in v["rows"].items():
+            L.append(f"| {T} | {name} | {r['raw_bytes']} / {r['disk_bytes']:.1f} | {r['tv']:.4f} | {_pm(r, 'acc')} | "
+                     f"{_pm(r, 'ece')} |")
+    words = []
+    for T, v in cl.items():
+        acc, ece = v["accuracy"], v["ece"]
+        if acc:
+            words.append(f"T = {T}: best accuracy at equal bytes {acc['best']} {_gap(acc)}; best ECE {ece['best']} "
+                         f"{_gap(ece)}")
+    return L + (["\n" + "; ".join(words) + "."] if words else [])
+
+
+class _L2(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.normalize(x, dim=-1)
+
+
+def ssl_head(teacher, dim: int, seed: int = 0) -> torch.nn.Module:
+    """A MoCo-style embedding head on the digits teacher: its pooled features, a fixed random projection to ``dim``
+    (Gaussian, seeded), L2-normalised (entries about N(0, 1/dim)). Shares the teacher's feature layers."""
+    width = teacher[-1].in_features
+    proj = torch.nn.Linear(width, dim, bias=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(dim, width, generator=g) / width ** 0.5)
+    proj.requires_grad_(False)
+    return torch.nn.Sequential(*list(teacher)[:-1], proj, _L2()).eval()
+
+
+KNN_K, KNN_T = 20, 0.07
+
+
+def knn_accuracy(model, bank_x, bank_y, x, y, k: int = KNN_K, t: float = KNN_T) -> float:
+    """Weighted k-NN on the L2-normalised outputs of ``model`` (InstDisc / DINO protocol): the ``k`` most cosine-
+    similar bank images vote for their class with weight ``exp(sim / t)``; top-1 accuracy on ``x``."""
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        emb = [torch.nn.functional.normalize(torch.cat([model(normalize(v[i:i + 512])) for i in range(0, len(v), 512)]),
+                                             dim=-1) for v in (bank_x, x)]
+    model.train(was)
+    sim, idx = (emb[1] @ emb[0].T).topk(k, dim=-1)
+    votes = torch.zeros(len(x), int(bank_y.max()) + 1).scatter_add_(1, bank_y[idx], (sim / t).exp())
+    return float((votes.argmax(-1) == y).float().mean())
+
+
+def ssl_variants(a, teacher, train_dir, work, size, scale, E, res) -> dict:
+    """Rows (n): the embedding head (:func:`ssl_head`, D = ``a.ssl_dim``) labels (c)'s crops; stores of every output
+    with the ``logits`` codec, float32 (the reference), float16 and float16 centred, generated without class labels
+    (``class_labels=False``: the head's outputs are not the folders' classes). ``res["ssl"]`` gets each store's
+    decoded-distribution error at ``tau`` against float64 ``softmax(l / tau)`` of the float32 store. Students
+    (``tiny_cnn`` with D outputs) train on ``soft_cross_entropy(student, target, temperature=tau)`` with ``target``
+    decoded at ``tau``; they are scored by :func:`knn_accuracy` (the train images as the bank, the held-out digits
+    as queries)."""
+    D, tau, m = a.ssl_dim, a.ssl_tau, a.m
+    codecs = {"float32": get_codec("logits", dtype="float32"), "float16": get_codec("logits", dtype="float16"),
+              "float16 centred": get_codec("logits", dtype="float16", centred=True)}
+    rows = {n: f"(n) SSL head D={D}, tau={tau:g}, {n} logits ({raw_label_bytes(c, D)} B/crop), k-NN, m={m}"
+            for n, c in codecs.items()}
+    if not _selected(a, rows.values()):
+        return {}
+    head = ssl_head(teacher, D)
+    paths, gen = {}, {}
+    for name, codec in codecs.items():
+        paths[name] = work / f"labels_ssl_{name.replace(' ', '_')}.fkd"
+        shutil.rmtree(paths[name], ignore_errors=True)
+        t, c = time.perf_counter(), time.process_time()
+        fkdstore.generate(head, train_dir, paths[name], crops_per_image=E, codec=codec, input_size=size,
+                          crop_sampler=SlotCropSampler(seed=0, scale=scale), class_labels=False, num_workers=0,
+                          progress=False, batch_size=256)
+        gen[name] = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c}
+    ref = np.asarray(fkdstore.open(paths["float32"]).read_all().fields["logits"], np.float64) / tau
+    p = np.exp(ref - ref.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    errors = {}
+    for name, path in paths.items():
+        r = fkdstore.open(path)
+        f = r.read_all().fields
+        q = np.asarray(r.decode(f, temperature=tau), np.float64)
+        stored = np.abs(np.asarray(f["logits"], np.float64))
+        errors[name] = {"max_rel": float(np.abs(q / p - 1).max()), "tv": float(0.5 * np.abs(q - p).sum(-1).mean()),
+                        "max_abs_stored": float(stored.max()), "has_labels": r.header.has_labels,
+                        "raw_bytes": raw_label_bytes(codecs[name], D), "disk_bytes": label_bytes_on_disk(path)}
+        if name != "float32":  # float16 rounded toward -inf: |log(q / p)| <= max|stored| 2**-10 / tau
+            errors[name]["bound"] = float(np.expm1(stored.max(-1) * 2.0 ** -10 / tau).max())
+    x_bank, y_bank = load_folder(train_dir, size)
+    x_test, y_test = load_folder(train_dir.parent / "test", size)
+    res["ssl"] = {"dim": D, "tau": tau, "generation": gen, "errors": errors, "knn": {"k": KNN_K, "t": KNN_T},
+                  "teacher_knn": knn_accuracy(head, x_bank, y_bank, x_test, y_test),
+                  "random_student_knn": knn_accuracy(tiny_cnn(D, width=a.student_width, seed=0), x_bank, y_bank,
+                                                     x_test, y_test),
+                  "rows": rows}
+    opts = {"outputs": D, "loss": lambda z, target: soft_cross_entropy(z, target, temperature=tau),
+            "evaluate": lambda model: {"acc": knn_accuracy(model, x_bank, y_bank, x_test, y_test)}}
+    return {row: (lambda s, path=paths[n]: fkd_batches(path, train_dir, m, s, temperature=tau), E // m,
+                  lambda x, b: b["soft_labels"], opts) for n, row in rows.items()}
+
+
+def ssl_claims(res: dict) -> dict:
+    """``ssl_centred``: the decoded-distribution errors per store and the students' k-NN accuracy, centred vs not
+    (a tie within the seeds' spread, or the winner)."""
+    ssl, s = res.get("ssl"), res["summary"]
+    if not ssl:
+        return {}
+    students = {n: {"acc_mean": s[r]["acc_mean"], "acc_std": s[r]["acc_std"]} for n, r in ssl["rows"].items() if r in s}
+    out = {"errors": ssl["errors"], "students": students, "teacher_knn": ssl["teacher_knn"],
+           "random_student_knn": ssl["random_student_knn"], "dim": ssl["dim"], "tau": ssl["tau"]}
+    c, u = students.get("float16 centred"), students.get("float16")
+    if c and u:
+        tol = max(0.01, c["acc_std"] + u["acc_std"])
+        diff = c["acc_mean"] - u["acc_mean"]
+        out["centred_vs_plain"] = {"diff": diff, "tolerance": tol,
+                                   "verdict": "tie" if abs(diff) <= tol else ("centred" if diff > 0 else "plain")}
+    return {"ssl_centred": out}
+
+
+def ssl_markdown(res: dict) -> list[str]:
+    """The table and paragraph of rows (n)."""
+    v = res.get("claims", {}).get("ssl_centred")
+    if not v:
+        return []
+    L = [f"\nSelf-supervised head (rows (n)): the digits teacher's pooled features, a fixed random projection to "
+         f"D = {v['dim']}, L2-normalised (MoCo-style), stored with the `logits` codec (every output) without class "
+         f"labels (`class_labels=False`) and read at tau = {v['tau']:g}. Error of `decode(temperature=tau)` against "
+         "float64 softmax(l / tau) of the float32 store over every stored crop; students `tiny_cnn` with D outputs "
+         f"trained on `soft_cross_entropy(student, target, temperature={v['tau']:g})`, scored by weighted k-NN "
+         f"(k = {res['ssl']['knn']['k']}, cosine, votes exp(sim / {res['ssl']['knn']['t']:g}); train images as the "
+         f"bank, held-out digits as queries). The head itself scores {100 * v['teacher_knn']:.2f} %, an untrained "
+         f"student {100 * v['random_student_knn']:.2f} %.\n",
+         "| store | label B/crop (raw / disk) | max \\|q/p - 1\\| | float16 bound | mean TV | "
+         "student k-NN accuracy, % |",
+         "|---|---:|---:|---:|---:|---:|"]
+    for name, e in v["errors"].items():
+        st = v["students"].get(name)
+        L.append(f"| {name} | {e['raw_bytes']} / {e['disk_bytes']:.1f} | {e['max_rel']:.2e} | "
+                 f"{e['bound']:.2e} | {e['tv']:.2e} | " if "bound" in e else
+                 f"| {name} | {e['raw_bytes']} / {e['disk_bytes']:.1f} | {e['max_rel']:.2e} (reference) | - | "
+                 f"{e['tv']:.2e} | ")
+        L[-1] += (f"{100 * st['acc_mean']:.2f} ± {100 * st['acc_std']:.2f} |" if st else "- |")
+    cv = v.get("centred_vs_plain")
+    if cv:
+        words = {"tie": "no difference beyond the seeds' spread", "centred": "centred is better",
+                 "plain": "not centred is better"}
+        L.append(f"\nStudents, centred vs not: {100 * cv['diff']:+.2f} points, {words[cv['verdict']]} (tolerance "
+                 f"±{100 * cv['tolerance']:.2f}).")
+    return L
 
 
 def plot(res: dict, figdir: Path) -> list[Path]:

@@ -219,11 +219,59 @@ def verdicts(fm: dict | None, rp: dict | None) -> list[str]:
                                  f"{100 * p['diff']:+.2f} points, tolerance ±{100 * p['tolerance']:.2f}; FKD's "
                                  f"training CPU time {p['cpu_ratio_fkd_over_relabel']:.2f}x)"
                                  for k, p in c["fkd_vs_relabel"].items()) + ".")
+        if "temperature_rows" in c:
+            L.append(temperature_verdict(c["temperature_rows"]))
+        if "ssl_centred" in c:
+            L.append(ssl_verdict(c["ssl_centred"]))
         if "kd_beats_no_kd" in c:
             v = c["kd_beats_no_kd"]
             L.append(f"- Context: vanilla KD vs no KD at this budget: {100 * v['diff']:+.2f} points "
                      f"({'KD helps' if v['agrees'] else 'KD does not help at this short schedule and tiny scale'}).")
     return L
+
+
+def temperature_verdict(rows: dict) -> str:
+    """Issue 27's line: Full vs MS top-K vs sampled at equal bytes per crop, trained at each T: which equal-bytes
+    store wins on accuracy and on calibration (ECE), and whether beyond the seeds' spread."""
+    def one(T, v):
+        acc, ece = v["accuracy"], v["ece"]
+        if not acc:
+            return f"T = {T}: too few rows"
+        r = v["rows"]
+        full = r.get("Full")
+        parts = ", ".join(f"{n} ({x['disk_bytes']:.1f} B) {_pct(x['acc_mean'])}% / ECE {_pct(x['ece_mean'])}%"
+                          for n, x in r.items() if n != "Full")
+        return (f"T = {T}: " + (f"Full {_pct(full['acc_mean'])}% / ECE {_pct(full['ece_mean'])}%; " if full else "")
+                + parts + f"; accuracy: {_won(acc)}; calibration: {_won(ece)}")
+    return ("- **Top-K vs sampled labels at equal stored bytes per crop (issue 27), accuracy / ECE over seeds:** "
+            + "; ".join(one(T, v) for T, v in rows.items()) + ".")
+
+
+def _won(v: dict) -> str:
+    """``<best> wins over <runner-up>`` or ``<best> leads <runner-up> within the seeds' spread``, with the gap."""
+    how = "wins over" if v["clear"] else "leads, within the seeds' spread,"
+    return f"{v['best']} {how} {v['runner_up']} ({100 * v['gap']:.2f} points, tolerance ±{100 * v['tolerance']:.2f})"
+
+
+def ssl_verdict(v: dict) -> str:
+    """Issue 27's SSL line: float16 logits centred vs not for a D-wide head read at tau."""
+    e, st = v["errors"], v["students"]
+    cv = v.get("centred_vs_plain")
+    words = {"tie": "no difference beyond the seeds' spread", "centred": "centred is better",
+             "plain": "plain is better"}
+    line = (f"- **Self-supervised head (D = {v['dim']}, tau = {v['tau']:g}) stored as float16 logits, centred vs not "
+            f"(issue 27):** decoded error max |q/p - 1| {e['float16 centred']['max_rel']:.1e} centred vs "
+            f"{e['float16']['max_rel']:.1e} not (mean TV {e['float16 centred']['tv']:.1e} vs "
+            f"{e['float16']['tv']:.1e}), "
+            f"{'within' if all(x['max_rel'] <= x['bound'] for n, x in e.items() if 'bound' in x) else '**outside**'} "
+            "the float16 bound")
+    if cv:
+        c, u = st["float16 centred"], st["float16"]
+        line += (f"; students (k-NN): {_pct(c['acc_mean'])}% centred vs {_pct(u['acc_mean'])}% not, "
+                 f"{100 * cv['diff']:+.2f} points, {words[cv['verdict']]} (tolerance ±{100 * cv['tolerance']:.2f})")
+    if "float32" in st:
+        line += f"; float32 reference {_pct(st['float32']['acc_mean'])}%"
+    return line + f"; the head itself {_pct(v['teacher_knn'])}%, an untrained student {_pct(v['random_student_knn'])}%."
 
 
 FIDELITY_TEXT = """\

@@ -411,7 +411,7 @@ def _cmd_ensemble(args) -> int:
 GENERATE_OPTIONS = (
     "input_size", "batch_size", "temperature", "mean", "std", "interpolation", "device", "num_workers",
     "on_error", "images_per_shard", "num_classes", "amp", "progress", "teacher_name", "weights_sha256",
-    "augment", "crops_from", "storage_options", "store_crops",
+    "augment", "crops_from", "storage_options", "store_crops", "class_labels",
 )
 SAMPLER_OPTIONS = ("seed", "scale", "ratio", "flip_p")  # fields of the crop sampler (SlotCropSampler)
 
@@ -984,13 +984,17 @@ def _add_generate(sub, common) -> None:
     g = q.add_argument_group("crops and labels")
     g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int,
                    metavar="M", help="crops per image (FKD crop regions; or --label-map)")
-    g.add_argument("--codec", help="label codec name or spec: full, hard, smoothing, ms, mr, logits; e.g. "
-                                   "ms:k=5,dtype=q8 (default: ms)")
+    g.add_argument("--codec", help="label codec name or spec: full, hard, smoothing, ms, mr, logits, sampled; "
+                                   "e.g. ms:k=5,dtype=q8, logits:centred=true, sampled:s=16,logp=true (default: ms)")
     g.add_argument("--k", type=_pos_int, help="top-k for ms/mr (codec default: 5)")
     g.add_argument("--dtype", choices=["float16", "float32", "q8"], help="stored probability dtype (codec default)")
     g.add_argument("--num-classes", type=_pos_int, metavar="C",
                    help="expected teacher output width (None: measured); state it to label a class-folder tree that "
                         "has fewer class folders than the teacher has outputs")
+    g.add_argument("--class-labels", action=argparse.BooleanOptionalAction,
+                   help="store the images' ground-truth classes (class sub-folders, .cls members); "
+                        "--no-class-labels: none (label -1, has_labels false), for a teacher whose outputs are not "
+                        "those classes (a self-supervised head: --codec logits:centred=true)")
     g.add_argument("--input-size", type=_pos_int, metavar="S", help="side of the square crops fed to the teacher")
     g.add_argument("--seed", type=_nonneg_int, metavar="N", help="crop sampler seed")
     g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop area range")

@@ -212,8 +212,10 @@ class TorchDataset(torch.utils.data.Dataset):
             fewer bytes are written, sent between processes and copied to the device).
         mean, std: default the store's replay ``mean`` / ``std``, else ImageNet's.
         temperature: decoding temperature ``T`` (``codec.decode(..., temperature=T)``; for a ``logits`` store
-            ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0,
-            checked here (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
+            ``softmax(z / T)``, for probability codecs ``normalise(p ** (1/T))``): a finite number > 0 that
+            the codec can decode at (:meth:`~fkdstore.codecs.LabelCodec.check_temperature`: a q8 ``logits`` store
+            refuses T < 1, a ``sampled`` store without ``logp`` any T != 1), checked here
+            (:class:`ValidationError`). Also the default of :func:`densify` for this dataset.
         storage_options: for a URL ``store`` and/or URL ``images``, passed to fsspec (endpoint, credentials,
             ...); credentials may instead come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
             ...). Images on another endpoint or account: pass ``images=as_source(url, storage_options=...)``.
@@ -329,7 +331,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform
-        self.temperature = _codecs.parse_temperature(temperature)
+        self.temperature = self.codec.check_temperature(temperature)  # a refused temperature fails here
         self.batch_pool = _check_int("batch_pool", batch_pool, 0)
         self._pool_token = os.urandom(8).hex()  # names this dataset's buffers in a worker's pool
 

@@ -121,7 +121,11 @@ class LabelSpec:
       ``temperature`` stays 1 (the label map's own ``temperature`` is its replay temperature).
 
     Both: ``num_classes`` the expected teacher width (``None``: measured); ``images_per_shard`` a storage
-    layout override."""
+    layout override; ``class_labels`` whether the store's ``label`` takes the source's ground-truth classes
+    (class sub-folders, a ``.cls`` member, a label column). ``False`` stores none (``label`` all -1,
+    ``has_labels`` false, ``meta["classes"]`` empty), for a teacher whose outputs are not the source's classes
+    (a self-supervised embedding head of width ``D``, e.g. on ImageNet's 1000 class folders); a source without
+    labels (a flat folder, a file list) gives the same store either way."""
 
     crops_per_image: int | None = None
     codec: Any = None
@@ -132,6 +136,7 @@ class LabelSpec:
     augment: Any = None
     num_classes: int | None = None
     images_per_shard: int | None = None
+    class_labels: bool = True
 
     def __post_init__(self) -> None:
         if self.label_map is not None:
@@ -157,6 +162,7 @@ class LabelSpec:
             object.__setattr__(self, "num_classes", positive_int("num_classes", self.num_classes))
         if self.images_per_shard is not None:
             object.__setattr__(self, "images_per_shard", positive_int("images_per_shard", self.images_per_shard))
+        object.__setattr__(self, "class_labels", boolean("class_labels", self.class_labels))
 
     def _check_label_map(self) -> None:
         spec = self.label_map
@@ -390,6 +396,8 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
     """The steps listed in the module docstring, in order. ``out`` is the store (:func:`fkdstore.storage.as_store`),
     ``location`` the ``(path or URL, storage_options)`` it came from."""
     listing = resolve_images(images, storage_options=images_options)
+    if not job.labels.class_labels:
+        listing = listing.without_labels()
     if crops_from is not None and len(job.augment):
         raise ValidationError("augment must be None with crops_from: the crops, their augmentation params and the "
                               f"pipeline come from the source store. Got augment={job.augment.get_config()}.")
@@ -433,7 +441,9 @@ def check_num_classes(forward: TeacherForward, expected: int | None, listing: Im
 
     More class folders than outputs is refused. More outputs than class folders is refused too unless
     ``expected`` (``num_classes``) states the width: the folder's class indices (the store's ``label``) would
-    otherwise silently disagree with the teacher's classes (e.g. an ImageNet teacher on a 10-class folder)."""
+    otherwise silently disagree with the teacher's classes (e.g. an ImageNet teacher on a 10-class folder).
+    A ground-truth class (any source's ``labels``) of ``C`` or more is refused. The messages point to
+    ``class_labels=False`` for a teacher whose outputs are not classes (a source without labels passes)."""
     width = forward.num_classes() if job is None else job.work.num_classes(forward, job)
     if expected is not None and expected != width:
         raise ValidationError(f"teacher outputs {width} classes but num_classes={expected} was asked for")
@@ -442,14 +452,24 @@ def check_num_classes(forward: TeacherForward, expected: int | None, listing: Im
         raise ValidationError(
             f"the image folder must have at most as many class folders as the teacher has outputs: it has {n} "
             f"({_folders(listing.classes)}), the teacher outputs {width} classes (hidden folders such as "
-            f".ipynb_checkpoints are not classes)")
+            f".ipynb_checkpoints are not classes). {_NO_LABELS_HINT}")
     if n and width > n and expected is None:
         raise ValidationError(
             f"the teacher outputs {width} classes but the image folder has {n} class folders "
             f"({_folders(listing.classes)}): the folders' class indices (the store's labels) would not be the "
             f"teacher's. Pass num_classes={width} (--num-classes {width}) to label with this teacher anyway (its "
-            f"classes a superset of the folders'), or use a teacher with {n} outputs")
+            f"classes a superset of the folders'), or use a teacher with {n} outputs. {_NO_LABELS_HINT}")
+    top = max(listing.labels, default=-1)
+    if top >= width:
+        i = listing.labels.index(top)
+        raise ValidationError(
+            f"the images' ground-truth classes must be teacher outputs, in [0, {width}): {listing.name(i)} has "
+            f"class {top}. {_NO_LABELS_HINT}")
     return width
+
+
+_NO_LABELS_HINT = ("If the teacher's outputs are not these classes (a self-supervised embedding head), pass "
+                   "class_labels=False (--no-class-labels) to store no ground-truth labels")
 
 
 def _folders(classes: Sequence[str], show: int = 8) -> str:

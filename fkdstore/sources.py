@@ -56,6 +56,7 @@ one.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import posixpath
@@ -111,6 +112,13 @@ class ImageSource:
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """Hint: images ``indices`` are loaded next, in this order (remote sources fetch ahead)."""
+
+    def without_labels(self) -> ImageSource:
+        """A copy of this source serving the same images and keys with no ground-truth class (``labels`` all
+        -1, ``classes`` empty); this source is unchanged."""
+        out = copy.copy(self)
+        out.labels, out.classes = [-1] * len(self.keys), []
+        return out
 
     def header_sizes(self, indices: Sequence[int] | None = None) -> list[tuple[int, int] | ImageReadError]:
         """``size(i)`` of each image (default all), read with a few threads; an unreadable header is

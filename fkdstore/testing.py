@@ -182,12 +182,14 @@ class RandomCropDataset:
 
 
 def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=None, std=None,
-                     progress: str | None = None) -> tuple[float, float]:
+                     progress: str | None = None, soft_loss=None) -> tuple[float, float]:
     """Train ``model`` for ``passes`` passes; return (wall seconds, process CPU seconds) of the loop.
 
     ``batches(p)`` yields ``(uint8 crops [n, 3, H, W], info)`` for pass ``p``; ``target_fn(x, info)`` returns
     int64 class targets (cross-entropy) or ``[n, C]`` soft targets (:func:`fkdstore.soft_cross_entropy`) for
-    the normalised crops ``x``. SGD (momentum 0.9, Nesterov, weight decay 5e-4), :func:`cosine_lr` per pass.
+    the normalised crops ``x``; ``soft_loss(logits, soft_targets)`` replaces the soft loss (e.g. a temperature:
+    ``lambda z, t: T * T * soft_cross_entropy(z, t, temperature=T)``). SGD (momentum 0.9, Nesterov, weight decay
+    5e-4), :func:`cosine_lr` per pass.
     ``progress``: report with that description (:mod:`fkdstore.progress`: a bar on a terminal, plain lines
     otherwise), or None.
     """
@@ -200,6 +202,7 @@ def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=
     from .transforms import normalize
 
     kw = {} if mean is None else {"mean": mean, "std": std}
+    soft_loss = soft_cross_entropy if soft_loss is None else soft_loss
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = range(passes)
     if progress:
@@ -215,7 +218,7 @@ def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=
             xn = normalize(x, **kw)
             target = target_fn(xn, info)
             out = model(xn)
-            loss = F.cross_entropy(out, target) if target.dtype == torch.int64 else soft_cross_entropy(out, target)
+            loss = F.cross_entropy(out, target) if target.dtype == torch.int64 else soft_loss(out, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

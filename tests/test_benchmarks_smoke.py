@@ -68,12 +68,31 @@ def test_fkdstore_file_count_rule_matches_a_written_store(tmp_path):
 def test_reproduce_tiny_run(tmp_path):
     torch.manual_seed(0)
     res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "1", "2", "--size", "12",
-                          "--teacher-width", "8", "--student-width", "4", "--m", "2", "--only", "(a)", "(b)", "Full, m=1", "Full, m=2", "Hard", "(d)", "--work", str(tmp_path)])
+                          "--teacher-width", "8", "--student-width", "4", "--m", "2", "--temperatures", "4",
+                          "--ssl-dim", "16", "--only", "(a)", "(b)", "Full, m=1", "Full, m=2", "Hard", "(d)", "(m)",
+                          "(n)", "--work", str(tmp_path)])
     s = res["summary"]
     assert any(k.startswith("(c) FKD Full, m=2") for k in s) and any(k.startswith("(d)") for k in s)
     assert all(0.0 <= v["acc_mean"] <= 1.0 and np.isfinite(v["time_mean"]) for v in s.values())
     assert {"fkd_matches_vanilla_kd", "region_beats_global", "m_does_not_hurt"} <= set(res["claims"])
-    assert "vanilla KD" in reproduce.to_markdown(res)
+    md = reproduce.to_markdown(res)
+    assert "vanilla KD" in md
+    # (m): Full vs top-K vs sampled at T = 4, with ECE; (n): the SSL head's stores, centred vs not
+    t4 = res["claims"]["temperature_rows"]["4"]
+    assert {"Full", "MS K=3", "logits K=3 tail=mean"} <= set(t4["rows"])
+    assert sum(n.startswith("sampled S=") for n in t4["rows"]) == 2  # decoded at 4 with logp, and drawn at 4
+    assert all(0 <= r["ece_mean"] <= 1 and r["tv"] >= 0 for r in t4["rows"].values())
+    assert t4["rows"]["Full"]["tv"] < 1e-5 < t4["rows"]["MS K=3"]["tv"]  # Full (float32 logits) is the reference
+    ssl = res["claims"]["ssl_centred"]
+    e = ssl["errors"]
+    assert not any(x["has_labels"] for x in e.values())
+    assert e["float16 centred"]["max_rel"] <= e["float16 centred"]["bound"] < e["float16"]["bound"]
+    assert e["float16 centred"]["tv"] < e["float16"]["tv"]
+    assert set(ssl["students"]) == {"float32", "float16", "float16 centred"}
+    assert "Self-supervised head" in md and "| 4 | MS K=3 |" in md
+    run_all = pytest.importorskip("run_all")
+    lines = run_all.verdicts(None, res)
+    assert any("equal stored bytes per crop" in x for x in lines) and any("centred vs not" in x for x in lines)
 
 
 def test_codec_fidelity_tiny_run():

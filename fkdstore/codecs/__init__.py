@@ -105,6 +105,8 @@ def _parse_value(text: str) -> Any:
     t = text.strip()
     if t.lower() in ("none", "null"):
         return None
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
     try:
         return int(t)
     except ValueError:
@@ -118,7 +120,8 @@ def _parse_value(text: str) -> Any:
 def parse_spec(spec: str) -> dict:
     """A codec spec string -> config dict: ``"ms"``, ``"ms:k=5,dtype=q8"``, ``"logits:k=none"`` or JSON.
 
-    The one parser of codec strings (CLI ``--codec``). Values are ints, floats, ``none``/``null`` or strings.
+    The one parser of codec strings (CLI ``--codec``). Values are ints, floats, ``none``/``null``,
+    ``true``/``false`` (any case) or strings: ``"logits:centred=true"``, ``"sampled:s=16,logp=true"``.
     """
     if not isinstance(spec, str):
         raise TypeError(f"codec spec must be a str, got {type(spec).__name__}")

@@ -335,8 +335,15 @@ class LabelCodec:
         out = self._encode(x, keys) if self.keyed else self._encode(x)
         return {name: A.cast(out[name], spec.dtype) for name, spec in specs.items()}
 
+    def check_temperature(self, temperature: Any) -> float:
+        """``temperature`` as a float when this codec can decode at it (what :meth:`decode` checks first):
+        TypeError / ValidationError as :func:`parse_temperature`, and ValidationError where the codec refuses
+        the temperature (a q8 ``logits`` store below 1, a ``sampled`` store without ``logp`` away from 1). A
+        reader calls it up front (``TorchDataset(temperature=...)``) so a refused temperature fails at once."""
+        return parse_temperature(temperature)
+
     def decode(self, fields: Mapping, num_classes: int, *, temperature: float = 1.0):
-        t = parse_temperature(temperature)
+        t = self.check_temperature(temperature)
         self._check_fields(fields, num_classes)
         d = self._decode(fields, num_classes, t)
         # one class: every distribution is [1] (a q8 code of 1.0 would otherwise decode to Q8[255] < 1)

@@ -161,12 +161,16 @@ class Logits(LabelCodec):
             out["tail_mean"] = A.cast_down(rest / max(n, 1), self.fields(z.shape[-1])["tail_mean"].dtype)
         return out
 
-    def _decode(self, f, num_classes, temperature):
-        if self.quantized and temperature < 1.0:
+    def check_temperature(self, temperature) -> float:
+        t = parse_temperature(temperature)
+        if self.quantized and t < 1.0:
             raise ValidationError(
                 f"a q8 logits store must not be decoded at temperature < 1: q8's 9.05 % relative error per "
-                f"probability grows to 1.0905**(1/T) - 1. Got temperature={temperature:g}; store float16 or "
+                f"probability grows to 1.0905**(1/T) - 1. Got temperature={t:g}; store float16 or "
                 f"float32 logits (centred=True for a self-supervised head) to read at T < 1.")
+        return t
+
+    def _decode(self, f, num_classes, temperature):
         if self.k is None and self.quantized:  # zero codes get a share of the missing mass, as q8 ``full``
             lp = A.log(quant.dequantize_row(f["logits"]))
         else:

@@ -284,6 +284,16 @@ class Sampled(LabelCodec):
                 raise ValidationError(f"field 'sample_indices' must lie in [0, {num_classes}), got values in "
                                       f"[{lo}, {hi}]")
 
+    def check_temperature(self, temperature) -> float:
+        t = parse_temperature(temperature)
+        if t != 1.0 and not self.logp:
+            raise ValidationError(
+                f"{self.describe()} decodes only at temperature 1 (the distribution its draws came from, "
+                f"softmax(z / {self.temperature:g})); decoding at temperature={t:g} needs the drawn "
+                f"classes' probabilities: write the store with logp=True, or generate at the training "
+                f"temperature")
+        return t
+
     def _decode(self, f, num_classes, temperature):
         cnt = A.f64(f["sample_counts"])
         ids = A.i64(f["sample_indices"])
@@ -302,12 +312,6 @@ class Sampled(LabelCodec):
             fill = A.where(drawn, r * 0, r / n_tail)
             head = ph
         else:
-            if not self.logp:
-                raise ValidationError(
-                    f"{self.describe()} decodes only at temperature 1 (the distribution its draws came from, "
-                    f"softmax(z / {self.temperature:g})); decoding at temperature={temperature:g} needs the drawn "
-                    f"classes' probabilities: write the store with logp=True, or generate at the training "
-                    f"temperature")
             a = 1.0 / temperature
             lt = A.where(cnt > 0, A.log(r * cnt / safe_nc) + (a - 1.0) * A.f64(f["sample_logp"]), _neg_inf(cnt))
             lu = A.where(drawn, _neg_inf(r), a * A.log(r / n_tail))  # the uniform tail of a crop without draws
