@@ -12,14 +12,14 @@ COMPAT_TESTS  := tests/test_golden.py tests/test_spec.py tests/test_codecs.py te
                  tests/test_writer.py tests/test_verify.py tests/test_faults_reader.py tests/test_interop.py \
                  tests/test_seeded.py tests/test_faults_rewrite.py tests/test_hostile_stores.py
 
-.PHONY: install demo test test-main test-compat bench clean
+.PHONY: install demo test test-main test-compat lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned: a CPU wheel lies on disk here; an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[torch,test,demo]"
+	$(PY) -m pip install -q -e ".[torch,test,demo,lint]"
 	touch $(STAMP)
 
 $(COMPAT_STAMP): pyproject.toml
@@ -36,8 +36,12 @@ demo: $(STAMP)
 
 test: test-main test-compat
 
-test-main: $(STAMP)
+test-main: lint $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check fkdstore tests benchmarks examples
+	$(PY) -m mypy
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python -c "import zarr, sys; print('compat lane: Python', sys.version.split()[0], 'zarr', zarr.__version__, '(no torch)')"
