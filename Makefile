@@ -10,7 +10,9 @@ COMPAT_VENV   := .venv-compat
 COMPAT_STAMP  := $(COMPAT_VENV)/.installed
 COMPAT_TESTS  := tests/test_golden.py tests/test_spec.py tests/test_codecs.py tests/test_reader.py \
                  tests/test_writer.py tests/test_verify.py tests/test_faults_reader.py tests/test_interop.py \
-                 tests/test_seeded.py tests/test_faults_rewrite.py tests/test_hostile_stores.py
+                 tests/test_seeded.py tests/test_faults_rewrite.py tests/test_hostile_stores.py \
+                 tests/test_faults_binding.py tests/test_labelmap.py tests/test_bitflips.py \
+                 tests/test_codecs_sampled.py tests/test_codecs_tail.py
 
 .PHONY: install demo test test-main test-compat lint bench clean
 
@@ -37,7 +39,7 @@ demo: $(STAMP)
 test: test-main test-compat
 
 test-main: lint $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check fkdstore tests benchmarks examples
@@ -45,7 +47,7 @@ lint: $(STAMP)
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python -c "import zarr, sys; print('compat lane: Python', sys.version.split()[0], 'zarr', zarr.__version__, '(no torch)')"
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(wildcard $(COMPAT_TESTS))
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 $(wildcard $(COMPAT_TESTS))
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
