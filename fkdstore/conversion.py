@@ -31,15 +31,23 @@ from typing import Any
 import numpy as np
 
 from . import codecs as _codecs
-from .codecs import conversion_problem, convert_fields
 from . import progress as _progress
-from . import storage as _storage
 from . import reader as _reader
+from . import storage as _storage
 from . import writer as _writer
+from .codecs import conversion_problem, convert_fields
 from .errors import ConversionError, ValidationError
 from .importers.fkdstore_v1 import is_v1, open_v1
-from .output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, \
-    remove_on_error, source_identity
+from .output import (
+    MADE_BY,
+    check_options,
+    history_record,
+    location_name,
+    made_by,
+    open_destination,
+    remove_on_error,
+    source_identity,
+)
 from .reader import CropRecords
 from .report import storage_stats
 from .validation import non_negative_int

@@ -41,7 +41,7 @@ def history_record(op: str, **items: Any) -> dict[str, Any]:
     """One ``meta["history"]`` entry: ``{"op", **items, "at" (UTC ISO time), "library_version"}``."""
     from . import __version__
 
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return {"op": op, **items, "at": now, "library_version": __version__}
 
 

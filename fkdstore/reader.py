@@ -35,9 +35,10 @@ import json
 import operator
 import os
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -48,8 +49,21 @@ from . import schema as S
 from . import storage as _storage
 from .derived import derivation
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
-from .shard import ArrayMeta, Manifest, ShardedArray, UnshardedArray, fetch_many, finish_many, group_rows, \
-    load_many, parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
+from .shard import (
+    ArrayMeta,
+    Manifest,
+    ShardedArray,
+    UnshardedArray,
+    fetch_many,
+    finish_many,
+    group_rows,
+    load_many,
+    parse_array_meta,
+    prefetch_manifests,
+    raise_first,
+    take_many,
+    take_one,
+)
 
 __all__ = ["open", "Reader", "RegionReader", "LabelMapReader", "CropRecords", "MapRecords"]
 

@@ -28,8 +28,9 @@ import stat
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import crc32c
 import zarr.abc.store

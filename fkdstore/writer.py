@@ -45,7 +45,8 @@ import math
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
@@ -58,8 +59,14 @@ from . import storage
 from .augment.base import Column
 from .augment.pipeline import Pipeline
 from .derived import derivation
-from .errors import ConcurrentWriterError, CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, \
-    ValidationError
+from .errors import (
+    ConcurrentWriterError,
+    CorruptStoreError,
+    FkdstoreError,
+    FormatError,
+    SchemaMismatchError,
+    ValidationError,
+)
 from .labelmap import LabelMapSpec, validate_maps
 from .ownership import OWNERS, Owners
 from .seeded import SlotCropSampler

@@ -11,8 +11,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConversionError, ValidationError
-from .base import (PROB_ATOL, PROB_DTYPES, FieldSpec, LabelCodec, index_dtype, parse_keys, parse_temperature,
-                   row_sum_atol, validate_logits, validate_probs)
+from .base import (
+    PROB_ATOL,
+    PROB_DTYPES,
+    FieldSpec,
+    LabelCodec,
+    index_dtype,
+    parse_keys,
+    parse_temperature,
+    row_sum_atol,
+    validate_logits,
+    validate_probs,
+)
 from .full import Full
 from .hard import Hard
 from .logits import Logits

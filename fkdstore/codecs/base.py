@@ -235,7 +235,7 @@ def validate_logits(logits, num_classes: int) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _specs(codec: "LabelCodec", num_classes: int) -> dict[str, FieldSpec]:
+def _specs(codec: LabelCodec, num_classes: int) -> dict[str, FieldSpec]:
     """``codec.fields(num_classes)`` memoised for decode's per-call field check (codecs are frozen and
     hashable; only called with a plain ``int``, so ``True`` never hits the entry of ``1``). Read-only."""
     return codec.fields(num_classes)
@@ -460,7 +460,7 @@ class LabelCodec:
                                   f"first at {where}.")
 
     # -- conversion
-    def conversion_problem(self, src: "LabelCodec") -> str | None:
+    def conversion_problem(self, src: LabelCodec) -> str | None:
         """Why ``src``'s stored fields cannot become this codec's fields (None when they can)."""
         if src.kept_classes is None:
             return None

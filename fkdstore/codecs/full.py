@@ -7,8 +7,8 @@ from typing import ClassVar
 import numpy as np
 
 from . import _array as A
-from .base import FieldSpec, LabelCodec, check_num_classes
 from . import quant
+from .base import FieldSpec, LabelCodec, check_num_classes
 
 
 @dataclass(frozen=True, kw_only=True)

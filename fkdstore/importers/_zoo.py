@@ -30,8 +30,7 @@ from .. import writer as _writer
 from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, LabelFileError, ValidationError
 from ..images import ImageList
-from ..output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, \
-    remove_on_error
+from ..output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, remove_on_error
 from ..report import storage_stats
 from ..transforms import Replay
 

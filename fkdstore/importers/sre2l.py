@@ -45,9 +45,8 @@ import numpy as np
 from .. import augment as _augment
 from .. import progress as _progress
 from ..errors import LabelFileError, ValidationError
-from ..transforms import Replay
 from ..images import image_size, list_images
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, Replay
 from ..validation import positive_int
 from . import _zoo, safe_pickle
 from .fkd import _clamp_boxes, fkd_boxes
