@@ -1,4 +1,5 @@
-"""Stores made from stores: re-encode without the teacher (:func:`convert`), keep a subset of each image's slots (:func:`prune`) and average stores that share crops (:func:`ensemble`).
+"""Stores made from stores: re-encode without the teacher (:func:`convert`), keep a subset of each image's slots
+(:func:`prune`) and average stores that share crops (:func:`ensemble`).
 
 Conversions work on the *stored fields*, never on decoded distributions: decoding an ``mr`` store gives the
 renormalised top-K, and re-encoding that as ``ms`` would claim a residual of 0. Every codec that keeps a

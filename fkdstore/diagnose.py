@@ -260,8 +260,8 @@ def image_slots(reader, image: str | int, *, top_k: int = 5, slots: Sequence[int
                  "top": [[int(c), float(dist[r, c])] for c in order[r]]}
         if mixing:
             entry["lam"] = float(lam[r])
-            entry["mix"] = [{"policy": p.name, "partner": j, "partner_key": reader.image_key(j), "weight": float(pw[r, q])}
-                            for q, p in enumerate(mixing) if (j := int(pidx[r, q])) >= 0]
+            entry["mix"] = [{"policy": p.name, "partner": j, "partner_key": reader.image_key(j),
+                             "weight": float(pw[r, q])} for q, p in enumerate(mixing) if (j := int(pidx[r, q])) >= 0]
         out.append(entry)
     H, W = (int(v) for v in reader.image_sizes[i])
     return {"index": i, "key": reader.image_key(i), "size": [H, W], "label": int(reader.labels[i]), "slots": out}

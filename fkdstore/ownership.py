@@ -148,8 +148,9 @@ class Owners:
         now = time.time()
         for key in storage.list_dir(self.store, OWNERS):
             stem = key[:-len(".json")] if key.endswith(".json") else ""
-            if stem.isdigit() and int(stem) in complete and claim_rule(self._read(int(stem)), self.token, now) == "free":
-                sync(self.store.delete(self.key(int(stem))))
+            s = int(stem) if stem.isdigit() else -1
+            if s in complete and claim_rule(self._read(s), self.token, now) == "free":
+                sync(self.store.delete(self.key(s)))
 
     def release_all(self) -> None:
         for s in sorted(self.held):

@@ -554,7 +554,7 @@ class Reader:
             for a in self._arrays.values():
                 a.forget(s)
                 keys.append(a.shard_key(s))
-            for name, arr in self._unsharded.items():
+            for arr in self._unsharded.values():
                 keys.extend(arr.key(c) for c in range(s * ips // arr.grid[0], ((s + 1) * ips - 1) // arr.grid[0] + 1)
                             if c * arr.grid[0] < arr.shape[0])
         self._written = None

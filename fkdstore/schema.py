@@ -302,7 +302,8 @@ def header_checksum(d: Mapping[str, Any]) -> str:
     ``library_version`` (section 1.2): an edit of anything else is detected; provenance may change (a resumed
     run updates ``meta``)."""
     body = {k: v for k, v in d.items() if k not in CHECKSUM_EXCLUDES}
-    return "crc32c:%08x" % _crc32c.crc32c(canonical_json(body).encode("utf-8"))
+    crc = _crc32c.crc32c(canonical_json(body).encode("utf-8"))
+    return f"crc32c:{crc:08x}"
 
 
 def check_version(version: Any) -> tuple[int, int]:

@@ -832,7 +832,7 @@ class StoreSource(ByteSource):
         merged = coalesce(requests, COALESCE_GAP)
         blobs = self._gather([self._get(k, RangeByteRequest(int(a), int(b))) for k, a, b, _ in merged])
         out: list = [None] * len(requests)
-        for (key, a, b, members), blob in zip(merged, blobs):
+        for (_, a, _, members), blob in zip(merged, blobs):
             if blob is None:
                 continue
             for i in members:  # bytes slices (copies): what the chunk checks and blosc take fastest

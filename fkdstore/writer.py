@@ -45,17 +45,17 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from . import __version__, storage
 from . import codecs as _codecs
 from . import schema as S
-from . import storage
 from .augment.base import Column
 from .augment.pipeline import Pipeline
 from .derived import derivation
@@ -76,13 +76,8 @@ from .validation import int_in_range, positive_int
 __all__ = ["write", "Writer", "clear_interrupted_creation"]
 
 MAX_BUFFERED_SHARDS = 4
+_T = TypeVar("_T")
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 _as_codec = _codecs.as_codec  # 0.1 name (fkdstore.store._as_codec); the one codec coercion is as_codec
@@ -373,7 +368,7 @@ def _make_header(inputs, records, replay, ipc, ips, store_id: str | None, *,
     ips = None if ips is None else positive_int("images_per_shard", ips)
     common = dict(num_images=N, num_classes=inputs["C"], key_length=int(inputs["key_arr"].shape[1]),
                   has_labels=bool((inputs["labels"] >= 0).any()), records=records, replay=replay,
-                  store_id=store_id, meta=inputs["meta"], library_version=_library_version())
+                  store_id=store_id, meta=inputs["meta"], library_version=__version__)
     if existing is not None:  # resume adopts the store's layout; an explicit different one is refused below
         ipc = existing.images_per_chunk if ipc is None else ipc
         ips = existing.images_per_shard if ips is None else ips
@@ -768,24 +763,24 @@ class Writer:
                 if keep.any():
                     v = v.copy()  # the buffer stays as put, for a retry
                     v[keep] = self._stored_rows(s, name, p, old_tags, keep)
-                self._io(s, name, "write", lambda: self._array(name).__setitem__(sl, v))  # one whole-shard write
+                self._write(s, name, sl, v)  # one whole-shard write
                 data[name] = v
                 _fault_point("array", s)
         stored = [n for n in data if n not in self._derived]
-        self._io(s, "data", "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(n, s) for n in stored]))
+        self._fsync(s, "data", stored)
         _fault_point("data", s)
         tags = np.zeros((h.chunks_per_shard, len(data)), np.uint32)  # chunks past N (last shard) stay 0
         for p, (name, v) in enumerate(data.items()):
             t = S.manifest_tags(name, first, v, ipc, prefix)
             tags[:len(t), p] = t
         row = _manifest_rows(h, range(s, s + 1), self._per_image, tags.reshape(1, -1))
-        self._io(s, S.MANIFEST, "write", lambda: self._array(S.MANIFEST).__setitem__(slice(s, s + 1), row))
-        self._io(s, S.MANIFEST, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
+        self._write(s, S.MANIFEST, slice(s, s + 1), row)
+        self._fsync(s, S.MANIFEST, [S.MANIFEST])
         _fault_point("manifest", s)
         self._owners.check(s, "mark its images written")
         flags = self._written[sl] | mask
-        self._io(s, S.WRITTEN, "write", lambda: self._array(S.WRITTEN).__setitem__(sl, flags.astype(np.uint8)))
-        self._io(s, S.WRITTEN, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.WRITTEN, s)]))
+        self._write(s, S.WRITTEN, sl, flags.astype(np.uint8))
+        self._fsync(s, S.WRITTEN, [S.WRITTEN])
         _fault_point("flags", s)
         self._written[sl] = flags
         del self._buffers[s]
@@ -813,7 +808,8 @@ class Writer:
         if len(bad):
             j = int(bad[0])
             raise CorruptStoreError(
-                f"{self._where}: array {name!r} shard {s} ({self._chunk_key(name, s)}) chunk {s * h.chunks_per_shard + j} "
+                f"{self._where}: array {name!r} shard {s} ({self._chunk_key(name, s)}) "
+                f"chunk {s * h.chunks_per_shard + j} "
                 f"(images {r.start + j * ipc}..{min(r.stop, r.start + (j + 1) * ipc) - 1}, marked written) does not "
                 f"match its manifest entry; refusing to rewrite the shard over damaged data (run fkdstore verify)"
             )
@@ -881,19 +877,16 @@ class Writer:
             r = h.shard_range(s)
             self._sizes[idx[sel]] = sizes[sel].astype(np.int32)
             rows = self._sizes[r.start:r.stop].copy()
-            self._io(s, S.IMAGE_SIZE, "write",
-                     lambda: self._array(S.IMAGE_SIZE).__setitem__(slice(r.start, r.stop), rows))
-            self._io(s, S.IMAGE_SIZE, "fsync",
-                     lambda: storage.fsync_local(self.store, [self._chunk_key(S.IMAGE_SIZE, s)]))
+            self._write(s, S.IMAGE_SIZE, slice(r.start, r.stop), rows)
+            self._fsync(s, S.IMAGE_SIZE, [S.IMAGE_SIZE])
             record = self._record_tags(s)
             if record.any() and self._derived:  # seeded crops: the derived chunks' tags follow the sizes
                 derived = self._derivation.chunk_rows(r.start, r.stop)
                 for name, tags in self._derivation.tags(s * h.chunks_per_shard, derived).items():
                     record[:len(tags), self._columns[name]] = tags
             row = _manifest_rows(h, range(s, s + 1), self._per_image, record.reshape(1, -1))
-            self._io(s, S.MANIFEST, "write", lambda: self._array(S.MANIFEST).__setitem__(slice(s, s + 1), row))
-            self._io(s, S.MANIFEST, "fsync",
-                     lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
+            self._write(s, S.MANIFEST, slice(s, s + 1), row)
+            self._fsync(s, S.MANIFEST, [S.MANIFEST])
             if s not in self._buffers:
                 self._owners.release(s)
 
@@ -906,13 +899,24 @@ class Writer:
         arr = self._array(name)
         return f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
 
-    def _io(self, s: int, name: str, op: str, fn):
+    def _io(self, s: int, name: str, op: str, fn: Callable[[], _T]) -> _T:
+        """``fn()``, an I/O step on shard ``s`` of array ``name``: an OSError is raised again naming the store,
+        the step, the shard and its chunk key."""
         try:
             return fn()
         except OSError as e:
             key = self._chunk_key(name, s) if name in self.group else name
             msg = f"{self._where}: cannot {op} shard {s} of array {name!r} ({key}): {e.strerror or e}"
             raise type(e)(e.errno, msg) if e.errno is not None else OSError(msg) from e
+
+    def _write(self, s: int, name: str, rows: slice, value: np.ndarray) -> None:
+        """Store ``value`` as rows ``rows`` of array ``name`` (in shard ``s``)."""
+        self._io(s, name, "write", lambda: self._array(name).__setitem__(rows, value))
+
+    def _fsync(self, s: int, what: str, names: Sequence[str]) -> None:
+        """Make shard ``s``'s chunks of the arrays ``names`` durable (local stores; ``what`` names them in an
+        error)."""
+        self._io(s, what, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(n, s) for n in names]))
 
     def flush(self) -> None:
         """Write every buffered (partially filled) shard now. A shard that fails stays buffered; the first

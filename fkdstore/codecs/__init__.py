@@ -140,7 +140,8 @@ def parse_spec(spec: str) -> dict:
         try:
             cfg = json.loads(s)
         except json.JSONDecodeError as e:
-            raise ValidationError(f"codec spec must be valid JSON when it starts with '{{'. Got {spec!r} ({e}).") from None
+            raise ValidationError(
+                f"codec spec must be valid JSON when it starts with '{{'. Got {spec!r} ({e}).") from None
         if not isinstance(cfg, dict):
             raise ValidationError(f"codec spec JSON must be an object. Got {spec!r}.")
         return cfg

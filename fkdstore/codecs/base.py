@@ -56,8 +56,8 @@ registered in ``fkdstore.codecs.REGISTRY`` under its ``name``:
 
 Probability dtypes (``dtype=``): ``"float16"``, ``"float32"`` and ``"q8"`` (one byte per value, log-odds
 domain, rounded down; error bound in :mod:`fkdstore.codecs.quant`; ``full`` q8 gives zero-coded classes a
-share of the missing mass so every decoded value is > 0: :class:`~fkdstore.codecs.full.Full`). Codecs: ``full``, ``hard``,
-``smoothing``, ``ms``, ``mr`` (paper eqs. (3)-(7), one module each) and ``logits`` (top-K or all ``D``
+share of the missing mass so every decoded value is > 0: :class:`~fkdstore.codecs.full.Full`). Codecs: ``full``,
+``hard``, ``smoothing``, ``ms``, ``mr`` (paper eqs. (3)-(7), one module each) and ``logits`` (top-K or all ``D``
 log-probabilities; :mod:`fkdstore.codecs.logits`).
 
 The residual ``1 - stored mass`` is clamped at 0, so rounding of the stored probs never yields negative
