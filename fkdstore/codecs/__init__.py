@@ -138,13 +138,13 @@ def parse_spec(spec: str) -> dict:
     s = spec.strip()
     if s.startswith("{"):
         try:
-            cfg = json.loads(s)
+            obj = json.loads(s)
         except json.JSONDecodeError as e:
             raise ValidationError(
                 f"codec spec must be valid JSON when it starts with '{{'. Got {spec!r} ({e}).") from None
-        if not isinstance(cfg, dict):
+        if not isinstance(obj, dict):
             raise ValidationError(f"codec spec JSON must be an object. Got {spec!r}.")
-        return cfg
+        return obj
     name, _, rest = s.partition(":")
     cfg: dict[str, Any] = {"name": name.strip()}
     for part in filter(None, (p.strip() for p in rest.split(","))):
