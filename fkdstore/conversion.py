@@ -97,7 +97,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     check_options(storage_options, src, dst)
     src_options, dst_options = _storage.options_for(src, storage_options), _storage.options_for(dst, storage_options)
     reader = open_v1(src, storage_options=src_options) if is_v1(src, src_options) \
-        else _reader.open(src, storage_options=src_options)
+        else _reader.as_regions(_reader.open(src, storage_options=src_options))
     dst_codec = _codecs.as_codec(codec, k=k, default_k=reader.codec.k)
     why = conversion_problem(reader.codec, dst_codec)
     if why:
@@ -194,7 +194,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
         raise ValidationError(f"rule must be one of {list(PRUNE_RULES)}. Got {rule!r}.")
     check_options(storage_options, src, dst)
     src_options, dst_options = _storage.options_for(src, storage_options), _storage.options_for(dst, storage_options)
-    reader = _reader.open(src, storage_options=src_options)
+    reader = _reader.as_regions(_reader.open(src, storage_options=src_options))
     h = reader.header
     M = h.crops_per_image
     kept = pruned_slots(keep, M)
@@ -329,7 +329,8 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
     for s in srcs:
         if location_name(dst) == location_name(s):
             raise ValidationError(f"destination must differ from the sources. Got {dst} for both.")
-    readers = [_reader.open(s, storage_options=_storage.options_for(s, storage_options)) for s in srcs]
+    readers = [_reader.as_regions(_reader.open(s, storage_options=_storage.options_for(s, storage_options)))
+               for s in srcs]
     names = [str(s) for s in srcs]
     out_codec = readers[0].codec if codec is None else _codecs.as_codec(codec)
     check_same_crops(readers, names)

@@ -106,7 +106,8 @@ def normalization_warning(replay: Mapping[str, Any] | None) -> dict[str, Any] | 
     ``replay`` object), or None."""
     if not replay or ("mean" not in replay and "std" not in replay):
         return None
-    mean, std = replay.get("mean"), replay.get("std")
+    mean: Any = replay.get("mean")  # as stored: checked here
+    std: Any = replay.get("std")
     try:
         m = [float(v) for v in mean]
         s = [float(v) for v in std]

@@ -443,6 +443,14 @@ class LabelMap:
         return self.spec.get_config()
 
 
+_KIND_RECORDS = {REGIONS: "crop regions (FKD soft labels)", LABEL_MAP: "label maps"}
+
+
+def kind_error(kind: str, wanted: str) -> FormatError:
+    """The error of asking a store of ``kind`` records for what only ``wanted`` records have."""
+    return FormatError(f"store holds {kind!r} records, not {_KIND_RECORDS[wanted]}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Header:
     """A store's header, parsed (:func:`parse_header`) or built by a writer. ``records`` is the record kind's
@@ -518,14 +526,14 @@ class Header:
     def regions(self) -> Regions:
         """The :class:`Regions` records; FormatError for another kind."""
         if not isinstance(self.records, Regions):
-            raise FormatError(f"store holds {self.kind!r} records, not crop regions (FKD soft labels)")
+            raise kind_error(self.kind, REGIONS)
         return self.records
 
     @property
     def label_map(self) -> LabelMapSpec:
         """The label-map spec; FormatError for another kind."""
         if not isinstance(self.records, LabelMap):
-            raise FormatError(f"store holds {self.kind!r} records, not label maps")
+            raise kind_error(self.kind, LABEL_MAP)
         return self.records.spec
 
     # regions shortcuts (FormatError for a label-map store)
@@ -812,7 +820,8 @@ def _parse_label_map_v4(obj: Any) -> LabelMap:
     return LabelMap(spec=LabelMapSpec.from_config(obj))
 
 
-_KIND_PARSERS: dict[str, Callable[[Any], Regions | LabelMap]] = {REGIONS: _parse_regions_v4, LABEL_MAP: _parse_label_map_v4}
+_KIND_PARSERS: dict[str, Callable[[Any], Regions | LabelMap]] = {REGIONS: _parse_regions_v4,
+                                                                 LABEL_MAP: _parse_label_map_v4}
 
 _REQUIRED_LEGACY = ("num_images", "crops_per_image", "num_classes", "codec", "images_per_chunk",
                     "images_per_shard", "box_dtype", "key_length", "aug", "augment", "has_labels", "checksum")

@@ -48,8 +48,8 @@ from .validation import positive_int
 __all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "options_for",
            "object_sizes", "is_empty", "remove_all", "ByteSource", "LocalSource", "StoreSource", "CachedSource",
            "byte_source", "coalesce", "get_bytes", "as_buffer", "list_dir", "list_prefix",
-           "read_group_json", "fsync_local", "zarr_array", "read_array", "FolderStore", "create_if_absent", "remove_stale_temps",
-           "is_temp_name", "MAX_METADATA_BYTES"]
+           "read_group_json", "fsync_local", "zarr_array", "read_array", "FolderStore", "create_if_absent",
+           "remove_stale_temps", "is_temp_name", "MAX_METADATA_BYTES"]
 
 MAX_METADATA_BYTES = 16 * 2**20  # a zarr.json larger than this is refused (a crafted store must not cost GBs)
 
