@@ -1,4 +1,5 @@
-"""Stores made from stores: re-encode without the teacher (:func:`convert`), keep a subset of each image's slots (:func:`prune`) and average stores that share crops (:func:`ensemble`).
+"""Stores made from stores: re-encode without the teacher (:func:`convert`), keep a subset of each image's slots
+(:func:`prune`) and average stores that share crops (:func:`ensemble`).
 
 Conversions work on the *stored fields*, never on decoded distributions: decoding an ``mr`` store gives the
 renormalised top-K, and re-encoding that as ``ms`` would claim a residual of 0. Every codec that keeps a
@@ -31,15 +32,23 @@ from typing import Any
 import numpy as np
 
 from . import codecs as _codecs
-from .codecs import conversion_problem, convert_fields
 from . import progress as _progress
-from . import storage as _storage
 from . import reader as _reader
+from . import storage as _storage
 from . import writer as _writer
+from .codecs import conversion_problem, convert_fields
 from .errors import ConversionError, ValidationError
 from .importers.fkdstore_v1 import is_v1, open_v1
-from .output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, \
-    remove_on_error, source_identity
+from .output import (
+    MADE_BY,
+    check_options,
+    history_record,
+    location_name,
+    made_by,
+    open_destination,
+    remove_on_error,
+    source_identity,
+)
 from .reader import CropRecords
 from .report import storage_stats
 from .validation import non_negative_int
@@ -88,7 +97,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, codec, *, k: int | N
     check_options(storage_options, src, dst)
     src_options, dst_options = _storage.options_for(src, storage_options), _storage.options_for(dst, storage_options)
     reader = open_v1(src, storage_options=src_options) if is_v1(src, src_options) \
-        else _reader.open(src, storage_options=src_options)
+        else _reader.as_regions(_reader.open(src, storage_options=src_options))
     dst_codec = _codecs.as_codec(codec, k=k, default_k=reader.codec.k)
     why = conversion_problem(reader.codec, dst_codec)
     if why:
@@ -185,7 +194,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, *, keep: float, seed: 
         raise ValidationError(f"rule must be one of {list(PRUNE_RULES)}. Got {rule!r}.")
     check_options(storage_options, src, dst)
     src_options, dst_options = _storage.options_for(src, storage_options), _storage.options_for(dst, storage_options)
-    reader = _reader.open(src, storage_options=src_options)
+    reader = _reader.as_regions(_reader.open(src, storage_options=src_options))
     h = reader.header
     M = h.crops_per_image
     kept = pruned_slots(keep, M)
@@ -320,7 +329,8 @@ def ensemble(stores: list, dst: str | os.PathLike, *, codec=None, progress: bool
     for s in srcs:
         if location_name(dst) == location_name(s):
             raise ValidationError(f"destination must differ from the sources. Got {dst} for both.")
-    readers = [_reader.open(s, storage_options=_storage.options_for(s, storage_options)) for s in srcs]
+    readers = [_reader.as_regions(_reader.open(s, storage_options=_storage.options_for(s, storage_options)))
+               for s in srcs]
     names = [str(s) for s in srcs]
     out_codec = readers[0].codec if codec is None else _codecs.as_codec(codec)
     check_same_crops(readers, names)

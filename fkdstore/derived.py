@@ -24,7 +24,7 @@ class SeededCrops:
     and checked against their tags by the reader: a reader that never touches boxes does not read them)."""
 
     def __init__(self, header: S.Header, sizes: Callable[[np.ndarray], np.ndarray], where: str = ""):
-        if not header.seeded:
+        if not header.seeded or header.sampler is None:
             raise ValueError("SeededCrops needs a seeded-crops header")
         self.header, self.where = header, where
         self.sampler = header.sampler
@@ -83,7 +83,7 @@ class SeededCrops:
                 b, m = (int(x) for x in np.argwhere(diff.reshape(len(idx), M, -1).any(-1))[0])
                 raise ValidationError(
                     f"this store has seeded crops: {what} must be the crop sampler's "
-                    f"({self.header.sampler.get_config()}) or None. Image {int(idx[b])} slot {m} has "
+                    f"({self.sampler.get_config()}) or None. Image {int(idx[b])} slot {m} has "
                     f"{given[b, m].tolist()}, the sampler gives {want[name][b, m].tolist()}.")
         return want
 
@@ -128,7 +128,7 @@ class SeededCrops:
                     f"{self.where}: array {name!r} (seeded crops) chunk {c} (images {a}..{b}): the crops this "
                     f"library's sampler derives do not match the manifest tags the writer recorded for the crops "
                     f"the teacher saw ({int(bad.sum())} of {len(bad)} chunks checked differ); this fkdstore "
-                    f"cannot replay this store's crops (sampler {self.header.sampler.get_config()})")
+                    f"cannot replay this store's crops (sampler {self.sampler.get_config()})")
         return out
 
 

@@ -106,7 +106,8 @@ def normalization_warning(replay: Mapping[str, Any] | None) -> dict[str, Any] | 
     ``replay`` object), or None."""
     if not replay or ("mean" not in replay and "std" not in replay):
         return None
-    mean, std = replay.get("mean"), replay.get("std")
+    mean: Any = replay.get("mean")  # as stored: checked here
+    std: Any = replay.get("std")
     try:
         m = [float(v) for v in mean]
         s = [float(v) for v in std]
@@ -260,8 +261,8 @@ def image_slots(reader, image: str | int, *, top_k: int = 5, slots: Sequence[int
                  "top": [[int(c), float(dist[r, c])] for c in order[r]]}
         if mixing:
             entry["lam"] = float(lam[r])
-            entry["mix"] = [{"policy": p.name, "partner": j, "partner_key": reader.image_key(j), "weight": float(pw[r, q])}
-                            for q, p in enumerate(mixing) if (j := int(pidx[r, q])) >= 0]
+            entry["mix"] = [{"policy": p.name, "partner": j, "partner_key": reader.image_key(j),
+                             "weight": float(pw[r, q])} for q, p in enumerate(mixing) if (j := int(pidx[r, q])) >= 0]
         out.append(entry)
     H, W = (int(v) for v in reader.image_sizes[i])
     return {"index": i, "key": reader.image_key(i), "size": [H, W], "label": int(reader.labels[i]), "slots": out}

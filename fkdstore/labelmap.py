@@ -77,12 +77,12 @@ def _name(field: str) -> str:
     return f"label_map.{field}"
 
 
-def _finite_real(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
-    rule = "a finite number" if lo is None else f"a finite number in [{lo}, {hi}]"
+def _finite_real(name: str, value: Any, bounds: tuple[float, float] | None = None) -> float:
+    rule = "a finite number" if bounds is None else f"a finite number in [{bounds[0]}, {bounds[1]}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {rule}. Got {value!r} ({type(value).__name__}).")
     v = float(value)
-    if not math.isfinite(v) or (lo is not None and not lo <= v <= hi):
+    if not math.isfinite(v) or (bounds is not None and not bounds[0] <= v <= bounds[1]):
         raise ValidationError(f"{name} must be {rule}. Got {value!r}.")
     return v
 
@@ -122,7 +122,7 @@ def parse_box_order(value: Any) -> str:
 
 def parse_box_offset(value: Any) -> float:
     """Added to ``normalised coordinate * S``: a finite number in :data:`OFFSET_RANGE` (ReLabel: -0.5)."""
-    return _finite_real(_name("box.offset"), value, *OFFSET_RANGE)
+    return _finite_real(_name("box.offset"), value, OFFSET_RANGE)
 
 
 def parse_sampling_ratio(value: Any) -> int:
@@ -411,7 +411,7 @@ def roi_align_reference(input: np.ndarray, rois: np.ndarray, output_size: int | 
         raise ValidationError(f"input must be a float32 array (N, C, H, W). Got {x.dtype} {x.shape}.")
     if r.ndim != 2 or r.shape[1] != 5:
         raise ValidationError(f"rois must have shape (R, 5). Got {r.shape}.")
-    ph_n, pw_n = (output_size, output_size) if isinstance(output_size, numbers.Integral) else output_size
+    ph_n, pw_n = (output_size, output_size) if isinstance(output_size, (int, numbers.Integral)) else output_size
     ph_n, pw_n = int_in_range("output height", ph_n, 1), int_in_range("output width", pw_n, 1)
     acc_t = {"float32": np.float32, "float64": np.float64}[accumulate]
     r = r.astype(np.float32)

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from . import schema as _schema
 from . import storage as _storage
 from .errors import ValidationError
@@ -39,9 +40,7 @@ MADE_BY = "made_by"  # meta key: the command, sources and parameters that produc
 
 def history_record(op: str, **items: Any) -> dict[str, Any]:
     """One ``meta["history"]`` entry: ``{"op", **items, "at" (UTC ISO time), "library_version"}``."""
-    from . import __version__
-
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return {"op": op, **items, "at": now, "library_version": __version__}
 
 

@@ -110,8 +110,8 @@ class Owners:
             rec = self._read(s)
             state = claim_rule(rec, self.token, now)
             if state == "taken":
-                raise self._refuse(s, rec, "buffer images for it")
-            if state == "ours":
+                raise self._refuse(s, rec or {}, "buffer images for it")
+            if state == "ours" and rec is not None:
                 since = rec.get("since", now)
                 sync(self.store.set(self.key(s), storage.as_buffer(self._record(since, now))))
                 self.held[s] = now
@@ -131,7 +131,7 @@ class Owners:
         if rec is None:
             storage.create_if_absent(self.store, self.key(s), self._record(time.time(), time.time()))
             rec = self._read(s)
-        if claim_rule(rec, self.token, time.time()) != "ours" or rec.get("token") != self.token:
+        if rec is None or claim_rule(rec, self.token, time.time()) != "ours" or rec.get("token") != self.token:
             raise self._refuse(s, rec or {}, doing)
 
     def release(self, s: int) -> None:
@@ -148,8 +148,9 @@ class Owners:
         now = time.time()
         for key in storage.list_dir(self.store, OWNERS):
             stem = key[:-len(".json")] if key.endswith(".json") else ""
-            if stem.isdigit() and int(stem) in complete and claim_rule(self._read(int(stem)), self.token, now) == "free":
-                sync(self.store.delete(self.key(int(stem))))
+            s = int(stem) if stem.isdigit() else -1
+            if s in complete and claim_rule(self._read(s), self.token, now) == "free":
+                sync(self.store.delete(self.key(s)))
 
     def release_all(self) -> None:
         for s in sorted(self.held):

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import report as _report  # an import cycle (report draws with this module): names are looked up at call time
+
 __all__ = ["PLOT_SIZE", "MAX_CLASS_BARS", "plot_data", "render", "write_plots"]
 
 PLOT_SIZE = (640, 400)  # width, height of every plot
@@ -90,8 +92,6 @@ def plot_data(d: Mapping[str, Any], crops: Mapping[str, np.ndarray]) -> dict[str
     None, log_x}``; class bars: ``{"kind": "bars", title, ylabel, labels, values, counts, line: [y, text]}``;
     bytes: ``{"kind": "hbars", title, labels, values, texts}``. ``crop_aspect`` edges and band are natural logs of
     the ratio (``log_x``)."""
-    from .report import human_bytes
-
     out: dict[str, dict[str, Any]] = {}
     n = len(crops["image"])
     C = int(d["num_classes"])
@@ -141,9 +141,9 @@ def plot_data(d: Mapping[str, Any], crops: Mapping[str, np.ndarray]) -> dict[str
     arrays = {k: int(a["stored_bytes"]) for k, a in d["arrays"].items()}
     total = int(d["total_bytes"])
     parts = {**arrays, "metadata and other": max(total - sum(arrays.values()), 0)}
-    out["bytes"] = {"kind": "hbars", "title": f"stored bytes per component, total {human_bytes(total)}",
+    out["bytes"] = {"kind": "hbars", "title": f"stored bytes per component, total {_report.human_bytes(total)}",
                     "labels": list(parts), "values": list(parts.values()),
-                    "texts": [f"{human_bytes(b)} ({b / max(total, 1):.0%})" for b in parts.values()]}
+                    "texts": [f"{_report.human_bytes(b)} ({b / max(total, 1):.0%})" for b in parts.values()]}
     return out
 
 

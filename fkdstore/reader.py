@@ -35,9 +35,10 @@ import json
 import operator
 import os
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -46,10 +47,25 @@ from . import labelmap as _labelmap
 from . import progress as _progress
 from . import schema as S
 from . import storage as _storage
+from .codecs import LabelCodec
 from .derived import derivation
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, ValidationError
-from .shard import ArrayMeta, Manifest, ShardedArray, UnshardedArray, fetch_many, finish_many, group_rows, \
-    load_many, parse_array_meta, prefetch_manifests, raise_first, take_many, take_one
+from .labelmap import LabelMapSpec
+from .shard import (
+    ArrayMeta,
+    Manifest,
+    ShardedArray,
+    UnshardedArray,
+    fetch_many,
+    finish_many,
+    group_rows,
+    load_many,
+    parse_array_meta,
+    prefetch_manifests,
+    raise_first,
+    take_many,
+    take_one,
+)
 
 __all__ = ["open", "Reader", "RegionReader", "LabelMapReader", "CropRecords", "MapRecords"]
 
@@ -103,7 +119,8 @@ class MapRecords:
 
 
 def open(location, *, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
-         cache_bytes: int | None = None, _problems: list[str] | None = None) -> Reader:  # noqa: A001 - as zarr.open
+         cache_bytes: int | None = None,
+         _problems: list[str] | None = None) -> RegionReader | LabelMapReader:  # noqa: A001 - as zarr.open
     """Open a store for reading: a local path, a URL (``s3://...``, with ``storage_options`` for fsspec), a
     :class:`zarr.Group` or a Zarr store. Returns the reader of the store's record kind:
     :class:`RegionReader` (crop regions, FKD) or :class:`LabelMapReader` (label maps, ReLabel).
@@ -221,8 +238,9 @@ class Reader:
         """The Zarr metadata every array must have, from the header (invariant 3)."""
         h = self.header
         N, ips = h.num_images, h.images_per_shard
-        out = {name: dict(shape=(N, *row), dtype=dtype, shard=(ips, *row), inner=(h.images_per_chunk, *row))
-               for name, (row, dtype) in h.stored_specs().items()}
+        out: dict[str, dict[str, Any]] = {
+            name: dict(shape=(N, *row), dtype=dtype, shard=(ips, *row), inner=(h.images_per_chunk, *row))
+            for name, (row, dtype) in h.stored_specs().items()}
         per = h.per_image_chunk
         out[S.KEY] = dict(shape=(N, h.key_length), dtype="uint8", grid=None if per is None else (per, h.key_length))
         out[S.IMAGE_SIZE] = dict(shape=(N, 2), dtype="int32", grid=None if per is None else (per, 2))
@@ -283,7 +301,7 @@ class Reader:
 
     def _reset_caches(self) -> None:
         """Forget every flag and per-image row read so far (open, :meth:`refresh`)."""
-        self._written = None  # the whole (N,) flags once a caller asked for them (views in _wflags)
+        self._written: np.ndarray | None = None  # the whole (N,) flags once a caller asked for them (views in _wflags)
         self._wflags: dict[int, np.ndarray] = {}  # shard -> its written flags (bool), read per shard on first use
         self._per_image: dict[str, np.ndarray] = {}  # verified whole per-image arrays (sizes, labels)
         self._pi_rows: dict[str, dict[int, np.ndarray]] = {}  # per-image array -> shard -> verified rows
@@ -365,10 +383,31 @@ class Reader:
         return d
 
     # -- metadata
-    num_images = property(lambda self: self.header.num_images)
-    num_classes = property(lambda self: self.header.num_classes)
-    meta = property(lambda self: self.header.meta)
-    kind = property(lambda self: self.header.kind)
+    @property
+    def num_images(self) -> int:
+        return self.header.num_images
+
+    @property
+    def num_classes(self) -> int:
+        return self.header.num_classes
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self.header.meta
+
+    @property
+    def kind(self) -> str:
+        return self.header.kind
+
+    # crop-region attributes: on a label-map store they raise FormatError naming the kind, so commands for
+    # crop regions (convert, prune, show, ...) refuse a label-map store with one clear line
+    @property
+    def crops_per_image(self) -> int:
+        return self.header.crops_per_image
+
+    @property
+    def codec(self) -> LabelCodec:
+        return self.header.codec
 
     @property
     def image_keys(self) -> list[str]:
@@ -540,7 +579,7 @@ class Reader:
             for a in self._arrays.values():
                 a.forget(s)
                 keys.append(a.shard_key(s))
-            for name, arr in self._unsharded.items():
+            for arr in self._unsharded.values():
                 keys.extend(arr.key(c) for c in range(s * ips // arr.grid[0], ((s + 1) * ips - 1) // arr.grid[0] + 1)
                             if c * arr.grid[0] < arr.shape[0])
         self._written = None
@@ -757,9 +796,9 @@ class RegionReader(Reader):
         self._field_paths = [(p, p[n:]) for p in self._specs if p.startswith(S.SOFT_GROUP + "/")]
         self._aug_paths = [(a.name, S.aug_path(a.name)) for a in h.aug]
 
-    crops_per_image = property(lambda self: self.header.crops_per_image)
-    codec = property(lambda self: self.header.codec)
-    aug_names = property(lambda self: [a.name for a in self.header.aug])
+    @property
+    def aug_names(self) -> list[str]:
+        return [a.name for a in self.header.aug]
 
     @property
     def per_crop_arrays(self) -> list[str]:
@@ -928,11 +967,9 @@ class LabelMapReader(Reader):
     ids and raw scores. Adds ``spec`` (:class:`fkdstore.labelmap.LabelMapSpec`); methods :meth:`read`,
     :meth:`read_batch`, :meth:`read_all` and :meth:`pool` (soft labels of crops)."""
 
-    spec = property(lambda self: self.header.label_map)
-    # crop-region attributes raise FormatError naming the kind, so commands for crop regions (convert, prune,
-    # show, ...) refuse a label-map store with one clear line
-    codec = property(lambda self: self.header.codec)
-    crops_per_image = property(lambda self: self.header.crops_per_image)
+    @property
+    def spec(self) -> LabelMapSpec:
+        return self.header.label_map
 
     def _records(self, data: dict[str, np.ndarray]) -> MapRecords:
         return MapRecords(data[S.MAP_INDICES], data[S.MAP_SCORES])
@@ -942,15 +979,23 @@ class LabelMapReader(Reader):
         i = _check_index(i)
         idx = np.array([i], np.int64)
         self._check_written(idx)
-        return self._once_more([i // self.header.images_per_shard],
-                               lambda: self._check_written(idx) or self._records(self._one_row(i)))
+
+        def read() -> MapRecords:
+            self._check_written(idx)
+            return self._records(self._one_row(i))
+
+        return self._once_more([i // self.header.images_per_shard], read)
 
     def read_batch(self, indices) -> MapRecords:
         """Maps of images ``indices`` (B,): ``(B, K, S, S)`` each (errors as :meth:`RegionReader.read_batch`)."""
         idx = _int_array(indices, "indices").reshape(-1)
         self._check_written(idx)
-        return self._once_more(np.unique(idx // self.header.images_per_shard).tolist(),
-                               lambda: self._check_written(idx) or self._records(self._rows(idx)))
+
+        def read() -> MapRecords:
+            self._check_written(idx)
+            return self._records(self._rows(idx))
+
+        return self._once_more(np.unique(idx // self.header.images_per_shard).tolist(), read)
 
     def read_all(self, *, progress: bool | None = False) -> MapRecords:
         """Every image's maps (a complete store), shard by shard."""
@@ -986,7 +1031,16 @@ class LabelMapReader(Reader):
                 f"map={self.spec.map_shape}, format={self.header.format_version})")
 
 
-KIND_READERS: dict[str, type[Reader]] = {S.REGIONS: RegionReader, S.LABEL_MAP: LabelMapReader}
+def as_regions(reader: Reader) -> RegionReader:
+    """``reader`` when its store holds crop regions, else the :class:`FormatError` naming the record kind
+    (what every crop-region attribute of another reader raises)."""
+    if not isinstance(reader, RegionReader):
+        raise S.kind_error(reader.kind, S.REGIONS)
+    return reader
+
+
+KIND_READERS: dict[str, type[RegionReader] | type[LabelMapReader]] = {S.REGIONS: RegionReader,
+                                                                     S.LABEL_MAP: LabelMapReader}
 
 
 def _runs(values) -> list[tuple[int, int]]:

@@ -78,13 +78,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from . import codecs as _codecs
 from . import diagnose
+from . import plots as _plots
 from . import reader as _reader
 from . import report_maps as _maps
 from . import schema as S
@@ -519,8 +521,6 @@ class _RegionReport:
 
     @staticmethod
     def plots(d, sampled, folder) -> list[str]:
-        from . import plots as _plots
-
         return _plots.write_plots(d, sampled, folder)
 
     @staticmethod

@@ -28,8 +28,10 @@ from . import diagnose
 from . import report as _report
 from . import schema as S
 from . import writer as _writer
+from .errors import ValidationError
 from .labelmap import LabelMapSpec, pool_labels
 from .seeded import SlotCropSampler
+from .validation import positive_int
 
 __all__ = ["PAPER_RELABEL", "TORCH_SAVE_OVERHEAD", "MAP_CALIBRATION", "paper_map_bytes", "relabel_file_bytes",
            "estimate_map_bytes", "format_map_estimate", "parse_map_shape", "map_crop_sample", "map_label_stats",
@@ -64,8 +66,6 @@ def relabel_file_bytes(size: int, k: int, dtype: str = "float32") -> int:
 def parse_map_shape(text: str) -> LabelMapSpec:
     """``"S,K[,dtype]"`` (``estimate --label-map``) as a :class:`LabelMapSpec` (box order ``xy``; the replay
     fields do not change sizes). ValidationError naming the rule otherwise."""
-    from .errors import ValidationError
-
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) not in (2, 3) or not all(parts[:2]) or not all(p.isdigit() for p in parts[:2]):
         raise ValidationError(f"label map must be 'S,K' or 'S,K,dtype' (e.g. 15,5 or 15,5,float16). Got {text!r}.")
@@ -81,8 +81,6 @@ def estimate_map_bytes(num_images: int, num_classes: int, spec: LabelMapSpec, *,
     Returns ``{kind, label_map, num_images, num_classes, bytes, bytes_per_image, raw_bytes_per_image, files,
     images_per_chunk, images_per_shard, arrays: {name: bytes}, relabel_files_bytes, paper_formula_bytes (top-K),
     paper_full_bytes}``. ``calibration`` overrides :data:`MAP_CALIBRATION`."""
-    from .errors import ValidationError
-
     if not isinstance(spec, LabelMapSpec):
         raise TypeError(f"spec must be a LabelMapSpec. Got {type(spec).__name__}.")
     cal = dict(MAP_CALIBRATION, **(calibration or {}))
@@ -263,8 +261,6 @@ class MapReport:
 
         ``whole``: the ``top_k`` classes of the label pooled over the whole image (one label, ``grid = 1``);
         ``cells``: the stored top-1 class of every map cell, row by row (row 0 = the top of the image)."""
-        from .validation import positive_int
-
         top_k = positive_int("top_k", top_k)
         i = diagnose.find_image(reader, image)
         H, W = (int(v) for v in reader.image_sizes[i])
@@ -294,8 +290,6 @@ class MapReport:
 
     @staticmethod
     def plots(d, sampled, folder) -> list[str]:
-        from .errors import ValidationError
-
         raise ValidationError("plots are drawn for crop-region stores; this store holds label maps")
 
     @staticmethod
@@ -332,7 +326,8 @@ class MapReport:
             f"  teacher top-1 = ground truth    {f(s['top1_agreement'])}",
             f"  whole image top-1 = truth       {f(s['whole_image_top1_agreement'])}",
             f"  distinct top-1 classes          {s['distinct_top1']}",
-            f"  stored top-K mass of a cell     {f(s['cell_topk_mass_mean'])} (softmax with the fill for absent classes)",
+            f"  stored top-K mass of a cell     {f(s['cell_topk_mass_mean'])} "
+            "(softmax with the fill for absent classes)",
             "",
             f"ImageNet-1K ({e['num_images']:,} images, same maps):",
             f"  this layout       {hb(e['bytes'])}",

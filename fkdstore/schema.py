@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +106,7 @@ TARGET_SHARD_BYTES = 64 * 1024 * 1024  # raw bytes of the widest record array in
 MAX_IMAGES_PER_CHUNK = 1024
 MAX_SLOTS_PER_SHARD = 2**20  # a shard is buffered whole: this bounds the teacher work a kill can lose
 MAX_SHARDS = 2048  # wide rows (Full labels) get larger shards rather than more files
-COMPRESSOR = {"cname": "lz4hc", "clevel": 9, "shuffle": "bitshuffle"}  # inside blosc; crc32c after it
+COMPRESSOR: dict[str, Any] = {"cname": "lz4hc", "clevel": 9, "shuffle": "bitshuffle"}  # inside blosc; crc32c after it
 
 # Caps (section 1.5): a store may come from an untrusted download, so a header claiming more is refused at
 # open, before anything is allocated. Memory then stays bounded by these caps plus what a caller asks for.
@@ -219,7 +219,7 @@ def manifest_tag(path: str, chunk_index: int, chunk: np.ndarray, prefix: bytes =
     data = np.ascontiguousarray(chunk)
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
-    return _crc32c.crc32c(data.reshape(-1).view(np.uint8), head)
+    return _crc32c.crc32c(data.reshape(-1).view(np.uint8).data, head)
 
 
 def manifest_tags(path: str, first_chunk: int, data: np.ndarray, rows_per_chunk: int, prefix: bytes = b"",
@@ -240,13 +240,20 @@ def manifest_tags(path: str, first_chunk: int, data: np.ndarray, rows_per_chunk:
 # ------------------------------------------------------------------------------------- augment columns
 
 
+_COLUMN_DEFAULTS: tuple[Any, ...] = ("float", "float32", ())  # kind, dtype, shape of a column given by name
+
+
 def parse_column(obj: Any) -> Column:
     """One ``aug`` entry: a :class:`Column`, a name (a float32 scalar column), a ``(name, kind[, dtype[,
     shape]])`` tuple or a ``{"name", "kind", "dtype", "shape"}`` object, checked (section 1.1)."""
+    name: Any  # as given: checked below
+    kind: Any
+    dtype: Any
+    shape: Any
     if isinstance(obj, Column):
         name, kind, dtype, shape = obj
     elif isinstance(obj, str):
-        name, kind, dtype, shape = obj, "float", "float32", ()
+        name, (kind, dtype, shape) = obj, _COLUMN_DEFAULTS
     elif isinstance(obj, Mapping):
         unknown = set(obj) - set(AUG_COLUMN_KEYS)
         if unknown or "name" not in obj:
@@ -254,7 +261,8 @@ def parse_column(obj: Any) -> Column:
         name, kind, dtype, shape = (obj["name"], obj.get("kind", "float"), obj.get("dtype", "float32"),
                                     obj.get("shape", ()))
     elif isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 4:
-        name, kind, dtype, shape = (*obj, *("float", "float32", ())[len(obj) - 1:])
+        given: list[Any] = [*obj, *_COLUMN_DEFAULTS[len(obj) - 1:]]
+        name, kind, dtype, shape = given
     else:
         raise TypeError(f"aug columns must be names, tuples, dicts or Column. Got {obj!r}.")
     if not isinstance(name, str) or not name.isidentifier():
@@ -302,7 +310,8 @@ def header_checksum(d: Mapping[str, Any]) -> str:
     ``library_version`` (section 1.2): an edit of anything else is detected; provenance may change (a resumed
     run updates ``meta``)."""
     body = {k: v for k, v in d.items() if k not in CHECKSUM_EXCLUDES}
-    return "crc32c:%08x" % _crc32c.crc32c(canonical_json(body).encode("utf-8"))
+    crc = _crc32c.crc32c(canonical_json(body).encode("utf-8"))
+    return f"crc32c:{crc:08x}"
 
 
 def check_version(version: Any) -> tuple[int, int]:
@@ -434,6 +443,14 @@ class LabelMap:
         return self.spec.get_config()
 
 
+_KIND_RECORDS = {REGIONS: "crop regions (FKD soft labels)", LABEL_MAP: "label maps"}
+
+
+def kind_error(kind: str, wanted: str) -> FormatError:
+    """The error of asking a store of ``kind`` records for what only ``wanted`` records have."""
+    return FormatError(f"store holds {kind!r} records, not {_KIND_RECORDS[wanted]}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Header:
     """A store's header, parsed (:func:`parse_header`) or built by a writer. ``records`` is the record kind's
@@ -509,28 +526,54 @@ class Header:
     def regions(self) -> Regions:
         """The :class:`Regions` records; FormatError for another kind."""
         if not isinstance(self.records, Regions):
-            raise FormatError(f"store holds {self.kind!r} records, not crop regions (FKD soft labels)")
+            raise kind_error(self.kind, REGIONS)
         return self.records
 
     @property
     def label_map(self) -> LabelMapSpec:
         """The label-map spec; FormatError for another kind."""
         if not isinstance(self.records, LabelMap):
-            raise FormatError(f"store holds {self.kind!r} records, not label maps")
+            raise kind_error(self.kind, LABEL_MAP)
         return self.records.spec
 
     # regions shortcuts (FormatError for a label-map store)
-    crops_per_image = property(lambda self: self.regions.crops_per_image)
-    codec = property(lambda self: self.regions.codec)
-    box_dtype = property(lambda self: self.regions.box_dtype)
-    aug = property(lambda self: self.regions.aug)
-    augment = property(lambda self: self.regions.augment)
-    sampler = property(lambda self: self.regions.sampler)
-    seeded = property(lambda self: isinstance(self.records, Regions) and self.records.seeded)
+    @property
+    def crops_per_image(self) -> int:
+        return self.regions.crops_per_image
+
+    @property
+    def codec(self) -> _codecs.LabelCodec:
+        return self.regions.codec
+
+    @property
+    def box_dtype(self) -> str:
+        return self.regions.box_dtype
+
+    @property
+    def aug(self) -> tuple[Column, ...]:
+        return self.regions.aug
+
+    @property
+    def augment(self) -> Pipeline:
+        return self.regions.augment
+
+    @property
+    def sampler(self) -> SlotCropSampler | None:
+        return self.regions.sampler
+
+    @property
+    def seeded(self) -> bool:
+        """Seeded crops (false for a label-map store)."""
+        return isinstance(self.records, Regions) and self.records.seeded
 
     # -- layout
-    images_per_chunk = property(lambda self: self.layout.images_per_chunk)
-    images_per_shard = property(lambda self: self.layout.images_per_shard)
+    @property
+    def images_per_chunk(self) -> int:
+        return self.layout.images_per_chunk
+
+    @property
+    def images_per_shard(self) -> int:
+        return self.layout.images_per_shard
 
     @property
     def num_shards(self) -> int:
@@ -777,7 +820,8 @@ def _parse_label_map_v4(obj: Any) -> LabelMap:
     return LabelMap(spec=LabelMapSpec.from_config(obj))
 
 
-_KIND_PARSERS = {REGIONS: _parse_regions_v4, LABEL_MAP: _parse_label_map_v4}
+_KIND_PARSERS: dict[str, Callable[[Any], Regions | LabelMap]] = {REGIONS: _parse_regions_v4,
+                                                                 LABEL_MAP: _parse_label_map_v4}
 
 _REQUIRED_LEGACY = ("num_images", "crops_per_image", "num_classes", "codec", "images_per_chunk",
                     "images_per_shard", "box_dtype", "key_length", "aug", "augment", "has_labels", "checksum")

@@ -24,8 +24,9 @@ the one home of the sampler; the writer, reader, verify and the teacher-runner c
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -37,8 +37,9 @@ import contextlib
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import crc32c as _crc32c
 import numcodecs.blosc as _blosc

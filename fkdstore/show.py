@@ -37,10 +37,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from .augment.replay import mix_weights
 from .diagnose import class_name, find_image, read_names
 from .errors import IncompleteStoreError, ValidationError
 from .images import list_images, load_image
 from .plots import fit_text, font
+from .reader import Reader
+from .reader import open as open_store
 from .validation import int_in_range, positive_int
 
 __all__ = ["PAD", "LINE", "TITLE_HEIGHT", "INFO_KEY", "DEFAULT_GRID", "SheetLayout", "choose_cells", "contact_sheet",
@@ -259,10 +262,7 @@ def contact_sheet(store, images, *, grid: Any = None, keys: Sequence[str | int] 
     The returned image's ``info["fkdstore-sheet"]`` holds the layout and cells as JSON (:func:`sheet_info`);
     :func:`save_sheet` keeps it in the PNG.
     """
-    from .augment.replay import mix_weights
-    from .pytorch import TorchDataset, epoch_slots
-    from .reader import Reader
-    from .reader import open as open_store
+    from .pytorch import TorchDataset, epoch_slots  # noqa: PLC0415 - torch is optional; show's other commands run without it
 
     reader = store if isinstance(store, Reader) else open_store(store, storage_options=storage_options)
     ds = TorchDataset(reader, images, crops_per_sample=1, normalize=False, allow_incomplete=True)

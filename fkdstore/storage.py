@@ -28,10 +28,13 @@ import stat
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import crc32c
+import numpy as np
+import zarr
 import zarr.abc.store
 import zarr.storage
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -45,8 +48,8 @@ from .validation import positive_int
 __all__ = ["as_store", "is_url", "local_root", "describe", "check_reachable", "storage_error", "options_for",
            "object_sizes", "is_empty", "remove_all", "ByteSource", "LocalSource", "StoreSource", "CachedSource",
            "byte_source", "coalesce", "get_bytes", "as_buffer", "list_dir", "list_prefix",
-           "read_group_json", "fsync_local", "FolderStore", "create_if_absent", "remove_stale_temps",
-           "is_temp_name", "MAX_METADATA_BYTES"]
+           "read_group_json", "fsync_local", "zarr_array", "read_array", "FolderStore", "create_if_absent",
+           "remove_stale_temps", "is_temp_name", "MAX_METADATA_BYTES"]
 
 MAX_METADATA_BYTES = 16 * 2**20  # a zarr.json larger than this is refused (a crafted store must not cost GBs)
 
@@ -326,7 +329,7 @@ def create_if_absent(store, key: str, data: bytes) -> None:
 # s3fs defaults that cost round trips on the small objects of a store: a whole-object read with
 # max_concurrency > 1 first asks for the size (a HEAD before every GET), and botocore keeps at most 10
 # connections, which caps the concurrent range requests of one read_batch/read_all round.
-S3_DEFAULTS = {"max_concurrency": 1, "config_kwargs": {"max_pool_connections": 64}}
+S3_DEFAULTS: dict[str, Any] = {"max_concurrency": 1, "config_kwargs": {"max_pool_connections": 64}}
 
 
 def _with_defaults(url: str, storage_options: Mapping[str, Any] | None) -> dict:
@@ -596,6 +599,7 @@ class ByteSource:
         """Learn the identity of the store read (a cache keys its entries by it); nothing to do here."""
 
     store = None  # the Zarr store (subclasses: a property)
+    prefix = ""  # the group's key prefix in the store (keys read are relative to it)
     caching = False  # True for CachedSource: fkdstore.shard retries failed reads once through invalidate()
     remote = True  # reads wait on a network: Reader.read_all fetches ahead while it decodes (False: local disk)
 
@@ -795,13 +799,10 @@ class StoreSource(ByteSource):
         self.__dict__.update(d)
 
     async def _get(self, key, byte_range=None):
-
         buf = await self.store.get(self.prefix + key, prototype=default_buffer_prototype(), byte_range=byte_range)
         return None if buf is None else buf.to_bytes()
 
     def _gather(self, calls):
-
-
         _ = self.store  # rebuilt here, in the caller's thread, if this process did not make it
 
         async def run():
@@ -816,7 +817,6 @@ class StoreSource(ByteSource):
         return self._gather([self._get(k) for k in keys])
 
     def read_suffixes(self, requests):
-
         return self._gather([self._get(k, SuffixByteRequest(int(n))) for k, n in requests])
 
     def read_bounded_many(self, keys, limit):
@@ -827,11 +827,10 @@ class StoreSource(ByteSource):
         return out
 
     def read_ranges(self, requests):
-
         merged = coalesce(requests, COALESCE_GAP)
         blobs = self._gather([self._get(k, RangeByteRequest(int(a), int(b))) for k, a, b, _ in merged])
         out: list = [None] * len(requests)
-        for (key, a, b, members), blob in zip(merged, blobs):
+        for (_, a, _, members), blob in zip(merged, blobs):
             if blob is None:
                 continue
             for i in members:  # bytes slices (copies): what the chunk checks and blosc take fastest
@@ -897,7 +896,6 @@ class CachedSource(ByteSource):
     caching = True
 
     def __init__(self, inner: ByteSource, cache_dir, cache_bytes: int | None = None, *, url: str | None = None):
-
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise TypeError(f"cache_dir must be a folder path (str or os.PathLike). Got {cache_dir!r} "
                             f"({type(cache_dir).__name__}).")
@@ -905,6 +903,7 @@ class CachedSource(ByteSource):
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else positive_int("cache_bytes", cache_bytes)
         self.url = url if url is not None else describe(inner.store).rstrip("/") + "/" + inner.prefix
+        self.prefix = inner.prefix
         self._ids: dict[str, str] | None = None
         self._zarr_store = None
         self._pid = os.getpid()
@@ -930,21 +929,15 @@ class CachedSource(ByteSource):
             self._zarr_store = _caching_store_class()(inner, self)
         return self._zarr_store
 
-    @property
-    def prefix(self) -> str:
-        return self.inner.prefix
-
     # -- identity and entry files
     def _listed(self) -> bool:
         return self._ids is not None and self._pid == os.getpid()
 
     def _identity(self, key: str) -> str | None:
-        if not self._listed():
+        ids = self._ids if self._ids is not None and self._listed() else sync(self._list())
+        return ids.get(self.inner.prefix + key)
 
-            sync(self._list())
-        return self._ids.get(self.inner.prefix + key)
-
-    async def _list(self) -> None:
+    async def _list(self) -> dict[str, str]:
         """List the store once (see the key rule) and keep each object's identity."""
         store = self.inner.store
         try:
@@ -952,12 +945,13 @@ class CachedSource(ByteSource):
         except Exception as e:
             raise StorageError(f"{describe(store)}: cache_dir needs to list the store's objects (their ETags "
                                f"tell a rewritten object from a cached one): {storage_error(e, store)}") from None
-        ids = {}
+        ids: dict[str, str] = {}
         for k, info in found.items():
             tag = [f"{f}={info[f]}" for f in IDENTITY_FIELDS if info.get(f) not in (None, "")]
             if tag:
                 ids[k] = ";".join([f"size={info.get('size')}", *tag])
         self._ids, self._pid = ids, os.getpid()
+        return ids
 
     def bind(self, identity: str) -> None:
         """Key every later entry by the store's identity too (``store_id`` and header checksum, given by the
@@ -1003,7 +997,6 @@ class CachedSource(ByteSource):
         return body
 
     def _save(self, path: str, data) -> None:
-
         size = _HEAD + len(data)
         if size > self.cache_bytes:
             return
@@ -1022,16 +1015,16 @@ class CachedSource(ByteSource):
                 _remove(tmp)
             return
         if self._used is None:
-            self._scan(evict=False)
+            used = self._scan(evict=False)
         else:
-            self._used += size
+            used = self._used = self._used + size
         self._since_scan += size
-        if self._used > self.cache_bytes or self._since_scan > self.cache_bytes // _SCAN_FRACTION:
+        if used > self.cache_bytes or self._since_scan > self.cache_bytes // _SCAN_FRACTION:
             self._scan(evict=True)
 
-    def _scan(self, evict: bool) -> None:
+    def _scan(self, evict: bool) -> int:
         """Measure the folder; with ``evict``, delete least recently used entries down to 90 % of the bound
-        once it is over (and temp files left by killed processes)."""
+        once it is over (and temp files left by killed processes). Returns the bytes left in it."""
 
         entries, total, now = [], 0, time.time()
         try:
@@ -1064,6 +1057,7 @@ class CachedSource(ByteSource):
                 total -= size
                 self.stats["evicted"] += 1
         self._used, self._since_scan = total, 0
+        return total
 
     # -- reads
     def _cached(self, kind: str, requests, fetch):
@@ -1107,7 +1101,7 @@ class CachedSource(ByteSource):
         if rel is not None and not self._listed():
             await self._list()
         ident = None if rel is None else self._identity(rel)
-        if ident is None:
+        if rel is None or ident is None:
             return await store.get(key, prototype, byte_range)
         path = self._path(ident, rel, kind, a, b)
         hit = self._load(path)
@@ -1219,6 +1213,20 @@ def byte_source(store, prefix: str = "", *, location=None,
 
 
 # ------------------------------------------------------------------------------------------- store I/O
+
+
+def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
+    """Member ``name`` of ``group``, an array: KeyError when it is absent (as ``group[name]``),
+    :class:`~fkdstore.errors.FormatError` naming it when it is a group."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise FormatError(f"{describe(group.store)}: {name!r} must be an array. Got a group.")
+    return node
+
+
+def read_array(group: zarr.Group, name: str) -> np.ndarray:
+    """The whole array ``name`` of ``group`` as numpy (:func:`zarr_array`)."""
+    return np.asarray(zarr_array(group, name)[:])
 
 
 def get_bytes(store, key: str) -> bytes | None:

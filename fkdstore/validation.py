@@ -33,9 +33,10 @@ def int_in_range(name: str, value: Any, lo: int, hi: int | None = None) -> int:
         if hi is None else f"an integer in [{lo}, {hi}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {rule}. Got {value!r} ({type(value).__name__}).")
-    if value < lo or (hi is not None and value > hi):
-        raise ValidationError(f"{name} must be {rule}. Got {int(value)}.")  # "-3", not "np.int32(-3)"
-    return int(value)
+    n = int(value)  # "-3" in messages, not "np.int32(-3)"
+    if n < lo or (hi is not None and n > hi):
+        raise ValidationError(f"{name} must be {rule}. Got {n}.")
+    return n
 
 
 def positive_int(name: str, value: Any) -> int:

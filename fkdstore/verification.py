@@ -51,7 +51,7 @@ MAX_PER_CHECK = 20  # problems of one kind listed before summarising the rest
 class _Problems(list):
     """A list of problems that caps how many of one kind are listed."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._counts: dict[str, int] = {}
 
@@ -89,7 +89,8 @@ def verify(path, *, progress: bool | None = None, storage_options=None) -> list[
     return list(problems)
 
 
-def _verify(reader: Reader, meta_problems: list[str], problems: _Problems, progress: bool | None) -> None:
+def _verify(reader: RegionReader | LabelMapReader, meta_problems: list[str], problems: _Problems,
+            progress: bool | None) -> None:
     for msg in meta_problems:
         problems.add("array", msg)
     h = reader.header
@@ -100,7 +101,6 @@ def _verify(reader: Reader, meta_problems: list[str], problems: _Problems, progr
     _undeclared(reader, problems)
     shards = _present_shards(reader, problems)
     arrays = [reader.sharded(n) for n in reader.record_arrays]
-    checks = _region_checks if isinstance(reader, RegionReader) else _map_checks
     ipc = h.images_per_chunk
     state = _Scan(h.num_images)
     with _progress.progress(progress, total=len(shards), desc="verifying shards", unit="shard") as bar:
@@ -134,7 +134,10 @@ def _verify(reader: Reader, meta_problems: list[str], problems: _Problems, progr
                     problems.add(kind, f"{bad[0]}{more}")
                     continue
                 block[a.path] = data.reshape(-1, *a.chunk_shape[1:])[:len(r)]
-            checks(reader, s, block, w, per.get(S.IMAGE_SIZE), problems)
+            if isinstance(reader, RegionReader):
+                _region_checks(reader, s, block, w, per.get(S.IMAGE_SIZE), problems)
+            else:
+                _map_checks(reader, s, block, w, per.get(S.IMAGE_SIZE), problems)
     state.report(reader, shards, problems)
 
 
@@ -344,10 +347,10 @@ def _region_checks(reader: RegionReader, s: int, block: dict[str, np.ndarray], w
             problems.add("aug", f"augment columns of images {r.start}..{r.stop - 1}: {e}")
     fields = {}
     for name in codec.fields(C):
-        v = block.get(S.soft_path(name))
-        if v is None:
+        stored = block.get(S.soft_path(name))
+        if stored is None:
             return
-        fields[name] = v[rows]
+        fields[name] = stored[rows]
     known_bad = np.zeros((len(rows), M), bool)  # reported once, not again when decoded
     for rule, bad in codec.field_problems(fields, C):  # the codec's stored-field rules (one home)
         problems.add("labels", f"label fields must hold {rule}: broken in {int(bad.sum())} crops, first at "

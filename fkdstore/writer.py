@@ -45,21 +45,28 @@ import math
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from . import __version__, storage
 from . import codecs as _codecs
 from . import schema as S
-from . import storage
 from .augment.base import Column
 from .augment.pipeline import Pipeline
 from .derived import derivation
-from .errors import ConcurrentWriterError, CorruptStoreError, FkdstoreError, FormatError, SchemaMismatchError, \
-    ValidationError
+from .errors import (
+    ConcurrentWriterError,
+    CorruptStoreError,
+    FkdstoreError,
+    FormatError,
+    SchemaMismatchError,
+    ValidationError,
+)
 from .labelmap import LabelMapSpec, validate_maps
 from .ownership import OWNERS, Owners
 from .seeded import SlotCropSampler
@@ -69,13 +76,8 @@ from .validation import int_in_range, positive_int
 __all__ = ["write", "Writer", "clear_interrupted_creation"]
 
 MAX_BUFFERED_SHARDS = 4
+_T = TypeVar("_T")
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 _as_codec = _codecs.as_codec  # 0.1 name (fkdstore.store._as_codec); the one codec coercion is as_codec
@@ -115,7 +117,7 @@ def clear_interrupted_creation(location, *, storage_options: Mapping[str, Any] |
         return False
     if any(not k.endswith("zarr.json") for k in storage.list_prefix(store, S.WRITTEN + "/")):
         try:  # chunks written at creation: removable while no flag is set
-            if zarr.open_array(store=store, path=S.WRITTEN, mode="r")[:].any():
+            if np.asarray(zarr.open_array(store=store, path=S.WRITTEN, mode="r")[:]).any():
                 return False
         except Exception:  # noqa: BLE001 - unreadable flags: not provably an empty creation, leave it
             return False
@@ -315,8 +317,10 @@ def _parse_inputs(N, C, image_keys, image_sizes, labels, meta) -> dict[str, Any]
     key_arr = S.encode_keys(keys)
     if len(set(keys)) != N:
         seen: set[str] = set()
-        dup = next(k for k in keys if k in seen or seen.add(k))
-        raise ValidationError(f"image_keys must be unique. {dup!r} appears more than once.")
+        for k in keys:
+            if k in seen:
+                raise ValidationError(f"image_keys must be unique. {k!r} appears more than once.")
+            seen.add(k)
     sizes = np.asarray(image_sizes)
     if sizes.shape != (N, 2):
         raise ValidationError(f"image_sizes must be an integer array of shape ({N}, 2). Got shape {sizes.shape}.")
@@ -366,7 +370,7 @@ def _make_header(inputs, records, replay, ipc, ips, store_id: str | None, *,
     ips = None if ips is None else positive_int("images_per_shard", ips)
     common = dict(num_images=N, num_classes=inputs["C"], key_length=int(inputs["key_arr"].shape[1]),
                   has_labels=bool((inputs["labels"] >= 0).any()), records=records, replay=replay,
-                  store_id=store_id, meta=inputs["meta"], library_version=_library_version())
+                  store_id=store_id, meta=inputs["meta"], library_version=__version__)
     if existing is not None:  # resume adopts the store's layout; an explicit different one is refused below
         ipc = existing.images_per_chunk if ipc is None else ipc
         ips = existing.images_per_shard if ips is None else ips
@@ -386,7 +390,7 @@ def _make_header(inputs, records, replay, ipc, ips, store_id: str | None, *,
 def _create(store, header: S.Header, inputs) -> zarr.Group:
     """Create every array, write every per-image chunk, ``written`` (all zero) and the manifest rows with the
     per-image tags, and write the header attribute last (invariant 1)."""
-    marker = {S.CREATING_KEY: {"library_version": header.library_version, "started": time.time()}}
+    marker: dict[str, Any] = {S.CREATING_KEY: {"library_version": header.library_version, "started": time.time()}}
     group = zarr.open_group(store=store, mode="w", attributes=marker)  # replaced by the header, last
     N, ips = header.num_images, header.images_per_shard
     per_image = {S.KEY: inputs["key_arr"], S.IMAGE_SIZE: inputs["sizes"], S.LABEL: inputs["labels"],
@@ -457,8 +461,9 @@ def _check_same_schema(group, old: S.Header, new: S.Header, inputs, where: str) 
                 f"{_difference(old_meta.get(k), new_meta.get(k))}; resume with the same {k} (and teacher, weights "
                 f"and options), or write to another location")
     try:
-        old_keys = S.decode_keys(group[S.KEY][:])
-        old_arrays = {"image_sizes": group[S.IMAGE_SIZE][:], "labels": group[S.LABEL][:]}
+        old_keys = S.decode_keys(storage.read_array(group, S.KEY))
+        old_arrays = {"image_sizes": storage.read_array(group, S.IMAGE_SIZE),
+                      "labels": storage.read_array(group, S.LABEL)}
     except KeyError as e:
         raise FormatError(f"{where}: array {e} is missing") from None
     if old_keys != inputs["keys"]:
@@ -504,7 +509,7 @@ class Writer:
     def __init__(self, group: zarr.Group, header: S.Header, *, primary: bool = True,
                  max_buffered_shards: int = MAX_BUFFERED_SHARDS):
         self.group, self.header, self.primary = group, header, primary
-        self.codec = header.codec if header.kind == S.REGIONS else None
+        self.codec: _codecs.LabelCodec | None = header.codec if header.kind == S.REGIONS else None
         self.max_buffered_shards = positive_int("max_buffered_shards", max_buffered_shards)
         self.store = group.store
         self._where = storage.describe(self.store)
@@ -513,10 +518,10 @@ class Writer:
         self._zarr_arrays: dict[str, zarr.Array] = {}
         self._derived = header.derived_arrays
         # the per-image arrays as stored (the writer tags their chunks in every manifest row it writes)
-        self._per_image = {name: group[name][:] for name in header.bound_per_image}
+        self._per_image = {name: storage.read_array(group, name) for name in header.bound_per_image}
         self._sizes = self._per_image[S.IMAGE_SIZE]
         self._derivation = derivation(header, self._sizes.__getitem__, self._where)
-        self._written = group[S.WRITTEN][:].astype(bool)
+        self._written = storage.read_array(group, S.WRITTEN).astype(bool)
         self._buffers: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU order, oldest first
         self._owners = Owners(self.store, self._where)
         self._owners.drop_stale(self._complete_shards())
@@ -568,10 +573,11 @@ class Writer:
         if tuple(np.shape(probs)) != (B, M, C):
             raise ValidationError(f"probs must have shape (B, M, C) = ({B}, {M}, {C}). Got {np.shape(probs)}.")
         probs = np.asarray(probs)
-        self.codec.validate_input(probs, C)
+        codec = self.header.codec
+        codec.validate_input(probs, C)
         # a codec that draws (sampled) draws crop (i, s) from its crop key: independent of batching
         keys = _codecs.crop_keys(idx[:, None], np.arange(M)[None, :])
-        fields = self.codec.encode(probs.astype(np.float32, copy=False), keys=keys)
+        fields = codec.encode(probs.astype(np.float32, copy=False), keys=keys)
         self._put(idx, boxes, flips, fields, aug, overwrite=overwrite)
 
     def put_fields(self, image_indices, boxes, flips, fields: Mapping[str, Any], aug=None, *,
@@ -653,15 +659,16 @@ class Writer:
             raise TypeError(f"flips must be a bool array of shape ({B}, {M}). Got dtype {flips.dtype}.")
         data = {S.BOX: boxes.astype(h.box_dtype), S.FLIP: flips.astype(bool)}
         data.update(self._aug_columns(aug, B))
-        expected = self.codec.fields(C)
+        codec = h.codec
+        expected = codec.fields(C)
         if set(fields) != set(expected):
-            raise ValidationError(f"codec {self.codec.name!r} stores fields {list(expected)}. Got {sorted(fields)}.")
+            raise ValidationError(f"codec {codec.name!r} stores fields {list(expected)}. Got {sorted(fields)}.")
         for name, spec in expected.items():
             v = fields[name]
             if v.shape != (B, M, *spec.shape):
                 raise ValidationError(f"field {name!r} must have shape {(B, M, *spec.shape)}. Got {v.shape}.")
         if validate_values:
-            self.codec.validate_fields(fields, C)
+            codec.validate_fields(fields, C)
         for name, spec in expected.items():
             data[S.soft_path(name)] = np.asarray(fields[name]).astype(spec.dtype, copy=False)
         self._buffer_rows(idx, data, overwrite=overwrite)
@@ -758,27 +765,27 @@ class Writer:
                         v[rest] = derived[name]
                     data[name] = v
                     continue
-                if keep.any():
+                if old_tags is not None:  # rows stored earlier are kept
                     v = v.copy()  # the buffer stays as put, for a retry
                     v[keep] = self._stored_rows(s, name, p, old_tags, keep)
-                self._io(s, name, "write", lambda: self._array(name).__setitem__(sl, v))  # one whole-shard write
+                self._write(s, name, sl, v)  # one whole-shard write
                 data[name] = v
                 _fault_point("array", s)
         stored = [n for n in data if n not in self._derived]
-        self._io(s, "data", "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(n, s) for n in stored]))
+        self._fsync(s, "data", stored)
         _fault_point("data", s)
         tags = np.zeros((h.chunks_per_shard, len(data)), np.uint32)  # chunks past N (last shard) stay 0
         for p, (name, v) in enumerate(data.items()):
             t = S.manifest_tags(name, first, v, ipc, prefix)
             tags[:len(t), p] = t
         row = _manifest_rows(h, range(s, s + 1), self._per_image, tags.reshape(1, -1))
-        self._io(s, S.MANIFEST, "write", lambda: self._array(S.MANIFEST).__setitem__(slice(s, s + 1), row))
-        self._io(s, S.MANIFEST, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
+        self._write(s, S.MANIFEST, slice(s, s + 1), row)
+        self._fsync(s, S.MANIFEST, [S.MANIFEST])
         _fault_point("manifest", s)
         self._owners.check(s, "mark its images written")
         flags = self._written[sl] | mask
-        self._io(s, S.WRITTEN, "write", lambda: self._array(S.WRITTEN).__setitem__(sl, flags.astype(np.uint8)))
-        self._io(s, S.WRITTEN, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(S.WRITTEN, s)]))
+        self._write(s, S.WRITTEN, sl, flags.astype(np.uint8))
+        self._fsync(s, S.WRITTEN, [S.WRITTEN])
         _fault_point("flags", s)
         self._written[sl] = flags
         del self._buffers[s]
@@ -790,7 +797,7 @@ class Writer:
         row: rewriting a shard never re-tags damaged or missing data as good."""
         h = self.header
         r = h.shard_range(s)
-        old = self._io(s, name, "read", lambda: self._array(name)[r.start:r.stop])
+        old = self._io(s, name, "read", lambda: self._read(name, slice(r.start, r.stop)))
         ipc = h.images_per_chunk
         first, prefix = s * h.chunks_per_shard, h.tag_prefix
         # A writer killed mid-flush leaves either the new data with the old manifest (killed before the
@@ -806,7 +813,8 @@ class Writer:
         if len(bad):
             j = int(bad[0])
             raise CorruptStoreError(
-                f"{self._where}: array {name!r} shard {s} ({self._chunk_key(name, s)}) chunk {s * h.chunks_per_shard + j} "
+                f"{self._where}: array {name!r} shard {s} ({self._chunk_key(name, s)}) "
+                f"chunk {s * h.chunks_per_shard + j} "
                 f"(images {r.start + j * ipc}..{min(r.stop, r.start + (j + 1) * ipc) - 1}, marked written) does not "
                 f"match its manifest entry; refusing to rewrite the shard over damaged data (run fkdstore verify)"
             )
@@ -816,15 +824,19 @@ class Writer:
         """Re-read shard ``s``'s ``written`` chunk from storage into this writer's flags (a flag set by
         another writer is adopted; one this writer set stays)."""
         r = self.header.shard_range(s)
-        fresh = self._io(s, S.WRITTEN, "read", lambda: self._array(S.WRITTEN)[r.start:r.stop]) == 1
+        fresh = self._io(s, S.WRITTEN, "read", lambda: self._read(S.WRITTEN, slice(r.start, r.stop))) == 1
         self._written[r.start:r.stop] |= fresh
 
     def _array(self, name: str) -> zarr.Array:
         """The Zarr array ``name`` (opened once: each open reads its metadata)."""
         arr = self._zarr_arrays.get(name)
         if arr is None:
-            arr = self._zarr_arrays[name] = self.group[name]
+            arr = self._zarr_arrays[name] = storage.zarr_array(self.group, name)
         return arr
+
+    def _read(self, name: str, rows: slice) -> np.ndarray:
+        """Rows ``rows`` of the Zarr array ``name`` as stored."""
+        return np.asarray(self._array(name)[rows])
 
     def _key(self, i: int) -> str:
         return S.decode_keys(self._per_image[S.KEY][i:i + 1], start=i)[0]
@@ -874,19 +886,16 @@ class Writer:
             r = h.shard_range(s)
             self._sizes[idx[sel]] = sizes[sel].astype(np.int32)
             rows = self._sizes[r.start:r.stop].copy()
-            self._io(s, S.IMAGE_SIZE, "write",
-                     lambda: self._array(S.IMAGE_SIZE).__setitem__(slice(r.start, r.stop), rows))
-            self._io(s, S.IMAGE_SIZE, "fsync",
-                     lambda: storage.fsync_local(self.store, [self._chunk_key(S.IMAGE_SIZE, s)]))
+            self._write(s, S.IMAGE_SIZE, slice(r.start, r.stop), rows)
+            self._fsync(s, S.IMAGE_SIZE, [S.IMAGE_SIZE])
             record = self._record_tags(s)
             if record.any() and self._derived:  # seeded crops: the derived chunks' tags follow the sizes
                 derived = self._derivation.chunk_rows(r.start, r.stop)
                 for name, tags in self._derivation.tags(s * h.chunks_per_shard, derived).items():
                     record[:len(tags), self._columns[name]] = tags
             row = _manifest_rows(h, range(s, s + 1), self._per_image, record.reshape(1, -1))
-            self._io(s, S.MANIFEST, "write", lambda: self._array(S.MANIFEST).__setitem__(slice(s, s + 1), row))
-            self._io(s, S.MANIFEST, "fsync",
-                     lambda: storage.fsync_local(self.store, [self._chunk_key(S.MANIFEST, s)]))
+            self._write(s, S.MANIFEST, slice(s, s + 1), row)
+            self._fsync(s, S.MANIFEST, [S.MANIFEST])
             if s not in self._buffers:
                 self._owners.release(s)
 
@@ -899,13 +908,24 @@ class Writer:
         arr = self._array(name)
         return f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
 
-    def _io(self, s: int, name: str, op: str, fn):
+    def _io(self, s: int, name: str, op: str, fn: Callable[[], _T]) -> _T:
+        """``fn()``, an I/O step on shard ``s`` of array ``name``: an OSError is raised again naming the store,
+        the step, the shard and its chunk key."""
         try:
             return fn()
         except OSError as e:
             key = self._chunk_key(name, s) if name in self.group else name
             msg = f"{self._where}: cannot {op} shard {s} of array {name!r} ({key}): {e.strerror or e}"
             raise type(e)(e.errno, msg) if e.errno is not None else OSError(msg) from e
+
+    def _write(self, s: int, name: str, rows: slice, value: np.ndarray) -> None:
+        """Store ``value`` as rows ``rows`` of array ``name`` (in shard ``s``)."""
+        self._io(s, name, "write", lambda: self._array(name).__setitem__(rows, value))
+
+    def _fsync(self, s: int, what: str, names: Sequence[str]) -> None:
+        """Make shard ``s``'s chunks of the arrays ``names`` durable (local stores; ``what`` names them in an
+        error)."""
+        self._io(s, what, "fsync", lambda: storage.fsync_local(self.store, [self._chunk_key(n, s) for n in names]))
 
     def flush(self) -> None:
         """Write every buffered (partially filled) shard now. A shard that fails stays buffered; the first

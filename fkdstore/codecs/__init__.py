@@ -11,8 +11,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConversionError, ValidationError
-from .base import (PROB_ATOL, PROB_DTYPES, FieldSpec, LabelCodec, index_dtype, parse_keys, parse_temperature,
-                   row_sum_atol, validate_logits, validate_probs)
+from .base import (
+    PROB_ATOL,
+    PROB_DTYPES,
+    FieldSpec,
+    LabelCodec,
+    index_dtype,
+    parse_keys,
+    parse_temperature,
+    row_sum_atol,
+    validate_logits,
+    validate_probs,
+)
 from .full import Full
 from .hard import Hard
 from .logits import Logits
@@ -128,12 +138,13 @@ def parse_spec(spec: str) -> dict:
     s = spec.strip()
     if s.startswith("{"):
         try:
-            cfg = json.loads(s)
+            obj = json.loads(s)
         except json.JSONDecodeError as e:
-            raise ValidationError(f"codec spec must be valid JSON when it starts with '{{'. Got {spec!r} ({e}).") from None
-        if not isinstance(cfg, dict):
+            raise ValidationError(
+                f"codec spec must be valid JSON when it starts with '{{'. Got {spec!r} ({e}).") from None
+        if not isinstance(obj, dict):
             raise ValidationError(f"codec spec JSON must be an object. Got {spec!r}.")
-        return cfg
+        return obj
     name, _, rest = s.partition(":")
     cfg: dict[str, Any] = {"name": name.strip()}
     for part in filter(None, (p.strip() for p in rest.split(","))):

@@ -5,10 +5,9 @@ without having imported torch, so numpy-only users never pay for (or need) torch
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
-
-import math
 
 import numpy as np
 

@@ -56,8 +56,8 @@ registered in ``fkdstore.codecs.REGISTRY`` under its ``name``:
 
 Probability dtypes (``dtype=``): ``"float16"``, ``"float32"`` and ``"q8"`` (one byte per value, log-odds
 domain, rounded down; error bound in :mod:`fkdstore.codecs.quant`; ``full`` q8 gives zero-coded classes a
-share of the missing mass so every decoded value is > 0: :class:`~fkdstore.codecs.full.Full`). Codecs: ``full``, ``hard``,
-``smoothing``, ``ms``, ``mr`` (paper eqs. (3)-(7), one module each) and ``logits`` (top-K or all ``D``
+share of the missing mass so every decoded value is > 0: :class:`~fkdstore.codecs.full.Full`). Codecs: ``full``,
+``hard``, ``smoothing``, ``ms``, ``mr`` (paper eqs. (3)-(7), one module each) and ``logits`` (top-K or all ``D``
 log-probabilities; :mod:`fkdstore.codecs.logits`).
 
 The residual ``1 - stored mass`` is clamped at 0, so rounding of the stored probs never yields negative
@@ -200,7 +200,8 @@ def _row(i: int, shape) -> tuple[int, ...]:
 
 def _first_bad(x, bad, shape, what: str, rule: str, fmt: str = ""):
     i, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
-    raise ValidationError(f"{what} must be {rule}, got {float(x[i, j]):{fmt}} at row {_row(i, shape)} class {j}")
+    raise ValidationError(f"{what} must be {rule}, got {float(x[i, j]):{fmt}} at row {_row(int(i), shape)} "
+                          f"class {j}")
 
 
 def validate_probs(probs, num_classes: int, *, atol: float = PROB_ATOL) -> None:
@@ -235,7 +236,7 @@ def validate_logits(logits, num_classes: int) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _specs(codec: "LabelCodec", num_classes: int) -> dict[str, FieldSpec]:
+def _specs(codec: LabelCodec, num_classes: int) -> dict[str, FieldSpec]:
     """``codec.fields(num_classes)`` memoised for decode's per-call field check (codecs are frozen and
     hashable; only called with a plain ``int``, so ``True`` never hits the entry of ``1``). Read-only."""
     return codec.fields(num_classes)
@@ -252,11 +253,8 @@ class LabelCodec:
     """Base class; see the module docstring for the contract."""
 
     name: ClassVar[str] = ""
-    input: ClassVar[str] = "probs"
     #: allowed values of the ``dtype`` parameter (codecs with one)
     DTYPES: ClassVar[tuple[str, ...]] = PROB_DTYPES
-    #: ``k`` of top-K codecs (a dataclass field there); None for the others
-    k = None
     has_probs: ClassVar[bool] = True
     #: the fields depend on random draws keyed by crop identity (``encode(x, keys=...)``)
     keyed: ClassVar[bool] = False
@@ -284,6 +282,22 @@ class LabelCodec:
     def _k_may_be_none(cls) -> bool:
         return False
 
+    @property
+    def input(self) -> str:
+        """What :meth:`encode` takes: ``"probs"`` (probability rows) or ``"logits"`` (a class attribute or a
+        field of the codecs that take logits)."""
+        return "probs"
+
+    @property
+    def k(self) -> int | None:
+        """``k`` of top-K codecs (a dataclass field there); None for the others."""
+        return None
+
+    @property
+    def _dtype(self) -> str:
+        """The ``dtype`` parameter of the codecs with one; float32 for the others."""
+        return getattr(self, "dtype", "float32")
+
     # -- config
     def get_config(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -303,15 +317,15 @@ class LabelCodec:
 
     @property
     def quantized(self) -> bool:
-        return getattr(self, "dtype", None) == "q8"
+        return self._dtype == "q8"
 
     def _value_dtype(self) -> str:
         """numpy dtype of the stored probability (or logit) values."""
-        return "uint8" if self.quantized else self.dtype
+        return "uint8" if self.quantized else self._dtype
 
     def _store_probs(self, p):
         """Probabilities -> stored values (quantized for ``q8``, else cast to ``dtype``)."""
-        return quant.quantize(p, PROB_ATOL) if self.quantized else A.cast(p, self.dtype)
+        return quant.quantize(p, PROB_ATOL) if self.quantized else A.cast(p, self._dtype)
 
     def _load_probs(self, v):
         """Stored values -> float32 probabilities."""
@@ -349,6 +363,15 @@ class LabelCodec:
         # one class: every distribution is [1] (a q8 code of 1.0 would otherwise decode to Q8[255] < 1)
         return d * 0 + 1 if num_classes == 1 else d
 
+    def _encode(self, x, keys=None) -> dict:
+        """The fields of ``x`` (numpy or torch rows, checked), before the cast to the field dtypes; ``keys``
+        (one crop key per row) for the keyed codecs only."""
+        raise NotImplementedError
+
+    def _decode1(self, fields, num_classes: int):
+        """Decoded rows at temperature 1 (the fields checked)."""
+        raise NotImplementedError
+
     def _decode(self, fields, num_classes: int, temperature: float):
         d = self._decode1(fields, num_classes)
         return d if temperature == 1.0 else temper(d, temperature)
@@ -361,7 +384,7 @@ class LabelCodec:
     def sum_atol(self, num_classes: int) -> float:
         """Tolerance on ``|sum - 1|`` of stored mass and decoded rows (:func:`row_sum_atol`)."""
         n = self.kept_classes if self.kept_classes is not None else num_classes
-        return row_sum_atol(getattr(self, "dtype", "float32"), n)
+        return row_sum_atol(self._dtype, n)
 
     def _check_fields(self, fields: Mapping, num_classes: int) -> None:
         if not isinstance(fields, Mapping):
@@ -411,11 +434,10 @@ class LabelCodec:
         are not reported again.
         """
         specs = self.fields(num_classes)
-        f = {n: np.asarray(fields[n]) if n in fields else None for n in specs}
-        if any(v is None for v in f.values()):
-            raise ValidationError(f"{self.name} fields must contain {list(specs)}, missing "
-                                  f"{[n for n, v in f.items() if v is None]}")
-        lead = None
+        missing = [n for n in specs if n not in fields]
+        if missing:
+            raise ValidationError(f"{self.name} fields must contain {list(specs)}, missing {missing}")
+        f = {n: np.asarray(fields[n]) for n in specs}
         for n, spec in specs.items():
             v = f[n]
             nt = len(spec.shape)
@@ -424,16 +446,17 @@ class LabelCodec:
             if np.dtype(spec.dtype).kind != v.dtype.kind and not (
                     np.issubdtype(np.dtype(spec.dtype), np.integer) and np.issubdtype(v.dtype, np.integer)):
                 raise ValidationError(f"field {n!r} must have dtype {spec.dtype}, got {v.dtype}")
-            lead = v.shape[: v.ndim - nt] if lead is None else lead
+        first = next(iter(specs))
+        lead: tuple[int, ...] = f[first].shape[: f[first].ndim - len(specs[first].shape)]
         out: list[tuple[str, np.ndarray]] = []
-        known = np.zeros(lead, bool)
+        known = np.zeros(lead, np.bool_)
 
         def add(rule: str, bad: np.ndarray) -> None:
-            bad = bad.reshape(lead + (-1,)).any(-1) if bad.shape != lead else bad
-            bad = bad & ~known
-            if bad.any():
-                out.append((rule, bad))
-                known[...] |= bad
+            per_crop = bad.reshape(lead + (-1,)).any(-1) if bad.shape != lead else bad
+            new = np.asarray(per_crop & ~known)
+            if new.any():
+                out.append((rule, new))
+                known[...] |= new
 
         idx = f.get("indices")
         if idx is not None:
@@ -460,7 +483,7 @@ class LabelCodec:
                                   f"first at {where}.")
 
     # -- conversion
-    def conversion_problem(self, src: "LabelCodec") -> str | None:
+    def conversion_problem(self, src: LabelCodec) -> str | None:
         """Why ``src``'s stored fields cannot become this codec's fields (None when they can)."""
         if src.kept_classes is None:
             return None

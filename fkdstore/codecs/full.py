@@ -7,8 +7,8 @@ from typing import ClassVar
 import numpy as np
 
 from . import _array as A
-from .base import FieldSpec, LabelCodec, check_num_classes
 from . import quant
+from .base import FieldSpec, LabelCodec, check_num_classes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,10 +28,11 @@ class Full(LabelCodec):
     the rest of the missing mass is rounding of the coded classes, which the normalisation gives back to
     them in proportion) and never 0. The row is then normalised: ``d = (p_hat + e * [code == 0]) / (S + n0 * e)``.
     Error bound for a teacher row summing to at most 1 (``D = S + n0 * e``, so
-    ``S <= D <= max(1, S + n0 * Q8_ZERO_MIN)``): a coded class decodes to ``d_i = p_hat_i / D``, so ``(p_i - q8_bound(p_i)) / (1 + C * Q8_ZERO_MIN) <= d_i <= p_i / S``; a
-    zero-coded class (``p_j < Q8_PMIN``) decodes to ``0 < e / D <= Q8_PMIN / (2 * S)``. Every ``d > 0``, so
-    ``KL(teacher || decoded)`` is finite for every row. Every sum is exact in float64 (float32 table
-    values), so numpy and torch agree bit for bit. A row whose values all round to 0 decodes uniform.
+    ``S <= D <= max(1, S + n0 * Q8_ZERO_MIN)``): a coded class decodes to ``d_i = p_hat_i / D``, so
+    ``(p_i - q8_bound(p_i)) / (1 + C * Q8_ZERO_MIN) <= d_i <= p_i / S``; a zero-coded class
+    (``p_j < Q8_PMIN``) decodes to ``0 < e / D <= Q8_PMIN / (2 * S)``. Every ``d > 0``, so
+    ``KL(teacher || decoded)`` is finite for every row. Every sum is exact in float64 (float32 table values), so
+    numpy and torch agree bit for bit. A row whose values all round to 0 decodes uniform.
     (:func:`fkdstore.codecs.quant.dequantize_row`, shared with ``logits`` with ``k=None``.)
     """
 
@@ -60,7 +61,8 @@ class Full(LabelCodec):
         if self.quantized:
             add("rows with stored mass in (0, 1]", (s <= 0) | (s > 1 + self.sum_atol(num_classes)))
         else:
-            add(f"rows summing to 1 within {self.sum_atol(num_classes):.3g}", np.abs(s - 1) > self.sum_atol(num_classes))
+            atol = self.sum_atol(num_classes)
+            add(f"rows summing to 1 within {atol:.3g}", np.abs(s - 1) > atol)
 
     def sorted_probs(self, fields, num_classes):
         p = np.asarray(self._load_probs(np.asarray(fields["probs"])), np.float32)

@@ -10,8 +10,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from . import _array as A
 from ..errors import ValidationError
+from . import _array as A
 from .base import FieldSpec, LabelCodec, check_num_classes, index_dtype
 
 

@@ -30,8 +30,7 @@ from .. import writer as _writer
 from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, LabelFileError, ValidationError
 from ..images import ImageList
-from ..output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, \
-    remove_on_error
+from ..output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, remove_on_error
 from ..report import storage_stats
 from ..transforms import Replay
 
@@ -227,10 +226,10 @@ def write_store(dst, *, op: str, source: str, keys, sizes, labels, num_classes: 
 
     ``augment``: a :class:`~fkdstore.augment.Pipeline` (its columns become ``aug``); ``replay``: the source
     pipeline's input size, interpolation and normalisation (the header's replay parameters, what
-    :class:`~fkdstore.TorchDataset` replays); ``meta`` is stored as given plus ``meta_extra``, with ``meta["import"]`` (provenance, compared on
-    resume) and a ``meta["history"]`` record of ``op``. ``rows(todo)`` yields ``(image indices, boxes (B, M,
-    4), flips (B, M), codec fields, aug columns or None)`` for the ascending image indices ``todo`` (those not
-    written yet).
+    :class:`~fkdstore.TorchDataset` replays); ``meta`` is stored as given plus ``meta_extra``, with
+    ``meta["import"]`` (provenance, compared on resume) and a ``meta["history"]`` record of ``op``.
+    ``rows(todo)`` yields ``(image indices, boxes (B, M, 4), flips (B, M), codec fields, aug columns or None)``
+    for the ascending image indices ``todo`` (those not written yet).
 
     Resume (:func:`fkdstore.output.open_destination`, the one rule of every command that makes a store): a
     store at ``dst`` made by this import with the same ``meta["import"]`` and codec (its ``meta["made_by"]``: a

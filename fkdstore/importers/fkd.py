@@ -82,7 +82,8 @@ def _file_fields(labels: np.ndarray, kind: str, path) -> dict[str, np.ndarray]:
         idx, p = labels, None
     idxf = np.asarray(idx, dtype=np.float64)
     if not np.isfinite(idxf).all() or (idxf != np.round(idxf)).any() or (idxf < 0).any():
-        raise ValidationError(f"FKD labels in {path}: class indices must be non-negative integers. Got {idxf[(idxf != np.round(idxf)) | (idxf < 0)][:3].tolist()}.")
+        bad = idxf[(idxf != np.round(idxf)) | (idxf < 0)][:3].tolist()
+        raise ValidationError(f"FKD labels in {path}: class indices must be non-negative integers. Got {bad}.")
     out = {"indices": idxf.astype(np.int64)}
     if p is not None:
         out["probs"] = np.asarray(p, dtype=np.float32)
@@ -176,7 +177,8 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     def load(p):
         coords, flip, labels = load_fkd_file(p, trust_pickle=trust_pickle)
         if coords.shape != (M, 4):
-            raise ValidationError(f"FKD coords in {p} must have shape ({M}, 4) like the first file. Got {coords.shape}.")
+            raise ValidationError(f"FKD coords in {p} must have shape ({M}, 4) like the first file. "
+                                  f"Got {coords.shape}.")
         if flip.shape != (M,):
             raise ValidationError(f"FKD flip in {p} must have shape ({M},). Got {flip.shape}.")
         kd = _label_kind(labels, p)

@@ -36,9 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import progress as _progress
 from ..codecs.base import check_num_classes, index_dtype
 from ..errors import LabelFileError, ValidationError
+from ..images import image_size, list_images
 from ..labelmap import MAP_DTYPES, MAX_K, MAX_SIZE, LabelMapSpec
+from ..output import location_name
+from ..validation import positive_int
+from . import _zoo
 
 __all__ = ["RELABEL_SUFFIX", "SYSTEMS", "relabel_file_name", "RelabelScan", "scan_relabel", "load_relabel_file",
            "iter_relabel_maps", "RelabelImport", "prepare_import", "import_relabel"]
@@ -136,7 +141,7 @@ def load_relabel_file(path: str | os.PathLike, num_classes: int, *,
     that does not load (truncated, not a torch file, holds more than tensors) or breaks the rules of the
     module docstring.
     """
-    import torch
+    import torch  # noqa: PLC0415 - torch is optional (fkdstore[torch]); core imports without it
 
     c = check_num_classes(num_classes)
     try:
@@ -238,16 +243,12 @@ class RelabelImport:
         """Yield ``(image indices (b,) int64, indices (b, K, S, S), scores (b, K, S, S) in spec.dtype)`` for
         ``images`` (default :attr:`images`; a resuming writer passes the ones not yet written), at most
         ``batch`` images per item."""
-        from ..validation import positive_int
-
         n = positive_int("batch", batch)
         todo = list(self.images if images is None else images)
         it = iter_relabel_maps(self.root, self.keys, self.num_classes, scan=self.scan, images=todo,
                                missing=self.missing)
         if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, total=len(todo), desc="importing label maps", unit="image")
+            it = _progress.progress(True, total=len(todo), desc="importing label maps", unit="image").wrap(it)
         got: list[tuple[int, np.ndarray, np.ndarray]] = []
         for item in it:
             got.append(item)
@@ -327,10 +328,6 @@ def import_relabel(src: str | os.PathLike, dst, images: str | os.PathLike, *, sy
     (1), codec (the label_map config), carried, flags, skipped, bytes_before, bytes_after, resumed,
     images_written_before}``.
     """
-    from ..images import image_size, list_images
-    from ..output import location_name
-    from . import _zoo
-
     if missing not in MISSING_RULES:
         raise ValidationError(f"missing must be one of {list(MISSING_RULES)}. Got {missing!r}.")
     root = Path(src)
@@ -370,7 +367,8 @@ def import_relabel(src: str | os.PathLike, dst, images: str | os.PathLike, *, sy
             "map_dtype": spec.dtype, "crops_per_image": 1, "codec": spec.get_config(),
             "carried": {"scores [2, K, S, S] row 0": f"map/scores ({spec.dtype})",
                         "indices (row 1, as floats)": f"map/indices ({spec.index_dtype(c)})"},
-            "flags": [f"replay settings: {system}'s published ones" + (f" with {sorted(replay)} given" if replay else "")
+            "flags": [f"replay settings: {system}'s published ones"
+                      + (f" with {sorted(replay)} given" if replay else "")
                       + f" (box order {spec.box_order}, offset {spec.box_offset}, grid {spec.grid}, flip {spec.flip})"],
             "skipped": {"images_without_file": len(scan.missing) if missing == "skip" else 0,
                         "pt_files_without_image": len(scan.extra)},

@@ -21,6 +21,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    from numpy._core.multiarray import _reconstruct, scalar
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
+
 from ..errors import FkdstoreError
 
 __all__ = ["load", "numpy_safe_globals", "RestrictedUnpickler"]
@@ -29,10 +34,6 @@ __all__ = ["load", "numpy_safe_globals", "RestrictedUnpickler"]
 def numpy_safe_globals() -> list:
     """What torch's weights-only unpickler needs to rebuild plain numpy arrays and scalars (no code
     execution)."""
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
     dtypes = [type(np.dtype(t)) for t in ("bool", "float16", "float32", "float64", "int8", "int16", "int32",
                                           "int64", "uint8", "uint16", "uint32", "uint64")]
     out: list = [np.ndarray, np.dtype, *dtypes]
@@ -86,7 +87,7 @@ def _load_restricted(path: str | os.PathLike) -> Any:
 def load(path: str | os.PathLike, *, what: str = "file", trust_pickle: bool = False) -> Any:
     """``torch.load`` of ``path`` on the CPU through the safe allow-list (see the module docstring). Any
     failure raises :class:`~fkdstore.errors.FkdstoreError` naming ``what`` and the file."""
-    import torch
+    import torch  # noqa: PLC0415 - torch is optional (fkdstore[torch]); core imports without it
 
     try:
         if trust_pickle:

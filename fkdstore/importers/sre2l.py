@@ -45,9 +45,8 @@ import numpy as np
 from .. import augment as _augment
 from .. import progress as _progress
 from ..errors import LabelFileError, ValidationError
-from ..transforms import Replay
 from ..images import image_size, list_images
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, Replay
 from ..validation import positive_int
 from . import _zoo, safe_pickle
 from .fkd import _clamp_boxes, fkd_boxes
@@ -74,7 +73,7 @@ def sampler_order(num_images: int, epochs: int, seed: int) -> list[np.ndarray]:
     """The dataset order of each epoch as torch's ``RandomSampler(generator=g)`` draws it (``g`` seeded with
     ``seed`` once): per epoch ``randperm(N, generator=g)`` (the epoch's order) and a second ``randperm``
     (``num_samples % N == 0`` rows of it, drawn all the same)."""
-    import torch
+    import torch  # noqa: PLC0415 - torch is optional (fkdstore[torch]); core imports without it
 
     g = torch.Generator()
     g.manual_seed(int(seed))
@@ -146,7 +145,7 @@ def sre2l_plan(src: Path, N: int, *, seed: int, batch_size: int | None, epochs: 
                 raise LabelFileError(f"{jpath} has no entry for epoch {e}")
             lists.append(np.asarray(orders[str(e)], np.int64))
     else:
-        import torch
+        import torch  # noqa: PLC0415 - torch is optional (fkdstore[torch]); core imports without it
 
         lists = sampler_order(N, E, seed)
         binding = {"binding": f"RandomSampler order: torch.Generator seeded {seed}, randperm(N) twice per epoch, "

@@ -67,7 +67,7 @@ def rank_positions(lines: int, rank: int, world: int, pairs: bool) -> np.ndarray
 def _rank_sequence(N: int, epoch: int, rank: int, world: int, pairs: bool) -> np.ndarray:
     """Rank ``rank``'s dataset indices in TinyViT's ``MyDistributedSampler`` order (shuffle, seed 0 + epoch,
     padding, pairs)."""
-    import torch
+    import torch  # noqa: PLC0415 - torch is optional (fkdstore[torch]); core imports without it
 
     g = torch.Generator()
     g.manual_seed(epoch)
