@@ -18,10 +18,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fkdstore.augment.base import parse_float, parse_int
+from fkdstore.augment.base import parse_float
 from fkdstore.augment.mixing import cutmix_box, cutmix_lambda
 from fkdstore.augment.ops import blend
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
 __all__ = ["mix_batch", "mix_params", "derangement", "parse_batch_alpha", "BatchMix", "MODES"]
 
@@ -80,9 +81,9 @@ def mix_params(batch_size: int, image_size: tuple[int, int], *, mode: str = "mix
     mixup_alpha, cutmix_alpha = parse_batch_alpha(mode, alpha)
     switch_prob = parse_float("switch_prob", switch_prob, 0.0, 1.0)
     p = parse_float("p", p, 0.0, 1.0)
-    seed = parse_int("seed", seed, 0)
-    step = parse_int("step", step, 0)
-    B = parse_int("batch_size", batch_size, 1)
+    seed = int_in_range("seed", seed, 0)
+    step = int_in_range("step", step, 0)
+    B = int_in_range("batch_size", batch_size, 1)
     H, W = image_size
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG, step]))
     applied = bool(rng.random() < p)

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from fkdstore.augment import ops
+from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float, parse_pair
 from fkdstore.errors import ValidationError
-from fkdstore.augment.base import Column, Policy, check_range, check_pixels, param, parse_float, parse_pair
 
 __all__ = ["ColorJitter", "ORDERS"]
 

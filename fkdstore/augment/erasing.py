@@ -11,7 +11,14 @@ import numpy as np
 
 from fkdstore.augment import ops
 from fkdstore.augment.base import (
-    Column, Policy, check_pixels, check_range, param, parse_float, parse_pair, parse_rgb,
+    Column,
+    Policy,
+    check_pixels,
+    check_range,
+    param,
+    parse_float,
+    parse_pair,
+    parse_rgb,
 )
 from fkdstore.errors import ValidationError
 from fkdstore.transforms import IMAGENET_MEAN

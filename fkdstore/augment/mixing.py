@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fkdstore.augment import ops
-from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float, parse_int
+from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
 __all__ = ["Mixup", "CutMix", "MixInfo", "cutmix_box", "cutmix_lambda", "window_stride"]
 
@@ -263,4 +264,4 @@ def _parse_mix_fields(policy) -> None:
 
 
 def _parse_window(value: Any) -> int:
-    return parse_int("window", value, 0, MAX_WINDOW)
+    return int_in_range("window", value, 0, MAX_WINDOW)

@@ -10,9 +10,16 @@ import numpy as np
 
 from fkdstore.augment import ops
 from fkdstore.augment.base import (
-    Column, Policy, check_pixels, check_range, param, parse_choice, parse_int, parse_rgb,
+    Column,
+    Policy,
+    check_pixels,
+    check_range,
+    param,
+    parse_choice,
+    parse_rgb,
 )
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
 __all__ = ["RandAugment", "OPS", "magnitude_value"]
 
@@ -166,13 +173,13 @@ def _op_name(op_id: int) -> str:
 
 
 def _parse_num_ops(value: Any) -> int:
-    return parse_int("num_ops", value, 1, 16)
+    return int_in_range("num_ops", value, 1, 16)
 
 
 def _parse_num_magnitude_bins(value: Any) -> int:
-    return parse_int("num_magnitude_bins", value, 2, MAX_BINS)
+    return int_in_range("num_magnitude_bins", value, 2, MAX_BINS)
 
 
 def _parse_magnitude(value: Any, num_bins: int) -> int:
-    return parse_int("magnitude", value, 0, num_bins - 1)
+    return int_in_range("magnitude", value, 0, num_bins - 1)
 
