@@ -80,14 +80,16 @@ def parse_augment(spec: str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | 
                 raise ValidationError(f"augment spec must be valid JSON when it starts with '[' or '{{'. "
                                       f"Got {exc}.") from None
         return Pipeline([get_policy(_parse_policy(part)) for part in _split(text, ";") if part.strip()])
-    if isinstance(spec, Sequence):
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
         return Pipeline.from_config(spec)
     raise TypeError(f"augment spec must be a str, a list of configs or a Pipeline. Got {type(spec).__name__}.")
 
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "[{":
             depth += 1

@@ -44,7 +44,7 @@ class BatchMix(NamedTuple, Generic[ArrayT]):
     images: ArrayT
     soft_labels: ArrayT
     lam: float
-    index: ArrayT
+    index: ArrayT  # type: ignore[assignment]  # the public field name shadows tuple.index
     box: tuple[int, int, int, int] | None
 
 

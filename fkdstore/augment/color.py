@@ -16,7 +16,7 @@ from fkdstore.errors import ValidationError
 __all__ = ["ColorJitter", "ORDERS"]
 
 # The 24 orders of (brightness=0, contrast=1, saturation=2, hue=3), lexicographic: cj_order stores the index.
-ORDERS: tuple[tuple[int, int, int, int], ...] = tuple(itertools.permutations(range(4)))  # type: ignore[assignment]
+ORDERS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4)))
 _NAMES = ("brightness", "contrast", "saturation", "hue")
 
 

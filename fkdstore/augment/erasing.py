@@ -67,7 +67,7 @@ class RandomErasing(Policy):
         return self.value == "random"
 
     def columns(self) -> tuple[Column, ...]:
-        cols = (Column("re_box", "int", "uint16", (4,)),)
+        cols: tuple[Column, ...] = (Column("re_box", "int", "uint16", (4,)),)
         if self.random_fill:
             cols += (Column("re_seed", "int", "uint32", ()),)
         return cols
