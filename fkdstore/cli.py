@@ -1,9 +1,9 @@
 """The ``fkdstore`` command line. It only parses arguments and calls the library.
 
 Subcommands: ``inspect``, ``estimate``, ``verify``, ``convert``, ``import`` (``fkd``, ``mldr``, ``tinyvit``,
-``sre2l``, ``relabel``), ``import-fkd`` (= ``import fkd``), ``prune``, ``ensemble``, ``generate``, ``show``. Every command's
-code is here; the library modules hold no argparse code. Only ``generate``, ``show`` and ``import`` need torch
-(the importers load ``torch.save`` files), and they import it when they run (``generate`` also for its
+``sre2l``, ``relabel``), ``import-fkd`` (= ``import fkd``), ``prune``, ``ensemble``, ``generate``, ``show``. Every
+command's code is here; the library modules hold no argparse code. Only ``generate``, ``show`` and ``import`` need
+torch (the importers load ``torch.save`` files), and they import it when they run (``generate`` also for its
 ``--help``), so ``fkdstore --version``, ``inspect``, ``estimate``, ``verify``, ``convert``, ``prune`` and
 ``ensemble`` start without importing torch.
 
@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import inspect
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -234,6 +237,12 @@ def _cmd_import(args) -> int:
     _out(f"imported {r['files']:,} {ZOO_NAMES[args.kind]} ({r['images']:,} images x {r['crops_per_image']} crops, "
          f"{r['num_classes']} classes) as {_cfg(r['codec'])}: {report.human_bytes(r['bytes_before'])} -> "
          f"{report.human_bytes(r['bytes_after'])}" + (" (resumed)" if r.get("resumed") else ""))
+    _import_details(r)
+    return EXIT_OK
+
+
+def _import_details(r: dict) -> None:
+    """The lines after an import's summary: what was carried into which column, notes, what was skipped."""
     for what, col in r["carried"].items():
         _out(f"  carried  {what} -> {col}")
     for flag in r["flags"]:
@@ -241,7 +250,6 @@ def _cmd_import(args) -> int:
     for what, n in r["skipped"].items():
         if n:
             _out(f"  skipped  {n:,} {what.replace('_', ' ')}")
-    return EXIT_OK
 
 
 def _check_out(out: str, what: str = "the output") -> None:
@@ -263,13 +271,7 @@ def _cmd_import_relabel(args) -> int:
          f"{spec['dtype']}, {r['num_classes']} classes) as a label-map store: "
          f"{report.human_bytes(r['bytes_before'])} -> {report.human_bytes(r['bytes_after'])}"
          + (" (resumed)" if r.get("resumed") else ""))
-    for what, col in r["carried"].items():
-        _out(f"  carried  {what} -> {col}")
-    for flag in r["flags"]:
-        _out(f"  note     {flag}")
-    for what, n in r["skipped"].items():
-        if n:
-            _out(f"  skipped  {n:,} {what.replace('_', ' ')}")
+    _import_details(r)
     return EXIT_OK
 
 
@@ -279,41 +281,17 @@ def _cmd_generate(args) -> int:
     except ImportError as e:
         raise FkdstoreError(f"fkdstore generate needs PyTorch, which does not import here ({e}); install it with "
                             "pip install 'fkdstore[torch]'") from None
-    from .augment import parse_augment
-    from .codecs import as_codec
-    from .distributed import World, pick_device
     from .runner import generate
-    from .teacher import file_sha256, load_teacher, resolve_factory
+    from .teacher import file_sha256, load_teacher
 
     # bad input first (exit 2), before the teacher is built or anything is written
     label_map = getattr(args, "label_map", False)
-    if label_map == ("crops_per_image" in args):
-        _err("fkdstore generate: error: give --crops M (FKD crop regions) or --label-map (ReLabel label maps), "
-             "exactly one")
+    usage = _generate_usage(args, label_map)
+    if usage:
+        _err(f"fkdstore generate: error: {usage}")
         return EXIT_USAGE
-    codec = None
-    if label_map:
-        given = [f"--{n}" for n in ("codec", "k", "dtype") if n in args]
-        if given:
-            _err(f"fkdstore generate: error: {', '.join(given)} apply to crop regions; with --label-map use "
-                 f"--map-k, --map-dtype")
-            return EXIT_USAGE
-    else:  # a name or a spec such as "ms:k=5,dtype=q8"
-        codec = _codec_arg("--codec", getattr(args, "codec", "ms"), getattr(args, "k", None))
-        if getattr(args, "dtype", None) is not None:
-            codec = as_codec({**codec.get_config(), "dtype": args.dtype})
-    for path in args.images:
-        _must_exist(path, "--images")
-    if getattr(args, "augment", None):
-        _checked("--augment", args.augment, parse_augment)
-    _checked("--teacher", args.teacher, resolve_factory)
-    if args.weights:
-        _must_exist(args.weights, "--weights")
-    if getattr(args, "crops_from", None):
-        _must_exist(args.crops_from, "--crops-from store")
-    _check_out(args.out, "--out")
-    if getattr(args, "device", None) is not None:
-        _checked("--device", args.device, lambda d: pick_device(d, World.detect()))
+    codec = None if label_map else _generate_codec(args)
+    _check_generate_inputs(args)
 
     kwargs = args.teacher_kwargs
     teacher = load_teacher(args.teacher, args.weights, kwargs)
@@ -337,6 +315,48 @@ def _cmd_generate(args) -> int:
              f"(skipped: {len(reader.meta.get('skipped', []))})")
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _generate_usage(args, label_map: bool) -> str | None:
+    """What is wrong with ``generate``'s choice of record kind (``--crops`` or ``--label-map``), or None."""
+    if label_map == ("crops_per_image" in args):
+        return "give --crops M (FKD crop regions) or --label-map (ReLabel label maps), exactly one"
+    given = [f"--{n}" for n in ("codec", "k", "dtype") if n in args] if label_map else []
+    if given:
+        return f"{', '.join(given)} apply to crop regions; with --label-map use --map-k, --map-dtype"
+    return None
+
+
+def _generate_codec(args):
+    """``generate``'s codec: ``--codec`` (a name or a spec such as ``"ms:k=5,dtype=q8"``, default ms) with
+    ``--k`` and ``--dtype``."""
+    from .codecs import as_codec
+
+    codec = _codec_arg("--codec", getattr(args, "codec", "ms"), getattr(args, "k", None))
+    if getattr(args, "dtype", None) is not None:
+        codec = as_codec({**codec.get_config(), "dtype": args.dtype})
+    return codec
+
+
+def _check_generate_inputs(args) -> None:
+    """``generate``'s paths, augment spec, teacher factory, output and device, checked before the teacher is
+    built (:class:`_BadInput`, exit 2)."""
+    from .augment import parse_augment
+    from .distributed import World, pick_device
+    from .teacher import resolve_factory
+
+    for path in args.images:
+        _must_exist(path, "--images")
+    if getattr(args, "augment", None):
+        _checked("--augment", args.augment, parse_augment)
+    _checked("--teacher", args.teacher, resolve_factory)
+    if args.weights:
+        _must_exist(args.weights, "--weights")
+    if getattr(args, "crops_from", None):
+        _must_exist(args.crops_from, "--crops-from store")
+    _check_out(args.out, "--out")
+    if getattr(args, "device", None) is not None:
+        _checked("--device", args.device, lambda d: pick_device(d, World.detect()))
 
 
 def _written_summary(out: str, storage_options) -> str:
@@ -443,16 +463,16 @@ Show what a store holds: arrays (shape, dtype, chunk and shard shape, stored byt
 total size, bytes per crop, files, completion, codec, sampler and teacher provenance, label statistics on
 a seeded sample of crops, and the size at ImageNet-1K scale next to the paper's Table 2.
 
---json prints one object with the keys: path, format, format_version, kind (the record kind: regions or
-label_map), store_id, library_version, codec (the codec config: name and parameters), crops ("stored" or "seeded"), crop_sampler, num_images, crops_per_image,
-num_classes, aug (the augmentation columns), augment (the policy configs), replay, pixel_replay, has_labels,
-images_per_chunk, images_per_shard, images_written, complete, missing_ranges, arrays{name: shape, dtype, chunks,
-shards, raw_bytes, stored_bytes, files, compression_ratio}, total_bytes, total_files, bytes_per_crop,
-label_bytes_per_crop, box_bytes_per_crop, aug_bytes_per_crop, meta, sampler, teacher, label_stats{sampled_crops,
-seed, kept_mass_mean, entropy_mean_nats, top1_agreement, top1_agreement_crops, distinct_top1, top1_prob_mean},
-compatibility (data types some Zarr readers lack: dtype, arrays, note), warnings[{code, message, ...}],
-imagenet_extrapolation{num_images, crops_per_image, bytes, paper_formula_bytes, paper_table2}, and with
---plots: plots (sizes in bytes; see fkdstore.report).
+--json prints one object with the keys: path, format, format_version, kind (the record kind: regions or label_map),
+store_id, library_version, codec (the codec config: name and parameters), crops ("stored" or "seeded"),
+crop_sampler, num_images, crops_per_image, num_classes, aug (the augmentation columns), augment (the policy
+configs), replay, pixel_replay, has_labels, images_per_chunk, images_per_shard, images_written, complete,
+missing_ranges, arrays{name: shape, dtype, chunks, shards, raw_bytes, stored_bytes, files, compression_ratio},
+total_bytes, total_files, bytes_per_crop, label_bytes_per_crop, box_bytes_per_crop, aug_bytes_per_crop, meta,
+sampler, teacher, label_stats{sampled_crops, seed, kept_mass_mean, entropy_mean_nats, top1_agreement,
+top1_agreement_crops, distinct_top1, top1_prob_mean}, compatibility (data types some Zarr readers lack: dtype,
+arrays, note), warnings[{code, message, ...}], imagenet_extrapolation{num_images, crops_per_image, bytes,
+paper_formula_bytes, paper_table2}, and with --plots: plots (sizes in bytes; see fkdstore.report).
 
 warnings (text: "warning" lines; JSON: the "warnings" list; rules and thresholds in fkdstore.diagnose):
   top1_agreement  teacher top-1 = ground truth on fewer than half as many sampled crops as the mean top-1
@@ -631,7 +651,14 @@ def _add_storage_options(q) -> None:
                         "credentials: see 'stores on object storage' above")
 
 
+def _add_progress(q) -> None:
+    """``--progress`` / ``--no-progress`` of the commands that report progress (default None: automatic)."""
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``fkdstore`` parser and its sub-command action (one ``_add_<command>`` function per command)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     p = argparse.ArgumentParser(
@@ -645,6 +672,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     def add(name, help_, desc):
         return sub.add_parser(name, help=help_, description=desc, formatter_class=_Formatter, parents=[common])
 
+    _add_inspect(add)
+    _add_show(add)
+    _add_estimate(add)
+    _add_verify(add)
+    _add_convert(add)
+    _add_import_fkd(add)
+    _add_import(add)
+    _add_prune(add)
+    _add_ensemble(add)
+    _add_generate(sub, common)
+    return p, sub
+
+
+def _add_inspect(add) -> None:
+    """``fkdstore inspect PATH``."""
     q = add("inspect", "show a store's arrays, sizes, provenance and label statistics", INSPECT_HELP + STORAGE_HELP)
     q.add_argument("path", help="store folder or URL")
     _add_storage_options(q)
@@ -658,6 +700,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                    help="class names with --image, one per line (default: the store's meta['classes'])")
     q.set_defaults(func=_cmd_inspect)
 
+
+def _add_show(add) -> None:
+    """``fkdstore show PATH --images ...``."""
     q = add("show", "draw replayed crops with their soft labels (a PNG contact sheet)", SHOW_HELP + STORAGE_HELP)
     q.add_argument("path", help="store folder or URL")
     q.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE",
@@ -677,6 +722,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     _add_storage_options(q)
     q.set_defaults(func=_cmd_show)
 
+
+def _add_estimate(add) -> None:
+    """``fkdstore estimate --num-images N --num-classes C ...``."""
     q = add("estimate", "predict a store's size (this layout, or the paper's formula)", ESTIMATE_HELP)
     q.add_argument("--num-images", type=_pos_int, metavar="N", required=True, help="number of images N")
     q.add_argument("--crops", type=_pos_int, help="crops per image M (crop regions)")
@@ -685,22 +733,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--label-map", metavar="S,K[,DTYPE]",
                    help="label maps instead of crops: S x S cells, top-K per cell, float32 (default) or float16 "
                         "scores, e.g. 15,5 (ReLabel)")
-    q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
-    q.add_argument("--max-side", type=_pos_int, default=500, help="largest image side in pixels (box dtype; default 500)")
+    q.add_argument("--k", type=_pos_int, default=None,
+                   help="top-K for ms/mr/logits (same as k= in the spec; default 5)")
+    q.add_argument("--max-side", type=_pos_int, default=500,
+                   help="largest image side in pixels (box dtype; default 500)")
     q.add_argument("--paper", action="store_true", help="use the paper's float32 formula (Table 2)")
     q.add_argument("--store-crops", action="store_true",
                    help="box and flip stored (default: derived from the crop sampler, not stored)")
     q.add_argument("--json", action="store_true", help="print the estimate as JSON (both figures)")
     q.set_defaults(func=_cmd_estimate)
 
+
+def _add_verify(add) -> None:
+    """``fkdstore verify PATH``."""
     q = add("verify", "read and check every chunk; exit 1 with the problems found", VERIFY_HELP + STORAGE_HELP)
     q.add_argument("path", help="store folder or URL")
     _add_storage_options(q)
     q.add_argument("--json", action="store_true", help="print {path, ok, problems} as JSON")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+    _add_progress(q)
     q.set_defaults(func=_cmd_verify)
 
+
+def _add_convert(add) -> None:
+    """``fkdstore convert SRC DST --codec SPEC``."""
     q = add("convert", "re-encode a store into a leaner codec without the teacher", CONVERT_HELP + STORAGE_HELP)
     q.add_argument("src", help="source store (folder or URL)")
     q.add_argument("dst", help="new store, folder or URL (must not exist or be empty)")
@@ -708,10 +763,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--codec", required=True,
                    help="target codec name or spec: full, ms, mr, smoothing, hard, logits; e.g. ms:k=5,dtype=q8")
     q.add_argument("--k", type=_pos_int, default=None, help="top-K for ms/mr (default: the source's K, else 5)")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+    _add_progress(q)
     q.set_defaults(func=_cmd_convert)
 
+
+def _add_import_fkd(add) -> None:
+    """``fkdstore import-fkd SRC DST --images IMGS``."""
     q = add("import-fkd", "import FKD's per-image torch.save label files", IMPORT_HELP + STORAGE_HELP)
     q.add_argument("src", help="FKD label folder (<split> folder or the root above it)")
     q.add_argument("dst", help="new store, folder or URL (must not exist or be empty)")
@@ -723,12 +780,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--num-classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
     q.add_argument("--trust-pickle", action="store_true",
                    help="load with weights_only=False: executes code in the files, trusted input only")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+    _add_progress(q)
     q.set_defaults(func=_cmd_import_fkd)
 
-    _add_import(add)
 
+def _add_prune(add) -> None:
+    """``fkdstore prune SRC DST --keep FRACTION``."""
     q = add("prune", "keep a fraction of each image's crop slots (a smaller store)", PRUNE_HELP)
     q.add_argument("src", help="source store")
     q.add_argument("dst", help="new store (must not exist)")
@@ -737,22 +794,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     q.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the random rule (default 0)")
     q.add_argument("--rule", choices=["random", "confident"], default="random",
                    help="which slots: random (seeded per image) or confident (lowest entropy); default random")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+    _add_progress(q)
     _add_storage_options(q)
     q.set_defaults(func=_cmd_prune)
 
+
+def _add_ensemble(add) -> None:
+    """``fkdstore ensemble STORE STORE ... OUT``."""
     q = add("ensemble", "average the soft labels of stores that share crops", ENSEMBLE_HELP)
     q.add_argument("stores", nargs="+", metavar="STORE", help="two or more source stores, then the new store OUT")
     q.add_argument("--codec", default=None,
                    help="codec of OUT, a name or spec (e.g. full, ms:k=5,dtype=q8); default: the first store's")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+    _add_progress(q)
     _add_storage_options(q)
     q.set_defaults(func=_cmd_ensemble)
-
-    _add_generate(sub, common)
-    return p, sub
 
 
 def _add_import(add) -> None:
@@ -776,8 +831,7 @@ def _add_import(add) -> None:
         q.add_argument("--codec", default=None, help="codec name or spec (default: what keeps the stored labels)")
         q.add_argument("--k", type=_pos_int, default=None, help="keep the top K (at most the files' K)")
         q.add_argument("--num-classes", type=_pos_int, default=None, help="number of classes (1000 for ImageNet-1K)")
-        q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+        _add_progress(q)
         if name != "tinyvit":
             q.add_argument("--trust-pickle", action="store_true",
                            help="load with weights_only=False: executes code in the files, trusted input only")
@@ -829,8 +883,7 @@ def _add_import_relabel(kinds) -> None:
     q.add_argument("--missing", choices=["error", "skip"], default="error",
                    help="images without a map: stop before writing (default) or leave them out of the store")
     _add_map_replay(q)
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress: a bar on a terminal, periodic lines otherwise (default); --no-progress: none")
+    _add_progress(q)
     q.set_defaults(func=_cmd_import)
 
 
@@ -900,8 +953,6 @@ examples:
 def _augment_help() -> str:
     """The ``--augment`` grammar: :func:`fkdstore.augment.parse_augment`'s docstring (one home), as plain
     text (:func:`_plain`)."""
-    import inspect
-
     from .augment import parse_augment
 
     doc = _plain(inspect.getdoc(parse_augment) or "")
@@ -911,8 +962,6 @@ def _augment_help() -> str:
 def _plain(text: str) -> str:
     """reStructuredText markup of a docstring as plain text: roles (``:class:`~a.B``` -> ``B``), double back
     quotes, and a trailing ``::`` before a literal block (-> ``:``)."""
-    import re
-
     text = re.sub(r":[a-z]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`", lambda m: m.group(1).rsplit(".", 1)[-1]
                   if "~" in m.group(0) else m.group(1), text)
     text = text.replace("``", "")
@@ -950,8 +999,6 @@ class _Choice:
         self.module, self.attr = module, attr
 
     def names(self) -> list[str]:
-        import importlib
-
         return sorted(getattr(importlib.import_module(self.module), self.attr))
 
     def __call__(self, s: str) -> str:
@@ -965,6 +1012,15 @@ def _add_generate(sub, common) -> None:
                        description=GENERATE_HELP + STORAGE_HELP, lazy_epilog=_augment_help,
                        formatter_class=_GenerateHelp, parents=[common],
                        argument_default=argparse.SUPPRESS)
+    _add_generate_inputs(q)
+    _add_generate_labels(q)
+    _add_generate_label_maps(q)
+    _add_generate_execution(q)
+    q.set_defaults(func=_cmd_generate)
+
+
+def _add_generate_inputs(q) -> None:
+    """``generate``'s options: images, teacher, weights and the output store."""
     g = q.add_argument_group("inputs and output")
     g.add_argument("--images", required=True, nargs="+", metavar="DIR|FILE|URL",
                    help="an image folder (class sub-folders give labels), a list of image files, a URL prefix "
@@ -981,6 +1037,10 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--crops-from", metavar="STORE",
                    help="relabel: label the crops stored in STORE (same images and --crops) instead of sampling")
     _add_storage_options(g)
+
+
+def _add_generate_labels(q) -> None:
+    """``generate``'s options: what is stored: crops, codec, sampler, replay, augmentation."""
     g = q.add_argument_group("crops and labels")
     g.add_argument("--crops", "--crops-per-image", dest="crops_per_image", type=_pos_int,
                    metavar="M", help="crops per image (FKD crop regions; or --label-map)")
@@ -1001,8 +1061,8 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--ratio", type=float, nargs=2, metavar=("MIN", "MAX"), help="crop aspect ratio range")
     g.add_argument("--flip-p", type=float, metavar="P", help="horizontal flip probability")
     g.add_argument("--store-crops", action="store_true",
-                   help="store the boxes and flips (default: derived from the sampler on read, about 4.8 B per crop "
-                        "smaller at M = 200); for readers that cannot run the slot sampler")
+                   help="store the boxes and flips (default: derived from the sampler on read, not stored); for "
+                        "readers that cannot run the slot sampler")
     g.add_argument("--temperature", type=float, metavar="T", help="labels are softmax(logits / temperature)")
     g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation mean")
     g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation std")
@@ -1012,12 +1072,20 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--augment", metavar="SPEC",
                    help="augmentation policies after the crop; the teacher labels the augmented (mixed) pixels, "
                         "params are stored per crop. SPEC grammar: see 'augment SPEC' below")
+
+
+def _add_generate_label_maps(q) -> None:
+    """``generate``'s options: the label-map record kind (``--label-map``)."""
     g = q.add_argument_group("label maps (ReLabel): --label-map instead of --crops")
     g.add_argument("--label-map", action="store_true",
                    help="run the teacher once per whole image (resized to --input-size) and store the top-K "
                         "classes of every cell of its class map; a classifier is applied as a 1x1 conv over its "
                         "last feature map (fkdstore.labelmap_torch.spatial_teacher)")
     _add_map_replay(g, layout=True)
+
+
+def _add_generate_execution(q) -> None:
+    """``generate``'s options: how the run executes, and provenance."""
     g = q.add_argument_group("execution")
     g.add_argument("--batch-size", type=_pos_int, metavar="N", help="crops per teacher forward")
     g.add_argument("--device", help="None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
@@ -1031,7 +1099,6 @@ def _add_generate(sub, common) -> None:
     g.add_argument("--teacher-name", metavar="NAME",
                    help="provenance name (default: the --teacher spec and its kwargs)")
     g.add_argument("--weights-sha256", metavar="HEX", help="provenance (default: sha256 of --weights)")
-    q.set_defaults(func=_cmd_generate)
 
 
 def _int_type(check):

@@ -31,7 +31,7 @@ def _initialised_dist():
     """
     if "torch" not in sys.modules or sys.modules["torch"] is None:
         return None
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415 - torch already imported here; World.detect needs no torch
 
     return dist if dist.is_available() and dist.is_initialized() else None
 
@@ -93,7 +93,7 @@ class Collectives:
     """
 
     def __init__(self) -> None:
-        import torch.distributed as dist
+        import torch.distributed as dist  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
         self._dist = dist
         self._created = False
@@ -148,7 +148,7 @@ def pick_device(device: Any, world: World):
     ``cuda:LOCAL_RANK``; anything else is taken as given (``torch.device(device)``). A CUDA device on a
     machine without CUDA, or a name torch does not know, raises :class:`ValidationError`.
     """
-    import torch
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
     if device is None:
         return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")

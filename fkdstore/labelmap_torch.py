@@ -24,6 +24,7 @@ from .codecs import _array as A
 from .codecs.base import check_num_classes
 from .errors import ValidationError
 from .labelmap import parse_k, parse_size
+from .transforms import parse_input_size
 
 __all__ = ["SpatialClassifier", "spatial_teacher", "class_map_shape", "topk_maps"]
 
@@ -127,8 +128,6 @@ def class_map_shape(teacher: nn.Module, input_size) -> tuple[int, int, int]:
     """``(C, h, w)`` of ``teacher``'s output for images of ``input_size`` (an int or ``(height, width)``),
     measured on 2 black images on the teacher's device in eval mode (ValidationError when the output is not
     class maps ``[B, C, h, w]``)."""
-    from .transforms import parse_input_size
-
     size = parse_input_size(input_size)
     p = next(teacher.parameters(), None)
     teacher.eval()

@@ -114,7 +114,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +122,9 @@ import torch.nn.functional as F
 
 from . import codecs as _codecs
 from . import storage as _storage
-from .errors import CorruptStoreError, IncompleteStoreError, ValidationError
+from .augment.batch import BatchMix, mix_params
+from .augment.replay import Partner, mix_weights, replay_slots
+from .errors import CorruptStoreError, ExternalReplayError, IncompleteStoreError, ValidationError
 from .preload import EpochRecords
 from .reader import Reader
 from .reader import open as _open_store
@@ -136,10 +138,6 @@ __all__ = ["TorchDataset", "DeviceLoader", "collate", "densify", "soft_cross_ent
 
 LABEL_MODES = ("dense", "sparse")
 ITEM_MODES = ("dict", "pair")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    return int_in_range(name, value, minimum)
 
 
 def epoch_slots(index: int, epoch: int, crops_per_sample: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
@@ -258,7 +256,7 @@ class TorchDataset(torch.utils.data.Dataset):
         crop's soft label pooled from the image's map; its own options: ``crops_from``, ``crop_sampler``);
         a crop-regions store gets this class."""
         if cls is TorchDataset and store is not None:
-            from . import pytorch_maps  # label-map items live there (it imports this module)
+            from . import pytorch_maps  # noqa: PLC0415 - import cycle: pytorch_maps imports this module
 
             if pytorch_maps.is_label_map_store(store, kwargs.get("storage_options")):
                 return pytorch_maps.LabelMapDataset(store, images, **kwargs)
@@ -309,7 +307,7 @@ class TorchDataset(torch.utils.data.Dataset):
         self.codec = reader.codec
         stored = reader.header.replay or Replay()  # checksummed in the header (4.0), validated at open
 
-        self.crops_per_sample = _check_int("crops_per_sample", crops_per_sample, 1)
+        self.crops_per_sample = int_in_range("crops_per_sample", crops_per_sample, 1)
         if self.crops_per_sample > self.crops_per_image:
             raise ValidationError(
                 f"crops_per_sample must be <= the store's crops_per_image={self.crops_per_image}. "
@@ -320,7 +318,7 @@ class TorchDataset(torch.utils.data.Dataset):
         if item not in ITEM_MODES:
             raise ValidationError(f"item must be one of {list(ITEM_MODES)}. Got {item!r}.")
         self.item = item
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = int_in_range("seed", seed, 0)
         size = stored.input_size if output_size is None else parse_input_size(output_size, "output_size")
         replay = Replay(input_size=size, interpolation=stored.interpolation if interpolation is None else interpolation,
                         mean=stored.mean if mean is None else mean, std=stored.std if std is None else std)
@@ -332,7 +330,7 @@ class TorchDataset(torch.utils.data.Dataset):
             raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
         self.transform = transform
         self.temperature = self.codec.check_temperature(temperature)  # a refused temperature fails here
-        self.batch_pool = _check_int("batch_pool", batch_pool, 0)
+        self.batch_pool = int_in_range("batch_pool", batch_pool, 0)
         self._pool_token = os.urandom(8).hex()  # names this dataset's buffers in a worker's pool
 
         self._images: ImageSource = as_source(images, storage_options=image_options)
@@ -373,7 +371,7 @@ class TorchDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the slots of ``epoch``. Call it before ``iter(loader)``; persistent workers see it too. With
         ``preload``, this reads the epoch's labels (in this process, into memory the workers share)."""
-        self._epoch.fill_(_check_int("epoch", epoch, 0))
+        self._epoch.fill_(int_in_range("epoch", epoch, 0))
         if self._preload is not None and self._preload.epoch != int(epoch):
             r = self.reader
             slots = epoch_slots_many(range(r.num_images), int(epoch), self.crops_per_sample, self.crops_per_image,
@@ -383,7 +381,7 @@ class TorchDataset(torch.utils.data.Dataset):
     def slots(self, item: int, epoch: int | None = None) -> np.ndarray:
         """The slots item ``item`` uses in ``epoch`` (default: the current epoch)."""
         i = int(self.image_indices[item])
-        e = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
+        e = self.epoch if epoch is None else int_in_range("epoch", epoch, 0)
         return epoch_slots(i, e, self.crops_per_sample, self.crops_per_image, self.seed)
 
     # ------------------------------------------------------------------ store handle, pickling
@@ -469,8 +467,6 @@ class TorchDataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ augmented stores
     def _augmented_items(self, idx: np.ndarray, slots: np.ndarray, rec, soft) -> list[dict[str, Any]]:
         """Items of a store with an augmentation pipeline: every slot replayed from its stored params."""
-        from .augment.replay import mix_weights
-
         self._check_params(idx, slots, rec.aug)
         dtype = torch.float32 if self.normalize else torch.uint8
         bufs = _batch_tensor(self, (len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
@@ -517,8 +513,6 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def _augmented_crops(self, i: int, slots, boxes, flips, params, out: torch.Tensor):
         """``(crops [m, 3, H, W], lam)``: ``lam`` (m,) from an external replay, else None (see mix_weights)."""
-        from .augment.replay import Partner, replay_slots
-
         image = self._load(i)
         decoded = {i: image}
         r = self.reader
@@ -572,8 +566,8 @@ class TorchDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
-                f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, soft_labels={self.soft_labels!r}, "
-                f"item={self.item!r}, epoch={self.epoch}, seed={self.seed})")
+                f"crops_per_image={self.crops_per_image}, output_size={self.output_size}, "
+                f"soft_labels={self.soft_labels!r}, item={self.item!r}, epoch={self.epoch}, seed={self.seed})")
 
 
 def _first(labels):
@@ -584,8 +578,6 @@ def _first(labels):
 def _check_external(pipeline, external_replay, reader):
     """``external_replay`` for a store whose pipeline is an ``external_seed`` policy (refused without one);
     None otherwise (a replay given for any other store is refused too)."""
-    from .errors import ExternalReplayError
-
     ext = pipeline.external
     if ext is None:
         if external_replay is not None:
@@ -977,21 +969,8 @@ def _apply(obj, fn) -> None:
     _map(obj, lambda t: fn(t) or t)
 
 
-class BatchMix(NamedTuple):
-    """Result of :func:`mix_batch`: mixed ``images`` and ``soft_labels``, the weight ``lam`` of each crop's
-    own image/label (1.0: the batch was not mixed), ``index`` (crop ``b``'s partner is crop ``index[b]``, never
-    ``b`` itself; use it for the hard-label term ``lam * CE(target) + (1 - lam) * CE(target[index])``) and
-    the CutMix ``box`` (None for Mixup or an unmixed batch)."""
-
-    images: torch.Tensor
-    soft_labels: torch.Tensor
-    lam: float
-    index: torch.Tensor
-    box: tuple[int, int, int, int] | None
-
-
 def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixup", alpha=None,
-              seed: int = 0, step: int = 0, *, switch_prob: float = 0.5, p: float = 1.0) -> BatchMix:
+              seed: int = 0, step: int = 0, *, switch_prob: float = 0.5, p: float = 1.0) -> BatchMix[torch.Tensor]:
     """Training-time Mixup / CutMix of a batch of crops AND their stored soft labels (FKD's way), on any device.
 
     ``images`` [B, C, H, W] (uint8 or float; any memory format), ``soft_labels`` [B, K] float (dense, e.g.
@@ -1006,8 +985,6 @@ def mix_batch(images: torch.Tensor, soft_labels: torch.Tensor, mode: str = "mixu
     x[index]`` (uint8 rounded as the numpy version, in float64) or the CutMix box pasted from ``x[index]``;
     ``y' = lam y + (1 - lam) y[index]``. Inputs are not modified; an unmixed batch returns them as they are.
     """
-    from .augment.batch import mix_params
-
     if not isinstance(images, torch.Tensor) or not isinstance(soft_labels, torch.Tensor):
         raise TypeError(f"images and soft_labels must be torch tensors. Got {type(images).__name__} and "
                         f"{type(soft_labels).__name__}.")

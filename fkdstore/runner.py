@@ -50,11 +50,11 @@ run may change) ``time_taken_s``, ``finished_at``, ``skipped`` and a ``history``
 The parameters of :func:`generate` fall into groups, each a small frozen dataclass validated on
 construction: :class:`LabelSpec` (what the store holds, which crops), :class:`~fkdstore.transforms.Replay`
 (what the teacher sees), :class:`Execution` (how this run executes; never changes the stored values) and
-:class:`Provenance`; :func:`generate` takes them as objects or their fields as keywords. Seams for later work: the crops of an
-image come from :class:`_CropDataset`'s ``crops`` object (anything with ``sample(index, H, W, M)``), where
-an augmentation pipeline plugs in and where crops replayed from another store do (:class:`StoredCrops`,
-``generate(..., crops_from=STORE)``: relabelling with a new teacher); every access to the output location
-goes through :func:`open_or_create_store` and its three local-file helpers.
+:class:`Provenance`; :func:`generate` takes them as objects or their fields as keywords. Seams for later work:
+the crops of an image come from :class:`_CropDataset`'s ``crops`` object (anything with
+``sample(index, H, W, M)``), where an augmentation pipeline plugs in and where crops replayed from another
+store do (:class:`StoredCrops`, ``generate(..., crops_from=STORE)``: relabelling with a new teacher); every
+access to the output location goes through :func:`open_or_create_store` and its three local-file helpers.
 
 The command line (``fkdstore generate``) lives in :mod:`fkdstore.cli`.
 """
@@ -88,8 +88,8 @@ from .errors import FkdstoreError, SchemaMismatchError, ValidationError
 from .images import ImageReadError
 from .labelmap import LabelMapSpec
 from .labelmap_torch import topk_maps
-from .sources import ImageSource, as_source
 from .seeded import SlotCropSampler
+from .sources import ImageSource, as_source
 from .teacher import TeacherForward, state_sha256
 from .transforms import Replay, crop_resize, replay_crops
 from .validation import boolean, non_negative_int, positive_int
@@ -172,8 +172,8 @@ class LabelSpec:
             raise TypeError(f"label_map must be a LabelMapSpec or its config. Got {type(spec).__name__}.")
         object.__setattr__(self, "label_map", spec)
         given = [f"{n}={getattr(self, n)!r}" for n in ("crops_per_image", "codec") if getattr(self, n) is not None]
-        given += [f"{n}={getattr(self, n)!r}" for n, default in (("crop_sampler", SlotCropSampler()),
-                                                                  ("store_crops", False)) if getattr(self, n) != default]
+        defaults = (("crop_sampler", SlotCropSampler()), ("store_crops", False))
+        given += [f"{n}={getattr(self, n)!r}" for n, default in defaults if getattr(self, n) != default]
         if len(_augment.parse_augment(self.augment)):
             given.append(f"augment={self.augment!r}")
         if given:
@@ -334,8 +334,8 @@ def generate(
     * ``replay``: :class:`~fkdstore.transforms.Replay`: ``input_size`` (the teacher's input, default 224),
       ``interpolation``, ``mean``, ``std``; recorded in the header, what training replays;
     * ``run``: :class:`Execution`: ``batch_size`` (crops, or whole images for label maps, per teacher forward;
-      images are grouped ``max(1, batch_size // M)`` at a time, aligned to storage shards), ``device`` (default cuda when
-      available, ``cuda:LOCAL_RANK`` under torchrun, else cpu), ``num_workers`` (decoding workers, default
+      images are grouped ``max(1, batch_size // M)`` at a time, aligned to storage shards), ``device`` (default
+      cuda when available, ``cuda:LOCAL_RANK`` under torchrun, else cpu), ``num_workers`` (decoding workers, default
       ``min(8, cpus - 1)``), ``on_error`` (``"stop"`` raises on an unreadable image; ``"skip"`` leaves it
       unwritten, listed in ``meta["skipped"]``, and a later run retries it), ``amp`` (autocast on CUDA),
       ``progress`` (None: a bar on a terminal, periodic lines otherwise, and a summary line; rank 0 only);
@@ -372,6 +372,18 @@ def generate(
     t_start = time.perf_counter()
     cfg = _configs({"labels": labels, "replay": replay, "run": run, "provenance": provenance}, options)
     job = _Job(labels=cfg["labels"], replay=cfg["replay"], execution=cfg["run"], provenance=cfg["provenance"])
+    _check_locations(job, images, path, crops_from, storage_options)
+    # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
+    out = _storage.as_store(path, read_only=False, storage_options=_storage.options_for(path, storage_options))
+    return _run(teacher, images, out, job, t_start, crops_from,
+                location=(path, _storage.options_for(path, storage_options)), crops_options=storage_options,
+                images_options=_storage.options_for(images, storage_options))
+
+
+def _check_locations(job: _Job, images, path, crops_from, storage_options) -> None:
+    """:func:`generate`'s checks of where the images, the output and the crops come from, before anything is
+    opened: ``crops_from`` only for crop regions with the default sampler, ``path`` not a file,
+    ``storage_options`` only with a URL among them."""
     if crops_from is not None and job.labels.kind == S.LABEL_MAP:
         raise ValidationError("crops_from applies to crop regions: a label map is made from the whole image. Got "
                               "label_map with crops_from.")
@@ -384,11 +396,6 @@ def generate(
     locations = [x for x in (path, crops_from, images) if isinstance(x, (str, os.PathLike))]
     if storage_options and not any(_storage.is_url(x) for x in locations):
         raise TypeError(f"storage_options apply to URLs only. Got local paths {path!r} and crops_from={crops_from!r}.")
-    # StorageError here, before the teacher runs; the options serve whichever of path / crops_from is a URL
-    out = _storage.as_store(path, read_only=False, storage_options=_storage.options_for(path, storage_options))
-    return _run(teacher, images, out, job, t_start, crops_from,
-                location=(path, _storage.options_for(path, storage_options)), crops_options=storage_options,
-                images_options=_storage.options_for(images, storage_options))
 
 
 def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops_from=None, *,
@@ -657,7 +664,44 @@ def plan_shards(header: S.Header, written: np.ndarray, world: World, images_per_
 # --------------------------------------------------------------------------------------------- 5 labelling
 
 
-class _CropDataset(torch.utils.data.Dataset):
+class _SourceDataset(torch.utils.data.Dataset):
+    """The images of ``source`` (:class:`fkdstore.sources.ImageSource`) with their stored ``sizes``
+    ``(N, 2)``, each teacher batch announced to the source first (:meth:`__getitems__`: a remote source
+    fetches the batch's bytes ahead of decoding)."""
+
+    def __init__(self, source: ImageSource, sizes):
+        self.source, self.sizes = source, np.asarray(sizes)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitems__(self, indices):
+        self.source.prefetch(indices)
+        return [self[i] for i in indices]
+
+    def _size(self, i: int) -> tuple[int, int]:
+        H, W = (int(v) for v in self.sizes[i])
+        return H, W
+
+    def _decode(self, i: int, what: str = "image", recorded: str = "its header (and the store) say"):
+        """Image ``i`` decoded; :class:`ImageReadError` when its size is not the recorded one."""
+        H, W = self._size(i)
+        img = self.source.load(i)
+        if img.size != (W, H):
+            raise ImageReadError(f"{what} {self.source.name(i)} decodes to height x width {img.size[1]} x "
+                                 f"{img.size[0]}, but {recorded} {H} x {W}")
+        return img
+
+    def _read(self, i: int):
+        """``(image, None)``, or ``(None, message)`` when image ``i`` cannot be read (returned, not raised, so
+        the main process decides between stop and skip)."""
+        try:
+            return self._decode(i), None
+        except (ImageReadError, OSError) as e:
+            return None, f"{e}" if isinstance(e, ImageReadError) else f"cannot read image {self.source.name(i)}: {e}"
+
+
+class _CropDataset(_SourceDataset):
     """Item ``i``: image ``i``'s ``M`` crops as uint8 ``[M, 3, S, S]`` with their boxes and flips, or the
     read error (returned, not raised, so the main process decides between stop and skip). Images come
     from ``source`` (:class:`fkdstore.sources.ImageSource`), each teacher batch announced to it first
@@ -669,31 +713,16 @@ class _CropDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: ImageSource, sizes, crops, M: int, replay: Replay, augment=None, seed: int = 0):
-        self.source, self.sizes, self.crops = source, np.asarray(sizes), crops
-        self.M, self.replay = M, replay
+        super().__init__(source, sizes)
+        self.crops, self.M, self.replay = crops, M, replay
         self.augment = augment if augment is not None and len(augment) else None
         self.seed = seed  # of the augmentation params (the crop sampler's seed)
 
-    def __len__(self):
-        return len(self.source)
-
-    def __getitems__(self, indices):
-        self.source.prefetch(indices)
-        return [self[i] for i in indices]
-
     def __getitem__(self, i):
-        H, W = (int(v) for v in self.sizes[i])
-        try:
-            img = self.source.load(i)
-            if img.size != (W, H):
-                raise ImageReadError(
-                    f"image {self.source.name(i)} decodes to height x width {img.size[1]} x {img.size[0]}, but its "
-                    f"header (and the store) say {H} x {W}"
-                )
-        except (ImageReadError, OSError) as e:
-            msg = f"{e}" if isinstance(e, ImageReadError) else f"cannot read image {self.source.name(i)}: {e}"
+        img, msg = self._read(i)
+        if img is None:
             return i, None, None, None, msg
-        boxes, flips = self.crops.sample(i, H, W, self.M)
+        boxes, flips = self.crops.sample(i, *self._size(i), self.M)
         if self.augment is None:
             crops = replay_crops(img, boxes, flips, self.replay.input_size, self.replay.interpolation)
             return i, boxes, flips, crops, None
@@ -720,14 +749,8 @@ class _CropDataset(torch.utils.data.Dataset):
 
         def partner(j: int, t: int) -> Partner:
             if j not in decoded:
-                pimg = self.source.load(j)
-                Hj, Wj = (int(v) for v in self.sizes[j])
-                if pimg.size != (Wj, Hj):
-                    raise ImageReadError(f"mixing partner {self.source.name(j)} decodes to height x width "
-                                         f"{pimg.size[1]} x {pimg.size[0]}, but the store says {Hj} x {Wj}")
-                decoded[j] = pimg
-            Hj, Wj = (int(v) for v in self.sizes[j])
-            pboxes, pflips = self.crops.sample(j, Hj, Wj, self.M)
+                decoded[j] = self._decode(j, "mixing partner", "the store says")
+            pboxes, pflips = self.crops.sample(j, *self._size(j), self.M)
             return Partner(decoded[j], pboxes[t], bool(pflips[t]), _augment.slot_params(self._params(j, [t]), 0))
 
         hwc = replay_slots(self.augment, img, np.arange(self.M), boxes, flips, params, self.replay.input_size,
@@ -765,8 +788,8 @@ class StoredCrops:
         src = reader.image_keys
         if list(src) != list(keys):
             j = next((j for j, (a, b) in enumerate(zip(src, keys)) if a != b), min(len(src), len(keys)))
-            a = repr(src[j]) if j < len(src) else "nothing (the source has only %d images)" % len(src)
-            b = repr(keys[j]) if j < len(keys) else "nothing (the images list only %d)" % len(keys)
+            a = repr(src[j]) if j < len(src) else f"nothing (the source has only {len(src)} images)"
+            b = repr(keys[j]) if j < len(keys) else f"nothing (the images list only {len(keys)})"
             raise ValidationError(f"images must be the crops_from store's images in its order: position {j} is "
                                   f"{a} in {reader.path} but {b} in the images given.")
         if reader.crops_per_image != crops_per_image:
@@ -897,32 +920,21 @@ def label_batch(forward: TeacherForward, crops: torch.Tensor, job: _Job, num_cla
 # --------------------------------------------------------------------------------------------- 5b label maps
 
 
-class _ImageDataset(torch.utils.data.Dataset):
+class _ImageDataset(_SourceDataset):
     """Item ``i``: image ``i`` whole, resized to the replay ``input_size`` (:func:`fkdstore.transforms.crop_resize`
     of the box covering the image, so a crop slot that covers the whole image gives the same pixels), uint8
     ``[3, h, w]``, or the read error (returned, not raised). Label maps are made from these (ReLabel runs its
     teacher on the whole image)."""
 
     def __init__(self, source: ImageSource, sizes, replay: Replay):
-        self.source, self.sizes, self.replay = source, np.asarray(sizes), replay
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitems__(self, indices):
-        self.source.prefetch(indices)
-        return [self[i] for i in indices]
+        super().__init__(source, sizes)
+        self.replay = replay
 
     def __getitem__(self, i):
-        H, W = (int(v) for v in self.sizes[i])
-        try:
-            img = self.source.load(i)
-            if img.size != (W, H):
-                raise ImageReadError(f"image {self.source.name(i)} decodes to height x width {img.size[1]} x "
-                                     f"{img.size[0]}, but its header (and the store) say {H} x {W}")
-        except (ImageReadError, OSError) as e:
-            msg = f"{e}" if isinstance(e, ImageReadError) else f"cannot read image {self.source.name(i)}: {e}"
+        img, msg = self._read(i)
+        if img is None:
             return i, None, msg
+        H, W = self._size(i)
         return i, crop_resize(img, (0, 0, H, W), False, self.replay.input_size, self.replay.interpolation), None
 
 
@@ -1070,7 +1082,7 @@ def record_run(writer: _writer.Writer, comm: Collectives, job: _Job, forward: Te
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def summary(reader: _reader.Reader, path, done: int, elapsed: float, skipped: list[str]) -> str:

@@ -569,7 +569,7 @@ class HFSource(ImageSource):
     def __init__(self, dataset, *, image_column: str | None = None, key_column: str | None = None,
                  label_column: str | None = None):
         try:
-            import datasets
+            import datasets  # noqa: PLC0415 - optional dependency, imported only when a dataset is given
         except ImportError as e:  # pragma: no cover - only reached with a datasets object in hand
             raise ImportError(f"a Hugging Face dataset as images needs the datasets package "
                               f"(pip install datasets): {e}") from None

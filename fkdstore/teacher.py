@@ -58,7 +58,7 @@ def _load_state_dict(path: str | os.PathLike) -> dict:
     p = os.fspath(path)
     if p.endswith(".safetensors"):
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # noqa: PLC0415 - optional dependency
         except ImportError:
             raise ValidationError(f"{p}: loading .safetensors needs the 'safetensors' package") from None
         return load_file(p)

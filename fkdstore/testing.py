@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from .images import list_images, load_image
+from .progress import progress as _progress
+from .seeded import SlotCropSampler
+from .transforms import crop_resize, normalize
 
 
 def make_digits_folder(
@@ -22,8 +29,7 @@ def make_digits_folder(
     ``split="train"``/``"test"`` writes a seeded, stratified share of the images (``test_fraction``).
     ``colour`` tints each image with a seeded random RGB colour so the 3 channels differ. Returns ``root``.
     """
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - optional dependency (test/demo extras)
 
     d = load_digits()
     rng = np.random.default_rng(seed)
@@ -52,8 +58,7 @@ def make_digits_folder(
 def make_photo_folder(root: str | os.PathLike, *, tiles: int = 4, size: int = 160) -> Path:
     """Cut scikit-learn's two sample photographs (china, flower) into ``tiles`` JPEG tiles each, in class
     folders ``root/china`` and ``root/flower``, with varied sizes. Real photographs for end-to-end tests."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # noqa: PLC0415 - optional dependency (test/demo extras)
 
     root = Path(root)
     data = load_sample_images()
@@ -70,8 +75,8 @@ def make_photo_folder(root: str | os.PathLike, *, tiles: int = 4, size: int = 16
 
 def tiny_cnn(num_classes: int = 10, width: int = 16, seed: int | None = 0):
     """A small CNN (3 conv blocks, global pooling, linear head) for any input size >= 8 px."""
-    import torch
-    from torch import nn
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
+    from torch import nn  # noqa: PLC0415 - as above
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -93,14 +98,11 @@ def tiny_cnn(num_classes: int = 10, width: int = 16, seed: int | None = 0):
 def limit_threads(n: int = 1) -> None:
     """Pin torch (intra- and inter-op) and the OpenMP/MKL/BLAS pools to ``n`` threads.
 
-    The models here are tiny (a few MFLOP per crop): one thread runs them within ~20 % of two on a quiet
-    2-core machine, while a pool of several threads on cores shared with other jobs spends its time in
-    spin-waits at every parallel region (measured: 18 s instead of ~1 s per teacher epoch). Call it before
-    torch does any work; the environment variables reach pools that start later (numexpr, BLAS, workers).
+    The models here are tiny, so one thread runs them nearly as fast as several, while a pool of threads on
+    cores shared with other jobs spends its time in spin-waits at every parallel region. Call it before torch
+    does any work; the environment variables reach pools that start later (numexpr, BLAS, workers).
     """
-    import os
-
-    import torch
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
@@ -122,9 +124,7 @@ def cosine_lr(base: float, pass_index: int, passes: int) -> float:
 def load_eval_folder(folder: str | os.PathLike, size: int):
     """Every image of an ImageFolder, resized whole to ``size`` (bilinear): uint8 ``[N, 3, size, size]``
     and int64 labels ``[N]``, for :func:`accuracy`."""
-    import torch
-
-    from .images import list_images, load_image
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
     lst = list_images(folder)
     x = torch.stack([torch.from_numpy(np.array(load_image(p).resize((size, size), 2))).permute(2, 0, 1)
@@ -135,9 +135,7 @@ def load_eval_folder(folder: str | os.PathLike, size: int):
 def accuracy(model, x, y, mean=None, std=None, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on uint8 images ``x`` (normalised with ``mean``/``std``, default
     ImageNet's, as :func:`fkdstore.transforms.normalize`); the model is left in train mode afterwards."""
-    import torch
-
-    from .transforms import normalize
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
     kw = {} if mean is None else {"mean": mean, "std": std}
     model.eval()
@@ -157,9 +155,6 @@ class RandomCropDataset:
     """
 
     def __init__(self, folder, size: int, scale=(0.08, 1.0), seed: int = 0, epochs: int = 1):
-        from .images import list_images, load_image
-        from .seeded import SlotCropSampler
-
         lst = list_images(folder)
         self.paths, self.labels = lst.paths, np.asarray(lst.labels, dtype=np.int64)
         self.size, self.epoch, self.epochs = int(size), 0, int(epochs)
@@ -172,9 +167,6 @@ class RandomCropDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .images import load_image
-        from .transforms import crop_resize
-
         e = self.epoch
         crop = crop_resize(load_image(self.paths[i]), tuple(int(v) for v in self.boxes[i, e]), bool(self.flips[i, e]),
                            self.size)
@@ -193,21 +185,16 @@ def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=
     ``progress``: report with that description (:mod:`fkdstore.progress`: a bar on a terminal, plain lines
     otherwise), or None.
     """
-    import time
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
+    import torch.nn.functional as F  # noqa: PLC0415 - as above
 
-    import torch
-    import torch.nn.functional as F
-
-    from .pytorch import soft_cross_entropy
-    from .transforms import normalize
+    from .pytorch import soft_cross_entropy  # noqa: PLC0415 - imports torch
 
     kw = {} if mean is None else {"mean": mean, "std": std}
     soft_loss = soft_cross_entropy if soft_loss is None else soft_loss
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = range(passes)
     if progress:
-        from .progress import progress as _progress
-
         steps = _progress(None, total=passes, desc=progress, unit="pass", leave=False, mininterval=0.5).wrap(steps)
     model.train()
     t, c = time.perf_counter(), time.process_time()

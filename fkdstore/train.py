@@ -241,7 +241,7 @@ def build_model(arch: str, num_classes: int) -> torch.nn.Module:
             raise UsageError(f"--arch {arch!r} must name an importable module:factory. Got: {e}.") from None
         return fn(num_classes=num_classes)
     try:
-        import torchvision.models as tvm
+        import torchvision.models as tvm  # noqa: PLC0415 - optional dependency, only for torchvision model names
     except Exception:  # noqa: BLE001 - not installed, or a build that does not import with this torch
         raise UsageError(f"--arch {arch!r} is a torchvision model name, but torchvision does not import here; install "
                          "torchvision or pass module:factory (a callable taking num_classes).") from None

@@ -54,11 +54,9 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 
 
 def _is_int(value: Any) -> bool:
+    """``value`` is an integer (Python or numpy), not a bool: the one home of this test outside
+    :mod:`fkdstore.validation` (which checks it inside :func:`~fkdstore.validation.int_in_range`)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    return int_in_range(name, value, minimum)
 
 
 def parse_range(name: str, value: Any) -> tuple[float, float]:
@@ -91,13 +89,13 @@ def fallback_sides(H, W, ratio: tuple[float, float]):
 
 def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
     if _is_int(size):
-        s = _check_positive_int("size", size)
+        s = int_in_range("size", size, 1)
         return s, s
     try:
         h, w = size  # type: ignore[misc]
     except (TypeError, ValueError):
         raise ValidationError(f"size must be an int or a (height, width) pair, got {size!r}") from None
-    return _check_positive_int("size height", h), _check_positive_int("size width", w)
+    return int_in_range("size height", h, 1), int_in_range("size width", w, 1)
 
 
 def _resample(interpolation: str) -> Image.Resampling:
@@ -200,7 +198,7 @@ def crop_resize(
     on a PIL image followed by a horizontal flip when ``flip``. ``size`` is an int (square) or
     ``(height, width)``. Returns a uint8 tensor ``[3, height, width]`` (RGB, CHW).
     """
-    import torch
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
     out = np.empty((3, *_size_hw(size)), dtype=np.uint8)
     resample = _resample(interpolation)
@@ -230,7 +228,7 @@ def replay_crops(
     uint8 intermediate and the extra passes. ``out``: a contiguous CPU tensor of that shape and dtype
     to write into (e.g. a slice of a batch buffer); it is returned.
     """
-    import torch
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
     boxes = np.asarray(boxes)
     flips = np.asarray(flips)
@@ -293,7 +291,7 @@ def normalize(
     Returns float32 on ``x``'s device (run it after moving the batch to the GPU to transfer
     uint8 rather than float32).
     """
-    import torch
+    import torch  # noqa: PLC0415 - torch stays optional: this module is torch-free at import
 
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
         raise ValidationError(f"normalize expects a uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")

@@ -14,7 +14,7 @@ from PIL import Image
 
 import fkdstore.augment as A
 from fkdstore.augment import ops
-from fkdstore.augment.randaugment import OPS, magnitude_value
+from fkdstore.augment.randaugment import AUGMENTATION_SPACE, NO_MAGNITUDE, OPS, SIGNED, magnitude_value
 from fkdstore.errors import ValidationError
 
 SIZE = (24, 32)  # (H, W) of the crop the policies see
@@ -441,3 +441,17 @@ def test_partner_window_is_strided_and_spans_the_dataset():
     assert max(seen) - min(seen) > N // 2  # spread over the whole dataset, not a block of neighbours
     whole = A.Mixup(p=1.0, window=0).sample(1, 3, range(20), image_size=SIZE, num_images=N, crops_per_image=20)
     assert (whole["mixup_partner"] != 3).all()
+
+
+def test_randaugment_op_table_is_the_spec_list():
+    """The op table is format data (spec 6.3): ids, names, signed ops and ops without magnitude as the spec says,
+    and the op id draw spans exactly the table; changing it would redraw every seed."""
+    spec = (pathlib.Path(__file__).parents[1] / "spec" / "format-v4.md").read_text()
+    text = " ".join(spec.split("Op ids (torchvision's RandAugment list): ", 1)[1].split(". Draws", 1)[0].split())
+    listed = [item.split(" ", 1) for item in text.split(", ")]
+    assert [(int(i), n) for i, n in listed] == list(enumerate(OPS)) == [(i, op.name) for i, op in
+                                                                         enumerate(AUGMENTATION_SPACE)]
+    assert f"`op = integers(0, {len(OPS)})`" in spec
+    assert SIGNED == set(OPS[1:10]) and NO_MAGNITUDE == {OPS[0], OPS[12], OPS[13]}
+    drawn = A.RandAugment(num_ops=16).sample(0, 0, range(64), image_size=SIZE, num_images=1, crops_per_image=64)
+    assert set(drawn["ra_ops"].ravel().tolist()) == set(range(len(OPS)))

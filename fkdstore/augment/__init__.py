@@ -77,16 +77,19 @@ def parse_augment(spec: str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | 
             try:
                 return parse_augment(json.loads(text))
             except json.JSONDecodeError as exc:
-                raise ValidationError(f"augment spec must be valid JSON when it starts with '[' or '{{'. Got {exc}.") from None
+                raise ValidationError(f"augment spec must be valid JSON when it starts with '[' or '{{'. "
+                                      f"Got {exc}.") from None
         return Pipeline([get_policy(_parse_policy(part)) for part in _split(text, ";") if part.strip()])
-    if isinstance(spec, Sequence):
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
         return Pipeline.from_config(spec)
     raise TypeError(f"augment spec must be a str, a list of configs or a Pipeline. Got {type(spec).__name__}.")
 
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "[{":
             depth += 1
@@ -116,7 +119,8 @@ def _parse_policy(part: str) -> dict[str, Any]:
         if not eq or not key:
             raise ValidationError(f"augment spec arguments must be key=value. Got {arg.strip()!r} in {part.strip()!r}.")
         if key in cfg:
-            raise ValidationError(f"augment spec keys must be unique per policy. Got {key!r} twice in {part.strip()!r}.")
+            raise ValidationError(f"augment spec keys must be unique per policy. "
+                                  f"Got {key!r} twice in {part.strip()!r}.")
         cfg[key] = _parse_value(value.strip())
     return cfg
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from fkdstore.errors import ValidationError
+from fkdstore.transforms import _is_int
 from fkdstore.validation import int_in_range
 
 __all__ = ["Column", "Policy", "slot_rng", "KINDS"]
@@ -68,17 +69,8 @@ def slot_rng(seed: int, tag: int, image_index: int, slot: int) -> np.random.Gene
 
 # ---------------------------------------------------------------- small parse helpers (one home, this package)
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def parse_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in ``[lo, hi]`` (:func:`fkdstore.validation.int_in_range`)."""
-    return int_in_range(name, value, lo, hi)
 
 
 def parse_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
@@ -116,11 +108,11 @@ def parse_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 def parse_rgb(name: str, value: Any) -> tuple[int, int, int]:
     """A fill colour: an int in [0, 255] (all channels) or three of them."""
     if _is_int(value):
-        v = parse_int(name, value, 0, 255)
+        v = int_in_range(name, value, 0, 255)
         return v, v, v
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
         raise TypeError(f"{name} must be an int in [0, 255] or 3 of them. Got {value!r}.")
-    r, g, b = (parse_int(f"{name}[{k}]", v, 0, 255) for k, v in enumerate(value))
+    r, g, b = (int_in_range(f"{name}[{k}]", v, 0, 255) for k, v in enumerate(value))
     return r, g, b
 
 
@@ -128,7 +120,7 @@ def parse_image_size(image_size: Any) -> tuple[int, int]:
     """``(height, width)`` of the pixels a policy operates on, each in [1, 65535]."""
     if isinstance(image_size, (str, bytes)) or not isinstance(image_size, Sequence) or len(image_size) != 2:
         raise TypeError(f"image_size must be a (height, width) pair. Got {image_size!r}.")
-    return parse_int("image_size height", image_size[0], 1, MAX_SIDE), parse_int(
+    return int_in_range("image_size height", image_size[0], 1, MAX_SIDE), int_in_range(
         "image_size width", image_size[1], 1, MAX_SIDE
     )
 
@@ -221,10 +213,10 @@ class Policy:
         Slot ``s`` draws from ``slot_rng(seed, self.tag, image_index, s)`` in the policy's documented order
         (``spec/format-v4.md`` section 6), so the result depends on ``(seed, image_index, s)`` and the config only.
         """
-        seed = parse_int("seed", seed, 0)
-        num_images = parse_int("num_images", num_images, 1)
-        crops_per_image = parse_int("crops_per_image", crops_per_image, 1, MAX_SIDE + 1)
-        image_index = parse_int("image_index", image_index, 0, num_images - 1)
+        seed = int_in_range("seed", seed, 0)
+        num_images = int_in_range("num_images", num_images, 1)
+        crops_per_image = int_in_range("crops_per_image", crops_per_image, 1, MAX_SIDE + 1)
+        image_index = int_in_range("image_index", image_index, 0, num_images - 1)
         slot_arr = parse_slots(slots, crops_per_image)
         hw = parse_image_size(image_size)
         cols = self.columns()

@@ -14,14 +14,15 @@ property for even batch sizes only).
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 
-from fkdstore.augment.base import parse_float, parse_int
+from fkdstore.augment.base import parse_float
 from fkdstore.augment.mixing import cutmix_box, cutmix_lambda
 from fkdstore.augment.ops import blend
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
 __all__ = ["mix_batch", "mix_params", "derangement", "parse_batch_alpha", "BatchMix", "MODES"]
 
@@ -30,12 +31,21 @@ SWITCH_ALPHA = (0.8, 1.0)  # timm's defaults: (mixup_alpha, cutmix_alpha)
 _TAG = zlib.crc32(b"mix_batch")
 
 
-class BatchMix(NamedTuple):
-    images: np.ndarray
-    soft_labels: np.ndarray
-    lam: float  # weight of each crop's own image / label (1.0: the batch was not mixed)
-    index: np.ndarray  # partner of crop b is crop index[b] (never b itself when B > 1)
-    box: tuple[int, int, int, int] | None  # CutMix box (y1, x1, y2, x2); None for Mixup or not mixed
+ArrayT = TypeVar("ArrayT")
+
+
+class BatchMix(NamedTuple, Generic[ArrayT]):
+    """Result of :func:`mix_batch` (numpy arrays) and :func:`fkdstore.pytorch.mix_batch` (torch tensors):
+    mixed ``images`` and ``soft_labels``, the weight ``lam`` of each crop's own image/label (1.0: the batch
+    was not mixed), ``index`` (crop ``b``'s partner is crop ``index[b]``, never ``b`` itself when B > 1; use
+    it for the hard-label term ``lam * CE(target) + (1 - lam) * CE(target[index])``) and the CutMix ``box``
+    ``(y1, x1, y2, x2)`` (None for Mixup or an unmixed batch)."""
+
+    images: ArrayT
+    soft_labels: ArrayT
+    lam: float
+    index: ArrayT  # type: ignore[assignment]  # the public field name shadows tuple.index
+    box: tuple[int, int, int, int] | None
 
 
 def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -80,9 +90,9 @@ def mix_params(batch_size: int, image_size: tuple[int, int], *, mode: str = "mix
     mixup_alpha, cutmix_alpha = parse_batch_alpha(mode, alpha)
     switch_prob = parse_float("switch_prob", switch_prob, 0.0, 1.0)
     p = parse_float("p", p, 0.0, 1.0)
-    seed = parse_int("seed", seed, 0)
-    step = parse_int("step", step, 0)
-    B = parse_int("batch_size", batch_size, 1)
+    seed = int_in_range("seed", seed, 0)
+    step = int_in_range("step", step, 0)
+    B = int_in_range("batch_size", batch_size, 1)
     H, W = image_size
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG, step]))
     applied = bool(rng.random() < p)
@@ -101,7 +111,8 @@ def mix_params(batch_size: int, image_size: tuple[int, int], *, mode: str = "mix
 
 
 def mix_batch(images: np.ndarray, soft_labels: np.ndarray, *, mode: str = "mixup", alpha=None, seed: int = 0,
-              step: int = 0, switch_prob: float = 0.5, p: float = 1.0, layout: str = "NCHW") -> BatchMix:
+              step: int = 0, switch_prob: float = 0.5, p: float = 1.0,
+              layout: str = "NCHW") -> BatchMix[np.ndarray]:
     """Mix a batch with a derangement of itself: ``x' = mix(x, x[index])``, ``y' = lam y + (1 - lam) y[index]``.
 
     Draws: :func:`mix_params`. ``mode``: ``"mixup"``, ``"cutmix"`` (``alpha`` a number, default 1.0) or

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float, parse_int, parse_pair
+from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float, parse_pair
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
 __all__ = ["GaussianBlur", "gaussian_kernel", "blur"]
 
@@ -73,7 +74,7 @@ def _parse_kernel_size(value: Any) -> tuple[int, int]:
     pair = tuple(value) if isinstance(value, Sequence) else (value, value)
     if len(pair) != 2:
         raise TypeError(f"kernel_size must be an int or a pair of ints. Got {value!r}.")
-    out = tuple(parse_int(f"kernel_size[{i}]", v, 1, MAX_KERNEL) for i, v in enumerate(pair))
+    out = tuple(int_in_range(f"kernel_size[{i}]", v, 1, MAX_KERNEL) for i, v in enumerate(pair))
     if any(v % 2 == 0 for v in out):
         raise ValidationError(f"kernel_size values must be odd. Got {value!r}.")
     return out  # type: ignore[return-value]

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 
 from fkdstore.augment import ops
+from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float, parse_pair
 from fkdstore.errors import ValidationError
-from fkdstore.augment.base import Column, Policy, check_range, check_pixels, param, parse_float, parse_pair
 
 __all__ = ["ColorJitter", "ORDERS"]
 
 # The 24 orders of (brightness=0, contrast=1, saturation=2, hue=3), lexicographic: cj_order stores the index.
-ORDERS: tuple[tuple[int, int, int, int], ...] = tuple(itertools.permutations(range(4)))  # type: ignore[assignment]
+ORDERS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4)))
 _NAMES = ("brightness", "contrast", "saturation", "hue")
 
 

@@ -9,11 +9,11 @@ import numpy as np
 
 from fkdstore.transforms import _check_box, _resample, _resized, _size_hw
 
-
 __all__ = ["crop"]
 
 
-def crop(image, box: Sequence[int], flip: bool, size: int | tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+def crop(image, box: Sequence[int], flip: bool, size: int | tuple[int, int],
+         interpolation: str = "bilinear") -> np.ndarray:
     """:func:`fkdstore.transforms.crop_resize` as a uint8 ``(H, W, 3)`` numpy image (the policies' input).
 
     The same Pillow crop-then-resize (:func:`fkdstore.transforms._resized`) and mirror, without torch.

@@ -11,7 +11,14 @@ import numpy as np
 
 from fkdstore.augment import ops
 from fkdstore.augment.base import (
-    Column, Policy, check_pixels, check_range, param, parse_float, parse_pair, parse_rgb,
+    Column,
+    Policy,
+    check_pixels,
+    check_range,
+    param,
+    parse_float,
+    parse_pair,
+    parse_rgb,
 )
 from fkdstore.errors import ValidationError
 from fkdstore.transforms import IMAGENET_MEAN
@@ -60,7 +67,7 @@ class RandomErasing(Policy):
         return self.value == "random"
 
     def columns(self) -> tuple[Column, ...]:
-        cols = (Column("re_box", "int", "uint16", (4,)),)
+        cols: tuple[Column, ...] = (Column("re_box", "int", "uint16", (4,)),)
         if self.random_fill:
             cols += (Column("re_seed", "int", "uint32", ()),)
         return cols

@@ -19,21 +19,20 @@ from typing import Any
 import numpy as np
 
 from fkdstore.augment import ops
-from fkdstore.augment.base import Column, check_pixels, check_range, param, parse_float
+from fkdstore.augment.base import Column, check_range, param, parse_float
 from fkdstore.augment.mixing import (
     DEFAULT_WINDOW,
     LAM_SCALE,
     NO_PARTNER,
     MixInfo,
+    MixingPolicy,
     _check_partner,
+    _cut_info,
     _draw_partner,
     _lam_code,
-    _MixingPolicy,
     _parse_alpha,
     _parse_window,
-    _partner_pixels,
-    cutmix_box,
-    cutmix_lambda,
+    center_box,
 )
 from fkdstore.errors import ValidationError
 
@@ -43,7 +42,7 @@ MIXUP, CUTMIX = 0, 1  # values of the mix_cut column
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Mix(_MixingPolicy):
+class Mix(MixingPolicy):
     """Mixup or CutMix with a stored partner, one of the two per mixed slot.
 
     Fields: ``mixup_alpha`` (0.8), ``cutmix_alpha`` (1.0), ``switch_prob`` (0.5: probability that a mixed
@@ -92,26 +91,17 @@ class Mix(_MixingPolicy):
                     "mix_center": [r_y, r_x]}
         return {"mix_partner": partner, "mix_cut": MIXUP, "mix_lam": _lam_code(lam_mixup), "mix_center": [0, 0]}
 
-    def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
-        check_pixels(pixels)
-        other = _partner_pixels("mix", pixels, params, partner)
-        if other is None:
-            return pixels.copy()
+    def _mix(self, pixels: np.ndarray, other: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         q = int(param(params, "mix_lam"))
         if int(param(params, "mix_cut")) == CUTMIX:
-            return ops.paste_box(pixels, other, self.box(params, pixels.shape[:2]))
+            return ops.paste_box(pixels, other, center_box(params, "mix", pixels.shape[:2]))
         return ops.blend(pixels, other, q / LAM_SCALE)
 
     def box(self, params: Mapping[str, Any], image_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
         """The pasted box ``(y1, x1, y2, x2)`` of a CutMix slot (None for a Mixup or unmixed slot)."""
         if int(param(params, "mix_partner")) == NO_PARTNER or int(param(params, "mix_cut")) != CUTMIX:
             return None
-        r_y, r_x = (int(v) for v in param(params, "mix_center").reshape(2))
-        H, W = image_size
-        if not (0 <= r_y < H and 0 <= r_x < W):
-            raise ValidationError(f"mix_center (r_y={r_y}, r_x={r_x}) must lie inside the crop of size "
-                                  f"(height={H}, width={W}).")
-        return cutmix_box(int(param(params, "mix_lam")) / LAM_SCALE, (r_y, r_x), (H, W))
+        return center_box(params, "mix", image_size)
 
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
         """Partner and ``lam``: ``q / 255`` for Mixup, :func:`cutmix_lambda` of the replayed box for CutMix
@@ -121,9 +111,8 @@ class Mix(_MixingPolicy):
             return MixInfo(NO_PARTNER, 1.0)
         if int(param(params, "mix_cut")) != CUTMIX:
             return MixInfo(partner, int(param(params, "mix_lam")) / LAM_SCALE)
-        if image_size is None:
-            raise ValidationError("mix mix_info needs image_size (height, width) of the crop for a CutMix slot.")
-        return MixInfo(partner, cutmix_lambda(self.box(params, image_size), image_size))
+        return _cut_info(self.name, partner, image_size, lambda size: center_box(params, "mix", size),
+                         " for a CutMix slot")
 
     def _check_values(self, columns, *, num_images, image_size, **_: Any) -> None:
         partner = _check_partner("mix", columns, num_images)

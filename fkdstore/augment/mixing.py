@@ -7,27 +7,28 @@ slot ``s`` (its stored box and flip) followed by every *non-mixing* policy of th
 (no recursion). A slot that is not mixed stores partner ``-1``.
 
 Size choices (``spec/format-v4.md`` section 6.6): partners are drawn within a *strided window* of about
-``window`` images (the images ``j = i mod S`` for a power of two ``S``), so the stored absolute index of
-the images of one chunk differs only in its high bits and compresses to ~1.4 B with bitshuffle (uniform
-over ImageNet: 2.6 B); the window spans the whole dataset (every ``S``-th image), so partners come from
-every class of a class-sorted folder. ``lam`` is stored as uint8 ``q`` (``lam = q / 255``), and CutMix
-stores its box centre and ``q`` (the box is recomputed from them): apply uses the stored values only.
+``window`` images (the images ``j = i mod S`` for a power of two ``S``), so the stored absolute index of the
+images of one chunk differs only in its high bits and compresses well with bitshuffle; the window spans the
+whole dataset (every ``S``-th image), so partners come from every class of a class-sorted folder. ``lam`` is
+stored as uint8 ``q`` (``lam = q / 255``), and CutMix stores its box centre and ``q`` (the box is recomputed
+from them): apply uses the stored values only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from fkdstore.augment import ops
-from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float, parse_int
+from fkdstore.augment.base import Column, Policy, check_pixels, check_range, param, parse_float
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
-__all__ = ["Mixup", "CutMix", "MixInfo", "cutmix_box", "cutmix_lambda", "window_stride"]
+__all__ = ["Mixup", "CutMix", "MixingPolicy", "MixInfo", "cutmix_box", "cutmix_lambda", "window_stride"]
 
 NO_PARTNER = -1
 LAM_SCALE = 255  # stored lam = q / 255, q uint8
@@ -93,9 +94,33 @@ def _partner_pixels(prefix: str, pixels: np.ndarray, params, partner: np.ndarray
     return partner
 
 
+def _cut_info(name: str, partner: int, image_size: tuple[int, int] | None,
+              box: Callable[[tuple[int, int]], tuple[int, int, int, int]], what: str = "") -> MixInfo:
+    """:class:`MixInfo` of a CutMix slot: ``lam`` = :func:`cutmix_lambda` of its box ``box(image_size)``."""
+    if partner == NO_PARTNER:
+        return MixInfo(NO_PARTNER, 1.0)
+    if image_size is None:
+        raise ValidationError(f"{name} mix_info needs image_size (height, width) of the crop{what}.")
+    return MixInfo(partner, cutmix_lambda(box(image_size), image_size))
+
+
+def center_box(params: Mapping[str, Any], prefix: str, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The CutMix box of a slot stored as centre and ``lam`` code (columns ``<prefix>_center``,
+    ``<prefix>_lam``): :func:`cutmix_box` ``(q / 255, (r_y, r_x), image_size)``; the centre must lie inside
+    the crop."""
+    r_y, r_x = (int(v) for v in param(params, f"{prefix}_center").reshape(2))
+    H, W = image_size
+    if not (0 <= r_y < H and 0 <= r_x < W):
+        raise ValidationError(f"{prefix}_center (r_y={r_y}, r_x={r_x}) must lie inside the crop of size "
+                              f"(height={H}, width={W}).")
+    return cutmix_box(int(param(params, f"{prefix}_lam")) / LAM_SCALE, (r_y, r_x), (H, W))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _MixingPolicy(Policy):
-    """Shared part of the mixing policies: column ``<name>_partner``, fields ``alpha``, ``p``, ``window``."""
+class MixingPolicy(Policy):
+    """The contract of a mixing policy (``mixing = True``): column ``<name>_partner`` (the partner image,
+    -1 when the slot is not mixed; the partner slot is the slot itself), :meth:`partner_of`,
+    :meth:`mix_info`, and :meth:`apply`, which checks the partner's pixels and calls :meth:`_mix`."""
 
     mixing = True
 
@@ -104,9 +129,56 @@ class _MixingPolicy(Policy):
         partner = int(param(params, f"{self.name}_partner"))
         return None if partner == NO_PARTNER else partner
 
+    def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
+        """Partner and ``lam`` (the weight of the slot's own image) of one slot."""
+        raise NotImplementedError
+
+    def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
+        check_pixels(pixels)
+        other = _partner_pixels(self.name, pixels, params, partner)
+        if other is None:
+            return pixels.copy()
+        return self._mix(pixels, other, params)
+
+    def _mix(self, pixels: np.ndarray, other: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+        """The mixed pixels of a mixed slot, ``other`` being the partner's (checked) pixels."""
+        raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Mixup(_MixingPolicy):
+class _AlphaMixing(MixingPolicy):
+    """Fields of Mixup and CutMix and their exact siblings: ``alpha`` (of ``Beta(alpha, alpha)``), ``p`` (the
+    probability that a slot is mixed), ``window`` (partners: see the module docstring)."""
+
+    alpha: float = 0.2
+    p: float = 1.0
+    window: int = DEFAULT_WINDOW
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", _parse_alpha(self.alpha))
+        object.__setattr__(self, "p", parse_float("p", self.p, 0.0, 1.0))
+        object.__setattr__(self, "window", _parse_window(self.window))
+
+    def _draw_mixup(self, rng: np.random.Generator, image_index: int, num_images: int) -> tuple[bool, float, int]:
+        """Draw order: ``applied = random() < p``; ``lam = beta(alpha, alpha)``; partner. Returns them."""
+        applied = bool(rng.random() < self.p)
+        lam = float(rng.beta(self.alpha, self.alpha))
+        return applied, lam, _draw_partner(rng, image_index, num_images, self.window)
+
+    def _draw_cutmix(self, rng: np.random.Generator, image_index: int, image_size: tuple[int, int],
+                     num_images: int) -> tuple[bool, float, tuple[int, int], int]:
+        """Draw order: ``applied = random() < p``; ``lam = beta(alpha, alpha)``; ``r_x = integers(0, W)``;
+        ``r_y = integers(0, H)``; partner. Returns ``(applied, lam, (r_y, r_x), partner)``."""
+        H, W = image_size
+        applied = bool(rng.random() < self.p)
+        lam = float(rng.beta(self.alpha, self.alpha))
+        r_x = int(rng.integers(0, W))
+        r_y = int(rng.integers(0, H))
+        return applied, lam, (r_y, r_x), _draw_partner(rng, image_index, num_images, self.window)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Mixup(_AlphaMixing):
     """Mixup with a stored partner: ``out = floor(lam * x + (1 - lam) * partner + 0.5)``.
 
     ``lam ~ Beta(alpha, alpha)`` (torchvision v2 ``MixUp``), applied with probability ``p``; the partner is
@@ -116,30 +188,17 @@ class Mixup(_MixingPolicy):
     """
 
     name = "mixup"
-    alpha: float = 0.2
-    p: float = 1.0
-    window: int = DEFAULT_WINDOW
-
-    def __post_init__(self) -> None:
-        _parse_mix_fields(self)
 
     def columns(self) -> tuple[Column, ...]:
         return (Column("mixup_partner", "index", "int32", ()), Column("mixup_lam", "int", "uint8", ()))
 
     def _draw(self, rng: np.random.Generator, *, image_index: int, num_images: int, **_: Any) -> dict[str, Any]:
-        # Draw order: apply = random() < p; lam = beta(alpha, alpha); partner.
-        applied = bool(rng.random() < self.p)
-        lam = float(rng.beta(self.alpha, self.alpha))
-        partner = _draw_partner(rng, image_index, num_images, self.window)
+        applied, lam, partner = self._draw_mixup(rng, image_index, num_images)
         if not applied:
             return {"mixup_partner": NO_PARTNER, "mixup_lam": LAM_SCALE}
         return {"mixup_partner": partner, "mixup_lam": _lam_code(lam)}
 
-    def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
-        check_pixels(pixels)
-        other = _partner_pixels("mixup", pixels, params, partner)
-        if other is None:
-            return pixels.copy()
+    def _mix(self, pixels: np.ndarray, other: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         return ops.blend(pixels, other, self.mix_info(params).lam)
 
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
@@ -170,7 +229,7 @@ def cutmix_lambda(box, image_size: tuple[int, int]) -> float:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CutMix(_MixingPolicy):
+class CutMix(_AlphaMixing):
     """CutMix with a stored partner: the box ``y1:y2, x1:x2`` of the crop comes from the partner.
 
     ``lam ~ Beta(alpha, alpha)``, centre ``(r_y, r_x)`` uniform over the pixels, applied with probability
@@ -183,11 +242,6 @@ class CutMix(_MixingPolicy):
 
     name = "cutmix"
     alpha: float = 1.0
-    p: float = 1.0
-    window: int = DEFAULT_WINDOW
-
-    def __post_init__(self) -> None:
-        _parse_mix_fields(self)
 
     def columns(self) -> tuple[Column, ...]:
         return (Column("cutmix_partner", "index", "int32", ()), Column("cutmix_center", "int", "uint16", (2,)),
@@ -195,39 +249,23 @@ class CutMix(_MixingPolicy):
 
     def _draw(self, rng: np.random.Generator, *, image_index: int, image_size: tuple[int, int], num_images: int,
               **_: Any) -> dict[str, Any]:
-        # Draw order: apply = random() < p; lam = beta(alpha, alpha); r_x integers(0, W); r_y integers(0, H);
-        # partner.
-        H, W = image_size
-        applied = bool(rng.random() < self.p)
-        lam = float(rng.beta(self.alpha, self.alpha))
-        r_x = int(rng.integers(0, W))
-        r_y = int(rng.integers(0, H))
-        partner = _draw_partner(rng, image_index, num_images, self.window)
+        applied, lam, center, partner = self._draw_cutmix(rng, image_index, image_size, num_images)
         if not applied:
             return {"cutmix_partner": NO_PARTNER, "cutmix_center": [0, 0], "cutmix_lam": LAM_SCALE}
-        return {"cutmix_partner": partner, "cutmix_center": [r_y, r_x], "cutmix_lam": _lam_code(lam)}
+        return {"cutmix_partner": partner, "cutmix_center": list(center), "cutmix_lam": _lam_code(lam)}
 
-    def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
-        check_pixels(pixels)
-        other = _partner_pixels("cutmix", pixels, params, partner)
-        if other is None:
-            return pixels.copy()
-        y1, x1, y2, x2 = _box(params, pixels.shape[:2])
-        return ops.paste_box(pixels, other, (y1, x1, y2, x2))
+    def _mix(self, pixels: np.ndarray, other: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+        return ops.paste_box(pixels, other, self.box(params, pixels.shape[:2]))
 
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
         """Partner and ``lam`` = :func:`cutmix_lambda` of the replayed box (needs ``image_size``)."""
-        partner = int(param(params, "cutmix_partner"))
-        if partner == NO_PARTNER:
-            return MixInfo(NO_PARTNER, 1.0)
-        if image_size is None:
-            raise ValidationError("cutmix mix_info needs image_size (height, width) of the crop.")
-        return MixInfo(partner, cutmix_lambda(_box(params, image_size), image_size))
+        return _cut_info(self.name, int(param(params, "cutmix_partner")), image_size,
+                         lambda size: self.box(params, size))
 
     def box(self, params: Mapping[str, Any], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
         """The pasted box ``(y1, x1, y2, x2)`` of one slot: :func:`cutmix_box` of the stored centre and
         ``q / 255`` (empty when the slot is not mixed)."""
-        return _box(params, image_size)
+        return center_box(params, "cutmix", image_size)
 
     def _check_values(self, columns, *, num_images, image_size, **_: Any) -> None:
         partner = _check_partner("cutmix", columns, num_images)
@@ -242,25 +280,9 @@ class CutMix(_MixingPolicy):
             check_range("cutmix_center r_x", center[..., 1], 0, image_size[1] - 1)
 
 
-def _box(params, image_size) -> tuple[int, int, int, int]:
-    r_y, r_x = (int(v) for v in param(params, "cutmix_center").reshape(2))
-    H, W = image_size
-    if not (0 <= r_y < H and 0 <= r_x < W):
-        raise ValidationError(f"cutmix_center (r_y={r_y}, r_x={r_x}) must lie inside the crop of size "
-                              f"(height={H}, width={W}).")
-    return cutmix_box(int(param(params, "cutmix_lam")) / LAM_SCALE, (r_y, r_x), (H, W))
-
-
 def _parse_alpha(value: Any, name: str = "alpha") -> float:
     return parse_float(name, value, 0.0, 1e3, lo_open=True)
 
 
-def _parse_mix_fields(policy) -> None:
-    """The fields Mixup and CutMix share (``alpha``, ``p``, ``window``), parsed in place on the frozen policy."""
-    object.__setattr__(policy, "alpha", _parse_alpha(policy.alpha))
-    object.__setattr__(policy, "p", parse_float("p", policy.p, 0.0, 1.0))
-    object.__setattr__(policy, "window", _parse_window(policy.window))
-
-
 def _parse_window(value: Any) -> int:
-    return parse_int("window", value, 0, MAX_WINDOW)
+    return int_in_range("window", value, 0, MAX_WINDOW)

@@ -28,26 +28,15 @@ from typing import Any
 import numpy as np
 
 from fkdstore.augment import ops
-from fkdstore.augment.base import Column, check_pixels, check_range, param
-from fkdstore.augment.mixing import (
-    DEFAULT_WINDOW,
-    NO_PARTNER,
-    MixInfo,
-    _check_partner,
-    _draw_partner,
-    _MixingPolicy,
-    _parse_mix_fields,
-    _partner_pixels,
-    cutmix_box,
-    cutmix_lambda,
-)
+from fkdstore.augment.base import Column, check_range, param
+from fkdstore.augment.mixing import NO_PARTNER, MixInfo, _AlphaMixing, _check_partner, _cut_info, cutmix_box
 from fkdstore.errors import ValidationError
 
 __all__ = ["MixupExact", "CutMixBox"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MixupExact(_MixingPolicy):
+class MixupExact(_AlphaMixing):
     """Mixup with a stored partner and a float32 ``lam``: ``out = floor(lam * x + (1 - lam) * partner + 0.5)``.
 
     Sampling (``generate``): ``applied = random() < p``, ``lam = beta(alpha, alpha)``, partner within a
@@ -55,30 +44,17 @@ class MixupExact(_MixingPolicy):
     """
 
     name = "mixup_exact"
-    alpha: float = 0.2
-    p: float = 1.0
-    window: int = DEFAULT_WINDOW
-
-    def __post_init__(self) -> None:
-        _parse_mix_fields(self)
 
     def columns(self) -> tuple[Column, ...]:
         return (Column("mixup_exact_partner", "index", "int32", ()), Column("mixup_exact_lam", "float", "float32", ()))
 
     def _draw(self, rng: np.random.Generator, *, image_index: int, num_images: int, **_: Any) -> dict[str, Any]:
-        # Draw order: apply = random() < p; lam = beta(alpha, alpha); partner.
-        applied = bool(rng.random() < self.p)
-        lam = float(rng.beta(self.alpha, self.alpha))
-        partner = _draw_partner(rng, image_index, num_images, self.window)
+        applied, lam, partner = self._draw_mixup(rng, image_index, num_images)
         if not applied:
             return {"mixup_exact_partner": NO_PARTNER, "mixup_exact_lam": 1.0}
         return {"mixup_exact_partner": partner, "mixup_exact_lam": lam}
 
-    def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
-        check_pixels(pixels)
-        other = _partner_pixels(self.name, pixels, params, partner)
-        if other is None:
-            return pixels.copy()
+    def _mix(self, pixels: np.ndarray, other: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         return ops.blend(pixels, other, self.mix_info(params).lam)
 
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
@@ -94,7 +70,7 @@ class MixupExact(_MixingPolicy):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CutMixBox(_MixingPolicy):
+class CutMixBox(_AlphaMixing):
     """CutMix with a stored partner and an explicit box ``(y1, x1, y2, x2)``: the box comes from the partner.
 
     Sampling (``generate``): ``applied = random() < p``, ``lam = beta(alpha, alpha)``, ``r_x = integers(0, W)``,
@@ -105,11 +81,6 @@ class CutMixBox(_MixingPolicy):
 
     name = "cutmix_box"
     alpha: float = 1.0
-    p: float = 1.0
-    window: int = DEFAULT_WINDOW
-
-    def __post_init__(self) -> None:
-        _parse_mix_fields(self)
 
     def columns(self) -> tuple[Column, ...]:
         return (Column("cutmix_box_partner", "index", "int32", ()), Column("cutmix_box_rect", "int", "uint16", (4,)),
@@ -117,24 +88,13 @@ class CutMixBox(_MixingPolicy):
 
     def _draw(self, rng: np.random.Generator, *, image_index: int, image_size: tuple[int, int], num_images: int,
               **_: Any) -> dict[str, Any]:
-        # Draw order: apply = random() < p; lam = beta(alpha, alpha); r_x integers(0, W); r_y integers(0, H);
-        # partner.
-        H, W = image_size
-        applied = bool(rng.random() < self.p)
-        lam = float(rng.beta(self.alpha, self.alpha))
-        r_x = int(rng.integers(0, W))
-        r_y = int(rng.integers(0, H))
-        partner = _draw_partner(rng, image_index, num_images, self.window)
+        applied, lam, center, partner = self._draw_cutmix(rng, image_index, image_size, num_images)
         if not applied:
             return {"cutmix_box_partner": NO_PARTNER, "cutmix_box_rect": [0, 0, 0, 0], "cutmix_box_lam": 1.0}
-        return {"cutmix_box_partner": partner, "cutmix_box_rect": list(cutmix_box(lam, (r_y, r_x), (H, W))),
+        return {"cutmix_box_partner": partner, "cutmix_box_rect": list(cutmix_box(lam, center, image_size)),
                 "cutmix_box_lam": lam}
 
-    def apply(self, pixels: np.ndarray, params: Mapping[str, Any], *, partner: np.ndarray | None = None) -> np.ndarray:
-        check_pixels(pixels)
-        other = _partner_pixels(self.name, pixels, params, partner)
-        if other is None:
-            return pixels.copy()
+    def _mix(self, pixels: np.ndarray, other: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         return ops.paste_box(pixels, other, self.box(params, pixels.shape[:2]))
 
     def box(self, params: Mapping[str, Any], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -149,12 +109,8 @@ class CutMixBox(_MixingPolicy):
     def mix_info(self, params: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> MixInfo:
         """Partner and ``lam`` = :func:`~fkdstore.augment.mixing.cutmix_lambda` of the stored box (needs
         ``image_size``)."""
-        partner = int(param(params, "cutmix_box_partner"))
-        if partner == NO_PARTNER:
-            return MixInfo(NO_PARTNER, 1.0)
-        if image_size is None:
-            raise ValidationError("cutmix_box mix_info needs image_size (height, width) of the crop.")
-        return MixInfo(partner, cutmix_lambda(self.box(params, image_size), image_size))
+        return _cut_info(self.name, int(param(params, "cutmix_box_partner")), image_size,
+                         lambda size: self.box(params, size))
 
     def _check_values(self, columns, *, num_images, image_size, **_: Any) -> None:
         partner = _check_partner(self.name, columns, num_images)

@@ -67,8 +67,8 @@ def posterize(img: Image.Image, bits: int) -> Image.Image:
 
 
 def solarize(img: Image.Image, threshold: float) -> Image.Image:
-    """``ImageOps.solarize``: ``v`` if ``v < threshold`` else ``255 - v``."""
-    return ImageOps.solarize(img, threshold)
+    """``ImageOps.solarize``: ``v`` if ``v < threshold`` else ``255 - v`` (a float threshold compares as is)."""
+    return ImageOps.solarize(img, threshold)  # type: ignore[arg-type]  # Pillow's stub says int; floats work
 
 
 def autocontrast(img: Image.Image) -> Image.Image:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from fkdstore.augment.base import Column, Policy, check_pixels
-from fkdstore.augment.mixing import MixInfo
+from fkdstore.augment.external import ExternalSeed
+from fkdstore.augment.mixing import MixInfo, MixingPolicy
+from fkdstore.augment.partner import PartnerCrop
 from fkdstore.augment.registry import get_policy
 from fkdstore.errors import ValidationError
 
@@ -94,21 +96,21 @@ class Pipeline:
         return tuple(c for p in self.policies for c in p.columns())
 
     @property
-    def mixing(self) -> tuple[Policy, ...]:
-        """The mixing policies, in order."""
-        return tuple(p for p in self.policies if p.mixing)
+    def mixing(self) -> tuple[MixingPolicy, ...]:
+        """The mixing policies (``mixing = True``: :class:`~fkdstore.augment.mixing.MixingPolicy`), in order."""
+        return tuple(cast(MixingPolicy, p) for p in self.policies if p.mixing)
 
     @property
-    def partner_crop(self):
+    def partner_crop(self) -> PartnerCrop | None:
         """The :class:`~fkdstore.augment.partner.PartnerCrop` policy (partner crops carried in the slot), or
         None: partners are then the partner image's crop in the same slot."""
-        return next((p for p in self.policies if _is(p, "partner_crop")), None)
+        return next((cast(PartnerCrop, p) for p in self.policies if _is(p, "partner_crop")), None)
 
     @property
-    def external(self):
+    def external(self) -> ExternalSeed | None:
         """The :class:`~fkdstore.augment.external.ExternalSeed` policy (pixels need another library's
         replay), or None."""
-        return next((p for p in self.policies if _is(p, "external")), None)
+        return next((cast(ExternalSeed, p) for p in self.policies if _is(p, "external")), None)
 
     def sample(self, seed: int, image_index: int, slots: Sequence[int] | np.ndarray, *, image_size: Sequence[int],
                num_images: int, crops_per_image: int) -> dict[str, np.ndarray]:

@@ -1,34 +1,106 @@
-"""RandAugment (torchvision's op list and magnitude bins), params stored as uint8 op ids + int8 signed bins."""
+"""RandAugment (torchvision's op list and magnitude bins), params stored as uint8 op ids + int8 signed bins.
+
+The ops are one table, :data:`AUGMENTATION_SPACE` (name, signed, magnitude per bin, replay), as torchvision's
+``_augmentation_space``. It is format data (spec section 6.3): the op id is drawn as
+``integers(0, len(AUGMENTATION_SPACE))``, so adding, removing or reordering an op would silently redraw every
+seed and misread every stored op id. A new op list is a new policy (a new registered name), never an edit here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from fkdstore.augment import ops
 from fkdstore.augment.base import (
-    Column, Policy, check_pixels, check_range, param, parse_choice, parse_int, parse_rgb,
+    Column,
+    Policy,
+    check_pixels,
+    check_range,
+    param,
+    parse_choice,
+    parse_rgb,
 )
 from fkdstore.errors import ValidationError
+from fkdstore.validation import int_in_range
 
-__all__ = ["RandAugment", "OPS", "magnitude_value"]
+__all__ = ["RandAugment", "Op", "AUGMENTATION_SPACE", "OPS", "magnitude_value"]
 
-# torchvision RandAugment._augmentation_space, in its order: op id = index in this tuple.
-OPS: tuple[str, ...] = (
-    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-    "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
-)
-SIGNED = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-                    "Sharpness"})
-NO_MAGNITUDE = frozenset({"Identity", "AutoContrast", "Equalize"})
 MAX_BINS = 128  # signed bins are stored as int8
+
+Magnitude = Callable[[int, int, tuple[int, int]], float]
+"""``(bin, num_bins, (H, W)) -> unsigned magnitude`` of an op."""
+Apply = Callable[[Image.Image, float, Image.Resampling, tuple[int, int, int]], Image.Image]
+"""``(image, signed magnitude, resample, fill) -> image``: one op on a Pillow image."""
 
 
 def _linspace_at(start: float, end: float, num: int, i: int) -> float:
     return start + (end - start) * i / (num - 1)
+
+
+def _linear(start: float, end: float) -> Magnitude:
+    """``L(start, end)``: bin ``b`` of ``linspace(start, end, num_bins)``."""
+    return lambda b, num_bins, hw: _linspace_at(start, end, num_bins, b)
+
+
+def _translate(axis: int) -> Magnitude:
+    """``L(0, 150/331 * side)``, the side being the image's height (``axis=0``) or width (``axis=1``)."""
+    return lambda b, num_bins, hw: _linspace_at(0.0, 150.0 / 331.0 * hw[axis], num_bins, b)
+
+
+def _posterize_bits(b: int, num_bins: int, hw: tuple[int, int]) -> float:
+    """``8 - round(b / ((num_bins - 1) / 4))`` (round half to even)."""
+    return float(8 - int(round(b / ((num_bins - 1) / 4))))
+
+
+class Op(NamedTuple):
+    """One row of :data:`AUGMENTATION_SPACE`: an op's name, whether the sign draw negates its magnitude,
+    its magnitude per bin (``None``: the op has none, its stored bin is 0) and its replay on a Pillow image."""
+
+    name: str
+    signed: bool
+    magnitude: Magnitude | None
+    apply: Apply
+
+
+AUGMENTATION_SPACE: tuple[Op, ...] = (
+    # torchvision RandAugment._augmentation_space, in its order: op id = index in this table. Format data
+    # (spec section 6.3): the draw integers(0, len(AUGMENTATION_SPACE)) depends on the length, so the table
+    # never changes; a new op list is a new policy name.
+    Op("Identity", False, None, lambda img, m, resample, fill: img),
+    Op("ShearX", True, _linear(0.0, 0.3), lambda img, m, resample, fill: ops.shear(img, m, "x", resample, fill)),
+    Op("ShearY", True, _linear(0.0, 0.3), lambda img, m, resample, fill: ops.shear(img, m, "y", resample, fill)),
+    Op("TranslateX", True, _translate(1),
+       lambda img, m, resample, fill: ops.translate(img, int(m), "x", resample, fill)),
+    Op("TranslateY", True, _translate(0),
+       lambda img, m, resample, fill: ops.translate(img, int(m), "y", resample, fill)),
+    Op("Rotate", True, _linear(0.0, 30.0), lambda img, m, resample, fill: ops.rotate(img, m, resample, fill)),
+    Op("Brightness", True, _linear(0.0, 0.9), lambda img, m, resample, fill: ops.brightness(img, 1.0 + m)),
+    Op("Color", True, _linear(0.0, 0.9), lambda img, m, resample, fill: ops.saturation(img, 1.0 + m)),
+    Op("Contrast", True, _linear(0.0, 0.9), lambda img, m, resample, fill: ops.contrast(img, 1.0 + m)),
+    Op("Sharpness", True, _linear(0.0, 0.9), lambda img, m, resample, fill: ops.sharpness(img, 1.0 + m)),
+    Op("Posterize", False, _posterize_bits, lambda img, m, resample, fill: ops.posterize(img, int(m))),
+    Op("Solarize", False, _linear(255.0, 0.0), lambda img, m, resample, fill: ops.solarize(img, m)),
+    Op("AutoContrast", False, None, lambda img, m, resample, fill: ops.autocontrast(img)),
+    Op("Equalize", False, None, lambda img, m, resample, fill: ops.equalize(img)),
+)
+
+# Views of the table, by name.
+OPS: tuple[str, ...] = tuple(op.name for op in AUGMENTATION_SPACE)
+SIGNED = frozenset(op.name for op in AUGMENTATION_SPACE if op.signed)
+NO_MAGNITUDE = frozenset(op.name for op in AUGMENTATION_SPACE if op.magnitude is None)
+_BY_NAME = {op.name: op for op in AUGMENTATION_SPACE}
+
+
+def _op(name: str) -> Op:
+    try:
+        return _BY_NAME[name]
+    except (KeyError, TypeError):
+        raise ValidationError(f"RandAugment op must be one of {list(OPS)}. Got {name!r}.") from None
 
 
 def magnitude_value(op: str, bin_index: int, num_bins: int, image_size: tuple[int, int]) -> float:
@@ -37,24 +109,10 @@ def magnitude_value(op: str, bin_index: int, num_bins: int, image_size: tuple[in
     ``linspace(start, end, num_bins)[bin]`` evaluated as ``start + (end - start) * bin / (num_bins - 1)``:
     Shear 0..0.3, TranslateX 0..150/331*W, TranslateY 0..150/331*H, Rotate 0..30 (degrees), Brightness /
     Color / Contrast / Sharpness 0..0.9, Solarize 255..0, Posterize ``8 - round(bin / ((num_bins-1)/4))``
-    (round half to even); 0 for Identity, AutoContrast, Equalize.
+    (round half to even); 0 for Identity, AutoContrast, Equalize (see :data:`AUGMENTATION_SPACE`).
     """
-    h, w = image_size
-    if op in ("ShearX", "ShearY"):
-        return _linspace_at(0.0, 0.3, num_bins, bin_index)
-    if op == "TranslateX":
-        return _linspace_at(0.0, 150.0 / 331.0 * w, num_bins, bin_index)
-    if op == "TranslateY":
-        return _linspace_at(0.0, 150.0 / 331.0 * h, num_bins, bin_index)
-    if op == "Rotate":
-        return _linspace_at(0.0, 30.0, num_bins, bin_index)
-    if op in ("Brightness", "Color", "Contrast", "Sharpness"):
-        return _linspace_at(0.0, 0.9, num_bins, bin_index)
-    if op == "Posterize":
-        return float(8 - int(round(bin_index / ((num_bins - 1) / 4))))
-    if op == "Solarize":
-        return _linspace_at(255.0, 0.0, num_bins, bin_index)
-    return 0.0
+    magnitude = _op(op).magnitude
+    return 0.0 if magnitude is None else magnitude(bin_index, num_bins, image_size)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,16 +144,17 @@ class RandAugment(Policy):
         return (Column("ra_ops", "int", "uint8", n), Column("ra_mag", "int", "int8", n))
 
     def _draw(self, rng: np.random.Generator, **_: Any) -> dict[str, Any]:
-        # Draw order, per op k = 0..num_ops-1: op id integers(0, 14), then sign integers(0, 2) (always drawn).
+        # Draw order, per op k = 0..num_ops-1: op id integers(0, len(AUGMENTATION_SPACE)), then sign
+        # integers(0, 2) (always drawn).
         op_ids, bins = [], []
         for _k in range(self.num_ops):
-            op = int(rng.integers(0, len(OPS)))
+            op_id = int(rng.integers(0, len(AUGMENTATION_SPACE)))
             negative = int(rng.integers(0, 2)) == 1
-            name = OPS[op]
-            b = 0 if name in NO_MAGNITUDE else self.magnitude
-            if name in SIGNED and negative:
+            op = AUGMENTATION_SPACE[op_id]
+            b = 0 if op.magnitude is None else self.magnitude
+            if op.signed and negative:
                 b = -b
-            op_ids.append(op)
+            op_ids.append(op_id)
             bins.append(b)
         return {"ra_ops": op_ids, "ra_mag": bins}
 
@@ -112,36 +171,12 @@ class RandAugment(Policy):
             img = self.apply_op(img, _op_name(op_id), int(b))
         return ops.to_array(img)
 
-    def apply_op(self, img, op: str, signed_bin: int):
+    def apply_op(self, img: Image.Image, op: str, signed_bin: int) -> Image.Image:
         """One op on a PIL image with a signed magnitude bin (torchvision's ``_apply_op``)."""
-        h, w = img.height, img.width
-        mag = magnitude_value(op, abs(signed_bin), self.num_magnitude_bins, (h, w))
+        mag = magnitude_value(op, abs(signed_bin), self.num_magnitude_bins, (img.height, img.width))
         if signed_bin < 0:
             mag = -mag
-        resample = ops.RESAMPLE[self.interpolation]
-        if op == "Identity":
-            return img
-        if op in ("ShearX", "ShearY"):
-            return ops.shear(img, mag, "x" if op == "ShearX" else "y", resample, self.fill)
-        if op in ("TranslateX", "TranslateY"):
-            return ops.translate(img, int(mag), "x" if op == "TranslateX" else "y", resample, self.fill)
-        if op == "Rotate":
-            return ops.rotate(img, mag, resample, self.fill)
-        if op == "Brightness":
-            return ops.brightness(img, 1.0 + mag)
-        if op == "Color":
-            return ops.saturation(img, 1.0 + mag)
-        if op == "Contrast":
-            return ops.contrast(img, 1.0 + mag)
-        if op == "Sharpness":
-            return ops.sharpness(img, 1.0 + mag)
-        if op == "Posterize":
-            return ops.posterize(img, int(mag))
-        if op == "Solarize":
-            return ops.solarize(img, mag)
-        if op == "AutoContrast":
-            return ops.autocontrast(img)
-        return ops.equalize(img)  # Equalize
+        return _op(op).apply(img, mag, ops.RESAMPLE[self.interpolation], self.fill)
 
     def _check_values(self, columns, **_: Any) -> None:
         op_ids = columns["ra_ops"]
@@ -152,7 +187,8 @@ class RandAugment(Policy):
         names = np.asarray(OPS)[op_ids.astype(np.int64)]
         unsigned = ~np.isin(names, sorted(SIGNED))
         if (bins[unsigned] < 0).any():
-            raise ValidationError(f"augment column 'ra_mag' must be >= 0 for unsigned ops. Got {int(bins[unsigned].min())}.")
+            raise ValidationError(f"augment column 'ra_mag' must be >= 0 for unsigned ops. "
+                                  f"Got {int(bins[unsigned].min())}.")
         none = np.isin(names, sorted(NO_MAGNITUDE))
         if (bins[none] != 0).any():
             got = int(bins[none][bins[none] != 0][0])
@@ -166,13 +202,13 @@ def _op_name(op_id: int) -> str:
 
 
 def _parse_num_ops(value: Any) -> int:
-    return parse_int("num_ops", value, 1, 16)
+    return int_in_range("num_ops", value, 1, 16)
 
 
 def _parse_num_magnitude_bins(value: Any) -> int:
-    return parse_int("num_magnitude_bins", value, 2, MAX_BINS)
+    return int_in_range("num_magnitude_bins", value, 2, MAX_BINS)
 
 
 def _parse_magnitude(value: Any, num_bins: int) -> int:
-    return parse_int("magnitude", value, 0, num_bins - 1)
+    return int_in_range("magnitude", value, 0, num_bins - 1)
 

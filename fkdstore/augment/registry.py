@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
+from fkdstore.augment.base import Policy
 from fkdstore.errors import ValidationError
 
 __all__ = ["register_policy", "get_policy", "registered_policies"]
 
-_REGISTRY: dict[str, type] = {}
+PolicyT = TypeVar("PolicyT", bound=type[Policy])
+_REGISTRY: dict[str, type[Policy]] = {}
 
 
-def register_policy(cls: type) -> type:
+def register_policy(cls: PolicyT) -> PolicyT:
     """Register a :class:`~fkdstore.augment.base.Policy` subclass under ``cls.name`` (usable as a decorator)."""
     name = getattr(cls, "name", "")
     if not isinstance(name, str) or not name.isidentifier():
@@ -21,12 +23,12 @@ def register_policy(cls: type) -> type:
     return cls
 
 
-def registered_policies() -> dict[str, type]:
+def registered_policies() -> dict[str, type[Policy]]:
     """A copy of the registry: ``{name: class}``."""
     return dict(_REGISTRY)
 
 
-def get_policy(config: Mapping[str, Any]) -> Any:
+def get_policy(config: Mapping[str, Any]) -> Policy:
     """Build a policy from its config ``{"name": ..., **fields}`` (the input is copied, not modified)."""
     if not isinstance(config, Mapping):
         raise TypeError(f"policy config must be a dict. Got {type(config).__name__}.")

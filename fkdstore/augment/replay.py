@@ -62,9 +62,12 @@ def replay_slots(pipeline: Pipeline, image, slots: Sequence[int], boxes: np.ndar
         ys: dict[str, np.ndarray] = {}
         if carried is not None and pairs:
             j = next(iter(pairs.values()))  # Pipeline.validate: every mixing policy of the slot names j
-            if partner_image is None and partner is None:
+            if partner_image is not None:
+                img = partner_image(j)
+            elif partner is not None:
+                img = partner(j, t).image
+            else:
                 raise ValueError("replay_slots needs a partner or partner_image callable for mixed slots")
-            img = partner_image(j) if partner_image is not None else partner(j, t).image
             pbox, pflip = carried.crop_of(prm)
             y = carried.premix(crop(img, pbox, pflip, size, interpolation), prm)
             out[k] = pipeline.apply(x, prm, partners={name: y for name in pairs})
