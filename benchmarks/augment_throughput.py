@@ -46,14 +46,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from augment_size import PIPELINES  # noqa: E402
+from dataset_profile import make_photos  # noqa: E402
+
 import fkdstore  # noqa: E402
 from fkdstore import augment as A  # noqa: E402
 from fkdstore.images import list_images, load_image  # noqa: E402
 from fkdstore.seeded import SlotCropSampler  # noqa: E402
 from fkdstore.transforms import Replay  # noqa: E402
-
-from augment_size import PIPELINES  # noqa: E402
-from dataset_profile import make_photos  # noqa: E402
 
 BASE_ROW = "crop+flip only"
 BASELINE_MODULE = "fkdstore_baseline"

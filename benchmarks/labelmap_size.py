@@ -32,7 +32,6 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import fkdstore  # noqa: E402
 from fkdstore import report_maps  # noqa: E402
 from fkdstore.importers import import_relabel  # noqa: E402
 from fkdstore.labelmap import LabelMapSpec  # noqa: E402

@@ -74,13 +74,18 @@ from fkdstore.images import list_images
 from fkdstore.labelmap import LabelMapSpec
 from fkdstore.labelmap_torch import class_map_shape, spatial_teacher
 from fkdstore.pytorch import soft_cross_entropy
+from fkdstore.report import storage_stats
+from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import (
-    RandomCropDataset, cosine_lr, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn,
+    RandomCropDataset,
+    cosine_lr,
+    limit_threads,
+    load_eval_folder,
+    make_digits_folder,
+    tiny_cnn,
     train_classifier,
 )
-from fkdstore.seeded import SlotCropSampler
 from fkdstore.transforms import normalize
-from fkdstore.report import storage_stats
 
 NUM_CLASSES = 10
 CROPS_PER_BATCH = 64

@@ -46,7 +46,13 @@ from fkdstore.labelmap_torch import class_map_shape, spatial_teacher
 from fkdstore.report import storage_stats
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import (
-    RandomCropDataset, accuracy, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn, train_classifier,
+    RandomCropDataset,
+    accuracy,
+    limit_threads,
+    load_eval_folder,
+    make_digits_folder,
+    tiny_cnn,
+    train_classifier,
 )
 
 SIZE = 16  # the digits are 8x8: 16 px keeps every stroke and costs a quarter of 32 px

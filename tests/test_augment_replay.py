@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faultutil import set_header
 
 import fkdstore
 from fkdstore import augment as A
 from fkdstore.cli import main as cli_main
 from fkdstore.errors import CorruptStoreError, FormatError, ValidationError
-from fkdstore.runner import generate
 from fkdstore.pytorch import TorchDataset, collate, mix_batch
+from fkdstore.runner import generate
 from fkdstore.testing import make_digits_folder, tiny_cnn
-from faultutil import set_header
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 24

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from s3util import s3, s3_server  # noqa: F401 - fixtures
+from test_s3 import N, _same_records, _write
 
 import fkdstore
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, ValidationError
-
-from s3util import s3, s3_server  # noqa: F401 - fixtures
-from test_s3 import N, _same_records, _write
 
 pytestmark = pytest.mark.slow  # every test talks to the S3 server (moto) these tests start in a child process
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fkdstore
-from fkdstore import report, schema as S
+from fkdstore import report
+from fkdstore import schema as S
 from fkdstore.cli import main
 from fkdstore.report import storage_stats
 

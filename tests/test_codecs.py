@@ -4,13 +4,26 @@ import math
 
 import numpy as np
 import pytest
-from optional_torch import HAVE_TORCH, cuda_available, torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from optional_torch import cuda_available, torch
 
 import fkdstore.codecs as codecs
-from fkdstore.codecs import (REGISTRY, FieldSpec, Full, Hard, Logits, MarginalReNorm, MarginalSmoothing, Sampled,
-                             Smoothing, from_config, get_codec, index_dtype, validate_probs)
+from fkdstore.codecs import (
+    REGISTRY,
+    FieldSpec,
+    Full,
+    Hard,
+    Logits,
+    MarginalReNorm,
+    MarginalSmoothing,
+    Sampled,
+    Smoothing,
+    from_config,
+    get_codec,
+    index_dtype,
+    validate_probs,
+)
 from fkdstore.errors import ValidationError
 
 NAMES = sorted(REGISTRY)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import make_store
 
 import fkdstore
 from fkdstore import codecs as K
@@ -15,7 +15,6 @@ from fkdstore.codecs import convert_fields
 from fkdstore.errors import ConversionError
 from fkdstore.importers.fkd import fkd_boxes, import_fkd, load_fkd_file
 from fkdstore.verification import verify
-from test_cli import make_store
 
 C = 30
 

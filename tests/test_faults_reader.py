@@ -10,16 +10,16 @@ import shutil
 
 import numpy as np
 import pytest
+from faultutil import DELETE, set_header, shard_file, shard_index, use_dot_separator, write_shard_index
+from storeutil import small_store as make_store
 
 from fkdstore import reader as R
 from fkdstore import schema as S
 from fkdstore import storage
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, IncompleteStoreError
+from fkdstore.seeded import SlotCropSampler
 from fkdstore.shard import MISSING
 from fkdstore.verification import verify
-from storeutil import small_store as make_store
-from faultutil import DELETE, set_header, shard_file, shard_index, use_dot_separator, write_shard_index
-from fkdstore.seeded import SlotCropSampler
 
 N, M, C, IPC, IPS = 16, 5, 30, 4, 8  # shards of 8 images = 2 inner chunks; 2 shards
 PROBS = S.soft_path("probs")

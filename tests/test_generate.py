@@ -24,11 +24,11 @@ from fkdstore import schema as S
 from fkdstore.cli import GENERATE_OPTIONS, SAMPLER_OPTIONS, build_parser, generate_options, main
 from fkdstore.distributed import World
 from fkdstore.errors import SchemaMismatchError, ValidationError
-from fkdstore.runner import Execution, LabelSpec, Provenance, generate
-from fkdstore.teacher import file_sha256, load_teacher, state_sha256
 from fkdstore.images import ImageReadError, image_size, load_image
-from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
+from fkdstore.runner import Execution, LabelSpec, Provenance, generate
 from fkdstore.seeded import SlotCropSampler
+from fkdstore.teacher import file_sha256, load_teacher, state_sha256
+from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
 from fkdstore.transforms import Replay, normalize, replay_crops
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import make_store
 
 import fkdstore
 from fkdstore import codecs as K
 from fkdstore.cli import main
 from fkdstore.conversion import confident_slots, pruned_slots, random_slots
 from fkdstore.errors import ValidationError
+from fkdstore.images import list_images, load_image
 from fkdstore.runner import generate
 from fkdstore.seeded import SlotCropSampler
-from fkdstore.images import list_images, load_image
 from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.transforms import normalize, replay_crops
-from test_cli import make_store
 
 FAST = dict(input_size=32, images_per_shard=4, batch_size=16, num_workers=0, progress=False)
 M = 6

@@ -4,27 +4,23 @@ stores (fkdstore 0.2) are read in test_golden.py."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from faultutil import set_header, shard_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from storeutil import create, make_data
 
 from fkdstore import reader as R
 from fkdstore import schema as S
 from fkdstore import storage
 from fkdstore.codecs import REGISTRY, crop_keys, get_codec
 from fkdstore.errors import CorruptChunkError, FormatError, IncompleteStoreError, ValidationError
-from storeutil import create, fill, make_data
-from faultutil import set_header, shard_file
-
 from fkdstore.seeded import SlotCropSampler
-
 
 
 def _store(tmp_path, crops, N=40, M=6, C=12, codec="ms", aug=None, ipc=4, ips=16, seed=0):

@@ -11,11 +11,10 @@ import time
 import numpy as np
 import pytest
 import zarr
+from s3util import S3Server, s3, s3_server  # noqa: F401 - fixtures
 
 from fkdstore import storage
 from fkdstore.errors import StorageError
-
-from s3util import s3, s3_server, S3Server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # every test talks to the S3 server (moto) these tests start in a child process
 
@@ -441,9 +440,10 @@ def test_kill_9_during_generate_to_s3_then_resume_is_byte_identical(s3, s3_serve
     import signal
 
     pytest.importorskip("torch")
+    from genkill import WRAPPER, assert_same_objects, run_generate
+
     import fkdstore
     from fkdstore.testing import tiny_cnn
-    from genkill import WRAPPER, assert_same_objects, run_generate
 
     url, so = s3
     script = tmp_path / "wrapper.py"
@@ -505,7 +505,8 @@ def test_cli_import_fkd_to_s3(s3, s3_server, tmp_path, capsys):
     import json
 
     pytest.importorskip("torch")
-    from test_convert import C as FKD_C, _fkd_tree
+    from test_convert import C as FKD_C
+    from test_convert import _fkd_tree
 
     from fkdstore.cli import main
     from fkdstore.reader import open as open_store

@@ -5,12 +5,13 @@ read in test_golden.py.)"""
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faultutil import set_header
+from storeutil import make_data
 
 import fkdstore
 from fkdstore import schema as S
@@ -19,8 +20,6 @@ from fkdstore.errors import CorruptStoreError, FormatError, SchemaMismatchError,
 from fkdstore.report import estimate_bytes, inspect
 from fkdstore.seeded import SlotCropSampler, exp_poly
 from fkdstore.verification import verify
-from faultutil import set_header
-from storeutil import make_data
 
 N, M, C, IPC, IPS = 22, 6, 9, 4, 8  # 3 shards, the last inner chunk partial
 SAMPLER = SlotCropSampler(seed=11, scale=(0.2, 1.0), flip_p=0.4)

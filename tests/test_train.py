@@ -19,8 +19,8 @@ from PIL import Image
 import fkdstore
 from fkdstore import train as T
 from fkdstore.images import list_images
-from fkdstore.testing import make_digits_folder
 from fkdstore.seeded import SlotCropSampler
+from fkdstore.testing import make_digits_folder
 from fkdstore.transforms import Replay
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from storeutil import create, fill, make_data
 
 import fkdstore
 from fkdstore import ownership, report, storage
@@ -20,9 +21,12 @@ from fkdstore import schema as S
 from fkdstore import writer as W
 from fkdstore.codecs import get_codec
 from fkdstore.errors import (
-    ConcurrentWriterError, FormatError, IncompleteStoreError, SchemaMismatchError, ValidationError,
+    ConcurrentWriterError,
+    FormatError,
+    IncompleteStoreError,
+    SchemaMismatchError,
+    ValidationError,
 )
-from storeutil import create, fill, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 
