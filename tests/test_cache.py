@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from s3util import s3, s3_server  # noqa: F401 - fixtures
 from test_s3 import N, _same_records, _write
 
 import fkdstore

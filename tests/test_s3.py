@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from s3util import S3Server, s3, s3_server  # noqa: F401 - fixtures
+from s3util import S3Server
 
 from fkdstore import storage
 from fkdstore.errors import StorageError

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from s3util import s3, s3_server  # noqa: F401 - fixtures
 
 import fkdstore
 from fkdstore import sources
