@@ -6,8 +6,9 @@ before forwarding it (a stand-in for a network round trip) and counts requests b
 process prints one JSON line when ready and exits by itself when its parent dies, when told to on stdin
 (EOF), or after ``max_life_s``; so a killed test run never leaves a server behind.
 
-Credentials are checked (unless ``auth=False``): the child creates an IAM user with an access key (``key``/``secret``) while
-moto's authentication is still off, then switches it on, so wrong credentials are refused as on AWS.
+Credentials are checked (unless ``auth=False``): the child creates an IAM user with an access key
+(``key``/``secret``) while moto's authentication is still off, then switches it on, so wrong credentials are
+refused as on AWS.
 
     with S3Server(delay_ms=20) as s3:
         s3.make_bucket("labels")

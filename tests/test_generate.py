@@ -501,7 +501,8 @@ def test_cli_generate_options_map_to_the_api(capsys):
         "--weights-sha256", "ab", "--store-crops"])
     assert generate_options(given) == dict(
         input_size=32, batch_size=8,
-        crop_sampler=SlotCropSampler(seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0), temperature=2.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu",
+        crop_sampler=SlotCropSampler(seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0), temperature=2.0,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu",
         num_workers=0, on_error="skip", images_per_shard=4, num_classes=10, amp=False, progress=False,
         teacher_name="t", weights_sha256="ab", store_crops=True)
     assert main(["generate", "--help"]) == 0

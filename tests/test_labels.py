@@ -193,7 +193,8 @@ def test_prune_refusals(tmp_path, capsys):
 
 def test_prune_refuses_a_pipeline_that_mixes_slots(digits, tmp_path):
     mix = tmp_path / "mix.fkd"
-    generate(tiny_cnn(10), digits, mix, crops_per_image=4, codec="ms:k=3", augment="color_jitter;mixup:window=4", **FAST)
+    generate(tiny_cnn(10), digits, mix, crops_per_image=4, codec="ms:k=3", augment="color_jitter;mixup:window=4",
+             **FAST)
     with pytest.raises(ValidationError, match=r"mixes slots \(mixup\)"):
         fkdstore.prune(mix, tmp_path / "pm", keep=0.5)
     assert not (tmp_path / "pm").exists()
