@@ -175,7 +175,8 @@ def main(argv=None):
         model = tiny_cnn(10, width=STUDENT_WIDTH, seed=a.seed)
         wall, cpu = train_classifier(model, batches, passes, LR, target_fn, progress=name)
         results[name] = (accuracy(model, x_test, y_test), wall, cpu, passes)
-        print(f"      held-out accuracy {results[name][0]:.1%}, training {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        print(f"      held-out accuracy {results[name][0]:.1%}, training {wall:.1f} s wall, {cpu:.1f} s CPU",
+              flush=True)
 
     @torch.no_grad()
     def teacher_labels(x, _):
