@@ -46,14 +46,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from augment_size import PIPELINES  # noqa: E402
+from dataset_profile import make_photos  # noqa: E402
+
 import fkdstore  # noqa: E402
 from fkdstore import augment as A  # noqa: E402
 from fkdstore.images import list_images, load_image  # noqa: E402
 from fkdstore.seeded import SlotCropSampler  # noqa: E402
 from fkdstore.transforms import Replay  # noqa: E402
-
-from augment_size import PIPELINES  # noqa: E402
-from dataset_profile import make_photos  # noqa: E402
 
 BASE_ROW = "crop+flip only"
 BASELINE_MODULE = "fkdstore_baseline"
@@ -170,7 +170,8 @@ def main(argv=None) -> dict:
             got_new = fkdstore.collate(sets[BASE_ROW].__getitems__([0, 1]))
             if not (torch.equal(got_old["crops"], got_new["crops"])
                     and torch.equal(got_old["soft_labels"], got_new["soft_labels"])):
-                raise SystemExit(f"the baseline's TorchDataset ({baseline}) replays other crops or labels than this one")
+                raise SystemExit(f"the baseline's TorchDataset ({baseline}) replays other crops or labels than this "
+                                 "one")
             leaked = sorted(m for m, mod in sys.modules.items() if m.startswith(BASELINE_MODULE)
                             and getattr(mod, "__file__", None) and not mod.__file__.startswith(str(tmp)))
             if leaked:
@@ -201,7 +202,8 @@ def main(argv=None) -> dict:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
             res["rows"].append({"store": name, "spec": PIPELINES.get(name, ""), "crops_per_s": round(w, 1),
                                 "ratio": round(w / base_w, 3), "crops_per_cpu_s": round(c, 1),
-                                "cpu_ratio": round(c / base_c, 3), "crops_per_s_runs": [round(x, 1) for x in wall[name]],
+                                "cpu_ratio": round(c / base_c, 3),
+                                "crops_per_s_runs": [round(x, 1) for x in wall[name]],
                                 "crops_per_cpu_s_runs": [round(x, 1) for x in cpu[name]]})
         if baseline:
             key = f"{BASE_ROW}, baseline TorchDataset"
@@ -221,7 +223,8 @@ def to_markdown(res: dict) -> str:
     L = [f"{res['images']} photo-like JPEGs (~430x640, q90), M = {res['slots']}, m = {res['m']}, "
          f"{res['output_size']} px float32 crops, MS top-5 C = 1000; `__getitems__` + `collate` in-process, "
          f"{res['crops_per_batch']} crops per batch, {res['crops']} crops per run, median of {res['runs']} "
-         f"interleaved runs (alternating order); load average {', '.join(f'{x:.1f}' for x in res['load_at_start'])} at start, "
+         f"interleaved runs (alternating order); load average "
+         f"{', '.join(f'{x:.1f}' for x in res['load_at_start'])} at start, "
          f"{', '.join(f'{x:.1f}' for x in res['load_at_end'])} at end ({res['cpus']} CPUs). Mixup/CutMix at p = 1: "
          "every slot decodes a partner image.", "",
          "| store | crops/s | vs crop+flip | crops per CPU-s | vs crop+flip | runs (crops per CPU-s) |",

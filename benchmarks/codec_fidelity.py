@@ -119,7 +119,8 @@ def table(rows: list[dict], base: str = "full:dtype=float16") -> str:
                    f"{r['kl_floored_mean']:.5f} | {inf} |")
     whole = [r for r in rows if "kl_floored_mean" not in r]
     if whole:
-        out += ["", f"Whole store at N = {whole[0]['images']} images (same data rule, MS top-5): bytes per crop on disk",
+        out += ["", f"Whole store at N = {whole[0]['images']} images (same data rule, MS top-5): bytes per crop on "
+                "disk",
                 "", "| codec | label fields | box + flip (stored crops) | whole store, stored crops "
                 "| whole store, seeded crops (default) |", "|---|---:|---:|---:|---:|"]
         out += [f"| `{r['codec']}` | {r['label_bytes_per_crop']:.2f} | {r['box_bytes_per_crop']:.2f} | "

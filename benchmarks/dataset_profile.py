@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 import fkdstore
 import fkdstore.pytorch as fp
@@ -92,9 +92,9 @@ def make_store(path: Path, folder: Path, M: int, C: int = 1000, k: int = 5) -> P
             idx = np.arange(s, min(s + 256, len(lst)))
             bf = [sampler.sample(int(i), *sizes[i], M) for i in idx]
             probs = np.sort(rng.dirichlet(np.ones(k), (len(idx), M)) * 0.9, -1)[..., ::-1].astype(np.float16)
+            distinct = np.argsort(rng.random((len(idx), M, C)), -1)[..., :k].astype(np.uint16)
             w.put_fields(idx, np.stack([b for b, _ in bf]), np.stack([f for _, f in bf]),
-                         {"indices": np.argsort(rng.random((len(idx), M, C)), -1)[..., :k].astype(np.uint16),  # distinct
-                          "probs": np.ascontiguousarray(probs)})
+                         {"indices": distinct, "probs": np.ascontiguousarray(probs)})
     return path
 
 
@@ -220,7 +220,8 @@ def profile(ds, B: int, n_items: int) -> dict:
     rec = reader.read_batch(np.asarray(idx), slots)
     imgs = [load_image(p) for p in paths[:16]]
     resample, hw = ft.INTERPOLATIONS[ds.interpolation], ds.output_size
-    crops_args = [(imgs[j % 16], tuple(rec.boxes[j % 16, c].tolist()), hw, resample) for j in range(16) for c in range(m)]
+    crops_args = [(imgs[j % 16], tuple(rec.boxes[j % 16, c].tolist()), hw, resample)
+                  for j in range(16) for c in range(m)]
     pix = [ft._resized(*a) for a in crops_args[:16]]
     norm = ft._normalizer(ds.mean, ds.std) if ds.normalize else None
     dst = np.empty((3, *hw), np.float32 if ds.normalize else np.uint8)
@@ -229,7 +230,8 @@ def profile(ds, B: int, n_items: int) -> dict:
     alone = {
         "decode": cpu_per_call(load_image, [(p,) for p in paths[:32]]) * 1e6,
         "crop+resize": cpu_per_call(ft._resized, crops_args) * m * 1e6,
-        "flip+layout+normalise": cpu_per_call(ft._to_chw, [(p, k % 2 == 1, dst, norm) for k, p in enumerate(pix)]) * m * 1e6,
+        "flip+layout+normalise": cpu_per_call(ft._to_chw, [(p, k % 2 == 1, dst, norm) for k, p in enumerate(pix)])
+        * m * 1e6,
         "of which flip": (cpu_per_call(ft._to_chw, [(p, True, dst, norm) for p in pix])
                           - cpu_per_call(ft._to_chw, [(p, False, dst, norm) for p in pix])) * m * 1e6,
         "slot choice": cpu_per_call(fp.epoch_slots, [(i, e, m, ds.crops_per_image, ds.seed) for i in idx]) * 1e6,
@@ -295,7 +297,8 @@ def main(argv=None):
         store = make_store(tmp / "s.fkd", folder, a.slots)
         lst = list_images(folder)
         kb = np.mean([os.path.getsize(q) for q in lst.paths]) / 1e3
-        res = {"command": "python benchmarks/dataset_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        given = argv if argv is not None else sys.argv[1:]
+        res = {"command": "python benchmarks/dataset_profile.py " + " ".join(given),
                "images": len(lst), "mean_jpeg_kb": round(kb, 1), "output_size": a.output_size, "slots": a.slots,
                "workers": a.workers, "runs": a.runs, "crops_per_batch": a.crops_per_batch, "cpus": os.cpu_count(),
                "load_at_start": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
@@ -380,7 +383,8 @@ def to_markdown(res: dict) -> str:
         lim = (f"{r['limit_crops_per_cpu_s']} | {r['limit_ratio']:.2f}x | {100 * r['of_limit']:.0f} %"
                if "of_limit" in r else "- | - | -")
         L.append(f"| {r['output']} | {r['loader']} | {r['m']} | {r['crops_per_s']} | {r['ratio']:.2f}x | "
-                 f"{', '.join(f'{x:.2f}' for x in r['ratio_runs'])} | {r['cpu_crops_per_s']} | {r['cpu_ratio']:.2f}x | {lim} |")
+                 f"{', '.join(f'{x:.2f}' for x in r['ratio_runs'])} | {r['cpu_crops_per_s']} | "
+                 f"{r['cpu_ratio']:.2f}x | {lim} |")
     return "\n".join(L)
 
 

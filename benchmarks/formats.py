@@ -177,7 +177,8 @@ def write_sre2l(root: Path, logits, boxes, flips, sizes, B):
             ii = order[e, b * B:(b + 1) * B]
             coords = torch.from_numpy((boxes[ii, e] / np.concatenate([sizes[ii], sizes[ii]], 1)).astype(np.float32))
             torch.save({"coords": coords, "flip": torch.from_numpy(flips[ii, e]),
-                        "mix_index": torch.randperm(len(ii)), "mix_lam": 0.5, "mix_bbox": torch.zeros(4, dtype=torch.int64),
+                        "mix_index": torch.randperm(len(ii)), "mix_lam": 0.5,
+                        "mix_bbox": torch.zeros(4, dtype=torch.int64),
                         "soft_label": torch.from_numpy(logits[ii, e])}, d / f"batch_{b}.tar")
     return order
 
@@ -428,7 +429,8 @@ def run_M(work: Path, N: int, M: int, C: int, m: int, n_full: int, sre2l_batch: 
             torch.softmax(lg[s:s + 256].float(), -1)
     dec["sre2l/full"] = n_full * m / timed(sre_dec)
     mp_all = torch.from_numpy(maps)
-    bx = torch.from_numpy((boxes[np.arange(N)[:, None], slots] / np.concatenate([sizes, sizes], 1)[:, None]).astype(np.float32))
+    rel = boxes[np.arange(N)[:, None], slots] / np.concatenate([sizes, sizes], 1)[:, None]
+    bx = torch.from_numpy(rel.astype(np.float32))
 
     def rel_dec():
         for s in range(0, N, 32):  # dense 1000x15x15 maps: 32 images at a time
@@ -594,7 +596,7 @@ def plot(out: dict, figdir: Path) -> list[Path]:
     for k in keys:
         ax.plot(Ms, [r["size"][k]["imagenet_bytes"] for r in out["runs"]], "o-" if k.startswith("fkdstore") else "x--",
                 label=_name(k))
-    for st, b in TABLE2.items():
+    for b in TABLE2.values():
         ax.scatter([200], [b], marker="*", s=60, color="k", zorder=5)
     ax.set_xscale("log")
     ax.set_yscale("log")

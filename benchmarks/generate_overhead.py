@@ -28,10 +28,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fkdstore.runner import generate  # noqa: E402
 from fkdstore.images import image_size, list_images, load_image  # noqa: E402
-from fkdstore.testing import make_photo_folder  # noqa: E402
+from fkdstore.runner import generate  # noqa: E402
 from fkdstore.seeded import SlotCropSampler  # noqa: E402
+from fkdstore.testing import make_photo_folder  # noqa: E402
 from fkdstore.transforms import normalize, replay_crops  # noqa: E402
 
 

@@ -225,7 +225,8 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             import_mldr(src, dst, imgs, progress=False)
             dt = time.perf_counter() - t0
-            rows.append(measure(name, src, dst, N + 1, N * 100, label_error(dst, lambda i, s: truth[i][s]), dt))
+            err = label_error(dst, lambda i, s, truth=truth: truth[i][s])
+            rows.append(measure(name, src, dst, N + 1, N * 100, err, dt))
         src, dst = tmp / "tinyvit", tmp / "tinyvit.fkd"
         truth_t = write_tinyvit(src, N, rng)
         t0 = time.perf_counter()
@@ -240,7 +241,8 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             import_sre2l(src, dst, imgs, codec=codec, progress=False)
             dt = time.perf_counter() - t0
-            errs = [label_error(dst, lambda i, s: softmax(truth_s[(i, s)].astype(np.float64), T), T) for T in (1, 20)]
+            errs = [label_error(dst, lambda i, s, T=T: softmax(truth_s[(i, s)].astype(np.float64), T), T)
+                    for T in (1, 20)]
             rows.append(measure(f"SRe2L C=1000 fp16 logits, CutMix, 20 epochs -> {what} (T=1 / T=20)", src, dst,
                                 20 * math.ceil(N / 100), N * 20, max(errs), dt))
             rows[-1]["max_label_error_T"] = errs
@@ -256,7 +258,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         import_sre2l(src, dst, imgs, num_classes=C, progress=False)
         dt = time.perf_counter() - t0
-        errs = [label_error(dst, lambda i, s: mr(i, s, T), T) for T in (1, 20)]
+        errs = [label_error(dst, lambda i, s, T=T: mr(i, s, T), T) for T in (1, 20)]
         rows.append(measure("LPQLD MR-10 (fp16 top-10 logits + int16 indices), flat, 20 epochs (T=1 / T=20)", src,
                             dst, 20 * math.ceil(N / 100) + 1, N * 20, max(errs), dt))
         rows[-1]["max_label_error_T"] = errs

@@ -32,7 +32,6 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import fkdstore  # noqa: E402
 from fkdstore import report_maps  # noqa: E402
 from fkdstore.importers import import_relabel  # noqa: E402
 from fkdstore.labelmap import LabelMapSpec  # noqa: E402
@@ -75,8 +74,8 @@ def measure(n: int, dtype: str, system: str, seed: int) -> dict:
             "indices_bytes_per_image": per_image["map/indices"], "scores_bytes_per_image": per_image["map/scores"],
             "other_bytes": rest, "import_s": secs,
             "imagenet_source_bytes": src_bytes / n * IMAGENET_1K_IMAGES,
-            "imagenet_store_bytes": maps_per_image * IMAGENET_1K_IMAGES + est["arrays"]["key"] + est["arrays"]["per-image"]
-            + est["arrays"]["manifest"], "imagenet_estimate_bytes": est["bytes"]}
+            "imagenet_store_bytes": maps_per_image * IMAGENET_1K_IMAGES + est["arrays"]["key"]
+            + est["arrays"]["per-image"] + est["arrays"]["manifest"], "imagenet_estimate_bytes": est["bytes"]}
 
 
 def to_markdown(res: dict) -> str:
@@ -85,16 +84,18 @@ def to_markdown(res: dict) -> str:
          f"teacher-like maps (C = {C}), imported with `fkdstore import relabel`; ImageNet-1K = "
          f"{IMAGENET_1K_IMAGES:,} images. A `.pt` file of this shape is {res['pt_file_bytes']['float32']:,} B in "
          f"float32 and {res['pt_file_bytes']['float16']:,} B in float16 (torch {torch.__version__}).\n",
-         "| maps | source B/image | fkdstore B/image (ids + scores) | ratio | ImageNet-1K source | ImageNet-1K fkdstore "
-         "(measured per image) | `estimate --label-map` |",
+         "| maps | source B/image | fkdstore B/image (ids + scores) | ratio | ImageNet-1K source "
+         "| ImageNet-1K fkdstore (measured per image) | `estimate --label-map` |",
          "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         L.append(f"| {r['system']} {r['dtype']} | {r['source_bytes_per_image']:,.0f} | {r['map_bytes_per_image']:,.0f} "
                  f"({r['indices_bytes_per_image']:,.0f} + {r['scores_bytes_per_image']:,.0f}) | "
-                 f"{r['source_bytes_per_image'] / r['map_bytes_per_image']:.2f}x | {human_bytes(r['imagenet_source_bytes'])} "
+                 f"{r['source_bytes_per_image'] / r['map_bytes_per_image']:.2f}x "
+                 f"| {human_bytes(r['imagenet_source_bytes'])} "
                  f"| {human_bytes(r['imagenet_store_bytes'])} | {human_bytes(r['imagenet_estimate_bytes'])} |")
-    L.append(f"\nThe paper's Table 2 for ReLabel at 1.2M images: top-5 maps {p['printed_top5']} (its formula N x 15 x 15 "
-             f"x 10 x 4 B = {human_bytes(p['top5_bytes'])}), full maps {p['printed_full']} (N x 15 x 15 x 1000 x 4 B = "
+    L.append(f"\nThe paper's Table 2 for ReLabel at 1.2M images: top-5 maps {p['printed_top5']} (its formula N x 15 "
+             f"x 15 x 10 x 4 B = {human_bytes(p['top5_bytes'])}), full maps {p['printed_full']} (N x 15 x 15 x 1000 "
+             f"x 4 B = "
              f"{p['full_bytes'] / 1e12:.2f} TB); ReLabel's download is about 12 GB. fkdstore holds the same top-5 maps "
              "in the sizes above: uint16 class ids instead of float32 ones, compressed (the ids repeat across "
              "neighbouring cells; the raw float scores do not compress), with every image bound by key and "
@@ -115,7 +116,8 @@ def main(argv=None) -> dict:
         pt[dt] = len(b.getvalue())
     rows = [measure(a.images, "float32", "relabel", a.seed), measure(a.images, "float16", "tokenlabeling", a.seed)]
     res = {"rows": rows, "pt_file_bytes": pt,
-           "paper": {"printed_top5": report_maps.PAPER_RELABEL["top-5"], "printed_full": report_maps.PAPER_RELABEL["full"],
+           "paper": {"printed_top5": report_maps.PAPER_RELABEL["top-5"],
+                     "printed_full": report_maps.PAPER_RELABEL["full"],
                      "top5_bytes": report_maps.paper_map_bytes(1_200_000, S, C, K),
                      "full_bytes": report_maps.paper_map_bytes(1_200_000, S, C)}}
     if a.json:

@@ -46,10 +46,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # this checkout; the S3 server lives with the tests
 
+from s3util import S3Server  # noqa: E402
+
 import fkdstore  # noqa: E402
 from fkdstore.reader import open as open_store  # noqa: E402
-
-from s3util import S3Server  # noqa: E402
 
 TARGET_RATIO = 3.0  # epoch preload from S3 within 3x of local disk
 TORCH_TARGET_RATIO = 2.0  # TorchDataset label path from S3 within 2x of local disk, per epoch and per batch

@@ -44,10 +44,11 @@ mini-batch, optimiser, learning-rate schedule and seeds:
     ``soft_cross_entropy(student, target, temperature=tau)``) scored by a weighted k-NN probe.
 
 m is varied for (c) Full (m = 1, 2, 4). Defaults: teacher `tiny_cnn(width=48)` (~97 %), student
-`tiny_cnn(width=4)`, E = 32, m = 2, crop scale (0.1, 1) (the same setting as `examples/demo.py`). Test accuracy on the held-out split (whole images) and the
-training wall time (data loading + teacher forwards + steps; label generation is a one-off cost reported
-separately) are reported as mean ± std over seeds. Single-threaded torch; every variant runs in this one
-process, interleaved per seed, so time ratios are comparable.
+`tiny_cnn(width=4)`, E = 32, m = 2, crop scale (0.1, 1) (the same setting as `examples/demo.py`). Test
+accuracy on the held-out split (whole images) and the training wall time (data loading + teacher forwards +
+steps; label generation is a one-off cost reported separately) are reported as mean ± std over seeds.
+Single-threaded torch; every variant runs in this one process, interleaved per seed, so time ratios are
+comparable.
 
     python benchmarks/reproduce.py --fast            # the `make bench` subset: 3 seeds (~6 min on 2 quiet cores)
     python benchmarks/reproduce.py                   # 5 seeds
@@ -74,13 +75,18 @@ from fkdstore.images import list_images
 from fkdstore.labelmap import LabelMapSpec
 from fkdstore.labelmap_torch import class_map_shape, spatial_teacher
 from fkdstore.pytorch import soft_cross_entropy
+from fkdstore.report import storage_stats
+from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import (
-    RandomCropDataset, cosine_lr, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn,
+    RandomCropDataset,
+    cosine_lr,
+    limit_threads,
+    load_eval_folder,
+    make_digits_folder,
+    tiny_cnn,
     train_classifier,
 )
-from fkdstore.seeded import SlotCropSampler
 from fkdstore.transforms import normalize
-from fkdstore.report import storage_stats
 
 NUM_CLASSES = 10
 CROPS_PER_BATCH = 64
@@ -438,13 +444,15 @@ def to_markdown(res: dict) -> str:
          "Times: process CPU seconds of the training loop (torch single-threaded, no DataLoader workers, so CPU "
          "time is the work done; wall time on this shared machine is given as context). Passes = passes over "
          "the data (m effective epochs each); final lr = learning rate of the last pass / base lr.\n",
-         "| variant | test accuracy, % (mean ± std) | training CPU s | CPU time vs vanilla KD | wall s | passes | final lr |",
+         "| variant | test accuracy, % (mean ± std) | training CPU s | CPU time vs vanilla KD | wall s | passes "
+         "| final lr |",
          "|---|---:|---:|---:|---:|---:|---:|"]
     kd = _get(s, "(b)")
     for k, v in s.items():
         ratio = f"{v['cpu_mean'] / kd['cpu_mean']:.2f}x" if kd else ""
         L.append(f"| {k} | {100 * v['acc_mean']:.2f} ± {100 * v['acc_std']:.2f} | {v['cpu_mean']:.1f} ± "
-                 f"{v['cpu_std']:.1f} | {ratio} | {v['time_mean']:.1f} | {v['passes']} | {v['final_lr'] / c['lr']:.2f} |")
+                 f"{v['cpu_std']:.1f} | {ratio} | {v['time_mean']:.1f} | {v['passes']} "
+                 f"| {v['final_lr'] / c['lr']:.2f} |")
     fb = res.get("claims", {}).get("fkd_beats_hard_labels", {})
     if fb:
         L.append("\nFKD against hard labels on the same crop budget (mean over seeds): " + "; ".join(
@@ -461,8 +469,9 @@ def to_markdown(res: dict) -> str:
     if "q8_within_seed_spread" in cl:
         v = cl["q8_within_seed_spread"]
         L.append(f"\n8-bit labels: MS K={c['k']} q8 {100 * v['q8_acc']:.2f} ± {100 * v['q8_std']:.2f} % vs float16 "
-                 f"{100 * v['f16_acc']:.2f} ± {100 * v['f16_std']:.2f} % (difference {100 * v['diff']:+.2f} points, seed "
-                 f"spread ±{100 * v['spread']:.2f}: {'within' if v['agrees'] else '**outside**'} the seed spread).")
+                 f"{100 * v['f16_acc']:.2f} ± {100 * v['f16_std']:.2f} % (difference {100 * v['diff']:+.2f} points, "
+                 f"seed spread ±{100 * v['spread']:.2f}: {'within' if v['agrees'] else '**outside**'} the seed "
+                 "spread).")
     g = res["generation"]
     L.append(f"\nOne-off label generation (`fkdstore.generate`, Full float32, {g['images']} images x M = {g['M']}): "
              f"{g['seconds']:.1f} s wall, {g['cpu_seconds']:.1f} s CPU = {g['crops_per_s']:,.0f} crops per CPU-second; "
@@ -527,8 +536,9 @@ def augment_variants(a, teacher, train_dir, full_store, work, size, scale, E, re
             fkdstore.generate(teacher, train_dir, path, crops_per_image=Ea, codec=get_codec("full", dtype="float32"),
                               input_size=size, crop_sampler=SlotCropSampler(seed=0, scale=scale), num_workers=0,
                               progress=False, batch_size=256, augment=spec)
-            res["augment"]["generation"][spec] = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
-                                                  "M": Ea, "bytes": storage_stats(path)["_total"]["bytes"]}
+            res["augment"]["generation"][spec] = {"seconds": time.perf_counter() - t,
+                                                  "cpu_seconds": time.process_time() - c, "M": Ea,
+                                                  "bytes": storage_stats(path)["_total"]["bytes"]}
             made[spec] = path
         return made[spec]
 
@@ -582,8 +592,9 @@ def augment_markdown(res: dict) -> list[str]:
              "train-time": "training-time mixing is better"}
 
     def pair(p):
-        return (f"{100 * p['stored_acc']:.2f} ± {100 * p['stored_std']:.2f} % stored vs {100 * p['train_time_acc']:.2f} "
-                f"± {100 * p['train_time_std']:.2f} % at training time, {100 * p['diff']:+.2f} points: "
+        return (f"{100 * p['stored_acc']:.2f} ± {100 * p['stored_std']:.2f} % stored vs "
+                f"{100 * p['train_time_acc']:.2f} ± {100 * p['train_time_std']:.2f} % at training time, "
+                f"{100 * p['diff']:+.2f} points: "
                 f"{words[p['verdict']]} (tolerance ±{100 * p['tolerance']:.2f}), CPU time "
                 f"{p['cpu_ratio_stored_over_train_time']:.2f}x")
 
@@ -693,15 +704,17 @@ def relabel_markdown(res: dict) -> list[str]:
         return []
     words = {"tie": "no difference beyond the seeds' spread", "FKD": "FKD's region labels are better",
              "ReLabel": "ReLabel's label maps are better"}
-    pairs = "; ".join(f"{name}: {100 * p['fkd_acc']:.2f} ± {100 * p['fkd_std']:.2f} % vs {100 * p['relabel_acc']:.2f} ± "
-                      f"{100 * p['relabel_std']:.2f} %, {100 * p['diff']:+.2f} points, {words[p['verdict']]} "
+    pairs = "; ".join(f"{name}: {100 * p['fkd_acc']:.2f} ± {100 * p['fkd_std']:.2f} % vs "
+                      f"{100 * p['relabel_acc']:.2f} ± {100 * p['relabel_std']:.2f} %, {100 * p['diff']:+.2f} points, "
+                      f"{words[p['verdict']]} "
                       f"(tolerance ±{100 * p['tolerance']:.2f}; CPU time {p['cpu_ratio_fkd_over_relabel']:.2f}x)"
                       for name, p in v.items())
     full = res["store_bytes"].get("Full")
     ms = next((b for n, b in res["store_bytes"].items() if n.startswith("MS K=") and not n.endswith("q8")), None)
     return [f"\nFKD vs ReLabel (rows (k)/(l)): the same teacher's label maps, its classifier applied as a 1x1 conv "
-            f"over its last feature map of each whole image at {rl['map_input']} px ({rl['size']} x {rl['size']} cells, "
-            f"top-{rl['k']} per cell, box order xy, the label flipped with the crop), pooled per crop by RoIAlign + "
+            f"over its last feature map of each whole image at {rl['map_input']} px ({rl['size']} x {rl['size']} "
+            f"cells, top-{rl['k']} per cell, box order xy, the label flipped with the crop), pooled per crop by "
+            f"RoIAlign + "
             f"softmax; (l) uses exactly (c)'s crops. {pairs}. One-off map generation: {rl['cpu_seconds']:.1f} s CPU, "
             f"{rl['bytes'] / 1e3:,.0f} KB (FKD Full store {full / 1e3:,.0f} KB"
             + (f", MS K={res['config']['k']} {ms / 1e3:,.0f} KB" if ms else "") + ")."]
@@ -841,8 +854,8 @@ def temperature_variants(a, teacher, train_dir, full_store, ms_store, work, size
     for T, key, row in plan:
         if row.startswith("(m)"):
             _, codec, path = stores[key]
-            out[row] = (lambda s, path=path, dt=_decode_at(codec, T): fkd_batches(path, train_dir, m, s,
-                                                                                   temperature=dt),
+            dt = _decode_at(codec, T)
+            out[row] = (lambda s, path=path, dt=dt: fkd_batches(path, train_dir, m, s, temperature=dt),
                         E // m, lambda x, b: b["soft_labels"], {"loss": loss(T)})
     return out
 

@@ -37,7 +37,8 @@ SEEDED_SCALE = ("seeded crops (box and flip derived from the seed, not stored): 
                 "what deriving them on every read costs")
 READ_AT_32 = "cold random label reads at M = 32, 4,096 images, against FKD's per-image torch.load (issue 13)"
 OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
-    ("generate_overhead.py", ["--images", "8", "--repeats", "1"], 150, False, "label generation throughput vs teacher-only forward"),
+    ("generate_overhead.py", ["--images", "8", "--repeats", "1"], 150, False,
+     "label generation throughput vs teacher-only forward"),
     ("dataset_throughput.py", ["--quick", "--runs", "2", "--label-store-images", "4000"], 480, True,
      "the loader table: TorchDataset (uint8 + DeviceLoader normaliser, float32) vs a plain PIL loader, % of the "
      "decode + crop limit"),
@@ -73,9 +74,9 @@ box on the densified map (own torch RoI-align via `grid_sample`) then softmax; i
 Random read = labels of m stored crops of one random image, read and decoded to dense float32 (fkdstore's
 chunk cache cleared before each read). Epoch read = every image's m crops, read only. Decode = that epoch to
 dense float32 [B*m, C] on CPU, 256 images per batch (ReLabel: 32). Speeds are per process-CPU-second (user +
-system, best of 3), single-threaded, so the other jobs on this shared machine do not distort the ratios. MS K=5 carries the FKD comparison, Full
-the SRe2L comparison. ImageNet-1K columns extrapolate per-image and per-crop bytes to 1,281,167 images;
-fkdstore's file count there is computed from its layout rule, SRe2L's for batch 256."""
+system, best of 3), single-threaded, so the other jobs on this shared machine do not distort the ratios. MS K=5
+carries the FKD comparison, Full the SRe2L comparison. ImageNet-1K columns extrapolate per-image and per-crop
+bytes to 1,281,167 images; fkdstore's file count there is computed from its layout rule, SRe2L's for batch 256."""
 
 SMOKE = {
     "formats": ["--images", "16", "--crops", "4", "8", "--random-reads", "8", "--full-crops", "64"],
@@ -98,7 +99,8 @@ def run_script(name: str, args: list[str], timeout: int, json_path: Path | None)
         status = "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
         out = p.stdout + ("" if p.returncode == 0 else "\n" + p.stderr[-3000:])
     except subprocess.TimeoutExpired as e:
-        status, out = f"timed out after {timeout}s", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        status = f"timed out after {timeout}s"
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
     res = {"cmd": cmd, "status": status, "output": out.strip(), "seconds": time.perf_counter() - t}
     if json_path is not None and json_path.exists():
         try:
@@ -170,11 +172,13 @@ def verdicts(fm: dict | None, rp: dict | None) -> list[str]:
             v = c["fkd_matches_vanilla_kd"]
             L.append(f"- **FKD ≈ vanilla KD accuracy at a fraction of its time:** accuracy "
                      f"{'agrees' if v['agrees'] else '**disagrees**'} (FKD Full {_pct(v['fkd_acc'])}% vs vanilla KD "
-                     f"{_pct(v['kd_acc'])}%, difference {100 * v['diff']:+.2f} points, tolerance ±{100 * v['tolerance']:.2f}); "
-                     f"training CPU time {v['time_ratio_fkd_over_kd']:.2f}x of vanilla KD (wall {v['wall_ratio_fkd_over_kd']:.2f}x) "
+                     f"{_pct(v['kd_acc'])}%, difference {100 * v['diff']:+.2f} points, tolerance "
+                     f"±{100 * v['tolerance']:.2f}); training CPU time {v['time_ratio_fkd_over_kd']:.2f}x of vanilla "
+                     f"KD (wall {v['wall_ratio_fkd_over_kd']:.2f}x) "
                      f"({v['time_ratio_with_generation']:.2f}x counting the one-off label generation for one run). "
                      + (f" With m = 1 (same lr schedule as vanilla KD) FKD Full reaches {_pct(v['fkd_m1_acc'])}% "
-                        f"({100 * v['fkd_m1_diff']:+.2f} points, {'agrees' if v['fkd_m1_agrees'] else '**disagrees**'}) "
+                        f"({100 * v['fkd_m1_diff']:+.2f} points, "
+                        f"{'agrees' if v['fkd_m1_agrees'] else '**disagrees**'}) "
                         f"at {v['fkd_m1_time_ratio']:.2f}x the CPU time. " if "fkd_m1_acc" in v else " ")
                      + "The time saving is bounded by how expensive the teacher is relative to the student: here "
                      "the teacher is a small CNN whose forward costs about as much as FKD's per-crop replay "
@@ -293,8 +297,8 @@ def fidelity_verdict(rows: list[dict]) -> list[str]:
     w8, w16 = whole.get("ms:k=5,dtype=q8"), whole.get("ms:k=5")
     if ms8 and ms16:
         b = ms8["label_bytes_per_crop"]
-        line = (f"- **MS top-5 q8 <= 12 bytes per crop on disk (issue 12, at M = 200, C = 1000: see the command below):** "
-                f"label fields {'met' if b <= 12 else '**missed**'} ({b:.2f} B; float16 "
+        line = (f"- **MS top-5 q8 <= 12 bytes per crop on disk (issue 12, at M = 200, C = 1000: see the command "
+                f"below):** label fields {'met' if b <= 12 else '**missed**'} ({b:.2f} B; float16 "
                 f"{ms16['label_bytes_per_crop']:.2f} B; KL {ms8['kl_floored_mean']:.5f} vs "
                 f"{ms16['kl_floored_mean']:.5f} nats)")
         if w8 and w16:
@@ -329,9 +333,9 @@ def others_verdicts(others: dict) -> list[str]:
         L.append(f"- **Cold random reads vs FKD's per-image torch.load at M = 32 (issue 13: read_batch(256) >= 10x, "
                  f"read(i) >= 5x):** read_batch {'met' if batch >= 10 else '**missed**'} ({batch:.1f}x); read(i) "
                  f"{'met' if one >= 5 else '**missed**'} ({one:.1f}x). read(i) decompresses and checks one inner "
-                 "chunk of each of its 4 arrays; benchmarks/read_breakdown.py (below) measures the floor of those checked "
-                 "C calls alone, which caps the ratio near 3.4x, and the floor of a hypothetical per-image record "
-                 "layout (all fields in one chunk), which caps it near 3.6x at the same size.")
+                 "chunk of each of its 4 arrays; benchmarks/read_breakdown.py (below) measures the floor of those "
+                 "checked C calls alone, which caps the ratio near 3.4x, and the floor of a hypothetical per-image "
+                 "record layout (all fields in one chunk), which caps it near 3.6x at the same size.")
     if (d := result("remote_read.py")) is not None:
         L.append(f"- **Epoch preload from S3 at 20 ms per request within 3x of local disk (issue 11):** "
                  f"{'met' if d['read_all_ratio'] <= 3 else '**missed**'} ({d['read_all_ratio']:.2f}x, "
@@ -364,7 +368,8 @@ def others_verdicts(others: dict) -> list[str]:
 def write_results(out: Path, fm, rp, others, cmds, figs, t_total, fd=None) -> None:
     rel = lambda p: os.path.relpath(p, out.parent)  # noqa: E731
     L = ["# fkdstore benchmark results", "",
-         f"Generated by `make bench` (`python benchmarks/run_all.py`) on {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, "
+         f"Generated by `make bench` (`python benchmarks/run_all.py`) on "
+         f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, "
          f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs: load average at start "
          f"{cmds.get('load', '?')}), Python {platform.python_version()}, torch {_torch_version()}. CPU only. "
          f"Total {t_total / 60:.1f} min. Every comparison runs both sides in the same process on the same data; "

@@ -176,7 +176,8 @@ def op_write(a) -> dict:
             w.put_fields(np.arange(s, e), boxes, flips, fields)
     total = time.perf_counter() - t_start
     r = fkdstore.open(a.store)
-    return {"seconds": total - t_synth, "create_seconds": t_create, "synth_seconds": t_synth + t_setup, "complete": bool(r.complete),
+    return {"seconds": total - t_synth, "create_seconds": t_create, "synth_seconds": t_synth + t_setup,
+            "complete": bool(r.complete),
             "images_per_chunk": r.header.images_per_chunk, "images_per_shard": r.header.images_per_shard,
             "format_version": r.header.format_version}
 
@@ -362,13 +363,16 @@ def table(rows: list[dict]) -> str:
         st = r.get("storage", {})
         ws = _get(r, "write", "seconds")
         L.append(
-            f"| {N:,} | {_f(ws, '.1f')} | {_f(ws and N / ws, ',.0f')} | {_f(ws and st.get('bytes', 0) / ws / 1e6, '.2f')} "
-            f"| {st.get('bytes', 0):,} | {_f(st.get('bytes') and st['bytes'] / (N * M), '.2f')} | {st.get('files', '-')} "
+            f"| {N:,} | {_f(ws, '.1f')} | {_f(ws and N / ws, ',.0f')} "
+            f"| {_f(ws and st.get('bytes', 0) / ws / 1e6, '.2f')} "
+            f"| {st.get('bytes', 0):,} | {_f(st.get('bytes') and st['bytes'] / (N * M), '.2f')} "
+            f"| {st.get('files', '-')} "
             f"| {_f(_get(r, 'write', 'peak_mib'), '.0f')} "
             f"| {_f(_get(r, 'verify', 'wall_seconds'), '.1f')} | {_f(_get(r, 'verify', 'peak_mib'), '.0f')} "
             f"| {_f(_get(r, 'inspect', 'wall_seconds'), '.1f')} | {_f(_get(r, 'inspect', 'peak_mib'), '.0f')} "
             f"| {_f(_get(r, 'read_all', 'seconds'), '.1f')} | {_f(_get(r, 'read_all', 'peak_mib'), '.0f')} "
-            f"| {_f(_get(r, 'read_batch', 'images_per_s'), ',.0f')} | {_f(_get(r, 'label_path', 'ms_per_batch'), '.1f')} |")
+            f"| {_f(_get(r, 'read_batch', 'images_per_s'), ',.0f')} "
+            f"| {_f(_get(r, 'label_path', 'ms_per_batch'), '.1f')} |")
     L += ["", "Per image: times per image should stay flat as N grows; peak memory above the bare-import baseline per "
           "image should fall (memory bounded independently of N). inspect is a total (it samples a fixed number of "
           "crops, so it should stay flat itself). verify and inspect times are the CLI's wall time, process start-up "
@@ -380,17 +384,19 @@ def table(rows: list[dict]) -> str:
         N = r["N"]
         base = r.get("baseline_mib", 0.0)
 
-        def per(op, key, scale):
+        def per(op, key, scale, r=r, N=N):
             v = _get(r, op, key)
             return None if v is None else v * scale / N
 
-        def mem(op):
+        def mem(op, r=r, N=N, base=base):
             v = _get(r, op, "peak_mib")
             return None if v is None else max(0.0, v - base) * 2**20 / N
 
-        L.append(f"| {N:,} | {_f(per('write', 'seconds', 1e6), '.0f')} | {_f(per('verify', 'wall_seconds', 1e6), '.0f')} "
+        L.append(f"| {N:,} | {_f(per('write', 'seconds', 1e6), '.0f')} "
+                 f"| {_f(per('verify', 'wall_seconds', 1e6), '.0f')} "
                  f"| {_f(_get(r, 'inspect', 'wall_seconds'), '.1f')} "
-                 f"| {_f(per('read_all', 'seconds', 1e6), '.1f')} | {_f(mem('write'), ',.0f')} | {_f(mem('verify'), ',.0f')} "
+                 f"| {_f(per('read_all', 'seconds', 1e6), '.1f')} | {_f(mem('write'), ',.0f')} "
+                 f"| {_f(mem('verify'), ',.0f')} "
                  f"| {_f(mem('read_all'), ',.0f')} | {_f(_get(r, 'read_batch', 'first_batch_ms'), '.0f')} "
                  f"| {_f(_get(r, 'keys', 'seconds'), '.2f')} | {_f(_get(r, 'keys', 'peak_mib'), '.0f')} "
                  f"| {_f(_get(r, 'label_path', 'construct_seconds'), '.2f')} |")
@@ -404,7 +410,8 @@ def describe(res: dict) -> str:
         for r in rows if r.get("write", {}).get("rc") == 0)
     return (f"{res['when']}, {res['machine']}, load average at start {res['load']}, format "
             f"{next((r['write'].get('format_version') for r in rows if r.get('write', {}).get('rc') == 0), '?')} "
-            f"({layouts}){', seeded crops (box and flip derived, not stored)' if res.get('seeded_crops') else ''}. M = {res['M']}, C = {res['C']}, MS top-{res['k']} float16, m = {res['m']}, "
+            f"({layouts}){', seeded crops (box and flip derived, not stored)' if res.get('seeded_crops') else ''}. "
+            f"M = {res['M']}, C = {res['C']}, MS top-{res['k']} float16, m = {res['m']}, "
             f"{res['batches']} batches of {BATCH} per read_batch / label-path figure. A bare `import fkdstore, zarr` "
             f"process peaks at {res['baseline_mib']:.0f} MiB (included in every peak) and takes "
             f"{res['baseline_seconds']:.1f} s to start and exit. Page cache as the OS left it after the write "
@@ -449,9 +456,11 @@ def main(argv=None):
         Path(a.profile).mkdir(parents=True, exist_ok=True)
     me = [sys.executable, str(Path(__file__).resolve())]
     baseline = run_child(me + ["--op", "baseline", "--n", "0"], work / "baseline.log")
-    res = {"when": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    res = {"when": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "M": a.crops, "C": a.classes, "k": a.k, "m": a.m,
-           "batches": a.batches, "seeded_crops": a.seeded_crops, "baseline_mib": baseline["peak_mib"], "baseline_seconds": baseline["wall_seconds"],
+           "batches": a.batches, "seeded_crops": a.seeded_crops, "baseline_mib": baseline["peak_mib"],
+           "baseline_seconds": baseline["wall_seconds"],
            "command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": []}
     for N in sizes:
         row = measure(N, a, work)

@@ -130,7 +130,9 @@ def main(argv=None):
         return g, {"write_images_per_s": N / dt, "bytes_per_crop": stt["bytes"] / (N * M), "files": stt["files"],
                    "bytes": stt["bytes"]}
 
-    zstd = lambda dt: [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dt).itemsize), Crc32cCodec()]  # noqa: E731
+    def zstd(dt):
+        return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dt).itemsize), Crc32cCodec()]
+
     g_img, res["zarr_chunk_per_image"] = zarr_layout("per_image.zarr", 1, None, zstd)
     g_big, res["zarr_big_chunks_sharded"] = zarr_layout("big.zarr", 1024, 1024 * 8, zstd)
     res["zarr_chunk_per_image"]["layout"] = "chunk 1 img, unsharded"
@@ -241,7 +243,8 @@ def main(argv=None):
     print(f"{'layout':42s} {'B/crop':>7s} {'files':>6s} {'write img/s':>12s}")
     for k in ("fkdstore", "zarr_chunk_per_image", "zarr_big_chunks_sharded", "fkd_torch_save"):
         v = res[k]
-        print(f"{k + ' (' + v['layout'] + ')':42.42s} {v['bytes_per_crop']:7.2f} {v['files']:6d} {v['write_images_per_s']:12.0f}")
+        print(f"{k + ' (' + v['layout'] + ')':42.42s} {v['bytes_per_crop']:7.2f} {v['files']:6d} "
+              f"{v['write_images_per_s']:12.0f}")
     print(f"\nlabel read + {a.decode} decode of m=4 slots per random image; medians of {a.repeat} interleaved runs")
     print(f"{'':62s} {'img/s':>9s} {'x torch.load':>12s}")
     for k, v in read.items():

@@ -46,7 +46,13 @@ from fkdstore.labelmap_torch import class_map_shape, spatial_teacher
 from fkdstore.report import storage_stats
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import (
-    RandomCropDataset, accuracy, limit_threads, load_eval_folder, make_digits_folder, tiny_cnn, train_classifier,
+    RandomCropDataset,
+    accuracy,
+    limit_threads,
+    load_eval_folder,
+    make_digits_folder,
+    tiny_cnn,
+    train_classifier,
 )
 
 SIZE = 16  # the digits are 8x8: 16 px keeps every stroke and costs a quarter of 32 px
@@ -169,7 +175,8 @@ def main(argv=None):
         model = tiny_cnn(10, width=STUDENT_WIDTH, seed=a.seed)
         wall, cpu = train_classifier(model, batches, passes, LR, target_fn, progress=name)
         results[name] = (accuracy(model, x_test, y_test), wall, cpu, passes)
-        print(f"      held-out accuracy {results[name][0]:.1%}, training {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        print(f"      held-out accuracy {results[name][0]:.1%}, training {wall:.1f} s wall, {cpu:.1f} s CPU",
+              flush=True)
 
     @torch.no_grad()
     def teacher_labels(x, _):

@@ -6,8 +6,9 @@ before forwarding it (a stand-in for a network round trip) and counts requests b
 process prints one JSON line when ready and exits by itself when its parent dies, when told to on stdin
 (EOF), or after ``max_life_s``; so a killed test run never leaves a server behind.
 
-Credentials are checked (unless ``auth=False``): the child creates an IAM user with an access key (``key``/``secret``) while
-moto's authentication is still off, then switches it on, so wrong credentials are refused as on AWS.
+Credentials are checked (unless ``auth=False``): the child creates an IAM user with an access key
+(``key``/``secret``) while moto's authentication is still off, then switches it on, so wrong credentials are
+refused as on AWS.
 
     with S3Server(delay_ms=20) as s3:
         s3.make_bucket("labels")
@@ -18,7 +19,8 @@ Subprocesses (torchrun ranks, the CLI) reach the server through :meth:`S3Server.
 honours ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``; ``AWS_CONFIG_FILE`` and
 ``AWS_SHARED_CREDENTIALS_FILE`` point nowhere so a developer's own profile never leaks in.
 
-Run as a script it is the child: ``python tests/s3util.py --delay-ms 20 --parent PID``.
+Run as a script it is the child: ``python tests/s3util.py --delay-ms 20 --parent PID``. The pytest fixtures
+``s3_server`` and ``s3`` built on it are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -275,39 +277,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-# --------------------------------------------------------------------------------------------- pytest
-
-try:
-    import pytest
-except ImportError:  # used as a plain module by the benchmarks
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.fixture(scope="session")
-    def s3_server():
-        """One moto server (no added latency) for the whole session; skips the test when moto is missing or
-        the server cannot start."""
-        try:
-            import moto.server  # noqa: F401
-            import s3fs  # noqa: F401
-        except ImportError as e:
-            pytest.skip(f"S3 tests need moto[server] and s3fs (pip install -e '.[test]'): {e}")
-        try:
-            server = S3Server().start()
-        except (RuntimeError, OSError) as e:
-            pytest.skip(f"the moto S3 server could not start on 127.0.0.1: {e}")
-        server.make_bucket("fkd")
-        yield server
-        server.stop()
-
-    @pytest.fixture
-    def s3(s3_server, monkeypatch, request):
-        """``(url_prefix, storage_options)`` for a fresh prefix in bucket ``fkd``; the environment points
-        botocore at the server too (for subprocesses and env-only credentials)."""
-        for k, v in s3_server.env().items():
-            monkeypatch.setenv(k, v)
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
-        return f"s3://fkd/{name}-{os.getpid()}-{time.monotonic_ns()}", s3_server.storage_options()

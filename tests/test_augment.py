@@ -256,7 +256,8 @@ def test_cutmix_box_area_matches_lambda():
         taken = (out == y).all(axis=2)
         assert 1 - taken.mean() == pytest.approx(info.lam)
         y1, x1, y2, x2 = cut.box(prm, SIZE)
-        assert (y1, x1, y2, x2) == A.cutmix_box(int(prm["cutmix_lam"]) / 255, tuple(prm["cutmix_center"].tolist()), SIZE)
+        centre = tuple(prm["cutmix_center"].tolist())
+        assert (y1, x1, y2, x2) == A.cutmix_box(int(prm["cutmix_lam"]) / 255, centre, SIZE)
         assert taken[y1:y2, x1:x2].all() and info.lam == 1 - (y2 - y1) * (x2 - x1) / (SIZE[0] * SIZE[1])
     assert A.cutmix_box(0.0, (0, 0), (10, 10)) == (0, 0, 5, 5)
     assert A.cutmix_lambda((0, 0, 5, 5), (10, 10)) == 0.75
@@ -293,7 +294,8 @@ def test_pipeline_replay_equation_with_partners():
 
 # ------------------------------------------------------------------ pipeline and parse_augment
 def test_parse_augment_string_json_and_config_round_trip():
-    text = "randaugment:num_ops=2,magnitude=9;random_erasing:scale=[0.05,0.2],value=random;mixup:alpha=0.2,p=0.5;cutmix:alpha=1.0"
+    text = ("randaugment:num_ops=2,magnitude=9;random_erasing:scale=[0.05,0.2],value=random;mixup:alpha=0.2,p=0.5;"
+            "cutmix:alpha=1.0")
     pipe = A.parse_augment(text)
     assert [p.name for p in pipe.policies] == ["randaugment", "random_erasing", "mixup", "cutmix"]
     assert pipe.policies[1].scale == (0.05, 0.2) and pipe.policies[1].value == "random"
@@ -331,7 +333,8 @@ def test_pipeline_columns_unique_and_compact():
          "'random_grayscale']. Got 'autoaugment'."),
         ("mixup;randaugment", ValidationError,
          "mixing policies must come after all other policies. Got 'randaugment' after 'mixup'."),
-        ("mixup;mixup", ValidationError, "augment column names must be unique in a pipeline. Got 'mixup_partner' twice."),
+        ("mixup;mixup", ValidationError,
+         "augment column names must be unique in a pipeline. Got 'mixup_partner' twice."),
         ("mixup:alpha", ValidationError, "augment spec arguments must be key=value. Got 'alpha' in 'mixup:alpha'."),
         ("[{", ValidationError, "augment spec must be valid JSON"),
         ("randaugment:num_ops=2,mixup:alpha=0.2", ValidationError,
@@ -360,7 +363,8 @@ def test_validate_stored_columns():
     with pytest.raises(ValidationError, match=rf"'mixup_partner' values must be in \[-1, {N - 1}\]\. Got {N}\."):
         pipe.validate(bad, num_images=N, crops_per_image=M)
     bad = dict(cols, cutmix_center=np.full_like(cols["cutmix_center"], SIZE[0]))
-    with pytest.raises(ValidationError, match=rf"'cutmix_center r_y' values must be in \[0, {SIZE[0] - 1}\]\. Got {SIZE[0]}\."):
+    with pytest.raises(ValidationError,
+                       match=rf"'cutmix_center r_y' values must be in \[0, {SIZE[0] - 1}\]\. Got {SIZE[0]}\."):
         pipe.validate(bad, num_images=N, crops_per_image=M, image_size=SIZE)
     bad = dict(cols, ra_ops=np.full_like(cols["ra_ops"], 20))
     with pytest.raises(ValidationError, match=r"'ra_ops' values must be in \[0, 13\]\. Got 20\."):

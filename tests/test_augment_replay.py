@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faultutil import set_header
 
 import fkdstore
 from fkdstore import augment as A
 from fkdstore.cli import main as cli_main
 from fkdstore.errors import CorruptStoreError, FormatError, ValidationError
-from fkdstore.runner import generate
 from fkdstore.pytorch import TorchDataset, collate, mix_batch
+from fkdstore.runner import generate
 from fkdstore.testing import make_digits_folder, tiny_cnn
-from faultutil import set_header
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 24
@@ -248,7 +248,8 @@ def test_generate_help_documents_the_grammar(capsys):
     ("randaugment:magnitude=31", ValidationError, "magnitude must be an integer in [0, 30]. Got 31."),
     ("mixup:p=1.5", ValidationError, "p must be in [0, 1]. Got 1.5."),
     ("random_erasing:p=-0.1", ValidationError, "p must be in [0, 1]. Got -0.1."),
-    ("cutmix:alpha=1,beta=2", ValidationError, "cutmix config keys must be in ['alpha', 'p', 'window']. Got unknown ['beta']."),
+    ("cutmix:alpha=1,beta=2", ValidationError,
+     "cutmix config keys must be in ['alpha', 'p', 'window']. Got unknown ['beta']."),
     ([{"name": "mixup", "alpha": 0.2, "lam": 0.5}], ValidationError, "mixup config keys must be in"),
     ("mixup:window=-1", ValidationError, "window must be an integer in [0, 2147483647]. Got -1."),
     (3, TypeError, "augment spec must be a str, a list of configs or a Pipeline. Got int."),

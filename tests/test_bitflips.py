@@ -11,12 +11,12 @@ import random
 
 import numpy as np
 import pytest
+from storeutil import small_store
 
 import fkdstore
 from fkdstore.errors import FkdstoreError
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.verification import verify
-from storeutil import small_store
 
 PER_FILE = 16  # byte positions flipped per zarr.json
 

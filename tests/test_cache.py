@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_s3 import N, _same_records, _write
 
 import fkdstore
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, ValidationError
-
-from s3util import s3, s3_server  # noqa: F401 - fixtures
-from test_s3 import N, _same_records, _write
 
 pytestmark = pytest.mark.slow  # every test talks to the S3 server (moto) these tests start in a child process
 
@@ -115,8 +113,8 @@ def test_corrupted_cache_entries_are_detected_and_healed(remote, tmp_path):
         body = bytearray(raw[_HEAD:])
         if len(body) > 40:
             body[len(body) // 2] ^= 0x55
-            p.write_bytes(raw[:len(_MAGIC)] + crc32c.crc32c(bytes(body)).to_bytes(4, "little") + raw[len(_MAGIC) + 4:_HEAD]
-                          + bytes(body))
+            crc = crc32c.crc32c(bytes(body)).to_bytes(4, "little")
+            p.write_bytes(raw[:len(_MAGIC)] + crc + raw[len(_MAGIC) + 4:_HEAD] + bytes(body))
     with fkdstore.open(url, storage_options=so, cache_dir=cache) as r:
         got = _reads(r)
         assert r._source.stats["invalidated"] > 0

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fkdstore
-from fkdstore import report, schema as S
+from fkdstore import report
+from fkdstore import schema as S
 from fkdstore.cli import main
 from fkdstore.report import storage_stats
 
@@ -108,8 +109,10 @@ def test_inspect_json_keys_and_values(store, capsys):
     assert d["bytes_per_crop"] == pytest.approx(d["total_bytes"] / 60)
     assert {S.KEY, S.IMAGE_SIZE, S.LABEL, S.WRITTEN, S.MANIFEST} <= set(d["arrays"])  # format 2.0 arrays
     a = d["arrays"][S.soft_path("probs")]
-    assert a["shape"] == [12, 5, 5] and a["dtype"] == "float16" and a["chunks"] == [4, 5, 5] and a["shards"] == [8, 5, 5]
-    assert a["raw_bytes"] == 12 * 5 * 5 * 2 and a["compression_ratio"] == pytest.approx(a["raw_bytes"] / a["stored_bytes"])
+    assert a["shape"] == [12, 5, 5] and a["dtype"] == "float16"
+    assert a["chunks"] == [4, 5, 5] and a["shards"] == [8, 5, 5]
+    assert a["raw_bytes"] == 12 * 5 * 5 * 2
+    assert a["compression_ratio"] == pytest.approx(a["raw_bytes"] / a["stored_bytes"])
     assert a["files"] == 2
     # label statistics, checked against a direct computation on the same seeded sample
     ls = d["label_stats"]

@@ -1,16 +1,30 @@
 """Tests of fkdstore.codecs: every property is parametrised over REGISTRY, so a new codec is covered for free."""
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
-from optional_torch import HAVE_TORCH, cuda_available, torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from optional_torch import cuda_available, torch
 
 import fkdstore.codecs as codecs
-from fkdstore.codecs import (REGISTRY, FieldSpec, Full, Hard, Logits, MarginalReNorm, MarginalSmoothing, Sampled,
-                             Smoothing, from_config, get_codec, index_dtype, validate_probs)
+from fkdstore.codecs import (
+    REGISTRY,
+    FieldSpec,
+    Full,
+    Hard,
+    Logits,
+    MarginalReNorm,
+    MarginalSmoothing,
+    Sampled,
+    Smoothing,
+    from_config,
+    get_codec,
+    index_dtype,
+    validate_probs,
+)
 from fkdstore.errors import ValidationError
 
 NAMES = sorted(REGISTRY)
@@ -55,7 +69,8 @@ def inp(codec, p):
     """What ``codec.encode`` takes for probability rows ``p``: ``p`` itself, or logits ``log p``."""
     if codec.input == "probs":
         return p
-    if type(p).__module__.startswith("torch"):  # the same logits as for numpy, so the codec is compared, not numpy vs torch log
+    # torch: the same logits as for numpy, so the codec is compared, not numpy's log vs torch's
+    if type(p).__module__.startswith("torch"):
         return torch.from_numpy(inp(codec, p.cpu().numpy())).to(p.device)
     with np.errstate(divide="ignore"):
         return np.log(p)
@@ -283,7 +298,8 @@ def test_numpy_and_torch_agree(codec, p):
             same(ft[name].numpy(), fn[name])
         elif ft[name].dtype.is_floating_point:  # float32 log-softmax 1 ulp apart may round 1 ulp apart in storage
             a, b = ft[name].numpy(), fn[name]
-            np.testing.assert_array_less(np.abs(a.astype(np.float64) - b), np.spacing(np.abs(b)).astype(np.float64) * 1.01 + 1e-30)
+            ulp = np.spacing(np.abs(b)).astype(np.float64)
+            np.testing.assert_array_less(np.abs(a.astype(np.float64) - b), ulp * 1.01 + 1e-30)
             ft[name] = torch.from_numpy(fn[name])
         else:  # a q8 code may differ by one step where exp differs at a grid boundary
             assert np.abs(ft[name].numpy().astype(int) - fn[name].astype(int)).max(initial=0) <= 1
@@ -368,7 +384,8 @@ def test_large_num_classes_use_int32(codec):
 
 
 def test_fields_and_raw_bytes():
-    assert MarginalSmoothing().fields(1000) == {"indices": FieldSpec((5,), "uint16"), "probs": FieldSpec((5,), "float16")}
+    assert MarginalSmoothing().fields(1000) == {"indices": FieldSpec((5,), "uint16"),
+                                                "probs": FieldSpec((5,), "float16")}
     assert list(Smoothing().fields(10)) == ["indices", "probs"]
     assert Full().raw_bytes_per_crop(1000) == 2000
     assert Full(dtype="float32").raw_bytes_per_crop(1000) == 4000
@@ -411,7 +428,7 @@ def test_get_codec_aliases():
 
 def test_codecs_are_frozen():
     c = MarginalSmoothing()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.k = 3
 
 

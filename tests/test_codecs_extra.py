@@ -5,13 +5,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from optional_torch import HAVE_TORCH, cuda_available, torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from optional_torch import torch
 
 import fkdstore.codecs as codecs
-from fkdstore.codecs import (REGISTRY, Full, Logits, MarginalReNorm, MarginalSmoothing, Smoothing, as_codec,
-                             get_codec, parse_spec)
+from fkdstore.codecs import (
+    REGISTRY,
+    Full,
+    Logits,
+    MarginalReNorm,
+    MarginalSmoothing,
+    Smoothing,
+    as_codec,
+    get_codec,
+    parse_spec,
+)
 from fkdstore.errors import ValidationError
 
 HSET = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -235,7 +235,8 @@ def test_configs_are_strict_and_round_trip():
     for missing in ("seed", "temperature", "k"):
         with pytest.raises(ValidationError, match=rf"config must spell every parameter .*missing \['{missing}'\]"):
             from_config({n: v for n, v in cfg.items() if n != missing})
-    with pytest.raises(ValidationError, match=r"codec .sampled. parameters must be in \[.*\]\. Got unknown \[.draws.\]"):
+    with pytest.raises(ValidationError,
+                       match=r"codec .sampled. parameters must be in \[.*\]\. Got unknown \[.draws.\]"):
         from_config(cfg | {"draws": 3})
     assert get_codec("sampled", s=4) == Sampled(s=4)  # building by name keeps the defaults
     for kw, exc, msg in [({"s": 0}, ValidationError, r"Sampled\.s"), ({"s": 70000}, ValidationError, r"Sampled\.s"),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import make_store
 
 import fkdstore
 from fkdstore import codecs as K
@@ -15,7 +15,6 @@ from fkdstore.codecs import convert_fields
 from fkdstore.errors import ConversionError
 from fkdstore.importers.fkd import fkd_boxes, import_fkd, load_fkd_file
 from fkdstore.verification import verify
-from test_cli import make_store
 
 C = 30
 
@@ -92,7 +91,8 @@ def test_convert_store_copies_everything(tmp_path, capsys):
         np.testing.assert_array_equal(rb.fields[name], want[name])
     assert b.meta["teacher"] == a.meta["teacher"]
     h = b.meta["history"][-1]
-    assert h["op"] == "convert" and h["from"]["name"] == "full" and h["to"] == {"name": "ms", "k": 3, "dtype": "float16"}
+    assert h["op"] == "convert" and h["from"]["name"] == "full"
+    assert h["to"] == {"name": "ms", "k": 3, "dtype": "float16"}
     assert verify(dst) == ["store incomplete: 4 of 12 images not written, ranges [8, 12)"]
     # then ms3 -> hard, history grows
     assert main(["convert", str(dst), str(tmp_path / "hard.fkd"), "--codec", "hard"]) == 0
@@ -211,7 +211,7 @@ def test_import_fkd_codecs(tmp_path, kind, codec, k):
     for n, key in enumerate(r.image_keys):
         lab = expect[key]["labels"]
         f = r.read(n).fields
-        top1 = {"topk": lambda: lab[:, 0, 0], "smoothing": lambda: lab[:, 0], "hard": lambda: lab}[kind]()
+        top1 = {"topk": lambda a: a[:, 0, 0], "smoothing": lambda a: a[:, 0], "hard": lambda a: a}[kind](lab)
         np.testing.assert_array_equal(f["indices"][..., 0] if f["indices"].ndim == 2 else f["indices"], top1)
         if name == "mr":
             np.testing.assert_array_equal(f["probs"], lab[:, 1, :3].astype(np.float16))

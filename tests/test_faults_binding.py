@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from faultutil import header, set_header
+from storeutil import small_store
 
 import fkdstore
-from faultutil import header, set_header
 from fkdstore import schema as S
 from fkdstore.errors import CorruptStoreError, FormatError
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.transforms import Replay
 from fkdstore.verification import verify
-from storeutil import small_store
 
 N, M, C, IPC, IPS = 16, 4, 10, 4, 8  # 2 shards; damage goes to shard 1 (images 8-15)
 REPLAY = Replay(input_size=(12, 16), interpolation="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
@@ -215,8 +215,9 @@ def test_crafted_replay_parameter_is_refused_at_open(pair, key):
     value, message = OUT_OF_RANGE[key]
     h["replay"][key] = value
     body = {k: v for k, v in h.items() if k not in S.CHECKSUM_EXCLUDES}
-    h["checksum"] = "crc32c:%08x" % __import__("crc32c").crc32c(  # allow_nan: the crafted NaN must get in
+    crc = __import__("crc32c").crc32c(  # allow_nan: the crafted NaN must get in
         json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    h["checksum"] = f"crc32c:{crc:08x}"
     zj.write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=message):
         fkdstore.open(a)

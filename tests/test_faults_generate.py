@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from genkill import WRAPPER, assert_same_objects, run_generate
 
 import fkdstore
 from fkdstore.testing import make_digits_folder
 from fkdstore.verification import verify
-from genkill import WRAPPER, assert_same_objects, run_generate
 
 pytestmark = pytest.mark.slow  # each test kills and reruns `fkdstore generate` in child processes
 

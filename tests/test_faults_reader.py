@@ -10,16 +10,16 @@ import shutil
 
 import numpy as np
 import pytest
+from faultutil import DELETE, set_header, shard_file, shard_index, use_dot_separator, write_shard_index
+from storeutil import small_store as make_store
 
 from fkdstore import reader as R
 from fkdstore import schema as S
 from fkdstore import storage
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, IncompleteStoreError
+from fkdstore.seeded import SlotCropSampler
 from fkdstore.shard import MISSING
 from fkdstore.verification import verify
-from storeutil import small_store as make_store
-from faultutil import DELETE, set_header, shard_file, shard_index, use_dot_separator, write_shard_index
-from fkdstore.seeded import SlotCropSampler
 
 N, M, C, IPC, IPS = 16, 5, 30, 4, 8  # shards of 8 images = 2 inner chunks; 2 shards
 PROBS = S.soft_path("probs")
@@ -79,15 +79,13 @@ def test_inner_chunk_removed_from_index(store):
     index = shard_index(f, IPS // IPC)
     index[1] = MISSING  # the sharding codec's "not stored" sentinel, with a valid index crc32c
     write_shard_index(f, index)
-    _assert_raises(p, 5, CorruptStoreError, "array 'soft/indices' chunk 1 (images 4-7, shard file soft/indices/c/0/0/0)",
-                   "missing from the shard index")
-    _verify_names(p, "array 'soft/indices' chunk 1 (images 4-7, shard file soft/indices/c/0/0/0)", "missing from the shard index")
+    where = "array 'soft/indices' chunk 1 (images 4-7, shard file soft/indices/c/0/0/0)"
+    _assert_raises(p, 5, CorruptStoreError, where, "missing from the shard index")
+    _verify_names(p, where, "missing from the shard index")
 
 
 def test_shard_files_swapped(store):
     p, data, version = store
-    with R.open(p) as r:
-        image8 = r.read(8).fields["probs"]
     a, b = shard_file(p, PROBS, 0), shard_file(p, PROBS, 1)
     tmp = a.with_name("tmp")
     a.rename(tmp)
@@ -95,6 +93,9 @@ def test_shard_files_swapped(store):
     tmp.rename(b)
     _assert_raises(p, 1, CorruptStoreError, "array 'soft/probs' chunk 0 (images 0-3, shard file soft/probs/c/0/0/0)",
                    "does not match the manifest: misplaced or stale data")
+    with R.open(p) as r, pytest.raises(CorruptStoreError, match=r"array 'soft/probs' chunk 2 \(images 8-11, shard "
+                                                                r"file soft/probs/c/1/0/0\).*does not match"):
+        r.read(8)  # the other swapped shard: refused too, never shard 0's labels for image 8
     _verify_names(p, "array 'soft/probs' chunk 0", "soft/probs/c/0/0/0", "manifest")
 
 
@@ -124,8 +125,9 @@ def test_payload_byte_flipped(store):
 
 
 @pytest.mark.parametrize("edit", [{"num_classes": 31}, {"regions.codec": {"name": "mr", "k": 5, "dtype": "float16"}},
-                                  {"layout.images_per_chunk": 2}, {"replay": {"input_size": [64, 64], "interpolation": "nearest",
-                                                             "mean": [0.5] * 3, "std": [0.5] * 3}},
+                                  {"layout.images_per_chunk": 2},
+                                  {"replay": {"input_size": [64, 64], "interpolation": "nearest", "mean": [0.5] * 3,
+                                              "std": [0.5] * 3}},
                                   {"store_id": "0" * 32}])
 def test_header_edited(tmp_path, edit):
     p = tmp_path / "s.fkd"
@@ -175,7 +177,7 @@ def test_header_edit_with_a_recomputed_checksum_is_caught_by_the_arrays(tmp_path
         R.open(p)
     set_header(p, **{"layout.images_per_chunk": IPC, "store_id": "0" * 32}, checksum=True)
     with R.open(p) as r, pytest.raises(CorruptStoreError, match="array 'key' chunk 0 .*does not match the manifest"):
-        r.image_keys
+        _ = r.image_keys  # the property reads the key array and checks its tag
 
 
 def test_array_rechunked_header_untouched(store):

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from storeutil import make_data
 
 import fkdstore
 from fkdstore import storage
 from fkdstore.errors import ConcurrentWriterError, ValidationError
 from fkdstore.verification import verify
-from storeutil import make_data
 
 REPO = Path(__file__).resolve().parents[1]
 N, M, C, IPC, IPS = 24, 3, 7, 2, 8

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from storeutil import make_data
 
 from fkdstore import schema as S
-from storeutil import make_data
 
 REPO = Path(__file__).resolve().parents[1]
 N, M, C = 40, 3, 7

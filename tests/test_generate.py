@@ -24,11 +24,11 @@ from fkdstore import schema as S
 from fkdstore.cli import GENERATE_OPTIONS, SAMPLER_OPTIONS, build_parser, generate_options, main
 from fkdstore.distributed import World
 from fkdstore.errors import SchemaMismatchError, ValidationError
-from fkdstore.runner import Execution, LabelSpec, Provenance, generate
-from fkdstore.teacher import file_sha256, load_teacher, state_sha256
 from fkdstore.images import ImageReadError, image_size, load_image
-from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
+from fkdstore.runner import Execution, LabelSpec, Provenance, generate
 from fkdstore.seeded import SlotCropSampler
+from fkdstore.teacher import file_sha256, load_teacher, state_sha256
+from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
 from fkdstore.transforms import Replay, normalize, replay_crops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -501,7 +501,8 @@ def test_cli_generate_options_map_to_the_api(capsys):
         "--weights-sha256", "ab", "--store-crops"])
     assert generate_options(given) == dict(
         input_size=32, batch_size=8,
-        crop_sampler=SlotCropSampler(seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0), temperature=2.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu",
+        crop_sampler=SlotCropSampler(seed=3, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.0), temperature=2.0,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic", device="cpu",
         num_workers=0, on_error="skip", images_per_shard=4, num_classes=10, amp=False, progress=False,
         teacher_name="t", weights_sha256="ab", store_crops=True)
     assert main(["generate", "--help"]) == 0

@@ -15,10 +15,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from fkdstore import schema as S
 from faultutil import claim_images, set_header, shard_file, shard_index, write_shard_index, zstd_rle_frame
 from storeutil import small_store
+
+from fkdstore import schema as S
 
 REPO = Path(__file__).resolve().parents[1]
 N, M, C, IPC, IPS = 12, 5, 30, 4, 8

@@ -579,7 +579,8 @@ def test_lpqld_mrs_fill_logit(tmp_path):
     table, batches, _ = write_lpqld(tmp_path / "mrs", images, epochs=2, sample_min=True)
     s = import_sre2l(tmp_path / "mrs", tmp_path / "mrs.fkd", images, num_classes=9, input_size=SRE_SIZE,
                      progress=False)
-    assert s["slots"] == "epoch" and s["codec"] == {"name": "logits", "k": 4, "dtype": "float32", "tail": None, "centred": False}
+    assert s["slots"] == "epoch"
+    assert s["codec"] == {"name": "logits", "k": 4, "dtype": "float32", "tail": None, "centred": False}
     r = fkdstore.open(tmp_path / "mrs.fkd")
     order = np.argsort([str(p.relative_to(images)) for p in imagefolder_paths(images)])
     store_of = np.empty(4, np.int64)

@@ -31,12 +31,11 @@ ts = pytest.importorskip(
 
 import crc32c  # noqa: E402
 import numcodecs  # noqa: E402
+from interop_stores import AUG, CODECS, IPC, IPS, N, make_store  # noqa: E402
 
 import fkdstore  # noqa: E402
 from fkdstore.codecs import PROB_DTYPES, REGISTRY  # noqa: E402
 from fkdstore.errors import CorruptStoreError  # noqa: E402
-
-from interop_stores import AUG, CODECS, IPC, IPS, N, make_store  # noqa: E402
 
 CODEC_IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in CODECS]
 

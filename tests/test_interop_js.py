@@ -11,10 +11,10 @@ import crc32c
 import numpy as np
 import pytest
 import zarr
+from interop_stores import IPC, IPS, make_store
 
 import fkdstore
 from fkdstore.errors import CorruptStoreError
-from interop_stores import IPC, IPS, make_store
 
 HERE = Path(__file__).resolve().parents[1] / "benchmarks" / "interop"
 SCRIPT = HERE / "zarrita_check.mjs"

@@ -9,12 +9,11 @@ import json
 
 import numpy as np
 import pytest
+from optional_torch import torch
 
 from fkdstore.errors import LabelFileError, ValidationError
-from fkdstore.labelmap import (LabelMapSpec, dense_maps, map_boxes, pool_labels, pool_labels_dense,
-                               roi_align_reference)
+from fkdstore.labelmap import LabelMapSpec, dense_maps, map_boxes, pool_labels, pool_labels_dense, roi_align_reference
 from fkdstore.seeded import SlotCropSampler
-from optional_torch import torch
 
 
 # ------------------------------------------------------------------------------------------------ helpers

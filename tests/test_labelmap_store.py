@@ -270,7 +270,7 @@ def _relabel_tree(tmp_path, dtype, S_=7, K=5, C_=1000):
     class ids as floats) for each; returns (image folder, map folder, {key: tensor})."""
     rng = np.random.default_rng(7)
     imgs, maps, files = tmp_path / "train", tmp_path / "relabel", {}
-    for n, (syn, stem) in enumerate([("n01", "a_1"), ("n01", "a_2"), ("n02", "b_1"), ("n03", "c_1"), ("n03", "c_2")]):
+    for syn, stem in [("n01", "a_1"), ("n01", "a_2"), ("n02", "b_1"), ("n03", "c_1"), ("n03", "c_2")]:
         H, W = int(rng.integers(20, 60)), int(rng.integers(20, 60))
         (imgs / syn).mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)).save(imgs / syn / f"{stem}.JPEG")

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import make_store
 
 import fkdstore
 from fkdstore import codecs as K
 from fkdstore.cli import main
 from fkdstore.conversion import confident_slots, pruned_slots, random_slots
 from fkdstore.errors import ValidationError
+from fkdstore.images import list_images, load_image
 from fkdstore.runner import generate
 from fkdstore.seeded import SlotCropSampler
-from fkdstore.images import list_images, load_image
 from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.transforms import normalize, replay_crops
-from test_cli import make_store
 
 FAST = dict(input_size=32, images_per_shard=4, batch_size=16, num_workers=0, progress=False)
 M = 6
@@ -193,7 +193,8 @@ def test_prune_refusals(tmp_path, capsys):
 
 def test_prune_refuses_a_pipeline_that_mixes_slots(digits, tmp_path):
     mix = tmp_path / "mix.fkd"
-    generate(tiny_cnn(10), digits, mix, crops_per_image=4, codec="ms:k=3", augment="color_jitter;mixup:window=4", **FAST)
+    generate(tiny_cnn(10), digits, mix, crops_per_image=4, codec="ms:k=3", augment="color_jitter;mixup:window=4",
+             **FAST)
     with pytest.raises(ValidationError, match=r"mixes slots \(mixup\)"):
         fkdstore.prune(mix, tmp_path / "pm", keep=0.5)
     assert not (tmp_path / "pm").exists()

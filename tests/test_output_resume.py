@@ -13,12 +13,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from genkill import assert_same_objects
+from storeutil import small_store
 
 import fkdstore
 from fkdstore import output
 from fkdstore.errors import ValidationError
-from genkill import assert_same_objects
-from storeutil import small_store
 
 REPO = Path(__file__).resolve().parents[1]
 N = 40
@@ -122,8 +122,9 @@ def test_an_interrupted_fkd_import_is_continued(tmp_path, monkeypatch):
     """import-fkd stopped after its first batch (Ctrl-C: what was put is written): the same import again
     continues it and equals an import run at once; another codec into that output is refused."""
     pytest.importorskip("torch")
-    from fkdstore.importers.fkd import import_fkd
     from test_convert import C, _fkd_tree
+
+    from fkdstore.importers.fkd import import_fkd
 
     root, images, _ = _fkd_tree(tmp_path)
     calls = {"n": 0}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from faultutil import set_header
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -24,7 +25,6 @@ from fkdstore.pytorch import epoch_slots
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.transforms import IMAGENET_MEAN, IMAGENET_STD, Replay, normalize, replay_crops
-from faultutil import set_header
 
 ROOT = Path(__file__).resolve().parents[1]
 M, C, SIZE = 8, 10, 24

@@ -4,27 +4,23 @@ stores (fkdstore 0.2) are read in test_golden.py."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from faultutil import set_header, shard_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from storeutil import create, make_data
 
 from fkdstore import reader as R
 from fkdstore import schema as S
 from fkdstore import storage
 from fkdstore.codecs import REGISTRY, crop_keys, get_codec
 from fkdstore.errors import CorruptChunkError, FormatError, IncompleteStoreError, ValidationError
-from storeutil import create, fill, make_data
-from faultutil import set_header, shard_file
-
 from fkdstore.seeded import SlotCropSampler
-
 
 
 def _store(tmp_path, crops, N=40, M=6, C=12, codec="ms", aug=None, ipc=4, ips=16, seed=0):
@@ -45,7 +41,8 @@ def test_round_trip_every_codec(tmp_path, crops, name):
     codec = get_codec(name, **({"k": 3} if name in ("ms", "mr") else {}))
     p, d, _ = _store(tmp_path, crops, codec=codec)
     r = R.open(p)
-    assert r.complete and r.codec == codec and r.header.format_version == "4.0" and r.header.seeded == (crops == "seeded")
+    assert r.complete and r.codec == codec and r.header.format_version == "4.0"
+    assert r.header.seeded == (crops == "seeded")
     assert r.image_keys == d["keys"] and r.image_key(17) == d["keys"][17]
     np.testing.assert_array_equal(r.image_sizes, d["sizes"])
     np.testing.assert_array_equal(r.labels, d["labels"])
@@ -165,10 +162,11 @@ def test_direct_shard_path_equals_zarr(tmp_path_factory, N, M, ipc, mult, data):
     idx = np.asarray(data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=12)))
     rec = r.read_batch(idx)
     assert all(r.sharded(n).fast for n in r.per_crop_arrays)
-    np.testing.assert_array_equal(rec.box, r.array(S.BOX).oindex[np.sort(idx)][np.argsort(np.argsort(idx, kind="stable"), kind="stable")])
+    order = np.argsort(np.argsort(idx, kind="stable"), kind="stable")
+    np.testing.assert_array_equal(rec.box, r.array(S.BOX).oindex[np.sort(idx)][order])
     for name in r.per_crop_arrays:
-        np.testing.assert_array_equal(np.concatenate([r.sharded(name).shard_rows(s) for s in range(r.header.num_shards)]),
-                                      r.array(name)[:])
+        rows = [r.sharded(name).shard_rows(s) for s in range(r.header.num_shards)]
+        np.testing.assert_array_equal(np.concatenate(rows), r.array(name)[:])
 
 
 def test_zarr_fallback_keeps_the_checks(tmp_path):

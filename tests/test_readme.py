@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fkdstore.testing import make_digits_folder, tiny_cnn
 from fkdstore.seeded import SlotCropSampler
+from fkdstore.testing import make_digits_folder, tiny_cnn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -41,10 +41,10 @@ def test_readme_timm_section_runs(tmp_path, monkeypatch):
 
     import torch
     import torch.nn.functional as F
+    from PIL import Image
 
     import fkdstore
     from fkdstore.images import list_images
-    from PIL import Image
 
     class SoftTargetCrossEntropy(torch.nn.Module):
         def forward(self, x, target):

@@ -11,11 +11,10 @@ import time
 import numpy as np
 import pytest
 import zarr
+from s3util import S3Server
 
 from fkdstore import storage
 from fkdstore.errors import StorageError
-
-from s3util import s3, s3_server, S3Server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # every test talks to the S3 server (moto) these tests start in a child process
 
@@ -35,10 +34,12 @@ def test_zarr_round_trip_through_as_store(s3):
     ("unknown scheme", "s4://fkd/x.fkd", {}, "s4://fkd/x.fkd: no installed filesystem handles the URL scheme 's4'"),
     ("no bucket", "s3://", {}, "s3://: the URL names no bucket (expected s3://BUCKET/PATH)"),
     ("missing slash", "s3:/fkd/x.fkd", None, "s3:/fkd/x.fkd: not a valid URL"),
-    ("missing bucket", "s3://no-such-bucket/x.fkd", {}, "s3://no-such-bucket/x.fkd: bucket 'no-such-bucket' does not exist"),
+    ("missing bucket", "s3://no-such-bucket/x.fkd", {},
+     "s3://no-such-bucket/x.fkd: bucket 'no-such-bucket' does not exist"),
     ("wrong credentials", "s3://fkd/x.fkd", {"key": "AKIAWRONGKEY", "secret": "wrong"},
      "s3://fkd/x.fkd: access denied (Forbidden); check the credentials (AWS_ACCESS_KEY_ID"),
-    ("dead endpoint", "s3://fkd/x.fkd", {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}},
+    ("dead endpoint", "s3://fkd/x.fkd",
+     {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}},
      "s3://fkd/x.fkd: cannot connect to the storage endpoint (Could not connect to the endpoint URL"),
 ])
 def test_unreachable_locations_raise_one_line_storage_error(s3, case, url, options, message):
@@ -441,9 +442,10 @@ def test_kill_9_during_generate_to_s3_then_resume_is_byte_identical(s3, s3_serve
     import signal
 
     pytest.importorskip("torch")
+    from genkill import WRAPPER, assert_same_objects, run_generate
+
     import fkdstore
     from fkdstore.testing import tiny_cnn
-    from genkill import WRAPPER, assert_same_objects, run_generate
 
     url, so = s3
     script = tmp_path / "wrapper.py"
@@ -483,7 +485,8 @@ def test_ranks_without_a_process_group_wait_for_the_header_on_s3(s3, digits, tmp
     base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     base |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
     cmd = [sys.executable, str(script), str(digits), url + "/env.fkd", json.dumps(so), "no-barrier"]
-    rank1 = subprocess.Popen(cmd, env={**base, "RANK": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rank1 = subprocess.Popen(cmd, env={**base, "RANK": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     try:
         rank0 = subprocess.run(cmd, env={**base, "RANK": "0"}, capture_output=True, text=True, timeout=180)
         out1, _ = rank1.communicate(timeout=180)
@@ -505,7 +508,8 @@ def test_cli_import_fkd_to_s3(s3, s3_server, tmp_path, capsys):
     import json
 
     pytest.importorskip("torch")
-    from test_convert import C as FKD_C, _fkd_tree
+    from test_convert import C as FKD_C
+    from test_convert import _fkd_tree
 
     from fkdstore.cli import main
     from fkdstore.reader import open as open_store

@@ -5,12 +5,13 @@ read in test_golden.py.)"""
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faultutil import set_header
+from storeutil import make_data
 
 import fkdstore
 from fkdstore import schema as S
@@ -19,8 +20,6 @@ from fkdstore.errors import CorruptStoreError, FormatError, SchemaMismatchError,
 from fkdstore.report import estimate_bytes, inspect
 from fkdstore.seeded import SlotCropSampler, exp_poly
 from fkdstore.verification import verify
-from faultutil import set_header
-from storeutil import make_data
 
 N, M, C, IPC, IPS = 22, 6, 9, 4, 8  # 3 shards, the last inner chunk partial
 SAMPLER = SlotCropSampler(seed=11, scale=(0.2, 1.0), flip_p=0.4)
@@ -311,8 +310,8 @@ def test_slot_sampler_rules():
     for hh, ww in ((375, 500), (500, 375), (120, 900)):
         mine = s.sample_slots(np.arange(20000) // 100, np.arange(20000) % 100, hh, ww)[0].astype(np.int64)
         theirs = _rrc_reference(np.random.default_rng(hh), hh, ww, 20000)
-        for stat in (lambda x: x[:, 2] * x[:, 3] / (hh * ww), lambda x: x[:, 3] / x[:, 2],
-                     lambda x: x[:, 0] / hh, lambda x: x[:, 1] / ww):
+        for stat in (lambda x, hh=hh, ww=ww: x[:, 2] * x[:, 3] / (hh * ww), lambda x: x[:, 3] / x[:, 2],
+                     lambda x, hh=hh: x[:, 0] / hh, lambda x, ww=ww: x[:, 1] / ww):
             q = np.linspace(0.05, 0.95, 19)
             np.testing.assert_allclose(np.quantile(stat(mine), q), np.quantile(stat(theirs), q), atol=0.03, rtol=0.03)
     x = np.linspace(-8, 8, 100001)

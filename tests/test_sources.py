@@ -25,8 +25,6 @@ from fkdstore.pytorch import epoch_slots, epoch_slots_many
 from fkdstore.sources import FileSource, MapSource, TarSource, URLSource, as_source
 from fkdstore.testing import tiny_cnn
 
-from s3util import s3, s3_server  # noqa: F401 - fixtures
-
 N, M, C = 12, 6, 5
 GEN = dict(crops_per_image=4, num_classes=C, codec={"name": "ms", "k": 3}, input_size=24, images_per_shard=4,
            batch_size=8, num_workers=0, progress=False, device="cpu")

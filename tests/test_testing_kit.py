@@ -9,7 +9,13 @@ import torch
 pytest.importorskip("sklearn")
 
 from fkdstore.testing import (  # noqa: E402
-    RandomCropDataset, accuracy, cosine_lr, load_eval_folder, make_digits_folder, tiny_cnn, train_classifier,
+    RandomCropDataset,
+    accuracy,
+    cosine_lr,
+    load_eval_folder,
+    make_digits_folder,
+    tiny_cnn,
+    train_classifier,
 )
 
 

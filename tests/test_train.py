@@ -19,8 +19,8 @@ from PIL import Image
 import fkdstore
 from fkdstore import train as T
 from fkdstore.images import list_images
-from fkdstore.testing import make_digits_folder
 from fkdstore.seeded import SlotCropSampler
+from fkdstore.testing import make_digits_folder
 from fkdstore.transforms import Replay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,9 @@ def test_serrated_schedule_and_single_crop_end():
 
 
 def test_fkd_mixing_options_map_to_mix_batch():
-    parse = lambda *x: T.build_parser().parse_args(["d", "--softlabel_path", "s", *x])
+    def parse(*x):
+        return T.build_parser().parse_args(["d", "--softlabel_path", "s", *x])
+
     assert T.mix_options(parse()) is None
     assert T.mix_options(parse("--mixup_cutmix", "--mixup_switch_prob", "0.3", "--mixup_cutmix_prob", "0.8")) == {
         "mode": "switch", "alpha": (0.8, 1.0), "switch_prob": pytest.approx(0.7), "p": 0.8}  # FKD: P(Mixup) = 0.3

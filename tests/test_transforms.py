@@ -112,7 +112,7 @@ def test_rng_rule_is_splitmix64_of_seed_image_slot_draw():
     for s in range(M):
         key = _mix((_mix((_mix((11 + _G) & _MASK) + 5 * _G) & _MASK) + (s + 1) * _G) & _MASK)
 
-        def draw(d):
+        def draw(d, key=key):
             return _mix((key + (d + 1) * _G) & _MASK)
 
         top, left, h, w = (int(v) for v in boxes[s])
@@ -123,7 +123,8 @@ def test_rng_rule_is_splitmix64_of_seed_image_slot_draw():
 
 @pytest.mark.parametrize(
     "H,W,scale,ratio",
-    [(224, 224, (0.08, 1.0), (3 / 4, 4 / 3)), (100, 400, (0.08, 1.0), (3 / 4, 4 / 3)), (500, 60, (0.5, 1.0), (0.2, 5.0))],
+    [(224, 224, (0.08, 1.0), (3 / 4, 4 / 3)), (100, 400, (0.08, 1.0), (3 / 4, 4 / 3)),
+     (500, 60, (0.5, 1.0), (0.2, 5.0))],
 )
 def test_distribution_matches_torchvision_reference(H, W, scale, ratio):
     n_images, M = 400, 10
@@ -206,8 +207,8 @@ def test_sampler_validation(kwargs, match):
 
 @pytest.mark.parametrize(
     "args,match",
-    [((0, 0, 10, 1), "height must be a positive integer. Got 0."), ((0, 10, 0, 1), "width"), ((0, 10, 10, 0), "num_crops"),
-     ((-1, 10, 10, 1), "index must be a non-negative integer")],
+    [((0, 0, 10, 1), "height must be a positive integer. Got 0."), ((0, 10, 0, 1), "width"),
+     ((0, 10, 10, 0), "num_crops"), ((-1, 10, 10, 1), "index must be a non-negative integer")],
 )
 def test_sample_validation(args, match):
     with pytest.raises(ValidationError, match=match):
@@ -275,7 +276,8 @@ def test_normalize_numerics():
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
     single = normalize(x[0], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert single.min() >= -1 and single.max() <= 1
-    assert torch.allclose(normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8), (0, 0, 0), (1, 1, 1)), torch.ones(3, 1, 1))
+    white = torch.full((3, 1, 1), 255, dtype=torch.uint8)
+    assert torch.allclose(normalize(white, (0, 0, 0), (1, 1, 1)), torch.ones(3, 1, 1))
     with pytest.raises(ValidationError, match="uint8"):
         normalize(x.float())
     with pytest.raises(ValidationError, match="3 values"):
@@ -290,7 +292,8 @@ def test_normalize_numerics():
 def crop_resize_v01(image, box, flip, size, interpolation="bilinear"):
     """fkdstore 0.1.0's crop path, verbatim: crop, resize, PIL flip, HWC -> CHW (the pixels 0.1 teachers saw)."""
     top, left, h, w = box
-    out = image.convert("RGB").crop((left, top, left + w, top + h)).resize((size[1], size[0]), INTERPOLATIONS[interpolation])
+    crop = image.convert("RGB").crop((left, top, left + w, top + h))
+    out = crop.resize((size[1], size[0]), INTERPOLATIONS[interpolation])
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
@@ -352,7 +355,8 @@ def test_replay_into_out_and_argument_errors():
     got = replay_crops(img, boxes, flips, 8, mean=IMAGENET_MEAN, std=IMAGENET_STD, out=buf[1])
     assert got.data_ptr() == buf[1].data_ptr() and (buf[0] == 0).all()
     assert torch.equal(buf[1], normalize(replay_crops(img, boxes, flips, 8), IMAGENET_MEAN, IMAGENET_STD))
-    with pytest.raises(ValidationError, match=r"out must be a contiguous CPU torch.uint8 tensor of shape \(3, 3, 8, 8\)"):
+    with pytest.raises(ValidationError,
+                       match=r"out must be a contiguous CPU torch.uint8 tensor of shape \(3, 3, 8, 8\)"):
         replay_crops(img, boxes, flips, 8, out=buf[1])
     with pytest.raises(TypeError, match="out must be a torch.Tensor"):
         replay_crops(img, boxes, flips, 8, out=np.zeros((3, 3, 8, 8), np.uint8))
@@ -362,5 +366,6 @@ def test_replay_into_out_and_argument_errors():
         replay_crops(img, boxes, flips, 8, mean=IMAGENET_MEAN, std=(1, 0, 1))
     bad = boxes.copy()
     bad[2] = (35, 0, 10, 10)
-    with pytest.raises(ValidationError, match=r"box \(top=35, left=0, height=10, width=10\) must be non-empty and inside"):
+    with pytest.raises(ValidationError,
+                       match=r"box \(top=35, left=0, height=10, width=10\) must be non-empty and inside"):
         replay_crops(img, bad, flips, 8)

@@ -15,7 +15,8 @@ def test_positive_int():
     with pytest.raises(ValidationError, match=r"^n must be a positive integer. Got -3.$"):
         positive_int("n", np.int32(-3))
     for bad, shown in ((True, "True (bool)"), (2.0, "2.0 (float)"), ("2", "'2' (str)"), (None, "None (NoneType)")):
-        with pytest.raises(TypeError, match=rf"^n must be a positive integer. Got {shown}.$".replace("(", r"\(").replace(")", r"\)")):
+        pattern = rf"^n must be a positive integer. Got {shown}.$".replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(TypeError, match=pattern):
             positive_int("n", bad)
 
 

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import zarr
+from faultutil import retag, set_header
+from test_cli import make_store
 
 import fkdstore
 from fkdstore import schema as S
 from fkdstore.cli import main
 from fkdstore.verification import verify
-from test_cli import make_store
-from faultutil import retag, set_header
 
 
 def _shard_file(p, name, shard=0):

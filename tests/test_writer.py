@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from storeutil import create, fill, make_data
 
 import fkdstore
 from fkdstore import ownership, report, storage
@@ -20,9 +21,12 @@ from fkdstore import schema as S
 from fkdstore import writer as W
 from fkdstore.codecs import get_codec
 from fkdstore.errors import (
-    ConcurrentWriterError, FormatError, IncompleteStoreError, SchemaMismatchError, ValidationError,
+    ConcurrentWriterError,
+    FormatError,
+    IncompleteStoreError,
+    SchemaMismatchError,
+    ValidationError,
 )
-from storeutil import create, fill, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -419,7 +423,7 @@ def test_second_writer_on_a_shard_is_refused(tmp_path):
     w1 = create(tmp_path / "s", d, images_per_chunk=2, images_per_shard=8)
     w1.put([0, 1], d["boxes"][:2], d["flips"][:2], d["probs"][:2])  # w1 owns shard 0
     w2 = create(tmp_path / "s", d)
-    with pytest.raises(ConcurrentWriterError, match=r"shard 0 of .* is owned by another writer .*pid %d" % os.getpid()):
+    with pytest.raises(ConcurrentWriterError, match=rf"shard 0 of .* is owned by another writer .*pid {os.getpid()}"):
         w2.put([2], d["boxes"][2:3], d["flips"][2:3], d["probs"][2:3])
     w2.put(np.arange(8, 16), d["boxes"][8:], d["flips"][8:], d["probs"][8:])  # disjoint shard: fine
     w2.close()
@@ -559,7 +563,8 @@ def test_write_clears_an_interrupted_creation_and_nothing_else(tmp_path):
         (lambda f: f["probs"].__setitem__((0, 0, 0), 1.5), ValidationError, r"\[0, 1"),
         (lambda f: f["probs"].__setitem__((1, 1, 2), np.nan), ValidationError, "finite"),
         (lambda f: f["indices"].__setitem__((0, 1, 0), 6), ValidationError, r"\[0, 6\)"),
-        (lambda f: f.__setitem__("indices", f["indices"].astype(np.float32)), (TypeError, ValidationError), "dtype|integer"),
+        (lambda f: f.__setitem__("indices", f["indices"].astype(np.float32)), (TypeError, ValidationError),
+         "dtype|integer"),
     ],
 )
 def test_put_fields_validates_like_put(tmp_path, change, error, message):
