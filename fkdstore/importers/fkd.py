@@ -199,16 +199,19 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     labels_gt = None
     if len(imgs.classes) == num_classes:
         labels_gt = np.array([imgs.labels[n] for n in chosen], dtype=np.int64)
-    meta = {
-        "import": {"format": "fkd-release", "source": str(src.resolve()), "files": len(label_files),
-                   "label_kind": kind, "k_in_files": file_k if kind == "topk" else None,
-                   "coords_dtype": str(coords0.dtype), "box_rule": "pillow-crop-round"},
-        "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
-                                    images=len(label_files))],
+    meta_import: dict[str, Any] = {
+        "format": "fkd-release", "source": str(src.resolve()), "files": len(label_files),
+        "label_kind": kind, "k_in_files": file_k if kind == "topk" else None,
+        "coords_dtype": str(coords0.dtype), "box_rule": "pillow-crop-round",
     }
-    meta[MADE_BY] = made_by("import-fkd", **{"import": meta["import"], "to": dst_codec.get_config(),
-                                             "num_classes": num_classes})
-    open_destination(dst, dst_store, meta[MADE_BY])  # this import's own interrupted output is continued
+    record = made_by("import-fkd", **{"import": meta_import, "to": dst_codec.get_config(), "num_classes": num_classes})
+    meta: dict[str, Any] = {
+        "import": meta_import,
+        "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
+                                   images=len(label_files))],
+        MADE_BY: record,
+    }
+    open_destination(dst, dst_store, record)  # this import's own interrupted output is continued
     clamped = 0
     N = len(label_files)
     with remove_on_error(dst_store), _writer.write(
