@@ -199,10 +199,11 @@ def import_tinyvit(src: str | os.PathLike, dst: str | os.PathLike, images: str |
         skipped = {"padding_duplicates": int(total_records - N * M)}
         sizes = np.array([image_size(p) for p in listing.paths], dtype=np.int64)
         source = _zoo.resolved(src)
-        meta_import = {"format": "tinyvit", "source": source, "epochs": chosen, "ranks": world,
-                       "topk": K, "keys": mode, "order": order, "mixing": bool(mixing),
-                       "binding": "key -> image; slot s = epoch epochs[s]; duplicates keep the smallest "
-                                  "sampler position", "replay": external.describe(),
+        meta_import = {"format": "tinyvit", "source": source, "files": len(files), "epochs": chosen,
+                       "ranks": world, "topk": K, "keys": mode, "order": order, "mixing": bool(mixing),
+                       "binding": "rank<R>-keys.txt line -> the image of its key (see keys); a key at several "
+                                  "sampler positions of an epoch keeps the smallest",
+                       "slots": "slot s = epoch epochs[s]", "replay": external.describe(),
                        "timm_config": timm_config, "flags": flags}
         meta_extra = {"input_size": [positive_int("input_size", input_size)] * 2, "mean": list(mean),
                       "std": list(std)}
