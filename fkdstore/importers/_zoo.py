@@ -92,7 +92,7 @@ def label_codec(kind: str, k: int | None, codec=None, *, k_out: int | None = Non
         return _codecs.Logits(k=k_out, dtype="float16") if codec is None else \
             _codecs.as_codec(codec, k=k_out, default_k=k)
     if k is None:
-        raise ValidationError(f"label kind {kind!r} holds top-K labels: k must be given. Got k=None.")
+        raise TypeError(f"label kind {kind!r} holds top-K labels: k must be an int. Got None.")
     if codec is None:
         if kind == "probs_topk":
             return _codecs.MarginalSmoothing(k=k_out or k, dtype="float16")
