@@ -58,6 +58,15 @@ OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("scale.py", ["--sizes", "10000,100000"], 900, True,
      "cost growth with N (write, verify, inspect, read_all, read_batch, label path), peak memory per operation"),
     ("scale.py", ["--sizes", "10000", "--seeded-crops"], 600, True, SEEDED_SCALE),
+    ("import_sizes.py", ["--images", "256"], 240, True,
+     "size after import against each label zoo's own files (ml-dr, TinyViT, SRe2L, LPQLD), and the largest label "
+     "difference against the zoo's own loader"),
+    ("sampled_size.py", [], 400, True,
+     "sampled labels (S = 8, 16, 32 draws) against MS top-K at equal stored bytes: bytes per crop, TV and bias"),
+    ("tail_temperature.py", [], 120, True,
+     "top-K logits decoded at T != 1: the tail-mass error of the uniform tail against tail=\"mean\", with its bound"),
+    ("ssl_precision.py", [], 120, True,
+     "self-supervised heads at tau = 0.1-0.2: float16 log-softmax vs centred float16 vs float32 logits"),
     # no --baseline: a version before format 4.0 (e.g. a478b4e, before augmentation landed) cannot read the stores
     ("augment_throughput.py", [], 240, True,
      "TorchDataset replay crops/s with RandAugment / Mixup / CutMix records vs crop+flip only"),
