@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import traceback
+from typing import Any
 
 from . import __version__
 from .errors import FkdstoreError, ValidationError
@@ -444,7 +445,7 @@ def generate_options(args: argparse.Namespace) -> dict:
         if hasattr(args, name):  # given (generate's options default to SUPPRESS)
             v = getattr(args, name)
             out[name] = tuple(v) if isinstance(v, list) else v
-    sampler = {n: tuple(v) if isinstance(v, list) else v for n in SAMPLER_OPTIONS
+    sampler: dict[str, Any] = {n: tuple(v) if isinstance(v, list) else v for n in SAMPLER_OPTIONS
                if (v := getattr(args, n, None)) is not None}
     if sampler:
         from .seeded import SlotCropSampler
@@ -1106,6 +1107,7 @@ def _int_type(check):
     option and the keyword argument it feeds share one rule and one message."""
 
     def parse(s: str) -> int:
+        v: int | str
         try:
             v = int(s)
         except ValueError:

@@ -378,7 +378,7 @@ def label_stats(reader, sample: int = 4096, seed: int = 0, *, crops: dict[str, n
     """Statistics on ``sample`` crops drawn (seeded) from the written images of ``reader``
     (:func:`crop_sample`; pass its result as ``crops`` to reuse a sample)."""
     crops = crop_sample(reader, sample, seed) if crops is None else crops
-    res = {"sampled_crops": 0, "seed": int(seed), "kept_mass_mean": None, "entropy_mean_nats": None,
+    res: dict[str, Any] = {"sampled_crops": 0, "seed": int(seed), "kept_mass_mean": None, "entropy_mean_nats": None,
            "top1_agreement": None, "distinct_top1": 0, "top1_prob_mean": None}
     n = len(crops["image"])
     if n == 0:

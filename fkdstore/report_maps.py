@@ -376,7 +376,8 @@ def teacher_like_maps(rng: np.random.Generator, num_images: int, size: int, k: i
 def _smooth_noise(rng: np.random.Generator, C: int, S_: int) -> np.ndarray:
     """Per-cell noise of standard deviation 0.5, correlated over 5 x 5 cells (overlapping receptive fields)."""
     z = rng.standard_normal((C, S_ + 4, S_ + 4), dtype=np.float32)
-    box = sum(z[:, dy:dy + S_, dx:dx + S_] for dy in range(5) for dx in range(5)) / 5.0  # unit variance
+    window = (z[:, dy:dy + S_, dx:dx + S_] for dy in range(5) for dx in range(5))
+    box = sum(window, np.zeros((C, S_, S_), np.float32)) / 5.0  # unit variance
     return (0.5 * box).astype(np.float32)
 
 

@@ -67,7 +67,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +189,13 @@ class LabelSpec:
         """The record kind this spec writes: ``"label_map"`` or ``"regions"``."""
         return S.LABEL_MAP if self.label_map is not None else S.REGIONS
 
+    @property
+    def M(self) -> int:
+        """``crops_per_image`` of a crop-regions spec (validated); FormatError naming the kind for a label map."""
+        if self.crops_per_image is None:
+            raise S.kind_error(self.kind, S.REGIONS)
+        return self.crops_per_image
+
 
 def _default_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
@@ -215,6 +222,11 @@ class Execution:
         object.__setattr__(self, "num_workers", workers)
         if self.on_error not in ON_ERROR:
             raise ValidationError(f"on_error must be one of {list(ON_ERROR)}. Got {self.on_error!r}.")
+
+    @property
+    def workers(self) -> int:
+        """``num_workers`` resolved (``__post_init__`` replaced ``None`` by the default)."""
+        return _default_workers() if self.num_workers is None else self.num_workers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,10 +265,10 @@ class _Job:
         """Images per teacher batch: ``batch_size`` whole images (label maps), else ``batch_size // M``."""
         if self.labels.kind == S.LABEL_MAP:
             return self.execution.batch_size
-        return max(1, self.execution.batch_size // self.labels.crops_per_image)
+        return max(1, self.execution.batch_size // self.labels.M)
 
     @property
-    def work(self) -> type[_RegionWork | _MapWork]:
+    def work(self) -> type[_RegionWork] | type[_MapWork]:
         """The record kind's labelling steps (:data:`_WORK`)."""
         return _WORK[self.labels.kind]
 
@@ -408,7 +420,7 @@ def _run(teacher: torch.nn.Module, images, out, job: _Job, t_start: float, crops
     if crops_from is not None and len(job.augment):
         raise ValidationError("augment must be None with crops_from: the crops, their augmentation params and the "
                               f"pipeline come from the source store. Got augment={job.augment.get_config()}.")
-    stored = None if crops_from is None else StoredCrops.open(crops_from, listing.keys, job.labels.crops_per_image,
+    stored = None if crops_from is None else StoredCrops.open(crops_from, listing.keys, job.labels.M,
                                                                crops_options)
     forward = TeacherForward(teacher, job.replay, pick_device(job.execution.device, World.detect()),
                              job.execution.amp)
@@ -535,39 +547,44 @@ def open_or_create_store(out, listing: ImageSource, job: _Job, num_classes: int,
     """
     labels = np.asarray(listing.labels, dtype=np.int64)
     spec = job.labels
-    common = dict(
+    common: dict[str, Any] = dict(
         num_images=len(listing), num_classes=num_classes, image_keys=listing.keys, labels=labels, meta=meta,
         images_per_shard=spec.images_per_shard, replay=job.replay, **job.work.records(job),
     )
     if stored is not None:
         common.update(aug=stored.aug_columns, augment=stored.augment, crop_sampler=stored.crop_sampler)
     skipped: list[str] = []
-    err = None
-    writer = sizes = None
     if comm.world.is_leader:
         try:
-            sizes = _existing_sizes(out, listing.keys)  # write() below clears an interrupted creation
-            resumed = sizes is not None
-            if sizes is None:
-                sizes = stored.sizes if stored is not None else \
-                    scan_sizes(listing, job.execution.on_error, skipped)
-            writer = _writer.write(out, image_sizes=sizes, primary=True, **common)
-            if resumed and stored is None:
-                sizes = retry_skipped_sizes(writer, listing, job.execution.on_error, skipped)
+            writer, sizes = _create_store(out, listing, job, common, stored, skipped)
         except BaseException as e:  # tell the other ranks, then raise here
             comm.broadcast(f"{type(e).__name__}: {e}")
             raise
-    err = comm.broadcast(err)
+        comm.broadcast(None)
+        return writer, sizes, skipped
+    err = comm.broadcast(None)
     if err is not None:
         raise FkdstoreError(f"rank 0 could not create the store {_storage.describe(out)}: {err}")
-    if not comm.world.is_leader:
-        if not comm.active:
-            _wait_for_store(out)
-        sizes = _existing_sizes(out, listing.keys)
-        if sizes is None:
-            raise SchemaMismatchError(f"store {_storage.describe(out)} exists but lists other images than this run")
-        writer = _writer.write(out, image_sizes=sizes, primary=False, **common)
-    return writer, np.asarray(sizes), skipped
+    if not comm.active:
+        _wait_for_store(out)
+    existing = _existing_sizes(out, listing.keys)
+    if existing is None:
+        raise SchemaMismatchError(f"store {_storage.describe(out)} exists but lists other images than this run")
+    return _writer.write(out, image_sizes=existing, primary=False, **common), np.asarray(existing), skipped
+
+
+def _create_store(out, listing: ImageSource, job: _Job, common: dict[str, Any], stored: StoredCrops | None,
+                  skipped: list[str]) -> tuple[_writer.Writer, np.ndarray]:
+    """Rank 0's half of :func:`open_or_create_store`: the writer and the image sizes (stored ones on a resume,
+    whose skipped images are retried; the source store's when relabelling; else the header scan)."""
+    sizes = _existing_sizes(out, listing.keys)  # write() below clears an interrupted creation
+    resumed = sizes is not None
+    if sizes is None:
+        sizes = stored.sizes if stored is not None else scan_sizes(listing, job.execution.on_error, skipped)
+    writer = _writer.write(out, image_sizes=sizes, primary=True, **common)
+    if resumed and stored is None:
+        sizes = retry_skipped_sizes(writer, listing, job.execution.on_error, skipped)
+    return writer, np.asarray(sizes)
 
 
 def retry_skipped_sizes(writer: _writer.Writer, source: ImageSource, on_error: str, skipped: list[str]) -> np.ndarray:
@@ -715,7 +732,7 @@ class _CropDataset(_SourceDataset):
     def __init__(self, source: ImageSource, sizes, crops, M: int, replay: Replay, augment=None, seed: int = 0):
         super().__init__(source, sizes)
         self.crops, self.M, self.replay = crops, M, replay
-        self.augment = augment if augment is not None and len(augment) else None
+        self.augment: _augment.Pipeline | None = augment if augment is not None and len(augment) else None
         self.seed = seed  # of the augmentation params (the crop sampler's seed)
 
     def __getitem__(self, i):
@@ -727,33 +744,34 @@ class _CropDataset(_SourceDataset):
             crops = replay_crops(img, boxes, flips, self.replay.input_size, self.replay.interpolation)
             return i, boxes, flips, crops, None
         try:
-            params, crops = self._augmented(i, img, boxes, flips)
+            params, crops = self._augmented(self.augment, i, img, boxes, flips)
         except (ImageReadError, OSError) as e:
             return i, None, None, None, f"image {self.source.name(i)}: {e}"
         return i, boxes, flips, (crops, params), None
 
-    def _params(self, i: int, slots) -> dict[str, np.ndarray]:
-        """Slot params of image ``i``, sampled from ``(seed, i, slot)`` (the crop sampler's seed), or the
-        stored ones when the crops come from a store (:meth:`StoredCrops.params`)."""
+    def _params(self, pipeline: _augment.Pipeline, i: int, slots) -> dict[str, np.ndarray]:
+        """Slot params of image ``i``, sampled by ``pipeline`` from ``(seed, i, slot)`` (the crop sampler's
+        seed), or the stored ones when the crops come from a store (:meth:`StoredCrops.params`)."""
         if isinstance(self.crops, StoredCrops):
             return self.crops.params(i, slots)
-        return self.augment.sample(self.seed, i, slots, image_size=self.replay.input_size, num_images=len(self.source),
-                                   crops_per_image=self.M)
+        return pipeline.sample(self.seed, i, slots, image_size=self.replay.input_size, num_images=len(self.source),
+                               crops_per_image=self.M)
 
-    def _augmented(self, i: int, img, boxes, flips):
+    def _augmented(self, pipeline: _augment.Pipeline, i: int, img, boxes, flips):
         """``(params, uint8 [M, 3, S, S])``: every slot replayed by :func:`fkdstore.augment.replay.replay_slots`;
         a mixing partner ``(j, t)`` (``t`` = the mixed slot) is image ``j`` decoded, its slot ``t``'s box/flip
         and sampled params."""
-        params = self._params(i, np.arange(self.M))
+        params = self._params(pipeline, i, np.arange(self.M))
         decoded = {i: img}
 
         def partner(j: int, t: int) -> Partner:
             if j not in decoded:
                 decoded[j] = self._decode(j, "mixing partner", "the store says")
             pboxes, pflips = self.crops.sample(j, *self._size(j), self.M)
-            return Partner(decoded[j], pboxes[t], bool(pflips[t]), _augment.slot_params(self._params(j, [t]), 0))
+            params_t = _augment.slot_params(self._params(pipeline, j, [t]), 0)
+            return Partner(decoded[j], pboxes[t], bool(pflips[t]), params_t)
 
-        hwc = replay_slots(self.augment, img, np.arange(self.M), boxes, flips, params, self.replay.input_size,
+        hwc = replay_slots(pipeline, img, range(self.M), boxes, flips, params, self.replay.input_size,
                            self.replay.interpolation, partner)
         return params, torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
 
@@ -764,7 +782,7 @@ class StoredCrops:
     and flips; :meth:`aug` its stored aug columns. Built with :meth:`open`, which checks the source."""
 
     def __init__(self, reader: _reader.Reader):
-        self.reader = reader
+        self.reader = _reader.as_regions(reader)
         self.path = reader.path
         h = reader.header
         self.sizes = np.asarray(reader.image_sizes, dtype=np.int64)
@@ -855,10 +873,10 @@ def label_shards(forward: TeacherForward, writer: _writer.Writer, dataset: torch
     (``on_error="stop"``) or appended to ``skipped``.
     """
     ex, work = job.execution, job.work
-    loader = [] if not plan.batches else torch.utils.data.DataLoader(
-        dataset, batch_sampler=plan.batches, num_workers=ex.num_workers, collate_fn=work.collate,
-        pin_memory=forward.use_cuda, worker_init_fn=_worker_init if ex.num_workers else None,
-        prefetch_factor=4 if ex.num_workers else None,
+    loader: Iterable[Any] = [] if not plan.batches else torch.utils.data.DataLoader(
+        dataset, batch_sampler=plan.batches, num_workers=ex.workers, collate_fn=work.collate,
+        pin_memory=forward.use_cuda, worker_init_fn=_worker_init if ex.workers else None,
+        prefetch_factor=4 if ex.workers else None,
     )
     bar = _progress.progress(ex.progress if show_progress else False, total=plan.num_images, unit="img",
                              desc=f"labelling {name}", dynamic_ncols=True, smoothing=0.05)
@@ -978,7 +996,7 @@ class _RegionWork:
 
     @staticmethod
     def records_per_image(job: _Job) -> int:
-        return job.labels.crops_per_image
+        return job.labels.M
 
     @staticmethod
     def num_classes(forward: TeacherForward, job: _Job) -> int:
@@ -986,7 +1004,7 @@ class _RegionWork:
 
     @staticmethod
     def dataset(listing: ImageSource, sizes, job: _Job, stored: StoredCrops | None) -> _CropDataset:
-        return _CropDataset(listing, sizes, job.sampler if stored is None else stored, job.labels.crops_per_image,
+        return _CropDataset(listing, sizes, job.sampler if stored is None else stored, job.labels.M,
                             job.replay, augment=job.augment if stored is None else stored.pipeline,
                             seed=job.sampler.seed)
 
@@ -1046,7 +1064,7 @@ class _MapWork:
         writer.put_maps(idx, indices, scores)
 
 
-_WORK = {S.REGIONS: _RegionWork, S.LABEL_MAP: _MapWork}
+_WORK: dict[str, type[_RegionWork] | type[_MapWork]] = {S.REGIONS: _RegionWork, S.LABEL_MAP: _MapWork}
 """The record kind's labelling steps: write arguments, teacher check, dataset, batching, label + write."""
 
 

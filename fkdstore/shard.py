@@ -121,7 +121,8 @@ def chunk_index(doc: dict, suffix: str) -> int | None:
     return int(parts[0]) if parts and parts[0].isdigit() else None
 
 
-def _names(codecs) -> list[str]:
+def _names(codecs) -> list[str | None]:
+    """The codec names of a pipeline (None for a codec object without a name)."""
     return [c.get("name") if isinstance(c, dict) else c for c in codecs]
 
 
@@ -169,9 +170,9 @@ def parse_array_meta(path: str, raw: bytes | None) -> ArrayMeta:
             )
         plain = None
         if inner is None and isinstance(codecs, list):
-            names = tuple(_names(codecs))
-            if names in _PLAIN_PIPELINES and _little(codecs[0]):
-                plain = names
+            pipeline = tuple(_names(codecs))
+            if pipeline in _PLAIN_PIPELINES and _little(codecs[0]):
+                plain = tuple(str(n) for n in pipeline)  # all names: it is one of _PLAIN_PIPELINES
         chunk_key(doc, [0])  # unknown encodings are refused here, not at the first read
     except CorruptStoreError as e:
         raise CorruptStoreError(f"array {path!r}: {e}") from None
@@ -411,8 +412,8 @@ class ShardedArray:
         self.per_shard = meta.grid[0] // self.ipc
         self.num_chunks = math.ceil(self.num_images / self.ipc)
         self.chunk_nbytes = math.prod(self.chunk_shape) * self.dtype.itemsize
-        self.fast = meta.fast and meta.grid[0] % self.ipc == 0 and tuple(meta.inner[1:]) == tuple(meta.shape[1:]) \
-            and tuple(meta.grid[1:]) == tuple(meta.shape[1:])
+        self.fast = meta.fast and meta.inner is not None and meta.grid[0] % self.ipc == 0 \
+            and tuple(meta.inner[1:]) == tuple(meta.shape[1:]) and tuple(meta.grid[1:]) == tuple(meta.shape[1:])
         self.manifest, self.column = manifest, column
         self._zarr_factory, self._zarr = zarr_array, None
         self._path_bytes = self.path.encode("utf-8")
@@ -542,9 +543,8 @@ class ShardedArray:
         cs = np.asarray(cs, dtype=np.int64).reshape(-1)
         n = len(cs)
         need = np.ones(n, bool) if need is None else np.asarray(need, bool).reshape(-1)
-        plan = _Plan(self, cs, need, None, [None] * n)
+        plan = _Plan(self, cs, need, [None] * n)
         if not n or not self.fast:
-            plan.out = np.zeros((n, *self.chunk_shape), self.dtype)
             return plan
         ps = self.per_shard
         if n == 1:  # read(i): scalar path (numpy calls cost more than the work for one chunk)
@@ -569,6 +569,7 @@ class ShardedArray:
                         f"written")
             return plan
         shards = cs // ps
+        groups: list[tuple[int, np.ndarray | None]]
         if shards[0] == shards[-1] and (n < 3 or (shards == shards[0]).all()):
             groups = [(int(shards[0]), None)]  # one shard (read(i), read_all, verify): no grouping needed
         else:
@@ -577,9 +578,10 @@ class ShardedArray:
             cut = np.flatnonzero(ss[1:] != ss[:-1]) + 1
             groups = [(int(ss[a]), order[a:b]) for a, b in zip([0, *cut.tolist()], [*cut.tolist(), n])]
         got, bad = self._indexes([s for s, _ in groups])
-        if len(groups) == 1 and got.get(groups[0][0]) is not None:  # one shard, its index read and sound
+        sole = got.get(groups[0][0]) if len(groups) == 1 else None
+        if sole is not None:  # one shard, its index read and sound
             s = groups[0][0]
-            entry = got[s][cs - s * ps]
+            entry = sole[cs - s * ps]
             offs = entry[:, 0]
             if not (offs == MISSING).any():  # every chunk stored: the requests in one go
                 plan.requests = list(zip([self.shard_key(s)] * n, offs.tolist(), (offs + entry[:, 1]).tolist()))
@@ -628,6 +630,8 @@ class ShardedArray:
         holds no written image; an exception: the manifest chunk cannot be read)."""
         m, cs, ps = self.manifest, plan.cs, self.per_shard
         col = self.column
+        if m is None:  # no manifest: nothing to check
+            return [None] * len(cs)
         if len(cs) == 1:
             s = int(cs[0]) // ps
             try:
@@ -661,17 +665,18 @@ class ShardedArray:
         manifest tag computed once on the decoded bytes. Small chunks are decompressed to bytes and joined
         into the output with one copy (cheaper per chunk than decoding into array views); big ones are
         decoded in place into a preallocated array."""
-        if not self.fast:
-            self._load_zarr(plan)
-            if self.manifest is not None:
-                self._check_manifest(plan)
-            return
         cs, errors = plan.cs, plan.errors
         n = len(cs)
+        if not self.fast:
+            plan.out = np.zeros((n, *self.chunk_shape), self.dtype)
+            self._load_zarr(plan, plan.out)
+            if self.manifest is not None:
+                self._check_manifest(plan, plan.out, self.manifest)
+            return
         expect = self.chunk_nbytes
         direct = expect >= DIRECT_DECODE_BYTES
         out = np.zeros((n, *self.chunk_shape), self.dtype) if direct else None
-        flat = out.reshape(n, -1).view(np.uint8) if direct else None
+        flat = None if out is None else out.reshape(n, -1).view(np.uint8)
         if plan.tagged:  # fetch_many looked the tags up (the decode half touches no shared cache)
             want = plan.want
         else:
@@ -681,9 +686,9 @@ class ShardedArray:
         for j, g in zip(plan.slots, got):
             if isinstance(g, Exception):
                 errors[j] = g
-            elif not direct:
+            elif parts is not None:
                 parts[j] = g
-        if not direct:
+        if parts is not None:
             out = np.frombuffer(bytearray().join(parts), self.dtype).reshape(n, *self.chunk_shape)
         plan.out = out
 
@@ -757,10 +762,15 @@ class ShardedArray:
                     tag = crc(dec, head)
                 if tag != w and not self._matches_unwritten(c, dec, w):
                     out.append(CorruptStoreError(f"{self.where(c)} does not match the manifest: misplaced or "
-                                                 f"stale data{self.manifest.missing_note(c // self.per_shard)}"))
+                                                 f"stale data{self._missing_note(c // self.per_shard)}"))
                     continue
             out.append(dec)
         return out
+
+    def _missing_note(self, s: int) -> str:
+        """The manifest's hint for a mismatch in shard ``s`` (see :meth:`Manifest.missing_note`); empty without
+        a manifest."""
+        return "" if self.manifest is None else self.manifest.missing_note(s)
 
     def _matches_unwritten(self, c: int, dec, want: int) -> bool:
         """Invariant 9's second rule: chunk ``c`` (decoded bytes ``dec``) also matches tag ``want`` when the rows
@@ -790,7 +800,8 @@ class ShardedArray:
                                         f"{self.path}/zarr.json is damaged") from e
         return self._zarr
 
-    def _load_zarr(self, plan: _Plan) -> None:
+    def _load_zarr(self, plan: _Plan, out: np.ndarray) -> None:
+        """Read the chunks of ``plan`` through Zarr into ``out`` (the pipelines without a fast path)."""
         try:
             arr = self._zarr_array()
         except CorruptStoreError as e:
@@ -809,12 +820,13 @@ class ShardedArray:
             a = c * self.ipc
             b = min(self.num_images, a + self.ipc)
             try:
-                plan.out[j, :b - a] = arr[a:b]
+                out[j, :b - a] = arr[a:b]
             except Exception as e:  # zarr raises several types for damaged chunks
                 plan.errors[j] = CorruptChunkError(f"{self.where(c)}: cannot be read ({type(e).__name__}: {e})")
 
-    def _check_manifest(self, plan: _Plan) -> None:
-        m, errors, out = self.manifest, plan.errors, plan.out
+    def _check_manifest(self, plan: _Plan, out: np.ndarray, m: Manifest) -> None:
+        """Compare the Zarr-read chunks ``out`` of ``plan`` with their tags in manifest ``m``."""
+        errors = plan.errors
         tag = S.manifest_tag
         for j, c in enumerate(plan.cs.tolist()):
             if errors[j] is not None or not plan.need[j]:
@@ -855,6 +867,8 @@ class ShardedArray:
         """Stack cached ``hits`` and freshly loaded ``data`` (for positions ``todo``) in the order of ``cs``,
         remembering the new chunks in the LRU cache."""
         if todo:
+            if data is None:
+                raise TypeError(f"array {self.path!r}: {len(todo)} chunks to assemble were not given their data")
             self._remember(cs[todo], data)
             if len(todo) == len(cs):
                 return data
@@ -911,7 +925,6 @@ class _Plan:
     array: ShardedArray
     cs: np.ndarray
     need: np.ndarray
-    out: np.ndarray
     errors: list
     requests: list = field(default_factory=list)
     slots: list = field(default_factory=list)
@@ -919,6 +932,13 @@ class _Plan:
     want: list | None = None  # expected manifest tag per chunk, when ``tagged`` (fetch_many)
     tagged: bool = False
     whole: bool = False  # ``blobs`` were cut from whole shard objects (fetch_many(whole=True))
+    out: np.ndarray | None = None  # the decoded chunks (len(cs), ipc, ...), set by ShardedArray._finish
+
+    def result(self) -> tuple[np.ndarray, list[Exception | None]]:
+        """The decoded chunks and, per chunk, None or the error found; the plan must be finished."""
+        if self.out is None:
+            raise RuntimeError(f"array {self.array.path!r}: the chunks were planned but never decoded")
+        return self.out, self.errors
 
 
 def raise_first(errors) -> None:
@@ -960,7 +980,8 @@ def fetch_many(items, lock=None, whole: bool = False) -> list[_Plan]:
             for key, (a, s) in pairs.items():
                 if s in a._index:
                     continue
-                got, bad = {}, {}
+                got: dict[int, np.ndarray | None] = {}
+                bad: dict[int, Exception] = {}
                 a._parse_indexes([s], [_tail(objects[key], a)], got, bad)
                 if bad and source.invalidate(objects=[key]):  # a damaged object served by a local cache
                     objects.update(_fetch_objects(source, [key]))
@@ -1010,7 +1031,7 @@ def finish_many(plans: list[_Plan]) -> list[tuple[np.ndarray, list[Exception | N
     for p in plans:
         p.array._finish(p, p.blobs)
     _heal(plans[0].array.source, plans)
-    return [(p.out, p.errors) for p in plans]
+    return [p.result() for p in plans]
 
 
 def _heal(source, plans) -> None:

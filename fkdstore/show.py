@@ -29,22 +29,26 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from .augment.pipeline import Pipeline
 from .augment.replay import mix_weights
 from .diagnose import class_name, find_image, read_names
 from .errors import IncompleteStoreError, ValidationError
 from .images import list_images, load_image
 from .plots import fit_text, font
-from .reader import Reader
+from .reader import Reader, RegionReader, as_regions
 from .reader import open as open_store
 from .validation import int_in_range, positive_int
+
+if TYPE_CHECKING:  # torch is optional: imported by contact_sheet only
+    from .pytorch import TorchDataset
 
 __all__ = ["PAD", "LINE", "TITLE_HEIGHT", "INFO_KEY", "DEFAULT_GRID", "SheetLayout", "choose_cells", "contact_sheet",
            "save_sheet", "write_sheet", "sheet_info", "parse_grid"]
@@ -159,8 +163,9 @@ def parse_grid(grid: Any) -> tuple[int, int]:
     return positive_int("grid rows", rows), positive_int("grid cols", cols)
 
 
-def choose_cells(written: Sequence[int], crops_per_image: int, count: int, *, images: Sequence[int] | None = None,
-                 slots: Sequence[int] | None = None, seed: int = 0) -> list[tuple[int, int]]:
+def choose_cells(written: Sequence[int] | np.ndarray, crops_per_image: int, count: int, *,
+                 images: Sequence[int] | None = None, slots: Sequence[int] | None = None,
+                 seed: int = 0) -> list[tuple[int, int]]:
     """The ``(image index, slot)`` of up to ``count`` cells, deterministic for ``seed``.
 
     Images: ``images`` (in order), else a seeded random order of ``written``, as many as needed (each
@@ -182,7 +187,7 @@ def choose_cells(written: Sequence[int], crops_per_image: int, count: int, *, im
     if not images:
         return []
     per = min(M, math.ceil(count / len(images)))
-    cells = []
+    cells: list[tuple[int, int]] = []
     for i in images:
         chosen = slots if slots is not None else rng.choice(M, size=per, replace=False).tolist()
         cells.extend((i, int(s)) for s in chosen)
@@ -262,99 +267,144 @@ def contact_sheet(store, images, *, grid: Any = None, keys: Sequence[str | int] 
     The returned image's ``info["fkdstore-sheet"]`` holds the layout and cells as JSON (:func:`sheet_info`);
     :func:`save_sheet` keeps it in the PNG.
     """
-    from .pytorch import TorchDataset, epoch_slots  # noqa: PLC0415 - torch is optional; show's other commands run without it
+    from .pytorch import TorchDataset  # noqa: PLC0415 - torch is optional; show's other commands run without it
 
     reader = store if isinstance(store, Reader) else open_store(store, storage_options=storage_options)
     ds = TorchDataset(reader, images, crops_per_sample=1, normalize=False, allow_incomplete=True)
     listing = list_images(images)  # TorchDataset checked that its keys are the store's, in order
-    M, C = reader.crops_per_image, reader.num_classes
+    regions = as_regions(reader)
+    M, C = regions.crops_per_image, regions.num_classes
     top_k = min(positive_int("top_k", top_k), C)
+    cells, rows, cols = _cells(regions, ds.image_indices, grid, keys, slots, seed)
+    H, W = ds.output_size
+    zoom = max(1, math.ceil(TILE_TARGET / max(H, W))) if zoom is None else positive_int("zoom", zoom)
+    layout = SheetLayout(rows=rows, cols=cols, crop_height=H, crop_width=W, zoom=zoom, top_k=top_k,
+                         mixing=len(ds.augment.mixing) if ds.augment is not None else 0)
+    sheet = Image.new("RGB", layout.size, _BG)
+    painter = _Painter(sheet=sheet, draw=ImageDraw.Draw(sheet), layout=layout, reader=regions, dataset=ds,
+                       paths=listing.paths, names=_names(names, listing, reader.meta or {}, C))
+    codec = regions.codec.get_config()
+    painter.frame([f"fkdstore show: {reader.path}",
+                   f"{codec['name']}{' K=' + str(codec['k']) if 'k' in codec else ''}, {reader.num_images} images "
+                   f"x {M} crops, {C} classes; crops as TorchDataset(normalize=False) returns them, {H}x{W} px "
+                   f"shown at {zoom}x; seed {seed}"])
+    item_of = {int(i): k for k, i in enumerate(ds.image_indices.tolist())}
+    shown = [painter.cell(n, i, s, item_of[i]) for n, (i, s) in enumerate(cells)]
+    sheet.info[INFO_KEY] = json.dumps({"format": INFO_KEY, "version": 1, "layout": layout.to_json(),
+                                       "cells": shown, "store": reader.path, "seed": seed})
+    return sheet
+
+
+def _cells(reader: RegionReader, written: np.ndarray, grid: Any, keys: Sequence[str | int] | None,
+           slots: Sequence[int] | None, seed: int) -> tuple[list[tuple[int, int]], int, int]:
+    """:func:`contact_sheet`'s cells (:func:`choose_cells` among the ``written`` images) and grid ``(rows,
+    cols)``; :class:`IncompleteStoreError` when there is nothing to show or an image asked for is not written."""
     wanted = None if keys is None else [find_image(reader, k) for k in keys]
     if grid is not None:
         rows, cols = parse_grid(grid)
         count = rows * cols
     else:
         count = len(wanted) * len(slots) if wanted is not None and slots is not None else math.prod(DEFAULT_GRID)
-        cols = rows = 0  # from the cells chosen
-    written = ds.image_indices
-    cells = choose_cells(written, M, count, images=wanted, slots=slots, seed=seed)
+    cells = choose_cells(written, reader.crops_per_image, count, images=wanted, slots=slots, seed=seed)
     if not cells:
         raise IncompleteStoreError(f"store {reader.path} has no written image to show")
-    item_of = {int(i): k for k, i in enumerate(written.tolist())}
+    is_written = set(written.tolist())
     for i, _ in cells:
-        if i not in item_of:
+        if i not in is_written:
             raise IncompleteStoreError(f"image {i} ({reader.image_key(i)!r}) is not written in store {reader.path}")
     if grid is None:
         cols = min(DEFAULT_GRID[1], len(cells))
         rows = math.ceil(len(cells) / cols)
-    H, W = ds.output_size
-    zoom = max(1, math.ceil(TILE_TARGET / max(H, W))) if zoom is None else positive_int("zoom", zoom)
-    mixing = ds.augment.mixing if ds.augment is not None else ()
-    layout = SheetLayout(rows=rows, cols=cols, crop_height=H, crop_width=W, zoom=zoom, top_k=top_k, mixing=len(mixing))
-    class_names = _names(names, listing, reader.meta or {}, C)
+    return cells, rows, cols
 
-    sheet = Image.new("RGB", layout.size, _BG)
-    draw = ImageDraw.Draw(sheet)
-    codec = reader.codec.get_config()
-    title = [f"fkdstore show: {reader.path}",
-             f"{codec['name']}{' K=' + str(codec['k']) if 'k' in codec else ''}, {reader.num_images} images x {M} "
-             f"crops, {C} classes; crops as TorchDataset(normalize=False) returns them, {H}x{W} px shown at "
-             f"{zoom}x; seed {seed}"]
-    for k, text in enumerate(title):
-        draw.text((PAD, PAD + k * LINE), fit_text(draw, text, layout.size[0] - 2 * PAD), fill=_TEXT, font=font())
-    cw, ch = layout.cell_size
-    for c in range(1, layout.cols):
-        draw.line([(c * cw, TITLE_HEIGHT), (c * cw, layout.size[1])], fill=_LINES)
-    for r in range(layout.rows):
-        draw.line([(0, TITLE_HEIGHT + r * ch), (layout.size[0], TITLE_HEIGHT + r * ch)], fill=_LINES)
 
-    decoded: dict[int, Image.Image] = {}
+@dataclass(frozen=True, kw_only=True)
+class _Painter:
+    """What the cells of one contact sheet are drawn with: the sheet, its layout, the store, the
+    ``TorchDataset(crops_per_sample=1, normalize=False)`` giving the crops, the source images' ``paths`` and
+    the class names; a few decoded source images are kept for the image and partner panels."""
 
-    def image_of(i: int) -> Image.Image:
-        if i not in decoded:
-            if len(decoded) > 8:  # a few decoded images at a time
-                decoded.clear()
-            decoded[i] = load_image(listing.paths[i])
-        return decoded[i]
+    sheet: Image.Image
+    draw: ImageDraw.ImageDraw
+    layout: SheetLayout
+    reader: RegionReader
+    dataset: TorchDataset
+    paths: Sequence[str]
+    names: list[str] | None
+    decoded: dict[int, Image.Image] = field(default_factory=dict)
 
-    shown = []
-    for n, (i, s) in enumerate(cells):
-        epoch = int(np.flatnonzero(epoch_slots(i, 0, M, M, ds.seed) == s)[0])  # the epoch whose one slot is s
-        ds.set_epoch(epoch)
-        item = ds[item_of[i]]
+    def frame(self, title: list[str]) -> None:
+        """The title lines and the grid lines between the cells."""
+        draw, layout = self.draw, self.layout
+        for k, text in enumerate(title):
+            draw.text((PAD, PAD + k * LINE), fit_text(draw, text, layout.size[0] - 2 * PAD), fill=_TEXT, font=font())
+        cw, ch = layout.cell_size
+        for c in range(1, layout.cols):
+            draw.line([(c * cw, TITLE_HEIGHT), (c * cw, layout.size[1])], fill=_LINES)
+        for r in range(layout.rows):
+            draw.line([(0, TITLE_HEIGHT + r * ch), (layout.size[0], TITLE_HEIGHT + r * ch)], fill=_LINES)
+
+    def image(self, i: int) -> Image.Image:
+        """Source image ``i``, decoded (a few at a time are kept)."""
+        if i not in self.decoded:
+            if len(self.decoded) > 8:
+                self.decoded.clear()
+            self.decoded[i] = load_image(self.paths[i])
+        return self.decoded[i]
+
+    def item(self, i: int, s: int, k: int) -> dict[str, Any]:
+        """The dataset's item ``k`` (image ``i``) at the epoch whose one slot is ``s``."""
+        from .pytorch import epoch_slots  # noqa: PLC0415 - torch is optional; show's other commands run without it
+
+        ds, M = self.dataset, self.reader.crops_per_image
+        ds.set_epoch(int(np.flatnonzero(epoch_slots(i, 0, M, M, ds.seed) == s)[0]))
+        item = ds[k]
+        if not isinstance(item, dict):  # pragma: no cover - contact_sheet's dataset gives dict items
+            raise TypeError(f"TorchDataset must return dict items here. Got {type(item).__name__}.")
         if int(item["slots"][0]) != s:  # pragma: no cover - the epoch rule guarantees it
             raise RuntimeError(f"TorchDataset returned slot {int(item['slots'][0])} for image {i}, not {s}")
+        return item
+
+    def cell(self, n: int, i: int, s: int, k: int) -> dict[str, Any]:
+        """Cell ``n``: slot ``s`` of image ``i`` (the dataset's item ``k``); returns its ``cells`` entry."""
+        layout, reader, zoom = self.layout, self.reader, self.layout.zoom
+        item = self.item(i, s, k)
         crop = item["crops"][0].permute(1, 2, 0).numpy()
         x0, y0, _, _ = layout.crop_rect(n)
-        sheet.paste(Image.fromarray(np.repeat(np.repeat(crop, zoom, 0), zoom, 1)), (x0, y0))
+        self.sheet.paste(Image.fromarray(np.repeat(np.repeat(crop, zoom, 0), zoom, 1)), (x0, y0))
         rec = reader.read(i, [s])
-        _panel(sheet, draw, layout.image_rect(n), image_of(i), rec.box[0], _BOX)
+        _panel(self.sheet, self.draw, layout.image_rect(n), self.image(i), rec.box[0], _BOX)
         tx, ty = layout.text_origin(n)
         key_line = (reader.image_key(i), _TEXT)
         where = (f"slot {s}, {'flipped' if rec.flip[0] else 'not flipped'}, box {int(rec.box[0, 2])}x"
                  f"{int(rec.box[0, 3])} at ({int(rec.box[0, 0])}, {int(rec.box[0, 1])})", _DIM)
-        _draw_labels(draw, (tx, ty), cw - 2 * PAD, [key_line, where], item["soft_labels"][0].numpy(),
-                     int(item["target"]), top_k, class_names)
-        if mixing:
-            _, pidx, _ = mix_weights(ds.augment, rec.aug, ds.output_size)  # partner images (weights: the item's)
-            for q, pol in enumerate(mixing):
-                j = int(pidx[0, q])
-                rect = layout.partner_rect(n, q)
-                if j < 0:
-                    draw.rectangle([rect[0], rect[1], rect[2] - 1, rect[3] - 1], fill=(240, 240, 240))
-                    draw.text((rect[0] + 4, rect[1] + 4), f"{pol.name}: not mixed", fill=_DIM, font=font())
-                    text = f"{pol.name}: not mixed"
-                else:
-                    _panel(sheet, draw, rect, image_of(j), reader.read(j, [s]).box[0], _PARTNER_BOX)
-                    text = (f"{pol.name}: lam {float(item['lam'][0]):.2f} own, partner "
-                            f"{class_name(int(item['partner_target'][0, q]), class_names)} "
-                            f"{float(item['partner_weight'][0, q]):.2f}")
-                draw.text((tx, ty + (3 + top_k + q) * LINE), fit_text(draw, text, cw - 2 * PAD), fill=_TEXT,
-                          font=font())
-        shown.append({"index": i, "key": reader.image_key(i), "slot": s})
-    sheet.info[INFO_KEY] = json.dumps({"format": INFO_KEY, "version": 1, "layout": layout.to_json(),
-                                       "cells": shown, "store": reader.path, "seed": seed})
-    return sheet
+        _draw_labels(self.draw, (tx, ty), layout.cell_size[0] - 2 * PAD, [key_line, where],
+                     item["soft_labels"][0].numpy(), int(item["target"]), layout.top_k, self.names)
+        if self.dataset.augment is not None and self.dataset.augment.mixing:
+            self.partners(n, s, item, rec.aug, self.dataset.augment)
+        return {"index": i, "key": reader.image_key(i), "slot": s}
+
+    def partners(self, n: int, s: int, item: dict[str, Any], aug: Mapping[str, np.ndarray],
+                 pipeline: Pipeline) -> None:
+        """Cell ``n``'s partner panels and text lines, one per mixing policy of ``pipeline`` (partner images
+        from the slot's params ``aug``, weights from the dataset's ``item``)."""
+        draw, layout = self.draw, self.layout
+        tx, ty = layout.text_origin(n)
+        width = layout.cell_size[0] - 2 * PAD
+        _, pidx, _ = mix_weights(pipeline, aug, self.dataset.output_size)  # partner images (weights: the item's)
+        for q, pol in enumerate(pipeline.mixing):
+            j = int(pidx[0, q])
+            rect = layout.partner_rect(n, q)
+            if j < 0:
+                draw.rectangle([rect[0], rect[1], rect[2] - 1, rect[3] - 1], fill=(240, 240, 240))
+                draw.text((rect[0] + 4, rect[1] + 4), f"{pol.name}: not mixed", fill=_DIM, font=font())
+                text = f"{pol.name}: not mixed"
+            else:
+                _panel(self.sheet, draw, rect, self.image(j), self.reader.read(j, [s]).box[0], _PARTNER_BOX)
+                text = (f"{pol.name}: lam {float(item['lam'][0]):.2f} own, partner "
+                        f"{class_name(int(item['partner_target'][0, q]), self.names)} "
+                        f"{float(item['partner_weight'][0, q]):.2f}")
+            draw.text((tx, ty + (3 + layout.top_k + q) * LINE), fit_text(draw, text, width), fill=_TEXT, font=font())
 
 
 def save_sheet(sheet: Image.Image, path: str | os.PathLike) -> Path:

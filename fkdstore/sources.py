@@ -314,9 +314,9 @@ class _ByteImages(ImageSource):
                 out.append(e)
         return out
 
-    def header_sizes(self, indices=None):
+    def header_sizes(self, indices: Sequence[int] | None = None) -> list[tuple[int, int] | ImageReadError]:
         idx = list(range(len(self))) if indices is None else [int(i) for i in indices]
-        out: list = []
+        out: list[tuple[int, int] | ImageReadError] = []
         for a in range(0, len(idx), SCAN_WINDOW):
             out.extend(self._sizes(idx[a:a + SCAN_WINDOW], errors=True))
         return out
@@ -478,8 +478,8 @@ class TarSource(_ByteImages):
             indexed = list(ex.map(self._index_shard, range(len(locs))))
         self._build(indexed)
 
-    def _index_shard(self, s: int) -> list[tuple[str, str, int, int]]:
-        """``[(member name, kind, offset, size)]`` of shard ``s`` (kind: "image" or "cls"), tar order."""
+    def _index_shard(self, s: int) -> list[tuple[str, str, str, int, int]]:
+        """``[(member name, key, kind, offset, size)]`` of shard ``s`` (kind: "image" or "cls"), tar order."""
         loc = self.shards[s]
         fileobj = None if not _storage.is_url(loc) else io.BufferedReader(
             _RangeFile(self._bytes, self._keys_in[s], loc), buffer_size=512)
@@ -494,19 +494,21 @@ class TarSource(_ByteImages):
                         continue
                     kind = "image" if split[1] in _TAR_EXT else "cls" if split[1] == "cls" else None
                     if kind is not None:
-                        out.append((m.name, kind, m.offset_data, m.size))
+                        out.append((m.name, split[0], kind, m.offset_data, m.size))
         except tarfile.TarError as e:
             raise ValidationError(f"tar shard {loc} cannot be read as a tar file: {e}") from None
         return out
 
-    def _build(self, indexed: list[list[tuple[str, str, int, int]]]) -> None:
+    def _build(self, indexed: list[list[tuple[str, str, str, int, int]]]) -> None:
         keys: list[str] = []
-        shard, start, size, members = [], [], [], []
+        shard: list[int] = []
+        start: list[int] = []
+        size: list[int] = []
+        members: list[str] = []
         cls_at: dict[str, tuple[int, int, int, str]] = {}
         first: dict[str, int] = {}
         for s, entries in enumerate(indexed):
-            for name, kind, off, n in entries:
-                key = _split_member(name)[0]
+            for name, key, kind, off, n in entries:
                 if kind == "cls":
                     cls_at[key] = (s, off, n, name)
                     continue

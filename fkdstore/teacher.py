@@ -23,7 +23,7 @@ import torch
 from .errors import ValidationError
 from .transforms import Replay, normalize
 
-__all__ = ["load_teacher", "file_sha256", "state_sha256", "TeacherForward"]
+__all__ = ["load_teacher", "file_sha256", "state_sha256", "TeacherForward", "to_channels_last"]
 
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")  # common checkpoint layouts
 
@@ -114,6 +114,13 @@ def load_teacher(spec: str, weights: str | os.PathLike | None = None,
     return model
 
 
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its 4-d parameters and buffers in channels_last memory format (in place, as
+    ``Module.to(memory_format=torch.channels_last)``); returns it."""
+    # torch's Module.to overloads omit memory_format, which Module.to accepts (documented) and passes on
+    return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
 def _logits(out: Any) -> torch.Tensor:
     """Accept a tensor, a tuple/list whose first item is the logits, or an object with ``.logits``."""
     if isinstance(out, torch.Tensor):
@@ -141,7 +148,7 @@ class TeacherForward:
         teacher.eval()
         teacher.to(device)
         if self.use_cuda:
-            teacher.to(memory_format=torch.channels_last)
+            to_channels_last(teacher)
         self.amp_dtype = None
         if self.use_cuda and amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def make_digits_folder(
         counts[c] += 1
         g = (d.images[i] / 16.0).astype(np.float32)
         rgb = g[..., None] * (tint[i] if colour else np.ones(3))
-        img = Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB").resize((size, size), Image.BICUBIC)
+        img = Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
         (root / str(c)).mkdir(parents=True, exist_ok=True)
         img.save(root / str(c) / f"{i:04d}.png")
     return root
@@ -193,7 +195,7 @@ def train_classifier(model, batches, passes: int, lr: float, target_fn, *, mean=
     kw = {} if mean is None else {"mean": mean, "std": std}
     soft_loss = soft_cross_entropy if soft_loss is None else soft_loss
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = range(passes)
+    steps: Iterable[int] = range(passes)
     if progress:
         steps = _progress(None, total=passes, desc=progress, unit="pass", leave=False, mininterval=0.5).wrap(steps)
     model.train()

@@ -59,9 +59,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,7 @@ from .distributed import World
 from .errors import FormatError, ValidationError
 from .images import list_images, load_image
 from .pytorch import DeviceLoader, TorchDataset, collate, mix_batch, soft_cross_entropy
+from .teacher import to_channels_last
 
 __all__ = ["main", "build_parser", "Phase", "phases", "learning_rate", "FKD_LABEL_TYPES"]
 
@@ -409,19 +411,61 @@ def _train(args, world: World, device: torch.device, cuda: bool) -> dict:
     torch.manual_seed(args.seed)
     use_amp = cuda if args.amp is None else bool(args.amp) and cuda
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    amp = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else contextlib.nullcontext
     channels_last = cuda if args.channels_last is None else bool(args.channels_last)
-    datasets = {}
-
-    def dataset(m: int) -> TorchDataset:
-        if m not in datasets:
-            datasets[m] = TorchDataset(args.softlabel_path, train_dir, crops_per_sample=m, normalize=False,
-                                       soft_labels="sparse", seed=args.seed)
-        return datasets[m]
-
+    datasets = _Datasets(args, train_dir)
     plan = phases(args.epochs, args.num_crops, args.final_single_crop)
+    ds = _first_dataset(datasets, plan, args, train_dir)
+    check_store(ds, args)
+    model = build_model(args.arch, ds.num_classes).to(device)
+    if channels_last:
+        model = to_channels_last(model)
+    opt: torch.optim.Optimizer
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    start, step, best = args.start_epoch, 0, 0.0
+    if args.resume:
+        start, step, best = _resume(args, model, opt, scaler, device, world)
+    if world.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    amp = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else contextlib.nullcontext
+    run = _Run(args=args, world=world, device=device, cuda=cuda, channels_last=channels_last, model=model, opt=opt,
+               scaler=scaler, amp=amp)
+    if args.evaluate:
+        if val_dir is None:
+            raise UsageError("-e/--evaluate needs a validation folder: DIR/val or --val DIR.")
+        val = run.evaluate(val_dir, ds)
+        _log(world, f" * Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f}")
+        return {"epoch": start, "step": step, "loss": float("nan"), "best_acc1": best, "val": val, "images_seen": []}
+    starts = [ph.epoch for ph in plan]
+    if start and start not in starts and start < args.epochs:
+        raise UsageError(f"the start epoch must begin a pass of this schedule ({starts}). Got {start} "
+                         "(a checkpoint of a run with other --epochs/--num_crops?).")
+    return _fit(run, datasets, plan, val_dir, start, step, best)
+
+
+class _Datasets:
+    """The training :class:`TorchDataset` of each crops-per-sample ``m`` (uint8 crops, sparse labels), built
+    once each."""
+
+    def __init__(self, args, train_dir: Path):
+        self.args, self.train_dir = args, train_dir
+        self._by_crops: dict[int, TorchDataset] = {}
+
+    def __call__(self, m: int) -> TorchDataset:
+        if m not in self._by_crops:
+            self._by_crops[m] = TorchDataset(self.args.softlabel_path, self.train_dir, crops_per_sample=m,
+                                             normalize=False, soft_labels="sparse", seed=self.args.seed)
+        return self._by_crops[m]
+
+
+def _first_dataset(datasets: _Datasets, plan: list[Phase], args, train_dir: Path) -> TorchDataset:
+    """The dataset of the first phase; a ``--softlabel_path`` holding FKD's label files is refused with the
+    import command that turns it into a store."""
     try:
-        ds = dataset(args.num_crops if plan and plan[0].crops > 1 else 1)
+        return datasets(args.num_crops if plan and plan[0].crops > 1 else 1)
     except FormatError:
         if _fkd_label_files(args.softlabel_path):
             raise UsageError(
@@ -429,94 +473,75 @@ def _train(args, world: World, device: torch.device, cuda: bool) -> dict:
                 f"import them once with 'fkdstore import-fkd {args.softlabel_path} labels.zarr --images {train_dir} "
                 "--num-classes C', then pass --softlabel_path labels.zarr") from None
         raise
-    check_store(ds, args)
-    model = build_model(args.arch, ds.num_classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
+
+def _resume(args, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            device: torch.device, world: World) -> tuple[int, int, float]:
+    """Load ``--resume``'s weights into ``model`` and, unless ``--evaluate``, the optimizer, scaler and random
+    state; returns ``(start epoch, step, best acc@1)`` (``--start-epoch``, 0, 0 when evaluating)."""
+    if not os.path.isfile(args.resume):
+        raise UsageError(f"--resume must be a checkpoint file. Got {args.resume!r}, which does not exist.")
     start, step, best = args.start_epoch, 0, 0.0
-    if args.resume:
-        if not os.path.isfile(args.resume):
-            raise UsageError(f"--resume must be a checkpoint file. Got {args.resume!r}, which does not exist.")
-        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
-        model.load_state_dict(_state_dict(ckpt["state_dict"]))
-        if not args.evaluate:
-            opt.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            if ckpt.get("rng"):
-                _set_rng_state(ckpt["rng"])
-            start, step, best = int(ckpt["epoch"]), int(ckpt.get("step", 0)), float(ckpt.get("best_acc1", 0.0))
-        _log(world, f"=> resumed from {args.resume} (epoch {ckpt['epoch']})")
-    if world.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    ckpt = torch.load(args.resume, map_location=device, weights_only=False)
+    model.load_state_dict(_state_dict(ckpt["state_dict"]))
+    if not args.evaluate:
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("rng"):
+            _set_rng_state(ckpt["rng"])
+        start, step, best = int(ckpt["epoch"]), int(ckpt.get("step", 0)), float(ckpt.get("best_acc1", 0.0))
+    _log(world, f"=> resumed from {args.resume} (epoch {ckpt['epoch']})")
+    return start, step, best
 
-    eval_kw = dict(device=device, world=world, batch_size=max(1, args.batch_size // world.world_size),
-                   workers=args.workers, amp=amp, channels_last=channels_last)
-    if args.evaluate:
-        if val_dir is None:
-            raise UsageError("-e/--evaluate needs a validation folder: DIR/val or --val DIR.")
-        val = evaluate(model, val_dir, ds, **eval_kw)
-        _log(world, f" * Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f}")
-        return {"epoch": start, "step": step, "loss": float("nan"), "best_acc1": best, "val": val, "images_seen": []}
-    starts = [ph.epoch for ph in plan]
-    if start and start not in starts and start < args.epochs:
-        raise UsageError(f"the start epoch must begin a pass of this schedule ({starts}). Got {start} "
-                         "(a checkpoint of a run with other --epochs/--num_crops?).")
 
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """The fixed parts of one training run: options, process, device, the model (DDP-wrapped when
+    distributed), its optimizer and grad scaler, ``amp`` (a context-manager factory: autocast or nothing)."""
+
+    args: argparse.Namespace
+    world: World
+    device: torch.device
+    cuda: bool
+    channels_last: bool
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Callable[[], contextlib.AbstractContextManager[Any]]
+
+    def evaluate(self, folder: Path, ds: TorchDataset) -> dict:
+        """:func:`evaluate` of the model on ``folder``, at ``-b`` images per step over all processes."""
+        return evaluate(self.model, folder, ds, device=self.device, world=self.world,
+                        batch_size=max(1, self.args.batch_size // self.world.world_size), workers=self.args.workers,
+                        amp=self.amp, channels_last=self.channels_last)
+
+
+def _fit(run: _Run, datasets: _Datasets, plan: list[Phase], val_dir: Path | None, start: int, step: int,
+         best: float) -> dict:
+    """The phases of ``plan`` from epoch ``start`` (global step ``step``, best acc@1 ``best``): one pass each,
+    then validation and the checkpoint (rank 0); returns :func:`main`'s result."""
+    args, world = run.args, run.world
     mixing = mix_options(args)
-    result = {"epoch": start, "step": step, "loss": float("nan"), "best_acc1": best, "val": None, "images_seen": []}
-    loaders: dict[int, DataLoader] = {}
+    result: dict[str, Any] = {"epoch": start, "step": step, "loss": float("nan"), "best_acc1": best, "val": None,
+                              "images_seen": []}
+    loaders: dict[int, tuple[DataLoader, DistributedSampler | _EpochSampler]] = {}
     for ph in (ph for ph in plan if ph.epoch >= start):
-        ds = dataset(ph.crops)
+        ds = datasets(ph.crops)
         if ph.crops not in loaders:
-            per_rank = max(1, math.ceil(args.batch_size / ph.crops / world.world_size))
-            sampler = DistributedSampler(ds, num_replicas=world.world_size, rank=world.rank, shuffle=True,
-                                         seed=args.seed) if world.world_size > 1 else _EpochSampler(len(ds), args.seed)
-            loaders[ph.crops] = DataLoader(
-                ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                pin_memory=cuda, persistent_workers=args.workers > 0, drop_last=len(sampler) >= per_rank)
-        loader = loaders[ph.crops]
-        loader.sampler.set_epoch(ph.epoch)
+            loaders[ph.crops] = _loader(ds, ph.crops, args, world, run.cuda)
+        loader, sampler = loaders[ph.crops]
+        sampler.set_epoch(ph.epoch)
         ds.set_epoch(ph.dataset_epoch)  # before iter(loader); persistent workers see it too
         lr = learning_rate(ph.epoch, args)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.train()
-        t0, total, n, images, correct = time.perf_counter(), 0.0, 0, 0, 0
-        batches = DeviceLoader(loader, device, dataset=ds, channels_last=channels_last)
-        for i, batch in enumerate(batches):
-            x, y, target = batch["crops"], batch["soft_labels"], batch["target"]
-            if mixing is not None:
-                x, y = mix_batch(x, y, seed=args.seed, step=step * world.world_size + world.rank, **mixing)[:2]
-            with amp():
-                out = model(x)
-            loss = soft_cross_entropy(out.float(), y, temperature=args.temp)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            total, n = total + loss.item() * len(x), n + len(x)
-            images += len(x) // ph.crops
-            correct += int((out.detach().argmax(-1) == target).sum())
-            if i % args.print_freq == 0:
-                _log(world, f"Epoch: [{ph.epoch}][{i}/{len(batches)}] crops {ph.crops} LR {lr:.5f} "
-                            f"Loss {loss.item():.4e} Acc@1 {100.0 * correct / max(n, 1):6.2f}")
-        stats = torch.tensor([total, n, images], dtype=torch.float64, device=device)
-        if world.world_size > 1:
-            dist.all_reduce(stats)
+        t0 = time.perf_counter()
+        stats, step = _one_pass(run, ph, loader, ds, lr, step, mixing)
         loss_avg = stats[0].item() / max(stats[1].item(), 1.0)
         msg = (f"epoch {ph.epoch + ph.crops}/{args.epochs} (pass of {ph.crops} crops from epoch {ph.epoch}) "
                f"lr {lr:.5g} loss {loss_avg:.4f} crops/s {stats[1].item() / (time.perf_counter() - t0):.0f}")
-        val = None
+        val: dict | None = None
         if val_dir is not None:
-            val = evaluate(model, val_dir, ds, **eval_kw)
+            val = run.evaluate(val_dir, ds)
             msg += f" val Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f}"
         _log(world, msg)
         is_best = val is not None and val["acc1"] > best
@@ -524,12 +549,62 @@ def _train(args, world: World, device: torch.device, cuda: bool) -> dict:
         result = {"epoch": ph.epoch + ph.crops, "step": step, "loss": loss_avg, "best_acc1": best, "val": val,
                   "images_seen": result["images_seen"] + [int(stats[2].item())]}
         if world.rank == 0:
-            save_checkpoint({"epoch": ph.epoch + ph.crops, "arch": args.arch, "state_dict": _unwrap(model).state_dict(),
-                             "best_acc1": best, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                             "step": step, "rng": _rng_state(), "args": vars(args), "store": str(args.softlabel_path)},
-                            Path(args.save_checkpoint_path), is_best)
+            state = {"epoch": ph.epoch + ph.crops, "arch": args.arch, "state_dict": _unwrap(run.model).state_dict(),
+                     "best_acc1": best, "optimizer": run.opt.state_dict(), "scaler": run.scaler.state_dict(),
+                     "step": step, "rng": _rng_state(), "args": vars(args), "store": str(args.softlabel_path)}
+            save_checkpoint(state, Path(args.save_checkpoint_path), is_best)
     _log(world, "result " + json.dumps({k: v for k, v in result.items() if k != "val"}))
     return result
+
+
+def _loader(ds: TorchDataset, crops: int, args, world: World,
+            cuda: bool) -> tuple[DataLoader, DistributedSampler | _EpochSampler]:
+    """The training loader of ``ds`` (``crops`` crops per image) and its sampler: ``-b`` crops per step over
+    all processes, each process its share of a shuffled order drawn from ``(--seed, epoch)``."""
+    per_rank = max(1, math.ceil(args.batch_size / crops / world.world_size))
+    sampler: DistributedSampler | _EpochSampler
+    if world.world_size > 1:
+        sampler = DistributedSampler(ds, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=args.seed)
+    else:
+        sampler = _EpochSampler(len(ds), args.seed)
+    loader = DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                        pin_memory=cuda, persistent_workers=args.workers > 0, drop_last=len(sampler) >= per_rank)
+    return loader, sampler
+
+
+def _one_pass(run: _Run, ph: Phase, loader: DataLoader, ds: TorchDataset, lr: float, step: int,
+              mixing: dict | None) -> tuple[torch.Tensor, int]:
+    """One pass of phase ``ph`` over ``loader`` at learning rate ``lr``, from global step ``step``, mixing
+    batches with ``mixing`` (:func:`mix_options`); returns ``[loss * crops, crops, images]`` summed over all
+    processes (float64) and the step after the pass."""
+    args, world, model, opt, scaler = run.args, run.world, run.model, run.opt, run.scaler
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    total, n, images, correct = 0.0, 0, 0, 0
+    batches = DeviceLoader(loader, run.device, dataset=ds, channels_last=run.channels_last)
+    for i, batch in enumerate(batches):
+        x, y, target = batch["crops"], batch["soft_labels"], batch["target"]
+        if mixing is not None:
+            x, y = mix_batch(x, y, seed=args.seed, step=step * world.world_size + world.rank, **mixing)[:2]
+        with run.amp():
+            out = model(x)
+        loss = soft_cross_entropy(out.float(), y, temperature=args.temp)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        total, n = total + loss.item() * len(x), n + len(x)
+        images += len(x) // ph.crops
+        correct += int((out.detach().argmax(-1) == target).sum())
+        if i % args.print_freq == 0:
+            _log(world, f"Epoch: [{ph.epoch}][{i}/{len(batches)}] crops {ph.crops} LR {lr:.5f} "
+                        f"Loss {loss.item():.4e} Acc@1 {100.0 * correct / max(n, 1):6.2f}")
+    stats = torch.tensor([total, n, images], dtype=torch.float64, device=run.device)
+    if world.world_size > 1:
+        dist.all_reduce(stats)
+    return stats, step
 
 
 class _EpochSampler(torch.utils.data.Sampler):

@@ -146,6 +146,16 @@ def _normalizer(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray
     return m, s
 
 
+def _optional_normalizer(mean: Sequence[float] | None,
+                         std: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_normalizer` of ``mean`` and ``std``, None when both are omitted (uint8 output)."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise ValidationError("mean and std must be given together (normalised output) or both omitted (uint8)")
+    return _normalizer(mean, std)
+
+
 def _to_chw(pixels: Image.Image | np.ndarray, flip: bool, dst: np.ndarray,
             norm: tuple[np.ndarray, np.ndarray] | None) -> None:
     """Write one resized crop into ``dst`` ``[3, H, W]``: HWC -> CHW, the horizontal flip, and for float32
@@ -238,9 +248,7 @@ def replay_crops(
         raise ValidationError(f"boxes must be an integer array of shape (M, 4), got shape {boxes.shape}")
     if flips.shape != (boxes.shape[0],):
         raise ValidationError(f"flips must have shape ({boxes.shape[0]},) to match boxes, got {flips.shape}")
-    if (mean is None) != (std is None):
-        raise ValidationError("mean and std must be given together (normalised output) or both omitted (uint8)")
-    norm = None if mean is None else _normalizer(mean, std)
+    norm = _optional_normalizer(mean, std)
     shape = (len(boxes), 3, *_size_hw(size))
     resample = _resample(interpolation)
     dtype = torch.uint8 if norm is None else torch.float32
@@ -270,9 +278,7 @@ def write_crops(pixels: np.ndarray, out: torch.Tensor, *, mean: Sequence[float] 
     """Write final uint8 crops ``pixels`` ``(m, H, W, 3)`` (e.g. augmented, already flipped) into ``out``
     ``[m, 3, H, W]``: uint8, or float32 normalised with ``mean``/``std`` in the same pass, bit-identical to
     :func:`normalize` (the fused layout/normalise step of :func:`replay_crops`). Returns ``out``."""
-    if (mean is None) != (std is None):
-        raise ValidationError("mean and std must be given together (normalised output) or both omitted (uint8)")
-    norm = None if mean is None else _normalizer(mean, std)
+    norm = _optional_normalizer(mean, std)
     dst = out.numpy()
     if pixels.ndim != 4 or pixels.shape[3] != 3 or dst.shape != (pixels.shape[0], 3, *pixels.shape[1:3]):
         raise ValidationError(f"pixels (m, H, W, 3) must match out [m, 3, H, W]. Got {pixels.shape} and {dst.shape}.")

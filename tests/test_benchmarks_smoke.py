@@ -66,13 +66,19 @@ def test_fkdstore_file_count_rule_matches_a_written_store(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_tiny_run(tmp_path):
+    """One tiny run over every row family of the reproduction (one teacher, one seed): the rows exist, the
+    claims and verdicts are computed from them, the Markdown names each table."""
+    run_all = pytest.importorskip("run_all")
     torch.manual_seed(0)
-    res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "1", "2", "--size", "12",
+    res = reproduce.main(["--epochs", "2", "--seeds", "1", "--teacher-epochs", "1", "--ms", "1", "2", "--size", "12",
                           "--teacher-width", "8", "--student-width", "4", "--m", "2", "--temperatures", "4",
-                          "--ssl-dim", "16", "--only", "(a)", "(b)", "Full, m=1", "Full, m=2", "Hard", "(d)", "(m)",
-                          "(n)", "--work", str(tmp_path)])
+                          "--keeps", "--no-q8", "--ssl-dim", "16",
+                          "--only", "(a)", "(b)", "Full, m=1", "Full, m=2", "Hard", "MS K=3", "(d)", "(g)", "(h)",
+                          "(i)", "(j)", "(k)", "(l)", "(m)", "(n)", "--work", str(tmp_path)])
     s = res["summary"]
-    assert any(k.startswith("(c) FKD Full, m=2") for k in s) and any(k.startswith("(d)") for k in s)
+    assert sorted({k[:3] for k in s}) == ["(a)", "(b)", "(c)", "(d)", "(g)", "(h)", "(i)", "(j)", "(k)", "(l)",
+                                          "(m)", "(n)"]
+    assert any(k.startswith("(c) FKD Full, m=2") for k in s) and any(k.startswith("(c) FKD MS K=3") for k in s)
     assert all(0.0 <= v["acc_mean"] <= 1.0 and np.isfinite(v["time_mean"]) for v in s.values())
     assert {"fkd_matches_vanilla_kd", "region_beats_global", "m_does_not_hurt"} <= set(res["claims"])
     md = reproduce.to_markdown(res)
@@ -90,9 +96,23 @@ def test_reproduce_tiny_run(tmp_path):
     assert e["float16 centred"]["tv"] < e["float16"]["tv"]
     assert set(ssl["students"]) == {"float32", "float16", "float16 centred"}
     assert "Self-supervised head" in md and "| 4 | MS K=3 |" in md
-    run_all = pytest.importorskip("run_all")
+    # (g)-(j): mixing stored vs at training time
+    v = res["claims"]["stored_mix_vs_train_time_mix"]
+    assert set(v["same_augmentation"]) == {"RandAugment(2)", "crop + flip only"}
+    g = next(x for k, x in s.items() if k.startswith("(g)"))
+    assert v["stored_acc"] == g["acc_mean"] and v["verdict"] in ("tie", "stored", "train-time")
+    assert set(res["augment"]["generation"]) == {reproduce.AUGMENT_STORED, reproduce.AUGMENT_RA,
+                                                 reproduce.AUGMENT_STORED[len(reproduce.AUGMENT_RA) + 1:]}
+    assert "Mixing stored vs mixing at training time" in md
+    # (k)/(l): ReLabel's maps against FKD's regions
+    assert res["relabel"]["size"] == 3 and res["relabel"]["k"] == 3  # tiny_cnn at 12 px: a 3 x 3 class map
+    fr = res["claims"]["fkd_vs_relabel"]
+    assert "FKD Full vs ReLabel on FKD's crops" in fr
+    assert all(p["verdict"] in ("tie", "FKD", "ReLabel") for p in fr.values())
+    assert "FKD vs ReLabel (rows (k)/(l))" in md
     lines = run_all.verdicts(None, res)
     assert any("equal stored bytes per crop" in x for x in lines) and any("centred vs not" in x for x in lines)
+    assert any("Mixup/CutMix stored" in x for x in lines) and any("ReLabel's label maps" in x for x in lines)
 
 
 def test_codec_fidelity_tiny_run():
@@ -152,39 +172,6 @@ def test_augment_throughput_tiny_run():
     if "--baseline" in args:
         assert res["current_over_baseline"]["cpu"] > 0
         assert "baseline" in augment_throughput.to_markdown(res)
-
-
-@pytest.mark.slow
-def test_reproduce_mixing_rows_tiny_run(tmp_path):
-    run_all = pytest.importorskip("run_all")
-    torch.manual_seed(0)
-    res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "2", "--size", "12",
-                          "--teacher-width", "8", "--student-width", "4", "--m", "2", "--keeps", "--no-q8",
-                          "--only", "(g)", "(h)", "(i)", "(j)", "--work", str(tmp_path)])
-    assert sorted(k[:3] for k in res["summary"]) == ["(g)", "(h)", "(i)", "(j)"]
-    v = res["claims"]["stored_mix_vs_train_time_mix"]
-    assert set(v["same_augmentation"]) == {"RandAugment(2)", "crop + flip only"}
-    g = next(s for k, s in res["summary"].items() if k.startswith("(g)"))
-    assert v["stored_acc"] == g["acc_mean"] and v["verdict"] in ("tie", "stored", "train-time")
-    assert set(res["augment"]["generation"]) == {reproduce.AUGMENT_STORED, reproduce.AUGMENT_RA,
-                                                 reproduce.AUGMENT_STORED[len(reproduce.AUGMENT_RA) + 1:]}
-    assert "Mixing stored vs mixing at training time" in reproduce.to_markdown(res)
-    assert any("Mixup/CutMix stored" in line for line in run_all.verdicts(None, res))
-
-
-@pytest.mark.slow
-def test_reproduce_relabel_rows_tiny_run(tmp_path):
-    run_all = pytest.importorskip("run_all")
-    torch.manual_seed(0)
-    res = reproduce.main(["--epochs", "2", "--seeds", "2", "--teacher-epochs", "1", "--ms", "2", "--size", "12",
-                          "--teacher-width", "8", "--student-width", "4", "--m", "2", "--keeps", "--no-q8",
-                          "--only", "Full, m=2", "MS K=3", "(k)", "(l)", "--work", str(tmp_path)])
-    assert sorted(k[:3] for k in res["summary"]) == ["(c)", "(c)", "(k)", "(k)", "(l)"]
-    assert res["relabel"]["size"] == 3 and res["relabel"]["k"] == 3  # tiny_cnn at 12 px: a 3 x 3 class map
-    v = res["claims"]["fkd_vs_relabel"]
-    assert "FKD Full vs ReLabel on FKD's crops" in v and all(p["verdict"] in ("tie", "FKD", "ReLabel") for p in v.values())
-    assert "FKD vs ReLabel (rows (k)/(l))" in reproduce.to_markdown(res)
-    assert any("ReLabel's label maps" in line for line in run_all.verdicts(None, res))
 
 
 def test_read_breakdown_tiny_run(capsys, tmp_path):

@@ -191,6 +191,24 @@ def test_import_fkd_round_trips_every_value(tmp_path, fp16, suffix, capsys):
     assert verify(dst) == []
 
 
+@pytest.mark.parametrize("fp16,codec,labels_flag", [(True, None, False), (False, None, True), (True, "hard", True)])
+def test_import_fkd_records_the_common_import_keys(tmp_path, fp16, codec, labels_flag):
+    """Spec section 9.1: `meta["import"]` holds format, source, files, order, binding, slots and flags; the
+    flags name the labels only where the store does not hold the files' values bit for bit."""
+    root, images, expect = _fkd_tree(tmp_path, fp16=fp16, n_classes=3, per_class=1, m=4)
+    dst = tmp_path / "imp.fkd"
+    import_fkd(root / "train", dst, images, num_classes=C, codec=codec)
+    with fkdstore.open(dst) as r:
+        imp = r.meta["import"]
+        keys = r.image_keys
+    assert {"format", "source", "files", "order", "binding", "slots", "flags"} <= set(imp), sorted(imp)
+    assert imp["format"] == "fkd-release" and imp["source"] == str((root / "train").resolve())
+    assert imp["files"] == len(expect) == 3 and imp["order"] == "listing" and keys == sorted(expect)
+    assert "<class>/<stem>" in imp["binding"] and "slot r" in imp["slots"]
+    assert isinstance(imp["flags"], list) and any("clipped" in f for f in imp["flags"])
+    assert any(f.startswith("labels:") for f in imp["flags"]) == labels_flag, imp["flags"]
+
+
 def test_fkd_boxes_is_pillows_rounding():
     rng = np.random.default_rng(1)
     coords = rng.random((500, 4)).astype(np.float16)

@@ -23,11 +23,12 @@ import fkdstore
 from fkdstore import schema as S
 from fkdstore.cli import GENERATE_OPTIONS, SAMPLER_OPTIONS, build_parser, generate_options, main
 from fkdstore.distributed import World
-from fkdstore.errors import SchemaMismatchError, ValidationError
+from fkdstore.errors import FormatError, SchemaMismatchError, ValidationError
 from fkdstore.images import ImageReadError, image_size, load_image
+from fkdstore.labelmap import LabelMapSpec
 from fkdstore.runner import Execution, LabelSpec, Provenance, generate
 from fkdstore.seeded import SlotCropSampler
-from fkdstore.teacher import file_sha256, load_teacher, state_sha256
+from fkdstore.teacher import file_sha256, load_teacher, state_sha256, to_channels_last
 from fkdstore.testing import make_digits_folder, make_photo_folder, tiny_cnn
 from fkdstore.transforms import Replay, normalize, replay_crops
 
@@ -412,6 +413,23 @@ def test_load_teacher_errors(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValidationError, match="must hold a state dict. Got list."):
         load_teacher("fkdstore.testing:tiny_cnn", tmp_path / "list.pt")
+
+
+def test_to_channels_last_converts_in_place_and_keeps_the_outputs():
+    model = tiny_cnn(10, seed=1).eval()
+    x = torch.rand(2, 3, 16, 16)
+    want = model(x)
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert convs and not any(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert to_channels_last(model) is model
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4)
+    torch.testing.assert_close(model(x), want)
+
+
+def test_label_spec_M_is_the_crop_count_and_refused_for_label_maps():
+    assert LabelSpec(crops_per_image=3, codec="full").M == 3
+    with pytest.raises(FormatError, match="store holds 'label_map' records"):
+        _ = LabelSpec(label_map=LabelMapSpec(size=3, k=2, box_order="xy")).M
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -3189,8 +3189,6 @@ def test_section9_1_import_provenance_binding_and_resume(tinyvit_import):
     assert {k: v for k, v in _header(dst).items() if k != "meta"} == {k: v for k, v in h.items() if k != "meta"}
 
 
-@pytest.mark.xfail(strict=True, reason="spec-vs-code: section 9.1 lists the common meta['import'] keys format, source, "
-                   "files, order, binding, slots, flags; the TinyViT importer writes no `files` and no `slots`")
 def test_section9_1_import_records_the_common_keys(tinyvit_import):
     """Section 9.1: "Common keys: `format` ..., `source` (absolute path(s)), `files`, `order` (`imagefolder` ...
     or `listing`), `binding` (how a record finds its image, in words), `slots` (how records become slots), and

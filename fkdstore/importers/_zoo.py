@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from ..report import storage_stats
 from ..transforms import Replay
 
 __all__ = ["ORDERS", "dataset_order", "imagefolder_order", "LABEL_KINDS", "label_codec", "label_fields",
-           "check_fields", "SlotScratch", "write_store", "write_map_store", "source_bytes"]
+           "check_fields", "SlotScratch", "replay_of", "write_store", "write_map_store", "source_bytes"]
 
 ORDERS = ("imagefolder", "listing")
 LABEL_KINDS = ("probs_topk", "logits_full", "logits_topk_renorm", "logits_topk_fill")
@@ -88,17 +88,18 @@ def label_codec(kind: str, k: int | None, codec=None, *, k_out: int | None = Non
     (it assumes equal tail logits)."""
     if kind not in LABEL_KINDS:
         raise ValidationError(f"label kind must be one of {list(LABEL_KINDS)}. Got {kind!r}.")
+    if kind == "logits_full":
+        return _codecs.Logits(k=k_out, dtype="float16") if codec is None else \
+            _codecs.as_codec(codec, k=k_out, default_k=k)
+    if k is None:
+        raise TypeError(f"label kind {kind!r} holds top-K labels: k must be an int. Got None.")
     if codec is None:
         if kind == "probs_topk":
             return _codecs.MarginalSmoothing(k=k_out or k, dtype="float16")
-        if kind == "logits_full":
-            return _codecs.Logits(k=k_out, dtype="float16")
         if kind == "logits_topk_renorm":
             return _codecs.MarginalReNorm(k=k_out or k, dtype="float32")
         return _codecs.Logits(k=k_out or k, dtype="float32")
     dst = _codecs.as_codec(codec, k=k_out, default_k=k)
-    if kind == "logits_full":
-        return dst
     if kind == "logits_topk_renorm" and dst.input == "logits":
         raise ConversionError(f"cannot import top-{k} logits without a tail as {dst.describe()}: the logits codec "
                               f"gives the other classes equal logits; use mr (softmax over the kept classes)")
@@ -166,16 +167,24 @@ class SlotScratch:
         self.N, self.M = int(num_images), int(crops_per_image)
         self.dir = tempfile.mkdtemp(prefix="fkdstore-import-", dir=folder)
         self.arrays: dict[str, np.ndarray] = {}
+        self._filled: np.ndarray | None = None
         try:
             for name, (shape, dtype) in specs.items():
                 self.arrays[name] = np.lib.format.open_memmap(
                     os.path.join(self.dir, f"{name}.npy"), mode="w+", dtype=np.dtype(dtype),
                     shape=(self.N, self.M, *shape))
-            self.filled = np.lib.format.open_memmap(os.path.join(self.dir, "_filled.npy"), mode="w+",
-                                                    dtype=np.bool_, shape=(self.N, self.M))
+            self._filled = np.lib.format.open_memmap(os.path.join(self.dir, "_filled.npy"), mode="w+",
+                                                     dtype=np.bool_, shape=(self.N, self.M))
         except BaseException:
             self.close()
             raise
+
+    @property
+    def filled(self) -> np.ndarray:
+        """Bool ``(N, M)``: the slots put so far (the scratch must be open)."""
+        if self._filled is None:
+            raise ValueError(f"the slot scratch {self.dir} is closed")
+        return self._filled
 
     @property
     def nbytes(self) -> int:
@@ -200,7 +209,7 @@ class SlotScratch:
 
     def close(self) -> None:
         self.arrays = {}
-        self.filled = None
+        self._filled = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> SlotScratch:
@@ -211,6 +220,14 @@ class SlotScratch:
 
 
 # --------------------------------------------------------------------------------------------- writing
+
+def replay_of(input_size: int | Sequence[int], interpolation: str, mean: Sequence[float],
+              std: Sequence[float]) -> Replay:
+    """The header's replay parameters of an imported store (the source pipeline's input size, interpolation and
+    normalisation), checked as :meth:`~fkdstore.transforms.Replay.from_config` checks the stored object: sizes
+    in ``[1, MAX_INPUT_SIDE]``, three finite ``mean`` values, three ``std`` values ``> 0``."""
+    return Replay.from_config({"input_size": input_size, "interpolation": interpolation, "mean": mean, "std": std})
+
 
 Rows = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]
 MapRows = tuple[np.ndarray, np.ndarray, np.ndarray]

@@ -98,6 +98,23 @@ def _source_codec(kind: str, k: int) -> _codecs.LabelCodec:
     return _codecs.Hard()
 
 
+def _flags(kind: str, k: int, dtype: np.dtype, dst_codec: _codecs.LabelCodec) -> list[str]:
+    """Where the replayed pixels or labels can differ from FKD's loader (spec section 9.1's ``flags``)."""
+    flags = ["crops whose box (Pillow's edge rounding of coords * image size) reaches outside the image are clipped "
+             "to it (FKD's loader pads them with black); the import's summary counts them (boxes_clamped)"]
+    exact: _codecs.LabelCodec | None = None  # the codec holding the files' labels bit for bit
+    if kind == "hard":
+        exact = _codecs.Hard()
+    elif dtype in (np.float16, np.float32):
+        exact = _codecs.MarginalSmoothing(k=k, dtype=str(dtype)) if kind == "topk" else \
+            _codecs.Smoothing(dtype=str(dtype))
+    if dst_codec != exact:
+        what = {"topk": f"top-{k} probabilities", "smoothing": "top-1 probabilities (smoothing)",
+                "hard": "hard labels"}[kind]
+        flags.append(f"labels: the files' {what} ({dtype}) are stored as {dst_codec!r}")
+    return flags
+
+
 def _scan_fkd(src: Path) -> dict[tuple[str, str], Path]:
     files: dict[tuple[str, str], Path] = {}
     for dirpath, dirnames, filenames in os.walk(src):
@@ -199,16 +216,23 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     labels_gt = None
     if len(imgs.classes) == num_classes:
         labels_gt = np.array([imgs.labels[n] for n in chosen], dtype=np.int64)
-    meta = {
-        "import": {"format": "fkd-release", "source": str(src.resolve()), "files": len(label_files),
-                   "label_kind": kind, "k_in_files": file_k if kind == "topk" else None,
-                   "coords_dtype": str(coords0.dtype), "box_rule": "pillow-crop-round"},
-        "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
-                                    images=len(label_files))],
+    meta_import: dict[str, Any] = {
+        "format": "fkd-release", "source": str(src.resolve()), "files": len(label_files), "order": "listing",
+        "binding": "file <class>/<stem>.tar (or .pth.tar) = the image <class>/<stem>.<ext> of the image folder "
+                   "(class folder and file stem)",
+        "slots": "row r of the file's coords, flip and labels = slot r",
+        "label_kind": kind, "k_in_files": file_k if kind == "topk" else None,
+        "coords_dtype": str(coords0.dtype), "box_rule": "pillow-crop-round",
+        "flags": _flags(kind, file_k, labels0.dtype, dst_codec),
     }
-    meta[MADE_BY] = made_by("import-fkd", **{"import": meta["import"], "to": dst_codec.get_config(),
-                                             "num_classes": num_classes})
-    open_destination(dst, dst_store, meta[MADE_BY])  # this import's own interrupted output is continued
+    record = made_by("import-fkd", **{"import": meta_import, "to": dst_codec.get_config(), "num_classes": num_classes})
+    meta: dict[str, Any] = {
+        "import": meta_import,
+        "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
+                                   images=len(label_files))],
+        MADE_BY: record,
+    }
+    open_destination(dst, dst_store, record)  # this import's own interrupted output is continued
     clamped = 0
     N = len(label_files)
     with remove_on_error(dst_store), _writer.write(

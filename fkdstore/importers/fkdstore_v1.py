@@ -8,6 +8,7 @@ edited header cannot be detected there (which is why 4.0 binds them). Nothing el
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -126,11 +127,18 @@ class V1Store:
             if bad:
                 raise CorruptStoreError(bad[0])
             self._arrays[name] = ShardedArray(meta_, self._source, num_images=N, dtype=dtype,
-                                              zarr_array=lambda n=name: self._group[n])
+                                              zarr_array=functools.partial(self._zarr_array, name))
+
+    def _zarr_array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` of the store (CorruptStoreError when a group stands there)."""
+        node = self._group[name]
+        if not isinstance(node, zarr.Array):
+            raise CorruptStoreError(f"{self.path}: {name!r} must be an array, got a group")
+        return node
 
     def _small(self, name: str) -> np.ndarray:
         try:
-            return self._group[name][:]
+            return np.asarray(self._zarr_array(name)[:])
         except Exception as e:  # zarr raises several types (checksum, decode, missing)
             raise CorruptStoreError(f"{self.path}: array {name!r} cannot be read: {type(e).__name__}: {e}") from e
 

@@ -42,7 +42,7 @@ from .. import augment as _augment
 from ..augment.randaugment import NO_MAGNITUDE, OPS, SIGNED, magnitude_value
 from ..errors import LabelFileError, ValidationError
 from ..images import image_size, list_images
-from ..transforms import INTERPOLATIONS, Replay
+from ..transforms import INTERPOLATIONS
 from . import _zoo, safe_pickle
 
 __all__ = ["import_mldr", "MLDR_TRANSFORMS", "mldr_layout", "MldrLayout", "DENSIFY"]
@@ -73,6 +73,11 @@ class MldrLayout:
     std: tuple[float, ...]
     num_samples: int
     topk: int
+
+    @property
+    def randaugment(self) -> _augment.RandAugment | None:
+        """The pipeline's RandAugment policy (records with ``rand_augment`` params), or None."""
+        return next((p for p in self.pipeline.policies if isinstance(p, _augment.RandAugment)), None)
 
 
 def _as_dict(v: Any, what: str) -> dict:
@@ -165,11 +170,12 @@ def _ra_bins(ops_: Any, ra: _augment.RandAugment, size: tuple[int, int], where: 
                 raise LabelFileError(f"{where}: rand_augment op {name} has no magnitude. Got {mag!r}.")
             b = 0
         else:
-            b = _bin_of(name, abs(mag), ra, size)
-            if b is None:
+            found = _bin_of(name, abs(mag), ra, size)
+            if found is None:
                 raise LabelFileError(
                     f"{where}: rand_augment op {name} magnitude {mag!r} is no magnitude bin of "
                     f"num_magnitude_bins={ra.num_magnitude_bins} for crops of {size[0]}x{size[1]}; refused")
+            b = found
             if mag < 0:
                 if name not in SIGNED:
                     raise LabelFileError(f"{where}: rand_augment op {name} takes no negative magnitude. Got {mag!r}.")
@@ -179,14 +185,14 @@ def _ra_bins(ops_: Any, ra: _augment.RandAugment, size: tuple[int, int], where: 
     return ids, bins
 
 
-def _bin_of(name: str, mag: float, ra, size: tuple[int, int]) -> int | None:
+def _bin_of(name: str, mag: float, ra: _augment.RandAugment, size: tuple[int, int]) -> int | None:
     """The bin whose magnitude equals ``mag`` to float32 precision (torchvision builds the table with float32
     ``linspace``); the config's magnitude first when several bins share the value (Posterize)."""
     want = np.float32(mag)
     order = [ra.magnitude] + [b for b in range(ra.num_magnitude_bins) if b != ra.magnitude]
     for b in order:
         v = np.float32(magnitude_value(name, b, ra.num_magnitude_bins, size))
-        if v == want or abs(float(v) - float(want)) <= 4 * float(np.spacing(np.float32(max(abs(v), 1.0)))):
+        if v == want or abs(float(v) - float(want)) <= 4 * float(np.spacing(np.float32(max(abs(float(v)), 1.0)))):
             return b
     return None
 
@@ -220,7 +226,6 @@ def record_columns(params: Any, layout: MldrLayout, where: str) -> dict[str, Any
         raise LabelFileError(f"{where}: partner id must be an integer or None. Got {id2!r}.")
     paired = id2 is not None
     got = dict(zip(layout.names, params[1:] if layout.mixing else params))
-    pol = {p.name: p for p in layout.pipeline.policies}
     out: dict[str, Any] = {"partner": None if id2 is None else int(id2)}
     own_box, pc_box = _pair(got["random_resized_crop"], paired, where, "random_resized_crop")
     out["box"] = _box(own_box, where, "random_resized_crop box")
@@ -230,9 +235,13 @@ def record_columns(params: Any, layout: MldrLayout, where: str) -> dict[str, Any
     H, W = layout.size
     sub: dict[str, dict[str, Any]] = {"own": {}, "pc": {}}
     if "rand_augment" in got:
+        ra = layout.randaugment
+        if ra is None:
+            raise LabelFileError(f"{where}: the record holds rand_augment params; the layout has no RandAugment "
+                                 f"policy")
         own, part = _pair(got["rand_augment"], paired, where, "rand_augment")
         for who, v in (("own", own), ("pc", part)):
-            sub[who]["ra_ops"], sub[who]["ra_mag"] = _ra_bins(v, pol["randaugment"], layout.size, where)
+            sub[who]["ra_ops"], sub[who]["ra_mag"] = _ra_bins(v, ra, layout.size, where)
     if "random_erase" in got:
         own, part = _pair(got["random_erase"], paired, where, "random_erase")
         for who, v in (("own", own), ("pc", part)):
@@ -251,9 +260,10 @@ def record_columns(params: Any, layout: MldrLayout, where: str) -> dict[str, Any
         lam = got["mixup"]
         if lam is not None and not (isinstance(lam, (float, int, np.floating)) and 0.0 <= float(lam) <= 1.0):
             raise LabelFileError(f"{where}: mixup lam must be a number in [0, 1] or None. Got {lam!r}.")
-        applied = lam is not None and paired
-        out["mixup_exact_partner"] = out["partner"] if applied else None
-        out["mixup_exact_lam"] = float(lam) if applied else 1.0
+        if lam is not None and paired:
+            out["mixup_exact_partner"], out["mixup_exact_lam"] = out["partner"], float(lam)
+        else:
+            out["mixup_exact_partner"], out["mixup_exact_lam"] = None, 1.0
     if "cutmix" in got:
         cm = got["cutmix"]
         applied = cm is not None and paired
@@ -357,14 +367,14 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
     if "rand_augment" in layout.names:
         flags.append("RandAugment magnitudes are stored as bins; fkdstore evaluates a bin in float64, ml-dr used "
                      "torchvision's float32 value")
+    sources = [_zoo.resolved(d) for d in srcs]
     meta_import = {
-        "format": "ml-dr", "source": [_zoo.resolved(d) for d in srcs], "files": N * len(srcs),
+        "format": "ml-dr", "source": sources, "files": N * len(srcs),
         "records_per_file": [x.num_samples for x in layouts], "topk": K, "densify": densify, "order": order,
         "transforms": list(layout.names), "binding": "file {id}.pth.tar = dataset index id",
         "slots": "record r of the concatenated runs = slot r", "flags": flags,
     }
-    replay = Replay(input_size=tuple(layout.size), interpolation=layout.interpolation, mean=tuple(layout.mean),
-                    std=tuple(layout.std))
+    replay = _zoo.replay_of(layout.size, layout.interpolation, layout.mean, layout.std)
     cols = layout.pipeline.columns()
 
     def rows(todo: np.ndarray):
@@ -403,7 +413,7 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
             yield part, boxes, flips, fields, aug
 
     done = _zoo.write_store(
-        dst, op="import-mldr", source=", ".join(meta_import["source"]), keys=listing.keys, sizes=sizes,
+        dst, op="import-mldr", source=", ".join(sources), keys=listing.keys, sizes=sizes,
         labels=labels, num_classes=C, codec=dst_codec, crops_per_image=M, augment=layout.pipeline,
         meta={"import": meta_import}, replay=replay, rows=rows, progress=progress,
         storage_options=storage_options)

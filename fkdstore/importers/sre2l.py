@@ -46,7 +46,7 @@ from .. import augment as _augment
 from .. import progress as _progress
 from ..errors import LabelFileError, ValidationError
 from ..images import image_size, list_images
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD, Replay
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..validation import positive_int
 from . import _zoo, safe_pickle
 from .fkd import _clamp_boxes, fkd_boxes
@@ -185,7 +185,9 @@ def _flat_plan(src: Path, files: dict[int, Path], N: int, epochs: int | None):
     counters = sorted(files)
     if counters != list(range(len(counters))):
         raise LabelFileError(f"{src}: batch files must be batch_0 .. batch_{counters[-1]} without gaps")
-    plan, seen, epoch = [], set(), 0
+    plan: list[BatchFile] = []
+    seen: set[int] = set()
+    epoch = 0
     for c in counters:
         if str(c) not in table:
             raise LabelFileError(f"{jpath} has no entry for batch {c} ({files[c]})")
@@ -319,7 +321,8 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
     else:
         C = positive_int("num_classes", num_classes)
     dst_codec = _zoo.label_codec(kind.label, kind.k, codec, k_out=k)
-    size = (positive_int("input_size", input_size),) * 2
+    side = positive_int("input_size", input_size)
+    size = (side, side)
     sizes = np.array([image_size(p) for p in listing.paths], dtype=np.int64)
     policies: list = []
     if kind.mix is not None and mode == "occurrence":
@@ -329,7 +332,7 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
     elif kind.mix == "cutmix":
         policies.append(_augment.CutMixBox(alpha=1.0, p=1.0, window=0))
     pipeline = _augment.Pipeline(policies)
-    specs = {"box": ((4,), np.int32), "flip": ((), np.bool_)}
+    specs: dict[str, tuple[tuple[int, ...], Any]] = {"box": ((4,), np.int32), "flip": ((), np.bool_)}
     specs |= {f"soft_{n}": (f.shape, f.dtype) for n, f in dst_codec.fields(C).items()}
     specs |= {f"aug_{c.name}": (c.shape, c.dtype) for c in pipeline.columns()}
     fmt = {"epochs": "lpld" if binding["binding"].startswith(EPOCH_JSON) else "sre2l", "flat": "lpqld"}[layout]
@@ -355,7 +358,7 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
         meta_import = {"format": fmt, "source": _zoo.resolved(src), "layout": layout, "files": len(plan),
                        **binding, "epochs": len({p.epoch for p in plan}), "slots": mode, "mix": kind.mix,
                        "labels": kind.label, "k_in_files": kind.k, "order": order, "flags": flags}
-        replay = Replay(input_size=tuple(size), interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+        replay = _zoo.replay_of(size, interpolation, tuple(mean), tuple(std))
 
         def rows_out(todo: np.ndarray):
             for part in _zoo.batches(todo, batch):

@@ -120,9 +120,9 @@ def import_tinyvit(src: str | os.PathLike, dst: str | os.PathLike, images: str |
         raise ValidationError(f"epochs {missing} have no logits_top<K>_epoch<E> folder under {src}; it has "
                               f"{sorted(found)}")
     K = found[chosen[0]][0]
-    other = [found[e][1].name for e in chosen if found[e][0] != K]
+    other = [e for e in chosen if found[e][0] != K]
     if other:
-        raise LabelFileError(f"{other[0]} holds top-{found[int(DIR_RE.match(other[0]).group(2))][0]} records, "
+        raise LabelFileError(f"{found[other[0]][1].name} holds top-{found[other[0]][0]} records, "
                              f"{found[chosen[0]][1].name} top-{K}: folders of two runs are mixed")
     listing = list_images(images)
     N = len(listing)
@@ -142,10 +142,11 @@ def import_tinyvit(src: str | os.PathLike, dst: str | os.PathLike, images: str |
         by_stem = {s: i for i, s in enumerate(stems)}
     M = len(chosen)
     dst_codec = _zoo.label_codec("probs_topk", K, codec, k_out=k)
-    pipeline = _augment.Pipeline([_augment.ExternalSeed(
+    external = _augment.ExternalSeed(
         library="timm", pipeline="TinyViT (microsoft/Cream) data/augmentation: create_transform(is_training=True)"
         " then Mixup(mode='pair2')", rng="aug_random.AugRandomContext: numpy.random.Generator(PCG64(seed))",
-        pair_rule="seed_a ^ seed_b" if mixing else "")])
+        pair_rule="seed_a ^ seed_b" if mixing else "")
+    pipeline = _augment.Pipeline([external])
     specs = {"pos": ((), np.int64)} | {f"soft_{n}": (f.shape, f.dtype) for n, f in
                                          dst_codec.fields(INT16_CLASSES).items()}
     specs |= {f"aug_{c.name}": (c.shape, c.dtype) for c in pipeline.columns()}
@@ -197,10 +198,12 @@ def import_tinyvit(src: str | os.PathLike, dst: str | os.PathLike, images: str |
                          f"dropped: their partner seed is the partner's kept record (what TinyViT's reader finds)")
         skipped = {"padding_duplicates": int(total_records - N * M)}
         sizes = np.array([image_size(p) for p in listing.paths], dtype=np.int64)
-        meta_import = {"format": "tinyvit", "source": _zoo.resolved(src), "epochs": chosen, "ranks": world,
-                       "topk": K, "keys": mode, "order": order, "mixing": bool(mixing),
-                       "binding": "key -> image; slot s = epoch epochs[s]; duplicates keep the smallest "
-                                  "sampler position", "replay": pipeline.external.describe(),
+        source = _zoo.resolved(src)
+        meta_import = {"format": "tinyvit", "source": source, "files": len(files), "epochs": chosen,
+                       "ranks": world, "topk": K, "keys": mode, "order": order, "mixing": bool(mixing),
+                       "binding": "rank<R>-keys.txt line -> the image of its key (see keys); a key at several "
+                                  "sampler positions of an epoch keeps the smallest",
+                       "slots": "slot s = epoch epochs[s]", "replay": external.describe(),
                        "timm_config": timm_config, "flags": flags}
         meta_extra = {"input_size": [positive_int("input_size", input_size)] * 2, "mean": list(mean),
                       "std": list(std)}
@@ -215,7 +218,7 @@ def import_tinyvit(src: str | os.PathLike, dst: str | os.PathLike, images: str |
                 yield part, boxes, np.zeros((len(part), M), bool), fields, aug
 
         done = _zoo.write_store(
-            dst, op="import-tinyvit", source=meta_import["source"], keys=listing.keys, sizes=sizes,
+            dst, op="import-tinyvit", source=source, keys=listing.keys, sizes=sizes,
             labels=np.asarray(listing.labels, np.int64) if len(listing.classes) == C else None, num_classes=C,
             codec=dst_codec, crops_per_image=M, augment=pipeline, meta={"import": meta_import},
             meta_extra=meta_extra, rows=rows_out, progress=progress, storage_options=storage_options)
@@ -255,8 +258,8 @@ def _index_keys(names: list[str], N: int, kpath: Path) -> np.ndarray:
         bad = next(n for n in names if not n.lstrip("-").isdigit())
         raise LabelFileError(f"{kpath}: key {bad!r} is not a dataset index (keys='index')") from None
     if len(ds) and (ds.min() < 0 or ds.max() >= N):
-        bad = int(ds[(ds < 0) | (ds >= N)][0])
-        raise ValidationError(f"{kpath}: key {bad} is not an index of the {N} images given: the logits were made "
+        outside = int(ds[(ds < 0) | (ds >= N)][0])
+        raise ValidationError(f"{kpath}: key {outside} is not an index of the {N} images given: the logits were made "
                               f"for another image set (or order)")
     return ds
 
