@@ -78,7 +78,8 @@ class _ForwardFeatures(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        # nn.Module.__getattr__ is typed Tensor | Module in torch's stubs; forward_features is the model's method
+        return self.model.forward_features(x)  # type: ignore[operator]
 
 
 def _is_global_pool(m: nn.Module) -> bool:
@@ -111,13 +112,16 @@ def spatial_teacher(model: nn.Module, *, passthrough: bool = False) -> nn.Module
         tail = -2 if isinstance(model[-2], nn.Flatten) else -1
         if _is_global_pool(model[tail - 1]):
             return SpatialClassifier(model[:tail - 1], model[-1])
-    names = [n for n, _ in model.named_children()]
-    if names[-2:] == ["avgpool", "fc"] and _is_global_pool(model.avgpool) and isinstance(model.fc, nn.Linear):
-        return SpatialClassifier(nn.Sequential(*list(model.children())[:-2]), model.fc)
-    if hasattr(model, "forward_features") and callable(getattr(model, "get_classifier", None)):
-        fc = model.get_classifier()
-        if isinstance(fc, nn.Linear):
-            return SpatialClassifier(_ForwardFeatures(model), fc)
+    children = dict(model.named_children())
+    if list(children)[-2:] == ["avgpool", "fc"]:
+        avgpool, fc = children["avgpool"], children["fc"]
+        if _is_global_pool(avgpool) and isinstance(fc, nn.Linear):
+            return SpatialClassifier(nn.Sequential(*list(children.values())[:-2]), fc)
+    get_classifier = getattr(model, "get_classifier", None)
+    if hasattr(model, "forward_features") and callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, nn.Linear):
+            return SpatialClassifier(_ForwardFeatures(model), head)
     if passthrough:
         return model
     raise TypeError(f"cannot find the feature extractor and classifier of {type(model).__name__}; build "

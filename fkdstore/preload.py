@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .reader import CropRecords, Reader
+from .reader import CropRecords, RegionReader
 
 __all__ = ["EpochRecords"]
 
@@ -37,7 +37,7 @@ class EpochRecords:
     docstring. Picklable: the buffer travels as shared memory through torch's multiprocessing pickler
     (DataLoader workers), as a copy through plain pickle."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._shm: torch.Tensor | None = None
         self._layout: list[tuple[str, int, str, tuple[int, ...]]] = []
         self._epoch = torch.full((), -1, dtype=torch.int64)
@@ -56,7 +56,7 @@ class EpochRecords:
     def nbytes(self) -> int:
         return 0 if self._shm is None else int(self._shm.numel())
 
-    def fill(self, reader: Reader, slots: np.ndarray, epoch: int) -> None:
+    def fill(self, reader: RegionReader, slots: np.ndarray, epoch: int) -> None:
         """Read every image's records at ``slots`` (N, m) with ``reader.read_all`` and store them as ``epoch``'s.
         The store must be complete (``read_all`` raises otherwise)."""
         rec = reader.read_all(slots)
@@ -80,6 +80,8 @@ class EpochRecords:
         self._epoch.fill_(int(epoch))
 
     def _arrays(self) -> dict[str, np.ndarray]:
+        if self._shm is None:
+            raise RuntimeError("EpochRecords holds no records yet: fill() it with an epoch's records first")
         if self._views is None:
             raw = self._shm.numpy()
             self._views = {name: raw[off:off + int(np.prod(shape)) * np.dtype(dt).itemsize].view(dt).reshape(shape)
@@ -87,7 +89,8 @@ class EpochRecords:
         return self._views
 
     def records(self, idx: np.ndarray) -> CropRecords:
-        """The records of store images ``idx`` (B,): leading dims ``(B, m)``, copies."""
+        """The records of store images ``idx`` (B,): leading dims ``(B, m)``, copies. RuntimeError before the
+        first :meth:`fill`."""
         v = self._arrays()
         aug = {k[4:]: a[idx] for k, a in v.items() if k.startswith("aug/")}
         fields = {k[5:]: a[idx] for k, a in v.items() if k.startswith("soft/")}

@@ -113,8 +113,8 @@ import contextlib
 import math
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -123,21 +123,28 @@ import torch.nn.functional as F
 from . import codecs as _codecs
 from . import storage as _storage
 from .augment.batch import BatchMix, mix_params
+from .augment.pipeline import Pipeline
 from .augment.replay import Partner, mix_weights, replay_slots
 from .errors import CorruptStoreError, ExternalReplayError, IncompleteStoreError, ValidationError
 from .preload import EpochRecords
-from .reader import Reader
+from .reader import CropRecords, Reader, RegionReader, as_regions
 from .reader import open as _open_store
 from .sources import ImageSource, as_source
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Replay, parse_input_size, replay_crops, write_crops
 from .transforms import normalize as _normalize
 from .validation import int_in_range
 
+if TYPE_CHECKING:
+    from PIL import Image
+    from typing_extensions import TypeIs  # typing.TypeIs from Python 3.13
+
 __all__ = ["TorchDataset", "DeviceLoader", "collate", "densify", "soft_cross_entropy", "epoch_slots", "mix_batch",
            "BatchMix"]
 
 LABEL_MODES = ("dense", "sparse")
 ITEM_MODES = ("dict", "pair")
+
+_Labels = torch.Tensor | dict[str, torch.Tensor]  # an item's soft labels: dense [m, C], or sparse codec fields
 
 
 def epoch_slots(index: int, epoch: int, crops_per_sample: int, crops_per_image: int, seed: int = 0) -> np.ndarray:
@@ -179,7 +186,117 @@ def epoch_slots_many(indices, epoch: int, crops_per_sample: int, crops_per_image
     return out
 
 
-class TorchDataset(torch.utils.data.Dataset):
+class _Cache(TypedDict):
+    """How a dataset reopens a URL store in a worker: :func:`fkdstore.open`'s ``cache_dir`` and ``cache_bytes``."""
+
+    cache_dir: str | os.PathLike | None
+    cache_bytes: int | None
+
+
+class _StoreImages(torch.utils.data.Dataset):
+    """What :class:`TorchDataset` and :class:`fkdstore.pytorch_maps.LabelMapDataset` share: the store's images
+    (the source, matched to the store's keys and sizes), their targets, the written images the dataset covers,
+    the crops' replay options and the epoch (in shared memory, so persistent workers see :meth:`set_epoch`)."""
+
+    _store_path: str | None  # None: opened from a Reader, which pickles itself
+    _images: ImageSource
+    _sizes: np.ndarray
+    _targets: np.ndarray
+    image_indices: np.ndarray
+    _epoch: torch.Tensor
+
+    def _bind_images(self, reader: Reader, images: Any, image_options: Mapping[str, Any] | None,
+                     allow_incomplete: bool) -> None:
+        """Open the image source and check it against the store: keys (:func:`_match_images`), written
+        images (:class:`IncompleteStoreError` unless ``allow_incomplete``); targets: the store's labels, else
+        the source's."""
+        self._images = as_source(images, storage_options=image_options)
+        _match_images(reader.image_keys, self._images)
+        self._sizes = np.asarray(reader.image_sizes, dtype=np.int64)
+        targets = np.asarray(reader.labels, dtype=np.int64)
+        if not (targets >= 0).any() and (np.asarray(self._images.labels) >= 0).any():
+            targets = np.asarray(self._images.labels, dtype=np.int64)  # store has no labels: use the source's
+        self._targets = targets
+        written = reader.written
+        if not written.all() and not allow_incomplete:
+            first = int(np.flatnonzero(~written)[0])
+            raise IncompleteStoreError(
+                f"store {reader.path} is incomplete: {int((~written).sum())} of {reader.num_images} images are "
+                f"not written (first: image {first}, {os.path.basename(self._images.name(first))!r}); finish "
+                f"generating it, or pass allow_incomplete=True to train on the written images only")
+        self.image_indices = np.flatnonzero(written).astype(np.int64)
+        self._epoch = torch.zeros((), dtype=torch.int64)
+        try:
+            self._epoch.share_memory_()
+        except (RuntimeError, OSError):  # pragma: no cover - no shared memory: workers see it at (re)start
+            pass
+
+    def _set_replay(self, stored: Replay, *, output_size: int | tuple[int, int] | None, interpolation: str | None,
+                    mean: Sequence[float] | None, std: Sequence[float] | None, normalize: bool,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None, item: str) -> None:
+        """The crops' replay: ``stored`` with the arguments that are not None (each validated), and the item
+        layout."""
+        if item not in ITEM_MODES:
+            raise ValidationError(f"item must be one of {list(ITEM_MODES)}. Got {item!r}.")
+        self.item = item
+        size = stored.input_size if output_size is None else parse_input_size(output_size, "output_size")
+        self.replay = Replay(  # Replay parses any sequence of 3 numbers; its fields are typed as the parsed tuples
+            input_size=size, interpolation=stored.interpolation if interpolation is None else interpolation,
+            mean=stored.mean if mean is None else mean, std=stored.std if std is None else std)  # type: ignore[arg-type]
+        self.output_size, self.interpolation = self.replay.input_size, self.replay.interpolation
+        self.mean, self.std = self.replay.mean, self.replay.std
+        self.normalize = bool(normalize)
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
+        self.transform = transform
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled by location: a store opened from a path or URL is reopened in the process that unpickles."""
+        d = self.__dict__.copy()
+        if self._store_path is not None:
+            d["_reader"] = None  # reopened lazily in the worker
+        return d
+
+    # ------------------------------------------------------------------ epochs
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops of ``epoch``. Call it before ``iter(loader)``; persistent workers see it too."""
+        self._epoch.fill_(int_in_range("epoch", epoch, 0))
+
+    def _epoch_or_current(self, epoch: int | None) -> int:
+        return self.epoch if epoch is None else int_in_range("epoch", epoch, 0)
+
+    # ------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self.image_indices)
+
+    def _store_indices(self, items: Sequence[int]) -> np.ndarray:
+        """The store indices of dataset items ``items`` (negative ones count from the end, others out of range
+        raise IndexError), announced to the image source so that a remote one fetches them ahead."""
+        pos = np.asarray([int(k) for k in items], dtype=np.int64)
+        n = len(self)
+        bad = (pos < -n) | (pos >= n)
+        if bad.any():
+            raise IndexError(f"item {int(pos[bad][0])} is out of range for a dataset of {n} images")
+        idx = self.image_indices[pos]
+        self._images.prefetch(idx.tolist())
+        return idx
+
+    def _load(self, i: int) -> Image.Image:
+        """Image ``i`` decoded and its size checked against the store's."""
+        image = self._images.load(i)
+        H, W = self._sizes[i].tolist()
+        if image.size != (W, H):
+            raise ValidationError(
+                f"image {i} ({self._images.name(i)}) has size (height={image.size[1]}, width={image.size[0]}) but "
+                f"the store recorded (height={H}, width={W}); the images changed since the store was made")
+        return image
+
+
+class TorchDataset(_StoreImages):
     """Replays a store's crops and soft labels; see the module docstring for the item layout and slot rule.
 
     Args:
@@ -251,7 +368,7 @@ class TorchDataset(torch.utils.data.Dataset):
     :class:`~fkdstore.errors.StorageError` with a one-line message when the dataset is built.
     """
 
-    def __new__(cls, store=None, images=None, **kwargs):
+    def __new__(cls, store: Any = None, images: Any = None, **kwargs: Any) -> Any:
         """A label-map store gets a :class:`fkdstore.pytorch_maps.LabelMapDataset` (same item layout, each
         crop's soft label pooled from the image's map; its own options: ``crops_from``, ``crop_sampler``);
         a crop-regions store gets this class."""
@@ -270,7 +387,7 @@ class TorchDataset(torch.utils.data.Dataset):
         crops_per_sample: int = 1,
         output_size: int | tuple[int, int] | None = None,
         epoch: int = 0,
-        transform=None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         soft_labels: str = "dense",
         seed: int = 0,
         allow_incomplete: bool = False,
@@ -284,24 +401,25 @@ class TorchDataset(torch.utils.data.Dataset):
         cache_bytes: int | None = None,
         item: str = "dict",
         batch_pool: int = 4,
-        external_replay=None,
+        external_replay: Callable[..., Any] | None = None,
         preload: bool | None = None,
-    ):
-        self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
+    ) -> None:
+        self._cache: _Cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
         # storage_options serve whichever of store and images is a URL
         image_options = _storage.options_for(images, storage_options)
         if isinstance(store, Reader):
             if (storage_options and image_options is None) or cache_dir is not None or cache_bytes is not None:
                 raise TypeError("storage_options, cache_dir and cache_bytes apply when store is a path or URL, "
                                 "not an opened Reader (pass them to fkdstore.open).")
-            reader, self._store_path, storage_options = store, None, None
+            reader, self._store_path, storage_options = as_regions(store), None, None
         else:
             self._store_path = os.fspath(store)
             if image_options is not None:
                 storage_options = _storage.options_for(self._store_path, storage_options)
-            reader = _open_store(store, storage_options=storage_options, **self._cache)  # local + options: TypeError
+            # local + options: TypeError; a label-map store went to LabelMapDataset (__new__)
+            reader = as_regions(_open_store(store, storage_options=storage_options, **self._cache))
         self._storage_options = dict(storage_options) if storage_options else None
-        self._reader: Reader | None = reader
+        self._reader: RegionReader | None = reader
         self.num_classes = reader.num_classes
         self.crops_per_image = reader.crops_per_image
         self.codec = reader.codec
@@ -315,63 +433,26 @@ class TorchDataset(torch.utils.data.Dataset):
         if soft_labels not in LABEL_MODES:
             raise ValidationError(f"soft_labels must be one of {list(LABEL_MODES)}. Got {soft_labels!r}.")
         self.soft_labels = soft_labels
-        if item not in ITEM_MODES:
-            raise ValidationError(f"item must be one of {list(ITEM_MODES)}. Got {item!r}.")
-        self.item = item
         self.seed = int_in_range("seed", seed, 0)
-        size = stored.input_size if output_size is None else parse_input_size(output_size, "output_size")
-        replay = Replay(input_size=size, interpolation=stored.interpolation if interpolation is None else interpolation,
-                        mean=stored.mean if mean is None else mean, std=stored.std if std is None else std)
-        self.replay = replay
-        self.output_size, self.interpolation = replay.input_size, replay.interpolation
-        self.mean, self.std = replay.mean, replay.std
-        self.normalize = bool(normalize)
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
-        self.transform = transform
+        self._set_replay(stored, output_size=output_size, interpolation=interpolation, mean=mean, std=std,
+                         normalize=normalize, transform=transform, item=item)
         self.temperature = self.codec.check_temperature(temperature)  # a refused temperature fails here
         self.batch_pool = int_in_range("batch_pool", batch_pool, 0)
         self._pool_token = os.urandom(8).hex()  # names this dataset's buffers in a worker's pool
 
-        self._images: ImageSource = as_source(images, storage_options=image_options)
-        _match_images(reader.image_keys, self._images)
-        self._sizes = np.asarray(reader.image_sizes, dtype=np.int64)
-        targets = np.asarray(reader.labels, dtype=np.int64)
-        if not (targets >= 0).any() and (np.asarray(self._images.labels) >= 0).any():
-            targets = np.asarray(self._images.labels, dtype=np.int64)  # store has no labels: use the source's
-        self._targets = targets
-
-        written = reader.written
-        if not written.all() and not allow_incomplete:
-            first = int(np.flatnonzero(~written)[0])
-            raise IncompleteStoreError(
-                f"store {reader.path} is incomplete: {int((~written).sum())} of {reader.num_images} images are "
-                f"not written (first: image {first}, {os.path.basename(self._images.name(first))!r}); finish "
-                f"generating it, or pass allow_incomplete=True to train on the written images only")
-        self.image_indices = np.flatnonzero(written).astype(np.int64)
+        self._bind_images(reader, images, image_options, allow_incomplete)
         # Validated at open (fkdstore.reader refuses unknown policies); None = crop and flip only (fast path).
         pipeline = reader.header.augment
         self.augment = pipeline if len(pipeline) else None
         self.external_replay = _check_external(pipeline, external_replay, reader)
-
-        # The epoch lives in shared memory so persistent DataLoader workers see set_epoch() too.
-        self._epoch = torch.zeros((), dtype=torch.int64)
-        try:
-            self._epoch.share_memory_()
-        except (RuntimeError, OSError):  # pragma: no cover - no shared memory: workers see it at (re)start
-            pass
-        self._preload = _preload_records(reader, preload, written.all())
+        self._preload = _preload_records(reader, preload, len(self.image_indices) == reader.num_images)
         self.set_epoch(epoch)
 
     # ------------------------------------------------------------------ epochs
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
     def set_epoch(self, epoch: int) -> None:
         """Select the slots of ``epoch``. Call it before ``iter(loader)``; persistent workers see it too. With
         ``preload``, this reads the epoch's labels (in this process, into memory the workers share)."""
-        self._epoch.fill_(int_in_range("epoch", epoch, 0))
+        super().set_epoch(epoch)
         if self._preload is not None and self._preload.epoch != int(epoch):
             r = self.reader
             slots = epoch_slots_many(range(r.num_images), int(epoch), self.crops_per_sample, self.crops_per_image,
@@ -381,26 +462,17 @@ class TorchDataset(torch.utils.data.Dataset):
     def slots(self, item: int, epoch: int | None = None) -> np.ndarray:
         """The slots item ``item`` uses in ``epoch`` (default: the current epoch)."""
         i = int(self.image_indices[item])
-        e = self.epoch if epoch is None else int_in_range("epoch", epoch, 0)
-        return epoch_slots(i, e, self.crops_per_sample, self.crops_per_image, self.seed)
+        return epoch_slots(i, self._epoch_or_current(epoch), self.crops_per_sample, self.crops_per_image, self.seed)
 
     # ------------------------------------------------------------------ store handle, pickling
     @property
-    def reader(self) -> Reader:
+    def reader(self) -> RegionReader:
         if self._reader is None:
-            self._reader = _open_store(self._store_path, storage_options=self._storage_options, **self._cache)
+            self._reader = as_regions(_open_store(self._store_path, storage_options=self._storage_options,
+                                                  **self._cache))
         return self._reader
 
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        if self._store_path is not None:
-            d["_reader"] = None  # reopened lazily in the worker
-        return d
-
     # ------------------------------------------------------------------ items
-    def __len__(self) -> int:
-        return len(self.image_indices)
-
     def __getitem__(self, item: int) -> dict[str, Any] | tuple[torch.Tensor, Any]:
         return self.__getitems__([item])[0]
 
@@ -419,16 +491,10 @@ class TorchDataset(torch.utils.data.Dataset):
         return [(d["crops"], d["soft_labels"]) for d in out]
 
     def _items(self, items: Sequence[int]) -> list[dict[str, Any]]:
-        items = np.asarray([int(k) for k in items], dtype=np.int64)
-        n = len(self)
-        if ((items < -n) | (items >= n)).any():
-            bad = int(items[(items < -n) | (items >= n)][0])
-            raise IndexError(f"item {bad} is out of range for a dataset of {n} images")
-        idx = self.image_indices[items]
-        self._images.prefetch(idx.tolist())
+        idx = self._store_indices(items)
         slots, rec, soft = self._read_labels(idx)
         if self.augment is not None:
-            return self._augmented_items(idx, slots, rec, soft)
+            return self._augmented_items(self.augment, idx, slots, rec, soft)
         dtype = torch.float32 if self.normalize else torch.uint8
         bufs = _batch_tensor(self, (len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
         return [{"crops": self._crops(i, boxes, flips, out=buf), "soft_labels": lab, "target": target,
@@ -437,7 +503,7 @@ class TorchDataset(torch.utils.data.Dataset):
                     idx.tolist(), self._targets[idx].tolist(), rec.boxes, rec.flips, bufs, soft,
                     torch.from_numpy(slots).unbind(0))]
 
-    def _read_labels(self, idx: np.ndarray):
+    def _read_labels(self, idx: np.ndarray) -> tuple[np.ndarray, CropRecords, Sequence[_Labels]]:
         """Slots (B, m), records and per-item soft labels of store images ``idx``: one ``read_batch`` (or the
         epoch's preloaded records) and one decode; item ``b``'s labels are views of the batch's (so
         :func:`collate` does not copy them)."""
@@ -447,6 +513,7 @@ class TorchDataset(torch.utils.data.Dataset):
             rec = self._preload.records(idx)
         else:
             rec = self.reader.read_batch(idx, slots)
+        soft: Sequence[_Labels]
         if self.soft_labels == "dense":
             soft = torch.from_numpy(np.ascontiguousarray(
                 self.codec.decode(rec.fields, self.num_classes, temperature=self.temperature))).unbind(0)
@@ -465,17 +532,18 @@ class TorchDataset(torch.utils.data.Dataset):
         return crops
 
     # ------------------------------------------------------------------ augmented stores
-    def _augmented_items(self, idx: np.ndarray, slots: np.ndarray, rec, soft) -> list[dict[str, Any]]:
-        """Items of a store with an augmentation pipeline: every slot replayed from its stored params."""
-        self._check_params(idx, slots, rec.aug)
+    def _augmented_items(self, pipeline: Pipeline, idx: np.ndarray, slots: np.ndarray, rec: CropRecords,
+                         soft: Sequence[_Labels]) -> list[dict[str, Any]]:
+        """Items of a store with an augmentation ``pipeline``: every slot replayed from its stored params."""
+        self._check_params(pipeline, idx, slots, rec.aug)
         dtype = torch.float32 if self.normalize else torch.uint8
         bufs = _batch_tensor(self, (len(idx), self.crops_per_sample, 3, *self.output_size), dtype).unbind(0)
         out = []
         for b, i in enumerate(idx.tolist()):
             params = {k: v[b] for k, v in rec.aug.items()}
-            crops, ext_lam = self._augmented_crops(i, slots[b], rec.box[b], rec.flip[b], params, bufs[b])
+            crops, ext_lam = self._augmented_crops(pipeline, i, slots[b], rec.box[b], rec.flip[b], params, bufs[b])
             if ext_lam is None:
-                lam, pidx, pw = mix_weights(self.augment, params, self.output_size)
+                lam, pidx, pw = mix_weights(pipeline, params, self.output_size)
             else:  # external replay: the partner is stored, the weight is what the user's replay returned
                 pidx = np.asarray(params["external_partner"], np.int64).reshape(-1, 1)
                 lam = np.where(pidx[:, 0] >= 0, ext_lam, 1.0)
@@ -488,22 +556,23 @@ class TorchDataset(torch.utils.data.Dataset):
                         "partner_weight": torch.from_numpy(pw.astype(np.float32))})
         return out
 
-    def _check_params(self, idx: np.ndarray, slots: np.ndarray, aug: Mapping[str, np.ndarray]) -> None:
-        """Stored params of a batch checked by the pipeline (ranges, partner indices); a bad value raises
+    def _check_params(self, pipeline: Pipeline, idx: np.ndarray, slots: np.ndarray,
+                      aug: Mapping[str, np.ndarray]) -> None:
+        """Stored params of a batch checked by ``pipeline`` (ranges, partner indices); a bad value raises
         :class:`CorruptStoreError` naming the array, the image and the slot."""
         r = self.reader
-        kw = dict(num_images=r.num_images, crops_per_image=self.crops_per_image, image_size=self.output_size)
+        N, M, size = r.num_images, self.crops_per_image, self.output_size
         try:
-            self.augment.validate(aug, **kw)
+            pipeline.validate(aug, num_images=N, crops_per_image=M, image_size=size)
             return
         except ValidationError:
             pass
         for b, i in enumerate(idx.tolist()):
             for k, s in enumerate(slots[b].tolist()):
-                for pol in self.augment.policies:
+                for pol in pipeline.policies:
                     cols = [c.name for c in pol.columns()]
                     try:
-                        pol.validate({c: aug[c][b, k] for c in cols}, **kw)
+                        pol.validate({c: aug[c][b, k] for c in cols}, num_images=N, crops_per_image=M, image_size=size)
                     except ValidationError as e:
                         named = [c for c in cols if f"'{c}" in str(e)] or cols
                         raise CorruptStoreError(
@@ -511,7 +580,9 @@ class TorchDataset(torch.utils.data.Dataset):
                             f"image {i} ({r.image_key(i)!r}), slot {s}: {e}") from None
         raise CorruptStoreError(f"store {r.path}: the augment params of images {idx.tolist()} are not valid")
 
-    def _augmented_crops(self, i: int, slots, boxes, flips, params, out: torch.Tensor):
+    def _augmented_crops(self, pipeline: Pipeline, i: int, slots: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+                         params: Mapping[str, np.ndarray],
+                         out: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
         """``(crops [m, 3, H, W], lam)``: ``lam`` (m,) from an external replay, else None (see mix_weights)."""
         image = self._load(i)
         decoded = {i: image}
@@ -526,10 +597,10 @@ class TorchDataset(torch.utils.data.Dataset):
             rec = r.read(j, [t])
             return Partner(partner_image(j), rec.box[0], bool(rec.flip[0]), {k: v[0] for k, v in rec.aug.items()})
 
-        if self.augment.external is not None:
+        if pipeline.external is not None:
             hwc, lam = self._external_crops(image, slots, params, partner_image)
         else:
-            hwc, lam = replay_slots(self.augment, image, slots, boxes, flips, params, self.output_size,
+            hwc, lam = replay_slots(pipeline, image, slots.tolist(), boxes, flips, params, self.output_size,
                                     self.interpolation, partner, partner_image), None
         write_crops(hwc, out, **({"mean": self.mean, "std": self.std} if self.normalize else {}))
         if self.transform is not None:
@@ -553,16 +624,6 @@ class TorchDataset(torch.utils.data.Dataset):
                                       f"(pixels, lam)). Got {px.dtype} {px.shape}.")
             hwc[k] = px
         return hwc, lam
-
-    def _load(self, i: int):
-        """Image ``i`` decoded and its size checked against the store's."""
-        image = self._images.load(i)
-        H, W = self._sizes[i].tolist()
-        if image.size != (W, H):
-            raise ValidationError(
-                f"image {i} ({self._images.name(i)}) has size (height={image.size[1]}, width={image.size[0]}) but "
-                f"the store recorded (height={H}, width={W}); the images changed since the labels were generated")
-        return image
 
     def __repr__(self) -> str:
         return (f"fkdstore.TorchDataset(images={len(self)}, crops_per_sample={self.crops_per_sample}, "
@@ -643,7 +704,14 @@ def _renamed_hint(missing: list[str], listed: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def collate(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, Any]]):
+def _pairs(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, Any]],
+           ) -> TypeIs[Sequence[tuple[torch.Tensor, Any]]]:
+    """Whether ``batch`` holds ``(image, target)`` items (``item="pair"``) rather than dicts, by its first item."""
+    return isinstance(batch[0], (tuple, list))
+
+
+def collate(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, Any]],
+            ) -> dict[str, Any] | tuple[torch.Tensor, Any]:
     """Flatten B items of m crops into one multi-crop mini-batch (``collate_fn`` for DataLoader).
 
     Dict items (``item="dict"``): returns ``crops`` [B*m, 3, H, W]; ``soft_labels`` [B*m, C] (dense) or
@@ -655,7 +723,7 @@ def collate(batch: Sequence[Mapping[str, Any]] | Sequence[tuple[torch.Tensor, An
     """
     if not batch:
         raise ValidationError("collate needs at least one item. Got an empty batch.")
-    if isinstance(batch[0], (tuple, list)):
+    if _pairs(batch):
         images = [b[0] for b in batch]
         per_crop = images[0].dim() == 4  # [m, 3, H, W] items (m > 1); [3, H, W] items are stacked
         targets = [b[1] for b in batch]
@@ -691,7 +759,8 @@ class _Buffer:
         self.data = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
         self.done = torch.zeros(1, dtype=torch.int64).share_memory_()  # batches the main process released
         self.sent = 0  # batches sent to the main process (this worker writes it, in the pickling thread)
-        self.view = None  # weak reference to the numpy view the worker's batch tensor lives on
+        # weak reference to the numpy view the worker's batch tensor lives on
+        self.view: weakref.ref[np.ndarray] | None = None
 
     def free(self) -> bool:
         return (self.view is None or self.view() is None) and int(self.done[0]) == self.sent
@@ -740,6 +809,8 @@ class _PooledBatch(torch.Tensor):
     in every respect except pickling, which sends the buffer and its release counter (:func:`_rebuild_pooled`).
     Tensors computed from it (same class, no ``_fkd_buffer``) pickle as plain tensors."""
 
+    _fkd_buffer: _Buffer  # set by _pooled on the batch itself (an instance attribute, never a class one)
+
     def __reduce_ex__(self, protocol):
         buf = self.__dict__.get("_fkd_buffer")
         if buf is None:
@@ -787,8 +858,19 @@ def _join(tensors: list[torch.Tensor], concat: bool = True) -> torch.Tensor:
                 break
             expect += t.numel() * t.element_size()
         else:
-            return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, shape)
+            return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, shape,
+                                                                               _contiguous_strides(shape))
     return torch.cat(tensors) if concat else torch.stack(tensors)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides (in elements) of a contiguous tensor of ``shape``, as torch computes them (sizes 0 count
+    as 1)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(int(n), 1)
+    return tuple(reversed(strides))
 
 
 def densify(fields: Mapping[str, Any], codec_or_store, num_classes: int | None = None, device=None,
@@ -874,8 +956,9 @@ class DeviceLoader:
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, densify: bool = True):
         self.loader = loader
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dataset is None and isinstance(getattr(loader, "dataset", None), TorchDataset):
-            dataset = loader.dataset
+        found = getattr(loader, "dataset", None)  # a DataLoader's
+        if dataset is None and isinstance(found, TorchDataset):
+            dataset = found
         if dataset is not None and not isinstance(dataset, TorchDataset):
             raise TypeError(f"dataset must be a TorchDataset. Got {type(dataset).__name__}.")
         self.dataset = dataset
@@ -894,6 +977,8 @@ class DeviceLoader:
         return getattr(self.loader, "sampler", None)
 
     def __len__(self) -> int:
+        if not isinstance(self.loader, Sized):
+            raise TypeError(f"the wrapped loader ({type(self.loader).__name__}) has no len()")
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
@@ -909,7 +994,7 @@ class DeviceLoader:
                 ready = self._prepare(batch, norm)
             if pending is not None:
                 yield pending
-            if cuda:
+            if stream is not None:  # CUDA
                 current = torch.cuda.current_stream(self.device)
                 current.wait_stream(stream)
                 _apply(ready, lambda t, stream=current: t.record_stream(stream))

@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -59,19 +59,18 @@ import torch
 from . import schema as S
 from . import storage as _storage
 from .codecs import parse_temperature
-from .errors import IncompleteStoreError, ValidationError
+from .errors import ValidationError
 from .labelmap import pool_labels
-from .pytorch import _match_images, epoch_slots, epoch_slots_many
+from .pytorch import _Cache, _StoreImages, epoch_slots, epoch_slots_many
 from .reader import LabelMapReader, Reader, RegionReader
 from .reader import open as _open_store
 from .seeded import SlotCropSampler
-from .sources import ImageSource, as_source
 from .transforms import Replay, replay_crops
 from .validation import int_in_range
 
 __all__ = ["LabelMapDataset", "is_label_map_store", "fresh_slots"]
 
-ITEM_MODES = ("dict", "pair")
+_R = TypeVar("_R", bound=Reader)
 
 
 def is_label_map_store(store, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -97,7 +96,10 @@ def fresh_slots(epoch: int, crops_per_sample: int) -> np.ndarray:
     return np.arange(epoch * m, epoch * m + m, dtype=np.int64)
 
 
-def _open(location, storage_options, cache, what: str, cls: type[Reader]) -> tuple[Reader, str | None]:
+def _open(location: Any, storage_options: Mapping[str, Any] | None, cache: _Cache, what: str,
+          cls: type[_R]) -> tuple[_R, str | None]:
+    """``location`` (a path, a URL or an opened Reader) as a reader of class ``cls`` (a store of another kind
+    raises :class:`ValidationError` naming ``what``), and its path (None for a Reader)."""
     if isinstance(location, Reader):
         reader, path = location, None
     elif isinstance(location, (str, os.PathLike)):
@@ -112,7 +114,7 @@ def _open(location, storage_options, cache, what: str, cls: type[Reader]) -> tup
     return reader, path
 
 
-class LabelMapDataset(torch.utils.data.Dataset):
+class LabelMapDataset(_StoreImages):
     """Crops of a label-map store's images and their pooled soft labels; see the module docstring.
 
     Args:
@@ -139,13 +141,15 @@ class LabelMapDataset(torch.utils.data.Dataset):
     the epoch lives in shared memory, so persistent workers see :meth:`set_epoch`.
     """
 
-    def __init__(self, store, images, *, crops_per_sample: int = 1, output_size=None, epoch: int = 0,
-                 transform=None, seed: int = 0, crop_sampler: SlotCropSampler | None = None, crops_from=None,
+    def __init__(self, store: Any, images: Any, *, crops_per_sample: int = 1,
+                 output_size: int | tuple[int, int] | None = None, epoch: int = 0,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 crop_sampler: SlotCropSampler | None = None, crops_from: Any = None,
                  temperature: float | None = None, allow_incomplete: bool = False, interpolation: str | None = None,
                  normalize: bool = True, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  item: str = "dict", soft_labels: str = "dense", storage_options: Mapping[str, Any] | None = None,
-                 cache_dir: str | os.PathLike | None = None, cache_bytes: int | None = None):
-        self._cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
+                 cache_dir: str | os.PathLike | None = None, cache_bytes: int | None = None) -> None:
+        self._cache: _Cache = {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
         self._storage_options = dict(storage_options) if storage_options else None
         reader, self._store_path = _open(store, storage_options, self._cache, "store", LabelMapReader)
         self._reader: LabelMapReader | None = reader
@@ -156,24 +160,21 @@ class LabelMapDataset(torch.utils.data.Dataset):
         self.spec = spec
         self.crops_per_sample = int_in_range("crops_per_sample", crops_per_sample, 1)
         self.seed = int_in_range("seed", seed, 0)
-        if item not in ITEM_MODES:
-            raise ValidationError(f"item must be one of {list(ITEM_MODES)}. Got {item!r}.")
-        self.item = item
         if soft_labels != "dense":
             raise ValidationError(f"soft_labels must be 'dense' for a label-map store (labels are pooled from the "
                                   f"maps, not stored per crop). Got {soft_labels!r}.")
         self.soft_labels = soft_labels
 
         self._regions: RegionReader | None = None
-        self._regions_path = None
+        self._regions_path: str | None = None
+        self.crop_sampler: SlotCropSampler | None = None  # None: the crops come from the region store
         if crops_from is not None:
             if crop_sampler is not None:
                 raise ValidationError("crop_sampler and crops_from are exclusive: the crops come from the region "
                                       "store. Got both.")
-            self._regions, self._regions_path = _open(crops_from, storage_options, self._cache, "crops_from",
-                                                      RegionReader)
-            self._check_regions(reader, self._regions)
-            self.crop_sampler = None
+            regions, self._regions_path = _open(crops_from, storage_options, self._cache, "crops_from", RegionReader)
+            self._check_regions(reader, regions)
+            self._regions = regions
         else:
             sampler = SlotCropSampler(seed=self.seed) if crop_sampler is None else crop_sampler
             if not isinstance(sampler, SlotCropSampler):
@@ -182,35 +183,9 @@ class LabelMapDataset(torch.utils.data.Dataset):
 
         stored = (self._regions.header.replay if self._regions is not None else None) or reader.header.replay \
             or Replay()
-        self.replay = Replay(input_size=stored.input_size if output_size is None else output_size,
-                             interpolation=stored.interpolation if interpolation is None else interpolation,
-                             mean=stored.mean if mean is None else mean, std=stored.std if std is None else std)
-        self.output_size, self.interpolation = self.replay.input_size, self.replay.interpolation
-        self.mean, self.std = self.replay.mean, self.replay.std
-        self.normalize = bool(normalize)
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable. Got {type(transform).__name__}.")
-        self.transform = transform
-
-        self._images: ImageSource = as_source(images, storage_options=_storage.options_for(images, storage_options))
-        _match_images(reader.image_keys, self._images)
-        self._sizes = np.asarray(reader.image_sizes, dtype=np.int64)
-        targets = np.asarray(reader.labels, dtype=np.int64)
-        if not (targets >= 0).any() and (np.asarray(self._images.labels) >= 0).any():
-            targets = np.asarray(self._images.labels, dtype=np.int64)
-        self._targets = targets
-        written = reader.written
-        if not written.all() and not allow_incomplete:
-            first = int(np.flatnonzero(~written)[0])
-            raise IncompleteStoreError(
-                f"store {reader.path} is incomplete: {int((~written).sum())} of {reader.num_images} images are not "
-                f"written (first: image {first}); finish it, or pass allow_incomplete=True")
-        self.image_indices = np.flatnonzero(written).astype(np.int64)
-        self._epoch = torch.zeros((), dtype=torch.int64)
-        try:
-            self._epoch.share_memory_()
-        except (RuntimeError, OSError):  # pragma: no cover - no shared memory: workers see it at (re)start
-            pass
+        self._set_replay(stored, output_size=output_size, interpolation=interpolation, mean=mean, std=std,
+                         normalize=normalize, transform=transform, item=item)
+        self._bind_images(reader, images, _storage.options_for(images, storage_options), allow_incomplete)
         self.set_epoch(epoch)
 
     def _check_regions(self, maps: LabelMapReader, regions: RegionReader) -> None:
@@ -232,35 +207,27 @@ class LabelMapDataset(torch.utils.data.Dataset):
             raise ValidationError(f"crops_from store {regions.path} is incomplete; finish it first.")
 
     # ------------------------------------------------------------------ epochs and crops
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the crops of ``epoch`` (call before ``iter(loader)``; persistent workers see it)."""
-        self._epoch.fill_(int_in_range("epoch", epoch, 0))
-
     def slots(self, item: int, epoch: int | None = None) -> np.ndarray:
         """The slots item ``item`` uses in ``epoch`` (default: the current one): sampler slots
         (:func:`fresh_slots`) or, with ``crops_from``, the region store's (:func:`fkdstore.pytorch.epoch_slots`)."""
         i = int(self.image_indices[item])
-        e = self.epoch if epoch is None else int_in_range("epoch", epoch, 0)
-        if self._regions_reader is None:
+        e = self._epoch_or_current(epoch)
+        if self.crop_sampler is not None:
             return fresh_slots(e, self.crops_per_sample)
-        return epoch_slots(i, e, self.crops_per_sample, self._regions_reader.crops_per_image, self.seed)
+        return epoch_slots(i, e, self.crops_per_sample, self._region_store().crops_per_image, self.seed)
 
-    def crops(self, indices, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def crops(self, indices: Any, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(boxes (B, m, 4) int64, flips (B, m) bool, slots (B, m) int64)`` of store images ``indices`` in
         ``epoch`` (default: the current one)."""
         idx = np.asarray(indices, np.int64).reshape(-1)
-        e = self.epoch if epoch is None else int_in_range("epoch", epoch, 0)
+        e = self._epoch_or_current(epoch)
         m = self.crops_per_sample
-        regions = self._regions_reader
-        if regions is None:
+        if self.crop_sampler is not None:
             slots = np.broadcast_to(fresh_slots(e, m), (len(idx), m))
             H, W = self._sizes[idx, 0][:, None], self._sizes[idx, 1][:, None]
             boxes, flips = self.crop_sampler.sample_slots(idx[:, None], slots, H, W)
             return boxes.astype(np.int64), flips.astype(bool), np.ascontiguousarray(slots)
+        regions = self._region_store()
         slots = epoch_slots_many(idx, e, m, regions.crops_per_image, self.seed)
         rec = regions.read_batch(idx, slots)
         return rec.box.astype(np.int64), rec.flip.astype(bool), slots
@@ -269,48 +236,36 @@ class LabelMapDataset(torch.utils.data.Dataset):
     @property
     def reader(self) -> LabelMapReader:
         if self._reader is None:
-            self._reader = _open_store(self._store_path, storage_options=_storage.options_for(
-                self._store_path, self._storage_options), **self._cache)
+            self._reader, _ = _open(self._store_path, self._storage_options, self._cache, "store", LabelMapReader)
         return self._reader
 
-    @property
-    def _regions_reader(self) -> RegionReader | None:
-        if self._regions is None and self._regions_path is not None:
-            self._regions = _open_store(self._regions_path, storage_options=_storage.options_for(
-                self._regions_path, self._storage_options), **self._cache)
+    def _region_store(self) -> RegionReader:
+        """The ``crops_from`` store (reopened after pickling); only for a dataset made with one."""
+        if self._regions is None:
+            self._regions, _ = _open(self._regions_path, self._storage_options, self._cache, "crops_from",
+                                     RegionReader)
         return self._regions
 
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        if self._store_path is not None:
-            d["_reader"] = None  # reopened lazily in the worker
+    def __getstate__(self) -> dict[str, Any]:
+        d = super().__getstate__()
         if self._regions_path is not None:
             d["_regions"] = None
         return d
 
     # ------------------------------------------------------------------ items
-    def __len__(self) -> int:
-        return len(self.image_indices)
-
-    def __getitem__(self, item: int):
+    def __getitem__(self, item: int) -> dict[str, Any] | tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([item])[0]
 
-    def __getitems__(self, items: Sequence[int]) -> list:
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any] | tuple[torch.Tensor, torch.Tensor]]:
         """A batch of items: one ``read_batch`` of the maps and one pooling call for the batch's crops."""
-        items = np.asarray([int(k) for k in items], dtype=np.int64)
-        n = len(self)
-        if ((items < -n) | (items >= n)).any():
-            bad = int(items[(items < -n) | (items >= n)][0])
-            raise IndexError(f"item {bad} is out of range for a dataset of {n} images")
-        idx = self.image_indices[items]
-        self._images.prefetch(idx.tolist())
+        idx = self._store_indices(items)
         boxes, flips, slots = self.crops(idx)
         labels = self.labels(idx, boxes, flips)
         B, m = len(idx), self.crops_per_sample
         dtype = torch.float32 if self.normalize else torch.uint8
         bufs = torch.empty((B, m, 3, *self.output_size), dtype=dtype).unbind(0)
         norm = {"mean": self.mean, "std": self.std} if self.normalize else {}
-        out = []
+        out: list[dict[str, Any] | tuple[torch.Tensor, torch.Tensor]] = []
         for b, i in enumerate(idx.tolist()):
             crops = replay_crops(self._load(i), boxes[b], flips[b], self.output_size, self.interpolation,
                                  out=bufs[b], **norm)
@@ -323,7 +278,7 @@ class LabelMapDataset(torch.utils.data.Dataset):
                             "slots": torch.from_numpy(slots[b].copy())})
         return out
 
-    def labels(self, indices, boxes: np.ndarray, flips: np.ndarray) -> list[torch.Tensor]:
+    def labels(self, indices: Any, boxes: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Pooled soft labels of crops ``boxes`` (B, m, 4) / ``flips`` (B, m) of store images ``indices``
         (B,): one tensor ``[m, C]`` (or ``[m, g, g, C]``) per image, views of one batch tensor."""
         idx = np.asarray(indices, np.int64).reshape(-1)
@@ -333,15 +288,6 @@ class LabelMapDataset(torch.utils.data.Dataset):
         pooled = pool_labels(maps.indices[rep], maps.scores[rep], boxes.reshape(-1, 4),
                              self._sizes[idx][rep], flips.reshape(-1), self.spec, self.num_classes)
         return torch.from_numpy(pooled.reshape(B, m, *pooled.shape[1:])).unbind(0)
-
-    def _load(self, i: int):
-        image = self._images.load(i)
-        H, W = self._sizes[i].tolist()
-        if image.size != (W, H):
-            raise ValidationError(
-                f"image {i} ({self._images.name(i)}) has size (height={image.size[1]}, width={image.size[0]}) but "
-                f"the store recorded (height={H}, width={W}); the images changed since the maps were made")
-        return image
 
     def __repr__(self) -> str:
         crops = f"crops_from={self._regions_path or 'Reader'!r}" if self._regions_path or self._regions else \

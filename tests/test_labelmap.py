@@ -359,6 +359,53 @@ def test_spatial_classifier_is_the_classifier_at_every_cell():
     torch.testing.assert_close(tok, maps[:, :, :4, :4])
 
 
+def test_spatial_teacher_finds_the_head_of_resnet_and_timm_style_models():
+    """torchvision's layout (children ending in ``avgpool`` and ``fc``) and timm's (``forward_features`` +
+    ``get_classifier()``) are recognised: the class map's mean over cells is the model's own output."""
+    assert torch.Tensor  # without torch: skipped here
+    from fkdstore.labelmap_torch import SpatialClassifier, spatial_teacher
+
+    torch.manual_seed(0)
+
+    class ResNetLike(torch.nn.Module):  # forward runs the children in order, as torchvision's ResNet
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+            self.relu = torch.nn.ReLU()
+            self.avgpool = torch.nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = torch.nn.Linear(6, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.avgpool(self.relu(self.conv(x))), 1))
+
+    class TimmLike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2), torch.nn.ReLU())
+            self.head = torch.nn.Linear(6, 10)
+
+        def forward_features(self, x):
+            return self.body(x)
+
+        def get_classifier(self):
+            return self.head
+
+        def forward(self, x):
+            return self.head(self.forward_features(x).mean((2, 3)))
+
+    x = torch.randn(2, 3, 17, 17)
+    for model, fc in ((ResNetLike(), "fc"), (TimmLike(), "head")):
+        teacher = spatial_teacher(model)
+        assert isinstance(teacher, SpatialClassifier) and teacher.fc is getattr(model, fc)
+        maps = teacher(x)
+        assert maps.shape == (2, 10, 8, 8)
+        torch.testing.assert_close(maps.mean((2, 3)), model(x), atol=1e-5, rtol=1e-5)
+    no_head = torch.nn.Conv2d(3, 10, 1)  # returns class maps already
+    assert spatial_teacher(no_head, passthrough=True) is no_head
+    with pytest.raises(TypeError, match="cannot find the feature extractor and classifier of Conv2d"):
+        spatial_teacher(no_head)
+
+
 # ------------------------------------------------------------------------------------------------ ReLabel import
 def _write_relabel(root, keys, maps_topk, dtype):
     """ReLabel's layout: <root>/<synset>/<stem>.pt = torch.save of a [2, K, S, S] tensor (scores, indices)."""

@@ -207,6 +207,17 @@ def test_replay_refuses_mismatched_inputs(stores, digits, tmp_path):
         LabelMapDataset(stores["regions"], digits)
     with pytest.raises(ValidationError, match="soft_labels must be 'dense'"):
         fkdstore.TorchDataset(stores["maps"], digits, soft_labels="sparse")
+    # the checks both datasets share (fkdstore.pytorch._StoreImages)
+    with pytest.raises(ValidationError, match="item must be one of"):
+        fkdstore.TorchDataset(stores["maps"], digits, item="tuple")
+    with pytest.raises(ValidationError, match="output_size"):
+        fkdstore.TorchDataset(stores["maps"], digits, output_size=0)
+    with pytest.raises(TypeError, match="transform must be callable"):
+        fkdstore.TorchDataset(stores["maps"], digits, transform=3)
+    ds = fkdstore.TorchDataset(stores["maps"], digits, output_size=12)
+    with pytest.raises(IndexError, match="item 20 is out of range for a dataset of 20 images"):
+        ds.__getitems__([3, 20])
+    assert ds[-1]["index"] == 19
     other = make_digits_folder(tmp_path / "other", size=16, per_class=1)
     fkdstore.generate(stores["teacher"], other, tmp_path / "r.zarr", crops_per_image=2, codec="hard", input_size=16,
                       num_workers=0, progress=False)

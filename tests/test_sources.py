@@ -21,6 +21,7 @@ import fkdstore
 from fkdstore import sources
 from fkdstore.errors import ImageReadError, IncompleteStoreError, StorageError, ValidationError
 from fkdstore.images import list_images
+from fkdstore.preload import EpochRecords
 from fkdstore.pytorch import epoch_slots, epoch_slots_many
 from fkdstore.sources import FileSource, MapSource, TarSource, URLSource, as_source
 from fkdstore.testing import tiny_cnn
@@ -414,6 +415,15 @@ def test_preload_needs_a_complete_store(folder, tmp_path):
         _ds(tmp_path / "part.fkd", folder, allow_incomplete=True, preload=True)
     with pytest.raises(TypeError, match="preload must be True, False or None"):
         _ds(store, folder, preload="yes")
+
+
+def test_epoch_records_before_any_fill_raise_and_hold_nothing():
+    """An EpochRecords that was never filled holds epoch -1 and no buffer; asking it for records says so
+    instead of failing on the missing buffer."""
+    pre = EpochRecords()
+    assert pre.epoch == -1 and pre.nbytes == 0
+    with pytest.raises(RuntimeError, match=r"holds no records yet: fill\(\) it"):
+        pre.records(np.arange(2))
 
 
 # --------------------------------------------------------------------------------------------- S3 (moto)
