@@ -74,10 +74,10 @@ def _parse_kernel_size(value: Any) -> tuple[int, int]:
     pair = tuple(value) if isinstance(value, Sequence) else (value, value)
     if len(pair) != 2:
         raise TypeError(f"kernel_size must be an int or a pair of ints. Got {value!r}.")
-    out = tuple(int_in_range(f"kernel_size[{i}]", v, 1, MAX_KERNEL) for i, v in enumerate(pair))
-    if any(v % 2 == 0 for v in out):
+    kx, ky = (int_in_range(f"kernel_size[{i}]", v, 1, MAX_KERNEL) for i, v in enumerate(pair))
+    if kx % 2 == 0 or ky % 2 == 0:
         raise ValidationError(f"kernel_size values must be odd. Got {value!r}.")
-    return out  # type: ignore[return-value]
+    return kx, ky
 
 
 def _parse_sigma(value: Any) -> tuple[float, float]:
