@@ -362,7 +362,10 @@ def test_read_ahead_is_bounded_and_in_order(folder, tmp_path):
             outstanding = sum(len(c) for c, _ in calls) - len(loaded)
         assert outstanding <= 4
     assert [c for c, _ in calls] == [[7, 3], [11, 0], [5, 9], [2]]
-    assert [n for _, n in calls][2:] == [2, 4]  # window 2 fetched after 2 loads, window 3 after 4
+    # window 2 is submitted when image 2 is taken, window 3 when image 4 is: never fetched earlier (the pool thread
+    # may start the fetch a little later, so only the lower bound is exact)
+    started = [n for _, n in calls]
+    assert started[2] >= 2 and started[3] >= 4
     calls.clear()
     src.load(1)  # not announced: read directly
     assert calls == [([1], len(loaded))]
