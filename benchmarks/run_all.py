@@ -1,14 +1,13 @@
 """Run the fast benchmark subset and regenerate ``benchmarks/RESULTS.md`` and ``benchmarks/figures/*.png``.
 
-    python benchmarks/run_all.py            # what `make bench` runs (< 10 min on 2 cores)
+    python benchmarks/run_all.py            # what `make bench` runs
     python benchmarks/run_all.py --smoke    # tiny sizes, to check that everything still runs (writes to --out)
 
 Runs, in this order: ``formats.py`` (storage and access against FKD / SRe2L / ReLabel layouts),
 ``reproduce.py --fast`` (the paper's claims on digits), ``codec_fidelity.py`` (size and KL per codec and
-dtype, small default), then the other engineers' scripts as subprocesses
-with small sizes (``generate_overhead.py``, ``dataset_throughput.py --quick``, ``dataset_profile.py --quick``,
-``store_layout.py``, ``remote_read.py``, ``augment_size.py``, ``augment_throughput.py``), whose
-output is collected verbatim. A script that is missing or fails is reported as such in RESULTS.md.
+dtype, small default), then every entry of ``OTHERS`` (script, arguments, timeout, what it measures) as a
+subprocess, whose ``--json`` tables or stdout are collected. A script that is missing, fails or times out is
+reported as such in RESULTS.md. benchmarks/README.md describes every script and its targets.
 """
 
 from __future__ import annotations
@@ -343,8 +342,8 @@ def others_verdicts(others: dict) -> list[str]:
                  f"read(i) >= 5x):** read_batch {'met' if batch >= 10 else '**missed**'} ({batch:.1f}x); read(i) "
                  f"{'met' if one >= 5 else '**missed**'} ({one:.1f}x). read(i) decompresses and checks one inner "
                  "chunk of each of its 4 arrays; benchmarks/read_breakdown.py (below) measures the floor of those "
-                 "checked C calls alone, which caps the ratio near 3.4x, and the floor of a hypothetical per-image "
-                 "record layout (all fields in one chunk), which caps it near 3.6x at the same size.")
+                 "checked C calls alone and prints the bound it sets on this ratio, and the bound a hypothetical "
+                 "per-image record layout (all fields in one chunk) would give.")
     if (d := result("remote_read.py")) is not None:
         L.append(f"- **Epoch preload from S3 at 20 ms per request within 3x of local disk (issue 11):** "
                  f"{'met' if d['read_all_ratio'] <= 3 else '**missed**'} ({d['read_all_ratio']:.2f}x, "

@@ -100,7 +100,7 @@ against a plain PIL loader.
 A remote store (a URL) is read by epoch instead: ``set_epoch`` reads the epoch's records with one
 ``read_all(slots)`` into shared memory the workers map (:mod:`fkdstore.preload`; ``preload=`` chooses), since a
 random batch from object storage costs hundreds of requests. For a local store the per-batch read is as fast
-and runs in the workers (``benchmarks/README.md``, "TorchDataset throughput").
+and runs in the workers (``benchmarks/dataset_throughput.py --label-store-images`` compares the two paths).
 
 Images come from any :mod:`fkdstore.sources` source (folder, file list, URL prefix, tar shards,
 ``datasets``, a mapping); each batch is announced to the source first, so a remote one fetches the batch's

@@ -99,7 +99,7 @@ AUG_DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "fl
 BOX_DTYPES = ("uint16", "int32")
 CROP_MODES = ("seeded", "stored")
 
-# Layout defaults, chosen by measurement (benchmarks/README.md, spec section 7).
+# Layout defaults, chosen by measurement (benchmarks/store_layout.py and read_breakdown.py; spec section 7).
 LEGACY_PER_IMAGE_CHUNK = 65536  # images per chunk of the per-image arrays in 2.0 and 3.0 stores
 TARGET_CHUNK_BYTES = 8 * 1024  # raw bytes of the widest record array in one inner chunk
 TARGET_SHARD_BYTES = 64 * 1024 * 1024  # raw bytes of the widest record array in one shard file

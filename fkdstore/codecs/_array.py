@@ -126,7 +126,7 @@ def filled(like, shape, value, dtype: str = "float32"):
     if is_torch(like):
         torch = torch_module()
         out = torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
-        if is_torch(value):  # copy_ of an expanded view: ~20x faster than out[...] = value on CPU
+        if is_torch(value):  # copy_ of an expanded view: one broadcast copy, cheaper than out[...] = value on CPU
             return out.copy_(value.to(out.dtype).expand(shape))
         return out.fill_(float(value))
     out = np.empty(shape, dtype=dtype)
