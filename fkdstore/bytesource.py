@@ -374,7 +374,6 @@ class StoreSource(ByteSource):
         return out
 
 
-
 # ------------------------------------------------------------------------------------- local disk cache
 
 DEFAULT_CACHE_BYTES = 10 * 2**30  # cache_dir without cache_bytes
@@ -462,7 +461,7 @@ class CachedSource(ByteSource):
         (``written`` flags, manifest chunks, keys) go through the same entries and rules."""
         inner = self.inner.store  # rebuilt first in a new process
         if self._zarr_store is None or self._zarr_store._store is not inner:
-            self._zarr_store = _caching_store_class()(inner, self)
+            self._zarr_store = _CachingStore(inner, self)
         return self._zarr_store
 
     # -- identity and entry files
@@ -689,33 +688,24 @@ class CachedSource(ByteSource):
         self.inner.close()
 
 
-_CACHING_STORE = None
+class _CachingStore(WrapperStore):
+    """:class:`zarr.storage.WrapperStore` whose ``get`` goes through a :class:`CachedSource`
+    (:attr:`CachedSource.store`)."""
 
+    def __init__(self, store, cache: CachedSource):
+        super().__init__(store)
+        self.cache = cache
 
-def _caching_store_class():
-    """:class:`zarr.storage.WrapperStore` whose ``get`` goes through a :class:`CachedSource` (defined on first
-    use: this module imports Zarr lazily)."""
-    global _CACHING_STORE
-    if _CACHING_STORE is None:
+    def _with_store(self, store):
+        return type(self)(store, self.cache)
 
-        class CachingStore(WrapperStore):
-            def __init__(self, store, cache: CachedSource):
-                super().__init__(store)
-                self.cache = cache
+    async def get(self, key, prototype, byte_range=None):
+        return await self.cache._aget(self._store, key, prototype, byte_range)
 
-            def _with_store(self, store):
-                return type(self)(store, self.cache)
-
-            async def get(self, key, prototype, byte_range=None):
-                return await self.cache._aget(self._store, key, prototype, byte_range)
-
-            def __getattr__(self, name):  # path, fs, ... of the wrapped store (describe(), messages)
-                if name.startswith("__") or name in ("_store", "cache"):
-                    raise AttributeError(name)
-                return getattr(self._store, name)
-
-        _CACHING_STORE = CachingStore
-    return _CACHING_STORE
+    def __getattr__(self, name):  # path, fs, ... of the wrapped store (describe(), messages)
+        if name.startswith("__") or name in ("_store", "cache"):
+            raise AttributeError(name)
+        return getattr(self._store, name)
 
 
 def _remove(path: str) -> None:
