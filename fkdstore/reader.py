@@ -21,7 +21,7 @@ Bounded by what a caller asks for (spec section 1.5): the ``written`` flags and 
 per shard, on first use (:attr:`Reader.written`, :attr:`Reader.image_sizes` and :attr:`Reader.labels` read
 them whole), so a store claiming ``2**31`` images costs a read of image 0 one shard.
 
-Record arrays are read through :mod:`fkdstore.storage`'s byte-range layer: ``os.pread`` on cached file
+Record arrays are read through :mod:`fkdstore.bytesource`: ``os.pread`` on cached file
 descriptors for a local folder, concurrent coalesced range requests for object storage; the per-image arrays
 and the manifest through :class:`fkdstore.shard.UnshardedArray` (sizes bounded before decompressing). Zarr's
 array API is used only for pipelines other than the one this library writes.
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from . import bytesource as _bytesource
 from . import labelmap as _labelmap
 from . import progress as _progress
 from . import schema as S
@@ -130,7 +131,7 @@ def open(location, *, storage_options: Mapping[str, Any] | None = None, cache_di
 
     ``cache_dir``: a local folder caching the raw bytes read from a remote store (metadata, shard indexes,
     chunks), shared by processes and readers, bounded by ``cache_bytes`` (default 10 GiB) with LRU eviction;
-    cached bytes get every check fetched ones get. See :class:`fkdstore.storage.CachedSource` for the key
+    cached bytes get every check fetched ones get. See :class:`fkdstore.bytesource.CachedSource` for the key
     rule. Ignored for a local store (already on local disk). A local path that does not exist raises
     FileNotFoundError saying so."""
     where = _Where.of(location, storage_options, cache_dir, cache_bytes)
@@ -162,7 +163,7 @@ class _Where:
         path = _storage.describe(store) + (f"/{prefix.rstrip('/')}" if prefix else "")
         # The source owns the store: another process (DataLoader worker, fork or spawn) rebuilds it from the
         # URL and storage_options, never from the parent's connections.
-        source = _storage.byte_source(store, prefix, location=None if group is not None else location,
+        source = _bytesource.byte_source(store, prefix, location=None if group is not None else location,
                                       storage_options=storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes)
         return cls(source, group, prefix, path)
 

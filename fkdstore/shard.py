@@ -8,14 +8,14 @@ For each inner chunk a caller asks for, :meth:`ShardedArray.load`:
 2. treats a missing shard file or a missing index entry as damage when the chunk holds a written image
    (:class:`CorruptStoreError` naming array, shard file and images; never fill values);
 3. fetches the chunk bytes (all chunks of one call in one batch of byte-range requests through
-   :mod:`fkdstore.storage`: ``os.pread`` locally, concurrent coalesced requests remotely), checks crc32c
+   :mod:`fkdstore.bytesource`: ``os.pread`` locally, concurrent coalesced requests remotely), checks crc32c
    (:class:`CorruptChunkError`) and blosc-decodes (small chunks to bytes joined with one copy, big ones in
    place into a preallocated array);
 4. format 2.0: compares :func:`fkdstore.schema.manifest_tag` of the decoded chunk (computed once on the
    decoded bytes) with the store's ``manifest`` (a mismatch is a misplaced or stale chunk:
    :class:`CorruptStoreError`).
 
-Through a local disk cache (:class:`fkdstore.storage.CachedSource`) the same checks apply to cached bytes;
+Through a local disk cache (:class:`fkdstore.bytesource.CachedSource`) the same checks apply to cached bytes;
 an index or chunk that fails them is forgotten by the cache and fetched from the store once more, and only
 a failure of the store's own bytes is raised.
 
@@ -392,7 +392,7 @@ def group_rows(rows: np.ndarray, ipc: int) -> tuple[np.ndarray, np.ndarray, np.n
 class ShardedArray:
     """One per-crop array ``(N, M, ...)`` stored in shards of ``ips`` images and inner chunks of ``ipc``.
 
-    ``source`` is a :class:`fkdstore.storage.ByteSource`; ``zarr_array`` a callable returning the Zarr array
+    ``source`` is a :class:`fkdstore.bytesource.ByteSource`; ``zarr_array`` a callable returning the Zarr array
     (fallback path only); ``manifest``/``column``/``tag_prefix`` bind chunks to positions (invariant 9);
     ``cache_bytes``: decoded chunks kept (default :data:`CHUNK_CACHE_BYTES` at creation; 0 = no cache)."""
 
@@ -485,7 +485,7 @@ class ShardedArray:
         if raws is None:
             raws = self.source.read_suffixes([(self.shard_key(s), n) for s in todo])
         self._parse_indexes(todo, raws, got, bad)
-        # A local cache (storage.CachedSource) may have served a damaged or stale index: forget it and ask the
+        # A local cache (bytesource.CachedSource) may have served a damaged or stale index: forget it and ask the
         # store once more; an index the store itself serves damaged stays an error.
         again = sorted(bad)
         if again and self.source.invalidate(suffixes=[(self.shard_key(s), n) for s in again]):
@@ -1035,7 +1035,7 @@ def finish_many(plans: list[_Plan]) -> list[tuple[np.ndarray, list[Exception | N
 
 
 def _heal(source, plans) -> None:
-    """Chunks that failed their checks after being fetched through a local cache (storage.CachedSource): the
+    """Chunks that failed their checks after being fetched through a local cache (bytesource.CachedSource): the
     cached bytes are forgotten and the plan is finished again with those chunks fetched from the store once
     more (the others come from the cache); an error that remains is the store's own."""
     if not source.caching:

@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import bytesource as _bytesource
 from . import storage as _storage
 from .errors import ImageReadError, ValidationError
 from .images import IMAGE_EXTENSIONS, ImageList, class_labels, image_size, is_image_name, list_images, load_image
@@ -229,11 +230,11 @@ class _ReadAhead:
 
 
 class _ByteImages(ImageSource):
-    """Images stored as byte ranges of objects of a :class:`fkdstore.storage.ByteSource`: image ``i`` is
+    """Images stored as byte ranges of objects of a :class:`fkdstore.bytesource.ByteSource`: image ``i`` is
     ``(object key, start, stop)`` (``stop`` None: the whole object). Subclasses set ``_bytes`` and
     ``_ref``."""
 
-    _bytes: _storage.ByteSource
+    _bytes: _bytesource.ByteSource
     read_ahead: int = DEFAULT_READ_AHEAD
 
     def _ref(self, i: int) -> tuple[str, int, int | None]:
@@ -353,7 +354,7 @@ class URLSource(_ByteImages):
             raise ValidationError(f"no images found under {self.where} "
                                   f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.labels, self.classes = class_labels(self.keys)
-        self._bytes = _storage.byte_source(store, location=self.url, storage_options=storage_options)
+        self._bytes = _bytesource.byte_source(store, location=self.url, storage_options=storage_options)
 
     def name(self, i: int) -> str:
         return f"{self.url}/{self.keys[i]}"
@@ -369,7 +370,7 @@ class _RangeFile(io.RawIOBase):
     """A read-only, seekable file over one object of a ByteSource, read in ``TAR_WINDOW`` ranges (for
     :mod:`tarfile` to walk the member headers of a remote shard)."""
 
-    def __init__(self, source: _storage.ByteSource, key: str, name: str):
+    def __init__(self, source: _bytesource.ByteSource, key: str, name: str):
         self.source, self.key, self.name_ = source, key, name
         self.pos, self.buf, self.start = 0, b"", 0
 
@@ -460,7 +461,7 @@ class TarSource(_ByteImages):
             root = f"{scheme}://" + posixpath.commonpath([posixpath.dirname(p) for p in paths])
             store = _storage.as_store(root, read_only=True, storage_options=storage_options)
             rel = [posixpath.relpath(p, root.split("://", 1)[1]) for p in paths]
-            self._bytes = _storage.byte_source(store, location=root, storage_options=storage_options)
+            self._bytes = _bytesource.byte_source(store, location=root, storage_options=storage_options)
         else:
             if storage_options:
                 raise TypeError(f"storage_options apply to URLs only. Got local tar shards {locs[0]!r}, ...")
@@ -470,7 +471,7 @@ class TarSource(_ByteImages):
             full = [os.path.abspath(x) for x in locs]
             root = os.path.commonpath([os.path.dirname(p) for p in full])
             rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in full]
-            self._bytes = _storage.byte_source(_storage.as_store(root, read_only=True))
+            self._bytes = _bytesource.byte_source(_storage.as_store(root, read_only=True))
         self._keys_in = rel
         self.where = locs[0] if len(locs) == 1 else f"{len(locs)} tar shards ({locs[0]} ... {locs[-1]})"
         workers = min(16, len(locs)) if all(remote) else 1

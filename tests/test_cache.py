@@ -1,5 +1,5 @@
 """The local disk cache of a remote store (``fkdstore.open(url, cache_dir=, cache_bytes=)``,
-:class:`fkdstore.storage.CachedSource`) against the moto S3 server of tests/s3util.py: requests counted at
+:class:`fkdstore.bytesource.CachedSource`) against the moto S3 server of tests/s3util.py: requests counted at
 its proxy, the size bound, corrupted entries healed, rewritten objects never served stale, several
 processes sharing one folder, pickling."""
 
@@ -99,7 +99,7 @@ def test_corrupted_cache_entries_are_detected_and_healed(remote, tmp_path):
     # is asked once more.
     import crc32c
 
-    from fkdstore.storage import _HEAD, _MAGIC
+    from fkdstore.bytesource import _HEAD, _MAGIC
 
     with fkdstore.open(url, storage_options=so, cache_dir=cache) as r:  # whole shard objects (read_all's)
         src = r._source
@@ -206,21 +206,21 @@ def test_another_stores_entries_swapped_into_the_cache_are_misses_never_data(rem
     """Every entry of store A's cache is replaced by the intact entry of store B (other labels, same layout
     and keys) for the same object, read and byte range: each is another key's file (its id is not A's), so a
     miss, refetched from the store; A reads its own labels."""
-    from fkdstore import storage
+    from fkdstore import bytesource
 
     url, so, want = remote
     other = s3[0] + "/other.fkd"
     _write(other, s3[1], seed=1)
     cache = tmp_path / "cache"
     saved: dict[tuple, dict[str, str]] = {}  # (object key, kind, range) -> {store url: entry path}
-    original = storage.CachedSource._path
+    original = bytesource.CachedSource._path
 
     def spy(self, ident, key, kind, a, b):
         path = original(self, ident, key, kind, a, b)
         saved.setdefault((key, kind, a, b), {})[self.url] = path
         return path
 
-    monkeypatch.setattr(storage.CachedSource, "_path", spy)
+    monkeypatch.setattr(bytesource.CachedSource, "_path", spy)
     for location in (url, other):
         with fkdstore.open(location, storage_options=so, cache_dir=cache) as r:
             _reads(r)

@@ -13,9 +13,9 @@ import pytest
 from faultutil import DELETE, set_header, shard_file, shard_index, use_dot_separator, write_shard_index
 from storeutil import small_store as make_store
 
+from fkdstore import bytesource
 from fkdstore import reader as R
 from fkdstore import schema as S
-from fkdstore import storage
 from fkdstore.errors import CorruptChunkError, CorruptStoreError, FormatError, IncompleteStoreError
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.shard import MISSING
@@ -31,7 +31,7 @@ def read_all_mode(request, monkeypatch):
     """read_all runs twice per damage: as on local disk, and with the read-ahead pipeline of a remote store
     (forced on local files, one shard per batch, so a later batch is fetched while an earlier one decodes)."""
     if request.param == "read-ahead":
-        monkeypatch.setattr(storage.LocalSource, "remote", True)
+        monkeypatch.setattr(bytesource.LocalSource, "remote", True)
         monkeypatch.setattr(R, "READ_ALL_BATCH_BYTES", 1)
     return request.param
 

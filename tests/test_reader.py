@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storeutil import create, make_data
 
+from fkdstore import bytesource
 from fkdstore import reader as R
 from fkdstore import schema as S
-from fkdstore import storage
 from fkdstore.codecs import REGISTRY, crop_keys, get_codec
 from fkdstore.errors import CorruptChunkError, FormatError, IncompleteStoreError, ValidationError
 from fkdstore.seeded import SlotCropSampler
@@ -187,24 +187,24 @@ def test_remote_store_source_is_concurrent_coalesced_and_equal(tmp_path):
     p, d, _ = _store(tmp_path, "stored", N=40, ipc=4, ips=16)
     mem = _memory_copy(p)
     calls = []
-    original = storage.StoreSource.read_ranges
+    original = bytesource.StoreSource.read_ranges
 
     def spy(self, requests):
         calls.append(len(requests))
         return original(self, requests)
 
     r = R.open(mem)
-    assert isinstance(r._source, storage.StoreSource)
-    storage.StoreSource.read_ranges = spy
+    assert isinstance(r._source, bytesource.StoreSource)
+    bytesource.StoreSource.read_ranges = spy
     try:
         idx = np.array([39, 0, 17, 5, 22])
         rec = r.read_batch(idx)
     finally:
-        storage.StoreSource.read_ranges = original
+        bytesource.StoreSource.read_ranges = original
     assert len(calls) == 1 and calls[0] == 4 * len({int(i) // 4 for i in idx})  # one call for all arrays
     np.testing.assert_array_equal(rec.box, d["boxes"][idx])
     np.testing.assert_array_equal(r.read_all().flip, d["flips"])
-    assert storage.coalesce([("a", 0, 10), ("a", 20, 30), ("b", 0, 5), ("a", 10**6, 10**6 + 1)], 100) == [
+    assert bytesource.coalesce([("a", 0, 10), ("a", 20, 30), ("b", 0, 5), ("a", 10**6, 10**6 + 1)], 100) == [
         ("a", 0, 30, [0, 1]), ("a", 10**6, 10**6 + 1, [3]), ("b", 0, 5, [2])]
 
 
@@ -233,8 +233,8 @@ def test_remote_read_all_reads_ahead(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "READ_ALL_BATCH_BYTES", 1)  # one shard per batch
     calls = {"suffixes": [], "ranges": [], "objects": []}
     for name in calls:
-        orig = getattr(storage.StoreSource, "read_" + name)
-        monkeypatch.setattr(storage.StoreSource, "read_" + name,
+        orig = getattr(bytesource.StoreSource, "read_" + name)
+        monkeypatch.setattr(bytesource.StoreSource, "read_" + name,
                             lambda self, q, orig=orig, seen=calls[name]: seen.append(sorted(q)) or orig(self, q))
     slots = np.random.default_rng(0).integers(0, 6, (40, 3))
     with R.open(mem) as r, R.open(p) as lo:
@@ -377,7 +377,7 @@ def test_read_returns_copies_not_cached_chunks(tmp_path):
 
 def test_coalesce_merges_many_neighbouring_ranges_in_order():
     reqs = [("k", 10 * i, 10 * i + 8) for i in range(500)][::-1] + [("j", 0, 4), ("k", 10**6, 10**6 + 1)]
-    merged = storage.coalesce(reqs, 64)
+    merged = bytesource.coalesce(reqs, 64)
     assert [(k, a, b) for k, a, b, _ in merged] == [("j", 0, 4), ("k", 0, 4998), ("k", 10**6, 10**6 + 1)]
     assert merged[1][3] == list(range(499, -1, -1)) and merged[0][3] == [500] and merged[2][3] == [501]
 
@@ -402,13 +402,13 @@ def test_chunk_cache_holds_copies_so_memory_stays_within_its_limit(tmp_path):
 
 def test_local_read_ranges_in_order_and_shuffled_agree_with_coalesce(tmp_path):
     """LocalSource merges requests that come by object and offset (the shard layer's order) in one pass, and
-    sorts (storage.coalesce) otherwise; both return every range's bytes, and merge like coalesce."""
+    sorts (bytesource.coalesce) otherwise; both return every range's bytes, and merge like coalesce."""
     rng = np.random.default_rng(0)
     blobs = {}
     for name in ("a", "b", "c"):
         blobs[name] = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
         (tmp_path / name).write_bytes(blobs[name])
-    src = storage.LocalSource(str(tmp_path))
+    src = bytesource.LocalSource(str(tmp_path))
     for trial in range(30):
         reqs = []
         for name in ("b", "a", "c")[: 1 + trial % 3]:
@@ -416,13 +416,13 @@ def test_local_read_ranges_in_order_and_shuffled_agree_with_coalesce(tmp_path):
             reqs += [(name, int(s), int(s + rng.integers(0, 9000))) for s in starts]
         if trial % 5 == 0:
             reqs.append(("missing", 0, 10))
-        runs = storage._ascending_runs(reqs, storage.COALESCE_GAP)
-        merged = storage.coalesce(reqs, storage.COALESCE_GAP)
+        runs = bytesource._ascending_runs(reqs, bytesource.COALESCE_GAP)
+        merged = bytesource.coalesce(reqs, bytesource.COALESCE_GAP)
         assert sorted((reqs[i0][0], a, b) for i0, _, a, b in runs) == [(k, a, b) for k, a, b, _ in merged]
         for order in (np.arange(len(reqs)), rng.permutation(len(reqs))):
             asked = [reqs[i] for i in order]
             got = src.read_ranges(asked)
             want = [blobs[k][a:b] if k in blobs else None for k, a, b in asked]
             assert [None if g is None else bytes(g) for g in got] == want
-    assert storage._ascending_runs([("a", 5, 9), ("a", 1, 3)], 64) is None
+    assert bytesource._ascending_runs([("a", 5, 9), ("a", 1, 3)], 64) is None
     src.close()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .. import bytesource as _bytesource
 from .. import codecs as _codecs
 from .. import schema as S
 from .. import storage as _storage
@@ -48,7 +49,7 @@ def _attrs(source, path: str) -> Mapping[str, Any] | None:
 def is_v1(location, storage_options: Mapping[str, Any] | None = None) -> bool:
     """True when ``location`` holds a format-1.0 store (its header says so)."""
     store = _storage.as_store(location, read_only=True, storage_options=storage_options)
-    h = _attrs(_storage.byte_source(store, "", location=location, storage_options=storage_options), str(location))
+    h = _attrs(_bytesource.byte_source(store, "", location=location, storage_options=storage_options), str(location))
     return isinstance(h, Mapping) and h.get("format") == S.FORMAT_NAME and h.get("format_version") == "1.0"
 
 
@@ -90,7 +91,7 @@ class V1Store:
     def __init__(self, location, storage_options: Mapping[str, Any] | None = None):
         store = _storage.as_store(location, read_only=True, storage_options=storage_options)
         self.path = _storage.describe(store)
-        self._source = _storage.byte_source(store, "", location=location, storage_options=storage_options)
+        self._source = _bytesource.byte_source(store, "", location=location, storage_options=storage_options)
         d = _attrs(self._source, self.path)
         if not isinstance(d, Mapping) or d.get("format") != S.FORMAT_NAME or d.get("format_version") != "1.0":
             raise FormatError(f"{self.path} is not a format-1.0 fkdstore store")
