@@ -546,52 +546,57 @@ class ShardedArray:
         plan = _Plan(self, cs, need, [None] * n)
         if not n or not self.fast:
             return plan
-        ps = self.per_shard
         if n == 1:  # read(i): scalar path (numpy calls cost more than the work for one chunk)
-            c = int(cs[0])
-            s = c // ps
-            got, bad = self._indexes([s])
-            index = got.get(s)
-            if s in bad:
-                plan.errors[0] = bad[s]
-            elif index is None:
-                if need[0]:
-                    plan.errors[0] = CorruptStoreError(
-                        f"{self.where(c)}: the shard file is missing but the chunk holds images marked written "
-                        f"(a lost or partly copied file)")
-            else:
-                off, nb = index[c - s * ps].tolist()
-                if off != MISSING:
-                    plan.requests, plan.slots = [(self.shard_key(s), off, off + nb)], [0]
-                elif need[0]:
-                    plan.errors[0] = CorruptStoreError(
-                        f"{self.where(c)}: the chunk is missing from the shard index but holds images marked "
-                        f"written")
+            self._plan_one(plan)
             return plan
-        shards = cs // ps
-        groups: list[tuple[int, np.ndarray | None]]
-        if shards[0] == shards[-1] and (n < 3 or (shards == shards[0]).all()):
-            groups = [(int(shards[0]), None)]  # one shard (read(i), read_all, verify): no grouping needed
-        else:
-            order = np.argsort(shards, kind="stable")
-            ss = shards[order]
-            cut = np.flatnonzero(ss[1:] != ss[:-1]) + 1
-            groups = [(int(ss[a]), order[a:b]) for a, b in zip([0, *cut.tolist()], [*cut.tolist(), n])]
+        groups = _shard_groups(cs // self.per_shard)
         got, bad = self._indexes([s for s, _ in groups])
-        sole = got.get(groups[0][0]) if len(groups) == 1 else None
-        if sole is not None:  # one shard, its index read and sound
-            s = groups[0][0]
-            entry = sole[cs - s * ps]
-            offs = entry[:, 0]
-            if not (offs == MISSING).any():  # every chunk stored: the requests in one go
-                plan.requests = list(zip([self.shard_key(s)] * n, offs.tolist(), (offs + entry[:, 1]).tolist()))
-                plan.slots = list(range(n))
-                return plan
+        if len(groups) == 1 and self._plan_sole(plan, groups[0][0], got.get(groups[0][0])):
+            return plan
+        self._plan_groups(plan, groups, got, bad)
+        return plan
+
+    def _plan_one(self, plan: _Plan) -> None:
+        """:meth:`_plan` of a single chunk."""
+        c = int(plan.cs[0])
+        s = c // self.per_shard
+        got, bad = self._indexes([s])
+        index = got.get(s)
+        if s in bad:
+            plan.errors[0] = bad[s]
+        elif index is None:
+            if plan.need[0]:
+                plan.errors[0] = self._missing(c, shard=True)
+        else:
+            off, nb = index[c - s * self.per_shard].tolist()
+            if off != MISSING:
+                plan.requests, plan.slots = [(self.shard_key(s), off, off + nb)], [0]
+            elif plan.need[0]:
+                plan.errors[0] = self._missing(c, shard=False)
+
+    def _plan_sole(self, plan: _Plan, s: int, index: np.ndarray | None) -> bool:
+        """:meth:`_plan` of chunks that all lie in shard ``s`` when its index is read and sound and stores every
+        one of them (the requests in one go); False, planning nothing, otherwise."""
+        if index is None:
+            return False
+        entry = index[plan.cs - s * self.per_shard]
+        offs = entry[:, 0]
+        if (offs == MISSING).any():
+            return False
+        n = len(plan.cs)
+        plan.requests = list(zip([self.shard_key(s)] * n, offs.tolist(), (offs + entry[:, 1]).tolist()))
+        plan.slots = list(range(n))
+        return True
+
+    def _plan_groups(self, plan: _Plan, groups: list[tuple[int, np.ndarray | None]], got: dict, bad: dict) -> None:
+        """:meth:`_plan` of chunks in several shards, or with shard files or index entries missing: ``groups``
+        from :func:`_shard_groups`, ``got`` and ``bad`` from :meth:`_indexes`."""
+        cs, need, errors = plan.cs, plan.need, plan.errors
+        n, ps = len(cs), self.per_shard
         offs = np.empty(n, np.uint64)
         sizes = np.empty(n, np.uint64)
         keys: list = [None] * n
         ok = np.zeros(n, bool)
-        errors = plan.errors
         for s, pos in groups:
             where = np.arange(n) if pos is None else pos
             index = got.get(s)
@@ -600,9 +605,7 @@ class ShardedArray:
                     if s in bad:
                         errors[j] = bad[s]  # one object per shard: verify reports a bad index once
                     elif need[j]:
-                        errors[j] = CorruptStoreError(
-                            f"{self.where(int(cs[j]))}: the shard file is missing but the chunk holds images "
-                            f"marked written (a lost or partly copied file)")
+                        errors[j] = self._missing(int(cs[j]), shard=True)
                 continue
             entry = index[cs[where] - s * ps]
             offs[where], sizes[where] = entry[:, 0], entry[:, 1]
@@ -614,16 +617,22 @@ class ShardedArray:
         if absent.any():
             for j in np.flatnonzero(absent).tolist():
                 if need[j]:
-                    errors[j] = CorruptStoreError(
-                        f"{self.where(int(cs[j]))}: the chunk is missing from the shard index but holds images "
-                        f"marked written")
+                    errors[j] = self._missing(int(cs[j]), shard=False)
             ok &= ~absent
         slots = np.flatnonzero(ok)
         a = offs[slots].tolist()
         b = (offs[slots] + sizes[slots]).tolist()
         plan.requests = list(zip([keys[j] for j in slots.tolist()], a, b))
         plan.slots = slots.tolist()
-        return plan
+
+    def _missing(self, c: int, *, shard: bool) -> CorruptStoreError:
+        """The error of chunk ``c``, which holds images marked written, when its shard file (``shard``) or its
+        entry in the shard index is missing."""
+        if shard:
+            return CorruptStoreError(f"{self.where(c)}: the shard file is missing but the chunk holds images marked "
+                                     f"written (a lost or partly copied file)")
+        return CorruptStoreError(f"{self.where(c)}: the chunk is missing from the shard index but holds images "
+                                 f"marked written")
 
     def _wanted_tags(self, plan: _Plan) -> list:
         """Manifest tag expected for each chunk of ``plan`` to be fetched (None: no check, because the chunk
@@ -939,6 +948,18 @@ class _Plan:
         if self.out is None:
             raise RuntimeError(f"array {self.array.path!r}: the chunks were planned but never decoded")
         return self.out, self.errors
+
+
+def _shard_groups(shards: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+    """``shards`` (the shard of each chunk, at least two) as ``[(shard, positions of its chunks)]`` in shard
+    order; positions None when every chunk lies in one shard (read(i), read_all, verify: no grouping needed)."""
+    n = len(shards)
+    if shards[0] == shards[-1] and (n < 3 or (shards == shards[0]).all()):
+        return [(int(shards[0]), None)]
+    order = np.argsort(shards, kind="stable")
+    ss = shards[order]
+    cut = np.flatnonzero(ss[1:] != ss[:-1]) + 1
+    return [(int(ss[a]), order[a:b]) for a, b in zip([0, *cut.tolist()], [*cut.tolist(), n])]
 
 
 def raise_first(errors) -> None:

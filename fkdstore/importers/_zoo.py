@@ -5,8 +5,12 @@ a disk-backed slot scratch, and :func:`write_store`, the one function that write
   dataset's own list); this maps that index to the image's position in :func:`fkdstore.images.list_images`.
 * :func:`label_fields`: a zoo's stored labels (top-K probabilities, full logits, top-K logits with a tail
   rule) as the destination codec's fields, exactly where the codec can hold them.
+* :func:`image_sizes` and :func:`folder_labels`: the store's image sizes and ground-truth labels from the
+  image listing.
 * :class:`SlotScratch`: epoch-major source files (one file per epoch and batch or rank) are turned into
-  image-major rows through memory-mapped arrays in a temporary folder, so memory stays bounded.
+  image-major rows through memory-mapped arrays in a temporary folder, so memory stays bounded;
+  :func:`scratch_specs` and :func:`scratch_records` name its arrays for a codec's fields and a pipeline's
+  columns.
 * :func:`write_store` (crop regions) and :func:`write_map_store` (label maps): create the store with the
   public :func:`fkdstore.write` arguments, or resume the store a killed run of the same import left (images
   already written are skipped), and remove their own output when an error stops them.
@@ -29,13 +33,14 @@ from .. import storage as _storage
 from .. import writer as _writer
 from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, LabelFileError, ValidationError
-from ..images import ImageList
+from ..images import ImageList, image_size
 from ..output import MADE_BY, check_options, history_record, location_name, made_by, open_destination, remove_on_error
 from ..report import storage_stats
 from ..transforms import Replay
 
-__all__ = ["ORDERS", "dataset_order", "imagefolder_order", "LABEL_KINDS", "label_codec", "label_fields",
-           "check_fields", "SlotScratch", "replay_of", "write_store", "write_map_store", "source_bytes"]
+__all__ = ["ORDERS", "dataset_order", "imagefolder_order", "image_sizes", "folder_labels", "LABEL_KINDS",
+           "label_codec", "label_fields", "check_fields", "SlotScratch", "scratch_specs", "scratch_records",
+           "replay_of", "write_store", "write_map_store", "source_bytes"]
 
 ORDERS = ("imagefolder", "listing")
 LABEL_KINDS = ("probs_topk", "logits_full", "logits_topk_renorm", "logits_topk_fill")
@@ -73,6 +78,22 @@ def dataset_order(listing: ImageList, order: str) -> np.ndarray:
     if order not in ORDERS:
         raise ValidationError(f"order must be one of {list(ORDERS)}. Got {order!r}.")
     return imagefolder_order(listing) if order == "imagefolder" else np.arange(len(listing), dtype=np.int64)
+
+
+def image_sizes(paths: Iterable[str | os.PathLike]) -> np.ndarray:
+    """``(N, 2)`` int64 ``(height, width)`` of the image files, read from their headers (the store's
+    ``image_sizes``)."""
+    return np.array([image_size(p) for p in paths], dtype=np.int64)
+
+
+def folder_labels(listing: ImageList, num_classes: int, chosen: Sequence[int] | None = None) -> np.ndarray | None:
+    """The store's ground-truth labels: the image folder's class of each image (of the listing positions
+    ``chosen``, default every image) when the folder has exactly ``num_classes`` class folders (ImageFolder's
+    class order), else None (the classes are unknown)."""
+    if len(listing.classes) != num_classes:
+        return None
+    labels = np.asarray(listing.labels, np.int64)
+    return labels if chosen is None else labels[np.asarray(chosen, np.int64)]
 
 
 # --------------------------------------------------------------------------------------------- labels
@@ -217,6 +238,27 @@ class SlotScratch:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def scratch_specs(codec: _codecs.LabelCodec, num_classes: int, pipeline,
+                  base: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """:class:`SlotScratch` specs of an import's slots: ``base`` (the importer's own arrays), then ``codec``'s
+    fields as ``soft_<field>`` and ``pipeline``'s augmentation columns as ``aug_<column>``."""
+    specs = dict(base)
+    specs |= {f"soft_{n}": (f.shape, f.dtype) for n, f in codec.fields(num_classes).items()}
+    specs |= {f"aug_{c.name}": (c.shape, c.dtype) for c in pipeline.columns()}
+    return specs
+
+
+def scratch_records(scratch: SlotScratch, images: np.ndarray) -> tuple[dict[str, np.ndarray],
+                                                                       dict[str, np.ndarray],
+                                                                       dict[str, np.ndarray]]:
+    """The rows of ``images`` in a scratch made with :func:`scratch_specs`: ``(every array, codec fields,
+    aug columns)``, the last two without their ``soft_`` / ``aug_`` prefix."""
+    rows = scratch.rows(images)
+    fields = {n[5:]: v for n, v in rows.items() if n.startswith("soft_")}
+    aug = {n[4:]: v for n, v in rows.items() if n.startswith("aug_")}
+    return rows, fields, aug
 
 
 # --------------------------------------------------------------------------------------------- writing

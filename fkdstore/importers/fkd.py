@@ -3,8 +3,10 @@ holding ``[coords, flip, labels]``) into a store, with FKD's own crop replay rul
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,10 @@ from .. import storage as _storage
 from .. import writer as _writer
 from ..codecs import conversion_problem, convert_fields
 from ..errors import ConversionError, ValidationError
-from ..images import image_size, list_images
+from ..images import ImageList, list_images
 from ..output import MADE_BY, check_options, history_record, made_by, open_destination, remove_on_error
 from ..report import storage_stats
-from . import safe_pickle
+from . import _zoo, safe_pickle
 
 __all__ = ["import_fkd", "load_fkd_file", "fkd_boxes", "FKD_SUFFIXES"]
 
@@ -155,12 +157,59 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     """
     check_options(storage_options, dst)
     src = Path(src)
+    files = _label_files(src)
+    imgs = list_images(images)
+    chosen, label_files = _match_images(files, imgs, images)
+    dst_store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
+    layout = _layout_of(label_files[0], trust_pickle)
+    src_codec, dst_codec = _codecs_of(layout, codec, k)
+    load = functools.partial(_load_like, layout=layout, trust_pickle=trust_pickle)
+    if num_classes is None:
+        num_classes = _largest_class(label_files, load, progress) + 1
+        if log:
+            log(f"num_classes = {num_classes} (largest stored class index + 1; pass --num-classes to set it)")
+    num_classes = int(num_classes)
+    sizes = _zoo.image_sizes(imgs.paths[n] for n in chosen)
+    meta_import = _meta_import(src, len(label_files), layout, dst_codec)
+    record = made_by("import-fkd", **{"import": meta_import, "to": dst_codec.get_config(), "num_classes": num_classes})
+    meta: dict[str, Any] = {
+        "import": meta_import,
+        "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
+                                   images=len(label_files))],
+        MADE_BY: record,
+    }
+    open_destination(dst, dst_store, record)  # this import's own interrupted output is continued
+    N = len(label_files)
+    with remove_on_error(dst_store), _writer.write(
+        dst_store, num_images=N, crops_per_image=layout.crops, num_classes=num_classes, codec=dst_codec,
+        image_keys=[imgs.keys[n] for n in chosen], image_sizes=sizes,
+        labels=_zoo.folder_labels(imgs, num_classes, chosen), meta=meta,
+    ) as w:
+        clamped = _copy_records(w, label_files, sizes, load, src_codec, dst_codec, num_classes, batch=batch,
+                                progress=progress)
+    return {
+        "files": N, "images": N, "images_without_labels": len(imgs) - N, "crops_per_image": layout.crops,
+        "num_classes": num_classes, "codec": dst_codec.get_config(), "coords_dtype": str(layout.coords_dtype),
+        "boxes_clamped": clamped, "bytes_before": _zoo.source_bytes(label_files),
+        "bytes_after": storage_stats(dst_store)["_total"]["bytes"],
+    }
+
+
+# --------------------------------------------------------------------------------------------- the steps
+
+def _label_files(src: Path) -> dict[tuple[str, str], Path]:
+    """The label files under ``src`` by ``(class folder, stem)`` (at least one)."""
     if not src.is_dir():
         raise FileNotFoundError(f"FKD label folder not found: {src}")
     files = _scan_fkd(src)
     if not files:
         raise ValidationError(f"no FKD label files ({', '.join(FKD_SUFFIXES)}) found under {src}")
-    imgs = list_images(images)
+    return files
+
+
+def _match_images(files: dict[tuple[str, str], Path], imgs: ImageList, images) -> tuple[list[int], list[Path]]:
+    """``(listing positions of the images with a label file, ascending; their label files)``: a file matches
+    the image of the same class folder and stem; a file without an image is refused."""
     by_key = {}
     for n, key in enumerate(imgs.keys):
         kp = Path(key)
@@ -170,16 +219,37 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
         raise ValidationError(
             f"{len(orphans)} label files have no image in {images} (matched by class folder and stem), "
             f"e.g. {[str(p) for p in orphans[:3]]}")
-    dst_store = _storage.as_store(dst, read_only=False, storage_options=storage_options)
     chosen = sorted(by_key[key] for key in files)
     inv = {by_key[key]: files[key] for key in files}
-    label_files = [inv[n] for n in chosen]
-    keys = [imgs.keys[n] for n in chosen]
-    paths = [imgs.paths[n] for n in chosen]
+    return chosen, [inv[n] for n in chosen]
 
-    coords0, flip0, labels0 = load_fkd_file(label_files[0], trust_pickle=trust_pickle)
-    M = int(coords0.shape[0])
-    kind, file_k = _label_kind(labels0, label_files[0])
+
+@dataclass(frozen=True, kw_only=True)
+class _Layout:
+    """What the first label file says every file holds: ``crops`` (M), the label ``kind`` and its ``k``, the
+    labels' ``shape`` and the dtypes of coords and labels."""
+
+    crops: int
+    kind: str
+    k: int
+    shape: tuple[int, ...]
+    coords_dtype: np.dtype
+    labels_dtype: np.dtype
+
+
+def _layout_of(path: Path, trust_pickle: bool) -> _Layout:
+    """The :class:`_Layout` of the label file ``path``."""
+    coords, _, labels = load_fkd_file(path, trust_pickle=trust_pickle)
+    crops = int(coords.shape[0])
+    kind, k = _label_kind(labels, path)
+    return _Layout(crops=crops, kind=kind, k=k, shape=labels.shape, coords_dtype=coords.dtype,
+                   labels_dtype=labels.dtype)
+
+
+def _codecs_of(layout: _Layout, codec: str | None, k: int | None) -> tuple[_codecs.LabelCodec, _codecs.LabelCodec]:
+    """``(the files' codec, the store's codec)``: ``codec`` (default: what the files hold), refused
+    (ConversionError) when it needs what the files do not hold."""
+    kind, file_k = layout.kind, layout.k
     src_codec = _source_codec(kind, file_k)
     if codec is None:
         dst_codec = {"topk": _codecs.as_codec("ms", k=k, default_k=file_k), "smoothing": _codecs.Smoothing(),
@@ -190,82 +260,75 @@ def import_fkd(src: str | os.PathLike, dst: str | os.PathLike, images: str | os.
     if why:
         what = {"topk": f"top-{file_k} labels", "smoothing": "smoothing labels", "hard": "hard labels"}[kind]
         raise ConversionError(f"cannot import FKD files holding {what} as {dst_codec.describe()}: {why}")
+    return src_codec, dst_codec
 
-    def load(p):
-        coords, flip, labels = load_fkd_file(p, trust_pickle=trust_pickle)
-        if coords.shape != (M, 4):
-            raise ValidationError(f"FKD coords in {p} must have shape ({M}, 4) like the first file. "
-                                  f"Got {coords.shape}.")
-        if flip.shape != (M,):
-            raise ValidationError(f"FKD flip in {p} must have shape ({M},). Got {flip.shape}.")
-        kd = _label_kind(labels, p)
-        if kd != (kind, file_k) or labels.shape[0] != M:
-            raise ValidationError(f"FKD labels in {p} have shape {labels.shape}; the first file's are {labels0.shape}.")
-        return coords, flip, _file_fields(labels, kind, p)
 
-    if num_classes is None:
-        top = -1
-        for p in _progress.progress(progress, total=len(label_files), desc="scanning classes", unit="file").wrap(
-                label_files):
-            top = max(top, int(load(p)[2]["indices"].max()))
-        num_classes = top + 1
-        if log:
-            log(f"num_classes = {num_classes} (largest stored class index + 1; pass --num-classes to set it)")
-    num_classes = int(num_classes)
-    sizes = np.array([image_size(p) for p in paths], dtype=np.int64)
-    labels_gt = None
-    if len(imgs.classes) == num_classes:
-        labels_gt = np.array([imgs.labels[n] for n in chosen], dtype=np.int64)
-    meta_import: dict[str, Any] = {
-        "format": "fkd-release", "source": str(src.resolve()), "files": len(label_files), "order": "listing",
+def _load_like(p: Path, *, layout: _Layout, trust_pickle: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """One label file as ``(coords, flip, source-codec fields)``, refused unless it has the first file's layout."""
+    M = layout.crops
+    coords, flip, labels = load_fkd_file(p, trust_pickle=trust_pickle)
+    if coords.shape != (M, 4):
+        raise ValidationError(f"FKD coords in {p} must have shape ({M}, 4) like the first file. "
+                              f"Got {coords.shape}.")
+    if flip.shape != (M,):
+        raise ValidationError(f"FKD flip in {p} must have shape ({M},). Got {flip.shape}.")
+    kd = _label_kind(labels, p)
+    if kd != (layout.kind, layout.k) or labels.shape[0] != M:
+        raise ValidationError(f"FKD labels in {p} have shape {labels.shape}; the first file's are {layout.shape}.")
+    return coords, flip, _file_fields(labels, layout.kind, p)
+
+
+Loader = Callable[[Path], tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+
+
+def _largest_class(label_files: list[Path], load: Loader, progress: bool | None) -> int:
+    """The largest class index of the label files (a pass over every file)."""
+    top = -1
+    for p in _progress.progress(progress, total=len(label_files), desc="scanning classes", unit="file").wrap(
+            label_files):
+        top = max(top, int(load(p)[2]["indices"].max()))
+    return top
+
+
+def _meta_import(src: Path, files: int, layout: _Layout, dst_codec: _codecs.LabelCodec) -> dict[str, Any]:
+    """The store's ``meta["import"]`` (spec section 9.1)."""
+    return {
+        "format": "fkd-release", "source": str(src.resolve()), "files": files, "order": "listing",
         "binding": "file <class>/<stem>.tar (or .pth.tar) = the image <class>/<stem>.<ext> of the image folder "
                    "(class folder and file stem)",
         "slots": "row r of the file's coords, flip and labels = slot r",
-        "label_kind": kind, "k_in_files": file_k if kind == "topk" else None,
-        "coords_dtype": str(coords0.dtype), "box_rule": "pillow-crop-round",
-        "flags": _flags(kind, file_k, labels0.dtype, dst_codec),
+        "label_kind": layout.kind, "k_in_files": layout.k if layout.kind == "topk" else None,
+        "coords_dtype": str(layout.coords_dtype), "box_rule": "pillow-crop-round",
+        "flags": _flags(layout.kind, layout.k, layout.labels_dtype, dst_codec),
     }
-    record = made_by("import-fkd", **{"import": meta_import, "to": dst_codec.get_config(), "num_classes": num_classes})
-    meta: dict[str, Any] = {
-        "import": meta_import,
-        "history": [history_record("import-fkd", source=str(src.resolve()), to=dst_codec.get_config(),
-                                   images=len(label_files))],
-        MADE_BY: record,
-    }
-    open_destination(dst, dst_store, record)  # this import's own interrupted output is continued
-    clamped = 0
+
+
+def _copy_records(w: _writer.Writer, label_files: list[Path], sizes: np.ndarray, load: Loader,
+                  src_codec: _codecs.LabelCodec, dst_codec: _codecs.LabelCodec, num_classes: int, *, batch: int,
+                  progress: bool | None) -> int:
+    """Every label file not written yet into ``w``, ``batch`` images at a time (boxes by FKD's rule, clipped
+    into the image; labels converted to ``dst_codec``); returns how many boxes were clipped."""
     N = len(label_files)
-    with remove_on_error(dst_store), _writer.write(
-        dst_store, num_images=N, crops_per_image=M, num_classes=num_classes, codec=dst_codec, image_keys=keys,
-        image_sizes=sizes, labels=labels_gt, meta=meta,
-    ) as w:
-        done = w.written  # a continued run skips what the killed one wrote
-        steps = range(0, N, batch)
-        for a in _progress.progress(progress, total=len(steps), desc="importing", unit="batch").wrap(steps):
-            b = [n for n in range(a, min(N, a + batch)) if not done[n]]
-            if not b:
-                continue
-            boxes, flips, fields = [], [], []
-            for n in b:
-                coords, flip, f = load(label_files[n])
-                H, W = (int(x) for x in sizes[n])
-                bx, c = _clamp_boxes(fkd_boxes(coords, H, W), H, W)
-                clamped += c
-                if (f["indices"] >= num_classes).any():
-                    raise ValidationError(f"FKD labels in {label_files[n]} hold class index "
-                                          f"{int(f['indices'].max())} >= num_classes={num_classes}.")
-                boxes.append(bx)
-                flips.append(np.asarray(flip).astype(bool))
-                fields.append(f)
-            stacked = {name: np.stack([f[name] for f in fields]) for name in fields[0]}
-            out = convert_fields(src_codec, dst_codec, stacked, num_classes)
-            w.put_fields(np.asarray(b), np.stack(boxes), np.stack(flips), out)
-    return {
-        "files": N, "images": N, "images_without_labels": len(imgs) - N, "crops_per_image": M,
-        "num_classes": num_classes, "codec": dst_codec.get_config(), "coords_dtype": str(coords0.dtype),
-        "boxes_clamped": clamped,
-        "bytes_before": int(sum(os.path.getsize(p) for p in label_files)),
-        "bytes_after": storage_stats(dst_store)["_total"]["bytes"],
-    }
-
-
+    done = w.written  # a continued run skips what the killed one wrote
+    clamped = 0
+    steps = range(0, N, batch)
+    for a in _progress.progress(progress, total=len(steps), desc="importing", unit="batch").wrap(steps):
+        b = [n for n in range(a, min(N, a + batch)) if not done[n]]
+        if not b:
+            continue
+        boxes, flips, fields = [], [], []
+        for n in b:
+            coords, flip, f = load(label_files[n])
+            H, W = (int(x) for x in sizes[n])
+            bx, c = _clamp_boxes(fkd_boxes(coords, H, W), H, W)
+            clamped += c
+            if (f["indices"] >= num_classes).any():
+                raise ValidationError(f"FKD labels in {label_files[n]} hold class index "
+                                      f"{int(f['indices'].max())} >= num_classes={num_classes}.")
+            boxes.append(bx)
+            flips.append(np.asarray(flip).astype(bool))
+            fields.append(f)
+        stacked = {name: np.stack([f[name] for f in fields]) for name in fields[0]}
+        out = convert_fields(src_codec, dst_codec, stacked, num_classes)
+        w.put_fields(np.asarray(b), np.stack(boxes), np.stack(flips), out)
+    return clamped

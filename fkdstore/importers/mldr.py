@@ -41,7 +41,7 @@ import numpy as np
 from .. import augment as _augment
 from ..augment.randaugment import NO_MAGNITUDE, OPS, SIGNED, magnitude_value
 from ..errors import LabelFileError, ValidationError
-from ..images import image_size, list_images
+from ..images import list_images
 from ..transforms import INTERPOLATIONS
 from . import _zoo, safe_pickle
 
@@ -332,7 +332,49 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
     order_ = _zoo.dataset_order(listing, order)
     dataset_of = np.empty(N, np.int64)
     dataset_of[order_] = np.arange(N)
-    layouts, runs = [], []
+    layouts, configs = _read_configs(srcs, N, trust_pickle)
+    layout = layouts[0]
+    M = sum(x.num_samples for x in layouts)
+    C = int(num_classes if num_classes is not None else configs[0].get("num_classes", 1000))
+    K = layout.topk
+    dst_codec = _zoo.label_codec("probs_topk", K, codec, k_out=k)
+    sizes = _zoo.image_sizes(listing.paths)
+    files = [[(r, d / f"{int(dataset_of[i])}.pth.tar") for r, d in enumerate(srcs)] for i in range(N)]
+    flags = _flags(densify, layout)
+    sources = [_zoo.resolved(d) for d in srcs]
+    meta_import = {
+        "format": "ml-dr", "source": sources, "files": N * len(srcs),
+        "records_per_file": [x.num_samples for x in layouts], "topk": K, "densify": densify, "order": order,
+        "transforms": list(layout.names), "binding": "file {id}.pth.tar = dataset index id",
+        "slots": "record r of the concatenated runs = slot r", "flags": flags,
+    }
+    replay = _zoo.replay_of(layout.size, layout.interpolation, layout.mean, layout.std)
+
+    def rows(todo: np.ndarray):
+        for part in _zoo.batches(todo, batch):
+            idx, val, boxes, flips, aug = _read_records(part, files, layouts, dataset_of, order_, sizes, trust_pickle)
+            yield part, boxes, flips, _label_fields(idx, val, densify, dst_codec, C, part), aug
+
+    done = _zoo.write_store(
+        dst, op="import-mldr", source=", ".join(sources), keys=listing.keys, sizes=sizes,
+        labels=_zoo.folder_labels(listing, C), num_classes=C, codec=dst_codec, crops_per_image=M,
+        augment=layout.pipeline, meta={"import": meta_import}, replay=replay, rows=rows, progress=progress,
+        storage_options=storage_options)
+    if log:
+        log(f"ml-dr: {N} images x {M} records, {', '.join(layout.names)}")
+    return {"files": N * len(srcs), "images": N, "crops_per_image": M, "num_classes": C,
+            "codec": dst_codec.get_config(), "carried": _carried(layout, dst_codec), "flags": flags, "skipped": {},
+            "bytes_before": _zoo.source_bytes(p for fs in files for _, p in fs) + sum(
+                (d / CONFIG_NAME).stat().st_size for d in srcs),
+            **done}
+
+
+# --------------------------------------------------------------------------------------------- the steps
+
+def _read_configs(srcs: list[Path], N: int, trust_pickle: bool) -> tuple[list[MldrLayout], list[dict]]:
+    """Each folder's layout and config (``config.pth.tar``), its record files checked against the ``N``
+    dataset indices; the folders must share one augmentation config and K (their records are concatenated)."""
+    layouts, configs = [], []
     for d in srcs:
         if not d.is_dir():
             raise FileNotFoundError(f"ml-dr folder not found: {d}")
@@ -344,7 +386,7 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
         except Exception as e:
             raise LabelFileError(str(e)) from e
         layouts.append(mldr_layout(cfg, str(cfg_path)))
-        runs.append((d, cfg))
+        configs.append(cfg)
         _check_files(d, N)
     layout = layouts[0]
     for d, other in zip(srcs[1:], layouts[1:]):
@@ -352,13 +394,11 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
                                                                      layout.topk):
             raise LabelFileError(f"ml-dr folder {d} was made with another augmentation config or K than {srcs[0]}; "
                                  f"its records cannot share one store")
-    M = sum(x.num_samples for x in layouts)
-    C = int(num_classes if num_classes is not None else runs[0][1].get("num_classes", 1000))
-    K = layout.topk
-    dst_codec = _zoo.label_codec("probs_topk", K, codec, k_out=k)
-    sizes = np.array([image_size(p) for p in listing.paths], dtype=np.int64)
-    labels = np.asarray(listing.labels, np.int64) if len(listing.classes) == C else None
-    files = [[(r, d / f"{int(dataset_of[i])}.pth.tar") for r, d in enumerate(srcs)] for i in range(N)]
+    return layouts, configs
+
+
+def _flags(densify: str, layout: MldrLayout) -> list[str]:
+    """Where the store's labels or replayed pixels differ from ml-dr's (``meta["import"]["flags"]``)."""
     flags = [f"densify={densify}: " + ("the stored probabilities, (1 - sum) / (C - K) elsewhere" if densify == "smooth"
                                        else "softmax of the stored probabilities over the K ids, 0 elsewhere")]
     if "mixup" in layout.names:
@@ -367,69 +407,64 @@ def import_mldr(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
     if "rand_augment" in layout.names:
         flags.append("RandAugment magnitudes are stored as bins; fkdstore evaluates a bin in float64, ml-dr used "
                      "torchvision's float32 value")
-    sources = [_zoo.resolved(d) for d in srcs]
-    meta_import = {
-        "format": "ml-dr", "source": sources, "files": N * len(srcs),
-        "records_per_file": [x.num_samples for x in layouts], "topk": K, "densify": densify, "order": order,
-        "transforms": list(layout.names), "binding": "file {id}.pth.tar = dataset index id",
-        "slots": "record r of the concatenated runs = slot r", "flags": flags,
-    }
-    replay = _zoo.replay_of(layout.size, layout.interpolation, layout.mean, layout.std)
-    cols = layout.pipeline.columns()
+    return flags
 
-    def rows(todo: np.ndarray):
-        for part in _zoo.batches(todo, batch):
-            B = len(part)
-            boxes = np.zeros((B, M, 4), np.int64)
-            flips = np.zeros((B, M), bool)
-            aug = {c.name: np.zeros((B, M, *c.shape), c.dtype) for c in cols}
-            idx = np.zeros((B, M, K), np.int64)
-            val = np.zeros((B, M, K), np.float64)
-            for b, i in enumerate(part.tolist()):
-                s = 0
-                for run, path in files[i]:
-                    fid, recs = load_mldr_file(path, trust_pickle=trust_pickle)
-                    if fid != dataset_of[i]:
-                        raise LabelFileError(f"ml-dr record file {path} holds id {fid}; its name says {dataset_of[i]}")
-                    ns = layouts[run].num_samples
-                    if len(recs) != ns:
-                        raise LabelFileError(f"ml-dr record file {path} holds {len(recs)} records; its config "
-                                             f"(reinforce.num_samples) says {ns}")
-                    for r, rec in enumerate(recs):
-                        where = f"ml-dr record file {path} record {r}"
-                        ids, vals = _prob(rec, K, where)
-                        idx[b, s], val[b, s] = ids, vals
-                        values = record_columns(rec["params"], layout, where)
-                        _put_slot(values, b, s, i, boxes, flips, aug, cols, order_, sizes, where)
-                        s += 1
-            if (idx < 0).any() or (idx >= C).any():
-                raise LabelFileError(f"ml-dr class ids must lie in [0, {C}) (num_classes). Got {int(idx.max())} "
-                                     f"among images {part.tolist()[:4]}...; pass num_classes")
-            if densify == "zeros":
-                e = np.exp(val - val.max(-1, keepdims=True))
-                val = e / e.sum(-1, keepdims=True)
-            fields = _zoo.label_fields("probs_topk", dst_codec, C, indices=idx, values=val)
-            _zoo.check_fields(dst_codec, fields, C, f"ml-dr record files of images {part.tolist()}")
-            yield part, boxes, flips, fields, aug
 
-    done = _zoo.write_store(
-        dst, op="import-mldr", source=", ".join(sources), keys=listing.keys, sizes=sizes,
-        labels=labels, num_classes=C, codec=dst_codec, crops_per_image=M, augment=layout.pipeline,
-        meta={"import": meta_import}, replay=replay, rows=rows, progress=progress,
-        storage_options=storage_options)
+def _read_records(part: np.ndarray, files: list[list[tuple[int, Path]]], layouts: list[MldrLayout],
+                  dataset_of: np.ndarray, order_: np.ndarray, sizes: np.ndarray,
+                  trust_pickle: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The records of images ``part`` (every run's file of each image, concatenated in slot order) as
+    ``(class ids (B, M, K), probabilities (B, M, K), boxes (B, M, 4), flips (B, M), aug columns)``."""
+    layout, B = layouts[0], len(part)
+    M, K, cols = sum(x.num_samples for x in layouts), layout.topk, layout.pipeline.columns()
+    boxes = np.zeros((B, M, 4), np.int64)
+    flips = np.zeros((B, M), bool)
+    aug = {c.name: np.zeros((B, M, *c.shape), c.dtype) for c in cols}
+    idx = np.zeros((B, M, K), np.int64)
+    val = np.zeros((B, M, K), np.float64)
+    for b, i in enumerate(part.tolist()):
+        s = 0
+        for run, path in files[i]:
+            fid, recs = load_mldr_file(path, trust_pickle=trust_pickle)
+            if fid != dataset_of[i]:
+                raise LabelFileError(f"ml-dr record file {path} holds id {fid}; its name says {dataset_of[i]}")
+            ns = layouts[run].num_samples
+            if len(recs) != ns:
+                raise LabelFileError(f"ml-dr record file {path} holds {len(recs)} records; its config "
+                                     f"(reinforce.num_samples) says {ns}")
+            for r, rec in enumerate(recs):
+                where = f"ml-dr record file {path} record {r}"
+                ids, vals = _prob(rec, K, where)
+                idx[b, s], val[b, s] = ids, vals
+                values = record_columns(rec["params"], layout, where)
+                _put_slot(values, b, s, i, boxes, flips, aug, cols, order_, sizes, where)
+                s += 1
+    return idx, val, boxes, flips, aug
+
+
+def _label_fields(idx: np.ndarray, val: np.ndarray, densify: str, dst_codec, C: int,
+                  part: np.ndarray) -> dict[str, np.ndarray]:
+    """The records' top-K class ids and probabilities of images ``part`` as ``dst_codec``'s fields, by the
+    ``densify`` rule."""
+    if (idx < 0).any() or (idx >= C).any():
+        raise LabelFileError(f"ml-dr class ids must lie in [0, {C}) (num_classes). Got {int(idx.max())} "
+                             f"among images {part.tolist()[:4]}...; pass num_classes")
+    if densify == "zeros":
+        e = np.exp(val - val.max(-1, keepdims=True))
+        val = e / e.sum(-1, keepdims=True)
+    fields = _zoo.label_fields("probs_topk", dst_codec, C, indices=idx, values=val)
+    _zoo.check_fields(dst_codec, fields, C, f"ml-dr record files of images {part.tolist()}")
+    return fields
+
+
+def _carried(layout: MldrLayout, dst_codec) -> dict[str, str]:
+    """The summary's ``carried``: where each of the layout's parameters went in the store."""
     carried = {"random_resized_crop": "box", "random_horizontal_flip": "flip", "rand_augment": "aug/ra_ops, ra_mag",
                "random_erase": "aug/re_box", "mixup": "aug/mixup_exact_partner, mixup_exact_lam",
                "cutmix": "aug/cutmix_box_partner, cutmix_box_rect, cutmix_box_lam",
                "id2 and the partner's params": "aug/partner_crop_*", "prob": f"soft labels ({dst_codec.describe()})"}
-    carried = {key: v for key, v in carried.items() if key in layout.names or key == "prob"
-               or (key.startswith("id2") and layout.mixing)}
-    if log:
-        log(f"ml-dr: {N} images x {M} records, {', '.join(layout.names)}")
-    return {"files": N * len(srcs), "images": N, "crops_per_image": M, "num_classes": C,
-            "codec": dst_codec.get_config(), "carried": carried, "flags": flags, "skipped": {},
-            "bytes_before": _zoo.source_bytes(p for fs in files for _, p in fs) + sum(
-                (d / CONFIG_NAME).stat().st_size for d in srcs),
-            **done}
+    return {key: v for key, v in carried.items() if key in layout.names or key == "prob"
+            or (key.startswith("id2") and layout.mixing)}
 
 
 def _check_files(d: Path, N: int) -> None:

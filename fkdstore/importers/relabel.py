@@ -39,7 +39,7 @@ import numpy as np
 from .. import progress as _progress
 from ..codecs.base import check_num_classes, index_dtype
 from ..errors import LabelFileError, ValidationError
-from ..images import image_size, list_images
+from ..images import list_images
 from ..labelmap import MAP_DTYPES, MAX_K, MAX_SIZE, LabelMapSpec
 from ..output import location_name
 from ..validation import positive_int
@@ -340,8 +340,8 @@ def import_relabel(src: str | os.PathLike, dst, images: str | os.PathLike, *, sy
     kept = RelabelScan(scan.root, tuple(scan.files[i] for i in keep), scan.missing if missing == "error" else (),
                        scan.extra)
     imp = prepare_import(root, keys, c, system=system, missing="error", scan=kept, **replay)
-    sizes = np.array([image_size(listing.paths[i]) for i in keep], dtype=np.int64).reshape(-1, 2)
-    labels = np.array([listing.labels[i] for i in keep], np.int64) if len(listing.classes) == c else None
+    sizes = _zoo.image_sizes(listing.paths[i] for i in keep).reshape(-1, 2)
+    labels = _zoo.folder_labels(listing, c, keep)
     meta_import = {**imp.meta["import"], "images": location_name(Path(images)),
                    "images_without_file": len(scan.missing), "extra_files": len(scan.extra),
                    "missing": missing, "label_map": imp.spec.get_config(), "order": "listing",

@@ -45,7 +45,7 @@ import numpy as np
 from .. import augment as _augment
 from .. import progress as _progress
 from ..errors import LabelFileError, ValidationError
-from ..images import image_size, list_images
+from ..images import ImageList, list_images
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..validation import positive_int
 from . import _zoo, safe_pickle
@@ -309,39 +309,15 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
     mode, M, slots, skipped = _slots(plan, N)
     first = _rows_of(plan[0].path, trust_pickle)
     kind = _kind_of(first, plan[0].path, tail)
-    if kind.label == "logits_full":
-        width = int(np.shape(_n(first[5]))[-1])
-        if num_classes is not None and int(num_classes) != width:
-            raise ValidationError(f"num_classes must match the logits' width {width} in {plan[0].path}. "
-                                  f"Got {num_classes}.")
-        C = width
-    elif num_classes is None:
-        raise ValidationError(f"{plan[0].path} holds top-{kind.k} logits: pass num_classes (the teacher's "
-                              f"class count, e.g. 1000)")
-    else:
-        C = positive_int("num_classes", num_classes)
+    C = _num_classes(kind, first, plan[0].path, num_classes)
     dst_codec = _zoo.label_codec(kind.label, kind.k, codec, k_out=k)
     side = positive_int("input_size", input_size)
     size = (side, side)
-    sizes = np.array([image_size(p) for p in listing.paths], dtype=np.int64)
-    policies: list = []
-    if kind.mix is not None and mode == "occurrence":
-        policies.append(_augment.PartnerCrop(policies=[]))
-    if kind.mix == "mixup":
-        policies.append(_augment.MixupExact(alpha=0.8, p=1.0, window=0))
-    elif kind.mix == "cutmix":
-        policies.append(_augment.CutMixBox(alpha=1.0, p=1.0, window=0))
-    pipeline = _augment.Pipeline(policies)
-    specs: dict[str, tuple[tuple[int, ...], Any]] = {"box": ((4,), np.int32), "flip": ((), np.bool_)}
-    specs |= {f"soft_{n}": (f.shape, f.dtype) for n, f in dst_codec.fields(C).items()}
-    specs |= {f"aug_{c.name}": (c.shape, c.dtype) for c in pipeline.columns()}
+    sizes = _zoo.image_sizes(listing.paths)
+    pipeline = _pipeline(kind, mode)
+    specs = _zoo.scratch_specs(dst_codec, C, pipeline, {"box": ((4,), np.int32), "flip": ((), np.bool_)})
     fmt = {"epochs": "lpld" if binding["binding"].startswith(EPOCH_JSON) else "sre2l", "flat": "lpqld"}[layout]
-    flags = [f"labels: {kind.label}" + (f" (top-{kind.k})" if kind.k else "") + f" stored as {dst_codec.describe()}"]
-    if kind.label == "logits_full" and dst_codec.input != "logits":
-        flags.append("probability codec: the temperature of the source's softmax(logits / T) is fixed at 1")
-    if kind.mix == "mixup":
-        flags.append("mixup pixels are rounded to uint8 by fkdstore's replay; the source mixes normalised floats "
-                     "(difference at most half a grey level)")
+    flags = _flags(kind, dst_codec)
     clamped = 0
     with _zoo.SlotScratch(N, M, specs, scratch_dir) as scratch:
         bar = _progress.progress(progress, total=len(plan), desc="import-sre2l: reading", unit="file")
@@ -349,9 +325,7 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
             rows = first if p is plan[0] else _rows_of(p.path, trust_pickle)
             clamped += _read_batch(p, slot, rows, kind, tail, dst_codec, C, size, order_, sizes, scratch,
                                    mode, pipeline)
-        if not scratch.filled.all():
-            i, s = (int(v) for v in np.argwhere(~scratch.filled)[0])
-            raise ValidationError(f"image {listing.keys[i]!r} has no record for slot {s}")
+        _check_covered(scratch, listing)
         if clamped:
             flags.append(f"{clamped} crops reach outside their image after the source's rounding (the source's "
                          f"loader pads them with black); fkdstore clips them to the image")
@@ -362,16 +336,70 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
 
         def rows_out(todo: np.ndarray):
             for part in _zoo.batches(todo, batch):
-                r = scratch.rows(part)
-                fields = {n[5:]: v for n, v in r.items() if n.startswith("soft_")}
-                aug = {n[4:]: v for n, v in r.items() if n.startswith("aug_")} or None
-                yield part, r["box"], r["flip"], fields, aug
+                r, fields, aug = _zoo.scratch_records(scratch, part)
+                yield part, r["box"], r["flip"], fields, aug or None
 
         done = _zoo.write_store(
             dst, op="import-sre2l", source=meta_import["source"], keys=listing.keys, sizes=sizes,
-            labels=np.asarray(listing.labels, np.int64) if len(listing.classes) == C else None, num_classes=C,
-            codec=dst_codec, crops_per_image=M, augment=pipeline, meta={"import": meta_import},
-            replay=replay, rows=rows_out, progress=progress, storage_options=storage_options)
+            labels=_zoo.folder_labels(listing, C), num_classes=C, codec=dst_codec, crops_per_image=M,
+            augment=pipeline, meta={"import": meta_import}, replay=replay, rows=rows_out, progress=progress,
+            storage_options=storage_options)
+    if log:
+        log(f"{fmt}: {len(plan)} batch files, {N} images x {M} slots ({mode}), batch size {B}")
+    return {"files": len(plan), "images": N, "crops_per_image": M, "slots": mode, "num_classes": C,
+            "codec": dst_codec.get_config(), "carried": _carried(kind, mode, dst_codec), "flags": flags,
+            "skipped": skipped, "boxes_clamped": clamped, "bytes_before": _zoo.source_bytes(p.path for p in plan),
+            **done}
+
+
+# --------------------------------------------------------------------------------------------- the steps
+
+def _num_classes(kind: _Kind, first: list, path: Path, num_classes: int | None) -> int:
+    """C: the logits' width for full logits (``num_classes`` must match it), else ``num_classes`` (required)."""
+    if kind.label == "logits_full":
+        width = int(np.shape(_n(first[5]))[-1])
+        if num_classes is not None and int(num_classes) != width:
+            raise ValidationError(f"num_classes must match the logits' width {width} in {path}. Got {num_classes}.")
+        return width
+    if num_classes is None:
+        raise ValidationError(f"{path} holds top-{kind.k} logits: pass num_classes (the teacher's class count, "
+                              f"e.g. 1000)")
+    return positive_int("num_classes", num_classes)
+
+
+def _pipeline(kind: _Kind, mode: str) -> _augment.Pipeline:
+    """The store's policies: the mixing of the files (exact Mixup or the CutMix box, the partner a batch-mate),
+    after the partner's own crop when the partner's slot is not the same epoch (``occurrence`` slots)."""
+    policies: list = []
+    if kind.mix is not None and mode == "occurrence":
+        policies.append(_augment.PartnerCrop(policies=[]))
+    if kind.mix == "mixup":
+        policies.append(_augment.MixupExact(alpha=0.8, p=1.0, window=0))
+    elif kind.mix == "cutmix":
+        policies.append(_augment.CutMixBox(alpha=1.0, p=1.0, window=0))
+    return _augment.Pipeline(policies)
+
+
+def _flags(kind: _Kind, dst_codec) -> list[str]:
+    """Where the store's labels or replayed pixels differ from the source's (``meta["import"]["flags"]``)."""
+    flags = [f"labels: {kind.label}" + (f" (top-{kind.k})" if kind.k else "") + f" stored as {dst_codec.describe()}"]
+    if kind.label == "logits_full" and dst_codec.input != "logits":
+        flags.append("probability codec: the temperature of the source's softmax(logits / T) is fixed at 1")
+    if kind.mix == "mixup":
+        flags.append("mixup pixels are rounded to uint8 by fkdstore's replay; the source mixes normalised floats "
+                     "(difference at most half a grey level)")
+    return flags
+
+
+def _check_covered(scratch: _zoo.SlotScratch, listing: ImageList) -> None:
+    """Every image has a record in every slot."""
+    if not scratch.filled.all():
+        i, s = (int(v) for v in np.argwhere(~scratch.filled)[0])
+        raise ValidationError(f"image {listing.keys[i]!r} has no record for slot {s}")
+
+
+def _carried(kind: _Kind, mode: str, dst_codec) -> dict[str, str]:
+    """The summary's ``carried``: where each entry of the files went in the store."""
     carried = {"coords": "box (Pillow's edge rounding)", "flip": "flip",
                "logits": f"soft labels ({dst_codec.describe()})"}
     if kind.mix:
@@ -380,11 +408,7 @@ def import_sre2l(src: str | os.PathLike, dst: str | os.PathLike, images: str | o
         carried["lam"] = "aug/mixup_exact_lam" if kind.mix == "mixup" else "aug/cutmix_box_lam"
         if kind.mix == "cutmix":
             carried["bbox"] = "aug/cutmix_box_rect"
-    if log:
-        log(f"{fmt}: {len(plan)} batch files, {N} images x {M} slots ({mode}), batch size {B}")
-    return {"files": len(plan), "images": N, "crops_per_image": M, "slots": mode, "num_classes": C,
-            "codec": dst_codec.get_config(), "carried": carried, "flags": flags, "skipped": skipped,
-            "boxes_clamped": clamped, "bytes_before": _zoo.source_bytes(p.path for p in plan), **done}
+    return carried
 
 
 def _read_batch(p: BatchFile, slot: np.ndarray, rows: list, kind: _Kind, tail, dst_codec, C: int, size,

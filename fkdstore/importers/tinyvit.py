@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 from .. import augment as _augment
 from .. import progress as _progress
 from ..errors import LabelFileError, ValidationError
-from ..images import image_size, list_images
+from ..images import ImageList, list_images
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..validation import positive_int
 from . import _zoo
@@ -105,6 +106,62 @@ def import_tinyvit(src: str | os.PathLike, dst: str | os.PathLike, images: str |
     if keys not in KEY_MODES:
         raise ValidationError(f"keys must be one of {list(KEY_MODES)}. Got {keys!r}.")
     src = Path(src)
+    chosen, dirs, K = _epoch_folders(src, epochs)
+    listing = list_images(images)
+    ranks, world = _epoch_ranks(dirs)
+    binding = _key_binding(keys, ranks[0][0][0], listing, order, images)
+    N, M = len(listing), len(chosen)
+    dst_codec = _zoo.label_codec("probs_topk", K, codec, k_out=k)
+    external = _external_seed(mixing)
+    pipeline = _augment.Pipeline([external])
+    specs = _zoo.scratch_specs(dst_codec, INT16_CLASSES, pipeline, {"pos": ((), np.int64)})
+    files = [p for rank_files in ranks for pair in rank_files for p in pair]
+    with _zoo.SlotScratch(N, M, specs, scratch_dir) as scratch:
+        read = _read_epochs(scratch, chosen, ranks, binding, K, mixing, dst_codec, progress)
+        _check_covered(scratch, listing, dirs)
+        C = _num_classes(read.top, num_classes, log)
+        flags: list[str] = []
+        if read.lost_partner:
+            flags.append(f"{read.lost_partner} records were mixed with a padded duplicate whose own record the "
+                         f"writer dropped: their partner seed is the partner's kept record (what TinyViT's reader "
+                         f"finds)")
+        sizes = _zoo.image_sizes(listing.paths)
+        source = _zoo.resolved(src)
+        meta_import = {"format": "tinyvit", "source": source, "files": len(files), "epochs": chosen,
+                       "ranks": world, "topk": K, "keys": binding.mode, "order": order, "mixing": bool(mixing),
+                       "binding": "rank<R>-keys.txt line -> the image of its key (see keys); a key at several "
+                                  "sampler positions of an epoch keeps the smallest",
+                       "slots": "slot s = epoch epochs[s]", "replay": external.describe(),
+                       "timm_config": timm_config, "flags": flags}
+        meta_extra = {"input_size": [positive_int("input_size", input_size)] * 2, "mean": list(mean),
+                      "std": list(std)}
+
+        def rows_out(todo: np.ndarray):
+            for part in _zoo.batches(todo, batch):
+                _, fields, aug = _zoo.scratch_records(scratch, part)
+                boxes = np.zeros((len(part), M, 4), np.int64)  # the whole image: the crop is the external replay's
+                boxes[..., 2:] = sizes[part][:, None, :]
+                yield part, boxes, np.zeros((len(part), M), bool), fields, aug
+
+        done = _zoo.write_store(
+            dst, op="import-tinyvit", source=source, keys=listing.keys, sizes=sizes,
+            labels=_zoo.folder_labels(listing, C), num_classes=C, codec=dst_codec, crops_per_image=M,
+            augment=pipeline, meta={"import": meta_import}, meta_extra=meta_extra, rows=rows_out,
+            progress=progress, storage_options=storage_options)
+    return {"files": len(files), "images": N, "crops_per_image": M, "epochs": chosen, "num_classes": C,
+            "codec": dst_codec.get_config(),
+            "carried": {"seed": "aug/external_seed (policy external_seed: timm replay)",
+                        "pair-mate": "aug/external_partner, aug/external_partner_seed",
+                        "indices, values": f"soft labels ({dst_codec.describe()})"},
+            "flags": flags, "skipped": {"padding_duplicates": int(read.records - N * M)},
+            "bytes_before": _zoo.source_bytes(files), **done}
+
+
+# --------------------------------------------------------------------------------------------- the steps
+
+def _epoch_folders(src: Path, epochs: Sequence[int] | None) -> tuple[list[int], list[Path], int]:
+    """``(epoch numbers, their folders, K)``: the ``logits_top{K}_epoch{E}`` folders of ``src`` to import
+    (``epochs``, default all), which must exist and share one K."""
     if not src.is_dir():
         raise FileNotFoundError(f"TinyViT logits folder not found: {src}")
     found: dict[int, tuple[int, Path]] = {}
@@ -124,110 +181,120 @@ def import_tinyvit(src: str | os.PathLike, dst: str | os.PathLike, images: str |
     if other:
         raise LabelFileError(f"{found[other[0]][1].name} holds top-{found[other[0]][0]} records, "
                              f"{found[chosen[0]][1].name} top-{K}: folders of two runs are mixed")
-    listing = list_images(images)
-    N = len(listing)
-    ranks = {e: _rank_files(found[e][1]) for e in chosen}
-    world = len(ranks[chosen[0]])
-    for e in chosen:
-        if len(ranks[e]) != world:
-            raise LabelFileError(f"{found[e][1]} holds {len(ranks[e])} ranks, {found[chosen[0]][1]} {world}: "
-                                 f"folders of two runs are mixed")
-    mode = _key_mode(keys, ranks[chosen[0]][0][0])
+    return chosen, [found[e][1] for e in chosen], K
+
+
+def _epoch_ranks(dirs: list[Path]) -> tuple[list[list[tuple[Path, Path]]], int]:
+    """Each epoch folder's ``(keys, values)`` files per rank, and the world size they share."""
+    ranks = [_rank_files(d) for d in dirs]
+    world = len(ranks[0])
+    for d, rank_files in zip(dirs, ranks):
+        if len(rank_files) != world:
+            raise LabelFileError(f"{d} holds {len(rank_files)} ranks, {dirs[0]} {world}: folders of two runs are "
+                                 f"mixed")
+    return ranks, world
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Binding:
+    """How the keys of the rank files name images: ``mode`` ``"index"`` (``order[dataset index]`` = the listing
+    position) or ``"stem"`` (``by_stem[file name without extension]``)."""
+
+    mode: str
+    order: np.ndarray | None
+    by_stem: Mapping[str, int]
+
+    def images(self, names: list[str], N: int, kpath: Path) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(dataset index of each key (None for stems), listing position of each key)``."""
+        if self.order is not None:
+            ds = _index_keys(names, N, kpath)
+            return ds, self.order[ds]
+        return None, np.array([_stem(self.by_stem, n, kpath) for n in names], np.int64)
+
+
+def _key_binding(keys: str, first_keys: Path, listing: ImageList, order: str, images) -> _Binding:
+    """The :class:`_Binding` of ``keys`` (``"auto"``: ``index`` when the first key file's first key is a number)."""
+    mode = _key_mode(keys, first_keys)
     if mode == "index":
-        order_ = _zoo.dataset_order(listing, order)
-    else:
-        stems = [os.path.splitext(k.split("/")[-1])[0] for k in listing.keys]
-        if len(set(stems)) != N:
-            raise ValidationError(f"keys='stem' needs image file names unique without extension in {images}")
-        by_stem = {s: i for i, s in enumerate(stems)}
-    M = len(chosen)
-    dst_codec = _zoo.label_codec("probs_topk", K, codec, k_out=k)
-    external = _augment.ExternalSeed(
+        return _Binding(mode=mode, order=_zoo.dataset_order(listing, order), by_stem={})
+    stems = [os.path.splitext(k.split("/")[-1])[0] for k in listing.keys]
+    if len(set(stems)) != len(listing):
+        raise ValidationError(f"keys='stem' needs image file names unique without extension in {images}")
+    return _Binding(mode=mode, order=None, by_stem={s: i for i, s in enumerate(stems)})
+
+
+def _external_seed(mixing: bool) -> _augment.ExternalSeed:
+    """The policy that keeps TinyViT's seeds for the user's timm replay."""
+    return _augment.ExternalSeed(
         library="timm", pipeline="TinyViT (microsoft/Cream) data/augmentation: create_transform(is_training=True)"
         " then Mixup(mode='pair2')", rng="aug_random.AugRandomContext: numpy.random.Generator(PCG64(seed))",
         pair_rule="seed_a ^ seed_b" if mixing else "")
-    pipeline = _augment.Pipeline([external])
-    specs = {"pos": ((), np.int64)} | {f"soft_{n}": (f.shape, f.dtype) for n, f in
-                                         dst_codec.fields(INT16_CLASSES).items()}
-    specs |= {f"aug_{c.name}": (c.shape, c.dtype) for c in pipeline.columns()}
-    rec = record_dtype(K)
-    flags: list[str] = []
-    total_records, lost_partner, top = 0, 0, -1
-    files = [p for e in chosen for pair in ranks[e] for p in pair]
-    with _zoo.SlotScratch(N, M, specs, scratch_dir) as scratch:
-        scratch.arrays["pos"][:] = EMPTY
-        bar = _progress.progress(progress, total=M * world, desc="import-tinyvit: reading", unit="file")
-        for slot, e in enumerate(chosen):
-            for r, (kpath, vpath) in enumerate(ranks[e]):
-                with open(kpath) as f:
-                    names = [ln.strip() for ln in f]
-                if names and names[-1] == "":
-                    names.pop()
-                size = os.path.getsize(vpath)
-                if size != len(names) * rec.itemsize:
-                    raise LabelFileError(f"{vpath} holds {size} bytes; {len(names)} keys in {kpath.name} need "
-                                         f"{len(names)} records of {rec.itemsize} bytes (top-{K}): truncated or "
-                                         f"from another run")
-                data = np.fromfile(vpath, dtype=rec) if names else np.zeros(0, rec)
-                if mode == "index":
-                    ds = _index_keys(names, N, kpath)
-                    img = order_[ds]
-                else:
-                    ds = None
-                    img = np.array([_stem(by_stem, n, kpath) for n in names], np.int64)
-                if len(data) and data["idx"].min() < 0:
-                    raise LabelFileError(f"{vpath}: class indices must be >= 0. Got {int(data['idx'].min())}.")
-                seq_rec, pos, lost = _positions(len(names), ds, N, e, r, world, mixing, kpath)
-                lost_partner += lost
-                total_records += len(names)
-                top = max(top, int(data["idx"].max()) if len(data) else -1)
-                _merge(scratch, slot, img, data, seq_rec, pos, mixing, dst_codec, vpath)
-                bar.update()
-        bar.close()
-        if (scratch.arrays["pos"] == EMPTY).any():
-            i, s = (int(v) for v in np.argwhere(scratch.arrays["pos"] == EMPTY)[0])
-            raise ValidationError(f"image {listing.keys[i]!r} has no record in {found[chosen[s]][1].name}: the "
-                                  f"keys do not cover the image set (another image set or order?)")
-        C = top + 1 if num_classes is None else positive_int("num_classes", num_classes)
-        if top >= C:
-            raise LabelFileError(f"TinyViT class indices must lie in [0, {C}) (num_classes). Got {top}.")
-        if num_classes is None and log:
-            log(f"num_classes = {C} (largest stored class index + 1; pass num_classes to set it)")
-        if lost_partner:
-            flags.append(f"{lost_partner} records were mixed with a padded duplicate whose own record the writer "
-                         f"dropped: their partner seed is the partner's kept record (what TinyViT's reader finds)")
-        skipped = {"padding_duplicates": int(total_records - N * M)}
-        sizes = np.array([image_size(p) for p in listing.paths], dtype=np.int64)
-        source = _zoo.resolved(src)
-        meta_import = {"format": "tinyvit", "source": source, "files": len(files), "epochs": chosen,
-                       "ranks": world, "topk": K, "keys": mode, "order": order, "mixing": bool(mixing),
-                       "binding": "rank<R>-keys.txt line -> the image of its key (see keys); a key at several "
-                                  "sampler positions of an epoch keeps the smallest",
-                       "slots": "slot s = epoch epochs[s]", "replay": external.describe(),
-                       "timm_config": timm_config, "flags": flags}
-        meta_extra = {"input_size": [positive_int("input_size", input_size)] * 2, "mean": list(mean),
-                      "std": list(std)}
 
-        def rows_out(todo: np.ndarray):
-            for part in _zoo.batches(todo, batch):
-                r = scratch.rows(part)
-                boxes = np.zeros((len(part), M, 4), np.int64)
-                boxes[..., 2:] = sizes[part][:, None, :]
-                fields = {n[5:]: v for n, v in r.items() if n.startswith("soft_")}
-                aug = {n[4:]: v for n, v in r.items() if n.startswith("aug_")}
-                yield part, boxes, np.zeros((len(part), M), bool), fields, aug
 
-        done = _zoo.write_store(
-            dst, op="import-tinyvit", source=source, keys=listing.keys, sizes=sizes,
-            labels=np.asarray(listing.labels, np.int64) if len(listing.classes) == C else None, num_classes=C,
-            codec=dst_codec, crops_per_image=M, augment=pipeline, meta={"import": meta_import},
-            meta_extra=meta_extra, rows=rows_out, progress=progress, storage_options=storage_options)
-    return {"files": len(files), "images": N, "crops_per_image": M, "epochs": chosen, "num_classes": C,
-            "codec": dst_codec.get_config(),
-            "carried": {"seed": "aug/external_seed (policy external_seed: timm replay)",
-                        "pair-mate": "aug/external_partner, aug/external_partner_seed",
-                        "indices, values": f"soft labels ({dst_codec.describe()})"},
-            "flags": flags, "skipped": skipped, "bytes_before": _zoo.source_bytes(files), **done}
+@dataclass(frozen=True, kw_only=True)
+class _Read:
+    """What :func:`_read_epochs` counted: records read, records whose pair-mate's own record was dropped, and
+    the largest class index (-1 for none)."""
+
+    records: int
+    lost_partner: int
+    top: int
+
+
+def _read_epochs(scratch: _zoo.SlotScratch, chosen: list[int], ranks: list[list[tuple[Path, Path]]],
+                 binding: _Binding, K: int, mixing: bool, dst_codec, progress: bool | None) -> _Read:
+    """Every rank file of every chosen epoch into the scratch (slot s = epoch ``chosen[s]``), each image
+    keeping its record at the smallest sampler position."""
+    N, world, rec = scratch.N, len(ranks[0]), record_dtype(K)
+    records, lost_partner, top = 0, 0, -1
+    scratch.arrays["pos"][:] = EMPTY
+    bar = _progress.progress(progress, total=len(chosen) * world, desc="import-tinyvit: reading", unit="file")
+    for slot, e in enumerate(chosen):
+        for r, (kpath, vpath) in enumerate(ranks[slot]):
+            names, data = _load_rank(kpath, vpath, rec, K)
+            ds, img = binding.images(names, N, kpath)
+            if len(data) and data["idx"].min() < 0:
+                raise LabelFileError(f"{vpath}: class indices must be >= 0. Got {int(data['idx'].min())}.")
+            seq_rec, pos, lost = _positions(len(names), ds, N, e, r, world, mixing, kpath)
+            lost_partner += lost
+            records += len(names)
+            top = max(top, int(data["idx"].max()) if len(data) else -1)
+            _merge(scratch, slot, img, data, seq_rec, pos, mixing, dst_codec, vpath)
+            bar.update()
+    bar.close()
+    return _Read(records=records, lost_partner=lost_partner, top=top)
+
+
+def _load_rank(kpath: Path, vpath: Path, rec: np.dtype, K: int) -> tuple[list[str], np.ndarray]:
+    """One rank file's keys and records (one record per key, else a LabelFileError naming the file)."""
+    with open(kpath) as f:
+        names = [ln.strip() for ln in f]
+    if names and names[-1] == "":
+        names.pop()
+    size = os.path.getsize(vpath)
+    if size != len(names) * rec.itemsize:
+        raise LabelFileError(f"{vpath} holds {size} bytes; {len(names)} keys in {kpath.name} need "
+                             f"{len(names)} records of {rec.itemsize} bytes (top-{K}): truncated or "
+                             f"from another run")
+    return names, np.fromfile(vpath, dtype=rec) if names else np.zeros(0, rec)
+
+
+def _check_covered(scratch: _zoo.SlotScratch, listing: ImageList, dirs: list[Path]) -> None:
+    """Every image has a record in every slot's epoch."""
+    if (scratch.arrays["pos"] == EMPTY).any():
+        i, s = (int(v) for v in np.argwhere(scratch.arrays["pos"] == EMPTY)[0])
+        raise ValidationError(f"image {listing.keys[i]!r} has no record in {dirs[s].name}: the keys do not cover "
+                              f"the image set (another image set or order?)")
+
+
+def _num_classes(top: int, num_classes: int | None, log: Callable[[str], None] | None) -> int:
+    """``num_classes`` (checked against the largest stored class index ``top``), default ``top + 1``."""
+    C = top + 1 if num_classes is None else positive_int("num_classes", num_classes)
+    if top >= C:
+        raise LabelFileError(f"TinyViT class indices must lie in [0, {C}) (num_classes). Got {top}.")
+    if num_classes is None and log:
+        log(f"num_classes = {C} (largest stored class index + 1; pass num_classes to set it)")
+    return C
 
 
 def _rank_files(d: Path) -> list[tuple[Path, Path]]:
@@ -264,7 +331,7 @@ def _index_keys(names: list[str], N: int, kpath: Path) -> np.ndarray:
     return ds
 
 
-def _stem(by_stem: dict[str, int], name: str, kpath: Path) -> int:
+def _stem(by_stem: Mapping[str, int], name: str, kpath: Path) -> int:
     try:
         return by_stem[name]
     except KeyError:
