@@ -213,6 +213,8 @@ def main(argv=None) -> dict:
                     help="skip (n): the self-supervised head stored as float16 logits, centred vs not")
     ap.add_argument("--ssl-dim", type=int, default=SSL_DIM, help="(n): width D of the embedding head")
     ap.add_argument("--ssl-tau", type=float, default=SSL_TAU, help="(n): the head's temperature tau")
+    ap.add_argument("--per-class", type=int, default=None,
+                    help="images per class in each split (default: every digit; smoke tests use a few)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (smoke tests)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
@@ -227,8 +229,8 @@ def main(argv=None) -> dict:
     size, scale = a.size, tuple(a.scale)
     train_dir, test_dir = work / "train", work / "test"
     if not train_dir.exists():
-        make_digits_folder(train_dir, size=size, split="train")
-        make_digits_folder(test_dir, size=size, split="test")
+        make_digits_folder(train_dir, size=size, split="train", per_class=a.per_class)
+        make_digits_folder(test_dir, size=size, split="test", per_class=a.per_class)
     x_test, y_test = load_folder(test_dir, size)
     n_train = len(list_images(train_dir))
 

@@ -72,7 +72,7 @@ def test_reproduce_tiny_run(tmp_path):
     torch.manual_seed(0)
     res = reproduce.main(["--epochs", "2", "--seeds", "1", "--teacher-epochs", "1", "--ms", "1", "2", "--size", "12",
                           "--teacher-width", "8", "--student-width", "4", "--m", "2", "--temperatures", "4",
-                          "--keeps", "--no-q8", "--ssl-dim", "16",
+                          "--keeps", "--no-q8", "--ssl-dim", "16", "--per-class", "12",
                           "--only", "(a)", "(b)", "Full, m=1", "Full, m=2", "Hard", "MS K=3", "(d)", "(g)", "(h)",
                           "(i)", "(j)", "(k)", "(l)", "(m)", "(n)", "--work", str(tmp_path)])
     s = res["summary"]
