@@ -248,6 +248,9 @@ def test_sigint_says_how_many_images_are_written_and_that_a_rerun_resumes(digits
         import os, signal, sys
         from fkdstore import writer
 
+        # as at a terminal: a test runner's process may have SIGINT ignored or blocked, and a child inherits both
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         seen = [0]
         def interrupt_after(step, shard):
             if step == "flags":
