@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 import fkdstore
 import fkdstore.pytorch as fp
 import fkdstore.transforms as ft
-from fkdstore.images import list_images, load_image
+from fkdstore.images import list_images
 from fkdstore.seeded import SlotCropSampler
 from fkdstore.transforms import IMAGENET_MEAN, IMAGENET_STD, Replay
 
@@ -161,6 +161,7 @@ class Timers:
 
     def wrap(self, owner, name, part):
         orig = getattr(owner, name)
+        own = name in getattr(owner, "__dict__", {})  # an instance's method is wrapped in the instance
 
         def timed(*a, **k):
             t0 = time.process_time()
@@ -170,11 +171,14 @@ class Timers:
                 self.t[part] = self.t.get(part, 0.0) + time.process_time() - t0
 
         setattr(owner, name, timed)
-        self._undo.append((owner, name, orig))
+        self._undo.append((owner, name, orig if own else None))
 
     def restore(self):
         for owner, name, orig in reversed(self._undo):
-            setattr(owner, name, orig)
+            if orig is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
         self._undo.clear()
 
 
@@ -189,7 +193,7 @@ def profile(ds, B: int, n_items: int) -> dict:
     fkdstore.collate(ds.__getitems__(batches[0]))  # warm
     tm = Timers()
     reader = ds.reader
-    tm.wrap(fp, "load_image", "decode")
+    tm.wrap(ds.images, "load", "decode")
     tm.wrap(ft, "_resized", "crop+resize")
     tm.wrap(ft, "_to_chw", "flip+layout+normalise")
     tm.wrap(fp, "epoch_slots", "slot choice")
@@ -215,20 +219,18 @@ def profile(ds, B: int, n_items: int) -> dict:
     # the same parts alone, on the same images and slots
     m, e = ds.crops_per_sample, ds.epoch
     idx = [int(ds.image_indices[i]) for b in batches[:4] for i in b]
-    paths = [ds._paths[i] for i in idx]
     slots = np.stack([fp.epoch_slots(i, e, m, ds.crops_per_image, ds.seed) for i in idx])
     rec = reader.read_batch(np.asarray(idx), slots)
-    imgs = [load_image(p) for p in paths[:16]]
+    imgs = [ds.images.load(i) for i in idx[:16]]
     resample, hw = ft.INTERPOLATIONS[ds.interpolation], ds.output_size
-    crops_args = [(imgs[j % 16], tuple(rec.boxes[j % 16, c].tolist()), hw, resample)
-                  for j in range(16) for c in range(m)]
+    crops_args = [(imgs[j], tuple(rec.boxes[j, c].tolist()), hw, resample) for j in range(len(imgs)) for c in range(m)]
     pix = [ft._resized(*a) for a in crops_args[:16]]
     norm = ft._normalizer(ds.mean, ds.std) if ds.normalize else None
     dst = np.empty((3, *hw), np.float32 if ds.normalize else np.uint8)
     read_args = [(ds.image_indices[b], np.stack([fp.epoch_slots(int(i), e, m, ds.crops_per_image, ds.seed)
                                                   for i in ds.image_indices[b]])) for b in batches[:4]]
     alone = {
-        "decode": cpu_per_call(load_image, [(p,) for p in paths[:32]]) * 1e6,
+        "decode": cpu_per_call(ds.images.load, [(i,) for i in idx[:32]]) * 1e6,
         "crop+resize": cpu_per_call(ft._resized, crops_args) * m * 1e6,
         "flip+layout+normalise": cpu_per_call(ft._to_chw, [(p, k % 2 == 1, dst, norm) for k, p in enumerate(pix)])
         * m * 1e6,

@@ -51,7 +51,7 @@ from dataset_profile import PlainPIL, make_photos, make_store
 
 import fkdstore
 import fkdstore.transforms as ft
-from fkdstore.images import list_images, load_image
+from fkdstore.images import list_images
 from fkdstore.pytorch import epoch_slots
 
 MS = (1, 2, 4, 8)
@@ -117,14 +117,14 @@ def limit_us(ds, n_images: int = 24) -> dict:
     """CPU µs per image of the work no loader can skip, measured alone: decode, and one crop+resize of a stored
     box (the crop function of the format), on the dataset's images and the slots of its epoch."""
     idx = [int(i) for i in ds.image_indices[:n_images]]
-    paths = [ds._paths[i] for i in idx]
+    source = ds.images
     slots = np.stack([epoch_slots(i, ds.epoch, ds.crops_per_sample, ds.crops_per_image, ds.seed) for i in idx])
     rec = ds.reader.read_batch(np.asarray(idx), slots)
-    images = [load_image(p) for p in paths]
+    images = [source.load(i) for i in idx]
     resample = ft.INTERPOLATIONS[ds.interpolation]
     crops = [(images[k], tuple(rec.boxes[k, c].tolist()), ds.output_size, resample)
              for k in range(len(idx)) for c in range(slots.shape[1])]
-    decode = cpu_per_call(load_image, [(p,) for p in paths]) * 1e6
+    decode = cpu_per_call(source.load, [(i,) for i in idx]) * 1e6
     crop = cpu_per_call(ft._resized, crops) * 1e6
     return {"decode": decode, "crop_resize": crop}
 
@@ -134,17 +134,17 @@ class LimitDataset(torch.utils.data.Dataset):
     its slots in the dataset's epoch (the format's crop function, no layout pass), returning only a count."""
 
     def __init__(self, ds: fkdstore.TorchDataset):
-        self.crops_per_sample, self.paths, self.size = ds.crops_per_sample, ds._paths, ds.output_size
+        self.crops_per_sample, self.images, self.size = ds.crops_per_sample, ds.images, ds.output_size
         self.resample = ft.INTERPOLATIONS[ds.interpolation]
-        idx = ds.image_indices
+        idx = self.idx = ds.image_indices
         slots = np.stack([epoch_slots(int(i), ds.epoch, ds.crops_per_sample, ds.crops_per_image, ds.seed) for i in idx])
         self.boxes = ds.reader.read_batch(idx, slots).boxes
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.boxes)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image = load_image(self.paths[i])
+        image = self.images.load(int(self.idx[i]))
         for box in self.boxes[i].tolist():
             ft._resized(image, tuple(box), self.size, self.resample)
         return torch.tensor(self.crops_per_sample)

@@ -105,7 +105,7 @@ def pipeline(teacher, root, out, args, num_workers) -> tuple[float, float]:
     shutil.rmtree(out, ignore_errors=True)
     t, c = time.perf_counter(), _cpu()
     r = generate(teacher, root, out, crops_per_image=args.crops, codec="ms", input_size=args.input_size,
-                 batch_size=args.batch_size, num_workers=num_workers, progress=False, device="cpu")
+                 num_classes=1000, batch_size=args.batch_size, num_workers=num_workers, progress=False, device="cpu")
     dt, dc = time.perf_counter() - t, _cpu() - c
     assert r.complete
     return dt, dc
@@ -142,7 +142,7 @@ def main(argv=None):
         a_cpu, b_cpu = min(x[1] for x in a_runs), min(x[1] for x in b_runs)
         t = time.perf_counter()  # fixed costs: a rerun over the complete store labels nothing
         generate(net, root, tmp / "store", crops_per_image=args.crops, codec="ms", input_size=args.input_size,
-                 batch_size=args.batch_size, num_workers=workers, progress=False, device="cpu")
+                 num_classes=1000, batch_size=args.batch_size, num_workers=workers, progress=False, device="cpu")
         fixed = time.perf_counter() - t
         print(f"(a) ResNet-18 teacher alone : {a:7.2f} s wall {a_cpu:7.2f} s CPU  {n_crops / a:6.0f} crops/s  "
               f"wall runs {_fmt([x[0] for x in a_runs])}")

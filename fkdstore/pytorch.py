@@ -257,9 +257,16 @@ class _StoreImages(torch.utils.data.Dataset):
             d["_reader"] = None  # reopened lazily in the worker
         return d
 
+    @property
+    def images(self) -> ImageSource:
+        """The image source, checked against the store: image ``i`` of the source is store image ``i``
+        (``images.load(i)`` decodes it, as an item does before its size check and crops)."""
+        return self._images
+
     # ------------------------------------------------------------------ epochs
     @property
     def epoch(self) -> int:
+        """The epoch whose crops the items replay (:meth:`set_epoch`)."""
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:

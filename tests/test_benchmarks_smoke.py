@@ -191,3 +191,42 @@ def test_codec_fidelity_whole_store_rows_and_verdict():
     assert "whole store, seeded crops (default)" in codec_fidelity.table(rows)
     line = run_all.fidelity_verdict(rows)[0]
     assert "whole store at N = 3" in line and "seeded crops (the default)" in line
+
+
+TINY_LOADER = ["--slots", "8", "--output-size", "32", "--crops", "48", "--crops-per-batch", "16", "--workers", "0",
+               "--runs", "1"]
+
+
+def test_loader_table_tiny_run(capsys):
+    """benchmarks/dataset_throughput.py (the loader table of RESULTS.md) runs: every output and m has a row, and
+    the decode + crop limit is measured through the dataset's own image source."""
+    dataset_throughput = pytest.importorskip("dataset_throughput")
+    res = dataset_throughput.main(["--images", "6", *TINY_LOADER])
+    capsys.readouterr()
+    got = {(r["output"], r["loader"], r["m"]) for r in res["rows"]}
+    for out in ("uint8 + normaliser", "float32"):
+        assert (out, "plain PIL", 1) in got
+        assert {(out, "TorchDataset", m) for m in dataset_throughput.MS} <= got
+    assert all(r["crops_per_s"] > 0 for r in res["rows"])
+    assert all(res["limit_us"][str(m)]["decode"] > 0 and res["limit_us"][str(m)]["crop_resize"] > 0
+               for m in dataset_throughput.MS)
+    assert "verdict" in res
+
+
+def test_loader_profile_tiny_run(capsys):
+    """benchmarks/dataset_profile.py runs: each profile times the image source's decode inside the items."""
+    dataset_profile = pytest.importorskip("dataset_profile")
+    res = dataset_profile.main(["--images", "16", *TINY_LOADER])
+    capsys.readouterr()
+    assert res["profiles"] and all(p["inside_us"]["decode"] > 0 and p["alone_us"]["decode"] > 0
+                                   for p in res["profiles"])
+    assert res["rows"]
+
+
+def test_generate_overhead_tiny_run(capsys):
+    """benchmarks/generate_overhead.py runs (a 1000-class teacher on a 2-class folder: num_classes given)."""
+    generate_overhead = pytest.importorskip("generate_overhead")
+    generate_overhead.main(["--images", "2", "--crops", "2", "--input-size", "32", "--repeats", "1",
+                            "--num-workers", "0"])
+    out = capsys.readouterr().out
+    assert "overhead ratio b/a" in out and "crops/s" in out
