@@ -105,7 +105,7 @@ TARGET_CHUNK_BYTES = 8 * 1024  # raw bytes of the widest record array in one inn
 TARGET_SHARD_BYTES = 64 * 1024 * 1024  # raw bytes of the widest record array in one shard file
 MAX_IMAGES_PER_CHUNK = 1024
 MAX_SLOTS_PER_SHARD = 2**20  # a shard is buffered whole: this bounds the teacher work a kill can lose
-MAX_SHARDS = 2048  # wide rows (Full labels) get larger shards rather than more files
+MAX_SHARDS = 1024  # wide rows (Full labels) get larger shards rather than more files (each array has a file per shard)
 COMPRESSOR: dict[str, Any] = {"cname": "lz4hc", "clevel": 9, "shuffle": "bitshuffle"}  # inside blosc; crc32c after it
 
 # Caps (section 1.5): a store may come from an untrusted download, so a header claiming more is refused at
@@ -148,7 +148,7 @@ def default_layout(num_images: int, row_bytes: int, records_per_image: int = 1) 
     2. ``shard = max(chunk, pow2_floor(TARGET_SHARD_BYTES / row_bytes))``: about 64 MiB per shard file.
     3. ``shard = min(shard, max(chunk, pow2_floor(MAX_SLOTS_PER_SHARD / records_per_image)))``: a shard holds
        at most 2**20 records, so a writer killed mid-shard loses a bounded amount of teacher work.
-    4. ``shard = max(shard, chunk * ceil(N / MAX_SHARDS / chunk))``: at most 2048 shards per array (wide
+    4. ``shard = max(shard, chunk * ceil(N / MAX_SHARDS / chunk))``: at most 1024 shards per array (wide
        rows such as Full labels grow their shards instead of their file count; this wins over step 3).
     5. ``shard = min(shard, chunk * ceil(N / chunk))`` (never larger than the data), then rounded down to
        a multiple of ``chunk`` (at least ``chunk``).

@@ -1094,7 +1094,7 @@ def spec_layout(n: int, row_bytes: int, R: int) -> tuple[int, int]:
     ipc = max(1, min(1024, pow2_floor(Fraction(8192, row_bytes))))
     ips = max(ipc, pow2_floor(Fraction(64 * 2**20, row_bytes)))
     ips = min(ips, max(ipc, pow2_floor(Fraction(2**20, R))))
-    ips = max(ips, ipc * ceil_div(n, 2048 * ipc))
+    ips = max(ips, ipc * ceil_div(n, 1024 * ipc))
     ips = min(ips, ipc * ceil_div(n, ipc))
     ips = max(ipc, ips // ipc * ipc)
     return ipc, ips
