@@ -2,8 +2,9 @@
 
 Data and loaders as ``dataset_profile.py``: photo-sized JPEGs (~430x640, q90), a store of M SlotCropSampler boxes
 and MS top-5 labels (C = 1000), 224 px bilinear crops, 2 persistent fork workers (as training runs them: their
-start-up, a one-off, is left out by a warm-up epoch), 128 crops per batch. Two outputs, each against the plain
-loader with the same output:
+start-up, a one-off, is left out by a warm-up epoch), 128 crops per batch. Two outputs, each with TorchDataset's
+shared-memory batch pool (``batch_pool=4``, the default) and without it (``batch_pool=0``: torch copies each batch
+into fresh shared memory), each against the plain loader with the same output:
 
 * **uint8 + normaliser** (the fast path): ``TorchDataset(normalize=False)`` and the plain loader's
   PILToTensor, both through :class:`fkdstore.DeviceLoader`, which moves the batch to the device (CUDA when
@@ -55,7 +56,11 @@ from fkdstore.images import list_images
 from fkdstore.pytorch import epoch_slots
 
 MS = (1, 2, 4, 8)
-OUTPUTS = ("uint8", "float32")
+OUTPUTS = ("uint8", "uint8 no pool", "float32", "float32 no pool")
+PLAIN = {o: o.split()[0] for o in OUTPUTS}  # the plain loader each is measured against (same output dtype)
+POOL = {o: 0 if o.endswith("no pool") else 4 for o in OUTPUTS}  # TorchDataset's batch_pool (4 is its default)
+LABEL = {"uint8": "uint8 + normaliser", "uint8 no pool": "uint8 + normaliser, no pool", "float32": "float32",
+         "float32 no pool": "float32, no pool"}
 TARGETS = {"m1_ratio": 1.0, "m4_ratio": 1.9, "of_limit": 0.85}  # issue 25, for the uint8 + normaliser rows
 
 
@@ -251,12 +256,12 @@ def main(argv=None):
                "python": platform.python_version(), "pillow": Image.__version__, "targets": TARGETS, "rows": []}
         loaders, datasets = {}, {}
         for out in OUTPUTS:
-            norm = out == "float32"
-            plain = PlainPIL(lst.paths, lst.labels, a.output_size, norm)
-            datasets[(out, 0)] = plain
+            norm = PLAIN[out] == "float32"
+            if PLAIN[out] == out:
+                datasets[(out, 0)] = PlainPIL(lst.paths, lst.labels, a.output_size, norm)
             for m in MS:
                 datasets[(out, m)] = fkdstore.TorchDataset(store, folder, crops_per_sample=m, output_size=a.output_size,
-                                                           normalize=norm, epoch=1)
+                                                           normalize=norm, epoch=1, batch_pool=POOL[out])
             for k, ds in ((k, d) for (o, k), d in datasets.items() if o == out):
                 dl = make_loader(ds, a.crops_per_batch, a.crops, a.workers)
                 loaders[(out, k)] = dl if norm else fkdstore.DeviceLoader(dl, device)
@@ -276,19 +281,20 @@ def main(argv=None):
         res["limit_us"] = {str(m): {part: statistics.median(x[part] for x in lim[m])
                                     for part in ("decode", "crop_resize")} for m in MS}  # str keys: as in the JSON
         for out in OUTPUTS:
-            base = {f: statistics.median(r[f] for r in runs[(out, 0)]) for f in ("wall", "workers", "all")}
-            for k in (0, *MS):
+            plain = (PLAIN[out], 0)
+            base = {f: statistics.median(r[f] for r in runs[plain]) for f in ("wall", "workers", "all")}
+            for k in (0, *MS) if PLAIN[out] == out else MS:
                 med = {f: statistics.median(r[f] for r in runs[(out, k)])
                        for f in ("wall", "workers", "all", "main_us")}
-                row = {"output": out + (" + normaliser" if out == "uint8" else ""),
+                row = {"output": LABEL[out],
                        "loader": "plain PIL" if k == 0 else "TorchDataset", "m": max(k, 1),
                        "crops_per_s": round(med["wall"]), "ratio": round(med["wall"] / base["wall"], 3),
-                       "ratio_runs": [round(x["wall"] / y["wall"], 3) for x, y in zip(runs[(out, k)], runs[(out, 0)])],
+                       "ratio_runs": [round(x["wall"] / y["wall"], 3) for x, y in zip(runs[(out, k)], runs[plain])],
                        "worker_crops_per_cpu_s": round(med["workers"]),
                        "worker_ratio": round(med["workers"] / base["workers"], 3),
                        "crops_per_cpu_s": round(med["all"]), "cpu_ratio": round(med["all"] / base["all"], 3),
                        "cpu_ratio_runs": [round(x["all"] / y["all"], 3)
-                                          for x, y in zip(runs[(out, k)], runs[(out, 0)])],
+                                          for x, y in zip(runs[(out, k)], runs[plain])],
                        "main_us_per_crop": round(med["main_us"], 1)}
                 if k:
                     lim_rate = statistics.median(r["workers"] for r in runs[("limit", k)])
@@ -312,17 +318,33 @@ def main(argv=None):
 
 
 def verdict(res: dict) -> dict:
-    """The issue's targets for the uint8 + normaliser rows, on the loading work (crops per CPU-second of the
-    workers; the normaliser runs on the device in the fast path): ratios at m = 1 and 4 against the plain
-    loader, and every m at >= 85 % of the limit loader; and float32 never slower than the plain loader."""
-    rows = {r["m"]: r for r in res["rows"] if r["output"].startswith("uint8") and r["loader"] == "TorchDataset"}
-    t = res["targets"]
-    return {"m1_ratio": rows[1]["worker_ratio"], "m1_met": rows[1]["worker_ratio"] >= t["m1_ratio"],
-            "m4_ratio": rows[4]["worker_ratio"], "m4_met": rows[4]["worker_ratio"] >= t["m4_ratio"],
-            "min_of_limit": min(r["of_limit"] for r in rows.values()),
-            "of_limit_met": all(r["of_limit"] >= t["of_limit"] for r in rows.values()),
-            "float32_never_slower": all(r["worker_ratio"] >= 1.0 for r in res["rows"]
-                                        if r["output"] == "float32" and r["loader"] == "TorchDataset")}
+    """The issue's targets on the loading work (crops per CPU-second of the workers; the normaliser runs on the
+    device in the fast path), for the uint8 + normaliser rows with the batch pool and without it: ratios at
+    m = 1 and 4 against the plain loader, and every m at >= 85 % of the limit loader. And every TorchDataset
+    row, either output, with or without the pool, at least as fast as the plain loader."""
+    t, out = res["targets"], {}
+    for key, label in (("pool", LABEL["uint8"]), ("no_pool", LABEL["uint8 no pool"])):
+        rows = {r["m"]: r for r in res["rows"] if r["output"] == label and r["loader"] == "TorchDataset"}
+        out[key] = {"m1_ratio": rows[1]["worker_ratio"], "m1_met": rows[1]["worker_ratio"] >= t["m1_ratio"],
+                    "m4_ratio": rows[4]["worker_ratio"], "m4_met": rows[4]["worker_ratio"] >= t["m4_ratio"],
+                    "min_of_limit": min(r["of_limit"] for r in rows.values()),
+                    "of_limit_met": all(r["of_limit"] >= t["of_limit"] for r in rows.values())}
+    ours = [r for r in res["rows"] if r["loader"] == "TorchDataset"]
+    out["never_slower"] = all(r["worker_ratio"] >= 1.0 for r in ours)
+    out["slowest"] = min(ours, key=lambda r: r["worker_ratio"])["worker_ratio"]
+    return out
+
+
+def verdict_text(v: dict, t: dict) -> str:
+    """The verdict as one line (the script's table and RESULTS.md's verdict list)."""
+    def one(w: dict) -> str:
+        return (f"m = 1 >= {t['m1_ratio']}x: {'met' if w['m1_met'] else '**missed**'} ({w['m1_ratio']:.2f}x); "
+                f"m = 4 >= {t['m4_ratio']}x: {'met' if w['m4_met'] else '**missed**'} ({w['m4_ratio']:.2f}x); "
+                f">= {100 * t['of_limit']:.0f} % of the limit at every m: "
+                f"{'met' if w['of_limit_met'] else '**missed**'} (lowest {100 * w['min_of_limit']:.0f} %)")
+    return (f"uint8 + normaliser with the batch pool: {one(v['pool'])}; without it: {one(v['no_pool'])}; every "
+            f"TorchDataset row (uint8 and float32, with and without the pool) at least as fast as the plain loader: "
+            f"{'yes' if v['never_slower'] else '**no**'} (slowest {v['slowest']:.2f}x)")
 
 
 def to_markdown(res: dict) -> str:
@@ -345,13 +367,7 @@ def to_markdown(res: dict) -> str:
                  f"| {r['worker_crops_per_cpu_s']} | {r['worker_ratio']:.2f}x | {r['main_us_per_crop']:.0f} "
                  f"| {r['crops_per_cpu_s']} | {r['cpu_ratio']:.2f}x "
                  f"| {', '.join(f'{x:.2f}' for x in r['cpu_ratio_runs'])} | {lim} |")
-    v, t = res["verdict"], res["targets"]
-    L += ["", f"Targets (uint8 + normaliser, crops per worker CPU-second): m = 1 >= {t['m1_ratio']}x: "
-          f"{'met' if v['m1_met'] else '**missed**'} ({v['m1_ratio']:.2f}x); m = 4 >= {t['m4_ratio']}x: "
-          f"{'met' if v['m4_met'] else '**missed**'} ({v['m4_ratio']:.2f}x); workers >= {100 * t['of_limit']:.0f} % "
-          f"of the limit at every m: {'met' if v['of_limit_met'] else '**missed**'} (lowest "
-          f"{100 * v['min_of_limit']:.0f} %); float32 at least as fast as the plain loader at every m: "
-          f"{'yes' if v['float32_never_slower'] else '**no**'}."]
+    L += ["", f"Targets (crops per worker CPU-second): {verdict_text(res['verdict'], res['targets'])}."]
     if "label_paths" in res:
         lp = res["label_paths"]
         L += ["", f"Label paths (N = {lp['N']}, M = {lp['M']}, C = {lp['C']}, {lp['codec']}, m = {lp['m']}): per batch "

@@ -204,10 +204,13 @@ def test_loader_table_tiny_run(capsys):
     res = dataset_throughput.main(["--images", "6", *TINY_LOADER])
     capsys.readouterr()
     got = {(r["output"], r["loader"], r["m"]) for r in res["rows"]}
-    for out in ("uint8 + normaliser", "float32"):
-        assert (out, "plain PIL", 1) in got
-        assert {(out, "TorchDataset", m) for m in dataset_throughput.MS} <= got
+    for out in dataset_throughput.OUTPUTS:  # with and without the batch pool, against the plain loader of its dtype
+        label, plain = dataset_throughput.LABEL[out], dataset_throughput.PLAIN[out]
+        assert (dataset_throughput.LABEL[plain], "plain PIL", 1) in got
+        assert {(label, "TorchDataset", m) for m in dataset_throughput.MS} <= got
     assert all(r["crops_per_s"] > 0 for r in res["rows"])
+    assert set(res["verdict"]) >= {"pool", "no_pool", "never_slower"}
+    assert "without it" in dataset_throughput.verdict_text(res["verdict"], res["targets"])
     assert all(res["limit_us"][str(m)]["decode"] > 0 and res["limit_us"][str(m)]["crop_resize"] > 0
                for m in dataset_throughput.MS)
     assert "verdict" in res
