@@ -89,8 +89,9 @@ of a numpy view and puts a ``weakref.finalize`` on that view, which runs once no
 ``numpy()``, ``detach()`` and pinned copies' sources included: all keep the view alive) and adds one to the
 counter. A buffer is free when the worker's view is dead and the counter equals the sends. Batches that are
 never received (a loader shut down mid-epoch) keep their buffer busy; the worker then allocates others, up to
-``batch_pool`` per batch size, and beyond that plain tensors (which torch copies into shared memory when
-sending, as for ``default_collate``'s batches). Buffers live as long as their worker.
+``batch_pool`` per batch size, and beyond that (or with ``batch_pool=0``) a batch on fresh shared memory, as
+``default_collate`` allocates its batches in a worker, so sending it copies nothing either. Buffers live as
+long as their worker.
 
 The fast path: ``normalize=False`` gives uint8 crops (4x fewer bytes to write, send and copy to the device)
 and :class:`DeviceLoader` moves each batch to the device, normalises it there (and densifies sparse labels),
@@ -356,7 +357,7 @@ class TorchDataset(_StoreImages):
             (default 4: DataLoader's default ``prefetch_factor`` 2 + 2; use ``prefetch_factor + 2``; /dev/shm
             must hold ``num_workers * batch_pool`` batches). A buffer is refilled only once the main process
             has dropped every reference to the batch's memory, so holding batches is safe. 0: no buffers
-            (torch copies each batch into fresh shared memory when it is sent). Only batches made by
+            (each batch is written into fresh shared memory, as ``default_collate`` does). Only batches made by
             :func:`collate` use them; no effect without workers.
         external_replay: for a store whose pixels need another library's pipeline (an ``external_seed``
             policy, e.g. TinyViT's timm pipeline run from a stored seed): a picklable callable
@@ -797,13 +798,15 @@ class _Pool:
 
 def _batch_tensor(dataset: TorchDataset, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised batch tensor: in a DataLoader worker on a free shared buffer of the dataset's pool, as
-    ``torch.from_numpy`` of a numpy view whose life the buffer follows (weakly); else a plain tensor."""
+    ``torch.from_numpy`` of a numpy view whose life the buffer follows (weakly), else (no pool, or every buffer
+    busy) on fresh shared memory, as ``default_collate`` allocates its batches in a worker, so that sending it
+    copies nothing; outside a worker a plain tensor."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if dataset.batch_pool == 0 or nbytes == 0 or torch.utils.data.get_worker_info() is None:
+    if nbytes == 0 or torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    buf = _Pool.get(dataset._pool_token, nbytes, dataset.batch_pool)
+    buf = _Pool.get(dataset._pool_token, nbytes, dataset.batch_pool) if dataset.batch_pool else None
     if buf is None:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype).share_memory_()  # not yet written: nothing to copy but pages
     view = buf.data.view(dtype).numpy().reshape(shape)
     buf.view = weakref.ref(view)
     out = torch.from_numpy(view)

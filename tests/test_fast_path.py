@@ -201,9 +201,23 @@ def test_buffer_is_refilled_only_after_every_user_is_gone(in_worker):
     other = fp._batch_tensor(DS, shape, torch.uint8)  # the first is busy (held here): a second buffer
     third = fp._batch_tensor(DS, shape, torch.uint8)  # both busy and batch_pool=2: a plain tensor
     assert fp._Pool.leased[other.data_ptr()] is not buf and third.data_ptr() not in fp._Pool.leased
+    assert third.is_shared()  # on fresh shared memory, as default_collate's batches: sending copies nothing
     derived = fp._pooled(fp._join(list(again.unbind(0)))) + 0  # computed from a pooled batch: a plain send
     assert pickle.loads(ForkingPickler.dumps(derived)).data_ptr() != again.data_ptr()
     assert fp._Pool.leased[again.data_ptr()].sent == 1
     del again
     gc.collect()
     assert buf.free()  # never sent, dropped by the worker: free again
+
+
+def test_without_the_pool_a_worker_batch_is_on_fresh_shared_memory(in_worker):
+    """batch_pool=0: each batch in a worker is a new tensor on shared memory (sending copies nothing), never a
+    pool buffer; outside a worker a plain tensor."""
+    class DS:
+        batch_pool, _pool_token = 0, "t0"
+
+    a, b = (fp._batch_tensor(DS, (2, 3, 8, 8), torch.float32) for _ in range(2))
+    assert a.is_shared() and b.is_shared() and a.data_ptr() != b.data_ptr()
+    assert a.data_ptr() not in fp._Pool.leased and b.data_ptr() not in fp._Pool.leased
+    torch.utils.data.get_worker_info = lambda: None  # the fixture's monkeypatch restores it
+    assert not fp._batch_tensor(DS, (2, 3, 8, 8), torch.float32).is_shared()
