@@ -17,7 +17,11 @@ process (receiving batches, the normaliser when it runs on the CPU). The **limit
 the work no m-crop loader can skip: its workers decode each image and crop+resize its m stored boxes (the
 format's crop function) and send nothing back, run like the others (same workers, batches and interleaved epochs,
 so under the same load); "% of limit" is the workers' crops per CPU-second against the limit loader's. (The same
-two parts timed alone in this process are listed too.) Medians of ``--runs`` interleaved epochs.
+two parts timed alone in this process are listed too.) Each of ``--runs`` runs times one epoch of every loader in
+the order of :func:`schedule`: per output dtype the plain loader opens and closes the group, and for each m the limit
+loader and the rows with and without the pool follow each other. Rates are medians over the runs; ratios are the
+medians of each run's own ratio (a row against the mean of the two plain epochs of its run and group, and against
+the limit epoch beside it), so a drift of the shared machine during a run cancels.
 
 Also (``--label-store-images N``): the two label paths on a larger synthetic store (ImageNet-like M = 200,
 C = 1000, MS top-5): the per-batch ``read_batch`` TorchDataset uses, against a per-epoch ``read_all(slots)``.
@@ -171,6 +175,21 @@ def make_loader(ds, crops_per_batch: int, n_crops: int, workers: int):
     return DataLoader(ds, batch_size=max(1, crops_per_batch // per), sampler=order, collate_fn=collate, **kw)
 
 
+def schedule() -> list[tuple[str, int]]:
+    """The loaders' order within one run: per output dtype, the plain loader opens and closes the group (each row is
+    compared with the mean of the two, so a slow drift of the machine cancels); inside, for each m, the limit
+    loader (uint8 group) and then the rows with and without the batch pool, side by side."""
+    out: list[tuple[str, int]] = []
+    for dtype in dict.fromkeys(PLAIN.values()):
+        out.append((dtype, 0))
+        for m in MS:
+            if dtype == "uint8":
+                out.append(("limit", m))
+            out += [(o, m) for o in OUTPUTS if PLAIN[o] == dtype]
+        out.append((dtype, 0))
+    return out
+
+
 # --------------------------------------------------------------------------------------------- label paths
 
 
@@ -271,10 +290,19 @@ def main(argv=None):
         for dl in loaders.values():  # start the persistent workers, warm the page cache
             epoch(dl)
         runs = {key: [] for key in loaders}
+        plain_pairs = {PLAIN[o]: [] for o in OUTPUTS}  # per run: the plain epochs before and after its group
         lim = {m: [] for m in MS}
         for _ in range(a.runs):
-            for key, dl in loaders.items():
-                runs[key].append(epoch(dl))
+            for key in schedule():
+                if key[1] == 0 and key[0] in plain_pairs:  # the plain loader opens and closes its group
+                    ep = epoch(loaders[key])
+                    if not plain_pairs[key[0]] or len(plain_pairs[key[0]][-1]) == 2:
+                        plain_pairs[key[0]].append([ep])
+                    else:
+                        plain_pairs[key[0]][-1].append(ep)
+                        runs[key].append({f: (plain_pairs[key[0]][-1][0][f] + ep[f]) / 2 for f in ep})
+                else:
+                    runs[key].append(epoch(loaders[key]))
             for m in MS:
                 lim[m].append(limit_us(datasets[("float32", m)]))
         res["load_at_end"] = os.getloadavg()
@@ -282,28 +310,28 @@ def main(argv=None):
                                     for part in ("decode", "crop_resize")} for m in MS}  # str keys: as in the JSON
         for out in OUTPUTS:
             plain = (PLAIN[out], 0)
-            base = {f: statistics.median(r[f] for r in runs[plain]) for f in ("wall", "workers", "all")}
+            def paired(key, f, against=plain):  # per run: the row against its own run's reference epoch
+                return [round(x[f] / y[f], 3) for x, y in zip(runs[key], runs[against])]
+
             for k in (0, *MS) if PLAIN[out] == out else MS:
                 med = {f: statistics.median(r[f] for r in runs[(out, k)])
                        for f in ("wall", "workers", "all", "main_us")}
                 row = {"output": LABEL[out],
                        "loader": "plain PIL" if k == 0 else "TorchDataset", "m": max(k, 1),
-                       "crops_per_s": round(med["wall"]), "ratio": round(med["wall"] / base["wall"], 3),
-                       "ratio_runs": [round(x["wall"] / y["wall"], 3) for x, y in zip(runs[(out, k)], runs[plain])],
+                       "crops_per_s": round(med["wall"]), "ratio": statistics.median(paired((out, k), "wall")),
+                       "ratio_runs": paired((out, k), "wall"),
                        "worker_crops_per_cpu_s": round(med["workers"]),
-                       "worker_ratio": round(med["workers"] / base["workers"], 3),
-                       "crops_per_cpu_s": round(med["all"]), "cpu_ratio": round(med["all"] / base["all"], 3),
-                       "cpu_ratio_runs": [round(x["all"] / y["all"], 3)
-                                          for x, y in zip(runs[(out, k)], runs[plain])],
+                       "worker_ratio": statistics.median(paired((out, k), "workers")),
+                       "worker_ratio_runs": paired((out, k), "workers"),
+                       "crops_per_cpu_s": round(med["all"]), "cpu_ratio": statistics.median(paired((out, k), "all")),
+                       "cpu_ratio_runs": paired((out, k), "all"),
                        "main_us_per_crop": round(med["main_us"], 1)}
                 if k:
-                    lim_rate = statistics.median(r["workers"] for r in runs[("limit", k)])
                     lu = res["limit_us"][str(k)]
-                    row["limit_crops_per_cpu_s"] = round(lim_rate)
+                    row["limit_crops_per_cpu_s"] = round(statistics.median(r["workers"] for r in runs[("limit", k)]))
                     row["limit_alone_crops_per_cpu_s"] = round(k / (lu["decode"] + k * lu["crop_resize"]) * 1e6)
-                    row["of_limit"] = round(med["workers"] / lim_rate, 3)
-                    row["of_limit_runs"] = [round(x["workers"] / y["workers"], 3)
-                                            for x, y in zip(runs[(out, k)], runs[("limit", k)])]
+                    row["of_limit_runs"] = paired((out, k), "workers", ("limit", k))
+                    row["of_limit"] = statistics.median(row["of_limit_runs"])
                 res["rows"].append(row)
         res["verdict"] = verdict(res)
         if a.label_store_images:
@@ -350,7 +378,8 @@ def verdict_text(v: dict, t: dict) -> str:
 def to_markdown(res: dict) -> str:
     L = [f"{res['images']} photo-like JPEGs (mean {res['mean_jpeg_kb']} KB, ~430x640, q90), {res['output_size']} px "
          f"crops, M = {res['slots']}, MS top-5 C = 1000; {res['workers']} fork workers, {res['crops_per_batch']} crops "
-         f"per batch, {res['crops_per_epoch']} crops per epoch, median of {res['runs']} interleaved epochs; normaliser "
+         f"per batch, {res['crops_per_epoch']} crops per epoch, {res['runs']} runs (rates: medians; ratios: medians "
+         f"of each run's paired ratio); normaliser "
          f"on {res['device']}; load average {', '.join(f'{x:.1f}' for x in res['load_at_start'])} at start, "
          f"{', '.join(f'{x:.1f}' for x in res['load_at_end'])} at end ({res['cpus']} CPUs).", "",
          "Limit = a loader whose workers only decode and crop+resize the stored boxes (same workers, batches and "
@@ -358,7 +387,7 @@ def to_markdown(res: dict) -> str:
          f"{res['limit_us']['1']['decode']:.0f} µs per image, crop+resize {res['limit_us']['1']['crop_resize']:.0f} µs "
          "per crop.", "",
          "| output | loader | m | crops/s | vs plain | crops per worker CPU-s | vs plain | main µs per crop "
-         "| crops per CPU-s (all) | vs plain | runs (all) | limit per CPU-s | % of limit |",
+         "| crops per CPU-s (all) | vs plain | runs (workers, vs plain) | limit per CPU-s | % of limit |",
          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in res["rows"]:
         lim = (f"{r['limit_crops_per_cpu_s']} | {100 * r['of_limit']:.0f} % "
@@ -366,7 +395,7 @@ def to_markdown(res: dict) -> str:
         L.append(f"| {r['output']} | {r['loader']} | {r['m']} | {r['crops_per_s']} | {r['ratio']:.2f}x "
                  f"| {r['worker_crops_per_cpu_s']} | {r['worker_ratio']:.2f}x | {r['main_us_per_crop']:.0f} "
                  f"| {r['crops_per_cpu_s']} | {r['cpu_ratio']:.2f}x "
-                 f"| {', '.join(f'{x:.2f}' for x in r['cpu_ratio_runs'])} | {lim} |")
+                 f"| {', '.join(f'{x:.2f}' for x in r['worker_ratio_runs'])} | {lim} |")
     L += ["", f"Targets (crops per worker CPU-second): {verdict_text(res['verdict'], res['targets'])}."]
     if "label_paths" in res:
         lp = res["label_paths"]

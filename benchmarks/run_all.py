@@ -39,7 +39,7 @@ READ_AT_32 = "cold random label reads at M = 32, 4,096 images, against FKD's per
 OTHERS = [  # (script, args, timeout s, takes --json, what it measures)
     ("generate_overhead.py", ["--images", "8", "--repeats", "1"], 150, False,
      "label generation throughput vs teacher-only forward"),
-    ("dataset_throughput.py", ["--quick", "--runs", "3", "--label-store-images", "4000"], 480, True,
+    ("dataset_throughput.py", ["--quick", "--runs", "5", "--label-store-images", "4000"], 600, True,
      "the loader table: TorchDataset (uint8 + DeviceLoader normaliser, float32) vs a plain PIL loader, % of the "
      "decode + crop limit"),
     ("dataset_profile.py", ["--quick"], 300, True,

@@ -216,6 +216,24 @@ def test_loader_table_tiny_run(capsys):
     assert "verdict" in res
 
 
+def test_loader_table_pairs_its_epochs():
+    """Each run of the loader table times every loader once, in pairs: the plain loader opens and closes its dtype's
+    group, and for each m the limit loader and the rows with and without the pool follow each other."""
+    dataset_throughput = pytest.importorskip("dataset_throughput")
+    order = dataset_throughput.schedule()
+    for dtype in set(dataset_throughput.PLAIN.values()):
+        at = [i for i, key in enumerate(order) if key == (dtype, 0)]
+        assert len(at) == 2
+        group = order[at[0] + 1:at[1]]
+        rows = {o for o in dataset_throughput.OUTPUTS if dataset_throughput.PLAIN[o] == dtype}
+        assert {k for k in group if k[0] != "limit"} == {(o, m) for o in rows for m in dataset_throughput.MS}
+    for m in dataset_throughput.MS:
+        i = order.index(("limit", m))
+        assert set(order[i + 1:i + 3]) == {("uint8", m), ("uint8 no pool", m)}
+    rows = {k for k in order if k[1] and k[0] != "limit"}
+    assert len(rows) == len([k for k in order if k[1] and k[0] != "limit"])  # each row once per run
+
+
 def test_loader_profile_tiny_run(capsys):
     """benchmarks/dataset_profile.py runs: each profile times the image source's decode inside the items."""
     dataset_profile = pytest.importorskip("dataset_profile")
